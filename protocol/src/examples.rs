@@ -1,0 +1,178 @@
+//! Example frames: the ones shown in `protocol/README.md`, pinned by the
+//! golden tests, and the largest frames the bounded types allow (used to
+//! prove [`crate::MAX_FRAME_LEN`] holds).
+
+use heapless::Vec;
+
+use crate::frame::*;
+
+fn push_all<T, const N: usize>(items: impl IntoIterator<Item = T>) -> Vec<T, N> {
+    let mut v = Vec::new();
+    for item in items {
+        if v.push(item).is_err() {
+            break;
+        }
+    }
+    v
+}
+
+/// A typical Pi 4 metrics sample.
+pub fn metrics() -> Metrics {
+    Metrics {
+        cpu_total: 1250,
+        cpu_per_core: push_all([1000, 1500, 900, 1600]),
+        load: [42, 35, 30],
+        memory_used: 812_000_000,
+        memory_available: 3_100_000_000,
+        memory_total: 3_981_000_000,
+        swap_used: 0,
+        swap_total: 104_853_504,
+        disks: push_all([Disk {
+            mount: bounded("/"),
+            used: 5_900_000_000,
+            total: 29_800_000_000,
+        }]),
+        net: push_all([NetRate {
+            name: bounded("eth0"),
+            rx_bps: 1_520,
+            tx_bps: 880,
+        }]),
+        temperatures: push_all([Temperature {
+            name: bounded("cpu-thermal"),
+            millicelsius: 47_236,
+        }]),
+        uptime_s: 86_400,
+        processes: 142,
+        dropped: 0,
+    }
+}
+
+/// A typical Pi 4 birth frame.
+pub fn birth() -> Birth {
+    Birth {
+        hostname: bounded("pi-shop-1"),
+        os: bounded("Debian GNU/Linux 12 (bookworm)"),
+        kernel: bounded("6.6.31+rpt-rpi-v8"),
+        arch: bounded("aarch64"),
+        cpu_model: bounded("Cortex-A72"),
+        cores: 4,
+        memory_total: 3_981_000_000,
+        disks: push_all([Disk {
+            mount: bounded("/"),
+            used: 5_900_000_000,
+            total: 29_800_000_000,
+        }]),
+        device_model: bounded("Raspberry Pi 4 Model B Rev 1.4"),
+        agent_version: bounded("0.1.0"),
+        boot_id: bounded("5f1c0b9e-8d2a-4c1e-9f3b-2a7d6e4c8b10"),
+        labels: push_all([Label {
+            key: bounded("site"),
+            value: bounded("shop"),
+        }]),
+        interval_ms: 10_000,
+    }
+}
+
+/// Wraps `body` in an envelope from worker `w-0123456789ab`.
+pub fn envelope(seq: u64, body: Body) -> Envelope {
+    Envelope {
+        version: crate::FORMAT_VERSION,
+        worker_id: bounded("w-0123456789ab"),
+        seq,
+        sent_at_ms: 1_764_201_600_000,
+        body,
+    }
+}
+
+/// The secret used by the examples: bytes 0x00..=0x1f.
+pub fn secret() -> crate::Secret {
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    crate::Secret::from_bytes(key)
+}
+
+fn full<const N: usize>(c: char) -> heapless::String<N> {
+    let mut s = heapless::String::new();
+    // Multi-byte chars make the UTF-8 (and so the frame) as large as possible.
+    while s.push(c).is_ok() {}
+    s
+}
+
+/// Every list full, every string at capacity with 1-byte chars, every integer at its
+/// maximum varint width: the largest metrics frame the types can express.
+pub fn largest_metrics() -> Metrics {
+    Metrics {
+        cpu_total: u16::MAX,
+        cpu_per_core: push_all(core::iter::repeat_n(u16::MAX, MAX_CORES)),
+        load: [u32::MAX; 3],
+        memory_used: u64::MAX,
+        memory_available: u64::MAX,
+        memory_total: u64::MAX,
+        swap_used: u64::MAX,
+        swap_total: u64::MAX,
+        disks: push_all(core::iter::repeat_n(
+            Disk {
+                mount: full('x'),
+                used: u64::MAX,
+                total: u64::MAX,
+            },
+            MAX_DISKS,
+        )),
+        net: push_all(core::iter::repeat_n(
+            NetRate {
+                name: full('x'),
+                rx_bps: u64::MAX,
+                tx_bps: u64::MAX,
+            },
+            MAX_NETS,
+        )),
+        temperatures: push_all(core::iter::repeat_n(
+            Temperature {
+                name: full('x'),
+                millicelsius: i32::MIN,
+            },
+            MAX_TEMPS,
+        )),
+        uptime_s: u64::MAX,
+        processes: u32::MAX,
+        dropped: u32::MAX,
+    }
+}
+
+/// The largest birth frame the types can express.
+pub fn largest_birth() -> Birth {
+    Birth {
+        hostname: full('x'),
+        os: full('x'),
+        kernel: full('x'),
+        arch: full('x'),
+        cpu_model: full('x'),
+        cores: u16::MAX,
+        memory_total: u64::MAX,
+        disks: largest_metrics().disks,
+        device_model: full('x'),
+        agent_version: full('x'),
+        boot_id: full('x'),
+        labels: push_all(core::iter::repeat_n(
+            Label {
+                key: full('x'),
+                value: full('x'),
+            },
+            MAX_LABELS,
+        )),
+        interval_ms: u32::MAX,
+    }
+}
+
+/// The largest envelope around `body`.
+pub fn largest_envelope(body: Body) -> Envelope {
+    Envelope {
+        version: crate::FORMAT_VERSION,
+        worker_id: full('w'),
+        seq: u64::MAX,
+        sent_at_ms: u64::MAX,
+        body,
+    }
+}

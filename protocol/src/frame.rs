@@ -1,0 +1,281 @@
+//! Frame types. Every frame is an [`Envelope`] whose [`Body`] is one of the
+//! variants below.
+//!
+//! Compatibility rules (a contract, pinned by golden tests):
+//! * enum variants are only ever **appended**, never reordered or removed;
+//! * struct fields are never reordered; a new field means a new
+//!   [`crate::FORMAT_VERSION`] or a new body variant;
+//! * every string and list has a fixed capacity (`heapless`), so the largest
+//!   possible frame is known ([`crate::MAX_FRAME_LEN`]).
+//!
+//! Units are integers chosen to encode small as postcard varints:
+//! percentages in hundredths (`1234` = 12.34 %), load averages in hundredths,
+//! temperatures in millidegrees Celsius, sizes in bytes, rates in bytes/s.
+
+use heapless::{String, Vec};
+use serde::{Deserialize, Serialize};
+
+/// Capacity of a worker id (`[a-z0-9-]`, see [`crate::topic::is_valid_worker_id`]).
+pub const WORKER_ID_LEN: usize = 32;
+/// Most CPU cores reported per frame; more are folded into the total only.
+pub const MAX_CORES: usize = 64;
+/// Most mounted disks per frame (the largest by size are kept).
+pub const MAX_DISKS: usize = 8;
+/// Most network interfaces per frame.
+pub const MAX_NETS: usize = 8;
+/// Most temperature sensors per frame.
+pub const MAX_TEMPS: usize = 8;
+/// Most labels on a worker.
+pub const MAX_LABELS: usize = 16;
+
+/// A worker id on the wire.
+pub type WorkerId = String<WORKER_ID_LEN>;
+/// Short name (interfaces, sensors, label keys).
+pub type Name = String<32>;
+/// Longer text (hostnames, OS names, mount points, label values).
+pub type Text = String<64>;
+/// Human-readable detail in events and replies.
+pub type Detail = String<200>;
+
+/// The authenticated wrapper around every body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Always [`crate::FORMAT_VERSION`] when sent; the first byte on the wire.
+    pub version: u8,
+    /// Must equal the `<worker_id>` in the topic it arrives on.
+    pub worker_id: WorkerId,
+    /// Strictly increasing per sender and direction; the only replay
+    /// protection (device clocks are not trusted, Pis have no RTC).
+    pub seq: u64,
+    /// Sender's clock in ms since the Unix epoch; informational only.
+    pub sent_at_ms: u64,
+    /// The payload.
+    pub body: Body,
+}
+
+/// Frame payloads. **Append only.**
+// Variants are inline (no Box) so a frame is one stack value with no
+// allocation; frames are built once per interval, never stored in bulk
+// (queues hold sealed bytes), so the ~3 KiB size is harmless.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// Inventory, sent (retained) after every connect.
+    Birth(Birth),
+    /// Periodic hardware metrics.
+    Metrics(Metrics),
+    /// Something happened on the worker.
+    Event(Event),
+    /// Conductor → worker request.
+    Command(Command),
+    /// Worker → conductor answer to a [`Command`].
+    Reply(Reply),
+}
+
+/// Discriminant of [`Body`], for topic checks and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BodyKind {
+    /// [`Body::Birth`]
+    Birth,
+    /// [`Body::Metrics`]
+    Metrics,
+    /// [`Body::Event`]
+    Event,
+    /// [`Body::Command`]
+    Command,
+    /// [`Body::Reply`]
+    Reply,
+}
+
+impl Body {
+    /// The variant, without its data.
+    pub fn kind(&self) -> BodyKind {
+        match self {
+            Body::Birth(_) => BodyKind::Birth,
+            Body::Metrics(_) => BodyKind::Metrics,
+            Body::Event(_) => BodyKind::Event,
+            Body::Command(_) => BodyKind::Command,
+            Body::Reply(_) => BodyKind::Reply,
+        }
+    }
+}
+
+/// A key=value label (`site=shop`, `model=pi5`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Label {
+    /// Key, e.g. `site`.
+    pub key: Name,
+    /// Value, e.g. `shop`.
+    pub value: Text,
+}
+
+/// One mounted filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Mount point, e.g. `/`.
+    pub mount: Text,
+    /// Bytes used.
+    pub used: u64,
+    /// Bytes total.
+    pub total: u64,
+}
+
+/// One network interface's throughput since the previous sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRate {
+    /// Interface name, e.g. `eth0`.
+    pub name: Name,
+    /// Received bytes per second.
+    pub rx_bps: u64,
+    /// Transmitted bytes per second.
+    pub tx_bps: u64,
+}
+
+/// One temperature sensor (a thermal zone; `cpu-thermal` on a Pi).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Temperature {
+    /// Sensor name (thermal zone type).
+    pub name: Name,
+    /// Millidegrees Celsius.
+    pub millicelsius: i32,
+}
+
+/// Inventory of a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Birth {
+    /// Hostname.
+    pub hostname: Text,
+    /// OS name and version, e.g. `Debian GNU/Linux 12`.
+    pub os: Text,
+    /// Kernel release.
+    pub kernel: Text,
+    /// CPU architecture, e.g. `aarch64`.
+    pub arch: Name,
+    /// CPU model / brand string.
+    pub cpu_model: Text,
+    /// Logical cores.
+    pub cores: u16,
+    /// Total memory, bytes.
+    pub memory_total: u64,
+    /// Mounted filesystems.
+    pub disks: Vec<Disk, MAX_DISKS>,
+    /// `/proc/device-tree/model` on a Pi, DMI product name elsewhere, or empty.
+    pub device_model: Text,
+    /// edge-worker version.
+    pub agent_version: Name,
+    /// Kernel boot id (changes on every boot).
+    pub boot_id: String<36>,
+    /// Labels set at enrolment or through the API.
+    pub labels: Vec<Label, MAX_LABELS>,
+    /// Metrics interval in ms: the conductor's liveness clock for this worker.
+    pub interval_ms: u32,
+}
+
+/// A metrics sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// CPU busy, all cores, hundredths of a percent.
+    pub cpu_total: u16,
+    /// CPU busy per core, hundredths of a percent.
+    pub cpu_per_core: Vec<u16, MAX_CORES>,
+    /// Load averages 1/5/15 min, hundredths.
+    pub load: [u32; 3],
+    /// Memory in use, bytes.
+    pub memory_used: u64,
+    /// Memory available, bytes.
+    pub memory_available: u64,
+    /// Memory total, bytes.
+    pub memory_total: u64,
+    /// Swap in use, bytes.
+    pub swap_used: u64,
+    /// Swap total, bytes.
+    pub swap_total: u64,
+    /// Mounted filesystems.
+    pub disks: Vec<Disk, MAX_DISKS>,
+    /// Per-interface throughput.
+    pub net: Vec<NetRate, MAX_NETS>,
+    /// Temperatures.
+    pub temperatures: Vec<Temperature, MAX_TEMPS>,
+    /// Seconds since boot.
+    pub uptime_s: u64,
+    /// Number of processes.
+    pub processes: u32,
+    /// Frames the worker dropped (queue overflow) since the previous metrics frame.
+    pub dropped: u32,
+}
+
+/// Kinds of worker event. **Append only.**
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// The agent started.
+    AgentStarted,
+    /// The agent is shutting down cleanly.
+    AgentStopping,
+    /// The store-and-forward queue overflowed and dropped its oldest frames.
+    QueueOverflow,
+    /// A command frame was rejected (bad tag, replay, …); detail says why.
+    CommandRejected,
+}
+
+/// A worker event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// Free text.
+    pub detail: Detail,
+}
+
+/// Command actions. **Append only.**
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Reply at once (liveness / round-trip measurement).
+    Ping,
+    /// Change the metrics interval (ms) until restart.
+    SetInterval(u32),
+    /// Publish a fresh birth frame.
+    Rebirth,
+}
+
+/// A conductor → worker command. Applied at most once per `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Conductor-assigned id, echoed in the [`Reply`].
+    pub id: u32,
+    /// What to do.
+    pub action: Action,
+}
+
+/// Outcome of a command. **Append only.**
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyStatus {
+    /// Done.
+    Ok,
+    /// Failed; detail says why.
+    Error,
+    /// This worker does not know the action.
+    Unsupported,
+}
+
+/// A worker's answer to a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The [`Command::id`] answered.
+    pub cmd_id: u32,
+    /// Outcome.
+    pub status: ReplyStatus,
+    /// Free text.
+    pub detail: Detail,
+}
+
+/// Copies `s` into a bounded string, truncating at a char boundary if needed.
+/// Used wherever device-provided text (hostnames, mount points) goes on the wire.
+pub fn bounded<const N: usize>(s: &str) -> String<N> {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
+}

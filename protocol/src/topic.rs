@@ -1,0 +1,158 @@
+//! The MQTT topic tree.
+//!
+//! ```text
+//! aerekos/v1/<worker_id>/status        retained text "online" | "offline" (LWT)
+//! aerekos/v1/<worker_id>/birth         retained Birth frame (postcard)
+//! aerekos/v1/<worker_id>/metrics       Metrics frames
+//! aerekos/v1/<worker_id>/events        Event frames
+//! aerekos/v1/<worker_id>/cmd           Command frames, conductor -> worker, QoS 1
+//! aerekos/v1/<worker_id>/reply         Reply frames, worker -> conductor
+//! aerekos/v1/<worker_id>/json/birth    retained JSON mirror (written by the conductor)
+//! aerekos/v1/<worker_id>/json/metrics  retained JSON mirror (written by the conductor)
+//! ```
+//!
+//! Worker ids are restricted to `[a-z0-9-]` so they can never contain MQTT
+//! wildcards or separators.
+
+/// Root of every aerekos topic; the `v1` segment versions the tree itself.
+pub const ROOT: &str = "aerekos/v1";
+
+/// The single filter the conductor subscribes to for everything workers send.
+/// One filter (rather than one per kind) keeps a worker's frames in publish
+/// order on brokers that order per subscription.
+pub const CONDUCTOR_FILTER: &str = "aerekos/v1/+/+";
+
+/// Payload of the retained `status` topic while the worker is connected.
+pub const STATUS_ONLINE: &str = "online";
+/// Payload of the `status` last-will (and of a clean shutdown).
+pub const STATUS_OFFLINE: &str = "offline";
+
+/// The kinds of leaf topic under a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TopicKind {
+    /// Retained plain text, `online` / `offline`.
+    Status,
+    /// Retained inventory frame.
+    Birth,
+    /// Periodic metrics frames.
+    Metrics,
+    /// Worker events.
+    Events,
+    /// Conductor → worker commands.
+    Cmd,
+    /// Worker → conductor command replies.
+    Reply,
+    /// Conductor-written JSON mirror of the birth frame.
+    JsonBirth,
+    /// Conductor-written JSON mirror of the latest metrics frame.
+    JsonMetrics,
+}
+
+impl TopicKind {
+    /// The leaf path segment(s) for this kind.
+    pub fn leaf(self) -> &'static str {
+        match self {
+            TopicKind::Status => "status",
+            TopicKind::Birth => "birth",
+            TopicKind::Metrics => "metrics",
+            TopicKind::Events => "events",
+            TopicKind::Cmd => "cmd",
+            TopicKind::Reply => "reply",
+            TopicKind::JsonBirth => "json/birth",
+            TopicKind::JsonMetrics => "json/metrics",
+        }
+    }
+
+    /// Which body a frame on this topic must carry (`None` for non-frame topics).
+    pub fn expected_body(self) -> Option<crate::BodyKind> {
+        use crate::BodyKind as B;
+        match self {
+            TopicKind::Birth => Some(B::Birth),
+            TopicKind::Metrics => Some(B::Metrics),
+            TopicKind::Events => Some(B::Event),
+            TopicKind::Cmd => Some(B::Command),
+            TopicKind::Reply => Some(B::Reply),
+            TopicKind::Status | TopicKind::JsonBirth | TopicKind::JsonMetrics => None,
+        }
+    }
+}
+
+/// A parsed aerekos topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic<'a> {
+    /// The worker the topic belongs to.
+    pub worker_id: &'a str,
+    /// Which leaf.
+    pub kind: TopicKind,
+}
+
+impl<'a> Topic<'a> {
+    /// Parses `aerekos/v1/<id>/<leaf>`; `None` for anything else.
+    pub fn parse(topic: &'a str) -> Option<Topic<'a>> {
+        let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+        let (worker_id, leaf) = rest.split_once('/')?;
+        if !is_valid_worker_id(worker_id) {
+            return None;
+        }
+        let kind = match leaf {
+            "status" => TopicKind::Status,
+            "birth" => TopicKind::Birth,
+            "metrics" => TopicKind::Metrics,
+            "events" => TopicKind::Events,
+            "cmd" => TopicKind::Cmd,
+            "reply" => TopicKind::Reply,
+            "json/birth" => TopicKind::JsonBirth,
+            "json/metrics" => TopicKind::JsonMetrics,
+            _ => return None,
+        };
+        Some(Topic { worker_id, kind })
+    }
+}
+
+/// Builds the topic string for `kind` under `worker_id`.
+pub fn topic(worker_id: &str, kind: TopicKind) -> String {
+    format!("{ROOT}/{worker_id}/{}", kind.leaf())
+}
+
+/// Worker ids: 1..=32 chars of `[a-z0-9-]`.
+pub fn is_valid_worker_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= crate::frame::WORKER_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_kind() {
+        for kind in [
+            TopicKind::Status,
+            TopicKind::Birth,
+            TopicKind::Metrics,
+            TopicKind::Events,
+            TopicKind::Cmd,
+            TopicKind::Reply,
+            TopicKind::JsonBirth,
+            TopicKind::JsonMetrics,
+        ] {
+            let t = topic("w-0123abcd", kind);
+            let parsed = Topic::parse(&t).expect("parses");
+            assert_eq!(parsed.kind, kind);
+            assert_eq!(parsed.worker_id, "w-0123abcd");
+        }
+    }
+
+    #[test]
+    fn rejects_foreign_and_wildcard_topics() {
+        assert!(Topic::parse("aerekos/v2/w1/metrics").is_none());
+        assert!(Topic::parse("aerekos/v1/+/metrics").is_none());
+        assert!(Topic::parse("aerekos/v1/W1/metrics").is_none());
+        assert!(Topic::parse("aerekos/v1/w1/other").is_none());
+        assert!(Topic::parse("aerekos/v1/w1").is_none());
+        assert!(Topic::parse("").is_none());
+    }
+}

@@ -1,0 +1,149 @@
+//! Golden bytes: the wire format is a contract. If one of these fails, a
+//! change broke compatibility with deployed workers — don't update the
+//! bytes, add a new variant or a new FORMAT_VERSION instead.
+//! The layouts are explained byte by byte in `protocol/README.md`.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
+
+use protocol::examples;
+use protocol::*;
+
+fn hex(bytes: &[u8]) -> String {
+    hex_string(bytes)
+}
+
+fn sealed(seq: u64, body: Body) -> Vec<u8> {
+    seal(&examples::secret(), &examples::envelope(seq, body)).unwrap()
+}
+
+#[track_caller]
+fn assert_golden(body: Body, expected_hex: &str) {
+    let bytes = sealed(1, body.clone());
+    assert_eq!(
+        hex(&bytes),
+        expected_hex,
+        "wire bytes changed for {:?}",
+        body.kind()
+    );
+    // And the pinned bytes still decode to the same value.
+    let back = open(&bytes).unwrap().verify(&examples::secret()).unwrap();
+    assert_eq!(back.body, body);
+}
+
+#[test]
+fn golden_metrics() {
+    assert_golden(Body::Metrics(examples::metrics()), GOLDEN_METRICS);
+}
+
+#[test]
+fn golden_birth() {
+    assert_golden(Body::Birth(examples::birth()), GOLDEN_BIRTH);
+}
+
+#[test]
+fn golden_event() {
+    assert_golden(
+        Body::Event(Event {
+            kind: EventKind::QueueOverflow,
+            detail: frame::bounded("dropped 3"),
+        }),
+        GOLDEN_EVENT,
+    );
+}
+
+#[test]
+fn golden_command_every_action() {
+    for (action, expected) in [
+        (Action::Ping, GOLDEN_CMD_PING),
+        (Action::SetInterval(1000), GOLDEN_CMD_SET_INTERVAL),
+        (Action::Rebirth, GOLDEN_CMD_REBIRTH),
+    ] {
+        assert_golden(Body::Command(Command { id: 5, action }), expected);
+    }
+}
+
+#[test]
+fn golden_reply() {
+    assert_golden(
+        Body::Reply(Reply {
+            cmd_id: 5,
+            status: ReplyStatus::Ok,
+            detail: frame::bounded("pong"),
+        }),
+        GOLDEN_REPLY,
+    );
+}
+
+#[test]
+fn enum_discriminants_are_append_only() {
+    // postcard writes a variant's index as a varint: pin every index.
+    let idx = |b: &Body| postcard::to_stdvec(b).unwrap()[0];
+    assert_eq!(idx(&Body::Birth(examples::birth())), 0);
+    assert_eq!(idx(&Body::Metrics(examples::metrics())), 1);
+    let ev = |kind| {
+        postcard::to_stdvec(&Event {
+            kind,
+            detail: frame::bounded(""),
+        })
+        .unwrap()[0]
+    };
+    assert_eq!(ev(EventKind::AgentStarted), 0);
+    assert_eq!(ev(EventKind::AgentStopping), 1);
+    assert_eq!(ev(EventKind::QueueOverflow), 2);
+    assert_eq!(ev(EventKind::CommandRejected), 3);
+    let st = |status| {
+        postcard::to_stdvec(&Reply {
+            cmd_id: 0,
+            status,
+            detail: frame::bounded(""),
+        })
+        .unwrap()[1]
+    };
+    assert_eq!(st(ReplyStatus::Ok), 0);
+    assert_eq!(st(ReplyStatus::Error), 1);
+    assert_eq!(st(ReplyStatus::Unsupported), 2);
+}
+
+#[test]
+fn reenroll_proof_is_pinned() {
+    assert_eq!(
+        reenroll_proof(&examples::secret(), "w-0123456789ab"),
+        GOLDEN_REENROLL_PROOF
+    );
+}
+
+const GOLDEN_METRICS: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac3301e20904e807dc0b8407c00c2a231e80c6",
+    "98830380fe98c60bc0faa4ea0e0080e0ff3101012f80b6abfd1580d4df816f010465746830f00bf0",
+    "06010b6370752d746865726d616c88e20580a3058e0100ab3951e1ee6976575db9a49918375bbd"
+);
+const GOLDEN_BIRTH: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac33000970692d73686f702d311e4465626961",
+    "6e20474e552f4c696e75782031322028626f6f6b776f726d2911362e362e33312b7270742d727069",
+    "2d763807616172636836340a436f727465782d41373204c0faa4ea0e01012f80b6abfd1580d4df81",
+    "6f1e5261737062657272792050692034204d6f64656c20422052657620312e3405302e312e302435",
+    "663163306239652d386432612d346331652d396633622d3261376436653463386231300104736974",
+    "650473686f70904efc70ba1e3690458c0c807cafa6c63348"
+);
+const GOLDEN_EVENT: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac3302020964726f707065642033dc741d41b0",
+    "af4f5e62d46aced63a3b2d"
+);
+const GOLDEN_CMD_PING: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac33030500debcb655aa87c874a618ec1b6ec2",
+    "f71a"
+);
+const GOLDEN_CMD_SET_INTERVAL: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac33030501e807f4918c59589cf718101a8983",
+    "1efd6274"
+);
+const GOLDEN_CMD_REBIRTH: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac33030502d691c62e5ddaa421828917ec41c7",
+    "571f"
+);
+const GOLDEN_REPLY: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac3304050004706f6e6752f14d8f0bd307695c",
+    "d917d9b903dadb"
+);
+const GOLDEN_REENROLL_PROOF: &str =
+    "cefe62b33fddc3293c6f3ebf5a709eee8c486717d56994c14974f7feb947bcf6";
