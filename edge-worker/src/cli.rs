@@ -1,0 +1,514 @@
+//! Command-line and environment parsing for the `edge-worker` binary (hand
+//! rolled: clap would double the binary), plus the `decode` subcommand.
+//!
+//! Every flag has an `AEREKOS_*` environment twin; a flag wins over its
+//! variable. `--flag value` and `--flag=value` are both accepted.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::WorkerConfig;
+
+/// `--help` text.
+pub const HELP: &str = "\
+edge-worker: the aerekos agent for a Raspberry Pi
+
+USAGE:
+    edge-worker [OPTIONS]
+    edge-worker decode [--secret HEX] FILE|-
+
+OPTIONS (each also from the environment variable shown):
+    --conductor URL         conductor base URL, http://host:3000   AEREKOS_CONDUCTOR
+    --token T               registration token (first enrolment;   AEREKOS_TOKEN
+                            with a stored identity: re-enrol)
+    --state-dir DIR         identity and queue [/var/lib/aerekos   AEREKOS_STATE_DIR
+                            if writable, else ./aerekos-worker]
+    --interval D            metrics interval [10s]                 AEREKOS_INTERVAL
+    --label K=V             label, repeatable                      AEREKOS_LABELS (k=v,k2=v2)
+    --queue-capacity N      frames kept while offline [720]        AEREKOS_QUEUE_CAPACITY
+    --flush-interval D      queued frames written to disk after [30s]  AEREKOS_FLUSH_INTERVAL
+    --hostname H            hostname override                      AEREKOS_HOSTNAME
+    --machine-id M          /etc/machine-id override               AEREKOS_MACHINE_ID
+    --mqtt-url U            broker override, mqtt://host:port      AEREKOS_MQTT_URL
+    -h, --help              this text
+
+Durations: 500ms, 10s, 2m, 1h, or a plain number of seconds.
+Log level: AEREKOS_LOG or RUST_LOG = error|warn|info|debug|trace [info].
+
+decode prints a captured frame as JSON; with --secret (64 hex) it also
+verifies the tag, otherwise the frame is shown unverified.
+";
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cli {
+    /// Run the agent.
+    Run(WorkerConfig),
+    /// Decode a frame from a file (`-` = stdin).
+    Decode {
+        /// 64-hex secret to verify the tag with.
+        secret: Option<String>,
+        /// Input path or `-`.
+        input: String,
+    },
+    /// Print [`HELP`].
+    Help,
+}
+
+/// A command-line mistake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CliError {
+    /// An option this program does not have.
+    #[error("unknown argument {0:?} (see --help)")]
+    Unknown(String),
+    /// An option given without its value.
+    #[error("{0} needs a value")]
+    MissingValue(String),
+    /// A value that does not parse.
+    #[error("invalid {what} {value:?}: {reason}")]
+    Invalid {
+        /// Which flag or variable.
+        what: String,
+        /// The text given.
+        value: String,
+        /// Why it is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(what: &str, value: &str, reason: impl Into<String>) -> CliError {
+    CliError::Invalid {
+        what: what.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses a duration: `500ms`, `10s`, `2m`, `1h`, or plain seconds (`10`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return Err("expected a number, e.g. 10s or 500ms".into());
+    }
+    let n: u64 = num.parse().map_err(|_| "number too large".to_string())?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| "duration too large".into())
+}
+
+/// Parses `key=value` (key non-empty).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err("expected key=value".into()),
+    }
+}
+
+/// Parses arguments (without the program name). `env` looks up environment
+/// variables; `default_state_dir` is called only if neither
+/// `--state-dir` nor `AEREKOS_STATE_DIR` is given.
+pub fn parse(
+    args: Vec<String>,
+    env: impl Fn(&str) -> Option<String>,
+    default_state_dir: impl FnOnce() -> PathBuf,
+) -> Result<Cli, CliError> {
+    let mut it = args.into_iter();
+    let mut pairs: Vec<(String, Option<String>)> = Vec::new();
+    let mut positional: Vec<String> = Vec::new();
+    let mut decode = false;
+    let mut first = true;
+    while let Some(arg) = it.next() {
+        if first && arg == "decode" {
+            decode = true;
+            first = false;
+            continue;
+        }
+        first = false;
+        if arg == "-h" || arg == "--help" {
+            return Ok(Cli::Help);
+        }
+        if arg == "-" || !arg.starts_with('-') {
+            positional.push(arg);
+            continue;
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        let known_run = [
+            "--conductor",
+            "--token",
+            "--state-dir",
+            "--interval",
+            "--label",
+            "--queue-capacity",
+            "--flush-interval",
+            "--hostname",
+            "--machine-id",
+            "--mqtt-url",
+        ];
+        let known = if decode {
+            &["--secret"][..]
+        } else {
+            &known_run[..]
+        };
+        if !known.contains(&flag.as_str()) {
+            return Err(CliError::Unknown(arg));
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .ok_or_else(|| CliError::MissingValue(flag.clone()))?,
+        };
+        pairs.push((flag, Some(value)));
+    }
+
+    let flag = |name: &str| -> Option<String> {
+        pairs
+            .iter()
+            .rev()
+            .find(|(f, _)| f == name)
+            .and_then(|(_, v)| v.clone())
+    };
+
+    if decode {
+        let input = match positional.as_slice() {
+            [one] => one.clone(),
+            [] => return Err(CliError::MissingValue("decode FILE|-".into())),
+            [_, extra, ..] => return Err(CliError::Unknown(extra.clone())),
+        };
+        return Ok(Cli::Decode {
+            secret: flag("--secret"),
+            input,
+        });
+    }
+    if let Some(p) = positional.into_iter().next() {
+        return Err(CliError::Unknown(p));
+    }
+
+    // Flag first, then environment.
+    let get = |name: &str, var: &str| flag(name).or_else(|| env(var).filter(|v| !v.is_empty()));
+    let duration = |name: &str, var: &str| -> Result<Option<Duration>, CliError> {
+        get(name, var)
+            .map(|v| parse_duration(&v).map_err(|e| invalid(name, &v, e)))
+            .transpose()
+    };
+
+    let state_dir = get("--state-dir", "AEREKOS_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(default_state_dir);
+    let mut config = WorkerConfig::new(state_dir);
+    config.conductor_url = get("--conductor", "AEREKOS_CONDUCTOR");
+    config.token = get("--token", "AEREKOS_TOKEN");
+    config.hostname = get("--hostname", "AEREKOS_HOSTNAME");
+    config.machine_id = get("--machine-id", "AEREKOS_MACHINE_ID");
+    config.mqtt_url = get("--mqtt-url", "AEREKOS_MQTT_URL");
+    if let Some(d) = duration("--interval", "AEREKOS_INTERVAL")? {
+        if d.is_zero() {
+            return Err(invalid("--interval", "0", "must be positive"));
+        }
+        config.interval = d;
+    }
+    if let Some(d) = duration("--flush-interval", "AEREKOS_FLUSH_INTERVAL")? {
+        config.flush_interval = d;
+    }
+    if let Some(v) = get("--queue-capacity", "AEREKOS_QUEUE_CAPACITY") {
+        let n: usize = v
+            .trim()
+            .parse()
+            .map_err(|_| invalid("--queue-capacity", &v, "expected a whole number"))?;
+        if n == 0 {
+            return Err(invalid("--queue-capacity", &v, "must be at least 1"));
+        }
+        config.queue_capacity = n;
+    }
+    let label_flags: Vec<String> = pairs
+        .iter()
+        .filter(|(f, _)| f == "--label")
+        .filter_map(|(_, v)| v.clone())
+        .collect();
+    let label_texts = if label_flags.is_empty() {
+        env("AEREKOS_LABELS")
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        label_flags
+    };
+    for text in label_texts {
+        let label = parse_label(&text).map_err(|e| invalid("--label", &text, e))?;
+        config.labels.push(label);
+    }
+    if let Some(url) = &config.conductor_url {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(invalid("--conductor", url, "expected http://host:port"));
+        }
+    }
+    if let Some(url) = &config.mqtt_url {
+        if crate::session::parse_mqtt_url(url).is_none() {
+            return Err(invalid("--mqtt-url", url, "expected mqtt://host:port"));
+        }
+    }
+    Ok(Cli::Run(config))
+}
+
+/// `/var/lib/aerekos` if it is (or can be made) writable, else `./aerekos-worker`.
+pub fn default_state_dir() -> PathBuf {
+    let system = PathBuf::from("/var/lib/aerekos");
+    if crate::state::ensure_dir(&system).is_ok() {
+        let probe = system.join(".write-test");
+        if std::fs::write(&probe, b"").is_ok() {
+            let _ = std::fs::remove_file(&probe);
+            return system;
+        }
+    }
+    PathBuf::from("aerekos-worker")
+}
+
+/// The log level from `AEREKOS_LOG`, else `RUST_LOG`, as a plain level
+/// name; anything else (including `RUST_LOG` directives) means `info`.
+pub fn log_level(env: impl Fn(&str) -> Option<String>) -> tracing::Level {
+    ["AEREKOS_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|v| env(v).and_then(|s| s.trim().parse::<tracing::Level>().ok()))
+        .unwrap_or(tracing::Level::INFO)
+}
+
+/// Decodes a sealed frame to pretty JSON. With `secret` the tag is
+/// verified (an error if it does not match); returns `(json, verified)`.
+pub fn decode_frame(bytes: &[u8], secret: Option<&str>) -> Result<(String, bool), String> {
+    let opened = protocol::open(bytes).map_err(|e| format!("not a valid frame: {e}"))?;
+    let (envelope, verified) = match secret {
+        Some(hex) => {
+            let secret = protocol::Secret::from_hex(hex).map_err(|e| e.to_string())?;
+            let env = opened
+                .verify(&secret)
+                .map_err(|e| format!("verification failed: {e}"))?;
+            (env, true)
+        }
+        None => (opened.into_unverified(), false),
+    };
+    let json = serde_json::to_string_pretty(&envelope).map_err(|e| e.to_string())?;
+    Ok((json, verified))
+}
+
+/// `edge-worker decode`: reads `input` (`-` = stdin) and decodes it with
+/// [`decode_frame`].
+pub fn decode_input(input: &str, secret: Option<&str>) -> Result<(String, bool), String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let read = if input == "-" {
+        std::io::stdin().read_to_end(&mut bytes).map(drop)
+    } else {
+        std::fs::read(input).map(|b| bytes = b)
+    };
+    read.map_err(|e| format!("cannot read {input}: {e}"))?;
+    decode_frame(&bytes, secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn run_cfg(a: &str, env: impl Fn(&str) -> Option<String>) -> WorkerConfig {
+        match parse(args(a), env, || PathBuf::from("/default")).unwrap() {
+            Cli::Run(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration(" 7s "), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("99999999999999999999").is_err());
+        assert!(parse_duration("18446744073709551615h").is_err());
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(parse_label("site=lab"), Ok(("site".into(), "lab".into())));
+        assert_eq!(parse_label("k=a=b"), Ok(("k".into(), "a=b".into())));
+        assert_eq!(parse_label("k="), Ok(("k".into(), String::new())));
+        assert!(parse_label("=v").is_err());
+        assert!(parse_label("novalue").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run_cfg("", no_env);
+        assert_eq!(c, WorkerConfig::new("/default"));
+        assert_eq!(c.interval, Duration::from_secs(10));
+        assert_eq!(c.queue_capacity, 720);
+        assert_eq!(c.flush_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn flags() {
+        let c = run_cfg(
+            "--conductor http://c:3000 --token T --state-dir /s --interval 500ms \
+             --label a=1 --label=b=2 --queue-capacity 10 --flush-interval=5s \
+             --hostname h --machine-id m --mqtt-url mqtt://b:1884",
+            no_env,
+        );
+        assert_eq!(c.conductor_url.as_deref(), Some("http://c:3000"));
+        assert_eq!(c.token.as_deref(), Some("T"));
+        assert_eq!(c.state_dir, PathBuf::from("/s"));
+        assert_eq!(c.interval, Duration::from_millis(500));
+        assert_eq!(
+            c.labels,
+            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(c.queue_capacity, 10);
+        assert_eq!(c.flush_interval, Duration::from_secs(5));
+        assert_eq!(c.hostname.as_deref(), Some("h"));
+        assert_eq!(c.machine_id.as_deref(), Some("m"));
+        assert_eq!(c.mqtt_url.as_deref(), Some("mqtt://b:1884"));
+    }
+
+    #[test]
+    fn env_and_flag_precedence() {
+        let env = |k: &str| match k {
+            "AEREKOS_CONDUCTOR" => Some("http://env:3000".to_string()),
+            "AEREKOS_TOKEN" => Some("envtoken".to_string()),
+            "AEREKOS_STATE_DIR" => Some("/env".to_string()),
+            "AEREKOS_INTERVAL" => Some("2".to_string()),
+            "AEREKOS_LABELS" => Some("x=1, y=2".to_string()),
+            "AEREKOS_QUEUE_CAPACITY" => Some("5".to_string()),
+            _ => None,
+        };
+        let c = run_cfg("", env);
+        assert_eq!(c.conductor_url.as_deref(), Some("http://env:3000"));
+        assert_eq!(c.state_dir, PathBuf::from("/env"));
+        assert_eq!(c.interval, Duration::from_secs(2));
+        assert_eq!(c.labels.len(), 2);
+        assert_eq!(c.queue_capacity, 5);
+        let c = run_cfg("--token flag --interval 3s --label z=9", env);
+        assert_eq!(c.token.as_deref(), Some("flag"));
+        assert_eq!(c.interval, Duration::from_secs(3));
+        assert_eq!(c.labels, vec![("z".into(), "9".into())]);
+    }
+
+    #[test]
+    fn errors() {
+        let p = |a: &str| parse(args(a), no_env, || PathBuf::from("/d"));
+        assert!(matches!(p("--bogus"), Err(CliError::Unknown(_))));
+        assert!(matches!(p("stray"), Err(CliError::Unknown(_))));
+        assert!(matches!(p("--token"), Err(CliError::MissingValue(_))));
+        assert!(matches!(p("--interval 0"), Err(CliError::Invalid { .. })));
+        assert!(matches!(
+            p("--interval soon"),
+            Err(CliError::Invalid { .. })
+        ));
+        assert!(matches!(
+            p("--queue-capacity 0"),
+            Err(CliError::Invalid { .. })
+        ));
+        assert!(matches!(
+            p("--queue-capacity -1"),
+            Err(CliError::Invalid { .. })
+        ));
+        assert!(matches!(p("--label nokey"), Err(CliError::Invalid { .. })));
+        assert!(matches!(
+            p("--conductor c:3000"),
+            Err(CliError::Invalid { .. })
+        ));
+        assert!(matches!(
+            p("--mqtt-url mqtts://x"),
+            Err(CliError::Invalid { .. })
+        ));
+        assert_eq!(p("--interval 1s --help"), Ok(Cli::Help));
+        assert_eq!(p("-h"), Ok(Cli::Help));
+    }
+
+    #[test]
+    fn decode_subcommand() {
+        let p = |a: &str| parse(args(a), no_env, || PathBuf::from("/d"));
+        assert_eq!(
+            p("decode -"),
+            Ok(Cli::Decode {
+                secret: None,
+                input: "-".into()
+            })
+        );
+        assert_eq!(
+            p("decode --secret ab f.bin"),
+            Ok(Cli::Decode {
+                secret: Some("ab".into()),
+                input: "f.bin".into()
+            })
+        );
+        assert!(p("decode").is_err());
+        assert!(p("decode a b").is_err());
+        assert!(p("decode --token x f").is_err());
+    }
+
+    #[test]
+    fn decode_frames() {
+        let secret = protocol::Secret::from_bytes([5; 32]);
+        let env = protocol::Envelope {
+            version: protocol::FORMAT_VERSION,
+            worker_id: protocol::frame::bounded("w-1"),
+            seq: 42,
+            sent_at_ms: 0,
+            body: protocol::Body::Command(protocol::Command {
+                id: 1,
+                action: protocol::Action::Ping,
+            }),
+        };
+        let bytes = protocol::seal(&secret, &env).unwrap();
+        let (json, verified) = decode_frame(&bytes, None).unwrap();
+        assert!(!verified);
+        assert!(json.contains("\"seq\": 42"), "{json}");
+        let (_, verified) = decode_frame(&bytes, Some(&secret.to_hex())).unwrap();
+        assert!(verified);
+        let wrong = protocol::Secret::from_bytes([6; 32]).to_hex();
+        assert!(decode_frame(&bytes, Some(&wrong)).is_err());
+        assert!(decode_frame(b"junk", None).is_err());
+    }
+
+    #[test]
+    fn log_levels() {
+        let env = |k: &str| (k == "RUST_LOG").then(|| "debug".to_string());
+        assert_eq!(log_level(env), tracing::Level::DEBUG);
+        let env = |k: &str| match k {
+            "AEREKOS_LOG" => Some("WARN".to_string()),
+            "RUST_LOG" => Some("trace".to_string()),
+            _ => None,
+        };
+        assert_eq!(log_level(env), tracing::Level::WARN);
+        let env = |k: &str| (k == "RUST_LOG").then(|| "edge_worker=debug".to_string());
+        assert_eq!(log_level(env), tracing::Level::INFO);
+        assert_eq!(log_level(no_env), tracing::Level::INFO);
+    }
+}

@@ -1,0 +1,649 @@
+//! Hardware metrics and inventory: sysinfo for CPU, memory, disks and
+//! network counters; `/proc` and `/sys` read directly for the rest.
+//!
+//! Cost per sample is what a Pi pays every interval, so a [`Collector`]
+//! keeps one `System`, `Disks` and `Networks` and refreshes only what a
+//! sample needs: CPU usage, memory, storage of the disks already chosen, and
+//! interface counters. The mount list and thermal zones are re-read every
+//! [`RELIST_EVERY`] samples. Processes are counted from `/proc` directory
+//! names (sysinfo's process refresh is far more expensive), temperatures come
+//! straight from `/sys/class/thermal`.
+//!
+//! Limits: all text goes through [`protocol::frame::bounded`] and lists are
+//! truncated at the frame capacities (`MAX_CORES`, `MAX_DISKS`, …), so a
+//! sample always encodes under [`protocol::MAX_FRAME_LEN`]. Nothing read from
+//! the system is unwrapped: a missing source yields zeros or empty lists.
+//! Every call blocks on file I/O: run it with `spawn_blocking`.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use heapless::Vec as HVec;
+use protocol::frame::{bounded, Disk, Label, NetRate, Temperature, MAX_DISKS, MAX_NETS, MAX_TEMPS};
+use protocol::{Birth, Metrics, Name, Text};
+use sysinfo::{DiskRefreshKind, Disks, Networks, System};
+
+/// Samples between re-reads of the mount list and thermal zones.
+pub const RELIST_EVERY: u64 = 30;
+
+/// Filesystem types that are not real storage.
+const PSEUDO_FS: &[&str] = &[
+    "tmpfs",
+    "devtmpfs",
+    "ramfs",
+    "overlay",
+    "overlayfs",
+    "aufs",
+    "proc",
+    "sysfs",
+    "squashfs",
+    "autofs",
+    "nsfs",
+    "cgroup",
+    "cgroup2",
+    "devpts",
+    "mqueue",
+    "tracefs",
+    "debugfs",
+    "securityfs",
+    "pstore",
+    "bpf",
+    "configfs",
+    "efivarfs",
+    "binfmt_misc",
+    "fusectl",
+    "hugetlbfs",
+    "rpc_pipefs",
+    "nfsd",
+    "rootfs",
+    "iso9660",
+    "zram",
+    "erofs",
+];
+
+/// The static part of a [`Birth`]: read once at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inventory {
+    /// Hostname (or the override).
+    pub hostname: Text,
+    /// OS pretty name.
+    pub os: Text,
+    /// Kernel release.
+    pub kernel: Text,
+    /// `std::env::consts::ARCH`.
+    pub arch: Name,
+    /// CPU brand string.
+    pub cpu_model: Text,
+    /// Logical cores.
+    pub cores: u16,
+    /// Total memory, bytes.
+    pub memory_total: u64,
+    /// Board model, or empty.
+    pub device_model: Text,
+    /// Kernel boot id.
+    pub boot_id: heapless::String<36>,
+}
+
+impl Inventory {
+    /// A birth frame body from this inventory plus the current disks,
+    /// labels and interval. Labels beyond `MAX_LABELS` are dropped.
+    pub fn birth(
+        &self,
+        disks: &HVec<Disk, MAX_DISKS>,
+        labels: &[(String, String)],
+        interval_ms: u32,
+    ) -> Birth {
+        let mut out_labels = HVec::new();
+        for (k, v) in labels {
+            let label = Label {
+                key: bounded(k),
+                value: bounded(v),
+            };
+            if out_labels.push(label).is_err() {
+                break;
+            }
+        }
+        Birth {
+            hostname: self.hostname.clone(),
+            os: self.os.clone(),
+            kernel: self.kernel.clone(),
+            arch: self.arch.clone(),
+            cpu_model: self.cpu_model.clone(),
+            cores: self.cores,
+            memory_total: self.memory_total,
+            disks: disks.clone(),
+            device_model: self.device_model.clone(),
+            agent_version: bounded(env!("CARGO_PKG_VERSION")),
+            boot_id: self.boot_id.clone(),
+            labels: out_labels,
+            interval_ms,
+        }
+    }
+}
+
+/// Reusable sampling state. See the module docs.
+#[derive(Debug)]
+pub struct Collector {
+    sys: Option<System>,
+    disks: Option<Disks>,
+    nets: Option<Networks>,
+    /// `(zone type, path of its temp file)`, in zone order.
+    thermal: Vec<(Name, PathBuf)>,
+    /// When the network counters were last refreshed (for rates).
+    last_net: Instant,
+    samples: u64,
+}
+
+impl Collector {
+    /// Sets up sysinfo and takes the baseline readings that CPU usage and
+    /// network rates are measured against.
+    pub fn new() -> Collector {
+        let sys = match System::new() {
+            Ok(mut s) => {
+                s.refresh_cpu_usage();
+                s.refresh_memory();
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!("system metrics unavailable: {e}");
+                None
+            }
+        };
+        let disks = match Disks::new() {
+            Ok(mut d) => {
+                d.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
+                Some(d)
+            }
+            Err(e) => {
+                tracing::warn!("disk metrics unavailable: {e}");
+                None
+            }
+        };
+        let nets = match Networks::new_with_refreshed_list() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!("network metrics unavailable: {e}");
+                None
+            }
+        };
+        Collector {
+            sys,
+            disks,
+            nets,
+            thermal: thermal_zones(),
+            last_net: Instant::now(),
+            samples: 0,
+        }
+    }
+
+    /// The static inventory. `hostname` overrides the system hostname.
+    pub fn inventory(&self, hostname: Option<&str>) -> Inventory {
+        let cpus = self.sys.as_ref().map(|s| s.cpus()).unwrap_or_default();
+        let cores = if cpus.is_empty() {
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        } else {
+            cpus.len()
+        };
+        let cpu_model = cpus
+            .first()
+            .map(|c| {
+                if c.brand().trim().is_empty() {
+                    c.vendor_id().trim().to_string()
+                } else {
+                    c.brand().trim().to_string()
+                }
+            })
+            .unwrap_or_default();
+        let host = match hostname {
+            Some(h) => h.to_string(),
+            None => System::host_name().unwrap_or_else(|_| "unknown".into()),
+        };
+        Inventory {
+            hostname: bounded(&host),
+            os: bounded(&os_name()),
+            kernel: bounded(&System::kernel_version().unwrap_or_default()),
+            arch: bounded(std::env::consts::ARCH),
+            cpu_model: bounded(&cpu_model),
+            cores: u16::try_from(cores).unwrap_or(u16::MAX),
+            memory_total: self.sys.as_ref().map_or(0, |s| s.total_memory()),
+            device_model: bounded(&device_model()),
+            boot_id: bounded(read_trimmed("/proc/sys/kernel/random/boot_id").as_str()),
+        }
+    }
+
+    /// One metrics sample (`dropped` is left 0 for the caller to fill).
+    pub fn sample(&mut self) -> Metrics {
+        self.samples += 1;
+        let relist = self.samples % RELIST_EVERY == 0;
+        let mut m = Metrics {
+            cpu_total: 0,
+            cpu_per_core: HVec::new(),
+            load: [0; 3],
+            memory_used: 0,
+            memory_available: 0,
+            memory_total: 0,
+            swap_used: 0,
+            swap_total: 0,
+            disks: HVec::new(),
+            net: HVec::new(),
+            temperatures: HVec::new(),
+            uptime_s: System::uptime().unwrap_or(0),
+            processes: count_processes(),
+            dropped: 0,
+        };
+        if let Some(sys) = self.sys.as_mut() {
+            sys.refresh_cpu_usage();
+            sys.refresh_memory();
+            m.cpu_total = hundredths_pct(sys.global_cpu_usage());
+            for cpu in sys.cpus() {
+                if m.cpu_per_core.push(hundredths_pct(cpu.usage())).is_err() {
+                    break;
+                }
+            }
+            m.memory_total = sys.total_memory();
+            m.memory_available = sys.available_memory();
+            m.memory_used = sys.used_memory();
+            m.swap_total = sys.total_swap();
+            m.swap_used = sys.used_swap();
+        }
+        if let Ok(l) = System::load_average() {
+            m.load = [hundredths(l.one), hundredths(l.five), hundredths(l.fifteen)];
+        }
+        m.disks = self.disks();
+        m.net = self.net_rates();
+        if relist {
+            self.thermal = thermal_zones();
+            if let Some(d) = self.disks.as_mut() {
+                d.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
+            }
+        }
+        m.temperatures = read_temperatures(&self.thermal);
+        m
+    }
+
+    /// Current usage of the real filesystems (refreshes their storage).
+    pub fn disks(&mut self) -> HVec<Disk, MAX_DISKS> {
+        let Some(disks) = self.disks.as_mut() else {
+            return HVec::new();
+        };
+        let mut mounts = Vec::new();
+        for d in disks.iter_mut() {
+            let fs_type = d.file_system().to_string_lossy().into_owned();
+            if !is_real_fs(&fs_type) {
+                continue;
+            }
+            d.refresh_specifics(DiskRefreshKind::nothing().with_storage());
+            mounts.push(MountInfo {
+                device: d.name().to_string_lossy().into_owned(),
+                mount: d.mount_point().to_string_lossy().into_owned(),
+                fs_type,
+                total: d.total_space(),
+                available: d.available_space(),
+            });
+        }
+        select_disks(mounts)
+    }
+
+    fn net_rates(&mut self) -> HVec<NetRate, MAX_NETS> {
+        let Some(nets) = self.nets.as_mut() else {
+            return HVec::new();
+        };
+        nets.refresh(true);
+        let now = Instant::now();
+        let elapsed_ms = now.duration_since(self.last_net).as_millis().max(1) as u64;
+        self.last_net = now;
+        let list = nets
+            .iter()
+            .map(|(name, data)| {
+                (
+                    name.to_string_lossy().into_owned(),
+                    data.received(),
+                    data.transmitted(),
+                )
+            })
+            .collect();
+        select_nets(list, elapsed_ms)
+    }
+}
+
+impl Default for Collector {
+    fn default() -> Self {
+        Collector::new()
+    }
+}
+
+/// One mounted filesystem as sysinfo reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// Device (`/dev/mmcblk0p2`).
+    pub device: String,
+    /// Mount point.
+    pub mount: String,
+    /// Filesystem type.
+    pub fs_type: String,
+    /// Bytes total.
+    pub total: u64,
+    /// Bytes available.
+    pub available: u64,
+}
+
+/// Whether `fs_type` is real storage (not tmpfs, overlay, proc, FUSE, …).
+pub fn is_real_fs(fs_type: &str) -> bool {
+    !(PSEUDO_FS.contains(&fs_type) || fs_type.starts_with("fuse") || fs_type.is_empty())
+}
+
+/// Real filesystems, one per device (its shortest mount point, so `/` wins
+/// over bind mounts), the largest [`MAX_DISKS`] by size.
+pub fn select_disks(mounts: Vec<MountInfo>) -> HVec<Disk, MAX_DISKS> {
+    let mut by_device: Vec<MountInfo> = Vec::new();
+    for m in mounts {
+        if !is_real_fs(&m.fs_type) || m.total == 0 {
+            continue;
+        }
+        match by_device.iter_mut().find(|d| d.device == m.device) {
+            Some(d) => {
+                if m.mount.len() < d.mount.len() {
+                    *d = m;
+                }
+            }
+            None => by_device.push(m),
+        }
+    }
+    by_device.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.mount.cmp(&b.mount)));
+    let mut out = HVec::new();
+    for m in by_device {
+        let disk = Disk {
+            mount: bounded(&m.mount),
+            used: m.total.saturating_sub(m.available),
+            total: m.total,
+        };
+        if out.push(disk).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+/// Interfaces other than `lo`, physical-looking names first, with byte
+/// deltas turned into per-second rates over `elapsed_ms`.
+pub fn select_nets(mut list: Vec<(String, u64, u64)>, elapsed_ms: u64) -> HVec<NetRate, MAX_NETS> {
+    list.retain(|(name, _, _)| name != "lo");
+    let is_virtual = |n: &str| {
+        [
+            "veth", "docker", "br-", "virbr", "cni", "flannel", "cali", "tun", "tap",
+        ]
+        .iter()
+        .any(|p| n.starts_with(p))
+    };
+    list.sort_by(|a, b| {
+        is_virtual(&a.0)
+            .cmp(&is_virtual(&b.0))
+            .then_with(|| a.0.cmp(&b.0))
+    });
+    let per_s = |bytes: u64| bytes.saturating_mul(1000) / elapsed_ms.max(1);
+    let mut out = HVec::new();
+    for (name, rx, tx) in list {
+        let rate = NetRate {
+            name: bounded(&name),
+            rx_bps: per_s(rx),
+            tx_bps: per_s(tx),
+        };
+        if out.push(rate).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+fn hundredths_pct(pct: f32) -> u16 {
+    if pct.is_finite() {
+        (pct * 100.0).round().clamp(0.0, 10_000.0) as u16
+    } else {
+        0
+    }
+}
+
+fn hundredths(v: f64) -> u32 {
+    if v.is_finite() {
+        (v * 100.0).round().clamp(0.0, u32::MAX as f64) as u32
+    } else {
+        0
+    }
+}
+
+/// Number of processes: the numeric directories in `/proc`.
+pub fn count_processes() -> u32 {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let n = dir
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let b = name.as_encoded_bytes();
+            !b.is_empty() && b.iter().all(u8::is_ascii_digit)
+        })
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn thermal_zones() -> Vec<(Name, PathBuf)> {
+    let Ok(dir) = fs::read_dir("/sys/class/thermal") else {
+        return Vec::new();
+    };
+    let mut zones: Vec<(u32, Name, PathBuf)> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u32 = name.strip_prefix("thermal_zone")?.parse().ok()?;
+            let path = e.path();
+            let kind = read_trimmed(path.join("type"));
+            let kind = if kind.is_empty() { name } else { kind };
+            Some((n, bounded(&kind), path.join("temp")))
+        })
+        .collect();
+    zones.sort_by_key(|z| z.0);
+    zones.into_iter().map(|(_, n, p)| (n, p)).collect()
+}
+
+fn read_temperatures(zones: &[(Name, PathBuf)]) -> HVec<Temperature, MAX_TEMPS> {
+    let mut out = HVec::new();
+    for (name, path) in zones {
+        let Ok(millicelsius) = read_trimmed(path).parse::<i32>() else {
+            continue;
+        };
+        let t = Temperature {
+            name: name.clone(),
+            millicelsius,
+        };
+        if out.push(t).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+fn read_trimmed(path: impl AsRef<std::path::Path>) -> String {
+    fs::read(path)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn device_model() -> String {
+    for p in ["/proc/device-tree/model", "/sys/class/dmi/id/product_name"] {
+        let m = read_trimmed(p);
+        if !m.is_empty() {
+            return m;
+        }
+    }
+    String::new()
+}
+
+/// `PRETTY_NAME` from os-release, else sysinfo's long OS version.
+fn os_name() -> String {
+    for p in ["/etc/os-release", "/usr/lib/os-release"] {
+        if let Ok(text) = fs::read_to_string(p) {
+            if let Some(v) = text.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=")) {
+                let v = v.trim().trim_matches('"').trim_matches('\'');
+                if !v.is_empty() {
+                    return v.to_string();
+                }
+            }
+        }
+    }
+    System::long_os_version().unwrap_or_else(|_| "Linux".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{Body, Envelope, Secret};
+
+    fn mount(device: &str, mount: &str, fs: &str, total: u64) -> MountInfo {
+        MountInfo {
+            device: device.into(),
+            mount: mount.into(),
+            fs_type: fs.into(),
+            total,
+            available: total / 4,
+        }
+    }
+
+    #[test]
+    fn disks_skip_pseudo_dedupe_by_device_keep_largest() {
+        let mut mounts = vec![
+            mount("/dev/mmcblk0p2", "/etc/hosts", "ext4", 100),
+            mount("/dev/mmcblk0p2", "/", "ext4", 100),
+            mount("/dev/mmcblk0p1", "/boot/firmware", "vfat", 10),
+            mount("tmpfs", "/run", "tmpfs", 1000),
+            mount("overlay", "/", "overlay", 1000),
+            mount("proc", "/proc", "proc", 0),
+            mount("sshfs", "/mnt/x", "fuse.sshfs", 5000),
+            mount("/dev/sda1", "/empty", "ext4", 0),
+        ];
+        for i in 0..20 {
+            mounts.push(mount(
+                &format!("/dev/sd{i}"),
+                &format!("/mnt/{i}"),
+                "xfs",
+                200 + i,
+            ));
+        }
+        let disks = select_disks(mounts);
+        assert_eq!(disks.len(), MAX_DISKS);
+        assert_eq!(disks[0].total, 219, "largest first");
+        assert!(disks.iter().all(|d| d.total >= 200));
+
+        let few = select_disks(vec![
+            mount("/dev/mmcblk0p2", "/etc/hosts", "ext4", 100),
+            mount("/dev/mmcblk0p2", "/", "ext4", 100),
+            mount("/dev/mmcblk0p1", "/boot/firmware", "vfat", 10),
+            mount("tmpfs", "/run", "tmpfs", 1000),
+        ]);
+        let mounts: Vec<&str> = few.iter().map(|d| d.mount.as_str()).collect();
+        assert_eq!(mounts, vec!["/", "/boot/firmware"]);
+        assert_eq!(few[0].used, 75);
+    }
+
+    #[test]
+    fn nets_skip_lo_prefer_physical_and_compute_rates() {
+        let mut list = vec![
+            ("lo".to_string(), 1_000, 1_000),
+            ("veth123".to_string(), 10, 10),
+            ("wlan0".to_string(), 2_000, 0),
+            ("eth0".to_string(), 10_000, 5_000),
+        ];
+        for i in 0..10 {
+            list.push((format!("veth{i}"), 1, 1));
+        }
+        let nets = select_nets(list, 2_000);
+        assert_eq!(nets.len(), MAX_NETS);
+        assert_eq!(nets[0].name.as_str(), "eth0");
+        assert_eq!(nets[0].rx_bps, 5_000);
+        assert_eq!(nets[0].tx_bps, 2_500);
+        assert_eq!(nets[1].name.as_str(), "wlan0");
+        assert!(nets.iter().all(|n| n.name.as_str() != "lo"));
+    }
+
+    #[test]
+    fn percent_conversions_clamp() {
+        assert_eq!(hundredths_pct(12.345), 1235);
+        assert_eq!(hundredths_pct(250.0), 10_000);
+        assert_eq!(hundredths_pct(-1.0), 0);
+        assert_eq!(hundredths_pct(f32::NAN), 0);
+        assert_eq!(hundredths(0.5), 50);
+        assert_eq!(hundredths(f64::INFINITY), 0);
+    }
+
+    #[test]
+    fn collect_produces_plausible_metrics_on_this_box() {
+        let mut c = Collector::new();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let m = c.sample();
+        assert!(!m.cpu_per_core.is_empty(), "cores > 0");
+        assert!(m.memory_total > 0);
+        assert!(m.memory_available <= m.memory_total);
+        assert!(m.memory_used <= m.memory_total);
+        assert!(m.uptime_s > 0);
+        assert!(m.processes > 0);
+        assert!(m.cpu_total <= 10_000);
+        assert!(m.net.iter().all(|n| n.name.as_str() != "lo"));
+
+        // Where /proc/mounts lists a block-device filesystem, it is reported.
+        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let has_real = mounts.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2
+                && f[0].starts_with("/dev/")
+                && is_real_fs(f[2])
+                && !f[1].starts_with("/proc")
+        });
+        if has_real {
+            assert!(!c.disks().is_empty(), "disks from {mounts}");
+        }
+
+        let inv = c.inventory(Some("pi-test"));
+        assert_eq!(inv.hostname.as_str(), "pi-test");
+        assert!(inv.cores > 0);
+        assert!(inv.memory_total > 0);
+        assert_eq!(inv.arch.as_str(), std::env::consts::ARCH);
+        assert!(!inv.kernel.is_empty());
+        assert_eq!(inv.boot_id.len(), 36, "boot id {:?}", inv.boot_id);
+        let birth = inv.birth(&m.disks, &[("site".into(), "lab".into())], 10_000);
+        assert_eq!(birth.labels.len(), 1);
+
+        let secret = Secret::from_bytes([3; 32]);
+        for body in [Body::Metrics(m), Body::Birth(birth)] {
+            let env = Envelope {
+                version: protocol::FORMAT_VERSION,
+                worker_id: bounded("w-1"),
+                seq: 1,
+                sent_at_ms: 0,
+                body,
+            };
+            let bytes = protocol::seal(&secret, &env).unwrap();
+            assert!(bytes.len() <= protocol::MAX_FRAME_LEN);
+        }
+        // Repeated samples keep working (and cross a relist).
+        for _ in 0..RELIST_EVERY {
+            let m = c.sample();
+            assert!(m.memory_total > 0);
+        }
+    }
+
+    #[test]
+    fn birth_truncates_labels_at_capacity() {
+        let inv = Collector::new().inventory(None);
+        let labels: Vec<(String, String)> = (0..40)
+            .map(|i| (format!("k{i}"), "v".repeat(500)))
+            .collect();
+        let b = inv.birth(&HVec::new(), &labels, 1);
+        assert_eq!(b.labels.len(), protocol::frame::MAX_LABELS);
+        assert_eq!(b.labels[0].value.len(), 64);
+    }
+}

@@ -1,0 +1,382 @@
+//! The aerekos edge-worker: a small agent for each Raspberry Pi.
+//!
+//! It enrols once over HTTP ([`enroll`]), keeps its identity in a state dir
+//! ([`state`]), samples hardware metrics ([`collect`]) and streams sealed
+//! frames to the conductor over MQTT ([`session`]) through a bounded,
+//! persisted store-and-forward queue ([`outbox`]).
+//!
+//! [`run`] is the whole agent; the `edge-worker` binary is a thin CLI around
+//! it ([`cli`]), and the conductor embeds it for `--local-worker`.
+//!
+//! Footprint rules: one `current_thread` runtime, blocking work (HTTP,
+//! sysinfo) on `spawn_blocking`, no C dependencies, no regex. Writes to the
+//! state dir are batched (see [`state`] and [`outbox`]) to spare SD cards.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+pub mod backoff;
+pub mod cli;
+pub mod collect;
+pub mod enroll;
+pub mod outbox;
+pub mod session;
+pub mod state;
+
+pub use enroll::EnrollError;
+pub use outbox::OutboxError;
+pub use state::StateError;
+
+/// Default metrics interval.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default outbox capacity: 2 h of metrics at the default interval.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 720;
+/// Default time queued frames may wait before they are written to disk.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How to run a worker. [`WorkerConfig::new`] gives the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Conductor base URL (`http://host:3000`); required for the first enrolment.
+    pub conductor_url: Option<String>,
+    /// Registration token; required only when no identity is stored. Given
+    /// with a stored identity, the worker re-enrols (same id, fresh MQTT login).
+    pub token: Option<String>,
+    /// Where `state.json` and `outbox.bin` live.
+    pub state_dir: PathBuf,
+    /// Metrics interval; at least [`session::MIN_INTERVAL`] (smaller is raised).
+    pub interval: Duration,
+    /// `key=value` labels sent at enrolment and in the birth frame.
+    pub labels: Vec<(String, String)>,
+    /// Outbox capacity in frames (≥ 1); the oldest are dropped beyond it.
+    pub queue_capacity: usize,
+    /// How long queued, un-acknowledged frames may wait before being written
+    /// to `outbox.bin`.
+    pub flush_interval: Duration,
+    /// Hostname override (several workers on one host in tests).
+    pub hostname: Option<String>,
+    /// Override of `/etc/machine-id`.
+    pub machine_id: Option<String>,
+    /// Override of the broker URL the conductor returned.
+    pub mqtt_url: Option<String>,
+}
+
+impl WorkerConfig {
+    /// Defaults (10 s interval, 720 frames, 30 s flush) for `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> WorkerConfig {
+        WorkerConfig {
+            conductor_url: None,
+            token: None,
+            state_dir: state_dir.into(),
+            interval: DEFAULT_INTERVAL,
+            labels: Vec::new(),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            hostname: None,
+            machine_id: None,
+            mqtt_url: None,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    /// The defaults with the state dir `./aerekos-worker`.
+    fn default() -> Self {
+        WorkerConfig::new("aerekos-worker")
+    }
+}
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration cannot work (missing token on first run, bad URL, …).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The state dir could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Enrolment failed for good (bad token, revoked, rejected request).
+    #[error("enrolment failed: {0}")]
+    Enroll(#[from] EnrollError),
+    /// A background task died.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the worker until `shutdown` completes (then sends `offline`,
+/// persists queued frames and returns `Ok`). Errors only for conditions a
+/// retry cannot fix: bad configuration, unusable state dir, refused
+/// enrolment. A conductor or broker that is down is waited for.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    tokio::pin!(shutdown);
+    let mut config = config;
+    if config.interval < session::MIN_INTERVAL {
+        tracing::warn!(
+            "interval {:?} raised to the minimum {:?}",
+            config.interval,
+            session::MIN_INTERVAL
+        );
+        config.interval = session::MIN_INTERVAL;
+    }
+    if config.queue_capacity == 0 {
+        return Err(WorkerError::Config(
+            "queue capacity must be at least 1".into(),
+        ));
+    }
+    let covered = config.interval.saturating_mul(config.queue_capacity as u32);
+    if covered < Duration::from_secs(3600) {
+        tracing::warn!(
+            "the outbox holds only {} min of metrics ({} frames at {:?}); an outage longer than that loses the oldest",
+            covered.as_secs() / 60,
+            config.queue_capacity,
+            config.interval
+        );
+    }
+    let labels = config.labels.clone();
+    if labels.len() > protocol::frame::MAX_LABELS {
+        tracing::warn!(
+            "only the first {} of {} labels are sent",
+            protocol::frame::MAX_LABELS,
+            labels.len()
+        );
+    }
+
+    state::ensure_dir(&config.state_dir)?;
+    let stored = state::load(&config.state_dir)?;
+
+    // Sysinfo setup reads /proc and /sys: off the runtime thread.
+    let hostname = config.hostname.clone();
+    let (collector, inventory, disks) = tokio::task::spawn_blocking(move || {
+        let mut c = collect::Collector::new();
+        let inv = c.inventory(hostname.as_deref());
+        let disks = c.disks();
+        (c, inv, disks)
+    })
+    .await
+    .map_err(|e| WorkerError::Task(e.to_string()))?;
+
+    let state = match (stored, config.token.clone()) {
+        (Some(s), None) => s,
+        (stored, Some(token)) => {
+            let Some(url) = config
+                .conductor_url
+                .clone()
+                .or_else(|| stored.as_ref().map(|s| s.conductor_url.clone()))
+            else {
+                return Err(WorkerError::Config(
+                    "--conductor is required to enrol".into(),
+                ));
+            };
+            let machine_id = state::machine_id(config.machine_id.as_deref(), &config.state_dir)?;
+            let interval_ms = u32::try_from(config.interval.as_millis()).unwrap_or(u32::MAX);
+            let (worker_id, proof) = match &stored {
+                Some(s) => {
+                    let secret = s.secret().map_err(|e| StateError::Corrupt {
+                        path: config.state_dir.join(state::STATE_FILE),
+                        reason: e.to_string(),
+                    })?;
+                    (
+                        Some(s.worker_id.clone()),
+                        Some(protocol::reenroll_proof(&secret, &s.worker_id)),
+                    )
+                }
+                None => (None, None),
+            };
+            let request = enroll::EnrollRequest {
+                token,
+                hostname: inventory.hostname.to_string(),
+                machine_id,
+                labels: labels.iter().cloned().collect(),
+                inventory: inventory.birth(&disks, &labels, interval_ms),
+                worker_id,
+                proof,
+            };
+            let span = tracing::info_span!("enrol", conductor = %url);
+            let Some(resp) = enroll_with_retry(&url, request, shutdown.as_mut())
+                .instrument(span)
+                .await?
+            else {
+                return Ok(());
+            };
+            if let Some(ms) = resp.interval_ms {
+                if u128::from(ms) != config.interval.as_millis() {
+                    tracing::info!(
+                        "the conductor suggests a {ms} ms interval; using the configured {} ms",
+                        config.interval.as_millis()
+                    );
+                }
+            }
+            let new = match stored {
+                Some(old) => {
+                    let same_id = old.worker_id == resp.worker_id;
+                    state::State {
+                        worker_id: resp.worker_id,
+                        secret: resp.secret,
+                        conductor_url: url,
+                        mqtt_url: resp.mqtt_url,
+                        mqtt_username: resp.mqtt_username,
+                        mqtt_password: resp.mqtt_password,
+                        // Seqs only ever grow, whatever the id.
+                        seq_reserved: old.seq_reserved,
+                        cmd_highest: if same_id { old.cmd_highest } else { 0 },
+                        cmd_bitmap: if same_id { old.cmd_bitmap } else { 0 },
+                    }
+                }
+                None => state::State {
+                    worker_id: resp.worker_id,
+                    secret: resp.secret,
+                    conductor_url: url,
+                    mqtt_url: resp.mqtt_url,
+                    mqtt_username: resp.mqtt_username,
+                    mqtt_password: resp.mqtt_password,
+                    seq_reserved: 1,
+                    cmd_highest: 0,
+                    cmd_bitmap: 0,
+                },
+            };
+            state::save(&config.state_dir, &new)?;
+            tracing::info!(worker_id = %new.worker_id, "enrolled");
+            new
+        }
+        (None, None) => {
+            return Err(WorkerError::Config(format!(
+                "no identity in {}: a registration token (--token) and the conductor URL \
+                 (--conductor) are required for the first enrolment",
+                config.state_dir.display()
+            )))
+        }
+    };
+
+    let secret = state.secret().map_err(|e| StateError::Corrupt {
+        path: config.state_dir.join(state::STATE_FILE),
+        reason: e.to_string(),
+    })?;
+    let worker_id = state.worker_id.clone();
+    let mqtt_url = config
+        .mqtt_url
+        .clone()
+        .unwrap_or_else(|| state.mqtt_url.clone());
+    let (outbox, report) = outbox::Outbox::load(
+        &config.state_dir,
+        config.queue_capacity,
+        &worker_id,
+        &secret,
+    );
+    if report.loaded > 0 {
+        tracing::info!(
+            frames = report.loaded,
+            "restored queued frames from the outbox file"
+        );
+    }
+    if let Some(problem) = &report.problem {
+        tracing::warn!(
+            skipped_bytes = report.skipped_bytes,
+            "outbox file partly unusable ({problem}); kept {} frames",
+            report.loaded
+        );
+    }
+    let mut store = state::StateStore::new(config.state_dir.clone(), state);
+    if let Some(last) = outbox.last_seq() {
+        store.ensure_above(last);
+    }
+    let params = session::SessionParams {
+        store,
+        secret,
+        mqtt_url,
+        outbox,
+        inventory,
+        disks,
+        collector,
+        labels,
+        interval: config.interval,
+        flush_interval: config.flush_interval,
+    };
+    let span = tracing::info_span!("worker", id = %worker_id);
+    session::run(params, shutdown.as_mut())
+        .instrument(span)
+        .await
+}
+
+/// Enrols, retrying what can be retried (conductor down, 5xx, 429) with
+/// backoff 1 s → 60 s plus jitter. `Ok(None)` if `shutdown` fired first.
+async fn enroll_with_retry(
+    url: &str,
+    request: enroll::EnrollRequest,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<enroll::EnrollResponse>, WorkerError> {
+    let mut backoff = backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        let (u, r) = (url.to_string(), request.clone());
+        let call = tokio::task::spawn_blocking(move || enroll::enroll_once(&u, &r));
+        let result = tokio::select! {
+            () = &mut shutdown => return Ok(None),
+            r = call => r.map_err(|e| WorkerError::Task(e.to_string()))?,
+        };
+        let err = match result {
+            Ok(resp) => return Ok(Some(resp)),
+            Err(e) if e.is_retryable() => e,
+            // Logged by the caller (main.rs prints the error).
+            Err(e) => return Err(e.into()),
+        };
+        let delay = backoff.next_delay();
+        if attempt == 1 || matches!(err, EnrollError::RateLimited) {
+            tracing::warn!("enrolment failed: {err}; retrying in {delay:?}");
+        } else {
+            tracing::info!(attempt, "enrolment failed: {err}; retrying in {delay:?}");
+        }
+        tokio::select! {
+            () = &mut shutdown => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let fut = run(WorkerConfig::new("/nonexistent"), async {});
+        assert_send(&fut);
+    }
+
+    #[tokio::test]
+    async fn first_run_without_token_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(WorkerConfig::new(dir.path()), async {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WorkerError::Config(_)), "{err}");
+        assert!(err.to_string().contains("--token"));
+    }
+
+    #[tokio::test]
+    async fn shutdown_while_waiting_for_the_conductor_returns_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cfg = WorkerConfig::new(dir.path());
+        cfg.conductor_url = Some(format!("http://127.0.0.1:{port}"));
+        cfg.token = Some("t".into());
+        cfg.machine_id = Some("m".into());
+        let res = run(cfg, tokio::time::sleep(Duration::from_millis(1500))).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert!(
+            state::load(dir.path()).unwrap().is_none(),
+            "no identity stored"
+        );
+    }
+}

@@ -1,0 +1,724 @@
+//! The MQTT session: connect with backoff, publish the outbox in seq order,
+//! handle acks and commands, sample metrics, shut down cleanly.
+//!
+//! Everything runs on one task. The rumqttc `EventLoop` is moved into a
+//! boxed future that is polled to completion and rebuilt after every event,
+//! so its `poll()` is never cancelled half-way (a connect attempt slower
+//! than the metrics tick would otherwise restart forever), and a connection
+//! error is handled before any further publish is handed to the client.
+//!
+//! Delivery: frames leave the [`Outbox`] front in seq order, QoS 1, at most
+//! [`WINDOW`] in flight. rumqttc reports `Outgoing::Publish(pkid)` in the
+//! order publishes were handed to it, which maps each pkid to a seq; a
+//! frame is removed only when the PubAck for its pkid arrives. The session
+//! is clean, and rumqttc drops its own un-acked publishes on a reconnect
+//! without a session, so after every ConnAck everything queued is published
+//! again from the front (at-least-once; the conductor's replay window drops
+//! duplicates).
+//!
+//! Limits: [`WINDOW`] frames in flight; keep-alive `max(5 s, 2 × interval)`
+//! capped at 30 s; reconnect backoff 0.5 s doubling to 30 s with jitter,
+//! reset after [`STABLE_AFTER`] connected; a refused login is logged once
+//! and retried at the cap. Metrics sampling runs on a blocking thread and
+//! is skipped for a tick if the previous sample is still running.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use heapless::Vec as HVec;
+use protocol::frame::{bounded, Disk, MAX_DISKS};
+use protocol::{
+    Action, Body, BodyKind, Envelope, Event as WorkerEvent, EventKind, Metrics, ReplayWindow,
+    Reply, ReplyStatus, Secret, SeqVerdict, TopicKind, FORMAT_VERSION, MAX_FRAME_LEN,
+};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
+    Outgoing, Packet, QoS, SubscribeReasonCode,
+};
+use tokio::task::JoinHandle;
+
+use crate::backoff::Backoff;
+use crate::collect::{Collector, Inventory};
+use crate::outbox::{Frame, Outbox};
+use crate::state::StateStore;
+use crate::WorkerError;
+
+/// Most frames published and not yet acknowledged.
+pub const WINDOW: usize = 10;
+/// A connection that lasted this long resets the reconnect backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// Smallest metrics interval accepted (flag or `SetInterval` command).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a clean shutdown waits for queued frames to be acknowledged.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+const RECONNECT_BASE: Duration = Duration::from_millis(500);
+const RECONNECT_CAP: Duration = Duration::from_secs(30);
+
+/// Parses `mqtt://host:port`, `tcp://host:port` or `host:port` (port
+/// defaults to 1883). `None` for other schemes (no TLS in the agent).
+pub fn parse_mqtt_url(url: &str) -> Option<(String, u16)> {
+    let rest = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => rest,
+        Some(_) => return None,
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => 1883,
+            None => return None,
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().ok()?),
+            None => (rest.to_string(), 1883),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// Keep-alive for a metrics interval: `max(5 s, 2 × interval)`, at most 30 s.
+pub fn keep_alive(interval: Duration) -> Duration {
+    (interval * 2)
+        .max(Duration::from_secs(5))
+        .min(Duration::from_secs(30))
+}
+
+/// Everything the session needs, prepared by [`crate::run`].
+pub(crate) struct SessionParams {
+    pub store: StateStore,
+    pub secret: Secret,
+    pub mqtt_url: String,
+    pub outbox: Outbox,
+    pub inventory: Inventory,
+    pub disks: HVec<Disk, MAX_DISKS>,
+    pub collector: Collector,
+    pub labels: Vec<(String, String)>,
+    pub interval: Duration,
+    pub flush_interval: Duration,
+}
+
+struct Topics {
+    status: String,
+    cmd: String,
+    birth: String,
+    metrics: String,
+    events: String,
+    reply: String,
+}
+
+impl Topics {
+    fn new(id: &str) -> Topics {
+        let t = |k| protocol::topic::topic(id, k);
+        Topics {
+            status: t(TopicKind::Status),
+            cmd: t(TopicKind::Cmd),
+            birth: t(TopicKind::Birth),
+            metrics: t(TopicKind::Metrics),
+            events: t(TopicKind::Events),
+            reply: t(TopicKind::Reply),
+        }
+    }
+
+    fn for_kind(&self, kind: BodyKind) -> Option<&str> {
+        match kind {
+            BodyKind::Birth => Some(&self.birth),
+            BodyKind::Metrics => Some(&self.metrics),
+            BodyKind::Event => Some(&self.events),
+            BodyKind::Reply => Some(&self.reply),
+            BodyKind::Command => None,
+        }
+    }
+}
+
+type PollFuture = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
+
+/// Polls the event loop once, after `delay`; the future owns the loop and
+/// hands it back, so it is never dropped mid-poll.
+fn poll_after(mut eventloop: EventLoop, delay: Duration) -> PollFuture {
+    Box::pin(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let result = eventloop.poll().await;
+        (eventloop, result)
+    })
+}
+
+type SampleTask = JoinHandle<(Collector, Metrics)>;
+
+async fn join_sample(
+    task: &mut Option<SampleTask>,
+) -> Result<(Collector, Metrics), tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn ticker(interval: Duration) -> tokio::time::Interval {
+    // The first sample comes after at most a second (CPU usage needs two
+    // readings), so a fresh worker shows live data at once; then every interval.
+    let first = interval.min(Duration::from_secs(1));
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + first, interval);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A QoS 1 publish handed to the client: an outbox frame or a status text.
+type Handed = Option<u64>;
+
+struct Session {
+    id: String,
+    secret: Secret,
+    store: StateStore,
+    outbox: Outbox,
+    cmd_window: ReplayWindow,
+    client: AsyncClient,
+    topics: Topics,
+    mqtt_url: String,
+    inventory: Inventory,
+    last_disks: HVec<Disk, MAX_DISKS>,
+    labels: Vec<(String, String)>,
+    interval: Duration,
+    /// Set by `SetInterval`; the run loop rebuilds its ticker.
+    interval_changed: bool,
+    flush_interval: Duration,
+    /// `Some(since)` while connected.
+    connected_at: Option<Instant>,
+    /// Publishes handed to the client whose `Outgoing::Publish(pkid)` has
+    /// not been seen yet, in hand-over order.
+    handed: VecDeque<Handed>,
+    /// pkid → publish, for publishes written to the broker, awaiting PubAck.
+    pkids: HashMap<u16, Handed>,
+    backoff: Backoff,
+    /// Failed connection attempts since the last ConnAck.
+    failed_attempts: u32,
+    /// A refused login was logged (once per run of refusals).
+    auth_error_logged: bool,
+    /// Frames dropped by overflow since the connection last dropped.
+    outage_dropped: u64,
+    /// The overflow event for the current outage (the time since the
+    /// connection last dropped) was queued.
+    overflow_reported: bool,
+    /// Command frames refused (bad tag, replay, …) since start.
+    commands_rejected: u64,
+}
+
+/// Runs the session until `shutdown` completes; then sends `offline`,
+/// persists the outbox and disconnects.
+pub(crate) async fn run(
+    p: SessionParams,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), WorkerError> {
+    let id = p.store.state().worker_id.clone();
+    let (host, port) = parse_mqtt_url(&p.mqtt_url)
+        .ok_or_else(|| WorkerError::Config(format!("unusable MQTT URL {:?}", p.mqtt_url)))?;
+    let topics = Topics::new(&id);
+    let mut opts = MqttOptions::new(id.clone(), host, port);
+    opts.set_keep_alive(keep_alive(p.interval))
+        .set_clean_session(true)
+        .set_inflight(2 * WINDOW as u16)
+        .set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024)
+        .set_last_will(LastWill::new(
+            topics.status.clone(),
+            protocol::topic::STATUS_OFFLINE,
+            QoS::AtLeastOnce,
+            true,
+        ));
+    let st = p.store.state();
+    if !st.mqtt_username.is_empty() {
+        opts.set_credentials(st.mqtt_username.clone(), st.mqtt_password.clone());
+    }
+    let (client, eventloop) = AsyncClient::new(opts, 4 * WINDOW);
+    let cmd_window = st.cmd_window();
+
+    let mut s = Session {
+        id,
+        secret: p.secret,
+        store: p.store,
+        outbox: p.outbox,
+        cmd_window,
+        client,
+        topics,
+        mqtt_url: p.mqtt_url,
+        inventory: p.inventory,
+        last_disks: p.disks,
+        labels: p.labels,
+        interval: p.interval,
+        interval_changed: false,
+        flush_interval: p.flush_interval,
+        connected_at: None,
+        handed: VecDeque::new(),
+        pkids: HashMap::new(),
+        backoff: Backoff::new(RECONNECT_BASE, RECONNECT_CAP),
+        failed_attempts: 0,
+        auth_error_logged: false,
+        outage_dropped: 0,
+        overflow_reported: false,
+        commands_rejected: 0,
+    };
+    tracing::info!(
+        broker = %s.mqtt_url,
+        interval_ms = s.interval.as_millis() as u64,
+        queued = s.outbox.len(),
+        "starting"
+    );
+    s.enqueue(Body::Event(WorkerEvent {
+        kind: EventKind::AgentStarted,
+        detail: bounded(concat!(
+            "edge-worker ",
+            env!("CARGO_PKG_VERSION"),
+            " started"
+        )),
+    }));
+
+    let mut poll = poll_after(eventloop, Duration::ZERO);
+    let mut tick = ticker(s.interval);
+    let mut collector = Some(p.collector);
+    let mut sample: Option<SampleTask> = None;
+    loop {
+        let flush_at = s.outbox.flush_due(s.flush_interval);
+        let flush_sleep = tokio::time::sleep_until(
+            flush_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+        );
+        tokio::select! {
+            () = &mut shutdown => break,
+            (eventloop, result) = &mut poll => {
+                let delay = s.on_poll(result);
+                poll = poll_after(eventloop, delay);
+            }
+            _ = tick.tick() => {
+                if sample.is_none() {
+                    let c = collector.take();
+                    sample = Some(tokio::task::spawn_blocking(move || {
+                        let mut c = c.unwrap_or_default();
+                        let m = c.sample();
+                        (c, m)
+                    }));
+                } else {
+                    tracing::debug!("previous sample still running; tick skipped");
+                }
+            }
+            result = join_sample(&mut sample) => {
+                sample = None;
+                match result {
+                    Ok((c, m)) => {
+                        collector = Some(c);
+                        s.on_metrics(m);
+                    }
+                    // The collector is rebuilt on the next tick.
+                    Err(e) => tracing::error!("metrics sample failed: {e}"),
+                }
+            }
+            () = flush_sleep, if flush_at.is_some() => s.persist_outbox(),
+        }
+        if s.interval_changed {
+            s.interval_changed = false;
+            tick = ticker(s.interval);
+        }
+        s.pump();
+        if s.outbox.is_empty() && s.outbox.file_has_frames() {
+            s.persist_outbox();
+        }
+    }
+
+    s.shutdown(poll).await;
+    if let Some(task) = sample {
+        task.abort();
+    }
+    Ok(())
+}
+
+impl Session {
+    /// Seals `body` with the next seq and queues it.
+    fn enqueue(&mut self, body: Body) {
+        let kind = body.kind();
+        let seq = self.store.next_seq();
+        let env = Envelope {
+            version: FORMAT_VERSION,
+            worker_id: bounded(&self.id),
+            seq,
+            sent_at_ms: now_ms(),
+            body,
+        };
+        match protocol::seal(&self.secret, &env) {
+            Ok(bytes) => {
+                let dropped = self.outbox.push(Frame { seq, kind, bytes }, Instant::now());
+                if dropped > 0 {
+                    self.on_overflow(dropped as u64);
+                }
+            }
+            // Cannot happen with the bounded frame types (protocol tests).
+            Err(e) => tracing::error!(seq, "cannot seal a {kind:?} frame: {e}"),
+        }
+    }
+
+    fn enqueue_birth(&mut self) {
+        let interval_ms = u32::try_from(self.interval.as_millis()).unwrap_or(u32::MAX);
+        let birth = self
+            .inventory
+            .birth(&self.last_disks, &self.labels, interval_ms);
+        self.enqueue(Body::Birth(birth));
+    }
+
+    fn on_overflow(&mut self, dropped: u64) {
+        if self.outage_dropped == 0 {
+            tracing::warn!(
+                capacity = self.outbox.capacity(),
+                "outbox full: dropping the oldest frames until the broker is reachable"
+            );
+        }
+        self.outage_dropped += dropped;
+        if self.connected_at.is_some() && !self.overflow_reported {
+            self.report_overflow();
+        }
+    }
+
+    fn report_overflow(&mut self) {
+        self.overflow_reported = true;
+        let detail = format!(
+            "dropped {} oldest frames (queue capacity {})",
+            self.outage_dropped,
+            self.outbox.capacity()
+        );
+        self.enqueue(Body::Event(WorkerEvent {
+            kind: EventKind::QueueOverflow,
+            detail: bounded(&detail),
+        }));
+    }
+
+    fn on_metrics(&mut self, mut m: Metrics) {
+        m.dropped = u32::try_from(self.outbox.take_dropped()).unwrap_or(u32::MAX);
+        self.last_disks = m.disks.clone();
+        self.enqueue(Body::Metrics(m));
+    }
+
+    /// Handles one event-loop result; returns how long to wait before the
+    /// next poll (non-zero only after a connection error).
+    fn on_poll(&mut self, result: Result<Event, ConnectionError>) -> Duration {
+        match result {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connected(),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(Some(seq)) = self.pkids.remove(&ack.pkid) {
+                    self.outbox.ack(seq);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if p.topic == self.topics.cmd {
+                    self.on_command(&p.payload);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                    tracing::error!(
+                        topic = %self.topics.cmd,
+                        "the broker refused the command subscription; commands will not arrive"
+                    );
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(h) = self.handed.pop_front() {
+                    self.pkids.insert(pkid, h);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return self.on_disconnected(e),
+        }
+        Duration::ZERO
+    }
+
+    fn on_connected(&mut self) {
+        if self.auth_error_logged {
+            tracing::info!("the broker accepted the MQTT login again");
+        }
+        self.auth_error_logged = false;
+        tracing::info!(
+            broker = %self.mqtt_url,
+            queued = self.outbox.len(),
+            attempts = self.failed_attempts + 1,
+            "connected"
+        );
+        self.failed_attempts = 0;
+        self.connected_at = Some(Instant::now());
+        self.handed.clear();
+        self.pkids.clear();
+        self.outbox.reset_in_flight();
+        match self.client.try_publish(
+            self.topics.status.clone(),
+            QoS::AtLeastOnce,
+            true,
+            protocol::topic::STATUS_ONLINE,
+        ) {
+            Ok(()) => self.handed.push_back(None),
+            Err(e) => tracing::warn!("cannot publish the online status: {e}"),
+        }
+        if let Err(e) = self
+            .client
+            .try_subscribe(self.topics.cmd.clone(), QoS::AtLeastOnce)
+        {
+            tracing::warn!("cannot subscribe to commands: {e}");
+        }
+        // One event per outage: the drops of the outage that just ended
+        // (and of the burst right after it) are reported once.
+        if self.outage_dropped > 0 && !self.overflow_reported {
+            self.report_overflow();
+        }
+        self.enqueue_birth();
+    }
+
+    fn on_disconnected(&mut self, e: ConnectionError) -> Duration {
+        let was_connected = self.connected_at.take();
+        self.handed.clear();
+        self.pkids.clear();
+        self.outbox.reset_in_flight();
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+        if let ConnectionError::ConnectionRefused(
+            code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
+        ) = &e
+        {
+            if !self.auth_error_logged {
+                self.auth_error_logged = true;
+                tracing::error!(
+                    broker = %self.mqtt_url,
+                    "the broker refused the MQTT login ({code:?}): the worker may have been \
+                     revoked, or its credentials are stale (restart with --token to re-enrol); \
+                     retrying every ~{}s",
+                    RECONNECT_CAP.as_secs()
+                );
+            }
+            return self.backoff.at_cap();
+        }
+        if let Some(since) = was_connected {
+            // A new outage: its drops get their own event.
+            self.outage_dropped = 0;
+            self.overflow_reported = false;
+            if since.elapsed() >= STABLE_AFTER {
+                self.backoff.reset();
+            }
+            tracing::warn!(
+                queued = self.outbox.len(),
+                "disconnected from the broker: {e}; queueing frames until it is back"
+            );
+        } else if self.failed_attempts == 1 {
+            tracing::warn!(broker = %self.mqtt_url, "cannot connect to the broker: {e}; retrying");
+        } else {
+            tracing::debug!(attempt = self.failed_attempts, "connect failed: {e}");
+        }
+        self.backoff.next_delay()
+    }
+
+    /// Hands queued frames to the client, oldest first, up to [`WINDOW`].
+    fn pump(&mut self) {
+        if self.connected_at.is_none() {
+            return;
+        }
+        while let Some(f) = self.outbox.next_to_send(WINDOW) {
+            let (seq, kind) = (f.seq, f.kind);
+            let Some(topic) = self.topics.for_kind(kind) else {
+                // Never queued; drop rather than block the queue.
+                self.outbox.ack(seq);
+                continue;
+            };
+            let retain = kind == BodyKind::Birth;
+            match self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, retain, f.bytes.clone())
+            {
+                Ok(()) => {
+                    self.outbox.mark_sent(seq);
+                    self.handed.push_back(Some(seq));
+                }
+                Err(e) => {
+                    // The client's request queue is full; retried on the next event.
+                    tracing::debug!("client queue full: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn persist_outbox(&mut self) {
+        match self.outbox.sync() {
+            Ok(()) => tracing::debug!(queued = self.outbox.len(), "outbox persisted"),
+            Err(e) => tracing::error!("cannot persist the outbox: {e}"),
+        }
+    }
+
+    fn reject_command(&mut self, reason: &str, detail: String) {
+        self.commands_rejected += 1;
+        tracing::warn!(
+            reason,
+            total = self.commands_rejected,
+            "command rejected: {detail}"
+        );
+        self.enqueue(Body::Event(WorkerEvent {
+            kind: EventKind::CommandRejected,
+            detail: bounded(&format!("{reason}: {detail}")),
+        }));
+    }
+
+    fn on_command(&mut self, payload: &[u8]) {
+        let opened = match protocol::open(payload) {
+            Ok(o) => o,
+            Err(e) => return self.reject_command(e.reason(), e.to_string()),
+        };
+        if opened.worker_id() != self.id {
+            let detail = format!("addressed to {:?}", opened.worker_id());
+            return self.reject_command("wrong_worker", detail);
+        }
+        let env = match opened.verify(&self.secret) {
+            Ok(env) => env,
+            Err(e) => return self.reject_command(e.reason(), e.to_string()),
+        };
+        let Body::Command(cmd) = env.body else {
+            let detail = format!("{:?} frame on the command topic", env.body.kind());
+            return self.reject_command("topic_mismatch", detail);
+        };
+        match self.cmd_window.check(env.seq) {
+            SeqVerdict::Fresh => {}
+            SeqVerdict::Replayed => {
+                let detail = format!("command {} seq {} already applied", cmd.id, env.seq);
+                return self.reject_command("replayed", detail);
+            }
+            SeqVerdict::TooOld => {
+                let detail = format!("command {} seq {} is too old", cmd.id, env.seq);
+                return self.reject_command("too_old", detail);
+            }
+        }
+        // Persist before applying: a command is applied at most once, even
+        // if the worker dies right after.
+        self.cmd_window.accept(env.seq);
+        if let Err(e) = self.store.save_cmd_window(self.cmd_window) {
+            tracing::error!("cannot persist the command window: {e}");
+        }
+        tracing::info!(id = cmd.id, seq = env.seq, action = ?cmd.action, "command");
+        let (status, detail, rebirth) = match cmd.action {
+            Action::Ping => (ReplyStatus::Ok, "pong".to_string(), false),
+            Action::SetInterval(ms) => {
+                let requested = Duration::from_millis(u64::from(ms));
+                self.interval = requested.max(MIN_INTERVAL);
+                self.interval_changed = true;
+                let applied = self.interval.as_millis();
+                // The birth carries the interval the conductor's liveness uses.
+                (
+                    ReplyStatus::Ok,
+                    format!("interval set to {applied} ms"),
+                    true,
+                )
+            }
+            Action::Rebirth => {
+                self.enqueue_birth();
+                (ReplyStatus::Ok, "birth queued".to_string(), false)
+            }
+        };
+        self.enqueue(Body::Reply(Reply {
+            cmd_id: cmd.id,
+            status,
+            detail: bounded(&detail),
+        }));
+        if rebirth {
+            self.enqueue_birth();
+        }
+    }
+
+    /// Clean shutdown: queue `AgentStopping`, give queued frames
+    /// [`SHUTDOWN_DRAIN`] to be acknowledged, publish the retained
+    /// `offline`, disconnect, and persist whatever is still queued.
+    async fn shutdown(&mut self, mut poll: PollFuture) {
+        tracing::info!(queued = self.outbox.len(), "shutting down");
+        self.enqueue(Body::Event(WorkerEvent {
+            kind: EventKind::AgentStopping,
+            detail: bounded("clean shutdown"),
+        }));
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        while self.connected_at.is_some() && !self.outbox.is_empty() {
+            self.pump();
+            tokio::select! {
+                (eventloop, result) = &mut poll => {
+                    let _ = self.on_poll(result);
+                    poll = poll_after(eventloop, Duration::ZERO);
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if self.connected_at.is_some() {
+            let offline = self.client.try_publish(
+                self.topics.status.clone(),
+                QoS::AtLeastOnce,
+                true,
+                protocol::topic::STATUS_OFFLINE,
+            );
+            if offline.is_ok() && self.client.try_disconnect().is_ok() {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                loop {
+                    tokio::select! {
+                        (eventloop, result) = &mut poll => {
+                            match result {
+                                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                                Ok(_) => poll = poll_after(eventloop, Duration::ZERO),
+                            }
+                        }
+                        () = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+            }
+        }
+        self.outbox.reset_in_flight();
+        self.persist_outbox();
+        tracing::info!(queued = self.outbox.len(), "stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1884"),
+            Some(("127.0.0.1".into(), 1884))
+        );
+        assert_eq!(
+            parse_mqtt_url("tcp://broker"),
+            Some(("broker".into(), 1883))
+        );
+        assert_eq!(parse_mqtt_url("broker:99"), Some(("broker".into(), 99)));
+        assert_eq!(parse_mqtt_url("mqtt://[::1]:7"), Some(("[::1]".into(), 7)));
+        assert_eq!(parse_mqtt_url("mqtt://[::1]"), Some(("[::1]".into(), 1883)));
+        assert_eq!(parse_mqtt_url("mqtts://x:8883"), None);
+        assert_eq!(parse_mqtt_url("ws://x"), None);
+        assert_eq!(parse_mqtt_url("mqtt://"), None);
+        assert_eq!(parse_mqtt_url("mqtt://x:notaport"), None);
+        assert_eq!(parse_mqtt_url("mqtt://x:0"), None);
+        assert_eq!(parse_mqtt_url("mqtt://u:p@x:1"), None);
+    }
+
+    #[test]
+    fn keep_alive_bounds() {
+        assert_eq!(
+            keep_alive(Duration::from_millis(200)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(keep_alive(Duration::from_secs(10)), Duration::from_secs(20));
+        assert_eq!(keep_alive(Duration::from_secs(60)), Duration::from_secs(30));
+    }
+}
