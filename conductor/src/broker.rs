@@ -1,0 +1,297 @@
+//! Embedded MQTT broker (rumqttd 0.20, MQTT 3.1.1 server) with a
+//! credential-checking auth hook.
+//!
+//! Allowed logins:
+//! * the conductor itself: username `conductor`, random password kept in the
+//!   settings table;
+//! * enrolled, non-revoked workers: username = worker id, sha256(password)
+//!   matches the stored hash, **and** client id = worker id;
+//! * an observer (MQTT Explorer etc.): username `observer`, random password
+//!   (shown by `GET /api/v1/mqtt`), whose client id is neither a worker id nor
+//!   starts with `conductor`.
+//!
+//! Limits (read before relying on this):
+//! * rumqttd has no ACLs. The observer — and any worker — can technically
+//!   publish to any topic. That cannot be prevented at the broker level with
+//!   rumqttd; it is harmless for the data path because every frame is
+//!   authenticated with the sender's HMAC secret, so forged frames are
+//!   rejected (`bad_tag`). Forged retained `status` text can only mark a
+//!   worker offline until its next good frame. With Mosquitto as an external
+//!   broker an ACL file can make the observer read-only (not built here).
+//! * rumqttd cannot be stopped: [`start`] runs it on a detached thread that
+//!   lives until process exit. On conductor shutdown [`Credentials::close`]
+//!   makes the hook refuse every new login; established connections stay
+//!   until the process exits.
+//! * rumqttd cannot report the port of a port-0 bind, so [`pick_port`]
+//!   chooses a free port first (a tiny race with other processes exists).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::state::ct_eq;
+
+/// Username the conductor's own client logs in with.
+pub const CONDUCTOR_USER: &str = "conductor";
+/// Username of the read-only-by-convention observer login.
+pub const OBSERVER_USER: &str = "observer";
+
+/// Broker errors.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Could not find or use a port.
+    #[error("mqtt listen {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The broker did not start listening in time.
+    #[error("embedded broker did not start listening on {0}")]
+    NotListening(SocketAddr),
+    /// Thread spawn failed.
+    #[error("cannot start broker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+#[derive(Default)]
+struct Table {
+    conductor: Option<[u8; 32]>,
+    observer: Option<[u8; 32]>,
+    workers: HashMap<String, [u8; 32]>,
+    closed: bool,
+}
+
+/// The broker's login table, shared with enrolment and revocation.
+#[derive(Clone, Default)]
+pub struct Credentials(Arc<RwLock<Table>>);
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(<redacted>)")
+    }
+}
+
+fn digest(password: &str) -> [u8; 32] {
+    Sha256::digest(password.as_bytes()).into()
+}
+
+/// Parses a sha256 hex string into bytes.
+fn from_hex32(hex: &str) -> Option<[u8; 32]> {
+    protocol::Secret::from_hex(hex).ok().map(|s| *s.as_bytes())
+}
+
+impl Credentials {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the conductor and observer passwords.
+    pub fn set_service_logins(&self, conductor_password: &str, observer_password: &str) {
+        let mut t = self.write();
+        t.conductor = Some(digest(conductor_password));
+        t.observer = Some(digest(observer_password));
+    }
+
+    /// Allows (or updates) a worker login given the sha256 hex of its password.
+    pub fn set_worker(&self, worker_id: &str, password_sha256_hex: &str) {
+        if let Some(h) = from_hex32(password_sha256_hex) {
+            self.write().workers.insert(worker_id.to_string(), h);
+        }
+    }
+
+    /// Refuses a worker's login from now on.
+    pub fn remove_worker(&self, worker_id: &str) {
+        self.write().workers.remove(worker_id);
+    }
+
+    /// Refuses every new login (conductor shut down).
+    pub fn close(&self) {
+        self.write().closed = true;
+    }
+
+    /// The auth decision.
+    pub fn check(&self, client_id: &str, username: &str, password: &str) -> bool {
+        let t = self.read();
+        if t.closed {
+            return false;
+        }
+        let given = digest(password);
+        match username {
+            CONDUCTOR_USER => t.conductor.is_some_and(|h| ct_eq(&h, &given)),
+            OBSERVER_USER => {
+                !client_id.starts_with(CONDUCTOR_USER)
+                    && !t.workers.contains_key(client_id)
+                    && t.observer.is_some_and(|h| ct_eq(&h, &given))
+            }
+            worker => {
+                client_id == worker && t.workers.get(worker).is_some_and(|h| ct_eq(h, &given))
+            }
+        }
+    }
+}
+
+/// Resolves the listen address, choosing a free port if it is 0.
+pub fn pick_port(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
+    if listen.port() != 0 {
+        return Ok(listen);
+    }
+    let l = TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
+        addr: listen.to_string(),
+        source,
+    })?;
+    let port = l
+        .local_addr()
+        .map_err(|source| BrokerError::Bind {
+            addr: listen.to_string(),
+            source,
+        })?
+        .port();
+    drop(l);
+    Ok(SocketAddr::new(listen.ip(), port))
+}
+
+/// Starts rumqttd on `listen` (a concrete port) on a detached thread and
+/// waits until it completes an MQTT handshake for the conductor's login
+/// (`conductor_password`).
+pub fn start(
+    listen: SocketAddr,
+    creds: Credentials,
+    conductor_password: &str,
+) -> Result<(), BrokerError> {
+    let mut servers = HashMap::new();
+    let mut connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        // Larger than MAX_FRAME_LEN so oversized frames reach the conductor
+        // and are counted, instead of silently disconnecting the sender.
+        max_payload_size: 64 * 1024,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+        let ok = creds.check(&client_id, &user, &pass);
+        if !ok {
+            tracing::debug!(client_id = %client_id, username = %user, "mqtt login refused");
+        }
+        async move { ok }
+    });
+    servers.insert(
+        "1".to_string(),
+        rumqttd::ServerSettings {
+            name: "aerekos-v4".into(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections,
+        },
+    );
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 20_000,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 10 * 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some(servers),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!("embedded broker stopped: {e}");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    let target = crate::state::advertised(listen);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if mqtt_handshake(target, conductor_password).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(BrokerError::NotListening(listen))
+}
+
+/// One MQTT 3.1.1 CONNECT → CONNACK → DISCONNECT exchange as the conductor
+/// (client id `conductor-probe`): a readiness check that, unlike a bare TCP
+/// connect, leaves no "connection closed" error in the broker's log.
+fn mqtt_handshake(target: SocketAddr, password: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let field = |out: &mut Vec<u8>, s: &[u8]| {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s);
+    };
+    // Variable header: protocol name, level 4, flags (username, password,
+    // clean session), keep-alive 5 s; payload: client id, username, password.
+    let mut body = Vec::new();
+    field(&mut body, b"MQTT");
+    body.extend_from_slice(&[4, 0b1100_0010, 0, 5]);
+    field(&mut body, b"conductor-probe");
+    field(&mut body, CONDUCTOR_USER.as_bytes());
+    field(&mut body, password.as_bytes());
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(&packet)?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack)?;
+    stream.write_all(&[0xe0, 0x00])?;
+    if connack[0] == 0x20 && connack[3] == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("CONNACK {connack:02x?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_rules() {
+        let c = Credentials::default();
+        c.set_service_logins("cpass", "opass");
+        let h = protocol::hex_string(&digest("wpass"));
+        c.set_worker("w-000000000001", &h);
+        assert!(c.check("conductor", CONDUCTOR_USER, "cpass"));
+        assert!(!c.check("conductor", CONDUCTOR_USER, "opass"));
+        assert!(c.check("explorer", OBSERVER_USER, "opass"));
+        assert!(!c.check("w-000000000001", OBSERVER_USER, "opass"));
+        assert!(!c.check("conductor-x", OBSERVER_USER, "opass"));
+        assert!(c.check("w-000000000001", "w-000000000001", "wpass"));
+        assert!(!c.check("other", "w-000000000001", "wpass"));
+        assert!(!c.check("w-000000000001", "w-000000000001", "nope"));
+        c.remove_worker("w-000000000001");
+        assert!(!c.check("w-000000000001", "w-000000000001", "wpass"));
+        c.close();
+        assert!(!c.check("conductor", CONDUCTOR_USER, "cpass"));
+    }
+}

@@ -1,0 +1,424 @@
+//! Conductor configuration.
+//!
+//! Precedence, lowest first: built-in defaults < `--config file.toml` <
+//! environment variables `AEREKOS_*` < command-line flags. [`Config::resolve`]
+//! implements the three upper layers as a pure function so it can be tested
+//! without touching the process environment.
+//!
+//! Secrets (`admin_password`, passwords inside `mqtt_url`,
+//! `worker_mqtt_password`) are redacted by [`Config::to_redacted_toml`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors while building a [`Config`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file is not valid TOML for [`Config`].
+    #[error("config file: {0}")]
+    File(#[from] toml::de::Error),
+    /// An environment variable or flag has an unusable value.
+    #[error("{name}: {message}")]
+    Invalid {
+        /// Setting (env var or field) name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Printing the effective config failed.
+    #[error("cannot render config: {0}")]
+    Render(#[from] toml::ser::Error),
+}
+
+/// Effective conductor configuration.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding `conductor.db` and `runtime.json`.
+    pub data_dir: String,
+    /// HTTP listen address (`127.0.0.1:0` picks a free port).
+    pub http_listen: String,
+    /// Embedded broker listen address (port 0 picks a free port). Unused with `mqtt_url`.
+    pub mqtt_listen: String,
+    /// External broker `mqtt://user:pass@host:port`; `None` = embedded rumqttd.
+    pub mqtt_url: Option<String>,
+    /// MQTT URL handed to workers; default: the enrol request's Host + the MQTT port.
+    pub mqtt_public_url: Option<String>,
+    /// Username handed to workers when an external broker is used.
+    pub worker_mqtt_username: Option<String>,
+    /// Password handed to workers when an external broker is used.
+    pub worker_mqtt_password: Option<String>,
+    /// How long raw metrics samples are kept (`24h`, `90m`, `7d`, `30s`).
+    pub raw_retention: String,
+    /// How long one-minute rollups are kept.
+    pub minute_retention: String,
+    /// Liveness interval assumed until a worker's Birth says otherwise; also
+    /// the interval handed out at enrolment.
+    pub default_interval_ms: u32,
+    /// Initial admin password; only used when the admin user is first created.
+    #[serde(skip_serializing)]
+    pub admin_password: Option<String>,
+    /// Enrol/login rate limit: burst per client IP (0 disables limiting).
+    pub rate_limit_burst: u32,
+    /// Enrol/login rate limit: seconds to refill one attempt.
+    pub rate_limit_refill_s: u32,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.to_redacted_toml() {
+            Ok(s) => f.write_str(&s),
+            Err(_) => f.write_str("Config(<unrenderable>)"),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: "aerekos-data".into(),
+            http_listen: "0.0.0.0:3000".into(),
+            mqtt_listen: "0.0.0.0:1883".into(),
+            mqtt_url: None,
+            mqtt_public_url: None,
+            worker_mqtt_username: None,
+            worker_mqtt_password: None,
+            raw_retention: "24h".into(),
+            minute_retention: "7d".into(),
+            default_interval_ms: 10_000,
+            admin_password: None,
+            rate_limit_burst: 10,
+            rate_limit_refill_s: 6,
+        }
+    }
+}
+
+/// Values given on the command line; `None` = not given.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--data-dir`
+    pub data_dir: Option<String>,
+    /// `--http-listen`
+    pub http_listen: Option<String>,
+    /// `--mqtt-listen`
+    pub mqtt_listen: Option<String>,
+    /// `--mqtt-url`
+    pub mqtt_url: Option<String>,
+    /// `--mqtt-public-url`
+    pub mqtt_public_url: Option<String>,
+    /// `--raw-retention`
+    pub raw_retention: Option<String>,
+    /// `--minute-retention`
+    pub minute_retention: Option<String>,
+    /// `--default-interval-ms`
+    pub default_interval_ms: Option<u32>,
+}
+
+/// An external broker URL, split up.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or IP.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Username, if any.
+    pub username: Option<String>,
+    /// Password, if any.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+impl BrokerUrl {
+    /// Parses `mqtt://[user[:pass]@]host[:port]` (also `tcp://`); port defaults to 1883.
+    pub fn parse(url: &str) -> Result<BrokerUrl, ConfigError> {
+        let bad = |m: &str| ConfigError::Invalid {
+            name: "mqtt_url".into(),
+            message: m.into(),
+        };
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .ok_or_else(|| bad("must start with mqtt:// (TLS is not supported)"))?;
+        let rest = rest.trim_end_matches('/');
+        let (creds, hostport) = match rest.rsplit_once('@') {
+            Some((c, h)) => (Some(c), h),
+            None => (None, rest),
+        };
+        let (username, password) = match creds {
+            Some(c) => match c.split_once(':') {
+                Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+                None => (Some(c.to_string()), None),
+            },
+            None => (None, None),
+        };
+        let (host, port) = split_host_port(hostport).ok_or_else(|| bad("bad host:port"))?;
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        Ok(BrokerUrl {
+            host,
+            port: port.unwrap_or(1883),
+            username,
+            password,
+        })
+    }
+}
+
+/// Splits `host[:port]` / `[v6][:port]`.
+pub(crate) fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((format!("[{h}]"), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), Some(p.parse().ok()?))),
+        None => Some((s.to_string(), None)),
+    }
+}
+
+/// Parses `30s`, `90m`, `24h`, `7d` (or plain milliseconds) into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86_400_000)
+    } else {
+        (s, 1)
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+impl Config {
+    /// Builds the effective config: defaults < `file_toml` < `env` < `flags`.
+    pub fn resolve(
+        file_toml: Option<&str>,
+        env: &HashMap<String, String>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut c: Config = match file_toml {
+            Some(t) => toml::from_str(t)?,
+            None => Config::default(),
+        };
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let num = |k: &str, v: String| -> Result<u32, ConfigError> {
+            v.trim().parse().map_err(|_| ConfigError::Invalid {
+                name: k.into(),
+                message: format!("not a number: {v:?}"),
+            })
+        };
+        macro_rules! env_str {
+            ($field:ident, $key:literal) => {
+                if let Some(v) = get($key) {
+                    c.$field = v;
+                }
+            };
+        }
+        macro_rules! env_opt {
+            ($field:ident, $key:literal) => {
+                if let Some(v) = get($key) {
+                    c.$field = Some(v);
+                }
+            };
+        }
+        env_str!(data_dir, "AEREKOS_DATA_DIR");
+        env_str!(http_listen, "AEREKOS_HTTP_LISTEN");
+        env_str!(mqtt_listen, "AEREKOS_MQTT_LISTEN");
+        env_opt!(mqtt_url, "AEREKOS_MQTT_URL");
+        env_opt!(mqtt_public_url, "AEREKOS_MQTT_PUBLIC_URL");
+        env_opt!(worker_mqtt_username, "AEREKOS_WORKER_MQTT_USERNAME");
+        env_opt!(worker_mqtt_password, "AEREKOS_WORKER_MQTT_PASSWORD");
+        env_str!(raw_retention, "AEREKOS_RAW_RETENTION");
+        env_str!(minute_retention, "AEREKOS_MINUTE_RETENTION");
+        env_opt!(admin_password, "AEREKOS_ADMIN_PASSWORD");
+        if let Some(v) = get("AEREKOS_DEFAULT_INTERVAL_MS") {
+            c.default_interval_ms = num("AEREKOS_DEFAULT_INTERVAL_MS", v)?;
+        }
+        if let Some(v) = get("AEREKOS_RATE_LIMIT_BURST") {
+            c.rate_limit_burst = num("AEREKOS_RATE_LIMIT_BURST", v)?;
+        }
+        if let Some(v) = get("AEREKOS_RATE_LIMIT_REFILL_S") {
+            c.rate_limit_refill_s = num("AEREKOS_RATE_LIMIT_REFILL_S", v)?;
+        }
+        let f = flags.clone();
+        if let Some(v) = f.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = f.http_listen {
+            c.http_listen = v;
+        }
+        if let Some(v) = f.mqtt_listen {
+            c.mqtt_listen = v;
+        }
+        if let Some(v) = f.mqtt_url {
+            c.mqtt_url = Some(v);
+        }
+        if let Some(v) = f.mqtt_public_url {
+            c.mqtt_public_url = Some(v);
+        }
+        if let Some(v) = f.raw_retention {
+            c.raw_retention = v;
+        }
+        if let Some(v) = f.minute_retention {
+            c.minute_retention = v;
+        }
+        if let Some(v) = f.default_interval_ms {
+            c.default_interval_ms = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values that would otherwise fail late.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name: &str, message: String| ConfigError::Invalid {
+            name: name.into(),
+            message,
+        };
+        self.http_listen
+            .parse::<SocketAddr>()
+            .map_err(|e| bad("http_listen", e.to_string()))?;
+        if self.mqtt_url.is_none() {
+            self.mqtt_listen
+                .parse::<SocketAddr>()
+                .map_err(|e| bad("mqtt_listen", e.to_string()))?;
+        }
+        if let Some(u) = &self.mqtt_url {
+            BrokerUrl::parse(u)?;
+        }
+        if let Some(u) = &self.mqtt_public_url {
+            BrokerUrl::parse(u).map_err(|e| bad("mqtt_public_url", e.to_string()))?;
+        }
+        for (name, v) in [
+            ("raw_retention", &self.raw_retention),
+            ("minute_retention", &self.minute_retention),
+        ] {
+            if parse_duration_ms(v).is_none() {
+                return Err(bad(name, format!("not a duration: {v:?}")));
+            }
+        }
+        if self.default_interval_ms < 100 {
+            return Err(bad("default_interval_ms", "must be ≥ 100".into()));
+        }
+        Ok(())
+    }
+
+    /// Raw sample retention in ms (validated in [`Config::validate`]).
+    pub fn raw_retention_ms(&self) -> u64 {
+        parse_duration_ms(&self.raw_retention).unwrap_or(86_400_000)
+    }
+
+    /// Minute rollup retention in ms.
+    pub fn minute_retention_ms(&self) -> u64 {
+        parse_duration_ms(&self.minute_retention).unwrap_or(7 * 86_400_000)
+    }
+
+    /// The effective config as TOML, with secrets replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> Result<String, ConfigError> {
+        let mut c = self.clone();
+        if let Some(u) = &c.mqtt_url {
+            c.mqtt_url = Some(redact_url(u));
+        }
+        if c.worker_mqtt_password.is_some() {
+            c.worker_mqtt_password = Some("<redacted>".into());
+        }
+        c.admin_password = None;
+        Ok(toml::to_string(&c)?)
+    }
+}
+
+/// Replaces the password in `scheme://user:pass@host` with `<redacted>`.
+pub fn redact_url(u: &str) -> String {
+    if let Some((scheme, rest)) = u.split_once("://") {
+        if let Some((creds, host)) = rest.rsplit_once('@') {
+            let user = creds.split_once(':').map_or(creds, |(u, _)| u);
+            return format!("{scheme}://{user}:<redacted>@{host}");
+        }
+    }
+    u.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_defaults_file_env_flags() {
+        let file = r#"
+            data_dir = "/from/file"
+            http_listen = "127.0.0.1:4000"
+            mqtt_listen = "127.0.0.1:1999"
+            raw_retention = "2h"
+        "#;
+        let mut env = HashMap::new();
+        env.insert(
+            "AEREKOS_HTTP_LISTEN".to_string(),
+            "127.0.0.1:5000".to_string(),
+        );
+        env.insert("AEREKOS_RAW_RETENTION".to_string(), "3h".to_string());
+        env.insert(
+            "AEREKOS_DEFAULT_INTERVAL_MS".to_string(),
+            "2000".to_string(),
+        );
+        let flags = Overrides {
+            raw_retention: Some("4h".into()),
+            ..Overrides::default()
+        };
+        let c = Config::resolve(Some(file), &env, &flags).unwrap();
+        assert_eq!(c.data_dir, "/from/file"); // file over default
+        assert_eq!(c.mqtt_listen, "127.0.0.1:1999");
+        assert_eq!(c.http_listen, "127.0.0.1:5000"); // env over file
+        assert_eq!(c.default_interval_ms, 2000); // env over default
+        assert_eq!(c.raw_retention, "4h"); // flag over env over file
+        assert_eq!(c.minute_retention, "7d"); // default
+        assert_eq!(c.raw_retention_ms(), 4 * 3_600_000);
+
+        let d = Config::resolve(None, &HashMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(d, Config::default());
+    }
+
+    #[test]
+    fn rejects_bad_values_and_redacts() {
+        let mut env = HashMap::new();
+        env.insert("AEREKOS_DEFAULT_INTERVAL_MS".to_string(), "x".to_string());
+        assert!(Config::resolve(None, &env, &Overrides::default()).is_err());
+        assert!(
+            Config::resolve(Some("bogus = 1"), &HashMap::new(), &Overrides::default()).is_err()
+        );
+
+        let c = Config {
+            mqtt_url: Some("mqtt://conductor:s3cret@broker:1884".into()),
+            worker_mqtt_password: Some("w0rker".into()),
+            admin_password: Some("adm1n".into()),
+            ..Config::default()
+        };
+        let t = c.to_redacted_toml().unwrap();
+        assert!(
+            !t.contains("s3cret") && !t.contains("w0rker") && !t.contains("adm1n"),
+            "{t}"
+        );
+        let u = BrokerUrl::parse("mqtt://conductor:s3cret@broker:1884").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("broker", 1884));
+        assert_eq!(u.password.as_deref(), Some("s3cret"));
+        assert_eq!(parse_duration_ms("7d"), Some(7 * 86_400_000));
+        assert_eq!(parse_duration_ms("nope"), None);
+    }
+}

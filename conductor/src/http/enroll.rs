@@ -1,0 +1,217 @@
+//! `POST /api/v1/enroll`.
+//!
+//! * New enrolment: needs the registration token (its sha256 is re-read from
+//!   the store on every request, so `conductor token rotate` run offline takes
+//!   effect at once) or the in-memory local token. Always creates a new
+//!   record — machines are never merged by hostname, IP or machine id.
+//! * Re-enrolment: `worker_id` + `proof` (= `protocol::reenroll_proof(secret,
+//!   worker_id)`) keeps the id and secret and issues a new MQTT password. The
+//!   proof authenticates on its own (a rotated registration token does not
+//!   strand enrolled workers). A bad proof is 401; a revoked worker is 403.
+//!   `worker_id` without `proof` is ignored: that is a new enrolment.
+//!
+//! Rate-limited per client IP (429). A failed request writes nothing.
+
+use std::collections::BTreeMap;
+
+use protocol::{Birth, Secret};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::info;
+
+use super::api::validate_labels;
+use super::{ApiError, Ctx, Req, Resp};
+use crate::auth::REG_TOKEN_HASH;
+use crate::state::{
+    advertised, ct_eq, lock, now_ms, random_bytes, random_hex, sha256_hex, Shared, Status,
+    WorkerEntry,
+};
+use crate::store::WorkerRow;
+
+#[derive(Deserialize)]
+struct EnrollReq {
+    #[serde(default)]
+    token: String,
+    hostname: String,
+    #[serde(default)]
+    machine_id: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    inventory: Option<Birth>,
+    #[serde(default)]
+    worker_id: Option<String>,
+    #[serde(default)]
+    proof: Option<String>,
+}
+
+/// The MQTT URL to hand a worker that reached us with `host_header`.
+pub(crate) fn mqtt_url_for(s: &Shared, host_header: Option<&str>) -> String {
+    if let Some(u) = &s.config.mqtt_public_url {
+        return u.clone();
+    }
+    if !s.embedded_broker {
+        return format!("mqtt://{}:{}", s.mqtt_host, s.mqtt_port);
+    }
+    let host = host_header
+        .and_then(|h| crate::config::split_host_port(h.trim()))
+        .map(|(h, _)| h)
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| {
+            s.config
+                .http_listen
+                .parse()
+                .map(|a| advertised(a).ip().to_string())
+                .unwrap_or_else(|_| "127.0.0.1".into())
+        });
+    format!("mqtt://{host}:{}", s.mqtt_port)
+}
+
+fn token_ok(ctx: &Ctx, token: &str) -> Result<bool, ApiError> {
+    if token.is_empty() {
+        return Ok(false);
+    }
+    if ct_eq(token.as_bytes(), ctx.shared.local_token.as_bytes()) {
+        return Ok(true);
+    }
+    let stored = lock(&ctx.shared.db).setting(REG_TOKEN_HASH)?;
+    Ok(stored.is_some_and(|h| ct_eq(h.as_bytes(), sha256_hex(token).as_bytes())))
+}
+
+fn validate(body: &EnrollReq) -> Result<(), ApiError> {
+    let h = body.hostname.trim();
+    if h.is_empty() || h.len() > 64 {
+        return Err(ApiError::new(400, "hostname must be 1..=64 bytes"));
+    }
+    if body.machine_id.len() > 128 {
+        return Err(ApiError::new(400, "machine_id must be ≤ 128 bytes"));
+    }
+    validate_labels(&body.labels)
+}
+
+pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
+    let s = &ctx.shared;
+    if !s.enroll_limiter.allow(req.ip) {
+        return Err(ApiError::new(429, "too many enrolment attempts; slow down"));
+    }
+    let body: EnrollReq = req.json()?;
+    validate(&body)?;
+    let labels_json = serde_json::to_string(&body.labels).map_err(ApiError::internal)?;
+    let inventory_json = match &body.inventory {
+        Some(b) => Some(serde_json::to_string(b).map_err(ApiError::internal)?),
+        None => None,
+    };
+    let (mqtt_username, mqtt_password) = if s.embedded_broker {
+        (None, random_hex::<24>()?)
+    } else {
+        (
+            s.config.worker_mqtt_username.clone(),
+            s.config.worker_mqtt_password.clone().unwrap_or_default(),
+        )
+    };
+    let now = now_ms();
+    let ip = req.ip.to_string();
+
+    let (worker_id, secret) = match (&body.worker_id, &body.proof) {
+        (Some(id), Some(proof)) => {
+            let mut workers = lock(&s.workers);
+            let Some(w) = workers.get_mut(id.as_str()) else {
+                return Err(ApiError::new(401, "unknown worker or bad proof"));
+            };
+            let expected = protocol::reenroll_proof(&w.secret, id);
+            if !ct_eq(
+                expected.as_bytes(),
+                proof.trim().to_ascii_lowercase().as_bytes(),
+            ) {
+                return Err(ApiError::new(401, "unknown worker or bad proof"));
+            }
+            if w.revoked {
+                return Err(ApiError::new(403, "worker is revoked"));
+            }
+            let row = WorkerRow {
+                id: id.clone(),
+                machine_id: body.machine_id.clone(),
+                hostname: body.hostname.trim().to_string(),
+                secret_hex: String::new(),
+                mqtt_password_sha256: sha256_hex(&mqtt_password),
+                labels_json: labels_json.clone(),
+                inventory_json: inventory_json.clone(),
+                enrolled_at_ms: w.enrolled_at_ms,
+                last_seen_ms: None,
+                last_ip: Some(ip.clone()),
+                revoked: false,
+                replay_highest: 0,
+                replay_bitmap: 0,
+                cmd_seq: 0,
+                status: String::new(),
+            };
+            lock(&s.db).update_reenrol(&row)?;
+            if s.embedded_broker {
+                s.creds.set_worker(id, &row.mqtt_password_sha256);
+            }
+            w.hostname = row.hostname;
+            w.machine_id = row.machine_id;
+            w.labels = body.labels.clone();
+            w.last_ip = Some(ip);
+            if let Some(b) = body.inventory.clone() {
+                w.inventory = Some(b);
+            }
+            info!(worker_id = %id, "worker re-enrolled");
+            (id.clone(), w.secret.clone())
+        }
+        _ => {
+            if !token_ok(ctx, &body.token)? {
+                info!(ip = %req.ip, "enrolment refused: bad token");
+                return Err(ApiError::new(401, "invalid registration token"));
+            }
+            let secret = Secret::from_bytes(random_bytes::<32>()?);
+            let mut workers = lock(&s.workers);
+            let id = loop {
+                let candidate = format!("w-{}", random_hex::<6>()?);
+                if !workers.contains_key(&candidate)
+                    && protocol::topic::is_valid_worker_id(&candidate)
+                {
+                    break candidate;
+                }
+            };
+            let row = WorkerRow {
+                id: id.clone(),
+                machine_id: body.machine_id.clone(),
+                hostname: body.hostname.trim().to_string(),
+                secret_hex: secret.to_hex(),
+                mqtt_password_sha256: sha256_hex(&mqtt_password),
+                labels_json,
+                inventory_json,
+                enrolled_at_ms: now,
+                last_seen_ms: None,
+                last_ip: Some(ip),
+                revoked: false,
+                replay_highest: 0,
+                replay_bitmap: 0,
+                cmd_seq: 0,
+                status: Status::Offline.as_str().into(),
+            };
+            lock(&s.db).insert_worker(&row)?;
+            if s.embedded_broker {
+                s.creds.set_worker(&id, &row.mqtt_password_sha256);
+            }
+            match WorkerEntry::from_row(&row, s.config.default_interval_ms) {
+                Some(mut entry) => {
+                    entry.inventory = body.inventory.clone();
+                    workers.insert(id.clone(), entry);
+                }
+                None => return Err(ApiError::internal("fresh secret did not round-trip")),
+            }
+            info!(worker_id = %id, hostname = %row.hostname, "worker enrolled");
+            (id, secret)
+        }
+    };
+    Ok(Resp::ok(json!({
+        "worker_id": worker_id,
+        "secret": secret.to_hex(),
+        "mqtt_url": mqtt_url_for(s, req.host.as_deref()),
+        "mqtt_username": mqtt_username.unwrap_or_else(|| worker_id.clone()),
+        "mqtt_password": mqtt_password,
+        "interval_ms": s.config.default_interval_ms,
+    })))
+}

@@ -1,0 +1,277 @@
+//! HTTP API on tiny_http: `/api/v1/*` JSON and `/metrics` (Prometheus).
+//!
+//! Requests are served by [`HTTP_THREADS`] blocking threads (a command waits
+//! up to 5 s for its reply and holds one thread meanwhile). Request bodies
+//! are capped at [`MAX_BODY`] bytes (413 beyond). Errors are JSON
+//! `{"error": "..."}` with a fitting status code. Every route except
+//! `health`, `enroll`, `login` and `/metrics` needs
+//! `Authorization: Bearer <session or API token>`.
+//!
+//! Limits: plain HTTP only (put a TLS proxy in front for remote access); the
+//! enrol and login rate limits key on the TCP peer address, so behind a
+//! reverse proxy all clients share one bucket.
+
+mod api;
+mod enroll;
+mod prom;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rumqttc::AsyncClient;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tiny_http::{Header, Method, Response, Server};
+use tracing::{debug, warn};
+
+use crate::state::Shared;
+use crate::ConductorError;
+
+/// Request handler threads.
+pub const HTTP_THREADS: usize = 4;
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// A running HTTP server.
+pub struct HttpServer {
+    server: Arc<Server>,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpServer {
+    /// Binds `config.http_listen` and starts the handler threads.
+    pub fn start(shared: Arc<Shared>, client: AsyncClient) -> Result<HttpServer, ConductorError> {
+        let server = Server::http(shared.config.http_listen.as_str()).map_err(|e| {
+            ConductorError::Http(format!("bind {}: {e}", shared.config.http_listen))
+        })?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| ConductorError::Http("not bound to an IP address".into()))?;
+        let server = Arc::new(server);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for n in 0..HTTP_THREADS {
+            let ctx = Ctx {
+                shared: shared.clone(),
+                client: client.clone(),
+            };
+            let server = server.clone();
+            let stop = stop.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("http-{n}"))
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match server.recv_timeout(Duration::from_millis(100)) {
+                            Ok(Some(req)) => serve(&ctx, req),
+                            Ok(None) => {}
+                            Err(e) => {
+                                warn!("http accept: {e}");
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| ConductorError::Http(format!("spawn: {e}")))?;
+            threads.push(t);
+        }
+        Ok(HttpServer {
+            server,
+            addr,
+            stop,
+            threads,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        crate::state::advertised(self.addr)
+    }
+
+    /// Stops accepting, finishes in-flight requests and joins the threads.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.server.unblock();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Per-thread handler context.
+pub(crate) struct Ctx {
+    pub shared: Arc<Shared>,
+    pub client: AsyncClient,
+}
+
+/// A parsed request.
+pub(crate) struct Req {
+    pub method: Method,
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub bearer: Option<String>,
+    pub host: Option<String>,
+    pub ip: IpAddr,
+    pub body: Vec<u8>,
+}
+
+impl Req {
+    /// Parses the body as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| ApiError::new(400, format!("invalid JSON body: {e}")))
+    }
+}
+
+/// A response.
+pub(crate) struct Resp {
+    pub status: u16,
+    pub body: String,
+    pub content_type: &'static str,
+}
+
+impl Resp {
+    pub fn json(status: u16, v: &impl Serialize) -> Resp {
+        Resp {
+            status,
+            body: serde_json::to_string(v).unwrap_or_else(|_| "{}".into()),
+            content_type: "application/json",
+        }
+    }
+    pub fn ok(v: Value) -> Resp {
+        Resp::json(200, &v)
+    }
+    pub fn no_content() -> Resp {
+        Resp {
+            status: 204,
+            body: String::new(),
+            content_type: "application/json",
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        tracing::error!("internal error: {e}");
+        ApiError::new(500, "internal error")
+    }
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::new(404, format!("{what} not found"))
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+fn parse_query(q: &str) -> HashMap<String, String> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect()
+}
+
+fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
+    let ip = raw
+        .remote_addr()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let url = raw.url().to_string();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let too_big = header(&raw, "Content-Length")
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY);
+    let mut body = Vec::new();
+    let result = if too_big {
+        Err(ApiError::new(
+            413,
+            format!("request body over {MAX_BODY} bytes"),
+        ))
+    } else {
+        match raw
+            .as_reader()
+            .take(MAX_BODY as u64 + 1)
+            .read_to_end(&mut body)
+        {
+            Ok(_) if body.len() > MAX_BODY => Err(ApiError::new(
+                413,
+                format!("request body over {MAX_BODY} bytes"),
+            )),
+            Ok(_) => {
+                let req = Req {
+                    method: raw.method().clone(),
+                    path: path.to_string(),
+                    query: parse_query(query),
+                    bearer: header(&raw, "Authorization")
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .map(|s| s.trim().to_string()),
+                    host: header(&raw, "Host").map(str::to_string),
+                    ip,
+                    body: std::mem::take(&mut body),
+                };
+                api::route(ctx, &req)
+            }
+            Err(e) => Err(ApiError::new(400, format!("cannot read body: {e}"))),
+        }
+    };
+    let resp = result.unwrap_or_else(|e| Resp::json(e.status, &json!({"error": e.message})));
+    debug!(method = %raw.method(), path, status = resp.status, "http");
+    let mut r = Response::from_string(resp.body).with_status_code(resp.status);
+    if let Ok(h) = Header::from_bytes("Content-Type", resp.content_type) {
+        r = r.with_header(h);
+    }
+    if let Err(e) = raw.respond(r) {
+        debug!("http respond: {e}");
+    }
+}
+
+impl From<getrandom::Error> for ApiError {
+    fn from(e: getrandom::Error) -> Self {
+        ApiError::internal(e)
+    }
+}

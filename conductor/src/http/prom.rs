@@ -1,0 +1,156 @@
+//! `GET /metrics`: Prometheus text exposition (no auth; it carries no
+//! secrets, only hostnames, ids and hardware numbers).
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use super::{Ctx, Resp};
+use crate::state::{lock, now_ms, Status, REJECT_REASONS};
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub(crate) fn render(ctx: &Ctx) -> Resp {
+    let mut out = String::with_capacity(4096);
+    let now = now_ms();
+    let workers = lock(&ctx.shared.workers);
+    let mut list: Vec<_> = workers.values().filter(|w| !w.revoked).collect();
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+
+    let mut gauge = |name: &str, help: &str, rows: &mut dyn Iterator<Item = (String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    let lbl = |w: &crate::state::WorkerEntry| {
+        format!(
+            "worker_id=\"{}\",hostname=\"{}\"",
+            esc(&w.id),
+            esc(&w.hostname)
+        )
+    };
+    gauge(
+        "aerekos_worker_up",
+        "1 if the worker is online.",
+        &mut list
+            .iter()
+            .map(|w| (lbl(w), u8::from(w.status == Status::Online).to_string())),
+    );
+    gauge(
+        "aerekos_worker_cpu_percent",
+        "CPU busy, all cores, percent.",
+        &mut list.iter().filter_map(|w| {
+            w.latest
+                .as_ref()
+                .map(|l| (lbl(w), (f64::from(l.metrics.cpu_total) / 100.0).to_string()))
+        }),
+    );
+    gauge(
+        "aerekos_worker_memory_used_bytes",
+        "Memory in use.",
+        &mut list.iter().filter_map(|w| {
+            w.latest
+                .as_ref()
+                .map(|l| (lbl(w), l.metrics.memory_used.to_string()))
+        }),
+    );
+    gauge(
+        "aerekos_worker_memory_total_bytes",
+        "Memory total.",
+        &mut list.iter().filter_map(|w| {
+            w.latest
+                .as_ref()
+                .map(|l| (lbl(w), l.metrics.memory_total.to_string()))
+        }),
+    );
+    gauge(
+        "aerekos_worker_load1",
+        "1-minute load average.",
+        &mut list.iter().filter_map(|w| {
+            w.latest
+                .as_ref()
+                .map(|l| (lbl(w), (f64::from(l.metrics.load[0]) / 100.0).to_string()))
+        }),
+    );
+    gauge(
+        "aerekos_worker_temperature_max_celsius",
+        "Hottest sensor.",
+        &mut list.iter().filter_map(|w| {
+            let l = w.latest.as_ref()?;
+            let t = l
+                .metrics
+                .temperatures
+                .iter()
+                .map(|t| t.millicelsius)
+                .max()?;
+            Some((lbl(w), (f64::from(t) / 1000.0).to_string()))
+        }),
+    );
+    gauge(
+        "aerekos_worker_uptime_seconds",
+        "Seconds since the worker booted.",
+        &mut list.iter().filter_map(|w| {
+            w.latest
+                .as_ref()
+                .map(|l| (lbl(w), l.metrics.uptime_s.to_string()))
+        }),
+    );
+    gauge(
+        "aerekos_worker_last_seen_age_seconds",
+        "Seconds since the last good frame (conductor clock).",
+        &mut list.iter().filter_map(|w| {
+            w.last_seen_ms
+                .map(|t| (lbl(w), (now.saturating_sub(t) as f64 / 1000.0).to_string()))
+        }),
+    );
+    let count = |s: Status| list.iter().filter(|w| w.status == s).count();
+    let _ = writeln!(
+        out,
+        "# HELP aerekos_workers Workers by status.\n# TYPE aerekos_workers gauge"
+    );
+    for s in [Status::Online, Status::Stale, Status::Offline] {
+        let _ = writeln!(
+            out,
+            "aerekos_workers{{status=\"{}\"}} {}",
+            s.as_str(),
+            count(s)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "aerekos_workers{{status=\"revoked\"}} {}",
+        workers.values().filter(|w| w.revoked).count()
+    );
+    drop(workers);
+    let c = &ctx.shared.counters;
+    let _ = writeln!(
+        out,
+        "# HELP aerekos_frames_accepted_total Frames accepted.\n# TYPE aerekos_frames_accepted_total counter\naerekos_frames_accepted_total {}",
+        c.accepted.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP aerekos_frames_rejected_total Frames rejected, by reason.\n# TYPE aerekos_frames_rejected_total counter"
+    );
+    for r in REJECT_REASONS {
+        let _ = writeln!(
+            out,
+            "aerekos_frames_rejected_total{{reason=\"{r}\"}} {}",
+            c.rejected(r)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP aerekos_mirror_dropped_total JSON mirror publishes dropped (MQTT queue full).\n# TYPE aerekos_mirror_dropped_total counter\naerekos_mirror_dropped_total {}",
+        c.mirror_dropped.load(Ordering::Relaxed)
+    );
+    Resp {
+        status: 200,
+        body: out,
+        content_type: "text/plain; version=0.0.4",
+    }
+}

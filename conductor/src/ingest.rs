@@ -1,0 +1,366 @@
+//! Frame verification and the batched SQLite writer.
+//!
+//! [`handle_publish`] is called for every MQTT publish the conductor
+//! receives. A frame is accepted only after, in order: size limit, structure
+//! (`protocol::open`: version, postcard, trailing bytes), the worker is known
+//! and not revoked, the envelope's worker id equals the topic's, the body kind
+//! matches the topic, the HMAC tag verifies with that worker's secret, and the
+//! replay window says the seq is fresh. Any failure increments exactly one
+//! counter (see [`crate::state::REJECT_REASONS`]) and changes no state.
+//!
+//! Accepted frames are stamped with the conductor's receive time (device
+//! clocks are never trusted). Persistence goes through [`Writer`], a thread
+//! owning its own connection that commits every ≤ 100 ms or 500 writes; the
+//! replay window and last-seen are persisted in the same transaction as the
+//! metrics they accompany. A crash can lose at most the last ~100 ms of
+//! accepted frames; a frame lost that way may be accepted again after a
+//! restart if redelivered (the window persisted is the one committed).
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use protocol::topic::{Topic, TopicKind};
+use protocol::{Body, Envelope, Metrics, SeqVerdict, MAX_FRAME_LEN};
+use rumqttc::{AsyncClient, QoS};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::state::{lock, now_ms, EventRec, Latest, Shared, Status, EVENTS_KEPT};
+use crate::store::{Rollup, Store, StoreError, WriteOp};
+
+/// Most writes per transaction.
+pub const BATCH_MAX: usize = 500;
+/// Longest a write waits before commit.
+pub const BATCH_DELAY: Duration = Duration::from_millis(100);
+/// Retention sweep period.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Handles one publish (any topic under the conductor filter).
+pub fn handle_publish(shared: &Shared, client: &AsyncClient, topic: &str, payload: &[u8]) {
+    let Some(t) = Topic::parse(topic) else {
+        return;
+    };
+    match t.kind {
+        TopicKind::Status => {
+            if payload == protocol::topic::STATUS_OFFLINE.as_bytes() {
+                mark_offline(shared, t.worker_id);
+            }
+            // "online" text is unauthenticated: only a good frame makes a worker online.
+        }
+        TopicKind::Cmd | TopicKind::JsonBirth | TopicKind::JsonMetrics => {}
+        kind => {
+            let _span = tracing::debug_span!("frame", worker_id = t.worker_id).entered();
+            if let Err(reason) = ingest_frame(shared, client, t.worker_id, kind, payload) {
+                shared.counters.reject(reason);
+                log_rejection(shared, t.worker_id, reason);
+            }
+        }
+    }
+}
+
+fn mark_offline(shared: &Shared, worker_id: &str) {
+    let mut workers = lock(&shared.workers);
+    if let Some(w) = workers.get_mut(worker_id) {
+        if w.status != Status::Offline {
+            info!(worker_id, "worker offline (last will)");
+            w.status = Status::Offline;
+            let _ = shared.writer.send(WriteOp::Status {
+                worker_id: worker_id.to_string(),
+                status: Status::Offline.as_str(),
+            });
+        }
+    }
+}
+
+fn log_rejection(shared: &Shared, worker_id: &str, reason: &'static str) {
+    let now = Instant::now();
+    let mut last = lock(&shared.reject_log);
+    let due = last
+        .get(reason)
+        .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(10));
+    if due {
+        last.insert(reason, now);
+        warn!(
+            worker_id,
+            reason,
+            total = shared.counters.rejected(reason),
+            "frame rejected (further rejections for this reason are logged at debug for 10 s)"
+        );
+    } else {
+        debug!(worker_id, reason, "frame rejected");
+    }
+}
+
+fn ingest_frame(
+    shared: &Shared,
+    client: &AsyncClient,
+    topic_worker: &str,
+    kind: TopicKind,
+    payload: &[u8],
+) -> Result<(), &'static str> {
+    if payload.len() > MAX_FRAME_LEN {
+        return Err("oversized");
+    }
+    let opened = protocol::open(payload).map_err(|e| e.reason())?;
+    let received_at_ms = now_ms();
+    let mut workers = lock(&shared.workers);
+    let Some(w) = workers.get_mut(topic_worker) else {
+        return Err("unknown_worker");
+    };
+    let result = (|| {
+        if w.revoked {
+            return Err("revoked");
+        }
+        if opened.worker_id() != topic_worker {
+            return Err("topic_mismatch");
+        }
+        let env: Envelope = opened.verify(&w.secret).map_err(|e| e.reason())?;
+        if Some(env.body.kind()) != kind.expected_body() {
+            return Err("topic_mismatch");
+        }
+        match w.replay.check(env.seq) {
+            SeqVerdict::Fresh => {}
+            SeqVerdict::Replayed => return Err("replayed"),
+            SeqVerdict::TooOld => return Err("too_old"),
+        }
+        Ok(env)
+    })();
+    let env = match result {
+        Ok(env) => env,
+        Err(reason) => {
+            w.rejected += 1;
+            return Err(reason);
+        }
+    };
+
+    // Accept.
+    w.replay.accept(env.seq);
+    w.accepted += 1;
+    w.last_good = Some(Instant::now());
+    w.last_seen_ms = Some(received_at_ms);
+    shared
+        .counters
+        .accepted
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if w.status != Status::Online {
+        info!(worker_id = %w.id, from = w.status.as_str(), "worker online");
+        w.status = Status::Online;
+        let _ = shared.writer.send(WriteOp::Status {
+            worker_id: w.id.clone(),
+            status: Status::Online.as_str(),
+        });
+    }
+    let worker_id = w.id.clone();
+    let mut mirror: Option<(TopicKind, serde_json::Value)> = None;
+    match env.body {
+        Body::Birth(birth) => {
+            if birth.interval_ms >= 50 {
+                w.interval_ms = birth.interval_ms;
+            }
+            if !birth.hostname.is_empty() {
+                w.hostname = birth.hostname.to_string();
+            }
+            if let Ok(j) = serde_json::to_string(&birth) {
+                let _ = shared.writer.send(WriteOp::Inventory {
+                    worker_id: worker_id.clone(),
+                    json: j,
+                });
+            }
+            debug!(worker_id = %worker_id, interval_ms = birth.interval_ms, "birth");
+            mirror = Some((
+                TopicKind::JsonBirth,
+                json!({"worker_id": worker_id, "seq": env.seq, "received_at_ms": received_at_ms, "birth": birth}),
+            ));
+            w.inventory = Some(birth);
+        }
+        Body::Metrics(m) => {
+            if let Ok(blob) = postcard::to_stdvec(&m) {
+                let _ = shared.writer.send(WriteOp::Metrics {
+                    worker_id: worker_id.clone(),
+                    received_at_ms,
+                    seq: env.seq,
+                    blob,
+                    rollup: rollup(&m),
+                });
+            }
+            mirror = Some((
+                TopicKind::JsonMetrics,
+                json!({"worker_id": worker_id, "seq": env.seq, "received_at_ms": received_at_ms, "metrics": m}),
+            ));
+            w.latest = Some(Latest {
+                received_at_ms,
+                seq: env.seq,
+                metrics: m,
+            });
+        }
+        Body::Event(ev) => {
+            info!(worker_id = %worker_id, kind = ?ev.kind, detail = %ev.detail, "worker event");
+            if w.events.len() >= EVENTS_KEPT {
+                w.events.pop_front();
+            }
+            w.events.push_back(EventRec {
+                received_at_ms,
+                event: ev,
+            });
+        }
+        Body::Reply(reply) => {
+            debug!(worker_id = %worker_id, cmd_id = reply.cmd_id, status = ?reply.status, "command reply");
+            let waiter = lock(&shared.pending).remove(&(worker_id.clone(), reply.cmd_id));
+            if let Some(tx) = waiter {
+                let _ = tx.send(reply);
+            }
+        }
+        // Unreachable: a Command on a worker topic fails the kind check above.
+        Body::Command(_) => {}
+    }
+    let _ = shared.writer.send(WriteOp::Seen {
+        worker_id: worker_id.clone(),
+        highest: w.replay.highest,
+        bitmap: w.replay.bitmap,
+        last_seen_ms: received_at_ms,
+    });
+    drop(workers);
+    if let Some((kind, value)) = mirror {
+        let topic = protocol::topic::topic(&worker_id, kind);
+        if client
+            .try_publish(topic, QoS::AtMostOnce, true, value.to_string())
+            .is_err()
+        {
+            shared
+                .counters
+                .mirror_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// Rollup input for one sample.
+pub fn rollup(m: &Metrics) -> Rollup {
+    Rollup {
+        cpu: u64::from(m.cpu_total),
+        mem_used: m.memory_used,
+        mem_total: m.memory_total,
+        load1: u64::from(m.load[0]),
+        temp_max: m
+            .temperatures
+            .iter()
+            .map(|t| i64::from(t.millicelsius))
+            .max(),
+        disk_used: m.disks.iter().map(|d| d.used).fold(0, u64::saturating_add),
+        disk_total: m.disks.iter().map(|d| d.total).fold(0, u64::saturating_add),
+        rx_bps: m.net.iter().map(|n| n.rx_bps).fold(0, u64::saturating_add),
+        tx_bps: m.net.iter().map(|n| n.tx_bps).fold(0, u64::saturating_add),
+    }
+}
+
+/// The ingest writer thread.
+#[derive(Debug)]
+pub struct Writer {
+    handle: JoinHandle<()>,
+}
+
+impl Writer {
+    /// Starts the writer on its own connection; it stops (after a final
+    /// commit) when every sender is dropped.
+    pub fn spawn(
+        store: Store,
+        rx: mpsc::Receiver<WriteOp>,
+        raw_retention_ms: u64,
+        minute_retention_ms: u64,
+    ) -> std::io::Result<Writer> {
+        let handle = std::thread::Builder::new()
+            .name("ingest-writer".into())
+            .spawn(move || writer_loop(store, rx, raw_retention_ms, minute_retention_ms))?;
+        Ok(Writer { handle })
+    }
+
+    /// Waits for the writer to flush and exit (all senders must be dropped).
+    pub fn join(self) {
+        let _ = self.handle.join();
+    }
+}
+
+fn writer_loop(
+    mut store: Store,
+    rx: mpsc::Receiver<WriteOp>,
+    raw_retention_ms: u64,
+    minute_retention_ms: u64,
+) {
+    let mut batch: Vec<WriteOp> = Vec::with_capacity(BATCH_MAX);
+    let mut last_sweep = Instant::now();
+    let mut first_at: Option<Instant> = None;
+    sweep(&mut store, raw_retention_ms, minute_retention_ms);
+    loop {
+        let timeout = match first_at {
+            Some(t) => BATCH_DELAY.saturating_sub(t.elapsed()),
+            None => Duration::from_millis(500),
+        };
+        let disconnected = match rx.recv_timeout(timeout) {
+            Ok(op) => {
+                if batch.is_empty() {
+                    first_at = Some(Instant::now());
+                }
+                batch.push(op);
+                // Drain what is already queued without waiting.
+                while batch.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        let due = first_at.is_some_and(|t| t.elapsed() >= BATCH_DELAY);
+        if !batch.is_empty() && (due || batch.len() >= BATCH_MAX || disconnected) {
+            commit(&mut store, &mut batch);
+            first_at = None;
+        }
+        if disconnected {
+            break;
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            sweep(&mut store, raw_retention_ms, minute_retention_ms);
+        }
+    }
+}
+
+fn commit(store: &mut Store, batch: &mut Vec<WriteOp>) {
+    let mut attempt = 0;
+    loop {
+        match store.apply_batch(batch) {
+            Ok(()) => break,
+            Err(e) if attempt < 3 => {
+                attempt += 1;
+                warn!("batch commit failed (retrying): {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                log_store_error(&e, batch.len());
+                break;
+            }
+        }
+    }
+    batch.clear();
+}
+
+fn log_store_error(e: &StoreError, n: usize) {
+    tracing::error!("dropping {n} writes after repeated commit failures: {e}");
+}
+
+fn sweep(store: &mut Store, raw_retention_ms: u64, minute_retention_ms: u64) {
+    let now = now_ms();
+    match store.sweep(
+        now.saturating_sub(raw_retention_ms),
+        now.saturating_sub(minute_retention_ms),
+    ) {
+        Ok(0) => {}
+        Ok(n) => debug!(rows = n, "retention sweep"),
+        Err(e) => warn!("retention sweep failed: {e}"),
+    }
+}

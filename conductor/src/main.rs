@@ -1,0 +1,256 @@
+//! `conductor` CLI: parse flags → [`conductor::Config`] → run on a
+//! current-thread tokio runtime until SIGINT/SIGTERM.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use conductor::config::{Config, Overrides};
+use conductor::store::Store;
+
+/// aerekos conductor: MQTT broker, store and HTTP API for a Raspberry Pi fleet.
+#[derive(Debug, Parser)]
+#[command(name = "conductor", version)]
+struct Cli {
+    /// TOML config file (defaults < file < AEREKOS_* env < flags).
+    #[arg(long, global = true, env = "AEREKOS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Flags,
+    /// Also run an edge-worker in this process, enrolled with this conductor
+    /// (state under <data-dir>/local-worker): one command for a working fleet of one.
+    #[arg(long)]
+    local_worker: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Args)]
+struct Flags {
+    /// Data directory (SQLite database, runtime.json).
+    #[arg(long, global = true)]
+    data_dir: Option<String>,
+    /// HTTP listen address.
+    #[arg(long, global = true)]
+    http_listen: Option<String>,
+    /// Embedded MQTT broker listen address.
+    #[arg(long, global = true)]
+    mqtt_listen: Option<String>,
+    /// External broker mqtt://user:pass@host:port (no embedded broker).
+    #[arg(long, global = true)]
+    mqtt_url: Option<String>,
+    /// MQTT URL handed to workers.
+    #[arg(long, global = true)]
+    mqtt_public_url: Option<String>,
+    /// Raw metrics retention (e.g. 24h).
+    #[arg(long, global = true)]
+    raw_retention: Option<String>,
+    /// Minute rollup retention (e.g. 7d).
+    #[arg(long, global = true)]
+    minute_retention: Option<String>,
+    /// Default metrics interval in ms.
+    #[arg(long, global = true)]
+    default_interval_ms: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the conductor (the default).
+    Serve,
+    /// Print the effective configuration as TOML (secrets redacted).
+    Config,
+    /// Registration token management (works offline on the store).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Decode a captured postcard frame to JSON.
+    Decode {
+        /// Worker secret (64 hex) to verify the tag; unverified without it.
+        #[arg(long)]
+        secret: Option<String>,
+        /// Frame file, or `-` for stdin.
+        file: String,
+    },
+    /// Admin user management (offline).
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Replace the registration token and print the new one (shown once).
+    Rotate,
+    /// Show registration token metadata.
+    ShowInfo,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCmd {
+    /// Set a new admin password (from AEREKOS_ADMIN_PASSWORD, or random and printed).
+    ResetPassword,
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let file = match &cli.config {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("AEREKOS_"))
+        .collect();
+    let f = &cli.flags;
+    let flags = Overrides {
+        data_dir: f.data_dir.clone(),
+        http_listen: f.http_listen.clone(),
+        mqtt_listen: f.mqtt_listen.clone(),
+        mqtt_url: f.mqtt_url.clone(),
+        mqtt_public_url: f.mqtt_public_url.clone(),
+        raw_retention: f.raw_retention.clone(),
+        minute_retention: f.minute_retention.clone(),
+        default_interval_ms: f.default_interval_ms,
+    };
+    Ok(Config::resolve(file.as_deref(), &env, &flags)?)
+}
+
+fn init_logging() {
+    let filter = std::env::var("AEREKOS_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn serve(config: Config, local_worker: bool) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let data_dir = PathBuf::from(&config.data_dir);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    rt.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let conductor = conductor::run(config, shutdown_signal(), ready_tx);
+        let worker = async {
+            let Ok(started) = ready_rx.await else {
+                return;
+            };
+            if !local_worker {
+                return;
+            }
+            let mut wc = edge_worker::WorkerConfig::new(data_dir.join("local-worker"));
+            // The HTTP listener may be 0.0.0.0: the local worker uses loopback.
+            wc.conductor_url = Some(format!("http://127.0.0.1:{}", started.http_addr.port()));
+            wc.token = Some(started.local_enroll_token);
+            let mut stop = stop_rx;
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = edge_worker::run(wc, stopped).await {
+                tracing::error!("local worker stopped: {e}");
+            }
+        };
+        let conductor = async {
+            let r = conductor.await;
+            let _ = stop_tx.send(true);
+            r
+        };
+        let (result, ()) = tokio::join!(conductor, worker);
+        result
+    })?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match &cli.cmd {
+        None | Some(Cmd::Serve) => serve(load_config(&cli)?, cli.local_worker),
+        Some(Cmd::Config) => {
+            print!("{}", load_config(&cli)?.to_redacted_toml()?);
+            Ok(())
+        }
+        Some(Cmd::Token { cmd }) => {
+            let config = load_config(&cli)?;
+            let mut store = Store::open(std::path::Path::new(&config.data_dir))?;
+            match cmd {
+                TokenCmd::Rotate => {
+                    let t = conductor::auth::rotate_registration_token(&mut store)?;
+                    println!("{t}");
+                }
+                TokenCmd::ShowInfo => match store.setting(conductor::auth::REG_TOKEN_CREATED)? {
+                    Some(ms) => println!(
+                        "registration token: set (stored as sha256 only), created_ms = {ms}"
+                    ),
+                    None => println!("registration token: not created yet (start the conductor)"),
+                },
+            }
+            Ok(())
+        }
+        Some(Cmd::Decode { secret, file }) => {
+            let mut bytes = Vec::new();
+            if file == "-" {
+                std::io::stdin().read_to_end(&mut bytes)?;
+            } else {
+                bytes = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+            }
+            let v = conductor::decode::decode_frame(&bytes, secret.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Some(Cmd::Admin {
+            cmd: AdminCmd::ResetPassword,
+        }) => {
+            let config = load_config(&cli)?;
+            let store = Store::open(std::path::Path::new(&config.data_dir))?;
+            let (pw, show) = match config.admin_password {
+                Some(p) if !p.is_empty() => (p, false),
+                _ => (conductor::state::random_hex::<12>()?, true),
+            };
+            if pw.len() < 8 {
+                bail!("admin password must be at least 8 characters");
+            }
+            store.set_user(
+                conductor::auth::ADMIN_USER,
+                &conductor::auth::hash_password(&pw)?,
+                conductor::state::now_ms(),
+            )?;
+            if show {
+                println!("new admin password: {pw}");
+            } else {
+                println!("admin password set from AEREKOS_ADMIN_PASSWORD");
+            }
+            Ok(())
+        }
+    }
+}

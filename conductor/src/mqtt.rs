@@ -1,0 +1,123 @@
+//! The conductor's own MQTT client (rumqttc), the same code path for the
+//! embedded broker and an external one (e.g. Mosquitto).
+//!
+//! It connects with the stable client id `conductor` and `clean_session =
+//! false`, so a persistent broker queues QoS 1 frames while the conductor
+//! restarts; it (re)subscribes to [`protocol::topic::CONDUCTOR_FILTER`] on
+//! every ConnAck and reconnects with exponential backoff (200 ms … 5 s).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::state::Shared;
+
+/// Client id of the conductor's session.
+pub const CLIENT_ID: &str = "conductor";
+
+/// Where and how the conductor connects.
+#[derive(Clone)]
+pub struct MqttSettings {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Login.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for MqttSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the client and its event loop (nothing connects until polled).
+pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(CLIENT_ID, s.host.clone(), s.port);
+    opts.set_clean_session(false);
+    opts.set_keep_alive(Duration::from_secs(15));
+    // Larger than MAX_FRAME_LEN so oversized frames arrive and are counted.
+    opts.set_max_packet_size(128 * 1024, 128 * 1024);
+    if let Some(u) = &s.username {
+        opts.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
+    }
+    AsyncClient::new(opts, 1024)
+}
+
+/// Drives the event loop until `stop` turns true. Sets `subscribed` after the
+/// first SubAck.
+pub async fn run_loop(
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    subscribed: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut failures: u64 = 0;
+    loop {
+        let ev = tokio::select! {
+            ev = eventloop.poll() => ev,
+            _ = stop.changed() => break,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                crate::ingest::handle_publish(&shared, &client, &p.topic, &p.payload);
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                info!(
+                    session_present = ack.session_present,
+                    "connected to MQTT broker"
+                );
+                backoff = Duration::from_millis(200);
+                failures = 0;
+                if let Err(e) =
+                    client.try_subscribe(protocol::topic::CONDUCTOR_FILTER, QoS::AtLeastOnce)
+                {
+                    warn!("cannot queue subscribe: {e}");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                debug!("subscribed to {}", protocol::topic::CONDUCTOR_FILTER);
+                let _ = subscribed.send(true);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    warn!(
+                        failures,
+                        "MQTT connection error: {e}; retrying in {backoff:?}"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    // Clean disconnect: let the event loop flush the DISCONNECT packet.
+    if client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,325 @@
+//! In-memory state shared by the MQTT task, the liveness ticker and the HTTP
+//! threads.
+//!
+//! Invariant: the worker map mirrors the `workers` table; every change to a
+//! persisted field (replay window, status, revocation, labels, cmd_seq) is
+//! either written synchronously (HTTP paths) or queued to the ingest writer
+//! before the in-memory value is relied upon. Locks are `std::sync` and are
+//! never held across an `.await`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use protocol::{Birth, Event, Metrics, ReplayWindow, Reply, Secret};
+use sha2::{Digest, Sha256};
+
+use crate::broker::Credentials;
+use crate::config::Config;
+use crate::store::{Store, WorkerRow, WriteOp};
+
+/// Events kept per worker in memory.
+pub const EVENTS_KEPT: usize = 50;
+
+/// Rejection reasons, in the order they are reported.
+pub const REJECT_REASONS: [&str; 10] = [
+    "oversized",
+    "truncated",
+    "version",
+    "malformed",
+    "unknown_worker",
+    "revoked",
+    "topic_mismatch",
+    "bad_tag",
+    "replayed",
+    "too_old",
+];
+
+/// Liveness of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    /// A good frame arrived within one interval (+25 %).
+    Online,
+    /// No good frame for more than one interval + 25 %.
+    Stale,
+    /// No good frame for more than three intervals, LWT seen, or never seen.
+    Offline,
+}
+
+impl Status {
+    /// Stable lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "online",
+            Status::Stale => "stale",
+            Status::Offline => "offline",
+        }
+    }
+}
+
+/// Frame counters (accepted, and rejected by reason).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Frames accepted.
+    pub accepted: AtomicU64,
+    /// Rejections indexed like [`REJECT_REASONS`].
+    pub rejected: [AtomicU64; 10],
+    /// JSON mirror publishes dropped because the MQTT queue was full.
+    pub mirror_dropped: AtomicU64,
+}
+
+impl Counters {
+    /// Counts a rejection; unknown reasons count as `malformed`.
+    pub fn reject(&self, reason: &str) {
+        let idx = REJECT_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(3);
+        self.rejected[idx].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Current count for `reason`.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        REJECT_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.rejected[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Latest accepted metrics of a worker.
+#[derive(Debug, Clone)]
+pub struct Latest {
+    /// Conductor receive time.
+    pub received_at_ms: u64,
+    /// Frame seq.
+    pub seq: u64,
+    /// The sample.
+    pub metrics: Metrics,
+}
+
+/// A worker event with its receive time.
+#[derive(Debug, Clone)]
+pub struct EventRec {
+    /// Conductor receive time.
+    pub received_at_ms: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// In-memory view of one worker.
+#[derive(Debug)]
+pub struct WorkerEntry {
+    /// Worker id.
+    pub id: String,
+    /// Hostname (enrolment, then Birth).
+    pub hostname: String,
+    /// Machine id from enrolment.
+    pub machine_id: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Frame secret. Never logged, never mirrored.
+    pub secret: Secret,
+    /// Revoked: frames and logins refused.
+    pub revoked: bool,
+    /// Replay window (persisted by the writer after every accepted frame).
+    pub replay: ReplayWindow,
+    /// Liveness interval from the last Birth (or the default).
+    pub interval_ms: u32,
+    /// Liveness status.
+    pub status: Status,
+    /// Monotonic time of the last good frame in this process.
+    pub last_good: Option<Instant>,
+    /// Wall time of the last good frame (conductor clock).
+    pub last_seen_ms: Option<u64>,
+    /// IP of the last enrolment.
+    pub last_ip: Option<String>,
+    /// Enrolment time.
+    pub enrolled_at_ms: u64,
+    /// Latest Birth.
+    pub inventory: Option<Birth>,
+    /// Latest metrics.
+    pub latest: Option<Latest>,
+    /// Last [`EVENTS_KEPT`] events.
+    pub events: VecDeque<EventRec>,
+    /// Last conductor → worker seq (persisted before use).
+    pub cmd_seq: u64,
+    /// Frames accepted from this worker since start.
+    pub accepted: u64,
+    /// Frames attributed to this worker and rejected since start.
+    pub rejected: u64,
+}
+
+impl WorkerEntry {
+    /// Builds the in-memory entry from a stored row (status starts offline:
+    /// nothing has been seen by this process yet).
+    pub fn from_row(row: &WorkerRow, default_interval_ms: u32) -> Option<WorkerEntry> {
+        let secret = Secret::from_hex(&row.secret_hex).ok()?;
+        let inventory: Option<Birth> = row
+            .inventory_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok());
+        let interval_ms = inventory
+            .as_ref()
+            .map(|b| b.interval_ms)
+            .filter(|i| *i > 0)
+            .unwrap_or(default_interval_ms);
+        Some(WorkerEntry {
+            id: row.id.clone(),
+            hostname: row.hostname.clone(),
+            machine_id: row.machine_id.clone(),
+            labels: serde_json::from_str(&row.labels_json).unwrap_or_default(),
+            secret,
+            revoked: row.revoked,
+            replay: ReplayWindow::new(row.replay_highest, row.replay_bitmap),
+            interval_ms,
+            status: Status::Offline,
+            last_good: None,
+            last_seen_ms: row.last_seen_ms,
+            last_ip: row.last_ip.clone(),
+            enrolled_at_ms: row.enrolled_at_ms,
+            inventory,
+            latest: None,
+            events: VecDeque::new(),
+            cmd_seq: row.cmd_seq,
+            accepted: 0,
+            rejected: 0,
+        })
+    }
+}
+
+/// Per-IP token bucket.
+#[derive(Debug)]
+pub struct RateLimiter {
+    burst: f64,
+    refill_per_s: f64,
+    buckets: Mutex<HashMap<std::net::IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// `burst` attempts, one more every `refill_s` seconds; `burst == 0` disables.
+    pub fn new(burst: u32, refill_s: u32) -> RateLimiter {
+        RateLimiter {
+            burst: f64::from(burst),
+            refill_per_s: 1.0 / f64::from(refill_s.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one attempt for `ip`; `false` = over the limit.
+    pub fn allow(&self, ip: std::net::IpAddr) -> bool {
+        if self.burst <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut b = lock(&self.buckets);
+        if b.len() > 10_000 {
+            // Bound memory: forget buckets that have refilled completely.
+            let full = self.burst / self.refill_per_s;
+            b.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() < full);
+        }
+        let (tokens, last) = b.entry(ip).or_insert((self.burst, now));
+        let refill = now.duration_since(*last).as_secs_f64() * self.refill_per_s;
+        *tokens = (*tokens + refill).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Waiters for command replies, keyed by (worker id, command id).
+pub type Pending = Mutex<HashMap<(String, u32), mpsc::Sender<Reply>>>;
+
+/// Everything the conductor's tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Effective config.
+    pub config: Config,
+    /// Connection for HTTP-side reads and low-rate writes.
+    pub db: Mutex<Store>,
+    /// Workers by id.
+    pub workers: Mutex<HashMap<String, WorkerEntry>>,
+    /// Broker credential table (embedded broker only).
+    pub creds: Credentials,
+    /// Frame counters.
+    pub counters: Counters,
+    /// Queue to the ingest writer thread.
+    pub writer: mpsc::Sender<WriteOp>,
+    /// Command reply waiters.
+    pub pending: Pending,
+    /// In-memory enrolment token (never stored).
+    pub local_token: String,
+    /// MQTT address workers connect to (embedded broker's bound port / external broker).
+    pub mqtt_host: String,
+    /// MQTT port.
+    pub mqtt_port: u16,
+    /// `true` when the embedded broker runs (per-worker credentials enforced).
+    pub embedded_broker: bool,
+    /// Observer login for the embedded broker.
+    pub observer_password: Option<String>,
+    /// Enrolment rate limiter (per IP).
+    pub enroll_limiter: RateLimiter,
+    /// Login rate limiter (per IP).
+    pub login_limiter: RateLimiter,
+    /// Start time.
+    pub started: Instant,
+    /// Last time a rejection of each reason was logged (rate-limits warnings).
+    pub reject_log: Mutex<HashMap<&'static str, Instant>>,
+}
+
+/// Locks a mutex, recovering from poisoning (a panicked holder leaves data
+/// that is still structurally valid for our maps and counters).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Shared handle.
+pub type SharedRef = Arc<Shared>;
+
+/// Milliseconds since the Unix epoch on the conductor's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `n` random bytes from the OS.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b)?;
+    Ok(b)
+}
+
+/// Lower-case hex of `N` random bytes.
+pub fn random_hex<const N: usize>() -> Result<String, getrandom::Error> {
+    Ok(protocol::hex_string(&random_bytes::<N>()?))
+}
+
+/// sha256 of `s`, lower-case hex.
+pub fn sha256_hex(s: &str) -> String {
+    protocol::hex_string(&Sha256::digest(s.as_bytes()))
+}
+
+/// Compares two byte strings without early exit on the first difference.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The address to advertise for a bound socket (0.0.0.0 → 127.0.0.1).
+pub fn advertised(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}

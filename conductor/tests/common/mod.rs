@@ -1,0 +1,447 @@
+//! Test harness: a real conductor in-process on ephemeral ports, an HTTP
+//! helper and an MQTT "worker" that seals real frames.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use conductor::{Config, Started};
+use protocol::topic::{topic, TopicKind};
+use protocol::{Body, Envelope, Secret};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+
+/// Called for every publish a test client receives.
+pub type OnPublish = Box<dyn Fn(&Client, &rumqttc::Publish) + Send>;
+
+pub const ADMIN_PW: &str = "test-admin-password";
+
+pub struct Conductor {
+    pub started: Started,
+    pub dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+    session: std::sync::Mutex<Option<String>>,
+}
+
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        data_dir: dir.display().to_string(),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        admin_password: Some(ADMIN_PW.into()),
+        ..Config::default()
+    }
+}
+
+impl Conductor {
+    pub fn start(dir: &Path) -> Conductor {
+        Conductor::start_with(test_config(dir))
+    }
+
+    pub fn start_with(config: Config) -> Conductor {
+        let dir = PathBuf::from(&config.data_dir);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(conductor::run(
+                config,
+                async {
+                    let _ = stop_rx.await;
+                },
+                ready_tx,
+            ))
+            .map_err(|e| e.to_string())
+        });
+        let started = ready_rx.blocking_recv().expect("conductor failed to start");
+        Conductor {
+            started,
+            dir,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            session: Default::default(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.started.http_addr, path)
+    }
+
+    /// Stops and waits for a clean shutdown.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .expect("conductor thread panicked")
+                .expect("conductor run failed");
+        }
+    }
+
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        http(
+            method,
+            &self.url(path),
+            token,
+            body.map(|b| b.to_string().into_bytes()),
+        )
+    }
+
+    /// Admin session token (logged in once per conductor).
+    pub fn admin(&self) -> String {
+        let mut s = self.session.lock().unwrap();
+        if let Some(t) = &*s {
+            return t.clone();
+        }
+        let (code, v) = self.call(
+            "POST",
+            "/api/v1/login",
+            None,
+            Some(json!({"username": "admin", "password": ADMIN_PW})),
+        );
+        assert_eq!(code, 200, "{v}");
+        let t = v["token"].as_str().unwrap().to_string();
+        *s = Some(t.clone());
+        t
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let (code, v) = self.call("GET", path, Some(&self.admin()), None);
+        assert_eq!(code, 200, "GET {path}: {v}");
+        v
+    }
+
+    pub fn enroll(&self, body: Value) -> (u16, Value) {
+        self.call("POST", "/api/v1/enroll", None, Some(body))
+    }
+
+    /// Enrols a new worker with the local token.
+    pub fn enroll_new(&self, hostname: &str) -> Enrolled {
+        let (code, v) = self.enroll(json!({
+            "token": self.started.local_enroll_token,
+            "hostname": hostname,
+            "machine_id": format!("mid-{hostname}"),
+            "labels": {"site": "lab"},
+        }));
+        assert_eq!(code, 200, "{v}");
+        Enrolled::from_json(&v)
+    }
+
+    pub fn worker(&self, id: &str) -> Value {
+        self.get(&format!("/api/v1/workers/{id}"))
+    }
+
+    pub fn prometheus(&self) -> String {
+        let agent = agent();
+        let mut r = agent.get(self.url("/metrics")).call().unwrap();
+        r.body_mut().read_to_string().unwrap()
+    }
+
+    pub fn rejected(&self, reason: &str) -> u64 {
+        prom_value(
+            &self.prometheus(),
+            &format!("aerekos_frames_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    }
+
+    pub fn accepted(&self) -> u64 {
+        prom_value(&self.prometheus(), "aerekos_frames_accepted_total")
+    }
+}
+
+impl Drop for Conductor {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn prom_value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        })
+        .unwrap_or_else(|| panic!("series {series} missing"))
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(15)))
+        .build()
+        .into()
+}
+
+pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u8>>) -> (u16, Value) {
+    let mut b = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        b = b.header("Authorization", format!("Bearer {t}"));
+    }
+    b = b.header("Content-Type", "application/json");
+    let req = b.body(body.unwrap_or_default()).unwrap();
+    let mut resp = agent().run(req).unwrap();
+    let code = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    let v = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (code, v)
+}
+
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub id: String,
+    pub secret: Secret,
+    pub username: String,
+    pub password: String,
+    pub mqtt_url: String,
+}
+
+impl Enrolled {
+    pub fn from_json(v: &Value) -> Enrolled {
+        Enrolled {
+            id: v["worker_id"].as_str().unwrap().into(),
+            secret: Secret::from_hex(v["secret"].as_str().unwrap()).unwrap(),
+            username: v["mqtt_username"].as_str().unwrap().into(),
+            password: v["mqtt_password"].as_str().unwrap().into(),
+            mqtt_url: v["mqtt_url"].as_str().unwrap().into(),
+        }
+    }
+}
+
+/// An MQTT client acting as a worker; replies to commands when `auto_reply`.
+pub struct FakeWorker {
+    pub id: String,
+    pub secret: Secret,
+    pub client: Client,
+    pub seq: Arc<AtomicU64>,
+    _thread: JoinHandle<()>,
+}
+
+/// Connects `client_id` with the given login; Err if the broker refuses.
+pub fn connect(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    username: &str,
+    password: &str,
+    on_publish: Option<OnPublish>,
+) -> Result<(Client, JoinHandle<()>), String> {
+    let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(username, password);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(128 * 1024, 128 * 1024);
+    let (client, mut connection) = Client::new(opts, 100);
+    let (tx, rx) = mpsc::channel();
+    let c2 = client.clone();
+    let t = std::thread::spawn(move || {
+        let mut first = true;
+        for ev in connection.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if first => {
+                    first = false;
+                    let _ = tx.send(Ok(()));
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(f) = &on_publish {
+                        f(&c2, &p);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if first {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                    break;
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(Ok(())) => Ok((client, t)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no connack".into()),
+    }
+}
+
+impl FakeWorker {
+    pub fn connect(c: &Conductor, e: &Enrolled, auto_reply: bool) -> Result<FakeWorker, String> {
+        let seq = Arc::new(AtomicU64::new(0));
+        let handler: Option<OnPublish> = if auto_reply {
+            let secret = e.secret.clone();
+            let id = e.id.clone();
+            let seq = seq.clone();
+            Some(Box::new(move |client: &Client, p: &rumqttc::Publish| {
+                let Ok(opened) = protocol::open(&p.payload) else {
+                    return;
+                };
+                let Ok(env) = opened.verify(&secret) else {
+                    return;
+                };
+                if let Body::Command(cmd) = env.body {
+                    let reply = Body::Reply(protocol::Reply {
+                        cmd_id: cmd.id,
+                        status: protocol::ReplyStatus::Ok,
+                        detail: protocol::bounded("pong"),
+                    });
+                    let n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+                    let frame = seal(&secret, &id, n, reply);
+                    let _ = client.try_publish(
+                        topic(&id, TopicKind::Reply),
+                        QoS::AtLeastOnce,
+                        false,
+                        frame,
+                    );
+                }
+            }))
+        } else {
+            None
+        };
+        let (client, t) = connect(
+            c.started.mqtt_addr,
+            &e.id,
+            &e.username,
+            &e.password,
+            handler,
+        )?;
+        if auto_reply {
+            client
+                .subscribe(topic(&e.id, TopicKind::Cmd), QoS::AtLeastOnce)
+                .unwrap();
+        }
+        Ok(FakeWorker {
+            id: e.id.clone(),
+            secret: e.secret.clone(),
+            client,
+            seq,
+            _thread: t,
+        })
+    }
+
+    /// Seals `body` with the next seq and publishes it on its topic; returns the bytes.
+    pub fn send(&self, body: Body) -> Vec<u8> {
+        let kind = match body {
+            Body::Birth(_) => TopicKind::Birth,
+            Body::Metrics(_) => TopicKind::Metrics,
+            Body::Event(_) => TopicKind::Events,
+            Body::Reply(_) => TopicKind::Reply,
+            Body::Command(_) => TopicKind::Cmd,
+        };
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let frame = seal(&self.secret, &self.id, n, body);
+        self.raw(&topic(&self.id, kind), frame.clone());
+        frame
+    }
+
+    pub fn raw(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .unwrap();
+    }
+}
+
+pub fn seal(secret: &Secret, id: &str, seq: u64, body: Body) -> Vec<u8> {
+    protocol::seal(
+        secret,
+        &Envelope {
+            version: protocol::FORMAT_VERSION,
+            worker_id: protocol::bounded(id),
+            seq,
+            sent_at_ms: 0,
+            body,
+        },
+    )
+    .unwrap()
+}
+
+pub fn birth(hostname: &str, interval_ms: u32) -> Body {
+    Body::Birth(protocol::Birth {
+        hostname: protocol::bounded(hostname),
+        os: protocol::bounded("Debian GNU/Linux 12"),
+        kernel: protocol::bounded("6.6.31"),
+        arch: protocol::bounded("aarch64"),
+        cpu_model: protocol::bounded("Cortex-A76"),
+        cores: 4,
+        memory_total: 8 << 30,
+        disks: heapless::Vec::new(),
+        device_model: protocol::bounded("Raspberry Pi 5 Model B Rev 1.0"),
+        agent_version: protocol::bounded("0.1.0"),
+        boot_id: protocol::bounded("b00t"),
+        labels: heapless::Vec::new(),
+        interval_ms,
+    })
+}
+
+pub fn metrics(cpu_hundredths: u16) -> Body {
+    let mut temps = heapless::Vec::new();
+    let _ = temps.push(protocol::Temperature {
+        name: protocol::bounded("cpu-thermal"),
+        millicelsius: 51_500,
+    });
+    let mut disks = heapless::Vec::new();
+    let _ = disks.push(protocol::Disk {
+        mount: protocol::bounded("/"),
+        used: 10 << 30,
+        total: 64 << 30,
+    });
+    Body::Metrics(protocol::Metrics {
+        cpu_total: cpu_hundredths,
+        cpu_per_core: heapless::Vec::new(),
+        load: [150, 100, 50],
+        memory_used: 2 << 30,
+        memory_available: 6 << 30,
+        memory_total: 8 << 30,
+        swap_used: 0,
+        swap_total: 0,
+        disks,
+        net: heapless::Vec::new(),
+        temperatures: temps,
+        uptime_s: 1234,
+        processes: 150,
+        dropped: 0,
+    })
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_status(c: &Conductor, id: &str, status: &str, timeout: Duration) {
+    wait_for(&format!("{id} {status}"), timeout, || {
+        (c.worker(id)["status"] == status).then_some(())
+    });
+}
