@@ -1,0 +1,247 @@
+//! Footprint benchmark: the edge-worker side by side with Debian's
+//! prometheus-node-exporter, measured in the same run on the same machine,
+//! plus the metrics frame size against the same data as JSON.
+//!
+//! ```sh
+//! cargo pi && cargo run --release -p aerekos-e2e --bin footprint
+//! ```
+//!
+//! Prints: stripped binary sizes; idle RSS after warm-up; CPU time per
+//! sample (edge-worker, measured over many samples at a short interval)
+//! against CPU time per scrape (node_exporter, many scrapes); bytes per
+//! metrics frame vs JSON. Ratios are what to read: the machine is shared.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a benchmark report
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::*;
+
+/// CPU time (user + system) consumed so far by `pid`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("process stat");
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on every Linux ABI we target.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident set size of `pid`, bytes.
+fn rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS")
+}
+
+fn size(path: &Path) -> Option<u64> {
+    fs::metadata(path).ok().map(|m| m.len())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn node_exporter_bin() -> Option<&'static str> {
+    [
+        "/usr/bin/prometheus-node-exporter",
+        "/usr/sbin/prometheus-node-exporter",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).is_file())
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = bin_dir().parent().unwrap().to_path_buf();
+    let aarch64 = target.join("aarch64-unknown-linux-musl/release/edge-worker");
+    let native = bin("edge-worker");
+    let ne = node_exporter_bin();
+
+    println!("== binary size (stripped) ==");
+    match size(&aarch64) {
+        Some(s) => println!(
+            "edge-worker aarch64-unknown-linux-musl  {s:>10} B  {}  (target <= 1.5 MiB: {})",
+            mib(s),
+            if s <= 1_572_864 { "met" } else { "MISSED" }
+        ),
+        None => println!("edge-worker aarch64: not built (run `cargo pi` first)"),
+    }
+    if let Some(s) = size(&native) {
+        println!(
+            "edge-worker {} (this host)         {s:>10} B  {}",
+            std::env::consts::ARCH,
+            mib(s)
+        );
+    }
+    let ne_size = ne.and_then(|p| size(Path::new(p)));
+    if let Some(s) = ne_size {
+        println!(
+            "prometheus-node-exporter (Debian)      {s:>10} B  {}",
+            mib(s)
+        );
+    }
+
+    // A conductor to report to, and an idle worker at the default 10 s interval.
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+    let mut idle_opts = WorkerOpts::named("idle");
+    idle_opts.interval_ms = 10_000;
+    let mut idle = Worker::start(&dir.path().join("idle"), &c.url(), Some(&token), idle_opts);
+    let idle_id = idle.wait_id();
+
+    let ne_port = free_port();
+    let mut ne_proc = ne.map(|p| {
+        let mut cmd = Command::new(p);
+        cmd.arg(format!("--web.listen-address=127.0.0.1:{ne_port}"));
+        Proc::spawn(cmd, dir.path().join("node_exporter.log"))
+    });
+    let ne_url = format!("http://127.0.0.1:{ne_port}/metrics");
+    let agent = http();
+    if ne_proc.is_some() {
+        wait_for("node_exporter to serve", Duration::from_secs(20), || {
+            agent.get(&ne_url).call().ok().map(|_| ())
+        });
+        // Prometheus scrapes periodically: warm it up like a scraped exporter.
+        for _ in 0..3 {
+            let _ = agent
+                .get(&ne_url)
+                .call()
+                .map(|mut r| r.body_mut().read_to_string());
+        }
+    }
+
+    println!("\n== idle RSS (after 25 s; worker at a 10 s interval, exporter scraped) ==");
+    std::thread::sleep(Duration::from_secs(25));
+    let worker_rss = rss(idle.proc.pid());
+    println!(
+        "edge-worker             {:>10} B  {}  (target <= 4 MiB: {})",
+        worker_rss,
+        mib(worker_rss),
+        if worker_rss <= 4 << 20 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    if let Some(p) = &ne_proc {
+        let r = rss(p.pid());
+        println!("node_exporter           {:>10} B  {}", r, mib(r));
+        println!(
+            "ratio worker/exporter   {:.3}  (target <= 0.200: {})",
+            worker_rss as f64 / r as f64,
+            if (worker_rss as f64) <= 0.2 * r as f64 {
+                "met"
+            } else {
+                "MISSED"
+            }
+        );
+    }
+    drop(idle);
+
+    println!("\n== CPU per sample ==");
+    let mut busy_opts = WorkerOpts::named("busy");
+    busy_opts.interval_ms = 10;
+    let mut busy = Worker::start(&dir.path().join("busy"), &c.url(), Some(&token), busy_opts);
+    let busy_id = busy.wait_id();
+    wait_for("busy worker reporting", Duration::from_secs(20), || {
+        (c.raw_history(&busy_id).len() > 50).then_some(())
+    });
+    let pid = busy.proc.pid();
+    let count = |c: &Conductor| c.raw_history(&busy_id).len();
+    let (n0, t0, w0) = (count(&c), cpu_time(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(15));
+    let (n1, t1, wall) = (count(&c), cpu_time(pid), w0.elapsed());
+    busy.proc.kill9();
+    let samples = (n1 - n0) as f64;
+    let worker_per_sample = (t1 - t0).as_secs_f64() / samples;
+    println!(
+        "edge-worker: {samples} samples in {wall:.1?}, {:?} CPU  => {:.3} ms per sample, {:.1} s per 1,000 samples",
+        t1 - t0,
+        worker_per_sample * 1e3,
+        worker_per_sample * 1e3
+    );
+    if let Some(p) = &ne_proc {
+        let scrapes = 200;
+        let t0 = cpu_time(p.pid());
+        for _ in 0..scrapes {
+            let _ = agent
+                .get(&ne_url)
+                .call()
+                .map(|mut r| r.body_mut().read_to_string());
+        }
+        let t1 = cpu_time(p.pid());
+        let per_scrape = (t1 - t0).as_secs_f64() / scrapes as f64;
+        println!(
+            "node_exporter: {scrapes} scrapes, {:?} CPU  => {:.3} ms per scrape",
+            t1 - t0,
+            per_scrape * 1e3
+        );
+        println!(
+            "ratio worker sample / exporter scrape  {:.3}  (target <= 0.100: {})",
+            worker_per_sample / per_scrape,
+            if worker_per_sample <= 0.1 * per_scrape {
+                "met"
+            } else {
+                "MISSED"
+            }
+        );
+    }
+    if let Some(p) = ne_proc.as_mut() {
+        p.kill9();
+    }
+
+    println!("\n== metrics frame size ==");
+    let detail = c.worker(&idle_id);
+    let metrics: protocol::Metrics = serde_json::from_value(detail["metrics"]["metrics"].clone())
+        .expect("metrics JSON is protocol::Metrics");
+    let mut env = protocol::examples::envelope(1, protocol::Body::Metrics(metrics.clone()));
+    env.worker_id = protocol::frame::bounded(&idle_id);
+    let sealed = protocol::seal(&protocol::examples::secret(), &env).unwrap();
+    let json = serde_json::to_vec(&env).unwrap();
+    println!(
+        "this machine's sample: {} disks, {} interfaces, {} sensors, {} cores",
+        metrics.disks.len(),
+        metrics.net.len(),
+        metrics.temperatures.len(),
+        metrics.cpu_per_core.len()
+    );
+    println!(
+        "sealed postcard frame   {:>5} B (incl. 16 B tag)",
+        sealed.len()
+    );
+    println!("same envelope as JSON   {:>5} B", json.len());
+    println!(
+        "ratio frame/JSON        {:.3}  (target <= 0.200: {})",
+        sealed.len() as f64 / json.len() as f64,
+        if sealed.len() * 5 <= json.len() {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    let pi = protocol::seal(
+        &protocol::examples::secret(),
+        &protocol::examples::envelope(1, protocol::Body::Metrics(protocol::examples::metrics())),
+    )
+    .unwrap();
+    let pi_json = serde_json::to_vec(&protocol::examples::envelope(
+        1,
+        protocol::Body::Metrics(protocol::examples::metrics()),
+    ))
+    .unwrap();
+    println!(
+        "Pi 4 example (protocol/README.md): {} B vs {} B JSON, ratio {:.3}",
+        pi.len(),
+        pi_json.len(),
+        pi.len() as f64 / pi_json.len() as f64
+    );
+}

@@ -1,0 +1,751 @@
+//! Harness for end-to-end tests: starts the real `conductor` and
+//! `edge-worker` binaries (and, where a test needs an external broker, a real
+//! Mosquitto) on ephemeral ports in temp dirs, and talks to them the way a
+//! user would: HTTP API, MQTT, signals.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves
+//! nothing running. Each process's output goes to a log file in its temp dir;
+//! on a failed wait the log tail is printed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: a panic is a failure report
+
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Admin password every test conductor is started with.
+pub const ADMIN_PASSWORD: &str = "e2e-admin-password-Xq7";
+
+/// Directory holding the workspace's built binaries: the profile dir
+/// (`target/debug` for tests, `target/release` for the benchmarks).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Tests live in target/<profile>/deps/, bench binaries in target/<profile>/.
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let have = |n: &str| dir.join(n).is_file();
+        if !have("conductor") || !have("edge-worker") || stale(&dir) {
+            // `cargo test --workspace` builds both binaries (their packages have
+            // integration tests); when this crate runs alone, build them.
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-p", "conductor", "-p", "edge-worker", "--bins"]);
+            if dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building conductor/edge-worker failed");
+        }
+        dir
+    })
+}
+
+/// True when a source file is newer than the binaries (e.g. after
+/// `cargo test -p aerekos-e2e`, which does not rebuild other packages' bins).
+fn stale(dir: &Path) -> bool {
+    fn newest(path: &Path) -> std::time::SystemTime {
+        let mut t = std::time::SystemTime::UNIX_EPOCH;
+        if let Ok(entries) = fs::read_dir(path) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let m = if p.is_dir() {
+                    newest(&p)
+                } else {
+                    e.metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+                };
+                t = t.max(m);
+            }
+        }
+        t
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let src = ["protocol/src", "conductor/src", "edge-worker/src"]
+        .iter()
+        .map(|d| newest(&root.join(d)))
+        .max()
+        .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+    ["conductor", "edge-worker"].iter().any(|b| {
+        fs::metadata(dir.join(b))
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t < src)
+    })
+}
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A free loopback port (bind :0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
+#[track_caller]
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (SIGKILL) on drop, with its output in `log`.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    /// Combined stdout+stderr of the process.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let err = out.try_clone().unwrap();
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// OS pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits up to 10 s for exit (then SIGKILL).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Is it still running?
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The process's output so far.
+    pub fn output(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The last `n` lines of output, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        let out = self.output();
+        let lines: Vec<&str> = out.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A blocking HTTP client that reports statuses instead of erroring on them.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(15)))
+        .build()
+        .into()
+}
+
+fn read(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
+    match resp {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let body = r.body_mut().read_to_string().unwrap_or_default();
+            let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
+            (status, v)
+        }
+        Err(e) => (0, Value::String(e.to_string())),
+    }
+}
+
+/// A running conductor process.
+#[derive(Debug)]
+pub struct Conductor {
+    /// The process.
+    pub proc: Proc,
+    /// Its data dir (kept across restarts by the test).
+    pub data_dir: PathBuf,
+    /// Extra arguments it was started with (reused on restart).
+    pub args: Vec<String>,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// MQTT address the conductor serves (embedded) or uses (external).
+    pub mqtt: SocketAddr,
+    /// Admin bearer token.
+    pub admin: String,
+}
+
+impl Conductor {
+    /// Starts a conductor with the embedded broker on ephemeral ports.
+    pub fn start(data_dir: &Path) -> Conductor {
+        Conductor::start_with(data_dir, &[])
+    }
+
+    /// Starts a conductor with extra CLI arguments (e.g. `--mqtt-url`).
+    pub fn start_with(data_dir: &Path, args: &[&str]) -> Conductor {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Conductor::spawn(data_dir.to_path_buf(), args, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    fn spawn(data_dir: PathBuf, args: Vec<String>, http: &str, mqtt: &str) -> Conductor {
+        fs::create_dir_all(&data_dir).unwrap();
+        let runtime = data_dir.join("runtime.json");
+        let _ = fs::remove_file(&runtime);
+        let mut cmd = Command::new(bin("conductor"));
+        cmd.arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--http-listen", http, "--mqtt-listen", mqtt])
+            .args(&args)
+            .env("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("RUST_LOG", "info");
+        let mut proc = Proc::spawn(cmd, data_dir.join("conductor.log"));
+        let pid = proc.pid();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let info: Value = loop {
+            if let Ok(text) = fs::read_to_string(&runtime) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    if v["pid"].as_u64() == Some(pid as u64) {
+                        break v;
+                    }
+                }
+            }
+            if !proc.alive() || Instant::now() > deadline {
+                panic!("conductor did not start:\n{}", proc.tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let http: SocketAddr = info["http_addr"].as_str().unwrap().parse().unwrap();
+        let mqtt: SocketAddr = info["mqtt_addr"].as_str().unwrap().parse().unwrap();
+        let mut c = Conductor {
+            proc,
+            data_dir,
+            args,
+            http,
+            mqtt,
+            admin: String::new(),
+        };
+        let (status, body) = c.post(
+            "/api/v1/login",
+            &json!({"username": "admin", "password": ADMIN_PASSWORD}),
+        );
+        assert_eq!(status, 200, "admin login: {body}\n{}", c.proc.tail(20));
+        c.admin = body["token"].as_str().unwrap().to_string();
+        c
+    }
+
+    /// `kill -9` then start again on the same data dir and the same ports
+    /// (workers keep the URLs they enrolled with).
+    pub fn restart_after_kill9(&mut self) {
+        self.proc.kill9();
+        let (http, mqtt) = (self.http.to_string(), self.mqtt.to_string());
+        let next = Conductor::spawn(self.data_dir.clone(), self.args.clone(), &http, &mqtt);
+        *self = next;
+    }
+
+    /// Base URL of the HTTP API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// Authenticated GET.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        read(
+            http()
+                .get(format!("{}{path}", self.url()))
+                .header("Authorization", format!("Bearer {}", self.admin))
+                .call(),
+        )
+    }
+
+    /// GET without credentials, body as text.
+    pub fn get_text(&self, path: &str) -> (u16, String) {
+        match http().get(format!("{}{path}", self.url())).call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    /// Authenticated POST of JSON (the admin token is sent when set).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut req = http().post(format!("{}{path}", self.url()));
+        if !self.admin.is_empty() {
+            req = req.header("Authorization", format!("Bearer {}", self.admin));
+        }
+        read(req.send_json(body))
+    }
+
+    /// A fresh registration token (rotates it).
+    pub fn registration_token(&self) -> String {
+        let (status, body) = self.post("/api/v1/registration-token/rotate", &json!({}));
+        assert_eq!(status, 200, "rotate token: {body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    /// `GET /api/v1/workers` as a list.
+    pub fn workers(&self) -> Vec<Value> {
+        let (status, body) = self.get("/api/v1/workers");
+        assert_eq!(status, 200, "workers: {body}");
+        match body {
+            Value::Array(v) => v,
+            other => other["workers"].as_array().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// One worker's detail.
+    pub fn worker(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/workers/{id}"));
+        assert_eq!(status, 200, "worker {id}: {body}");
+        body
+    }
+
+    /// The status string (`online`, `stale`, `offline`) of a worker.
+    pub fn status_of(&self, id: &str) -> String {
+        self.worker(id)["status"].as_str().unwrap_or("").to_string()
+    }
+
+    /// Raw metrics history points of a worker (all time).
+    pub fn raw_history(&self, id: &str) -> Vec<Value> {
+        let (status, body) = self.get(&format!(
+            "/api/v1/workers/{id}/metrics?from=0&to=99999999999999&resolution=raw"
+        ));
+        assert_eq!(status, 200, "history: {body}");
+        match body {
+            Value::Array(v) => v,
+            other => other["points"].as_array().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Prometheus exposition text.
+    pub fn prometheus(&self) -> String {
+        let (status, text) = self.get_text("/metrics");
+        assert_eq!(status, 200);
+        text
+    }
+
+    /// Value of `aerekos_frames_rejected_total{reason="<reason>"}` (0 if absent).
+    pub fn rejected(&self, reason: &str) -> f64 {
+        metric(
+            &self.prometheus(),
+            &format!("aerekos_frames_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    }
+
+    /// MQTT credentials of the read-only observer login.
+    pub fn observer(&self) -> (String, String) {
+        let (status, body) = self.get("/api/v1/mqtt");
+        assert_eq!(status, 200, "mqtt info: {body}");
+        (
+            body["observer_username"].as_str().unwrap().to_string(),
+            body["observer_password"].as_str().unwrap().to_string(),
+        )
+    }
+}
+
+/// Reads one sample (`name{labels} value`) from Prometheus text; 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Options for an edge-worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerOpts {
+    /// Metrics interval, ms.
+    pub interval_ms: u64,
+    /// Hostname override.
+    pub hostname: String,
+    /// Machine id override.
+    pub machine_id: String,
+    /// Extra args.
+    pub extra: Vec<String>,
+}
+
+impl WorkerOpts {
+    /// A worker with `hostname`, a unique machine id and a 300 ms interval.
+    pub fn named(hostname: &str) -> WorkerOpts {
+        WorkerOpts {
+            interval_ms: 300,
+            hostname: hostname.to_string(),
+            machine_id: format!("machine-{hostname}-{}", std::process::id()),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A running edge-worker process.
+#[derive(Debug)]
+pub struct Worker {
+    /// The process.
+    pub proc: Proc,
+    /// Its state dir (identity, outbox).
+    pub state_dir: PathBuf,
+    /// How it was started.
+    pub opts: WorkerOpts,
+    conductor_url: String,
+    token: Option<String>,
+}
+
+impl Worker {
+    /// Starts an edge-worker enrolling with `conductor_url` using `token`.
+    pub fn start(
+        state_dir: &Path,
+        conductor_url: &str,
+        token: Option<&str>,
+        opts: WorkerOpts,
+    ) -> Worker {
+        let proc = Worker::spawn(state_dir, conductor_url, token, &opts);
+        Worker {
+            proc,
+            state_dir: state_dir.to_path_buf(),
+            opts,
+            conductor_url: conductor_url.to_string(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    fn spawn(
+        state_dir: &Path,
+        conductor_url: &str,
+        token: Option<&str>,
+        opts: &WorkerOpts,
+    ) -> Proc {
+        fs::create_dir_all(state_dir).unwrap();
+        let mut cmd = Command::new(bin("edge-worker"));
+        cmd.arg("--conductor")
+            .arg(conductor_url)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--interval", &format!("{}ms", opts.interval_ms)])
+            .args(["--hostname", &opts.hostname])
+            .args(["--machine-id", &opts.machine_id])
+            .args(&opts.extra)
+            .env("AEREKOS_LOG", "info");
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        Proc::spawn(cmd, state_dir.with_extension("log"))
+    }
+
+    /// `kill -9`s the worker and starts it again on the same state dir,
+    /// without a token: its identity is stored.
+    pub fn restart(&mut self) {
+        self.proc.kill9();
+        self.token = None;
+        self.proc = Worker::spawn(&self.state_dir, &self.conductor_url, None, &self.opts);
+    }
+
+    /// The worker id from its state file, once enrolled.
+    pub fn id(&self) -> Option<String> {
+        let text = fs::read_to_string(self.state_dir.join("state.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["worker_id"].as_str().map(str::to_string)
+    }
+
+    /// Waits for enrolment; the worker id.
+    #[track_caller]
+    pub fn wait_id(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(id) = self.id() {
+                return id;
+            }
+            if Instant::now() > deadline || !self.proc.alive() {
+                panic!("worker did not enrol:\n{}", self.proc.tail(30));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The frame secret from its state file.
+    pub fn secret(&self) -> protocol::Secret {
+        let text = fs::read_to_string(self.state_dir.join("state.json")).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        protocol::Secret::from_hex(v["secret"].as_str().unwrap()).unwrap()
+    }
+
+    /// Its MQTT username and password from the state file.
+    pub fn mqtt_login(&self) -> (String, String) {
+        let text = fs::read_to_string(self.state_dir.join("state.json")).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        (
+            v["mqtt_username"].as_str().unwrap_or_default().to_string(),
+            v["mqtt_password"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+}
+
+/// A real Mosquitto broker on a loopback port, anonymous access allowed.
+#[derive(Debug)]
+pub struct Mosquitto {
+    /// The process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+    dir: PathBuf,
+}
+
+/// Path of the mosquitto binary; panics with an install hint when missing.
+pub fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).is_file() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
+}
+
+impl Mosquitto {
+    /// Starts mosquitto in `dir` on a free port, with persistence so the
+    /// conductor's persistent session survives a broker restart.
+    pub fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let proc = Mosquitto::spawn(dir, port);
+        Mosquitto {
+            proc,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Proc {
+        fs::create_dir_all(dir).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nlog_dest stdout\n",
+                port,
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(mosquitto_bin());
+        cmd.arg("-c").arg(&conf);
+        let proc = Proc::spawn(cmd, dir.join("mosquitto.log"));
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        });
+        proc
+    }
+
+    /// `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker cleanly (it saves its persistence file).
+    pub fn stop(&mut self) {
+        self.proc.terminate();
+    }
+
+    /// Starts it again on the same port.
+    pub fn start_again(&mut self) {
+        self.proc = Mosquitto::spawn(&self.dir, self.port);
+    }
+}
+
+/// A plain MQTT client for sniffing and forging.
+pub struct MqttClient {
+    /// The client.
+    pub client: rumqttc::Client,
+    rx: std::sync::mpsc::Receiver<(String, Vec<u8>, bool)>,
+}
+
+impl std::fmt::Debug for MqttClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MqttClient")
+    }
+}
+
+impl MqttClient {
+    /// Connects to `addr` with optional credentials; waits for the ConnAck.
+    /// `None` when the broker refuses the login.
+    pub fn connect(addr: SocketAddr, client_id: &str, login: Option<(&str, &str)>) -> Option<Self> {
+        MqttClient::connect_with(addr, client_id, login, &[])
+    }
+
+    /// Connects with a persistent session (clean session off) subscribed to
+    /// `filters`, resubscribing after every reconnect: a sniffer that sees
+    /// every message across broker restarts (with a persistent broker).
+    pub fn connect_with(
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        filters: &[&str],
+    ) -> Option<Self> {
+        let mut opts = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        if !filters.is_empty() {
+            opts.set_clean_session(false);
+        }
+        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (client, mut conn) = rumqttc::Client::new(opts, 1000);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        let resubscriber = client.clone();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                        for f in &filters {
+                            let _ = resubscriber.try_subscribe(f, rumqttc::QoS::AtLeastOnce);
+                        }
+                        let _ = ack_tx.send(a.code == rumqttc::ConnectReturnCode::Success);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if tx
+                            .send((p.topic.clone(), p.payload.to_vec(), p.retain))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::ConnectionRefused(_)) => {
+                        let _ = ack_tx.send(false);
+                        return;
+                    }
+                    Err(_) => {
+                        // Before the first ConnAck this reports failure to
+                        // `connect`; afterwards the connection retries.
+                        let _ = ack_tx.send(false);
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        });
+        match ack_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(true) => Some(MqttClient { client, rx }),
+            _ => None,
+        }
+    }
+
+    /// Subscribes (QoS 1) and gives the broker a moment to register it.
+    pub fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Publishes raw bytes (QoS 1).
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .unwrap();
+    }
+
+    /// Next message within `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<(String, Vec<u8>, bool)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for a message matching `pred`.
+    pub fn recv_until(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Option<(String, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let (t, p, _) = self.recv(left)?;
+            if pred(&t, &p) {
+                return Some((t, p));
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,196 @@
+//! End-to-end against an external Mosquitto (`--mqtt-url`): the happy path,
+//! forged frames on an anonymous broker, and a broker outage that must lose
+//! nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use e2e::*;
+use protocol::{Body, TopicKind};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn mqtt_addr(m: &Mosquitto) -> SocketAddr {
+    format!("127.0.0.1:{}", m.port).parse().unwrap()
+}
+
+#[test]
+fn happy_path_and_forgery_on_an_anonymous_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&dir.path().join("mosquitto"));
+    let c = Conductor::start_with(
+        &dir.path().join("conductor"),
+        &["--mqtt-url", &broker.url()],
+    );
+    let token = c.registration_token();
+    let mut a = Worker::start(
+        &dir.path().join("a"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("a"),
+    );
+    let mut b = Worker::start(
+        &dir.path().join("b"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("b"),
+    );
+    let (ia, ib) = (a.wait_id(), b.wait_id());
+    for id in [&ia, &ib] {
+        wait_for(&format!("{id} online"), SECS(20), || {
+            let w = c.worker(id);
+            (w["status"] == "online" && !w["metrics"].is_null()).then_some(())
+        });
+    }
+
+    // People browsing the broker read the retained JSON mirror.
+    let anon = MqttClient::connect(mqtt_addr(&broker), "explorer", None).unwrap();
+    let json_topic = protocol::topic::topic(&ia, TopicKind::JsonMetrics);
+    anon.subscribe(&json_topic);
+    let (_, payload) = anon
+        .recv_until(SECS(10), |t, _| t == json_topic)
+        .expect("retained JSON mirror");
+    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert!(v.to_string().contains("memory_total"), "{v}");
+    assert!(
+        !v.to_string().contains(&a.secret().to_hex()),
+        "no secret in the mirror"
+    );
+
+    // Anyone can publish on an anonymous broker: forged frames are refused.
+    let before = c.rejected("bad_tag");
+    let metrics_topic = protocol::topic::topic(&ia, TopicKind::Metrics);
+    let env =
+        protocol::examples::envelope(u64::MAX / 4, Body::Metrics(protocol::examples::metrics()));
+    let mut env = env;
+    env.worker_id = protocol::frame::bounded(&ia);
+    anon.publish(
+        &metrics_topic,
+        protocol::seal(&protocol::Secret::from_bytes([1; 32]), &env).unwrap(),
+    );
+    wait_for("forgery counted", SECS(10), || {
+        (c.rejected("bad_tag") > before).then_some(())
+    });
+    assert!(c
+        .raw_history(&ia)
+        .iter()
+        .all(|p| p["seq"].as_u64().unwrap() < 1_000_000));
+
+    // kill -9 → offline (LWT through Mosquitto, or missed intervals).
+    b.proc.kill9();
+    wait_for("b offline", SECS(5), || {
+        (c.status_of(&ib) == "offline").then_some(())
+    });
+    assert_eq!(c.status_of(&ia), "online");
+}
+
+#[test]
+fn broker_outage_delivers_every_frame_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(&dir.path().join("mosquitto"));
+    let c = Conductor::start_with(
+        &dir.path().join("conductor"),
+        &["--mqtt-url", &broker.url()],
+    );
+    let token = c.registration_token();
+    let mut opts = WorkerOpts::named("outage");
+    opts.interval_ms = 1000;
+    let mut w = Worker::start(&dir.path().join("w"), &c.url(), Some(&token), opts);
+    let id = w.wait_id();
+    let secret = w.secret();
+    let sniffer = MqttClient::connect_with(
+        mqtt_addr(&broker),
+        "sniffer",
+        None,
+        &[&format!("aerekos/v1/{id}/+")],
+    )
+    .unwrap();
+    wait_for("a few samples", SECS(20), || {
+        (c.raw_history(&id).len() >= 3).then_some(())
+    });
+
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    broker.stop();
+    let stopped_at = now_ms();
+    std::thread::sleep(SECS(10));
+    let restarted_at = now_ms();
+    broker.start_again();
+
+    // Every frame the worker sealed, seen on the broker by a persistent
+    // sniffer, until frames sent well after the restart have arrived.
+    let mut seen: BTreeMap<u64, (u64, Body)> = BTreeMap::new();
+    wait_for("frames sent after the outage", SECS(30), || {
+        while let Some((topic, payload, _)) = sniffer.recv(Duration::from_millis(100)) {
+            if topic.ends_with("/status") {
+                continue;
+            }
+            let env = protocol::open(&payload).unwrap().verify(&secret).unwrap();
+            seen.insert(env.seq, (env.sent_at_ms, env.body));
+        }
+        seen.values()
+            .any(|(sent, _)| *sent > restarted_at + 3000)
+            .then_some(())
+    });
+    let seqs: Vec<u64> = seen.keys().copied().collect();
+    let (first, last) = (seqs[0], *seqs.last().unwrap());
+    assert_eq!(
+        seqs.len() as u64,
+        last - first + 1,
+        "sequence numbers contiguous from {first} to {last}: {seqs:?}"
+    );
+    // The samples taken during the outage were queued and delivered.
+    let during: Vec<u64> = seen
+        .iter()
+        .filter(|(_, (sent, body))| {
+            matches!(body, Body::Metrics(_)) && *sent > stopped_at && *sent < restarted_at
+        })
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert!(
+        during.len() >= 8,
+        "samples from the 10 s outage: {during:?}"
+    );
+    // And every metrics frame reached the conductor's history.
+    let last_metrics = seen
+        .iter()
+        .filter(|(_, (_, b))| matches!(b, Body::Metrics(_)))
+        .map(|(seq, _)| *seq)
+        .max()
+        .unwrap();
+    let caught_up = || {
+        c.raw_history(&id)
+            .iter()
+            .any(|p| p["seq"].as_u64() == Some(last_metrics))
+    };
+    let deadline = std::time::Instant::now() + SECS(10);
+    while !caught_up() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "conductor never stored seq {last_metrics}:\n{}",
+            c.proc.tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stored: std::collections::HashSet<u64> = c
+        .raw_history(&id)
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    for (seq, (_, body)) in &seen {
+        if matches!(body, Body::Metrics(_)) {
+            assert!(
+                stored.contains(seq),
+                "metrics seq {seq} lost by the conductor"
+            );
+        }
+    }
+    assert!(w.proc.alive());
+}

@@ -1,0 +1,293 @@
+//! End-to-end: the real conductor with its embedded broker and real
+//! edge-worker processes, on ephemeral ports in temp dirs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+use std::time::{Duration, Instant};
+
+use e2e::*;
+use protocol::{Body, TopicKind};
+use serde_json::json;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn online_with_metrics(c: &Conductor, id: &str) -> bool {
+    let w = c.worker(id);
+    w["status"] == "online" && !w["metrics"].is_null()
+}
+
+#[test]
+fn three_workers_enrol_report_go_offline_on_kill9_and_come_back_with_same_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|i| {
+            Worker::start(
+                &dir.path().join(format!("w{i}")),
+                &c.url(),
+                Some(&token),
+                WorkerOpts::named(&format!("pi-{i}")),
+            )
+        })
+        .collect();
+    let ids: Vec<String> = workers.iter_mut().map(|w| w.wait_id()).collect();
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        3,
+        "each worker has its own id: {ids:?}"
+    );
+    for id in &ids {
+        wait_for(&format!("{id} online with metrics"), SECS(20), || {
+            online_with_metrics(&c, id).then_some(())
+        });
+    }
+    let listed = c.workers();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let detail = c.worker(&ids[0]);
+    assert_eq!(detail["inventory"]["hostname"], "pi-0", "{detail}");
+    assert!(
+        detail["metrics"]["metrics"]["memory_total"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // kill -9 one worker: offline within 3 intervals (LWT or missed frames).
+    let interval = Duration::from_millis(workers[1].opts.interval_ms);
+    workers[1].proc.kill9();
+    let killed = Instant::now();
+    wait_for("killed worker offline", 3 * interval + SECS(2), || {
+        (c.status_of(&ids[1]) == "offline").then_some(())
+    });
+    println!("offline detected after {:?}", killed.elapsed());
+    assert_eq!(c.status_of(&ids[0]), "online");
+    assert_eq!(c.status_of(&ids[2]), "online");
+
+    // Restart it: same identity, online again, no new record.
+    workers[1].restart();
+    assert_eq!(workers[1].wait_id(), ids[1]);
+    wait_for("restarted worker online", SECS(20), || {
+        (c.status_of(&ids[1]) == "online").then_some(())
+    });
+    assert_eq!(c.workers().len(), 3);
+}
+
+#[test]
+fn wrong_registration_token_is_refused_and_leaves_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+
+    let (status, body) = c.post(
+        "/api/v1/enroll",
+        &json!({"token": "not-the-token", "hostname": "intruder", "machine_id": "m1"}),
+    );
+    assert_eq!(status, 401, "{body}");
+
+    let mut w = Worker::start(
+        &dir.path().join("w"),
+        &c.url(),
+        Some("wrong-token"),
+        WorkerOpts::named("intruder"),
+    );
+    let code = w.proc.wait_exit(SECS(20));
+    assert!(matches!(code, Some(c) if c != 0), "worker exit: {code:?}");
+    assert!(
+        w.proc.output().to_lowercase().contains("token"),
+        "the worker says why: {}",
+        w.proc.tail(10)
+    );
+    assert!(w.id().is_none());
+    assert!(c.workers().is_empty());
+}
+
+#[test]
+fn forged_replayed_and_malformed_frames_are_rejected_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+    let mut w = Worker::start(
+        &dir.path().join("w"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("victim"),
+    );
+    let id = w.wait_id();
+    wait_for("online", SECS(20), || {
+        online_with_metrics(&c, &id).then_some(())
+    });
+
+    // Another client holding valid credentials: the observer login.
+    let (user, pass) = c.observer();
+    let mallory = MqttClient::connect(c.mqtt, "mallory", Some((&user, &pass)))
+        .expect("observer login accepted");
+    let metrics_topic = protocol::topic::topic(&id, TopicKind::Metrics);
+    mallory.subscribe(&metrics_topic);
+    let (_, genuine) = mallory
+        .recv_until(SECS(10), |t, _| t == metrics_topic)
+        .expect("a genuine metrics frame");
+    let genuine_env = protocol::open(&genuine)
+        .unwrap()
+        .verify(&w.secret())
+        .unwrap();
+
+    // 1. Forged: a well-formed frame with a huge seq under the wrong key.
+    let forged_seq = u64::MAX / 2;
+    let mut env = genuine_env.clone();
+    env.seq = forged_seq;
+    let forged = protocol::seal(&protocol::Secret::from_bytes([9; 32]), &env).unwrap();
+    let bad_tag_before = c.rejected("bad_tag");
+    mallory.publish(&metrics_topic, forged);
+    wait_for("bad_tag counted", SECS(10), || {
+        (c.rejected("bad_tag") > bad_tag_before).then_some(())
+    });
+
+    // 2. Replayed: the genuine frame again.
+    let replayed_before = c.rejected("replayed") + c.rejected("too_old");
+    mallory.publish(&metrics_topic, genuine.clone());
+    wait_for("replay counted", SECS(10), || {
+        (c.rejected("replayed") + c.rejected("too_old") > replayed_before).then_some(())
+    });
+
+    // 3. Truncated, garbage, oversized, wrong version.
+    let before: Vec<f64> = ["truncated", "malformed", "oversized", "version"]
+        .iter()
+        .map(|r| c.rejected(r))
+        .collect();
+    mallory.publish(&metrics_topic, genuine[..genuine.len() / 2].to_vec());
+    mallory.publish(&metrics_topic, genuine[..8].to_vec());
+    mallory.publish(
+        &metrics_topic,
+        [protocol::FORMAT_VERSION, 0xff, 0xff, 0xff].repeat(20),
+    );
+    mallory.publish(
+        &metrics_topic,
+        vec![protocol::FORMAT_VERSION; protocol::MAX_FRAME_LEN + 100],
+    );
+    let mut v9 = genuine.clone();
+    v9[0] = 9;
+    mallory.publish(&metrics_topic, v9);
+    wait_for("malformed input counted", SECS(10), || {
+        let now: Vec<f64> = ["truncated", "malformed", "oversized", "version"]
+            .iter()
+            .map(|r| c.rejected(r))
+            .collect();
+        now.iter().zip(&before).all(|(n, b)| n > b).then_some(())
+    });
+
+    // A frame for the wrong topic kind: a genuine metrics frame on `birth`.
+    let mismatch_before = c.rejected("topic_mismatch");
+    let mut env2 = genuine_env.clone();
+    env2.seq += 1_000_000;
+    let misplaced = protocol::seal(&w.secret(), &env2).unwrap();
+    mallory.publish(&protocol::topic::topic(&id, TopicKind::Birth), misplaced);
+    wait_for("topic mismatch counted", SECS(10), || {
+        (c.rejected("topic_mismatch") > mismatch_before).then_some(())
+    });
+
+    // State unchanged: the worker's real frames still flow (a forged huge seq
+    // would have made every later genuine frame look old), and the history
+    // holds no forged seq.
+    let last_seq = |c: &Conductor| {
+        c.raw_history(&id)
+            .iter()
+            .filter_map(|p| p["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let seen = last_seq(&c);
+    wait_for("genuine frames still accepted", SECS(10), || {
+        (last_seq(&c) > seen).then_some(())
+    });
+    let history = c.raw_history(&id);
+    assert!(history
+        .iter()
+        .all(|p| p["seq"].as_u64().unwrap() < 1_000_000));
+    assert_eq!(c.status_of(&id), "online");
+    let (status, _) = c.get("/api/v1/health");
+    assert_eq!(status, 200, "conductor still healthy");
+    assert!(w.proc.alive());
+    assert!(matches!(genuine_env.body, Body::Metrics(_)));
+}
+
+#[test]
+fn revoked_worker_is_locked_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+    let mut w = Worker::start(
+        &dir.path().join("w"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("stolen"),
+    );
+    let id = w.wait_id();
+    wait_for("online", SECS(20), || {
+        online_with_metrics(&c, &id).then_some(())
+    });
+    let (user, pass) = w.mqtt_login();
+
+    let (status, body) = c.post(&format!("/api/v1/workers/{id}/revoke"), &json!({}));
+    assert_eq!(status, 200, "{body}");
+    w.proc.kill9();
+    assert!(
+        MqttClient::connect(c.mqtt, &user, Some((&user, &pass))).is_none(),
+        "a revoked worker's MQTT login is refused"
+    );
+    let detail = c.worker(&id);
+    assert_eq!(detail["revoked"], true, "{detail}");
+}
+
+#[test]
+fn conductor_kill9_keeps_enrolments_tokens_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+    let mut w = Worker::start(
+        &dir.path().join("w"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("survivor"),
+    );
+    let id = w.wait_id();
+    wait_for("several samples stored", SECS(20), || {
+        (c.raw_history(&id).len() >= 5).then_some(())
+    });
+    let (status, api) = c.post("/api/v1/tokens", &json!({"name": "script"}));
+    assert_eq!(status, 201, "{api}");
+    let api_token = api["token"].as_str().unwrap().to_string();
+
+    c.restart_after_kill9();
+    let history = c.raw_history(&id);
+    assert!(history.len() >= 5, "history kept: {}", history.len());
+    assert_eq!(c.workers().len(), 1);
+    // The API token still works.
+    let (status, _) = read_with_token(&c, &api_token);
+    assert_eq!(status, 200);
+    // The registration token still enrols a new machine.
+    let (status, body) = c.post(
+        "/api/v1/enroll",
+        &json!({"token": token, "hostname": "second", "machine_id": "m-second"}),
+    );
+    assert_eq!(status, 200, "registration token survived: {body}");
+
+    // The worker reconnects over MQTT on its own when the embedded broker is back.
+    wait_for("worker reports again", SECS(30), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+}
+
+fn read_with_token(c: &Conductor, token: &str) -> (u16, String) {
+    match http()
+        .get(format!("{}/api/v1/workers", c.url()))
+        .header("Authorization", format!("Bearer {token}"))
+        .call()
+    {
+        Ok(mut r) => (
+            r.status().as_u16(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+        ),
+        Err(e) => (0, e.to_string()),
+    }
+}
