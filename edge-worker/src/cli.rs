@@ -31,6 +31,7 @@ OPTIONS (each also from the environment variable shown):
     --machine-id M          /etc/machine-id override               AEREKOS_MACHINE_ID
     --mqtt-url U            broker override, mqtt://host:port      AEREKOS_MQTT_URL
     -h, --help              this text
+    -V, --version           agent and wire-format versions
 
 Durations: 500ms, 10s, 2m, 1h, or a plain number of seconds.
 Log level: AEREKOS_LOG or RUST_LOG = error|warn|info|debug|trace [info].
@@ -53,6 +54,8 @@ pub enum Cli {
     },
     /// Print [`HELP`].
     Help,
+    /// Print the agent and wire-format versions.
+    Version,
 }
 
 /// A command-line mistake.
@@ -134,6 +137,9 @@ pub fn parse(
         first = false;
         if arg == "-h" || arg == "--help" {
             return Ok(Cli::Help);
+        }
+        if arg == "-V" || arg == "--version" {
+            return Ok(Cli::Version);
         }
         if arg == "-" || !arg.starts_with('-') {
             positional.push(arg);
@@ -449,6 +455,7 @@ mod tests {
         ));
         assert_eq!(p("--interval 1s --help"), Ok(Cli::Help));
         assert_eq!(p("-h"), Ok(Cli::Help));
+        assert_eq!(p("--version"), Ok(Cli::Version));
     }
 
     #[test]

@@ -19,6 +19,14 @@ fn main() -> ExitCode {
             print!("{}", cli::HELP);
             return ExitCode::SUCCESS;
         }
+        Ok(Cli::Version) => {
+            println!(
+                "edge-worker {} (wire format {})",
+                env!("CARGO_PKG_VERSION"),
+                protocol::FORMAT_VERSION
+            );
+            return ExitCode::SUCCESS;
+        }
         Ok(Cli::Decode { secret, input }) => {
             return match cli::decode_input(&input, secret.as_deref()) {
                 Ok((json, verified)) => {
