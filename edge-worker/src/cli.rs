@@ -19,8 +19,10 @@ USAGE:
 
 OPTIONS (each also from the environment variable shown):
     --conductor URL         conductor base URL, http://host:3000   AEREKOS_CONDUCTOR
-    --token T               registration token (first enrolment;   AEREKOS_TOKEN
-                            with a stored identity: re-enrol)
+    --token T               registration token, used only for the  AEREKOS_TOKEN
+                            first enrolment (ignored once an identity is stored)
+    --reenroll              enrol again with the stored identity   AEREKOS_REENROLL=1
+                            (same id, fresh MQTT login)
     --state-dir DIR         identity and queue [/var/lib/aerekos   AEREKOS_STATE_DIR
                             if writable, else ./aerekos-worker]
     --interval D            metrics interval [10s]                 AEREKOS_INTERVAL
@@ -166,6 +168,10 @@ pub fn parse(
         } else {
             &known_run[..]
         };
+        if !decode && flag == "--reenroll" && inline.is_none() {
+            pairs.push((flag, None));
+            continue;
+        }
         if !known.contains(&flag.as_str()) {
             return Err(CliError::Unknown(arg));
         }
@@ -215,6 +221,8 @@ pub fn parse(
     let mut config = WorkerConfig::new(state_dir);
     config.conductor_url = get("--conductor", "AEREKOS_CONDUCTOR");
     config.token = get("--token", "AEREKOS_TOKEN");
+    config.reenroll = pairs.iter().any(|(f, _)| f == "--reenroll")
+        || env("AEREKOS_REENROLL").is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
     config.hostname = get("--hostname", "AEREKOS_HOSTNAME");
     config.machine_id = get("--machine-id", "AEREKOS_MACHINE_ID");
     config.mqtt_url = get("--mqtt-url", "AEREKOS_MQTT_URL");
@@ -456,6 +464,9 @@ mod tests {
         assert_eq!(p("--interval 1s --help"), Ok(Cli::Help));
         assert_eq!(p("-h"), Ok(Cli::Help));
         assert_eq!(p("--version"), Ok(Cli::Version));
+        assert!(run_cfg("--reenroll --interval 1s", |_| None).reenroll);
+        assert!(!run_cfg("--interval 1s", |_| None).reenroll);
+        assert!(run_cfg("", |k| (k == "AEREKOS_REENROLL").then(|| "1".to_string())).reenroll);
     }
 
     #[test]

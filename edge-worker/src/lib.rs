@@ -42,9 +42,13 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 pub struct WorkerConfig {
     /// Conductor base URL (`http://host:3000`); required for the first enrolment.
     pub conductor_url: Option<String>,
-    /// Registration token; required only when no identity is stored. Given
-    /// with a stored identity, the worker re-enrols (same id, fresh MQTT login).
+    /// Registration token; used only when no identity is stored (a token
+    /// left in a service's environment must not make every start depend on
+    /// the conductor's HTTP API).
     pub token: Option<String>,
+    /// Enrol again with the stored identity and its proof (same id, fresh MQTT
+    /// login), e.g. after the conductor's data was restored from a backup.
+    pub reenroll: bool,
     /// Where `state.json` and `outbox.bin` live.
     pub state_dir: PathBuf,
     /// Metrics interval; at least [`session::MIN_INTERVAL`] (smaller is raised).
@@ -70,6 +74,7 @@ impl WorkerConfig {
         WorkerConfig {
             conductor_url: None,
             token: None,
+            reenroll: false,
             state_dir: state_dir.into(),
             interval: DEFAULT_INTERVAL,
             labels: Vec::new(),
@@ -162,8 +167,26 @@ pub async fn run(
     .map_err(|e| WorkerError::Task(e.to_string()))?;
 
     let state = match (stored, config.token.clone()) {
-        (Some(s), None) => s,
-        (stored, Some(token)) => {
+        (Some(s), token) if !config.reenroll => {
+            if token.is_some() {
+                tracing::info!(
+                    worker_id = %s.worker_id,
+                    "identity stored: --token ignored (--reenroll enrols again)"
+                );
+            }
+            s
+        }
+        (None, None) => {
+            return Err(WorkerError::Config(format!(
+                "no identity in {}: a registration token (--token) and the conductor URL \
+                 (--conductor) are required for the first enrolment",
+                config.state_dir.display()
+            )))
+        }
+        (stored, token) => {
+            // Re-enrolment rests on the proof of the stored secret; a token is
+            // sent too when one is configured.
+            let token = token.unwrap_or_default();
             let Some(url) = config
                 .conductor_url
                 .clone()
@@ -212,44 +235,29 @@ pub async fn run(
                     );
                 }
             }
-            let new = match stored {
-                Some(old) => {
-                    let same_id = old.worker_id == resp.worker_id;
-                    state::State {
-                        worker_id: resp.worker_id,
-                        secret: resp.secret,
-                        conductor_url: url,
-                        mqtt_url: resp.mqtt_url,
-                        mqtt_username: resp.mqtt_username,
-                        mqtt_password: resp.mqtt_password,
-                        // Seqs only ever grow, whatever the id.
-                        seq_reserved: old.seq_reserved,
-                        cmd_highest: if same_id { old.cmd_highest } else { 0 },
-                        cmd_bitmap: if same_id { old.cmd_bitmap } else { 0 },
-                    }
+            // Seqs only ever grow, whatever the id; the command window belongs
+            // to the identity and restarts with a new one.
+            let (seq_reserved, cmd_highest, cmd_bitmap) = match &stored {
+                Some(old) if old.worker_id == resp.worker_id => {
+                    (old.seq_reserved, old.cmd_highest, old.cmd_bitmap)
                 }
-                None => state::State {
-                    worker_id: resp.worker_id,
-                    secret: resp.secret,
-                    conductor_url: url,
-                    mqtt_url: resp.mqtt_url,
-                    mqtt_username: resp.mqtt_username,
-                    mqtt_password: resp.mqtt_password,
-                    seq_reserved: 1,
-                    cmd_highest: 0,
-                    cmd_bitmap: 0,
-                },
+                Some(old) => (old.seq_reserved, 0, 0),
+                None => (1, 0, 0),
+            };
+            let new = state::State {
+                worker_id: resp.worker_id,
+                secret: resp.secret,
+                conductor_url: url,
+                mqtt_url: resp.mqtt_url,
+                mqtt_username: resp.mqtt_username,
+                mqtt_password: resp.mqtt_password,
+                seq_reserved,
+                cmd_highest,
+                cmd_bitmap,
             };
             state::save(&config.state_dir, &new)?;
             tracing::info!(worker_id = %new.worker_id, "enrolled");
             new
-        }
-        (None, None) => {
-            return Err(WorkerError::Config(format!(
-                "no identity in {}: a registration token (--token) and the conductor URL \
-                 (--conductor) are required for the first enrolment",
-                config.state_dir.display()
-            )))
         }
     };
 

@@ -499,7 +499,7 @@ impl Session {
                 tracing::error!(
                     broker = %self.mqtt_url,
                     "the broker refused the MQTT login ({code:?}): the worker may have been \
-                     revoked, or its credentials are stale (restart with --token to re-enrol); \
+                     revoked, or its credentials are stale (restart with --reenroll to enrol again); \
                      retrying every ~{}s",
                     RECONNECT_CAP.as_secs()
                 );
