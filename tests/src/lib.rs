@@ -55,27 +55,10 @@ pub fn bin_dir() -> &'static Path {
 /// True when a source file is newer than the binaries (e.g. after
 /// `cargo test -p aerekos-e2e`, which does not rebuild other packages' bins).
 fn stale(dir: &Path) -> bool {
-    fn newest(path: &Path) -> std::time::SystemTime {
-        let mut t = std::time::SystemTime::UNIX_EPOCH;
-        if let Ok(entries) = fs::read_dir(path) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let m = if p.is_dir() {
-                    newest(&p)
-                } else {
-                    e.metadata()
-                        .and_then(|m| m.modified())
-                        .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
-                };
-                t = t.max(m);
-            }
-        }
-        t
-    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let src = ["protocol/src", "conductor/src", "edge-worker/src"]
         .iter()
-        .map(|d| newest(&root.join(d)))
+        .map(|d| newest_mtime(&root.join(d)))
         .max()
         .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
     ["conductor", "edge-worker"].iter().any(|b| {
@@ -467,6 +450,9 @@ pub struct Worker {
     pub state_dir: PathBuf,
     /// How it was started.
     pub opts: WorkerOpts,
+    /// The command that runs the agent (the native binary, or an emulator
+    /// and an aarch64 binary); restarts reuse it.
+    program: Vec<String>,
     conductor_url: String,
     token: Option<String>,
 }
@@ -479,45 +465,45 @@ impl Worker {
         token: Option<&str>,
         opts: WorkerOpts,
     ) -> Worker {
-        let proc = Worker::spawn(state_dir, conductor_url, token, &opts);
+        let native = bin("edge-worker").to_string_lossy().into_owned();
+        Worker::start_with_program(&[&native], state_dir, conductor_url, token, opts)
+    }
+
+    /// Like [`Worker::start`], but the agent is run by `program`, e.g.
+    /// `[qemu-aarch64-static, target/aarch64-unknown-linux-musl/release/edge-worker]`.
+    pub fn start_with_program(
+        program: &[&str],
+        state_dir: &Path,
+        conductor_url: &str,
+        token: Option<&str>,
+        opts: WorkerOpts,
+    ) -> Worker {
+        fs::create_dir_all(state_dir).unwrap();
+        let cmd = worker_command(program, state_dir, conductor_url, token, &opts);
         Worker {
-            proc,
+            proc: Proc::spawn(cmd, state_dir.with_extension("log")),
             state_dir: state_dir.to_path_buf(),
             opts,
+            program: program.iter().map(|s| s.to_string()).collect(),
             conductor_url: conductor_url.to_string(),
             token: token.map(str::to_string),
         }
     }
 
-    fn spawn(
-        state_dir: &Path,
-        conductor_url: &str,
-        token: Option<&str>,
-        opts: &WorkerOpts,
-    ) -> Proc {
-        fs::create_dir_all(state_dir).unwrap();
-        let mut cmd = Command::new(bin("edge-worker"));
-        cmd.arg("--conductor")
-            .arg(conductor_url)
-            .arg("--state-dir")
-            .arg(state_dir)
-            .args(["--interval", &format!("{}ms", opts.interval_ms)])
-            .args(["--hostname", &opts.hostname])
-            .args(["--machine-id", &opts.machine_id])
-            .args(&opts.extra)
-            .env("AEREKOS_LOG", "info");
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        Proc::spawn(cmd, state_dir.with_extension("log"))
-    }
-
-    /// `kill -9`s the worker and starts it again on the same state dir,
-    /// without a token: its identity is stored.
+    /// `kill -9`s the worker and starts it again (same program, same state
+    /// dir) without a token: its identity is stored.
     pub fn restart(&mut self) {
         self.proc.kill9();
         self.token = None;
-        self.proc = Worker::spawn(&self.state_dir, &self.conductor_url, None, &self.opts);
+        let program: Vec<&str> = self.program.iter().map(String::as_str).collect();
+        let cmd = worker_command(
+            &program,
+            &self.state_dir,
+            &self.conductor_url,
+            None,
+            &self.opts,
+        );
+        self.proc = Proc::spawn(cmd, self.state_dir.with_extension("log"));
     }
 
     /// The worker id from its state file, once enrolled.
@@ -748,4 +734,153 @@ impl MqttClient {
         }
         None
     }
+}
+
+// ---- Emulated Pi workers: the aarch64 agent under qemu user mode ----
+
+/// The Rust target of the agent for 64-bit Raspberry Pi OS (Pi 3/4/5).
+pub const PI_TARGET: &str = "aarch64-unknown-linux-musl";
+
+/// Cargo's target directory: the nearest ancestor of this executable
+/// holding the `CACHEDIR.TAG` cargo writes there (so `--target` and
+/// `CARGO_TARGET_DIR` layouts work too), else the parent of [`bin_dir`].
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    match exe
+        .ancestors()
+        .skip(1)
+        .find(|d| d.join("CACHEDIR.TAG").is_file())
+    {
+        Some(dir) => dir.to_path_buf(),
+        None => bin_dir().parent().expect("target dir").to_path_buf(),
+    }
+}
+
+/// Newest modification time of a file, or of any file below a directory.
+fn newest_mtime(path: &Path) -> std::time::SystemTime {
+    let epoch = std::time::SystemTime::UNIX_EPOCH;
+    let Ok(meta) = fs::metadata(path) else {
+        return epoch;
+    };
+    if !meta.is_dir() {
+        return meta.modified().unwrap_or(epoch);
+    }
+    fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| newest_mtime(&e.path()))
+                .max()
+                .unwrap_or(epoch)
+        })
+        .unwrap_or(epoch)
+}
+
+/// The release edge-worker for [`PI_TARGET`]
+/// (`target/aarch64-unknown-linux-musl/release/edge-worker`, what `cargo pi`
+/// builds). When it is missing or older than the agent's sources, this runs
+/// `cargo build --release -p edge-worker --target aarch64-unknown-linux-musl`
+/// first, so a fresh clone's `cargo test --workspace` works (CI builds it
+/// before the tests, which makes this a no-op).
+pub fn pi_worker_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = target_dir();
+        let bin = target.join(PI_TARGET).join("release").join("edge-worker");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sources = [
+            "protocol/src",
+            "protocol/Cargo.toml",
+            "edge-worker/src",
+            "edge-worker/Cargo.toml",
+            "Cargo.lock",
+        ]
+        .iter()
+        .map(|p| newest_mtime(&root.join(p)))
+        .max()
+        .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        if built.is_none_or(|t| t < sources) {
+            eprintln!(
+                "{} is {}: building it (cargo build --release -p edge-worker --target {PI_TARGET})",
+                bin.display(),
+                if built.is_none() { "missing" } else { "stale" }
+            );
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "edge-worker",
+                    "--target",
+                    PI_TARGET,
+                ])
+                .arg("--target-dir")
+                .arg(&target)
+                .current_dir(&root)
+                .status()
+                .expect("run cargo build");
+            assert!(
+                status.success(),
+                "building the {PI_TARGET} edge-worker failed \
+                 (is the target installed? `rustup target add {PI_TARGET}`)"
+            );
+        }
+        assert!(bin.is_file(), "{} not built", bin.display());
+        bin
+    })
+}
+
+/// The ELF machine field of an executable (`EM_AARCH64` = 183, `EM_X86_64`
+/// = 62, `EM_ARM` = 40); `None` if it is not a little-endian ELF file.
+pub fn elf_machine(path: &Path) -> Option<u16> {
+    let mut head = [0u8; 20];
+    fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    (head[..4] == *b"\x7fELF" && head[5] == 1).then(|| u16::from_le_bytes([head[18], head[19]]))
+}
+
+/// Path of the aarch64 user-mode emulator (`qemu-aarch64-static`, else
+/// `qemu-aarch64`, on `PATH`). Panics with the install hint when absent:
+/// the emulated test must not pass by skipping.
+pub fn qemu_aarch64() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["qemu-aarch64-static", "qemu-aarch64"] {
+        for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "qemu-aarch64-static is not installed: the emulated aarch64 edge-worker test needs it \
+         (Debian/Ubuntu: apt-get install qemu-user-static; .ci/run installs it)"
+    );
+}
+
+/// The command line of an edge-worker run by `program` (its first element
+/// is the executable, the rest come before the agent's own arguments).
+fn worker_command(
+    program: &[&str],
+    state_dir: &Path,
+    conductor_url: &str,
+    token: Option<&str>,
+    opts: &WorkerOpts,
+) -> Command {
+    let (exe, pre) = program.split_first().expect("a program");
+    let mut cmd = Command::new(exe);
+    cmd.args(pre)
+        .arg("--conductor")
+        .arg(conductor_url)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--interval", &format!("{}ms", opts.interval_ms)])
+        .args(["--hostname", &opts.hostname])
+        .args(["--machine-id", &opts.machine_id])
+        .args(&opts.extra)
+        .env("AEREKOS_LOG", "info");
+    if let Some(t) = token {
+        cmd.args(["--token", t]);
+    }
+    cmd
 }
