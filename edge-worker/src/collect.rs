@@ -2,7 +2,7 @@
 //! network counters; `/proc` and `/sys` read directly for the rest.
 //!
 //! Cost per sample is what a Pi pays every interval, so a [`Collector`]
-//! keeps one `System`, `Disks` and `Networks` and refreshes only what a
+//! keeps one `System` and `Disks` and refreshes only what a
 //! sample needs: CPU usage, memory, storage of the disks already chosen, and
 //! interface counters. The mount list and thermal zones are re-read every
 //! [`RELIST_EVERY`] samples. Processes are counted from `/proc` directory
@@ -22,7 +22,7 @@ use std::time::Instant;
 use heapless::Vec as HVec;
 use protocol::frame::{bounded, Disk, Label, NetRate, Temperature, MAX_DISKS, MAX_NETS, MAX_TEMPS};
 use protocol::{Birth, Metrics, Name, Text};
-use sysinfo::{DiskRefreshKind, Disks, Networks, System};
+use sysinfo::{DiskRefreshKind, Disks, System};
 
 /// Samples between re-reads of the mount list and thermal zones.
 pub const RELIST_EVERY: u64 = 30;
@@ -127,7 +127,10 @@ impl Inventory {
 pub struct Collector {
     sys: Option<System>,
     disks: Option<Disks>,
-    nets: Option<Networks>,
+    /// Cumulative `(interface, rx bytes, tx bytes)` from the previous
+    /// `/proc/net/dev` read: one file for every interface, where sysinfo
+    /// opens eight sysfs files per interface and a netlink socket per sample.
+    net_prev: Vec<(String, u64, u64)>,
     /// `(zone type, path of its temp file)`, in zone order.
     thermal: Vec<(Name, PathBuf)>,
     /// When the network counters were last refreshed (for rates).
@@ -160,17 +163,10 @@ impl Collector {
                 None
             }
         };
-        let nets = match Networks::new_with_refreshed_list() {
-            Ok(n) => Some(n),
-            Err(e) => {
-                tracing::warn!("network metrics unavailable: {e}");
-                None
-            }
-        };
         Collector {
             sys,
             disks,
-            nets,
+            net_prev: read_net_dev(),
             thermal: thermal_zones(),
             last_net: Instant::now(),
             samples: 0,
@@ -286,25 +282,49 @@ impl Collector {
     }
 
     fn net_rates(&mut self) -> HVec<NetRate, MAX_NETS> {
-        let Some(nets) = self.nets.as_mut() else {
-            return HVec::new();
-        };
-        nets.refresh(true);
         let now = Instant::now();
+        let current = read_net_dev();
         let elapsed_ms = now.duration_since(self.last_net).as_millis().max(1) as u64;
         self.last_net = now;
-        let list = nets
+        let list = current
             .iter()
-            .map(|(name, data)| {
-                (
-                    name.to_string_lossy().into_owned(),
-                    data.received(),
-                    data.transmitted(),
-                )
+            .map(|(name, rx, tx)| {
+                // Counters reset when an interface is re-created: count from 0.
+                let (prx, ptx) = self
+                    .net_prev
+                    .iter()
+                    .find(|(n, _, _)| n == name)
+                    .map_or((*rx, *tx), |(_, prx, ptx)| (*prx, *ptx));
+                let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+                (name.clone(), delta(*rx, prx), delta(*tx, ptx))
             })
             .collect();
+        self.net_prev = current;
         select_nets(list, elapsed_ms)
     }
+}
+
+/// Cumulative byte counters per interface from `/proc/net/dev`.
+fn read_net_dev() -> Vec<(String, u64, u64)> {
+    fs::read_to_string("/proc/net/dev")
+        .map(|text| parse_net_dev(&text))
+        .unwrap_or_default()
+}
+
+/// Parses `/proc/net/dev`: two header lines, then `name: rx_bytes rx_packets
+/// … (8 rx fields) tx_bytes …`. Malformed lines are skipped.
+pub fn parse_net_dev(text: &str) -> Vec<(String, u64, u64)> {
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, rest) = line.split_once(':')?;
+            let fields: Vec<u64> = rest
+                .split_whitespace()
+                .map(|f| f.parse().ok())
+                .collect::<Option<_>>()?;
+            Some((name.trim().to_string(), *fields.first()?, *fields.get(8)?))
+        })
+        .collect()
 }
 
 impl Default for Collector {
@@ -501,6 +521,41 @@ fn os_name() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parses_proc_net_dev_and_skips_malformed_lines() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo: 1000 10 0 0 0 0 0 0 1000 10 0 0 0 0 0 0
+  eth0: 123456 100 0 0 0 0 0 0 654321 90 0 0 0 0 0 0
+ wlan0: garbage
+";
+        assert_eq!(
+            parse_net_dev(text),
+            vec![
+                ("lo".to_string(), 1000, 1000),
+                ("eth0".to_string(), 123_456, 654_321)
+            ]
+        );
+        assert!(parse_net_dev("").is_empty());
+    }
+
+    #[test]
+    fn net_rates_come_from_counter_deltas() {
+        let mut c = Collector::new();
+        let first = c.sample();
+        assert!(first.net.iter().all(|n| n.name.as_str() != "lo"));
+        // Fake a previous reading 1 MB below the current one on every interface.
+        c.net_prev = read_net_dev()
+            .into_iter()
+            .map(|(n, rx, tx)| (n, rx.saturating_sub(1_000_000), tx))
+            .collect();
+        c.last_net = Instant::now() - std::time::Duration::from_secs(1);
+        let m = c.sample();
+        if let Some(n) = m.net.first() {
+            assert!(n.rx_bps >= 500_000, "{n:?}");
+        }
+    }
+
     use super::*;
     use protocol::{Body, Envelope, Secret};
 
