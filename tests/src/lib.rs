@@ -56,11 +56,16 @@ pub fn bin_dir() -> &'static Path {
 /// `cargo test -p aerekos-e2e`, which does not rebuild other packages' bins).
 fn stale(dir: &Path) -> bool {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let src = ["protocol/src", "conductor/src", "edge-worker/src"]
-        .iter()
-        .map(|d| newest_mtime(&root.join(d)))
-        .max()
-        .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+    let src = [
+        "protocol/src",
+        "conductor/src",
+        "conductor/assets",
+        "edge-worker/src",
+    ]
+    .iter()
+    .map(|d| newest_mtime(&root.join(d)))
+    .max()
+    .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
     ["conductor", "edge-worker"].iter().any(|b| {
         fs::metadata(dir.join(b))
             .and_then(|m| m.modified())

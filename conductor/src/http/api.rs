@@ -12,13 +12,19 @@ use serde_json::{json, Value};
 use tiny_http::Method;
 use tracing::{info, info_span};
 
-use super::{enroll, prom, ApiError, Ctx, Req, Resp};
+use super::{enroll, prom, ui, ApiError, Ctx, Req, Resp};
 use crate::auth;
 use crate::state::{lock, now_ms, sha256_hex, Status, WorkerEntry};
-use crate::store::TokenRow;
+use crate::store::{MinuteRow, TokenRow, MAX_QUERY_ROWS};
 
 /// How long a command waits for its reply.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Name of the session cookie `login` sets.
+pub const SESSION_COOKIE: &str = "aerekos_session";
+/// Shortest admin password `POST /password` accepts.
+pub const MIN_PASSWORD_LEN: usize = 8;
+/// Longest admin password `POST /password` accepts (argon2 input bound).
+pub const MAX_PASSWORD_LEN: usize = 1024;
 
 pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
@@ -27,13 +33,19 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Get, ["api", "v1", "health"]) => return health(ctx),
         (Method::Post, ["api", "v1", "enroll"]) => return enroll::enroll(ctx, req),
         (Method::Post, ["api", "v1", "login"]) => return login(ctx, req),
+        (Method::Post, ["api", "v1", "logout"]) => return logout(ctx, req),
+        (Method::Get, ["api", "v1", "session"]) => return session(ctx, req),
         (Method::Get, ["metrics"]) => return Ok(prom::render(ctx)),
         (_, ["api", "v1", ..]) => {}
+        (Method::Get, _) => {
+            return ui::asset(&req.path, req.if_none_match.as_deref())
+                .ok_or_else(|| ApiError::not_found("route"))
+        }
         _ => return Err(ApiError::not_found("route")),
     }
     let token = authenticate(ctx, req)?;
     match (m, &segs[2..]) {
-        (Method::Post, ["logout"]) => logout(ctx, req),
+        (Method::Post, ["password"]) => change_password(ctx, req, &token),
         (Method::Get, ["tokens"]) => list_tokens(ctx),
         (Method::Post, ["tokens"]) => create_token(ctx, req),
         (Method::Delete, ["tokens", id]) => delete_token(ctx, id, &token),
@@ -51,13 +63,66 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     }
 }
 
+/// The token a request presents: the bearer header, else the session cookie
+/// (`true` when it came from the cookie).
+fn presented(req: &Req) -> Option<(&str, bool)> {
+    match (req.bearer.as_deref(), req.cookie.as_deref()) {
+        (Some(b), _) => Some((b, false)),
+        (None, Some(c)) => Some((c, true)),
+        (None, None) => None,
+    }
+}
+
+/// Host part of an `Origin` (`http://host:port` → `host:port`).
+fn origin_host(origin: &str) -> &str {
+    let rest = origin.split_once("://").map_or(origin, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
+}
+
 fn authenticate(ctx: &Ctx, req: &Req) -> Result<TokenRow, ApiError> {
-    let Some(token) = req.bearer.as_deref() else {
-        return Err(ApiError::new(401, "missing bearer token"));
+    let Some((token, from_cookie)) = presented(req) else {
+        return Err(ApiError::new(401, "missing bearer token or session cookie"));
     };
+    if from_cookie {
+        // Defence in depth on top of SameSite=Strict: a cookie-authenticated
+        // request from a browser page on another origin is refused.
+        if let Some(origin) = req.origin.as_deref() {
+            let o = origin_host(origin.trim());
+            let same = [req.host.as_deref(), req.forwarded_host.as_deref()]
+                .into_iter()
+                .flatten()
+                .any(|h| h.trim().eq_ignore_ascii_case(o));
+            if !same {
+                return Err(ApiError::new(403, "cross-origin request refused"));
+            }
+        }
+    }
     let db = lock(&ctx.shared.db);
     db.token_by_hash(&sha256_hex(token), now_ms())?
         .ok_or_else(|| ApiError::new(401, "invalid or expired token"))
+}
+
+/// `Set-Cookie` value holding `token` (empty + `Max-Age=0` clears it).
+fn session_cookie(req: &Req, token: &str, max_age_s: u64) -> String {
+    let secure = if req.behind_tls { "; Secure" } else { "" };
+    format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{secure}"
+    )
+}
+
+/// `GET /session`: whether the request carries a valid session or token.
+/// Always 200, so the dashboard can probe without an error in the console.
+fn session(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
+    let row = match presented(req) {
+        Some((t, _)) => lock(&ctx.shared.db).token_by_hash(&sha256_hex(t), now_ms())?,
+        None => None,
+    };
+    Ok(Resp::ok(json!({
+        "authenticated": row.is_some(),
+        "kind": row.as_ref().map(|r| r.kind.as_str()),
+        "expires_ms": row.as_ref().and_then(|r| r.expires_ms),
+        "version": env!("CARGO_PKG_VERSION"),
+    })))
 }
 
 fn health(ctx: &Ctx) -> Result<Resp, ApiError> {
@@ -110,16 +175,55 @@ fn login(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let db = lock(&ctx.shared.db);
     let _ = db.purge_expired_tokens(now_ms());
     let (token, row) = auth::create_token(&db, &format!("session {}", body.username), "session")?;
-    Ok(Resp::ok(
-        json!({"token": token, "expires_ms": row.expires_ms}),
-    ))
+    let cookie = session_cookie(req, &token, auth::SESSION_MS / 1000);
+    Ok(Resp::ok(json!({"token": token, "expires_ms": row.expires_ms})).with("Set-Cookie", cookie))
 }
 
+/// Ends the presented session (bearer or cookie) and clears the cookie.
+/// Needs no valid token: clearing a stale cookie must always work.
 fn logout(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
-    if let Some(t) = req.bearer.as_deref() {
+    if let Some((t, _)) = presented(req) {
         lock(&ctx.shared.db).delete_token_by_hash(&sha256_hex(t))?;
     }
-    Ok(Resp::no_content())
+    Ok(Resp::no_content().with("Set-Cookie", session_cookie(req, "", 0)))
+}
+
+#[derive(Deserialize)]
+struct PasswordReq {
+    current: String,
+    new: String,
+}
+
+/// `POST /password {current, new}`: changes the admin password and ends
+/// every other session (API tokens stay valid).
+fn change_password(ctx: &Ctx, req: &Req, caller: &TokenRow) -> Result<Resp, ApiError> {
+    if !ctx.shared.login_limiter.allow(req.ip) {
+        return Err(ApiError::new(429, "too many attempts; slow down"));
+    }
+    let body: PasswordReq = req.json()?;
+    let n = body.new.chars().count();
+    if !(MIN_PASSWORD_LEN..=MAX_PASSWORD_LEN).contains(&n) {
+        return Err(ApiError::new(
+            400,
+            format!("the new password must be {MIN_PASSWORD_LEN}..={MAX_PASSWORD_LEN} characters"),
+        ));
+    }
+    let hash = lock(&ctx.shared.db).user_hash(auth::ADMIN_USER)?;
+    if !hash.is_some_and(|h| auth::verify_password(&body.current, &h)) {
+        info!(ip = %req.ip, "password change refused: wrong current password");
+        return Err(ApiError::new(403, "the current password is wrong"));
+    }
+    let new_hash = auth::hash_password(&body.new)?;
+    let db = lock(&ctx.shared.db);
+    db.set_user(auth::ADMIN_USER, &new_hash, now_ms())?;
+    let mut ended = 0;
+    for t in db.list_tokens("session")? {
+        if t.id != caller.id && db.delete_token(&t.id)? {
+            ended += 1;
+        }
+    }
+    info!(sessions_ended = ended, "admin password changed");
+    Ok(Resp::ok(json!({"changed": true, "sessions_ended": ended})))
 }
 
 fn list_tokens(ctx: &Ctx) -> Result<Resp, ApiError> {
@@ -226,7 +330,7 @@ fn list_workers(ctx: &Ctx) -> Result<Resp, ApiError> {
             })
         })
         .collect();
-    Ok(Resp::ok(json!({ "workers": out })))
+    Ok(Resp::ok(json!({ "workers": out, "now_ms": now_ms() })))
 }
 
 fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
@@ -255,6 +359,7 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
         "summary": summary(w),
         "events": events,
         "counters": {"accepted": w.accepted, "rejected": w.rejected, "replay_highest": w.replay.highest},
+        "now_ms": now_ms(),
     })))
 }
 
@@ -315,6 +420,12 @@ fn delete_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
     Ok(Resp::no_content())
 }
 
+/// Most pages of [`MAX_QUERY_ROWS`] one history request reads.
+const MAX_HISTORY_PAGES: usize = 4;
+
+/// `GET /workers/{id}/metrics?from&to&resolution=raw|minute[&max_points=N]`.
+/// `max_points` (2..=10000) thins the answer: raw samples by an even stride
+/// (the newest is always kept), minute rows by merging neighbours.
 fn metrics_history(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
     if !lock(&ctx.shared.workers).contains_key(id) {
         return Err(ApiError::not_found("worker"));
@@ -330,27 +441,127 @@ fn metrics_history(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
     };
     let from = num("from", now.saturating_sub(3_600_000))?;
     let to = num("to", now)?.min(i64::MAX as u64);
+    let max_points = match req.query.get("max_points") {
+        None => None,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (2..=MAX_QUERY_ROWS).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::new(
+                    400,
+                    format!("max_points must be 2..={MAX_QUERY_ROWS}"),
+                ))
+            }
+        },
+    };
     let resolution = req.query.get("resolution").map_or("raw", String::as_str);
     let db = lock(&ctx.shared.db);
     let points: Vec<Value> = match resolution {
-        "raw" => db
-            .raw_metrics(id, from, to)?
-            .into_iter()
-            .filter_map(|(at, seq, blob)| {
-                let m: protocol::Metrics = postcard::from_bytes(&blob).ok()?;
-                Some(json!({"received_at_ms": at, "seq": seq, "metrics": m}))
-            })
-            .collect(),
-        "minute" => db
-            .minute_metrics(id, from, to)?
-            .into_iter()
-            .filter_map(|r| serde_json::to_value(r).ok())
-            .collect(),
+        "raw" => {
+            // Thin before decoding: only the kept samples are parsed.
+            let mut rows = Vec::new();
+            let mut start = from;
+            for _ in 0..MAX_HISTORY_PAGES {
+                let page = db.raw_metrics(id, start, to)?;
+                let full = page.len() >= MAX_QUERY_ROWS;
+                start = page.last().map_or(to, |r| r.0.saturating_add(1));
+                rows.extend(page);
+                if !full || max_points.is_none() {
+                    break;
+                }
+            }
+            if let Some(n) = max_points {
+                rows = thin(rows, n);
+            }
+            rows.into_iter()
+                .filter_map(|(at, seq, blob)| {
+                    let m: protocol::Metrics = postcard::from_bytes(&blob).ok()?;
+                    Some(json!({"received_at_ms": at, "seq": seq, "metrics": m}))
+                })
+                .collect()
+        }
+        "minute" => {
+            let mut rows = Vec::new();
+            let mut start = from;
+            for _ in 0..MAX_HISTORY_PAGES {
+                let page = db.minute_metrics(id, start, to)?;
+                let full = page.len() >= MAX_QUERY_ROWS;
+                start = page.last().map_or(to, |r| r.minute_ms.saturating_add(1));
+                rows.extend(page);
+                if !full {
+                    break;
+                }
+            }
+            if let Some(n) = max_points {
+                rows = merge_minutes(&rows, n);
+            }
+            rows.into_iter()
+                .filter_map(|r| serde_json::to_value(r).ok())
+                .collect()
+        }
         _ => return Err(ApiError::new(400, "resolution must be raw or minute")),
     };
     Ok(Resp::ok(json!({
         "worker_id": id, "from": from, "to": to, "resolution": resolution, "points": points,
     })))
+}
+
+/// Keeps at most `n` of `rows` at an even stride, always the newest.
+fn thin<T>(rows: Vec<T>, n: usize) -> Vec<T> {
+    let len = rows.len();
+    if len <= n || n < 2 {
+        return rows;
+    }
+    let stride = len.div_ceil(n);
+    // Anchor the stride at the newest row so the latest sample is kept.
+    let offset = (len - 1) % stride;
+    rows.into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i >= offset && (i - offset) % stride == 0)
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// Merges neighbouring minute rows into at most `n` buckets (sample-weighted
+/// means, maxima of maxima, latest disk and totals).
+fn merge_minutes(rows: &[MinuteRow], n: usize) -> Vec<MinuteRow> {
+    if rows.len() <= n || n == 0 {
+        return rows.to_vec();
+    }
+    let size = rows.len().div_ceil(n);
+    rows.chunks(size)
+        .filter_map(|chunk| {
+            let first = chunk.first()?;
+            let last = chunk.last()?;
+            let total: u64 = chunk.iter().map(|r| r.n).sum::<u64>().max(1);
+            let wf = |f: fn(&MinuteRow) -> f64| {
+                chunk.iter().map(|r| f(r) * r.n as f64).sum::<f64>() / total as f64
+            };
+            let wu = |f: fn(&MinuteRow) -> u64| {
+                (chunk
+                    .iter()
+                    .map(|r| u128::from(f(r)) * u128::from(r.n))
+                    .sum::<u128>()
+                    / u128::from(total)) as u64
+            };
+            Some(MinuteRow {
+                minute_ms: first.minute_ms,
+                n: total,
+                cpu_avg_percent: wf(|r| r.cpu_avg_percent),
+                cpu_max_percent: chunk.iter().map(|r| r.cpu_max_percent).fold(0.0, f64::max),
+                mem_used_avg: wu(|r| r.mem_used_avg),
+                mem_total: last.mem_total,
+                load1_avg: wf(|r| r.load1_avg),
+                temp_max_celsius: chunk
+                    .iter()
+                    .filter_map(|r| r.temp_max_celsius)
+                    .reduce(f64::max),
+                disk_used: last.disk_used,
+                disk_total: last.disk_total,
+                rx_bps_avg: wu(|r| r.rx_bps_avg),
+                tx_bps_avg: wu(|r| r.tx_bps_avg),
+            })
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -432,5 +643,54 @@ fn command(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
             504,
             format!("no reply to command {cmd_id} within 5 s"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thin_keeps_at_most_n_and_the_newest() {
+        let rows: Vec<u32> = (0..1000).collect();
+        let t = thin(rows.clone(), 60);
+        assert!(t.len() <= 60 && t.len() >= 50, "{}", t.len());
+        assert_eq!(t.last(), Some(&999));
+        assert_eq!(thin(rows[..10].to_vec(), 60).len(), 10);
+        assert_eq!(thin(rows[..3].to_vec(), 2), vec![0, 2]);
+    }
+
+    #[test]
+    fn merge_minutes_weights_means_and_keeps_maxima() {
+        let row = |m: u64, n: u64, cpu: f64, temp: Option<f64>| MinuteRow {
+            minute_ms: m * 60_000,
+            n,
+            cpu_avg_percent: cpu,
+            cpu_max_percent: cpu + 10.0,
+            mem_used_avg: 100 * n,
+            mem_total: 1000,
+            load1_avg: 1.0,
+            temp_max_celsius: temp,
+            disk_used: m,
+            disk_total: 50,
+            rx_bps_avg: 10,
+            tx_bps_avg: 20,
+        };
+        let rows = vec![
+            row(0, 1, 10.0, Some(40.0)),
+            row(1, 3, 50.0, None),
+            row(2, 2, 20.0, Some(45.0)),
+        ];
+        let merged = merge_minutes(&rows, 2);
+        assert_eq!(merged.len(), 2);
+        let a = &merged[0];
+        assert_eq!((a.minute_ms, a.n), (0, 4));
+        assert!((a.cpu_avg_percent - 40.0).abs() < 1e-9, "{a:?}");
+        assert_eq!(a.cpu_max_percent, 60.0);
+        assert_eq!(a.mem_used_avg, 250);
+        assert_eq!(a.temp_max_celsius, Some(40.0));
+        assert_eq!(a.disk_used, 1);
+        assert_eq!(merged[1], rows[2]);
+        assert_eq!(merge_minutes(&rows, 5), rows);
     }
 }

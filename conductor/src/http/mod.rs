@@ -1,11 +1,16 @@
-//! HTTP API on tiny_http: `/api/v1/*` JSON and `/metrics` (Prometheus).
+//! HTTP API on tiny_http: `/api/v1/*` JSON, `/metrics` (Prometheus) and
+//! the web dashboard at `/` (static files embedded in the binary, [`ui`]).
 //!
 //! Requests are served by [`HTTP_THREADS`] blocking threads (a command waits
 //! up to 5 s for its reply and holds one thread meanwhile). Request bodies
 //! are capped at [`MAX_BODY`] bytes (413 beyond). Errors are JSON
 //! `{"error": "..."}` with a fitting status code. Every route except
-//! `health`, `enroll`, `login` and `/metrics` needs
-//! `Authorization: Bearer <session or API token>`.
+//! `health`, `enroll`, `login`, `logout`, `session` and `/metrics` needs
+//! `Authorization: Bearer <session or API token>` or the `aerekos_session`
+//! cookie that `login` sets (`HttpOnly; SameSite=Strict`). A request
+//! authenticated by the cookie that carries an `Origin` header must come from
+//! this host (`Host` or `X-Forwarded-Host`), else 403. Behind a TLS proxy
+//! that sets `X-Forwarded-Proto: https` the cookie is also `Secure`.
 //!
 //! Limits: plain HTTP only (put a TLS proxy in front for remote access); the
 //! enrol and login rate limits key on the TCP peer address, so behind a
@@ -14,6 +19,7 @@
 mod api;
 mod enroll;
 mod prom;
+mod ui;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -125,7 +131,17 @@ pub(crate) struct Req {
     pub path: String,
     pub query: HashMap<String, String>,
     pub bearer: Option<String>,
+    /// Session token from the `aerekos_session` cookie.
+    pub cookie: Option<String>,
     pub host: Option<String>,
+    /// `X-Forwarded-Host` (set by a reverse proxy).
+    pub forwarded_host: Option<String>,
+    /// `X-Forwarded-Proto` = `https`: a TLS proxy in front (cookie gets `Secure`).
+    pub behind_tls: bool,
+    /// `Origin` (browsers send it on every non-GET fetch).
+    pub origin: Option<String>,
+    /// `If-None-Match`, for the dashboard's static files.
+    pub if_none_match: Option<String>,
     pub ip: IpAddr,
     pub body: Vec<u8>,
 }
@@ -143,6 +159,8 @@ pub(crate) struct Resp {
     pub status: u16,
     pub body: String,
     pub content_type: &'static str,
+    /// Extra headers (`Set-Cookie`, caching, CSP).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Resp {
@@ -151,7 +169,13 @@ impl Resp {
             status,
             body: serde_json::to_string(v).unwrap_or_else(|_| "{}".into()),
             content_type: "application/json",
+            headers: Vec::new(),
         }
+    }
+    /// Adds a header.
+    pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Resp {
+        self.headers.push((name, value.into()));
+        self
     }
     pub fn ok(v: Value) -> Resp {
         Resp::json(200, &v)
@@ -161,6 +185,7 @@ impl Resp {
             status: 204,
             body: String::new(),
             content_type: "application/json",
+            headers: Vec::new(),
         }
     }
 }
@@ -207,6 +232,14 @@ fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str
         .map(|h| h.value.as_str())
 }
 
+/// The value of cookie `name` in a `Cookie` header.
+pub(crate) fn cookie_value(header: &str, name: &str) -> Option<String> {
+    header.split(';').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"').to_string())
+    })
+}
+
 fn parse_query(q: &str) -> HashMap<String, String> {
     q.split('&')
         .filter(|s| !s.is_empty())
@@ -250,7 +283,15 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
                     bearer: header(&raw, "Authorization")
                         .and_then(|v| v.strip_prefix("Bearer "))
                         .map(|s| s.trim().to_string()),
+                    cookie: header(&raw, "Cookie")
+                        .and_then(|c| cookie_value(c, api::SESSION_COOKIE))
+                        .filter(|c| !c.is_empty()),
                     host: header(&raw, "Host").map(str::to_string),
+                    forwarded_host: header(&raw, "X-Forwarded-Host").map(str::to_string),
+                    behind_tls: header(&raw, "X-Forwarded-Proto")
+                        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")),
+                    origin: header(&raw, "Origin").map(str::to_string),
+                    if_none_match: header(&raw, "If-None-Match").map(str::to_string),
                     ip,
                     body: std::mem::take(&mut body),
                 };
@@ -264,6 +305,16 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
     let mut r = Response::from_string(resp.body).with_status_code(resp.status);
     if let Ok(h) = Header::from_bytes("Content-Type", resp.content_type) {
         r = r.with_header(h);
+    }
+    let mut headers = resp.headers;
+    if resp.content_type == "application/json" {
+        headers.push(("Cache-Control", "no-store".into()));
+    }
+    headers.push(("X-Content-Type-Options", "nosniff".into()));
+    for (name, value) in headers {
+        if let Ok(h) = Header::from_bytes(name, value) {
+            r = r.with_header(h);
+        }
     }
     if let Err(e) = raw.respond(r) {
         debug!("http respond: {e}");

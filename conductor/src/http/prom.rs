@@ -152,5 +152,6 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         status: 200,
         body: out,
         content_type: "text/plain; version=0.0.4",
+        headers: Vec::new(),
     }
 }

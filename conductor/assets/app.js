@@ -1,0 +1,976 @@
+/* aerekos dashboard: plain JavaScript, no dependencies, no build step.
+ * Talks to /api/v1 with the HttpOnly session cookie that POST /login sets.
+ * Views (hash routes): #/ fleet, #/workers/<id> one worker, #/settings. */
+(() => {
+  'use strict';
+
+  const POLL_MS = 2000; // every live view refreshes at this period
+  const SPARK_POINTS = 60; // fleet sparklines: newest samples kept
+  const SPARK_SPAN_MS = 5 * 60000; // history loaded for a sparkline
+  const CHART_POINTS = 300; // points drawn per chart series
+  const W = 600, H = 130; // chart viewBox
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const RANGES = {
+    live: { label: 'Live 5 min', ms: 5 * 60000, res: 'raw', x0: '−5 min' },
+    h1: { label: '1 h', ms: 3600000, res: 'raw', x0: '−1 h' },
+    h24: { label: '24 h', ms: 86400000, res: 'minute', x0: '−24 h' },
+    d7: { label: '7 d', ms: 7 * 86400000, res: 'minute', x0: '−7 d' },
+  };
+
+  const st = {
+    authed: false,
+    pollGen: 0,
+    timer: 0,
+    inflight: Promise.resolve(),
+    skew: 0, // conductor clock minus browser clock, ms
+    filter: { q: '', status: '', label: '' },
+    spark: new Map(), // worker id -> { pts: [{t, v}], loaded }
+    cards: new Map(), // worker id -> card element
+    labelOpts: '',
+    worker: null, // state of the worker page
+  };
+
+  // ---------- DOM helpers (textContent only: nothing is parsed as HTML) ----------
+  const $ = (sel, root) => (root || document).querySelector(sel);
+  function attrs(el, a) {
+    for (const [k, v] of Object.entries(a || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === 'text') el.textContent = v;
+      else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+      else el.setAttribute(k, v === true ? '' : String(v));
+    }
+    return el;
+  }
+  function add(el, kids) {
+    for (const k of kids.flat()) {
+      if (k !== null && k !== undefined && k !== false) el.append(k instanceof Node ? k : String(k));
+    }
+    return el;
+  }
+  const h = (tag, a, ...kids) => add(attrs(document.createElement(tag), a), kids);
+  const svg = (tag, a, ...kids) => add(attrs(document.createElementNS(SVG_NS, tag), a), kids);
+  const setText = (el, t) => { if (el && el.textContent !== t) el.textContent = t; };
+  const enc = encodeURIComponent;
+
+  // ---------- API ----------
+  class AuthError extends Error {}
+  async function api(method, path, body) {
+    const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
+    if (body !== undefined) {
+      init.headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(body);
+    }
+    const r = await fetch('/api/v1' + path, init);
+    if (r.status === 401) {
+      signedOut('Your session ended. Sign in again.');
+      throw new AuthError('signed out');
+    }
+    const text = await r.text();
+    let data = null;
+    if (text) {
+      try { data = JSON.parse(text); } catch (_) { data = { error: text }; }
+    }
+    if (!r.ok) {
+      const e = new Error((data && data.error) || 'HTTP ' + r.status);
+      e.status = r.status;
+      throw e;
+    }
+    if (data && typeof data.now_ms === 'number') st.skew = data.now_ms - Date.now();
+    return data;
+  }
+  const now = () => Date.now() + st.skew;
+
+  // ---------- formatting ----------
+  const dash = '–';
+  const ok = (v) => v !== null && v !== undefined && Number.isFinite(v);
+  const fmt = {
+    pct: (v) => (ok(v) ? (v >= 10 || v === 0 ? v.toFixed(0) : v.toFixed(1)) + '%' : dash),
+    bytes(v) {
+      if (!ok(v)) return dash;
+      const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+      let i = 0;
+      while (v >= 1024 && i < u.length - 1) { v /= 1024; i++; }
+      return (i && v < 10 ? v.toFixed(1) : v.toFixed(0)) + ' ' + u[i];
+    },
+    rate: (v) => (ok(v) ? fmt.bytes(v) + '/s' : dash),
+    temp: (v) => (ok(v) ? v.toFixed(1) + ' °C' : dash),
+    ago(ms) {
+      if (!ok(ms)) return 'never';
+      const s = Math.max(0, Math.round((now() - ms) / 1000));
+      if (s < 60) return s + ' s ago';
+      if (s < 3600) return Math.floor(s / 60) + ' min ago';
+      if (s < 86400) return Math.floor(s / 3600) + ' h ago';
+      return Math.floor(s / 86400) + ' d ago';
+    },
+    dur(s) {
+      if (!ok(s)) return dash;
+      const d = Math.floor(s / 86400), hr = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+      return d ? `${d} d ${hr} h` : hr ? `${hr} h ${m} min` : `${m} min`;
+    },
+    time: (ms) => (ok(ms) ? new Date(ms).toLocaleString() : dash),
+  };
+  const sum = (arr, f) => (arr || []).reduce((a, x) => a + f(x), 0);
+
+  // One sample, whatever its source, as plain numbers.
+  function fromRaw(m) {
+    const dt = sum(m.disks, (d) => d.total), du = sum(m.disks, (d) => d.used);
+    const temps = (m.temperatures || []).map((t) => t.millicelsius / 1000);
+    return {
+      cpu: m.cpu_total / 100,
+      cores: (m.cpu_per_core || []).map((c) => c / 100),
+      mem: m.memory_total ? (100 * m.memory_used) / m.memory_total : null,
+      memUsed: m.memory_used, memTotal: m.memory_total,
+      disk: dt ? (100 * du) / dt : null, diskUsed: du, diskTotal: dt,
+      rx: sum(m.net, (n) => n.rx_bps), tx: sum(m.net, (n) => n.tx_bps),
+      temp: temps.length ? Math.max(...temps) : null,
+    };
+  }
+  function fromMinute(r) {
+    return {
+      cpu: r.cpu_avg_percent, cpuMax: r.cpu_max_percent, cores: null,
+      mem: r.mem_total ? (100 * r.mem_used_avg) / r.mem_total : null,
+      memUsed: r.mem_used_avg, memTotal: r.mem_total,
+      disk: r.disk_total ? (100 * r.disk_used) / r.disk_total : null,
+      diskUsed: r.disk_used, diskTotal: r.disk_total,
+      rx: r.rx_bps_avg, tx: r.tx_bps_avg, temp: r.temp_max_celsius,
+    };
+  }
+  function fromSummary(s) {
+    return {
+      cpu: s.cpu_percent,
+      mem: s.memory_total ? (100 * s.memory_used) / s.memory_total : null,
+      memUsed: s.memory_used, memTotal: s.memory_total,
+      disk: s.disk_total ? (100 * s.disk_used) / s.disk_total : null,
+      diskUsed: s.disk_used, diskTotal: s.disk_total,
+      temp: s.temp_max_celsius,
+    };
+  }
+  const rawPoint = (p) => ({ t: p.received_at_ms, v: fromRaw(p.metrics) });
+
+  function badge(w) {
+    const s = w.revoked ? 'revoked' : w.status || 'offline';
+    return h('span', { class: 'badge ' + s, text: s });
+  }
+  function setBadge(el, w) {
+    const s = w.revoked ? 'revoked' : w.status || 'offline';
+    el.className = 'badge ' + s;
+    setText(el, s);
+  }
+
+  // ---------- polling ----------
+  function stopPolling() {
+    st.pollGen++;
+    clearTimeout(st.timer);
+  }
+  function startPolling(fn) {
+    stopPolling();
+    const gen = st.pollGen;
+    const tick = async () => {
+      if (gen !== st.pollGen || !st.authed) return;
+      const started = Date.now();
+      if (!document.hidden) {
+        let done;
+        st.inflight = new Promise((r) => { done = r; });
+        try {
+          await fn();
+          setConn('');
+        } catch (e) {
+          if (!(e instanceof AuthError)) setConn('Connection problem (' + e.message + '), retrying…');
+        } finally {
+          done();
+        }
+      }
+      if (gen === st.pollGen && st.authed) {
+        st.timer = setTimeout(tick, Math.max(0, POLL_MS - (Date.now() - started)));
+      }
+    };
+    tick();
+  }
+  const setConn = (t) => setText($('#conn'), t);
+
+  let toastTimer = 0;
+  function toast(text) {
+    const t = $('#toast');
+    t.textContent = text;
+    t.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { t.hidden = true; }, 2500);
+  }
+  async function copy(text) {
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(text);
+      } else {
+        const ta = h('textarea', { readonly: true, class: 'offscreen' });
+        ta.value = text;
+        document.body.append(ta);
+        ta.select();
+        document.execCommand('copy');
+        ta.remove();
+      }
+      toast('Copied');
+    } catch (_) {
+      toast('Copy failed: select the text and copy it by hand');
+    }
+  }
+
+  // ---------- login / logout ----------
+  function showLogin(message) {
+    stopPolling();
+    st.authed = false;
+    st.worker = null;
+    $('#top').hidden = true;
+    $('#view').hidden = true;
+    $('#view').replaceChildren();
+    $('#boot').hidden = true;
+    $('#login-view').hidden = false;
+    setText($('#login-error'), message || '');
+    document.title = 'Sign in · aerekos';
+    $('#login-pass').value = '';
+    $('#login-pass').focus();
+  }
+  function signedOut(message) {
+    if (st.authed) showLogin(message);
+  }
+  function enterApp() {
+    st.authed = true;
+    st.cards.clear();
+    $('#login-view').hidden = true;
+    $('#boot').hidden = true;
+    $('#top').hidden = false;
+    $('#view').hidden = false;
+    route();
+  }
+  async function onLogin(ev) {
+    ev.preventDefault();
+    const f = ev.target, err = $('#login-error'), btn = $('button[type=submit]', f);
+    const username = f.elements.username.value.trim(), password = f.elements.password.value;
+    setText(err, '');
+    if (!username || !password) {
+      setText(err, 'Enter the username and the password.');
+      (username ? f.elements.password : f.elements.username).focus();
+      return;
+    }
+    btn.disabled = true;
+    try {
+      const r = await fetch('/api/v1/login', {
+        method: 'POST',
+        credentials: 'same-origin',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ username, password }),
+      });
+      if (r.ok) {
+        f.elements.password.value = '';
+        enterApp();
+      } else {
+        const d = await r.json().catch(() => ({}));
+        setText(err, r.status === 429 ? 'Too many attempts; wait a minute.' : d.error || 'Sign-in failed.');
+        f.elements.password.select();
+      }
+    } catch (_) {
+      setText(err, 'Cannot reach the conductor.');
+    } finally {
+      btn.disabled = false;
+    }
+  }
+  async function onLogout() {
+    stopPolling();
+    await st.inflight;
+    try {
+      await fetch('/api/v1/logout', { method: 'POST', credentials: 'same-origin' });
+    } catch (_) { /* signed out locally anyway */ }
+    showLogin('Signed out.');
+  }
+
+  // ---------- router ----------
+  function route() {
+    if (!st.authed) return;
+    stopPolling();
+    st.worker = null;
+    st.cards.clear();
+    const view = $('#view');
+    view.replaceChildren();
+    const hash = location.hash || '#/';
+    const m = hash.match(/^#\/workers\/([^/?#]+)$/);
+    let nav = 'fleet';
+    if (m) {
+      let id = m[1];
+      try { id = decodeURIComponent(id); } catch (_) { /* keep as is */ }
+      workerView(view, id);
+    } else if (hash === '#/settings') {
+      nav = 'settings';
+      settingsView(view);
+    } else {
+      fleetView(view);
+    }
+    for (const a of document.querySelectorAll('[data-nav]')) {
+      if (a.dataset.nav === nav) a.setAttribute('aria-current', 'page');
+      else a.removeAttribute('aria-current');
+    }
+  }
+  // After a navigation, focus moves to the new page's heading (screen readers
+  // announce it; Tab continues from there).
+  function focusHeading(view) {
+    const h1 = $('h1', view);
+    if (h1) {
+      h1.setAttribute('tabindex', '-1');
+      h1.focus({ preventScroll: true });
+    }
+  }
+
+  // ---------- sparklines ----------
+  function spark(label) {
+    return svg('svg', { class: 'spark', viewBox: '0 0 100 22', preserveAspectRatio: 'none', 'aria-hidden': 'true', 'data-spark': label },
+      svg('polyline', { 'vector-effect': 'non-scaling-stroke', points: '' }));
+  }
+  function drawSpark(el, pts, key, fixed) {
+    const vals = pts.filter((p) => ok(p.v[key]));
+    const line = el.firstChild;
+    el.setAttribute('data-points', String(vals.length));
+    if (vals.length < 2) { line.setAttribute('points', ''); return; }
+    let lo = 0, hi = 100;
+    if (!fixed) {
+      lo = Math.min(...vals.map((p) => p.v[key]));
+      hi = Math.max(...vals.map((p) => p.v[key]));
+      const pad = Math.max(1, (hi - lo) * 0.2);
+      lo -= pad; hi += pad;
+    }
+    const t0 = vals[0].t, span = Math.max(1, vals[vals.length - 1].t - t0);
+    line.setAttribute('points', vals.map((p) => {
+      const y = 21 - ((Math.min(hi, Math.max(lo, p.v[key])) - lo) / (hi - lo)) * 20;
+      return ((100 * (p.t - t0)) / span).toFixed(2) + ',' + y.toFixed(2);
+    }).join(' '));
+  }
+
+  // ---------- fleet ----------
+  const GAUGES = [
+    ['cpu', 'CPU', true, (v) => fmt.pct(v.cpu)],
+    ['mem', 'Mem', true, (v) => fmt.pct(v.mem) + (ok(v.memTotal) ? ' of ' + fmt.bytes(v.memTotal) : '')],
+    ['disk', 'Disk', true, (v) => fmt.pct(v.disk) + (ok(v.diskTotal) ? ' of ' + fmt.bytes(v.diskTotal) : '')],
+    ['temp', 'Temp', false, (v) => fmt.temp(v.temp)],
+  ];
+
+  function fleetView(view) {
+    const f = st.filter;
+    const field = (id, label, input) => h('div', { class: id === 'f-q' ? 'field wide' : 'field' }, h('label', { for: id, text: label }), input);
+    const q = h('input', { id: 'f-q', type: 'search', placeholder: 'hostname or id', autocomplete: 'off' });
+    q.value = f.q;
+    const status = h('select', { id: 'f-status' },
+      ['', 'online', 'stale', 'offline'].map((s) => h('option', { value: s, text: s || 'All' })));
+    status.value = f.status;
+    const label = h('select', { id: 'f-label' }, h('option', { value: '', text: 'All labels' }));
+    st.labelOpts = '';
+    const refilter = () => {
+      f.q = q.value.trim().toLowerCase();
+      f.status = status.value;
+      f.label = label.value;
+      if (st.fleetData) renderFleet(st.fleetData);
+    };
+    q.addEventListener('input', refilter);
+    status.addEventListener('change', refilter);
+    label.addEventListener('change', refilter);
+    add(view, [
+      h('div', { class: 'summary' },
+        h('h1', { text: 'Fleet' }),
+        h('span', {}, h('span', { class: 'count', id: 'count-online', text: '0' }), ' online'),
+        h('span', {}, h('span', { class: 'count', id: 'count-stale', text: '0' }), ' stale'),
+        h('span', {}, h('span', { class: 'count', id: 'count-offline', text: '0' }), ' offline'),
+        h('span', { class: 'muted' }, h('span', { id: 'count-total', text: '0' }), ' workers')),
+      h('div', { class: 'toolbar', role: 'search' },
+        field('f-q', 'Search', q), field('f-status', 'Status', status), field('f-label', 'Label', label)),
+      h('p', { id: 'fleet-empty', class: 'empty', hidden: true }),
+      h('ul', { id: 'cards', class: 'cards', 'aria-label': 'Workers' }),
+    ]);
+    document.title = 'Fleet · aerekos';
+    focusHeading(view);
+    st.fleetData = null;
+    startPolling(pollFleet);
+  }
+
+  async function pollFleet() {
+    const data = await api('GET', '/workers');
+    const workers = (data.workers || []).sort((a, b) =>
+      a.hostname.localeCompare(b.hostname, undefined, { numeric: true }) || a.id.localeCompare(b.id));
+    await Promise.all(workers.map(loadSpark));
+    for (const w of workers) {
+      const sp = st.spark.get(w.id);
+      if (w.summary && sp) {
+        const last = sp.pts.length ? sp.pts[sp.pts.length - 1].t : -1;
+        if (w.summary.received_at_ms > last) {
+          sp.pts.push({ t: w.summary.received_at_ms, v: fromSummary(w.summary) });
+          if (sp.pts.length > SPARK_POINTS) sp.pts.splice(0, sp.pts.length - SPARK_POINTS);
+        }
+      }
+    }
+    st.fleetData = workers;
+    if ($('#cards')) renderFleet(workers);
+  }
+
+  async function loadSpark(w) {
+    if (st.spark.has(w.id)) return;
+    const anchor = (w.summary && w.summary.received_at_ms) || w.last_seen_ms;
+    const sp = { pts: [] };
+    if (anchor) {
+      try {
+        const r = await api('GET', `/workers/${enc(w.id)}/metrics?resolution=raw&from=${Math.max(0, anchor - SPARK_SPAN_MS)}&to=${anchor}&max_points=${SPARK_POINTS}`);
+        sp.pts = (r.points || []).map(rawPoint);
+      } catch (e) {
+        if (e instanceof AuthError) throw e; // else: no history, the sparkline fills from polling
+      }
+    }
+    st.spark.set(w.id, sp);
+  }
+
+  function renderFleet(workers) {
+    const f = st.filter;
+    const count = (s) => workers.filter((w) => !w.revoked && w.status === s).length;
+    setText($('#count-online'), String(count('online')));
+    setText($('#count-stale'), String(count('stale')));
+    setText($('#count-offline'), String(count('offline')));
+    setText($('#count-total'), String(workers.length));
+
+    const labels = [...new Set(workers.flatMap((w) => Object.entries(w.labels || {}).map(([k, v]) => k + '=' + v)))].sort();
+    const key = labels.join('\n');
+    const sel = $('#f-label');
+    if (sel && key !== st.labelOpts) {
+      st.labelOpts = key;
+      sel.replaceChildren(h('option', { value: '', text: 'All labels' }), ...labels.map((l) => h('option', { value: l, text: l })));
+      sel.value = labels.includes(f.label) ? f.label : '';
+      f.label = sel.value;
+    }
+
+    const list = $('#cards');
+    const seen = new Set();
+    let shown = 0;
+    for (const w of workers) {
+      seen.add(w.id);
+      let card = st.cards.get(w.id);
+      if (!card) {
+        card = workerCard(w);
+        st.cards.set(w.id, card);
+      }
+      list.append(card); // keeps the sorted order (moves, never re-creates)
+      updateCard(card, w);
+      const lab = Object.entries(w.labels || {}).map(([k, v]) => k + '=' + v);
+      const match = (!f.q || w.hostname.toLowerCase().includes(f.q) || w.id.toLowerCase().includes(f.q)) &&
+        (!f.status || (!w.revoked && w.status === f.status)) && (!f.label || lab.includes(f.label));
+      card.hidden = !match;
+      if (match) shown++;
+    }
+    for (const [id, card] of st.cards) {
+      if (!seen.has(id)) { card.remove(); st.cards.delete(id); st.spark.delete(id); }
+    }
+    const empty = $('#fleet-empty');
+    empty.replaceChildren();
+    if (!workers.length) {
+      add(empty, ['No workers yet. Enrol a Pi with the registration token from ', h('a', { href: '#/settings', text: 'Settings' }), '.']);
+    } else if (!shown) {
+      empty.textContent = 'No worker matches the filter.';
+    }
+    empty.hidden = shown > 0;
+  }
+
+  function workerCard(w) {
+    const gauges = h('div', { class: 'gauges' });
+    for (const [k, name] of GAUGES) {
+      add(gauges, [h('span', { class: 'k', text: name }), spark(k), h('span', { class: 'v', 'data-v': k })]);
+    }
+    return h('li', { class: 'card', 'data-id': w.id },
+      h('div', { class: 'card-head' },
+        h('a', { href: '#/workers/' + enc(w.id), class: 'name' }), h('span', { class: 'badge' })),
+      h('div', { class: 'meta' }),
+      h('ul', { class: 'chips', 'aria-label': 'Labels' }),
+      gauges);
+  }
+
+  function updateCard(card, w) {
+    card.dataset.status = w.revoked ? 'revoked' : w.status;
+    setText($('.name', card), w.hostname);
+    setBadge($('.badge', card), w);
+    const meta = [w.device_model || 'unknown model', w.arch || '?', 'seen ' + fmt.ago(w.last_seen_ms)].join(' · ');
+    setText($('.meta', card), meta);
+    const labels = Object.entries(w.labels || {}).map(([k, v]) => k + '=' + v);
+    const chips = $('.chips', card);
+    if (chips.dataset.key !== labels.join('\n')) {
+      chips.dataset.key = labels.join('\n');
+      chips.replaceChildren(...labels.map((l) => h('li', { class: 'chip', text: l })));
+    }
+    const sp = st.spark.get(w.id) || { pts: [] };
+    const latest = w.summary ? fromSummary(w.summary) : {};
+    for (const [k, , fixed, show] of GAUGES) {
+      drawSpark($(`[data-spark=${k}]`, card), sp.pts, k, fixed);
+      setText($(`[data-v=${k}]`, card), w.summary ? show(latest) : dash);
+    }
+  }
+
+  // ---------- charts ----------
+  // Smallest 1, 2 or 5 × 10^k (× 1024^j with `binary`) at or above x.
+  function niceMax(x, binary) {
+    if (!(x > 0)) return 1;
+    const unit = binary ? Math.pow(1024, Math.floor(Math.log(x) / Math.log(1024))) : 1;
+    const v = x / unit, p = Math.pow(10, Math.floor(Math.log10(v)));
+    for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p * unit;
+    return 10 * p * unit;
+  }
+  const CHARTS = [
+    { id: 'cpu', title: 'CPU', lo: 0, hi: 100, fmt: fmt.pct, legend: true,
+      series: (minute) => (minute ? ['average', 'max'] : ['total']),
+      get: (v, i) => (i ? v.cpuMax : v.cpu) },
+    { id: 'cores', title: 'CPU per core', lo: 0, hi: 100, fmt: fmt.pct, legend: true,
+      series: (minute, last) => (minute || !last ? [] : last.cores.map((_, i) => 'core ' + i)),
+      get: (v, i) => (v.cores ? v.cores[i] : null),
+      empty: (minute) => (minute ? 'Per-core history is kept at raw resolution only (live and 1 h).' : 'No per-core data.') },
+    { id: 'mem', title: 'Memory', lo: 0, hi: 100, fmt: fmt.pct, series: () => ['used'], get: (v) => v.mem,
+      label: (v) => fmt.pct(v.mem) + ' · ' + fmt.bytes(v.memUsed) + ' of ' + fmt.bytes(v.memTotal) },
+    { id: 'disk', title: 'Disk', lo: 0, hi: 100, fmt: fmt.pct, series: () => ['used'], get: (v) => v.disk,
+      label: (v) => fmt.pct(v.disk) + ' · ' + fmt.bytes(v.diskUsed) + ' of ' + fmt.bytes(v.diskTotal) },
+    { id: 'net', title: 'Network', lo: 0, binary: true, fmt: fmt.rate, legend: true, series: () => ['rx', 'tx'],
+      get: (v, i) => (i ? v.tx : v.rx) },
+    { id: 'temp', title: 'Temperature', fmt: fmt.temp, series: () => ['max'], get: (v) => v.temp,
+      empty: () => 'No temperature sensor reported.' },
+  ];
+
+  function chartFigure(def) {
+    const plot = svg('svg', { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', role: 'img', 'aria-label': def.title });
+    for (const y of [0.25, 0.5, 0.75]) {
+      plot.append(svg('line', { class: 'grid', x1: 0, x2: W, y1: H * y, y2: H * y, 'vector-effect': 'non-scaling-stroke' }));
+    }
+    return h('figure', { class: 'chart', 'data-chart': def.id, 'data-points': '0' },
+      h('figcaption', {}, h('span', { text: def.title }), h('span', { class: 'val' })),
+      h('div', { class: 'plot' }, plot, h('span', { class: 'ymax' }), h('span', { class: 'ymin' })),
+      h('div', { class: 'xaxis' }, h('span', { class: 'x0' }), h('span', { text: 'now' })),
+      h('p', { class: 'muted small chart-empty', hidden: true }),
+      h('ul', { class: 'legend' }));
+  }
+
+  // Even-stride thinning that keeps the newest point.
+  function thin(pts, n) {
+    if (pts.length <= n) return pts;
+    const stride = Math.ceil(pts.length / n), off = (pts.length - 1) % stride;
+    return pts.filter((_, i) => i >= off && (i - off) % stride === 0);
+  }
+
+  function drawChart(fig, def, pts, range, minute) {
+    const t1 = now(), t0 = t1 - range.ms;
+    const shown = thin(pts.filter((p) => p.t >= t0), CHART_POINTS);
+    const last = shown.length ? shown[shown.length - 1].v : null;
+    const names = def.series(minute, last);
+    const plot = $('svg', fig);
+    // A gap wider than 3 typical steps is drawn as a break (worker was away).
+    const steps = shown.slice(1).map((p, i) => p.t - shown[i].t).sort((a, b) => a - b);
+    const gap = Math.max(3 * (steps[Math.floor(steps.length / 2)] || 0), 1500);
+    const cols = names.map((_, i) => shown.map((p) => [p.t, def.get(p.v, i)]).filter((p) => ok(p[1])));
+    let lo = def.lo, hi = def.hi;
+    const all = cols.flat().map((p) => p[1]);
+    if (hi === undefined) {
+      const mx = all.length ? Math.max(...all) : 1;
+      if (lo === undefined) {
+        const mn = all.length ? Math.min(...all) : 0;
+        lo = Math.floor(mn - 2);
+        hi = Math.ceil(mx + 2);
+      } else {
+        hi = niceMax(mx, def.binary);
+      }
+    }
+    const x = (t) => (((t - t0) / (t1 - t0)) * W).toFixed(1);
+    const y = (v) => (H - ((Math.min(hi, Math.max(lo, v)) - lo) / (hi - lo || 1)) * H).toFixed(1);
+    const paths = [...plot.querySelectorAll('path')];
+    cols.forEach((col, i) => {
+      let p = paths[i];
+      if (!p) {
+        p = svg('path', { class: 'line s' + (i % 8), 'vector-effect': 'non-scaling-stroke' });
+        plot.append(p);
+      }
+      let d = '', prev = null;
+      for (const [t, v] of col) {
+        d += (prev === null || t - prev > gap ? 'M' : 'L') + x(t) + ' ' + y(v);
+        prev = t;
+      }
+      p.setAttribute('d', d);
+    });
+    paths.slice(cols.length).forEach((p) => p.remove());
+
+    const has = cols.some((c) => c.length);
+    const emptyMsg = $('.chart-empty', fig);
+    const noData = !names.length || (!has && def.empty && shown.length);
+    emptyMsg.hidden = !noData;
+    setText(emptyMsg, noData ? (def.empty ? def.empty(minute) : 'No data.') : '');
+    $('.plot', fig).hidden = !!noData;
+    $('.xaxis', fig).hidden = !!noData;
+    setText($('.ymax', fig), def.fmt(hi));
+    setText($('.ymin', fig), def.fmt(lo));
+    setText($('.x0', fig), range.x0);
+    const val = !last ? dash : def.label ? def.label(last) : names.length === 1 ? def.fmt(def.get(last, 0)) : '';
+    setText($('.val', fig), val);
+    const legend = $('.legend', fig);
+    const many = def.legend && last && names.length > 1;
+    const lkey = many ? names.map((n, i) => n + def.fmt(def.get(last, i))).join() : '';
+    if (legend.dataset.key !== lkey) {
+      legend.dataset.key = lkey;
+      legend.replaceChildren(...(many ? names.map((n, i) =>
+        h('li', { class: 's' + (i % 8) }, h('span', { text: n + ' ' + def.fmt(def.get(last, i)) }))) : []));
+    }
+    plot.setAttribute('aria-label', `${def.title}, ${range.label}: ${val || names.map((n, i) => n + ' ' + (last ? def.fmt(def.get(last, i)) : dash)).join(', ')}`);
+    fig.dataset.points = String(shown.length);
+    fig.dataset.last = shown.length ? String(shown[shown.length - 1].t) : '';
+  }
+
+  // ---------- worker page ----------
+  function workerView(view, id) {
+    const w = { id, range: 'live', pts: [], lastT: null, fetchedAt: 0, gen: 0, labelsKey: null, eventsKey: null, detail: null };
+    st.worker = w;
+    const rangeButtons = Object.entries(RANGES).map(([k, r]) =>
+      h('button', { type: 'button', 'data-range': k, 'aria-pressed': String(k === w.range), text: r.label,
+        onclick: () => setRange(k) }));
+    const labelKey = h('input', { id: 'label-key', name: 'key', autocomplete: 'off', maxlength: 32, required: true });
+    const labelVal = h('input', { id: 'label-value', name: 'value', autocomplete: 'off', maxlength: 64 });
+    add(view, [
+      h('p', { class: 'crumbs' }, h('a', { href: '#/', text: '← Fleet' })),
+      h('div', { class: 'title' }, h('h1', { id: 'w-name', text: id }), h('span', { class: 'badge', id: 'w-badge' }),
+        h('span', { class: 'muted small', id: 'w-seen' })),
+      h('p', { class: 'meta', id: 'w-meta' }),
+      h('div', { class: 'ranges', role: 'group', 'aria-label': 'Time range' }, rangeButtons,
+        h('span', { class: 'muted small', id: 'w-res' })),
+      h('div', { class: 'charts' }, CHARTS.map(chartFigure)),
+      h('div', { class: 'cols' },
+        h('section', { class: 'panel', 'aria-labelledby': 'inv-h' }, h('h2', { id: 'inv-h', text: 'Inventory' }),
+          h('dl', { class: 'kv', id: 'w-inv' })),
+        h('section', { class: 'panel', 'aria-labelledby': 'lab-h' },
+          h('h2', { id: 'lab-h', text: 'Labels' }),
+          h('ul', { class: 'chips', id: 'w-labels', 'aria-label': 'Labels' }),
+          h('form', { class: 'row', id: 'label-form', onsubmit: addLabel },
+            h('div', { class: 'field' }, h('label', { for: 'label-key', text: 'Key' }), labelKey),
+            h('div', { class: 'field' }, h('label', { for: 'label-value', text: 'Value' }), labelVal),
+            h('button', { type: 'submit', text: 'Add label' })),
+          h('p', { class: 'error', id: 'label-error', role: 'alert' }),
+          h('h2', { text: 'Actions' }),
+          h('div', { class: 'row' }, h('button', { type: 'button', id: 'ping', text: 'Ping', onclick: ping }),
+            h('span', { id: 'ping-result', class: 'muted', role: 'status' }))),
+        h('section', { class: 'panel', 'aria-labelledby': 'ev-h' }, h('h2', { id: 'ev-h', text: 'Recent events' }),
+          h('ul', { class: 'events', id: 'w-events' }))),
+    ]);
+    document.title = id + ' · aerekos';
+    focusHeading(view);
+    startPolling(pollWorker);
+  }
+
+  function setRange(k) {
+    const w = st.worker;
+    if (!w || !RANGES[k] || k === w.range) return;
+    w.range = k;
+    w.pts = [];
+    w.lastT = null;
+    w.fetchedAt = 0;
+    w.gen++;
+    for (const b of document.querySelectorAll('[data-range]')) b.setAttribute('aria-pressed', String(b.dataset.range === k));
+    startPolling(pollWorker);
+  }
+
+  async function pollWorker() {
+    const w = st.worker;
+    if (!w) return;
+    const gen = w.gen;
+    let detail;
+    try {
+      detail = await api('GET', `/workers/${enc(w.id)}`);
+    } catch (e) {
+      if (e.status !== 404 || st.worker !== w) throw e;
+      stopPolling();
+      $('#view').replaceChildren(h('p', { class: 'crumbs' }, h('a', { href: '#/', text: '← Fleet' })),
+        h('h1', { text: 'Worker not found' }), h('p', { class: 'muted', text: `No worker has the id ${w.id}.` }));
+      return;
+    }
+    if (st.worker !== w) return;
+    w.detail = detail;
+    renderWorkerInfo(w, detail);
+    const r = RANGES[w.range];
+    const base = `/workers/${enc(w.id)}/metrics?resolution=${r.res}`;
+    if (r.res === 'raw') {
+      const fresh = w.lastT === null || now() - w.lastT > r.ms / 4;
+      const from = fresh ? Math.floor(now() - r.ms) : w.lastT + 1;
+      const res = await api('GET', `${base}&from=${from}` + (fresh ? `&max_points=${CHART_POINTS}` : ''));
+      if (st.worker !== w || w.gen !== gen) return;
+      const got = (res.points || []).map(rawPoint);
+      w.pts = fresh ? got : w.pts.concat(got);
+      if (w.pts.length) w.lastT = w.pts[w.pts.length - 1].t;
+      else if (fresh) w.lastT = null;
+      const cut = now() - r.ms;
+      w.pts = w.pts.filter((p) => p.t >= cut);
+      if (w.pts.length > 4 * CHART_POINTS) w.pts = thin(w.pts, 2 * CHART_POINTS);
+    } else if (Date.now() - w.fetchedAt > 30000) {
+      const res = await api('GET', `${base}&from=${Math.floor(now() - r.ms)}&max_points=${CHART_POINTS}`);
+      if (st.worker !== w || w.gen !== gen) return;
+      w.pts = (res.points || []).map((p) => ({ t: p.minute_ms, v: fromMinute(p) }));
+      w.fetchedAt = Date.now();
+    }
+    setText($('#w-res'), r.res === 'raw' ? 'raw samples, updated every 2 s' : 'per-minute aggregates');
+    for (const def of CHARTS) {
+      const fig = $(`[data-chart=${def.id}]`);
+      if (fig) drawChart(fig, def, w.pts, r, r.res === 'minute');
+    }
+  }
+
+  function renderWorkerInfo(w, d) {
+    const inv = d.inventory || {};
+    const m = d.metrics ? d.metrics.metrics : null;
+    setText($('#w-name'), d.hostname);
+    document.title = d.hostname + ' · aerekos';
+    setBadge($('#w-badge'), d);
+    setText($('#w-seen'), 'last seen ' + fmt.ago(d.last_seen_ms));
+    setText($('#w-meta'), [inv.device_model || 'unknown model', inv.arch, d.id].filter(Boolean).join(' · '));
+    const rows = [
+      ['Hostname', d.hostname], ['Worker id', d.id], ['Model', inv.device_model || dash],
+      ['OS', inv.os], ['Kernel', inv.kernel], ['Architecture', inv.arch], ['CPU', inv.cpu_model],
+      ['Cores', inv.cores], ['Memory', fmt.bytes(inv.memory_total)],
+      ['Disks', (inv.disks || []).map((x) => `${x.mount} ${fmt.bytes(x.used)} of ${fmt.bytes(x.total)}`).join(', ') || dash],
+      ['Uptime', m ? fmt.dur(m.uptime_s) : dash],
+      ['Load', m ? m.load.map((l) => (l / 100).toFixed(2)).join(' ') : dash],
+      ['Processes', m ? m.processes : dash],
+      ['Swap', m && m.swap_total ? `${fmt.bytes(m.swap_used)} of ${fmt.bytes(m.swap_total)}` : dash],
+      ['Agent', inv.agent_version], ['Interval', d.interval_ms ? d.interval_ms / 1000 + ' s' : dash],
+      ['Enrolled', fmt.time(d.enrolled_at_ms)], ['Last seen', fmt.time(d.last_seen_ms)],
+      ['Last IP', d.last_ip || dash],
+      ['Frames', d.counters ? `${d.counters.accepted} accepted, ${d.counters.rejected} rejected` : dash],
+    ];
+    $('#w-inv').replaceChildren(...rows.flatMap(([k, v]) =>
+      [h('dt', { text: k }), h('dd', { text: v === undefined || v === null || v === '' ? dash : String(v) })]));
+
+    const labels = d.labels || {};
+    const lkey = JSON.stringify(labels);
+    if (w.labelsKey !== lkey) {
+      w.labelsKey = lkey;
+      const entries = Object.entries(labels);
+      $('#w-labels').replaceChildren(...(entries.length ? entries.map(([k, v]) =>
+        h('li', { class: 'chip' }, k + '=' + v,
+          h('button', { type: 'button', 'aria-label': `Remove label ${k}`, text: '×', onclick: () => removeLabel(k) }))) :
+        [h('li', { class: 'muted small', text: 'No labels.' })]));
+    }
+    const events = d.events || [];
+    const ekey = events.length + ':' + (events.length ? events[events.length - 1].received_at_ms : 0);
+    if (w.eventsKey !== ekey) {
+      w.eventsKey = ekey;
+      $('#w-events').replaceChildren(...(events.length ? events.slice().reverse().map((e) =>
+        h('li', {}, h('span', { class: 'muted', text: fmt.time(e.received_at_ms) + ' ' }), e.kind + (e.detail ? ': ' + e.detail : ''))) :
+        [h('li', { class: 'muted', text: 'No events since the conductor started.' })]));
+    }
+  }
+
+  async function putLabels(labels) {
+    const w = st.worker;
+    const err = $('#label-error');
+    setText(err, '');
+    try {
+      const r = await api('PUT', `/workers/${enc(w.id)}/labels`, labels);
+      w.labelsKey = null;
+      if (w.detail) { w.detail.labels = r.labels; renderWorkerInfo(w, w.detail); }
+      return true;
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText(err, e.message);
+      return false;
+    }
+  }
+  async function addLabel(ev) {
+    ev.preventDefault();
+    const w = st.worker;
+    const k = $('#label-key').value.trim(), v = $('#label-value').value.trim();
+    if (!w || !w.detail) return;
+    if (!k) { setText($('#label-error'), 'Enter a key.'); $('#label-key').focus(); return; }
+    if (await putLabels(Object.assign({}, w.detail.labels, { [k]: v }))) {
+      $('#label-key').value = '';
+      $('#label-value').value = '';
+      $('#label-key').focus();
+    }
+  }
+  async function removeLabel(k) {
+    const w = st.worker;
+    if (!w || !w.detail) return;
+    const labels = Object.assign({}, w.detail.labels);
+    delete labels[k];
+    if (await putLabels(labels)) $('#label-key').focus();
+  }
+  async function ping() {
+    const w = st.worker, btn = $('#ping'), out = $('#ping-result');
+    btn.disabled = true;
+    setText(out, 'waiting for the reply…');
+    try {
+      const r = await api('POST', `/workers/${enc(w.id)}/commands`, { action: 'ping' });
+      setText(out, `${r.status}: ${r.detail || 'pong'} in ${r.round_trip_ms} ms`);
+    } catch (e) {
+      setText(out, e instanceof AuthError ? '' : e.message);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  // ---------- settings ----------
+  function secretBox(id, value, label) {
+    const el = id === 'enrol-cmd' ? h('pre', { id, tabindex: '0', 'aria-label': label, text: value })
+      : h('input', { id, readonly: true, class: 'mono', value, 'aria-label': label });
+    return h('div', { class: 'secret' }, el,
+      h('button', { type: 'button', 'data-copy': id, text: 'Copy', 'aria-label': 'Copy ' + label, onclick: () => copy(value) }));
+  }
+
+  function settingsView(view) {
+    const field = (id, label, type, auto) => h('div', { class: 'field' }, h('label', { for: id, text: label }),
+      h('input', { id, type, autocomplete: auto, required: true }));
+    add(view, [
+      h('h1', { text: 'Settings' }),
+      h('div', { class: 'stack' },
+        h('section', { class: 'panel', id: 'reg-section', 'aria-labelledby': 'reg-h' },
+          h('h2', { id: 'reg-h', text: 'Registration token' }),
+          h('p', { class: 'muted', text: 'New workers enrol with this token. The conductor stores only its hash, so it cannot be shown again: revealing it means rotating it. Enrolled workers are not affected; the old token stops enrolling new ones.' }),
+          h('p', {}, 'Current token created ', h('span', { id: 'reg-created', text: '…' }), '.'),
+          h('button', { type: 'button', id: 'rotate-reg', 'aria-expanded': 'false', text: 'Rotate and show a new token…', onclick: askRotate }),
+          h('div', { class: 'notice', id: 'rotate-box', hidden: true },
+            h('p', { text: 'The current registration token will stop working.' }),
+            h('div', { class: 'row' },
+              h('button', { type: 'button', id: 'rotate-confirm', class: 'primary', text: 'Rotate now', onclick: rotate }),
+              h('button', { type: 'button', id: 'rotate-cancel', text: 'Cancel', onclick: cancelRotate }))),
+          h('p', { class: 'error', id: 'reg-error', role: 'alert' }),
+          h('div', { id: 'reg-result', hidden: true })),
+        h('section', { class: 'panel', 'aria-labelledby': 'tok-h' },
+          h('h2', { id: 'tok-h', text: 'API tokens' }),
+          h('p', { class: 'muted', text: 'For scripts: send Authorization: Bearer <token>.' }),
+          h('table', { id: 'tokens' }, h('thead', {}, h('tr', {}, h('th', { text: 'Name' }), h('th', { text: 'Created' }), h('th', {}, h('span', { class: 'muted', text: 'Action' })))),
+            h('tbody', { id: 'tokens-body' })),
+          h('form', { class: 'row', id: 'token-form', onsubmit: createToken },
+            h('div', { class: 'field' }, h('label', { for: 'token-name', text: 'New token name' }),
+              h('input', { id: 'token-name', maxlength: 64, autocomplete: 'off', required: true })),
+            h('button', { type: 'submit', text: 'Create token' })),
+          h('p', { class: 'error', id: 'token-error', role: 'alert' }),
+          h('div', { id: 'token-result', hidden: true })),
+        h('section', { class: 'panel', 'aria-labelledby': 'pw-h' },
+          h('h2', { id: 'pw-h', text: 'Change the admin password' }),
+          h('form', { id: 'password-form', onsubmit: changePassword },
+            h('input', { type: 'text', name: 'username', value: 'admin', autocomplete: 'username', hidden: true }),
+            h('div', { class: 'row' },
+              field('pw-current', 'Current password', 'password', 'current-password'),
+              field('pw-new', 'New password (8+ characters)', 'password', 'new-password'),
+              field('pw-again', 'New password again', 'password', 'new-password')),
+            h('div', { class: 'row' }, h('button', { type: 'submit', class: 'primary', text: 'Change password' })),
+            h('p', { id: 'pw-msg', role: 'status' }))),
+        h('section', { class: 'panel', 'aria-labelledby': 'mq-h' },
+          h('h2', { id: 'mq-h', text: 'MQTT' }),
+          h('p', { class: 'muted', text: 'Read-only observer login for MQTT Explorer (embedded broker).' }),
+          h('dl', { class: 'kv', id: 'mqtt' }))),
+    ]);
+    document.title = 'Settings · aerekos';
+    focusHeading(view);
+    loadSettings().catch(showError('#reg-error'));
+  }
+
+  const showError = (sel) => (e) => { if (!(e instanceof AuthError)) setText($(sel), e.message); };
+
+  async function loadSettings() {
+    const [reg, mq] = await Promise.all([api('GET', '/registration-token'), api('GET', '/mqtt')]);
+    setText($('#reg-created'), reg.created_ms ? fmt.time(reg.created_ms) : 'at first start');
+    const rows = [['Broker', mq.url], ['Username', mq.observer_username || dash], ['Password', mq.observer_password || dash], ['Topics', mq.json_mirror]];
+    $('#mqtt').replaceChildren(...rows.flatMap(([k, v]) => [h('dt', { text: k }), h('dd', { class: 'mono', text: v || dash })]));
+    await loadTokens();
+  }
+  async function loadTokens() {
+    const r = await api('GET', '/tokens');
+    const tokens = r.tokens || [];
+    $('#tokens-body').replaceChildren(...(tokens.length ? tokens.map((t) => h('tr', { 'data-token': t.id },
+      h('td', { text: t.name }), h('td', { text: fmt.time(t.created_ms) }),
+      h('td', {}, h('button', { type: 'button', class: 'danger', text: 'Delete', 'aria-label': 'Delete token ' + t.name,
+        onclick: () => deleteToken(t) })))) :
+      [h('tr', {}, h('td', { colspan: '3', class: 'muted', text: 'No API tokens.' }))]));
+  }
+  async function createToken(ev) {
+    ev.preventDefault();
+    const name = $('#token-name').value.trim();
+    setText($('#token-error'), '');
+    if (!name) { setText($('#token-error'), 'Enter a name.'); $('#token-name').focus(); return; }
+    try {
+      const t = await api('POST', '/tokens', { name });
+      $('#token-name').value = '';
+      const box = $('#token-result');
+      box.replaceChildren(h('p', { class: 'notice', text: `Token "${t.name}" (shown once — copy it now):` }),
+        secretBox('new-token', t.token, 'new API token'));
+      box.hidden = false;
+      await loadTokens();
+      $('#new-token').focus();
+      $('#new-token').select();
+    } catch (e) { showError('#token-error')(e); }
+  }
+  async function deleteToken(t) {
+    setText($('#token-error'), '');
+    try {
+      await api('DELETE', '/tokens/' + enc(t.id));
+      toast(`Token "${t.name}" deleted`);
+      await loadTokens();
+      $('#token-name').focus();
+    } catch (e) { showError('#token-error')(e); }
+  }
+  function askRotate() {
+    $('#rotate-box').hidden = false;
+    $('#rotate-reg').setAttribute('aria-expanded', 'true');
+    $('#rotate-confirm').focus();
+  }
+  function cancelRotate() {
+    $('#rotate-box').hidden = true;
+    $('#rotate-reg').setAttribute('aria-expanded', 'false');
+    $('#rotate-reg').focus();
+  }
+  async function rotate() {
+    setText($('#reg-error'), '');
+    $('#rotate-confirm').disabled = true;
+    try {
+      const r = await api('POST', '/registration-token/rotate', {});
+      const origin = location.protocol + '//' + location.host;
+      const cmd = `edge-worker --conductor ${origin} --token ${r.token}`;
+      const local = /^(localhost|127\.|\[::1\])/.test(location.host);
+      const box = $('#reg-result');
+      box.replaceChildren(
+        h('p', { class: 'notice', text: 'New registration token (shown once — copy it now):' }),
+        secretBox('reg-token', r.token, 'registration token'),
+        h('p', { text: 'Enrol a Pi (run on the Pi):' }),
+        secretBox('enrol-cmd', cmd, 'enrol command'),
+        local ? h('p', { class: 'muted small', text: 'This page is open on a loopback address: use an address of the conductor the Pi can reach.' }) : null);
+      box.hidden = false;
+      $('#rotate-box').hidden = true;
+      $('#rotate-reg').setAttribute('aria-expanded', 'false');
+      setText($('#reg-created'), fmt.time(r.created_ms));
+      $('#reg-token').focus();
+      $('#reg-token').select();
+    } catch (e) {
+      showError('#reg-error')(e);
+    } finally {
+      $('#rotate-confirm').disabled = false;
+    }
+  }
+  async function changePassword(ev) {
+    ev.preventDefault();
+    const msg = $('#pw-msg');
+    const cur = $('#pw-current').value, nw = $('#pw-new').value, again = $('#pw-again').value;
+    msg.className = 'error';
+    if (!cur) { setText(msg, 'Enter the current password.'); $('#pw-current').focus(); return; }
+    if ([...nw].length < 8) { setText(msg, 'The new password needs at least 8 characters.'); $('#pw-new').focus(); return; }
+    if (nw !== again) { setText(msg, 'The two new passwords differ.'); $('#pw-again').focus(); return; }
+    try {
+      const r = await api('POST', '/password', { current: cur, new: nw });
+      ev.target.reset();
+      msg.className = 'ok-msg';
+      setText(msg, 'Password changed.' + (r.sessions_ended ? ` ${r.sessions_ended} other session(s) signed out.` : ''));
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText(msg, e.message);
+    }
+  }
+
+  // ---------- boot ----------
+  async function boot() {
+    $('#login-form').addEventListener('submit', onLogin);
+    $('#logout').addEventListener('click', onLogout);
+    window.addEventListener('hashchange', route);
+    try {
+      const r = await fetch('/api/v1/session', { credentials: 'same-origin' });
+      const d = await r.json();
+      if (d.authenticated) enterApp();
+      else showLogin('');
+    } catch (_) {
+      setText($('#boot'), 'Cannot reach the conductor. Reload to retry.');
+    }
+  }
+  boot();
+})();

@@ -1,0 +1,627 @@
+//! End-to-end: the conductor's web dashboard in a real headless Chromium,
+//! driven over the W3C WebDriver protocol (chromedriver) with a small client
+//! below: log in through the form, watch two live workers, a worker page's
+//! charts update, rotate the registration token in Settings and enrol with
+//! it, create and delete an API token, change the password, log out. Browser
+//! console errors fail the test. Screenshots land in `target/screenshots/`.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them);
+//! without them the test fails with the install hint.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::*;
+use serde_json::{json, Value};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+/// W3C WebDriver's element reference key.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+// ---------------------------------------------------------------- WebDriver
+
+/// First existing path among `candidates`, else the first hit on `$PATH`.
+fn find_exe(candidates: &[&str], names: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = candidates.iter().map(Path::new).find(|p| p.is_file()) {
+        return Some(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|d| names.iter().map(move |n| d.join(n)))
+        .find(|p| p.is_file())
+}
+
+/// A chromedriver process with one headless Chromium session; both end on drop.
+struct Browser {
+    base: String,
+    session: String,
+    /// Browser console entries fetched so far.
+    console: Vec<Value>,
+    _profile: tempfile::TempDir,
+    driver: Proc,
+}
+
+/// An element reference.
+#[derive(Clone)]
+struct El(String);
+
+impl Browser {
+    fn start(width: u32, height: u32) -> Browser {
+        let hint = "the dashboard test needs Chromium and its WebDriver: \
+                    apt-get install -y chromium chromium-driver (.ci/run installs them)";
+        let chrome = find_exe(
+            &["/usr/bin/chromium", "/usr/lib/chromium/chromium"],
+            &["chromium", "chromium-browser", "google-chrome"],
+        )
+        .unwrap_or_else(|| panic!("chromium not found; {hint}"));
+        let chromedriver = find_exe(&["/usr/bin/chromedriver"], &["chromedriver"])
+            .unwrap_or_else(|| panic!("chromedriver not found; {hint}"));
+
+        let profile = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(&chromedriver);
+        cmd.arg(format!("--port={port}"));
+        let driver = Proc::spawn(cmd, profile.path().join("chromedriver.log"));
+        let base = format!("http://127.0.0.1:{port}");
+        wait_for("chromedriver to listen", SECS(20), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()?;
+            let (_, v) = wd(&base, "GET", "/status", None);
+            (v["value"]["ready"] == true).then_some(())
+        });
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chrome.display().to_string(),
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                    "--disable-gpu", "--no-first-run", "--disable-extensions",
+                    "--disable-background-networking", "--disable-component-update",
+                    format!("--window-size={width},{height}"),
+                    format!("--user-data-dir={}", profile.path().join("profile").display()),
+                ],
+            },
+            "goog:loggingPrefs": {"browser": "ALL"},
+        }}});
+        let (status, v) = wd(&base, "POST", "/session", Some(caps));
+        assert_eq!(
+            status,
+            200,
+            "new WebDriver session: {v}\n{}",
+            driver.tail(20)
+        );
+        let session = v["value"]["sessionId"].as_str().unwrap().to_string();
+        Browser {
+            base,
+            session,
+            console: Vec::new(),
+            _profile: profile,
+            driver,
+        }
+    }
+
+    /// A session command; panics on a WebDriver error.
+    #[track_caller]
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let full = format!("/session/{}{path}", self.session);
+        let (status, v) = wd(&self.base, method, &full, body);
+        if status != 200 {
+            panic!(
+                "WebDriver {method} {path}: {status} {v}\n{}",
+                self.driver.tail(10)
+            );
+        }
+        v["value"].clone()
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    #[track_caller]
+    fn find(&self, css: &str) -> El {
+        let v = self.cmd(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        El(v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("find {css}: {v}"))
+            .to_string())
+    }
+
+    fn click(&self, css: &str) {
+        let el = self.find(css);
+        self.cmd("POST", &format!("/element/{}/click", el.0), Some(json!({})));
+    }
+
+    /// Types `text` into the element (real key events).
+    fn type_into(&self, css: &str, text: &str) {
+        let el = self.find(css);
+        self.cmd(
+            "POST",
+            &format!("/element/{}/value", el.0),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    fn text(&self, css: &str) -> String {
+        let el = self.find(css);
+        self.cmd("GET", &format!("/element/{}/text", el.0), None)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Runs `script` (a function body; `arguments` available) in the page.
+    fn js(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    /// Polls the JS expression `expr` until it is truthy; its value.
+    #[track_caller]
+    fn wait(&mut self, what: &str, timeout: Duration, expr: &str) -> Value {
+        let script = format!("return ({expr});");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.js(&script);
+            let truthy =
+                !matches!(&v, Value::Null | Value::Bool(false)) && v != json!(0) && v != json!("");
+            if truthy {
+                return v;
+            }
+            if Instant::now() > deadline {
+                self.fetch_console();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what} ({expr} = {v})\nconsole: {:#?}\npage: {}",
+                    self.console,
+                    self.js("return document.body.innerText")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn set_window(&self, width: u32, height: u32) {
+        self.cmd(
+            "POST",
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        );
+    }
+
+    /// Saves a PNG screenshot under `target/screenshots/`; its path.
+    fn screenshot(&self, name: &str) -> PathBuf {
+        let v = self.cmd("GET", "/screenshot", None);
+        let png = base64_decode(v.as_str().unwrap());
+        assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
+        let dir = bin_dir()
+            .parent()
+            .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+            .join("screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        println!("screenshot: {}", path.display());
+        path
+    }
+
+    /// Drains the browser console log into `self.console` (chromedriver's
+    /// `se/log` endpoint, enabled by `goog:loggingPrefs`).
+    fn fetch_console(&mut self) {
+        let full = format!("/session/{}/se/log", self.session);
+        let (status, v) = wd(&self.base, "POST", &full, Some(json!({"type": "browser"})));
+        assert_eq!(status, 200, "chromedriver browser log: {v}");
+        if let Some(entries) = v["value"].as_array() {
+            self.console.extend(entries.iter().cloned());
+        }
+    }
+
+    /// Console entries at level SEVERE (errors, CSP violations, failed loads).
+    fn console_errors(&mut self) -> Vec<Value> {
+        self.fetch_console();
+        self.console
+            .iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = wd(
+            &self.base,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        );
+        self.driver.kill9();
+    }
+}
+
+/// One WebDriver HTTP call: (status, JSON body).
+fn wd(base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let url = format!("{base}{path}");
+    let agent = http();
+    let resp = match (method, body) {
+        ("GET", _) => agent.get(&url).call(),
+        ("DELETE", _) => agent.delete(&url).call(),
+        (_, b) => agent.post(&url).send_json(b.unwrap_or_else(|| json!({}))),
+    };
+    match resp {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        }
+        Err(e) => (0, Value::String(e.to_string())),
+    }
+}
+
+/// Standard base64 (screenshots), padding optional.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+// -------------------------------------------------------------------- test
+
+/// The harness rebuilds the binaries when Rust sources change; the dashboard
+/// files are embedded too, so rebuild the conductor when they are newer.
+fn conductor_with_current_assets() {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conductor/assets");
+    let newest = std::fs::read_dir(&assets)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| modified(&e.path()))
+        .max();
+    if newest > modified(&bin("conductor")) {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "conductor", "--bins"]);
+        if bin_dir().ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "cargo build -p conductor");
+    }
+}
+
+fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn dashboard_in_a_real_browser() {
+    let started = Instant::now();
+    conductor_with_current_assets();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let old_token = c.registration_token();
+    let mut workers: Vec<Worker> = ["pi-alpha", "pi-beta"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut opts = WorkerOpts::named(name);
+            opts.interval_ms = 500;
+            opts.extra = vec!["--label".into(), format!("rack=r{i}")];
+            Worker::start(&dir.path().join(name), &c.url(), Some(&old_token), opts)
+        })
+        .collect();
+    let ids: Vec<String> = workers.iter_mut().map(|w| w.wait_id()).collect();
+    for id in &ids {
+        wait_for("worker online", SECS(20), || {
+            (c.status_of(id) == "online").then_some(())
+        });
+    }
+
+    // The page and its files: types, caching, a strict CSP.
+    let page = http().get(c.url()).call().unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(header(&page, "content-type").starts_with("text/html"));
+    assert_eq!(header(&page, "cache-control"), "no-cache");
+    let csp = header(&page, "content-security-policy");
+    assert!(
+        csp.contains("default-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    let etag = header(&page, "etag");
+    let again = http()
+        .get(c.url())
+        .header("If-None-Match", &etag)
+        .call()
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let js = http()
+        .get(format!("{}/assets/app.js", c.url()))
+        .call()
+        .unwrap();
+    assert!(header(&js, "content-type").starts_with("text/javascript"));
+
+    let mut b = Browser::start(1280, 900);
+    b.goto(&c.url());
+
+    // Login form.
+    b.wait(
+        "the login form",
+        SECS(10),
+        "!document.querySelector('#login-view').hidden",
+    );
+    b.screenshot("login");
+    b.type_into("#login-pass", ADMIN_PASSWORD);
+    b.click("#login-form button[type=submit]");
+
+    // Fleet: both workers online, with sparklines filling up.
+    b.wait(
+        "two online workers",
+        SECS(15),
+        "document.querySelectorAll('.card[data-status=online]').length === 2",
+    );
+    assert_eq!(b.text("#count-online"), "2");
+    assert_eq!(b.text("#count-offline"), "0");
+    b.wait(
+        "sparklines with history",
+        SECS(10),
+        "[...document.querySelectorAll('.card [data-spark=cpu]')].every(s => +s.dataset.points >= 3)",
+    );
+    let names =
+        b.js("return [...document.querySelectorAll('.card .name')].map(a => a.textContent)");
+    assert_eq!(names, json!(["pi-alpha", "pi-beta"]));
+    let card = b.text(".card[data-id] .meta");
+    assert!(card.contains("seen"), "{card}");
+    b.screenshot("fleet");
+
+    // Search and label filter.
+    b.type_into("#f-q", "beta");
+    b.wait(
+        "search narrows to one card",
+        SECS(5),
+        "[...document.querySelectorAll('.card')].filter(c => !c.hidden).map(c => c.querySelector('.name').textContent).join() === 'pi-beta'",
+    );
+    b.type_into("#f-q", "\u{E003}\u{E003}\u{E003}\u{E003}");
+    b.wait(
+        "search cleared",
+        SECS(5),
+        "[...document.querySelectorAll('.card')].filter(c => !c.hidden).length === 2",
+    );
+    b.js("const s = document.querySelector('#f-label'); s.value = 'rack=r0'; s.dispatchEvent(new Event('change')); return true");
+    b.wait(
+        "label filter narrows to one card",
+        SECS(5),
+        "[...document.querySelectorAll('.card')].filter(c => !c.hidden).map(c => c.querySelector('.name').textContent).join() === 'pi-alpha'",
+    );
+    b.js("const s = document.querySelector('#f-label'); s.value = ''; s.dispatchEvent(new Event('change')); return true");
+
+    // Worker page, opened with the keyboard (Enter on the link).
+    b.type_into(&format!(".card[data-id='{}'] a.name", ids[0]), "\u{E007}");
+    b.wait(
+        "the worker page",
+        SECS(10),
+        "document.querySelector('#w-name') && document.querySelector('#w-name').textContent === 'pi-alpha'",
+    );
+    assert!(b
+        .js("return location.hash")
+        .as_str()
+        .unwrap()
+        .ends_with(&ids[0]));
+    let first = b.wait(
+        "the CPU chart drawn",
+        SECS(10),
+        "+document.querySelector('[data-chart=cpu]').dataset.points >= 3 && document.querySelector('[data-chart=cpu]').dataset.last",
+    );
+    let t0 = Instant::now();
+    b.wait(
+        "the CPU chart to update",
+        SECS(8),
+        &format!("document.querySelector('[data-chart=cpu]').dataset.last !== {first}"),
+    );
+    println!("chart updated {:?} after first draw", t0.elapsed());
+    for chart in ["cores", "mem", "disk", "net"] {
+        let n = b.js(&format!(
+            "return document.querySelectorAll('[data-chart={chart}] path').length"
+        ));
+        assert!(n.as_u64().unwrap() >= 1, "{chart} chart has no line");
+    }
+    let inv = b.text("#w-inv");
+    assert!(
+        inv.contains("Architecture") && inv.contains(&ids[0]),
+        "{inv}"
+    );
+    assert!(b.text("#w-labels").contains("rack=r0"));
+    b.screenshot("worker");
+
+    // History ranges from the stored series.
+    b.click("[data-range=h1]");
+    b.wait(
+        "1 h range (raw)",
+        SECS(8),
+        "document.querySelector('[data-range=h1]').getAttribute('aria-pressed') === 'true' && +document.querySelector('[data-chart=cpu]').dataset.points >= 3",
+    );
+    b.click("[data-range=h24]");
+    b.wait(
+        "24 h range (minute aggregates)",
+        SECS(8),
+        "document.querySelector('#w-res').textContent.includes('minute') && +document.querySelector('[data-chart=cpu]').dataset.points >= 1",
+    );
+    b.click("[data-range=live]");
+
+    // Settings: rotate the registration token, see it once, enrol with it.
+    b.click("[data-nav=settings]");
+    b.wait(
+        "settings",
+        SECS(10),
+        "document.querySelector('#rotate-reg') && document.querySelector('#reg-created').textContent !== '…'",
+    );
+    b.click("#rotate-reg");
+    b.click("#rotate-confirm");
+    let token = b.wait(
+        "the new registration token",
+        SECS(10),
+        "document.querySelector('#reg-token') && document.querySelector('#reg-token').value",
+    );
+    let token = token.as_str().unwrap().to_string();
+    assert_ne!(token, old_token);
+    let cmd = b.text("#enrol-cmd");
+    assert_eq!(
+        cmd,
+        format!("edge-worker --conductor {} --token {token}", c.url())
+    );
+    let (status, body) = c.post(
+        "/api/v1/enroll",
+        &json!({"token": token, "hostname": "pi-from-ui", "machine_id": "ui-1"}),
+    );
+    assert_eq!(status, 200, "enrol with the token the UI showed: {body}");
+    let (status, _) = c.post(
+        "/api/v1/enroll",
+        &json!({"token": old_token, "hostname": "pi-old", "machine_id": "ui-2"}),
+    );
+    assert_eq!(status, 401, "the rotated-out token no longer enrols");
+
+    // API tokens: create (shown once, works), delete (stops working).
+    b.type_into("#token-name", "ci-script");
+    b.click("#token-form button[type=submit]");
+    let api_token = b.wait(
+        "the new API token",
+        SECS(10),
+        "document.querySelector('#new-token') && document.querySelector('#new-token').value",
+    );
+    let api_token = api_token.as_str().unwrap().to_string();
+    let bearer = |t: &str| {
+        http()
+            .get(format!("{}/api/v1/workers", c.url()))
+            .header("Authorization", format!("Bearer {t}"))
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(bearer(&api_token), 200);
+    b.wait(
+        "the token listed",
+        SECS(5),
+        "document.querySelector('#tokens-body').textContent.includes('ci-script')",
+    );
+    b.js("window.scrollTo(0, 0); return true");
+    b.screenshot("settings");
+    b.click("#tokens-body button.danger");
+    b.wait(
+        "the token gone",
+        SECS(5),
+        "!document.querySelector('#tokens-body').textContent.includes('ci-script')",
+    );
+    assert_eq!(bearer(&api_token), 401);
+
+    // Phone width: no horizontal scrolling, cards in one column.
+    b.goto(&format!("{}/#/", c.url()));
+    b.set_window(390, 844);
+    b.wait(
+        "the fleet at phone width",
+        SECS(10),
+        "window.innerWidth <= 420 && document.querySelectorAll('.card').length === 3",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "horizontal overflow at phone width: {overflow}px"
+    );
+    b.screenshot("fleet-phone");
+    b.click(&format!(".card[data-id='{}'] a.name", ids[1]));
+    b.wait(
+        "the worker page at phone width",
+        SECS(10),
+        "+(document.querySelector('[data-chart=cpu]') || {dataset: {}}).dataset.points >= 3",
+    );
+    let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "horizontal overflow of the worker page at phone width: {overflow}px"
+    );
+    b.screenshot("worker-phone");
+    b.set_window(1280, 900);
+
+    // Change the password in Settings, log out, log in with the new one.
+    let new_password = "a-new-password-42";
+    b.click("[data-nav=settings]");
+    b.wait(
+        "settings",
+        SECS(10),
+        "!!document.querySelector('#password-form')",
+    );
+    b.type_into("#pw-current", ADMIN_PASSWORD);
+    b.type_into("#pw-new", new_password);
+    b.type_into("#pw-again", new_password);
+    b.click("#password-form button[type=submit]");
+    b.wait(
+        "password changed",
+        SECS(10),
+        "document.querySelector('#pw-msg').textContent.includes('Password changed')",
+    );
+    b.click("#logout");
+    b.wait(
+        "the login form after logout",
+        SECS(10),
+        "!document.querySelector('#login-view').hidden && document.querySelector('#top').hidden",
+    );
+    b.type_into("#login-pass", new_password);
+    b.click("#login-form button[type=submit]");
+    b.wait(
+        "back on the settings page after logging in with the new password",
+        SECS(10),
+        "!document.querySelector('#view').hidden && !!document.querySelector('#password-form')",
+    );
+
+    // Log out: the cookie is gone, a reload shows the login form.
+    b.click("#logout");
+    b.wait(
+        "the login form after logout",
+        SECS(10),
+        "!document.querySelector('#login-view').hidden",
+    );
+    b.goto(&c.url());
+    b.wait(
+        "the login form after a reload",
+        SECS(10),
+        "!document.querySelector('#login-view').hidden && document.querySelector('#view').hidden",
+    );
+
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "browser console errors: {errors:#?}");
+    println!(
+        "dashboard test: {} console entries, 0 errors, {:?}",
+        b.console.len(),
+        started.elapsed()
+    );
+}
