@@ -15,6 +15,11 @@
 //! metrics they accompany. A crash can lose at most the last ~100 ms of
 //! accepted frames; a frame lost that way may be accepted again after a
 //! restart if redelivered (the window persisted is the one committed).
+//!
+//! Accepted `ServiceStatus` frames update [`crate::state::Shared::service_status`]
+//! and are persisted by the writer (`Removed` deletes the row); an accepted
+//! Birth clears the worker's reported services and wakes reconciliation
+//! (see [`crate::services`]).
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
@@ -153,6 +158,7 @@ fn ingest_frame(
     }
     let worker_id = w.id.clone();
     let mut mirror: Option<(TopicKind, serde_json::Value)> = None;
+    let mut reconcile_now = false;
     match env.body {
         Body::Birth(birth) => {
             if birth.interval_ms >= 50 {
@@ -173,6 +179,8 @@ fn ingest_frame(
                 json!({"worker_id": worker_id, "seq": env.seq, "received_at_ms": received_at_ms, "birth": birth}),
             ));
             w.inventory = Some(birth);
+            crate::services::new_session(shared, &worker_id);
+            reconcile_now = true;
         }
         Body::Metrics(m) => {
             if let Ok(blob) = postcard::to_stdvec(&m) {
@@ -213,6 +221,10 @@ fn ingest_frame(
         }
         // Unreachable: a Command on a worker topic fails the kind check above.
         Body::Command(_) => {}
+        Body::ServiceStatus(st) => {
+            debug!(worker_id = %worker_id, service = %st.name, state = ?st.state, "service status");
+            crate::services::record_status(shared, &worker_id, &st);
+        }
     }
     let _ = shared.writer.send(WriteOp::Seen {
         worker_id: worker_id.clone(),
@@ -221,6 +233,9 @@ fn ingest_frame(
         last_seen_ms: received_at_ms,
     });
     drop(workers);
+    if reconcile_now {
+        shared.reconcile.notify_one();
+    }
     if let Some((kind, value)) = mirror {
         let topic = protocol::topic::topic(&worker_id, kind);
         if client

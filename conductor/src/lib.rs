@@ -3,7 +3,8 @@
 //!
 //! [`run`] starts everything and runs until the `shutdown` future resolves.
 //! Threads: the current-thread tokio runtime that calls [`run`] drives the
-//! MQTT client and the liveness ticker; rumqttd runs on its own thread (and
+//! MQTT client, the liveness ticker and service reconciliation
+//! ([`services`]); rumqttd runs on its own thread (and
 //! cannot be stopped, see [`broker`]); the ingest writer owns a SQLite
 //! connection on its own thread; tiny_http requests are served by
 //! [`http::HTTP_THREADS`] threads.
@@ -20,6 +21,7 @@ pub mod http;
 pub mod ingest;
 pub mod liveness;
 pub mod mqtt;
+pub mod services;
 pub mod state;
 pub mod store;
 
@@ -150,6 +152,13 @@ pub async fn run(
         }
     }
     info!(workers = workers.len(), "store loaded");
+    let mut service_status: HashMap<String, std::collections::BTreeMap<String, _>> = HashMap::new();
+    for row in store.service_statuses()? {
+        service_status
+            .entry(row.worker_id.clone())
+            .or_default()
+            .insert(row.name.clone(), row);
+    }
     let conductor_pw = store
         .setting(auth::CONDUCTOR_MQTT_PASSWORD)?
         .unwrap_or_default();
@@ -245,6 +254,9 @@ pub async fn run(
         observer_password: embedded.then_some(observer_pw),
         started: Instant::now(),
         reject_log: Mutex::new(HashMap::new()),
+        service_status: Mutex::new(service_status),
+        reconcile: tokio::sync::Notify::new(),
+        reconcile_sent: Mutex::new(HashMap::new()),
     });
 
     let (client, eventloop) = mqtt::client(&mqtt_settings);
@@ -258,6 +270,7 @@ pub async fn run(
         stop_rx.clone(),
     );
     let live_task = liveness::run(shared.clone(), stop_rx.clone());
+    let reconcile_task = services::run(shared.clone(), client.clone(), stop_rx.clone());
 
     let http_holder: Mutex<Option<http::HttpServer>> = Mutex::new(None);
     let control = async {
@@ -291,7 +304,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
         result
     };
-    let ((), (), result) = tokio::join!(mqtt_task, live_task, control);
+    let ((), (), (), result) = tokio::join!(mqtt_task, live_task, reconcile_task, control);
 
     if let Some(server) = lock(&http_holder).take() {
         server.stop();

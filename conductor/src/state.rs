@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::broker::Credentials;
 use crate::config::Config;
-use crate::store::{Store, WorkerRow, WriteOp};
+use crate::store::{ServiceStatusRow, Store, WorkerRow, WriteOp};
 
 /// Events kept per worker in memory.
 pub const EVENTS_KEPT: usize = 50;
@@ -233,6 +233,10 @@ impl RateLimiter {
     }
 }
 
+/// What reconciliation last sent to a (worker, service): the Deploy version
+/// (`None` = Remove) and when.
+pub type SentMark = (Option<u32>, Instant);
+
 /// Waiters for command replies, keyed by (worker id, command id).
 pub type Pending = Mutex<HashMap<(String, u32), mpsc::Sender<Reply>>>;
 
@@ -271,6 +275,13 @@ pub struct Shared {
     pub started: Instant,
     /// Last time a rejection of each reason was logged (rate-limits warnings).
     pub reject_log: Mutex<HashMap<&'static str, Instant>>,
+    /// Last reported service states: worker id → service name → status.
+    pub service_status: Mutex<HashMap<String, BTreeMap<String, ServiceStatusRow>>>,
+    /// Wakes the reconciliation loop at once.
+    pub reconcile: tokio::sync::Notify,
+    /// Reconciliation resend throttle: (worker, service) → (Deploy version
+    /// or `None` = Remove, when sent).
+    pub reconcile_sent: Mutex<HashMap<(String, String), SentMark>>,
 }
 
 /// Locks a mutex, recovering from poisoning (a panicked holder leaves data

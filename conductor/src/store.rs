@@ -13,6 +13,10 @@
 //! change runs in a transaction, so `kill -9` at any point leaves a
 //! consistent database.
 //!
+//! Hosted services (schema v2): `services` holds immutable spec versions,
+//! `deployments` one placement per service name, `service_status` the last
+//! state each worker reported per service (written by the ingest writer).
+//!
 //! Limits: metrics queries return at most [`MAX_QUERY_ROWS`] rows.
 
 use std::path::Path;
@@ -77,6 +81,31 @@ pub const MIGRATIONS: &[&str] = &[
         tx_bps_sum INTEGER NOT NULL,
         PRIMARY KEY (worker_id, minute_ms));
      CREATE INDEX metrics_minute_by_time ON metrics_minute (minute_ms);",
+    // v2: hosted services.
+    "CREATE TABLE services (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (name, version));
+     CREATE TABLE deployments (
+        name TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        workers TEXT NOT NULL DEFAULT '[]',
+        labels TEXT NOT NULL DEFAULT '{}',
+        desired TEXT NOT NULL DEFAULT 'running' CHECK (desired IN ('running', 'stopped')),
+        updated_ms INTEGER NOT NULL);
+     CREATE TABLE service_status (
+        worker_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        restarts INTEGER NOT NULL,
+        exit_code INTEGER,
+        detail TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (worker_id, name));",
 ];
 
 /// Store errors.
@@ -251,6 +280,74 @@ pub enum WriteOp {
         /// Birth as JSON.
         json: String,
     },
+    /// A service status report (upsert).
+    ServiceStatus(ServiceStatusRow),
+    /// A worker started a new session (Birth): forget its reported services
+    /// (it reports the full picture right after).
+    ServicesCleared {
+        /// Worker.
+        worker_id: String,
+    },
+    /// A service was removed from a worker.
+    ServiceRemoved {
+        /// Worker.
+        worker_id: String,
+        /// Service name.
+        name: String,
+    },
+}
+
+/// A stored service spec version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRow {
+    /// Service name.
+    pub name: String,
+    /// Version (1, 2, …).
+    pub version: u32,
+    /// Spec as JSON (see `crate::services::SpecDoc`).
+    pub spec_json: String,
+    /// Creation time, ms.
+    pub created_ms: u64,
+}
+
+/// Where and how a service should run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentRow {
+    /// Service name.
+    pub name: String,
+    /// Desired version.
+    pub version: u32,
+    /// Explicitly named workers, JSON array.
+    pub workers_json: String,
+    /// Label selector, JSON object.
+    pub labels_json: String,
+    /// `running` | `stopped`.
+    pub desired: String,
+    /// Last change, ms.
+    pub updated_ms: u64,
+}
+
+/// The last reported state of one service on one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStatusRow {
+    /// Worker.
+    pub worker_id: String,
+    /// Service name.
+    pub name: String,
+    /// Version the worker has.
+    pub version: u32,
+    /// Lower-case state name.
+    pub state: String,
+    /// Process id (0 when not running).
+    pub pid: u32,
+    /// Restarts.
+    pub restarts: u32,
+    /// Last exit code.
+    pub exit_code: Option<i32>,
+    /// Detail text.
+    pub detail: String,
+    /// Conductor receive time, ms.
+    pub updated_ms: u64,
 }
 
 fn i(v: u64) -> i64 {
@@ -511,6 +608,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM metrics_raw WHERE worker_id = ?1", [id])?;
         tx.execute("DELETE FROM metrics_minute WHERE worker_id = ?1", [id])?;
+        tx.execute("DELETE FROM service_status WHERE worker_id = ?1", [id])?;
         let n = tx.execute("DELETE FROM workers WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(n > 0)
@@ -530,6 +628,135 @@ impl Store {
         self.conn
             .execute("UPDATE workers SET status = ?1", [status])?;
         Ok(())
+    }
+
+    // ---- services ----
+
+    /// Stores a new version of service `name` (previous + 1) and returns it.
+    pub fn insert_service(
+        &mut self,
+        name: &str,
+        spec_json: &str,
+        now_ms: u64,
+    ) -> Result<u32, StoreError> {
+        let tx = self.conn.transaction()?;
+        let last: Option<u32> = tx.query_row(
+            "SELECT MAX(version) FROM services WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        let version = last.unwrap_or(0).saturating_add(1);
+        tx.execute(
+            "INSERT INTO services (name, version, spec, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![name, version, spec_json, i(now_ms)],
+        )?;
+        tx.commit()?;
+        Ok(version)
+    }
+
+    /// Every service's latest version, by name.
+    pub fn latest_services(&self) -> Result<Vec<ServiceRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT s.name, s.version, s.spec, s.created_ms FROM services s
+             WHERE s.version = (SELECT MAX(version) FROM services WHERE name = s.name)
+             ORDER BY s.name",
+        )?;
+        let rows = st.query_map([], service_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// All versions of one service, oldest first.
+    pub fn service_versions(&self, name: &str) -> Result<Vec<ServiceRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT name, version, spec, created_ms FROM services WHERE name = ?1 ORDER BY version",
+        )?;
+        let rows = st.query_map([name], service_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One version of a service.
+    pub fn service(&self, name: &str, version: u32) -> Result<Option<ServiceRow>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT name, version, spec, created_ms FROM services WHERE name = ?1 AND version = ?2",
+                params![name, version],
+                service_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Creates or replaces a deployment.
+    pub fn put_deployment(&self, d: &DeploymentRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO deployments (name, version, workers, labels, desired, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (name) DO UPDATE SET version = excluded.version,
+                workers = excluded.workers, labels = excluded.labels,
+                desired = excluded.desired, updated_ms = excluded.updated_ms",
+            params![
+                d.name,
+                d.version,
+                d.workers_json,
+                d.labels_json,
+                d.desired,
+                i(d.updated_ms)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// One deployment.
+    pub fn deployment(&self, name: &str) -> Result<Option<DeploymentRow>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT name, version, workers, labels, desired, updated_ms
+                 FROM deployments WHERE name = ?1",
+                [name],
+                deployment_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Every deployment, by name.
+    pub fn deployments(&self) -> Result<Vec<DeploymentRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT name, version, workers, labels, desired, updated_ms
+             FROM deployments ORDER BY name",
+        )?;
+        let rows = st.query_map([], deployment_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a deployment; `false` if there was none.
+    pub fn delete_deployment(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM deployments WHERE name = ?1", [name])?
+            > 0)
+    }
+
+    /// Every stored service status.
+    pub fn service_statuses(&self) -> Result<Vec<ServiceStatusRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT worker_id, name, version, state, pid, restarts, exit_code, detail, updated_ms
+             FROM service_status ORDER BY worker_id, name",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(ServiceStatusRow {
+                worker_id: r.get(0)?,
+                name: r.get(1)?,
+                version: r.get(2)?,
+                state: r.get(3)?,
+                pid: r.get(4)?,
+                restarts: r.get(5)?,
+                exit_code: r.get(6)?,
+                detail: r.get(7)?,
+                updated_ms: u(r.get(8)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     // ---- metrics ----
@@ -566,6 +793,19 @@ impl Store {
             let mut status = tx.prepare_cached("UPDATE workers SET status = ?2 WHERE id = ?1")?;
             let mut inventory =
                 tx.prepare_cached("UPDATE workers SET inventory = ?2 WHERE id = ?1")?;
+            let mut svc = tx.prepare_cached(
+                "INSERT INTO service_status (worker_id, name, version, state, pid, restarts,
+                    exit_code, detail, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (worker_id, name) DO UPDATE SET
+                    version = excluded.version, state = excluded.state, pid = excluded.pid,
+                    restarts = excluded.restarts, exit_code = excluded.exit_code,
+                    detail = excluded.detail, updated_ms = excluded.updated_ms",
+            )?;
+            let mut svc_clear =
+                tx.prepare_cached("DELETE FROM service_status WHERE worker_id = ?1")?;
+            let mut svc_del =
+                tx.prepare_cached("DELETE FROM service_status WHERE worker_id = ?1 AND name = ?2")?;
             // Only the last window per worker matters.
             let mut last_seen: std::collections::HashMap<&str, usize> = Default::default();
             for (idx, op) in ops.iter().enumerate() {
@@ -621,6 +861,25 @@ impl Store {
                     }
                     WriteOp::Inventory { worker_id, json } => {
                         inventory.execute(params![worker_id, json])?;
+                    }
+                    WriteOp::ServiceStatus(r) => {
+                        svc.execute(params![
+                            r.worker_id,
+                            r.name,
+                            r.version,
+                            r.state,
+                            r.pid,
+                            r.restarts,
+                            r.exit_code,
+                            r.detail,
+                            i(r.updated_ms)
+                        ])?;
+                    }
+                    WriteOp::ServiceRemoved { worker_id, name } => {
+                        svc_del.execute(params![worker_id, name])?;
+                    }
+                    WriteOp::ServicesCleared { worker_id } => {
+                        svc_clear.execute(params![worker_id])?;
                     }
                 }
             }
@@ -733,6 +992,26 @@ fn worker_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
         replay_bitmap: u(r.get(12)?),
         cmd_seq: u(r.get(13)?),
         status: r.get(14)?,
+    })
+}
+
+fn service_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRow> {
+    Ok(ServiceRow {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        spec_json: r.get(2)?,
+        created_ms: u(r.get(3)?),
+    })
+}
+
+fn deployment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
+    Ok(DeploymentRow {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        workers_json: r.get(2)?,
+        labels_json: r.get(3)?,
+        desired: r.get(4)?,
+        updated_ms: u(r.get(5)?),
     })
 }
 

@@ -3,7 +3,9 @@
 //! It enrols once over HTTP ([`enroll`]), keeps its identity in a state dir
 //! ([`state`]), samples hardware metrics ([`collect`]) and streams sealed
 //! frames to the conductor over MQTT ([`session`]) through a bounded,
-//! persisted store-and-forward queue ([`outbox`]).
+//! persisted store-and-forward queue ([`outbox`]). It hosts process services
+//! the conductor deploys ([`supervisor`]); they keep running while the
+//! conductor is unreachable and across worker restarts.
 //!
 //! [`run`] is the whole agent; the `edge-worker` binary is a thin CLI around
 //! it ([`cli`]), and the conductor embeds it for `--local-worker`.
@@ -25,6 +27,7 @@ pub mod enroll;
 pub mod outbox;
 pub mod session;
 pub mod state;
+pub mod supervisor;
 
 pub use enroll::EnrollError;
 pub use outbox::OutboxError;
@@ -293,6 +296,8 @@ pub async fn run(
     if let Some(last) = outbox.last_seq() {
         store.ensure_above(last);
     }
+    // Services run whatever the connection does: adopt or start them now.
+    let services = supervisor::Supervisor::load(&config.state_dir);
     let params = session::SessionParams {
         store,
         secret,
@@ -304,6 +309,7 @@ pub async fn run(
         labels,
         interval: config.interval,
         flush_interval: config.flush_interval,
+        services,
     };
     let span = tracing::info_span!("worker", id = %worker_id);
     session::run(params, shutdown.as_mut())

@@ -1,5 +1,7 @@
 //! The MQTT session: connect with backoff, publish the outbox in seq order,
-//! handle acks and commands, sample metrics, shut down cleanly.
+//! handle acks and commands, sample metrics, drive the service
+//! [`Supervisor`] and report its status changes, shut down cleanly (hosted
+//! services are left running, to be adopted at the next start).
 //!
 //! Everything runs on one task. The rumqttc `EventLoop` is moved into a
 //! boxed future that is polled to completion and rebuilt after every event,
@@ -43,6 +45,7 @@ use crate::backoff::Backoff;
 use crate::collect::{Collector, Inventory};
 use crate::outbox::{Frame, Outbox};
 use crate::state::StateStore;
+use crate::supervisor::Supervisor;
 use crate::WorkerError;
 
 /// Most frames published and not yet acknowledged.
@@ -107,6 +110,7 @@ pub(crate) struct SessionParams {
     pub labels: Vec<(String, String)>,
     pub interval: Duration,
     pub flush_interval: Duration,
+    pub services: Supervisor,
 }
 
 struct Topics {
@@ -116,6 +120,7 @@ struct Topics {
     metrics: String,
     events: String,
     reply: String,
+    services: String,
 }
 
 impl Topics {
@@ -128,6 +133,7 @@ impl Topics {
             metrics: t(TopicKind::Metrics),
             events: t(TopicKind::Events),
             reply: t(TopicKind::Reply),
+            services: t(TopicKind::Services),
         }
     }
 
@@ -137,6 +143,7 @@ impl Topics {
             BodyKind::Metrics => Some(&self.metrics),
             BodyKind::Event => Some(&self.events),
             BodyKind::Reply => Some(&self.reply),
+            BodyKind::ServiceStatus => Some(&self.services),
             BodyKind::Command => None,
         }
     }
@@ -220,6 +227,8 @@ struct Session {
     overflow_reported: bool,
     /// Command frames refused (bad tag, replay, …) since start.
     commands_rejected: u64,
+    /// The hosted services; independent of the connection.
+    services: Supervisor,
 }
 
 /// Runs the session until `shutdown` completes; then sends `offline`,
@@ -274,6 +283,7 @@ pub(crate) async fn run(
         outage_dropped: 0,
         overflow_reported: false,
         commands_rejected: 0,
+        services: p.services,
     };
     tracing::info!(
         broker = %s.mqtt_url,
@@ -298,6 +308,10 @@ pub(crate) async fn run(
         let flush_at = s.outbox.flush_due(s.flush_interval);
         let flush_sleep = tokio::time::sleep_until(
             flush_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+        );
+        let services_at = s.services.next_wake();
+        let services_sleep = tokio::time::sleep_until(
+            services_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
         );
         tokio::select! {
             () = &mut shutdown => break,
@@ -329,7 +343,9 @@ pub(crate) async fn run(
                 }
             }
             () = flush_sleep, if flush_at.is_some() => s.persist_outbox(),
+            () = services_sleep, if services_at.is_some() => s.services.poll(),
         }
+        s.enqueue_service_changes();
         if s.interval_changed {
             s.interval_changed = false;
             tick = ticker(s.interval);
@@ -482,6 +498,18 @@ impl Session {
             self.report_overflow();
         }
         self.enqueue_birth();
+        // The conductor converges on the full picture after every connect.
+        for status in self.services.statuses() {
+            self.enqueue(Body::ServiceStatus(status));
+        }
+    }
+
+    /// Queues a status frame for every service state change.
+    fn enqueue_service_changes(&mut self) {
+        for status in self.services.take_changes() {
+            tracing::debug!(service = %status.name, state = ?status.state, pid = status.pid, "service");
+            self.enqueue(Body::ServiceStatus(status));
+        }
     }
 
     fn on_disconnected(&mut self, e: ConnectionError) -> Duration {
@@ -628,6 +656,11 @@ impl Session {
                 self.enqueue_birth();
                 (ReplyStatus::Ok, "birth queued".to_string(), false)
             }
+            Action::Deploy(spec) => service_reply(self.services.deploy(spec)),
+            Action::Start(name) => service_reply(self.services.start(&name)),
+            Action::Stop(name) => service_reply(self.services.stop(&name)),
+            Action::Restart(name) => service_reply(self.services.restart(&name)),
+            Action::Remove(name) => service_reply(self.services.remove(&name)),
         };
         self.enqueue(Body::Reply(Reply {
             cmd_id: cmd.id,
@@ -684,6 +717,14 @@ impl Session {
         self.outbox.reset_in_flight();
         self.persist_outbox();
         tracing::info!(queued = self.outbox.len(), "stopped");
+    }
+}
+
+/// A service command's outcome as a reply.
+fn service_reply(result: Result<String, String>) -> (ReplyStatus, String, bool) {
+    match result {
+        Ok(detail) => (ReplyStatus::Ok, detail, false),
+        Err(detail) => (ReplyStatus::Error, detail, false),
     }
 }
 

@@ -812,3 +812,182 @@ async fn overflow_drops_oldest_and_reports_it() {
     );
     worker.shutdown().await;
 }
+
+/// Live processes whose command line contains `needle` (zombies excluded).
+fn procs_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let found = cmdline
+            .split(|b| *b == 0)
+            .any(|a| String::from_utf8_lossy(a).contains(needle));
+        if found && edge_worker::supervisor::proc_start_time(pid).is_some() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGKILLs every process with the marker on drop, even after a failure.
+struct Reaper(String);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in procs_with(&self.0) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+fn service_status(msg: &Msg) -> Option<protocol::ServiceStatus> {
+    if msg.topic != topic(TopicKind::Services) {
+        return None;
+    }
+    match open(msg).body {
+        Body::ServiceStatus(s) => Some(s),
+        other => panic!("{other:?} on the services topic"),
+    }
+}
+
+#[tokio::test]
+async fn deploys_and_removes_a_process_service_over_mqtt() {
+    use protocol::frame::bounded;
+    use protocol::{RestartPolicy, ServiceSpec, ServiceState};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker")).await;
+    let state_dir = tmp.path().join("state");
+    write_state(&state_dir, &broker.url());
+    let marker = format!("97.{}{}", std::process::id(), now_ms() % 100_000);
+    let _reaper = Reaper(marker.clone());
+    let mut sub = Sub::connect(
+        broker.port,
+        "svc-observer",
+        true,
+        &format!("aerekos/v1/{ID}/+"),
+    )
+    .await;
+    let worker = start_worker(config(&state_dir, 1000));
+    // Commands are not retained: publish once the worker has subscribed.
+    sub.recv_until(
+        Duration::from_secs(10),
+        |_| {},
+        |m| m.topic == topic(TopicKind::Birth),
+    )
+    .await
+    .expect("a birth");
+
+    let mut args = heapless::Vec::new();
+    args.push(bounded(&marker)).unwrap();
+    let spec = ServiceSpec {
+        name: bounded("sleeper"),
+        version: 1,
+        command: bounded("sleep"),
+        args,
+        env: heapless::Vec::new(),
+        working_dir: bounded(""),
+        restart: RestartPolicy::Always,
+        max_restarts: 3,
+        restart_window_s: 60,
+        backoff_ms: 100,
+    };
+    let deploy = command(1, 21, Action::Deploy(spec), &secret());
+    sub.client
+        .publish(topic(TopicKind::Cmd), QoS::AtLeastOnce, false, deploy)
+        .await
+        .unwrap();
+    let mut running_pid = None;
+    let mut reply_ok = false;
+    sub.recv_until(
+        Duration::from_secs(10),
+        |_| {},
+        |m| {
+            if is_reply(m, 21) {
+                match open(m).body {
+                    Body::Reply(r) => {
+                        assert_eq!(r.status, ReplyStatus::Ok, "{}", r.detail);
+                        reply_ok = true;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            if let Some(s) = service_status(m) {
+                if s.name == "sleeper" && s.state == ServiceState::Running {
+                    running_pid = Some(s.pid);
+                }
+            }
+            reply_ok && running_pid.is_some()
+        },
+    )
+    .await
+    .expect("an Ok reply and a Running status");
+    let pid = running_pid.unwrap();
+    assert_eq!(procs_with(&marker), vec![pid]);
+
+    // The worker stops cleanly: the service keeps running, and the next
+    // worker adopts it and reports it after connecting.
+    worker.shutdown().await;
+    assert_eq!(
+        procs_with(&marker),
+        vec![pid],
+        "the service outlives the worker"
+    );
+    let worker = start_worker(config(&state_dir, 1000));
+    // The birth marks the command subscription; the status may come on
+    // either side of it.
+    let (mut adopted, mut birth) = (false, false);
+    sub.recv_until(
+        Duration::from_secs(10),
+        |_| {},
+        |m| {
+            birth |= m.topic == topic(TopicKind::Birth);
+            adopted |=
+                service_status(m).is_some_and(|s| s.state == ServiceState::Running && s.pid == pid);
+            adopted && birth
+        },
+    )
+    .await
+    .expect("the same pid reported Running after a restart, and a birth");
+    assert_eq!(procs_with(&marker), vec![pid], "exactly one copy");
+
+    let remove = command(2, 22, Action::Remove(bounded("sleeper")), &secret());
+    sub.client
+        .publish(topic(TopicKind::Cmd), QoS::AtLeastOnce, false, remove)
+        .await
+        .unwrap();
+    let mut removed = false;
+    sub.recv_until(
+        Duration::from_secs(10),
+        |_| {},
+        |m| {
+            if let Some(s) = service_status(m) {
+                removed |= s.name == "sleeper" && s.state == ServiceState::Removed;
+            }
+            removed
+        },
+    )
+    .await
+    .expect("a Removed status");
+    assert!(procs_with(&marker).is_empty(), "{:?}", procs_with(&marker));
+
+    // Start on the removed service: an Error reply.
+    let start = command(3, 23, Action::Start(bounded("sleeper")), &secret());
+    sub.client
+        .publish(topic(TopicKind::Cmd), QoS::AtLeastOnce, false, start)
+        .await
+        .unwrap();
+    let reply = sub
+        .recv_until(Duration::from_secs(5), |_| {}, |m| is_reply(m, 23))
+        .await
+        .expect("a reply to the start");
+    match open(&reply).body {
+        Body::Reply(r) => assert_eq!(r.status, ReplyStatus::Error),
+        other => panic!("{other:?}"),
+    }
+    worker.shutdown().await;
+}

@@ -176,3 +176,57 @@ pub fn largest_envelope(body: Body) -> Envelope {
         body,
     }
 }
+
+/// A process service: a command already on the device.
+pub fn service_spec() -> ServiceSpec {
+    ServiceSpec {
+        name: bounded("sensor-relay"),
+        version: 3,
+        command: bounded("/usr/local/bin/sensor-relay"),
+        args: push_all([bounded("--port"), bounded("8080")]),
+        env: push_all([EnvVar {
+            name: bounded("RUST_LOG"),
+            value: bounded("info"),
+        }]),
+        working_dir: bounded(""),
+        restart: RestartPolicy::OnFailure,
+        max_restarts: 5,
+        restart_window_s: 60,
+        backoff_ms: 1000,
+    }
+}
+
+/// The status a worker reports for [`service_spec`] once it runs.
+pub fn service_status() -> ServiceStatus {
+    ServiceStatus {
+        name: bounded("sensor-relay"),
+        version: 3,
+        state: ServiceState::Running,
+        pid: 4242,
+        restarts: 0,
+        exit_code: None,
+        detail: bounded(""),
+    }
+}
+
+/// The largest service spec the types can express.
+pub fn largest_service_spec() -> ServiceSpec {
+    ServiceSpec {
+        name: full('x'),
+        version: u32::MAX,
+        command: full('x'),
+        args: push_all(core::iter::repeat_n(full('x'), MAX_ARGS)),
+        env: push_all(core::iter::repeat_n(
+            EnvVar {
+                name: full('x'),
+                value: full('x'),
+            },
+            MAX_ENV,
+        )),
+        working_dir: full('x'),
+        restart: RestartPolicy::Never,
+        max_restarts: u16::MAX,
+        restart_window_s: u32::MAX,
+        backoff_ms: u32::MAX,
+    }
+}

@@ -70,6 +70,8 @@ pub enum Body {
     Command(Command),
     /// Worker → conductor answer to a [`Command`].
     Reply(Reply),
+    /// Worker → conductor: the actual state of one hosted service.
+    ServiceStatus(ServiceStatus),
 }
 
 /// Discriminant of [`Body`], for topic checks and counters.
@@ -85,6 +87,8 @@ pub enum BodyKind {
     Command,
     /// [`Body::Reply`]
     Reply,
+    /// [`Body::ServiceStatus`]
+    ServiceStatus,
 }
 
 impl Body {
@@ -96,6 +100,7 @@ impl Body {
             Body::Event(_) => BodyKind::Event,
             Body::Command(_) => BodyKind::Command,
             Body::Reply(_) => BodyKind::Reply,
+            Body::ServiceStatus(_) => BodyKind::ServiceStatus,
         }
     }
 }
@@ -227,6 +232,8 @@ pub struct Event {
 }
 
 /// Command actions. **Append only.**
+// Inline like `Body` (see there): `Deploy` carries a whole spec.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     /// Reply at once (liveness / round-trip measurement).
@@ -235,6 +242,108 @@ pub enum Action {
     SetInterval(u32),
     /// Publish a fresh birth frame.
     Rebirth,
+    /// Install (or replace with this version) and run a service. Idempotent:
+    /// the same name and version again changes nothing.
+    Deploy(ServiceSpec),
+    /// Start a stopped or failed service.
+    Start(Name),
+    /// Stop a service (it stays installed, desired state "stopped").
+    Stop(Name),
+    /// Stop and start a service.
+    Restart(Name),
+    /// Stop a service and forget it.
+    Remove(Name),
+}
+
+/// Most arguments of a service command.
+pub const MAX_ARGS: usize = 16;
+/// Most environment variables of a service.
+pub const MAX_ENV: usize = 16;
+
+/// A path or command line element.
+pub type PathText = String<128>;
+
+/// One environment variable of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    /// Variable name.
+    pub name: Name,
+    /// Value.
+    pub value: Text,
+}
+
+/// When a service's process is started again after it exits. **Append only.**
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    /// Whatever the exit status.
+    Always,
+    /// Only after a non-zero exit or a signal.
+    OnFailure,
+    /// Never: an exit leaves the service stopped (or failed).
+    Never,
+}
+
+/// What a worker needs to run a process service. The conductor versions
+/// specs; a worker runs one version of each service name at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Service name, `[a-z0-9-]`, unique per worker.
+    pub name: Name,
+    /// Spec version (conductor-assigned, increasing).
+    pub version: u32,
+    /// Executable: an absolute path or a name looked up in `PATH`.
+    pub command: PathText,
+    /// Arguments.
+    pub args: Vec<String<64>, MAX_ARGS>,
+    /// Extra environment.
+    pub env: Vec<EnvVar, MAX_ENV>,
+    /// Working directory (empty: the service's own dir under the state dir).
+    pub working_dir: PathText,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// The service is `Failed` after this many restarts within `restart_window_s`.
+    pub max_restarts: u16,
+    /// Window for `max_restarts`, seconds.
+    pub restart_window_s: u32,
+    /// First restart delay in ms; doubles per restart up to 60 s.
+    pub backoff_ms: u32,
+}
+
+/// Lifecycle of a hosted service on a worker. **Append only.**
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceState {
+    /// Being started.
+    Starting,
+    /// Its process runs.
+    Running,
+    /// Exited; waiting out the restart delay.
+    Backoff,
+    /// Not running, by request or by its restart policy.
+    Stopped,
+    /// Gave up: too many restarts in the window, or it cannot be started.
+    Failed,
+    /// Removed from the worker.
+    Removed,
+}
+
+/// The actual state of one service on a worker, sent on every change and
+/// after every (re)connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: Name,
+    /// Spec version the worker has.
+    pub version: u32,
+    /// State.
+    pub state: ServiceState,
+    /// Process id while running (0 otherwise).
+    pub pid: u32,
+    /// Restarts since the service was deployed or last started by request.
+    pub restarts: u32,
+    /// Last exit code (`None`: never exited, or killed by a signal).
+    pub exit_code: Option<i32>,
+    /// Why (e.g. the spawn error, "5 restarts in 60 s").
+    pub detail: Detail,
 }
 
 /// A conductor → worker command. Applied at most once per `id`.

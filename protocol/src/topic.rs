@@ -7,6 +7,7 @@
 //! aerekos/v1/<worker_id>/events        Event frames
 //! aerekos/v1/<worker_id>/cmd           Command frames, conductor -> worker, QoS 1
 //! aerekos/v1/<worker_id>/reply         Reply frames, worker -> conductor
+//! aerekos/v1/<worker_id>/services      ServiceStatus frames, worker -> conductor
 //! aerekos/v1/<worker_id>/json/birth    retained JSON mirror (written by the conductor)
 //! aerekos/v1/<worker_id>/json/metrics  retained JSON mirror (written by the conductor)
 //! ```
@@ -46,6 +47,8 @@ pub enum TopicKind {
     JsonBirth,
     /// Conductor-written JSON mirror of the latest metrics frame.
     JsonMetrics,
+    /// Worker → conductor service status frames.
+    Services,
 }
 
 impl TopicKind {
@@ -60,6 +63,7 @@ impl TopicKind {
             TopicKind::Reply => "reply",
             TopicKind::JsonBirth => "json/birth",
             TopicKind::JsonMetrics => "json/metrics",
+            TopicKind::Services => "services",
         }
     }
 
@@ -72,6 +76,7 @@ impl TopicKind {
             TopicKind::Events => Some(B::Event),
             TopicKind::Cmd => Some(B::Command),
             TopicKind::Reply => Some(B::Reply),
+            TopicKind::Services => Some(B::ServiceStatus),
             TopicKind::Status | TopicKind::JsonBirth | TopicKind::JsonMetrics => None,
         }
     }
@@ -103,6 +108,7 @@ impl<'a> Topic<'a> {
             "reply" => TopicKind::Reply,
             "json/birth" => TopicKind::JsonBirth,
             "json/metrics" => TopicKind::JsonMetrics,
+            "services" => TopicKind::Services,
             _ => return None,
         };
         Some(Topic { worker_id, kind })
@@ -138,6 +144,7 @@ mod tests {
             TopicKind::Reply,
             TopicKind::JsonBirth,
             TopicKind::JsonMetrics,
+            TopicKind::Services,
         ] {
             let t = topic("w-0123abcd", kind);
             let parsed = Topic::parse(&t).expect("parses");

@@ -75,6 +75,31 @@ fn golden_reply() {
 }
 
 #[test]
+fn golden_deploy_and_service_commands() {
+    for (action, expected) in [
+        (Action::Deploy(examples::service_spec()), GOLDEN_CMD_DEPLOY),
+        (
+            Action::Start(frame::bounded("sensor-relay")),
+            GOLDEN_CMD_START,
+        ),
+        (
+            Action::Remove(frame::bounded("sensor-relay")),
+            GOLDEN_CMD_REMOVE,
+        ),
+    ] {
+        assert_golden(Body::Command(Command { id: 5, action }), expected);
+    }
+}
+
+#[test]
+fn golden_service_status() {
+    assert_golden(
+        Body::ServiceStatus(examples::service_status()),
+        GOLDEN_SERVICE_STATUS,
+    );
+}
+
+#[test]
 fn enum_discriminants_are_append_only() {
     // postcard writes a variant's index as a varint: pin every index.
     let idx = |b: &Body| postcard::to_stdvec(b).unwrap()[0];
@@ -102,6 +127,34 @@ fn enum_discriminants_are_append_only() {
     assert_eq!(st(ReplyStatus::Ok), 0);
     assert_eq!(st(ReplyStatus::Error), 1);
     assert_eq!(st(ReplyStatus::Unsupported), 2);
+    let act = |a: Action| postcard::to_stdvec(&a).unwrap()[0];
+    let name = || frame::bounded("s");
+    assert_eq!(act(Action::Ping), 0);
+    assert_eq!(act(Action::SetInterval(1)), 1);
+    assert_eq!(act(Action::Rebirth), 2);
+    assert_eq!(act(Action::Deploy(examples::service_spec())), 3);
+    assert_eq!(act(Action::Start(name())), 4);
+    assert_eq!(act(Action::Stop(name())), 5);
+    assert_eq!(act(Action::Restart(name())), 6);
+    assert_eq!(act(Action::Remove(name())), 7);
+    let body = |b: &Body| postcard::to_stdvec(b).unwrap()[0];
+    assert_eq!(body(&Body::ServiceStatus(examples::service_status())), 5);
+    let state = |st: ServiceState| postcard::to_stdvec(&st).unwrap()[0];
+    let states = [
+        ServiceState::Starting,
+        ServiceState::Running,
+        ServiceState::Backoff,
+        ServiceState::Stopped,
+        ServiceState::Failed,
+        ServiceState::Removed,
+    ];
+    for (i, s) in states.into_iter().enumerate() {
+        assert_eq!(state(s) as usize, i);
+    }
+    let policy = |p: RestartPolicy| postcard::to_stdvec(&p).unwrap()[0];
+    assert_eq!(policy(RestartPolicy::Always), 0);
+    assert_eq!(policy(RestartPolicy::OnFailure), 1);
+    assert_eq!(policy(RestartPolicy::Never), 2);
 }
 
 #[test]
@@ -147,3 +200,20 @@ const GOLDEN_REPLY: &str = concat!(
 );
 const GOLDEN_REENROLL_PROOF: &str =
     "cefe62b33fddc3293c6f3ebf5a709eee8c486717d56994c14974f7feb947bcf6";
+const GOLDEN_CMD_DEPLOY: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac330305030c73656e736f722d72656c617903",
+    "1b2f7573722f6c6f63616c2f62696e2f73656e736f722d72656c617902062d2d706f727404383038",
+    "300108525553545f4c4f4704696e666f0001053ce807b7a5b09b83b3789b47a24793114930ba"
+);
+const GOLDEN_CMD_START: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac330305040c73656e736f722d72656c61796e",
+    "060251fea4ba6d22ddd22bd5d488f7"
+);
+const GOLDEN_CMD_REMOVE: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac330305070c73656e736f722d72656c61791a",
+    "aa08879e2f80cd7dee2eeb3f719f44"
+);
+const GOLDEN_SERVICE_STATUS: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac33050c73656e736f722d72656c6179030192",
+    "210000005c670ab7a74363ac455174614dc1507a"
+);

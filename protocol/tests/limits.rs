@@ -24,6 +24,19 @@ fn largest_bodies() -> Vec<Body> {
             status: ReplyStatus::Unsupported,
             detail: frame::bounded(&"x".repeat(200)),
         }),
+        Body::Command(Command {
+            id: u32::MAX,
+            action: Action::Deploy(examples::largest_service_spec()),
+        }),
+        Body::ServiceStatus(ServiceStatus {
+            name: frame::bounded(&"x".repeat(32)),
+            version: u32::MAX,
+            state: ServiceState::Removed,
+            pid: u32::MAX,
+            restarts: u32::MAX,
+            exit_code: Some(i32::MIN),
+            detail: frame::bounded(&"x".repeat(200)),
+        }),
     ]
 }
 

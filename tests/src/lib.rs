@@ -343,6 +343,26 @@ impl Conductor {
         read(req.send_json(body))
     }
 
+    /// Authenticated PUT of JSON.
+    pub fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        read(
+            http()
+                .put(format!("{}{path}", self.url()))
+                .header("Authorization", format!("Bearer {}", self.admin))
+                .send_json(body),
+        )
+    }
+
+    /// Authenticated DELETE.
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        read(
+            http()
+                .delete(format!("{}{path}", self.url()))
+                .header("Authorization", format!("Bearer {}", self.admin))
+                .call(),
+        )
+    }
+
     /// A fresh registration token (rotates it).
     pub fn registration_token(&self) -> String {
         let (status, body) = self.post("/api/v1/registration-token/rotate", &json!({}));

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use protocol::{Action, Body, Command, Envelope, ReplyStatus};
+use protocol::{Action, ReplyStatus};
 use rumqttc::QoS;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -59,6 +59,19 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Post, ["workers", id, "revoke"]) => revoke(ctx, id),
         (Method::Get, ["workers", id, "metrics"]) => metrics_history(ctx, req, id),
         (Method::Post, ["workers", id, "commands"]) => command(ctx, req, id),
+        (Method::Get, ["workers", id, "services"]) => super::services::worker_services(ctx, id),
+        (Method::Post, ["workers", id, "services", name, op]) => {
+            super::services::worker_op(ctx, id, name, op)
+        }
+        (Method::Get, ["services"]) => super::services::list(ctx),
+        (Method::Post, ["services"]) => super::services::create(ctx, req),
+        (Method::Get, ["services", name]) => super::services::get(ctx, name),
+        (Method::Put, ["services", name, "deployment"]) => {
+            super::services::put_deployment(ctx, req, name)
+        }
+        (Method::Delete, ["services", name, "deployment"]) => {
+            super::services::delete_deployment(ctx, name)
+        }
         _ => Err(ApiError::not_found("route")),
     }
 }
@@ -415,6 +428,7 @@ fn delete_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
     }
     lock(&ctx.shared.db).delete_worker(id)?;
     workers.remove(id);
+    lock(&ctx.shared.service_status).remove(id);
     ctx.shared.creds.remove_worker(id);
     info!(worker_id = id, "worker deleted");
     Ok(Resp::no_content())
@@ -587,6 +601,12 @@ fn command(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
             return Err(ApiError::new(400, "set_interval_ms must be 100..=86400000"))
         }
     };
+    send_and_wait(ctx, id, action)
+}
+
+/// Sends `action` to worker `id` (sealed, QoS 1, cmd_seq persisted first)
+/// and waits up to [`COMMAND_TIMEOUT`] for the reply.
+pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp, ApiError> {
     let span = info_span!("command", worker_id = id);
     let _g = span.enter();
     let (tx, rx) = mpsc::channel();
@@ -598,19 +618,8 @@ fn command(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
         if w.revoked {
             return Err(ApiError::new(409, "worker is revoked"));
         }
-        let seq = w.cmd_seq + 1;
-        // Persist before publishing so the stream stays monotonic across restarts.
-        lock(&ctx.shared.db).set_cmd_seq(id, seq)?;
-        w.cmd_seq = seq;
-        let cmd_id = (seq & u64::from(u32::MAX)) as u32;
-        let env = Envelope {
-            version: protocol::FORMAT_VERSION,
-            worker_id: protocol::bounded(id),
-            seq,
-            sent_at_ms: now_ms(),
-            body: Body::Command(Command { id: cmd_id, action }),
-        };
-        let frame = protocol::seal(&w.secret, &env).map_err(ApiError::internal)?;
+        let (cmd_id, frame) =
+            crate::services::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
         lock(&ctx.shared.pending).insert((id.to_string(), cmd_id), tx);
         (cmd_id, frame)
     };

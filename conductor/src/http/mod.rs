@@ -19,6 +19,7 @@
 mod api;
 mod enroll;
 mod prom;
+mod services;
 mod ui;
 
 use std::collections::HashMap;

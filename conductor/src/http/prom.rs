@@ -99,6 +99,25 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
                 .map(|l| (lbl(w), l.metrics.uptime_s.to_string()))
         }),
     );
+    {
+        let status = lock(&ctx.shared.service_status);
+        let mut rows: Vec<(String, String)> = Vec::new();
+        for w in &list {
+            if let Some(m) = status.get(&w.id) {
+                for (name, s) in m {
+                    rows.push((
+                        format!("worker_id=\"{}\",service=\"{}\"", esc(&w.id), esc(name)),
+                        u8::from(s.state == "running").to_string(),
+                    ));
+                }
+            }
+        }
+        gauge(
+            "aerekos_service_running",
+            "1 if the hosted service's process runs on the worker (last report).",
+            &mut rows.into_iter(),
+        );
+    }
     gauge(
         "aerekos_worker_last_seen_age_seconds",
         "Seconds since the last good frame (conductor clock).",

@@ -350,6 +350,7 @@ impl FakeWorker {
             Body::Event(_) => TopicKind::Events,
             Body::Reply(_) => TopicKind::Reply,
             Body::Command(_) => TopicKind::Cmd,
+            Body::ServiceStatus(_) => TopicKind::Services,
         };
         let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let frame = seal(&self.secret, &self.id, n, body);

@@ -1,0 +1,457 @@
+//! Hosted services: specs, placement, reconciliation, per-worker commands and
+//! persistence, against a real in-process conductor with fake MQTT workers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use protocol::topic::{topic, TopicKind};
+use protocol::{Action, Body, Secret, ServiceState};
+use rumqttc::{Client, QoS};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(10);
+
+/// A fake worker that records every command it can verify with its secret
+/// (and counts every publish on its cmd topic) and replies `Ok`.
+struct SvcWorker {
+    id: String,
+    secret: Secret,
+    client: Client,
+    seq: Arc<AtomicU64>,
+    actions: Arc<Mutex<Vec<Action>>>,
+    publishes: Arc<AtomicUsize>,
+    _t: std::thread::JoinHandle<()>,
+}
+
+impl SvcWorker {
+    fn connect(c: &Conductor, e: &Enrolled, hostname: &str) -> SvcWorker {
+        let seq = Arc::new(AtomicU64::new(0));
+        let actions = Arc::new(Mutex::new(Vec::new()));
+        let publishes = Arc::new(AtomicUsize::new(0));
+        let (secret, id) = (e.secret.clone(), e.id.clone());
+        let (seq2, actions2, pubs2) = (seq.clone(), actions.clone(), publishes.clone());
+        let handler: OnPublish = Box::new(move |client: &Client, p: &rumqttc::Publish| {
+            pubs2.fetch_add(1, Ordering::SeqCst);
+            let Ok(opened) = protocol::open(&p.payload) else {
+                return;
+            };
+            let Ok(env) = opened.verify(&secret) else {
+                return;
+            };
+            if let Body::Command(cmd) = env.body {
+                let detail = match &cmd.action {
+                    Action::Start(_) => "started",
+                    Action::Stop(_) => "stopped",
+                    Action::Restart(_) => "restarted",
+                    _ => "ok",
+                };
+                actions2.lock().unwrap().push(cmd.action);
+                let reply = Body::Reply(protocol::Reply {
+                    cmd_id: cmd.id,
+                    status: protocol::ReplyStatus::Ok,
+                    detail: protocol::bounded(detail),
+                });
+                let n = seq2.fetch_add(1, Ordering::SeqCst) + 1;
+                let _ = client.try_publish(
+                    topic(&id, TopicKind::Reply),
+                    QoS::AtLeastOnce,
+                    false,
+                    seal(&secret, &id, n, reply),
+                );
+            }
+        });
+        let (client, t) = connect(
+            c.started.mqtt_addr,
+            &e.id,
+            &e.username,
+            &e.password,
+            Some(handler),
+        )
+        .unwrap();
+        client
+            .subscribe(topic(&e.id, TopicKind::Cmd), QoS::AtLeastOnce)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200)); // let the SubAck land
+        let w = SvcWorker {
+            id: e.id.clone(),
+            secret: e.secret.clone(),
+            client,
+            seq,
+            actions,
+            publishes,
+            _t: t,
+        };
+        // Online for 75 s.
+        w.send(birth(hostname, 60_000), TopicKind::Birth);
+        w
+    }
+
+    fn send(&self, body: Body, kind: TopicKind) {
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.client
+            .publish(
+                topic(&self.id, kind),
+                QoS::AtLeastOnce,
+                false,
+                seal(&self.secret, &self.id, n, body),
+            )
+            .unwrap();
+    }
+
+    fn report(&self, name: &str, version: u32, state: ServiceState) {
+        self.send(
+            Body::ServiceStatus(protocol::ServiceStatus {
+                name: protocol::bounded(name),
+                version,
+                state,
+                pid: if state == ServiceState::Running {
+                    4242
+                } else {
+                    0
+                },
+                restarts: 0,
+                exit_code: None,
+                detail: protocol::bounded(""),
+            }),
+            TopicKind::Services,
+        );
+    }
+
+    fn actions(&self) -> Vec<Action> {
+        self.actions.lock().unwrap().clone()
+    }
+
+    /// Waits until an action matching `f` has been received.
+    fn wait_action(&self, what: &str, f: impl Fn(&Action) -> bool) -> Action {
+        wait_for(&format!("{what} on {}", self.id), T, || {
+            self.actions().into_iter().find(|a| f(a))
+        })
+    }
+}
+
+fn enroll_labels(c: &Conductor, host: &str, labels: Value) -> Enrolled {
+    let (code, v) = c.enroll(json!({
+        "token": c.started.local_enroll_token,
+        "hostname": host,
+        "machine_id": format!("mid-{host}"),
+        "labels": labels,
+    }));
+    assert_eq!(code, 200, "{v}");
+    Enrolled::from_json(&v)
+}
+
+fn call(c: &Conductor, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    c.call(method, path, Some(&c.admin()), body)
+}
+
+fn is_deploy(a: &Action, name: &str, version: u32) -> bool {
+    matches!(a, Action::Deploy(s) if s.name.as_str() == name && s.version == version)
+}
+
+fn is_remove(a: &Action, name: &str) -> bool {
+    matches!(a, Action::Remove(n) if n.as_str() == name)
+}
+
+fn target<'a>(svc: &'a Value, id: &str) -> &'a Value {
+    svc["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["worker_id"] == id)
+        .unwrap_or_else(|| panic!("{id} not a target: {svc}"))
+}
+
+#[test]
+fn specs_are_versioned_and_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(dir.path());
+    let spec = json!({"name": "web", "command": "/usr/bin/python3",
+        "args": ["-m", "http.server", "8080"], "env": {"PORT": "8080"},
+        "restart": "always", "max_restarts": 3, "restart_window_s": 30, "backoff_ms": 500});
+    let (code, v) = call(&c, "POST", "/api/v1/services", Some(spec.clone()));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v, json!({"name": "web", "version": 1}));
+    let (code, v) = call(&c, "POST", "/api/v1/services", Some(spec));
+    assert_eq!((code, &v["version"]), (201, &json!(2)), "{v}");
+    assert_eq!(c.call("GET", "/api/v1/services", None, None).0, 401);
+
+    let bad = [
+        (json!({"name": "Web", "command": "x"}), "name"),
+        (json!({"name": "", "command": "x"}), "name"),
+        (json!({"name": "a".repeat(33), "command": "x"}), "name"),
+        (json!({"name": "ok", "command": ""}), "command"),
+        (json!({"name": "ok", "command": "x".repeat(129)}), "command"),
+        (
+            json!({"name": "ok", "command": "x", "args": vec!["a"; 17]}),
+            "args",
+        ),
+        (
+            json!({"name": "ok", "command": "x", "args": ["a".repeat(65)]}),
+            "args[0]",
+        ),
+        (
+            json!({"name": "ok", "command": "x", "env": {"K": "v".repeat(65)}}),
+            "env",
+        ),
+        (
+            json!({"name": "ok", "command": "x", "env": {"K".repeat(33): "v"}}),
+            "env",
+        ),
+        (
+            json!({"name": "ok", "command": "x", "working_dir": "/".repeat(129)}),
+            "working_dir",
+        ),
+        (
+            json!({"name": "ok", "command": "x", "restart": "sometimes"}),
+            "restart",
+        ),
+        (
+            json!({"name": "ok", "command": "x", "surprise": 1}),
+            "surprise",
+        ),
+    ];
+    for (body, word) in bad {
+        let (code, v) = call(&c, "POST", "/api/v1/services", Some(body.clone()));
+        assert_eq!(code, 400, "{body}: {v}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains(word), "{body}: {msg}");
+    }
+    let many: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("K{i}"), json!("v"))).collect();
+    let (code, _) = call(
+        &c,
+        "POST",
+        "/api/v1/services",
+        Some(json!({"name": "ok", "command": "x", "env": many})),
+    );
+    assert_eq!(code, 400);
+
+    let list = c.get("/api/v1/services");
+    assert_eq!(list["services"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["services"][0]["latest_version"], 2);
+    assert_eq!(list["services"][0]["deployment"], Value::Null);
+    let one = c.get("/api/v1/services/web");
+    assert_eq!(one["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(one["versions"][0]["spec"]["args"][1], "http.server");
+    assert_eq!(call(&c, "GET", "/api/v1/services/nope", None).0, 404);
+    // Deployment errors.
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/web/deployment",
+        Some(json!({"version": 9, "labels": {"a": "b"}})),
+    );
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/web/deployment",
+        Some(json!({"workers": ["w-000000000000"]})),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(
+        call(
+            &c,
+            "PUT",
+            "/api/v1/services/nope/deployment",
+            Some(json!({}))
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call(&c, "DELETE", "/api/v1/services/web/deployment", None).0,
+        404
+    );
+}
+
+#[test]
+fn placement_reconciliation_commands_and_undeploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(dir.path());
+    let ea = enroll_labels(&c, "pi-a", json!({"role": "web", "site": "lab"}));
+    let eb = enroll_labels(&c, "pi-b", json!({"role": "web"}));
+    let ec = enroll_labels(&c, "pi-c", json!({"role": "db", "site": "lab"}));
+    let a = SvcWorker::connect(&c, &ea, "pi-a");
+    let b = SvcWorker::connect(&c, &eb, "pi-b");
+    let w3 = SvcWorker::connect(&c, &ec, "pi-c");
+    for id in [&ea.id, &eb.id, &ec.id] {
+        wait_status(&c, id, "online", T);
+    }
+
+    let (code, _) = call(
+        &c,
+        "POST",
+        "/api/v1/services",
+        Some(json!({"name": "web", "command": "/bin/sleep", "args": ["1000"]})),
+    );
+    assert_eq!(code, 201);
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/web/deployment",
+        Some(json!({"labels": {"role": "web"}})),
+    );
+    assert_eq!(code, 200, "{v}");
+    let mut expect = vec![ea.id.clone(), eb.id.clone()];
+    expect.sort();
+    assert_eq!(v["targets"], json!(expect));
+
+    // Exactly the two targets get a sealed Deploy (verified with their secret).
+    for w in [&a, &b] {
+        match w.wait_action("deploy", |x| is_deploy(x, "web", 1)) {
+            Action::Deploy(s) => {
+                assert_eq!(s.command.as_str(), "/bin/sleep");
+                assert_eq!(s.args[0].as_str(), "1000");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // Actual state: a runs it.
+    a.report("web", 1, ServiceState::Running);
+    let svc = wait_for("a in sync", T, || {
+        let v = c.get("/api/v1/services/web");
+        (target(&v, &ea.id)["in_sync"] == true).then_some(v)
+    });
+    let ta = target(&svc, &ea.id);
+    assert_eq!(ta["actual"]["state"], "running");
+    assert_eq!(ta["actual"]["pid"], 4242);
+    assert_eq!(ta["desired_version"], 1);
+    assert_eq!(ta["hostname"], "pi-a");
+    assert_eq!(target(&svc, &eb.id)["actual"], Value::Null);
+    assert_eq!(target(&svc, &eb.id)["in_sync"], false);
+    let ws = c.get(&format!("/api/v1/workers/{}/services", ea.id));
+    assert_eq!(ws["services"][0]["name"], "web");
+    assert_eq!(ws["services"][0]["desired"]["version"], 1);
+    assert_eq!(ws["services"][0]["actual"]["state"], "running");
+    assert!(c.prometheus().contains(&format!(
+        "aerekos_service_running{{worker_id=\"{}\",service=\"web\"}} 1",
+        ea.id
+    )));
+
+    // A service nobody deployed gets removed.
+    w3.report("ghost", 4, ServiceState::Running);
+    w3.wait_action("remove ghost", |x| is_remove(x, "ghost"));
+
+    // A new worker whose labels match gets the Deploy.
+    let ed = enroll_labels(&c, "pi-d", json!({"role": "web"}));
+    let d = SvcWorker::connect(&c, &ed, "pi-d");
+    d.wait_action("deploy", |x| is_deploy(x, "web", 1));
+
+    // Per-worker commands: the right action, the worker's reply returned.
+    for (op, detail) in [
+        ("stop", "stopped"),
+        ("start", "started"),
+        ("restart", "restarted"),
+    ] {
+        let (code, v) = call(
+            &c,
+            "POST",
+            &format!("/api/v1/workers/{}/services/web/{op}", ea.id),
+            None,
+        );
+        assert_eq!(code, 200, "{op}: {v}");
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["detail"], detail);
+    }
+    let acts = a.actions();
+    assert!(acts
+        .iter()
+        .any(|x| matches!(x, Action::Stop(n) if n.as_str() == "web")));
+    assert!(acts
+        .iter()
+        .any(|x| matches!(x, Action::Start(n) if n.as_str() == "web")));
+    assert!(acts
+        .iter()
+        .any(|x| matches!(x, Action::Restart(n) if n.as_str() == "web")));
+    assert_eq!(
+        call(
+            &c,
+            "POST",
+            &format!("/api/v1/workers/{}/services/web/explode", ea.id),
+            None
+        )
+        .0,
+        404
+    );
+
+    // The untargeted worker never received anything about "web".
+    assert!(
+        !w3.actions().iter().any(|x| matches!(x, Action::Deploy(_))),
+        "{:?}",
+        w3.actions()
+    );
+    // Only the ghost removal reached it (at most resent once per 5 s).
+    assert!(w3.publishes.load(Ordering::SeqCst) <= 2);
+
+    // Undeploy: every worker that reports it gets Remove.
+    b.report("web", 1, ServiceState::Running);
+    wait_for("b reported", T, || {
+        let v = c.get("/api/v1/services/web");
+        (target(&v, &eb.id)["in_sync"] == true).then_some(())
+    });
+    let (code, v) = call(&c, "DELETE", "/api/v1/services/web/deployment", None);
+    assert_eq!(code, 200, "{v}");
+    a.wait_action("remove web", |x| is_remove(x, "web"));
+    b.wait_action("remove web", |x| is_remove(x, "web"));
+    a.report("web", 1, ServiceState::Removed);
+    wait_for("a row gone", T, || {
+        let v = c.get(&format!("/api/v1/workers/{}/services", ea.id));
+        (v["services"] == json!([])).then_some(())
+    });
+    let v = c.get("/api/v1/services/web");
+    assert_eq!(v["deployment"], Value::Null);
+}
+
+#[test]
+fn conductor_restart_keeps_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(dir.path());
+    let ea = enroll_labels(&c, "pi-a", json!({}));
+    let a = SvcWorker::connect(&c, &ea, "pi-a");
+    wait_status(&c, &ea.id, "online", T);
+    for _ in 0..2 {
+        let (code, _) = call(
+            &c,
+            "POST",
+            "/api/v1/services",
+            Some(json!({"name": "job", "command": "true", "restart": "never"})),
+        );
+        assert_eq!(code, 201);
+    }
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/job/deployment",
+        Some(json!({"version": 1, "workers": [ea.id]})),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["targets"], json!([ea.id]));
+    a.wait_action("deploy", |x| is_deploy(x, "job", 1));
+    a.report("job", 1, ServiceState::Running);
+    wait_for("in sync", T, || {
+        let v = c.get("/api/v1/services/job");
+        (target(&v, &ea.id)["in_sync"] == true).then_some(())
+    });
+    let before = c.get("/api/v1/services/job");
+    drop(a);
+    c.stop();
+
+    let c = Conductor::start(dir.path());
+    let after = c.get("/api/v1/services/job");
+    assert_eq!(after["versions"], before["versions"]);
+    assert_eq!(after["deployment"], before["deployment"]);
+    let t = target(&after, &ea.id);
+    assert_eq!(t["actual"], target(&before, &ea.id)["actual"]);
+    assert_eq!(t["in_sync"], true);
+    assert_eq!(
+        c.get("/api/v1/services")["services"][0]["latest_version"],
+        2
+    );
+}

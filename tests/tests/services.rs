@@ -1,0 +1,172 @@
+//! End-to-end: process services deployed from the conductor to real
+//! edge-worker processes, supervised through crashes, a conductor outage and
+//! a worker restart, and removed without leaving orphans.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+use std::fs;
+use std::time::Duration;
+
+use e2e::*;
+use serde_json::{json, Value};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Pids of live processes whose command line contains `marker`.
+fn pids_with(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        // Zombies have an empty cmdline; only live processes count.
+        if String::from_utf8_lossy(&cmd).contains(marker) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A `sleep` argument no other process on the machine has.
+fn marker() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("3600.{}{}", std::process::id(), nanos % 100_000)
+}
+
+/// The actual state of `service` on `worker` per the conductor.
+fn actual(c: &Conductor, service: &str, worker: &str) -> Option<Value> {
+    let (status, body) = c.get(&format!("/api/v1/services/{service}"));
+    assert_eq!(status, 200, "{body}");
+    body["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["worker_id"] == worker)
+        .map(|w| w["actual"].clone())
+        .filter(|a| !a.is_null())
+}
+
+fn state_of(c: &Conductor, service: &str, worker: &str) -> String {
+    actual(c, service, worker)
+        .and_then(|a| a["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn pid_of(c: &Conductor, service: &str, worker: &str) -> u32 {
+    actual(c, service, worker)
+        .and_then(|a| a["pid"].as_u64())
+        .unwrap_or(0) as u32
+}
+
+#[test]
+fn deploy_by_label_supervise_survive_outage_and_undeploy_without_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+    let mut workers: Vec<Worker> = ["sensor", "sensor", "gateway"]
+        .iter()
+        .enumerate()
+        .map(|(i, role)| {
+            let mut opts = WorkerOpts::named(&format!("svc-{i}"));
+            opts.extra = vec!["--label".into(), format!("role={role}")];
+            Worker::start(
+                &dir.path().join(format!("w{i}")),
+                &c.url(),
+                Some(&token),
+                opts,
+            )
+        })
+        .collect();
+    let ids: Vec<String> = workers.iter_mut().map(|w| w.wait_id()).collect();
+    for id in &ids {
+        wait_for("online", SECS(20), || {
+            (c.status_of(id) == "online").then_some(())
+        });
+    }
+
+    // A long-running service, deployed by label: runs on exactly the two sensors.
+    let mark = marker();
+    let (status, body) = c.post(
+        "/api/v1/services",
+        &json!({"name": "relay", "command": "sleep", "args": [mark],
+                "restart": "always", "max_restarts": 5, "restart_window_s": 60, "backoff_ms": 200}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = c.put(
+        "/api/v1/services/relay/deployment",
+        &json!({"labels": {"role": "sensor"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for id in &ids[..2] {
+        wait_for("relay running on a sensor", SECS(20), || {
+            (state_of(&c, "relay", id) == "running").then_some(())
+        });
+    }
+    wait_for("two copies, one per sensor", SECS(10), || {
+        (pids_with(&mark).len() == 2).then_some(())
+    });
+    assert!(actual(&c, "relay", &ids[2]).is_none(), "not on the gateway");
+
+    // Kill its process: the worker restarts it.
+    let first = pid_of(&c, "relay", &ids[0]);
+    assert!(pids_with(&mark).contains(&first));
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status();
+    wait_for("relay restarted with a new pid", SECS(20), || {
+        let a = actual(&c, "relay", &ids[0])?;
+        (a["state"] == "running" && a["pid"].as_u64() != Some(first as u64)).then_some(())
+    });
+    assert_eq!(pids_with(&mark).len(), 2);
+
+    // A service that crashes every time ends up failed.
+    let (status, body) = c.post(
+        "/api/v1/services",
+        &json!({"name": "crasher", "command": "sh", "args": ["-c", "exit 3"],
+                "restart": "on-failure", "max_restarts": 2, "restart_window_s": 60, "backoff_ms": 100}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = c.put(
+        "/api/v1/services/crasher/deployment",
+        &json!({"workers": [ids[2]]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    wait_for("crasher failed", SECS(30), || {
+        (state_of(&c, "crasher", &ids[2]) == "failed").then_some(())
+    });
+
+    // The conductor goes away: services keep running; a worker restarted
+    // while it is down starts (or adopts) its service from its own state.
+    c.proc.kill9();
+    std::thread::sleep(SECS(1));
+    assert_eq!(pids_with(&mark).len(), 2, "services outlive the conductor");
+    workers[1].restart();
+    std::thread::sleep(SECS(3));
+    assert_eq!(
+        pids_with(&mark).len(),
+        2,
+        "after a worker restart: one copy per sensor, not two"
+    );
+    c.restart_after_kill9();
+    wait_for("worker 1 reports relay running again", SECS(30), || {
+        (state_of(&c, "relay", &ids[1]) == "running").then_some(())
+    });
+
+    // Undeploy: gone everywhere, no orphan processes.
+    let (status, body) = c.delete("/api/v1/services/relay/deployment");
+    assert!(status == 200 || status == 204, "{status} {body}");
+    wait_for("no relay process left", SECS(20), || {
+        pids_with(&mark).is_empty().then_some(())
+    });
+    wait_for("conductor sees it removed", SECS(20), || {
+        ids[..2]
+            .iter()
+            .all(|id| actual(&c, "relay", id).is_none())
+            .then_some(())
+    });
+}
