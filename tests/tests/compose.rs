@@ -1,0 +1,632 @@
+//! The container images and compose files, end to end: builds the static
+//! musl binaries (profile `image-test`) and both `FROM scratch` images from
+//! `images/`, brings up `compose/conductor.yml` and two `compose/worker.yml`
+//! projects (two "Pis" on one host), and watches the fleet through the HTTP
+//! API from the host: both workers enrol and report the host's metrics, a
+//! stopped worker goes offline, the conductor keeps its store across a
+//! restart, and `down -v` leaves nothing behind (also on failure: the
+//! projects and images are removed by drop guards).
+//!
+//! Nothing is pulled: the images are `FROM scratch`. The Docker engine must
+//! be local (the test reaches published ports on 127.0.0.1 and compares
+//! host files with what the containerised worker reports). Where no engine
+//! answers, the test prints `skipped: <reason>` and passes, unless
+//! `AEREKOS_REQUIRE_DOCKER=1` (set by CI) makes that a failure.
+//!
+//! Needs the musl target and a musl C compiler for SQLite:
+//! `rustup target add x86_64-unknown-linux-musl` and
+//! `apt-get install musl-tools` (`.ci/run` installs both).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use e2e::{free_port, http, wait_for};
+use serde_json::{json, Value};
+
+const ADMIN_PASSWORD: &str = "compose-admin-password-Jw3";
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Output of a finished command.
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`.
+fn run(cmd: &mut Command, timeout: Duration) -> Result<Out, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().unwrap()));
+    let err = pipe(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what}: timed out after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Out {
+        ok: status.success(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Runs `cmd` and panics with its output unless it succeeds; its stdout.
+#[track_caller]
+fn must(cmd: &mut Command, timeout: Duration) -> String {
+    let what = format!("{cmd:?}");
+    match run(cmd, timeout) {
+        Ok(o) if o.ok => o.stdout,
+        Ok(o) => panic!("{what} failed:\n{}\n{}", o.stdout, o.stderr),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn docker() -> Command {
+    Command::new("docker")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Why this test cannot run here, if it cannot: no engine, or no compose.
+/// Otherwise the compose command (`docker compose` or `docker-compose`).
+fn environment() -> Result<Vec<String>, String> {
+    match run(
+        docker().args(["info", "--format", "{{.ServerVersion}}"]),
+        SECS(30),
+    ) {
+        Err(e) => return Err(format!("no docker CLI ({e})")),
+        Ok(o) if !o.ok => return Err(format!("no Docker engine: {}", o.stderr.trim())),
+        Ok(_) => {}
+    }
+    for cli in [&["docker", "compose"][..], &["docker-compose"][..]] {
+        let mut cmd = Command::new(cli[0]);
+        cmd.args(&cli[1..]).arg("version");
+        if run(&mut cmd, SECS(30)).is_ok_and(|o| o.ok) {
+            return Ok(cli.iter().map(|s| s.to_string()).collect());
+        }
+    }
+    Err("neither `docker compose` nor `docker-compose` works".into())
+}
+
+/// `AEREKOS_REQUIRE_DOCKER=1` (CI) turns a skip into a failure.
+fn require_docker() -> bool {
+    std::env::var("AEREKOS_REQUIRE_DOCKER").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The musl target and Docker platform of this machine.
+fn platform() -> Option<(&'static str, &'static str)> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some(("x86_64-unknown-linux-musl", "linux/amd64")),
+        "aarch64" => Some(("aarch64-unknown-linux-musl", "linux/arm64")),
+        _ => None,
+    }
+}
+
+/// Builds (or finds up to date) the static `conductor` and `edge-worker` for
+/// `triple` with the `image-test` profile; the directory holding them.
+fn static_bins(triple: &str) -> PathBuf {
+    let started = Instant::now();
+    let out = run(
+        Command::new(env!("CARGO"))
+            .args(["build", "--profile", "image-test", "--target", triple])
+            .args(["-p", "conductor", "-p", "edge-worker", "--bins"])
+            .arg("--message-format=json-render-diagnostics")
+            .current_dir(repo()),
+        SECS(40 * 60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let hint = format!(
+        "static build for {triple} failed: it needs `rustup target add {triple}` and a musl C \
+         compiler for SQLite (`apt-get install musl-tools` on Debian; .ci/run installs both)"
+    );
+    assert!(out.ok, "{hint}\n{}", out.stderr);
+    let mut bins = BTreeMap::new();
+    for line in out.stdout.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
+            bins.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    let (Some(c), Some(w)) = (bins.get("conductor"), bins.get("edge-worker")) else {
+        panic!("cargo reported no conductor/edge-worker executables: {bins:?}");
+    };
+    assert_eq!(c.parent(), w.parent());
+    eprintln!("static binaries ready in {:?}", started.elapsed());
+    c.parent().unwrap().to_path_buf()
+}
+
+/// Locally built images, removed on drop.
+struct Images {
+    conductor: String,
+    worker: String,
+}
+
+impl Images {
+    fn build(bin_dir: &Path, platform: &str, suffix: &str) -> Images {
+        let ctx = tempfile::tempdir().unwrap();
+        must(
+            Command::new("sh")
+                .arg(repo().join("images/stage.sh"))
+                .arg(ctx.path())
+                .arg(platform)
+                .arg(bin_dir),
+            SECS(60),
+        );
+        let images = Images {
+            conductor: format!("aerekos-test-conductor:{suffix}"),
+            worker: format!("aerekos-test-edge-worker:{suffix}"),
+        };
+        for (file, tag) in [
+            ("conductor.Dockerfile", &images.conductor),
+            ("edge-worker.Dockerfile", &images.worker),
+        ] {
+            must(
+                docker()
+                    .args(["build", "-q", "-f"])
+                    .arg(repo().join("images").join(file))
+                    .args(["--build-arg", &format!("BIN_DIR={platform}"), "-t", tag])
+                    .arg(ctx.path()),
+                SECS(300),
+            );
+        }
+        images
+    }
+
+    /// `docker image inspect` of one image.
+    fn inspect(tag: &str) -> Value {
+        let out = must(docker().args(["image", "inspect", tag]), SECS(30));
+        serde_json::from_str::<Value>(&out).unwrap()[0].clone()
+    }
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        let _ = run(
+            docker().args(["rmi", "-f", &self.conductor, &self.worker]),
+            SECS(60),
+        );
+    }
+}
+
+/// One compose project (`-p name -f file --env-file …`), taken down with
+/// `down -v` on drop; its logs are printed first if the test is failing.
+struct Project {
+    cli: Vec<String>,
+    name: String,
+    file: PathBuf,
+    env_file: PathBuf,
+    down: bool,
+}
+
+impl Project {
+    /// A project of `compose/<file>` with exactly `env` as its variables: the
+    /// caller's own compose/.env and AEREKOS_*/COMPOSE_* variables are not seen.
+    fn new(cli: &[String], name: &str, file: &str, env: &[(&str, String)], dir: &Path) -> Self {
+        let env_file = dir.join(format!("{name}.env"));
+        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        fs::write(&env_file, text).unwrap();
+        Project {
+            cli: cli.to_vec(),
+            name: name.to_string(),
+            file: repo().join("compose").join(file),
+            env_file,
+            down: false,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.cli[0]);
+        cmd.args(&self.cli[1..])
+            .args(["-p", &self.name, "-f"])
+            .arg(&self.file)
+            .arg("--env-file")
+            .arg(&self.env_file)
+            .args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AEREKOS_") || k.starts_with("COMPOSE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd
+    }
+
+    #[track_caller]
+    fn run(&self, args: &[&str]) -> String {
+        must(&mut self.cmd(args), SECS(180))
+    }
+
+    /// `down -v`, then checks that no container or volume of the project is left.
+    fn down(&mut self) {
+        self.down = true;
+        self.run(&["down", "-v", "--remove-orphans", "-t", "10"]);
+        let label = format!("label=com.docker.compose.project={}", self.name);
+        let left = must(docker().args(["ps", "-aq", "--filter", &label]), SECS(30));
+        assert_eq!(left.trim(), "", "containers left by {}", self.name);
+        let left = must(
+            docker().args(["volume", "ls", "-q", "--filter", &label]),
+            SECS(30),
+        );
+        assert_eq!(left.trim(), "", "volumes left by {}", self.name);
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        if self.down {
+            return;
+        }
+        if std::thread::panicking() {
+            if let Ok(o) = run(
+                &mut self.cmd(&["logs", "--no-color", "--tail", "40"]),
+                SECS(60),
+            ) {
+                eprintln!("---- logs of {} ----\n{}{}", self.name, o.stdout, o.stderr);
+            }
+        }
+        let _ = run(
+            &mut self.cmd(&["down", "-v", "--remove-orphans", "-t", "5"]),
+            SECS(180),
+        );
+    }
+}
+
+/// The conductor's API as the host sees it.
+struct Api {
+    url: String,
+    token: String,
+}
+
+impl Api {
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.url);
+        let auth = format!("Bearer {}", self.token);
+        let resp = match (method, body) {
+            ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
+            (_, Some(b)) => http()
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(b),
+            (_, None) => http()
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+        };
+        match resp {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+
+    /// Waits for `/health`, then logs in as admin.
+    fn login(url: String) -> Api {
+        let mut api = Api {
+            url,
+            token: String::new(),
+        };
+        wait_for("the conductor's API", SECS(60), || {
+            (api.call("GET", "/api/v1/health", None).0 == 200).then_some(())
+        });
+        let (status, body) = api.call(
+            "POST",
+            "/api/v1/login",
+            Some(&json!({"username": "admin", "password": ADMIN_PASSWORD})),
+        );
+        assert_eq!(status, 200, "admin login: {body}");
+        api.token = body["token"].as_str().unwrap().to_string();
+        api
+    }
+
+    fn workers(&self) -> Vec<Value> {
+        let (status, body) = self.call("GET", "/api/v1/workers", None);
+        assert_eq!(status, 200, "workers: {body}");
+        body["workers"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn worker(&self, id: &str) -> Value {
+        let (status, body) = self.call("GET", &format!("/api/v1/workers/{id}"), None);
+        assert_eq!(status, 200, "worker {id}: {body}");
+        body
+    }
+}
+
+/// `PRETTY_NAME` of the host's os-release, if any.
+fn host_os() -> Option<String> {
+    let text = fs::read_to_string("/etc/os-release").ok()?;
+    let v = text.lines().find_map(|l| l.strip_prefix("PRETTY_NAME="))?;
+    Some(v.trim().trim_matches('"').to_string())
+}
+
+/// Host memory in bytes from /proc/meminfo.
+fn host_memory() -> u64 {
+    let text = fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Host network interfaces other than `lo`.
+fn host_interfaces() -> Vec<String> {
+    fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes on the host: numeric entries of /proc.
+fn host_processes() -> usize {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .count()
+}
+
+#[test]
+fn conductor_and_two_workers_from_compose_files() {
+    let started = Instant::now();
+    let cli = match environment() {
+        Ok(cli) => cli,
+        Err(reason) if require_docker() => panic!("AEREKOS_REQUIRE_DOCKER is set but {reason}"),
+        Err(reason) => {
+            println!("skipped: {reason}");
+            return;
+        }
+    };
+    let Some((triple, platform)) = platform() else {
+        println!("skipped: no musl target for {}", std::env::consts::ARCH);
+        return;
+    };
+
+    let bin_dir = static_bins(triple);
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let suffix = format!(
+        "{}-{}",
+        std::process::id(),
+        stamp.as_millis() % 1_000_000_000
+    );
+    let images = Images::build(&bin_dir, platform, &suffix);
+    eprintln!("images built at {:?}", started.elapsed());
+
+    // The images: unprivileged, the conductor's ports and volume declared.
+    let ci = Images::inspect(&images.conductor);
+    assert_eq!(ci["Config"]["User"], "65532:65532", "{ci}");
+    assert_eq!(ci["Os"], "linux");
+    for port in ["3000/tcp", "1883/tcp"] {
+        assert!(ci["Config"]["ExposedPorts"][port].is_object(), "{ci}");
+    }
+    assert!(ci["Config"]["Volumes"]["/data"].is_object(), "{ci}");
+    let wi = Images::inspect(&images.worker);
+    assert_eq!(wi["Config"]["User"], "65532:65532", "{wi}");
+    assert!(
+        wi["Config"]["Volumes"]["/var/lib/aerekos"].is_object(),
+        "{wi}"
+    );
+
+    // The conductor on random loopback ports; workers get the MQTT port
+    // through AEREKOS_MQTT_PUBLIC_URL, as the .env.example describes.
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, mqtt_port) = (free_port(), free_port());
+    let mut conductor = Project::new(
+        &cli,
+        &format!("aerekos-test-{suffix}-c"),
+        "conductor.yml",
+        &[
+            ("AEREKOS_CONDUCTOR_IMAGE", images.conductor.clone()),
+            ("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD.into()),
+            ("AEREKOS_HTTP_PORT", format!("127.0.0.1:{http_port}")),
+            ("AEREKOS_MQTT_PORT", format!("127.0.0.1:{mqtt_port}")),
+            (
+                "AEREKOS_MQTT_PUBLIC_URL",
+                format!("mqtt://127.0.0.1:{mqtt_port}"),
+            ),
+        ],
+        dir.path(),
+    );
+    conductor.run(&["up", "-d"]);
+    let api = Api::login(format!("http://127.0.0.1:{http_port}"));
+    let (status, body) = api.call("POST", "/api/v1/registration-token/rotate", None);
+    assert_eq!(status, 200, "rotate: {body}");
+    let token = body["token"].as_str().unwrap().to_string();
+
+    // Two "Pis", each its own worker.yml project, on the host network.
+    let machine = |n: u32| format!("compose-{suffix}-{n}");
+    let worker_env = |n: u32| {
+        vec![
+            ("AEREKOS_WORKER_IMAGE", images.worker.clone()),
+            ("AEREKOS_CONDUCTOR", format!("http://127.0.0.1:{http_port}")),
+            ("AEREKOS_TOKEN", token.clone()),
+            ("AEREKOS_INTERVAL", "1s".into()),
+            ("AEREKOS_HOSTNAME", format!("pi-{n}")),
+            ("AEREKOS_MACHINE_ID", machine(n)),
+            ("AEREKOS_LABELS", format!("via=compose,n={n}")),
+        ]
+    };
+    let mut w1 = Project::new(
+        &cli,
+        &format!("aerekos-test-{suffix}-w1"),
+        "worker.yml",
+        &worker_env(1),
+        dir.path(),
+    );
+    let mut w2 = Project::new(
+        &cli,
+        &format!("aerekos-test-{suffix}-w2"),
+        "worker.yml",
+        &worker_env(2),
+        dir.path(),
+    );
+    w1.run(&["up", "-d"]);
+    w2.run(&["up", "-d"]);
+
+    // Both enrol and report.
+    let ids: Vec<String> = wait_for("both workers online with metrics", SECS(90), || {
+        let list = api.workers();
+        let ids: Vec<String> = ["pi-1", "pi-2"]
+            .iter()
+            .filter_map(|h| {
+                let w = list.iter().find(|w| w["hostname"] == *h)?;
+                let id = w["id"].as_str()?.to_string();
+                let d = api.worker(&id);
+                (d["status"] == "online" && !d["metrics"].is_null()).then_some(id)
+            })
+            .collect();
+        (ids.len() == 2).then_some(ids)
+    });
+    eprintln!("both workers online at {:?}", started.elapsed());
+    let (id1, id2) = (ids[0].clone(), ids[1].clone());
+    assert_ne!(id1, id2);
+
+    // What a containerised worker reports is the host's.
+    let d = api.worker(&id1);
+    let (inv, m) = (&d["inventory"], &d["metrics"]["metrics"]);
+    assert_eq!(d["machine_id"], machine(1).as_str(), "{d}");
+    assert_eq!(d["labels"]["via"], "compose", "{d}");
+    assert_eq!(inv["memory_total"].as_u64(), Some(host_memory()), "{inv}");
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(inv["boot_id"], boot_id.trim(), "{inv}");
+    if let Some(os) = host_os() {
+        // Mounted from the host: the image itself has no os-release.
+        assert_eq!(inv["os"], os.as_str(), "{inv}");
+    }
+    // pid: host — a container of its own would count 1 or 2 processes.
+    let procs = m["processes"].as_u64().unwrap();
+    assert!(
+        procs > 5 && procs as usize >= host_processes() / 2,
+        "processes {procs} vs host {}",
+        host_processes()
+    );
+    // network_mode: host — the reported interfaces are the host's, among them
+    // the bridge of the conductor's compose network.
+    let host_ifs = host_interfaces();
+    let nets: Vec<&str> = m["net"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert!(!nets.is_empty(), "{m}");
+    let net_id = must(
+        docker().args([
+            "network",
+            "inspect",
+            "-f",
+            "{{.Id}}",
+            &format!("{}_default", conductor.name),
+        ]),
+        SECS(30),
+    );
+    let bridge = format!("br-{}", &net_id.trim()[..12]);
+    if host_ifs.len() <= protocol::frame::MAX_NETS {
+        assert!(nets.contains(&bridge.as_str()), "{bridge} not in {nets:?}");
+    }
+    let foreign: Vec<&&str> = nets
+        .iter()
+        .filter(|n| !host_ifs.iter().any(|h| h == *n))
+        .collect();
+    assert!(foreign.len() < nets.len(), "{nets:?} vs host {host_ifs:?}");
+    // /:/host:ro — the host's filesystems, when its root is real storage.
+    let disks = m["disks"].as_array().unwrap();
+    let root_fs = fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(1) == Some(&"/")).then(|| f.get(2).unwrap_or(&"").to_string())
+        })
+        .next_back()
+        .unwrap_or_default();
+    if ["ext4", "xfs", "btrfs", "f2fs", "ext3", "ext2"].contains(&root_fs.as_str()) {
+        assert!(
+            disks
+                .iter()
+                .any(|d| d["mount"].as_str().unwrap().starts_with("/host")),
+            "{disks:?}"
+        );
+    }
+
+    // A stopped worker goes offline (clean shutdown: retained `offline`);
+    // the other keeps reporting.
+    w2.run(&["stop", "-t", "10"]);
+    wait_for("pi-2 offline", SECS(30), || {
+        (api.worker(&id2)["status"] == "offline").then_some(())
+    });
+    assert_eq!(api.worker(&id1)["status"], "online");
+    eprintln!("pi-2 offline at {:?}", started.elapsed());
+
+    // The store lives in the volume: a restarted conductor (read-only root,
+    // uid 65532) still knows both workers, and pi-1 reconnects and reports.
+    conductor.run(&["restart", "-t", "10"]);
+    let api = Api::login(format!("http://127.0.0.1:{http_port}"));
+    let known: Vec<String> = api
+        .workers()
+        .iter()
+        .filter_map(|w| w["id"].as_str().map(str::to_string))
+        .collect();
+    assert!(known.contains(&id1) && known.contains(&id2), "{known:?}");
+    let seq = |api: &Api| api.worker(&id1)["metrics"]["seq"].as_u64().unwrap_or(0);
+    let before = seq(&api);
+    wait_for("pi-1 reporting after the restart", SECS(60), || {
+        let d = api.worker(&id1);
+        (d["status"] == "online" && seq(&api) > before).then_some(())
+    });
+    assert_eq!(api.worker(&id2)["status"], "offline");
+
+    // Teardown leaves no container or volume behind.
+    w1.down();
+    w2.down();
+    conductor.down();
+    drop(images);
+    eprintln!("done in {:?}", started.elapsed());
+}
