@@ -225,6 +225,12 @@ fn ingest_frame(
             debug!(worker_id = %worker_id, service = %st.name, state = ?st.state, "service status");
             crate::services::record_status(shared, &worker_id, &st);
         }
+        Body::LogChunk(chunk) => {
+            debug!(worker_id = %worker_id, service = %chunk.name, index = chunk.index, "log chunk");
+        }
+        Body::ServiceMetrics(sm) => {
+            debug!(worker_id = %worker_id, service = %sm.name, samples = sm.samples.len(), "service metrics");
+        }
     }
     let _ = shared.writer.send(WriteOp::Seen {
         worker_id: worker_id.clone(),

@@ -232,6 +232,8 @@ pub fn state_name(s: ServiceState) -> &'static str {
         ServiceState::Stopped => "stopped",
         ServiceState::Failed => "failed",
         ServiceState::Removed => "removed",
+        ServiceState::Healthy => "healthy",
+        ServiceState::Unhealthy => "unhealthy",
     }
 }
 

@@ -121,6 +121,8 @@ struct Topics {
     events: String,
     reply: String,
     services: String,
+    logs: String,
+    service_metrics: String,
 }
 
 impl Topics {
@@ -134,6 +136,8 @@ impl Topics {
             events: t(TopicKind::Events),
             reply: t(TopicKind::Reply),
             services: t(TopicKind::Services),
+            logs: t(TopicKind::Logs),
+            service_metrics: t(TopicKind::ServiceMetrics),
         }
     }
 
@@ -144,6 +148,8 @@ impl Topics {
             BodyKind::Event => Some(&self.events),
             BodyKind::Reply => Some(&self.reply),
             BodyKind::ServiceStatus => Some(&self.services),
+            BodyKind::LogChunk => Some(&self.logs),
+            BodyKind::ServiceMetrics => Some(&self.service_metrics),
             BodyKind::Command => None,
         }
     }
@@ -661,6 +667,11 @@ impl Session {
             Action::Stop(name) => service_reply(self.services.stop(&name)),
             Action::Restart(name) => service_reply(self.services.restart(&name)),
             Action::Remove(name) => service_reply(self.services.remove(&name)),
+            Action::DeployManifest(_) | Action::Logs(_) => (
+                ReplyStatus::Unsupported,
+                "not supported by this worker yet".to_string(),
+                false,
+            ),
         };
         self.enqueue(Body::Reply(Reply {
             cmd_id: cmd.id,

@@ -62,7 +62,7 @@ impl Secret {
         &self.0
     }
 
-    fn mac(&self) -> HmacSha256 {
+    pub(crate) fn mac(&self) -> HmacSha256 {
         // An HMAC accepts keys of any length, so this cannot fail.
         #[allow(clippy::expect_used)]
         <HmacSha256 as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length")

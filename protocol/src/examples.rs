@@ -230,3 +230,80 @@ pub fn largest_service_spec() -> ServiceSpec {
         backoff_ms: u32::MAX,
     }
 }
+
+/// A manifest: an artifact process service with an HTTP health check.
+pub fn manifest() -> crate::Manifest {
+    use crate::manifest::*;
+    crate::Manifest {
+        name: "sensor-relay".into(),
+        version: 4,
+        runtime: Runtime::Process(ProcessRuntime {
+            program: Program::Artifacts(vec![ArtifactRef {
+                arch: "aarch64".into(),
+                sha256: [0xab; 32],
+                size: 1_048_576,
+            }]),
+            args: vec!["--port".into(), "8080".into()],
+            env: [("RUST_LOG".to_string(), "info".to_string())].into(),
+            working_dir: String::new(),
+        }),
+        restart: RestartPolicy::OnFailure,
+        max_restarts: 5,
+        restart_window_s: 60,
+        backoff_ms: 1000,
+        health: Some(HealthCheck {
+            probe: Probe::Http {
+                port: 8080,
+                path: "/healthz".into(),
+            },
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            retries: 3,
+            start_period_ms: 5000,
+        }),
+        limits: Limits {
+            memory_bytes: Some(64 << 20),
+            cpu_millicores: Some(500),
+            pids: None,
+        },
+        config: [("site".to_string(), "shop".to_string())].into(),
+        secrets: [("api_key".to_string(), "s3cr3t".to_string())].into(),
+    }
+}
+
+/// The command that deploys [`manifest`].
+pub fn manifest_ref() -> ManifestRef {
+    ManifestRef {
+        name: bounded("sensor-relay"),
+        version: 4,
+        digest: [0x5a; 32],
+    }
+}
+
+/// A log chunk answering a `Logs` command.
+pub fn log_chunk() -> LogChunk {
+    LogChunk {
+        cmd_id: 5,
+        name: bounded("sensor-relay"),
+        index: 0,
+        data: push_all(b"listening on :8080\n".iter().copied()),
+        last: true,
+    }
+}
+
+/// Metrics a service published.
+pub fn service_metrics() -> ServiceMetrics {
+    ServiceMetrics {
+        name: bounded("sensor-relay"),
+        samples: push_all([
+            Sample {
+                key: bounded("readings"),
+                value: 1200,
+            },
+            Sample {
+                key: bounded("queue_depth"),
+                value: -1,
+            },
+        ]),
+    }
+}

@@ -72,6 +72,11 @@ pub enum Body {
     Reply(Reply),
     /// Worker → conductor: the actual state of one hosted service.
     ServiceStatus(ServiceStatus),
+    /// Worker → conductor: part of a service's log, answering [`Action::Logs`].
+    LogChunk(LogChunk),
+    /// Worker → conductor: metrics a hosted service published through the
+    /// worker's local API.
+    ServiceMetrics(ServiceMetrics),
 }
 
 /// Discriminant of [`Body`], for topic checks and counters.
@@ -89,6 +94,10 @@ pub enum BodyKind {
     Reply,
     /// [`Body::ServiceStatus`]
     ServiceStatus,
+    /// [`Body::LogChunk`]
+    LogChunk,
+    /// [`Body::ServiceMetrics`]
+    ServiceMetrics,
 }
 
 impl Body {
@@ -101,6 +110,8 @@ impl Body {
             Body::Command(_) => BodyKind::Command,
             Body::Reply(_) => BodyKind::Reply,
             Body::ServiceStatus(_) => BodyKind::ServiceStatus,
+            Body::LogChunk(_) => BodyKind::LogChunk,
+            Body::ServiceMetrics(_) => BodyKind::ServiceMetrics,
         }
     }
 }
@@ -220,6 +231,17 @@ pub enum EventKind {
     QueueOverflow,
     /// A command frame was rejected (bad tag, replay, …); detail says why.
     CommandRejected,
+    /// A hosted service changed state; detail is `<name>: <what>`.
+    ServiceChanged,
+    /// A downloaded artifact or manifest did not match its digest and was
+    /// refused; detail is `<name>: <why>`.
+    ArtifactRejected,
+    /// A health check failed `retries` times; the service is restarted.
+    /// Detail is `<name>: <last failure>`.
+    HealthFailed,
+    /// An event a hosted service published through the local API; detail
+    /// is `<name>: <text>`.
+    ServiceEvent,
 }
 
 /// A worker event.
@@ -253,6 +275,74 @@ pub enum Action {
     Restart(Name),
     /// Stop a service and forget it.
     Remove(Name),
+    /// Install (or replace with this version) and run the service whose
+    /// [`crate::Manifest`] the worker fetches over HTTP and checks against
+    /// the digest. Idempotent like [`Action::Deploy`].
+    DeployManifest(ManifestRef),
+    /// Send the tail of a service's log as [`LogChunk`] frames, then follow
+    /// new output for a while.
+    Logs(LogRequest),
+}
+
+/// Names one manifest version; see [`crate::manifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRef {
+    /// Service name.
+    pub name: Name,
+    /// Spec version.
+    pub version: u32,
+    /// SHA-256 of the encoded manifest.
+    pub digest: [u8; 32],
+}
+
+/// What [`Action::Logs`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRequest {
+    /// Service name.
+    pub name: Name,
+    /// Send at most this many bytes from the end of the log (whole lines).
+    pub tail_bytes: u32,
+    /// Then keep sending new output for this many seconds (0: don't follow).
+    pub follow_s: u16,
+}
+
+/// Most log bytes in one [`LogChunk`].
+pub const LOG_CHUNK_LEN: usize = 2048;
+
+/// Part of a service's output, answering an [`Action::Logs`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// The [`Command::id`] of the `Logs` request.
+    pub cmd_id: u32,
+    /// Service name.
+    pub name: Name,
+    /// 0, 1, 2… per request, so the receiver can spot a gap.
+    pub index: u32,
+    /// Output bytes (stdout and stderr interleaved, as written).
+    pub data: Vec<u8, LOG_CHUNK_LEN>,
+    /// The last chunk of this request (tail sent and follow time over).
+    pub last: bool,
+}
+
+/// Most samples in one [`ServiceMetrics`] frame.
+pub const MAX_SERVICE_SAMPLES: usize = 32;
+
+/// One named value a service published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Metric name, `[a-z0-9_]`.
+    pub key: Name,
+    /// Value (the service chooses the unit; an integer like every wire value).
+    pub value: i64,
+}
+
+/// Metrics a hosted service published through the local API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMetrics {
+    /// Service name.
+    pub name: Name,
+    /// Samples.
+    pub samples: Vec<Sample, MAX_SERVICE_SAMPLES>,
 }
 
 /// Most arguments of a service command.
@@ -324,6 +414,10 @@ pub enum ServiceState {
     Failed,
     /// Removed from the worker.
     Removed,
+    /// Running, and its health check passes.
+    Healthy,
+    /// Running, but its health check fails (it is about to be restarted).
+    Unhealthy,
 }
 
 /// The actual state of one service on a worker, sent on every change and

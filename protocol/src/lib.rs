@@ -6,6 +6,8 @@
 //! * [`frame`]: the frame types (envelope, body enum, metrics, birth, …).
 //! * [`codec`]: postcard encoding plus a truncated HMAC-SHA256 tag.
 //! * [`replay`]: the sequence-number window that rejects replayed frames.
+//! * [`manifest`]: full service manifests, fetched over HTTP by digest, and
+//!   the worker's HTTP download authentication.
 //!
 //! Limits (checked by tests): a sealed frame is at most [`MAX_FRAME_LEN`]
 //! bytes; every string and list on the wire is bounded by a `heapless`
@@ -16,6 +18,7 @@
 pub mod codec;
 pub mod examples;
 pub mod frame;
+pub mod manifest;
 pub mod replay;
 pub mod topic;
 
@@ -23,6 +26,7 @@ pub use codec::{
     hex_string, open, reenroll_proof, seal, DecodeError, EncodeError, Opened, Secret, TAG_LEN,
 };
 pub use frame::*;
+pub use manifest::{Manifest, ManifestError};
 pub use replay::{ReplayWindow, SeqVerdict};
 pub use topic::{Topic, TopicKind};
 

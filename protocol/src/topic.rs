@@ -8,6 +8,8 @@
 //! aerekos/v1/<worker_id>/cmd           Command frames, conductor -> worker, QoS 1
 //! aerekos/v1/<worker_id>/reply         Reply frames, worker -> conductor
 //! aerekos/v1/<worker_id>/services      ServiceStatus frames, worker -> conductor
+//! aerekos/v1/<worker_id>/logs          LogChunk frames, worker -> conductor (answers Logs)
+//! aerekos/v1/<worker_id>/service-metrics  ServiceMetrics frames, worker -> conductor
 //! aerekos/v1/<worker_id>/json/birth    retained JSON mirror (written by the conductor)
 //! aerekos/v1/<worker_id>/json/metrics  retained JSON mirror (written by the conductor)
 //! ```
@@ -49,6 +51,10 @@ pub enum TopicKind {
     JsonMetrics,
     /// Worker → conductor service status frames.
     Services,
+    /// Worker → conductor service log chunks.
+    Logs,
+    /// Worker → conductor metrics published by hosted services.
+    ServiceMetrics,
 }
 
 impl TopicKind {
@@ -64,6 +70,8 @@ impl TopicKind {
             TopicKind::JsonBirth => "json/birth",
             TopicKind::JsonMetrics => "json/metrics",
             TopicKind::Services => "services",
+            TopicKind::Logs => "logs",
+            TopicKind::ServiceMetrics => "service-metrics",
         }
     }
 
@@ -77,6 +85,8 @@ impl TopicKind {
             TopicKind::Cmd => Some(B::Command),
             TopicKind::Reply => Some(B::Reply),
             TopicKind::Services => Some(B::ServiceStatus),
+            TopicKind::Logs => Some(B::LogChunk),
+            TopicKind::ServiceMetrics => Some(B::ServiceMetrics),
             TopicKind::Status | TopicKind::JsonBirth | TopicKind::JsonMetrics => None,
         }
     }
@@ -109,6 +119,8 @@ impl<'a> Topic<'a> {
             "json/birth" => TopicKind::JsonBirth,
             "json/metrics" => TopicKind::JsonMetrics,
             "services" => TopicKind::Services,
+            "logs" => TopicKind::Logs,
+            "service-metrics" => TopicKind::ServiceMetrics,
             _ => return None,
         };
         Some(Topic { worker_id, kind })
@@ -145,6 +157,8 @@ mod tests {
             TopicKind::JsonBirth,
             TopicKind::JsonMetrics,
             TopicKind::Services,
+            TopicKind::Logs,
+            TopicKind::ServiceMetrics,
         ] {
             let t = topic("w-0123abcd", kind);
             let parsed = Topic::parse(&t).expect("parses");

@@ -100,6 +100,58 @@ fn golden_service_status() {
 }
 
 #[test]
+fn golden_manifest_commands_logs_and_service_metrics() {
+    for (body, expected) in [
+        (
+            Body::Command(Command {
+                id: 5,
+                action: Action::DeployManifest(examples::manifest_ref()),
+            }),
+            GOLDEN_CMD_DEPLOY_MANIFEST,
+        ),
+        (
+            Body::Command(Command {
+                id: 5,
+                action: Action::Logs(LogRequest {
+                    name: frame::bounded("sensor-relay"),
+                    tail_bytes: 4096,
+                    follow_s: 30,
+                }),
+            }),
+            GOLDEN_CMD_LOGS,
+        ),
+        (Body::LogChunk(examples::log_chunk()), GOLDEN_LOG_CHUNK),
+        (
+            Body::ServiceMetrics(examples::service_metrics()),
+            GOLDEN_SERVICE_METRICS,
+        ),
+    ] {
+        assert_golden(body, expected);
+    }
+}
+
+#[test]
+fn golden_manifest() {
+    let m = examples::manifest();
+    let bytes = m.encode().unwrap();
+    assert_eq!(hex(&bytes), GOLDEN_MANIFEST, "manifest bytes changed");
+    assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+}
+
+#[test]
+fn http_auth_is_pinned() {
+    assert_eq!(
+        manifest::http_auth(
+            &examples::secret(),
+            "w-0123456789ab",
+            "GET",
+            "/api/v1/agent/artifacts/ab"
+        ),
+        GOLDEN_HTTP_AUTH
+    );
+}
+
+#[test]
 fn enum_discriminants_are_append_only() {
     // postcard writes a variant's index as a varint: pin every index.
     let idx = |b: &Body| postcard::to_stdvec(b).unwrap()[0];
@@ -139,6 +191,28 @@ fn enum_discriminants_are_append_only() {
     assert_eq!(act(Action::Remove(name())), 7);
     let body = |b: &Body| postcard::to_stdvec(b).unwrap()[0];
     assert_eq!(body(&Body::ServiceStatus(examples::service_status())), 5);
+    assert_eq!(body(&Body::LogChunk(examples::log_chunk())), 6);
+    assert_eq!(body(&Body::ServiceMetrics(examples::service_metrics())), 7);
+    assert_eq!(act(Action::DeployManifest(examples::manifest_ref())), 8);
+    assert_eq!(
+        act(Action::Logs(LogRequest {
+            name: name(),
+            tail_bytes: 0,
+            follow_s: 0
+        })),
+        9
+    );
+    for (i, k) in [
+        EventKind::ServiceChanged,
+        EventKind::ArtifactRejected,
+        EventKind::HealthFailed,
+        EventKind::ServiceEvent,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(ev(k) as usize, 4 + i);
+    }
     let state = |st: ServiceState| postcard::to_stdvec(&st).unwrap()[0];
     let states = [
         ServiceState::Starting,
@@ -147,6 +221,8 @@ fn enum_discriminants_are_append_only() {
         ServiceState::Stopped,
         ServiceState::Failed,
         ServiceState::Removed,
+        ServiceState::Healthy,
+        ServiceState::Unhealthy,
     ];
     for (i, s) in states.into_iter().enumerate() {
         assert_eq!(state(s) as usize, i);
@@ -217,3 +293,9 @@ const GOLDEN_SERVICE_STATUS: &str = concat!(
     "010e772d3031323334353637383961620180a8f094ac33050c73656e736f722d72656c6179030192",
     "210000005c670ab7a74363ac455174614dc1507a"
 );
+const GOLDEN_CMD_DEPLOY_MANIFEST: &str = "010e772d3031323334353637383961620180a8f094ac330305080c73656e736f722d72656c6179045a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5ab63443a69df16d289d6eae9c2bbc29d2";
+const GOLDEN_CMD_LOGS: &str = "010e772d3031323334353637383961620180a8f094ac330305090c73656e736f722d72656c617980201e49c4035deba47ec6bfbd339d65f260b1";
+const GOLDEN_LOG_CHUNK: &str = "010e772d3031323334353637383961620180a8f094ac3306050c73656e736f722d72656c617900136c697374656e696e67206f6e203a383038300a01e7e8cf4272d1f4ad9f92da5392acb1df";
+const GOLDEN_SERVICE_METRICS: &str = "010e772d3031323334353637383961620180a8f094ac33070c73656e736f722d72656c6179020872656164696e6773e0120b71756575655f646570746801894ad48e1c7d32144899246f926c9bdf";
+const GOLDEN_MANIFEST: &str = "010c73656e736f722d72656c6179040001010761617263683634abababababababababababababababababababababababababababababababab80804002062d2d706f727404383038300108525553545f4c4f4704696e666f0001053ce8070100903f082f6865616c74687ad00fe807038827018080802001f403000104736974650473686f7001076170695f6b657906733363723374";
+const GOLDEN_HTTP_AUTH: &str = "Aerekos-Worker w-0123456789ab 9c3a2739b615db0fc5f3b89f6486c1fa";

@@ -37,6 +37,40 @@ fn largest_bodies() -> Vec<Body> {
             exit_code: Some(i32::MIN),
             detail: frame::bounded(&"x".repeat(200)),
         }),
+        Body::Command(Command {
+            id: u32::MAX,
+            action: Action::DeployManifest(ManifestRef {
+                name: frame::bounded(&"é".repeat(32)),
+                version: u32::MAX,
+                digest: [0xff; 32],
+            }),
+        }),
+        Body::Command(Command {
+            id: u32::MAX,
+            action: Action::Logs(LogRequest {
+                name: frame::bounded(&"é".repeat(32)),
+                tail_bytes: u32::MAX,
+                follow_s: u16::MAX,
+            }),
+        }),
+        Body::LogChunk(LogChunk {
+            cmd_id: u32::MAX,
+            name: frame::bounded(&"é".repeat(32)),
+            index: u32::MAX,
+            data: std::iter::repeat_n(0xffu8, LOG_CHUNK_LEN).collect(),
+            last: true,
+        }),
+        Body::ServiceMetrics(ServiceMetrics {
+            name: frame::bounded(&"é".repeat(32)),
+            samples: std::iter::repeat_n(
+                Sample {
+                    key: frame::bounded(&"é".repeat(32)),
+                    value: i64::MIN,
+                },
+                MAX_SERVICE_SAMPLES,
+            )
+            .collect(),
+        }),
     ]
 }
 
@@ -161,5 +195,111 @@ proptest! {
         let sealed = seal(&examples::secret(), &env).unwrap();
         let back = open(&sealed).unwrap().verify(&examples::secret()).unwrap();
         prop_assert_eq!(back, env);
+    }
+}
+
+#[test]
+fn manifest_refuses_bad_bytes_and_bad_content() {
+    let m = examples::manifest();
+    let bytes = m.encode().unwrap();
+    assert!(matches!(
+        Manifest::decode(&vec![1u8; manifest::MAX_MANIFEST_LEN + 1]),
+        Err(ManifestError::Oversized(_))
+    ));
+    assert_eq!(
+        Manifest::decode(&[]),
+        Err(ManifestError::UnknownFormat(None))
+    );
+    let mut wrong_format = bytes.clone();
+    wrong_format[0] = 9;
+    assert_eq!(
+        Manifest::decode(&wrong_format),
+        Err(ManifestError::UnknownFormat(Some(9)))
+    );
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert_eq!(
+        Manifest::decode(&trailing),
+        Err(ManifestError::TrailingBytes(1))
+    );
+    assert!(matches!(
+        Manifest::decode(&bytes[..bytes.len() - 3]),
+        Err(ManifestError::Malformed(_))
+    ));
+    let mut bad = m.clone();
+    bad.name = "Not/A/Name".into();
+    assert!(matches!(bad.encode(), Err(ManifestError::Invalid(_))));
+    let mut bad = m.clone();
+    bad.config.insert("bad key".into(), "v".into());
+    assert!(matches!(bad.encode(), Err(ManifestError::Invalid(_))));
+    // Digest, name and version must all match the command.
+    let good_ref = ManifestRef {
+        name: frame::bounded("sensor-relay"),
+        version: 4,
+        digest: manifest::digest(&bytes),
+    };
+    assert_eq!(Manifest::decode_verified(&bytes, &good_ref).unwrap(), m);
+    let mut tampered = bytes.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert_eq!(
+        Manifest::decode_verified(&tampered, &good_ref),
+        Err(ManifestError::DigestMismatch)
+    );
+    let other_version = ManifestRef {
+        version: 5,
+        ..good_ref
+    };
+    assert!(matches!(
+        Manifest::decode_verified(&bytes, &other_version),
+        Err(ManifestError::Invalid(_))
+    ));
+}
+
+#[test]
+fn artifact_is_picked_by_arch() {
+    let m = examples::manifest();
+    assert!(m.artifact_for("aarch64").is_some());
+    assert!(m.artifact_for("x86_64").is_none());
+}
+
+#[test]
+fn http_auth_verifies_only_the_same_worker_method_and_path() {
+    let s = examples::secret();
+    let h = manifest::http_auth(&s, "w-1", "GET", "/a");
+    let lookup = |id: &str| (id == "w-1").then(examples::secret);
+    assert_eq!(
+        manifest::verify_http_auth(&h, "GET", "/a", lookup),
+        Some("w-1")
+    );
+    assert_eq!(manifest::verify_http_auth(&h, "GET", "/b", lookup), None);
+    assert_eq!(manifest::verify_http_auth(&h, "PUT", "/a", lookup), None);
+    let other = manifest::http_auth(&s, "w-2", "GET", "/a");
+    assert_eq!(
+        manifest::verify_http_auth(&other, "GET", "/a", lookup),
+        None
+    );
+    assert_eq!(
+        manifest::verify_http_auth("Bearer x", "GET", "/a", lookup),
+        None
+    );
+    assert_eq!(
+        manifest::verify_http_auth(&format!("{h} extra"), "GET", "/a", lookup),
+        None
+    );
+    assert_eq!(
+        manifest::parse_digest(&hex_string(&[0xab; 32])),
+        Some([0xab; 32])
+    );
+    assert_eq!(manifest::parse_digest("zz"), None);
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_manifest_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+        let mut with_format = vec![manifest::MANIFEST_FORMAT];
+        with_format.extend_from_slice(&bytes);
+        let _ = Manifest::decode(&bytes);
+        let _ = Manifest::decode(&with_format);
     }
 }

@@ -350,6 +350,8 @@ impl FakeWorker {
             Body::Event(_) => TopicKind::Events,
             Body::Reply(_) => TopicKind::Reply,
             Body::Command(_) => TopicKind::Cmd,
+            Body::LogChunk(_) => TopicKind::Logs,
+            Body::ServiceMetrics(_) => TopicKind::ServiceMetrics,
             Body::ServiceStatus(_) => TopicKind::Services,
         };
         let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
