@@ -1,6 +1,7 @@
 /* aerekos dashboard: plain JavaScript, no dependencies, no build step.
  * Talks to /api/v1 with the HttpOnly session cookie that POST /login sets.
- * Views (hash routes): #/ fleet, #/workers/<id> one worker, #/settings. */
+ * Views (hash routes): #/ fleet, #/workers/<id> one worker, #/services,
+ * #/services/<name> one service, #/settings. */
 (() => {
   'use strict';
 
@@ -28,6 +29,9 @@
     cards: new Map(), // worker id -> card element
     labelOpts: '',
     worker: null, // state of the worker page
+    svcList: null, // state of the services page
+    svc: null, // state of the service page
+    prefill: null, // spec copied into the new-service form ("New version…")
   };
 
   // ---------- DOM helpers (textContent only: nothing is parsed as HTML) ----------
@@ -219,6 +223,8 @@
     stopPolling();
     st.authed = false;
     st.worker = null;
+    st.svcList = null;
+    st.svc = null;
     $('#top').hidden = true;
     $('#view').hidden = true;
     $('#view').replaceChildren();
@@ -287,16 +293,24 @@
     if (!st.authed) return;
     stopPolling();
     st.worker = null;
+    st.svcList = null;
+    st.svc = null;
     st.cards.clear();
     const view = $('#view');
     view.replaceChildren();
     const hash = location.hash || '#/';
     const m = hash.match(/^#\/workers\/([^/?#]+)$/);
+    const sm = hash.match(/^#\/services\/([^/?#]+)$/);
+    const dec = (x) => { try { return decodeURIComponent(x); } catch (_) { return x; } };
     let nav = 'fleet';
     if (m) {
-      let id = m[1];
-      try { id = decodeURIComponent(id); } catch (_) { /* keep as is */ }
-      workerView(view, id);
+      workerView(view, dec(m[1]));
+    } else if (sm) {
+      nav = 'services';
+      serviceView(view, dec(sm[1]));
+    } else if (hash === '#/services') {
+      nav = 'services';
+      servicesView(view);
     } else if (hash === '#/settings') {
       nav = 'settings';
       settingsView(view);
@@ -617,7 +631,7 @@
 
   // ---------- worker page ----------
   function workerView(view, id) {
-    const w = { id, range: 'live', pts: [], lastT: null, fetchedAt: 0, gen: 0, labelsKey: null, eventsKey: null, detail: null };
+    const w = { id, range: 'live', pts: [], lastT: null, fetchedAt: 0, gen: 0, labelsKey: null, eventsKey: null, servicesKey: null, detail: null };
     st.worker = w;
     const rangeButtons = Object.entries(RANGES).map(([k, r]) =>
       h('button', { type: 'button', 'data-range': k, 'aria-pressed': String(k === w.range), text: r.label,
@@ -646,6 +660,11 @@
           h('h2', { text: 'Actions' }),
           h('div', { class: 'row' }, h('button', { type: 'button', id: 'ping', text: 'Ping', onclick: ping }),
             h('span', { id: 'ping-result', class: 'muted', role: 'status' }))),
+        h('section', { class: 'panel', 'aria-labelledby': 'wsvc-h' }, h('h2', { id: 'wsvc-h', text: 'Services' }),
+          h('table', { class: 'svc-table', id: 'w-services', hidden: true },
+            h('thead', {}, h('tr', {}, ['Service', 'Desired', 'Actual', 'PID', 'Restarts'].map((t) => h('th', { text: t })))),
+            h('tbody', { id: 'w-svc-rows' })),
+          h('p', { class: 'muted small', id: 'w-svc-empty', role: 'status' })),
         h('section', { class: 'panel', 'aria-labelledby': 'ev-h' }, h('h2', { id: 'ev-h', text: 'Recent events' }),
           h('ul', { class: 'events', id: 'w-events' }))),
     ]);
@@ -683,6 +702,15 @@
     if (st.worker !== w) return;
     w.detail = detail;
     renderWorkerInfo(w, detail);
+    try {
+      const sv = await api('GET', `/workers/${enc(w.id)}/services`);
+      if (st.worker !== w) return;
+      renderWorkerServices(w, sv.services || []);
+    } catch (e) {
+      if (e instanceof AuthError) throw e;
+      w.servicesKey = null;
+      setText($('#w-svc-empty'), 'Services unavailable: ' + e.message);
+    }
     const r = RANGES[w.range];
     const base = `/workers/${enc(w.id)}/metrics?resolution=${r.res}`;
     if (r.res === 'raw') {
@@ -800,6 +828,515 @@
     } finally {
       btn.disabled = false;
     }
+  }
+
+  // ---------- services ----------
+  const NAME_RE = /^[a-z0-9-]{1,32}$/;
+  const U32 = 4294967295;
+  const OPS = { start: 'Start', stop: 'Stop', restart: 'Restart' };
+  const quote = (a) => (a === '' || /[\s"'\\]/.test(a) ? JSON.stringify(a) : a);
+  const cmdLine = (spec) => [spec.command, ...(spec.args || []).map(quote)].join(' ');
+  const latestSpec = (d) => { const v = d.versions || []; return v.length ? v[v.length - 1] : null; };
+
+  function stateBadge(el, a) {
+    const s = a ? a.state : 'unknown';
+    el.className = 'badge ' + s;
+    setText(el, a ? s : 'not reported');
+  }
+  // Desired vs actual for one service detail: { text, cls, label }.
+  function svcSummary(d) {
+    const dep = d.deployment;
+    if (!dep) return { text: '', cls: 'none', label: 'not deployed' };
+    const rows = d.workers || [], want = dep.desired_state || 'running';
+    const meets = (a) => a.state === want || (want === 'running' && a.state === 'healthy');
+    const n = rows.filter((r) => r.actual && meets(r.actual) && r.actual.version === r.desired_version).length;
+    const sync = rows.length > 0 && rows.every((r) => r.in_sync) && !(d.untargeted || []).length;
+    return {
+      text: rows.length ? `${n}/${rows.length} ${want}` : 'no worker matches the placement',
+      cls: sync ? 'sync' : 'unsync', label: sync ? 'in sync' : 'out of sync',
+    };
+  }
+  function placement(dep, hosts) {
+    if (!dep) return 'not deployed';
+    const parts = [];
+    if ((dep.workers || []).length) parts.push('workers ' + dep.workers.map((id) => hosts.get(id) || id).join(', '));
+    const labels = Object.entries(dep.labels || {}).map(([k, v]) => k + '=' + v);
+    if (labels.length) parts.push('labels ' + labels.join(', '));
+    return (parts.join(' + ') || 'nobody') + ` · v${dep.version}, ${dep.desired_state}`;
+  }
+  // Puts `el` at position `i` of `parent`, moving it only when it is elsewhere
+  // (moving a node takes the keyboard focus away from inside it).
+  function place(parent, el, i) {
+    const at = parent.children[i];
+    if (at !== el) parent.insertBefore(el, at || null);
+  }
+  const kv = (rows) => rows.flatMap(([k, v, cls]) =>
+    [h('dt', { text: k }), h('dd', { class: cls || null, text: v === undefined || v === null || v === '' ? dash : String(v) })]);
+
+  function servicesView(view) {
+    const s = { cards: new Map() };
+    st.svcList = s;
+    add(view, [
+      h('div', { class: 'summary' }, h('h1', { text: 'Services' }), h('span', { class: 'muted', id: 'svc-count' })),
+      h('div', { class: 'row' },
+        h('button', { type: 'button', id: 'new-service', class: 'primary', 'aria-expanded': 'false', 'aria-controls': 'svc-form',
+          text: 'New service', onclick: () => openServiceForm(true) })),
+      serviceForm(),
+      h('p', { id: 'svc-empty', class: 'empty', hidden: true }),
+      h('ul', { id: 'services-list', class: 'cards svc-cards', 'aria-label': 'Services' }),
+    ]);
+    document.title = 'Services · aerekos';
+    focusHeading(view);
+    if (st.prefill) {
+      const p = st.prefill;
+      st.prefill = null;
+      openServiceForm(false);
+      const set = (id, v) => { $('#' + id).value = v; };
+      set('sf-name', p.name || '');
+      set('sf-command', p.command || '');
+      set('sf-args', (p.args || []).join('\n'));
+      set('sf-env', Object.entries(p.env || {}).map(([k, v]) => k + '=' + v).join('\n'));
+      set('sf-dir', p.working_dir || '');
+      set('sf-restart', p.restart || 'on-failure');
+      set('sf-max', p.max_restarts);
+      set('sf-window', p.restart_window_s);
+      set('sf-backoff', p.backoff_ms);
+      setText($('#sf-title'), 'New version of ' + p.name);
+      $('#sf-command').focus();
+    }
+    startPolling(pollServices);
+  }
+
+  function serviceForm() {
+    const field = (id, label, input, hint, wide) => h('div', { class: wide ? 'field wide' : 'field' },
+      h('label', { for: id, text: label }), attrs(input, { id, 'aria-describedby': hint ? id + '-hint' : null }),
+      hint ? h('span', { class: 'muted small', id: id + '-hint', text: hint }) : null);
+    const num = (value, max) => h('input', { type: 'number', min: 0, max, step: 1, value, inputmode: 'numeric' });
+    return h('form', { class: 'panel svc-form', id: 'svc-form', hidden: true, novalidate: true, onsubmit: createService },
+      h('h2', { id: 'sf-title', text: 'New service' }),
+      h('p', { class: 'muted small', text: 'A process the workers run and supervise. Storing a spec under an existing name creates its next version; deploy it from the service page.' }),
+      h('div', { class: 'form-grid' },
+        field('sf-name', 'Name', h('input', { maxlength: 32, autocomplete: 'off', spellcheck: 'false' }), 'a-z, 0-9 and -, up to 32'),
+        field('sf-command', 'Command', h('input', { maxlength: 128, autocomplete: 'off', spellcheck: 'false', class: 'mono' }), 'executable name or path'),
+        field('sf-args', 'Arguments', h('textarea', { rows: 3, spellcheck: 'false', class: 'mono' }), 'one per line (a single line is split at spaces)'),
+        field('sf-env', 'Environment', h('textarea', { rows: 3, spellcheck: 'false', class: 'mono', placeholder: 'KEY=value' }), 'KEY=value, one per line'),
+        field('sf-dir', 'Working directory', h('input', { maxlength: 128, autocomplete: 'off', spellcheck: 'false', class: 'mono' }), 'empty: the service\'s own directory'),
+        field('sf-restart', 'Restart policy', h('select', {},
+          [['on-failure', 'on failure'], ['always', 'always'], ['never', 'never']].map(([v, t]) => h('option', { value: v, text: t })))),
+        field('sf-max', 'Max restarts', num(5, 65535), 'within the window, then failed'),
+        field('sf-window', 'Restart window (s)', num(60, U32)),
+        field('sf-backoff', 'First backoff (ms)', num(1000, U32))),
+      h('p', { class: 'error', id: 'sf-error', role: 'alert' }),
+      h('div', { class: 'row' }, h('button', { type: 'submit', class: 'primary', text: 'Create service' }),
+        h('button', { type: 'button', text: 'Cancel', onclick: closeServiceForm })));
+  }
+  function openServiceForm(focus) {
+    $('#svc-form').hidden = false;
+    $('#new-service').setAttribute('aria-expanded', 'true');
+    if (focus) $('#sf-name').focus();
+  }
+  function closeServiceForm() {
+    $('#svc-form').reset();
+    $('#svc-form').hidden = true;
+    setText($('#sf-error'), '');
+    setText($('#sf-title'), 'New service');
+    $('#new-service').setAttribute('aria-expanded', 'false');
+    $('#new-service').focus();
+  }
+
+  async function createService(ev) {
+    ev.preventDefault();
+    const err = $('#sf-error'), val = (id) => $('#' + id).value;
+    setText(err, '');
+    const fail = (id, msg) => { setText(err, msg); $('#' + id).focus(); return null; };
+    const num = (id, what, max) => {
+      const t = val(id).trim(), n = Number(t);
+      return t !== '' && Number.isInteger(n) && n >= 0 && n <= max ? n : fail(id, `${what} must be a whole number from 0 to ${max}.`);
+    };
+    const name = val('sf-name').trim(), command = val('sf-command').trim();
+    if (!NAME_RE.test(name)) return fail('sf-name', 'Name: 1 to 32 characters of a-z, 0-9 and -.');
+    if (!command) return fail('sf-command', 'Enter the command to run.');
+    const at = val('sf-args');
+    const args = /\n/.test(at.trim()) ? at.split('\n').map((a) => a.trim()).filter(Boolean) : at.split(/\s+/).filter(Boolean);
+    const env = {};
+    const lines = val('sf-env').split('\n').map((l) => l.trim());
+    for (let i = 0; i < lines.length; i++) {
+      if (!lines[i]) continue;
+      const eq = lines[i].indexOf('=');
+      if (eq < 1) return fail('sf-env', `Environment line ${i + 1} is not KEY=value: ${lines[i]}`);
+      env[lines[i].slice(0, eq)] = lines[i].slice(eq + 1);
+    }
+    const max = num('sf-max', 'Max restarts', 65535);
+    if (max === null) return;
+    const win = num('sf-window', 'The restart window', U32);
+    if (win === null) return;
+    const backoff = num('sf-backoff', 'The backoff', U32);
+    if (backoff === null) return;
+    const btn = $('#svc-form button[type=submit]');
+    btn.disabled = true;
+    try {
+      const r = await api('POST', '/services', {
+        name, command, args, env, working_dir: val('sf-dir').trim(), restart: val('sf-restart'),
+        max_restarts: max, restart_window_s: win, backoff_ms: backoff,
+      });
+      toast(`Stored ${r.name} version ${r.version}`);
+      location.hash = '#/services/' + enc(r.name);
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText(err, 'Not stored: ' + e.message);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  // The services list plus one detail per service (desired vs actual) and the fleet (hostnames).
+  async function pollServices() {
+    const s = st.svcList;
+    const [list, fleet] = await Promise.all([api('GET', '/services'), api('GET', '/workers')]);
+    const details = await Promise.all((list.services || []).map((x) => api('GET', '/services/' + enc(x.name)).catch((e) => {
+      if (e instanceof AuthError) throw e;
+      return { name: x.name, deployment: x.deployment, versions: [], workers: [], error: e.message };
+    })));
+    if (st.svcList !== s) return;
+    const hosts = new Map((fleet.workers || []).map((w) => [w.id, w.hostname]));
+    const ul = $('#services-list'), seen = new Set();
+    for (const [i, d] of details.entries()) {
+      seen.add(d.name);
+      let card = s.cards.get(d.name);
+      if (!card) {
+        card = h('li', { class: 'card', 'data-service': d.name },
+          h('div', { class: 'card-head' }, h('a', { class: 'name', href: '#/services/' + enc(d.name), text: d.name }),
+            h('span', { class: 'badge', 'data-f': 'sync' })),
+          h('dl', { class: 'kv small' }));
+        s.cards.set(d.name, card);
+      }
+      place(ul, card, i);
+      const sum = svcSummary(d), spec = latestSpec(d);
+      const b = $('[data-f=sync]', card);
+      b.className = 'badge ' + sum.cls;
+      setText(b, sum.label);
+      card.dataset.sync = sum.cls;
+      const rows = [
+        ['Version', spec ? `v${spec.version}` + (d.deployment && d.deployment.version !== spec.version ? ` (v${d.deployment.version} deployed)` : '') : dash],
+        ['Kind', 'process'],
+        ['Command', spec ? cmdLine(spec.spec) : d.error, 'mono'],
+        ['Placement', placement(d.deployment, hosts)],
+        ['Status', sum.text || dash],
+      ];
+      const key = JSON.stringify(rows);
+      const dl = $('dl', card);
+      if (dl.dataset.key !== key) {
+        dl.dataset.key = key;
+        dl.replaceChildren(...kv(rows));
+      }
+    }
+    for (const [name, card] of s.cards) {
+      if (!seen.has(name)) { card.remove(); s.cards.delete(name); }
+    }
+    setText($('#svc-count'), `${details.length} service${details.length === 1 ? '' : 's'}`);
+    const empty = $('#svc-empty');
+    empty.hidden = details.length > 0;
+    setText(empty, 'No services yet. Create one with New service.');
+    ul.dataset.loaded = '1';
+  }
+
+  // ---------- one service ----------
+  function serviceView(view, name) {
+    const s = { name, rows: new Map(), dirty: false, fleetKey: null, data: null, busy: new Set() };
+    st.svc = s;
+    const sel = (id, opts) => h('select', { id }, opts.map(([v, t]) => h('option', { value: v, text: t })));
+    add(view, [
+      h('p', { class: 'crumbs' }, h('a', { href: '#/services', text: '← Services' })),
+      h('div', { class: 'title' }, h('h1', { id: 's-name', text: name }), h('span', { class: 'badge', id: 's-badge' }),
+        h('span', { class: 'muted small', id: 's-count' })),
+      h('p', { class: 'meta', id: 's-meta' }),
+      h('p', { class: 'error', id: 's-error', role: 'alert' }),
+      h('section', { class: 'panel', 'aria-labelledby': 'sw-h' },
+        h('h2', { id: 'sw-h', text: 'Workers' }),
+        h('table', { class: 'svc-table', id: 's-workers' },
+          h('thead', {}, h('tr', {}, ['Worker', 'Desired', 'State', 'Version', 'PID', 'Restarts', 'Last exit', 'Detail', 'Actions']
+            .map((t) => h('th', { text: t })))),
+          h('tbody', { id: 's-rows' })),
+        h('p', { class: 'muted small', id: 's-rows-empty' }),
+        h('p', { class: 'muted small', id: 's-op', role: 'status' })),
+      h('div', { class: 'cols' },
+        h('section', { class: 'panel', 'aria-labelledby': 'dep-h' },
+          h('h2', { id: 'dep-h', text: 'Deployment' }),
+          h('dl', { class: 'kv', id: 's-dep' }),
+          h('form', { id: 'deploy-form', novalidate: true, onsubmit: deploy, oninput: () => { s.dirty = true; }, onchange: () => { s.dirty = true; } },
+            h('fieldset', { class: 'checks', id: 'deploy-workers' }, h('legend', { text: 'Workers' })),
+            h('div', { class: 'row' },
+              h('div', { class: 'field wide' }, h('label', { for: 'deploy-labels', text: 'Labels (every worker with all of them)' }),
+                h('input', { id: 'deploy-labels', autocomplete: 'off', spellcheck: 'false', placeholder: 'role=sensor site=shop', 'aria-describedby': 'deploy-labels-hint' }),
+                h('span', { class: 'muted small', id: 'deploy-labels-hint', text: 'key=value, separated by spaces or commas' }))),
+            h('div', { class: 'row' },
+              h('div', { class: 'field' }, h('label', { for: 'deploy-version', text: 'Version' }), sel('deploy-version', [])),
+              h('div', { class: 'field' }, h('label', { for: 'deploy-state', text: 'Desired state' }),
+                sel('deploy-state', [['running', 'running'], ['stopped', 'stopped']]))),
+            h('div', { class: 'row' },
+              h('button', { type: 'submit', class: 'primary', id: 'deploy', text: 'Deploy' }),
+              h('button', { type: 'button', class: 'danger', id: 'undeploy', 'aria-expanded': 'false', hidden: true, text: 'Undeploy…', onclick: askUndeploy })),
+            h('div', { class: 'notice', id: 'undeploy-box', hidden: true },
+              h('p', { id: 'undeploy-text' }),
+              h('div', { class: 'row' },
+                h('button', { type: 'button', class: 'primary', id: 'undeploy-confirm', text: 'Undeploy now', onclick: undeploy }),
+                h('button', { type: 'button', id: 'undeploy-cancel', text: 'Cancel', onclick: cancelUndeploy }))),
+            h('p', { class: 'error', id: 'deploy-error', role: 'alert' }))),
+        h('section', { class: 'panel', 'aria-labelledby': 'spec-h' },
+          h('h2', { id: 'spec-h', text: 'Spec' }),
+          h('dl', { class: 'kv', id: 's-spec' }),
+          h('div', { class: 'row' }, h('button', { type: 'button', id: 'new-version', text: 'New version…', onclick: newVersion })))),
+    ]);
+    document.title = name + ' · aerekos';
+    focusHeading(view);
+    startPolling(pollService);
+  }
+
+  async function pollService() {
+    const s = st.svc;
+    if (!s) return;
+    let d;
+    try {
+      d = await api('GET', '/services/' + enc(s.name));
+    } catch (e) {
+      if (e.status !== 404 || st.svc !== s) throw e;
+      stopPolling();
+      $('#view').replaceChildren(h('p', { class: 'crumbs' }, h('a', { href: '#/services', text: '← Services' })),
+        h('h1', { text: 'Service not found' }), h('p', { class: 'muted', text: `No service is named ${s.name}.` }));
+      return;
+    }
+    const fleet = await api('GET', '/workers');
+    if (st.svc !== s) return;
+    s.data = d;
+    renderService(s, d, fleet.workers || []);
+  }
+
+  function renderService(s, d, fleet) {
+    const hosts = new Map(fleet.map((w) => [w.id, w.hostname]));
+    const dep = d.deployment, sum = svcSummary(d), latest = latestSpec(d);
+    const b = $('#s-badge');
+    b.className = 'badge ' + sum.cls;
+    setText(b, sum.label);
+    setText($('#s-count'), sum.text);
+    setText($('#s-meta'), `process · ${d.versions.length} version${d.versions.length === 1 ? '' : 's'} · ${placement(dep, hosts)}`);
+
+    // Per-worker rows, keyed by worker id (kept across polls so focus stays on a button).
+    const tbody = $('#s-rows'), seen = new Set();
+    const rows = (d.workers || []).concat((d.untargeted || []).map((u) => ({ worker_id: u.worker_id, actual: u.actual, untargeted: true })));
+    for (const [i, r] of rows.entries()) {
+      const id = r.worker_id, host = r.hostname || hosts.get(id) || id;
+      seen.add(id);
+      let tr = s.rows.get(id);
+      if (!tr) {
+        const td = (col, label, ...kids) => h('td', { 'data-col': col, 'data-label': label }, ...kids);
+        tr = h('tr', { 'data-worker': id },
+          td('worker', 'Worker', h('a', { href: '#/workers/' + enc(id) })), td('desired', 'Desired'),
+          td('state', 'State', h('span', { class: 'badge' })), td('version', 'Version'), td('pid', 'PID'),
+          td('restarts', 'Restarts'), td('exit', 'Last exit'), td('detail', 'Detail'),
+          td('actions', 'Actions', h('div', { class: 'btns' }, Object.entries(OPS).map(([op, t]) =>
+            h('button', { type: 'button', 'data-op': op, text: t, onclick: () => workerOp(id, op) })))));
+        s.rows.set(id, tr);
+      }
+      place(tbody, tr, i);
+      const a = r.actual, cell = (c) => $(`[data-col=${c}]`, tr);
+      setText($('a', cell('worker')), host);
+      setText(cell('desired'), r.untargeted ? 'remove' : `${r.desired_state} v${r.desired_version}` + (r.worker_status && r.worker_status !== 'online' ? ` (worker ${r.worker_status})` : ''));
+      stateBadge($('.badge', cell('state')), a);
+      setText(cell('version'), a ? 'v' + a.version : dash);
+      setText(cell('pid'), a && a.pid ? String(a.pid) : dash);
+      setText(cell('restarts'), a ? String(a.restarts) : dash);
+      setText(cell('exit'), a && ok(a.exit_code) ? String(a.exit_code) : dash);
+      setText(cell('detail'), (a && a.detail) || dash);
+      tr.dataset.state = a ? a.state : '';
+      cell('actions').hidden = !!r.untargeted;
+      for (const btn of tr.querySelectorAll('button[data-op]')) {
+        btn.setAttribute('aria-label', `${OPS[btn.dataset.op]} ${s.name} on ${host}`);
+      }
+    }
+    for (const [id, tr] of s.rows) {
+      if (!seen.has(id)) { tr.remove(); s.rows.delete(id); }
+    }
+    $('#s-workers').hidden = !rows.length;
+    setText($('#s-rows-empty'), rows.length ? '' : dep ? 'No worker matches the placement.' : 'Not deployed: choose workers or labels below.');
+
+    // Deployment summary and form.
+    $('#s-dep').replaceChildren(...kv(dep ? [
+      ['Version', 'v' + dep.version], ['Desired', dep.desired_state],
+      ['Workers', (dep.workers || []).map((id) => hosts.get(id) || id).join(', ')],
+      ['Labels', Object.entries(dep.labels || {}).map(([k, v]) => k + '=' + v).join(' ')],
+      ['Changed', fmt.time(dep.updated_ms)],
+    ] : [['State', 'not deployed']]));
+    $('#undeploy').hidden = !dep;
+    if (!dep) $('#undeploy-box').hidden = true;
+    const boxes = $('#deploy-workers');
+    const avail = fleet.filter((w) => !w.revoked || (dep && dep.workers.includes(w.id)));
+    const fkey = avail.map((w) => w.id + ' ' + w.hostname).join('\n');
+    if (fkey !== s.fleetKey) {
+      s.fleetKey = fkey;
+      const checked = new Set([...boxes.querySelectorAll('input:checked')].map((i) => i.value));
+      boxes.replaceChildren(h('legend', { text: 'Workers' }), ...(avail.length ? avail.map((w) =>
+        h('label', { class: 'check' }, h('input', { type: 'checkbox', name: 'deploy-worker', value: w.id, checked: checked.has(w.id) }),
+          h('span', { text: w.hostname }), h('span', { class: 'badge', 'data-w': w.id }))) :
+        [h('span', { class: 'muted small', text: 'No workers enrolled.' })]));
+    }
+    for (const w of avail) {
+      const el = boxes.querySelector(`[data-w="${CSS.escape(w.id)}"]`);
+      if (el) setBadge(el, w);
+    }
+    const vsel = $('#deploy-version');
+    const vkey = d.versions.map((v) => v.version).join();
+    if (vsel.dataset.key !== vkey) {
+      vsel.dataset.key = vkey;
+      const keep = vsel.value;
+      vsel.replaceChildren(...d.versions.slice().reverse().map((v, i) =>
+        h('option', { value: v.version, text: `v${v.version}` + (i ? '' : ' (latest)') })));
+      if (keep && s.dirty) vsel.value = keep;
+    }
+    if (!s.dirty) {
+      for (const i of boxes.querySelectorAll('input')) i.checked = !!dep && dep.workers.includes(i.value);
+      $('#deploy-labels').value = dep ? Object.entries(dep.labels || {}).map(([k, v]) => k + '=' + v).join(' ') : '';
+      vsel.value = String(dep ? dep.version : latest ? latest.version : '');
+      $('#deploy-state').value = dep ? dep.desired_state : 'running';
+    }
+
+    // Spec (the latest version).
+    if (latest) {
+      const sp = latest.spec || {};
+      const skey = latest.version + ':' + (dep ? dep.version : '');
+      if ($('#s-spec').dataset.key !== skey) {
+        $('#s-spec').dataset.key = skey;
+        $('#s-spec').replaceChildren(...kv([
+          ['Version', `v${latest.version} (latest)` + (dep && dep.version !== latest.version ? ` · v${dep.version} deployed` : '')],
+          ['Kind', 'process'], ['Command', sp.command, 'mono'],
+          ['Arguments', (sp.args || []).map(quote).join(' '), 'mono'],
+          ['Environment', Object.entries(sp.env || {}).map(([k, v]) => k + '=' + v).join(' '), 'mono'],
+          ['Working dir', sp.working_dir || 'the service\'s own directory'],
+          ['Restart', `${sp.restart}, at most ${sp.max_restarts} in ${sp.restart_window_s} s`],
+          ['Backoff', `${sp.backoff_ms} ms, doubling`],
+          ['Created', fmt.time(latest.created_ms)],
+        ]));
+      }
+    }
+  }
+
+  async function workerOp(id, op) {
+    const s = st.svc;
+    if (!s || s.busy.has(id)) return;
+    const tr = s.rows.get(id), host = tr ? $('[data-col=worker] a', tr).textContent : id;
+    s.busy.add(id);
+    if (tr) tr.setAttribute('aria-busy', 'true');
+    setText($('#s-error'), '');
+    setText($('#s-op'), `${OPS[op]} ${s.name} on ${host}: waiting for the worker…`);
+    try {
+      const r = await api('POST', `/workers/${enc(id)}/services/${enc(s.name)}/${op}`, {});
+      if (st.svc !== s) return;
+      const msg = `${OPS[op]} ${s.name} on ${host}: ${r.status}${r.detail ? ' (' + r.detail + ')' : ''}`;
+      if (r.status === 'ok') setText($('#s-op'), msg + `, ${r.round_trip_ms} ms`);
+      else { setText($('#s-op'), ''); setText($('#s-error'), msg); }
+    } catch (e) {
+      if (st.svc !== s || e instanceof AuthError) return;
+      setText($('#s-op'), '');
+      setText($('#s-error'), `${OPS[op]} ${s.name} on ${host} failed: ${e.message}`);
+    } finally {
+      s.busy.delete(id);
+      if (tr) tr.removeAttribute('aria-busy');
+    }
+    if (st.svc === s) startPolling(pollService);
+  }
+
+  async function deploy(ev) {
+    ev.preventDefault();
+    const s = st.svc, err = $('#deploy-error');
+    if (!s) return;
+    setText(err, '');
+    const workers = [...document.querySelectorAll('input[name=deploy-worker]:checked')].map((i) => i.value);
+    const labels = {};
+    for (const t of $('#deploy-labels').value.split(/[\s,]+/).filter(Boolean)) {
+      const eq = t.indexOf('=');
+      if (eq < 1) { setText(err, `Label "${t}" is not key=value.`); $('#deploy-labels').focus(); return; }
+      labels[t.slice(0, eq)] = t.slice(eq + 1);
+    }
+    if (!workers.length && !Object.keys(labels).length) {
+      setText(err, 'Choose at least one worker or enter a label.');
+      const first = $('input[name=deploy-worker]');
+      (first || $('#deploy-labels')).focus();
+      return;
+    }
+    const body = { workers, labels, desired_state: $('#deploy-state').value };
+    if ($('#deploy-version').value) body.version = Number($('#deploy-version').value);
+    const btn = $('#deploy');
+    btn.disabled = true;
+    try {
+      const r = await api('PUT', `/services/${enc(s.name)}/deployment`, body);
+      if (st.svc !== s) return;
+      s.dirty = false;
+      const n = (r.targets || []).length;
+      toast(`${s.name} v${r.deployment.version} deployed to ${n} worker${n === 1 ? '' : 's'}`);
+      startPolling(pollService);
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText(err, 'Not deployed: ' + e.message);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+  function askUndeploy() {
+    const s = st.svc;
+    const n = s && s.data ? (s.data.workers || []).length : 0;
+    setText($('#undeploy-text'), `Stop ${s.name} and remove it from ${n} worker${n === 1 ? '' : 's'}? The spec is kept.`);
+    $('#undeploy-box').hidden = false;
+    $('#undeploy').setAttribute('aria-expanded', 'true');
+    $('#undeploy-confirm').focus();
+  }
+  function cancelUndeploy() {
+    $('#undeploy-box').hidden = true;
+    $('#undeploy').setAttribute('aria-expanded', 'false');
+    $('#undeploy').focus();
+  }
+  async function undeploy() {
+    const s = st.svc;
+    if (!s) return;
+    setText($('#deploy-error'), '');
+    $('#undeploy-confirm').disabled = true;
+    try {
+      const r = await api('DELETE', `/services/${enc(s.name)}/deployment`);
+      if (st.svc !== s) return;
+      s.dirty = false;
+      $('#undeploy-box').hidden = true;
+      $('#undeploy').setAttribute('aria-expanded', 'false');
+      const n = (r.removing_from || []).length;
+      toast(`${s.name} undeployed; removing it from ${n} worker${n === 1 ? '' : 's'}`);
+      $('#deploy').focus();
+      startPolling(pollService);
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText($('#deploy-error'), 'Not undeployed: ' + e.message);
+    } finally {
+      $('#undeploy-confirm').disabled = false;
+    }
+  }
+  function newVersion() {
+    const s = st.svc, latest = s && s.data ? latestSpec(s.data) : null;
+    if (!latest) return;
+    st.prefill = Object.assign({ name: s.name }, latest.spec);
+    location.hash = '#/services';
+  }
+
+  // The Services section of a worker page.
+  function renderWorkerServices(w, list) {
+    const key = JSON.stringify(list);
+    if (w.servicesKey === key) return;
+    w.servicesKey = key;
+    $('#w-svc-rows').replaceChildren(...list.map((x) => {
+      const a = x.actual, d = x.desired, td = (label, ...kids) => h('td', { 'data-label': label }, ...kids);
+      const badge = h('span', {});
+      stateBadge(badge, a);
+      return h('tr', { 'data-service': x.name },
+        td('Service', h('a', { href: '#/services/' + enc(x.name), text: x.name })),
+        td('Desired', d ? `${d.state} v${d.version}` : 'remove'),
+        td('Actual', badge, a ? ' v' + a.version : '', x.in_sync ? '' : h('span', { class: 'muted small nowrap', text: ' out of sync' })),
+        td('PID', a && a.pid ? String(a.pid) : dash),
+        td('Restarts', a ? String(a.restarts) : dash));
+    }));
+    $('#w-services').hidden = !list.length;
+    setText($('#w-svc-empty'), list.length ? '' : 'No services on this worker.');
   }
 
   // ---------- settings ----------

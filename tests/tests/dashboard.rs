@@ -2,8 +2,11 @@
 //! driven over the W3C WebDriver protocol (chromedriver) with a small client
 //! below: log in through the form, watch two live workers, a worker page's
 //! charts update, rotate the registration token in Settings and enrol with
-//! it, create and delete an API token, change the password, log out. Browser
-//! console errors fail the test. Screenshots land in `target/screenshots/`.
+//! it, create and delete an API token, change the password, log out; then
+//! create a process service in the Services form, deploy it to a live
+//! worker, stop and start it there, see it on the worker page and undeploy
+//! it. Browser console errors fail the test (except the one failed request
+//! the test provokes on purpose). Screenshots land in `target/screenshots/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them);
 //! without them the test fails with the install hint.
@@ -139,6 +142,12 @@ impl Browser {
         self.cmd("POST", &format!("/element/{}/click", el.0), Some(json!({})));
     }
 
+    /// Empties an input or textarea.
+    fn clear(&self, css: &str) {
+        let el = self.find(css);
+        self.cmd("POST", &format!("/element/{}/clear", el.0), Some(json!({})));
+    }
+
     /// Types `text` into the element (real key events).
     fn type_into(&self, css: &str, text: &str) {
         let el = self.find(css);
@@ -223,6 +232,22 @@ impl Browser {
         if let Some(entries) = v["value"].as_array() {
             self.console.extend(entries.iter().cloned());
         }
+    }
+
+    /// Drops the console errors Chromium logs for an HTTP error response
+    /// (`Failed to load resource: … status of 400`) from a request whose URL
+    /// contains `url_part`: the test provoked them on purpose. How many.
+    fn forgive_failed_load(&mut self, url_part: &str, status: u16) -> usize {
+        self.fetch_console();
+        let before = self.console.len();
+        let expected = |e: &Value| {
+            let msg = e["message"].as_str().unwrap_or_default();
+            e["level"] == "SEVERE"
+                && msg.contains(url_part)
+                && msg.contains(&format!("status of {status}"))
+        };
+        self.console.retain(|e| !expected(e));
+        before - self.console.len()
     }
 
     /// Console entries at level SEVERE (errors, CSP violations, failed loads).
@@ -315,6 +340,29 @@ fn conductor_with_current_assets() {
     }
 }
 
+/// Kills, on drop, every process whose working directory is under the
+/// path: the service a worker started outlives the worker (by design), so a
+/// failed run would otherwise leave `sleep 600` behind.
+struct KillStrays(PathBuf);
+
+impl Drop for KillStrays {
+    fn drop(&mut self) {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in procs.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let under =
+                std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&self.0));
+            if under && pid != std::process::id() {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
 fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> String {
     resp.headers()
         .get(name)
@@ -328,7 +376,9 @@ fn dashboard_in_a_real_browser() {
     let started = Instant::now();
     conductor_with_current_assets();
     let dir = tempfile::tempdir().unwrap();
-    let c = Conductor::start(&dir.path().join("conductor"));
+    // Dropped after the workers and before the directory.
+    let _strays = KillStrays(dir.path().to_path_buf());
+    let mut c = Conductor::start(&dir.path().join("conductor"));
     let old_token = c.registration_token();
     let mut workers: Vec<Worker> = ["pi-alpha", "pi-beta"]
         .iter()
@@ -615,6 +665,201 @@ fn dashboard_in_a_real_browser() {
         "the login form after a reload",
         SECS(10),
         "!document.querySelector('#login-view').hidden && document.querySelector('#view').hidden",
+    );
+
+    // Services: sign in again, create a process service through the form.
+    b.type_into("#login-pass", new_password);
+    b.click("#login-form button[type=submit]");
+    b.wait(
+        "signed in again",
+        SECS(10),
+        "!document.querySelector('#view').hidden",
+    );
+    // The password change ended the harness's API session too.
+    let (status, body) = c.post(
+        "/api/v1/login",
+        &json!({"username": "admin", "password": new_password}),
+    );
+    assert_eq!(status, 200, "{body}");
+    c.admin = body["token"].as_str().unwrap().to_string();
+    b.click("[data-nav=services]");
+    b.wait(
+        "the services page",
+        SECS(10),
+        "(document.querySelector('#services-list') || {dataset: {}}).dataset.loaded === '1'",
+    );
+    assert!(b.text("#svc-empty").contains("No services"));
+    b.click("#new-service");
+    assert_eq!(b.js("return document.activeElement.id"), json!("sf-name"));
+    b.type_into("#sf-name", "ui-sleep");
+    b.type_into("#sf-command", "sleep");
+    // An argument over the protocol's 64 bytes: the API's refusal is shown in the page.
+    b.type_into("#sf-args", &"6".repeat(65));
+    b.click("#svc-form button[type=submit]");
+    b.wait(
+        "the API error shown in the form",
+        SECS(10),
+        "document.querySelector('#sf-error').textContent.includes('args[0] is over 64 bytes')",
+    );
+    b.screenshot("service-form");
+    std::thread::sleep(Duration::from_millis(300)); // let the failed load reach the log
+    assert_eq!(b.forgive_failed_load("/api/v1/services ", 400), 1);
+    b.clear("#sf-args");
+    b.type_into("#sf-args", "600");
+    b.type_into("#sf-env", "GREETING=hello\nMODE=ui");
+    b.click("#svc-form button[type=submit]");
+    b.wait(
+        "the new service's page with the fleet to choose from",
+        SECS(10),
+        "location.hash === '#/services/ui-sleep' && document.querySelectorAll('input[name=deploy-worker]').length === 3",
+    );
+    let (status, body) = c.get("/api/v1/services/ui-sleep");
+    assert_eq!(status, 200, "{body}");
+    let spec = &body["versions"][0]["spec"];
+    assert_eq!(spec["command"], "sleep");
+    assert_eq!(spec["args"], json!(["600"]));
+    assert_eq!(spec["env"], json!({"GREETING": "hello", "MODE": "ui"}));
+    assert!(b.text("#s-rows-empty").contains("Not deployed"));
+
+    // Deploy it to pi-alpha with the form; the page shows it running there.
+    let row = format!("tr[data-worker='{}']", ids[0]);
+    let state_is = |state: &str| {
+        format!(
+            "((document.querySelector(\"{row} [data-col=state]\") || {{}}).textContent || '') === '{state}'"
+        )
+    };
+    b.click(&format!("input[name=deploy-worker][value='{}']", ids[0]));
+    b.click("#deploy");
+    let t0 = Instant::now();
+    b.wait(
+        "ui-sleep running on pi-alpha",
+        SECS(20),
+        &state_is("running"),
+    );
+    println!("deployed and running after {:?}", t0.elapsed());
+    b.wait(
+        "in sync, 1/1 running",
+        SECS(5),
+        "document.querySelector('#s-badge').textContent === 'in sync' && document.querySelector('#s-count').textContent === '1/1 running'",
+    );
+    let pid = b.text(&format!("{row} [data-col=pid]"));
+    assert!(pid.parse::<u32>().is_ok(), "pid shown: {pid:?}");
+    assert!(b
+        .text(&format!("{row} [data-col=worker]"))
+        .contains("pi-alpha"));
+
+    // Stop it there, then start it again from the keyboard (Enter on the button).
+    b.click(&format!("{row} button[data-op=stop]"));
+    b.wait("ui-sleep stopped", SECS(10), &state_is("stopped"));
+    assert!(b.text("#s-op").contains("Stop ui-sleep on pi-alpha: ok"));
+    b.wait(
+        "out of sync while stopped against a running deployment",
+        SECS(5),
+        "document.querySelector('#s-badge').textContent === 'out of sync'",
+    );
+    b.type_into(&format!("{row} button[data-op=start]"), "\u{E007}");
+    b.wait("ui-sleep running again", SECS(10), &state_is("running"));
+    b.wait(
+        "in sync again",
+        SECS(5),
+        "document.querySelector('#s-badge').textContent === 'in sync'",
+    );
+    assert_eq!(
+        b.js("return document.activeElement.dataset.op || ''"),
+        json!("start"),
+        "focus stays on the button across refreshes"
+    );
+    b.js("window.scrollTo(0, 0); return true");
+    b.screenshot("service");
+
+    // The list: placement and desired vs actual.
+    b.click("[data-nav=services]");
+    b.wait(
+        "the service card",
+        SECS(10),
+        "(document.querySelector('[data-service=ui-sleep] [data-f=sync]') || {}).textContent === 'in sync'",
+    );
+    let card = b.text("[data-service=ui-sleep]");
+    for want in [
+        "v1",
+        "process",
+        "sleep 600",
+        "workers pi-alpha",
+        "1/1 running",
+    ] {
+        assert!(card.contains(want), "{want:?} not in the card: {card}");
+    }
+    b.screenshot("services");
+
+    // The worker page lists it.
+    b.goto(&format!("{}/#/workers/{}", c.url(), ids[0]));
+    b.wait(
+        "the worker's services",
+        SECS(10),
+        "!!document.querySelector('#w-svc-rows [data-service=ui-sleep] .badge.running')",
+    );
+    b.js("document.querySelector('#w-services').scrollIntoView(); return true");
+    b.screenshot("worker-services");
+
+    // Phone width: the list and the service page without horizontal scrolling.
+    b.set_window(390, 844);
+    for (hash, ready, shot) in [
+        (
+            "#/services",
+            "(document.querySelector('[data-service=ui-sleep] [data-f=sync]') || {}).textContent === 'in sync'",
+            "services-phone",
+        ),
+        ("#/services/ui-sleep", &*state_is("running"), "service-phone"),
+    ] {
+        b.goto(&format!("{}/{hash}", c.url()));
+        b.wait(
+            &format!("{hash} at phone width"),
+            SECS(10),
+            &format!("window.innerWidth <= 420 && {ready}"),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
+        assert!(
+            overflow.as_i64().unwrap() <= 0,
+            "horizontal overflow of {hash} at phone width: {overflow}px"
+        );
+        b.screenshot(shot);
+    }
+    b.set_window(1280, 900);
+
+    // Undeploy through the UI: gone from the worker per the JSON API.
+    b.click("#undeploy");
+    b.click("#undeploy-confirm");
+    b.wait(
+        "the page shows it undeployed",
+        SECS(20),
+        &format!(
+            "!document.querySelector(\"{row}\") && document.querySelector('#s-rows-empty').textContent.includes('Not deployed')"
+        ),
+    );
+    wait_for("ui-sleep gone from pi-alpha", SECS(20), || {
+        let (status, body) = c.get(&format!("/api/v1/workers/{}/services", ids[0]));
+        assert_eq!(status, 200, "{body}");
+        let names: Vec<&str> = body["services"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        (!names.contains(&"ui-sleep")).then_some(())
+    });
+    let (_, body) = c.get("/api/v1/services/ui-sleep");
+    assert!(body["deployment"].is_null(), "{body}");
+
+    // "New version…" opens the form filled in with the current spec.
+    b.click("#new-version");
+    b.wait(
+        "the form prefilled for a new version",
+        SECS(10),
+        "!document.querySelector('#svc-form').hidden && document.querySelector('#sf-name').value === 'ui-sleep'",
+    );
+    assert_eq!(
+        b.js("return ['sf-command', 'sf-args', 'sf-env'].map(id => document.getElementById(id).value)"),
+        json!(["sleep", "600", "GREETING=hello\nMODE=ui"])
     );
 
     let errors = b.console_errors();
