@@ -64,6 +64,8 @@ pub struct Config {
     pub rate_limit_burst: u32,
     /// Enrol/login rate limit: seconds to refill one attempt.
     pub rate_limit_refill_s: u32,
+    /// Largest artifact `POST /api/v1/artifacts` accepts, bytes (413 beyond).
+    pub max_artifact_bytes: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -91,6 +93,7 @@ impl Default for Config {
             admin_password: None,
             rate_limit_burst: 10,
             rate_limit_refill_s: 6,
+            max_artifact_bytes: 256 << 20,
         }
     }
 }
@@ -257,6 +260,12 @@ impl Config {
         }
         if let Some(v) = get("AEREKOS_RATE_LIMIT_REFILL_S") {
             c.rate_limit_refill_s = num("AEREKOS_RATE_LIMIT_REFILL_S", v)?;
+        }
+        if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
+            c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {
+                name: "AEREKOS_MAX_ARTIFACT_BYTES".into(),
+                message: format!("not a number: {v:?}"),
+            })?;
         }
         let f = flags.clone();
         if let Some(v) = f.data_dir {

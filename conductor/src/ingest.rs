@@ -19,7 +19,12 @@
 //! Accepted `ServiceStatus` frames update [`crate::state::Shared::service_status`]
 //! and are persisted by the writer (`Removed` deletes the row); an accepted
 //! Birth clears the worker's reported services and wakes reconciliation
-//! (see [`crate::services`]).
+//! (see [`crate::services`]). A `failed`/`unhealthy` status, an error reply
+//! to a `DeployManifest` and `ArtifactRejected`/`HealthFailed` events are
+//! recorded as failures for rollouts. `LogChunk` frames are handed to the
+//! HTTP log relay waiting for their command id (dropped when none waits or
+//! it is full); `ServiceMetrics` update the latest values per worker and
+//! service (at most 64 keys each), kept in memory only.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
@@ -204,6 +209,21 @@ fn ingest_frame(
         }
         Body::Event(ev) => {
             info!(worker_id = %worker_id, kind = ?ev.kind, detail = %ev.detail, "worker event");
+            if matches!(
+                ev.kind,
+                protocol::EventKind::ArtifactRejected | protocol::EventKind::HealthFailed
+            ) {
+                if let Some((name, what)) = ev.detail.split_once(':') {
+                    crate::services::record_failure(
+                        shared,
+                        &worker_id,
+                        name.trim(),
+                        None,
+                        format!("{:?}:{what}", ev.kind),
+                    );
+                    reconcile_now = true;
+                }
+            }
             if w.events.len() >= EVENTS_KEPT {
                 w.events.pop_front();
             }
@@ -215,8 +235,11 @@ fn ingest_frame(
         Body::Reply(reply) => {
             debug!(worker_id = %worker_id, cmd_id = reply.cmd_id, status = ?reply.status, "command reply");
             let waiter = lock(&shared.pending).remove(&(worker_id.clone(), reply.cmd_id));
-            if let Some(tx) = waiter {
-                let _ = tx.send(reply);
+            match waiter {
+                Some(tx) => {
+                    let _ = tx.send(reply);
+                }
+                None => crate::services::deploy_reply(shared, &worker_id, &reply),
             }
         }
         // Unreachable: a Command on a worker topic fails the kind check above.
@@ -227,9 +250,32 @@ fn ingest_frame(
         }
         Body::LogChunk(chunk) => {
             debug!(worker_id = %worker_id, service = %chunk.name, index = chunk.index, "log chunk");
+            let key = (worker_id.clone(), chunk.cmd_id);
+            let mut streams = lock(&shared.log_streams);
+            if let Some(tx) = streams.get(&key) {
+                // Never block ingest: a relay that cannot keep up loses
+                // chunks (the reader marks the gap from the index).
+                if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = tx.try_send(chunk) {
+                    streams.remove(&key);
+                }
+            }
         }
         Body::ServiceMetrics(sm) => {
             debug!(worker_id = %worker_id, service = %sm.name, samples = sm.samples.len(), "service metrics");
+            let mut all = lock(&shared.service_metrics);
+            let entry = all
+                .entry(worker_id.clone())
+                .or_default()
+                .entry(sm.name.to_string())
+                .or_default();
+            entry.received_at_ms = received_at_ms;
+            for s in &sm.samples {
+                if entry.values.len() < crate::state::MAX_SERVICE_METRIC_KEYS
+                    || entry.values.contains_key(s.key.as_str())
+                {
+                    entry.values.insert(s.key.to_string(), s.value);
+                }
+            }
         }
     }
     let _ = shared.writer.send(WriteOp::Seen {

@@ -13,6 +13,7 @@
 //! `mqtt_addr`, `pid`) atomically once it is ready, and removes it on a
 //! clean shutdown.
 
+pub mod artifacts;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -21,7 +22,9 @@ pub mod http;
 pub mod ingest;
 pub mod liveness;
 pub mod mqtt;
+pub mod rollout;
 pub mod services;
+pub mod spec;
 pub mod state;
 pub mod store;
 
@@ -152,6 +155,13 @@ pub async fn run(
         }
     }
     info!(workers = workers.len(), "store loaded");
+    // A rollout in progress resumes: its current wave starts its clock again
+    // (the time the conductor was down counts neither for nor against it).
+    let resumed = store.restart_rollout_clocks(state::now_ms())?;
+    if resumed > 0 {
+        info!(rollouts = resumed, "resuming rollouts in progress");
+    }
+    artifacts::clean_temp(&data_dir);
     let mut service_status: HashMap<String, std::collections::BTreeMap<String, _>> = HashMap::new();
     for row in store.service_statuses()? {
         service_status
@@ -257,6 +267,11 @@ pub async fn run(
         service_status: Mutex::new(service_status),
         reconcile: tokio::sync::Notify::new(),
         reconcile_sent: Mutex::new(HashMap::new()),
+        manifests: Mutex::new(HashMap::new()),
+        service_failures: Mutex::new(HashMap::new()),
+        deploy_cmds: Mutex::new(HashMap::new()),
+        log_streams: Mutex::new(HashMap::new()),
+        service_metrics: Mutex::new(HashMap::new()),
     });
 
     let (client, eventloop) = mqtt::client(&mqtt_settings);

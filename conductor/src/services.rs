@@ -1,48 +1,62 @@
-//! Hosted process services: spec validation, placement and reconciliation.
+//! Hosted services: placement and reconciliation.
 //!
-//! A service spec is immutable once stored; every `POST /services` with the
-//! same name stores version previous + 1. A deployment (one per service
-//! name) says which version runs where: the named workers plus every
-//! non-revoked worker whose labels contain all of the deployment's labels
-//! (re-evaluated on every pass, so new enrolments and label changes are
-//! picked up). Workers report the actual state with `ServiceStatus` frames
-//! (see [`crate::ingest`]), kept in memory in [`Shared::service_status`] and
-//! persisted through the ingest writer.
+//! A service spec ([`crate::spec::SpecDoc`]) is immutable once stored;
+//! every `POST /services` with the same name stores version previous + 1.
+//! A deployment (one per service name) says which version runs where: the
+//! named workers plus every non-revoked worker whose labels contain all of
+//! the deployment's labels (re-evaluated on every pass, so new enrolments
+//! and label changes are picked up). Workers report the actual state with
+//! `ServiceStatus` frames (see [`crate::ingest`]), kept in memory in
+//! [`Shared::service_status`] and persisted through the ingest writer.
 //!
 //! [`run`] reconciles every [`RECONCILE_EVERY`] and whenever
-//! [`Shared::reconcile`] is notified (after an accepted Birth and after a
-//! deployment change). For each deployment and each **online** target
-//! worker whose reported version differs from the desired one (or that
-//! reports nothing) it sends `Deploy(spec)`; for each service an online
-//! worker reports that no deployment targets there it sends `Remove`.
-//! Commands are sealed with the worker's secret and published QoS 1 to its
-//! `cmd` topic without waiting for the reply; the same command to the same
-//! worker and service is repeated at most every [`RESEND_AFTER`] (the
-//! throttle for a worker is cleared when it sends a Birth).
+//! [`Shared::reconcile`] is notified (after an accepted Birth, a service
+//! status, and a deployment change). Each pass first advances rollouts
+//! ([`crate::rollout::evaluate`]). Then, for each deployment and each
+//! **online** target worker whose reported version differs from the
+//! worker's desired one ([`crate::rollout::desired_version`]: the
+//! deployment's version, or the per-worker target of a rollout in
+//! progress), or that reports nothing, it sends
+//! `DeployManifest{name, version, digest}`; the digest is the SHA-256 of
+//! [`Manifest::encode`](protocol::Manifest::encode) of that version, which
+//! the worker fetches from `GET /api/v1/agent/manifests/{name}/{version}`
+//! (encoding is deterministic; encoded manifests are cached per version).
+//! A worker whose effective desired state is `stopped` (a per-worker stop,
+//! persisted in `service_overrides`, or a deployment with desired state
+//! `stopped`) and that reports the right version in an active state
+//! (`starting`, `running`, `backoff`, `healthy`, `unhealthy`) is sent
+//! `Stop`. For each service an online worker reports that no deployment
+//! targets there it sends `Remove`. Commands are sealed with the worker's
+//! secret and published QoS 1 to its `cmd` topic without waiting for the
+//! reply; the same command to the same worker and service is repeated at
+//! most every [`RESEND_AFTER`] (the throttle for a worker is cleared when it
+//! sends a Birth). A reply with an error to a `DeployManifest` is recorded
+//! as a failure of that version (rollouts revert on it).
 //!
 //! A Birth starts a new session: the worker's reported services are
 //! forgotten, because the worker reports every service it has right after
 //! its Birth (a worker that lost its state is thus redeployed). Until those
-//! reports arrive the worker may be sent a `Deploy` it already has, which
-//! the worker treats as a no-op.
+//! reports arrive the worker may be sent a `DeployManifest` it already has,
+//! which the worker treats as a no-op.
 //!
-//! Limits: only the version is reconciled. The deployment's `desired` state
-//! (`running` | `stopped`, per deployment, not per worker) is reported and
-//! used for `in_sync`, but the per-worker start/stop/restart endpoints do not
-//! change it and reconciliation never starts or stops a service whose
-//! version is already right. Revoked workers are never sent anything.
+//! Limits: reconciliation never starts a stopped service (a service whose
+//! restart policy let it stop stays stopped; use the per-worker `start`).
+//! A version whose manifest cannot be built (its spec unreadable) is
+//! skipped with a warning. Revoked workers are never sent anything.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{Action, Body, Command, Envelope, RestartPolicy, ServiceSpec, ServiceState};
+use protocol::{Action, Body, Command, Envelope, ManifestRef, ServiceState};
 use rumqttc::{AsyncClient, QoS};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::state::{lock, now_ms, Shared, Status, WorkerEntry};
+use crate::rollout::{self, Policy, Rollout};
+pub use crate::spec::SpecDoc;
+use crate::spec::SpecError;
+use crate::state::{lock, now_ms, DeployCmd, FailMark, Intent, Shared, Status, WorkerEntry};
 use crate::store::{DeploymentRow, ServiceStatusRow, StoreError};
 
 /// Reconciliation period.
@@ -51,14 +65,10 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 pub const RESEND_AFTER: Duration = Duration::from_secs(5);
 /// Longest service name.
 pub const MAX_NAME_LEN: usize = 32;
-/// Longest command / working directory, bytes.
-pub const MAX_PATH_LEN: usize = 128;
-/// Longest argument, bytes.
-pub const MAX_ARG_LEN: usize = 64;
-/// Longest environment variable name, bytes.
-pub const MAX_ENV_NAME_LEN: usize = 32;
-/// Longest environment variable value, bytes.
-pub const MAX_ENV_VALUE_LEN: usize = 64;
+/// How long a `DeployManifest` waits for its reply to be matched.
+const DEPLOY_REPLY_WINDOW: Duration = Duration::from_secs(120);
+/// Most `DeployManifest` commands remembered for their replies.
+const MAX_DEPLOY_CMDS: usize = 4096;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +76,10 @@ pub enum ServiceError {
     /// A spec or deployment request breaks a limit.
     #[error("{0}")]
     Invalid(String),
+    /// The request conflicts with the current state (a rollout in progress,
+    /// an artifact in use).
+    #[error("{0}")]
+    Conflict(String),
     /// Database failure.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -84,143 +98,18 @@ pub enum ServiceError {
     Seal(String),
 }
 
-fn invalid(msg: impl Into<String>) -> ServiceError {
-    ServiceError::Invalid(msg.into())
-}
-
-fn default_restart() -> String {
-    "on-failure".into()
-}
-fn default_max_restarts() -> u16 {
-    5
-}
-fn default_window() -> u32 {
-    60
-}
-fn default_backoff() -> u32 {
-    1000
-}
-
-/// A service spec as the API accepts it and as it is stored (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SpecDoc {
-    /// `[a-z0-9-]`, 1..=32 bytes.
-    pub name: String,
-    /// Executable, ≤ 128 bytes, not empty.
-    pub command: String,
-    /// ≤ 16 arguments of ≤ 64 bytes.
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// ≤ 16 variables, names 1..=32 bytes, values ≤ 64 bytes.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// ≤ 128 bytes; empty = the service's own directory on the worker.
-    #[serde(default)]
-    pub working_dir: String,
-    /// `always` | `on-failure` | `never`.
-    #[serde(default = "default_restart")]
-    pub restart: String,
-    /// Restarts within the window before `Failed`.
-    #[serde(default = "default_max_restarts")]
-    pub max_restarts: u16,
-    /// Restart window, seconds.
-    #[serde(default = "default_window")]
-    pub restart_window_s: u32,
-    /// First restart delay, ms.
-    #[serde(default = "default_backoff")]
-    pub backoff_ms: u32,
+impl From<SpecError> for ServiceError {
+    fn from(e: SpecError) -> Self {
+        match e {
+            SpecError::Invalid(m) => ServiceError::Invalid(m),
+            SpecError::Store(s) => ServiceError::Store(s),
+        }
+    }
 }
 
 /// `true` for a valid service name: `[a-z0-9-]`, 1..=32 bytes.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-fn restart_policy(s: &str) -> Option<RestartPolicy> {
-    match s {
-        "always" => Some(RestartPolicy::Always),
-        "on-failure" => Some(RestartPolicy::OnFailure),
-        "never" => Some(RestartPolicy::Never),
-        _ => None,
-    }
-}
-
-impl SpecDoc {
-    /// Checks every protocol bound; the message names the offending field.
-    pub fn validate(&self) -> Result<(), ServiceError> {
-        if !valid_name(&self.name) {
-            return Err(invalid("name must be 1..=32 characters of [a-z0-9-]"));
-        }
-        if self.command.is_empty() || self.command.len() > MAX_PATH_LEN {
-            return Err(invalid(format!("command must be 1..={MAX_PATH_LEN} bytes")));
-        }
-        if self.args.len() > protocol::frame::MAX_ARGS {
-            return Err(invalid(format!(
-                "at most {} args",
-                protocol::frame::MAX_ARGS
-            )));
-        }
-        if let Some(i) = self.args.iter().position(|a| a.len() > MAX_ARG_LEN) {
-            return Err(invalid(format!("args[{i}] is over {MAX_ARG_LEN} bytes")));
-        }
-        if self.env.len() > protocol::frame::MAX_ENV {
-            return Err(invalid(format!(
-                "at most {} env variables",
-                protocol::frame::MAX_ENV
-            )));
-        }
-        for (k, v) in &self.env {
-            if k.is_empty() || k.len() > MAX_ENV_NAME_LEN || k.contains('=') || k.contains('\0') {
-                return Err(invalid(format!(
-                    "env name {k:?} must be 1..={MAX_ENV_NAME_LEN} bytes without '=' or NUL"
-                )));
-            }
-            if v.len() > MAX_ENV_VALUE_LEN {
-                return Err(invalid(format!(
-                    "env {k} value is over {MAX_ENV_VALUE_LEN} bytes"
-                )));
-            }
-        }
-        if self.working_dir.len() > MAX_PATH_LEN {
-            return Err(invalid(format!("working_dir is over {MAX_PATH_LEN} bytes")));
-        }
-        if restart_policy(&self.restart).is_none() {
-            return Err(invalid("restart must be always, on-failure or never"));
-        }
-        Ok(())
-    }
-
-    /// The wire spec for `version` (values are bounded; validated docs fit).
-    pub fn to_spec(&self, version: u32) -> ServiceSpec {
-        let mut args = heapless::Vec::new();
-        for a in &self.args {
-            let _ = args.push(protocol::frame::bounded(a));
-        }
-        let mut env = heapless::Vec::new();
-        for (k, v) in &self.env {
-            let _ = env.push(protocol::frame::EnvVar {
-                name: protocol::frame::bounded(k),
-                value: protocol::frame::bounded(v),
-            });
-        }
-        ServiceSpec {
-            name: protocol::frame::bounded(&self.name),
-            version,
-            command: protocol::frame::bounded(&self.command),
-            args,
-            env,
-            working_dir: protocol::frame::bounded(&self.working_dir),
-            restart: restart_policy(&self.restart).unwrap_or(RestartPolicy::OnFailure),
-            max_restarts: self.max_restarts,
-            restart_window_s: self.restart_window_s,
-            backoff_ms: self.backoff_ms,
-        }
-    }
+    protocol::manifest::valid_service_name(name)
 }
 
 /// Lower-case name of a reported state.
@@ -235,6 +124,14 @@ pub fn state_name(s: ServiceState) -> &'static str {
         ServiceState::Healthy => "healthy",
         ServiceState::Unhealthy => "unhealthy",
     }
+}
+
+/// States in which a service's process (or container) is meant to run.
+pub fn is_active_state(s: &str) -> bool {
+    matches!(
+        s,
+        "starting" | "running" | "backoff" | "healthy" | "unhealthy"
+    )
 }
 
 /// A deployment with its JSON columns parsed.
@@ -252,6 +149,8 @@ pub struct Deployment {
     pub desired: String,
     /// Last change, ms.
     pub updated_ms: u64,
+    /// Default rollout policy (`None`: [`Policy::default`]).
+    pub rollout: Option<Policy>,
 }
 
 impl Deployment {
@@ -264,6 +163,10 @@ impl Deployment {
             labels: serde_json::from_str(&r.labels_json).unwrap_or_default(),
             desired: r.desired.clone(),
             updated_ms: r.updated_ms,
+            rollout: r
+                .rollout_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
         }
     }
 
@@ -293,26 +196,97 @@ impl Deployment {
             "labels": self.labels,
             "desired_state": self.desired,
             "updated_ms": self.updated_ms,
+            "rollout": self.rollout,
         })
     }
 }
 
-/// Loads a stored spec and builds the wire spec.
-pub fn load_spec(
+/// An encoded manifest and its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltManifest {
+    /// `Manifest::encode()` bytes, exactly as served to workers.
+    pub bytes: Vec<u8>,
+    /// SHA-256 of `bytes`, as sent in `DeployManifest`.
+    pub digest: [u8; 32],
+}
+
+/// Loads a stored spec.
+pub fn load_doc(
     shared: &Shared,
     name: &str,
     version: u32,
-) -> Result<Option<ServiceSpec>, ServiceError> {
+) -> Result<Option<SpecDoc>, ServiceError> {
     let Some(row) = lock(&shared.db).service(name, version)? else {
         return Ok(None);
     };
-    let doc: SpecDoc =
-        serde_json::from_str(&row.spec_json).map_err(|source| ServiceError::Corrupt {
+    serde_json::from_str(&row.spec_json)
+        .map(Some)
+        .map_err(|source| ServiceError::Corrupt {
             name: name.to_string(),
             version,
             source,
-        })?;
-    Ok(Some(doc.to_spec(version)))
+        })
+}
+
+/// Size of artifact `sha` for `arch` from the store (`None`: not uploaded
+/// for that arch). Call without the db lock held.
+pub fn artifact_size(shared: &Shared, arch: &str, sha: &str) -> Result<Option<u64>, SpecError> {
+    Ok(lock(&shared.db)
+        .artifact(sha)?
+        .into_iter()
+        .find(|a| a.arch == arch)
+        .map(|a| a.size))
+}
+
+/// The encoded manifest of a stored spec version (cached). `None` when the
+/// version does not exist. Call without the db lock held.
+pub fn manifest(
+    shared: &Shared,
+    name: &str,
+    version: u32,
+) -> Result<Option<Arc<BuiltManifest>>, ServiceError> {
+    let key = (name.to_string(), version);
+    if let Some(b) = lock(&shared.manifests).get(&key) {
+        return Ok(Some(b.clone()));
+    }
+    let Some(doc) = load_doc(shared, name, version)? else {
+        return Ok(None);
+    };
+    let m = doc.to_manifest(version, &|arch, sha| artifact_size(shared, arch, sha))?;
+    let bytes = m
+        .encode()
+        .map_err(|e| ServiceError::Invalid(format!("{name} v{version}: {e}")))?;
+    let built = Arc::new(BuiltManifest {
+        digest: protocol::manifest::digest(&bytes),
+        bytes,
+    });
+    lock(&shared.manifests).insert(key, built.clone());
+    Ok(Some(built))
+}
+
+/// `true` when `worker` may download the manifest of `name` v`version`: a
+/// deployment of `name` targets it and the version is one it may be told
+/// to run (the deployment's, or the from/to version of a rollout in
+/// progress). Call without the worker map locked.
+pub fn may_fetch(
+    shared: &Shared,
+    worker: &str,
+    name: &str,
+    version: u32,
+) -> Result<bool, ServiceError> {
+    let Some(dep) = lock(&shared.db).deployment(name)? else {
+        return Ok(false);
+    };
+    let dep = Deployment::from_row(&dep);
+    if !dep.targets(&lock(&shared.workers)).contains(worker) {
+        return Ok(false);
+    }
+    if version == dep.version {
+        return Ok(true);
+    }
+    Ok(rollout::active(shared)?
+        .get(name)
+        .is_some_and(|r| version == r.row.from_version || version == r.row.to_version))
 }
 
 /// Assigns the next command seq for `w` (persisted first), seals `action`
@@ -338,9 +312,22 @@ pub fn seal_command(
     Ok((cmd_id, frame))
 }
 
-/// Records an accepted `ServiceStatus` frame (memory + writer queue).
+/// Records an accepted `ServiceStatus` frame (memory + writer queue); a
+/// `failed` or `unhealthy` report is also kept as a [`FailMark`] for
+/// rollouts. Wakes reconciliation (a rollout may advance).
 pub fn record_status(shared: &Shared, worker_id: &str, st: &protocol::ServiceStatus) {
     let name = st.name.to_string();
+    let now = now_ms();
+    if matches!(st.state, ServiceState::Failed | ServiceState::Unhealthy) {
+        record_failure(
+            shared,
+            worker_id,
+            &name,
+            Some(st.version),
+            format!("{} v{}: {}", state_name(st.state), st.version, st.detail),
+        );
+    }
+    shared.reconcile.notify_one();
     let mut all = lock(&shared.service_status);
     if st.state == ServiceState::Removed {
         if let Some(m) = all.get_mut(worker_id) {
@@ -361,7 +348,7 @@ pub fn record_status(shared: &Shared, worker_id: &str, st: &protocol::ServiceSta
         restarts: st.restarts,
         exit_code: st.exit_code,
         detail: st.detail.to_string(),
-        updated_ms: now_ms(),
+        updated_ms: now,
     };
     all.entry(worker_id.to_string())
         .or_default()
@@ -371,25 +358,85 @@ pub fn record_status(shared: &Shared, worker_id: &str, st: &protocol::ServiceSta
         .send(crate::store::WriteOp::ServiceStatus(row));
 }
 
-/// What one reconciliation pass wants sent: `(worker, service, Some(version)
-/// = Deploy | None = Remove)`.
-type Want = (String, String, Option<u32>);
+/// Remembers a failure of `name` on `worker_id` (see [`FailMark`]).
+pub fn record_failure(
+    shared: &Shared,
+    worker_id: &str,
+    name: &str,
+    version: Option<u32>,
+    what: String,
+) {
+    lock(&shared.service_failures).insert(
+        (worker_id.to_string(), name.to_string()),
+        FailMark {
+            version,
+            what,
+            at_ms: now_ms(),
+        },
+    );
+}
+
+/// A reply arrived that no HTTP request waits for: if it answers a
+/// `DeployManifest` with an error, record a failure of that version.
+pub fn deploy_reply(shared: &Shared, worker_id: &str, reply: &protocol::Reply) {
+    let Some(cmd) = lock(&shared.deploy_cmds).remove(&(worker_id.to_string(), reply.cmd_id)) else {
+        return;
+    };
+    if reply.status != protocol::ReplyStatus::Ok {
+        warn!(worker_id, service = %cmd.name, version = cmd.version, detail = %reply.detail,
+            "deploy refused by the worker");
+        record_failure(
+            shared,
+            worker_id,
+            &cmd.name,
+            Some(cmd.version),
+            format!(
+                "deploy v{} refused: {:?} {}",
+                cmd.version, reply.status, reply.detail
+            ),
+        );
+        shared.reconcile.notify_one();
+    }
+}
+
+/// What one reconciliation pass wants sent.
+type Want = (String, String, Intent);
 
 /// One reconciliation pass. Returns how many commands were published.
 pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, ServiceError> {
-    let deps: Vec<Deployment> = lock(&shared.db)
-        .deployments()?
-        .iter()
-        .map(Deployment::from_row)
-        .collect();
-    let mut specs: HashMap<String, ServiceSpec> = HashMap::new();
+    if let Err(e) = rollout::evaluate(shared) {
+        warn!("rollout evaluation failed: {e}");
+    }
+    let (deps, overrides) = {
+        let db = lock(&shared.db);
+        let deps: Vec<Deployment> = db.deployments()?.iter().map(Deployment::from_row).collect();
+        let overrides: HashSet<(String, String)> = db
+            .overrides()?
+            .into_iter()
+            .filter(|(_, _, d)| d == "stopped")
+            .map(|(w, n, _)| (w, n))
+            .collect();
+        (deps, overrides)
+    };
+    let active: HashMap<String, Rollout> = rollout::active(shared)?;
+    let mut built: HashMap<(String, u32), Arc<BuiltManifest>> = HashMap::new();
     for d in &deps {
-        match load_spec(shared, &d.name, d.version)? {
-            Some(s) => {
-                specs.insert(d.name.clone(), s);
+        let mut versions = vec![d.version];
+        if let Some(r) = active.get(&d.name) {
+            versions.extend([r.row.from_version, r.row.to_version]);
+        }
+        for v in versions {
+            if built.contains_key(&(d.name.clone(), v)) {
+                continue;
             }
-            None => {
-                warn!(service = %d.name, version = d.version, "deployment names a missing spec")
+            match manifest(shared, &d.name, v) {
+                Ok(Some(b)) => {
+                    built.insert((d.name.clone(), v), b);
+                }
+                Ok(None) => {
+                    warn!(service = %d.name, version = v, "deployment names a missing spec")
+                }
+                Err(e) => warn!(service = %d.name, version = v, "cannot build manifest: {e}"),
             }
         }
     }
@@ -402,15 +449,27 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
             let mut targeted: HashMap<&str, BTreeSet<String>> = HashMap::new();
             for d in &deps {
                 let targets = d.targets(&workers);
-                if specs.contains_key(&d.name) {
-                    for id in &targets {
-                        let online = workers
-                            .get(id)
-                            .is_some_and(|w| w.status == Status::Online && !w.revoked);
-                        let actual = status.get(id).and_then(|m| m.get(&d.name));
-                        if online && actual.is_none_or(|a| a.version != d.version) {
-                            wants.push((id.clone(), d.name.clone(), Some(d.version)));
+                for id in &targets {
+                    let online = workers
+                        .get(id)
+                        .is_some_and(|w| w.status == Status::Online && !w.revoked);
+                    if !online {
+                        continue;
+                    }
+                    let desired = rollout::desired_version(d, active.get(&d.name), id);
+                    if !built.contains_key(&(d.name.clone(), desired)) {
+                        continue;
+                    }
+                    let actual = status.get(id).and_then(|m| m.get(&d.name));
+                    let stop_wanted =
+                        d.desired == "stopped" || overrides.contains(&(id.clone(), d.name.clone()));
+                    match actual {
+                        Some(a) if a.version == desired => {
+                            if stop_wanted && is_active_state(&a.state) {
+                                wants.push((id.clone(), d.name.clone(), Intent::Stop));
+                            }
                         }
+                        _ => wants.push((id.clone(), d.name.clone(), Intent::Deploy(desired))),
                     }
                 }
                 targeted.insert(&d.name, targets);
@@ -424,38 +483,59 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                 }
                 for name in services.keys() {
                     if !targeted.get(name.as_str()).is_some_and(|t| t.contains(wid)) {
-                        wants.push((wid.clone(), name.clone(), None));
+                        wants.push((wid.clone(), name.clone(), Intent::Remove));
                     }
                 }
             }
         }
         let mut sent = lock(&shared.reconcile_sent);
         let now = Instant::now();
-        for (wid, name, version) in wants {
+        for (wid, name, intent) in wants {
             let key = (wid.clone(), name.clone());
-            if let Some((v, at)) = sent.get(&key) {
-                if *v == version && now.duration_since(*at) < RESEND_AFTER {
+            if let Some((i, at)) = sent.get(&key) {
+                if *i == intent && now.duration_since(*at) < RESEND_AFTER {
                     continue;
                 }
             }
             let Some(w) = workers.get_mut(&wid) else {
                 continue;
             };
-            let action = match version {
-                Some(_) => match specs.get(&name) {
-                    Some(s) => Action::Deploy(s.clone()),
+            let n = protocol::frame::bounded(&name);
+            let action = match intent {
+                Intent::Deploy(v) => match built.get(&(name.clone(), v)) {
+                    Some(b) => Action::DeployManifest(ManifestRef {
+                        name: n,
+                        version: v,
+                        digest: b.digest,
+                    }),
                     None => continue,
                 },
-                None => Action::Remove(protocol::frame::bounded(&name)),
+                Intent::Remove => Action::Remove(n),
+                Intent::Stop => Action::Stop(n),
             };
             let (cmd_id, frame) = seal_command(shared, w, action)?;
-            match version {
-                Some(v) => {
-                    info!(worker_id = %wid, service = %name, version = v, cmd_id, "reconcile: deploy")
+            match intent {
+                Intent::Deploy(v) => {
+                    info!(worker_id = %wid, service = %name, version = v, cmd_id, "reconcile: deploy");
+                    let mut cmds = lock(&shared.deploy_cmds);
+                    cmds.retain(|_, c| now.duration_since(c.at) < DEPLOY_REPLY_WINDOW);
+                    if cmds.len() < MAX_DEPLOY_CMDS {
+                        cmds.insert(
+                            (wid.clone(), cmd_id),
+                            DeployCmd {
+                                name: name.clone(),
+                                version: v,
+                                at: now,
+                            },
+                        );
+                    }
                 }
-                None => info!(worker_id = %wid, service = %name, cmd_id, "reconcile: remove"),
+                Intent::Remove => {
+                    info!(worker_id = %wid, service = %name, cmd_id, "reconcile: remove")
+                }
+                Intent::Stop => info!(worker_id = %wid, service = %name, cmd_id, "reconcile: stop"),
             }
-            sent.insert(key, (version, now));
+            sent.insert(key, (intent, now));
             frames.push((wid, frame));
         }
     }
@@ -506,51 +586,11 @@ pub async fn run(shared: Arc<Shared>, client: AsyncClient, mut stop: watch::Rece
 mod tests {
     use super::*;
 
-    fn doc() -> SpecDoc {
-        serde_json::from_value(serde_json::json!({"name": "web", "command": "/bin/sleep"}))
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-
     #[test]
-    fn validation_and_wire_spec() {
-        let d = doc();
-        assert!(d.validate().is_ok());
-        let s = d.to_spec(3);
-        assert_eq!(
-            (s.version, s.restart, s.max_restarts),
-            (3, RestartPolicy::OnFailure, 5)
-        );
-        for bad in [
-            SpecDoc {
-                name: "Web".into(),
-                ..doc()
-            },
-            SpecDoc {
-                name: "a".repeat(33),
-                ..doc()
-            },
-            SpecDoc {
-                command: String::new(),
-                ..doc()
-            },
-            SpecDoc {
-                args: vec!["x".into(); 17],
-                ..doc()
-            },
-            SpecDoc {
-                args: vec!["x".repeat(65)],
-                ..doc()
-            },
-            SpecDoc {
-                restart: "sometimes".into(),
-                ..doc()
-            },
-            SpecDoc {
-                working_dir: "/".repeat(129),
-                ..doc()
-            },
-        ] {
-            assert!(bad.validate().is_err(), "{bad:?}");
-        }
+    fn names_and_states() {
+        assert!(valid_name("web-1") && !valid_name("Web") && !valid_name(""));
+        assert!(!valid_name(&"a".repeat(33)));
+        assert!(is_active_state("healthy") && !is_active_state("stopped"));
+        assert_eq!(state_name(ServiceState::Unhealthy), "unhealthy");
     }
 }

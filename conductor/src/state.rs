@@ -233,9 +233,56 @@ impl RateLimiter {
     }
 }
 
-/// What reconciliation last sent to a (worker, service): the Deploy version
-/// (`None` = Remove) and when.
-pub type SentMark = (Option<u32>, Instant);
+/// What reconciliation sends to a (worker, service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// `DeployManifest` of this version.
+    Deploy(u32),
+    /// `Remove`.
+    Remove,
+    /// `Stop` (a per-worker override or a deployment desired `stopped`).
+    Stop,
+}
+
+/// What reconciliation last sent to a (worker, service), and when.
+pub type SentMark = (Intent, Instant);
+
+/// A failure a worker reported for a service (a `failed` / `unhealthy`
+/// status, an error reply to `DeployManifest`, an `ArtifactRejected` or
+/// `HealthFailed` event); rollouts read these so a failure between two
+/// evaluations is not missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailMark {
+    /// Version concerned (`None`: not known, e.g. from an event).
+    pub version: Option<u32>,
+    /// What happened (never contains secrets: state names, worker details).
+    pub what: String,
+    /// Conductor receive time, ms.
+    pub at_ms: u64,
+}
+
+/// A `DeployManifest` reconciliation sent, remembered until its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployCmd {
+    /// Service.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// When it was sent.
+    pub at: Instant,
+}
+
+/// Latest metrics a hosted service published, merged by key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SvcMetrics {
+    /// Conductor receive time of the last frame, ms.
+    pub received_at_ms: u64,
+    /// Key → latest value (at most [`MAX_SERVICE_METRIC_KEYS`] keys).
+    pub values: BTreeMap<String, i64>,
+}
+
+/// Most metric keys kept per worker and service.
+pub const MAX_SERVICE_METRIC_KEYS: usize = 64;
 
 /// Waiters for command replies, keyed by (worker id, command id).
 pub type Pending = Mutex<HashMap<(String, u32), mpsc::Sender<Reply>>>;
@@ -282,6 +329,17 @@ pub struct Shared {
     /// Reconciliation resend throttle: (worker, service) → (Deploy version
     /// or `None` = Remove, when sent).
     pub reconcile_sent: Mutex<HashMap<(String, String), SentMark>>,
+    /// Encoded manifests by (service, version); specs and artifacts are
+    /// immutable, so entries never go stale.
+    pub manifests: Mutex<HashMap<(String, u32), Arc<crate::services::BuiltManifest>>>,
+    /// Last failure per (worker, service), for rollouts.
+    pub service_failures: Mutex<HashMap<(String, String), FailMark>>,
+    /// `DeployManifest` commands awaiting a reply: (worker, cmd id) → what.
+    pub deploy_cmds: Mutex<HashMap<(String, u32), DeployCmd>>,
+    /// Open log relays: (worker, `Logs` cmd id) → the HTTP response's feed.
+    pub log_streams: Mutex<HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>>,
+    /// Latest service metrics: worker id → service → values.
+    pub service_metrics: Mutex<HashMap<String, BTreeMap<String, SvcMetrics>>>,
 }
 
 /// Locks a mutex, recovering from poisoning (a panicked holder leaves data

@@ -17,6 +17,13 @@
 //! `deployments` one placement per service name, `service_status` the last
 //! state each worker reported per service (written by the ingest writer).
 //!
+//! Schema v3: `artifacts` (uploaded binaries by SHA-256 and arch; the bytes
+//! live in `<data_dir>/artifacts/<sha256>`), `rollouts` (one row per rollout,
+//! at most one `in_progress` per service, enforced by a partial unique
+//! index), `service_overrides` (a per-worker "stopped" that reconciliation
+//! keeps) and `deployments.rollout` (the deployment's default rollout
+//! policy, JSON).
+//!
 //! Limits: metrics queries return at most [`MAX_QUERY_ROWS`] rows.
 
 use std::path::Path;
@@ -104,6 +111,37 @@ pub const MIGRATIONS: &[&str] = &[
         restarts INTEGER NOT NULL,
         exit_code INTEGER,
         detail TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (worker_id, name));",
+    // v3: artifacts, rollouts, per-worker overrides, a deployment's rollout policy.
+    "CREATE TABLE artifacts (
+        sha256 TEXT NOT NULL,
+        arch TEXT NOT NULL,
+        name TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (sha256, arch));
+     ALTER TABLE deployments ADD COLUMN rollout TEXT;
+     CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        service TEXT NOT NULL,
+        from_version INTEGER NOT NULL,
+        to_version INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('in_progress', 'succeeded', 'reverted')),
+        policy TEXT NOT NULL,
+        waves TEXT NOT NULL,
+        wave INTEGER NOT NULL,
+        wave_started_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        started_ms INTEGER NOT NULL,
+        finished_ms INTEGER);
+     CREATE INDEX rollouts_by_service ON rollouts (service, id);
+     CREATE UNIQUE INDEX rollouts_one_in_progress ON rollouts (service)
+        WHERE state = 'in_progress';
+     CREATE TABLE service_overrides (
+        worker_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        desired TEXT NOT NULL CHECK (desired IN ('stopped')),
         updated_ms INTEGER NOT NULL,
         PRIMARY KEY (worker_id, name));",
 ];
@@ -325,6 +363,52 @@ pub struct DeploymentRow {
     pub desired: String,
     /// Last change, ms.
     pub updated_ms: u64,
+    /// Default rollout policy, JSON (`None`: the built-in default).
+    pub rollout_json: Option<String>,
+}
+
+/// An uploaded artifact.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ArtifactRow {
+    /// SHA-256 of the file, 64 lower-case hex digits (also its file name).
+    pub sha256: String,
+    /// Architecture it is for, as workers report it.
+    pub arch: String,
+    /// Free label given at upload.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Upload time, ms.
+    pub created_ms: u64,
+}
+
+/// One rollout, as stored (JSON columns parsed by `crate::rollout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRow {
+    /// Row id (increasing).
+    pub id: i64,
+    /// Service name.
+    pub service: String,
+    /// Version before the rollout (what a revert returns to).
+    pub from_version: u32,
+    /// Version being rolled out.
+    pub to_version: u32,
+    /// `in_progress` | `succeeded` | `reverted`.
+    pub state: String,
+    /// Policy, JSON.
+    pub policy_json: String,
+    /// Waves of worker ids, JSON array of arrays.
+    pub waves_json: String,
+    /// Index of the current (or last) wave.
+    pub wave: u32,
+    /// When the current wave started, ms.
+    pub wave_started_ms: u64,
+    /// Why it was reverted (empty otherwise).
+    pub reason: String,
+    /// Start time, ms.
+    pub started_ms: u64,
+    /// End time, ms.
+    pub finished_ms: Option<u64>,
 }
 
 /// The last reported state of one service on one worker.
@@ -609,6 +693,7 @@ impl Store {
         tx.execute("DELETE FROM metrics_raw WHERE worker_id = ?1", [id])?;
         tx.execute("DELETE FROM metrics_minute WHERE worker_id = ?1", [id])?;
         tx.execute("DELETE FROM service_status WHERE worker_id = ?1", [id])?;
+        tx.execute("DELETE FROM service_overrides WHERE worker_id = ?1", [id])?;
         let n = tx.execute("DELETE FROM workers WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(n > 0)
@@ -689,18 +774,20 @@ impl Store {
     /// Creates or replaces a deployment.
     pub fn put_deployment(&self, d: &DeploymentRow) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO deployments (name, version, workers, labels, desired, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO deployments (name, version, workers, labels, desired, updated_ms, rollout)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (name) DO UPDATE SET version = excluded.version,
                 workers = excluded.workers, labels = excluded.labels,
-                desired = excluded.desired, updated_ms = excluded.updated_ms",
+                desired = excluded.desired, updated_ms = excluded.updated_ms,
+                rollout = excluded.rollout",
             params![
                 d.name,
                 d.version,
                 d.workers_json,
                 d.labels_json,
                 d.desired,
-                i(d.updated_ms)
+                i(d.updated_ms),
+                d.rollout_json
             ],
         )?;
         Ok(())
@@ -711,7 +798,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT name, version, workers, labels, desired, updated_ms
+                "SELECT name, version, workers, labels, desired, updated_ms, rollout
                  FROM deployments WHERE name = ?1",
                 [name],
                 deployment_from_row,
@@ -722,7 +809,7 @@ impl Store {
     /// Every deployment, by name.
     pub fn deployments(&self) -> Result<Vec<DeploymentRow>, StoreError> {
         let mut st = self.conn.prepare_cached(
-            "SELECT name, version, workers, labels, desired, updated_ms
+            "SELECT name, version, workers, labels, desired, updated_ms, rollout
              FROM deployments ORDER BY name",
         )?;
         let rows = st.query_map([], deployment_from_row)?;
@@ -735,6 +822,181 @@ impl Store {
             .conn
             .execute("DELETE FROM deployments WHERE name = ?1", [name])?
             > 0)
+    }
+
+    // ---- artifacts ----
+
+    /// Records an uploaded artifact (same sha and arch again: new label).
+    pub fn put_artifact(&self, a: &ArtifactRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO artifacts (sha256, arch, name, size, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (sha256, arch) DO UPDATE SET name = excluded.name",
+            params![a.sha256, a.arch, a.name, i(a.size), i(a.created_ms)],
+        )?;
+        Ok(())
+    }
+
+    /// Every artifact, newest first.
+    pub fn artifacts(&self) -> Result<Vec<ArtifactRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT sha256, arch, name, size, created_ms FROM artifacts
+             ORDER BY created_ms DESC, sha256, arch",
+        )?;
+        let rows = st.query_map([], artifact_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The rows of one artifact (one per arch it was uploaded for).
+    pub fn artifact(&self, sha256: &str) -> Result<Vec<ArtifactRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT sha256, arch, name, size, created_ms FROM artifacts WHERE sha256 = ?1
+             ORDER BY arch",
+        )?;
+        let rows = st.query_map([sha256], artifact_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes every row of an artifact; returns how many.
+    pub fn delete_artifact(&self, sha256: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM artifacts WHERE sha256 = ?1", [sha256])?)
+    }
+
+    /// Spec versions whose JSON contains `needle` (a candidate filter; the
+    /// caller parses the spec to be sure).
+    pub fn services_containing(&self, needle: &str) -> Result<Vec<ServiceRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT name, version, spec, created_ms FROM services
+             WHERE instr(spec, ?1) > 0 ORDER BY name, version",
+        )?;
+        let rows = st.query_map([needle], service_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- rollouts ----
+
+    /// Stores a new rollout and returns its id. Fails (constraint) if the
+    /// service already has one in progress.
+    pub fn insert_rollout(&self, r: &RolloutRow) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO rollouts (service, from_version, to_version, state, policy, waves, wave,
+                wave_started_ms, reason, started_ms, finished_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.service,
+                r.from_version,
+                r.to_version,
+                r.state,
+                r.policy_json,
+                r.waves_json,
+                r.wave,
+                i(r.wave_started_ms),
+                r.reason,
+                i(r.started_ms),
+                r.finished_ms.map(i)
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Updates a rollout's progress; when `deployment_version` is given the
+    /// deployment's version is set in the same transaction.
+    pub fn update_rollout(
+        &mut self,
+        r: &RolloutRow,
+        deployment_version: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE rollouts SET state = ?2, waves = ?3, wave = ?4, wave_started_ms = ?5,
+                reason = ?6, finished_ms = ?7 WHERE id = ?1",
+            params![
+                r.id,
+                r.state,
+                r.waves_json,
+                r.wave,
+                i(r.wave_started_ms),
+                r.reason,
+                r.finished_ms.map(i)
+            ],
+        )?;
+        if let Some(v) = deployment_version {
+            tx.execute(
+                "UPDATE deployments SET version = ?2, updated_ms = ?3 WHERE name = ?1",
+                params![r.service, v, i(r.finished_ms.unwrap_or(r.wave_started_ms))],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Rollouts in progress, every service.
+    pub fn active_rollouts(&self) -> Result<Vec<RolloutRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE state = 'in_progress' ORDER BY id"
+        ))?;
+        let rows = st.query_map([], rollout_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A service's rollouts, newest first, at most `limit`.
+    pub fn rollouts(&self, service: &str, limit: usize) -> Result<Vec<RolloutRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE service = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![service, limit as i64], rollout_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Restarts the clock of every rollout in progress (conductor start).
+    pub fn restart_rollout_clocks(&self, now_ms: u64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE rollouts SET wave_started_ms = ?1 WHERE state = 'in_progress'",
+            [i(now_ms)],
+        )?)
+    }
+
+    // ---- per-worker overrides ----
+
+    /// Sets (`Some("stopped")`) or clears (`None`) a per-worker override.
+    pub fn set_override(
+        &self,
+        worker_id: &str,
+        name: &str,
+        desired: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        match desired {
+            Some(d) => self.conn.execute(
+                "INSERT INTO service_overrides (worker_id, name, desired, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (worker_id, name) DO UPDATE SET desired = excluded.desired,
+                    updated_ms = excluded.updated_ms",
+                params![worker_id, name, d, i(now_ms)],
+            )?,
+            None => self.conn.execute(
+                "DELETE FROM service_overrides WHERE worker_id = ?1 AND name = ?2",
+                params![worker_id, name],
+            )?,
+        };
+        Ok(())
+    }
+
+    /// Clears every override of service `name` (it was undeployed).
+    pub fn delete_overrides_of(&self, name: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM service_overrides WHERE name = ?1", [name])?)
+    }
+
+    /// Every override: `(worker_id, name, desired)`.
+    pub fn overrides(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT worker_id, name, desired FROM service_overrides")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Every stored service status.
@@ -1012,6 +1274,37 @@ fn deployment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow>
         labels_json: r.get(3)?,
         desired: r.get(4)?,
         updated_ms: u(r.get(5)?),
+        rollout_json: r.get(6)?,
+    })
+}
+
+fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
+    Ok(RolloutRow {
+        id: r.get(0)?,
+        service: r.get(1)?,
+        from_version: r.get(2)?,
+        to_version: r.get(3)?,
+        state: r.get(4)?,
+        policy_json: r.get(5)?,
+        waves_json: r.get(6)?,
+        wave: r.get(7)?,
+        wave_started_ms: u(r.get(8)?),
+        reason: r.get(9)?,
+        started_ms: u(r.get(10)?),
+        finished_ms: r.get::<_, Option<i64>>(11)?.map(u),
+    })
+}
+
+const ROLLOUT_COLS: &str = "id, service, from_version, to_version, state, policy, waves, wave,
+    wave_started_ms, reason, started_ms, finished_ms";
+
+fn artifact_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactRow> {
+    Ok(ArtifactRow {
+        sha256: r.get(0)?,
+        arch: r.get(1)?,
+        name: r.get(2)?,
+        size: u(r.get(3)?),
+        created_ms: u(r.get(4)?),
     })
 }
 

@@ -4,167 +4,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use common::*;
-use protocol::topic::{topic, TopicKind};
-use protocol::{Action, Body, Secret, ServiceState};
-use rumqttc::{Client, QoS};
+use protocol::manifest::{Program, Runtime};
+use protocol::{Action, ServiceState};
 use serde_json::{json, Value};
-
-const T: Duration = Duration::from_secs(10);
-
-/// A fake worker that records every command it can verify with its secret
-/// (and counts every publish on its cmd topic) and replies `Ok`.
-struct SvcWorker {
-    id: String,
-    secret: Secret,
-    client: Client,
-    seq: Arc<AtomicU64>,
-    actions: Arc<Mutex<Vec<Action>>>,
-    publishes: Arc<AtomicUsize>,
-    _t: std::thread::JoinHandle<()>,
-}
-
-impl SvcWorker {
-    fn connect(c: &Conductor, e: &Enrolled, hostname: &str) -> SvcWorker {
-        let seq = Arc::new(AtomicU64::new(0));
-        let actions = Arc::new(Mutex::new(Vec::new()));
-        let publishes = Arc::new(AtomicUsize::new(0));
-        let (secret, id) = (e.secret.clone(), e.id.clone());
-        let (seq2, actions2, pubs2) = (seq.clone(), actions.clone(), publishes.clone());
-        let handler: OnPublish = Box::new(move |client: &Client, p: &rumqttc::Publish| {
-            pubs2.fetch_add(1, Ordering::SeqCst);
-            let Ok(opened) = protocol::open(&p.payload) else {
-                return;
-            };
-            let Ok(env) = opened.verify(&secret) else {
-                return;
-            };
-            if let Body::Command(cmd) = env.body {
-                let detail = match &cmd.action {
-                    Action::Start(_) => "started",
-                    Action::Stop(_) => "stopped",
-                    Action::Restart(_) => "restarted",
-                    _ => "ok",
-                };
-                actions2.lock().unwrap().push(cmd.action);
-                let reply = Body::Reply(protocol::Reply {
-                    cmd_id: cmd.id,
-                    status: protocol::ReplyStatus::Ok,
-                    detail: protocol::bounded(detail),
-                });
-                let n = seq2.fetch_add(1, Ordering::SeqCst) + 1;
-                let _ = client.try_publish(
-                    topic(&id, TopicKind::Reply),
-                    QoS::AtLeastOnce,
-                    false,
-                    seal(&secret, &id, n, reply),
-                );
-            }
-        });
-        let (client, t) = connect(
-            c.started.mqtt_addr,
-            &e.id,
-            &e.username,
-            &e.password,
-            Some(handler),
-        )
-        .unwrap();
-        client
-            .subscribe(topic(&e.id, TopicKind::Cmd), QoS::AtLeastOnce)
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(200)); // let the SubAck land
-        let w = SvcWorker {
-            id: e.id.clone(),
-            secret: e.secret.clone(),
-            client,
-            seq,
-            actions,
-            publishes,
-            _t: t,
-        };
-        // Online for 75 s.
-        w.send(birth(hostname, 60_000), TopicKind::Birth);
-        w
-    }
-
-    fn send(&self, body: Body, kind: TopicKind) {
-        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        self.client
-            .publish(
-                topic(&self.id, kind),
-                QoS::AtLeastOnce,
-                false,
-                seal(&self.secret, &self.id, n, body),
-            )
-            .unwrap();
-    }
-
-    fn report(&self, name: &str, version: u32, state: ServiceState) {
-        self.send(
-            Body::ServiceStatus(protocol::ServiceStatus {
-                name: protocol::bounded(name),
-                version,
-                state,
-                pid: if state == ServiceState::Running {
-                    4242
-                } else {
-                    0
-                },
-                restarts: 0,
-                exit_code: None,
-                detail: protocol::bounded(""),
-            }),
-            TopicKind::Services,
-        );
-    }
-
-    fn actions(&self) -> Vec<Action> {
-        self.actions.lock().unwrap().clone()
-    }
-
-    /// Waits until an action matching `f` has been received.
-    fn wait_action(&self, what: &str, f: impl Fn(&Action) -> bool) -> Action {
-        wait_for(&format!("{what} on {}", self.id), T, || {
-            self.actions().into_iter().find(|a| f(a))
-        })
-    }
-}
-
-fn enroll_labels(c: &Conductor, host: &str, labels: Value) -> Enrolled {
-    let (code, v) = c.enroll(json!({
-        "token": c.started.local_enroll_token,
-        "hostname": host,
-        "machine_id": format!("mid-{host}"),
-        "labels": labels,
-    }));
-    assert_eq!(code, 200, "{v}");
-    Enrolled::from_json(&v)
-}
-
-fn call(c: &Conductor, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    c.call(method, path, Some(&c.admin()), body)
-}
-
-fn is_deploy(a: &Action, name: &str, version: u32) -> bool {
-    matches!(a, Action::Deploy(s) if s.name.as_str() == name && s.version == version)
-}
-
-fn is_remove(a: &Action, name: &str) -> bool {
-    matches!(a, Action::Remove(n) if n.as_str() == name)
-}
-
-fn target<'a>(svc: &'a Value, id: &str) -> &'a Value {
-    svc["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["worker_id"] == id)
-        .unwrap_or_else(|| panic!("{id} not a target: {svc}"))
-}
 
 #[test]
 fn specs_are_versioned_and_validated() {
@@ -185,25 +30,28 @@ fn specs_are_versioned_and_validated() {
         (json!({"name": "", "command": "x"}), "name"),
         (json!({"name": "a".repeat(33), "command": "x"}), "name"),
         (json!({"name": "ok", "command": ""}), "command"),
-        (json!({"name": "ok", "command": "x".repeat(129)}), "command"),
         (
-            json!({"name": "ok", "command": "x", "args": vec!["a"; 17]}),
+            json!({"name": "ok", "command": "x".repeat(1025)}),
+            "command",
+        ),
+        (
+            json!({"name": "ok", "command": "x", "args": vec!["a"; 65]}),
             "args",
         ),
         (
-            json!({"name": "ok", "command": "x", "args": ["a".repeat(65)]}),
-            "args[0]",
+            json!({"name": "ok", "command": "x", "args": ["a".repeat(1025)]}),
+            "args",
         ),
         (
-            json!({"name": "ok", "command": "x", "env": {"K": "v".repeat(65)}}),
+            json!({"name": "ok", "command": "x", "env": {"K": "v".repeat(1025)}}),
             "env",
         ),
         (
-            json!({"name": "ok", "command": "x", "env": {"K".repeat(33): "v"}}),
+            json!({"name": "ok", "command": "x", "env": {"K=1": "v"}}),
             "env",
         ),
         (
-            json!({"name": "ok", "command": "x", "working_dir": "/".repeat(129)}),
+            json!({"name": "ok", "command": "x", "working_dir": "/".repeat(1025)}),
             "working_dir",
         ),
         (
@@ -221,8 +69,16 @@ fn specs_are_versioned_and_validated() {
         let msg = v["error"].as_str().unwrap();
         assert!(msg.contains(word), "{body}: {msg}");
     }
+    // The old frame limits (16 args of 64 bytes…) no longer apply.
+    let (code, v) = call(
+        &c,
+        "POST",
+        "/api/v1/services",
+        Some(json!({"name": "ok", "command": "x".repeat(200), "args": vec!["a".repeat(100); 20]})),
+    );
+    assert_eq!(code, 201, "{v}");
     let many: serde_json::Map<String, Value> =
-        (0..17).map(|i| (format!("K{i}"), json!("v"))).collect();
+        (0..65).map(|i| (format!("K{i}"), json!("v"))).collect();
     let (code, _) = call(
         &c,
         "POST",
@@ -232,9 +88,10 @@ fn specs_are_versioned_and_validated() {
     assert_eq!(code, 400);
 
     let list = c.get("/api/v1/services");
-    assert_eq!(list["services"].as_array().unwrap().len(), 1, "{list}");
-    assert_eq!(list["services"][0]["latest_version"], 2);
-    assert_eq!(list["services"][0]["deployment"], Value::Null);
+    assert_eq!(list["services"].as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list["services"][1]["name"], "web");
+    assert_eq!(list["services"][1]["latest_version"], 2);
+    assert_eq!(list["services"][1]["deployment"], Value::Null);
     let one = c.get("/api/v1/services/web");
     assert_eq!(one["versions"].as_array().unwrap().len(), 2);
     assert_eq!(one["versions"][0]["spec"]["args"][1], "http.server");
@@ -302,12 +159,15 @@ fn placement_reconciliation_commands_and_undeploy() {
     expect.sort();
     assert_eq!(v["targets"], json!(expect));
 
-    // Exactly the two targets get a sealed Deploy (verified with their secret).
+    // Exactly the two targets get a sealed DeployManifest (verified with
+    // their secret) whose manifest they can fetch and check.
     for w in [&a, &b] {
-        match w.wait_action("deploy", |x| is_deploy(x, "web", 1)) {
-            Action::Deploy(s) => {
-                assert_eq!(s.command.as_str(), "/bin/sleep");
-                assert_eq!(s.args[0].as_str(), "1000");
+        let act = w.wait_action("deploy", |x| is_deploy(x, "web", 1));
+        let m = fetch_manifest(&c, w, &act);
+        match m.runtime {
+            Runtime::Process(p) => {
+                assert_eq!(p.program, Program::Command("/bin/sleep".into()));
+                assert_eq!(p.args, vec!["1000".to_string()]);
             }
             other => panic!("{other:?}"),
         }
@@ -383,7 +243,9 @@ fn placement_reconciliation_commands_and_undeploy() {
 
     // The untargeted worker never received anything about "web".
     assert!(
-        !w3.actions().iter().any(|x| matches!(x, Action::Deploy(_))),
+        !w3.actions()
+            .iter()
+            .any(|x| matches!(x, Action::DeployManifest(_))),
         "{:?}",
         w3.actions()
     );

@@ -63,6 +63,8 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Post, ["workers", id, "services", name, op]) => {
             super::services::worker_op(ctx, id, name, op)
         }
+        (Method::Get, ["artifacts"]) => super::artifacts::list(ctx),
+        (Method::Delete, ["artifacts", sha]) => super::artifacts::delete(ctx, sha),
         (Method::Get, ["services"]) => super::services::list(ctx),
         (Method::Post, ["services"]) => super::services::create(ctx, req),
         (Method::Get, ["services", name]) => super::services::get(ctx, name),
@@ -72,6 +74,13 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Delete, ["services", name, "deployment"]) => {
             super::services::delete_deployment(ctx, name)
         }
+        (Method::Post, ["services", name, "rollout"]) => {
+            super::services::start_rollout(ctx, req, name)
+        }
+        (Method::Post, ["services", name, "rollout", "abort"]) => {
+            super::services::abort_rollout(ctx, name)
+        }
+        (Method::Get, ["services", name, "rollouts"]) => super::services::rollouts(ctx, name),
         _ => Err(ApiError::not_found("route")),
     }
 }
@@ -92,7 +101,7 @@ fn origin_host(origin: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
-fn authenticate(ctx: &Ctx, req: &Req) -> Result<TokenRow, ApiError> {
+pub(crate) fn authenticate(ctx: &Ctx, req: &Req) -> Result<TokenRow, ApiError> {
     let Some((token, from_cookie)) = presented(req) else {
         return Err(ApiError::new(401, "missing bearer token or session cookie"));
     };
@@ -429,6 +438,7 @@ fn delete_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
     lock(&ctx.shared.db).delete_worker(id)?;
     workers.remove(id);
     lock(&ctx.shared.service_status).remove(id);
+    lock(&ctx.shared.service_metrics).remove(id);
     ctx.shared.creds.remove_worker(id);
     info!(worker_id = id, "worker deleted");
     Ok(Resp::no_content())

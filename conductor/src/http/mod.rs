@@ -2,8 +2,13 @@
 //! the web dashboard at `/` (static files embedded in the binary, [`ui`]).
 //!
 //! Requests are served by [`HTTP_THREADS`] blocking threads (a command waits
-//! up to 5 s for its reply and holds one thread meanwhile). Request bodies
-//! are capped at [`MAX_BODY`] bytes (413 beyond). Errors are JSON
+//! up to 5 s for its reply and holds one thread meanwhile; a log relay holds
+//! one for its duration, at most [`logs::MAX_LOG_STREAMS`] at a time).
+//! Request bodies are capped at [`MAX_BODY`] bytes (413 beyond), except
+//! `POST /api/v1/artifacts`, which streams its body to disk up to
+//! `Config::max_artifact_bytes` ([`artifacts`]). The worker download routes
+//! `/api/v1/agent/*` authenticate with `Authorization: Aerekos-Worker`
+//! ([`agent`]), not with a token. Errors are JSON
 //! `{"error": "..."}` with a fitting status code. Every route except
 //! `health`, `enroll`, `login`, `logout`, `session` and `/metrics` needs
 //! `Authorization: Bearer <session or API token>` or the `aerekos_session`
@@ -16,8 +21,11 @@
 //! enrol and login rate limits key on the TCP peer address, so behind a
 //! reverse proxy all clients share one bucket.
 
+mod agent;
 mod api;
+mod artifacts;
 mod enroll;
+mod logs;
 mod prom;
 mod services;
 mod ui;
@@ -40,7 +48,7 @@ use crate::state::Shared;
 use crate::ConductorError;
 
 /// Request handler threads.
-pub const HTTP_THREADS: usize = 4;
+pub const HTTP_THREADS: usize = 8;
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -143,6 +151,8 @@ pub(crate) struct Req {
     pub origin: Option<String>,
     /// `If-None-Match`, for the dashboard's static files.
     pub if_none_match: Option<String>,
+    /// The raw `Authorization` header (worker downloads use their own scheme).
+    pub authorization: Option<String>,
     pub ip: IpAddr,
     pub body: Vec<u8>,
 }
@@ -189,6 +199,35 @@ impl Resp {
             headers: Vec::new(),
         }
     }
+}
+
+/// A response whose body is bytes, a file or a stream rather than text.
+pub(crate) struct RawResp {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Box<dyn Read + Send>,
+    /// `Content-Length`; `None` streams with chunked encoding.
+    pub len: Option<usize>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl RawResp {
+    /// An in-memory binary body.
+    pub fn bytes(content_type: &'static str, bytes: Vec<u8>) -> RawResp {
+        RawResp {
+            status: 200,
+            content_type,
+            len: Some(bytes.len()),
+            body: Box::new(std::io::Cursor::new(bytes)),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// What a handler answers.
+enum Out {
+    Text(Resp),
+    Raw(RawResp),
 }
 
 /// An error answer.
@@ -251,22 +290,63 @@ fn parse_query(q: &str) -> HashMap<String, String> {
         .collect()
 }
 
+fn request_head(raw: &tiny_http::Request, path: &str, query: &str, ip: IpAddr) -> Req {
+    Req {
+        method: raw.method().clone(),
+        path: path.to_string(),
+        query: parse_query(query),
+        bearer: header(raw, "Authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|s| s.trim().to_string()),
+        cookie: header(raw, "Cookie")
+            .and_then(|c| cookie_value(c, api::SESSION_COOKIE))
+            .filter(|c| !c.is_empty()),
+        host: header(raw, "Host").map(str::to_string),
+        forwarded_host: header(raw, "X-Forwarded-Host").map(str::to_string),
+        behind_tls: header(raw, "X-Forwarded-Proto")
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")),
+        origin: header(raw, "Origin").map(str::to_string),
+        if_none_match: header(raw, "If-None-Match").map(str::to_string),
+        authorization: header(raw, "Authorization").map(str::to_string),
+        ip,
+        body: Vec::new(),
+    }
+}
+
+/// Routes answered with a [`RawResp`]; `None` for the JSON table.
+fn raw_route(ctx: &Ctx, req: &Req) -> Option<Result<RawResp, ApiError>> {
+    let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    Some(match (&req.method, segs.as_slice()) {
+        (Method::Get, ["api", "v1", "agent", "manifests", name, version]) => {
+            agent::manifest(ctx, req, name, version)
+        }
+        (Method::Get, ["api", "v1", "agent", "artifacts", sha]) => agent::artifact(ctx, req, sha),
+        (Method::Get, ["api", "v1", "workers", id, "services", name, "logs"]) => {
+            api::authenticate(ctx, req).and_then(|_| logs::stream(ctx, req, id, name))
+        }
+        _ => return None,
+    })
+}
+
 fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
     let ip = raw
         .remote_addr()
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let url = raw.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let too_big = header(&raw, "Content-Length")
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .is_some_and(|n| n > MAX_BODY);
-    let mut body = Vec::new();
-    let result = if too_big {
+    let content_length = header(&raw, "Content-Length").and_then(|v| v.trim().parse::<u64>().ok());
+    let mut req = request_head(&raw, path, query, ip);
+    let result = if req.method == Method::Post && path.trim_end_matches('/') == "/api/v1/artifacts"
+    {
+        // Streamed to disk: the JSON body limit does not apply.
+        artifacts::upload(ctx, &req, content_length, raw.as_reader()).map(Out::Text)
+    } else if content_length.is_some_and(|n| n > MAX_BODY as u64) {
         Err(ApiError::new(
             413,
             format!("request body over {MAX_BODY} bytes"),
         ))
     } else {
+        let mut body = Vec::new();
         match raw
             .as_reader()
             .take(MAX_BODY as u64 + 1)
@@ -277,48 +357,117 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
                 format!("request body over {MAX_BODY} bytes"),
             )),
             Ok(_) => {
-                let req = Req {
-                    method: raw.method().clone(),
-                    path: path.to_string(),
-                    query: parse_query(query),
-                    bearer: header(&raw, "Authorization")
-                        .and_then(|v| v.strip_prefix("Bearer "))
-                        .map(|s| s.trim().to_string()),
-                    cookie: header(&raw, "Cookie")
-                        .and_then(|c| cookie_value(c, api::SESSION_COOKIE))
-                        .filter(|c| !c.is_empty()),
-                    host: header(&raw, "Host").map(str::to_string),
-                    forwarded_host: header(&raw, "X-Forwarded-Host").map(str::to_string),
-                    behind_tls: header(&raw, "X-Forwarded-Proto")
-                        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")),
-                    origin: header(&raw, "Origin").map(str::to_string),
-                    if_none_match: header(&raw, "If-None-Match").map(str::to_string),
-                    ip,
-                    body: std::mem::take(&mut body),
-                };
-                api::route(ctx, &req)
+                req.body = body;
+                match raw_route(ctx, &req) {
+                    Some(r) => r.map(Out::Raw),
+                    None => api::route(ctx, &req).map(Out::Text),
+                }
             }
             Err(e) => Err(ApiError::new(400, format!("cannot read body: {e}"))),
         }
     };
-    let resp = result.unwrap_or_else(|e| Resp::json(e.status, &json!({"error": e.message})));
-    debug!(method = %raw.method(), path, status = resp.status, "http");
-    let mut r = Response::from_string(resp.body).with_status_code(resp.status);
-    if let Ok(h) = Header::from_bytes("Content-Type", resp.content_type) {
-        r = r.with_header(h);
+    let out =
+        result.unwrap_or_else(|e| Out::Text(Resp::json(e.status, &json!({"error": e.message}))));
+    match out {
+        Out::Text(resp) => respond_text(raw, path, resp),
+        Out::Raw(resp) => respond_raw(raw, path, resp),
     }
+}
+
+fn headers_of(list: Vec<(&'static str, String)>, content_type: &str) -> Vec<Header> {
+    let mut out = Vec::new();
+    if let Ok(h) = Header::from_bytes("Content-Type", content_type) {
+        out.push(h);
+    }
+    for (name, value) in list {
+        if let Ok(h) = Header::from_bytes(name, value) {
+            out.push(h);
+        }
+    }
+    out
+}
+
+fn respond_text(raw: tiny_http::Request, path: &str, resp: Resp) {
+    debug!(method = %raw.method(), path, status = resp.status, "http");
     let mut headers = resp.headers;
     if resp.content_type == "application/json" {
         headers.push(("Cache-Control", "no-store".into()));
     }
     headers.push(("X-Content-Type-Options", "nosniff".into()));
-    for (name, value) in headers {
-        if let Ok(h) = Header::from_bytes(name, value) {
-            r = r.with_header(h);
-        }
+    let mut r = Response::from_string(resp.body).with_status_code(resp.status);
+    for h in headers_of(headers, resp.content_type) {
+        r = r.with_header(h);
     }
     if let Err(e) = raw.respond(r) {
         debug!("http respond: {e}");
+    }
+}
+
+fn respond_raw(raw: tiny_http::Request, path: &str, resp: RawResp) {
+    debug!(method = %raw.method(), path, status = resp.status, streamed = resp.len.is_none(), "http");
+    let mut headers = resp.headers;
+    headers.push(("Cache-Control", "no-store".into()));
+    headers.push(("X-Content-Type-Options", "nosniff".into()));
+    let Some(len) = resp.len else {
+        stream_chunked(raw, resp.status, resp.content_type, headers, resp.body);
+        return;
+    };
+    let r = Response::new(
+        tiny_http::StatusCode(resp.status),
+        headers_of(headers, resp.content_type),
+        resp.body,
+        Some(len),
+        None,
+    )
+    // A known length is always sent as Content-Length (tiny_http would
+    // switch to chunked above 32 KiB).
+    .with_chunked_threshold(usize::MAX);
+    if let Err(e) = raw.respond(r) {
+        debug!("http respond: {e}");
+    }
+}
+
+/// Writes a chunked response by hand, flushing after every read of `body`
+/// (tiny_http's own chunked writer buffers 8 KiB before sending anything,
+/// which would hold back a slow log stream). The connection is closed
+/// afterwards.
+fn stream_chunked(
+    raw: tiny_http::Request,
+    status: u16,
+    content_type: &str,
+    headers: Vec<(&'static str, String)>,
+    mut body: Box<dyn Read + Send>,
+) {
+    use std::io::Write;
+    let reason = tiny_http::StatusCode(status).default_reason_phrase();
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+    );
+    for (k, v) in headers {
+        if !v.contains(['\r', '\n']) {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    head.push_str("\r\n");
+    let mut w = raw.into_writer();
+    let result = (|| -> std::io::Result<()> {
+        w.write_all(head.as_bytes())?;
+        w.flush()?;
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = body.read(&mut buf)?;
+            if n == 0 {
+                w.write_all(b"0\r\n\r\n")?;
+                return w.flush();
+            }
+            w.write_all(format!("{n:x}\r\n").as_bytes())?;
+            w.write_all(&buf[..n])?;
+            w.write_all(b"\r\n")?;
+            w.flush()?;
+        }
+    })();
+    if let Err(e) = result {
+        debug!("http stream ended: {e}");
     }
 }
 

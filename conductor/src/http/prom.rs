@@ -107,7 +107,11 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
                 for (name, s) in m {
                     rows.push((
                         format!("worker_id=\"{}\",service=\"{}\"", esc(&w.id), esc(name)),
-                        u8::from(s.state == "running").to_string(),
+                        u8::from(matches!(
+                            s.state.as_str(),
+                            "running" | "healthy" | "unhealthy"
+                        ))
+                        .to_string(),
                     ));
                 }
             }
@@ -115,6 +119,32 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         gauge(
             "aerekos_service_running",
             "1 if the hosted service's process runs on the worker (last report).",
+            &mut rows.into_iter(),
+        );
+    }
+    {
+        let metrics = lock(&ctx.shared.service_metrics);
+        let mut rows: Vec<(String, String)> = Vec::new();
+        for w in &list {
+            if let Some(m) = metrics.get(&w.id) {
+                for (service, values) in m {
+                    for (key, value) in &values.values {
+                        rows.push((
+                            format!(
+                                "worker_id=\"{}\",service=\"{}\",key=\"{}\"",
+                                esc(&w.id),
+                                esc(service),
+                                esc(key)
+                            ),
+                            value.to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+        gauge(
+            "aerekos_service_metric",
+            "Latest value a hosted service published (unit chosen by the service).",
             &mut rows.into_iter(),
         );
     }

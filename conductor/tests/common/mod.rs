@@ -3,14 +3,14 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use conductor::{Config, Started};
 use protocol::topic::{topic, TopicKind};
-use protocol::{Body, Envelope, Secret};
+use protocol::{Action, Body, Envelope, Secret, ServiceState};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 
@@ -447,4 +447,242 @@ pub fn wait_status(c: &Conductor, id: &str, status: &str, timeout: Duration) {
     wait_for(&format!("{id} {status}"), timeout, || {
         (c.worker(id)["status"] == status).then_some(())
     });
+}
+
+/// Default wait in service tests.
+pub const T: Duration = Duration::from_secs(10);
+
+/// A fake worker that records every command it can verify with its secret
+/// (and counts every publish on its cmd topic) and replies `Ok`.
+pub struct SvcWorker {
+    pub id: String,
+    pub secret: Secret,
+    pub client: Client,
+    pub seq: Arc<AtomicU64>,
+    /// Every verified command, with its id.
+    pub commands: Arc<Mutex<Vec<(u32, Action)>>>,
+    pub publishes: Arc<AtomicUsize>,
+    _t: std::thread::JoinHandle<()>,
+}
+
+impl SvcWorker {
+    pub fn connect(c: &Conductor, e: &Enrolled, hostname: &str) -> SvcWorker {
+        SvcWorker::connect_from(c, e, hostname, 0)
+    }
+
+    /// Like [`SvcWorker::connect`], continuing after sequence number `seq`.
+    pub fn connect_from(c: &Conductor, e: &Enrolled, hostname: &str, seq: u64) -> SvcWorker {
+        let seq = Arc::new(AtomicU64::new(seq));
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let publishes = Arc::new(AtomicUsize::new(0));
+        let (secret, id) = (e.secret.clone(), e.id.clone());
+        let (seq2, commands2, pubs2) = (seq.clone(), commands.clone(), publishes.clone());
+        let handler: OnPublish = Box::new(move |client: &Client, p: &rumqttc::Publish| {
+            pubs2.fetch_add(1, Ordering::SeqCst);
+            let Ok(opened) = protocol::open(&p.payload) else {
+                return;
+            };
+            let Ok(env) = opened.verify(&secret) else {
+                return;
+            };
+            if let Body::Command(cmd) = env.body {
+                let detail = match &cmd.action {
+                    Action::Start(_) => "started",
+                    Action::Stop(_) => "stopped",
+                    Action::Restart(_) => "restarted",
+                    _ => "ok",
+                };
+                commands2.lock().unwrap().push((cmd.id, cmd.action));
+                let reply = Body::Reply(protocol::Reply {
+                    cmd_id: cmd.id,
+                    status: protocol::ReplyStatus::Ok,
+                    detail: protocol::bounded(detail),
+                });
+                let n = seq2.fetch_add(1, Ordering::SeqCst) + 1;
+                let _ = client.try_publish(
+                    topic(&id, TopicKind::Reply),
+                    QoS::AtLeastOnce,
+                    false,
+                    seal(&secret, &id, n, reply),
+                );
+            }
+        });
+        let (client, t) = connect(
+            c.started.mqtt_addr,
+            &e.id,
+            &e.username,
+            &e.password,
+            Some(handler),
+        )
+        .unwrap();
+        client
+            .subscribe(topic(&e.id, TopicKind::Cmd), QoS::AtLeastOnce)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200)); // let the SubAck land
+        let w = SvcWorker {
+            id: e.id.clone(),
+            secret: e.secret.clone(),
+            client,
+            seq,
+            commands,
+            publishes,
+            _t: t,
+        };
+        // Online for 75 s.
+        w.send(birth(hostname, 60_000), TopicKind::Birth);
+        w
+    }
+
+    pub fn send(&self, body: Body, kind: TopicKind) {
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.client
+            .publish(
+                topic(&self.id, kind),
+                QoS::AtLeastOnce,
+                false,
+                seal(&self.secret, &self.id, n, body),
+            )
+            .unwrap();
+    }
+
+    pub fn report(&self, name: &str, version: u32, state: ServiceState) {
+        self.send(
+            Body::ServiceStatus(protocol::ServiceStatus {
+                name: protocol::bounded(name),
+                version,
+                state,
+                pid: if state == ServiceState::Running {
+                    4242
+                } else {
+                    0
+                },
+                restarts: 0,
+                exit_code: None,
+                detail: protocol::bounded(""),
+            }),
+            TopicKind::Services,
+        );
+    }
+
+    pub fn actions(&self) -> Vec<Action> {
+        self.commands
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
+    /// Waits until a command matching `f` has been received; returns its id too.
+    pub fn wait_command(&self, what: &str, f: impl Fn(&Action) -> bool) -> (u32, Action) {
+        wait_for(&format!("{what} on {}", self.id), T, || {
+            self.commands
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, a)| f(a))
+                .cloned()
+        })
+    }
+
+    /// Reports a state with a detail.
+    pub fn report_detail(&self, name: &str, version: u32, state: ServiceState, detail: &str) {
+        self.send(
+            Body::ServiceStatus(protocol::ServiceStatus {
+                name: protocol::bounded(name),
+                version,
+                state,
+                pid: 4242,
+                restarts: 0,
+                exit_code: None,
+                detail: protocol::bounded(detail),
+            }),
+            TopicKind::Services,
+        );
+    }
+
+    /// `Authorization` for a worker download of `path`.
+    pub fn http_auth(&self, path: &str) -> String {
+        protocol::manifest::http_auth(&self.secret, &self.id, "GET", path)
+    }
+
+    /// Waits until an action matching `f` has been received.
+    pub fn wait_action(&self, what: &str, f: impl Fn(&Action) -> bool) -> Action {
+        wait_for(&format!("{what} on {}", self.id), T, || {
+            self.actions().into_iter().find(|a| f(a))
+        })
+    }
+}
+
+/// A raw HTTP request; returns status, headers and body bytes.
+pub fn http_raw(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut b = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(body).unwrap();
+    let mut resp = agent().run(req).unwrap();
+    let code = resp.status().as_u16();
+    let hs = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let bytes = resp
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .unwrap_or_default();
+    (code, hs, bytes)
+}
+
+pub fn enroll_labels(c: &Conductor, host: &str, labels: Value) -> Enrolled {
+    let (code, v) = c.enroll(json!({
+        "token": c.started.local_enroll_token,
+        "hostname": host,
+        "machine_id": format!("mid-{host}"),
+        "labels": labels,
+    }));
+    assert_eq!(code, 200, "{v}");
+    Enrolled::from_json(&v)
+}
+
+pub fn call(c: &Conductor, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    c.call(method, path, Some(&c.admin()), body)
+}
+
+/// A `DeployManifest` of `name` v`version`.
+pub fn is_deploy(a: &Action, name: &str, version: u32) -> bool {
+    matches!(a, Action::DeployManifest(m) if m.name.as_str() == name && m.version == version)
+}
+
+pub fn is_remove(a: &Action, name: &str) -> bool {
+    matches!(a, Action::Remove(n) if n.as_str() == name)
+}
+
+pub fn target<'a>(svc: &'a Value, id: &str) -> &'a Value {
+    svc["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["worker_id"] == id)
+        .unwrap_or_else(|| panic!("{id} not a target: {svc}"))
+}
+
+/// Fetches and verifies the manifest a `DeployManifest` names, as a worker does.
+pub fn fetch_manifest(c: &Conductor, w: &SvcWorker, a: &Action) -> protocol::Manifest {
+    let Action::DeployManifest(m) = a else {
+        panic!("not a DeployManifest: {a:?}")
+    };
+    let path = format!("/api/v1/agent/manifests/{}/{}", m.name, m.version);
+    let auth = w.http_auth(&path);
+    let (code, _, bytes) = http_raw("GET", &c.url(&path), &[("Authorization", &auth)], vec![]);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&bytes));
+    protocol::Manifest::decode_verified(&bytes, m).unwrap()
 }

@@ -1,0 +1,81 @@
+//! Worker downloads: `GET /api/v1/agent/manifests/{name}/{version}` and
+//! `GET /api/v1/agent/artifacts/{sha256}`, authenticated with
+//! `Authorization: Aerekos-Worker <id> <tag>`
+//! ([`protocol::manifest::verify_http_auth`]) under the worker's frame
+//! secret; an unknown or revoked worker or a bad tag gets 401.
+//!
+//! A manifest (which carries the service's secrets) is served only to a
+//! worker that a deployment of that service targets, and only for a version
+//! it may be told to run ([`crate::services::may_fetch`]); anything else is
+//! 404, so a worker cannot read another service's secrets. Artifacts (plain
+//! binaries) are served to any authenticated worker.
+
+use std::path::PathBuf;
+
+use super::{ApiError, Ctx, RawResp, Req};
+use crate::state::lock;
+
+fn worker_of(ctx: &Ctx, req: &Req) -> Result<String, ApiError> {
+    let header = req.authorization.as_deref().unwrap_or_default();
+    let workers = lock(&ctx.shared.workers);
+    protocol::manifest::verify_http_auth(header, "GET", &req.path, |id| {
+        workers
+            .get(id)
+            .filter(|w| !w.revoked)
+            .map(|w| w.secret.clone())
+    })
+    .map(str::to_string)
+    .ok_or_else(|| ApiError::new(401, "worker authentication failed"))
+}
+
+/// `GET /agent/manifests/{name}/{version}`: the exact `Manifest::encode()`
+/// bytes whose SHA-256 the `DeployManifest` command carried.
+pub(crate) fn manifest(
+    ctx: &Ctx,
+    req: &Req,
+    name: &str,
+    version: &str,
+) -> Result<RawResp, ApiError> {
+    let worker = worker_of(ctx, req)?;
+    let not_found = || ApiError::not_found("manifest");
+    let version: u32 = version.parse().map_err(|_| not_found())?;
+    if !crate::services::valid_name(name)
+        || !crate::services::may_fetch(&ctx.shared, &worker, name, version)
+            .map_err(ApiError::internal)?
+    {
+        tracing::info!(worker_id = %worker, service = name, version, "manifest refused: not targeted");
+        return Err(not_found());
+    }
+    let built = crate::services::manifest(&ctx.shared, name, version)
+        .map_err(ApiError::internal)?
+        .ok_or_else(not_found)?;
+    tracing::debug!(worker_id = %worker, service = name, version, "manifest served");
+    Ok(RawResp::bytes(
+        "application/octet-stream",
+        built.bytes.clone(),
+    ))
+}
+
+/// `GET /agent/artifacts/{sha256}`: the file, streamed from disk.
+pub(crate) fn artifact(ctx: &Ctx, req: &Req, sha: &str) -> Result<RawResp, ApiError> {
+    let worker = worker_of(ctx, req)?;
+    let not_found = || ApiError::not_found("artifact");
+    if !crate::artifacts::valid_sha(sha) || lock(&ctx.shared.db).artifact(sha)?.is_empty() {
+        return Err(not_found());
+    }
+    let path = crate::artifacts::path_of(&PathBuf::from(&ctx.shared.config.data_dir), sha);
+    let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => not_found(),
+        _ => ApiError::internal(e),
+    })?;
+    let len = file.metadata().map_err(ApiError::internal)?.len();
+    let len = usize::try_from(len).map_err(ApiError::internal)?;
+    tracing::debug!(worker_id = %worker, sha256 = sha, len, "artifact served");
+    Ok(RawResp {
+        status: 200,
+        content_type: "application/octet-stream",
+        body: Box::new(file),
+        len: Some(len),
+        headers: Vec::new(),
+    })
+}

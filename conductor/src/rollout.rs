@@ -1,0 +1,484 @@
+//! Rollouts: a deployed service moves to a new version in waves, and is
+//! reverted automatically when a wave fails.
+//!
+//! A rollout starts when a deployment that already runs somewhere gets a
+//! different version: `PUT /services/{name}/deployment` with a higher
+//! `version` (a lower one is a rollback and applies at once), or
+//! `POST /services/{name}/rollout {"version": N, …policy}` (any version).
+//! The policy is the request's, else the deployment's default (`"rollout"`
+//! in the deployment), else [`Policy::default`] (canary 1, settle 10 s).
+//!
+//! Waves are fixed when the rollout starts: wave 0 (the canaries) is the
+//! first `canary` (or `canary_percent` % of the targets, rounded up, at
+//! least 1) **online** targets by id; wave 1 is every other target. While a
+//! rollout is in progress the deployment keeps the old version
+//! (`from_version`) and [`desired_version`] gives each worker its own
+//! target: workers in the current or an earlier wave get `to_version`,
+//! the others (including workers that start matching the deployment during
+//! the rollout) keep `from_version`.
+//!
+//! [`evaluate`] runs at every reconciliation pass. A wave **passes** when
+//! each of its members reports `to_version` `healthy` (or `running` when the
+//! new spec has no health check), unchanged for `settle_s`. It **fails**
+//! when a member reports `to_version` `failed` or `unhealthy`, answers the
+//! `DeployManifest` with an error (digest or version mismatch, artifact
+//! rejected, unsupported) or sends `ArtifactRejected` / `HealthFailed` for
+//! the service after the wave started, or when the wave has not passed
+//! within `timeout_s` (default `settle_s + 60`). Members of a later wave
+//! that are offline when it starts are skipped (they get the new version
+//! when they return). A failure reverts: the rollout is marked `reverted`
+//! with the reason, and every worker goes back to `from_version`. After the
+//! last wave the deployment's version becomes `to_version` (`succeeded`),
+//! in the same transaction.
+//!
+//! A conductor restart resumes a rollout in progress: the current wave's
+//! clock (settle and timeout) restarts at the conductor's start, so the
+//! time it was down counts neither for nor against the wave.
+//!
+//! Limits: two waves (canary, rest); at most one rollout in progress per
+//! service (a partial unique index); `settle_s` ≤ 3600, `timeout_s` ≤ 86400.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::services::{Deployment, ServiceError};
+use crate::state::{lock, now_ms, Shared, Status};
+use crate::store::RolloutRow;
+
+/// `in_progress`.
+pub const IN_PROGRESS: &str = "in_progress";
+/// `succeeded`.
+pub const SUCCEEDED: &str = "succeeded";
+/// `reverted`.
+pub const REVERTED: &str = "reverted";
+/// Longest settle time, seconds.
+pub const MAX_SETTLE_S: u32 = 3600;
+/// Longest wave timeout, seconds.
+pub const MAX_TIMEOUT_S: u32 = 86_400;
+/// Rollouts `GET /services/{name}/rollouts` returns.
+pub const HISTORY: usize = 50;
+
+fn default_settle() -> u32 {
+    10
+}
+
+/// How a rollout proceeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Canary wave size (workers); exclusive with `canary_percent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
+    /// Canary wave size as a percentage of the targets (1..=100, rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_percent: Option<u8>,
+    /// How long each member must stay healthy, seconds.
+    #[serde(default = "default_settle")]
+    pub settle_s: u32,
+    /// A wave that has not passed after this long fails (default
+    /// `settle_s + 60`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            canary: Some(1),
+            canary_percent: None,
+            settle_s: default_settle(),
+            timeout_s: None,
+        }
+    }
+}
+
+impl Policy {
+    /// Checks the bounds; the message names the field.
+    pub fn validate(&self) -> Result<(), ServiceError> {
+        let bad = |m: &str| Err(ServiceError::Invalid(m.into()));
+        match (self.canary, self.canary_percent) {
+            (Some(_), Some(_)) => return bad("give canary or canary_percent, not both"),
+            (Some(0), _) => return bad("canary must be ≥ 1"),
+            (_, Some(p)) if p == 0 || p > 100 => return bad("canary_percent must be 1..=100"),
+            _ => {}
+        }
+        if self.settle_s > MAX_SETTLE_S {
+            return bad("settle_s must be ≤ 3600");
+        }
+        if let Some(t) = self.timeout_s {
+            if t <= self.settle_s || t > MAX_TIMEOUT_S {
+                return bad("timeout_s must be > settle_s and ≤ 86400");
+            }
+        }
+        Ok(())
+    }
+
+    /// Wave timeout, ms.
+    pub fn timeout_ms(&self) -> u64 {
+        u64::from(self.timeout_s.unwrap_or(self.settle_s.saturating_add(60))) * 1000
+    }
+
+    /// Canary wave size for `targets` targets, `online` of them online.
+    fn canary_count(&self, targets: usize, online: usize) -> usize {
+        let n = match (self.canary, self.canary_percent) {
+            (Some(c), _) => c as usize,
+            (None, Some(p)) => (targets * usize::from(p)).div_ceil(100),
+            (None, None) => 1,
+        };
+        n.clamp(1, online.max(1))
+    }
+}
+
+/// One wave.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    /// Members that must pass.
+    pub workers: Vec<String>,
+    /// Members offline when the wave started: moved, but not waited for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+}
+
+/// A rollout with its JSON columns parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// The stored row.
+    pub row: RolloutRow,
+    /// Its policy.
+    pub policy: Policy,
+    /// Its waves; `row.wave` indexes the current one.
+    pub waves: Vec<Wave>,
+}
+
+impl Rollout {
+    /// Parses a row (unreadable JSON columns read as defaults).
+    pub fn from_row(row: RolloutRow) -> Rollout {
+        Rollout {
+            policy: serde_json::from_str(&row.policy_json).unwrap_or_default(),
+            waves: serde_json::from_str(&row.waves_json).unwrap_or_default(),
+            row,
+        }
+    }
+
+    /// `true` once `worker` is in the current or an earlier wave.
+    pub fn moved(&self, worker: &str) -> bool {
+        let upto = (self.row.wave as usize).min(self.waves.len().saturating_sub(1));
+        self.waves
+            .iter()
+            .take(upto + 1)
+            .any(|w| w.workers.iter().chain(&w.skipped).any(|x| x == worker))
+    }
+
+    /// JSON for the API.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.row.id,
+            "from_version": self.row.from_version,
+            "to_version": self.row.to_version,
+            "state": self.row.state,
+            "wave": self.row.wave,
+            "waves": self.waves,
+            "policy": self.policy,
+            "reason": self.row.reason,
+            "started_ms": self.row.started_ms,
+            "wave_started_ms": self.row.wave_started_ms,
+            "finished_ms": self.row.finished_ms,
+        })
+    }
+}
+
+/// The version `worker` should run: the rollout's per-worker target while
+/// one is in progress, else the deployment's version.
+pub fn desired_version(dep: &Deployment, active: Option<&Rollout>, worker: &str) -> u32 {
+    match active {
+        Some(r) if r.row.state == IN_PROGRESS => {
+            if r.moved(worker) {
+                r.row.to_version
+            } else {
+                r.row.from_version
+            }
+        }
+        _ => dep.version,
+    }
+}
+
+/// Rollouts in progress by service name.
+pub fn active(shared: &Shared) -> Result<HashMap<String, Rollout>, ServiceError> {
+    Ok(lock(&shared.db)
+        .active_rollouts()?
+        .into_iter()
+        .map(|r| (r.service.clone(), Rollout::from_row(r)))
+        .collect())
+}
+
+/// Starts a rollout of `dep` (at its current version) to `to`. Returns
+/// `None` when no target is online (nothing to canary: the caller applies
+/// the version at once). Call without the worker map locked.
+pub fn start(
+    shared: &Shared,
+    dep: &Deployment,
+    to: u32,
+    policy: Policy,
+) -> Result<Option<Rollout>, ServiceError> {
+    policy.validate()?;
+    let (targets, online): (Vec<String>, Vec<String>) = {
+        let workers = lock(&shared.workers);
+        let targets: Vec<String> = dep.targets(&workers).into_iter().collect();
+        let online = targets
+            .iter()
+            .filter(|id| workers.get(*id).is_some_and(|w| w.status == Status::Online))
+            .cloned()
+            .collect();
+        (targets, online)
+    };
+    if online.is_empty() {
+        return Ok(None);
+    }
+    let k = policy.canary_count(targets.len(), online.len());
+    let canaries: Vec<String> = online.iter().take(k).cloned().collect();
+    let chosen: BTreeSet<&String> = canaries.iter().collect();
+    let rest: Vec<String> = targets
+        .iter()
+        .filter(|t| !chosen.contains(t))
+        .cloned()
+        .collect();
+    let mut waves = vec![Wave {
+        workers: canaries,
+        skipped: Vec::new(),
+    }];
+    if !rest.is_empty() {
+        waves.push(Wave {
+            workers: rest,
+            skipped: Vec::new(),
+        });
+    }
+    let now = now_ms();
+    let mut row = RolloutRow {
+        id: 0,
+        service: dep.name.clone(),
+        from_version: dep.version,
+        to_version: to,
+        state: IN_PROGRESS.into(),
+        policy_json: serde_json::to_string(&policy).unwrap_or_default(),
+        waves_json: serde_json::to_string(&waves).unwrap_or_default(),
+        wave: 0,
+        wave_started_ms: now,
+        reason: String::new(),
+        started_ms: now,
+        finished_ms: None,
+    };
+    row.id = match lock(&shared.db).insert_rollout(&row) {
+        Ok(id) => id,
+        Err(crate::store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            return Err(ServiceError::Conflict(format!(
+                "a rollout of {} is already in progress",
+                dep.name
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    info!(service = %dep.name, from = dep.version, to, waves = waves.len(), "rollout started");
+    Ok(Some(Rollout { row, policy, waves }))
+}
+
+/// Ends the rollout of `name` in progress (if any) as `reverted` with
+/// `reason`; returns it.
+pub fn abort(shared: &Shared, name: &str, reason: &str) -> Result<Option<Rollout>, ServiceError> {
+    let Some(mut r) = active(shared)?.remove(name) else {
+        return Ok(None);
+    };
+    finish(shared, &mut r, REVERTED, reason)?;
+    Ok(Some(r))
+}
+
+fn finish(shared: &Shared, r: &mut Rollout, state: &str, reason: &str) -> Result<(), ServiceError> {
+    r.row.state = state.into();
+    r.row.reason = reason.into();
+    r.row.finished_ms = Some(now_ms());
+    let dep_version = (state == SUCCEEDED).then_some(r.row.to_version);
+    lock(&shared.db).update_rollout(&r.row, dep_version)?;
+    // The manifest cache and throttles are keyed by version: nothing to drop.
+    if state == SUCCEEDED {
+        info!(service = %r.row.service, version = r.row.to_version, "rollout succeeded");
+    } else {
+        warn!(service = %r.row.service, from = r.row.to_version, to = r.row.from_version,
+            reason, "rollout reverted");
+    }
+    Ok(())
+}
+
+/// What one member's reports say about the current wave.
+enum Verdict {
+    Passed,
+    Waiting(String),
+    Failed(String),
+}
+
+fn member_verdict(
+    shared: &Shared,
+    r: &Rollout,
+    worker: &str,
+    has_health: bool,
+    now: u64,
+) -> Verdict {
+    let name = &r.row.service;
+    let to = r.row.to_version;
+    let since = r.row.wave_started_ms;
+    if let Some(f) = lock(&shared.service_failures).get(&(worker.to_string(), name.clone())) {
+        if f.at_ms >= since && f.version.is_none_or(|v| v == to) {
+            return Verdict::Failed(format!("{worker}: {}", f.what));
+        }
+    }
+    let status = lock(&shared.service_status);
+    let Some(a) = status.get(worker).and_then(|m| m.get(name)) else {
+        return Verdict::Waiting(format!("{worker} has not reported {name}"));
+    };
+    if a.version == to && (a.state == "failed" || a.state == "unhealthy") {
+        return Verdict::Failed(format!(
+            "{worker}: {} v{}: {}",
+            a.state, a.version, a.detail
+        ));
+    }
+    let good = a.state == "healthy" || (!has_health && a.state == "running");
+    let settle = u64::from(r.policy.settle_s) * 1000;
+    if a.version == to && good && now.saturating_sub(a.updated_ms.max(since)) >= settle {
+        Verdict::Passed
+    } else {
+        Verdict::Waiting(format!("{worker} reports {} v{}", a.state, a.version))
+    }
+}
+
+/// Advances, completes or reverts every rollout in progress; returns how
+/// many changed state or wave. Called by each reconciliation pass.
+pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
+    let mut changed = 0;
+    for (name, mut r) in active(shared)? {
+        if lock(&shared.db).deployment(&name)?.is_none() {
+            finish(shared, &mut r, REVERTED, "deployment removed")?;
+            changed += 1;
+            continue;
+        }
+        let has_health = match crate::services::load_doc(shared, &name, r.row.to_version)? {
+            Some(doc) => doc.has_health(),
+            None => {
+                let why = format!("version {} no longer exists", r.row.to_version);
+                finish(shared, &mut r, REVERTED, &why)?;
+                changed += 1;
+                continue;
+            }
+        };
+        let now = now_ms();
+        let idx = r.row.wave as usize;
+        let Some(wave) = r.waves.get(idx).cloned() else {
+            finish(shared, &mut r, SUCCEEDED, "")?;
+            changed += 1;
+            continue;
+        };
+        let mut failed = None;
+        let mut waiting = None;
+        for m in &wave.workers {
+            match member_verdict(shared, &r, m, has_health, now) {
+                Verdict::Passed => {}
+                Verdict::Waiting(w) => {
+                    waiting.get_or_insert(w);
+                }
+                Verdict::Failed(f) => {
+                    failed = Some(f);
+                    break;
+                }
+            }
+        }
+        if let Some(f) = failed {
+            let why = format!("wave {idx} failed: {f}");
+            finish(shared, &mut r, REVERTED, &why)?;
+            changed += 1;
+        } else if let Some(w) = waiting {
+            if now.saturating_sub(r.row.wave_started_ms) >= r.policy.timeout_ms() {
+                let why = format!(
+                    "wave {idx} did not pass within {} s: {w}",
+                    r.policy.timeout_ms() / 1000
+                );
+                finish(shared, &mut r, REVERTED, &why)?;
+                changed += 1;
+            }
+        } else if idx + 1 >= r.waves.len() {
+            finish(shared, &mut r, SUCCEEDED, "")?;
+            changed += 1;
+        } else {
+            // Next wave: its offline members are skipped.
+            let next = idx + 1;
+            {
+                let workers = lock(&shared.workers);
+                if let Some(w) = r.waves.get_mut(next) {
+                    let (on, off): (Vec<String>, Vec<String>) =
+                        w.workers.drain(..).partition(|id| {
+                            workers
+                                .get(id)
+                                .is_some_and(|e| e.status == Status::Online && !e.revoked)
+                        });
+                    w.workers = on;
+                    w.skipped.extend(off);
+                }
+            }
+            r.row.wave = next as u32;
+            r.row.wave_started_ms = now;
+            r.row.waves_json = serde_json::to_string(&r.waves).unwrap_or_default();
+            lock(&shared.db).update_rollout(&r.row, None)?;
+            info!(service = %name, wave = next, "rollout: canary wave passed, next wave");
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_bounds_and_canary_counts() {
+        assert!(Policy::default().validate().is_ok());
+        let p = |v: Value| serde_json::from_value::<Policy>(v).unwrap();
+        assert!(p(json!({"canary": 1, "canary_percent": 10}))
+            .validate()
+            .is_err());
+        assert!(p(json!({"canary": 0})).validate().is_err());
+        assert!(p(json!({"canary_percent": 101})).validate().is_err());
+        assert!(p(json!({"settle_s": 5, "timeout_s": 5}))
+            .validate()
+            .is_err());
+        assert!(serde_json::from_value::<Policy>(json!({"waves": 3})).is_err());
+        assert_eq!(p(json!({"settle_s": 1})).timeout_ms(), 61_000);
+        assert_eq!(p(json!({"canary_percent": 25})).canary_count(10, 10), 3);
+        assert_eq!(p(json!({"canary_percent": 1})).canary_count(10, 10), 1);
+        assert_eq!(p(json!({"canary": 5})).canary_count(10, 2), 2);
+    }
+
+    #[test]
+    fn moved_follows_the_wave_index() {
+        let row = RolloutRow {
+            id: 1,
+            service: "web".into(),
+            from_version: 1,
+            to_version: 2,
+            state: IN_PROGRESS.into(),
+            policy_json: "{}".into(),
+            waves_json: json!([{"workers": ["a"]}, {"workers": ["b"], "skipped": ["c"]}])
+                .to_string(),
+            wave: 0,
+            wave_started_ms: 0,
+            reason: String::new(),
+            started_ms: 0,
+            finished_ms: None,
+        };
+        let mut r = Rollout::from_row(row);
+        assert!(r.moved("a") && !r.moved("b") && !r.moved("c"));
+        r.row.wave = 1;
+        assert!(r.moved("b") && r.moved("c") && !r.moved("d"));
+    }
+}
