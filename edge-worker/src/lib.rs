@@ -21,9 +21,15 @@ use std::time::Duration;
 use tracing::Instrument;
 
 pub mod backoff;
+pub mod cgroup;
 pub mod cli;
 pub mod collect;
+pub mod container;
 pub mod enroll;
+pub mod fetch;
+pub mod health;
+pub mod local_api;
+pub mod logs;
 pub mod outbox;
 pub mod session;
 pub mod state;
@@ -297,7 +303,14 @@ pub async fn run(
         store.ensure_above(last);
     }
     // Services run whatever the connection does: adopt or start them now.
-    let services = supervisor::Supervisor::load(&config.state_dir);
+    // The arch is the birth's, so the conductor's artifact keys match it.
+    let services = supervisor::Supervisor::load_with(
+        &config.state_dir,
+        supervisor::SupervisorOptions {
+            arch: inventory.arch.to_string(),
+            ..supervisor::SupervisorOptions::default()
+        },
+    );
     let params = session::SessionParams {
         store,
         secret,

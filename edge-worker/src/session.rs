@@ -18,6 +18,14 @@
 //! again from the front (at-least-once; the conductor's replay window drops
 //! duplicates).
 //!
+//! Commands are applied at most once (the replay window is persisted
+//! before a command is applied). `DeployManifest` is answered when its
+//! downloads are done: the manifest and any artifact are fetched on blocking
+//! threads ([`crate::fetch`]), never on the runtime thread; a later Deploy,
+//! DeployManifest, Stop or Remove of the same service supersedes a pending
+//! one (answered with an error, nothing deployed). A worker that stops while
+//! a download runs never answers it (the conductor sends the deploy again).
+//!
 //! Limits: [`WINDOW`] frames in flight; keep-alive `max(5 s, 2 × interval)`
 //! capped at 30 s; reconnect backoff 0.5 s doubling to 30 s with jitter,
 //! reset after [`STABLE_AFTER`] connected; a refused login is logged once
@@ -26,23 +34,26 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use heapless::Vec as HVec;
 use protocol::frame::{bounded, Disk, MAX_DISKS};
 use protocol::{
-    Action, Body, BodyKind, Envelope, Event as WorkerEvent, EventKind, Metrics, ReplayWindow,
-    Reply, ReplyStatus, Secret, SeqVerdict, TopicKind, FORMAT_VERSION, MAX_FRAME_LEN,
+    Action, Body, BodyKind, Envelope, Event as WorkerEvent, EventKind, Manifest, ManifestRef,
+    Metrics, ReplayWindow, Reply, ReplyStatus, Secret, SeqVerdict, TopicKind, FORMAT_VERSION,
+    MAX_FRAME_LEN,
 };
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
     Outgoing, Packet, QoS, SubscribeReasonCode,
 };
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backoff::Backoff;
 use crate::collect::{Collector, Inventory};
+use crate::fetch::{Conductor, FetchError};
 use crate::outbox::{Frame, Outbox};
 use crate::state::StateStore;
 use crate::supervisor::Supervisor;
@@ -235,6 +246,35 @@ struct Session {
     commands_rejected: u64,
     /// The hosted services; independent of the connection.
     services: Supervisor,
+    /// Where manifests and artifacts are downloaded from.
+    conductor: Conductor,
+    /// Downloads for `DeployManifest` commands, on blocking threads.
+    deploys: JoinSet<DeployJob>,
+    /// Task id → (command id, service name) of `deploys`, to answer a
+    /// command whose task died.
+    deploy_tasks: HashMap<tokio::task::Id, (u32, String)>,
+    /// Per service: the generation of the latest command that changes its
+    /// manifest. Invariant: a download whose generation is not the current
+    /// one is never deployed (a later command superseded it).
+    deploy_gen: HashMap<String, u64>,
+    next_gen: u64,
+}
+
+/// What a `DeployManifest` download step produced.
+enum Fetched {
+    /// The manifest (or why not).
+    Manifest(Result<Manifest, FetchError>),
+    /// The manifest and its artifact download (cached path, downloaded now).
+    Artifact(Manifest, [u8; 32], Result<(PathBuf, bool), FetchError>),
+}
+
+/// A finished download step of one `DeployManifest` command.
+struct DeployJob {
+    cmd_id: u32,
+    gen: u64,
+    name: String,
+    version: u32,
+    fetched: Fetched,
 }
 
 /// Runs the session until `shutdown` completes; then sends `offline`,
@@ -264,6 +304,11 @@ pub(crate) async fn run(
     }
     let (client, eventloop) = AsyncClient::new(opts, 4 * WINDOW);
     let cmd_window = st.cmd_window();
+    let conductor = Conductor {
+        url: st.conductor_url.clone(),
+        worker_id: id.clone(),
+        secret: p.secret.clone(),
+    };
 
     let mut s = Session {
         id,
@@ -290,6 +335,11 @@ pub(crate) async fn run(
         overflow_reported: false,
         commands_rejected: 0,
         services: p.services,
+        conductor,
+        deploys: JoinSet::new(),
+        deploy_tasks: HashMap::new(),
+        deploy_gen: HashMap::new(),
+        next_gen: 0,
     };
     tracing::info!(
         broker = %s.mqtt_url,
@@ -350,6 +400,9 @@ pub(crate) async fn run(
             }
             () = flush_sleep, if flush_at.is_some() => s.persist_outbox(),
             () = services_sleep, if services_at.is_some() => s.services.poll(),
+            Some(done) = s.deploys.join_next_with_id(), if !s.deploys.is_empty() => {
+                s.on_deploy_done(done);
+            }
         }
         s.enqueue_service_changes();
         if s.interval_changed {
@@ -510,12 +563,156 @@ impl Session {
         }
     }
 
-    /// Queues a status frame for every service state change.
+    /// Queues a status frame for every service state change and an event
+    /// frame for every service event.
     fn enqueue_service_changes(&mut self) {
         for status in self.services.take_changes() {
             tracing::debug!(service = %status.name, state = ?status.state, pid = status.pid, "service");
             self.enqueue(Body::ServiceStatus(status));
         }
+        for (kind, detail) in self.services.take_events() {
+            self.enqueue(Body::Event(WorkerEvent {
+                kind,
+                detail: bounded(&detail),
+            }));
+        }
+    }
+
+    /// A new generation for `name`: pending downloads for it are superseded.
+    fn supersede(&mut self, name: &str) -> u64 {
+        self.next_gen += 1;
+        self.deploy_gen.insert(name.to_string(), self.next_gen);
+        self.next_gen
+    }
+
+    fn reply(&mut self, cmd_id: u32, status: ReplyStatus, detail: &str) {
+        self.enqueue(Body::Reply(Reply {
+            cmd_id,
+            status,
+            detail: bounded(detail),
+        }));
+    }
+
+    /// Starts the manifest download of a `DeployManifest`; the command is
+    /// answered by [`Session::on_deploy_done`].
+    fn begin_manifest_deploy(&mut self, cmd_id: u32, r: ManifestRef) {
+        let name = r.name.to_string();
+        let gen = self.supersede(&name);
+        let conductor = self.conductor.clone();
+        let version = r.version;
+        let task_name = name.clone();
+        let handle = self.deploys.spawn_blocking(move || DeployJob {
+            cmd_id,
+            gen,
+            name: task_name,
+            version,
+            fetched: Fetched::Manifest(conductor.fetch_manifest(&r)),
+        });
+        self.deploy_tasks.insert(handle.id(), (cmd_id, name));
+    }
+
+    fn on_deploy_done(
+        &mut self,
+        done: Result<(tokio::task::Id, DeployJob), tokio::task::JoinError>,
+    ) {
+        let job = match done {
+            Ok((id, job)) => {
+                self.deploy_tasks.remove(&id);
+                job
+            }
+            Err(e) => {
+                if let Some((cmd_id, name)) = self.deploy_tasks.remove(&e.id()) {
+                    tracing::error!(service = %name, "deploy task failed: {e}");
+                    self.reply(cmd_id, ReplyStatus::Error, &format!("internal error: {e}"));
+                }
+                return;
+            }
+        };
+        let DeployJob {
+            cmd_id,
+            gen,
+            name,
+            version,
+            fetched,
+        } = job;
+        if let Fetched::Artifact(_, sha, _) = &fetched {
+            self.services.unpin_artifact(*sha);
+        }
+        if self.deploy_gen.get(&name) != Some(&gen) {
+            let detail = format!("{name} v{version}: superseded by a later command");
+            tracing::info!("{detail}");
+            return self.reply(cmd_id, ReplyStatus::Error, &detail);
+        }
+        let manifest = match fetched {
+            Fetched::Manifest(Err(e)) | Fetched::Artifact(_, _, Err(e)) => {
+                return self.deploy_failed(cmd_id, &name, version, &e)
+            }
+            Fetched::Artifact(m, _, Ok((path, downloaded))) => {
+                tracing::info!(service = %name, path = %path.display(), downloaded, "artifact ready");
+                m
+            }
+            Fetched::Manifest(Ok(m)) => {
+                let arch = self.services.arch().to_string();
+                let artifact = m.artifact_for(&arch).cloned();
+                match (&m.runtime, artifact) {
+                    (
+                        protocol::manifest::Runtime::Process(protocol::manifest::ProcessRuntime {
+                            program: protocol::manifest::Program::Artifacts(_),
+                            ..
+                        }),
+                        None,
+                    ) => {
+                        let e = FetchError::NoArtifact(arch);
+                        return self.deploy_failed(cmd_id, &name, version, &e);
+                    }
+                    (_, Some(a)) => {
+                        // Pinned until deployed: a prune meanwhile must not
+                        // delete the fresh download.
+                        self.services.pin_artifact(a.sha256);
+                        let conductor = self.conductor.clone();
+                        let dir = self.services.state_dir().to_path_buf();
+                        let task_name = name.clone();
+                        let handle = self.deploys.spawn_blocking(move || {
+                            let result = conductor.ensure_artifact(&dir, &a);
+                            DeployJob {
+                                cmd_id,
+                                gen,
+                                name: task_name,
+                                version,
+                                fetched: Fetched::Artifact(m, a.sha256, result),
+                            }
+                        });
+                        self.deploy_tasks.insert(handle.id(), (cmd_id, name));
+                        return;
+                    }
+                    // Hook for containers: `Runtime::Container` manifests
+                    // reach `deploy_manifest`, which refuses them; route them
+                    // to the container runtime here.
+                    (_, None) => m,
+                }
+            }
+        };
+        let (status, detail, _) = service_reply(self.services.deploy_manifest(manifest));
+        self.reply(cmd_id, status, &detail);
+    }
+
+    /// Answers a `DeployManifest` whose download failed; bytes that did not
+    /// match their digest also raise `ArtifactRejected` and a `Failed` status.
+    fn deploy_failed(&mut self, cmd_id: u32, name: &str, version: u32, e: &FetchError) {
+        tracing::warn!(service = name, version, "deploy failed: {e}");
+        let detail = match e.rejection() {
+            Some(why) => {
+                self.enqueue(Body::Event(WorkerEvent {
+                    kind: EventKind::ArtifactRejected,
+                    detail: bounded(&format!("{name}: {why}")),
+                }));
+                let detail = format!("v{version} refused: {e}");
+                self.services.report_refused(name, version, &detail);
+                detail
+            }
+            None => format!("v{version} not deployed: {e}"),
+        };
+        self.reply(cmd_id, ReplyStatus::Error, &detail);
     }
 
     fn on_disconnected(&mut self, e: ConnectionError) -> Duration {
@@ -644,6 +841,15 @@ impl Session {
             tracing::error!("cannot persist the command window: {e}");
         }
         tracing::info!(id = cmd.id, seq = env.seq, action = ?cmd.action, "command");
+        match &cmd.action {
+            Action::Deploy(spec) => {
+                self.supersede(&spec.name);
+            }
+            Action::Stop(name) | Action::Remove(name) => {
+                self.supersede(name);
+            }
+            _ => {}
+        }
         let (status, detail, rebirth) = match cmd.action {
             Action::Ping => (ReplyStatus::Ok, "pong".to_string(), false),
             Action::SetInterval(ms) => {
@@ -667,7 +873,8 @@ impl Session {
             Action::Stop(name) => service_reply(self.services.stop(&name)),
             Action::Restart(name) => service_reply(self.services.restart(&name)),
             Action::Remove(name) => service_reply(self.services.remove(&name)),
-            Action::DeployManifest(_) | Action::Logs(_) => (
+            Action::DeployManifest(r) => return self.begin_manifest_deploy(cmd.id, r),
+            Action::Logs(_) => (
                 ReplyStatus::Unsupported,
                 "not supported by this worker yet".to_string(),
                 false,

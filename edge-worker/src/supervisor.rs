@@ -1,35 +1,59 @@
 //! Hosted **process** services: desired state, spawning, adoption after a
-//! worker restart, restart policy with backoff, stop and remove.
+//! worker restart, restart policy with backoff, health checks, resource
+//! limits, stop and remove.
+//!
+//! The unit is a [`Manifest`] with a process runtime. A legacy
+//! [`Action::Deploy`](protocol::Action::Deploy) spec is converted with
+//! [`spec_to_manifest`] and takes the same path as a fetched manifest.
 //!
 //! The [`Supervisor`] is synchronous and never blocks for long: the session
-//! calls [`Supervisor::poll`] when [`Supervisor::next_wake`] is due and sends
-//! every [`ServiceStatus`] from [`Supervisor::take_changes`]. Nothing here
-//! depends on the MQTT connection, so services keep running (and
-//! restarting) while the broker or the conductor is unreachable.
+//! calls [`Supervisor::poll`] when [`Supervisor::next_wake`] is due, sends
+//! every [`ServiceStatus`] from [`Supervisor::take_changes`] and every event
+//! from [`Supervisor::take_events`]. Nothing here depends on the MQTT
+//! connection or the conductor, so services keep running (and restarting)
+//! while either is unreachable. Downloads happen before
+//! [`Supervisor::deploy_manifest`] (see [`crate::fetch`]); health probes run
+//! on their own threads ([`crate::health`]).
 //!
 //! Files, under `<state_dir>`:
-//! * `services.json` — the desired state (spec, run or stopped, being
-//!   removed), mode 0600, replaced atomically, written only on a change.
+//! * `services.json` — the desired state (whole manifests, secrets
+//!   included; run or stopped; being removed), mode 0600, replaced
+//!   atomically, written only on a change. Entries written by older workers
+//!   (`spec`) are converted when read.
 //! * `services/<name>/pid` — pid, process start time (field 22 of
-//!   `/proc/<pid>/stat`) and spec version of the running copy, written
+//!   `/proc/<pid>/stat`) and version of the running copy, written
 //!   atomically right after a spawn, removed once it is gone.
 //! * `services/<name>/output.log` — the service's stdout and stderr
 //!   (append mode). Not a pipe to the worker: a service must outlive the
 //!   worker, and a pipe whose reader is gone kills the writer with SIGPIPE.
 //!   Bounded: above [`LOG_MAX`] bytes it is copied to `output.log.1` and
 //!   truncated (lines written during the copy may be lost).
+//! * `artifacts/<sha256 hex>` — downloaded executables ([`crate::fetch`]);
+//!   the ones no manifest references (for this worker's arch) are pruned
+//!   after every deploy and removal.
 //!
 //! Processes: the service inherits the worker's environment minus its
-//! `AEREKOS_*` settings, plus `spec.env`; stdin is `/dev/null`. Each
-//! service runs in its own process group (so the children
-//! it forks are signalled with it) and is never killed when the worker
-//! exits; the next worker start **adopts** it if the pid file names a live
-//! process with the same start time (a reused pid is never adopted nor
-//! signalled). Our own children are reaped with `try_wait`, adopted ones
-//! are watched through `/proc/<pid>/stat`; both every [`POLL_INTERVAL`]
-//! while anything runs, so an exit is seen within that time. When the group
-//! leader exits, what is left of its group is killed (a service must stay
-//! in the foreground; a daemonising service is not supported).
+//! `AEREKOS_*` settings, plus the manifest's `env`, plus `AEREKOS_SERVICE`
+//! and whatever [`SupervisorOptions::extra_env`] adds (those win); stdin is
+//! `/dev/null`. An artifact service execs the cached file, whose SHA-256 is
+//! checked again before every exec (a mismatch deletes it and fails the
+//! service). Each service runs in its own process group (so the children it
+//! forks are signalled with it) and is never killed when the worker exits;
+//! the next worker start **adopts** it if the pid file names a live process
+//! with the same start time (a reused pid is never adopted nor signalled).
+//! Our own children are reaped with `try_wait`, adopted ones are watched
+//! through `/proc/<pid>/stat`; both every [`POLL_INTERVAL`] while anything
+//! runs, so an exit is seen within that time. When the group leader exits,
+//! what is left of its group is killed (a service must stay in the
+//! foreground; a daemonising service is not supported).
+//!
+//! Health: with a check, the state is `Running` until the first probe
+//! passes, then `Healthy`. Probes start every `interval_ms` (observed with
+//! [`POLL_INTERVAL`] granularity); failures within `start_period_ms` of a
+//! (re)start do not count; `retries` consecutive failures make the service
+//! `Unhealthy` (plus an `HealthFailed` event), then its group is stopped and
+//! the exit is handled like a crash: restart policy, backoff, and
+//! `max_restarts` apply.
 //!
 //! Limits: stop sends SIGTERM to the group and SIGKILL after
 //! [`STOP_TIMEOUT`]; restart delays are `backoff_ms × 2^k` capped at
@@ -38,23 +62,33 @@
 //! leaves the service `Failed` until a Start, Restart or Deploy. Exit codes
 //! of adopted processes are unknown (`None`). Restart counters and a
 //! `Failed` verdict live in memory: a worker restart tries a desired-running
-//! service again. Linux only (`/proc`). Under systemd the worker's unit needs
-//! `KillMode=process`, or stopping the worker kills its services' cgroup.
+//! service again. Resource limits go through cgroups v2 ([`crate::cgroup`]);
+//! where they cannot, the status detail says `limits not applied: <reason>`.
+//! Hashing an artifact before exec reads the whole file on the calling
+//! thread (bounded by [`crate::fetch::MAX_ARTIFACT_LEN`]). Container
+//! manifests are refused here. Linux only (`/proc`). Under systemd the
+//! worker's unit needs `KillMode=process`, or stopping the worker kills its
+//! services' cgroups.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::frame::bounded;
-use protocol::{RestartPolicy, ServiceSpec, ServiceState, ServiceStatus};
+use protocol::manifest::{HealthCheck, Limits, ProcessRuntime, Program, Runtime};
+use protocol::{EventKind, Manifest, RestartPolicy, ServiceSpec, ServiceState, ServiceStatus};
 use rustix::process::{kill_process_group, Pid, Signal};
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::Cgroups;
+use crate::fetch;
+use crate::health::ProbeTask;
 use crate::state::write_atomic;
 
 /// File of the desired state inside the state dir.
@@ -84,10 +118,80 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// The manifest equivalent of a legacy spec: a command, no health check,
+/// no limits, no config or secrets. Env entries with the same name: the
+/// last wins.
+pub fn spec_to_manifest(spec: &ServiceSpec) -> Manifest {
+    Manifest {
+        name: spec.name.to_string(),
+        version: spec.version,
+        runtime: Runtime::Process(ProcessRuntime {
+            program: Program::Command(spec.command.to_string()),
+            args: spec.args.iter().map(|a| a.to_string()).collect(),
+            env: spec
+                .env
+                .iter()
+                .map(|e| (e.name.to_string(), e.value.to_string()))
+                .collect(),
+            working_dir: spec.working_dir.to_string(),
+        }),
+        restart: spec.restart,
+        max_restarts: spec.max_restarts,
+        restart_window_s: spec.restart_window_s,
+        backoff_ms: spec.backoff_ms,
+        health: None,
+        limits: Limits::default(),
+        config: BTreeMap::new(),
+        secrets: BTreeMap::new(),
+    }
+}
+
+/// Extra environment of a service's process, by service name: the hook
+/// through which the local API hands services `AEREKOS_API` and
+/// `AEREKOS_TOKEN`. Called at every spawn; its variables win over the
+/// manifest's.
+pub type EnvHook = Arc<dyn Fn(&str) -> Vec<(String, String)> + Send + Sync>;
+
+/// How the supervisor runs services on this worker.
+#[derive(Clone)]
+pub struct SupervisorOptions {
+    /// Architecture whose artifact is run: the `arch` of the birth frame.
+    pub arch: String,
+    /// Where service cgroups go.
+    pub cgroups: Cgroups,
+    /// Extra environment per service (see [`EnvHook`]).
+    pub extra_env: Option<EnvHook>,
+}
+
+impl Default for SupervisorOptions {
+    /// This build's arch, cgroups under `/sys/fs/cgroup`, no extra env.
+    fn default() -> Self {
+        SupervisorOptions {
+            arch: std::env::consts::ARCH.to_string(),
+            cgroups: Cgroups::default(),
+            extra_env: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SupervisorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorOptions")
+            .field("arch", &self.arch)
+            .field("cgroups", &self.cgroups)
+            .field("extra_env", &self.extra_env.is_some())
+            .finish()
+    }
+}
+
 /// One entry of `services.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Desired {
-    spec: ServiceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    manifest: Option<Manifest>,
+    /// Written by workers before manifests; only read (upgrades).
+    #[serde(default, skip_serializing)]
+    spec: Option<ServiceSpec>,
     run: bool,
     #[serde(default)]
     removing: bool,
@@ -134,10 +238,12 @@ impl Proc {
 enum AfterStop {
     /// Stay stopped.
     Stay,
-    /// Start (the current spec) again, counters reset.
+    /// Start (the current manifest) again, counters reset.
     Start,
     /// Forget the service.
     Remove,
+    /// Treat the exit as a failure (unhealthy): restart policy and backoff.
+    Failure(String),
 }
 
 #[derive(Debug)]
@@ -147,14 +253,38 @@ struct Stopping {
     then: AfterStop,
 }
 
+/// Health-check progress of the current process.
+#[derive(Debug)]
+struct Health {
+    /// When the current process started (or was adopted).
+    started: Instant,
+    /// When the next probe starts (if none runs).
+    next_at: Instant,
+    /// Consecutive counted failures.
+    failures: u16,
+    /// The probe in flight.
+    task: Option<ProbeTask>,
+}
+
+impl Health {
+    fn new(check: &HealthCheck, now: Instant) -> Health {
+        Health {
+            started: now,
+            next_at: now + Duration::from_millis(u64::from(check.interval_ms)),
+            failures: 0,
+            task: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Service {
-    spec: ServiceSpec,
+    manifest: Manifest,
     run: bool,
     removing: bool,
     proc: Proc,
-    /// Version of the running copy (differs from `spec.version` while a
-    /// deploy waits for the old copy to stop).
+    /// Version of the running copy (differs from `manifest.version` while
+    /// a deploy waits for the old copy to stop).
     proc_version: u32,
     state: ServiceState,
     restarts: u32,
@@ -162,14 +292,20 @@ struct Service {
     backoff_until: Option<Instant>,
     exit_code: Option<i32>,
     detail: String,
+    /// `limits not applied: …` for the current process, if so.
+    limits_note: Option<String>,
     stopping: Option<Stopping>,
+    /// `Some` while a process of a service with a health check runs.
+    health: Option<Health>,
+    /// A health failure was reported since the last pass.
+    was_unhealthy: bool,
 }
 
 impl Service {
-    fn new(spec: ServiceSpec, run: bool, removing: bool) -> Service {
-        let version = spec.version;
+    fn new(manifest: Manifest, run: bool, removing: bool) -> Service {
+        let version = manifest.version;
         Service {
-            spec,
+            manifest,
             run,
             removing,
             proc: Proc::None,
@@ -180,24 +316,34 @@ impl Service {
             backoff_until: None,
             exit_code: None,
             detail: String::new(),
+            limits_note: None,
             stopping: None,
+            health: None,
+            was_unhealthy: false,
         }
     }
 
     fn status(&self) -> ServiceStatus {
         let running = !matches!(self.proc, Proc::None);
+        let detail = match &self.limits_note {
+            Some(note) if running && matches!(self.detail.as_str(), "running" | "healthy") => {
+                note.clone()
+            }
+            Some(note) if running => format!("{}; {note}", self.detail),
+            _ => self.detail.clone(),
+        };
         ServiceStatus {
-            name: self.spec.name.clone(),
+            name: bounded(&self.manifest.name),
             version: if running {
                 self.proc_version
             } else {
-                self.spec.version
+                self.manifest.version
             },
             state: self.state,
             pid: self.proc.pid(),
             restarts: self.restarts,
             exit_code: self.exit_code,
-            detail: bounded(&self.detail),
+            detail: bounded(&detail),
         }
     }
 
@@ -207,25 +353,45 @@ impl Service {
         self.backoff_until = None;
         self.exit_code = None;
     }
+
+    fn process(&self) -> Option<&ProcessRuntime> {
+        match &self.manifest.runtime {
+            Runtime::Process(p) => Some(p),
+            Runtime::Container(_) => None,
+        }
+    }
 }
 
 /// The services of this worker. See the module docs.
 #[derive(Debug)]
 pub struct Supervisor {
     dir: PathBuf,
+    opts: SupervisorOptions,
     services: BTreeMap<String, Service>,
     changes: Vec<ServiceStatus>,
+    events: Vec<(EventKind, String)>,
+    /// Artifacts being downloaded: never pruned.
+    pinned: BTreeMap<[u8; 32], usize>,
 }
 
 impl Supervisor {
+    /// [`Supervisor::load_with`] the default options.
+    pub fn load(state_dir: &Path) -> Supervisor {
+        Supervisor::load_with(state_dir, SupervisorOptions::default())
+    }
+
     /// Reads `services.json` under `state_dir`, adopts the live copies named
     /// by pid files and starts the desired-running services that are not
     /// running. A missing or unreadable file means no services (logged).
-    pub fn load(state_dir: &Path) -> Supervisor {
+    /// Downloads left half-done by a previous run are deleted.
+    pub fn load_with(state_dir: &Path, opts: SupervisorOptions) -> Supervisor {
         let mut sup = Supervisor {
             dir: state_dir.to_path_buf(),
+            opts,
             services: BTreeMap::new(),
             changes: Vec::new(),
+            events: Vec::new(),
+            pinned: BTreeMap::new(),
         };
         let path = state_dir.join(SERVICES_FILE);
         let desired: DesiredFile = match fs::read(&path) {
@@ -242,13 +408,23 @@ impl Supervisor {
                 DesiredFile::default()
             }
         };
+        let now = Instant::now();
         for d in desired.services {
-            let name = d.spec.name.to_string();
+            let Some(manifest) = d.manifest.or_else(|| d.spec.as_ref().map(spec_to_manifest))
+            else {
+                tracing::warn!("an entry without a manifest skipped");
+                continue;
+            };
+            let name = manifest.name.clone();
+            if let Err(e) = manifest.validate() {
+                tracing::warn!(service = %name, "invalid entry skipped: {e}");
+                continue;
+            }
             if !is_valid_name(&name) || sup.services.contains_key(&name) {
                 tracing::warn!(service = %name, "invalid or duplicate entry skipped");
                 continue;
             }
-            let mut svc = Service::new(d.spec, d.run, d.removing);
+            let mut svc = Service::new(manifest, d.run, d.removing);
             let svc_dir = sup.service_dir(&name);
             if let Some(pf) = read_pid_file(&svc_dir) {
                 if proc_start_time(pf.pid) == Some(pf.start_time) {
@@ -260,6 +436,7 @@ impl Supervisor {
                     svc.proc_version = pf.version;
                     svc.state = ServiceState::Running;
                     svc.detail = "adopted".into();
+                    svc.health = svc.manifest.health.as_ref().map(|h| Health::new(h, now));
                 } else {
                     remove_file_logged(&svc_dir.join(PID_FILE));
                 }
@@ -267,6 +444,7 @@ impl Supervisor {
             sup.services.insert(name.clone(), svc);
             sup.converge(&name);
         }
+        sup.prune(true);
         sup
     }
 
@@ -276,7 +454,7 @@ impl Supervisor {
             return;
         };
         let running = !matches!(svc.proc, Proc::None);
-        let stale = svc.proc_version != svc.spec.version;
+        let stale = svc.proc_version != svc.manifest.version;
         match (svc.removing, svc.run, running) {
             (true, _, true) => self.begin_stop(name, AfterStop::Remove),
             (true, _, false) => self.finish_remove(name),
@@ -298,9 +476,19 @@ impl Supervisor {
         }
     }
 
+    fn event(&mut self, kind: EventKind, detail: String) {
+        self.events.push((kind, detail));
+    }
+
     /// Status changes since the last call, oldest first.
     pub fn take_changes(&mut self) -> Vec<ServiceStatus> {
         std::mem::take(&mut self.changes)
+    }
+
+    /// Events (`ServiceChanged`, `HealthFailed`, `ArtifactRejected`) since
+    /// the last call, oldest first; details are `<name>: <what>`.
+    pub fn take_events(&mut self) -> Vec<(EventKind, String)> {
+        std::mem::take(&mut self.events)
     }
 
     /// The current status of every service (sent after each connect).
@@ -311,6 +499,25 @@ impl Supervisor {
     /// The current status of one service.
     pub fn status(&self, name: &str) -> Option<ServiceStatus> {
         self.services.get(name).map(Service::status)
+    }
+
+    /// The desired manifest of a service (config and secrets for the local
+    /// API), unless it is being removed.
+    pub fn manifest(&self, name: &str) -> Option<&Manifest> {
+        self.services
+            .get(name)
+            .filter(|s| !s.removing)
+            .map(|s| &s.manifest)
+    }
+
+    /// This worker's architecture (the artifact key).
+    pub fn arch(&self) -> &str {
+        &self.opts.arch
+    }
+
+    /// The state dir (artifacts are cached under it).
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// When [`Supervisor::poll`] should run next: soon while a process runs
@@ -335,7 +542,8 @@ impl Supervisor {
                 .services
                 .values()
                 .map(|s| Desired {
-                    spec: s.spec.clone(),
+                    manifest: Some(s.manifest.clone()),
+                    spec: None,
                     run: s.run,
                     removing: s.removing,
                 })
@@ -350,51 +558,103 @@ impl Supervisor {
         }
     }
 
-    /// Installs `spec` and runs it. The same name and version again is a
-    /// no-op (`Ok("unchanged")`); a new version stops the old copy first.
+    /// Keeps the artifact `sha256` out of pruning while it is downloaded
+    /// (counted: pin and unpin in pairs).
+    pub fn pin_artifact(&mut self, sha256: [u8; 32]) {
+        *self.pinned.entry(sha256).or_insert(0) += 1;
+    }
+
+    /// Undoes one [`Supervisor::pin_artifact`].
+    pub fn unpin_artifact(&mut self, sha256: [u8; 32]) {
+        if let Some(n) = self.pinned.get_mut(&sha256) {
+            *n -= 1;
+            if *n == 0 {
+                self.pinned.remove(&sha256);
+            }
+        }
+    }
+
+    /// Deletes cached artifacts that no manifest (nor a download) needs.
+    fn prune(&self, parts: bool) {
+        let mut keep: BTreeSet<[u8; 32]> = self.pinned.keys().copied().collect();
+        for s in self.services.values() {
+            if let Some(a) = s.manifest.artifact_for(&self.opts.arch) {
+                keep.insert(a.sha256);
+            }
+        }
+        fetch::prune_artifacts(&self.dir, &keep, parts);
+    }
+
+    /// Installs a legacy `spec` and runs it ([`spec_to_manifest`], then
+    /// [`Supervisor::deploy_manifest`]).
     pub fn deploy(&mut self, spec: ServiceSpec) -> Result<String, String> {
-        let name = spec.name.to_string();
+        self.deploy_manifest(spec_to_manifest(&spec))
+    }
+
+    /// Installs `manifest` and runs it. The same manifest again is a no-op
+    /// (`Ok("unchanged")`); another one stops the old copy first. An
+    /// artifact service's file must already be in the cache
+    /// ([`fetch::Conductor::ensure_artifact`]).
+    pub fn deploy_manifest(&mut self, manifest: Manifest) -> Result<String, String> {
+        manifest.validate().map_err(|e| e.to_string())?;
+        let name = manifest.name.clone();
         if !is_valid_name(&name) {
             return Err(format!("invalid service name {name:?} (use [a-z0-9-])"));
         }
-        if spec.command.is_empty() {
-            return Err("empty command".into());
+        if let Runtime::Container(_) = manifest.runtime {
+            return Err("container services are not run by the process supervisor".into());
         }
-        match self.services.get_mut(&name) {
-            // Specs are versioned by the conductor: same version, same spec.
-            Some(svc) if svc.spec.version == spec.version && !svc.removing => {
-                Ok("unchanged".into())
+        let version = manifest.version;
+        let result = match self.services.get_mut(&name) {
+            Some(svc) if svc.manifest == manifest && !svc.removing => {
+                return Ok("unchanged".into());
             }
             Some(svc) => {
-                let old = svc.spec.version;
-                svc.spec = spec;
+                let old = svc.manifest.version;
+                svc.manifest = manifest;
                 svc.run = true;
                 svc.removing = false;
                 svc.reset_counters();
                 self.save();
                 self.restart_now(&name);
-                Ok(format!(
-                    "deployed version {} (was {old})",
-                    self.version(&name)
-                ))
+                format!("deployed version {version} (was {old})")
             }
             None => {
-                let version = spec.version;
                 self.services
-                    .insert(name.clone(), Service::new(spec, true, false));
+                    .insert(name.clone(), Service::new(manifest, true, false));
                 self.save();
                 self.spawn(&name);
-                Ok(format!("deployed version {version}"))
+                format!("deployed version {version}")
             }
-        }
+        };
+        self.prune(false);
+        Ok(result)
     }
 
-    fn version(&self, name: &str) -> u32 {
-        self.services.get(name).map_or(0, |s| s.spec.version)
+    /// Reports a deploy refused before it reached the supervisor (e.g. a
+    /// downloaded artifact that did not match): a `Failed` status for
+    /// `name` at `version`. A running older version is left alone.
+    pub fn report_refused(&mut self, name: &str, version: u32, detail: &str) {
+        let running = self.services.get(name).filter(|s| !s.removing);
+        let detail = match running {
+            Some(s) if !matches!(s.proc, Proc::None) => {
+                format!("{detail}; version {} keeps running", s.proc_version)
+            }
+            _ => detail.to_string(),
+        };
+        self.changes.push(ServiceStatus {
+            name: bounded(name),
+            version,
+            state: ServiceState::Failed,
+            pid: 0,
+            restarts: 0,
+            exit_code: None,
+            detail: bounded(&detail),
+        });
     }
 
     /// Stops the current copy if any (and whatever stop is pending), then
-    /// starts the current spec.
+    /// starts the current manifest.
     fn restart_now(&mut self, name: &str) {
         let Some(svc) = self.services.get_mut(name) else {
             return;
@@ -476,8 +736,8 @@ impl Supervisor {
         Ok("restarting".into())
     }
 
-    /// Stops a service and forgets it (dir, pid file, entry); reports
-    /// `Removed` once its process is gone.
+    /// Stops a service and forgets it (dir, pid file, cgroup, entry, unused
+    /// artifacts); reports `Removed` once its process is gone.
     pub fn remove(&mut self, name: &str) -> Result<String, String> {
         let svc = self.known(name)?;
         svc.run = false;
@@ -528,10 +788,13 @@ impl Supervisor {
                 tracing::warn!(service = name, "cannot delete {}: {e}", dir.display());
             }
         }
+        self.opts.cgroups.remove(name);
         self.save();
+        self.prune(false);
         svc.state = ServiceState::Removed;
         svc.proc = Proc::None;
         svc.detail = "removed".into();
+        svc.limits_note = None;
         tracing::info!(service = name, "removed");
         self.changes.push(svc.status());
     }
@@ -544,6 +807,7 @@ impl Supervisor {
         let pid = svc.proc.pid();
         tracing::info!(service = name, pid, "stopping");
         signal_group(pid, Signal::TERM);
+        svc.health = None;
         svc.stopping = Some(Stopping {
             deadline: Instant::now() + STOP_TIMEOUT,
             killed: false,
@@ -551,39 +815,113 @@ impl Supervisor {
         });
     }
 
-    /// Starts the current spec now.
+    /// The executable of `svc` on this worker: the command, or the cached
+    /// artifact for this arch after checking its hash again.
+    fn program(&mut self, name: &str) -> Result<PathBuf, String> {
+        let Some(svc) = self.services.get(name) else {
+            return Err("unknown service".into());
+        };
+        let Some(p) = svc.process() else {
+            return Err("not a process service".into());
+        };
+        match &p.program {
+            Program::Command(c) => Ok(PathBuf::from(c)),
+            Program::Artifacts(_) => {
+                let Some(a) = svc.manifest.artifact_for(&self.opts.arch).cloned() else {
+                    return Err(format!("no artifact for arch {}", self.opts.arch));
+                };
+                let path = fetch::artifact_path(&self.dir, &a.sha256);
+                match fetch::verify_cached(&path, &a) {
+                    Ok(()) => Ok(path),
+                    Err(e) => {
+                        if let Some(why) = e.rejection() {
+                            self.event(EventKind::ArtifactRejected, format!("{name}: {why}"));
+                            Err(format!("cached artifact rejected: {e}"))
+                        } else {
+                            Err(format!(
+                                "artifact {} is not in the cache (deploy again): {e}",
+                                protocol::hex_string(&a.sha256)
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the current manifest now.
     fn spawn(&mut self, name: &str) {
         let dir = self.service_dir(name);
+        let program = self.program(name);
+        let extra = self.opts.extra_env.clone();
+        let cgroups = self.opts.cgroups.clone();
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
         svc.backoff_until = None;
         svc.state = ServiceState::Starting;
-        match spawn_process(&svc.spec, &dir) {
+        svc.limits_note = None;
+        svc.health = None;
+        let spawned = program.and_then(|program| {
+            let Some(p) = svc.process() else {
+                return Err("not a process service".to_string());
+            };
+            let mut env: Vec<(String, String)> =
+                p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            env.push(("AEREKOS_SERVICE".into(), name.to_string()));
+            if let Some(hook) = &extra {
+                env.extend(hook(name));
+            }
+            spawn_process(&program, p, &env, &dir)
+                .map_err(|e| format!("cannot start {:?}: {e}", program.display()))
+        });
+        match spawned {
             Ok((child, start_time)) => {
                 let pid = child.id();
                 let pf = PidFile {
                     pid,
                     start_time,
-                    version: svc.spec.version,
+                    version: svc.manifest.version,
                 };
                 write_pid_file(&dir, &pf);
-                tracing::info!(service = name, pid, version = svc.spec.version, "started");
+                match cgroups.apply(name, &svc.manifest.limits) {
+                    Ok(Some(cg)) => {
+                        if let Err(e) = cgroups.attach(&cg, pid) {
+                            svc.limits_note = Some(format!("limits not applied: {e}"));
+                        }
+                    }
+                    Ok(None) => cgroups.remove(name),
+                    Err(reason) => svc.limits_note = Some(format!("limits not applied: {reason}")),
+                }
+                if let Some(note) = &svc.limits_note {
+                    tracing::warn!(service = name, "{note}");
+                }
+                tracing::info!(
+                    service = name,
+                    pid,
+                    version = svc.manifest.version,
+                    "started"
+                );
                 svc.proc = Proc::Child(child);
-                svc.proc_version = svc.spec.version;
+                svc.proc_version = svc.manifest.version;
                 svc.state = ServiceState::Running;
                 svc.detail = "running".into();
+                let now = Instant::now();
+                svc.health = svc.manifest.health.as_ref().map(|h| Health::new(h, now));
             }
             Err(e) => {
-                tracing::warn!(service = name, "cannot start: {e}");
+                tracing::warn!(service = name, "{e}");
                 svc.state = ServiceState::Failed;
-                svc.detail = format!("cannot start {:?}: {e}", svc.spec.command.as_str());
+                svc.detail = e;
+                let detail = format!("{name}: failed: {}", svc.detail);
+                self.event(EventKind::ServiceChanged, detail);
             }
         }
         self.emit(name);
     }
 
-    /// Reaps exits, finishes stops, restarts after backoff, rotates logs.
+    /// Reaps exits, finishes stops, restarts after backoff, runs health
+    /// probes, rotates logs.
     pub fn poll(&mut self) {
         let now = Instant::now();
         let names: Vec<String> = self.services.keys().cloned().collect();
@@ -622,21 +960,24 @@ impl Supervisor {
             signal_group(pid, Signal::KILL);
             svc.proc = Proc::None;
             svc.exit_code = code;
+            svc.health = None;
             remove_file_logged(&dir.join(PID_FILE));
             tracing::info!(service = name, pid, ?code, "exited");
-            if let Some(st) = svc.stopping.take() {
-                svc.state = ServiceState::Stopped;
-                svc.detail = "stopped".into();
-                match st.then {
-                    AfterStop::Stay => self.emit(name),
-                    AfterStop::Start => {
-                        self.emit(name);
-                        self.spawn(name);
+            match svc.stopping.take().map(|st| st.then) {
+                None => self.on_exit(name, code, now, None),
+                Some(AfterStop::Failure(how)) => self.on_exit(name, code, now, Some(how)),
+                Some(then) => {
+                    svc.state = ServiceState::Stopped;
+                    svc.detail = "stopped".into();
+                    match then {
+                        AfterStop::Start => {
+                            self.emit(name);
+                            self.spawn(name);
+                        }
+                        AfterStop::Remove => self.finish_remove(name),
+                        AfterStop::Stay | AfterStop::Failure(_) => self.emit(name),
                     }
-                    AfterStop::Remove => self.finish_remove(name),
                 }
-            } else {
-                self.on_exit(name, code, now);
             }
             return;
         }
@@ -657,38 +998,123 @@ impl Supervisor {
             }
             return;
         }
-        // 4. Keep the output bounded.
-        if !matches!(svc.proc, Proc::None) {
-            rotate_log(&dir);
+        if matches!(svc.proc, Proc::None) {
+            return;
         }
+        // 4. Keep the output bounded.
+        rotate_log(&dir);
+        // 5. Health.
+        self.poll_health(name, now);
     }
 
-    /// An unrequested exit: apply the restart policy.
-    fn on_exit(&mut self, name: &str, code: Option<i32>, now: Instant) {
+    /// Starts a due probe or handles a finished one.
+    fn poll_health(&mut self, name: &str, now: Instant) {
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
+        let Some(check) = svc.manifest.health.clone() else {
+            return;
+        };
+        let Some(h) = svc.health.as_mut() else {
+            return;
+        };
+        let interval = Duration::from_millis(u64::from(check.interval_ms));
+        let result = match h.task.as_mut() {
+            Some(task) => match task.try_finish() {
+                Some(r) => r,
+                None => return,
+            },
+            None => {
+                if now >= h.next_at {
+                    let timeout = Duration::from_millis(u64::from(check.timeout_ms));
+                    match ProbeTask::start(check.probe.clone(), timeout, name.to_string()) {
+                        Ok(task) => h.task = Some(task),
+                        Err(e) => {
+                            tracing::warn!(service = name, "cannot start a health probe: {e}");
+                            h.next_at = now + interval;
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        h.task = None;
+        h.next_at = now + interval;
+        match result {
+            Ok(()) => {
+                h.failures = 0;
+                if svc.state != ServiceState::Healthy {
+                    svc.state = ServiceState::Healthy;
+                    svc.detail = "healthy".into();
+                    if std::mem::take(&mut svc.was_unhealthy) {
+                        self.event(EventKind::ServiceChanged, format!("{name}: healthy again"));
+                    }
+                    self.emit(name);
+                }
+            }
+            Err(why) => {
+                let grace = Duration::from_millis(u64::from(check.start_period_ms));
+                if now < h.started + grace {
+                    tracing::debug!(
+                        service = name,
+                        "health probe failed in the start period: {why}"
+                    );
+                    return;
+                }
+                h.failures = h.failures.saturating_add(1);
+                tracing::info!(
+                    service = name,
+                    failures = h.failures,
+                    retries = check.retries,
+                    "health probe failed: {why}"
+                );
+                if h.failures < check.retries {
+                    return;
+                }
+                svc.state = ServiceState::Unhealthy;
+                svc.detail = format!("unhealthy: {why}");
+                svc.was_unhealthy = true;
+                tracing::warn!(service = name, "{}; restarting", svc.detail);
+                self.emit(name);
+                self.event(EventKind::HealthFailed, format!("{name}: {why}"));
+                self.begin_stop(name, AfterStop::Failure(format!("unhealthy: {why}")));
+            }
+        }
+    }
+
+    /// An exit nobody asked for (or a stop because the service was
+    /// unhealthy: `failure`): apply the restart policy.
+    fn on_exit(&mut self, name: &str, code: Option<i32>, now: Instant, failure: Option<String>) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        let failed = failure.is_some() || code != Some(0);
         let restart = svc.run
-            && match svc.spec.restart {
+            && match svc.manifest.restart {
                 RestartPolicy::Always => true,
-                RestartPolicy::OnFailure => code != Some(0),
+                RestartPolicy::OnFailure => failed,
                 RestartPolicy::Never => false,
             };
-        let how = match code {
-            Some(c) => format!("exited with code {c}"),
-            None => "killed by a signal".to_string(),
+        let how = match (failure, code) {
+            (Some(why), _) => why,
+            (None, Some(c)) => format!("exited with code {c}"),
+            (None, None) => "killed by a signal".to_string(),
         };
         if !restart {
-            svc.state = if code == Some(0) || !svc.run {
+            svc.state = if !failed || !svc.run {
                 ServiceState::Stopped
             } else {
                 ServiceState::Failed
             };
             svc.detail = how;
+            if svc.state == ServiceState::Failed {
+                let detail = format!("{name}: failed: {}", svc.detail);
+                self.event(EventKind::ServiceChanged, detail);
+            }
             self.emit(name);
             return;
         }
-        let window = Duration::from_secs(u64::from(svc.spec.restart_window_s));
+        let window = Duration::from_secs(u64::from(svc.manifest.restart_window_s));
         while svc
             .restart_times
             .front()
@@ -696,19 +1122,21 @@ impl Supervisor {
         {
             svc.restart_times.pop_front();
         }
-        if svc.restart_times.len() >= usize::from(svc.spec.max_restarts) {
+        if svc.restart_times.len() >= usize::from(svc.manifest.max_restarts) {
             svc.state = ServiceState::Failed;
             svc.detail = format!(
                 "{how}; {} restarts in {} s: gave up",
                 svc.restart_times.len(),
-                svc.spec.restart_window_s
+                svc.manifest.restart_window_s
             );
             tracing::warn!(service = name, "{}", svc.detail);
+            let detail = format!("{name}: failed: {}", svc.detail);
+            self.event(EventKind::ServiceChanged, detail);
             self.emit(name);
             return;
         }
         let k = svc.restart_times.len().min(31) as u32;
-        let delay = Duration::from_millis(u64::from(svc.spec.backoff_ms))
+        let delay = Duration::from_millis(u64::from(svc.manifest.backoff_ms))
             .saturating_mul(1u32 << k)
             .min(BACKOFF_CAP);
         svc.restart_times.push_back(now);
@@ -720,14 +1148,20 @@ impl Supervisor {
     }
 }
 
-/// Spawns `spec` in its own process group with output to the service's
-/// log; returns the child and its start time (0 if unreadable).
-fn spawn_process(spec: &ServiceSpec, dir: &Path) -> io::Result<(Child, u64)> {
+/// Spawns `program` with the manifest's args and working dir and `env` in
+/// its own process group with output to the service's log; returns the
+/// child and its start time (0 if unreadable).
+fn spawn_process(
+    program: &Path,
+    p: &ProcessRuntime,
+    env: &[(String, String)],
+    dir: &Path,
+) -> io::Result<(Child, u64)> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let mut cmd = Command::new(spec.command.as_str());
+    let mut cmd = Command::new(program);
     // The worker's own settings (the registration token among them) are
     // not the service's business.
     for (key, _) in std::env::vars_os() {
@@ -735,12 +1169,12 @@ fn spawn_process(spec: &ServiceSpec, dir: &Path) -> io::Result<(Child, u64)> {
             cmd.env_remove(key);
         }
     }
-    cmd.args(spec.args.iter().map(|a| a.as_str()))
-        .envs(spec.env.iter().map(|e| (e.name.as_str(), e.value.as_str())))
-        .current_dir(if spec.working_dir.is_empty() {
+    cmd.args(&p.args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(if p.working_dir.is_empty() {
             dir
         } else {
-            Path::new(spec.working_dir.as_str())
+            Path::new(p.working_dir.as_str())
         })
         .stdin(Stdio::null())
         .process_group(0);
@@ -1278,6 +1712,37 @@ mod tests {
         });
         assert!(t0.elapsed() >= STOP_TIMEOUT, "{:?}", t0.elapsed());
         assert!(procs_with(&u).is_empty(), "{:?}", procs_with(&u));
+    }
+
+    #[test]
+    fn a_services_file_of_an_older_worker_is_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = unique();
+        let _r = Reaper(vec![u.clone()]);
+        // The format written before manifests: the spec itself.
+        let old = serde_json::json!({
+            "services": [{ "spec": spec("legacy", 3, "sleep", &[&u]), "run": true }]
+        });
+        fs::write(dir.path().join(SERVICES_FILE), old.to_string()).unwrap();
+        let mut sup = Supervisor::load(dir.path());
+        let st = wait_for(&mut sup, "legacy", "running", running);
+        assert_eq!(st.version, 3);
+        assert_eq!(procs_with(&u), vec![st.pid]);
+        let m = sup.manifest("legacy").unwrap();
+        assert_eq!(
+            m.runtime,
+            spec_to_manifest(&spec("legacy", 3, "sleep", &[&u])).runtime
+        );
+        // Rewritten as a manifest at the next change.
+        sup.stop("legacy").unwrap();
+        let saved = fs::read_to_string(dir.path().join(SERVICES_FILE)).unwrap();
+        assert!(
+            saved.contains("\"manifest\"") && !saved.contains("\"spec\""),
+            "{saved}"
+        );
+        wait_for(&mut sup, "legacy", "stopped", |s| {
+            s.state == ServiceState::Stopped
+        });
     }
 
     #[test]

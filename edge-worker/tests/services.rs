@@ -1,0 +1,1035 @@
+//! Process services from manifests, with real processes: `DeployManifest`
+//! over a real Mosquitto with the manifest and artifacts served by a real
+//! HTTP server (tiny_http, checking the worker's `Authorization` with the
+//! protocol's own functions), tampered manifests and artifacts refused,
+//! the artifact cache, health checks, a worker restart without the
+//! conductor, resource limits (applied, or reported not applied) and the
+//! service environment.
+//!
+//! Needs `/usr/sbin/mosquitto` and `python3` (CI installs both).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use edge_worker::cgroup::Cgroups;
+use edge_worker::fetch::{self, Conductor};
+use edge_worker::supervisor::{proc_start_time, Supervisor, SupervisorOptions};
+use edge_worker::{run, WorkerConfig};
+use protocol::frame::bounded;
+use protocol::manifest::{
+    digest, ArtifactRef, HealthCheck, Limits, Probe, ProcessRuntime, Program, Runtime,
+};
+use protocol::{
+    Action, Body, Envelope, EventKind, Manifest, ManifestRef, ReplyStatus, RestartPolicy, Secret,
+    ServiceState, ServiceStatus, TopicKind,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+const ID: &str = "w-svctest";
+const SECRET_HEX: &str = "3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c";
+const ARCH: &str = std::env::consts::ARCH;
+
+fn secret() -> Secret {
+    Secret::from_hex(SECRET_HEX).unwrap()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A marker no other process has in its command line.
+fn unique() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("8{n}.{}{}", std::process::id(), now_ms() % 1_000_000)
+}
+
+/// Live processes whose command line contains `needle` (zombies excluded).
+fn procs_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let found = cmdline
+            .split(|b| *b == 0)
+            .any(|a| String::from_utf8_lossy(a).contains(needle));
+        if found && proc_start_time(pid).is_some() {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Waits until exactly `want` processes carry `marker`.
+fn wait_procs(marker: &str, want: &[u32]) {
+    let t0 = Instant::now();
+    while procs_with(marker) != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{marker}: {:?}, want {want:?}",
+            procs_with(marker)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `pid` is a zombie or gone (a process being killed loses its
+/// command line before it stops running).
+fn wait_dead(pid: u32) {
+    let t0 = Instant::now();
+    while proc_start_time(pid).is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{pid} still runs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// [`wait_procs`] without blocking the runtime (the worker runs on it).
+async fn wait_procs_async(marker: &str, want: &[u32]) {
+    let t0 = Instant::now();
+    while procs_with(marker) != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{marker}: {:?}, want {want:?}",
+            procs_with(marker)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGKILLs every process with one of the markers on drop.
+struct Reaper(Vec<String>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            for pid in procs_with(m) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+fn environ(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The conductor's download endpoints, served for real.
+
+#[derive(Default)]
+struct Served {
+    manifests: HashMap<String, Vec<u8>>,
+    artifacts: HashMap<String, Vec<u8>>,
+    /// Requests per path that were authorised.
+    hits: HashMap<String, usize>,
+    unauthorised: usize,
+}
+
+/// A tiny_http server answering `/api/v1/agent/{manifests,artifacts}/…`
+/// for worker [`ID`], checking its `Authorization` header.
+struct TestConductor {
+    url: String,
+    served: Arc<Mutex<Served>>,
+    server: Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestConductor {
+    fn start() -> TestConductor {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let port = server.server_addr().to_ip().unwrap().port();
+        let served = Arc::new(Mutex::new(Served::default()));
+        let (srv, state) = (server.clone(), served.clone());
+        let thread = std::thread::spawn(move || {
+            for req in srv.incoming_requests() {
+                let path = req.url().to_string();
+                let auth = req
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Authorization"))
+                    .map(|h| h.value.as_str().to_string())
+                    .unwrap_or_default();
+                let ok = protocol::manifest::verify_http_auth(&auth, "GET", &path, |id| {
+                    (id == ID).then(secret)
+                })
+                .is_some();
+                let mut st = state.lock().unwrap();
+                if !ok {
+                    st.unauthorised += 1;
+                    drop(st);
+                    let _ = req.respond(tiny_http::Response::empty(401));
+                    continue;
+                }
+                *st.hits.entry(path.clone()).or_default() += 1;
+                let body = if let Some(rest) = path.strip_prefix(fetch::MANIFEST_PATH) {
+                    st.manifests.get(rest).cloned()
+                } else if let Some(rest) = path.strip_prefix(fetch::ARTIFACT_PATH) {
+                    st.artifacts.get(rest.trim_start_matches('/')).cloned()
+                } else {
+                    None
+                };
+                drop(st);
+                let _ = match body {
+                    Some(b) => req.respond(tiny_http::Response::from_data(b)),
+                    None => req.respond(tiny_http::Response::empty(404)),
+                };
+            }
+        });
+        TestConductor {
+            url: format!("http://127.0.0.1:{port}"),
+            served,
+            server,
+            thread: Some(thread),
+        }
+    }
+
+    /// Serves `bytes` as manifest `name`/`version`.
+    fn put_manifest_bytes(&self, name: &str, version: u32, bytes: Vec<u8>) {
+        self.served
+            .lock()
+            .unwrap()
+            .manifests
+            .insert(format!("/{name}/{version}"), bytes);
+    }
+
+    /// Serves `m` and returns the reference a command would carry.
+    fn put_manifest(&self, m: &Manifest) -> ManifestRef {
+        let bytes = m.encode().unwrap();
+        let r = manifest_ref(m);
+        self.put_manifest_bytes(&m.name, m.version, bytes);
+        r
+    }
+
+    fn put_artifact(&self, sha256: &[u8; 32], bytes: Vec<u8>) {
+        self.served
+            .lock()
+            .unwrap()
+            .artifacts
+            .insert(protocol::hex_string(sha256), bytes);
+    }
+
+    fn artifact_hits(&self, sha256: &[u8; 32]) -> usize {
+        let path = format!("{}/{}", fetch::ARTIFACT_PATH, protocol::hex_string(sha256));
+        self.served
+            .lock()
+            .unwrap()
+            .hits
+            .get(&path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn conductor(&self) -> Conductor {
+        Conductor {
+            url: self.url.clone(),
+            worker_id: ID.into(),
+            secret: secret(),
+        }
+    }
+}
+
+impl Drop for TestConductor {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn manifest_ref(m: &Manifest) -> ManifestRef {
+    ManifestRef {
+        name: bounded(&m.name),
+        version: m.version,
+        digest: digest(&m.encode().unwrap()),
+    }
+}
+
+fn manifest(name: &str, version: u32, program: Program, args: &[&str]) -> Manifest {
+    Manifest {
+        name: name.into(),
+        version,
+        runtime: Runtime::Process(ProcessRuntime {
+            program,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: BTreeMap::new(),
+            working_dir: String::new(),
+        }),
+        restart: RestartPolicy::Always,
+        max_restarts: 10,
+        restart_window_s: 60,
+        backoff_ms: 100,
+        health: None,
+        limits: Limits::default(),
+        config: BTreeMap::new(),
+        secrets: BTreeMap::new(),
+    }
+}
+
+fn command(name: &str, version: u32, args: &[&str]) -> Manifest {
+    manifest(name, version, Program::Command(name_of(args)), &args[1..])
+}
+
+fn name_of(args: &[&str]) -> String {
+    args.first().copied().unwrap_or("true").to_string()
+}
+
+/// A copy of `sleep` as an artifact for this arch.
+fn sleep_artifact() -> (Vec<u8>, ArtifactRef) {
+    let path = ["/bin/sleep", "/usr/bin/sleep"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("a sleep binary");
+    let bytes = fs::read(path).unwrap();
+    let a = ArtifactRef {
+        arch: ARCH.into(),
+        sha256: digest(&bytes),
+        size: bytes.len() as u64,
+    };
+    (bytes, a)
+}
+
+// ---------------------------------------------------------------------------
+// MQTT plumbing (as in tests/mqtt.rs).
+
+struct Mosquitto {
+    child: Child,
+    port: u16,
+}
+
+impl Mosquitto {
+    async fn start(dir: &Path) -> Mosquitto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        fs::create_dir_all(dir).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        )
+        .unwrap();
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("mosquitto is not installed: apt-get install mosquitto (CI installs it)");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "mosquitto did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Mosquitto { child, port }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Sub {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Envelope)>,
+    task: JoinHandle<()>,
+}
+
+impl Sub {
+    async fn connect(port: u16) -> Sub {
+        let mut opts = MqttOptions::new("svc-test-observer", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let sub_client = client.clone();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        sub_client
+                            .try_subscribe(format!("aerekos/v1/{ID}/+"), QoS::AtLeastOnce)
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic.ends_with("/status") || p.topic.ends_with("/cmd") {
+                            continue;
+                        }
+                        let env = protocol::open(&p.payload)
+                            .unwrap()
+                            .verify(&secret())
+                            .unwrap();
+                        let _ = tx.send((p.topic.clone(), env));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("subscribed in time")
+            .unwrap();
+        Sub { client, rx, task }
+    }
+
+    /// Feeds frames to `f` until it returns true (panics after `secs`).
+    async fn until(&mut self, secs: u64, what: &str, mut f: impl FnMut(&Body) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = tokio::time::timeout_at(deadline, self.rx.recv()).await;
+            let Ok(Some((_, env))) = got else {
+                panic!("timed out waiting for {what}");
+            };
+            if f(&env.body) {
+                return;
+            }
+        }
+    }
+
+    async fn send(&self, seq: u64, id: u32, action: Action) {
+        let env = Envelope {
+            version: protocol::FORMAT_VERSION,
+            worker_id: bounded(ID),
+            seq,
+            sent_at_ms: now_ms(),
+            body: Body::Command(protocol::Command { id, action }),
+        };
+        let bytes = protocol::seal(&secret(), &env).unwrap();
+        self.client
+            .publish(
+                protocol::topic::topic(ID, TopicKind::Cmd),
+                QoS::AtLeastOnce,
+                false,
+                bytes,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Collects what one command produced: its reply, statuses, events.
+#[derive(Default, Debug)]
+struct Seen {
+    reply: Option<(ReplyStatus, String)>,
+    statuses: Vec<ServiceStatus>,
+    events: Vec<(EventKind, String)>,
+}
+
+impl Seen {
+    fn take(&mut self, body: &Body, cmd_id: u32) {
+        match body {
+            Body::Reply(r) if r.cmd_id == cmd_id => {
+                self.reply = Some((r.status, r.detail.to_string()));
+            }
+            Body::ServiceStatus(s) => self.statuses.push(s.clone()),
+            Body::Event(e) => self.events.push((e.kind, e.detail.to_string())),
+            _ => {}
+        }
+    }
+
+    fn status(&self, name: &str, state: ServiceState) -> Option<&ServiceStatus> {
+        self.statuses
+            .iter()
+            .find(|s| s.name == name && s.state == state)
+    }
+}
+
+fn write_state(dir: &Path, mqtt_url: &str, conductor_url: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let json = serde_json::json!({
+        "worker_id": ID,
+        "secret": SECRET_HEX,
+        "conductor_url": conductor_url,
+        "mqtt_url": mqtt_url,
+        "mqtt_username": "",
+        "mqtt_password": "",
+        "seq_reserved": 1,
+        "cmd_highest": 0,
+        "cmd_bitmap": 0
+    });
+    fs::write(dir.join("state.json"), json.to_string()).unwrap();
+}
+
+#[tokio::test]
+async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker")).await;
+    let http = TestConductor::start();
+    let state_dir = tmp.path().join("state");
+    write_state(
+        &state_dir,
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        &http.url,
+    );
+    let (m1, m2, m3, m4) = (unique(), unique(), unique(), unique());
+    let _reaper = Reaper(vec![m1.clone(), m2.clone(), m3.clone(), m4.clone()]);
+    let mut sub = Sub::connect(broker.port).await;
+
+    let mut cfg = WorkerConfig::new(&state_dir);
+    cfg.interval = Duration::from_millis(500);
+    cfg.hostname = Some("svc-host".into());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(run(cfg, async move {
+        let _ = stopped.await;
+    }));
+    sub.until(10, "a birth", |b| matches!(b, Body::Birth(_)))
+        .await;
+
+    // 1. A command service: fetched, verified, run, with its env.
+    let mut web = command("web", 1, &["sleep", &m1]);
+    web.secrets.insert("TOKEN".into(), "s3cret".into());
+    let r = http.put_manifest(&web);
+    sub.send(1, 1, Action::DeployManifest(r)).await;
+    let mut seen = Seen::default();
+    sub.until(15, "web running", |b| {
+        seen.take(b, 1);
+        seen.reply.is_some() && seen.status("web", ServiceState::Running).is_some()
+    })
+    .await;
+    assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
+    let web_pid = seen.status("web", ServiceState::Running).unwrap().pid;
+    wait_procs_async(&m1, &[web_pid]).await;
+    assert!(environ(web_pid).contains(&"AEREKOS_SERVICE=web".to_string()));
+    // Persisted with its secret: owner-only.
+    let saved = state_dir.join("services.json");
+    assert_eq!(
+        fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(fs::read_to_string(&saved).unwrap().contains("s3cret"));
+
+    // 2. A tampered manifest (bytes that do not hash to the digest): refused.
+    let web2 = command("web", 2, &["sleep", &m2]);
+    let r2 = manifest_ref(&web2);
+    let mut evil = web2.clone();
+    evil.runtime = command("web", 2, &["sh", "-c", &format!("sleep {m2}")]).runtime;
+    http.put_manifest_bytes("web", 2, evil.encode().unwrap());
+    sub.send(2, 2, Action::DeployManifest(r2)).await;
+    let mut seen = Seen::default();
+    sub.until(10, "the refusal", |b| {
+        seen.take(b, 2);
+        seen.reply.is_some() && !seen.events.is_empty()
+    })
+    .await;
+    let (status, detail) = seen.reply.clone().unwrap();
+    assert_eq!(status, ReplyStatus::Error, "{detail}");
+    assert!(detail.contains("digest mismatch"), "{detail}");
+    assert_eq!(
+        seen.events[0],
+        (
+            EventKind::ArtifactRejected,
+            "web: manifest digest mismatch".into()
+        )
+    );
+    assert!(procs_with(&m2).is_empty());
+    assert_eq!(procs_with(&m1), vec![web_pid], "v1 keeps running");
+
+    // 3. An artifact service: downloaded once into the cache, run from it.
+    let (bytes, art) = sleep_artifact();
+    http.put_artifact(&art.sha256, bytes.clone());
+    let other_arch = ArtifactRef {
+        arch: "riscv-none".into(),
+        sha256: [7; 32],
+        size: 1,
+    };
+    let tool = manifest(
+        "tool",
+        1,
+        Program::Artifacts(vec![other_arch.clone(), art.clone()]),
+        &[&m3],
+    );
+    sub.send(3, 3, Action::DeployManifest(http.put_manifest(&tool)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(15, "tool running", |b| {
+        seen.take(b, 3);
+        seen.reply.is_some() && seen.status("tool", ServiceState::Running).is_some()
+    })
+    .await;
+    assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
+    let tool_pid = seen.status("tool", ServiceState::Running).unwrap().pid;
+    let cached = fetch::artifact_path(&state_dir, &art.sha256);
+    assert_eq!(
+        fs::read_link(format!("/proc/{tool_pid}/exe")).unwrap(),
+        cached
+    );
+    assert_eq!(
+        fs::metadata(&cached).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(http.artifact_hits(&art.sha256), 1);
+
+    // A new version with the same artifact: no second download.
+    let tool2 = manifest("tool", 2, Program::Artifacts(vec![art.clone()]), &[&m4]);
+    sub.send(4, 4, Action::DeployManifest(http.put_manifest(&tool2)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(15, "tool v2 running", |b| {
+        seen.take(b, 4);
+        seen.reply.is_some()
+            && seen
+                .status("tool", ServiceState::Running)
+                .is_some_and(|s| s.version == 2)
+    })
+    .await;
+    assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
+    let pid2 = seen.status("tool", ServiceState::Running).unwrap().pid;
+    wait_procs_async(&m4, &[pid2]).await;
+    assert!(procs_with(&m3).is_empty());
+    assert_eq!(http.artifact_hits(&art.sha256), 1, "served from the cache");
+
+    // 4. A tampered artifact: same size, one byte changed. Refused before
+    // anything is made executable or run.
+    let m5 = unique();
+    let _reaper5 = Reaper(vec![m5.clone()]);
+    let mut fake = bytes.clone();
+    let mid = fake.len() / 2;
+    fake[mid] ^= 0xff;
+    let bad_art = ArtifactRef {
+        arch: ARCH.into(),
+        sha256: digest(&[bytes.as_slice(), b"x"].concat()),
+        size: fake.len() as u64,
+    };
+    http.put_artifact(&bad_art.sha256, fake);
+    let bad = manifest("bad", 1, Program::Artifacts(vec![bad_art.clone()]), &[&m5]);
+    sub.send(5, 5, Action::DeployManifest(http.put_manifest(&bad)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(15, "the artifact refusal", |b| {
+        seen.take(b, 5);
+        seen.reply.is_some()
+            && !seen.events.is_empty()
+            && seen.status("bad", ServiceState::Failed).is_some()
+    })
+    .await;
+    let (status, detail) = seen.reply.clone().unwrap();
+    assert_eq!(status, ReplyStatus::Error, "{detail}");
+    assert!(
+        seen.events
+            .contains(&(EventKind::ArtifactRejected, "bad: sha256 mismatch".into())),
+        "{seen:?}"
+    );
+    let failed = seen.status("bad", ServiceState::Failed).unwrap();
+    assert!(failed.detail.contains("sha256 mismatch"), "{failed:?}");
+    assert_eq!(failed.pid, 0);
+    assert_eq!(http.artifact_hits(&bad_art.sha256), 1);
+    assert!(procs_with(&m5).is_empty(), "nothing executed");
+    let leftovers: Vec<String> = fs::read_dir(state_dir.join(fetch::ARTIFACTS_DIR))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        leftovers,
+        vec![protocol::hex_string(&art.sha256)],
+        "the bad download is deleted"
+    );
+
+    // 5. Removing the artifact service prunes its cached file.
+    sub.send(6, 6, Action::Remove(bounded("tool"))).await;
+    let mut seen = Seen::default();
+    sub.until(15, "tool removed", |b| {
+        seen.take(b, 6);
+        seen.status("tool", ServiceState::Removed).is_some()
+    })
+    .await;
+    assert!(!cached.exists(), "an unreferenced artifact is pruned");
+    assert!(procs_with(&m4).is_empty());
+    assert_eq!(http.served.lock().unwrap().unauthorised, 0);
+
+    sub.send(7, 7, Action::Remove(bounded("web"))).await;
+    let mut seen = Seen::default();
+    sub.until(15, "web removed", |b| {
+        seen.take(b, 7);
+        seen.status("web", ServiceState::Removed).is_some()
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Supervisor-level tests (no broker).
+
+/// Polls until `pred` holds for the service's status; every change and
+/// event seen is kept in `log`.
+fn wait_for(
+    sup: &mut Supervisor,
+    name: &str,
+    secs: u64,
+    log: &mut (Vec<ServiceStatus>, Vec<(EventKind, String)>),
+    pred: impl Fn(&ServiceStatus, &[ServiceStatus]) -> bool,
+) -> ServiceStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        sup.poll();
+        log.0.extend(sup.take_changes());
+        log.1.extend(sup.take_events());
+        if let Some(st) = sup.status(name) {
+            if pred(&st, &log.0) {
+                return st;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {:?}; seen {log:?}",
+            sup.status(name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls until `name` is forgotten and `Removed` was reported.
+fn wait_removed(sup: &mut Supervisor, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while sup.status(name).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "not removed: {:?}",
+            sup.status(name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        sup.poll();
+        seen.extend(sup.take_changes());
+    }
+    seen.extend(sup.take_changes());
+    assert!(
+        seen.iter()
+            .any(|s| s.name == name && s.state == ServiceState::Removed),
+        "{seen:?}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn check(probe: Probe) -> HealthCheck {
+    HealthCheck {
+        probe,
+        interval_ms: 200,
+        timeout_ms: 1000,
+        retries: 2,
+        start_period_ms: 0,
+    }
+}
+
+#[test]
+fn passing_health_check_is_healthy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let marker = format!("{}", port);
+    let mut sup = Supervisor::load(tmp.path());
+    let mut m = command(
+        "web",
+        1,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            &marker,
+            "--bind",
+            "127.0.0.1",
+        ],
+    );
+    // Python takes a moment to listen: failures meanwhile do not count.
+    let mut hc = check(Probe::Http {
+        port,
+        path: "/".into(),
+    });
+    hc.start_period_ms = 20_000;
+    m.health = Some(hc);
+    sup.deploy_manifest(m).unwrap();
+    let mut log = Default::default();
+    let st = wait_for(&mut sup, "web", 20, &mut log, |s, _| {
+        s.state == ServiceState::Healthy
+    });
+    assert!(st.pid != 0 && st.restarts == 0, "{st:?}");
+    assert_eq!(st.detail, "healthy");
+    // Running (started) before Healthy (first pass).
+    let states: Vec<ServiceState> = log.0.iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        vec![ServiceState::Running, ServiceState::Healthy],
+        "{log:?}"
+    );
+    sup.remove("web").unwrap();
+    wait_removed(&mut sup, "web");
+}
+
+#[test]
+fn failing_health_check_makes_unhealthy_and_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = unique();
+    let _r = Reaper(vec![marker.clone()]);
+    let mut sup = Supervisor::load(tmp.path());
+    let mut m = command("sick", 1, &["sleep", &marker]);
+    m.health = Some(check(Probe::Command {
+        command: "sh".into(),
+        args: vec!["-c".into(), "exit 1".into()],
+    }));
+    sup.deploy_manifest(m).unwrap();
+    let mut log = Default::default();
+    let first = wait_for(&mut sup, "sick", 10, &mut log, |s, _| {
+        s.state == ServiceState::Running && s.pid != 0
+    });
+    let st = wait_for(&mut sup, "sick", 20, &mut log, |s, _| {
+        s.restarts >= 2 && s.state == ServiceState::Running
+    });
+    assert_ne!(st.pid, first.pid);
+    wait_procs(&marker, &[st.pid]);
+    let unhealthy = log
+        .0
+        .iter()
+        .find(|s| s.state == ServiceState::Unhealthy)
+        .expect("an Unhealthy status");
+    assert!(
+        unhealthy.detail.starts_with("unhealthy: sh exit status: 1"),
+        "{unhealthy:?}"
+    );
+    assert!(
+        log.1
+            .iter()
+            .any(|(k, d)| *k == EventKind::HealthFailed && d.starts_with("sick: ")),
+        "{log:?}"
+    );
+    let backoff = log
+        .0
+        .iter()
+        .find(|s| s.state == ServiceState::Backoff)
+        .expect("a Backoff status");
+    assert!(backoff.detail.contains("unhealthy"), "{backoff:?}");
+    assert!(!log.0.iter().any(|s| s.state == ServiceState::Healthy));
+
+    // max_restarts applies as to crashes.
+    let mut m = command("sick", 2, &["sleep", &marker]);
+    m.max_restarts = 1;
+    m.health = Some(check(Probe::Command {
+        command: "false".into(),
+        args: vec![],
+    }));
+    sup.deploy_manifest(m).unwrap();
+    let st = wait_for(&mut sup, "sick", 20, &mut log, |s, _| {
+        s.state == ServiceState::Failed
+    });
+    assert!(st.detail.contains("gave up"), "{st:?}");
+    assert!(procs_with(&marker).is_empty());
+}
+
+#[test]
+fn a_restarted_worker_runs_the_persisted_manifests_without_the_conductor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m1, m2) = (unique(), unique());
+    let _r = Reaper(vec![m1.clone(), m2.clone()]);
+    let mut sup = Supervisor::load(tmp.path());
+    // The artifact comes from the conductor once (pinned while downloaded,
+    // as the session does, so no prune removes it before the deploy)...
+    let http = TestConductor::start();
+    let (bytes, art) = sleep_artifact();
+    http.put_artifact(&art.sha256, bytes);
+    sup.pin_artifact(art.sha256);
+    let (path, downloaded) = http.conductor().ensure_artifact(tmp.path(), &art).unwrap();
+    assert!(downloaded);
+    let (again, downloaded) = http.conductor().ensure_artifact(tmp.path(), &art).unwrap();
+    assert_eq!((again, downloaded), (path.clone(), false));
+    drop(http); // ...and is gone from then on.
+
+    let mut keep = command("keep", 1, &["sh", "-c", "sleep $MARK & wait"]);
+    if let Runtime::Process(p) = &mut keep.runtime {
+        p.env.insert("MARK".into(), m1.clone());
+    }
+    keep.config.insert("greeting".into(), "hello".into());
+    sup.deploy_manifest(keep.clone()).unwrap();
+    sup.deploy_manifest(manifest(
+        "bin",
+        1,
+        Program::Artifacts(vec![art.clone()]),
+        &[&m2],
+    ))
+    .unwrap();
+    sup.unpin_artifact(art.sha256);
+    let mut log = Default::default();
+    let keep_pid = wait_for(&mut sup, "keep", 10, &mut log, |s, _| s.pid != 0).pid;
+    let bin_pid = wait_for(&mut sup, "bin", 10, &mut log, |s, _| s.pid != 0).pid;
+    let t0 = Instant::now();
+    while procs_with(&m1).len() != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_procs(&m2, &[bin_pid]);
+    drop(sup); // the worker exits; its services keep running
+
+    // The host kills one service meanwhile.
+    Command::new("kill")
+        .args(["-9", &bin_pid.to_string()])
+        .status()
+        .unwrap();
+    wait_dead(bin_pid);
+
+    let mut sup = Supervisor::load(tmp.path());
+    assert_eq!(sup.manifest("keep"), Some(&keep), "the manifest persisted");
+    let st = sup.status("keep").unwrap();
+    assert_eq!((st.state, st.pid), (ServiceState::Running, keep_pid));
+    let st = wait_for(&mut sup, "bin", 10, &mut log, |s, _| {
+        s.state == ServiceState::Running
+    });
+    assert_ne!(st.pid, bin_pid);
+    assert_eq!(
+        fs::read_link(format!("/proc/{}/exe", st.pid)).unwrap(),
+        path
+    );
+    for _ in 0..5 {
+        sup.poll();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(procs_with(&m1).len(), 1, "exactly one copy");
+    wait_procs(&m2, &[st.pid]);
+
+    // A cached artifact that changed on disk is refused at the next exec.
+    drop(sup);
+    Command::new("kill")
+        .args(["-9", &st.pid.to_string()])
+        .status()
+        .unwrap();
+    wait_dead(st.pid);
+    fs::write(&path, b"#!/bin/sh\nexit 0\n").unwrap();
+    let mut sup = Supervisor::load(tmp.path());
+    let st = sup.status("bin").unwrap();
+    assert_eq!(st.state, ServiceState::Failed, "{st:?}");
+    assert!(st.detail.contains("sha256 mismatch"), "{st:?}");
+    assert!(sup
+        .take_events()
+        .contains(&(EventKind::ArtifactRejected, "bin: sha256 mismatch".into())));
+    assert!(!path.exists(), "the bad cached file is deleted");
+    sup.remove("bin").unwrap();
+    wait_removed(&mut sup, "bin");
+    sup.remove("keep").unwrap();
+    wait_removed(&mut sup, "keep");
+    // The forked sleep was SIGKILLed with its group; it may take a moment to go.
+    wait_procs(&m1, &[]);
+}
+
+#[test]
+fn limits_are_applied_or_reported_and_the_env_hook_is_merged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = unique();
+    let _r = Reaper(vec![marker.clone()]);
+    let opts = SupervisorOptions {
+        extra_env: Some(Arc::new(|name: &str| {
+            vec![("AEREKOS_TOKEN".to_string(), format!("token-of-{name}"))]
+        })),
+        ..SupervisorOptions::default()
+    };
+    let mut sup = Supervisor::load_with(tmp.path(), opts);
+    let mut m = command("lim", 1, &["sleep", &marker]);
+    m.limits = Limits {
+        memory_bytes: Some(64 << 20),
+        cpu_millicores: Some(500),
+        pids: Some(64),
+    };
+    if let Runtime::Process(p) = &mut m.runtime {
+        // The worker's variables win over the manifest's.
+        p.env.insert("AEREKOS_SERVICE".into(), "spoofed".into());
+        p.env.insert("APP_MODE".into(), "test".into());
+    }
+    sup.deploy_manifest(m).unwrap();
+    let mut log = Default::default();
+    let st = wait_for(&mut sup, "lim", 10, &mut log, |s, _| s.pid != 0);
+    let env = environ(st.pid);
+    for want in [
+        "AEREKOS_SERVICE=lim",
+        "AEREKOS_TOKEN=token-of-lim",
+        "APP_MODE=test",
+    ] {
+        assert!(env.iter().any(|e| e == want), "{want} not in {env:?}");
+    }
+    assert!(!env.iter().any(|e| e == "AEREKOS_SERVICE=spoofed"));
+
+    let cg_line = fs::read_to_string(format!("/proc/{}/cgroup", st.pid)).unwrap();
+    let applied = !st.detail.starts_with("limits not applied: ");
+    eprintln!("limits: {} ({})", st.detail, cg_line.trim());
+    if applied {
+        // Writable cgroup v2: the service sits in its own cgroup with the limits.
+        let rel = cg_line
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap()
+            .trim();
+        assert!(rel.ends_with("/aerekos-lim"), "{rel}");
+        let dir = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("memory.max").trim(), (64u64 << 20).to_string());
+        assert_eq!(read("cpu.max").trim(), "50000 100000");
+        assert_eq!(read("pids.max").trim(), "64");
+        sup.remove("lim").unwrap();
+        wait_removed(&mut sup, "lim");
+        assert!(!dir.exists(), "the cgroup goes with the service");
+    } else {
+        // Not applicable here: the service runs anyway and says why.
+        let reason = Cgroups::default()
+            .apply("probe-only", &Limits::default())
+            .map(|_| String::new());
+        assert!(st.detail.len() > "limits not applied: ".len(), "{st:?}");
+        assert_eq!(st.state, ServiceState::Running);
+        assert_eq!(procs_with(&marker), vec![st.pid]);
+        assert_eq!(reason, Ok(String::new()), "no limits: nothing to apply");
+        sup.remove("lim").unwrap();
+    }
+}
