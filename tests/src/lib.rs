@@ -22,6 +22,9 @@ use serde_json::{json, Value};
 /// Admin password every test conductor is started with.
 pub const ADMIN_PASSWORD: &str = "e2e-admin-password-Xq7";
 
+/// The workspace binaries the tests run.
+pub const BINARIES: [&str; 4] = ["conductor", "edge-worker", "aerekos", "test-service"];
+
 /// Directory holding the workspace's built binaries: the profile dir
 /// (`target/debug` for tests, `target/release` for the benchmarks).
 pub fn bin_dir() -> &'static Path {
@@ -34,11 +37,22 @@ pub fn bin_dir() -> &'static Path {
             dir.pop();
         }
         let have = |n: &str| dir.join(n).is_file();
-        if !have("conductor") || !have("edge-worker") || stale(&dir) {
+        if !BINARIES.iter().all(|b| have(b)) || stale(&dir) {
             // `cargo test --workspace` builds both binaries (their packages have
             // integration tests); when this crate runs alone, build them.
             let mut cmd = Command::new(env!("CARGO"));
-            cmd.args(["build", "-p", "conductor", "-p", "edge-worker", "--bins"]);
+            cmd.args([
+                "build",
+                "-p",
+                "conductor",
+                "-p",
+                "edge-worker",
+                "-p",
+                "aerekos-cli",
+                "-p",
+                "aerekos-test-service",
+                "--bins",
+            ]);
             if dir.ends_with("release") {
                 cmd.arg("--release");
             }
@@ -46,7 +60,7 @@ pub fn bin_dir() -> &'static Path {
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("run cargo build");
-            assert!(status.success(), "building conductor/edge-worker failed");
+            assert!(status.success(), "building {BINARIES:?} failed");
         }
         dir
     })
@@ -61,12 +75,14 @@ fn stale(dir: &Path) -> bool {
         "conductor/src",
         "conductor/assets",
         "edge-worker/src",
+        "cli/src",
+        "tests/test-service/src",
     ]
     .iter()
     .map(|d| newest_mtime(&root.join(d)))
     .max()
     .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-    ["conductor", "edge-worker"].iter().any(|b| {
+    BINARIES.iter().any(|b| {
         fs::metadata(dir.join(b))
             .and_then(|m| m.modified())
             .map_or(true, |t| t < src)
@@ -810,50 +826,121 @@ fn newest_mtime(path: &Path) -> std::time::SystemTime {
 pub fn pi_worker_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let target = target_dir();
-        let bin = target.join(PI_TARGET).join("release").join("edge-worker");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let sources = [
-            "protocol/src",
-            "protocol/Cargo.toml",
-            "edge-worker/src",
-            "edge-worker/Cargo.toml",
-            "Cargo.lock",
-        ]
+        pi_build(
+            "edge-worker",
+            "edge-worker",
+            &[
+                "protocol/src",
+                "protocol/Cargo.toml",
+                "edge-worker/src",
+                "edge-worker/Cargo.toml",
+            ],
+        )
+    })
+}
+
+/// The release `test-service` for [`PI_TARGET`], built like [`pi_worker_bin`].
+pub fn pi_test_service_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        pi_build(
+            "aerekos-test-service",
+            "test-service",
+            &["tests/test-service/src", "tests/test-service/Cargo.toml"],
+        )
+    })
+}
+
+/// The release `test-service` for `x86_64-unknown-linux-musl` (static, for
+/// `FROM scratch` test images), built like [`pi_worker_bin`].
+pub fn static_test_service_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        build_for(
+            "x86_64-unknown-linux-musl",
+            "aerekos-test-service",
+            "test-service",
+            &["tests/test-service/src", "tests/test-service/Cargo.toml"],
+        )
+    })
+}
+
+fn pi_build(package: &str, bin_name: &str, source_dirs: &[&str]) -> PathBuf {
+    build_for(PI_TARGET, package, bin_name, source_dirs)
+}
+
+fn build_for(triple: &str, package: &str, bin_name: &str, source_dirs: &[&str]) -> PathBuf {
+    let target = target_dir();
+    let bin = target.join(triple).join("release").join(bin_name);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sources = source_dirs
         .iter()
+        .chain(&["Cargo.lock"])
         .map(|p| newest_mtime(&root.join(p)))
         .max()
         .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-        let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        if built.is_none_or(|t| t < sources) {
-            eprintln!(
-                "{} is {}: building it (cargo build --release -p edge-worker --target {PI_TARGET})",
-                bin.display(),
-                if built.is_none() { "missing" } else { "stale" }
-            );
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "edge-worker",
-                    "--target",
-                    PI_TARGET,
-                ])
-                .arg("--target-dir")
-                .arg(&target)
-                .current_dir(&root)
-                .status()
-                .expect("run cargo build");
-            assert!(
-                status.success(),
-                "building the {PI_TARGET} edge-worker failed \
-                 (is the target installed? `rustup target add {PI_TARGET}`)"
-            );
-        }
-        assert!(bin.is_file(), "{} not built", bin.display());
-        bin
-    })
+    let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    if built.is_none_or(|t| t < sources) {
+        eprintln!(
+            "{} is {}: building it (cargo build --release -p {package} --target {triple})",
+            bin.display(),
+            if built.is_none() { "missing" } else { "stale" }
+        );
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "-p", package, "--target", triple])
+            .arg("--target-dir")
+            .arg(&target)
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(
+            status.success(),
+            "building the {triple} {bin_name} failed \
+             (is the target installed? `rustup target add {triple}`)"
+        );
+    }
+    assert!(bin.is_file(), "{} not built", bin.display());
+    bin
+}
+
+/// Makes the kernel run aarch64 ELF files through `qemu-aarch64-static`
+/// (binfmt_misc with the `F` flag), so an emulated worker can exec the
+/// aarch64 services it hosts. Registers the handler if it is missing and
+/// this process may (root; mounts binfmt_misc if needed); otherwise returns
+/// why not. `.ci/run` does the same before the tests.
+pub fn ensure_binfmt_aarch64() -> Result<(), String> {
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    let registered = |d: &Path| {
+        fs::read_dir(d).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                fs::read_to_string(e.path()).is_ok_and(|t| {
+                    t.starts_with("enabled")
+                        && t.contains("7f454c460201010000000000000000000200b700")
+                })
+            })
+        })
+    };
+    if registered(dir) {
+        return Ok(());
+    }
+    if !dir.join("register").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "binfmt_misc", "binfmt_misc"])
+            .arg(dir)
+            .status();
+    }
+    let qemu = qemu_aarch64();
+    let rule = format!(
+        ":aerekos-qemu-aarch64:M::\\x7fELF\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:{}:F",
+        qemu.display()
+    );
+    fs::write(dir.join("register"), rule)
+        .map_err(|e| format!("cannot register qemu-aarch64 with binfmt_misc: {e}"))?;
+    if registered(dir) {
+        Ok(())
+    } else {
+        Err("binfmt_misc registration did not take".into())
+    }
 }
 
 /// The ELF machine field of an executable (`EM_AARCH64` = 183, `EM_X86_64`

@@ -1,0 +1,753 @@
+//! `aerekos`: the conductor's API from a shell. Every command is one or two
+//! API calls; `--json` prints the API's JSON unchanged (pretty-printed) so
+//! scripts can pipe it to `jq`, otherwise a short human summary is printed.
+//!
+//! Connection: `--url` / `AEREKOS_URL` (default `http://127.0.0.1:3000`) and
+//! `--token` / `AEREKOS_TOKEN` (an API token from `POST /api/v1/tokens` or the
+//! dashboard's settings, or the output of `aerekos login`).
+//!
+//! Exit status: 0 on success, 1 on an API or transport error (the API's
+//! `error` message is printed to stderr), 2 on a usage error (clap).
+//! Limits: JSON responses are read up to 16 MiB; `logs --follow` streams
+//! until the conductor ends the response.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+/// Most bytes of a JSON response the CLI reads.
+const MAX_JSON: u64 = 16 << 20;
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "aerekos",
+    version,
+    about = "Drive an aerekos conductor from the shell"
+)]
+pub struct Cli {
+    /// Conductor base URL.
+    #[arg(long, env = "AEREKOS_URL", default_value = "http://127.0.0.1:3000")]
+    pub url: String,
+    /// API token (Bearer).
+    #[arg(long, env = "AEREKOS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Sign in as a user; prints a session token (`export AEREKOS_TOKEN=$(…)`).
+    Login {
+        /// User name.
+        #[arg(long, default_value = "admin")]
+        username: String,
+        /// Read the password from stdin (one line) instead of AEREKOS_PASSWORD.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List workers.
+    Workers,
+    /// One worker: inventory, status, latest metrics.
+    Worker {
+        /// Worker id.
+        id: String,
+    },
+    /// Set a worker's labels (replaces them): `aerekos labels w-1 site=shop model=pi5`.
+    Labels {
+        /// Worker id.
+        id: String,
+        /// `key=value` pairs.
+        labels: Vec<String>,
+    },
+    /// Round-trip a Ping command to a worker.
+    Ping {
+        /// Worker id.
+        id: String,
+    },
+    /// Artifacts: uploaded binaries addressed by SHA-256.
+    #[command(subcommand)]
+    Artifact(ArtifactCmd),
+    /// List service specs with their deployment and state.
+    Services,
+    /// Service specs.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Place a service on workers and/or labels (starts it there).
+    Deploy {
+        /// Service name.
+        name: String,
+        /// Worker ids, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        workers: Vec<String>,
+        /// Label selector `key=value` (repeatable; all must match).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Spec version (default: the latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Install it stopped.
+        #[arg(long)]
+        stopped: bool,
+    },
+    /// Roll a deployed service to another version in waves.
+    Rollout {
+        /// Service name.
+        name: String,
+        /// Target version.
+        #[arg(long)]
+        version: u32,
+        /// Workers in the first (canary) wave.
+        #[arg(long)]
+        canary: Option<u32>,
+        /// Canary wave as a percentage of the targets.
+        #[arg(long)]
+        canary_percent: Option<u32>,
+        /// Seconds each wave must stay healthy.
+        #[arg(long)]
+        settle: Option<u32>,
+    },
+    /// A service's rollout history.
+    Rollouts {
+        /// Service name.
+        name: String,
+    },
+    /// Remove a service from every worker.
+    Undeploy {
+        /// Service name.
+        name: String,
+    },
+    /// Start a service on one worker.
+    Start {
+        /// Worker id.
+        worker: String,
+        /// Service name.
+        name: String,
+    },
+    /// Stop a service on one worker.
+    Stop {
+        /// Worker id.
+        worker: String,
+        /// Service name.
+        name: String,
+    },
+    /// Restart a service on one worker.
+    Restart {
+        /// Worker id.
+        worker: String,
+        /// Service name.
+        name: String,
+    },
+    /// A service's output on one worker: the tail, then optionally follow.
+    Logs {
+        /// Worker id.
+        worker: String,
+        /// Service name.
+        name: String,
+        /// Bytes from the end of the log.
+        #[arg(long, default_value_t = 16384)]
+        tail: u32,
+        /// Keep streaming new output for this many seconds.
+        #[arg(long, short, default_value_t = 0)]
+        follow: u32,
+    },
+}
+
+/// `aerekos artifact …`
+#[derive(Debug, Subcommand)]
+pub enum ArtifactCmd {
+    /// Upload a binary for one architecture; prints its SHA-256.
+    Upload {
+        /// The file.
+        file: PathBuf,
+        /// Architecture as workers report it (`aarch64`, `x86_64`, `armv7l`).
+        #[arg(long)]
+        arch: String,
+        /// A label for people (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List artifacts.
+    List,
+    /// Delete an artifact no spec uses.
+    Rm {
+        /// SHA-256 (hex).
+        sha256: String,
+    },
+}
+
+/// `aerekos service …`
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Store a new version of a spec from a JSON file (`-` for stdin).
+    Create {
+        /// JSON spec file, as `POST /api/v1/services` takes it.
+        file: PathBuf,
+    },
+    /// One service: spec, deployment, desired vs actual per worker.
+    Show {
+        /// Service name.
+        name: String,
+    },
+}
+
+/// A failed call: the API's message, or a transport error.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The conductor answered with an error status.
+    #[error("{status}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The API's `error` field (or the body).
+        message: String,
+    },
+    /// Could not talk to the conductor.
+    #[error("cannot reach the conductor: {0}")]
+    Transport(#[from] ureq::Error),
+    /// Local I/O (reading a file, writing stdout).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Bad argument value.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// An API client bound to one conductor and token.
+#[derive(Debug)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+impl Client {
+    /// A client for `base` (e.g. `http://pi:3000`).
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            agent: agent(Duration::from_secs(60)),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    fn finish(
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value, CliError> {
+        let mut resp = resp?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_JSON)
+            .read_to_string()?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            Err(CliError::Api { status, message })
+        }
+    }
+
+    /// `GET /api/v1{path}`.
+    pub fn get(&self, path: &str) -> Result<Value, CliError> {
+        let mut req = self.agent.get(self.url(path));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(req.call())
+    }
+
+    /// `DELETE /api/v1{path}`.
+    pub fn delete(&self, path: &str) -> Result<Value, CliError> {
+        let mut req = self.agent.delete(self.url(path));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(req.call())
+    }
+
+    /// `POST`/`PUT` JSON to `/api/v1{path}`.
+    pub fn send(&self, method: &str, path: &str, body: &Value) -> Result<Value, CliError> {
+        let url = self.url(path);
+        let mut req = match method {
+            "PUT" => self.agent.put(url),
+            _ => self.agent.post(url),
+        };
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(
+            req.header("Content-Type", "application/json")
+                .send(body.to_string()),
+        )
+    }
+
+    /// Uploads a file as an artifact.
+    pub fn upload(&self, file: File, arch: &str, name: &str) -> Result<Value, CliError> {
+        let url = format!(
+            "{}?arch={}&name={}",
+            self.url("/artifacts"),
+            query_escape(arch),
+            query_escape(name)
+        );
+        let mut req = agent(Duration::from_secs(3600)).post(url);
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        Self::finish(
+            req.header("Content-Type", "application/octet-stream")
+                .send(file),
+        )
+    }
+
+    /// Streams a log response to `out` as it arrives.
+    pub fn logs(
+        &self,
+        worker: &str,
+        name: &str,
+        tail: u32,
+        follow: u32,
+        out: &mut dyn Write,
+    ) -> Result<(), CliError> {
+        let url = self.url(&format!(
+            "/workers/{worker}/services/{name}/logs?tail={tail}&follow={follow}"
+        ));
+        let mut req = agent(Duration::from_secs(u64::from(follow) + 60)).get(url);
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        let mut resp = req.call()?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Self::finish(Ok(resp)).map(|_| ());
+        }
+        let mut reader = resp.body_mut().as_reader();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            out.write_all(&buf[..n])?;
+            out.flush()?;
+        }
+    }
+}
+
+fn query_escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn parse_pairs(pairs: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(CliError::Usage(format!("expected key=value, got {p:?}"))),
+        })
+        .collect()
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+/// Runs one command, printing to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let client = Client::new(&cli.url, cli.token.clone());
+    let as_json = cli.json;
+    let print = |out: &mut dyn Write, v: &Value, human: &dyn Fn(&Value) -> String| {
+        let text = if as_json {
+            serde_json::to_string_pretty(v).unwrap_or_default()
+        } else {
+            human(v)
+        };
+        writeln!(out, "{}", text.trim_end())
+    };
+    match cli.command {
+        Cmd::Login {
+            username,
+            password_stdin,
+        } => {
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line.trim_end_matches(['\r', '\n']).to_string()
+            } else {
+                std::env::var("AEREKOS_PASSWORD").map_err(|_| {
+                    CliError::Usage("set AEREKOS_PASSWORD or pass --password-stdin".into())
+                })?
+            };
+            let v = client.send(
+                "POST",
+                "/login",
+                &json!({"username": username, "password": password}),
+            )?;
+            print(out, &v, &|v| s(v, "token").to_string())?;
+        }
+        Cmd::Workers => {
+            let v = client.get("/workers")?;
+            print(out, &v, &workers_table)?;
+        }
+        Cmd::Worker { id } => {
+            let v = client.get(&format!("/workers/{id}"))?;
+            print(out, &v, &|v| {
+                serde_json::to_string_pretty(v).unwrap_or_default()
+            })?;
+        }
+        Cmd::Labels { id, labels } => {
+            let v = client.send(
+                "PUT",
+                &format!("/workers/{id}/labels"),
+                &json!(parse_pairs(&labels)?),
+            )?;
+            print(out, &v, &|_| "labels set".into())?;
+        }
+        Cmd::Ping { id } => {
+            let v = client.send(
+                "POST",
+                &format!("/workers/{id}/commands"),
+                &json!({"action": "ping"}),
+            )?;
+            print(out, &v, &|v| {
+                format!(
+                    "{} {} ({} ms)",
+                    s(v, "status"),
+                    s(v, "detail"),
+                    v.get("rtt_ms").map_or("-".into(), Value::to_string)
+                )
+            })?;
+        }
+        Cmd::Artifact(ArtifactCmd::Upload { file, arch, name }) => {
+            let label = name.unwrap_or_else(|| {
+                file.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            let f = File::open(&file)?;
+            let v = client.upload(f, &arch, &label)?;
+            print(out, &v, &|v| s(v, "sha256").to_string())?;
+        }
+        Cmd::Artifact(ArtifactCmd::List) => {
+            let v = client.get("/artifacts")?;
+            print(out, &v, &artifacts_table)?;
+        }
+        Cmd::Artifact(ArtifactCmd::Rm { sha256 }) => {
+            let v = client.delete(&format!("/artifacts/{sha256}"))?;
+            print(out, &v, &|_| "deleted".into())?;
+        }
+        Cmd::Services => {
+            let v = client.get("/services")?;
+            print(out, &v, &services_table)?;
+        }
+        Cmd::Service(ServiceCmd::Create { file }) => {
+            let mut text = String::new();
+            if file.as_os_str() == "-" {
+                std::io::stdin().read_to_string(&mut text)?;
+            } else {
+                File::open(&file)?.read_to_string(&mut text)?;
+            }
+            let spec: Value = serde_json::from_str(&text)
+                .map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", file.display())))?;
+            let v = client.send("POST", "/services", &spec)?;
+            print(out, &v, &|v| {
+                format!(
+                    "{} v{}",
+                    s(v, "name"),
+                    v.get("version").map_or("?".into(), Value::to_string)
+                )
+            })?;
+        }
+        Cmd::Service(ServiceCmd::Show { name }) => {
+            let v = client.get(&format!("/services/{name}"))?;
+            print(out, &v, &service_detail)?;
+        }
+        Cmd::Deploy {
+            name,
+            workers,
+            labels,
+            version,
+            stopped,
+        } => {
+            let mut body = json!({"workers": workers, "labels": parse_pairs(&labels)?});
+            if let Some(n) = version {
+                body["version"] = json!(n);
+            }
+            if stopped {
+                body["desired_state"] = json!("stopped");
+            }
+            let v = client.send("PUT", &format!("/services/{name}/deployment"), &body)?;
+            print(out, &v, &|v| {
+                let targets: Vec<&str> = v
+                    .get("targets")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                format!(
+                    "deployed to {} worker(s): {}",
+                    targets.len(),
+                    targets.join(" ")
+                )
+            })?;
+        }
+        Cmd::Rollout {
+            name,
+            version,
+            canary,
+            canary_percent,
+            settle,
+        } => {
+            let mut body = json!({"version": version});
+            if let Some(c) = canary {
+                body["canary"] = json!(c);
+            }
+            if let Some(p) = canary_percent {
+                body["canary_percent"] = json!(p);
+            }
+            if let Some(t) = settle {
+                body["settle_s"] = json!(t);
+            }
+            let v = client.send("POST", &format!("/services/{name}/rollout"), &body)?;
+            print(out, &v, &|v| {
+                serde_json::to_string_pretty(v).unwrap_or_default()
+            })?;
+        }
+        Cmd::Rollouts { name } => {
+            let v = client.get(&format!("/services/{name}/rollouts"))?;
+            print(out, &v, &|v| {
+                serde_json::to_string_pretty(v).unwrap_or_default()
+            })?;
+        }
+        Cmd::Undeploy { name } => {
+            let v = client.delete(&format!("/services/{name}/deployment"))?;
+            print(out, &v, &|_| format!("{name} undeployed"))?;
+        }
+        Cmd::Start { worker, name } => op(&client, out, &print, &worker, &name, "start")?,
+        Cmd::Stop { worker, name } => op(&client, out, &print, &worker, &name, "stop")?,
+        Cmd::Restart { worker, name } => op(&client, out, &print, &worker, &name, "restart")?,
+        Cmd::Logs {
+            worker,
+            name,
+            tail,
+            follow,
+        } => client.logs(&worker, &name, tail, follow, out)?,
+    }
+    Ok(())
+}
+
+type Printer<'a> =
+    dyn Fn(&mut dyn Write, &Value, &dyn Fn(&Value) -> String) -> std::io::Result<()> + 'a;
+
+fn op(
+    client: &Client,
+    out: &mut dyn Write,
+    print: &Printer<'_>,
+    worker: &str,
+    name: &str,
+    what: &str,
+) -> Result<(), CliError> {
+    let v = client.send(
+        "POST",
+        &format!("/workers/{worker}/services/{name}/{what}"),
+        &json!({}),
+    )?;
+    print(out, &v, &|v| {
+        format!("{what}: {} {}", s(v, "status"), s(v, "detail"))
+    })?;
+    Ok(())
+}
+
+fn rows(v: &Value, key: &str) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a.clone(),
+        _ => v
+            .get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
+fn workers_table(v: &Value) -> String {
+    let mut t = String::from("ID                 NAME               STATUS   ARCH      MODEL\n");
+    for w in rows(v, "workers") {
+        let arch = w
+            .pointer("/inventory/arch")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| s(&w, "arch"));
+        let model = w
+            .pointer("/inventory/device_model")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| s(&w, "device_model"));
+        t.push_str(&format!(
+            "{:<18} {:<18} {:<8} {:<9} {}\n",
+            s(&w, "id"),
+            s(&w, "name"),
+            s(&w, "status"),
+            arch,
+            model
+        ));
+    }
+    t
+}
+
+fn artifacts_table(v: &Value) -> String {
+    let mut t = String::from("SHA256                                                            ARCH      SIZE       NAME\n");
+    for a in rows(v, "artifacts") {
+        t.push_str(&format!(
+            "{:<65} {:<9} {:<10} {}\n",
+            s(&a, "sha256"),
+            s(&a, "arch"),
+            a.get("size").map_or("-".into(), Value::to_string),
+            s(&a, "name")
+        ));
+    }
+    t
+}
+
+fn services_table(v: &Value) -> String {
+    let mut t = String::from("NAME                             VERSION  KIND       DEPLOYED\n");
+    for sv in rows(v, "services") {
+        let version = sv
+            .get("latest_version")
+            .or_else(|| sv.get("version"))
+            .map_or("-".into(), Value::to_string);
+        let deployed = sv
+            .pointer("/deployment/version")
+            .map_or("no".into(), |v| format!("v{v}"));
+        let kind = sv
+            .pointer("/spec/kind")
+            .and_then(Value::as_str)
+            .unwrap_or("process");
+        t.push_str(&format!(
+            "{:<32} {:<8} {:<10} {}\n",
+            s(&sv, "name"),
+            version,
+            kind,
+            deployed
+        ));
+    }
+    t
+}
+
+fn service_detail(v: &Value) -> String {
+    let mut t = format!(
+        "{} (latest v{})\n",
+        s(v, "name"),
+        v.get("latest_version")
+            .or_else(|| v.get("version"))
+            .map_or("?".into(), Value::to_string)
+    );
+    t.push_str("WORKER             DESIRED     ACTUAL      VERSION  PID      RESTARTS DETAIL\n");
+    for w in rows(v, "workers") {
+        let actual = w.get("actual").cloned().unwrap_or(Value::Null);
+        t.push_str(&format!(
+            "{:<18} {:<11} {:<11} {:<8} {:<8} {:<8} {}\n",
+            s(&w, "worker_id"),
+            s(&w, "desired_state"),
+            s(&actual, "state"),
+            actual.get("version").map_or("-".into(), Value::to_string),
+            actual.get("pid").map_or("-".into(), Value::to_string),
+            actual.get("restarts").map_or("-".into(), Value::to_string),
+            s(&actual, "detail"),
+        ));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_and_escaping() {
+        let p = parse_pairs(&["a=b".into(), "c=".into()]).unwrap_or_default();
+        assert_eq!(p.get("a").map(String::as_str), Some("b"));
+        assert_eq!(p.get("c").map(String::as_str), Some(""));
+        assert!(parse_pairs(&["novalue".into()]).is_err());
+        assert!(parse_pairs(&["=x".into()]).is_err());
+        assert_eq!(query_escape("a b/ü"), "a%20b%2F%C3%BC");
+    }
+
+    #[test]
+    fn cli_parses_every_command_shape() {
+        for args in [
+            vec!["aerekos", "workers"],
+            vec!["aerekos", "--json", "services"],
+            vec![
+                "aerekos",
+                "deploy",
+                "web",
+                "--workers",
+                "w-1,w-2",
+                "--label",
+                "site=shop",
+            ],
+            vec![
+                "aerekos",
+                "rollout",
+                "web",
+                "--version",
+                "2",
+                "--canary",
+                "1",
+                "--settle",
+                "5",
+            ],
+            vec!["aerekos", "logs", "w-1", "web", "--tail", "100", "-f", "10"],
+            vec![
+                "aerekos",
+                "artifact",
+                "upload",
+                "/bin/true",
+                "--arch",
+                "x86_64",
+            ],
+            vec!["aerekos", "service", "create", "-"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["aerekos", "rollout", "web"]).is_err());
+    }
+}
