@@ -1,0 +1,228 @@
+//! # aerekos key-manager
+//!
+//! A small key-management service (KMS) hosted on an aerekos worker as a
+//! process service. Clients (other services, apps) hold no key material:
+//! they ask key-manager to encrypt, decrypt, re-encrypt and to issue data
+//! keys for envelope encryption. See `README.md` beside this crate for the
+//! HTTP API with examples and the operations guide.
+//!
+//! ## Design
+//!
+//! * **Keys** are named (`[a-z0-9][a-z0-9_-]{0,63}`) and versioned: a key
+//!   starts at version 1, each rotation adds a version that becomes the one
+//!   encrypt uses; older versions stay to decrypt old data (at most
+//!   [`store::MAX_VERSIONS`] per key, [`store::MAX_KEYS`] keys). A key can
+//!   be disabled (refuses encrypt, decrypt, re-encrypt and data keys with
+//!   409) and enabled again. A key may be restricted to a list of clients.
+//! * **AEAD**: XChaCha20-Poly1305 with random 192-bit nonces (pure Rust,
+//!   fast on Pis without AES instructions). The ciphertext carries the key
+//!   name and version, both authenticated, so data encrypted before a
+//!   rotation still decrypts and cannot be relabelled; byte table in
+//!   [`crypto`].
+//! * **Master key**: the service's secret `master_key` (64 hex characters,
+//!   set in the service spec on the conductor) if present, else
+//!   HKDF-SHA256 of `AEREKOS_TOKEN` (the worker derives that token from
+//!   its own secret: unique per worker and service, stable across
+//!   restarts). It lives only in memory: never written, never logged. It
+//!   seals every key file; a store sealed under another master key refuses
+//!   to start with a clear error ([`store::StoreError::WrongMaster`]).
+//!   Use an explicit `master_key` when keys must survive re-provisioning of
+//!   the worker or move to another worker.
+//! * **Durability**: one sealed file per key, rewritten atomically (temp,
+//!   fsync, rename, fsync dir) before the change is acknowledged, so
+//!   `kill -9` never loses an acknowledged create/rotate/disable ([`store`]).
+//! * **Client API keys** come from the service's secrets, i.e. they are
+//!   issued through the conductor, and are re-read every 30 s ([`clients`]).
+//! * **Audit**: create/rotate/disable/enable and bursts of refused requests
+//!   become events on the conductor via the worker's local API; metrics
+//!   every 10 s ([`local`]).
+//! * **Never logged**: plaintexts, key material, the master key, client or
+//!   service tokens. Errors name keys, clients and paths only.
+//! * **Bounds**: bodies ≤ 64 KiB (413), plaintexts ≤ 32 KiB (413), aad ≤ 8
+//!   KiB, data keys 16..=64 bytes; malformed input is a 400, never a panic.
+
+pub mod clients;
+pub mod crypto;
+pub mod http;
+pub mod kms;
+pub mod local;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use clients::Clients;
+pub use crypto::{MasterKey, MasterSource, SecretKey};
+pub use http::HttpServer;
+pub use kms::{KmError, Kms};
+pub use local::{Audit, LocalClient, ReportIntervals};
+pub use store::Store;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
+/// Env var overriding the listen address.
+pub const ENV_LISTEN: &str = "KEY_MANAGER_LISTEN";
+
+/// Why key-manager could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad command line.
+    #[error("{0}")]
+    Usage(String),
+    /// The local API failed.
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+    /// The master key could not be made.
+    #[error(transparent)]
+    Crypto(#[from] crypto::CryptoError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The HTTP server could not start.
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Command-line options.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--data-dir` (default: the working directory).
+    pub data_dir: Option<PathBuf>,
+    /// `--threads`.
+    pub threads: Option<usize>,
+    /// `--report-interval-ms`.
+    pub report_ms: Option<u64>,
+    /// `--refresh-interval-ms`.
+    pub refresh_ms: Option<u64>,
+}
+
+/// Usage text.
+pub const USAGE: &str = "usage: key-manager [--listen ADDR] [--data-dir DIR] [--threads N]
+                   [--report-interval-ms MS] [--refresh-interval-ms MS]
+Runs under an edge-worker (needs AEREKOS_API and AEREKOS_TOKEN).
+  --listen ADDR   default: $KEY_MANAGER_LISTEN, the config value `listen`, 127.0.0.1:7300
+  --data-dir DIR  where sealed key files live (default: the working directory)";
+
+impl Options {
+    /// Parses `args` (without the program name). `Ok(None)` for `--help`.
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, StartError> {
+        let mut o = Options::default();
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            if flag == "-h" || flag == "--help" {
+                return Ok(None);
+            }
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| it.next())
+                    .ok_or_else(|| StartError::Usage(format!("{flag} needs a value\n{USAGE}")))
+            };
+            let number = |v: String| {
+                v.parse::<u64>()
+                    .map_err(|_| StartError::Usage(format!("{flag}: not a number: {v}")))
+            };
+            match flag.as_str() {
+                "--listen" => o.listen = Some(value()?),
+                "--data-dir" => o.data_dir = Some(PathBuf::from(value()?)),
+                "--threads" => {
+                    let n = number(value()?)?;
+                    o.threads = Some(usize::try_from(n.clamp(1, 64)).unwrap_or(1));
+                }
+                "--report-interval-ms" => o.report_ms = Some(number(value()?)?.max(10)),
+                "--refresh-interval-ms" => o.refresh_ms = Some(number(value()?)?.max(10)),
+                _ => {
+                    return Err(StartError::Usage(format!(
+                        "unknown argument {arg}\n{USAGE}"
+                    )))
+                }
+            }
+        }
+        Ok(Some(o))
+    }
+}
+
+/// Reads the secrets, retrying briefly (the worker may still be starting).
+fn secrets_with_retry(
+    local: &LocalClient,
+) -> Result<std::collections::BTreeMap<String, String>, StartError> {
+    let mut last = None;
+    for attempt in 0..10u64 {
+        match local.secrets() {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
+    }
+    Err(last.map_or_else(|| StartError::Usage("no secrets".into()), StartError::Local))
+}
+
+/// Starts key-manager under an edge-worker and serves until killed.
+pub fn run(opts: Options) -> Result<(), StartError> {
+    let local = LocalClient::from_env()?;
+    let secrets = secrets_with_retry(&local)?;
+    let config = local.config().unwrap_or_default();
+    let master = match secrets.get("master_key") {
+        Some(hex) => MasterKey::from_hex(hex)?,
+        None => MasterKey::derive_from_token(local.token())?,
+    };
+    let data_dir = match opts.data_dir {
+        Some(d) => d,
+        None => std::env::current_dir()?,
+    };
+    let store = Store::open(&data_dir, master)?;
+    let (clients, warnings) = Clients::from_secrets(&secrets);
+    for w in warnings {
+        eprintln!("key-manager: {w}");
+    }
+    if clients.is_empty() {
+        eprintln!(
+            "key-manager: no client API keys in the secrets (`clients` or `client.<name>`): \
+             every request will be refused until some are added"
+        );
+    }
+    let client_names: Vec<&str> = clients.names().collect();
+    let client_line = client_names.join(", ");
+    let (audit, audit_rx) = Audit::channel();
+    let kms = Arc::new(Kms::new(store, clients, audit));
+    let intervals = ReportIntervals {
+        report: opts
+            .report_ms
+            .map_or(ReportIntervals::default().report, Duration::from_millis),
+        refresh: opts
+            .refresh_ms
+            .map_or(ReportIntervals::default().refresh, Duration::from_millis),
+    };
+    local::spawn_reporter(local, kms.clone(), audit_rx, intervals)?;
+    let listen = opts
+        .listen
+        .or_else(|| std::env::var(ENV_LISTEN).ok())
+        .or_else(|| config.get("listen").cloned())
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let server = HttpServer::start(
+        &listen,
+        kms.clone(),
+        opts.threads.unwrap_or(http::DEFAULT_THREADS),
+    )?;
+    println!(
+        "key-manager: listening on http://{} ({} keys, master key from {}, clients: [{}])",
+        server.addr(),
+        kms.store().len(),
+        kms.store().master_source(),
+        client_line
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    server.wait();
+    Ok(())
+}
