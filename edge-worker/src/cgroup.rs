@@ -141,11 +141,26 @@ impl Cgroups {
         })
     }
 
-    /// Moves every process of `own` to `own/agent`.
+    /// Moves every process of `own` to `own/agent`. Refuses when the
+    /// cgroup holds processes that are neither the worker nor its
+    /// descendants (a worker started from a login shell shares the shell's
+    /// cgroup: it must not reorganise other people's processes).
     fn move_to_leaf(&self, own: &Path) -> Result<(), String> {
         let procs = fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default();
         if procs.trim().is_empty() {
             return Ok(());
+        }
+        let me = std::process::id();
+        if let Some(foreign) = procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|&pid| !descends_from(pid, me))
+        {
+            return Err(format!(
+                "the worker's cgroup {} also holds process {foreign}, which is not the worker's \
+                 (run the worker as a systemd service with Delegate=yes)",
+                own.display()
+            ));
         }
         let leaf = own.join(AGENT_LEAF);
         match fs::create_dir(&leaf) {
@@ -251,6 +266,31 @@ impl Cgroups {
     }
 }
 
+/// True when `pid` is `ancestor` or one of its descendants (parent chain
+/// from `/proc/<pid>/stat`, at most 64 steps). A process that vanished
+/// counts as ours: it can no longer be moved anyway.
+fn descends_from(mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..64 {
+        if pid == ancestor {
+            return true;
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return true;
+        };
+        // The fields after the parenthesised command name: state, ppid, …
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        match ppid {
+            Some(p) if p > 0 => pid = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
 fn describe(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::PermissionDenied => format!("{e} (no delegation: Delegate=yes?)"),
@@ -263,6 +303,21 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn only_the_worker_and_its_descendants_count_as_ours() {
+        let me = std::process::id();
+        assert!(descends_from(me, me));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn sleep: {e}"));
+        assert!(descends_from(child.id(), me));
+        let _ = child.kill();
+        let _ = child.wait();
+        // pid 1 is nobody's descendant but its own.
+        assert!(!descends_from(1, me));
+    }
 
     #[test]
     fn not_v2_is_a_reason_not_an_error() {

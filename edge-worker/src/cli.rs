@@ -32,6 +32,8 @@ OPTIONS (each also from the environment variable shown):
     --hostname H            hostname override                      AEREKOS_HOSTNAME
     --machine-id M          /etc/machine-id override               AEREKOS_MACHINE_ID
     --mqtt-url U            broker override, mqtt://host:port      AEREKOS_MQTT_URL
+    --local-api ADDR|off    local API for hosted services          AEREKOS_LOCAL_API
+                            [127.0.0.1:3001; port 0: any free port]
     -h, --help              this text
     -V, --version           agent and wire-format versions
 
@@ -162,6 +164,7 @@ pub fn parse(
             "--hostname",
             "--machine-id",
             "--mqtt-url",
+            "--local-api",
         ];
         let known = if decode {
             &["--secret"][..]
@@ -275,6 +278,16 @@ pub fn parse(
         if crate::session::parse_mqtt_url(url).is_none() {
             return Err(invalid("--mqtt-url", url, "expected mqtt://host:port"));
         }
+    }
+    if let Some(v) = get("--local-api", "AEREKOS_LOCAL_API") {
+        let v = v.trim();
+        config.local_api = if v.eq_ignore_ascii_case("off") {
+            None
+        } else if v.parse::<std::net::SocketAddr>().is_ok() {
+            Some(v.to_string())
+        } else {
+            return Err(invalid("--local-api", v, "expected ip:port or off"));
+        };
     }
     Ok(Cli::Run(config))
 }
@@ -408,6 +421,24 @@ mod tests {
         assert_eq!(c.hostname.as_deref(), Some("h"));
         assert_eq!(c.machine_id.as_deref(), Some("m"));
         assert_eq!(c.mqtt_url.as_deref(), Some("mqtt://b:1884"));
+        assert_eq!(c.local_api.as_deref(), Some("127.0.0.1:3001"));
+    }
+
+    #[test]
+    fn local_api() {
+        let c = run_cfg("--local-api 127.0.0.1:0", no_env);
+        assert_eq!(c.local_api.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(run_cfg("--local-api=off", no_env).local_api, None);
+        let env = |k: &str| (k == "AEREKOS_LOCAL_API").then(|| "OFF".to_string());
+        assert_eq!(run_cfg("", env).local_api, None);
+        let c = run_cfg("--local-api [::1]:4000", env);
+        assert_eq!(c.local_api.as_deref(), Some("[::1]:4000"), "the flag wins");
+        let p = |a: &str| parse(args(a), no_env, || PathBuf::from("/d"));
+        assert!(matches!(
+            p("--local-api localhost"),
+            Err(CliError::Invalid { .. })
+        ));
+        assert!(matches!(p("--local-api"), Err(CliError::MissingValue(_))));
     }
 
     #[test]

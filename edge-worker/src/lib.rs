@@ -3,9 +3,12 @@
 //! It enrols once over HTTP ([`enroll`]), keeps its identity in a state dir
 //! ([`state`]), samples hardware metrics ([`collect`]) and streams sealed
 //! frames to the conductor over MQTT ([`session`]) through a bounded,
-//! persisted store-and-forward queue ([`outbox`]). It hosts process services
-//! the conductor deploys ([`supervisor`]); they keep running while the
-//! conductor is unreachable and across worker restarts.
+//! persisted store-and-forward queue ([`outbox`]). It hosts the process and
+//! container services the conductor deploys ([`supervisor`], [`container`]);
+//! they keep running while the conductor is unreachable and across worker
+//! restarts. Services read their config and secrets and publish events and
+//! metrics through a local HTTP API ([`local_api`]); their output is sent on
+//! request ([`logs`]).
 //!
 //! [`run`] is the whole agent; the `edge-worker` binary is a thin CLI around
 //! it ([`cli`]), and the conductor embeds it for `--local-worker`.
@@ -75,6 +78,10 @@ pub struct WorkerConfig {
     pub machine_id: Option<String>,
     /// Override of the broker URL the conductor returned.
     pub mqtt_url: Option<String>,
+    /// Where the local API for hosted services listens (`ip:port`; port 0:
+    /// any free port, the services are told the one bound); `None`: off.
+    /// Failing to bind is not fatal: services then run without it.
+    pub local_api: Option<String>,
 }
 
 impl WorkerConfig {
@@ -92,6 +99,7 @@ impl WorkerConfig {
             hostname: None,
             machine_id: None,
             mqtt_url: None,
+            local_api: Some(local_api::DEFAULT_LISTEN.to_string()),
         }
     }
 }
@@ -302,15 +310,53 @@ pub async fn run(
     if let Some(last) = outbox.last_seq() {
         store.ensure_above(last);
     }
+    // The local API first: services spawned below are told its address.
+    let registry = local_api::Registry::new(&secret, &worker_id);
+    let (local_tx, local_rx) = local_api::channel(local_api::DEFAULT_QUEUE_LEN);
+    let api = match config.local_api.as_deref() {
+        None => {
+            tracing::info!("local API off (--local-api off)");
+            None
+        }
+        // Not fatal: several workers on one host, or the port taken.
+        Some(listen) => {
+            match local_api::LocalApi::start(listen, registry.clone(), local_tx.clone()) {
+                Ok(api) => Some(api),
+                Err(e) => {
+                    tracing::warn!("{e}; services run without a local API");
+                    None
+                }
+            }
+        }
+    };
+    // Registered before every spawn: a service that calls at once is known.
+    let hook_registry = registry.clone();
+    let extra_env: supervisor::EnvHook = std::sync::Arc::new(move |m: &protocol::Manifest| {
+        if let Err(e) = hook_registry.register_manifest(m) {
+            tracing::warn!(service = %m.name, "local API: {e}");
+        }
+        hook_registry.env(&m.name)
+    });
     // Services run whatever the connection does: adopt or start them now.
     // The arch is the birth's, so the conductor's artifact keys match it.
     let services = supervisor::Supervisor::load_with(
         &config.state_dir,
         supervisor::SupervisorOptions {
             arch: inventory.arch.to_string(),
+            extra_env: Some(extra_env),
+            worker_id: worker_id.clone(),
             ..supervisor::SupervisorOptions::default()
         },
     );
+    // Adopted processes and containers were not spawned: register them too.
+    for st in services.statuses() {
+        if let Some(m) = services.manifest(&st.name) {
+            if let Err(e) = registry.register_manifest(m) {
+                tracing::warn!(service = %st.name, "local API: {e}");
+            }
+            registry.set_state(&st.name, local_api::state_str(st.state));
+        }
+    }
     let params = session::SessionParams {
         store,
         secret,
@@ -323,11 +369,21 @@ pub async fn run(
         interval: config.interval,
         flush_interval: config.flush_interval,
         services,
+        local: session::LocalParts {
+            registry,
+            rx: local_rx,
+            tx: local_tx,
+        },
     };
     let span = tracing::info_span!("worker", id = %worker_id);
-    session::run(params, shutdown.as_mut())
+    let result = session::run(params, shutdown.as_mut())
         .instrument(span)
-        .await
+        .await;
+    if let Some(api) = api {
+        // Joins its threads: off the runtime thread.
+        let _ = tokio::task::spawn_blocking(move || api.stop()).await;
+    }
+    result
 }
 
 /// Enrols, retrying what can be retried (conductor down, 5xx, 429) with

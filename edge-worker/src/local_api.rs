@@ -35,17 +35,23 @@
 //! [`PUBLISH_BURST`] refilled at [`PUBLISH_PER_S`] per second (they end up
 //! in the worker's outbox, which must not be flooded out by one chatty
 //! service); the queue to the session holds what [`channel`] was given.
-//! Requests are served by [`HANDLER_THREADS`] blocking threads (tiny_http
-//! has no read timeout, so a client that stalls mid-body holds one of them;
-//! acceptable on loopback where only hosted services connect). Loopback
-//! only by default ([`DEFAULT_LISTEN`]); no TLS.
+//!
+//! HTTP (a minimal HTTP/1.1 server of its own, see `server.rs`): one
+//! request per connection (`Connection: close`); the request head is at
+//! most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields (431 beyond); POST
+//! bodies need `Content-Length` (411 without it or with `Transfer-Encoding`);
+//! the whole request must arrive within [`REQUEST_TIMEOUT`] of connecting
+//! (400 for a request cut short; a silent client is closed without an
+//! answer). [`HANDLER_THREADS`] threads accept and serve, one connection
+//! each at a time, so a stalled client holds one of them for at most
+//! [`REQUEST_TIMEOUT`]. Loopback only by default ([`DEFAULT_LISTEN`]); no
+//! TLS.
+
+mod server;
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -53,7 +59,6 @@ use protocol::frame::{bounded, Sample, ServiceMetrics, MAX_SERVICE_SAMPLES};
 use protocol::{Body, Event, EventKind, Manifest, Secret, ServiceState};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tiny_http::{Header, Method, Response, Server};
 use tokio::sync::mpsc;
 
 /// Where the local API listens unless configured otherwise.
@@ -62,8 +67,16 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3001";
 pub const MAX_BODY: usize = 16 * 1024;
 /// Default capacity of the queue from the API to the session.
 pub const DEFAULT_QUEUE_LEN: usize = 64;
-/// Request handler threads.
+/// Request handler threads (each also accepts).
 pub const HANDLER_THREADS: usize = 2;
+/// Largest request head (request line and headers with their line ends),
+/// bytes (431 beyond).
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Most header fields in a request (431 beyond).
+pub const MAX_HEADERS: usize = 64;
+/// Time a client has from connecting to having sent its whole request
+/// (400 for a request cut short); also bounds each write of the answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Publishes (events + metrics) a service may make at once.
 pub const PUBLISH_BURST: u32 = 20;
 /// Sustained publishes per second per service.
@@ -369,17 +382,14 @@ impl Registry {
 /// A running local API server. Stops (and joins its threads) on
 /// [`LocalApi::stop`] or drop.
 pub struct LocalApi {
-    server: Arc<Server>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    server: server::Server,
     registry: Registry,
 }
 
 impl std::fmt::Debug for LocalApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalApi")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -387,7 +397,7 @@ impl std::fmt::Debug for LocalApi {
 impl LocalApi {
     /// Binds `listen` (e.g. [`DEFAULT_LISTEN`], or `127.0.0.1:0` for any
     /// port), records the URL in `registry` (for [`Registry::env`]) and
-    /// starts the handler threads. Publishes go to `tx`.
+    /// starts the [`HANDLER_THREADS`] handler threads. Publishes go to `tx`.
     pub fn start(
         listen: &str,
         registry: Registry,
@@ -397,58 +407,29 @@ impl LocalApi {
             addr: listen.to_string(),
             reason,
         };
-        let server = Server::http(listen).map_err(|e| bind_err(e.to_string()))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| bind_err("not an IP address".into()))?;
-        let server = Arc::new(server);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut api = LocalApi {
-            server,
-            addr,
-            stop,
-            threads: Vec::new(),
-            registry: registry.clone(),
-        };
-        for n in 0..HANDLER_THREADS {
-            let (server, stop, registry, tx) = (
-                api.server.clone(),
-                api.stop.clone(),
-                registry.clone(),
-                tx.clone(),
-            );
-            let t = std::thread::Builder::new()
-                .name(format!("local-api-{n}"))
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match server.recv_timeout(Duration::from_millis(200)) {
-                            Ok(Some(req)) => serve(&registry, &tx, req),
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::warn!("local API accept: {e}");
-                                std::thread::sleep(Duration::from_millis(50));
-                            }
-                        }
-                    }
-                })
-                .map_err(|e| LocalApiError::Thread(e.to_string()))?;
-            api.threads.push(t);
-        }
+        let listener = TcpListener::bind(listen).map_err(|e| bind_err(e.to_string()))?;
+        let handler_registry = registry.clone();
+        let server = server::Server::start(
+            listener,
+            HANDLER_THREADS,
+            REQUEST_TIMEOUT,
+            move |conn: &mut server::Conn| serve(&handler_registry, &tx, conn),
+        )
+        .map_err(|e| LocalApiError::Thread(e.to_string()))?;
+        let addr = server.addr();
         registry.lock().api_url = Some(format!("http://{addr}"));
         tracing::info!(%addr, "local API listening");
-        Ok(api)
+        Ok(LocalApi { server, registry })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// `http://<addr>`, the value of [`ENV_API`].
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.addr())
     }
 
     /// The registry the server answers from.
@@ -456,26 +437,23 @@ impl LocalApi {
         &self.registry
     }
 
-    /// Stops accepting, finishes in-flight requests and joins the threads.
+    /// Stops accepting, ends requests still being read (requests already
+    /// read are answered) and joins the threads. Does not wait for idle or
+    /// stalled clients.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.server.unblock();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        if self.server.stop() {
+            self.registry.lock().api_url = None;
         }
-        self.registry.lock().api_url = None;
     }
 }
 
 impl Drop for LocalApi {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.shutdown();
-        }
+        self.shutdown();
     }
 }
 
@@ -533,92 +511,78 @@ struct MetricsIn {
     samples: BTreeMap<String, i64>,
 }
 
-fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str())
-}
-
-fn bearer(req: &tiny_http::Request) -> Option<&str> {
-    let v = header(req, "Authorization")?.trim();
+fn bearer(head: &server::Head) -> Option<&str> {
+    let v = head.header("Authorization")?.trim();
     let (scheme, token) = v.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
         .then_some(token.trim())
 }
 
-fn serve(registry: &Registry, tx: &mpsc::Sender<LocalPublish>, mut req: tiny_http::Request) {
-    let method = req.method().clone();
-    let url = req.url().to_string();
-    let path = url.split_once('?').map_or(url.as_str(), |(p, _)| p);
-    let service = bearer(&req).and_then(|t| registry.authenticate(t));
+/// Answers one connection.
+fn serve(registry: &Registry, tx: &mpsc::Sender<LocalPublish>, conn: &mut server::Conn) {
+    let (code, bytes) = match conn.read_head() {
+        Ok(None) => return,
+        Ok(Some(head)) => answer_head(registry, tx, conn, &head),
+        Err(e) => {
+            tracing::debug!(code = e.0, "local API: {}", e.1);
+            error_body(e)
+        }
+    };
+    conn.respond(code, &bytes);
+}
+
+fn error_body(ApiError(code, msg): ApiError) -> (u16, Vec<u8>) {
+    (
+        code,
+        serde_json::to_vec(&ErrorOut { error: &msg }).unwrap_or_default(),
+    )
+}
+
+/// Authenticates, reads the body of a POST and routes.
+fn answer_head(
+    registry: &Registry,
+    tx: &mpsc::Sender<LocalPublish>,
+    conn: &mut server::Conn,
+    head: &server::Head,
+) -> (u16, Vec<u8>) {
+    let method = head.method.as_str();
+    let url = head.target.as_str();
+    let path = url.split_once('?').map_or(url, |(p, _)| p);
+    let service = bearer(head).and_then(|t| registry.authenticate(t));
     let answer = match &service {
         None => Err(ApiError::new(401, "missing or unknown token")),
         Some(name) => {
-            let body = if method == Method::Post {
-                read_body(&mut req)
+            let body = if method == "POST" {
+                conn.read_body(head, MAX_BODY)
             } else {
                 Ok(Vec::new())
             };
-            body.and_then(|b| route(registry, tx, name, &method, path, &b))
+            body.and_then(|b| route(registry, tx, name, method, path, &b))
         }
     };
-    let (code, bytes) = match answer {
-        Ok(ok) => ok,
-        Err(ApiError(code, msg)) => (
-            code,
-            serde_json::to_vec(&ErrorOut { error: &msg }).unwrap_or_default(),
-        ),
-    };
+    let (code, bytes) = answer.unwrap_or_else(error_body);
     // The path may name a secret key, never a value: safe to log.
     tracing::debug!(
         service = service.as_deref().unwrap_or("-"),
-        %method,
+        method,
         path,
         code,
         "local API"
     );
-    let mut resp = Response::from_data(bytes).with_status_code(code);
-    for (k, v) in [
-        ("Content-Type", "application/json"),
-        ("Cache-Control", "no-store"),
-    ] {
-        if let Ok(h) = Header::from_bytes(k, v) {
-            resp.add_header(h);
-        }
-    }
-    if let Err(e) = req.respond(resp) {
-        tracing::debug!("local API response: {e}");
-    }
-}
-
-fn read_body(req: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
-    let too_big = || ApiError::new(413, format!("request body over {MAX_BODY} bytes"));
-    if req.body_length().is_some_and(|n| n > MAX_BODY) {
-        return Err(too_big());
-    }
-    let mut body = Vec::new();
-    req.as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiError::new(400, format!("reading the body: {e}")))?;
-    if body.len() > MAX_BODY {
-        return Err(too_big());
-    }
-    Ok(body)
+    (code, bytes)
 }
 
 fn route(
     registry: &Registry,
     tx: &mpsc::Sender<LocalPublish>,
     name: &str,
-    method: &Method,
+    method: &str,
     path: &str,
     body: &[u8],
 ) -> Answer {
-    let get = *method == Method::Get;
-    let post = *method == Method::Post;
+    let get = method == "GET";
+    let post = method == "POST";
     let wrong_method = || Err(ApiError::new(405, "method not allowed"));
     // Reads copy out under the lock; the entry may vanish between
     // authentication and here (unregistered meanwhile): then 401.

@@ -26,6 +26,14 @@
 //! one (answered with an error, nothing deployed). A worker that stops while
 //! a download runs never answers it (the conductor sends the deploy again).
 //!
+//! Hosted services talk back through the same outbox: what they publish on
+//! the local API ([`crate::local_api`]) becomes `ServiceEvent` and
+//! `ServiceMetrics` frames, and a `Logs` command is answered by a task that
+//! sends `LogChunk` frames ([`crate::logs`] for processes, the engine's log
+//! for containers, see `container_logs.rs`). The local API's registry
+//! follows every service status (state for `GET /v1/health`, forgotten
+//! once removed).
+//!
 //! Limits: [`WINDOW`] frames in flight; keep-alive `max(5 s, 2 × interval)`
 //! capped at 30 s; reconnect backoff 0.5 s doubling to 30 s with jitter,
 //! reset after [`STABLE_AFTER`] connected; a refused login is logged once
@@ -54,10 +62,14 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::backoff::Backoff;
 use crate::collect::{Collector, Inventory};
 use crate::fetch::{Conductor, FetchError};
+use crate::local_api::{self, LocalPublish, Registry};
+use crate::logs::{self, LogStreams};
 use crate::outbox::{Frame, Outbox};
 use crate::state::StateStore;
 use crate::supervisor::Supervisor;
 use crate::WorkerError;
+
+mod container_logs;
 
 /// Most frames published and not yet acknowledged.
 pub const WINDOW: usize = 10;
@@ -122,6 +134,17 @@ pub(crate) struct SessionParams {
     pub interval: Duration,
     pub flush_interval: Duration,
     pub services: Supervisor,
+    pub local: LocalParts,
+}
+
+/// The session's side of the local API.
+pub(crate) struct LocalParts {
+    /// The services the API answers for; follows every status.
+    pub registry: Registry,
+    /// What services publish.
+    pub rx: tokio::sync::mpsc::Receiver<LocalPublish>,
+    /// Kept so that `rx` stays open (and idle) when no server runs.
+    pub tx: tokio::sync::mpsc::Sender<LocalPublish>,
 }
 
 struct Topics {
@@ -258,6 +281,14 @@ struct Session {
     /// one is never deployed (a later command superseded it).
     deploy_gen: HashMap<String, u64>,
     next_gen: u64,
+    /// The local API's services.
+    registry: Registry,
+    /// Answers `Logs` for process services.
+    logs: LogStreams,
+    /// Where log tasks send their frames (drained into the outbox).
+    log_tx: tokio::sync::mpsc::Sender<Body>,
+    /// Container log follows running now (at most [`logs::MAX_FOLLOWS`]).
+    container_follows: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What a `DeployManifest` download step produced.
@@ -302,7 +333,19 @@ pub(crate) async fn run(
     if !st.mqtt_username.is_empty() {
         opts.set_credentials(st.mqtt_username.clone(), st.mqtt_password.clone());
     }
-    let (client, eventloop) = AsyncClient::new(opts, 4 * WINDOW);
+    let (client, mut eventloop) = AsyncClient::new(opts, 4 * WINDOW);
+    // Frames are small and latency matters (command round trips): without
+    // TCP_NODELAY, Nagle plus delayed ACKs add ~40 ms per exchange.
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<Body>(logs::CHANNEL_LEN);
+    let LocalParts {
+        registry,
+        rx: mut local_rx,
+        tx: _local_tx,
+    } = p.local;
+    let log_streams = LogStreams::new(p.services.state_dir(), logs::MAX_FOLLOWS);
     let cmd_window = st.cmd_window();
     let conductor = Conductor {
         url: st.conductor_url.clone(),
@@ -340,6 +383,10 @@ pub(crate) async fn run(
         deploy_tasks: HashMap::new(),
         deploy_gen: HashMap::new(),
         next_gen: 0,
+        registry,
+        logs: log_streams,
+        log_tx,
+        container_follows: Default::default(),
     };
     tracing::info!(
         broker = %s.mqtt_url,
@@ -403,6 +450,8 @@ pub(crate) async fn run(
             Some(done) = s.deploys.join_next_with_id(), if !s.deploys.is_empty() => {
                 s.on_deploy_done(done);
             }
+            Some(p) = local_rx.recv() => s.enqueue(p.into_body()),
+            Some(body) = log_rx.recv() => s.enqueue(body),
         }
         s.enqueue_service_changes();
         if s.interval_changed {
@@ -568,6 +617,14 @@ impl Session {
     fn enqueue_service_changes(&mut self) {
         for status in self.services.take_changes() {
             tracing::debug!(service = %status.name, state = ?status.state, pid = status.pid, "service");
+            // A Removed status may be followed by a new deploy of the name
+            // in the same batch: only what is gone for good is forgotten.
+            if self.services.status(&status.name).is_none() {
+                self.registry.unregister(&status.name);
+            } else {
+                self.registry
+                    .set_state(&status.name, local_api::state_str(status.state));
+            }
             self.enqueue(Body::ServiceStatus(status));
         }
         for (kind, detail) in self.services.take_events() {
@@ -874,11 +931,22 @@ impl Session {
             Action::Restart(name) => service_reply(self.services.restart(&name)),
             Action::Remove(name) => service_reply(self.services.remove(&name)),
             Action::DeployManifest(r) => return self.begin_manifest_deploy(cmd.id, r),
-            Action::Logs(_) => (
-                ReplyStatus::Unsupported,
-                "not supported by this worker yet".to_string(),
-                false,
-            ),
+            Action::Logs(req) if self.services.is_container(&req.name) => {
+                let target = container_logs::Target {
+                    worker_id: self.id.clone(),
+                    socket: self.services.engine_socket().map(Into::into),
+                };
+                let follows = self.container_follows.clone();
+                match container_logs::start(target, cmd.id, req, self.log_tx.clone(), follows) {
+                    Some(refused) => (ReplyStatus::Error, refused, false),
+                    // The task replies once the engine has answered.
+                    None => return,
+                }
+            }
+            Action::Logs(req) => match self.logs.start(cmd.id, req, self.log_tx.clone()) {
+                Ok(detail) => (ReplyStatus::Ok, detail, false),
+                Err(e) => (ReplyStatus::Error, e.to_string(), false),
+            },
         };
         self.enqueue(Body::Reply(Reply {
             cmd_id: cmd.id,

@@ -1,8 +1,8 @@
-//! Hosted **process** services: desired state, spawning, adoption after a
-//! worker restart, restart policy with backoff, health checks, resource
-//! limits, stop and remove.
+//! Hosted services: desired state, process spawning, container services
+//! through the Docker Engine API, adoption after a worker restart, restart
+//! policy with backoff, health checks, resource limits, stop and remove.
 //!
-//! The unit is a [`Manifest`] with a process runtime. A legacy
+//! The unit is a [`Manifest`]. A legacy
 //! [`Action::Deploy`](protocol::Action::Deploy) spec is converted with
 //! [`spec_to_manifest`] and takes the same path as a fetched manifest.
 //!
@@ -13,7 +13,8 @@
 //! connection or the conductor, so services keep running (and restarting)
 //! while either is unreachable. Downloads happen before
 //! [`Supervisor::deploy_manifest`] (see [`crate::fetch`]); health probes run
-//! on their own threads ([`crate::health`]).
+//! on their own threads ([`crate::health`]); container engine calls on the
+//! engine thread (`engine.rs`).
 //!
 //! Files, under `<state_dir>`:
 //! * `services.json` — the desired state (whole manifests, secrets
@@ -35,7 +36,9 @@
 //! Processes: the service inherits the worker's environment minus its
 //! `AEREKOS_*` settings, plus the manifest's `env`, plus `AEREKOS_SERVICE`
 //! and whatever [`SupervisorOptions::extra_env`] adds (those win); stdin is
-//! `/dev/null`. An artifact service execs the cached file, whose SHA-256 is
+//! `/dev/null`. The hook sees the manifest before the spawn, so the local
+//! API knows a service before it can call. An artifact service execs the
+//! cached file, whose SHA-256 is
 //! checked again before every exec (a mismatch deletes it and fails the
 //! service). Each service runs in its own process group (so the children it
 //! forks are signalled with it) and is never killed when the worker exits;
@@ -47,13 +50,30 @@
 //! what is left of its group is killed (a service must stay in the
 //! foreground; a daemonising service is not supported).
 //!
+//! Containers ([`crate::container`]): deploy and start are
+//! [`Engine::ensure`](crate::container::Engine::ensure) (the engine's
+//! restart policy is `no`: restarts are ours), a running container is
+//! inspected every [`CONTAINER_POLL`] and an exit goes through the same
+//! restart policy, backoff and `max_restarts` as a process exit; stop waits
+//! [`STOP_TIMEOUT`] before the engine kills; remove deletes the container.
+//! A container is found again by name and labels after a worker restart (no
+//! pid file), and containers of ours whose service is not desired are
+//! removed at load and after every container removal. With no engine the
+//! service is `Failed` with `no container engine: <why>` and tried again
+//! every [`ENGINE_RETRY`]. The status pid is the container's main pid on
+//! the host. Output stays in the engine (`docker logs`); container services
+//! get no local API environment (the API listens on the worker's loopback,
+//! which a container's own network namespace does not reach).
+//!
 //! Health: with a check, the state is `Running` until the first probe
 //! passes, then `Healthy`. Probes start every `interval_ms` (observed with
 //! [`POLL_INTERVAL`] granularity); failures within `start_period_ms` of a
 //! (re)start do not count; `retries` consecutive failures make the service
 //! `Unhealthy` (plus an `HealthFailed` event), then its group is stopped and
 //! the exit is handled like a crash: restart policy, backoff, and
-//! `max_restarts` apply.
+//! `max_restarts` apply. A container's HTTP probe goes to the published host
+//! port of the probe's port when it names a container port; a command probe
+//! runs on the worker.
 //!
 //! Limits: stop sends SIGTERM to the group and SIGKILL after
 //! [`STOP_TIMEOUT`]; restart delays are `backoff_ms × 2^k` capped at
@@ -62,13 +82,15 @@
 //! leaves the service `Failed` until a Start, Restart or Deploy. Exit codes
 //! of adopted processes are unknown (`None`). Restart counters and a
 //! `Failed` verdict live in memory: a worker restart tries a desired-running
-//! service again. Resource limits go through cgroups v2 ([`crate::cgroup`]);
-//! where they cannot, the status detail says `limits not applied: <reason>`.
+//! service again. Resource limits go through cgroups v2 ([`crate::cgroup`])
+//! for processes and the engine for containers; where they cannot, the
+//! status detail says `limits not applied: <reason>`.
 //! Hashing an artifact before exec reads the whole file on the calling
-//! thread (bounded by [`crate::fetch::MAX_ARTIFACT_LEN`]). Container
-//! manifests are refused here. Linux only (`/proc`). Under systemd the
-//! worker's unit needs `KillMode=process`, or stopping the worker kills its
-//! services' cgroups.
+//! thread (bounded by [`crate::fetch::MAX_ARTIFACT_LEN`]). Engine calls are
+//! serialised on one thread (see `engine.rs`), so an exit of a container is
+//! seen within [`CONTAINER_POLL`] plus whatever engine call runs. Linux only
+//! (`/proc`). Under systemd the worker's unit needs `KillMode=process`, or
+//! stopping the worker kills its services' cgroups.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs;
@@ -81,20 +103,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::frame::bounded;
-use protocol::manifest::{HealthCheck, Limits, ProcessRuntime, Program, Runtime};
+use protocol::manifest::{HealthCheck, Limits, Probe, ProcessRuntime, Program, Runtime};
 use protocol::{EventKind, Manifest, RestartPolicy, ServiceSpec, ServiceState, ServiceStatus};
 use rustix::process::{kill_process_group, Pid, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Cgroups;
+use crate::container::{ContainerError, EnsureAction, Ensured};
 use crate::fetch;
 use crate::health::ProbeTask;
+pub use crate::logs::SERVICES_DIR;
+use crate::logs::{LOG_FILE, LOG_OLD};
 use crate::state::write_atomic;
+
+mod engine;
+
+use engine::{Done, EngineThread, Job, Kind, Op, Outcome};
 
 /// File of the desired state inside the state dir.
 pub const SERVICES_FILE: &str = "services.json";
-/// Dir of the per-service dirs inside the state dir.
-pub const SERVICES_DIR: &str = "services";
 /// How long a stop waits after SIGTERM before SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often running processes are checked.
@@ -103,8 +130,13 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Size at which a service's `output.log` is rotated.
 pub const LOG_MAX: u64 = 64 * 1024;
-const LOG_FILE: &str = "output.log";
-const LOG_OLD: &str = "output.log.1";
+/// How often a running container is inspected.
+pub const CONTAINER_POLL: Duration = Duration::from_millis(1500);
+/// How long a container service waits before trying an unavailable engine
+/// again.
+pub const ENGINE_RETRY: Duration = Duration::from_secs(15);
+/// Start of the detail of a container service failed for want of an engine.
+const NO_ENGINE: &str = "no container engine";
 const PID_FILE: &str = "pid";
 
 /// Is `name` usable as a service name (`[a-z0-9-]`, 1–32 chars, not
@@ -146,11 +178,12 @@ pub fn spec_to_manifest(spec: &ServiceSpec) -> Manifest {
     }
 }
 
-/// Extra environment of a service's process, by service name: the hook
-/// through which the local API hands services `AEREKOS_API` and
-/// `AEREKOS_TOKEN`. Called at every spawn; its variables win over the
-/// manifest's.
-pub type EnvHook = Arc<dyn Fn(&str) -> Vec<(String, String)> + Send + Sync>;
+/// Extra environment of a service's process: the hook through which the
+/// local API learns a service's config and secrets and hands it
+/// `AEREKOS_API` and `AEREKOS_TOKEN`. Called with the manifest right
+/// before every spawn of a process (so whatever it registers is in place
+/// before the process can call); its variables win over the manifest's.
+pub type EnvHook = Arc<dyn Fn(&Manifest) -> Vec<(String, String)> + Send + Sync>;
 
 /// How the supervisor runs services on this worker.
 #[derive(Clone)]
@@ -161,6 +194,13 @@ pub struct SupervisorOptions {
     pub cgroups: Cgroups,
     /// Extra environment per service (see [`EnvHook`]).
     pub extra_env: Option<EnvHook>,
+    /// The worker id: containers are named and labelled with it
+    /// ([`crate::container::container_name`]). Container services fail
+    /// while it is not a valid worker id.
+    pub worker_id: String,
+    /// The container engine's socket; `None`: `DOCKER_HOST`, then the usual
+    /// sockets ([`crate::container::default_socket`]).
+    pub engine_socket: Option<PathBuf>,
 }
 
 impl Default for SupervisorOptions {
@@ -170,6 +210,8 @@ impl Default for SupervisorOptions {
             arch: std::env::consts::ARCH.to_string(),
             cgroups: Cgroups::default(),
             extra_env: None,
+            worker_id: String::new(),
+            engine_socket: None,
         }
     }
 }
@@ -180,6 +222,8 @@ impl std::fmt::Debug for SupervisorOptions {
             .field("arch", &self.arch)
             .field("cgroups", &self.cgroups)
             .field("extra_env", &self.extra_env.is_some())
+            .field("worker_id", &self.worker_id)
+            .field("engine_socket", &self.engine_socket)
             .finish()
     }
 }
@@ -221,14 +265,30 @@ enum Proc {
         pid: u32,
         start_time: u64,
     },
+    /// Our container, running when last inspected: watched through the
+    /// engine. `pid` is its main process on the host (0 if unknown); it is
+    /// never signalled by the worker.
+    Container {
+        pid: u32,
+    },
 }
 
 impl Proc {
+    /// The pid reported in statuses.
     fn pid(&self) -> u32 {
         match self {
             Proc::None => 0,
             Proc::Child(child) => child.id(),
-            Proc::Adopted { pid, .. } => *pid,
+            Proc::Adopted { pid, .. } | Proc::Container { pid } => *pid,
+        }
+    }
+
+    /// The process group the worker may signal: only processes it runs.
+    fn group(&self) -> Option<u32> {
+        match self {
+            Proc::Child(child) => Some(child.id()),
+            Proc::Adopted { pid, .. } => Some(*pid),
+            Proc::None | Proc::Container { .. } => None,
         }
     }
 }
@@ -299,6 +359,14 @@ struct Service {
     health: Option<Health>,
     /// A health failure was reported since the last pass.
     was_unhealthy: bool,
+    /// Container services: engine jobs submitted and not answered yet.
+    ctr_jobs: u32,
+    /// Container services: id of the last job submitted. Invariant: an
+    /// inspection answer is applied only if it is the answer to this one
+    /// (a later job changes what it would say).
+    ctr_last: u64,
+    /// Container services: when the running container is inspected next.
+    ctr_check_at: Option<Instant>,
 }
 
 impl Service {
@@ -320,6 +388,9 @@ impl Service {
             stopping: None,
             health: None,
             was_unhealthy: false,
+            ctr_jobs: 0,
+            ctr_last: 0,
+            ctr_check_at: None,
         }
     }
 
@@ -360,6 +431,11 @@ impl Service {
             Runtime::Container(_) => None,
         }
     }
+
+    /// Is the desired manifest a container service?
+    fn is_container(&self) -> bool {
+        matches!(self.manifest.runtime, Runtime::Container(_))
+    }
 }
 
 /// The services of this worker. See the module docs.
@@ -372,6 +448,12 @@ pub struct Supervisor {
     events: Vec<(EventKind, String)>,
     /// Artifacts being downloaded: never pruned.
     pinned: BTreeMap<[u8; 32], usize>,
+    /// The container engine thread, started at the first need.
+    engine: Option<EngineThread>,
+    /// Id of the last engine job.
+    next_job: u64,
+    /// Engine jobs submitted and not answered yet (all services).
+    engine_jobs: u32,
 }
 
 impl Supervisor {
@@ -392,6 +474,9 @@ impl Supervisor {
             changes: Vec::new(),
             events: Vec::new(),
             pinned: BTreeMap::new(),
+            engine: None,
+            next_job: 0,
+            engine_jobs: 0,
         };
         let path = state_dir.join(SERVICES_FILE);
         let desired: DesiredFile = match fs::read(&path) {
@@ -445,7 +530,90 @@ impl Supervisor {
             sup.converge(&name);
         }
         sup.prune(true);
+        // Containers of services removed while the worker was down (or
+        // whose removal failed) go now; without any engine socket nothing
+        // is started for it.
+        let wants_engine = protocol::topic::is_valid_worker_id(&sup.opts.worker_id)
+            && (sup.services.values().any(Service::is_container)
+                || sup.opts.engine_socket.is_some()
+                || crate::container::default_socket().is_ok());
+        if wants_engine {
+            sup.sweep_orphans();
+        }
         sup
+    }
+
+    /// Queues the removal of our containers whose service is not a desired
+    /// container service.
+    fn sweep_orphans(&mut self) {
+        let keep: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.is_container() && !s.removing)
+            .map(|s| s.manifest.name.clone())
+            .collect();
+        self.submit_job(None, Op::Orphans(keep));
+    }
+
+    /// Queues an engine job for `service` (`None`: not a service's job),
+    /// starting the engine thread first if needed. `false` (logged, and the
+    /// service failed) if the thread cannot run.
+    fn submit_job(&mut self, service: Option<&str>, op: Op) -> bool {
+        if self.engine.is_none() {
+            match EngineThread::spawn(self.opts.worker_id.clone(), self.opts.engine_socket.clone())
+            {
+                Ok(t) => self.engine = Some(t),
+                Err(e) => {
+                    tracing::error!("cannot start the container engine thread: {e}");
+                    if let Some(name) = service {
+                        self.ctr_failed(name, format!("cannot start the engine thread: {e}"));
+                    }
+                    return false;
+                }
+            }
+        }
+        self.next_job += 1;
+        let id = self.next_job;
+        let job = Job {
+            id,
+            service: service.unwrap_or_default().to_string(),
+            op,
+        };
+        if !self.engine.as_ref().is_some_and(|t| t.submit(job)) {
+            // The thread died (it never panics on engine answers): start a
+            // new one at the next job.
+            self.engine = None;
+            tracing::error!("the container engine thread is gone");
+            if let Some(name) = service {
+                self.ctr_failed(name, "the container engine thread is gone".into());
+            }
+            return false;
+        }
+        self.engine_jobs += 1;
+        if let Some(svc) = service.and_then(|n| self.services.get_mut(n)) {
+            svc.ctr_jobs += 1;
+            svc.ctr_last = id;
+        }
+        true
+    }
+
+    /// A container service that cannot run: `Failed` with `detail`.
+    fn ctr_failed(&mut self, name: &str, detail: String) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        svc.proc = Proc::None;
+        svc.health = None;
+        svc.ctr_check_at = None;
+        let again = svc.state == ServiceState::Failed && svc.detail == detail;
+        svc.state = ServiceState::Failed;
+        svc.detail = detail;
+        if !again {
+            tracing::warn!(service = name, "{}", svc.detail);
+            let detail = format!("{name}: failed: {}", svc.detail);
+            self.event(EventKind::ServiceChanged, detail);
+            self.emit(name);
+        }
     }
 
     /// Brings a freshly loaded service towards its desired state.
@@ -454,6 +622,16 @@ impl Supervisor {
             return;
         };
         let running = !matches!(svc.proc, Proc::None);
+        if svc.is_container() && !running {
+            // Whether its container runs is the engine's to say: ensure,
+            // stop or remove it (each a no-op when already so).
+            match (svc.removing, svc.run) {
+                (true, _) => self.begin_stop(name, AfterStop::Remove),
+                (false, true) => self.spawn(name),
+                (false, false) => self.begin_stop(name, AfterStop::Stay),
+            }
+            return;
+        }
         let stale = svc.proc_version != svc.manifest.version;
         match (svc.removing, svc.run, running) {
             (true, _, true) => self.begin_stop(name, AfterStop::Remove),
@@ -520,10 +698,27 @@ impl Supervisor {
         &self.dir
     }
 
+    /// The worker id containers are labelled with.
+    pub fn worker_id(&self) -> &str {
+        &self.opts.worker_id
+    }
+
+    /// The configured container engine socket (`None`: the usual search).
+    pub fn engine_socket(&self) -> Option<&Path> {
+        self.opts.engine_socket.as_deref()
+    }
+
+    /// Is `name` a container service (its desired manifest)?
+    pub fn is_container(&self, name: &str) -> bool {
+        self.services.get(name).is_some_and(Service::is_container)
+    }
+
     /// When [`Supervisor::poll`] should run next: soon while a process runs
     /// or a stop is pending, at the end of a restart delay, never when idle.
     pub fn next_wake(&self) -> Option<Instant> {
         let now = Instant::now();
+        // Engine answers are collected by polling.
+        let engine = (self.engine_jobs > 0).then_some(now + POLL_INTERVAL);
         self.services
             .values()
             .filter_map(|s| {
@@ -533,6 +728,7 @@ impl Supervisor {
                     s.backoff_until
                 }
             })
+            .chain(engine)
             .min()
     }
 
@@ -600,9 +796,6 @@ impl Supervisor {
         let name = manifest.name.clone();
         if !is_valid_name(&name) {
             return Err(format!("invalid service name {name:?} (use [a-z0-9-])"));
-        }
-        if let Runtime::Container(_) = manifest.runtime {
-            return Err("container services are not run by the process supervisor".into());
         }
         let version = manifest.version;
         let result = match self.services.get_mut(&name) {
@@ -711,7 +904,10 @@ impl Supervisor {
             st.then = AfterStop::Stay;
             return Ok("stopping".into());
         }
-        if matches!(svc.proc, Proc::None) {
+        // A container being started may run by the time the engine gets
+        // to this stop: it is stopped in the engine's order.
+        let starting = svc.is_container() && svc.ctr_jobs > 0;
+        if matches!(svc.proc, Proc::None) && !starting {
             if svc.state != ServiceState::Stopped {
                 svc.state = ServiceState::Stopped;
                 svc.detail = "stopped by request".into();
@@ -749,9 +945,10 @@ impl Supervisor {
         };
         if let Some(st) = svc.stopping.as_mut() {
             st.then = AfterStop::Remove;
-        } else if matches!(svc.proc, Proc::None) {
+        } else if matches!(svc.proc, Proc::None) && !svc.is_container() {
             self.finish_remove(name);
         } else {
+            // A container is deleted in the engine even when it is stopped.
             self.begin_stop(name, AfterStop::Remove);
         }
         Ok("removing".into())
@@ -799,20 +996,36 @@ impl Supervisor {
         self.changes.push(svc.status());
     }
 
-    /// Sends SIGTERM to the group; [`Supervisor::poll`] finishes the stop.
+    /// Sends SIGTERM to the group, or asks the engine to stop (or, when
+    /// the container goes for good, remove) the container;
+    /// [`Supervisor::poll`] finishes the stop.
     fn begin_stop(&mut self, name: &str, then: AfterStop) {
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
         let pid = svc.proc.pid();
         tracing::info!(service = name, pid, "stopping");
-        signal_group(pid, Signal::TERM);
+        let group = svc.proc.group();
+        if let Some(g) = group {
+            signal_group(g, Signal::TERM);
+        }
         svc.health = None;
+        svc.ctr_check_at = None;
         svc.stopping = Some(Stopping {
             deadline: Instant::now() + STOP_TIMEOUT,
             killed: false,
             then,
         });
+        if group.is_some() {
+            return;
+        }
+        // Stopped with the processes' grace period first, also when it is
+        // to be deleted (see `ctr_gone`).
+        let op = Op::Stop(u32::try_from(STOP_TIMEOUT.as_secs()).unwrap_or(u32::MAX));
+        if !self.submit_job(Some(name), op) {
+            // No engine thread: nothing can be running through it.
+            self.ctr_gone(name, None, true, Instant::now());
+        }
     }
 
     /// The executable of `svc` on this worker: the command, or the cached
@@ -849,8 +1062,11 @@ impl Supervisor {
         }
     }
 
-    /// Starts the current manifest now.
+    /// Starts the current manifest now (a container: asks the engine to).
     fn spawn(&mut self, name: &str) {
+        if self.services.get(name).is_some_and(Service::is_container) {
+            return self.spawn_container(name);
+        }
         let dir = self.service_dir(name);
         let program = self.program(name);
         let extra = self.opts.extra_env.clone();
@@ -870,7 +1086,7 @@ impl Supervisor {
                 p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             env.push(("AEREKOS_SERVICE".into(), name.to_string()));
             if let Some(hook) = &extra {
-                env.extend(hook(name));
+                env.extend(hook(&svc.manifest));
             }
             spawn_process(&program, p, &env, &dir)
                 .map_err(|e| format!("cannot start {:?}: {e}", program.display()))
@@ -923,6 +1139,7 @@ impl Supervisor {
     /// Reaps exits, finishes stops, restarts after backoff, runs health
     /// probes, rotates logs.
     pub fn poll(&mut self) {
+        self.collect_engine_answers();
         let now = Instant::now();
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
@@ -953,6 +1170,8 @@ impl Supervisor {
                     Some(None)
                 }
             }
+            // Seen through inspections (below).
+            Proc::Container { .. } => None,
         };
         if let Some(code) = exit {
             let pid = svc.proc.pid();
@@ -981,13 +1200,15 @@ impl Supervisor {
             }
             return;
         }
-        // 2. A pending stop past its deadline.
+        // 2. A pending stop past its deadline (the engine kills a
+        // container itself).
         if let Some(st) = svc.stopping.as_mut() {
-            if !st.killed && now >= st.deadline {
-                st.killed = true;
-                let pid = svc.proc.pid();
-                tracing::warn!(service = name, pid, "did not stop in time: SIGKILL");
-                signal_group(pid, Signal::KILL);
+            if let Some(g) = svc.proc.group() {
+                if !st.killed && now >= st.deadline {
+                    st.killed = true;
+                    tracing::warn!(service = name, pid = g, "did not stop in time: SIGKILL");
+                    signal_group(g, Signal::KILL);
+                }
             }
             return;
         }
@@ -1001,8 +1222,17 @@ impl Supervisor {
         if matches!(svc.proc, Proc::None) {
             return;
         }
-        // 4. Keep the output bounded.
-        rotate_log(&dir);
+        if let Proc::Container { .. } = svc.proc {
+            // 4. Is the container still running?
+            let due = svc.ctr_jobs == 0 && svc.ctr_check_at.is_none_or(|t| now >= t);
+            if due {
+                svc.ctr_check_at = Some(now + CONTAINER_POLL);
+                self.submit_job(Some(name), Op::Inspect);
+            }
+        } else {
+            // 4. Keep the output bounded.
+            rotate_log(&dir);
+        }
         // 5. Health.
         self.poll_health(name, now);
     }
@@ -1027,7 +1257,8 @@ impl Supervisor {
             None => {
                 if now >= h.next_at {
                     let timeout = Duration::from_millis(u64::from(check.timeout_ms));
-                    match ProbeTask::start(check.probe.clone(), timeout, name.to_string()) {
+                    let probe = probe_for(&svc.manifest, &check.probe);
+                    match ProbeTask::start(probe, timeout, name.to_string()) {
                         Ok(task) => h.task = Some(task),
                         Err(e) => {
                             tracing::warn!(service = name, "cannot start a health probe: {e}");
@@ -1078,6 +1309,249 @@ impl Supervisor {
                 self.emit(name);
                 self.event(EventKind::HealthFailed, format!("{name}: {why}"));
                 self.begin_stop(name, AfterStop::Failure(format!("unhealthy: {why}")));
+            }
+        }
+    }
+
+    /// Asks the engine to run the current manifest's container; the
+    /// answer arrives in [`Supervisor::poll`].
+    fn spawn_container(&mut self, name: &str) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        svc.backoff_until = None;
+        svc.limits_note = None;
+        svc.health = None;
+        let m = Box::new(svc.manifest.clone());
+        // Waiting for an engine: tried again quietly, still `Failed`
+        // (one status and event per outage, not one per retry).
+        let waiting = svc.state == ServiceState::Failed && svc.detail.starts_with(NO_ENGINE);
+        if !waiting {
+            svc.state = ServiceState::Starting;
+            svc.detail = "starting container".into();
+            self.emit(name);
+        }
+        self.submit_job(Some(name), Op::Ensure(m));
+    }
+
+    /// Applies every answer the engine thread has sent.
+    fn collect_engine_answers(&mut self) {
+        while let Some(done) = self.engine.as_ref().and_then(EngineThread::try_recv) {
+            self.engine_jobs = self.engine_jobs.saturating_sub(1);
+            self.on_engine_answer(done);
+        }
+    }
+
+    fn on_engine_answer(&mut self, done: Done) {
+        let Done {
+            id,
+            kind,
+            service: name,
+            result,
+        } = done;
+        let now = Instant::now();
+        if kind == Kind::Orphans {
+            match result {
+                Ok(Outcome::Orphans(removed)) => {
+                    for service in removed {
+                        tracing::info!(
+                            service,
+                            "removed the container of a service not deployed here"
+                        );
+                    }
+                }
+                Err(e) if e.is_unavailable() => tracing::debug!("orphan sweep: {e}"),
+                Err(e) => tracing::warn!("orphan container sweep failed: {e}"),
+                Ok(_) => {}
+            }
+            return;
+        }
+        let Some(svc) = self.services.get_mut(&name) else {
+            tracing::debug!(
+                service = name,
+                ?kind,
+                "engine answer for a forgotten service"
+            );
+            return;
+        };
+        svc.ctr_jobs = svc.ctr_jobs.saturating_sub(1);
+        let latest = svc.ctr_last == id;
+        match (kind, result) {
+            (Kind::Ensure, Ok(Outcome::Ensured(e))) => self.ctr_ensured(&name, e, now),
+            (Kind::Ensure, Err(e)) => {
+                let detail = match &e {
+                    ContainerError::EngineUnavailable { .. } => e.to_string(),
+                    e if e.is_unavailable() => format!("{NO_ENGINE}: {e}"),
+                    e => format!("cannot run the container: {e}"),
+                };
+                let retry = e.is_unavailable();
+                self.ctr_failed(&name, detail);
+                if let Some(svc) = self.services.get_mut(&name) {
+                    if retry && svc.run && svc.stopping.is_none() {
+                        svc.backoff_until = Some(now + ENGINE_RETRY);
+                    }
+                }
+            }
+            (Kind::Inspect, result) => {
+                // Only the answer to the last job says how things are now,
+                // and only while nothing else is under way.
+                let watching = matches!(svc.proc, Proc::Container { .. }) && svc.stopping.is_none();
+                if !latest || !watching {
+                    return;
+                }
+                match result {
+                    Ok(Outcome::State(Some(st))) if st.running => {
+                        let pid = st.pid.unwrap_or(0);
+                        if svc.proc.pid() != pid {
+                            svc.proc = Proc::Container { pid };
+                            self.emit(&name);
+                        }
+                    }
+                    Ok(Outcome::State(Some(st))) => {
+                        let how = st.oom_killed.then(|| "killed: out of memory".to_string());
+                        self.ctr_exited(&name, st.exit_code, how, now);
+                    }
+                    Ok(_) => {
+                        let how = "the container was removed outside the worker".to_string();
+                        self.ctr_exited(&name, None, Some(how), now);
+                    }
+                    Err(e) => self.ctr_exited(&name, None, Some(format!("lost: {e}")), now),
+                }
+            }
+            (Kind::Stop, result) => {
+                let code = match result {
+                    Ok(Outcome::State(Some(st))) => {
+                        if st.running {
+                            tracing::warn!(service = name, "the container still runs after a stop");
+                        }
+                        st.exit_code
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(service = name, "stopping the container: {e}");
+                        None
+                    }
+                };
+                self.ctr_gone(&name, code, false, now);
+            }
+            (Kind::Remove, result) => {
+                if let Err(e) = result {
+                    tracing::warn!(
+                        service = name,
+                        "removing the container: {e}; the orphan sweep will try again"
+                    );
+                }
+                self.ctr_gone(&name, None, true, now);
+            }
+            (kind, result) => {
+                tracing::warn!(
+                    service = name,
+                    ?kind,
+                    "unexpected engine answer: {result:?}"
+                );
+            }
+        }
+    }
+
+    /// The engine runs the container of `name` (or could not keep it up).
+    fn ctr_ensured(&mut self, name: &str, e: Ensured, now: Instant) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        if !e.state.running {
+            // Started, and already gone again.
+            let how = e.state.error.clone().filter(|s| !s.is_empty());
+            if svc.stopping.is_none() {
+                svc.proc = Proc::Container { pid: 0 };
+                self.ctr_exited(name, e.state.exit_code, how, now);
+            }
+            return;
+        }
+        svc.proc = Proc::Container {
+            pid: e.state.pid.unwrap_or(0),
+        };
+        svc.proc_version = e.state.version.unwrap_or(svc.manifest.version);
+        svc.ctr_check_at = Some(now + CONTAINER_POLL);
+        if svc.stopping.is_some() {
+            // The stop queued behind this decides.
+            return;
+        }
+        svc.state = ServiceState::Running;
+        svc.detail = if e.action == EnsureAction::AlreadyRunning {
+            "adopted".into()
+        } else {
+            "running".into()
+        };
+        svc.limits_note = container_limits_note(&svc.manifest.limits, &e);
+        if let Some(note) = &svc.limits_note {
+            tracing::warn!(service = name, "{note}");
+        }
+        svc.health = svc.manifest.health.as_ref().map(|h| Health::new(h, now));
+        tracing::info!(
+            service = name,
+            pid = svc.proc.pid(),
+            version = svc.proc_version,
+            action = ?e.action,
+            "container running"
+        );
+        self.emit(name);
+    }
+
+    /// The running container of `name` stopped by itself: the restart policy.
+    fn ctr_exited(&mut self, name: &str, code: Option<i64>, how: Option<String>, now: Instant) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        let code = code.and_then(|c| i32::try_from(c).ok());
+        tracing::info!(service = name, ?code, "container exited");
+        svc.proc = Proc::None;
+        svc.exit_code = code;
+        svc.health = None;
+        svc.ctr_check_at = None;
+        self.on_exit(name, code, now, how);
+    }
+
+    /// The engine answered a stop (`deleted`: a removal) of `name`'s
+    /// container: finish what the stop was for.
+    fn ctr_gone(&mut self, name: &str, code: Option<i64>, deleted: bool, now: Instant) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        svc.proc = Proc::None;
+        svc.health = None;
+        svc.ctr_check_at = None;
+        if let Some(c) = code.and_then(|c| i32::try_from(c).ok()) {
+            svc.exit_code = Some(c);
+        }
+        let Some(st) = svc.stopping.take() else {
+            return;
+        };
+        // The stopped container is deleted when the service goes, or when
+        // its next copy is a process (it would be an orphan).
+        let delete = matches!(st.then, AfterStop::Remove) || !svc.is_container();
+        if delete && !deleted {
+            svc.stopping = Some(st);
+            if !self.submit_job(Some(name), Op::Remove) {
+                self.ctr_gone(name, None, true, now);
+            }
+            return;
+        }
+        match st.then {
+            AfterStop::Remove => {
+                self.finish_remove(name);
+                self.sweep_orphans();
+            }
+            AfterStop::Failure(how) => {
+                let code = svc.exit_code;
+                self.on_exit(name, code, now, Some(how));
+            }
+            then => {
+                svc.state = ServiceState::Stopped;
+                svc.detail = "stopped".into();
+                self.emit(name);
+                if matches!(then, AfterStop::Start) {
+                    self.spawn(name);
+                }
             }
         }
     }
@@ -1196,6 +1670,49 @@ fn spawn_process(
     let child = cmd.spawn()?;
     let start_time = proc_start_time(child.id()).unwrap_or(0);
     Ok((child, start_time))
+}
+
+/// The probe as the worker runs it: a container's HTTP probe of a port it
+/// publishes under another host port goes to that host port.
+fn probe_for(m: &Manifest, probe: &Probe) -> Probe {
+    if let (Runtime::Container(c), Probe::Http { port, path }) = (&m.runtime, probe) {
+        let tcp = || c.ports.iter().filter(|p| !p.udp);
+        if !tcp().any(|p| p.host == *port) {
+            if let Some(p) = tcp().find(|p| p.container == *port) {
+                return Probe::Http {
+                    port: p.host,
+                    path: path.clone(),
+                };
+            }
+        }
+    }
+    probe.clone()
+}
+
+/// `limits not applied: …` when the engine dropped a limit the manifest
+/// asks for, with the engine's warnings; just the warnings otherwise.
+fn container_limits_note(want: &Limits, e: &Ensured) -> Option<String> {
+    let got = &e.state.limits;
+    let mut missing = Vec::new();
+    if want.memory_bytes.is_some() && got.memory_bytes.is_none() {
+        missing.push("memory");
+    }
+    if want.cpu_millicores.is_some() && got.cpu_millicores.is_none() {
+        missing.push("cpu");
+    }
+    if want.pids.is_some() && got.pids.is_none() {
+        missing.push("pids");
+    }
+    let warnings = e.warnings.join("; ");
+    match (missing.is_empty(), warnings.is_empty()) {
+        (true, true) => None,
+        (true, false) => Some(format!("engine warning: {warnings}")),
+        (false, true) => Some(format!("limits not applied: {}", missing.join(", "))),
+        (false, false) => Some(format!(
+            "limits not applied: {} (engine: {warnings})",
+            missing.join(", ")
+        )),
+    }
 }
 
 /// Sends `sig` to the process group `pgid` (a service's pid); errors (the

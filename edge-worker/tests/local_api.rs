@@ -6,9 +6,13 @@
 
 use std::collections::BTreeMap;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
 use edge_worker::local_api::{
     self, derive_token, LocalApi, LocalPublish, Registry, ENV_API, ENV_SERVICE, ENV_TOKEN,
-    MAX_BODY, PUBLISH_BURST,
+    HANDLER_THREADS, MAX_BODY, MAX_HEAD, MAX_HEADERS, PUBLISH_BURST, REQUEST_TIMEOUT,
 };
 use protocol::{Body, EventKind, Secret};
 use serde_json::{json, Value};
@@ -247,4 +251,188 @@ fn a_full_queue_answers_503_and_a_flood_429() {
     }
     assert!(limited && accepted >= PUBLISH_BURST, "{accepted}");
     assert_eq!(f.post("/v1/events", &f.a, ev).0, 202);
+}
+
+/// Sends `request` as raw bytes (then half-closes if asked) and reads
+/// everything the server sends back until it closes.
+fn raw(addr: SocketAddr, request: &[u8], half_close: bool) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request).unwrap();
+    if half_close {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+fn status(response: &str) -> u16 {
+    response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not a response: {response:?}"))
+}
+
+#[test]
+fn oversized_heads_get_431_and_the_server_keeps_serving() {
+    let f = fixture(8);
+    let addr = f.api.addr();
+    let long = format!(
+        "GET /v1/health HTTP/1.1\r\nAuthorization: Bearer {}\r\nX-Filler: {}\r\n\r\n",
+        f.a,
+        "x".repeat(MAX_HEAD)
+    );
+    let out = raw(addr, long.as_bytes(), false);
+    assert_eq!(status(&out), 431, "{out}");
+    assert!(out.contains("Connection: close"));
+    assert!(out.contains(&format!("over {MAX_HEAD} bytes")), "{out}");
+
+    let mut many = format!(
+        "GET /v1/health HTTP/1.1\r\nAuthorization: Bearer {}\r\n",
+        f.a
+    );
+    for i in 0..MAX_HEADERS {
+        many.push_str(&format!("X-{i}: y\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(status(&raw(addr, many.as_bytes(), false)), 431);
+
+    // Just within both bounds: served.
+    let mut fits = format!(
+        "GET /v1/health HTTP/1.1\r\nAuthorization: Bearer {}\r\n",
+        f.a
+    );
+    for i in 0..MAX_HEADERS - 1 {
+        fits.push_str(&format!("X-{i}: y\r\n"));
+    }
+    fits.push_str("\r\n");
+    assert_eq!(status(&raw(addr, fits.as_bytes(), false)), 200);
+    assert_eq!(f.get("/v1/health", Some(&f.a)).0, 200);
+}
+
+#[test]
+fn bodies_need_a_content_length_and_the_token_is_checked_first() {
+    let mut f = fixture(8);
+    let addr = f.api.addr();
+    let auth = format!("Authorization: Bearer {}\r\n", f.a);
+    let chunked = format!(
+        "POST /v1/events HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\n\
+         f\r\n{{\"text\": \"x\"}}\r\n0\r\n\r\n"
+    );
+    assert_eq!(status(&raw(addr, chunked.as_bytes(), false)), 411);
+    let no_length = format!("POST /v1/events HTTP/1.1\r\n{auth}\r\n{{\"text\": \"x\"}}");
+    assert_eq!(status(&raw(addr, no_length.as_bytes(), true)), 411);
+    let bad_len = format!("POST /v1/events HTTP/1.1\r\n{auth}Content-Length: 1e3\r\n\r\n");
+    assert_eq!(status(&raw(addr, bad_len.as_bytes(), true)), 400);
+    // A body over the cap without a token: 401, as before (the token is
+    // checked before the body is looked at).
+    let big = format!(
+        "POST /v1/events HTTP/1.1\r\nContent-Length: {}\r\n\r\n{}",
+        MAX_BODY + 1,
+        "x".repeat(MAX_BODY + 1)
+    );
+    assert_eq!(status(&raw(addr, big.as_bytes(), false)), 401);
+    // HTTP/1.0 and bare-LF line ends are served.
+    let body = r#"{"text": "hi"}"#;
+    let old = format!(
+        "POST /v1/events HTTP/1.0\n{}Content-Length: {}\n\n{body}",
+        auth.replace("\r\n", "\n"),
+        body.len()
+    );
+    assert_eq!(status(&raw(addr, old.as_bytes(), false)), 202);
+    assert!(matches!(f.rx.try_recv(), Ok(LocalPublish::Event { text, .. }) if text == "hi"));
+    assert!(f.rx.try_recv().is_err());
+}
+
+#[test]
+fn a_short_body_is_400_on_eof() {
+    let mut f = fixture(8);
+    let req = format!(
+        "POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {}\r\nContent-Length: 20\r\n\r\n{{\"te",
+        f.a
+    );
+    let started = Instant::now();
+    let out = raw(f.api.addr(), req.as_bytes(), true);
+    assert_eq!(status(&out), 400, "{out}");
+    assert!(out.contains("closed after 4 of 20 bytes"), "{out}");
+    assert!(started.elapsed() < REQUEST_TIMEOUT);
+    assert!(f.rx.try_recv().is_err());
+}
+
+#[test]
+fn stalled_clients_time_out_without_blocking_the_api_for_long() {
+    let f = fixture(8);
+    let addr = f.api.addr();
+    // One silent client: another thread serves at once.
+    let silent = TcpStream::connect(addr).unwrap();
+    let started = Instant::now();
+    assert_eq!(f.get("/v1/health", Some(&f.a)).0, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Every thread held (a silent client, clients stalled mid-body): a
+    // request waits at most for the request timeout.
+    let mut stalled = Vec::new();
+    for _ in 1..HANDLER_THREADS {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {}\r\nContent-Length: 20\r\n\r\nabc",
+            f.a
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        stalled.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    assert_eq!(f.get("/v1/health", Some(&f.a)).0, 200);
+    let waited = started.elapsed();
+    assert!(
+        waited < REQUEST_TIMEOUT + Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // The stalled ones got 400; the silent one was closed without a word.
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert_eq!(status(&out), 400, "{out}");
+        assert!(out.contains("did not arrive within"), "{out}");
+    }
+    let mut silent = silent;
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = silent.read_to_end(&mut out);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn stop_is_prompt_with_an_idle_connection_open() {
+    let f = fixture(8);
+    let registry = f.api.registry().clone();
+    let addr = f.api.addr();
+    let mut idle = TcpStream::connect(addr).unwrap();
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.write_all(b"GET /v1/health HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    f.api.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(registry.env("svc-a").is_empty());
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let _ = idle.read_to_end(&mut out);
+    assert!(out.is_empty());
+    assert!(TcpStream::connect(addr).is_err());
 }

@@ -4,9 +4,15 @@
 //! protocol's own functions), tampered manifests and artifacts refused,
 //! the artifact cache, health checks, a worker restart without the
 //! conductor, resource limits (applied, or reported not applied) and the
-//! service environment.
+//! service environment; the local API as a service uses it (config, secret,
+//! event, metric) and `Logs` (tail, then follow) over MQTT; a container
+//! service on the local Docker engine (deployed, restarted after
+//! `docker kill`, its log, removed, a foreign container untouched).
 //!
-//! Needs `/usr/sbin/mosquitto` and `python3` (CI installs both).
+//! Needs `/usr/sbin/mosquitto` and `python3` (CI installs both). The
+//! container test needs a Docker engine, the docker CLI and the
+//! `x86_64-unknown-linux-musl` target; without them it says `skipped: …`
+//! and passes, unless `AEREKOS_REQUIRE_DOCKER=1` (CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
@@ -151,6 +157,7 @@ struct Served {
 /// for worker [`ID`], checking its `Authorization` header.
 struct TestConductor {
     url: String,
+    id: String,
     served: Arc<Mutex<Served>>,
     server: Arc<tiny_http::Server>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -158,6 +165,12 @@ struct TestConductor {
 
 impl TestConductor {
     fn start() -> TestConductor {
+        TestConductor::start_for(ID)
+    }
+
+    /// Serves worker `id` (its secret is [`SECRET_HEX`] too).
+    fn start_for(id: &str) -> TestConductor {
+        let worker = id.to_string();
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let port = server.server_addr().to_ip().unwrap().port();
         let served = Arc::new(Mutex::new(Served::default()));
@@ -172,7 +185,7 @@ impl TestConductor {
                     .map(|h| h.value.as_str().to_string())
                     .unwrap_or_default();
                 let ok = protocol::manifest::verify_http_auth(&auth, "GET", &path, |id| {
-                    (id == ID).then(secret)
+                    (id == worker).then(secret)
                 })
                 .is_some();
                 let mut st = state.lock().unwrap();
@@ -199,6 +212,7 @@ impl TestConductor {
         });
         TestConductor {
             url: format!("http://127.0.0.1:{port}"),
+            id: id.to_string(),
             served,
             server,
             thread: Some(thread),
@@ -244,7 +258,7 @@ impl TestConductor {
     fn conductor(&self) -> Conductor {
         Conductor {
             url: self.url.clone(),
-            worker_id: ID.into(),
+            worker_id: self.id.clone(),
             secret: secret(),
         }
     }
@@ -365,6 +379,7 @@ impl Drop for Mosquitto {
 }
 
 struct Sub {
+    id: String,
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<(String, Envelope)>,
     task: JoinHandle<()>,
@@ -372,6 +387,12 @@ struct Sub {
 
 impl Sub {
     async fn connect(port: u16) -> Sub {
+        Sub::connect_as(port, ID).await
+    }
+
+    /// Observes and commands worker `id`.
+    async fn connect_as(port: u16, id: &str) -> Sub {
+        let worker = id.to_string();
         let mut opts = MqttOptions::new("svc-test-observer", "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
@@ -384,7 +405,7 @@ impl Sub {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         sub_client
-                            .try_subscribe(format!("aerekos/v1/{ID}/+"), QoS::AtLeastOnce)
+                            .try_subscribe(format!("aerekos/v1/{worker}/+"), QoS::AtLeastOnce)
                             .unwrap();
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -411,7 +432,12 @@ impl Sub {
             .await
             .expect("subscribed in time")
             .unwrap();
-        Sub { client, rx, task }
+        Sub {
+            id: id.to_string(),
+            client,
+            rx,
+            task,
+        }
     }
 
     /// Feeds frames to `f` until it returns true (panics after `secs`).
@@ -431,7 +457,7 @@ impl Sub {
     async fn send(&self, seq: u64, id: u32, action: Action) {
         let env = Envelope {
             version: protocol::FORMAT_VERSION,
-            worker_id: bounded(ID),
+            worker_id: bounded(&self.id),
             seq,
             sent_at_ms: now_ms(),
             body: Body::Command(protocol::Command { id, action }),
@@ -439,7 +465,7 @@ impl Sub {
         let bytes = protocol::seal(&secret(), &env).unwrap();
         self.client
             .publish(
-                protocol::topic::topic(ID, TopicKind::Cmd),
+                protocol::topic::topic(&self.id, TopicKind::Cmd),
                 QoS::AtLeastOnce,
                 false,
                 bytes,
@@ -483,9 +509,13 @@ impl Seen {
 }
 
 fn write_state(dir: &Path, mqtt_url: &str, conductor_url: &str) {
+    write_state_as(dir, ID, mqtt_url, conductor_url);
+}
+
+fn write_state_as(dir: &Path, id: &str, mqtt_url: &str, conductor_url: &str) {
     fs::create_dir_all(dir).unwrap();
     let json = serde_json::json!({
-        "worker_id": ID,
+        "worker_id": id,
         "secret": SECRET_HEX,
         "conductor_url": conductor_url,
         "mqtt_url": mqtt_url,
@@ -972,8 +1002,8 @@ fn limits_are_applied_or_reported_and_the_env_hook_is_merged() {
     let marker = unique();
     let _r = Reaper(vec![marker.clone()]);
     let opts = SupervisorOptions {
-        extra_env: Some(Arc::new(|name: &str| {
-            vec![("AEREKOS_TOKEN".to_string(), format!("token-of-{name}"))]
+        extra_env: Some(Arc::new(|m: &Manifest| {
+            vec![("AEREKOS_TOKEN".to_string(), format!("token-of-{}", m.name))]
         })),
         ..SupervisorOptions::default()
     };
@@ -1032,4 +1062,616 @@ fn limits_are_applied_or_reported_and_the_env_hook_is_merged() {
         assert_eq!(reason, Ok(String::new()), "no limits: nothing to apply");
         sup.remove("lim").unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------
+// The local API and `Logs`, through a whole worker.
+
+/// The service of the local API test: reads its config and secret and the
+/// worker's view of its health through the local API with the env it was
+/// given, publishes an event and a metric, writes what it saw to `$OUT` (as
+/// JSON, atomically), then prints three lines and a tick every 100 ms.
+/// `argv[1]` is the test's process marker.
+const API_CLIENT: &str = r#"
+import json, os, sys, time, urllib.request
+api, tok = os.environ["AEREKOS_API"], os.environ["AEREKOS_TOKEN"]
+def call(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(api + path, data=data, method=method, headers={
+        "Authorization": "Bearer " + tok, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status, r.read().decode()
+seen = {"api": api, "service": os.environ["AEREKOS_SERVICE"]}
+seen["config"] = json.loads(call("GET", "/v1/config")[1])
+seen["secret"] = json.loads(call("GET", "/v1/secrets/api_key")[1])
+seen["health"] = json.loads(call("GET", "/v1/health")[1])
+seen["event"] = call("POST", "/v1/events", {"text": "hello from api"})[0]
+seen["metrics"] = call("POST", "/v1/metrics", {"samples": {"answers": 42}})[0]
+out = os.environ["OUT"]
+with open(out + ".tmp", "w") as f:
+    json.dump(seen, f)
+os.rename(out + ".tmp", out)
+for i in range(1, 4):
+    print("line", i, flush=True)
+n = 0
+while True:
+    n += 1
+    print("tick", n, flush=True)
+    time.sleep(0.1)
+"#;
+
+/// The status line of `GET /v1/health` with `token` at `api` (`http://ip:port`).
+fn api_status(api: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = api.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /v1/health HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_service_uses_the_local_api_and_its_log_is_tailed_and_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker")).await;
+    let http = TestConductor::start();
+    let state_dir = tmp.path().join("state");
+    write_state(
+        &state_dir,
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        &http.url,
+    );
+    let marker = unique();
+    let _reaper = Reaper(vec![marker.clone()]);
+    let mut sub = Sub::connect(broker.port).await;
+
+    let mut cfg = WorkerConfig::new(&state_dir);
+    cfg.interval = Duration::from_millis(500);
+    // As the end-to-end harness runs several workers on one host.
+    cfg.local_api = Some("127.0.0.1:0".into());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(run(cfg, async move {
+        let _ = stopped.await;
+    }));
+    sub.until(10, "a birth", |b| matches!(b, Body::Birth(_)))
+        .await;
+
+    let out = tmp.path().join("seen.json");
+    // (A manifest argument holds at most 1 KiB: the script is a file.)
+    let script = tmp.path().join("client.py");
+    fs::write(&script, API_CLIENT).unwrap();
+    let script = script.to_string_lossy().into_owned();
+    let mut m = command("api", 1, &["python3", &script, &marker]);
+    if let Runtime::Process(p) = &mut m.runtime {
+        p.env
+            .insert("OUT".into(), out.to_string_lossy().into_owned());
+    }
+    m.config.insert("greeting".into(), "hello".into());
+    m.secrets.insert("api_key".into(), "s3cret".into());
+    sub.send(1, 1, Action::DeployManifest(http.put_manifest(&m)))
+        .await;
+    let (mut event, mut metric, mut pid) = (false, false, 0);
+    sub.until(20, "the service's event and metric", |b| {
+        match b {
+            Body::ServiceStatus(s) if s.name == "api" && s.pid != 0 => pid = s.pid,
+            Body::Event(e) if e.kind == EventKind::ServiceEvent => {
+                assert_eq!(e.detail, "api: hello from api");
+                event = true;
+            }
+            Body::ServiceMetrics(sm) => {
+                assert_eq!(sm.name, "api");
+                let samples: Vec<(String, i64)> = sm
+                    .samples
+                    .iter()
+                    .map(|s| (s.key.to_string(), s.value))
+                    .collect();
+                assert_eq!(samples, vec![("answers".to_string(), 42)]);
+                metric = true;
+            }
+            _ => {}
+        }
+        event && metric
+    })
+    .await;
+    // What the service read, with the env the worker gave it (written
+    // right after its publishes).
+    let t0 = Instant::now();
+    while !out.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no {}",
+            out.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
+    assert_eq!(seen["service"], "api", "{seen}");
+    assert_eq!(seen["config"], serde_json::json!({"greeting": "hello"}));
+    assert_eq!(seen["secret"]["value"], "s3cret", "{seen}");
+    assert_eq!(seen["health"]["worker_id"], ID, "{seen}");
+    assert_eq!(
+        (seen["event"].as_u64(), seen["metrics"].as_u64()),
+        (Some(202), Some(202))
+    );
+    let api = seen["api"].as_str().unwrap().to_string();
+    assert!(
+        api.starts_with("http://127.0.0.1:") && !api.ends_with(":0"),
+        "the bound port, not :0: {api}"
+    );
+    let env = environ(pid);
+    let token = env
+        .iter()
+        .find_map(|e| e.strip_prefix("AEREKOS_TOKEN="))
+        .expect("a token in the env")
+        .to_string();
+    assert!(api_status(&api, &token).contains(" 200"));
+    assert!(api_status(&api, "not-a-token").contains(" 401"));
+
+    // Logs: the tail, then 2 s of new lines; chunks in order, last marked.
+    let req = |name: &str, tail_bytes, follow_s| {
+        Action::Logs(protocol::frame::LogRequest {
+            name: bounded(name),
+            tail_bytes,
+            follow_s,
+        })
+    };
+    sub.send(2, 2, req("api", 4096, 2)).await;
+    let mut reply = None;
+    let mut chunks = Vec::new();
+    sub.until(15, "the log chunks", |b| {
+        match b {
+            Body::Reply(r) if r.cmd_id == 2 => reply = Some((r.status, r.detail.to_string())),
+            Body::LogChunk(c) if c.cmd_id == 2 => chunks.push(c.clone()),
+            _ => {}
+        }
+        chunks.last().is_some_and(|c| c.last)
+    })
+    .await;
+    let (status, detail) = reply.expect("the reply comes before the chunks");
+    assert_eq!(status, ReplyStatus::Ok, "{detail}");
+    assert!(detail.contains("following for 2 s"), "{detail}");
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!((c.index as usize, c.name.as_str()), (i, "api"));
+        assert_eq!(c.last, i + 1 == chunks.len());
+    }
+    let text: String = chunks
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert!(
+        text.starts_with("line 1\nline 2\nline 3\ntick 1\n"),
+        "{text}"
+    );
+    let ticks: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "no line lost or repeated: {ticks:?}"
+    );
+    assert!(ticks.len() >= 15, "followed the new lines: {ticks:?}");
+
+    sub.send(3, 3, req("nope", 100, 0)).await;
+    let mut seen = Seen::default();
+    sub.until(10, "the refusal", |b| {
+        seen.take(b, 3);
+        seen.reply.is_some()
+    })
+    .await;
+    let (status, detail) = seen.reply.unwrap();
+    assert_eq!(status, ReplyStatus::Error, "{detail}");
+
+    // Removed: its token is refused from then on.
+    sub.send(4, 4, Action::Remove(bounded("api"))).await;
+    let mut seen = Seen::default();
+    sub.until(15, "api removed", |b| {
+        seen.take(b, 4);
+        seen.status("api", ServiceState::Removed).is_some()
+    })
+    .await;
+    assert!(api_status(&api, &token).contains(" 401"));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// A container service on the local Docker engine, through a whole worker.
+
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// Runs the docker CLI; stdout on success.
+fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("docker {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Says why the test is skipped, or fails when CI requires Docker.
+fn skipped(why: &str) {
+    assert!(
+        std::env::var("AEREKOS_REQUIRE_DOCKER").as_deref() != Ok("1"),
+        "AEREKOS_REQUIRE_DOCKER=1 but {why}"
+    );
+    println!("skipped: {why}");
+}
+
+/// Builds the `FROM scratch` image of `images/test-service/` around the
+/// static `examples/ctr_test_service.rs` (plain rustc, std only), as
+/// `tests/container.rs` does.
+fn build_test_image(tag: &str) -> Result<(), String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ctr_test_service.rs");
+    let ctx = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let bin = ctx.path().join("ctr-test-service");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let res = Command::new(rustc)
+        .args(["--edition", "2021", "--target", MUSL])
+        .args(["-C", "opt-level=1", "-C", "strip=symbols", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("rustc: {e}"))?;
+    if !res.status.success() {
+        return Err(format!(
+            "cannot build the test service for {MUSL} (rustup target add {MUSL}): {}",
+            String::from_utf8_lossy(&res.stderr).trim()
+        ));
+    }
+    let dockerfile =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/test-service/Dockerfile");
+    docker(&[
+        "build",
+        "-q",
+        "-t",
+        tag,
+        "-f",
+        dockerfile.to_str().unwrap(),
+        ctx.path().to_str().unwrap(),
+    ])
+    .map(drop)
+}
+
+/// Removes the test's containers, then its image, even when it fails.
+struct DockerCleanup {
+    containers: Vec<String>,
+    image: String,
+}
+
+impl Drop for DockerCleanup {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+fn container_running(name: &str) -> Option<bool> {
+    docker(&["inspect", "--format", "{{.State.Running}}", name])
+        .ok()
+        .map(|s| s == "true")
+}
+
+#[tokio::test]
+async fn a_container_service_runs_restarts_logs_and_goes_and_foreign_containers_stay() {
+    if let Err(e) = edge_worker::container::Engine::connect(None) {
+        return skipped(&format!("no Docker engine: {e}"));
+    }
+    let u = format!("{:x}{:x}", std::process::id(), now_ms() % 0xfffff);
+    let wid = format!("w-ctr{u}");
+    let image = format!("aerekos-ctr-test:svc{u}");
+    let ours = edge_worker::container::container_name(&wid, "ctr");
+    let foreign = format!("aerekos-foreign-{u}");
+    let _cleanup = DockerCleanup {
+        containers: vec![ours.clone(), foreign.clone()],
+        image: image.clone(),
+    };
+    if let Err(e) = tokio::task::spawn_blocking({
+        let image = image.clone();
+        move || build_test_image(&image)
+    })
+    .await
+    .unwrap()
+    {
+        return skipped(&e);
+    }
+    // Not ours although it carries our worker's label: never touched.
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &foreign,
+        "--label",
+        "io.aerekos.managed=true",
+        "--label",
+        &format!("io.aerekos.worker={wid}"),
+        &image,
+    ])
+    .unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker")).await;
+    let http = TestConductor::start_for(&wid);
+    let state_dir = tmp.path().join("state");
+    write_state_as(
+        &state_dir,
+        &wid,
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        &http.url,
+    );
+    let mut sub = Sub::connect_as(broker.port, &wid).await;
+    let mut cfg = WorkerConfig::new(&state_dir);
+    cfg.interval = Duration::from_millis(500);
+    cfg.local_api = Some("127.0.0.1:0".into());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(run(cfg, async move {
+        let _ = stopped.await;
+    }));
+    sub.until(10, "a birth", |b| matches!(b, Body::Birth(_)))
+        .await;
+
+    let port = free_port();
+    let mut m = command("ctr", 1, &["unused"]);
+    m.runtime = Runtime::Container(protocol::manifest::ContainerRuntime {
+        image: image.clone(),
+        command: Vec::new(),
+        env: BTreeMap::from([("GREETING".to_string(), "hi from the manifest".to_string())]),
+        ports: vec![protocol::manifest::PortMap {
+            host: port,
+            container: 8080,
+            udp: false,
+        }],
+        volumes: Vec::new(),
+    });
+    m.backoff_ms = 300;
+    m.limits = Limits {
+        memory_bytes: Some(64 << 20),
+        cpu_millicores: None,
+        pids: Some(64),
+    };
+    // Probes the container port: the worker goes through the host port.
+    let mut hc = check(Probe::Http {
+        port: 8080,
+        path: "/".into(),
+    });
+    hc.start_period_ms = 10_000;
+    m.health = Some(hc);
+    sub.send(1, 1, Action::DeployManifest(http.put_manifest(&m)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(60, "ctr healthy", |b| {
+        seen.take(b, 1);
+        seen.reply.is_some() && seen.status("ctr", ServiceState::Healthy).is_some()
+    })
+    .await;
+    assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
+    let first = seen.status("ctr", ServiceState::Healthy).unwrap().clone();
+    assert!(first.pid != 0, "the container's main pid: {first:?}");
+    let labels = docker(&[
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"io.aerekos.worker\"}} {{index .Config.Labels \"io.aerekos.service\"}} {{.HostConfig.Memory}} {{.HostConfig.RestartPolicy.Name}}",
+        &ours,
+    ])
+    .unwrap();
+    assert_eq!(labels, format!("{wid} ctr {} no", 64u64 << 20));
+
+    // Killed behind the worker's back: restarted by the manifest's policy.
+    docker(&["kill", &ours]).unwrap();
+    let mut seen = Seen::default();
+    sub.until(60, "ctr restarted", |b| {
+        seen.take(b, 0);
+        seen.statuses.iter().any(|s| {
+            s.name == "ctr"
+                && s.restarts >= 1
+                && matches!(s.state, ServiceState::Running | ServiceState::Healthy)
+        })
+    })
+    .await;
+    let backoff = seen
+        .status("ctr", ServiceState::Backoff)
+        .expect("a Backoff status");
+    assert!(
+        backoff.detail.contains("exited with code 137"),
+        "{backoff:?}"
+    );
+    assert_eq!(container_running(&ours), Some(true));
+
+    // Its log comes from the engine: both runs.
+    sub.send(
+        2,
+        2,
+        Action::Logs(protocol::frame::LogRequest {
+            name: bounded("ctr"),
+            tail_bytes: 8192,
+            follow_s: 0,
+        }),
+    )
+    .await;
+    let mut reply = None;
+    let mut chunks = Vec::new();
+    sub.until(20, "the container log", |b| {
+        match b {
+            Body::Reply(r) if r.cmd_id == 2 => reply = Some((r.status, r.detail.to_string())),
+            Body::LogChunk(c) if c.cmd_id == 2 => chunks.push(c.clone()),
+            _ => {}
+        }
+        chunks.last().is_some_and(|c| c.last)
+    })
+    .await;
+    assert_eq!(reply.unwrap().0, ReplyStatus::Ok);
+    let text: String = chunks
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert_eq!(
+        text.matches("greeting=hi from the manifest").count(),
+        2,
+        "{text}"
+    );
+
+    // Stop keeps the container (stopped); Remove deletes it.
+    sub.send(3, 3, Action::Stop(bounded("ctr"))).await;
+    let mut seen = Seen::default();
+    sub.until(30, "ctr stopped", |b| {
+        seen.take(b, 3);
+        seen.status("ctr", ServiceState::Stopped).is_some()
+    })
+    .await;
+    assert_eq!(container_running(&ours), Some(false));
+    sub.send(4, 4, Action::Remove(bounded("ctr"))).await;
+    let mut seen = Seen::default();
+    sub.until(30, "ctr removed", |b| {
+        seen.take(b, 4);
+        seen.status("ctr", ServiceState::Removed).is_some()
+    })
+    .await;
+    assert_eq!(container_running(&ours), None, "our container is gone");
+    assert_eq!(container_running(&foreign), Some(true), "foreign untouched");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+}
+
+fn container_manifest(name: &str, version: u32, image: &str) -> Manifest {
+    let mut m = command(name, version, &["unused"]);
+    m.runtime = Runtime::Container(protocol::manifest::ContainerRuntime {
+        image: image.into(),
+        command: Vec::new(),
+        env: BTreeMap::new(),
+        ports: Vec::new(),
+        volumes: Vec::new(),
+    });
+    m
+}
+
+#[test]
+fn without_an_engine_a_container_service_fails_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = SupervisorOptions {
+        worker_id: "w-noengine".into(),
+        engine_socket: Some(tmp.path().join("no-such.sock")),
+        ..SupervisorOptions::default()
+    };
+    let mut sup = Supervisor::load_with(tmp.path(), opts);
+    sup.deploy_manifest(container_manifest("ctr", 1, "img:1"))
+        .unwrap();
+    let mut log = Default::default();
+    let st = wait_for(&mut sup, "ctr", 10, &mut log, |s, _| {
+        s.state == ServiceState::Failed
+    });
+    assert!(st.detail.starts_with("no container engine"), "{st:?}");
+    assert!(
+        log.1.iter().any(|(k, d)| *k == EventKind::ServiceChanged
+            && d.starts_with("ctr: failed: no container engine")),
+        "{log:?}"
+    );
+    // Tried again later, quietly; removal needs no engine.
+    assert!(sup.next_wake().is_some());
+    sup.remove("ctr").unwrap();
+    wait_removed(&mut sup, "ctr");
+}
+
+#[test]
+fn containers_are_found_again_after_a_restart_and_orphans_are_removed() {
+    let engine = match edge_worker::container::Engine::connect(None) {
+        Ok(e) => e,
+        Err(e) => return skipped(&format!("no Docker engine: {e}")),
+    };
+    let u = format!("{:x}{:x}", std::process::id(), now_ms() % 0xfffff);
+    let wid = format!("w-adopt{u}");
+    let image = format!("aerekos-ctr-test:adopt{u}");
+    let (ours, orphan) = (
+        edge_worker::container::container_name(&wid, "keep"),
+        edge_worker::container::container_name(&wid, "orphan"),
+    );
+    let _cleanup = DockerCleanup {
+        containers: vec![ours.clone(), orphan.clone()],
+        image: image.clone(),
+    };
+    if let Err(e) = build_test_image(&image) {
+        return skipped(&e);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = || SupervisorOptions {
+        worker_id: wid.clone(),
+        ..SupervisorOptions::default()
+    };
+    let mut sup = Supervisor::load_with(tmp.path(), opts());
+    sup.deploy_manifest(container_manifest("keep", 1, &image))
+        .unwrap();
+    let mut log = Default::default();
+    let first = wait_for(&mut sup, "keep", 60, &mut log, |s, _| {
+        s.state == ServiceState::Running
+    });
+    assert_eq!(first.detail, "running");
+    let id = docker(&["inspect", "--format", "{{.Id}}", &ours]).unwrap();
+    drop(sup); // the worker exits: the container keeps running
+
+    // Meanwhile a container of ours appears whose service is not deployed
+    // here any more (as if its removal had failed).
+    engine
+        .ensure(&wid, &container_manifest("orphan", 1, &image))
+        .unwrap();
+    assert_eq!(container_running(&orphan), Some(true));
+
+    let mut sup = Supervisor::load_with(tmp.path(), opts());
+    let st = wait_for(&mut sup, "keep", 30, &mut log, |s, _| {
+        s.state == ServiceState::Running
+    });
+    assert_eq!(
+        (st.detail.as_str(), st.pid),
+        ("adopted", first.pid),
+        "{st:?}"
+    );
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.Id}}", &ours]).unwrap(),
+        id,
+        "the same container, never a second copy"
+    );
+    let t0 = Instant::now();
+    while container_running(&orphan).is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "orphan not removed");
+        sup.poll();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A restart by request restarts the same container.
+    sup.restart("keep").unwrap();
+    let st = wait_for(&mut sup, "keep", 30, &mut log, |s, seen| {
+        s.state == ServiceState::Running
+            && seen
+                .iter()
+                .filter(|x| x.state == ServiceState::Stopped)
+                .count()
+                >= 1
+    });
+    assert_ne!(st.pid, first.pid);
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.Id}}", &ours]).unwrap(),
+        id
+    );
+    sup.remove("keep").unwrap();
+    wait_removed(&mut sup, "keep");
+    assert_eq!(container_running(&ours), None);
 }
