@@ -51,7 +51,12 @@ pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
     if let Some(u) = &s.username {
         opts.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
     }
-    AsyncClient::new(opts, 1024)
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    // Commands are small and their round trip is user-visible: no Nagle.
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    (client, eventloop)
 }
 
 /// Drives the event loop until `stop` turns true. Sets `subscribed` after the

@@ -71,9 +71,20 @@ impl std::fmt::Debug for HttpServer {
 impl HttpServer {
     /// Binds `config.http_listen` and starts the handler threads.
     pub fn start(shared: Arc<Shared>, client: AsyncClient) -> Result<HttpServer, ConductorError> {
-        let server = Server::http(shared.config.http_listen.as_str()).map_err(|e| {
-            ConductorError::Http(format!("bind {}: {e}", shared.config.http_listen))
-        })?;
+        let bind_err =
+            |e: String| ConductorError::Http(format!("bind {}: {e}", shared.config.http_listen));
+        let listener = std::net::TcpListener::bind(shared.config.http_listen.as_str())
+            .map_err(|e| bind_err(e.to_string()))?;
+        // tiny_http writes answers through a 1 KiB buffer without
+        // TCP_NODELAY: the tail of any answer over 1 KiB would wait for the
+        // client's delayed ACK (~40 ms). Linux hands the listener's
+        // TCP_NODELAY down to the accepted sockets.
+        if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+            tracing::warn!(
+                "TCP_NODELAY not set on the API listener ({e}): large answers are slower"
+            );
+        }
+        let server = Server::from_listener(listener, None).map_err(|e| bind_err(e.to_string()))?;
         let addr = server
             .server_addr()
             .to_ip()
