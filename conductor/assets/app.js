@@ -31,6 +31,7 @@
     worker: null, // state of the worker page
     svcList: null, // state of the services page
     svc: null, // state of the service page
+    log: null, // the open log panel's stream
     prefill: null, // spec copied into the new-service form ("New version…")
   };
 
@@ -60,7 +61,8 @@
   class AuthError extends Error {}
   async function api(method, path, body) {
     const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
-    if (body !== undefined) {
+    if (body instanceof Blob) init.body = body; // a file upload, sent raw
+    else if (body !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
     }
@@ -225,6 +227,7 @@
     st.worker = null;
     st.svcList = null;
     st.svc = null;
+    closeLog(true);
     $('#top').hidden = true;
     $('#view').hidden = true;
     $('#view').replaceChildren();
@@ -295,6 +298,7 @@
     st.worker = null;
     st.svcList = null;
     st.svc = null;
+    closeLog(true);
     st.cards.clear();
     const view = $('#view');
     view.replaceChildren();
@@ -660,11 +664,12 @@
           h('h2', { text: 'Actions' }),
           h('div', { class: 'row' }, h('button', { type: 'button', id: 'ping', text: 'Ping', onclick: ping }),
             h('span', { id: 'ping-result', class: 'muted', role: 'status' }))),
-        h('section', { class: 'panel', 'aria-labelledby': 'wsvc-h' }, h('h2', { id: 'wsvc-h', text: 'Services' }),
+        h('section', { class: 'panel span', 'aria-labelledby': 'wsvc-h' }, h('h2', { id: 'wsvc-h', text: 'Services' }),
           h('table', { class: 'svc-table', id: 'w-services', hidden: true },
-            h('thead', {}, h('tr', {}, ['Service', 'Desired', 'Actual', 'PID', 'Restarts'].map((t) => h('th', { text: t })))),
+            h('thead', {}, h('tr', {}, ['Service', 'Desired', 'Actual', 'PID', 'Restarts', 'Log'].map((t) => h('th', { text: t })))),
             h('tbody', { id: 'w-svc-rows' })),
           h('p', { class: 'muted small', id: 'w-svc-empty', role: 'status' })),
+        logPanel(),
         h('section', { class: 'panel', 'aria-labelledby': 'ev-h' }, h('h2', { id: 'ev-h', text: 'Recent events' }),
           h('ul', { class: 'events', id: 'w-events' }))),
     ]);
@@ -837,6 +842,23 @@
   const quote = (a) => (a === '' || /[\s"'\\]/.test(a) ? JSON.stringify(a) : a);
   const cmdLine = (spec) => [spec.command, ...(spec.args || []).map(quote)].join(' ');
   const latestSpec = (d) => { const v = d.versions || []; return v.length ? v[v.length - 1] : null; };
+  const kindOf = (sp) => (sp && sp.kind) || 'process';
+  const short = (sha) => String(sha).slice(0, 12);
+  const words = (t) => t.split(/\s+/).filter(Boolean);
+  const pairs = (o, sep) => Object.entries(o || {}).map(([k, v]) => k + '=' + (typeof v === 'string' ? v : JSON.stringify(v))).join(sep || ' ');
+  const portText = (p) => `${p.host}:${p.container}/${p.udp ? 'udp' : 'tcp'}`;
+  const volText = (v) => `${v.source}:${v.target}` + (v.read_only ? ':ro' : '');
+  // What runs: the command line, the image, or the artifact per architecture.
+  const program = (sp) => !sp ? dash : sp.image ? [sp.image, ...(sp.args || []).map(quote)].join(' ')
+    : sp.command ? cmdLine(sp) : pairs(Object.fromEntries(Object.entries(sp.artifacts || {}).map(([a, x]) => [a, short(x)])));
+  function healthText(c) {
+    if (!c) return 'none';
+    const p = c.http ? `HTTP GET :${c.http.port}${c.http.path}` : 'command ' + [c.command.command, ...(c.command.args || []).map(quote)].join(' ');
+    return `${p}, every ${c.interval_ms} ms, timeout ${c.timeout_ms} ms, unhealthy after ${c.retries} failures` +
+      (c.start_period_ms ? `, ${c.start_period_ms} ms grace` : '');
+  }
+  const limitsText = (l) => [l.memory_bytes && fmt.bytes(l.memory_bytes) + ' memory', l.cpu_millicores && l.cpu_millicores / 1000 + ' CPU',
+    l.pids && l.pids + ' processes'].filter(Boolean).join(', ') || 'none';
 
   function stateBadge(el, a) {
     const s = a ? a.state : 'unknown';
@@ -851,8 +873,9 @@
     const meets = (a) => a.state === want || (want === 'running' && a.state === 'healthy');
     const n = rows.filter((r) => r.actual && meets(r.actual) && r.actual.version === r.desired_version).length;
     const sync = rows.length > 0 && rows.every((r) => r.in_sync) && !(d.untargeted || []).length;
+    const held = rows.filter((r) => r.desired_state !== want).length; // stopped on one worker by request
     return {
-      text: rows.length ? `${n}/${rows.length} ${want}` : 'no worker matches the placement',
+      text: rows.length ? `${n}/${rows.length} ${want}` + (held ? `, ${held} stopped by request` : '') : 'no worker matches the placement',
       cls: sync ? 'sync' : 'unsync', label: sync ? 'in sync' : 'out of sync',
     };
   }
@@ -870,11 +893,11 @@
     const at = parent.children[i];
     if (at !== el) parent.insertBefore(el, at || null);
   }
-  const kv = (rows) => rows.flatMap(([k, v, cls]) =>
+  const kv = (rows) => rows.filter(Boolean).flatMap(([k, v, cls]) =>
     [h('dt', { text: k }), h('dd', { class: cls || null, text: v === undefined || v === null || v === '' ? dash : String(v) })]);
 
   function servicesView(view) {
-    const s = { cards: new Map() };
+    const s = { cards: new Map(), arts: [], artKey: null, artSel: {} };
     st.svcList = s;
     add(view, [
       h('div', { class: 'summary' }, h('h1', { text: 'Services' }), h('span', { class: 'muted', id: 'svc-count' })),
@@ -884,55 +907,133 @@
       serviceForm(),
       h('p', { id: 'svc-empty', class: 'empty', hidden: true }),
       h('ul', { id: 'services-list', class: 'cards svc-cards', 'aria-label': 'Services' }),
+      h('section', { class: 'panel arts', 'aria-labelledby': 'art-h' },
+        h('h2', { id: 'art-h', text: 'Artifacts' }),
+        h('p', { class: 'muted small', text: 'Programs for process services, one file per architecture; workers download the one for their architecture and check its SHA-256.' }),
+        h('table', { class: 'svc-table', id: 'art-table', hidden: true },
+          h('thead', {}, h('tr', {}, ['Name', 'Arch', 'SHA-256', 'Size', 'Uploaded', 'Action'].map((t) => h('th', { text: t })))),
+          h('tbody', { id: 'art-rows' })),
+        h('p', { class: 'muted small', id: 'art-empty' }),
+        h('form', { class: 'row', id: 'art-form', novalidate: true, onsubmit: uploadArtifact },
+          h('div', { class: 'field' }, h('label', { for: 'art-file', text: 'File' }), h('input', { id: 'art-file', type: 'file' })),
+          h('div', { class: 'field' }, h('label', { for: 'art-arch', text: 'Architecture' }),
+            h('input', { id: 'art-arch', list: 'arch-list', autocomplete: 'off', spellcheck: 'false', placeholder: 'aarch64' }),
+            h('datalist', { id: 'arch-list' })),
+          h('div', { class: 'field' }, h('label', { for: 'art-name', text: 'Name' }),
+            h('input', { id: 'art-name', maxlength: 128, autocomplete: 'off', placeholder: 'the file name' })),
+          h('button', { type: 'submit', id: 'art-upload', text: 'Upload' })),
+        h('p', { class: 'error', id: 'art-error', role: 'alert' })),
     ]);
     document.title = 'Services · aerekos';
     focusHeading(view);
     if (st.prefill) {
-      const p = st.prefill;
+      const p = st.prefill, hc = p.health || {}, l = p.limits || {};
       st.prefill = null;
       openServiceForm(false);
-      const set = (id, v) => { $('#' + id).value = v; };
-      set('sf-name', p.name || '');
-      set('sf-command', p.command || '');
+      const set = (id, v) => { if (v !== undefined && v !== null) $('#' + id).value = v; };
+      const lines = (a, f) => (a || []).map(f).join('\n');
+      set('sf-name', p.name);
+      set('sf-kind', kindOf(p));
+      set('sf-command', p.command);
+      set('sf-image', p.image);
       set('sf-args', (p.args || []).join('\n'));
-      set('sf-env', Object.entries(p.env || {}).map(([k, v]) => k + '=' + v).join('\n'));
-      set('sf-dir', p.working_dir || '');
-      set('sf-restart', p.restart || 'on-failure');
+      set('sf-env', pairs(p.env, '\n'));
+      set('sf-ports', lines(p.ports, portText));
+      set('sf-vols', lines(p.volumes, volText));
+      set('sf-dir', p.working_dir);
+      set('sf-restart', p.restart);
       set('sf-max', p.max_restarts);
       set('sf-window', p.restart_window_s);
       set('sf-backoff', p.backoff_ms);
+      set('sf-hc', hc.http ? 'http' : hc.command ? 'command' : '');
+      if (hc.http) { set('sf-hport', hc.http.port); set('sf-hpath', hc.http.path); }
+      if (hc.command) set('sf-hcmd', [hc.command.command, ...(hc.command.args || [])].map(quote).join(' '));
+      for (const k of ['interval_ms', 'timeout_ms', 'retries', 'start_period_ms']) set('sf-h-' + k, hc[k]);
+      set('sf-mem', l.memory_bytes && l.memory_bytes / 1048576);
+      set('sf-cpu', l.cpu_millicores);
+      set('sf-pids', l.pids);
+      set('sf-config', pairs(p.config, '\n'));
+      if ((p.secrets || []).length) {
+        setText($('#sf-secrets-hint'), `Not copied (never shown): enter the values of ${p.secrets.join(', ')} again, or the new version has no secrets.`);
+      }
+      s.artSel = Object.assign({}, p.artifacts);
+      syncForm();
       setText($('#sf-title'), 'New version of ' + p.name);
-      $('#sf-command').focus();
+      $('#sf-kind').focus();
     }
     startPolling(pollServices);
   }
 
   function serviceForm() {
-    const field = (id, label, input, hint, wide) => h('div', { class: wide ? 'field wide' : 'field' },
+    const field = (id, label, input, hint, k) => h('div', { class: 'field', 'data-k': k },
       h('label', { for: id, text: label }), attrs(input, { id, 'aria-describedby': hint ? id + '-hint' : null }),
       hint ? h('span', { class: 'muted small', id: id + '-hint', text: hint }) : null);
     const num = (value, max) => h('input', { type: 'number', min: 0, max, step: 1, value, inputmode: 'numeric' });
-    return h('form', { class: 'panel svc-form', id: 'svc-form', hidden: true, novalidate: true, onsubmit: createService },
+    const text = (a) => h('input', Object.assign({ autocomplete: 'off', spellcheck: 'false', class: 'mono' }, a));
+    const area = (a) => h('textarea', Object.assign({ rows: 3, spellcheck: 'false', class: 'mono' }, a));
+    const select = (opts) => h('select', {}, opts.map(([v, t]) => h('option', { value: v, text: t })));
+    return h('form', { class: 'panel svc-form', id: 'svc-form', hidden: true, novalidate: true, onsubmit: createService, onchange: syncForm },
       h('h2', { id: 'sf-title', text: 'New service' }),
-      h('p', { class: 'muted small', text: 'A process the workers run and supervise. Storing a spec under an existing name creates its next version; deploy it from the service page.' }),
+      h('p', { class: 'muted small', text: 'A process or a container the workers run and supervise. Storing a spec under an existing name creates its next version; deploy it from the service page.' }),
       h('div', { class: 'form-grid' },
         field('sf-name', 'Name', h('input', { maxlength: 32, autocomplete: 'off', spellcheck: 'false' }), 'a-z, 0-9 and -, up to 32'),
-        field('sf-command', 'Command', h('input', { maxlength: 128, autocomplete: 'off', spellcheck: 'false', class: 'mono' }), 'executable name or path'),
-        field('sf-args', 'Arguments', h('textarea', { rows: 3, spellcheck: 'false', class: 'mono' }), 'one per line (a single line is split at spaces)'),
-        field('sf-env', 'Environment', h('textarea', { rows: 3, spellcheck: 'false', class: 'mono', placeholder: 'KEY=value' }), 'KEY=value, one per line'),
-        field('sf-dir', 'Working directory', h('input', { maxlength: 128, autocomplete: 'off', spellcheck: 'false', class: 'mono' }), 'empty: the service\'s own directory'),
-        field('sf-restart', 'Restart policy', h('select', {},
-          [['on-failure', 'on failure'], ['always', 'always'], ['never', 'never']].map(([v, t]) => h('option', { value: v, text: t })))),
+        field('sf-kind', 'Kind', select([['process', 'process'], ['container', 'container']])),
+        field('sf-command', 'Command', text({ maxlength: 1024 }), 'executable name or path, or an artifact below', 'process'),
+        h('div', { class: 'field', 'data-k': 'process', id: 'sf-arts' }),
+        field('sf-image', 'Image', text({ maxlength: 1024, placeholder: 'nginx:alpine' }), null, 'container'),
+        field('sf-args', 'Arguments', area(), 'one per line (a single line is split at spaces); a container: its command'),
+        field('sf-env', 'Environment', area({ placeholder: 'KEY=value' }), 'KEY=value, one per line'),
+        field('sf-ports', 'Ports', area({ rows: 2, placeholder: '8080:80/tcp' }), 'host:container[/udp], one per line', 'container'),
+        field('sf-vols', 'Volumes', area({ rows: 2, placeholder: '/srv/data:/data:ro' }), '/device/path:/container/path[:ro], one per line', 'container'),
+        field('sf-dir', 'Working directory', text({ maxlength: 1024 }), 'empty: the service\'s own directory', 'process'),
+        field('sf-restart', 'Restart policy', select([['on-failure', 'on failure'], ['always', 'always'], ['never', 'never']])),
         field('sf-max', 'Max restarts', num(5, 65535), 'within the window, then failed'),
         field('sf-window', 'Restart window (s)', num(60, U32)),
-        field('sf-backoff', 'First backoff (ms)', num(1000, U32))),
+        field('sf-backoff', 'First backoff (ms)', num(1000, U32)),
+        field('sf-hc', 'Health check', select([['', 'none'], ['http', 'HTTP GET'], ['command', 'command']])),
+        field('sf-hport', 'Probe port', num('', 65535), null, 'http'),
+        field('sf-hpath', 'Probe path', text({ value: '/' }), null, 'http'),
+        field('sf-hcmd', 'Probe command', text({}), 'healthy when it exits 0', 'command'),
+        field('sf-h-interval_ms', 'Probe interval (ms)', num(2000, U32), null, 'hc'),
+        field('sf-h-timeout_ms', 'Probe timeout (ms)', num(1000, U32), null, 'hc'),
+        field('sf-h-retries', 'Failures before unhealthy', num(3, 65535), null, 'hc'),
+        field('sf-h-start_period_ms', 'Start grace (ms)', num(0, U32), null, 'hc'),
+        field('sf-mem', 'Memory limit (MiB)', num('', 1048576), 'empty: no limit'),
+        field('sf-cpu', 'CPU limit (millicores)', num('', U32), '1000 = one core'),
+        field('sf-pids', 'Process limit', num('', U32)),
+        field('sf-config', 'Config', area({ placeholder: 'KEY=value' }), 'KEY=value, one per line'),
+        field('sf-secrets', 'Secrets', area({ class: 'mono masked', autocomplete: 'off', placeholder: 'KEY=value' }),
+          'KEY=value, one per line; stored with the spec, never shown again')),
       h('p', { class: 'error', id: 'sf-error', role: 'alert' }),
       h('div', { class: 'row' }, h('button', { type: 'submit', class: 'primary', text: 'Create service' }),
         h('button', { type: 'button', text: 'Cancel', onclick: closeServiceForm })));
   }
+  // Shows the fields of the chosen kind and health check.
+  function syncForm() {
+    const k = $('#sf-kind').value, hc = $('#sf-hc').value;
+    for (const el of document.querySelectorAll('#svc-form [data-k]')) {
+      const w = el.dataset.k;
+      el.hidden = w === 'hc' ? !hc : w === 'http' || w === 'command' ? hc !== w : w !== k;
+    }
+  }
+  // One select per architecture that has artifacts; keeps the choices.
+  function renderArtSelects(s) {
+    for (const sel of document.querySelectorAll('#sf-arts select')) s.artSel[sel.dataset.arch] = sel.value;
+    const by = {};
+    for (const a of s.arts) (by[a.arch] = by[a.arch] || []).push(a);
+    const box = $('#sf-arts');
+    box.replaceChildren(h('span', { class: 'label', text: 'Artifacts' }), ...Object.entries(by).map(([arch, list]) => {
+      const sel = h('select', { id: 'sf-art-' + arch, 'data-arch': arch, 'aria-label': 'Artifact for ' + arch },
+        h('option', { value: '', text: `${arch}: none` }),
+        list.map((a) => h('option', { value: a.sha256, text: `${arch}: ${a.name || 'unnamed'} · ${short(a.sha256)}` })));
+      sel.value = s.artSel[arch] || '';
+      return sel;
+    }), Object.keys(by).length ? null : h('span', { class: 'muted small', text: 'none uploaded (see Artifacts below)' }));
+  }
   function openServiceForm(focus) {
     $('#svc-form').hidden = false;
     $('#new-service').setAttribute('aria-expanded', 'true');
+    syncForm();
     if (focus) $('#sf-name').focus();
   }
   function closeServiceForm() {
@@ -946,39 +1047,86 @@
 
   async function createService(ev) {
     ev.preventDefault();
-    const err = $('#sf-error'), val = (id) => $('#' + id).value;
+    const err = $('#sf-error'), val = (id) => $('#' + id).value, lines = (id) => val(id).split('\n').map((l) => l.trim());
     setText(err, '');
     const fail = (id, msg) => { setText(err, msg); $('#' + id).focus(); return null; };
-    const num = (id, what, max) => {
+    const num = (id, what, max, opt, min) => {
       const t = val(id).trim(), n = Number(t);
-      return t !== '' && Number.isInteger(n) && n >= 0 && n <= max ? n : fail(id, `${what} must be a whole number from 0 to ${max}.`);
+      if (opt && t === '') return undefined;
+      return t !== '' && Number.isInteger(n) && n >= (min || 0) && n <= max ? n : fail(id, `${what} must be a whole number from ${min || 0} to ${max}.`);
     };
-    const name = val('sf-name').trim(), command = val('sf-command').trim();
+    // KEY=value lines → object, or null after reporting the bad line.
+    const map = (id, what) => {
+      const o = {}, ls = lines(id);
+      for (const [i, l] of ls.entries()) {
+        if (!l) continue;
+        const eq = l.indexOf('=');
+        if (eq < 1) return fail(id, `${what} line ${i + 1} is not KEY=value` + (id === 'sf-secrets' ? '.' : ': ' + l));
+        o[l.slice(0, eq)] = l.slice(eq + 1);
+      }
+      return o;
+    };
+    const name = val('sf-name').trim(), command = val('sf-command').trim(), kind = val('sf-kind');
     if (!NAME_RE.test(name)) return fail('sf-name', 'Name: 1 to 32 characters of a-z, 0-9 and -.');
-    if (!command) return fail('sf-command', 'Enter the command to run.');
     const at = val('sf-args');
-    const args = /\n/.test(at.trim()) ? at.split('\n').map((a) => a.trim()).filter(Boolean) : at.split(/\s+/).filter(Boolean);
-    const env = {};
-    const lines = val('sf-env').split('\n').map((l) => l.trim());
-    for (let i = 0; i < lines.length; i++) {
-      if (!lines[i]) continue;
-      const eq = lines[i].indexOf('=');
-      if (eq < 1) return fail('sf-env', `Environment line ${i + 1} is not KEY=value: ${lines[i]}`);
-      env[lines[i].slice(0, eq)] = lines[i].slice(eq + 1);
+    const args = /\n/.test(at.trim()) ? at.split('\n').map((a) => a.trim()).filter(Boolean) : words(at);
+    const body = { name, args, restart: val('sf-restart') };
+    if (kind === 'container') {
+      Object.assign(body, { kind, image: val('sf-image').trim(), ports: [], volumes: [] });
+      if (!body.image) return fail('sf-image', 'Enter the image.');
+      for (const l of lines('sf-ports').filter(Boolean)) {
+        const m = l.match(/^(\d+):(\d+)(?:\/(tcp|udp))?$/);
+        if (!m) return fail('sf-ports', `Port "${l}" is not host:container, e.g. 8080:80/tcp.`);
+        body.ports.push({ host: +m[1], container: +m[2], udp: m[3] === 'udp' });
+      }
+      for (const l of lines('sf-vols').filter(Boolean)) {
+        const m = l.match(/^([^:]+):([^:]+)(?::(ro|rw))?$/);
+        if (!m) return fail('sf-vols', `Volume "${l}" is not /source:/target[:ro].`);
+        body.volumes.push({ source: m[1], target: m[2], read_only: m[3] === 'ro' });
+      }
+    } else {
+      const arts = {};
+      for (const sel of document.querySelectorAll('#sf-arts select')) if (sel.value) arts[sel.dataset.arch] = sel.value;
+      if (Object.keys(arts).length) {
+        if (command) return fail('sf-command', 'Give a command or artifacts, not both.');
+        body.artifacts = arts;
+      } else if (!command) return fail('sf-command', 'Enter the command to run, or choose an artifact.');
+      else body.command = command;
+      body.working_dir = val('sf-dir').trim();
     }
-    const max = num('sf-max', 'Max restarts', 65535);
-    if (max === null) return;
-    const win = num('sf-window', 'The restart window', U32);
-    if (win === null) return;
-    const backoff = num('sf-backoff', 'The backoff', U32);
-    if (backoff === null) return;
+    for (const [id, k, what, max] of [['sf-max', 'max_restarts', 'Max restarts', 65535], ['sf-window', 'restart_window_s', 'The restart window', U32],
+      ['sf-backoff', 'backoff_ms', 'The backoff', U32]]) {
+      if ((body[k] = num(id, what, max)) === null) return;
+    }
+    const hc = val('sf-hc');
+    if (hc) {
+      const c = body.health = {};
+      for (const [k, what, max, min] of [['interval_ms', 'The probe interval', U32, 100], ['timeout_ms', 'The probe timeout', U32, 1],
+        ['retries', 'Failures before unhealthy', 65535, 1], ['start_period_ms', 'The start grace', U32]]) {
+        if ((c[k] = num('sf-h-' + k, what, max, false, min)) === null) return;
+      }
+      if (hc === 'http') {
+        const port = num('sf-hport', 'The probe port', 65535, false, 1);
+        if (port === null) return;
+        c.http = { port, path: val('sf-hpath').trim() || '/' };
+      } else {
+        const [command, ...a] = words(val('sf-hcmd'));
+        if (!command) return fail('sf-hcmd', 'Enter the probe command.');
+        c.command = { command, args: a };
+      }
+    }
+    const mem = num('sf-mem', 'The memory limit', 1048576, true, 1), cpu = num('sf-cpu', 'The CPU limit', U32, true, 1);
+    const pids = num('sf-pids', 'The process limit', U32, true, 1);
+    if (mem === null || cpu === null || pids === null) return;
+    body.limits = { memory_bytes: mem && mem * 1048576, cpu_millicores: cpu, pids };
+    for (const [id, k, what] of [['sf-env', 'env', 'Environment'], ['sf-config', 'config', 'Config'], ['sf-secrets', 'secrets', 'Secrets']]) {
+      if ((body[k] = map(id, what)) === null) return;
+    }
     const btn = $('#svc-form button[type=submit]');
     btn.disabled = true;
     try {
-      const r = await api('POST', '/services', {
-        name, command, args, env, working_dir: val('sf-dir').trim(), restart: val('sf-restart'),
-        max_restarts: max, restart_window_s: win, backoff_ms: backoff,
-      });
+      const r = await api('POST', '/services', body);
+      $('#sf-secrets').value = '';
       toast(`Stored ${r.name} version ${r.version}`);
       location.hash = '#/services/' + enc(r.name);
     } catch (e) {
@@ -988,15 +1136,66 @@
     }
   }
 
+  function renderArtifacts(s, fleet) {
+    const key = JSON.stringify(s.arts);
+    if (s.artKey === key) return;
+    s.artKey = key;
+    $('#art-rows').replaceChildren(...s.arts.map((a) => {
+      const td = (label, t, cls) => h('td', { 'data-label': label, class: cls, text: t });
+      return h('tr', { 'data-sha': a.sha256 }, td('Name', a.name || dash), td('Arch', a.arch), td('SHA-256', a.sha256, 'mono sha'),
+        td('Size', fmt.bytes(a.size)), td('Uploaded', fmt.time(a.created_ms)),
+        h('td', { 'data-label': 'Action' }, h('button', { type: 'button', class: 'danger', text: 'Delete',
+          'aria-label': `Delete artifact ${a.name || short(a.sha256)} (${a.arch})`, onclick: () => deleteArtifact(a) })));
+    }));
+    $('#art-table').hidden = !s.arts.length;
+    setText($('#art-empty'), s.arts.length ? '' : 'No artifacts uploaded.');
+    const arches = [...new Set(fleet.map((w) => w.arch).concat(s.arts.map((a) => a.arch)).filter(Boolean))];
+    $('#arch-list').replaceChildren(...arches.map((a) => h('option', { value: a })));
+    renderArtSelects(s);
+  }
+  async function uploadArtifact(ev) {
+    ev.preventDefault();
+    const file = $('#art-file').files[0], arch = $('#art-arch').value.trim(), err = $('#art-error'), btn = $('#art-upload');
+    setText(err, '');
+    if (!file) { setText(err, 'Choose a file.'); return $('#art-file').focus(); }
+    if (!/^[A-Za-z0-9_-]{1,32}$/.test(arch)) { setText(err, 'Architecture: 1 to 32 of A-Z, a-z, 0-9, _ and -, e.g. aarch64.'); return $('#art-arch').focus(); }
+    btn.disabled = true;
+    setText(btn, 'Uploading…');
+    try {
+      const a = await api('POST', `/artifacts?arch=${enc(arch)}&name=${enc($('#art-name').value.trim() || file.name)}`, file);
+      toast(`Uploaded ${a.name} for ${a.arch}: ${short(a.sha256)}, ${fmt.bytes(a.size)}`);
+      ev.target.reset();
+      startPolling(pollServices);
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText(err, 'Not uploaded: ' + e.message);
+    } finally {
+      btn.disabled = false;
+      setText(btn, 'Upload');
+    }
+  }
+  async function deleteArtifact(a) {
+    setText($('#art-error'), '');
+    try {
+      await api('DELETE', '/artifacts/' + a.sha256);
+      toast(`Artifact ${a.name || short(a.sha256)} deleted`);
+      $('#art-file').focus();
+      startPolling(pollServices);
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText($('#art-error'), 'Not deleted: ' + e.message);
+    }
+  }
+
   // The services list plus one detail per service (desired vs actual) and the fleet (hostnames).
   async function pollServices() {
     const s = st.svcList;
-    const [list, fleet] = await Promise.all([api('GET', '/services'), api('GET', '/workers')]);
+    const [list, fleet, arts] = await Promise.all([api('GET', '/services'), api('GET', '/workers'), api('GET', '/artifacts')]);
     const details = await Promise.all((list.services || []).map((x) => api('GET', '/services/' + enc(x.name)).catch((e) => {
       if (e instanceof AuthError) throw e;
       return { name: x.name, deployment: x.deployment, versions: [], workers: [], error: e.message };
     })));
     if (st.svcList !== s) return;
+    s.arts = arts.artifacts || [];
+    renderArtifacts(s, fleet.workers || []);
     const hosts = new Map((fleet.workers || []).map((w) => [w.id, w.hostname]));
     const ul = $('#services-list'), seen = new Set();
     for (const [i, d] of details.entries()) {
@@ -1017,8 +1216,8 @@
       card.dataset.sync = sum.cls;
       const rows = [
         ['Version', spec ? `v${spec.version}` + (d.deployment && d.deployment.version !== spec.version ? ` (v${d.deployment.version} deployed)` : '') : dash],
-        ['Kind', 'process'],
-        ['Command', spec ? cmdLine(spec.spec) : d.error, 'mono'],
+        ['Kind', spec ? kindOf(spec.spec) : dash],
+        ['Program', spec ? program(spec.spec) : d.error, 'mono'],
         ['Placement', placement(d.deployment, hosts)],
         ['Status', sum.text || dash],
       ];
@@ -1053,11 +1252,12 @@
       h('section', { class: 'panel', 'aria-labelledby': 'sw-h' },
         h('h2', { id: 'sw-h', text: 'Workers' }),
         h('table', { class: 'svc-table', id: 's-workers' },
-          h('thead', {}, h('tr', {}, ['Worker', 'Desired', 'State', 'Version', 'PID', 'Restarts', 'Last exit', 'Detail', 'Actions']
+          h('thead', {}, h('tr', {}, ['Worker', 'Desired', 'State', 'Version', 'PID', 'Restarts', 'Last exit', 'Detail', 'Metrics', 'Actions']
             .map((t) => h('th', { text: t })))),
           h('tbody', { id: 's-rows' })),
         h('p', { class: 'muted small', id: 's-rows-empty' }),
         h('p', { class: 'muted small', id: 's-op', role: 'status' })),
+      logPanel(),
       h('div', { class: 'cols' },
         h('section', { class: 'panel', 'aria-labelledby': 'dep-h' },
           h('h2', { id: 'dep-h', text: 'Deployment' }),
@@ -1081,10 +1281,32 @@
                 h('button', { type: 'button', class: 'primary', id: 'undeploy-confirm', text: 'Undeploy now', onclick: undeploy }),
                 h('button', { type: 'button', id: 'undeploy-cancel', text: 'Cancel', onclick: cancelUndeploy }))),
             h('p', { class: 'error', id: 'deploy-error', role: 'alert' }))),
+        h('section', { class: 'panel', 'aria-labelledby': 'ro-h' },
+          h('h2', { id: 'ro-h', text: 'Rollout' }),
+          h('dl', { class: 'kv', id: 's-ro' }),
+          h('form', { id: 'ro-form', novalidate: true, onsubmit: startRollout, oninput: () => { s.roDirty = true; } },
+            h('h3', { text: 'Roll out version…' }),
+            h('div', { class: 'row' },
+              h('div', { class: 'field' }, h('label', { for: 'ro-version', text: 'Version' }), sel('ro-version', [])),
+              h('div', { class: 'field' }, h('label', { for: 'ro-canary', text: 'Canary workers' }),
+                h('input', { id: 'ro-canary', type: 'number', min: 1, step: 1, value: 1, inputmode: 'numeric' })),
+              h('div', { class: 'field' }, h('label', { for: 'ro-settle', text: 'Settle (s)' }),
+                h('input', { id: 'ro-settle', type: 'number', min: 0, max: 3600, step: 1, value: 10, inputmode: 'numeric' }))),
+            h('div', { class: 'row' },
+              h('button', { type: 'submit', class: 'primary', id: 'ro-start', text: 'Roll out' }),
+              h('button', { type: 'button', class: 'danger', id: 'ro-abort', hidden: true, text: 'Abort rollout', onclick: abortRollout })),
+            h('p', { class: 'error', id: 'ro-error', role: 'alert' })),
+          h('h3', { text: 'History' }),
+          h('table', { class: 'svc-table', id: 'ro-hist', hidden: true },
+            h('thead', {}, h('tr', {}, ['#', 'Versions', 'State', 'Started'].map((t) => h('th', { text: t })))),
+            h('tbody', { id: 'ro-rows' })),
+          h('p', { class: 'muted small', id: 'ro-none', text: 'No rollouts yet.' })),
         h('section', { class: 'panel', 'aria-labelledby': 'spec-h' },
           h('h2', { id: 'spec-h', text: 'Spec' }),
           h('dl', { class: 'kv', id: 's-spec' }),
-          h('div', { class: 'row' }, h('button', { type: 'button', id: 'new-version', text: 'New version…', onclick: newVersion })))),
+          h('div', { class: 'row' }, h('button', { type: 'button', id: 'new-version', text: 'New version…', onclick: newVersion }))),
+        h('section', { class: 'panel', 'aria-labelledby': 'sev-h' }, h('h2', { id: 'sev-h', text: 'Recent events' }),
+          h('ul', { class: 'events', id: 's-events' }))),
     ]);
     document.title = name + ' · aerekos';
     focusHeading(view);
@@ -1104,10 +1326,13 @@
         h('h1', { text: 'Service not found' }), h('p', { class: 'muted', text: `No service is named ${s.name}.` }));
       return;
     }
-    const fleet = await api('GET', '/workers');
+    const fleet = await api('GET', '/workers'), ro = d.rollout;
+    const rkey = ro ? `${ro.id}:${ro.state}:${ro.wave}` : '';
+    const hist = rkey === s.roKey ? null : ro ? (await api('GET', `/services/${enc(s.name)}/rollouts`)).rollouts : [];
     if (st.svc !== s) return;
     s.data = d;
     renderService(s, d, fleet.workers || []);
+    if (hist) { s.roKey = rkey; renderHistory(hist); }
   }
 
   function renderService(s, d, fleet) {
@@ -1117,7 +1342,7 @@
     b.className = 'badge ' + sum.cls;
     setText(b, sum.label);
     setText($('#s-count'), sum.text);
-    setText($('#s-meta'), `process · ${d.versions.length} version${d.versions.length === 1 ? '' : 's'} · ${placement(dep, hosts)}`);
+    setText($('#s-meta'), `${kindOf(latest && latest.spec)} · ${d.versions.length} version${d.versions.length === 1 ? '' : 's'} · ${placement(dep, hosts)}`);
 
     // Per-worker rows, keyed by worker id (kept across polls so focus stays on a button).
     const tbody = $('#s-rows'), seen = new Set();
@@ -1131,9 +1356,11 @@
         tr = h('tr', { 'data-worker': id },
           td('worker', 'Worker', h('a', { href: '#/workers/' + enc(id) })), td('desired', 'Desired'),
           td('state', 'State', h('span', { class: 'badge' })), td('version', 'Version'), td('pid', 'PID'),
-          td('restarts', 'Restarts'), td('exit', 'Last exit'), td('detail', 'Detail'),
+          td('restarts', 'Restarts'), td('exit', 'Last exit'), td('detail', 'Detail'), td('metrics', 'Metrics'),
           td('actions', 'Actions', h('div', { class: 'btns' }, Object.entries(OPS).map(([op, t]) =>
-            h('button', { type: 'button', 'data-op': op, text: t, onclick: () => workerOp(id, op) })))));
+            h('button', { type: 'button', 'data-op': op, text: t, onclick: () => workerOp(id, op) })),
+          h('button', { type: 'button', 'data-log': id, text: 'Logs',
+            onclick: (ev) => openLog(id, $('[data-col=worker] a', tr).textContent, s.name, ev.currentTarget) }))));
         s.rows.set(id, tr);
       }
       place(tbody, tr, i);
@@ -1146,10 +1373,11 @@
       setText(cell('restarts'), a ? String(a.restarts) : dash);
       setText(cell('exit'), a && ok(a.exit_code) ? String(a.exit_code) : dash);
       setText(cell('detail'), (a && a.detail) || dash);
+      setText(cell('metrics'), (a && pairs(a.metrics)) || dash);
       tr.dataset.state = a ? a.state : '';
       cell('actions').hidden = !!r.untargeted;
-      for (const btn of tr.querySelectorAll('button[data-op]')) {
-        btn.setAttribute('aria-label', `${OPS[btn.dataset.op]} ${s.name} on ${host}`);
+      for (const btn of tr.querySelectorAll('button')) {
+        btn.setAttribute('aria-label', `${OPS[btn.dataset.op] || 'Logs of'} ${s.name} on ${host}`);
       }
     }
     for (const [id, tr] of s.rows) {
@@ -1204,17 +1432,97 @@
       const skey = latest.version + ':' + (dep ? dep.version : '');
       if ($('#s-spec').dataset.key !== skey) {
         $('#s-spec').dataset.key = skey;
+        const c = kindOf(sp) === 'container';
         $('#s-spec').replaceChildren(...kv([
           ['Version', `v${latest.version} (latest)` + (dep && dep.version !== latest.version ? ` · v${dep.version} deployed` : '')],
-          ['Kind', 'process'], ['Command', sp.command, 'mono'],
-          ['Arguments', (sp.args || []).map(quote).join(' '), 'mono'],
-          ['Environment', Object.entries(sp.env || {}).map(([k, v]) => k + '=' + v).join(' '), 'mono'],
-          ['Working dir', sp.working_dir || 'the service\'s own directory'],
+          ['Kind', kindOf(sp)],
+          c ? ['Image', sp.image, 'mono'] : sp.command ? ['Command', sp.command, 'mono'] : ['Artifacts', program(sp), 'mono'],
+          [c ? 'Command override' : 'Arguments', (sp.args || []).map(quote).join(' '), 'mono'],
+          c && ['Ports', (sp.ports || []).map(portText).join(' '), 'mono'],
+          c && ['Volumes', (sp.volumes || []).map(volText).join(' '), 'mono'],
+          ['Environment', pairs(sp.env), 'mono'],
+          !c && ['Working dir', sp.working_dir || 'the service\'s own directory'],
+          ['Health check', healthText(sp.health)],
+          ['Limits', limitsText(sp.limits || {})],
+          ['Config', Object.keys(sp.config || {}).join(', '), 'mono'],
+          ['Secrets', (sp.secrets || []).join(', '), 'mono'],
           ['Restart', `${sp.restart}, at most ${sp.max_restarts} in ${sp.restart_window_s} s`],
           ['Backoff', `${sp.backoff_ms} ms, doubling`],
           ['Created', fmt.time(latest.created_ms)],
         ]));
       }
+    }
+
+    // The last rollout and the form to start one.
+    const ro = d.rollout, live = !!ro && ro.state === 'in_progress';
+    const names = (ids) => (ids || []).map((id) => hosts.get(id) || id).join(', ');
+    setKv($('#s-ro'), ro ? [
+      ['State', ro.state.replace('_', ' ') + (live ? `, wave ${ro.wave + 1} of ${ro.waves.length}` : '')],
+      ['Versions', `v${ro.from_version} → v${ro.to_version}`],
+      ...ro.waves.map((w, i) => [i ? 'Wave ' + (i + 1) : 'Canaries', names(w.workers) + (w.skipped && w.skipped.length ? ` (offline: ${names(w.skipped)})` : '')]),
+      ['Policy', `settle ${ro.policy.settle_s} s` + (ro.policy.timeout_s ? `, timeout ${ro.policy.timeout_s} s` : '')],
+      ['Reason', ro.reason],
+      ['Started', fmt.time(ro.started_ms)],
+      !live && ['Finished', fmt.time(ro.finished_ms)],
+    ] : [['State', 'no rollout yet']]);
+    $('#ro-abort').hidden = !live;
+    const rsel = $('#ro-version');
+    if (rsel.dataset.key !== vkey) {
+      rsel.dataset.key = vkey;
+      rsel.replaceChildren(...d.versions.slice().reverse().map((v) => h('option', { value: v.version, text: 'v' + v.version })));
+      s.roDirty = false;
+    }
+    if (!s.roDirty && latest) rsel.value = String(latest.version);
+
+    // Recent events about the service, newest first.
+    const ev = d.events || [], ekey = JSON.stringify(ev);
+    if (s.evKey !== ekey) {
+      s.evKey = ekey;
+      $('#s-events').replaceChildren(...(ev.length ? ev.map((e) => h('li', {},
+        h('span', { class: 'muted', text: `${fmt.time(e.received_at_ms)} ${hosts.get(e.worker_id) || e.worker_id} ` }), e.kind + ': ' + e.detail)) :
+        [h('li', { class: 'muted', text: 'No events about this service since the conductor started.' })]));
+    }
+  }
+  function setKv(el, rows) {
+    const key = JSON.stringify(rows);
+    if (el.dataset.key !== key) { el.dataset.key = key; el.replaceChildren(...kv(rows)); }
+  }
+  function renderHistory(list) {
+    $('#ro-rows').replaceChildren(...list.map((r) => {
+      const td = (label, t) => h('td', { 'data-label': label, text: t || dash });
+      return h('tr', { 'data-rollout': r.id }, td('#', String(r.id)), td('Versions', `v${r.from_version} → v${r.to_version}`),
+        td('State', r.state.replace('_', ' ') + (r.reason ? ': ' + r.reason : '')), td('Started', fmt.time(r.started_ms)));
+    }));
+    $('#ro-hist').hidden = !list.length;
+    $('#ro-none').hidden = !!list.length;
+  }
+  async function startRollout(ev) {
+    ev.preventDefault();
+    const s = st.svc, err = $('#ro-error'), canary = Number($('#ro-canary').value), settle = Number($('#ro-settle').value);
+    setText(err, '');
+    if (!Number.isInteger(canary) || canary < 1) { setText(err, 'Canary workers: a whole number, at least 1.'); return $('#ro-canary').focus(); }
+    if (!Number.isInteger(settle) || settle < 0 || settle > 3600) { setText(err, 'Settle: 0 to 3600 seconds.'); return $('#ro-settle').focus(); }
+    const version = Number($('#ro-version').value);
+    try {
+      const r = await api('POST', `/services/${enc(s.name)}/rollout`, { version, canary, settle_s: settle });
+      if (st.svc !== s) return;
+      s.roDirty = false;
+      toast(`Rolling ${s.name} out from v${r.from_version} to v${r.to_version}`);
+      startPolling(pollService);
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText(err, 'Not started: ' + e.message);
+    }
+  }
+  async function abortRollout() {
+    const s = st.svc;
+    setText($('#ro-error'), '');
+    try {
+      const r = await api('POST', `/services/${enc(s.name)}/rollout/abort`, {});
+      toast(`Rollout aborted: back to v${r.from_version}`);
+      $('#ro-start').focus();
+      startPolling(pollService);
+    } catch (e) {
+      if (!(e instanceof AuthError)) setText($('#ro-error'), 'Not aborted: ' + e.message);
     }
   }
 
@@ -1333,10 +1641,99 @@
         td('Desired', d ? `${d.state} v${d.version}` : 'remove'),
         td('Actual', badge, a ? ' v' + a.version : '', x.in_sync ? '' : h('span', { class: 'muted small nowrap', text: ' out of sync' })),
         td('PID', a && a.pid ? String(a.pid) : dash),
-        td('Restarts', a ? String(a.restarts) : dash));
+        td('Restarts', a ? String(a.restarts) : dash),
+        td('Log', h('button', { type: 'button', 'data-log': x.name, text: 'Log tail', 'aria-label': 'Log tail of ' + x.name,
+          onclick: (ev) => openLog(w.id, w.detail ? w.detail.hostname : w.id, x.name, ev.currentTarget) })));
     }));
     $('#w-services').hidden = !list.length;
     setText($('#w-svc-empty'), list.length ? '' : 'No services on this worker.');
+  }
+
+  // ---------- log panel (one per page: a service's log on one worker, followed) ----------
+  const LOG_KEEP = 200 * 1024; // characters kept in the panel
+  function logPanel() {
+    return h('section', { class: 'panel logs', id: 'log-panel', 'aria-labelledby': 'log-h', hidden: true },
+      h('div', { class: 'row log-head' }, h('h2', { id: 'log-h', text: 'Log' }),
+        h('span', { class: 'muted small', id: 'log-state', role: 'status' }),
+        h('button', { type: 'button', id: 'log-toggle', onclick: toggleLog }),
+        h('button', { type: 'button', id: 'log-close', text: 'Close', onclick: () => closeLog() })),
+      h('p', { class: 'error', id: 'log-error', role: 'alert' }),
+      h('pre', { class: 'log', id: 'log-text', tabindex: '0', 'aria-label': 'Log output' }));
+  }
+  function openLog(id, host, name, opener) {
+    closeLog(true);
+    const L = st.log = { id, name, sel: `[data-log="${CSS.escape(opener.dataset.log)}"]`, text: '', gen: 0 };
+    $('#log-panel').hidden = false;
+    setText($('#log-h'), `Log of ${name} on ${host}`);
+    $('#log-text').textContent = '';
+    followLog(L);
+    $('#log-panel').scrollIntoView({ block: 'nearest' });
+    $('#log-toggle').focus();
+  }
+  function stopLog(L, state) {
+    L.on = false;
+    L.gen++;
+    if (L.ctl) L.ctl.abort();
+    setText($('#log-toggle'), 'Follow');
+    setText($('#log-state'), state);
+  }
+  function closeLog(quiet) {
+    const L = st.log;
+    if (!L) return;
+    stopLog(L, '');
+    st.log = null;
+    $('#log-panel').hidden = true;
+    const b = $(L.sel);
+    if (!quiet && b) b.focus();
+  }
+  function toggleLog() {
+    const L = st.log;
+    if (L && L.on) stopLog(L, 'stopped');
+    else if (L) { L.text = ''; $('#log-text').textContent = ''; followLog(L); }
+  }
+  // The last 16 KiB, then new output for 60 s at a time, until stopped.
+  async function followLog(L) {
+    const gen = ++L.gen;
+    L.on = true;
+    setText($('#log-toggle'), 'Stop');
+    setText($('#log-error'), '');
+    let tail = 16384;
+    while (st.log === L && L.gen === gen) {
+      const ctl = L.ctl = new AbortController(), t0 = Date.now();
+      setText($('#log-state'), 'connecting…');
+      try {
+        const r = await fetch(`/api/v1/workers/${enc(L.id)}/services/${enc(L.name)}/logs?tail=${tail}&follow=60`,
+          { credentials: 'same-origin', signal: ctl.signal });
+        if (r.status === 401) return signedOut('Your session ended. Sign in again.');
+        if (!r.ok) {
+          const t = await r.text();
+          let m = t;
+          try { m = JSON.parse(t).error; } catch (_) { /* plain text */ }
+          throw new Error(m || 'HTTP ' + r.status);
+        }
+        setText($('#log-state'), 'following');
+        const rd = r.body.getReader(), dec = new TextDecoder();
+        for (let c = await rd.read(); !c.done; c = await rd.read()) appendLog(L, dec.decode(c.value, { stream: true }));
+        appendLog(L, dec.decode());
+      } catch (e) {
+        if (ctl.signal.aborted || L.gen !== gen) return;
+        setText($('#log-error'), 'Log unavailable: ' + e.message);
+        return stopLog(L, '');
+      }
+      tail = 0; // the window ended: follow again from the end
+      if (Date.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 2000));
+    }
+  }
+  function appendLog(L, t) {
+    if (!t || st.log !== L) return;
+    const pre = $('#log-text'), end = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 30;
+    L.text += t;
+    if (L.text.length > LOG_KEEP) {
+      const cut = L.text.length - LOG_KEEP;
+      L.text = L.text.slice(L.text.indexOf('\n', cut) + 1 || cut);
+    }
+    pre.textContent = L.text;
+    if (end) pre.scrollTop = pre.scrollHeight; // follow the end unless scrolled up
   }
 
   // ---------- settings ----------

@@ -122,8 +122,10 @@ mod tests {
         }
         assert!(!index.contains("style="), "inline style attribute");
         assert!(!index.contains("http://") && !index.contains("https://"));
+        // Uncompressed and unminified (no build step): ~30 KB gzipped. A budget,
+        // so a Pi-hosted conductor serves the whole UI in one quick round.
         assert!(
-            total_size() < 96 * 1024,
+            total_size() < 128 * 1024,
             "assets are {} bytes",
             total_size()
         );
