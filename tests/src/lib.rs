@@ -989,6 +989,8 @@ fn worker_command(
         .args(["--interval", &format!("{}ms", opts.interval_ms)])
         .args(["--hostname", &opts.hostname])
         .args(["--machine-id", &opts.machine_id])
+        // Several workers share this machine: each gets its own local API port.
+        .args(["--local-api", "127.0.0.1:0"])
         .args(&opts.extra)
         .env("AEREKOS_LOG", "info");
     if let Some(t) = token {

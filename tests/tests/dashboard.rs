@@ -5,8 +5,10 @@
 //! it, create and delete an API token, change the password, log out; then
 //! create a process service in the Services form, deploy it to a live
 //! worker, stop and start it there, see it on the worker page and undeploy
-//! it. Browser console errors fail the test (except the one failed request
-//! the test provokes on purpose). Screenshots land in `target/screenshots/`.
+//! it; follow its log in the log panel (service and worker pages); upload
+//! and delete an artifact. Browser console errors fail the test (except the
+//! one failed request the test provokes on purpose). Screenshots land in
+//! `target/screenshots/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them);
 //! without them the test fails with the install hint.
@@ -342,7 +344,7 @@ fn conductor_with_current_assets() {
 
 /// Kills, on drop, every process whose working directory is under the
 /// path: the service a worker started outlives the worker (by design), so a
-/// failed run would otherwise leave `sleep 600` behind.
+/// failed run would otherwise leave the `sh` loop behind.
 struct KillStrays(PathBuf);
 
 impl Drop for KillStrays {
@@ -689,37 +691,119 @@ fn dashboard_in_a_real_browser() {
         "(document.querySelector('#services-list') || {dataset: {}}).dataset.loaded === '1'",
     );
     assert!(b.text("#svc-empty").contains("No services"));
+
+    // Artifacts: upload a file with the form (WebDriver types its path into
+    // the file input); listed with the sha256 the API computed; offered in
+    // the new-service form; deleted.
+    let file = dir.path().join("hello-artifact.bin");
+    std::fs::write(&file, b"#!/bin/sh\necho hello from an artifact\n").unwrap();
+    b.type_into("#art-file", &file.display().to_string());
+    b.type_into("#art-arch", "aarch64");
+    b.type_into("#art-name", "hello");
+    b.click("#art-upload");
+    let sha = wait_for("the artifact stored", SECS(10), || {
+        let (_, body) = c.get("/api/v1/artifacts");
+        body["artifacts"][0]["sha256"].as_str().map(str::to_string)
+    });
+    b.wait(
+        "the artifact listed with its sha256",
+        SECS(10),
+        &format!("(document.querySelector(\"tr[data-sha='{sha}'] td.sha\") || {{}}).textContent === '{sha}'"),
+    );
+    let listed = b.text(&format!("tr[data-sha='{sha}']"));
+    assert!(
+        listed.contains("hello") && listed.contains("aarch64"),
+        "{listed}"
+    );
+    assert_eq!(
+        b.js(&format!(
+            "return !!document.querySelector(\"#sf-art-aarch64 option[value='{sha}']\")"
+        )),
+        json!(true),
+        "the artifact is offered in the new-service form"
+    );
+    b.js("document.querySelector('#art-h').scrollIntoView(); return true");
+    b.screenshot("artifacts");
+    b.click(&format!("tr[data-sha='{sha}'] button.danger"));
+    b.wait(
+        "the artifact deleted",
+        SECS(10),
+        "!document.querySelector('tr[data-sha]') && document.querySelector('#art-empty').textContent !== ''",
+    );
+    let (_, body) = c.get("/api/v1/artifacts");
+    assert_eq!(body["artifacts"], json!([]), "{body}");
+    b.js("window.scrollTo(0, 0); return true");
+
+    // A process service whose command prints a line every 0.3 s.
     b.click("#new-service");
     assert_eq!(b.js("return document.activeElement.id"), json!("sf-name"));
-    b.type_into("#sf-name", "ui-sleep");
-    b.type_into("#sf-command", "sleep");
-    // An argument over the protocol's 64 bytes: the API's refusal is shown in the page.
-    b.type_into("#sf-args", &"6".repeat(65));
+    b.type_into("#sf-name", "ui-tick");
+    b.type_into("#sf-command", "sh");
+    b.type_into(
+        "#sf-args",
+        "-c\nwhile true; do echo tick-$(date +%s); sleep 0.3; done",
+    );
+    // A health check path without the leading /: the API's refusal is shown in the page.
+    let health = |kind: &str| {
+        format!("const s = document.querySelector('#sf-hc'); s.value = '{kind}'; s.dispatchEvent(new Event('change', {{bubbles: true}})); return true")
+    };
+    b.js(&health("http"));
+    b.type_into("#sf-hport", "8080");
+    b.clear("#sf-hpath");
+    b.type_into("#sf-hpath", "healthz");
     b.click("#svc-form button[type=submit]");
     b.wait(
         "the API error shown in the form",
         SECS(10),
-        "document.querySelector('#sf-error').textContent.includes('args[0] is over 64 bytes')",
+        "document.querySelector('#sf-error').textContent.includes('health path must start with /')",
     );
     b.screenshot("service-form");
     std::thread::sleep(Duration::from_millis(300)); // let the failed load reach the log
     assert_eq!(b.forgive_failed_load("/api/v1/services ", 400), 1);
-    b.clear("#sf-args");
-    b.type_into("#sf-args", "600");
+    b.js(&health(""));
+    assert_eq!(
+        b.js("return document.querySelector('#sf-hport').closest('.field').hidden"),
+        json!(true)
+    );
     b.type_into("#sf-env", "GREETING=hello\nMODE=ui");
+    b.type_into("#sf-config", "threshold=5");
+    b.type_into("#sf-secrets", "API_KEY=hunter2-secret");
     b.click("#svc-form button[type=submit]");
     b.wait(
         "the new service's page with the fleet to choose from",
         SECS(10),
-        "location.hash === '#/services/ui-sleep' && document.querySelectorAll('input[name=deploy-worker]').length === 3",
+        "location.hash === '#/services/ui-tick' && document.querySelectorAll('input[name=deploy-worker]').length === 3",
     );
-    let (status, body) = c.get("/api/v1/services/ui-sleep");
+    let (status, body) = c.get("/api/v1/services/ui-tick");
     assert_eq!(status, 200, "{body}");
     let spec = &body["versions"][0]["spec"];
-    assert_eq!(spec["command"], "sleep");
-    assert_eq!(spec["args"], json!(["600"]));
+    assert_eq!(spec["command"], "sh");
+    assert_eq!(
+        spec["args"],
+        json!([
+            "-c",
+            "while true; do echo tick-$(date +%s); sleep 0.3; done"
+        ])
+    );
     assert_eq!(spec["env"], json!({"GREETING": "hello", "MODE": "ui"}));
+    assert_eq!(spec["config"], json!({"threshold": "5"}));
+    assert_eq!(spec["secrets"], json!(["API_KEY"]));
+    assert!(spec["limits"].is_null(), "no limits: {spec}");
     assert!(b.text("#s-rows-empty").contains("Not deployed"));
+    b.wait(
+        "the spec shown",
+        SECS(5),
+        "document.querySelector('#s-spec').textContent.includes('API_KEY')",
+    );
+    let shown = b.text("#s-spec");
+    for want in ["process", "threshold", "Health check\nnone", "Limits\nnone"] {
+        assert!(shown.contains(want), "{want:?} not in the spec: {shown}");
+    }
+    assert!(
+        !b.text("body").contains("hunter2"),
+        "a secret value is shown"
+    );
+    assert!(b.text("#s-ro").contains("no rollout yet"));
 
     // Deploy it to pi-alpha with the form; the page shows it running there.
     let row = format!("tr[data-worker='{}']", ids[0]);
@@ -732,7 +816,7 @@ fn dashboard_in_a_real_browser() {
     b.click("#deploy");
     let t0 = Instant::now();
     b.wait(
-        "ui-sleep running on pi-alpha",
+        "ui-tick running on pi-alpha",
         SECS(20),
         &state_is("running"),
     );
@@ -750,19 +834,19 @@ fn dashboard_in_a_real_browser() {
 
     // Stop it there, then start it again from the keyboard (Enter on the button).
     b.click(&format!("{row} button[data-op=stop]"));
-    b.wait("ui-sleep stopped", SECS(10), &state_is("stopped"));
-    assert!(b.text("#s-op").contains("Stop ui-sleep on pi-alpha: ok"));
+    b.wait("ui-tick stopped", SECS(10), &state_is("stopped"));
+    assert!(b.text("#s-op").contains("Stop ui-tick on pi-alpha: ok"));
     b.wait(
-        "out of sync while stopped against a running deployment",
+        "in sync: a stop by request is kept for that worker",
         SECS(5),
-        "document.querySelector('#s-badge').textContent === 'out of sync'",
+        &format!("document.querySelector('#s-badge').textContent === 'in sync' && document.querySelector('#s-count').textContent === '0/1 running, 1 stopped by request' && document.querySelector(\"{row} [data-col=desired]\").textContent === 'stopped v1'"),
     );
     b.type_into(&format!("{row} button[data-op=start]"), "\u{E007}");
-    b.wait("ui-sleep running again", SECS(10), &state_is("running"));
+    b.wait("ui-tick running again", SECS(10), &state_is("running"));
     b.wait(
         "in sync again",
         SECS(5),
-        "document.querySelector('#s-badge').textContent === 'in sync'",
+        "document.querySelector('#s-badge').textContent === 'in sync' && document.querySelector('#s-count').textContent === '1/1 running'",
     );
     assert_eq!(
         b.js("return document.activeElement.dataset.op || ''"),
@@ -772,21 +856,52 @@ fn dashboard_in_a_real_browser() {
     b.js("window.scrollTo(0, 0); return true");
     b.screenshot("service");
 
+    // Its log: the panel shows the output and keeps following it.
+    b.click(&format!("{row} button[data-log]"));
+    let t0 = Instant::now();
+    b.wait(
+        "log lines in the panel",
+        SECS(15),
+        "!document.querySelector('#log-panel').hidden && document.querySelector('#log-text').textContent.includes('tick-')",
+    );
+    println!("first log lines after {:?}", t0.elapsed());
+    let ticks = "document.querySelector('#log-text').textContent.split('\\n').filter(l => l.startsWith('tick-')).length";
+    let n0 = b.js(&format!("return {ticks}")).as_u64().unwrap();
+    std::thread::sleep(SECS(2));
+    b.wait(
+        "new log lines (follow)",
+        SECS(5),
+        &format!("{ticks} >= {n0} + 3"),
+    );
+    assert_eq!(b.text("#log-state"), "following");
+    assert_eq!(b.text("#log-error"), "");
+    b.screenshot("service-logs");
+    b.set_window(390, 844);
+    std::thread::sleep(Duration::from_millis(500));
+    let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "horizontal overflow of the log panel at phone width: {overflow}px"
+    );
+    b.js("document.querySelector('#log-panel').scrollIntoView(); return true");
+    b.screenshot("service-logs-phone");
+    b.set_window(1280, 900);
+    b.type_into("#log-close", "\u{E007}"); // Enter
+    assert_eq!(
+        b.js("return document.querySelector('#log-panel').hidden && document.activeElement.dataset.log"),
+        json!(ids[0]),
+        "closed, focus back on the Logs button"
+    );
+
     // The list: placement and desired vs actual.
     b.click("[data-nav=services]");
     b.wait(
         "the service card",
         SECS(10),
-        "(document.querySelector('[data-service=ui-sleep] [data-f=sync]') || {}).textContent === 'in sync'",
+        "(document.querySelector('[data-service=ui-tick] [data-f=sync]') || {}).textContent === 'in sync'",
     );
-    let card = b.text("[data-service=ui-sleep]");
-    for want in [
-        "v1",
-        "process",
-        "sleep 600",
-        "workers pi-alpha",
-        "1/1 running",
-    ] {
+    let card = b.text("[data-service=ui-tick]");
+    for want in ["v1", "process", "sh -c", "workers pi-alpha", "1/1 running"] {
         assert!(card.contains(want), "{want:?} not in the card: {card}");
     }
     b.screenshot("services");
@@ -796,20 +911,32 @@ fn dashboard_in_a_real_browser() {
     b.wait(
         "the worker's services",
         SECS(10),
-        "!!document.querySelector('#w-svc-rows [data-service=ui-sleep] .badge.running')",
+        "!!document.querySelector('#w-svc-rows [data-service=ui-tick] .badge.running')",
+    );
+    b.click("#w-svc-rows [data-service=ui-tick] button[data-log]");
+    b.wait(
+        "the log tail on the worker page",
+        SECS(15),
+        "document.querySelector('#log-text').textContent.includes('tick-')",
     );
     b.js("document.querySelector('#w-services').scrollIntoView(); return true");
     b.screenshot("worker-services");
+    let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "horizontal overflow of the worker page with its log: {overflow}px"
+    );
+    b.click("#log-close");
 
     // Phone width: the list and the service page without horizontal scrolling.
     b.set_window(390, 844);
     for (hash, ready, shot) in [
         (
             "#/services",
-            "(document.querySelector('[data-service=ui-sleep] [data-f=sync]') || {}).textContent === 'in sync'",
+            "(document.querySelector('[data-service=ui-tick] [data-f=sync]') || {}).textContent === 'in sync'",
             "services-phone",
         ),
-        ("#/services/ui-sleep", &*state_is("running"), "service-phone"),
+        ("#/services/ui-tick", &*state_is("running"), "service-phone"),
     ] {
         b.goto(&format!("{}/{hash}", c.url()));
         b.wait(
@@ -827,6 +954,42 @@ fn dashboard_in_a_real_browser() {
     }
     b.set_window(1280, 900);
 
+    // Roll out version 2 (stored through the API) from the page: one canary,
+    // 1 s settle; the rollout and its history are shown.
+    let (status, body) = c.post(
+        "/api/v1/services",
+        &json!({"name": "ui-tick", "command": "sh",
+                "args": ["-c", "while true; do echo tick-$(date +%s); sleep 0.3; done"],
+                "env": {"GREETING": "hello", "MODE": "v2"}, "secrets": {"API_KEY": "hunter2-secret"}}),
+    );
+    assert_eq!(status, 201, "{body}");
+    b.wait(
+        "v2 offered for a rollout",
+        SECS(10),
+        "document.querySelector('#ro-version').value === '2'",
+    );
+    b.clear("#ro-settle");
+    b.type_into("#ro-settle", "1");
+    b.click("#ro-start");
+    let t0 = Instant::now();
+    b.wait(
+        "the rollout succeeded",
+        SECS(40),
+        "document.querySelector('#s-ro').textContent.includes('succeeded') && document.querySelectorAll('#ro-rows tr').length === 1",
+    );
+    println!("rollout v1 → v2 succeeded after {:?}", t0.elapsed());
+    assert!(b.text("#s-ro").contains("v1 → v2"), "{}", b.text("#s-ro"));
+    b.wait(
+        "v2 running on pi-alpha",
+        SECS(10),
+        &format!(
+            "{} && document.querySelector(\"{row} [data-col=version]\").textContent === 'v2'",
+            state_is("running")
+        ),
+    );
+    b.js("document.querySelector('#ro-h').scrollIntoView(); return true");
+    b.screenshot("service-rollout");
+
     // Undeploy through the UI: gone from the worker per the JSON API.
     b.click("#undeploy");
     b.click("#undeploy-confirm");
@@ -837,7 +1000,7 @@ fn dashboard_in_a_real_browser() {
             "!document.querySelector(\"{row}\") && document.querySelector('#s-rows-empty').textContent.includes('Not deployed')"
         ),
     );
-    wait_for("ui-sleep gone from pi-alpha", SECS(20), || {
+    wait_for("ui-tick gone from pi-alpha", SECS(20), || {
         let (status, body) = c.get(&format!("/api/v1/workers/{}/services", ids[0]));
         assert_eq!(status, 200, "{body}");
         let names: Vec<&str> = body["services"]
@@ -845,9 +1008,9 @@ fn dashboard_in_a_real_browser() {
             .iter()
             .filter_map(|s| s["name"].as_str())
             .collect();
-        (!names.contains(&"ui-sleep")).then_some(())
+        (!names.contains(&"ui-tick")).then_some(())
     });
-    let (_, body) = c.get("/api/v1/services/ui-sleep");
+    let (_, body) = c.get("/api/v1/services/ui-tick");
     assert!(body["deployment"].is_null(), "{body}");
 
     // "New version…" opens the form filled in with the current spec.
@@ -855,12 +1018,19 @@ fn dashboard_in_a_real_browser() {
     b.wait(
         "the form prefilled for a new version",
         SECS(10),
-        "!document.querySelector('#svc-form').hidden && document.querySelector('#sf-name').value === 'ui-sleep'",
+        "!document.querySelector('#svc-form').hidden && document.querySelector('#sf-name').value === 'ui-tick'",
     );
     assert_eq!(
-        b.js("return ['sf-command', 'sf-args', 'sf-env'].map(id => document.getElementById(id).value)"),
-        json!(["sleep", "600", "GREETING=hello\nMODE=ui"])
+        b.js("return ['sf-command', 'sf-args', 'sf-env', 'sf-config', 'sf-secrets'].map(id => document.getElementById(id).value)"),
+        json!([
+            "sh",
+            "-c\nwhile true; do echo tick-$(date +%s); sleep 0.3; done",
+            "GREETING=hello\nMODE=v2",
+            "",
+            ""
+        ])
     );
+    assert!(b.text("#sf-secrets-hint").contains("API_KEY"));
 
     let errors = b.console_errors();
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -130,4 +130,113 @@ fn aarch64_worker_under_qemu_enrols_reports_and_survives_kill9() {
         "worker log:\n{}",
         w.proc.tail(30)
     );
+}
+
+/// The emulated Pi hosts a process service from an aarch64 artifact: the
+/// same assertions as the native hosting test (runs the cached artifact,
+/// answers, restarted after kill -9, removed on undeploy).
+#[test]
+fn aarch64_worker_under_qemu_hosts_an_aarch64_artifact() {
+    let qemu = qemu_aarch64();
+    ensure_binfmt_aarch64().unwrap_or_else(|e| {
+        panic!("the emulated worker must exec aarch64 services through binfmt_misc: {e}")
+    });
+    let pi_bin = pi_worker_bin();
+    let service = pi_test_service_bin();
+    assert_eq!(elf_machine(service), Some(EM_AARCH64));
+    let program = [qemu.to_str().unwrap(), pi_bin.to_str().unwrap()];
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+    let mut opts = WorkerOpts::named("pi-host");
+    opts.interval_ms = 1000;
+    let mut w = Worker::start_with_program(
+        &program,
+        &dir.path().join("w"),
+        &c.url(),
+        Some(&token),
+        opts,
+    );
+    let id = w.wait_id();
+    wait_for("emulated worker online", SECS(45), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+
+    // Upload the aarch64 build (and a decoy for x86_64: the worker must pick by arch).
+    let upload = |path: &std::path::Path, arch: &str| -> String {
+        let bytes = std::fs::read(path).unwrap();
+        let mut resp = http()
+            .post(format!(
+                "{}/api/v1/artifacts?arch={arch}&name=test-service",
+                c.url()
+            ))
+            .header("Authorization", format!("Bearer {}", c.admin))
+            .header("Content-Type", "application/octet-stream")
+            .send(&bytes[..])
+            .unwrap();
+        let text = resp.body_mut().read_to_string().unwrap();
+        assert!(resp.status().is_success(), "upload: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        v["sha256"].as_str().unwrap().to_string()
+    };
+    let sha_arm = upload(service, "aarch64");
+    let sha_x86 = upload(&bin("test-service"), "x86_64");
+    let port = free_port();
+    let (status, body) = c.post(
+        "/api/v1/services",
+        &json!({"name": "pi-svc", "artifacts": {"aarch64": sha_arm, "x86_64": sha_x86},
+                "args": ["--port", port.to_string(), "--tag", "on-pi"],
+                "restart": "always", "backoff_ms": 500}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = c.put(
+        "/api/v1/services/pi-svc/deployment",
+        &json!({"workers": [id]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let actual = |c: &Conductor| -> Option<Value> {
+        let (_, body) = c.get("/api/v1/services/pi-svc");
+        body["workers"]
+            .as_array()?
+            .iter()
+            .find(|x| x["worker_id"] == id.as_str())
+            .map(|x| x["actual"].clone())
+            .filter(|a| !a.is_null())
+    };
+    let running = wait_for("pi-svc running on the emulated Pi", SECS(90), || {
+        actual(&c).filter(|a| a["state"] == "running")
+    });
+    let pid = running["pid"].as_u64().unwrap();
+    // The process is the cached aarch64 artifact (run by the kernel through qemu).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&sha_arm),
+        "runs the aarch64 artifact: {}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    let info = wait_for("pi-svc answers", SECS(30), || {
+        let mut r = http()
+            .get(format!("http://127.0.0.1:{port}/info"))
+            .call()
+            .ok()?;
+        (r.status() == 200).then(|| r.body_mut().read_to_string().unwrap_or_default())
+    });
+    assert!(info.contains("tag=on-pi"), "{info}");
+
+    // kill -9 → restarted.
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    wait_for("pi-svc restarted", SECS(60), || {
+        actual(&c).filter(|a| a["state"] == "running" && a["pid"].as_u64() != Some(pid))
+    });
+
+    // Undeploy → gone.
+    let (status, body) = c.delete("/api/v1/services/pi-svc/deployment");
+    assert!(status == 200 || status == 204, "{status} {body}");
+    wait_for("pi-svc removed", SECS(60), || {
+        actual(&c).is_none().then_some(())
+    });
+    assert!(!w.proc.output().contains("panicked"), "{}", w.proc.tail(30));
 }
