@@ -1,7 +1,6 @@
 //! `edge-worker`: parse the command line, set up logging and a
 //! single-threaded runtime, run the agent until SIGINT/SIGTERM.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -55,7 +54,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(cli::log_level(env))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        // No colours: the ANSI support costs the agent ~KiBs and its logs
+        // mostly go to journald.
+        .with_ansi(false)
         .with_target(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
