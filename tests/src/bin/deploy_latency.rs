@@ -10,7 +10,9 @@
 //! shared machine: the Ping command round trip through the same API, broker
 //! and worker (the floor for anything the conductor asks of a worker), and
 //! the bare fork/exec of the same binary until its first output line.
-//! Each round undeploys and waits until the process is gone before the next.
+//! Each round undeploys and waits until the worker reports the service
+//! removed before the next; a round ends when the worker reports `running`
+//! with a pid no earlier round had (so a stale report cannot count).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a benchmark report
 
@@ -33,13 +35,20 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn actual_state(c: &Conductor, worker: &str) -> Option<String> {
-    let (_, body) = c.get("/api/v1/services/bench");
-    body["workers"]
+/// What the worker last reported for `bench`: (state, pid). `None` once it
+/// reported the service removed (this view keeps undeployed services until
+/// the worker confirms, unlike the per-service view).
+fn actual(c: &Conductor, worker: &str) -> Option<(String, u64)> {
+    let (_, body) = c.get(&format!("/api/v1/workers/{worker}/services"));
+    let a = body["services"]
         .as_array()?
         .iter()
-        .find(|w| w["worker_id"] == worker)
-        .and_then(|w| w["actual"]["state"].as_str().map(str::to_string))
+        .find(|s| s["name"] == "bench")?["actual"]
+        .clone();
+    Some((
+        a["state"].as_str()?.to_string(),
+        a["pid"].as_u64().unwrap_or(0),
+    ))
 }
 
 fn main() {
@@ -96,6 +105,7 @@ fn main() {
     );
     assert_eq!(status, 201, "{body}");
     let mut deploy = Vec::new();
+    let mut pids = std::collections::BTreeSet::new();
     for round in 0..ROUNDS {
         let t = Instant::now();
         let (status, body) = c.put(
@@ -104,8 +114,11 @@ fn main() {
         );
         assert_eq!(status, 200, "{body}");
         loop {
-            if actual_state(&c, &id).as_deref() == Some("running") {
-                break;
+            if let Some((state, pid)) = actual(&c, &id) {
+                if state == "running" && pid != 0 && !pids.contains(&pid) {
+                    pids.insert(pid);
+                    break;
+                }
             }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
@@ -117,7 +130,7 @@ fn main() {
         let (status, body) = c.delete("/api/v1/services/bench/deployment");
         assert!(status == 200 || status == 204, "{status} {body}");
         wait_for("bench removed", Duration::from_secs(30), || {
-            actual_state(&c, &id).is_none().then_some(())
+            actual(&c, &id).is_none().then_some(())
         });
     }
 
