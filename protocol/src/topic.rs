@@ -25,6 +25,9 @@ pub const ROOT: &str = "aerekos/v1";
 /// order on brokers that order per subscription.
 pub const CONDUCTOR_FILTER: &str = "aerekos/v1/+/+";
 
+/// Every worker's JSON mirror topics (`json/birth`, `json/metrics`).
+pub const MIRROR_FILTER: &str = "aerekos/v1/+/json/+";
+
 /// Payload of the retained `status` topic while the worker is connected.
 pub const STATUS_ONLINE: &str = "online";
 /// Payload of the `status` last-will (and of a clean shutdown).
