@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e::{free_port, http, wait_for};
+use e2e::{free_port, http, static_test_service_bin, wait_for};
 use serde_json::{json, Value};
 
 const ADMIN_PASSWORD: &str = "compose-admin-password-Jw3";
@@ -166,6 +166,46 @@ fn static_bins(triple: &str) -> PathBuf {
     assert_eq!(c.parent(), w.parent());
     eprintln!("static binaries ready in {:?}", started.elapsed());
     c.parent().unwrap().to_path_buf()
+}
+
+/// The test service in an image FROM scratch, removed (with any container
+/// still using it) on drop.
+struct ServiceImage {
+    tag: String,
+}
+
+impl ServiceImage {
+    fn build(suffix: &str) -> ServiceImage {
+        let tag = format!("aerekos-test-svc:{suffix}");
+        let ctx = tempfile::tempdir().unwrap();
+        fs::copy(static_test_service_bin(), ctx.path().join("test-service")).unwrap();
+        fs::write(
+            ctx.path().join("Dockerfile"),
+            "FROM scratch\nCOPY test-service /test-service\nENTRYPOINT [\"/test-service\"]\n",
+        )
+        .unwrap();
+        must(
+            docker().args(["build", "-q", "-t", &tag]).arg(ctx.path()),
+            SECS(120),
+        );
+        ServiceImage { tag }
+    }
+}
+
+impl Drop for ServiceImage {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("ancestor={}", self.tag)])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for id in ids.split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.tag])
+            .output();
+    }
 }
 
 /// Locally built images, removed on drop.
@@ -315,6 +355,8 @@ impl Api {
         let auth = format!("Bearer {}", self.token);
         let resp = match (method, body) {
             ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => http().delete(&url).header("Authorization", &auth).call(),
+            ("PUT", Some(b)) => http().put(&url).header("Authorization", &auth).send_json(b),
             (_, Some(b)) => http()
                 .post(&url)
                 .header("Authorization", &auth)
@@ -480,6 +522,12 @@ fn conductor_and_two_workers_from_compose_files() {
     assert_eq!(status, 200, "rotate: {body}");
     let token = body["token"].as_str().unwrap().to_string();
 
+    // The engine socket's group, so the unprivileged worker can host containers.
+    let docker_gid = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata("/var/run/docker.sock").map_or(0, |m| m.gid())
+    };
+
     // Two "Pis", each its own worker.yml project, on the host network.
     let machine = |n: u32| format!("compose-{suffix}-{n}");
     let worker_env = |n: u32| {
@@ -491,6 +539,7 @@ fn conductor_and_two_workers_from_compose_files() {
             ("AEREKOS_HOSTNAME", format!("pi-{n}")),
             ("AEREKOS_MACHINE_ID", machine(n)),
             ("AEREKOS_LABELS", format!("via=compose,n={n}")),
+            ("AEREKOS_DOCKER_GID", docker_gid.to_string()),
         ]
     };
     let mut w1 = Project::new(
@@ -595,6 +644,61 @@ fn conductor_and_two_workers_from_compose_files() {
             "{disks:?}"
         );
     }
+
+    // The containerised worker hosts a container service through the
+    // mounted engine socket: an image FROM scratch with the static test service.
+    let svc = ServiceImage::build(&suffix);
+    let (status, body) = api.call(
+        "POST",
+        "/api/v1/services",
+        Some(
+            &json!({"name": "ctr-on-pi", "kind": "container", "image": svc.tag,
+                     "args": ["--port", "0", "--tag", "compose"], "restart": "always"}),
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api.call(
+        "PUT",
+        "/api/v1/services/ctr-on-pi/deployment",
+        Some(&json!({"workers": [id1]})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let actual_state = |api: &Api| -> Option<String> {
+        let (_, v) = api.call("GET", &format!("/api/v1/workers/{id1}/services"), None);
+        v["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == "ctr-on-pi")?["actual"]["state"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let ours = || {
+        must(
+            docker().args([
+                "ps",
+                "-q",
+                "--filter",
+                "label=io.aerekos.service=ctr-on-pi",
+                "--filter",
+                &format!("label=io.aerekos.worker={id1}"),
+            ]),
+            SECS(30),
+        )
+    };
+    wait_for("container service running on pi-1", SECS(90), || {
+        (actual_state(&api).as_deref() == Some("running")).then_some(())
+    });
+    assert_eq!(ours().lines().count(), 1, "one labelled container runs");
+    let (status, body) = api.call("DELETE", "/api/v1/services/ctr-on-pi/deployment", None);
+    assert!(status == 200 || status == 204, "{status} {body}");
+    wait_for("container service removed", SECS(60), || {
+        ours().trim().is_empty().then_some(())
+    });
+    drop(svc);
+    eprintln!(
+        "container service deployed and removed at {:?}",
+        started.elapsed()
+    );
 
     // A stopped worker goes offline (clean shutdown: retained `offline`);
     // the other keeps reporting.
