@@ -114,16 +114,7 @@ pub fn valid_name(name: &str) -> bool {
 
 /// Lower-case name of a reported state.
 pub fn state_name(s: ServiceState) -> &'static str {
-    match s {
-        ServiceState::Starting => "starting",
-        ServiceState::Running => "running",
-        ServiceState::Backoff => "backoff",
-        ServiceState::Stopped => "stopped",
-        ServiceState::Failed => "failed",
-        ServiceState::Removed => "removed",
-        ServiceState::Healthy => "healthy",
-        ServiceState::Unhealthy => "unhealthy",
-    }
+    s.as_str()
 }
 
 /// States in which a service's process (or container) is meant to run.

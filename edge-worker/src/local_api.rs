@@ -170,16 +170,7 @@ pub fn channel(capacity: usize) -> (mpsc::Sender<LocalPublish>, mpsc::Receiver<L
 
 /// Lower-case name of a service state, as `GET /v1/health` reports it.
 pub fn state_str(state: ServiceState) -> &'static str {
-    match state {
-        ServiceState::Starting => "starting",
-        ServiceState::Running => "running",
-        ServiceState::Backoff => "backoff",
-        ServiceState::Stopped => "stopped",
-        ServiceState::Failed => "failed",
-        ServiceState::Removed => "removed",
-        ServiceState::Healthy => "healthy",
-        ServiceState::Unhealthy => "unhealthy",
-    }
+    state.as_str()
 }
 
 /// The token of service `name` under `secret` (64 lower-case hex chars).

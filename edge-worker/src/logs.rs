@@ -206,12 +206,7 @@ pub async fn stream_logs(
         .map_err(|e| LogError::Task(e.to_string()))?
         .map_err(io_err)?
         .ok_or_else(|| LogError::NotFound(name.clone()))?;
-    let mut out = ChunkSender {
-        tx,
-        cmd_id,
-        name: req.name.clone(),
-        index: 0,
-    };
+    let mut out = ChunkSender::new(tx, cmd_id, req.name.clone());
     let following = !follow.is_zero();
     if !out.send(&tail.data, !following).await || !following {
         return Ok(());
@@ -249,19 +244,32 @@ pub async fn stream_logs(
     }
 }
 
-/// Numbers and sends chunks.
-struct ChunkSender {
+/// Numbers and sends the [`LogChunk`]s answering one `Logs` command (shared
+/// by process and container logs).
+#[derive(Debug)]
+pub(crate) struct ChunkSender {
     tx: mpsc::Sender<Body>,
     cmd_id: u32,
     name: Name,
+    /// Next chunk's index: 0, 1, 2… so the conductor can spot a gap.
     index: u32,
 }
 
 impl ChunkSender {
+    /// A sender for command `cmd_id` about service `name`, starting at index 0.
+    pub(crate) fn new(tx: mpsc::Sender<Body>, cmd_id: u32, name: Name) -> ChunkSender {
+        ChunkSender {
+            tx,
+            cmd_id,
+            name,
+            index: 0,
+        }
+    }
+
     /// Sends `data` in chunks of ≤ [`LOG_CHUNK_LEN`]; with `last`, the final
     /// chunk (an empty one if `data` is empty) is marked last. `false` once
     /// the receiver is gone.
-    async fn send(&mut self, data: &[u8], last: bool) -> bool {
+    pub(crate) async fn send(&mut self, data: &[u8], last: bool) -> bool {
         if data.is_empty() {
             return !last || self.send_one(&[], true).await;
         }

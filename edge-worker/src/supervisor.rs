@@ -140,14 +140,10 @@ const NO_ENGINE: &str = "no container engine";
 const PID_FILE: &str = "pid";
 
 /// Is `name` usable as a service name (`[a-z0-9-]`, 1–32 chars, not
-/// starting with `-`)? It becomes a directory name.
+/// starting with `-`)? It becomes a directory name. Same rule as the
+/// conductor's: [`protocol::manifest::valid_service_name`].
 pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    protocol::manifest::valid_service_name(name)
 }
 
 /// The manifest equivalent of a legacy spec: a command, no health check,

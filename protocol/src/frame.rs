@@ -420,6 +420,22 @@ pub enum ServiceState {
     Unhealthy,
 }
 
+impl ServiceState {
+    /// Lower-case name, as the APIs and the dashboard show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Starting => "starting",
+            ServiceState::Running => "running",
+            ServiceState::Backoff => "backoff",
+            ServiceState::Stopped => "stopped",
+            ServiceState::Failed => "failed",
+            ServiceState::Removed => "removed",
+            ServiceState::Healthy => "healthy",
+            ServiceState::Unhealthy => "unhealthy",
+        }
+    }
+}
+
 /// The actual state of one service on a worker, sent on every change and
 /// after every (re)connect.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

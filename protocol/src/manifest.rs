@@ -358,10 +358,12 @@ impl Manifest {
     }
 }
 
-/// `[a-z0-9-]{1,32}`: service names are path segments and topic-safe.
+/// `[a-z0-9-]{1,32}`, not starting with `-`: service names are directory
+/// names, path segments and topic-safe, and never read as an option.
 pub fn valid_service_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 32
+        && !name.starts_with('-')
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')

@@ -25,13 +25,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::frame::{bounded, LogChunk, LogRequest, Name, LOG_CHUNK_LEN};
+use protocol::frame::{bounded, LogRequest, LOG_CHUNK_LEN};
 use protocol::{Body, Reply, ReplyStatus};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::container::Engine;
-use crate::logs::{MAX_FOLLOW, MAX_FOLLOWS, MAX_TAIL};
+use crate::logs::{ChunkSender, MAX_FOLLOW, MAX_FOLLOWS, MAX_TAIL};
 
 /// Most lines asked for the tail.
 pub const TAIL_LINES: usize = 2000;
@@ -138,12 +138,7 @@ async fn stream(
     if tx.send(reply(ReplyStatus::Ok, &detail)).await.is_err() {
         return;
     }
-    let mut out = Chunks {
-        tx,
-        cmd_id,
-        name: req.name.clone(),
-        index: 0,
-    };
+    let mut out = ChunkSender::new(tx, cmd_id, req.name.clone());
     let following = !follow.is_zero();
     if !out.send(cut_tail(&prev, want), !following).await || !following {
         return;
@@ -224,49 +219,6 @@ fn after<'a>(prev: &[u8], cur: &'a [u8]) -> (&'a [u8], bool) {
         }
     }
     (cur, true)
-}
-
-/// Numbers and sends chunks.
-struct Chunks {
-    tx: mpsc::Sender<Body>,
-    cmd_id: u32,
-    name: Name,
-    index: u32,
-}
-
-impl Chunks {
-    /// Sends `data` in chunks of ≤ [`LOG_CHUNK_LEN`]; with `last`, the final
-    /// chunk (empty if `data` is) is marked last. `false` once the session
-    /// is gone.
-    async fn send(&mut self, data: &[u8], last: bool) -> bool {
-        if data.is_empty() {
-            return !last || self.send_one(&[], true).await;
-        }
-        let n = data.len().div_ceil(LOG_CHUNK_LEN);
-        for (i, piece) in data.chunks(LOG_CHUNK_LEN).enumerate() {
-            if !self.send_one(piece, last && i + 1 == n).await {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn send_one(&mut self, piece: &[u8], last: bool) -> bool {
-        let mut data = heapless::Vec::new();
-        // `piece` is at most LOG_CHUNK_LEN bytes (chunks() above).
-        if data.extend_from_slice(piece).is_err() {
-            return false;
-        }
-        let chunk = LogChunk {
-            cmd_id: self.cmd_id,
-            name: self.name.clone(),
-            index: self.index,
-            data,
-            last,
-        };
-        self.index = self.index.wrapping_add(1);
-        self.tx.send(Body::LogChunk(chunk)).await.is_ok()
-    }
 }
 
 #[cfg(test)]
