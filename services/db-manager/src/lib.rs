@@ -1,0 +1,1 @@
+//! aerekos db-manager (work in progress).

@@ -1,0 +1,1 @@
+//! Placeholder: being extracted from key-manager (see services/key-manager/src/local.rs).

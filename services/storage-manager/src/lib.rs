@@ -1,0 +1,1 @@
+//! aerekos storage-manager (work in progress).
