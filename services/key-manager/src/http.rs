@@ -62,24 +62,11 @@ impl std::fmt::Debug for HttpServer {
 impl HttpServer {
     /// Binds `listen` and serves `kms` on `threads` threads.
     pub fn start(listen: &str, kms: Arc<Kms>, threads: usize) -> Result<HttpServer, HttpError> {
-        let bind = |reason: String| HttpError::Bind {
-            addr: listen.to_string(),
-            reason,
-        };
-        let listener = std::net::TcpListener::bind(listen).map_err(|e| bind(e.to_string()))?;
-        // tiny_http writes answers through a 1 KiB buffer and does not set
-        // TCP_NODELAY: the tail of any answer over 1 KiB then waits for the
-        // client's delayed ACK (~40 ms, 23 requests/s). Linux hands the
-        // listener's TCP_NODELAY down to accepted sockets.
-        if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-            eprintln!("key-manager: TCP_NODELAY not set ({e}): answers over 1 KiB will be slow");
-        }
-        let server =
-            tiny_http::Server::from_listener(listener, None).map_err(|e| bind(e.to_string()))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| bind("not an IP address".into()))?;
+        let (server, addr) =
+            service_runtime::bind_nodelay("key-manager", listen).map_err(|e| HttpError::Bind {
+                addr: e.addr,
+                reason: e.reason,
+            })?;
         let server = Arc::new(server);
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();

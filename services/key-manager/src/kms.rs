@@ -5,10 +5,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use crate::clients::Clients;
 use crate::crypto::{self, CryptoError};
-use crate::local::Audit;
 use crate::store::{Key, KeyVersion, Store, StoreError};
+use service_runtime::{Audit, Clients};
 
 /// Largest plaintext accepted by encrypt, bytes (413 beyond).
 pub const MAX_PLAINTEXT: usize = 32 * 1024;
@@ -75,7 +74,8 @@ impl KmError {
                 StoreError::Io { .. }
                 | StoreError::WrongMaster { .. }
                 | StoreError::Corrupt { .. }
-                | StoreError::Crypto(_) => 500,
+                | StoreError::Crypto(_)
+                | StoreError::Durable(_) => 500,
             },
             KmError::Crypto(e) => match e {
                 CryptoError::Malformed(_) | CryptoError::Auth => 400,

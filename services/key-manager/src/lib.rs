@@ -41,7 +41,6 @@
 //! * **Bounds**: bodies ≤ 64 KiB (413), plaintexts ≤ 32 KiB (413), aad ≤ 8
 //!   KiB, data keys 16..=64 bytes; malformed input is a 400, never a panic.
 
-pub mod clients;
 pub mod crypto;
 pub mod http;
 pub mod kms;
@@ -50,13 +49,11 @@ pub mod store;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-pub use clients::Clients;
 pub use crypto::{MasterKey, MasterSource, SecretKey};
 pub use http::HttpServer;
 pub use kms::{KmError, Kms};
-pub use local::{Audit, LocalClient, ReportIntervals};
+pub use service_runtime::{Audit, Clients, LocalClient, ReportIntervals};
 pub use store::Store;
 
 /// Default listen address.
@@ -72,7 +69,7 @@ pub enum StartError {
     Usage(String),
     /// The local API failed.
     #[error(transparent)]
-    Local(#[from] local::LocalError),
+    Local(#[from] service_runtime::LocalError),
     /// The master key could not be made.
     #[error(transparent)]
     Crypto(#[from] crypto::CryptoError),
@@ -152,25 +149,10 @@ impl Options {
     }
 }
 
-/// Reads the secrets, retrying briefly (the worker may still be starting).
-fn secrets_with_retry(
-    local: &LocalClient,
-) -> Result<std::collections::BTreeMap<String, String>, StartError> {
-    let mut last = None;
-    for attempt in 0..10u64 {
-        match local.secrets() {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
-    }
-    Err(last.map_or_else(|| StartError::Usage("no secrets".into()), StartError::Local))
-}
-
 /// Starts key-manager under an edge-worker and serves until killed.
 pub fn run(opts: Options) -> Result<(), StartError> {
     let local = LocalClient::from_env()?;
-    let secrets = secrets_with_retry(&local)?;
+    let secrets = local.secrets_with_retry()?;
     let config = local.config().unwrap_or_default();
     let master = match secrets.get("master_key") {
         Some(hex) => MasterKey::from_hex(hex)?,
@@ -193,17 +175,10 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     }
     let client_names: Vec<&str> = clients.names().collect();
     let client_line = client_names.join(", ");
-    let (audit, audit_rx) = Audit::channel();
+    let (audit, audit_rx) = Audit::channel("key-manager");
     let kms = Arc::new(Kms::new(store, clients, audit));
-    let intervals = ReportIntervals {
-        report: opts
-            .report_ms
-            .map_or(ReportIntervals::default().report, Duration::from_millis),
-        refresh: opts
-            .refresh_ms
-            .map_or(ReportIntervals::default().refresh, Duration::from_millis),
-    };
-    local::spawn_reporter(local, kms.clone(), audit_rx, intervals)?;
+    let intervals = ReportIntervals::from_ms(opts.report_ms, opts.refresh_ms);
+    service_runtime::audit::spawn_reporter("key-manager", local, kms.clone(), audit_rx, intervals)?;
     let listen = opts
         .listen
         .or_else(|| std::env::var(ENV_LISTEN).ok())

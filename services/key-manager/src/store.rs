@@ -16,9 +16,8 @@
 //! `fsync` never stalls them.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -94,6 +93,9 @@ pub enum StoreError {
     /// Random generation or sealing failed.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// A durable write failed.
+    #[error(transparent)]
+    Durable(#[from] service_runtime::DurableError),
 }
 
 fn io_err<'p>(
@@ -220,14 +222,7 @@ fn unhex32(s: &str) -> Option<[u8; KEY_LEN]> {
     Some(out)
 }
 
-/// `[a-z0-9_-]{1,32}`, the client-name rule shared with [`crate::clients`].
-pub fn valid_client_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
-}
+pub use service_runtime::clients::valid_client_name;
 
 /// The durable store. See the module docs.
 #[derive(Debug)]
@@ -297,7 +292,7 @@ impl Store {
         }
         if !check_exists {
             let sealed = store.master.seal(CHECK_LABEL, CHECK_TEXT)?;
-            write_atomic(data_dir, CHECK_FILE, &sealed)?;
+            service_runtime::write_atomic(data_dir, CHECK_FILE, &sealed)?;
         }
         *store.keys.write().unwrap_or_else(PoisonError::into_inner) = loaded;
         Ok(store)
@@ -382,7 +377,8 @@ impl Store {
         plain.fill(0);
         std::hint::black_box(&plain);
         drop(file);
-        write_atomic(&self.keys_dir, &format!("{}.key", key.name), &sealed?)
+        service_runtime::write_atomic(&self.keys_dir, &format!("{}.key", key.name), &sealed?)?;
+        Ok(())
     }
 
     /// Where the master key came from.
@@ -516,27 +512,6 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, StoreError> {
         });
     }
     fs::read(path).map_err(io_err("reading", path))
-}
-
-/// Writes `dir/name` so that after a crash it holds either the old or the
-/// new contents: temp file, fsync, rename, fsync of the directory.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let dest = dir.join(name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err("creating", &tmp))?;
-    f.write_all(bytes).map_err(io_err("writing", &tmp))?;
-    f.sync_all().map_err(io_err("syncing", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, &dest).map_err(io_err("renaming into", &dest))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing", dir))
 }
 
 #[cfg(test)]

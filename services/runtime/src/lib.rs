@@ -1,1 +1,30 @@
-//! Placeholder: being extracted from key-manager (see services/key-manager/src/local.rs).
+//! # aerekos service runtime
+//!
+//! What a service hosted on an aerekos worker (key-manager,
+//! storage-manager, db-manager) needs from the worker that hosts it, in
+//! one place so the services do not drift apart:
+//!
+//! * [`local`]: the worker's local API client (`AEREKOS_API`,
+//!   `AEREKOS_TOKEN`): secrets, config, events, metrics;
+//! * [`audit`]: audit events that never block a request, and the reporter
+//!   thread (events, metrics, denied-request summaries, client key refresh);
+//! * [`clients`]: client API keys issued through the conductor as service
+//!   secrets, compared in constant time;
+//! * [`durable`]: crash-safe file replacement (temp, fsync, rename, fsync
+//!   dir);
+//! * [`listen`]: a tiny_http server bound with `TCP_NODELAY`.
+//!
+//! Limits: local API calls time out after 3 s; the audit queue holds 256
+//! events; client tokens are 16..=256 characters.
+
+pub mod audit;
+pub mod clients;
+pub mod durable;
+pub mod listen;
+pub mod local;
+
+pub use audit::{Audit, ReportIntervals, Reported};
+pub use clients::Clients;
+pub use durable::{write_atomic, DurableError};
+pub use listen::bind_nodelay;
+pub use local::{LocalClient, LocalError};

@@ -70,7 +70,7 @@ fn main() {
     let kms = Arc::new(Kms::new(
         store,
         Clients::from_pairs([("bench", TOKEN)]),
-        Audit::stderr_only(),
+        Audit::stderr_only("key-manager"),
     ));
     if let Err(e) = kms.create("bench", "bench", None) {
         return eprintln!("km_bench: {e}");

@@ -1,8 +1,8 @@
 //! Client API keys, issued through the conductor.
 //!
-//! An admin puts the keys in the key-manager service spec's `secrets` on
+//! An admin puts the keys in the service spec's `secrets` on
 //! the conductor; the worker hands them to the service over its local API
-//! (`GET /v1/secrets`), which key-manager reads at start and again every
+//! (`GET /v1/secrets`), which the service reads at start and again every
 //! refresh interval (30 s by default), so a new or revoked key applies
 //! without a restart. Two spellings, both may be used:
 //!
@@ -17,7 +17,14 @@
 
 use std::collections::BTreeMap;
 
-use crate::store::valid_client_name;
+/// Is `name` a valid client name (`[a-z0-9_-]{1,32}`)?
+pub fn valid_client_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+}
 
 /// Shortest accepted client token.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -126,7 +133,7 @@ impl Clients {
 }
 
 /// Constant-time equality (the lengths are not secret).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
