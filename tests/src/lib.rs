@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod services;
+
 /// Admin password every test conductor is started with.
 pub const ADMIN_PASSWORD: &str = "e2e-admin-password-Xq7";
 

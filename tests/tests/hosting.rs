@@ -9,60 +9,20 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use e2e::services::*;
 use e2e::*;
 use serde_json::{json, Value};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Runs the CLI against `c`; returns (success, stdout, stderr).
-fn cli(c: &Conductor, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("aerekos"))
-        .args(args)
-        .env("AEREKOS_URL", c.url())
-        .env("AEREKOS_TOKEN", &c.admin)
-        .output()
-        .expect("run aerekos");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
-/// Runs the CLI with `--json` and parses the output; panics on failure.
-#[track_caller]
-fn cli_json(c: &Conductor, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (ok, out, err) = cli(c, &all);
-    assert!(ok, "aerekos {args:?} failed: {err}\n{out}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("aerekos {args:?}: {e}: {out}"))
-}
 
 fn arch() -> &'static str {
     std::env::consts::ARCH
 }
 
-/// Uploads `file` as an artifact for this machine's arch; its sha256.
-fn upload(c: &Conductor, file: &Path) -> String {
-    let v = cli_json(
-        c,
-        &[
-            "artifact",
-            "upload",
-            file.to_str().unwrap(),
-            "--arch",
-            arch(),
-        ],
-    );
-    v["sha256"]
-        .as_str()
-        .expect("sha256 in upload reply")
-        .to_string()
-}
 
 /// Stores a spec through `aerekos service create <file>`.
 fn create(c: &Conductor, dir: &Path, spec: &Value) -> Value {
@@ -79,22 +39,7 @@ fn rand_suffix() -> u32 {
         .subsec_nanos()
 }
 
-/// Per-worker actual state of `service` (from `aerekos --json service show`).
-fn actual(c: &Conductor, service: &str, worker: &str) -> Option<Value> {
-    let v = cli_json(c, &["service", "show", service]);
-    v["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["worker_id"] == worker)
-        .map(|w| w["actual"].clone())
-        .filter(|a| !a.is_null())
-}
 
-fn state(c: &Conductor, service: &str, worker: &str) -> String {
-    actual(c, service, worker)
-        .and_then(|a| a["state"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
 
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut resp = http()
@@ -131,7 +76,7 @@ fn artifact_service_is_healthy_reads_its_config_streams_logs_and_is_restarted_wh
     let dir = tempfile::tempdir().unwrap();
     let (c, workers, ids) = start_fleet(dir.path(), 1, &["site=shop"]);
     let id = &ids[0];
-    let sha = upload(&c, &bin("test-service"));
+    let sha = upload_artifact(&c, &bin("test-service"));
     let listed = cli_json(&c, &["artifact", "list"]);
     assert!(listed.to_string().contains(&sha), "{listed}");
 
@@ -153,7 +98,7 @@ fn artifact_service_is_healthy_reads_its_config_streams_logs_and_is_restarted_wh
     let (ok, out, err) = cli(&c, &["deploy", "probe", "--label", "site=shop"]);
     assert!(ok, "{err}{out}");
     wait_for("probe healthy", SECS(30), || {
-        (state(&c, "probe", id) == "healthy").then_some(())
+        (state_of(&c, "probe", id) == "healthy").then_some(())
     });
 
     // It runs the downloaded artifact, and read its own config and secret
@@ -218,7 +163,7 @@ fn artifact_service_is_healthy_reads_its_config_streams_logs_and_is_restarted_wh
     });
     fs::remove_file(&sick_flag).unwrap();
     wait_for("probe healthy again", SECS(30), || {
-        (state(&c, "probe", id) == "healthy").then_some(())
+        (state_of(&c, "probe", id) == "healthy").then_some(())
     });
 
     // Undeploy through the CLI: gone from the worker.
@@ -237,7 +182,7 @@ fn tampered_artifact_is_refused_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _workers, ids) = start_fleet(dir.path(), 1, &[]);
     let id = &ids[0];
-    let sha = upload(&c, &bin("test-service"));
+    let sha = upload_artifact(&c, &bin("test-service"));
     // Someone swaps the bytes on the conductor's disk after the upload.
     let stored = c.data_dir.join("artifacts").join(&sha);
     assert!(stored.is_file(), "artifact stored at {}", stored.display());
@@ -281,7 +226,7 @@ fn tampered_artifact_is_refused_and_reported() {
 fn a_rollout_whose_new_version_fails_its_health_check_reverts() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _workers, ids) = start_fleet(dir.path(), 3, &["tier=edge"]);
-    let sha = upload(&c, &bin("test-service"));
+    let sha = upload_artifact(&c, &bin("test-service"));
     let base = |tag: &str, health_cmd: &str| {
         json!({
             "name": "roll",

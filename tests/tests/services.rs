@@ -7,8 +7,9 @@
 use std::fs;
 use std::time::Duration;
 
+use e2e::services::*;
 use e2e::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -60,29 +61,8 @@ fn marker() -> String {
     format!("3600.{}{}", std::process::id(), nanos % 100_000)
 }
 
-/// The actual state of `service` on `worker` per the conductor.
-fn actual(c: &Conductor, service: &str, worker: &str) -> Option<Value> {
-    let (status, body) = c.get(&format!("/api/v1/services/{service}"));
-    assert_eq!(status, 200, "{body}");
-    body["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["worker_id"] == worker)
-        .map(|w| w["actual"].clone())
-        .filter(|a| !a.is_null())
-}
 
-fn state_of(c: &Conductor, service: &str, worker: &str) -> String {
-    actual(c, service, worker)
-        .and_then(|a| a["state"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
 
-fn pid_of(c: &Conductor, service: &str, worker: &str) -> u32 {
-    actual(c, service, worker)
-        .and_then(|a| a["pid"].as_u64())
-        .unwrap_or(0) as u32
-}
 
 #[test]
 fn deploy_by_label_supervise_survive_outage_and_undeploy_without_orphans() {
