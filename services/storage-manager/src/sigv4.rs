@@ -384,8 +384,8 @@ pub enum PayloadMode {
 }
 
 /// What verification established: who signed, and what the body reader
-/// needs to check the payload.
-#[derive(Debug, Clone)]
+/// needs to check the payload. `Debug` omits the signing key.
+#[derive(Clone)]
 pub struct Verified {
     /// The access key id.
     pub access_key: String,
@@ -399,6 +399,16 @@ pub struct Verified {
     pub amz_date: String,
     /// The credential scope.
     pub scope: String,
+}
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified")
+            .field("access_key", &self.access_key)
+            .field("payload", &self.payload)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A request as the verifier sees it.

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""storage-manager driven by boto3, a real S3 client.
+
+Usage: boto3_client.py ENDPOINT ACCESS_KEY SECRET_KEY
+
+Exits 0 when every check passed; 3 when boto3 cannot be imported (the Rust
+test decides whether that is a skip or a failure); 1 with a message on the
+first failed check.
+"""
+import hashlib
+import io
+import os
+import sys
+import tempfile
+
+try:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+    from boto3.s3.transfer import TransferConfig
+except ImportError as e:  # pragma: no cover
+    print(f"boto3 is not importable: {e}", file=sys.stderr)
+    sys.exit(3)
+
+endpoint, access_key, secret_key = sys.argv[1:4]
+
+
+def client(secret=secret_key):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=120,
+        ),
+    )
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+    print(f"ok: {what}")
+
+
+def error_code(fn):
+    try:
+        fn()
+    except ClientError as e:
+        return e.response["Error"]["Code"]
+    return None
+
+
+s3 = client()
+print(f"boto3 {boto3.__version__}")
+bucket = "boto-bucket"
+s3.create_bucket(Bucket=bucket)
+check(bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]], "bucket listed")
+check(error_code(lambda: s3.create_bucket(Bucket=bucket)) == "BucketAlreadyOwnedByYou", "create twice -> BucketAlreadyOwnedByYou")
+check(error_code(lambda: s3.create_bucket(Bucket="Bad_Bucket")) == "InvalidBucketName", "bad name -> InvalidBucketName")
+
+small = b"hello from boto3"
+r = s3.put_object(Bucket=bucket, Key="small.txt", Body=small, ContentType="text/plain", Metadata={"colour": "blue"})
+check(r["ETag"] == '"%s"' % hashlib.md5(small).hexdigest(), "small PUT ETag is the MD5")
+got = s3.get_object(Bucket=bucket, Key="small.txt")
+check(got["Body"].read() == small, "small GET")
+check(got["ContentType"] == "text/plain", "content type kept")
+check(got["Metadata"].get("colour") == "blue", "user metadata kept")
+
+big = os.urandom(5 * 1024 * 1024 + 12345)
+r = s3.put_object(Bucket=bucket, Key="dir/big.bin", Body=big)
+check(r["ETag"] == '"%s"' % hashlib.md5(big).hexdigest(), "multi-MB PUT ETag is the MD5")
+check(s3.get_object(Bucket=bucket, Key="dir/big.bin")["Body"].read() == big, "multi-MB GET")
+rng = s3.get_object(Bucket=bucket, Key="dir/big.bin", Range="bytes=70000-200000")
+check(rng["Body"].read() == big[70000:200001], "Range GET across chunks")
+check(rng["ContentRange"] == "bytes 70000-200000/%d" % len(big), "Content-Range")
+tail = s3.get_object(Bucket=bucket, Key="dir/big.bin", Range="bytes=-100")["Body"].read()
+check(tail == big[-100:], "suffix Range GET")
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="dir/big.bin", Range="bytes=%d-" % len(big))) == "InvalidRange", "Range past the end -> InvalidRange")
+head = s3.head_object(Bucket=bucket, Key="dir/big.bin")
+check(head["ContentLength"] == len(big), "HEAD length")
+check(head["ETag"] == '"%s"' % hashlib.md5(big).hexdigest(), "HEAD ETag")
+check(error_code(lambda: s3.head_object(Bucket=bucket, Key="missing")) == "404", "HEAD missing -> 404")
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="missing")) == "NoSuchKey", "GET missing -> NoSuchKey")
+check(error_code(lambda: s3.get_object(Bucket="no-such-bucket", Key="x")) == "NoSuchBucket", "GET in a missing bucket -> NoSuchBucket")
+
+# Multipart through the transfer manager: 13 MiB in 5 MiB parts.
+data = os.urandom(13 * 1024 * 1024 + 777)
+with tempfile.NamedTemporaryFile(delete=False) as f:
+    f.write(data)
+    path = f.name
+cfg = TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024, max_concurrency=2)
+s3.upload_file(path, bucket, "dir/multi.bin", Config=cfg)
+parts = [data[i:i + 5 * 1024 * 1024] for i in range(0, len(data), 5 * 1024 * 1024)]
+want = hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + "-%d" % len(parts)
+head = s3.head_object(Bucket=bucket, Key="dir/multi.bin")
+check(head["ETag"] == '"%s"' % want, "multipart ETag is md5(part md5s)-n (%s)" % want)
+out = io.BytesIO()
+s3.download_fileobj(bucket, "dir/multi.bin", out, Config=cfg)
+check(out.getvalue() == data, "multipart object downloads intact (ranged, concurrent)")
+os.unlink(path)
+
+# Low-level multipart errors.
+up = s3.create_multipart_upload(Bucket=bucket, Key="aborted")
+p1 = s3.upload_part(Bucket=bucket, Key="aborted", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)
+check(error_code(lambda: s3.complete_multipart_upload(Bucket=bucket, Key="aborted", UploadId=up["UploadId"],
+      MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"00000000000000000000000000000000"'}]})) == "InvalidPart", "wrong part ETag -> InvalidPart")
+s3.abort_multipart_upload(Bucket=bucket, Key="aborted", UploadId=up["UploadId"])
+check(error_code(lambda: s3.upload_part(Bucket=bucket, Key="aborted", UploadId=up["UploadId"], PartNumber=2, Body=b"y")) == "NoSuchUpload", "part after abort -> NoSuchUpload")
+
+# Listing: prefix, delimiter, pagination.
+for i in range(7):
+    s3.put_object(Bucket=bucket, Key="list/%02d" % i, Body=b"%d" % i)
+s3.put_object(Bucket=bucket, Key="list/sub/a", Body=b"a")
+s3.put_object(Bucket=bucket, Key="list/sub/b", Body=b"b")
+r = s3.list_objects_v2(Bucket=bucket, Prefix="list/", Delimiter="/")
+check([o["Key"] for o in r["Contents"]] == ["list/%02d" % i for i in range(7)], "v2 prefix+delimiter keys")
+check([p["Prefix"] for p in r.get("CommonPrefixes", [])] == ["list/sub/"], "v2 common prefixes")
+keys = []
+pages = 0
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="list/", PaginationConfig={"PageSize": 3}):
+    pages += 1
+    keys += [o["Key"] for o in page.get("Contents", [])]
+check(pages == 3 and len(keys) == 9, "v2 pagination: 9 keys in 3 pages (got %d in %d)" % (len(keys), pages))
+check(keys == sorted(keys), "v2 pagination keeps order")
+keys = []
+for page in s3.get_paginator("list_objects").paginate(Bucket=bucket, Prefix="list/", PaginationConfig={"PageSize": 4}):
+    keys += [o["Key"] for o in page.get("Contents", [])]
+check(len(keys) == 9, "v1 pagination")
+r = s3.list_objects_v2(Bucket=bucket)
+etags = {o["Key"]: o["ETag"] for o in r["Contents"]}
+check(etags["small.txt"] == '"%s"' % hashlib.md5(small).hexdigest(), "listing ETag")
+weird = "odd key/ü & <x> %20+?=.txt"
+s3.put_object(Bucket=bucket, Key=weird, Body=b"w")
+check(s3.get_object(Bucket=bucket, Key=weird)["Body"].read() == b"w", "key with spaces, unicode and reserved characters")
+check(weird in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="odd")["Contents"]], "listing decodes url-encoded keys")
+
+# Presigned GET with plain urllib.
+import urllib.request
+url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "small.txt"}, ExpiresIn=300)
+check(urllib.request.urlopen(url).read() == small, "presigned GET")
+
+# Wrong secret.
+bad = client(secret="not-the-right-secret")
+check(error_code(lambda: bad.list_objects_v2(Bucket=bucket)) == "SignatureDoesNotMatch", "wrong secret -> SignatureDoesNotMatch")
+check(error_code(lambda: bad.put_object(Bucket=bucket, Key="evil", Body=b"x" * 2000)) == "SignatureDoesNotMatch", "wrong secret PUT -> SignatureDoesNotMatch")
+check(error_code(lambda: s3.head_object(Bucket=bucket, Key="evil")) == "404", "refused PUT stored nothing")
+
+# Deletes.
+check(error_code(lambda: s3.delete_bucket(Bucket=bucket)) == "BucketNotEmpty", "delete non-empty bucket -> BucketNotEmpty")
+s3.delete_object(Bucket=bucket, Key="small.txt")
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="small.txt")) == "NoSuchKey", "deleted object is gone")
+r = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": o["Key"]} for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]})
+check(len(r.get("Deleted", [])) >= 10, "DeleteObjects")
+check(s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0, "bucket empty")
+s3.delete_bucket(Bucket=bucket)
+check(error_code(lambda: s3.head_bucket(Bucket=bucket)) == "404", "bucket deleted")
+print("ALL BOTO3 CHECKS PASSED")
