@@ -1,0 +1,937 @@
+//! db-manager end to end: a real worker local API (edge-worker's
+//! `LocalApi`), the real `db-manager` binary as a child process, ureq
+//! clients over loopback HTTP, and for backups the real `storage-manager`
+//! binary (encryption off) reached through its own S3 API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use edge_worker::local_api::{self, LocalApi, LocalPublish, Registry};
+use protocol::Secret;
+use serde_json::{json, Value};
+
+const DBM: &str = "db-manager";
+const SM: &str = "storage-manager";
+const ADMIN: &str = "admin-token-5c2e9a71d04b3f86";
+const S3_KEY: &str = "AKIDDBBACKUPS01";
+const S3_SECRET: &str = "s3-secret-for-db-backups-9f3e1a";
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A service to register: name, config, secrets.
+type ServiceSpec<'a> = (&'a str, BTreeMap<String, String>, BTreeMap<String, String>);
+
+/// A worker's local API with services registered.
+struct Worker {
+    _api: LocalApi,
+    registry: Registry,
+    rx: tokio::sync::mpsc::Receiver<LocalPublish>,
+    seen: Vec<LocalPublish>,
+}
+
+impl Worker {
+    fn new(services: &[ServiceSpec]) -> Worker {
+        let registry = Registry::new(&Secret::from_bytes([7; 32]), "w-test");
+        for (name, config, secrets) in services {
+            registry
+                .register(name, config.clone(), secrets.clone())
+                .unwrap();
+        }
+        let (tx, rx) = local_api::channel(1024);
+        let api = LocalApi::start("127.0.0.1:0", registry.clone(), tx).unwrap();
+        Worker {
+            _api: api,
+            registry,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&LocalPublish) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.seen.iter().any(&pred) {
+                return;
+            }
+            match self.rx.try_recv() {
+                Ok(p) => self.seen.push(p),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(_) => {
+                    let last = &self.seen[self.seen.len().saturating_sub(8)..];
+                    panic!("no {what} published; last seen {last:?}");
+                }
+            }
+        }
+    }
+
+    fn wait_event(&mut self, text: &str) {
+        self.wait_for(text, |p| {
+            matches!(p, LocalPublish::Event { name, text: t } if name == DBM && t.contains(text))
+        });
+    }
+}
+
+/// A running service process.
+struct Proc {
+    child: Child,
+    url: String,
+    out: Arc<Mutex<String>>,
+}
+
+fn pump(
+    r: impl Read + Send + 'static,
+    out: Arc<Mutex<String>>,
+    url_tx: Option<std_mpsc::Sender<String>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            {
+                let mut o = out.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+            if let Some(tx) = &url_tx {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let url = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(url);
+                }
+            }
+        }
+    });
+}
+
+impl Proc {
+    fn start(exe: &Path, worker: &Worker, service: &str, data: &Path, extra: &[&str]) -> Proc {
+        let mut child = Command::new(exe)
+            .env_clear()
+            .envs(worker.registry.env(service))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .args([
+                "--report-interval-ms",
+                "300",
+                "--refresh-interval-ms",
+                "300",
+            ])
+            .args(extra)
+            .current_dir(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std_mpsc::channel();
+        pump(child.stdout.take().unwrap(), out.clone(), Some(tx));
+        pump(child.stderr.take().unwrap(), out.clone(), None);
+        let url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("{service} did not start: {}", out.lock().unwrap());
+            }
+        };
+        Proc { child, url, out }
+    }
+
+    fn dbm(worker: &Worker, data: &Path, extra: &[&str]) -> Proc {
+        Proc::start(
+            Path::new(env!("CARGO_BIN_EXE_db-manager")),
+            worker,
+            DBM,
+            data,
+            extra,
+        )
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(40)))
+        .build()
+        .into()
+}
+
+/// `method path` with an optional bearer token and body → (status, JSON).
+fn call(
+    p: &Proc,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    call_with(&agent(), &p.url, token, method, path, body)
+}
+
+fn call_with(
+    a: &ureq::Agent,
+    base: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("{base}{path}");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match method {
+        "GET" | "DELETE" => {
+            let mut r = if method == "GET" {
+                a.get(&url)
+            } else {
+                a.delete(&url)
+            };
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.call()
+        }
+        _ => {
+            let mut r = a.post(&url);
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.send_json(body.unwrap_or(json!({})))
+        }
+    };
+    let mut resp = resp.unwrap();
+    let code = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (code, v)
+}
+
+fn admin(p: &Proc, method: &str, path: &str, body: Option<Value>) -> Value {
+    let (code, v) = call(p, Some(ADMIN), method, path, body);
+    assert!((200..300).contains(&code), "{method} {path}: {code} {v}");
+    v
+}
+
+fn sql(p: &Proc, db: &str, token: &str, body: Value) -> (u16, Value) {
+    call(
+        p,
+        Some(token),
+        "POST",
+        &format!("/v1/databases/{db}/query"),
+        Some(body),
+    )
+}
+
+fn sql_ok(p: &Proc, db: &str, token: &str, body: Value) -> Value {
+    let (code, v) = sql(p, db, token, body.clone());
+    assert_eq!(code, 200, "{body}: {v}");
+    v
+}
+
+/// Creates `name`; returns (rw token, ro token).
+fn create(p: &Proc, name: &str) -> (String, String) {
+    let (code, v) = call(
+        p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases",
+        Some(json!({"name": name})),
+    );
+    assert_eq!(code, 201, "{v}");
+    (
+        v["credentials"]["rw"].as_str().unwrap().to_string(),
+        v["credentials"]["ro"].as_str().unwrap().to_string(),
+    )
+}
+
+fn dbm_worker(config: &[(&str, &str)], secrets: &[(&str, &str)]) -> Worker {
+    let mut s = map(&[("clients", &format!("ops:{ADMIN}"))]);
+    s.extend(map(secrets));
+    Worker::new(&[(DBM, map(config), s)])
+}
+
+#[test]
+fn databases_credentials_and_queries() {
+    let data = tempfile::tempdir().unwrap();
+    let mut worker = dbm_worker(&[], &[]);
+    let p = Proc::dbm(&worker, data.path(), &[]);
+
+    let (code, v) = call(&p, None, "GET", "/healthz", None);
+    assert_eq!((code, v["status"].as_str()), (200, Some("ok")));
+    // Admin routes need an admin key.
+    assert_eq!(call(&p, None, "GET", "/v1/databases", None).0, 401);
+    assert_eq!(
+        call(
+            &p,
+            Some("not-a-real-admin-token"),
+            "GET",
+            "/v1/databases",
+            None
+        )
+        .0,
+        401
+    );
+
+    let (rw, ro) = create(&p, "orders");
+    let (rw2, _) = create(&p, "billing");
+    assert_ne!(rw, ro);
+    assert_eq!(rw.len(), 64);
+    let (code, v) = call(
+        &p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases",
+        Some(json!({"name": "orders"})),
+    );
+    assert_eq!(code, 409, "{v}");
+    let (code, v) = call(
+        &p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases",
+        Some(json!({"name": "../etc"})),
+    );
+    assert_eq!(code, 400, "{v}");
+    let (code, _) = call(
+        &p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases",
+        Some(json!({"name": "x", "extra": 1})),
+    );
+    assert_eq!(code, 400);
+    let list = admin(&p, "GET", "/v1/databases", None);
+    let names: Vec<&str> = list["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["billing", "orders"]);
+    worker.wait_event("created database orders by ops");
+
+    // Schema, parameterised writes (positional and named), reads.
+    sql_ok(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, data BLOB)"}),
+    );
+    let v = sql_ok(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "INSERT INTO items(name, qty, data) VALUES (?, ?, ?)", "params": ["bolt", 5, {"base64": "AAEC/w=="}]}),
+    );
+    assert_eq!(v["rows_affected"], 1);
+    assert_eq!(v["last_insert_rowid"], 1);
+    sql_ok(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "INSERT INTO items(name, qty) VALUES (:name, :qty)", "params": {"name": "nut'); DROP TABLE items; --", "qty": 7}}),
+    );
+    let v = sql_ok(
+        &p,
+        "orders",
+        &ro,
+        json!({"sql": "SELECT id, name, qty, data FROM items WHERE qty >= ? ORDER BY id", "params": [5]}),
+    );
+    assert_eq!(v["columns"], json!(["id", "name", "qty", "data"]));
+    assert_eq!(
+        v["rows"],
+        json!([[1, "bolt", 5, {"base64": "AAEC/w=="}], [2, "nut'); DROP TABLE items; --", 7, null]])
+    );
+    assert_eq!(v["truncated"], false);
+
+    // Row limits.
+    sql_ok(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "WITH RECURSIVE s(v) AS (SELECT 1 UNION ALL SELECT v + 1 FROM s WHERE v < 50) INSERT INTO items(name, qty) SELECT 'n' || v, v FROM s"}),
+    );
+    let v = sql_ok(
+        &p,
+        "orders",
+        &ro,
+        json!({"sql": "SELECT id FROM items", "max_rows": 10}),
+    );
+    assert_eq!(v["rows"].as_array().unwrap().len(), 10);
+    assert_eq!(v["truncated"], true);
+    assert_eq!(
+        sql(
+            &p,
+            "orders",
+            &ro,
+            json!({"sql": "SELECT 1", "max_rows": 1_000_000})
+        )
+        .0,
+        400
+    );
+
+    // A runaway query is interrupted at its timeout; the service keeps serving.
+    let t0 = Instant::now();
+    let (code, v) = sql(
+        &p,
+        "orders",
+        &ro,
+        json!({"sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c", "timeout_ms": 300}),
+    );
+    assert_eq!(code, 408, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("300 ms"), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    let (code, v) = sql(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) INSERT INTO items(qty) SELECT x FROM c", "timeout_ms": 300}),
+    );
+    assert_eq!(code, 408, "{v}");
+    let v = sql_ok(
+        &p,
+        "orders",
+        &ro,
+        json!({"sql": "SELECT count(*) FROM items"}),
+    );
+    assert_eq!(v["rows"][0][0], 52, "the interrupted insert left nothing");
+
+    // The read-only credential cannot write: SQLite refuses it.
+    for stmt in [
+        "INSERT INTO items(qty) VALUES (1)",
+        "DELETE FROM items",
+        "CREATE TABLE t2(a)",
+        "PRAGMA user_version = 3",
+    ] {
+        let (code, v) = sql(&p, "orders", &ro, json!({"sql": stmt}));
+        assert_eq!(code, 403, "{stmt}: {v}");
+    }
+    // Wrong credential, another database's credential, an admin key: 401.
+    for token in ["0".repeat(64).as_str(), rw2.as_str(), ADMIN] {
+        let (code, v) = sql(&p, "orders", token, json!({"sql": "SELECT * FROM items"}));
+        assert_eq!(code, 401, "{v}");
+    }
+    assert_eq!(
+        call(
+            &p,
+            None,
+            "POST",
+            "/v1/databases/orders/query",
+            Some(json!({"sql": "SELECT 1"}))
+        )
+        .0,
+        401
+    );
+    assert_eq!(sql(&p, "nosuchdb", &rw, json!({"sql": "SELECT 1"})).0, 401);
+
+    // No way out of the sandbox: ATTACH, VACUUM INTO, extensions, pragmas, transactions.
+    let billing_file = data.path().join("databases/billing.sqlite");
+    let escape = data.path().join("escape.sqlite");
+    for stmt in [
+        format!("ATTACH DATABASE '{}' AS b", billing_file.display()),
+        format!("ATTACH DATABASE '{}' AS e", escape.display()),
+        format!("VACUUM INTO '{}'", escape.display()),
+        "SELECT load_extension('/tmp/evil')".to_string(),
+        "PRAGMA synchronous = OFF".to_string(),
+        "PRAGMA database_list".to_string(),
+        "BEGIN".to_string(),
+    ] {
+        let (code, v) = sql(&p, "orders", &rw, json!({"sql": stmt}));
+        assert_eq!(code, 400, "{stmt}: {v}");
+    }
+    assert!(!escape.exists());
+    let (code, v) = sql(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "SELECT 1; DROP TABLE items"}),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        v["error"].as_str().unwrap().contains("one statement"),
+        "{v}"
+    );
+    for (body, what) in [
+        (
+            json!({"sql": "SELECT ?", "params": []}),
+            "missing parameter",
+        ),
+        (
+            json!({"sql": "SELECT ?", "params": [[1, 2]]}),
+            "array value",
+        ),
+        (
+            json!({"sql": "SELECT :a", "params": {"b": 1}}),
+            "wrong name",
+        ),
+        (json!({"sql": "SELEC 1"}), "syntax"),
+        (json!({"sql": "SELECT 1", "bogus": true}), "unknown field"),
+        (json!({"params": []}), "no sql"),
+    ] {
+        let (code, v) = sql(&p, "orders", &rw, body);
+        assert_eq!(code, 400, "{what}: {v}");
+        assert!(v["error"].is_string(), "{v}");
+    }
+
+    // Oversized bodies: 413, and the service keeps serving.
+    let big = "x".repeat(2 * 1024 * 1024);
+    let (code, _) = sql(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "SELECT ?", "params": [big]}),
+    );
+    assert_eq!(code, 413);
+    sql_ok(&p, "orders", &ro, json!({"sql": "SELECT 1"}));
+
+    // Batches are all or nothing.
+    let (code, v) = call(
+        &p,
+        Some(&rw),
+        "POST",
+        "/v1/databases/orders/batch",
+        Some(json!({"statements": [
+            {"sql": "INSERT INTO items(id, qty) VALUES (1000, 1)"},
+            {"sql": "INSERT INTO items(id, qty) VALUES (1000, 2)"}
+        ]})),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["statement"], 1, "{v}");
+    let v = sql_ok(
+        &p,
+        "orders",
+        &ro,
+        json!({"sql": "SELECT count(*) FROM items WHERE id = 1000"}),
+    );
+    assert_eq!(v["rows"][0][0], 0);
+    let (code, v) = call(
+        &p,
+        Some(&rw),
+        "POST",
+        "/v1/databases/orders/batch",
+        Some(json!({"statements": [
+            {"sql": "INSERT INTO items(id, qty) VALUES (?, ?)", "params": [1000, 1]},
+            {"sql": "UPDATE items SET qty = qty + 1 WHERE id = :id", "params": {"id": 1000}},
+            {"sql": "SELECT qty FROM items WHERE id = 1000"}
+        ]})),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["results"][2]["rows"], json!([[2]]));
+    let (code, _) = call(
+        &p,
+        Some(&ro),
+        "POST",
+        "/v1/databases/orders/batch",
+        Some(json!({"statements": [{"sql": "DELETE FROM items"}]})),
+    );
+    assert_eq!(code, 403);
+
+    // Rotation: the old token stops working at once, the new one works.
+    let v = admin(
+        &p,
+        "POST",
+        "/v1/databases/orders/credentials/ro/rotate",
+        None,
+    );
+    let ro_new = v["token"].as_str().unwrap().to_string();
+    assert_eq!(sql(&p, "orders", &ro, json!({"sql": "SELECT 1"})).0, 401);
+    sql_ok(&p, "orders", &ro_new, json!({"sql": "SELECT 1"}));
+    worker.wait_event("rotated the ro credential of database orders by ops");
+
+    // Restart: databases, data and credentials persist.
+    drop(p);
+    let p = Proc::dbm(&worker, data.path(), &[]);
+    let v = sql_ok(
+        &p,
+        "orders",
+        &ro_new,
+        json!({"sql": "SELECT count(*) FROM items"}),
+    );
+    assert_eq!(v["rows"][0][0], 53);
+    assert_eq!(sql(&p, "orders", &ro, json!({"sql": "SELECT 1"})).0, 401);
+
+    // Drop: gone, files removed, credential refused; the name can be reused empty.
+    admin(&p, "DELETE", "/v1/databases/orders", None);
+    assert_eq!(
+        call(&p, Some(ADMIN), "GET", "/v1/databases/orders", None).0,
+        404
+    );
+    assert_eq!(sql(&p, "orders", &rw, json!({"sql": "SELECT 1"})).0, 401);
+    assert!(!data.path().join("databases/orders.sqlite").exists());
+    worker.wait_event("dropped database orders by ops");
+    let (rw3, _) = create(&p, "orders");
+    let (code, _) = sql(
+        &p,
+        "orders",
+        &rw3,
+        json!({"sql": "SELECT count(*) FROM items"}),
+    );
+    assert_eq!(code, 400, "a re-created database starts empty");
+
+    // Metrics reach the worker.
+    worker.wait_for("metrics", |pb| {
+        matches!(pb, LocalPublish::Metrics { name, samples } if name == DBM
+            && samples.iter().any(|s| s.key.as_str() == "queries" && s.value >= 2)
+            && samples.iter().any(|s| s.key.as_str() == "databases" && s.value == 2))
+    });
+    let out = p.output();
+    for secret in [ADMIN, &rw, &ro, &ro_new, &rw2, &rw3] {
+        assert!(!out.contains(secret), "output leaks a token: {out}");
+    }
+    assert!(!out.contains("panicked"), "{out}");
+}
+
+#[test]
+fn kill9_loses_no_acknowledged_write() {
+    let data = tempfile::tempdir().unwrap();
+    let worker = dbm_worker(&[], &[]);
+    let mut p = Proc::dbm(&worker, data.path(), &[]);
+    let (rw, ro) = create(&p, "events");
+    sql_ok(
+        &p,
+        "events",
+        &rw,
+        json!({"sql": "CREATE TABLE ev(writer INTEGER, seq INTEGER, body TEXT, PRIMARY KEY(writer, seq))"}),
+    );
+    let acked: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (url, rw, acked, stop, total) = (
+            p.url.clone(),
+            rw.clone(),
+            acked.clone(),
+            stop.clone(),
+            total.clone(),
+        );
+        writers.push(std::thread::spawn(move || {
+            let a = agent();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    call_with(&a, &url, Some(&rw), "POST", "/v1/databases/events/query",
+                        Some(json!({"sql": "INSERT INTO ev VALUES (?, ?, ?)", "params": [w, seq, "payload"]})))
+                }));
+                match r {
+                    Ok((200, _)) => {
+                        acked.lock().unwrap().push((w, seq));
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Connection refused/reset after the kill: stop.
+                    _ => break,
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while total.load(Ordering::Relaxed) < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 200,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+
+    let p = Proc::dbm(&worker, data.path(), &[]);
+    let v = sql_ok(
+        &p,
+        "events",
+        &ro,
+        json!({"sql": "SELECT writer, seq FROM ev", "max_rows": 10000}),
+    );
+    let stored: std::collections::HashSet<(u64, u64)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    let missing: Vec<_> = acked.iter().filter(|k| !stored.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let v = sql_ok(&p, "events", &ro, json!({"sql": "PRAGMA integrity_check"}));
+    assert_eq!(v["rows"], json!([["ok"]]));
+}
+
+/// The storage-manager binary, built on first use into this target dir.
+fn storage_manager_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap().to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "aerekos-storage-manager",
+                "--bin",
+                "storage-manager",
+            ])
+            .args(dir.ends_with("release").then_some("--release"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building storage-manager failed");
+        dir.join("storage-manager")
+    })
+    .clone()
+}
+
+#[test]
+fn backups_through_storage_manager_and_restore() {
+    let sm_data = tempfile::tempdir().unwrap();
+    let db_data = tempfile::tempdir().unwrap();
+    let sm_worker = Worker::new(&[(
+        SM,
+        map(&[("encryption", "off")]),
+        map(&[("access_keys", &format!("{S3_KEY}:{S3_SECRET}"))]),
+    )]);
+    let sm = Proc::start(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
+    let mut worker = dbm_worker(
+        &[("backup_endpoint", &sm.url), ("backup_bucket", "dbm-test")],
+        &[
+            ("backup_access_key", S3_KEY),
+            ("backup_secret_key", S3_SECRET),
+        ],
+    );
+    let p = Proc::dbm(&worker, db_data.path(), &["--backup-interval-ms", "1500"]);
+    let (rw, ro) = create(&p, "shop");
+    sql_ok(
+        &p,
+        "shop",
+        &rw,
+        json!({"sql": "CREATE TABLE orders(id INTEGER PRIMARY KEY, item TEXT)"}),
+    );
+    for i in 1..=100 {
+        sql_ok(
+            &p,
+            "shop",
+            &rw,
+            json!({"sql": "INSERT INTO orders VALUES (?, ?)", "params": [i, format!("item-{i}")]}),
+        );
+    }
+    // Inserts continue while the backup runs.
+    let next = Arc::new(AtomicU64::new(101));
+    let stop = Arc::new(AtomicBool::new(false));
+    let inserter = {
+        let (url, rw, next, stop) = (p.url.clone(), rw.clone(), next.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let a = agent();
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.load(Ordering::Relaxed);
+                let (code, v) = call_with(
+                    &a,
+                    &url,
+                    Some(&rw),
+                    "POST",
+                    "/v1/databases/shop/query",
+                    Some(
+                        json!({"sql": "INSERT INTO orders VALUES (?, ?)", "params": [i, format!("item-{i}")]}),
+                    ),
+                );
+                assert_eq!(code, 200, "{v}");
+                next.store(i + 1, Ordering::Relaxed);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let acked_before = next.load(Ordering::Relaxed) - 1;
+    let (code, v) = call(&p, Some(ADMIN), "POST", "/v1/databases/shop/backups", None);
+    assert_eq!(code, 201, "{v}");
+    let acked_after = next.load(Ordering::Relaxed);
+    let key = v["backup"].as_str().unwrap().to_string();
+    assert!(
+        key.starts_with("shop/") && key.ends_with(".sqlite"),
+        "{key}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    inserter.join().unwrap();
+    worker.wait_event("backed up database shop to shop/");
+
+    // The object is really in storage-manager: fetch it with an S3 client.
+    let s3 = storage_manager::client::S3Client::new(
+        &sm.url,
+        storage_manager::sigv4::Credentials {
+            access_key: S3_KEY.into(),
+            secret_key: S3_SECRET.into(),
+        },
+    )
+    .unwrap();
+    let mut bytes = Vec::new();
+    s3.get_object("dbm-test", &key, &mut bytes).unwrap();
+    assert!(bytes.starts_with(b"SQLite format 3\0"));
+    assert_eq!(v["bytes"].as_u64().unwrap(), bytes.len() as u64);
+
+    // Damage the data, then restore.
+    sql_ok(
+        &p,
+        "shop",
+        &rw,
+        json!({"sql": "DELETE FROM orders WHERE id % 2 = 0"}),
+    );
+    sql_ok(&p, "shop", &rw, json!({"sql": "CREATE TABLE junk(a)"}));
+    let (code, v) = call(
+        &p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases/shop/restore",
+        Some(json!({"backup": key})),
+    );
+    assert_eq!(code, 200, "{v}");
+    worker.wait_event("restored database shop from");
+    let v = sql_ok(
+        &p,
+        "shop",
+        &ro,
+        json!({"sql": "SELECT id, item FROM orders ORDER BY id", "max_rows": 10000}),
+    );
+    let rows = v["rows"].as_array().unwrap();
+    // A consistent snapshot: ids 1..=n without gaps, n between what was
+    // acknowledged before the backup started and after it ended.
+    let n = rows.len() as u64;
+    assert!(
+        n >= acked_before && n <= acked_after,
+        "{acked_before} <= {n} <= {acked_after}"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let id = i as u64 + 1;
+        assert_eq!(r, &json!([id, format!("item-{id}")]));
+    }
+    assert_eq!(
+        sql(&p, "shop", &ro, json!({"sql": "SELECT * FROM junk"})).0,
+        400
+    );
+    // Writes work after the restore.
+    sql_ok(
+        &p,
+        "shop",
+        &rw,
+        json!({"sql": "INSERT INTO orders VALUES (?, 'after')", "params": [n + 1]}),
+    );
+
+    // A corrupt backup is refused and the database is untouched.
+    s3.put_object_bytes("dbm-test", "shop/garbage.sqlite", &[0x42; 8192])
+        .unwrap();
+    let (code, v) = call(
+        &p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases/shop/restore",
+        Some(json!({"backup": "shop/garbage.sqlite"})),
+    );
+    assert_eq!(code, 422, "{v}");
+    let (code, v) = call(
+        &p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases/shop/restore",
+        Some(json!({"backup": "other/x.sqlite"})),
+    );
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = call(
+        &p,
+        Some(ADMIN),
+        "POST",
+        "/v1/databases/shop/restore",
+        Some(json!({"backup": "shop/missing.sqlite"})),
+    );
+    assert_eq!(code, 404, "{v}");
+    let v = sql_ok(
+        &p,
+        "shop",
+        &ro,
+        json!({"sql": "SELECT count(*) FROM orders"}),
+    );
+    assert_eq!(v["rows"][0][0], n + 1);
+
+    // Scheduled backups appear in the listing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = admin(&p, "GET", "/v1/databases/shop/backups", None);
+        let list = v["backups"].as_array().unwrap();
+        let real = list
+            .iter()
+            .filter(|b| b["backup"] != "shop/garbage.sqlite")
+            .count();
+        if real >= 2 {
+            assert!(list.iter().any(|b| b["backup"] == key.as_str()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no scheduled backup: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    worker.wait_event("backed up database shop to shop/");
+    let out = p.output();
+    assert!(
+        !out.contains(S3_SECRET) && !out.contains(&rw) && !out.contains(ADMIN),
+        "{out}"
+    );
+}
+
+#[test]
+fn backups_unconfigured_is_a_clear_error() {
+    let data = tempfile::tempdir().unwrap();
+    let worker = dbm_worker(&[], &[]);
+    let p = Proc::dbm(&worker, data.path(), &[]);
+    create(&p, "a");
+    let (code, v) = call(&p, Some(ADMIN), "POST", "/v1/databases/a/backups", None);
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("backup_endpoint"),
+        "{v}"
+    );
+    // A half-configured backup store refuses to start, and says why.
+    let bad = dbm_worker(&[("backup_endpoint", "http://127.0.0.1:9")], &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_db-manager"))
+        .env_clear()
+        .envs(bad.registry.env(DBM))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("backup_access_key"), "{err}");
+}
