@@ -725,6 +725,11 @@ fn percent_decode(s: &str) -> Option<String> {
     while i < b.len() {
         if b[i] == b'%' {
             let hex = s.get(i + 1..i + 3)?;
+            // Two hex digits only: `from_str_radix` alone also takes a sign
+            // (`%+1` decoded to 0x01); the `local_api_request` fuzzer checks this.
+            if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -735,12 +740,96 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Entry points for the fuzzers in `fuzz/` (not an API: hidden, may change
+/// without notice). They run the same parsing code as a live connection,
+/// minus the socket.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{bearer, parse_event, parse_metrics, percent_decode, server, LocalPublish};
+
+    /// What the local API's head parser made of some bytes.
+    #[derive(Debug)]
+    pub enum HeadOutcome {
+        /// No empty line yet: the server would read more (or answer 431
+        /// once [`super::MAX_HEAD`] bytes are buffered).
+        Incomplete,
+        /// Refused with this status.
+        Refused(u16),
+        /// Parsed.
+        Parsed {
+            /// Bytes of the head, including its empty line.
+            head_len: usize,
+            /// Request method.
+            method: String,
+            /// Request target.
+            target: String,
+            /// Header fields kept.
+            headers: usize,
+            /// `Content-Length`, if sent.
+            length: Option<usize>,
+            /// The bearer token the routes would authenticate with.
+            bearer: Option<String>,
+        },
+    }
+
+    /// Finds the end of the head in `raw` and parses it, as
+    /// `Conn::read_head` does once the bytes have arrived.
+    pub fn parse_request_head(raw: &[u8]) -> HeadOutcome {
+        let Some(end) = server::head_end(raw, 0) else {
+            return HeadOutcome::Incomplete;
+        };
+        match server::parse_head(&raw[..end]) {
+            Err(e) => HeadOutcome::Refused(e.0),
+            Ok(head) => HeadOutcome::Parsed {
+                head_len: end,
+                bearer: bearer(&head).map(str::to_string),
+                method: head.method,
+                target: head.target,
+                headers: head.headers.len(),
+                length: head.length,
+            },
+        }
+    }
+
+    /// The `/v1/secrets/{key}` path decoder.
+    pub fn decode_secret_key(raw: &str) -> Option<String> {
+        percent_decode(raw)
+    }
+
+    /// Parses a `POST /v1/events` (`metrics: false`) or `POST /v1/metrics`
+    /// body for service `name`: the frame body it would be queued as, or
+    /// the status of the refusal.
+    pub fn parse_publish_body(
+        name: &str,
+        metrics: bool,
+        body: &[u8],
+    ) -> Result<protocol::Body, u16> {
+        let parsed = if metrics {
+            parse_metrics(name, body)
+        } else {
+            parse_event(name, body)
+        };
+        parsed.map(LocalPublish::into_body).map_err(|e| e.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn percent_decode_takes_two_hex_digits_only() {
+        assert_eq!(percent_decode("a%20b%2F").as_deref(), Some("a b/"));
+        // `u8::from_str_radix("+1", 16)` is Ok(1): a sign must not pass.
+        assert_eq!(percent_decode("%+1"), None);
+        assert_eq!(percent_decode("%-1"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%c3%a9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("%ff"), None);
+    }
 
     fn secret() -> Secret {
         Secret::from_bytes([7; 32])

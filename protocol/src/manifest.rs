@@ -248,6 +248,15 @@ impl Manifest {
             return Err(ManifestError::TrailingBytes(rest.len()));
         }
         m.validate()?;
+        // One encoding per manifest, so a digest names exactly one byte
+        // string: postcard also takes overlong varints (`80 00` for 0) and
+        // map keys out of order or repeated (the map keeps the last), which
+        // `encode` never writes. Found by the `manifest` fuzzer.
+        if postcard::to_stdvec(&m).map_err(ManifestError::Malformed)? != bytes[1..] {
+            return Err(ManifestError::Invalid(
+                "not in canonical encoding (overlong integer or unordered map keys)".into(),
+            ));
+        }
         Ok(m)
     }
 
@@ -423,7 +432,9 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
 
 /// Parses 64 hex digits.
 pub fn parse_digest(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
+    // Hex digits only: `from_str_radix` alone also takes a sign, so
+    // `+f+f…` parsed (the `text` fuzzer checks a digest has one spelling).
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -489,4 +500,70 @@ fn hex_tag(secret: &crate::Secret, method: &str, path: &str) -> String {
     mac.update(b" ");
     mac.update(path.as_bytes());
     crate::hex_string(&mac.finalize().into_bytes()[..crate::TAG_LEN])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+    use super::*;
+
+    #[test]
+    fn parse_digest_takes_hex_digits_only() {
+        let d = [0xab; 32];
+        assert_eq!(parse_digest(&crate::hex_string(&d)), Some(d));
+        assert_eq!(parse_digest(&"AB".repeat(32)), Some(d));
+        // `u8::from_str_radix("+f", 16)` is Ok(15): a sign must not pass.
+        assert_eq!(parse_digest(&"+f".repeat(32)), None);
+        assert_eq!(parse_digest(&"0g".repeat(32)), None);
+        assert_eq!(parse_digest("ab"), None);
+    }
+
+    /// The `manifest` fuzzer's first find: a manifest with an overlong
+    /// varint (`80 00`) decoded, so two byte strings (two digests) named
+    /// one manifest.
+    #[test]
+    fn non_canonical_manifest_bytes_are_refused() {
+        const OVERLONG: [u8; 84] = [
+            0x01, 0x0c, 0x73, 0x65, 0x6e, 0x73, 0x6f, 0x72, 0x2d, 0x72, 0x65, 0x6c, 0x61, 0x79,
+            0x0f, 0x01, 0x16, 0x72, 0x65, 0x67, 0x69, 0x73, 0x74, 0x05, 0x73, 0x65, 0x72, 0x76,
+            0x65, 0x01, 0x04, 0x4d, 0x4f, 0x44, 0x45, 0x04, 0x70, 0x72, 0x6f, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, 0x01, 0x80, 0x80, 0x20, 0x01, 0xf4, 0x03,
+            0x00, 0x01, 0x04, 0x73, 0x69, 0x74, 0x65, 0x04, 0x73, 0x68, 0x6f, 0x70, 0x01, 0x07,
+            0x61, 0x70, 0x69, 0x5f, 0x6b, 0x65, 0x79, 0x06, 0x73, 0x33, 0x63, 0x72, 0x33, 0x74,
+        ];
+        assert!(matches!(
+            Manifest::decode(&OVERLONG),
+            Err(ManifestError::Invalid(m)) if m.contains("canonical")
+        ));
+        // Its canonical spelling decodes, and is what `encode` writes.
+        let canonical = [&[MANIFEST_FORMAT][..], &{
+            let (m, _): (Manifest, _) = postcard::take_from_bytes(&OVERLONG[1..]).unwrap();
+            postcard::to_stdvec(&m).unwrap()
+        }]
+        .concat();
+        assert_ne!(canonical.as_slice(), &OVERLONG[..]);
+        let m = Manifest::decode(&canonical).unwrap();
+        assert_eq!(m.encode().unwrap(), canonical);
+
+        // Map keys out of order (a hand-made encoding): refused.
+        let mut two = crate::examples::manifest();
+        two.config = [
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "2".to_string()),
+        ]
+        .into();
+        let good = two.encode().unwrap();
+        let a = good
+            .windows(4)
+            .position(|w| w == [1, b'a', 1, b'1'])
+            .unwrap();
+        let mut swapped = good.clone();
+        swapped[a..a + 8].copy_from_slice(&[1, b'b', 1, b'2', 1, b'a', 1, b'1']);
+        assert!(Manifest::decode(&good).is_ok());
+        assert!(matches!(
+            Manifest::decode(&swapped),
+            Err(ManifestError::Invalid(_))
+        ));
+    }
 }

@@ -27,6 +27,12 @@ fn pct_decode(s: &str) -> Option<String> {
         match b[i] {
             b'%' => {
                 let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                // Two hex digits only: `from_str_radix` also takes a sign
+                // (`%+1` was 0x01); the worker's twin of this decoder had the
+                // same slip (see the `local_api_request` fuzz target).
+                if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                    return None;
+                }
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
             }
@@ -153,5 +159,7 @@ mod tests {
         assert_eq!(pct_decode("%zz"), None);
         assert_eq!(pct_decode("%4"), None);
         assert_eq!(pct_decode("%ff"), None);
+        assert_eq!(pct_decode("%+1"), None);
+        assert_eq!(pct_decode("%-1"), None);
     }
 }

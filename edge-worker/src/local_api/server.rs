@@ -216,8 +216,8 @@ pub(super) struct Head {
     pub method: String,
     /// The request target as sent, e.g. `/v1/secrets/a%20b?x=1`.
     pub target: String,
-    headers: Vec<(String, String)>,
-    length: Option<usize>,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) length: Option<usize>,
     /// A `Transfer-Encoding` header was sent.
     encoded: bool,
     expect_continue: bool,
@@ -398,7 +398,7 @@ impl Conn {
 
 /// The end of the head (just past its empty line) if `buf` holds it;
 /// `from` skips bytes already scanned.
-fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+pub(super) fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     (from..buf.len()).find_map(|i| {
         if buf[i] != b'\n' {
             return None;
@@ -417,7 +417,7 @@ fn is_tchar(b: u8) -> bool {
 }
 
 /// Parses a complete head (ending in its empty line).
-fn parse_head(raw: &[u8]) -> Result<Head, ApiError> {
+pub(super) fn parse_head(raw: &[u8]) -> Result<Head, ApiError> {
     let bad = |msg: &str| ApiError::new(400, msg);
     let mut lines = raw
         .split(|&b| b == b'\n')
