@@ -450,6 +450,9 @@ pub struct Supervisor {
     next_job: u64,
     /// Engine jobs submitted and not answered yet (all services).
     engine_jobs: u32,
+    /// When [`Supervisor::poll`] last ran: the next periodic poll is due
+    /// [`POLL_INTERVAL`] after it.
+    polled_at: Instant,
 }
 
 impl Supervisor {
@@ -473,6 +476,7 @@ impl Supervisor {
             engine: None,
             next_job: 0,
             engine_jobs: 0,
+            polled_at: Instant::now(),
         };
         let path = state_dir.join(SERVICES_FILE);
         let desired: DesiredFile = match fs::read(&path) {
@@ -523,7 +527,15 @@ impl Supervisor {
                 }
             }
             sup.services.insert(name.clone(), svc);
-            sup.converge(&name);
+        }
+        // Converge only once every entry is loaded: finishing a removal
+        // prunes the artifact cache, which must see the manifests of the
+        // entries after it too (found by the chaos tests: a worker killed
+        // while a removal and a deploy of the same artifact were pending
+        // deleted the artifact of the deploy at its next start).
+        let names: Vec<String> = sup.services.keys().cloned().collect();
+        for name in &names {
+            sup.converge(name);
         }
         sup.prune(true);
         // Containers of services removed while the worker was down (or
@@ -712,14 +724,19 @@ impl Supervisor {
     /// When [`Supervisor::poll`] should run next: soon while a process runs
     /// or a stop is pending, at the end of a restart delay, never when idle.
     pub fn next_wake(&self) -> Option<Instant> {
-        let now = Instant::now();
+        // Due POLL_INTERVAL after the last poll, not after "now": the
+        // session asks again after every event, and with events coming
+        // faster than POLL_INTERVAL (a 100 ms metrics interval, acks, local
+        // API traffic) a deadline relative to now never came, so exits,
+        // stops and restarts were never handled (found by the chaos tests).
+        let due = self.polled_at + POLL_INTERVAL;
         // Engine answers are collected by polling.
-        let engine = (self.engine_jobs > 0).then_some(now + POLL_INTERVAL);
+        let engine = (self.engine_jobs > 0).then_some(due);
         self.services
             .values()
             .filter_map(|s| {
                 if !matches!(s.proc, Proc::None) || s.stopping.is_some() {
-                    Some(now + POLL_INTERVAL)
+                    Some(due)
                 } else {
                     s.backoff_until
                 }
@@ -1137,6 +1154,7 @@ impl Supervisor {
     pub fn poll(&mut self) {
         self.collect_engine_answers();
         let now = Instant::now();
+        self.polled_at = now;
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
             self.poll_one(&name, now);
@@ -1895,6 +1913,76 @@ mod tests {
 
     fn running(st: &ServiceStatus) -> bool {
         st.state == ServiceState::Running && st.pid != 0
+    }
+
+    #[test]
+    fn the_poll_deadline_does_not_move_when_asked_again() {
+        // The session asks for the next wake after every event; with events
+        // more often than POLL_INTERVAL the poll must still come.
+        let dir = tempfile::tempdir().unwrap();
+        let u = unique();
+        let _r = Reaper(vec![u.clone()]);
+        let mut sup = Supervisor::load(dir.path());
+        sup.deploy(spec("web", 1, "sleep", &[&u])).unwrap();
+        sup.poll();
+        let due = sup.next_wake().expect("a process runs");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            sup.next_wake(),
+            Some(due),
+            "asking again keeps the deadline"
+        );
+        assert!(due <= Instant::now() + POLL_INTERVAL);
+        sup.remove("web").unwrap();
+        wait_removed(&mut sup, "web");
+    }
+
+    #[test]
+    fn loading_a_finished_removal_keeps_the_artifact_of_a_later_entry() {
+        // A worker killed while a removal and a deploy of the same artifact
+        // were pending: at its next start, finishing the removal must not
+        // prune the artifact the deploy needs.
+        let dir = tempfile::tempdir().unwrap();
+        let sha = [7u8; 32];
+        let with_artifact = |name: &str| {
+            let mut m = spec_to_manifest(&spec(name, 1, "unused", &[]));
+            if let Runtime::Process(p) = &mut m.runtime {
+                p.program = Program::Artifacts(vec![protocol::manifest::ArtifactRef {
+                    arch: std::env::consts::ARCH.to_string(),
+                    sha256: sha,
+                    size: 4,
+                }]);
+            }
+            m
+        };
+        let file = DesiredFile {
+            services: vec![
+                Desired {
+                    manifest: Some(with_artifact("a-old")),
+                    spec: None,
+                    run: true,
+                    removing: true,
+                },
+                Desired {
+                    manifest: Some(with_artifact("b-new")),
+                    spec: None,
+                    run: false,
+                    removing: false,
+                },
+            ],
+        };
+        fs::write(
+            dir.path().join(SERVICES_FILE),
+            serde_json::to_vec(&file).unwrap(),
+        )
+        .unwrap();
+        let cached = fetch::artifact_path(dir.path(), &sha);
+        fs::create_dir_all(cached.parent().unwrap()).unwrap();
+        fs::write(&cached, b"elf?").unwrap();
+        let sup = Supervisor::load(dir.path());
+        assert!(sup.status("a-old").is_none(), "the removal finished");
+        assert!(sup.status("b-new").is_some());
+        assert!(cached.exists(), "b-new's artifact was pruned");
     }
 
     #[test]
