@@ -13,8 +13,10 @@
 //! (DeleteObjects); `PUT|GET|HEAD|DELETE /b/key` (with `Range` on GET);
 //! multipart: `POST /b/key?uploads`, `PUT /b/key?partNumber=N&uploadId=U`,
 //! `POST /b/key?uploadId=U`, `DELETE /b/key?uploadId=U`. Other
-//! sub-resources (`?acl`, `?versioning`, ...), copies and virtual-host
-//! addressing answer `NotImplemented` (501).
+//! CopyObject is `PUT /b/key` with `x-amz-copy-source`. Virtual-host
+//! addressing (`Host: <bucket>.<domain>`) works when a domain is configured
+//! ([`S3Service::with_virtual_host_domain`]). Other sub-resources (`?acl`,
+//! `?versioning`, ...) answer `NotImplemented` (501).
 //!
 //! Limits: XML request bodies at most [`MAX_XML_BODY`]; object and part
 //! sizes from [`crate::store::Limits`]; listings at most 1000 keys a page.
@@ -181,6 +183,7 @@ pub struct S3Service {
     pub stats: Stats,
     audit: AuditFn,
     next_id: AtomicU64,
+    virtual_host_domain: Option<String>,
 }
 
 impl std::fmt::Debug for S3Service {
@@ -200,7 +203,17 @@ impl S3Service {
             stats: Stats::default(),
             audit,
             next_id: AtomicU64::new(1),
+            virtual_host_domain: None,
         }
+    }
+
+    /// Also accepts virtual-host style requests: a `Host` of
+    /// `<bucket>.<domain>[:port]` addresses `bucket`, and the path is the key.
+    pub fn with_virtual_host_domain(mut self, domain: Option<String>) -> S3Service {
+        self.virtual_host_domain = domain
+            .map(|d| d.trim().trim_start_matches('.').to_ascii_lowercase())
+            .filter(|d| !d.is_empty());
+        self
     }
 
     /// Replaces the access keys; true if they changed.
@@ -612,9 +625,16 @@ fn route(ctx: &mut Ctx<'_>, raw_path: &str) -> Result<Reply, S3Err> {
         )
     })?;
     let path = path.strip_prefix('/').unwrap_or(&path);
-    let (bucket, key) = match path.split_once('/') {
-        Some((b, k)) => (b.to_string(), Some(k.to_string()).filter(|k| !k.is_empty())),
-        None => (path.to_string(), None),
+    let vhost_bucket = ctx.svc.virtual_host_domain.as_deref().and_then(|domain| {
+        let host = ctx.header("host")?.trim().to_ascii_lowercase();
+        let host = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+        let bucket = host.strip_suffix(domain)?.strip_suffix('.')?;
+        (!bucket.is_empty()).then(|| bucket.to_string())
+    });
+    let (bucket, key) = match (vhost_bucket, path.split_once('/')) {
+        (Some(b), _) => (b, Some(path.to_string()).filter(|k| !k.is_empty())),
+        (None, Some((b, k))) => (b.to_string(), Some(k.to_string()).filter(|k| !k.is_empty())),
+        (None, None) => (path.to_string(), None),
     };
     for sub in [
         "acl",
@@ -643,13 +663,6 @@ fn route(ctx: &mut Ctx<'_>, raw_path: &str) -> Result<Reply, S3Err> {
                 format!("?{sub} is not supported"),
             ));
         }
-    }
-    if ctx.header("x-amz-copy-source").is_some() {
-        return Err(s3err(
-            501,
-            "NotImplemented",
-            "copying objects is not supported",
-        ));
     }
     match (bucket.is_empty(), key) {
         (true, _) => match ctx.method {
@@ -935,10 +948,73 @@ fn object_headers(r: Reply, t: &crate::store::Trailer) -> Reply {
     r
 }
 
+/// CopyObject: `x-amz-copy-source: [/]bucket/key` (URL-encoded; a
+/// `?versionId` is refused); metadata copied unless
+/// `x-amz-metadata-directive: REPLACE`. The data is streamed (decrypted and
+/// re-encrypted under a new data key).
+fn copy_object(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err> {
+    let raw = ctx
+        .header("x-amz-copy-source")
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if raw.contains('?') {
+        return Err(s3err(
+            501,
+            "NotImplemented",
+            "versioned copy sources are not supported",
+        ));
+    }
+    let src = sigv4::uri_decode(&raw).ok_or_else(|| {
+        s3err(
+            400,
+            "InvalidArgument",
+            "x-amz-copy-source is not valid percent-encoding",
+        )
+    })?;
+    let src = src.strip_prefix('/').unwrap_or(&src);
+    let (sb, sk) = src
+        .split_once('/')
+        .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+        .ok_or_else(|| {
+            s3err(
+                400,
+                "InvalidArgument",
+                "x-amz-copy-source must be bucket/key",
+            )
+        })?;
+    let store = &ctx.svc.store;
+    let obj = store.open_object(sb, sk)?;
+    let t = obj.trailer.clone();
+    let (ct, meta) = if ctx.header("x-amz-metadata-directive").map(str::trim) == Some("REPLACE") {
+        (ctx.content_type(), ctx.user_meta())
+    } else {
+        (t.content_type.clone(), t.meta.clone())
+    };
+    let mut reader = store.reader(obj, 0, t.size)?;
+    let e = store.put_object(bucket, key, &mut reader, t.size, ct, meta)?;
+    ctx.svc.stats.puts.fetch_add(1, Ordering::Relaxed);
+    Ok(Reply::xml(format!(
+        "<CopyObjectResult xmlns=\"{NS}\"><LastModified>{}</LastModified><ETag>&quot;{}&quot;</ETag></CopyObjectResult>",
+        timefmt::iso8601(e.modified),
+        e.etag
+    )))
+}
+
 fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err> {
     let svc = ctx.svc;
     let store = &svc.store;
     match ctx.method {
+        "PUT"
+            if (ctx.has("uploadId") || ctx.has("partNumber"))
+                && ctx.header("x-amz-copy-source").is_some() =>
+        {
+            Err(s3err(
+                501,
+                "NotImplemented",
+                "UploadPartCopy is not supported",
+            ))
+        }
         "PUT" if ctx.has("uploadId") || ctx.has("partNumber") => {
             let id = ctx.q("uploadId").unwrap_or("").to_string();
             let n: u32 = ctx
@@ -950,6 +1026,7 @@ fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err>
             svc.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
             Ok(Reply::empty(200).header("ETag", format!("\"{etag}\"")))
         }
+        "PUT" if ctx.header("x-amz-copy-source").is_some() => copy_object(ctx, bucket, key),
         "PUT" => {
             let (ct, meta) = (ctx.content_type(), ctx.user_meta());
             let (mut body, len) = ctx.body()?;

@@ -95,7 +95,8 @@ pub const USAGE: &str = "usage: storage-manager [--listen ADDR] [--data-dir DIR]
 Runs under an edge-worker (needs AEREKOS_API and AEREKOS_TOKEN).
   --listen ADDR   default: $STORAGE_MANAGER_LISTEN, the config value `listen`, 127.0.0.1:9000
   --data-dir DIR  where buckets and objects live (default: the working directory)
-Config: encryption (on|off), kms_url, kms_key, max_object_size, max_part_size, min_part_size.
+Config: encryption (on|off), kms_url, kms_key, max_object_size, max_part_size, min_part_size,
+        virtual_host_domain.
 Secrets: access_keys (AKID:secret,...), access_key.<AKID>, kms_token.";
 
 impl Options {
@@ -285,11 +286,14 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     let (audit, audit_rx) = Audit::channel(SERVICE);
     let audit = Arc::new(audit);
     let sink = audit.clone();
-    let svc = Arc::new(S3Service::new(
-        store,
-        AccessKeys::default(),
-        Arc::new(move |t| sink.send(t)),
-    ));
+    let svc = Arc::new(
+        S3Service::new(
+            store,
+            AccessKeys::default(),
+            Arc::new(move |t| sink.send(t)),
+        )
+        .with_virtual_host_domain(config.get("virtual_host_domain").cloned()),
+    );
     apply_secrets(&svc, &secrets, true);
     if svc.keys.read().map(|k| k.is_empty()).unwrap_or(true) {
         eprintln!(

@@ -106,6 +106,18 @@ s3.download_fileobj(bucket, "dir/multi.bin", out, Config=cfg)
 check(out.getvalue() == data, "multipart object downloads intact (ranged, concurrent)")
 os.unlink(path)
 
+# Server-side copies.
+r = s3.copy_object(Bucket=bucket, Key="copy.bin", CopySource={"Bucket": bucket, "Key": "dir/big.bin"})
+check(r["CopyObjectResult"]["ETag"] == '"%s"' % hashlib.md5(big).hexdigest(), "CopyObject ETag")
+check(s3.get_object(Bucket=bucket, Key="copy.bin")["Body"].read() == big, "CopyObject data")
+s3.copy_object(Bucket=bucket, Key="copy-small.txt", CopySource=bucket + "/small.txt")
+check(s3.head_object(Bucket=bucket, Key="copy-small.txt")["Metadata"].get("colour") == "blue", "CopyObject keeps metadata")
+s3.copy_object(Bucket=bucket, Key="copy-small.txt", CopySource=bucket + "/small.txt", MetadataDirective="REPLACE",
+               Metadata={"colour": "red"}, ContentType="text/x-copy")
+h = s3.head_object(Bucket=bucket, Key="copy-small.txt")
+check(h["Metadata"].get("colour") == "red" and h["ContentType"] == "text/x-copy", "CopyObject REPLACE metadata")
+check(error_code(lambda: s3.copy_object(Bucket=bucket, Key="c", CopySource=bucket + "/missing")) == "NoSuchKey", "copy of a missing key -> NoSuchKey")
+
 # Low-level multipart errors.
 up = s3.create_multipart_upload(Bucket=bucket, Key="aborted")
 p1 = s3.upload_part(Bucket=bucket, Key="aborted", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)

@@ -610,7 +610,7 @@ fn key_manager_down_means_503_and_nothing_stored() {
 fn encryption_off_stores_plaintext_and_needs_no_key_manager() {
     let sm_dir = tempfile::tempdir().unwrap();
     let w = Worker::new(
-        map(&[("encryption", "off")]),
+        map(&[("encryption", "off"), ("virtual_host_domain", "s3.test")]),
         map(&[("access_key.AKIDTESTSTORAGE1", SECRET)]),
     );
     let sm = start_sm(&w, sm_dir.path());
@@ -620,6 +620,7 @@ fn encryption_off_stores_plaintext_and_needs_no_key_manager() {
     c.put_object_bytes("plain", "p", &data).unwrap();
     assert_eq!(get(&c, "plain", "p"), data);
     aws_chunked_uploads(&sm.url);
+    virtual_host_get(&sm.url, &data);
     // The marker check of the encrypted test is meaningful: here it is found.
     assert!(files(sm_dir.path())
         .iter()
@@ -776,4 +777,51 @@ fn aws_chunked_uploads(url: &str) {
             assert_eq!(get(&c, "plain", &key), data, "{mode}");
         }
     }
+}
+
+/// `GET /p` with `Host: plain.s3.test:<port>` (virtual-host style), signed,
+/// over a raw socket (the Host header is not the address connected to).
+fn virtual_host_get(url: &str, data: &[u8]) {
+    use std::io::Write as _;
+    use storage_manager::sigv4::{self, CanonicalInput};
+    let addr = url.trim_start_matches("http://");
+    let port = addr.rsplit(':').next().unwrap();
+    let host = format!("plain.s3.test:{port}");
+    let amz_date = storage_manager::timefmt::amz_date(storage_manager::timefmt::now());
+    let headers = vec![
+        ("host".to_string(), host.clone()),
+        (
+            "x-amz-content-sha256".to_string(),
+            sigv4::EMPTY_SHA256.to_string(),
+        ),
+        ("x-amz-date".to_string(), amz_date.clone()),
+    ];
+    let signed: Vec<String> = headers.iter().map(|(k, _)| k.clone()).collect();
+    let auth = sigv4::authorization(
+        &Credentials::new(AKID, SECRET),
+        "us-east-1",
+        &amz_date,
+        &CanonicalInput {
+            method: "GET",
+            raw_path: "/p",
+            query: &[],
+            headers: &headers,
+            signed_headers: &signed,
+            payload_hash: sigv4::EMPTY_SHA256,
+        },
+    )
+    .unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /p HTTP/1.1\r\nHost: {host}\r\nx-amz-content-sha256: {}\r\nx-amz-date: {amz_date}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n",
+        sigv4::EMPTY_SHA256
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let head_end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&resp[..head_end]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(&resp[head_end + 4..], data);
 }
