@@ -1000,3 +1000,250 @@ fn worker_command(
     }
     cmd
 }
+
+// ---- Chaos helpers (tests/tests/chaos.rs): process census, a TCP proxy ----
+// ---- that can black-hole a link, libfaketime. Keep this block together. ----
+
+/// Helpers for the chaos tests: counting service copies by command line,
+/// a loopback TCP proxy that can be cut like a pulled cable, and running a
+/// program under libfaketime with a clock the test moves.
+pub mod chaos {
+    use std::fs;
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Pids of live processes whose command line contains `marker`
+    /// (zombies have an empty command line and are not counted).
+    pub fn pids_with(marker: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&cmd).contains(marker) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// `pid (ppid) cmdline` of each process, for failure messages.
+    pub fn describe(pids: &[u32]) -> String {
+        pids.iter()
+            .map(|p| {
+                let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .unwrap_or("?")
+                    .to_string();
+                let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                format!(
+                    "{p} (ppid {ppid}) {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// A marker no other process on the machine has in its command line.
+    pub fn unique_marker(prefix: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        format!("{prefix}-{}-{nanos}", std::process::id())
+    }
+
+    /// Seconds since boot (`/proc/uptime`), the clock the worker reports
+    /// as `uptime_s` in every metrics sample.
+    pub fn uptime_s() -> f64 {
+        fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A loopback TCP proxy to `upstream` that can black-hole its traffic.
+    ///
+    /// [`BlackHoleProxy::cut`] stops forwarding in both directions without
+    /// closing anything, like a pulled cable: bytes stay in the kernel's
+    /// socket buffers, and new connections are accepted but not connected
+    /// upstream (a client waits for an answer that never comes).
+    /// [`BlackHoleProxy::restore`] resumes forwarding; a connection one end
+    /// gave up on meanwhile is closed on the other end as soon as the proxy
+    /// notices (read error or EOF). One thread per direction per connection.
+    #[derive(Debug)]
+    pub struct BlackHoleProxy {
+        /// The port clients connect to.
+        pub port: u16,
+        cut: Arc<AtomicBool>,
+        stop: Arc<AtomicBool>,
+    }
+
+    impl BlackHoleProxy {
+        /// Listens on a free loopback port, forwarding to `upstream`.
+        pub fn start(upstream: SocketAddr) -> BlackHoleProxy {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let cut = Arc::new(AtomicBool::new(false));
+            let stop = Arc::new(AtomicBool::new(false));
+            let (c, s) = (cut.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    if s.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = client else { continue };
+                    let (c, s) = (c.clone(), s.clone());
+                    std::thread::spawn(move || connect_and_pump(client, upstream, c, s));
+                }
+            });
+            BlackHoleProxy { port, cut, stop }
+        }
+
+        /// `mqtt://127.0.0.1:<port>`.
+        pub fn mqtt_url(&self) -> String {
+            format!("mqtt://127.0.0.1:{}", self.port)
+        }
+
+        /// Stops forwarding (nothing is closed).
+        pub fn cut(&self) {
+            self.cut.store(true, Ordering::SeqCst);
+        }
+
+        /// Resumes forwarding.
+        pub fn restore(&self) {
+            self.cut.store(false, Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for BlackHoleProxy {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            self.cut.store(false, Ordering::SeqCst);
+            // Wake the accept loop so it sees `stop`.
+            let _ = TcpStream::connect(("127.0.0.1", self.port));
+        }
+    }
+
+    fn connect_and_pump(
+        client: TcpStream,
+        upstream: SocketAddr,
+        cut: Arc<AtomicBool>,
+        stop: Arc<AtomicBool>,
+    ) {
+        // A connection made during a cut gets no upstream until the restore.
+        while cut.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        };
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let (cut2, stop2) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || pump(c2, s2, cut2, stop2));
+        pump(server, client, cut, stop);
+    }
+
+    fn pump(mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut buf = vec![0u8; 64 * 1024];
+        while !stop.load(Ordering::SeqCst) {
+            if cut.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    }
+
+    /// Path of `libfaketime.so.1`; panics with the install hint when missing.
+    pub fn libfaketime() -> PathBuf {
+        for p in [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/faketime/libfaketime.so.1",
+        ] {
+            if Path::new(p).is_file() {
+                return PathBuf::from(p);
+            }
+        }
+        panic!("libfaketime is not installed (apt-get install faketime); .ci/run must install it");
+    }
+
+    /// A wall clock offset for programs run under libfaketime, moved by
+    /// rewriting `FAKETIME_TIMESTAMP_FILE` (read on every time call with
+    /// `FAKETIME_NO_CACHE=1`). The monotonic clock is left alone
+    /// (`FAKETIME_DONT_FAKE_MONOTONIC=1`), as on a device whose NTP daemon
+    /// steps the wall clock.
+    #[derive(Debug)]
+    pub struct FakeClock {
+        file: PathBuf,
+    }
+
+    impl FakeClock {
+        /// A clock file in `dir`, starting at the real time (`+0`).
+        pub fn new(dir: &Path) -> FakeClock {
+            fs::create_dir_all(dir).unwrap();
+            let clock = FakeClock {
+                file: dir.join("faketime.rc"),
+            };
+            clock.set_offset_s(0);
+            clock
+        }
+
+        /// Sets the wall clock to the real time plus `offset_s` seconds
+        /// (atomically: a reader never sees a half-written file).
+        pub fn set_offset_s(&self, offset_s: i64) {
+            let tmp = self.file.with_extension("tmp");
+            fs::write(&tmp, format!("{offset_s:+}\n")).unwrap();
+            fs::rename(&tmp, &self.file).unwrap();
+        }
+
+        /// `env` + the libfaketime variables, to put in front of a program
+        /// (e.g. for [`crate::Worker::start_with_program`]).
+        pub fn program_prefix(&self) -> Vec<String> {
+            vec![
+                "/usr/bin/env".into(),
+                format!("LD_PRELOAD={}", libfaketime().display()),
+                format!("FAKETIME_TIMESTAMP_FILE={}", self.file.display()),
+                "FAKETIME_NO_CACHE=1".into(),
+                "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+            ]
+        }
+    }
+}
