@@ -319,16 +319,16 @@ impl Limits {
     ) -> Result<Limits, QueryError> {
         let max_rows = match max_rows {
             None => DEFAULT_MAX_ROWS,
-            Some(n) if n as usize > MAX_ROWS_CAP || n == 0 => {
-                return Err(QueryError::BadRequest(format!(
-                    "max_rows must be 1..={MAX_ROWS_CAP}"
-                )))
-            }
-            Some(n) => n as usize,
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| (1..=MAX_ROWS_CAP).contains(n))
+                .ok_or_else(|| {
+                    QueryError::BadRequest(format!("max_rows must be 1..={MAX_ROWS_CAP}"))
+                })?,
         };
         let timeout = match timeout_ms {
             None => DEFAULT_TIMEOUT,
-            Some(ms) if ms == 0 || ms > MAX_TIMEOUT.as_millis() as u64 => {
+            Some(ms) if ms == 0 || u128::from(ms) > MAX_TIMEOUT.as_millis() => {
                 return Err(QueryError::BadRequest(format!(
                     "timeout_ms must be 1..={}",
                     MAX_TIMEOUT.as_millis()

@@ -258,10 +258,11 @@ impl Manager {
         for f in std::fs::read_dir(&files).map_err(io("listing", &files))? {
             let f = f.map_err(io("listing", &files))?;
             let name = f.file_name().to_string_lossy().into_owned();
-            let stem = name
-                .trim_end_matches("-wal")
-                .trim_end_matches("-shm")
-                .trim_end_matches(".sqlite");
+            let base = name
+                .strip_suffix("-wal")
+                .or_else(|| name.strip_suffix("-shm"))
+                .unwrap_or(&name);
+            let stem = base.strip_suffix(".sqlite").unwrap_or(base);
             if !dbs.contains_key(stem) {
                 eprintln!("db-manager: removing {name}: no database of that name in the catalog (a create or drop was interrupted)");
                 remove_if_exists(&f.path())?;

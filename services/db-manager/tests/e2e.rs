@@ -499,6 +499,33 @@ fn databases_credentials_and_queries() {
         assert!(v["error"].is_string(), "{v}");
     }
 
+    // Unknown routes and wrong methods.
+    assert_eq!(call(&p, Some(ADMIN), "GET", "/v1/nothing", None).0, 404);
+    assert_eq!(call(&p, Some(ADMIN), "GET", "/nothing", None).0, 404);
+    assert_eq!(
+        call(&p, Some(ADMIN), "DELETE", "/v1/databases", None).0,
+        405
+    );
+    assert_eq!(
+        call(&p, Some(&rw), "GET", "/v1/databases/orders/query", None).0,
+        405
+    );
+    assert_eq!(
+        call(&p, Some(ADMIN), "GET", "/v1/databases/nosuch", None).0,
+        404
+    );
+    assert_eq!(
+        call(
+            &p,
+            Some(ADMIN),
+            "POST",
+            "/v1/databases/orders/credentials/xx/rotate",
+            None
+        )
+        .0,
+        404
+    );
+
     // Oversized bodies: 413, and the service keeps serving.
     let big = "x".repeat(2 * 1024 * 1024);
     let (code, _) = sql(
@@ -667,7 +694,17 @@ fn kill9_loses_no_acknowledged_write() {
         acked.len()
     );
 
+    // Leftovers of an interrupted backup and an interrupted create are
+    // removed at start; the catalog's databases are not.
+    std::fs::write(
+        data.path().join("tmp/backup-events-0000.sqlite"),
+        b"partial",
+    )
+    .unwrap();
+    std::fs::write(data.path().join("databases/ghost.sqlite"), b"orphan").unwrap();
     let p = Proc::dbm(&worker, data.path(), &[]);
+    assert!(!data.path().join("tmp/backup-events-0000.sqlite").exists());
+    assert!(!data.path().join("databases/ghost.sqlite").exists());
     let v = sql_ok(
         &p,
         "events",
@@ -812,6 +849,40 @@ fn backups_through_storage_manager_and_restore() {
         json!({"sql": "DELETE FROM orders WHERE id % 2 = 0"}),
     );
     sql_ok(&p, "shop", &rw, json!({"sql": "CREATE TABLE junk(a)"}));
+    let damaged = sql_ok(
+        &p,
+        "shop",
+        &ro,
+        json!({"sql": "SELECT count(*) FROM orders"}),
+    )["rows"][0][0]
+        .as_u64()
+        .unwrap();
+    // Readers keep going during the restore: every answer is a 200 with
+    // either the old or the restored contents, never an error.
+    let readers_stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, ro, stop) = (p.url.clone(), ro.clone(), readers_stop.clone());
+            std::thread::spawn(move || {
+                let a = agent();
+                let mut counts = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, v) = call_with(
+                        &a,
+                        &url,
+                        Some(&ro),
+                        "POST",
+                        "/v1/databases/shop/query",
+                        Some(json!({"sql": "SELECT count(*) FROM orders"})),
+                    );
+                    assert_eq!(code, 200, "{v}");
+                    counts.push(v["rows"][0][0].as_u64().unwrap());
+                }
+                counts
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
     let (code, v) = call(
         &p,
         Some(ADMIN),
@@ -820,6 +891,19 @@ fn backups_through_storage_manager_and_restore() {
         Some(json!({"backup": key})),
     );
     assert_eq!(code, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(100));
+    readers_stop.store(true, Ordering::Relaxed);
+    let seen: Vec<u64> = readers
+        .into_iter()
+        .flat_map(|r| r.join().unwrap())
+        .collect();
+    assert!(seen.contains(&damaged), "no read before the restore");
+    let restored = *seen.last().unwrap();
+    assert!(
+        seen.iter().all(|c| *c == damaged || *c == restored),
+        "{damaged} {restored} {seen:?}"
+    );
+    assert!(restored > damaged);
     worker.wait_event("restored database shop from");
     let v = sql_ok(
         &p,
