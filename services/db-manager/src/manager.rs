@@ -459,7 +459,9 @@ impl Manager {
         Ok(self.info(&h))
     }
 
-    /// Drops database `name` (waits for its running queries).
+    /// Drops database `name` (waits for its running queries and for a
+    /// backup or restore of it in progress; creates, drops and rotations
+    /// of other databases wait meanwhile).
     pub fn drop_db(&self, by: &str, name: &str) -> Result<(), ManagerError> {
         let mut catalog = lock(&self.catalog);
         let h = self.hosted(name)?;
@@ -468,12 +470,14 @@ impl Manager {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
-        drop(catalog);
+        // The catalog lock is held until the files are gone, so a create of
+        // the same name cannot start on files this drop is about to delete.
         let _ops = lock(&h.ops);
         h.db.exclusive(|path| {
             remove_db_files(path)?;
             Ok::<_, ManagerError>(false)
         })?;
+        drop(catalog);
         self.audit.send(format!("dropped database {name} by {by}"));
         Ok(())
     }
