@@ -369,7 +369,8 @@ pub struct QueryResult {
     pub rows_affected: u64,
     /// More rows were left out (row limit or size bound).
     pub truncated: bool,
-    /// `last_insert_rowid()` after a write, else `None`.
+    /// The rowid this statement inserted (the last one, for several rows),
+    /// else `None`.
     pub last_insert_rowid: Option<i64>,
 }
 
@@ -528,6 +529,7 @@ fn run_stmt(
     let ncol = columns.len();
     let writes = !stmt.readonly();
     let before = conn.total_changes();
+    let rowid_before = conn.last_insert_rowid();
     let mut rows = Vec::new();
     let mut truncated = false;
     let mut bytes = 0usize;
@@ -565,7 +567,10 @@ fn run_stmt(
         rows,
         rows_affected,
         truncated,
-        last_insert_rowid: writes.then(|| conn.last_insert_rowid()),
+        // Only when this statement inserted: the connection is shared, so
+        // an older value may be another request's.
+        last_insert_rowid: (writes && conn.last_insert_rowid() != rowid_before)
+            .then(|| conn.last_insert_rowid()),
     })
 }
 

@@ -421,6 +421,14 @@ fn databases_credentials_and_queries() {
         json!({"sql": "SELECT count(*) FROM items"}),
     );
     assert_eq!(v["rows"][0][0], 52, "the interrupted insert left nothing");
+    let v = sql_ok(
+        &p,
+        "orders",
+        &rw,
+        json!({"sql": "UPDATE items SET qty = qty WHERE id = 1"}),
+    );
+    assert_eq!(v["rows_affected"], 1);
+    assert!(v.get("last_insert_rowid").is_none(), "{v}");
 
     // The read-only credential cannot write: SQLite refuses it.
     for stmt in [
