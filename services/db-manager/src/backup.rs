@@ -8,6 +8,10 @@
 //! * config `backup_bucket` (default [`DEFAULT_BUCKET`]), created at start
 //!   if it does not exist;
 //! * config `backup_region` (default `us-east-1`);
+//! * config `backup_keep`: after each backup of a database, delete its
+//!   oldest backups beyond this many (default 0: keep all). Only keys
+//!   db-manager made (`<db>/<YYYYMMDDTHHMMSSZ>-<8 hex>.sqlite`) count;
+//!   other objects under the prefix are left alone;
 //! * secrets `backup_access_key` and `backup_secret_key`: an access key of
 //!   storage-manager.
 //!
@@ -85,6 +89,8 @@ pub trait BackupStore: Send + Sync + Debug {
     fn get(&self, key: &str, dest: &Path) -> Result<u64, BackupError>;
     /// Objects whose key starts with `prefix`.
     fn list(&self, prefix: &str) -> Result<Vec<BackupObject>, BackupError>;
+    /// Deletes `key` (no error if it does not exist).
+    fn delete(&self, key: &str) -> Result<(), BackupError>;
 }
 
 /// Backups in an S3 bucket (storage-manager).
@@ -186,6 +192,12 @@ impl BackupStore for S3Store {
         Ok(n)
     }
 
+    fn delete(&self, key: &str) -> Result<(), BackupError> {
+        self.client
+            .delete_object(&self.bucket, key)
+            .map_err(store_err)
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<BackupObject>, BackupError> {
         Ok(self
             .client
@@ -198,5 +210,46 @@ impl BackupStore for S3Store {
                 last_modified: o.last_modified,
             })
             .collect())
+    }
+}
+
+/// Is `key` a backup db-manager made for `db`
+/// (`<db>/<YYYYMMDDTHHMMSSZ>-<8 hex>.sqlite`)?
+pub fn is_own_key(db: &str, key: &str) -> bool {
+    let Some(rest) = key
+        .strip_prefix(db)
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|r| r.strip_suffix(".sqlite"))
+    else {
+        return false;
+    };
+    let Some((stamp, id)) = rest.split_once('-') else {
+        return false;
+    };
+    let b = stamp.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+        && id.len() == 8
+        && id.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_keys() {
+        assert!(is_own_key("shop", "shop/20261127T074401Z-1a2b3c4d.sqlite"));
+        for k in [
+            "shop/garbage.sqlite",
+            "shopx/20261127T074401Z-1a2b3c4d.sqlite",
+            "shop/20261127T074401Z-1a2b3c4.sqlite",
+            "shop/20261127X074401Z-1a2b3c4d.sqlite",
+            "shop/20261127T074401Z-1a2b3c4d.sqlite.bak",
+        ] {
+            assert!(!is_own_key("shop", k), "{k}");
+        }
     }
 }

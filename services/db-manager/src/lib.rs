@@ -92,7 +92,8 @@ pub const USAGE: &str = "usage: db-manager [--listen ADDR] [--data-dir DIR] [--t
 Runs under an edge-worker (needs AEREKOS_API and AEREKOS_TOKEN).
   --listen ADDR   default: $DB_MANAGER_LISTEN, the config value `listen`, 127.0.0.1:7500
   --data-dir DIR  where the catalog and databases live (default: the working directory)
-Config: backup_endpoint, backup_bucket, backup_region, backup_interval_s (0 = no schedule).
+Config: backup_endpoint, backup_bucket, backup_region, backup_interval_s (0 = no schedule),
+        backup_keep (backups kept per database; 0 = all).
 Secrets: clients (name:token,...) or client.<name> (admin API keys),
          backup_access_key, backup_secret_key.";
 
@@ -189,16 +190,26 @@ pub fn run(opts: Options) -> Result<(), StartError> {
              admin requests will be refused until some are added"
         );
     }
+    let keep = match config.get("backup_keep") {
+        None => 0,
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| StartError::Usage(format!("config backup_keep: not a number: {v:?}")))?,
+    };
     let (audit_sink, audit_rx) = Audit::channel(SERVICE);
     let store_line = store
         .as_ref()
         .map_or_else(|| "off".to_string(), |_| "storage-manager".to_string());
-    let mgr = Arc::new(Manager::open(
-        &data_dir,
-        clients,
-        store.map(|s| Box::new(s) as Box<dyn backup::BackupStore>),
-        audit_sink,
-    )?);
+    let mgr = Arc::new(
+        Manager::open(
+            &data_dir,
+            clients,
+            store.map(|s| Box::new(s) as Box<dyn backup::BackupStore>),
+            audit_sink,
+        )?
+        .with_backup_keep(keep),
+    );
     let intervals = ReportIntervals::from_ms(opts.report_ms, opts.refresh_ms);
     audit::spawn_reporter(SERVICE, local, mgr.clone(), audit_rx, intervals)?;
     if !backup_every.is_zero() {

@@ -167,6 +167,8 @@ pub struct Manager {
     dbs: RwLock<BTreeMap<String, Arc<Hosted>>>,
     admins: RwLock<Clients>,
     store: Option<Box<dyn BackupStore>>,
+    /// Backups kept per database (0: all).
+    keep: usize,
     /// Counters.
     pub stats: Stats,
     audit: Audit,
@@ -274,9 +276,17 @@ impl Manager {
             dbs: RwLock::new(dbs),
             admins: RwLock::new(admins),
             store,
+            keep: 0,
             stats: Stats::default(),
             audit,
         })
+    }
+
+    /// Keeps at most `keep` backups per database (0: all); older ones are
+    /// deleted after each successful backup.
+    pub fn with_backup_keep(mut self, keep: usize) -> Manager {
+        self.keep = keep;
+        self
     }
 
     fn db_path(&self, name: &str) -> PathBuf {
@@ -577,6 +587,9 @@ impl Manager {
                     "backed up database {name} to {} ({} bytes) by {by}",
                     b.key, b.bytes
                 ));
+                if self.keep > 0 {
+                    self.prune(name);
+                }
             }
             Err(e) => {
                 self.stats.backup_errors.fetch_add(1, Ordering::Relaxed);
@@ -611,6 +624,38 @@ impl Manager {
         })();
         let _ = remove_if_exists(&tmp);
         result
+    }
+
+    /// Deletes `name`'s oldest backups beyond [`Manager::with_backup_keep`];
+    /// failures become audit events (the backup itself succeeded).
+    fn prune(&self, name: &str) {
+        let Some(store) = self.store.as_deref() else {
+            return;
+        };
+        let result = (|| {
+            let mut own: Vec<String> = store
+                .list(&format!("{name}/"))?
+                .into_iter()
+                .map(|o| o.key)
+                .filter(|k| crate::backup::is_own_key(name, k))
+                .collect();
+            own.sort();
+            let excess = own.len().saturating_sub(self.keep);
+            for key in &own[..excess] {
+                store.delete(key)?;
+            }
+            Ok::<_, BackupError>(excess)
+        })();
+        match result {
+            Ok(0) => {}
+            Ok(n) => self.audit.send(format!(
+                "deleted {n} old backups of database {name} (keeping {})",
+                self.keep
+            )),
+            Err(e) => self
+                .audit
+                .send(format!("old backups of database {name} not deleted: {e}")),
+        }
     }
 
     /// Backups of `name` in the store, oldest first.

@@ -1027,3 +1027,57 @@ fn backups_unconfigured_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("backup_access_key"), "{err}");
 }
+
+#[test]
+fn backup_retention_keeps_the_newest() {
+    let sm_data = tempfile::tempdir().unwrap();
+    let db_data = tempfile::tempdir().unwrap();
+    let sm_worker = Worker::new(&[(
+        SM,
+        map(&[("encryption", "off")]),
+        map(&[("access_keys", &format!("{S3_KEY}:{S3_SECRET}"))]),
+    )]);
+    let sm = Proc::start(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
+    let mut worker = dbm_worker(
+        &[
+            ("backup_endpoint", &sm.url),
+            ("backup_bucket", "keep-test"),
+            ("backup_keep", "2"),
+        ],
+        &[
+            ("backup_access_key", S3_KEY),
+            ("backup_secret_key", S3_SECRET),
+        ],
+    );
+    let p = Proc::dbm(&worker, db_data.path(), &[]);
+    create(&p, "k");
+    // An object db-manager did not make is never deleted.
+    let s3 = storage_manager::client::S3Client::new(
+        &sm.url,
+        storage_manager::sigv4::Credentials {
+            access_key: S3_KEY.into(),
+            secret_key: S3_SECRET.into(),
+        },
+    )
+    .unwrap();
+    s3.put_object_bytes("keep-test", "k/manual-copy.sqlite", b"x")
+        .unwrap();
+    let mut made = Vec::new();
+    for _ in 0..4 {
+        let v = admin(&p, "POST", "/v1/databases/k/backups", None);
+        made.push(v["backup"].as_str().unwrap().to_string());
+        // Keys carry a one-second timestamp: keep them in order.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let v = admin(&p, "GET", "/v1/databases/k/backups", None);
+    let listed: Vec<&str> = v["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["backup"].as_str().unwrap())
+        .collect();
+    let mut expected = vec!["k/manual-copy.sqlite", made[2].as_str(), made[3].as_str()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    worker.wait_event("deleted 1 old backups of database k (keeping 2)");
+}
