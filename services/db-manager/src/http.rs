@@ -124,7 +124,7 @@ impl From<ManagerError> for Refusal {
         if code >= 500 && code != 502 {
             // Details (paths, SQLite messages) go to the log; never data.
             eprintln!("db-manager: internal error: {e}");
-            return Refusal(code, format!("internal error: {e}"), None);
+            return Refusal(code, "internal error; see the db-manager log".into(), None);
         }
         Refusal(code, e.to_string(), None)
     }
