@@ -24,6 +24,11 @@
 //! * `services/<name>/pid` — pid, process start time (field 22 of
 //!   `/proc/<pid>/stat`) and version of the running copy, written
 //!   atomically right after a spawn, removed once it is gone.
+//! * `services/<name>/spawning` — the instance id of a spawn in progress
+//!   (written before it, removed after the pid file): a copy spawned by a
+//!   worker killed before it wrote the pid file carries that id in
+//!   `AEREKOS_INSTANCE` and is killed by the next start, which then starts
+//!   its own (never two copies).
 //! * `services/<name>/output.log` — the service's stdout and stderr
 //!   (append mode). Not a pipe to the worker: a service must outlive the
 //!   worker, and a pipe whose reader is gone kills the writer with SIGPIPE.
@@ -34,8 +39,8 @@
 //!   after every deploy and removal.
 //!
 //! Processes: the service inherits the worker's environment minus its
-//! `AEREKOS_*` settings, plus the manifest's `env`, plus `AEREKOS_SERVICE`
-//! and whatever [`SupervisorOptions::extra_env`] adds (those win); stdin is
+//! `AEREKOS_*` settings, plus the manifest's `env`, plus `AEREKOS_SERVICE`,
+//! `AEREKOS_INSTANCE` (unique per spawn) and whatever [`SupervisorOptions::extra_env`] adds (those win); stdin is
 //! `/dev/null`. The hook sees the manifest before the spawn, so the local
 //! API knows a service before it can call. An artifact service execs the
 //! cached file, whose SHA-256 is
@@ -138,6 +143,13 @@ pub const ENGINE_RETRY: Duration = Duration::from_secs(15);
 /// Start of the detail of a container service failed for want of an engine.
 const NO_ENGINE: &str = "no container engine";
 const PID_FILE: &str = "pid";
+/// Written before a spawn, removed once the pid file is written: names the
+/// instance id the new process carries in [`INSTANCE_ENV`], so a copy
+/// spawned by a worker killed before it wrote the pid file is found (and
+/// killed) by the next start instead of running twice.
+const SPAWNING_FILE: &str = "spawning";
+/// Environment variable carrying a spawn's unique instance id.
+const INSTANCE_ENV: &str = "AEREKOS_INSTANCE";
 
 /// Is `name` usable as a service name (`[a-z0-9-]`, 1–32 chars, not
 /// starting with `-`)? It becomes a directory name. Same rule as the
@@ -526,6 +538,10 @@ impl Supervisor {
                     remove_file_logged(&svc_dir.join(PID_FILE));
                 }
             }
+            if matches!(svc.proc, Proc::None) {
+                kill_unrecorded_copy(&name, &svc_dir);
+            }
+            remove_file_logged(&svc_dir.join(SPAWNING_FILE));
             sup.services.insert(name.clone(), svc);
         }
         // Converge only once every entry is loaded: finishing a removal
@@ -1101,6 +1117,9 @@ impl Supervisor {
             if let Some(hook) = &extra {
                 env.extend(hook(&svc.manifest));
             }
+            let instance = instance_id();
+            env.push((INSTANCE_ENV.into(), instance.clone()));
+            note_spawning(&dir, &instance);
             spawn_process(&program, p, &env, &dir)
                 .map_err(|e| format!("cannot start {:?}: {e}", program.display()))
         });
@@ -1113,6 +1132,7 @@ impl Supervisor {
                     version: svc.manifest.version,
                 };
                 write_pid_file(&dir, &pf);
+                remove_file_logged(&dir.join(SPAWNING_FILE));
                 match cgroups.apply(name, &svc.manifest.limits) {
                     Ok(Some(cg)) => {
                         if let Err(e) = cgroups.attach(&cg, pid) {
@@ -1775,6 +1795,61 @@ fn write_pid_file(dir: &Path, pf: &PidFile) {
     }
 }
 
+/// A spawn's instance id, unique on this machine.
+fn instance_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}-{n}", std::process::id())
+}
+
+/// Records `instance` in `dir`'s [`SPAWNING_FILE`] before a spawn.
+fn note_spawning(dir: &Path, instance: &str) {
+    let result = fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            write_atomic(&dir.join(SPAWNING_FILE), instance.as_bytes()).map_err(|e| e.to_string())
+        });
+    if let Err(e) = result {
+        tracing::warn!("cannot write {}: {e}", dir.join(SPAWNING_FILE).display());
+    }
+}
+
+/// At load, with no adoptable pid file: kills the process group of a copy
+/// the previous run spawned without recording its pid (killed between the
+/// spawn and the pid file), found by the instance id in its environment.
+fn kill_unrecorded_copy(name: &str, dir: &Path) {
+    let Ok(instance) = fs::read_to_string(dir.join(SPAWNING_FILE)) else {
+        return;
+    };
+    let needle = format!("{INSTANCE_ENV}={}", instance.trim());
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            tracing::warn!(
+                service = name,
+                pid,
+                "killing a copy started by the previous run without a pid file"
+            );
+            // Services are group leaders (`process_group(0)`).
+            signal_group(pid, Signal::KILL);
+        }
+    }
+}
+
 fn remove_file_logged(path: &Path) {
     if let Err(e) = fs::remove_file(path) {
         if e.kind() != io::ErrorKind::NotFound {
@@ -1933,6 +2008,49 @@ mod tests {
             "asking again keeps the deadline"
         );
         assert!(due <= Instant::now() + POLL_INTERVAL);
+        sup.remove("web").unwrap();
+        wait_removed(&mut sup, "web");
+    }
+
+    #[test]
+    fn a_copy_spawned_without_a_pid_file_is_killed_at_the_next_start() {
+        // The previous run was killed between the spawn and the pid file:
+        // the next start must not leave that copy running beside its own.
+        let dir = tempfile::tempdir().unwrap();
+        let u = unique();
+        let _r = Reaper(vec![u.clone()]);
+        let file = DesiredFile {
+            services: vec![Desired {
+                manifest: Some(spec_to_manifest(&spec("web", 1, "sleep", &[&u]))),
+                spec: None,
+                run: true,
+                removing: false,
+            }],
+        };
+        fs::write(
+            dir.path().join(SERVICES_FILE),
+            serde_json::to_vec(&file).unwrap(),
+        )
+        .unwrap();
+        let svc_dir = dir.path().join(SERVICES_DIR).join("web");
+        fs::create_dir_all(&svc_dir).unwrap();
+        fs::write(svc_dir.join(SPAWNING_FILE), "test-instance-1").unwrap();
+        let mut orphan = Command::new("sleep")
+            .arg(&u)
+            .env(INSTANCE_ENV, "test-instance-1")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut sup = Supervisor::load(dir.path());
+        let st = wait_for(&mut sup, "web", "running", running);
+        assert_ne!(st.pid, orphan.id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while orphan.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the unrecorded copy still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(procs_with(&u), vec![st.pid], "one copy");
+        assert!(!svc_dir.join(SPAWNING_FILE).exists());
         sup.remove("web").unwrap();
         wait_removed(&mut sup, "web");
     }
