@@ -333,6 +333,9 @@ fn broker_restart_loses_no_queued_frame_and_keeps_the_service_running_once() {
             matches!(b, Body::Metrics(_)) && *sent > stopped_at && *sent < restarted_at
         })
         .count();
+    eprintln!(
+        "broker restart: {during} samples from the 5 s outage, seqs {first}..={last} contiguous"
+    );
     // 5 s at 500 ms: ~10 samples; a loaded machine skips some ticks.
     assert!(during >= 5, "only {during} samples from the outage");
 
@@ -703,6 +706,7 @@ fn worker_cut_off_buffers_metrics_and_its_service_runs_throughout_once() {
         (c.status_of(&id) == "offline").then_some(())
     });
     let took = cut_at.elapsed();
+    eprintln!("cut off: offline after {took:?} (interval {interval_ms} ms)");
     // Offline after more than 3 intervals without a good frame (liveness
     // ticker ≤ 250 ms); 2 s of margin for a loaded machine.
     assert!(
@@ -739,11 +743,16 @@ fn worker_cut_off_buffers_metrics_and_its_service_runs_throughout_once() {
     );
     proxy.restore();
     let restored_uptime = uptime_s();
+    let restored_at = Instant::now();
 
     // Reconnects (backoff is capped at 30 s), then delivers its queue first.
     wait_for("online again", SECS(90), || {
         (c.status_of(&id) == "online").then_some(())
     });
+    eprintln!(
+        "cut off: online again {:?} after the restore",
+        restored_at.elapsed()
+    );
     let after = restored_uptime as u64 + 2;
     wait_for("samples taken after the restore", SECS(30), || {
         history(&c, &id)
@@ -757,6 +766,7 @@ fn worker_cut_off_buffers_metrics_and_its_service_runs_throughout_once() {
         .filter(|(up, _)| (*up as f64) > cut_uptime + 1.0 && (*up as f64) < restored_uptime - 1.0)
         .count();
     let expected = (cut_s * 1000 / interval_ms).saturating_sub(2);
+    eprintln!("cut off: {during} samples taken during the {cut_s} s cut delivered");
     assert!(
         during as u64 * 10 >= expected * 7,
         "{during} samples from the {cut_s} s cut (about {expected} expected)"
@@ -862,6 +872,10 @@ fn clock_jumps_on_a_worker_change_nothing() {
         let pids = pids_with(&tag);
         (pids.len() == 1 && pids[0] != pid).then(|| pids[0])
     });
+    eprintln!(
+        "clock jumps: crash restarted after {:?} (backoff 300 ms)",
+        crashed.elapsed()
+    );
     assert!(
         crashed.elapsed() < SECS(10),
         "restart took {:?}",
@@ -896,6 +910,7 @@ fn clock_jumps_on_a_worker_change_nothing() {
     wait_for("offline after kill -9", SECS(15), || {
         (c.status_of(&id) == "offline").then_some(())
     });
+    eprintln!("clock jumps: offline {:?} after kill -9", killed.elapsed());
     assert!(
         killed.elapsed() <= Duration::from_millis(3 * interval_ms + 2000),
         "offline after {:?}",
