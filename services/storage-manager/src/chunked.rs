@@ -10,10 +10,15 @@
 //!   an empty line. Chunk signatures chain from the request's signature and
 //!   are verified at the end of each chunk (data of a bad chunk may already
 //!   be staged, but the error comes before the end of the body, so nothing
-//!   is committed). Trailer checksums (`x-amz-checksum-*`) are read but not
-//!   verified (the signed SHA-256 or chunk signatures and the stored MD5
-//!   cover integrity); a signed trailer's `x-amz-trailer-signature` is
+//!   is committed). A signed trailer's `x-amz-trailer-signature` is
 //!   verified.
+//! * [`Crc32`] / [`ChecksumCheck`]: `x-amz-checksum-crc32` and
+//!   `x-amz-checksum-crc32c`, sent as a header or as an aws-chunked trailer,
+//!   are verified against the decoded body (a mismatch is a
+//!   [`ChecksumMismatch`], S3's `BadDigest`). Other algorithms (SHA-1,
+//!   SHA-256, CRC64NVME) are accepted unverified: the signed SHA-256 or chunk
+//!   signatures and the stored MD5 still cover the body, except for
+//!   `STREAMING-UNSIGNED-PAYLOAD-TRAILER` with such a checksum.
 //!
 //! Errors are `std::io::Error`s wrapping a [`SigError`] (or `InvalidData`
 //! text for framing errors) so the HTTP layer can answer with the right S3
@@ -30,6 +35,100 @@ use crate::sigv4::{self, SigError, Verified};
 pub const MAX_LINE: usize = 4096;
 /// Most trailer lines.
 pub const MAX_TRAILERS: usize = 16;
+
+/// A body did not match its `x-amz-checksum-*` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the body does not match its {0} checksum")]
+pub struct ChecksumMismatch(pub String);
+
+/// CRC-32 (IEEE, `crc32`) or CRC-32C (Castagnoli, `crc32c`), table driven.
+#[derive(Debug, Clone)]
+pub struct Crc32 {
+    table: Box<[u32; 256]>,
+    crc: u32,
+}
+
+impl Crc32 {
+    /// For an `x-amz-checksum-<name>` algorithm name; `None` if unsupported.
+    pub fn for_algorithm(name: &str) -> Option<Crc32> {
+        let poly = match name {
+            "crc32" => 0xEDB8_8320u32,
+            "crc32c" => 0x82F6_3B78u32,
+            _ => return None,
+        };
+        let mut table = Box::new([0u32; 256]);
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { poly ^ (c >> 1) } else { c >> 1 };
+            }
+            *slot = c;
+        }
+        Some(Crc32 { table, crc: !0 })
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        let mut c = self.crc;
+        for &b in data {
+            c = self.table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+        }
+        self.crc = c;
+    }
+
+    /// The checksum as S3 sends it: base64 of the big-endian value.
+    pub fn base64(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode((!self.crc).to_be_bytes())
+    }
+}
+
+/// Verifies a header checksum (`x-amz-checksum-crc32[c]`) at the end of the body.
+#[derive(Debug)]
+pub struct ChecksumCheck<R> {
+    inner: R,
+    name: String,
+    crc: Crc32,
+    expected: String,
+    done: bool,
+}
+
+impl<R> ChecksumCheck<R> {
+    /// Wraps `inner`; `None` if the algorithm is not verified.
+    pub fn new(inner: R, name: &str, expected: &str) -> Result<Self, R> {
+        match Crc32::for_algorithm(name) {
+            Some(crc) => Ok(ChecksumCheck {
+                inner,
+                name: name.to_string(),
+                crc,
+                expected: expected.trim().to_string(),
+                done: false,
+            }),
+            None => Err(inner),
+        }
+    }
+}
+
+impl<R: Read> Read for ChecksumCheck<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            self.done = true;
+            if self.crc.base64() != self.expected {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    ChecksumMismatch(self.name.clone()),
+                ));
+            }
+            return Ok(0);
+        }
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+}
 
 fn sig_err(e: SigError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e)
@@ -93,9 +192,22 @@ pub struct AwsChunked<R> {
     chunk_sig: Option<String>,
     hasher: Sha256,
     finished: bool,
+    checksum: Option<(String, Crc32)>,
 }
 
 impl<R: BufRead> AwsChunked<R> {
+    /// Verifies the trailer `x-amz-checksum-<name>` (from the request's
+    /// `x-amz-trailer` header) if the algorithm is supported.
+    pub fn with_trailer_checksum(mut self, trailer_header: Option<&str>) -> Self {
+        if let Some(name) = trailer_header
+            .map(|h| h.trim().to_ascii_lowercase())
+            .and_then(|h| h.strip_prefix("x-amz-checksum-").map(str::to_string))
+        {
+            self.checksum = Crc32::for_algorithm(&name).map(|c| (name, c));
+        }
+        self
+    }
+
     /// `signing`: the verified request for signed chunks (`None` for
     /// unsigned); `trailer`: trailers follow the last chunk.
     pub fn new(inner: R, signing: Option<Verified>, trailer: bool) -> Self {
@@ -112,6 +224,7 @@ impl<R: BufRead> AwsChunked<R> {
             chunk_sig: None,
             hasher: Sha256::new(),
             finished: false,
+            checksum: None,
         }
     }
 
@@ -170,6 +283,12 @@ impl<R: BufRead> AwsChunked<R> {
             for _ in 0..=MAX_TRAILERS {
                 let l = self.line()?;
                 if l.is_empty() {
+                    if let Some((name, _)) = &self.checksum {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            ChecksumMismatch(format!("{name} (missing from the trailer)")),
+                        ));
+                    }
                     if let Some(v) = &self.signing {
                         let expect = sigv4::trailer_signature(v, &self.previous, &lines);
                         let got: String = trailer_sig.unwrap_or_default();
@@ -184,7 +303,24 @@ impl<R: BufRead> AwsChunked<R> {
                         trailer_sig = Some(v.trim().to_string());
                     }
                     Some((k, v)) => {
-                        lines.push_str(&format!("{}:{}\n", k.trim(), v.trim()));
+                        let (k, v) = (k.trim(), v.trim());
+                        lines.push_str(&format!("{k}:{v}\n"));
+                        let matches = self.checksum.as_ref().map(|(name, crc)| {
+                            (
+                                k.eq_ignore_ascii_case(&format!("x-amz-checksum-{name}")),
+                                crc.base64() == v,
+                                name.clone(),
+                            )
+                        });
+                        if let Some((true, ok, name)) = matches {
+                            if !ok {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::InvalidData,
+                                    ChecksumMismatch(name),
+                                ));
+                            }
+                            self.checksum = None;
+                        }
                     }
                     None => return Err(framing("a trailer line is not name:value")),
                 }
@@ -219,6 +355,9 @@ impl<R: BufRead> Read for AwsChunked<R> {
             if self.signing.is_some() {
                 self.hasher.update(&buf[..n]);
             }
+            if let Some((_, crc)) = &mut self.checksum {
+                crc.update(&buf[..n]);
+            }
             if self.left == 0 {
                 self.end_chunk(false)?;
             }
@@ -232,6 +371,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
     use super::*;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine as _;
 
     fn decode(body: &[u8], signing: Option<Verified>, trailer: bool) -> std::io::Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -240,9 +381,47 @@ mod tests {
     }
 
     #[test]
+    fn crc_vectors() {
+        // The standard check values of "123456789".
+        let mut c = Crc32::for_algorithm("crc32").unwrap();
+        c.update(b"123456789");
+        assert_eq!(c.base64(), B64.encode(0xCBF4_3926u32.to_be_bytes()));
+        let mut c = Crc32::for_algorithm("crc32c").unwrap();
+        c.update(b"1234");
+        c.update(b"56789");
+        assert_eq!(c.base64(), B64.encode(0xE306_9283u32.to_be_bytes()));
+        assert!(Crc32::for_algorithm("sha1").is_none());
+        let ok = ChecksumCheck::new(&b"123456789"[..], "crc32", "y/Q5Jg==").unwrap();
+        assert_eq!(std::io::read_to_string(ok).unwrap(), "123456789");
+        let bad = ChecksumCheck::new(&b"123456780"[..], "crc32", "y/Q5Jg==").unwrap();
+        let e = std::io::read_to_string(bad).unwrap_err();
+        assert!(e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<ChecksumMismatch>())
+            .is_some());
+    }
+
+    #[test]
     fn unsigned_trailer_body() {
         let body = b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-amz-checksum-crc32:DUoRhQ==\r\n\r\n";
         assert_eq!(decode(body, None, true).unwrap(), b"hello world");
+        let mut out = Vec::new();
+        AwsChunked::new(std::io::BufReader::new(&body[..]), None, true)
+            .with_trailer_checksum(Some("x-amz-checksum-crc32"))
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, b"hello world");
+        let wrong = b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n";
+        let e = AwsChunked::new(std::io::BufReader::new(&wrong[..]), None, true)
+            .with_trailer_checksum(Some("x-amz-checksum-crc32"))
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(
+            e.get_ref()
+                .and_then(|i| i.downcast_ref::<ChecksumMismatch>())
+                .is_some(),
+            "{e}"
+        );
         assert!(decode(b"5\r\nhel", None, true).is_err());
         assert!(decode(b"zz\r\n", None, true).is_err());
         assert!(decode(b"5\r\nhelloXX0\r\n\r\n", None, true).is_err());

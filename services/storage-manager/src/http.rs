@@ -18,6 +18,13 @@
 //! ([`S3Service::with_virtual_host_domain`]). Other sub-resources (`?acl`,
 //! `?versioning`, ...) answer `NotImplemented` (501).
 //!
+//! Damaged data: every chunk is authenticated before any of its bytes is
+//! sent. Encrypted answers up to [`VERIFIED_GET`] are decrypted before the
+//! status line, so a damaged object is a clean `500 InternalError`. Larger
+//! answers stream: a damaged chunk stops the body before its bytes, and
+//! since tiny_http cannot close the connection from the handler, the client
+//! sees a short body only when its read timeout fires.
+//!
 //! Limits: XML request bodies at most [`MAX_XML_BODY`]; object and part
 //! sizes from [`crate::store::Limits`]; listings at most 1000 keys a page.
 //! A refused request's unread body is read and discarded (tiny_http would
@@ -34,13 +41,16 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 
-use crate::chunked::{AwsChunked, Sha256Check};
+use crate::chunked::{AwsChunked, ChecksumCheck, ChecksumMismatch, Sha256Check};
 use crate::sigv4::{self, PayloadMode, SigError};
 use crate::store::{ListParams, Store, StoreError};
 use crate::{timefmt, xml};
 
 /// Largest XML request body (CreateBucket, CompleteMultipartUpload, Delete).
 pub const MAX_XML_BODY: usize = 1024 * 1024;
+/// Encrypted GET answers up to this size are decrypted whole before the
+/// status line is sent (see the module docs).
+pub const VERIFIED_GET: u64 = 1024 * 1024;
 /// Most keys a listing page or a DeleteObjects request holds.
 pub const MAX_KEYS: usize = 1000;
 /// Default request threads.
@@ -331,6 +341,12 @@ impl From<StoreError> for S3Err {
             if let Some(sig) = io.get_ref().and_then(|i| i.downcast_ref::<SigError>()) {
                 return sig.clone().into();
             }
+            if let Some(m) = io
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<ChecksumMismatch>())
+            {
+                return s3err(400, "BadDigest", m.to_string());
+            }
         }
         let (code, status) = e.s3_code();
         if status >= 500 && status != 503 {
@@ -449,10 +465,34 @@ impl Ctx<'_> {
             }
             PayloadMode::StreamingUnsignedTrailer => {
                 let len = declared("x-amz-decoded-content-length", self)?;
+                let trailer = self.header("x-amz-trailer").map(str::to_string);
                 let r = std::io::BufReader::with_capacity(64 * 1024, self.req.as_reader());
-                Ok((Box::new(AwsChunked::new(r, None, true)), len))
+                Ok((
+                    Box::new(
+                        AwsChunked::new(r, None, true).with_trailer_checksum(trailer.as_deref()),
+                    ),
+                    len,
+                ))
             }
         }
+    }
+
+    /// The body with its payload checks and, if a `x-amz-checksum-crc32[c]`
+    /// header came with it, that checksum verified too.
+    fn checked_body(&mut self) -> Result<(Box<dyn Read + '_>, u64), S3Err> {
+        let header = self.headers.iter().find_map(|(k, v)| {
+            k.strip_prefix("x-amz-checksum-")
+                .filter(|a| *a != "mode" && *a != "algorithm" && *a != "type")
+                .map(|a| (a.to_string(), v.clone()))
+        });
+        let (r, len) = self.body()?;
+        Ok(match header {
+            Some((alg, value)) => match ChecksumCheck::new(r, &alg, &value) {
+                Ok(c) => (Box::new(c), len),
+                Err(r) => (r, len),
+            },
+            None => (r, len),
+        })
     }
 
     /// A small XML body, fully read and checked.
@@ -1021,7 +1061,7 @@ fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err>
                 .q("partNumber")
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| s3err(400, "InvalidArgument", "partNumber must be 1 to 10000"))?;
-            let (mut body, len) = ctx.body()?;
+            let (mut body, len) = ctx.checked_body()?;
             let etag = store.upload_part(bucket, key, &id, n, &mut body, len)?;
             svc.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
             Ok(Reply::empty(200).header("ETag", format!("\"{etag}\"")))
@@ -1029,7 +1069,7 @@ fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err>
         "PUT" if ctx.header("x-amz-copy-source").is_some() => copy_object(ctx, bucket, key),
         "PUT" => {
             let (ct, meta) = (ctx.content_type(), ctx.user_meta());
-            let (mut body, len) = ctx.body()?;
+            let (mut body, len) = ctx.checked_body()?;
             let e = store.put_object(bucket, key, &mut body, len, ct, meta)?;
             svc.stats.puts.fetch_add(1, Ordering::Relaxed);
             svc.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
@@ -1099,7 +1139,23 @@ fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err>
                 r.body = Body::Length(end - start);
                 return Ok(r);
             }
-            let reader = store.reader(obj, start, end)?;
+            let encrypted = obj.trailer.enc.is_some();
+            let mut reader = store.reader(obj, start, end)?;
+            if encrypted && end - start <= VERIFIED_GET {
+                // Small answers are decrypted (and so authenticated) before
+                // the status line: a damaged object is a clean 500.
+                let mut buf = Vec::with_capacity((end - start) as usize);
+                if let Err(e) = reader.read_to_end(&mut buf) {
+                    eprintln!("storage-manager: {bucket}/{key}: {e}");
+                    svc.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(s3err(
+                        500,
+                        "InternalError",
+                        "the stored object is damaged; see the storage-manager log",
+                    ));
+                }
+                reader = Box::new(std::io::Cursor::new(buf));
+            }
             svc.stats.gets.fetch_add(1, Ordering::Relaxed);
             svc.stats
                 .bytes_out

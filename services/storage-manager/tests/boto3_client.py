@@ -72,6 +72,8 @@ got = s3.get_object(Bucket=bucket, Key="small.txt")
 check(got["Body"].read() == small, "small GET")
 check(got["ContentType"] == "text/plain", "content type kept")
 check(got["Metadata"].get("colour") == "blue", "user metadata kept")
+check(error_code(lambda: s3.put_object(Bucket=bucket, Key="bad-crc", Body=b"abc", ChecksumCRC32="AAAAAA==")) == "BadDigest", "wrong x-amz-checksum-crc32 -> BadDigest")
+check(error_code(lambda: s3.head_object(Bucket=bucket, Key="bad-crc")) == "404", "BadDigest stored nothing")
 
 big = os.urandom(5 * 1024 * 1024 + 12345)
 r = s3.put_object(Bucket=bucket, Key="dir/big.bin", Body=big)
