@@ -1053,6 +1053,10 @@ impl Store {
             .get(bucket)
             .ok_or_else(|| StoreError::NoSuchBucket(bucket.into()))?;
         let mut out = ListResult::default();
+        if p.max_keys == 0 {
+            // As S3: nothing listed, and no token to follow.
+            return Ok(out);
+        }
         let start = match &p.start_after {
             Some(s) if s.as_str() >= p.prefix.as_str() => Bound::Excluded(s.clone()),
             _ => Bound::Included(p.prefix.clone()),
@@ -1393,6 +1397,16 @@ mod tests {
             .unwrap();
         assert_eq!(r.objects.len(), 2);
         assert_eq!(r.prefixes, ["a/b/"]);
+        let none = s
+            .list(
+                "bk1",
+                &ListParams {
+                    max_keys: 0,
+                    ..p.clone()
+                },
+            )
+            .unwrap();
+        assert!(none.objects.is_empty() && none.prefixes.is_empty() && !none.truncated);
         assert!(matches!(
             s.delete_bucket("bk1"),
             Err(StoreError::BucketNotEmpty(_))
