@@ -50,6 +50,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use e2e::chaos::{describe, pids_with, unique_marker, uptime_s, BlackHoleProxy, FakeClock};
+use e2e::services::*;
 use e2e::*;
 use protocol::Body;
 use serde_json::{json, Value};
@@ -141,30 +142,6 @@ impl Drop for CopyWatch {
     }
 }
 
-/// The actual state of `service` on `worker` per the conductor.
-fn actual(c: &Conductor, service: &str, worker: &str) -> Option<Value> {
-    let (status, body) = c.get(&format!("/api/v1/services/{service}"));
-    assert_eq!(status, 200, "{body}");
-    body["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["worker_id"] == worker)
-        .map(|w| w["actual"].clone())
-        .filter(|a| !a.is_null())
-}
-
-fn state_of(c: &Conductor, service: &str, worker: &str) -> String {
-    actual(c, service, worker)
-        .and_then(|a| a["state"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-fn pid_of(c: &Conductor, service: &str, worker: &str) -> u32 {
-    actual(c, service, worker)
-        .and_then(|a| a["pid"].as_u64())
-        .unwrap_or(0) as u32
-}
-
 fn is_up(state: &str) -> bool {
     state == "running" || state == "healthy"
 }
@@ -175,18 +152,6 @@ fn sleep_spec(name: &str, marker: &str) -> Value {
     json!({"name": name, "command": bin("test-service").to_str().unwrap(),
            "args": ["--tag", marker, "--tick-ms", "1000"],
            "restart": "always", "max_restarts": 10, "restart_window_s": 60, "backoff_ms": 200})
-}
-
-#[track_caller]
-fn create_service(c: &Conductor, spec: &Value) {
-    let (status, body) = c.post("/api/v1/services", spec);
-    assert_eq!(status, 201, "create {}: {body}", spec["name"]);
-}
-
-#[track_caller]
-fn deploy(c: &Conductor, name: &str, deployment: &Value) {
-    let (status, body) = c.put(&format!("/api/v1/services/{name}/deployment"), deployment);
-    assert_eq!(status, 200, "deploy {name}: {body}");
 }
 
 fn start_worker(dir: &Path, c: &Conductor, token: &str, host: &str, opts: WorkerOpts) -> Worker {
@@ -240,24 +205,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-/// Runs the CLI against `c` with `--json`; panics on failure.
-fn cli_json(c: &Conductor, args: &[&str]) -> Value {
-    let out = Command::new(bin("aerekos"))
-        .arg("--json")
-        .args(args)
-        .env("AEREKOS_URL", c.url())
-        .env("AEREKOS_TOKEN", &c.admin)
-        .output()
-        .expect("run aerekos");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "aerekos {args:?}: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("aerekos {args:?}: {e}: {stdout}"))
 }
 
 // ---- 1. broker restart ----

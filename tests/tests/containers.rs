@@ -12,8 +12,9 @@ use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
+use e2e::services::actual;
 use e2e::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -50,16 +51,6 @@ impl Drop for Cleanup {
         }
         let _ = docker(&["rmi", "-f", &self.image]);
     }
-}
-
-fn actual(c: &Conductor, worker: &str) -> Option<Value> {
-    let (_, body) = c.get("/api/v1/services/ctr");
-    body["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["worker_id"] == worker)
-        .map(|w| w["actual"].clone())
-        .filter(|a| !a.is_null())
 }
 
 fn container_ids(filter: &str) -> Vec<String> {
@@ -131,7 +122,7 @@ fn container_service_is_deployed_restarted_and_removed_and_foreign_containers_ar
     let (status, body) = c.put("/api/v1/services/ctr/deployment", &json!({"workers": [id]}));
     assert_eq!(status, 200, "{body}");
     wait_for("container running", SECS(60), || {
-        actual(&c, &id).filter(|a| a["state"] == "running")
+        actual(&c, "ctr", &id).filter(|a| a["state"] == "running")
     });
     let ours = container_ids("label=io.aerekos.service=ctr");
     assert_eq!(ours.len(), 1, "one container carries our labels: {ours:?}");
@@ -174,7 +165,7 @@ fn container_service_is_deployed_restarted_and_removed_and_foreign_containers_ar
         (after.ends_with("true") && !after.starts_with(before.trim())).then_some(())
     });
     wait_for("running again", SECS(30), || {
-        actual(&c, &id).filter(|a| a["state"] == "running")
+        actual(&c, "ctr", &id).filter(|a| a["state"] == "running")
     });
 
     // Killed behind our back → restarted by the worker's policy.
@@ -182,7 +173,7 @@ fn container_service_is_deployed_restarted_and_removed_and_foreign_containers_ar
     let (ok, out) = docker(&["kill", &cid]);
     assert!(ok, "{out}");
     wait_for("restarted after docker kill", SECS(60), || {
-        let a = actual(&c, &id)?;
+        let a = actual(&c, "ctr", &id)?;
         (a["state"] == "running" && a["restarts"].as_u64().unwrap_or(0) >= 1).then_some(())
     });
 

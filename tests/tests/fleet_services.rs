@@ -94,7 +94,11 @@ fn key_manager_deployed_through_the_conductor_serves_clients_and_reports_back() 
     let base = format!("http://127.0.0.1:{port}");
 
     // A client with the key issued through the conductor uses the KMS.
-    let (status, v) = post(&format!("{base}/v1/keys"), &orders, &json!({"name": "orders"}));
+    let (status, v) = post(
+        &format!("{base}/v1/keys"),
+        &orders,
+        &json!({"name": "orders"}),
+    );
     assert_eq!(status, 201, "{v}");
     let plain = "aGVsbG8gZmxlZXQ="; // "hello fleet"
     let (status, enc) = post(
@@ -111,7 +115,11 @@ fn key_manager_deployed_through_the_conductor_serves_clients_and_reports_back() 
     assert_eq!(status, 200, "{dec}");
     assert_eq!(dec["plaintext"], plain);
     // A token nobody issued is refused.
-    let (status, _) = post(&format!("{base}/v1/keys"), &token("guess"), &json!({"name": "x"}));
+    let (status, _) = post(
+        &format!("{base}/v1/keys"),
+        &token("guess"),
+        &json!({"name": "x"}),
+    );
     assert_eq!(status, 401);
 
     // Audit and metrics come back through the worker to the conductor.
@@ -147,7 +155,11 @@ fn key_manager_deployed_through_the_conductor_serves_clients_and_reports_back() 
         let p = pid_of(&c, "key-manager", &id);
         (p != 0 && p != pid && state_of(&c, "key-manager", &id) == "healthy").then_some(())
     });
-    let (status, v) = post(&format!("{base}/v1/keys"), &billing, &json!({"name": "billing"}));
+    let (status, v) = post(
+        &format!("{base}/v1/keys"),
+        &billing,
+        &json!({"name": "billing"}),
+    );
     assert_eq!(status, 201, "the new client key works: {v}");
     let (status, dec) = post(
         &format!("{base}/v1/decrypt"),
@@ -163,7 +175,10 @@ fn key_manager_deployed_through_the_conductor_serves_clients_and_reports_back() 
         worker_text(&c, &id),
         std::fs::read_to_string(c.data_dir.join("conductor.log")).unwrap_or_default(),
     ] {
-        assert!(!text.contains(&orders) && !text.contains(&billing), "{text}");
+        assert!(
+            !text.contains(&orders) && !text.contains(&billing),
+            "{text}"
+        );
     }
 }
 
@@ -252,7 +267,11 @@ fn key_storage_and_db_managers_deployed_together_back_up_and_restore_a_database(
         assert_eq!(status, 200, "{v}");
     }
     let count = |bearer: &str| {
-        let (status, v) = post(&query, bearer, &json!({"sql": "SELECT count(*) FROM items"}));
+        let (status, v) = post(
+            &query,
+            bearer,
+            &json!({"sql": "SELECT count(*) FROM items"}),
+        );
         assert_eq!(status, 200, "{v}");
         v["rows"][0][0].as_i64().unwrap()
     };
@@ -281,7 +300,11 @@ fn key_storage_and_db_managers_deployed_together_back_up_and_restore_a_database(
     let sm_pid = pid_of(&c, "storage-manager", &id);
     let sm_dir = std::fs::read_link(format!("/proc/{sm_pid}/cwd")).unwrap();
     let on_disk = files_under(&sm_dir);
-    assert!(!on_disk.is_empty(), "storage-manager keeps files in {}", sm_dir.display());
+    assert!(
+        !on_disk.is_empty(),
+        "storage-manager keeps files in {}",
+        sm_dir.display()
+    );
     for f in &on_disk {
         let bytes = std::fs::read(f).unwrap_or_default();
         assert!(
@@ -295,7 +318,11 @@ fn key_storage_and_db_managers_deployed_together_back_up_and_restore_a_database(
     let (status, v) = post(&query, &rw, &json!({"sql": "DELETE FROM items"}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(count(&ro), 0);
-    let (status, v) = post(&format!("{db}/orders/restore"), &ops, &json!({"backup": key}));
+    let (status, v) = post(
+        &format!("{db}/orders/restore"),
+        &ops,
+        &json!({"backup": key}),
+    );
     assert_eq!(status, 200, "{v}");
     assert_eq!(count(&ro), 3, "restored rows");
 
@@ -306,9 +333,11 @@ fn key_storage_and_db_managers_deployed_together_back_up_and_restore_a_database(
         "restored database orders",
         "created bucket db-backups",
     ] {
-        wait_for(&format!("event {text:?} on the conductor"), SECS(30), || {
-            worker_text(&c, &id).contains(text).then_some(())
-        });
+        wait_for(
+            &format!("event {text:?} on the conductor"),
+            SECS(30),
+            || worker_text(&c, &id).contains(text).then_some(()),
+        );
     }
     wait_for("storage-manager capacity in Prometheus", SECS(30), || {
         let text = c.prometheus();

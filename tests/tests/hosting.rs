@@ -17,12 +17,9 @@ use serde_json::{json, Value};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-
-
 fn arch() -> &'static str {
     std::env::consts::ARCH
 }
-
 
 /// Stores a spec through `aerekos service create <file>`.
 fn create(c: &Conductor, dir: &Path, spec: &Value) -> Value {
@@ -38,8 +35,6 @@ fn rand_suffix() -> u32 {
         .unwrap()
         .subsec_nanos()
 }
-
-
 
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut resp = http()

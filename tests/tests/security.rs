@@ -15,7 +15,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::*;
@@ -84,20 +83,8 @@ fn http_from(
 
 /// Runs the CLI against `c`; (success, stdout + stderr).
 fn cli(c: &Conductor, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("aerekos"))
-        .args(args)
-        .env("AEREKOS_URL", c.url())
-        .env("AEREKOS_TOKEN", &c.admin)
-        .output()
-        .expect("run aerekos");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let (ok, out, err) = e2e::services::cli(c, args);
+    (ok, format!("{out}{err}"))
 }
 
 fn start_one(dir: &Path, hostname: &str) -> (Conductor, Worker, String) {

@@ -4,53 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
-use std::fs;
 use std::time::Duration;
 
+use e2e::chaos::{describe, pids_with};
 use e2e::services::*;
 use e2e::*;
 use serde_json::json;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-/// Pids of live processes whose command line contains `marker`.
-fn pids_with(marker: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        // Zombies have an empty cmdline; only live processes count.
-        if String::from_utf8_lossy(&cmd).contains(marker) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// `pid (ppid) cmdline` of each process, for failure messages.
-fn describe(pids: &[u32]) -> String {
-    pids.iter()
-        .map(|p| {
-            let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().nth(1))
-                .unwrap_or("?")
-                .to_string();
-            let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            format!(
-                "{p} (ppid {ppid}) {}",
-                String::from_utf8_lossy(&cmd).replace('\0', " ")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
 
 /// A `sleep` argument no other process on the machine has.
 fn marker() -> String {
@@ -60,9 +21,6 @@ fn marker() -> String {
         .subsec_nanos();
     format!("3600.{}{}", std::process::id(), nanos % 100_000)
 }
-
-
-
 
 #[test]
 fn deploy_by_label_supervise_survive_outage_and_undeploy_without_orphans() {
