@@ -11,10 +11,8 @@
 //! `{"error": "..."}`; a failed batch statement adds `"statement": i`.
 
 use std::io::Read;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -30,88 +28,20 @@ pub const MAX_BATCH: usize = 1000;
 /// Default number of request threads.
 pub const DEFAULT_THREADS: usize = 8;
 
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// The address could not be bound.
-    #[error(transparent)]
-    Bind(#[from] service_runtime::listen::BindError),
-    /// A thread could not be started.
-    #[error("cannot start a request thread: {0}")]
-    Thread(#[from] std::io::Error),
-}
-
 /// A running server; stops and joins its threads on drop.
-pub struct HttpServer {
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
+pub use service_runtime::listen::HttpServer;
+/// Why the server could not start.
+pub use service_runtime::listen::ServeError as HttpError;
 
-impl std::fmt::Debug for HttpServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpServer")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl HttpServer {
-    /// Binds `listen` and serves `mgr` on `threads` threads.
-    pub fn start(listen: &str, mgr: Arc<Manager>, threads: usize) -> Result<HttpServer, HttpError> {
-        let (server, addr) = service_runtime::bind_nodelay("db-manager", listen)?;
-        let server = Arc::new(server);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
-            let (server, stop, mgr) = (server.clone(), stop.clone(), mgr.clone());
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("dbm-http-{i}"))
-                    .spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            match server.recv_timeout(Duration::from_millis(500)) {
-                                Ok(Some(req)) => handle(&mgr, req),
-                                Ok(None) => {}
-                                Err(e) => {
-                                    eprintln!("db-manager: accepting a request: {e}");
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                            }
-                        }
-                    })?,
-            );
-        }
-        Ok(HttpServer {
-            server,
-            addr,
-            stop,
-            threads: handles,
-        })
-    }
-
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Blocks until the server stops.
-    pub fn wait(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.server.unblock();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// Binds `listen` and serves `mgr` on `threads` threads.
+pub fn serve(listen: &str, mgr: Arc<Manager>, threads: usize) -> Result<HttpServer, HttpError> {
+    HttpServer::start(
+        "db-manager",
+        "dbm-http",
+        listen,
+        threads,
+        Arc::new(move |req| handle(&mgr, req)),
+    )
 }
 
 /// A refusal with its status and extra fields.
@@ -134,40 +64,8 @@ fn bad(msg: impl Into<String>) -> Refusal {
     Refusal(400, msg.into(), None)
 }
 
-fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str())
-}
-
-fn bearer(req: &tiny_http::Request) -> Option<String> {
-    let v = header(req, "Authorization")?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
-}
-
 fn respond(req: tiny_http::Request, code: u16, body: &Value) {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut resp = tiny_http::Response::from_data(bytes).with_status_code(code);
-    for (k, v) in [
-        ("Content-Type", "application/json"),
-        ("Cache-Control", "no-store"),
-    ] {
-        if let Ok(h) = tiny_http::Header::from_bytes(k, v) {
-            resp.add_header(h);
-        }
-    }
-    if code == 401 {
-        if let Ok(h) =
-            tiny_http::Header::from_bytes("WWW-Authenticate", "Bearer realm=\"db-manager\"")
-        {
-            resp.add_header(h);
-        }
-    }
-    let _ = req.respond(resp);
+    service_runtime::listen::respond_json(req, code, body, "db-manager");
 }
 
 fn handle(mgr: &Manager, mut req: tiny_http::Request) {
@@ -286,7 +184,7 @@ fn answer(
         Some(rest) => rest.trim_end_matches('/').split('/').collect(),
         None => return Err(Refusal(404, "no such route".into(), None)),
     };
-    let token = bearer(req);
+    let token = service_runtime::listen::bearer_token(req);
     // Database credentials: query and batch.
     if let ["databases", db, op @ ("query" | "batch")] = segments.as_slice() {
         if *method != Post {

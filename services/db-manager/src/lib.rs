@@ -29,7 +29,6 @@ pub mod engine;
 pub mod http;
 pub mod manager;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +37,7 @@ pub use http::HttpServer;
 pub use manager::{Manager, ManagerError};
 
 use service_runtime::audit::{self, Audit, ReportIntervals};
+use service_runtime::options::{self, listen_address, CommonOptions};
 use service_runtime::{Clients, LocalClient};
 
 /// Default listen address.
@@ -72,16 +72,9 @@ pub enum StartError {
 /// Command-line options.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// `--listen`.
-    pub listen: Option<String>,
-    /// `--data-dir` (default: the working directory).
-    pub data_dir: Option<PathBuf>,
-    /// `--threads`.
-    pub threads: Option<usize>,
-    /// `--report-interval-ms`.
-    pub report_ms: Option<u64>,
-    /// `--refresh-interval-ms`.
-    pub refresh_ms: Option<u64>,
+    /// `--listen`, `--data-dir`, `--threads`, `--report-interval-ms`,
+    /// `--refresh-interval-ms` (see [`service_runtime::options`]).
+    pub common: CommonOptions,
     /// `--backup-interval-ms` (overrides the config `backup_interval_s`).
     pub backup_ms: Option<u64>,
 }
@@ -100,44 +93,14 @@ Secrets: clients (name:token,...) or client.<name> (admin API keys),
 impl Options {
     /// Parses `args` (without the program name). `Ok(None)` for `--help`.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, StartError> {
-        let mut o = Options::default();
-        let mut it = args.into_iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-                _ => (arg.clone(), None),
-            };
-            if flag == "-h" || flag == "--help" {
-                return Ok(None);
-            }
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| it.next())
-                    .ok_or_else(|| StartError::Usage(format!("{flag} needs a value\n{USAGE}")))
-            };
-            let number = |v: String| {
-                v.parse::<u64>()
-                    .map_err(|_| StartError::Usage(format!("{flag}: not a number: {v}")))
-            };
-            match flag.as_str() {
-                "--listen" => o.listen = Some(value()?),
-                "--data-dir" => o.data_dir = Some(PathBuf::from(value()?)),
-                "--threads" => {
-                    let n = number(value()?)?;
-                    o.threads = Some(usize::try_from(n.clamp(1, 64)).unwrap_or(1));
-                }
-                "--report-interval-ms" => o.report_ms = Some(number(value()?)?.max(10)),
-                "--refresh-interval-ms" => o.refresh_ms = Some(number(value()?)?.max(10)),
-                "--backup-interval-ms" => o.backup_ms = Some(number(value()?)?),
-                _ => {
-                    return Err(StartError::Usage(format!(
-                        "unknown argument {arg}\n{USAGE}"
-                    )))
-                }
-            }
-        }
-        Ok(Some(o))
+        let mut backup_ms = None;
+        let common =
+            CommonOptions::parse_with(args, USAGE, &["--backup-interval-ms"], |flag, value| {
+                backup_ms = Some(options::number(flag, &value)?);
+                Ok(())
+            })
+            .map_err(|e| StartError::Usage(e.0))?;
+        Ok(common.map(|common| Options { common, backup_ms }))
     }
 }
 
@@ -176,10 +139,7 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             "a backup interval is set but backup_endpoint is not".into(),
         ));
     }
-    let data_dir = match opts.data_dir {
-        Some(d) => d,
-        None => std::env::current_dir()?,
-    };
+    let data_dir = opts.common.data_dir_or_cwd()?;
     let (clients, warnings) = Clients::from_secrets(&secrets);
     for w in warnings {
         eprintln!("{SERVICE}: {w}");
@@ -210,20 +170,16 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         )?
         .with_backup_keep(keep),
     );
-    let intervals = ReportIntervals::from_ms(opts.report_ms, opts.refresh_ms);
+    let intervals = ReportIntervals::from_ms(opts.common.report_ms, opts.common.refresh_ms);
     audit::spawn_reporter(SERVICE, local, mgr.clone(), audit_rx, intervals)?;
     if !backup_every.is_zero() {
         spawn_scheduler(mgr.clone(), backup_every)?;
     }
-    let listen = opts
-        .listen
-        .or_else(|| std::env::var(ENV_LISTEN).ok())
-        .or_else(|| config.get("listen").cloned())
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let server = HttpServer::start(
+    let listen = listen_address(opts.common.listen, ENV_LISTEN, &config, DEFAULT_LISTEN);
+    let server = http::serve(
         &listen,
         mgr.clone(),
-        opts.threads.unwrap_or(http::DEFAULT_THREADS),
+        opts.common.threads.unwrap_or(http::DEFAULT_THREADS),
     )?;
     println!(
         "{SERVICE}: listening on http://{} ({} databases, backups {}, schedule {}, admins: [{}])",
@@ -241,4 +197,53 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     let _ = std::io::stdout().flush();
     server.wait();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn parse(a: &[&str]) -> Result<Option<Options>, StartError> {
+        Options::parse(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn backup_interval_beside_the_common_flags() {
+        let o = parse(&["--backup-interval-ms=0", "--threads", "2", "--listen=a:1"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.backup_ms, Some(0));
+        assert_eq!(o.common.threads, Some(2));
+        assert_eq!(o.common.listen.as_deref(), Some("a:1"));
+        assert_eq!(
+            parse(&["--backup-interval-ms", "250"])
+                .unwrap()
+                .unwrap()
+                .backup_ms,
+            Some(250)
+        );
+        assert!(parse(&["--help"]).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_command_lines_are_usage_errors_with_the_db_manager_usage() {
+        let msg = |a: &[&str]| match parse(a) {
+            Err(StartError::Usage(m)) => m,
+            other => panic!("{a:?}: {other:?}"),
+        };
+        assert_eq!(
+            msg(&["--backup-interval-ms=soon"]),
+            "--backup-interval-ms: not a number: soon"
+        );
+        assert_eq!(
+            msg(&["--backup-interval-ms"]),
+            format!("--backup-interval-ms needs a value\n{USAGE}")
+        );
+        assert_eq!(
+            msg(&["--backup-every=1"]),
+            format!("unknown argument --backup-every=1\n{USAGE}")
+        );
+    }
 }

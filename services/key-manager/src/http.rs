@@ -8,10 +8,7 @@
 //! typo is not silently ignored. Errors are `{"error": "..."}`.
 
 use std::io::Read;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -26,101 +23,21 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Default number of request threads.
 pub const DEFAULT_THREADS: usize = 4;
 
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// The address could not be bound.
-    #[error("cannot listen on {addr}: {reason}")]
-    Bind {
-        /// The address.
-        addr: String,
-        /// Why.
-        reason: String,
-    },
-    /// A thread could not be started.
-    #[error("cannot start a request thread: {0}")]
-    Thread(#[from] std::io::Error),
-}
-
 /// A running server; stops and joins its threads on [`HttpServer::stop`]
 /// or drop.
-pub struct HttpServer {
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
+pub use service_runtime::listen::HttpServer;
+/// Why the server could not start.
+pub use service_runtime::listen::ServeError as HttpError;
 
-impl std::fmt::Debug for HttpServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpServer")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl HttpServer {
-    /// Binds `listen` and serves `kms` on `threads` threads.
-    pub fn start(listen: &str, kms: Arc<Kms>, threads: usize) -> Result<HttpServer, HttpError> {
-        let (server, addr) =
-            service_runtime::bind_nodelay("key-manager", listen).map_err(|e| HttpError::Bind {
-                addr: e.addr,
-                reason: e.reason,
-            })?;
-        let server = Arc::new(server);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
-            let (server, stop, kms) = (server.clone(), stop.clone(), kms.clone());
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("km-http-{i}"))
-                    .spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            match server.recv_timeout(Duration::from_millis(500)) {
-                                Ok(Some(req)) => handle(&kms, req),
-                                Ok(None) => {}
-                                Err(e) => {
-                                    eprintln!("key-manager: accepting a request: {e}");
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                            }
-                        }
-                    })?,
-            );
-        }
-        Ok(HttpServer {
-            server,
-            addr,
-            stop,
-            threads: handles,
-        })
-    }
-
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Blocks until the server stops (never, unless another handle stops it).
-    pub fn wait(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-
-    /// Stops and joins the threads.
-    pub fn stop(self) {}
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.server.unblock();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// Binds `listen` and serves `kms` on `threads` threads.
+pub fn serve(listen: &str, kms: Arc<Kms>, threads: usize) -> Result<HttpServer, HttpError> {
+    HttpServer::start(
+        "key-manager",
+        "km-http",
+        listen,
+        threads,
+        Arc::new(move |req| handle(&kms, req)),
+    )
 }
 
 /// A refusal with its status.
@@ -144,40 +61,8 @@ fn bad(msg: impl Into<String>) -> Refusal {
     Refusal(400, msg.into())
 }
 
-fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str())
-}
-
-fn bearer(req: &tiny_http::Request) -> Option<String> {
-    let v = header(req, "Authorization")?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
-}
-
 fn respond(req: tiny_http::Request, code: u16, body: &Value) {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut resp = tiny_http::Response::from_data(bytes).with_status_code(code);
-    for (k, v) in [
-        ("Content-Type", "application/json"),
-        ("Cache-Control", "no-store"),
-    ] {
-        if let Ok(h) = tiny_http::Header::from_bytes(k, v) {
-            resp.add_header(h);
-        }
-    }
-    if code == 401 {
-        if let Ok(h) =
-            tiny_http::Header::from_bytes("WWW-Authenticate", "Bearer realm=\"key-manager\"")
-        {
-            resp.add_header(h);
-        }
-    }
-    let _ = req.respond(resp);
+    service_runtime::listen::respond_json(req, code, body, "key-manager");
 }
 
 /// Answers one request.
@@ -300,7 +185,7 @@ fn answer(
             _ => Err(Refusal(405, "method not allowed".into())),
         };
     }
-    let client = kms.authenticate(bearer(req).as_deref())?;
+    let client = kms.authenticate(service_runtime::listen::bearer_token(req).as_deref())?;
     let body = match method {
         Post => read_body(req)?,
         _ => Vec::new(),

@@ -47,8 +47,9 @@ pub mod kms;
 pub mod local;
 pub mod store;
 
-use std::path::PathBuf;
 use std::sync::Arc;
+
+use service_runtime::options::{listen_address, CommonOptions};
 
 pub use crypto::{MasterKey, MasterSource, SecretKey};
 pub use http::HttpServer;
@@ -84,19 +85,13 @@ pub enum StartError {
     Thread(#[from] std::io::Error),
 }
 
-/// Command-line options.
+/// Command-line options: the flags every service takes (see
+/// [`service_runtime::options`]).
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// `--listen`.
-    pub listen: Option<String>,
-    /// `--data-dir` (default: the working directory).
-    pub data_dir: Option<PathBuf>,
-    /// `--threads`.
-    pub threads: Option<usize>,
-    /// `--report-interval-ms`.
-    pub report_ms: Option<u64>,
+    /// `--listen`, `--data-dir`, `--threads`, `--report-interval-ms`,
     /// `--refresh-interval-ms`.
-    pub refresh_ms: Option<u64>,
+    pub common: CommonOptions,
 }
 
 /// Usage text.
@@ -109,43 +104,8 @@ Runs under an edge-worker (needs AEREKOS_API and AEREKOS_TOKEN).
 impl Options {
     /// Parses `args` (without the program name). `Ok(None)` for `--help`.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, StartError> {
-        let mut o = Options::default();
-        let mut it = args.into_iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-                _ => (arg.clone(), None),
-            };
-            if flag == "-h" || flag == "--help" {
-                return Ok(None);
-            }
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| it.next())
-                    .ok_or_else(|| StartError::Usage(format!("{flag} needs a value\n{USAGE}")))
-            };
-            let number = |v: String| {
-                v.parse::<u64>()
-                    .map_err(|_| StartError::Usage(format!("{flag}: not a number: {v}")))
-            };
-            match flag.as_str() {
-                "--listen" => o.listen = Some(value()?),
-                "--data-dir" => o.data_dir = Some(PathBuf::from(value()?)),
-                "--threads" => {
-                    let n = number(value()?)?;
-                    o.threads = Some(usize::try_from(n.clamp(1, 64)).unwrap_or(1));
-                }
-                "--report-interval-ms" => o.report_ms = Some(number(value()?)?.max(10)),
-                "--refresh-interval-ms" => o.refresh_ms = Some(number(value()?)?.max(10)),
-                _ => {
-                    return Err(StartError::Usage(format!(
-                        "unknown argument {arg}\n{USAGE}"
-                    )))
-                }
-            }
-        }
-        Ok(Some(o))
+        let common = CommonOptions::parse(args, USAGE).map_err(|e| StartError::Usage(e.0))?;
+        Ok(common.map(|common| Options { common }))
     }
 }
 
@@ -158,10 +118,7 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         Some(hex) => MasterKey::from_hex(hex)?,
         None => MasterKey::derive_from_token(local.token())?,
     };
-    let data_dir = match opts.data_dir {
-        Some(d) => d,
-        None => std::env::current_dir()?,
-    };
+    let data_dir = opts.common.data_dir_or_cwd()?;
     let store = Store::open(&data_dir, master)?;
     let (clients, warnings) = Clients::from_secrets(&secrets);
     for w in warnings {
@@ -177,17 +134,13 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     let client_line = client_names.join(", ");
     let (audit, audit_rx) = Audit::channel("key-manager");
     let kms = Arc::new(Kms::new(store, clients, audit));
-    let intervals = ReportIntervals::from_ms(opts.report_ms, opts.refresh_ms);
+    let intervals = ReportIntervals::from_ms(opts.common.report_ms, opts.common.refresh_ms);
     service_runtime::audit::spawn_reporter("key-manager", local, kms.clone(), audit_rx, intervals)?;
-    let listen = opts
-        .listen
-        .or_else(|| std::env::var(ENV_LISTEN).ok())
-        .or_else(|| config.get("listen").cloned())
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let server = HttpServer::start(
+    let listen = listen_address(opts.common.listen, ENV_LISTEN, &config, DEFAULT_LISTEN);
+    let server = http::serve(
         &listen,
         kms.clone(),
-        opts.threads.unwrap_or(http::DEFAULT_THREADS),
+        opts.common.threads.unwrap_or(http::DEFAULT_THREADS),
     )?;
     println!(
         "key-manager: listening on http://{} ({} keys, master key from {}, clients: [{}])",

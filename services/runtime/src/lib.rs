@@ -12,7 +12,10 @@
 //!   secrets, compared in constant time;
 //! * [`durable`]: crash-safe file replacement (temp, fsync, rename, fsync
 //!   dir);
-//! * [`listen`]: a tiny_http server bound with `TCP_NODELAY`.
+//! * [`listen`]: a tiny_http server bound with `TCP_NODELAY` and its pool
+//!   of request threads;
+//! * [`options`]: the command-line flags every service takes, and where
+//!   the listen address comes from.
 //!
 //! Limits: local API calls time out after 3 s; the audit queue holds 256
 //! events; client tokens are 16..=256 characters.
@@ -22,9 +25,11 @@ pub mod clients;
 pub mod durable;
 pub mod listen;
 pub mod local;
+pub mod options;
 
 pub use audit::{Audit, ReportIntervals, Reported};
 pub use clients::Clients;
 pub use durable::{write_atomic, DurableError};
-pub use listen::bind_nodelay;
+pub use listen::{bind_nodelay, HttpServer, RequestHandler, ServeError};
 pub use local::{LocalClient, LocalError};
+pub use options::{listen_address, CommonOptions, UsageError};

@@ -33,10 +33,8 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
@@ -58,15 +56,7 @@ pub const DEFAULT_THREADS: usize = 8;
 const NS: &str = "http://s3.amazonaws.com/doc/2006-03-01/";
 
 /// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// Binding failed.
-    #[error(transparent)]
-    Bind(#[from] service_runtime::listen::BindError),
-    /// A thread could not be started.
-    #[error("cannot start a request thread: {0}")]
-    Thread(#[from] std::io::Error),
-}
+pub use service_runtime::listen::ServeError as HttpError;
 
 /// Access keys (`AKID → secret`). `Debug` shows ids only.
 #[derive(Default, Clone, PartialEq, Eq)]
@@ -239,77 +229,17 @@ impl S3Service {
 }
 
 /// A running server; stops on drop.
-pub struct S3Server {
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
+pub use service_runtime::listen::HttpServer as S3Server;
 
-impl std::fmt::Debug for S3Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Server")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl S3Server {
-    /// Binds `listen` and serves `svc` on `threads` threads.
-    pub fn start(listen: &str, svc: Arc<S3Service>, threads: usize) -> Result<S3Server, HttpError> {
-        // TCP_NODELAY: tiny_http writes through a 1 KiB buffer.
-        let (server, addr) = service_runtime::bind_nodelay("storage-manager", listen)?;
-        let server = Arc::new(server);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
-            let (server, stop, svc) = (server.clone(), stop.clone(), svc.clone());
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("sm-http-{i}"))
-                    .spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            match server.recv_timeout(Duration::from_millis(500)) {
-                                Ok(Some(req)) => handle(&svc, req),
-                                Ok(None) => {}
-                                Err(e) => {
-                                    eprintln!("storage-manager: accepting a request: {e}");
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                            }
-                        }
-                    })?,
-            );
-        }
-        Ok(S3Server {
-            server,
-            addr,
-            stop,
-            threads: handles,
-        })
-    }
-
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Blocks until the server stops.
-    pub fn wait(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.server.unblock();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// Binds `listen` and serves `svc` on `threads` threads.
+pub fn serve(listen: &str, svc: Arc<S3Service>, threads: usize) -> Result<S3Server, HttpError> {
+    S3Server::start(
+        "storage-manager",
+        "sm-http",
+        listen,
+        threads,
+        Arc::new(move |req| handle(&svc, req)),
+    )
 }
 
 /// An S3 error answer.

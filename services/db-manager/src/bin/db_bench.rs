@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use db_manager::engine::{Access, Database, Limits, Statement};
-use db_manager::{HttpServer, Manager};
+use db_manager::Manager;
 use serde_json::{json, Value};
 use service_runtime::{Audit, Clients};
 
@@ -162,7 +162,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Audit::stderr_only("db-manager"),
     )?);
     let (_, rw, ro) = mgr.create("bench", "bench")?;
-    let server = HttpServer::start("127.0.0.1:0", mgr.clone(), 8)?;
+    let server = db_manager::http::serve("127.0.0.1:0", mgr.clone(), 8)?;
     let url = format!("http://{}/v1/databases/bench/query", server.addr());
     let a = agent();
     post(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use key_manager::crypto::{MasterKey, MasterSource, SecretKey};
-use key_manager::{Audit, Clients, HttpServer, Kms, Store};
+use key_manager::{Audit, Clients, Kms, Store};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -75,7 +75,7 @@ fn main() {
     if let Err(e) = kms.create("bench", "bench", None) {
         return eprintln!("km_bench: {e}");
     }
-    let server = match HttpServer::start("127.0.0.1:0", kms.clone(), 4) {
+    let server = match key_manager::http::serve("127.0.0.1:0", kms.clone(), 4) {
         Ok(s) => s,
         Err(e) => return eprintln!("km_bench: {e}"),
     };

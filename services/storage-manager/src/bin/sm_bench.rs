@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use key_manager::crypto::{MasterKey, MasterSource, SecretKey};
-use storage_manager::http::{AccessKeys, S3Server, S3Service};
+use storage_manager::http::{AccessKeys, S3Service};
 use storage_manager::kms::KeyManager;
 use storage_manager::{Credentials, Limits, S3Client, Store};
 
@@ -114,7 +114,7 @@ fn bench() -> Result<(), String> {
         key_manager::Clients::from_pairs([("storage", KM_TOKEN)]),
         key_manager::Audit::stderr_only("key-manager"),
     ));
-    let km_server = key_manager::HttpServer::start("127.0.0.1:0", kms, 2).map_err(|x| e(&x))?;
+    let km_server = key_manager::http::serve("127.0.0.1:0", kms, 2).map_err(|x| e(&x))?;
     let km_url = format!("http://{}", km_server.addr());
 
     println!(
@@ -148,7 +148,7 @@ fn bench() -> Result<(), String> {
                 AccessKeys::from_pairs([(AKID, SECRET)]),
                 Arc::new(|_| {}),
             ));
-            let server = S3Server::start("127.0.0.1:0", svc, 4).map_err(|x| e(&x))?;
+            let server = storage_manager::http::serve("127.0.0.1:0", svc, 4).map_err(|x| e(&x))?;
             let client = S3Client::new(
                 &format!("http://{}", server.addr()),
                 Credentials::new(AKID, SECRET),
