@@ -5,17 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edge_worker::local_api::{self, LocalApi, LocalPublish, Registry};
-use protocol::Secret;
 use serde_json::{json, Value};
+use service_runtime::harness::{
+    http_agent, json_call, map, sibling_binary, LocalPublish, ServiceProcess, ServiceSpec, Worker,
+    FAST_REPORTING,
+};
 
 const DBM: &str = "db-manager";
 const SM: &str = "storage-manager";
@@ -23,165 +23,29 @@ const ADMIN: &str = "admin-token-5c2e9a71d04b3f86";
 const S3_KEY: &str = "AKIDDBBACKUPS01";
 const S3_SECRET: &str = "s3-secret-for-db-backups-9f3e1a";
 
-fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// A service to register: name, config, secrets.
-type ServiceSpec<'a> = (&'a str, BTreeMap<String, String>, BTreeMap<String, String>);
-
-/// A worker's local API with services registered.
-struct Worker {
-    _api: LocalApi,
-    registry: Registry,
-    rx: tokio::sync::mpsc::Receiver<LocalPublish>,
-    seen: Vec<LocalPublish>,
-}
-
-impl Worker {
-    fn new(services: &[ServiceSpec]) -> Worker {
-        let registry = Registry::new(&Secret::from_bytes([7; 32]), "w-test");
-        for (name, config, secrets) in services {
-            registry
-                .register(name, config.clone(), secrets.clone())
-                .unwrap();
-        }
-        let (tx, rx) = local_api::channel(1024);
-        let api = LocalApi::start("127.0.0.1:0", registry.clone(), tx).unwrap();
-        Worker {
-            _api: api,
-            registry,
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&LocalPublish) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.seen.iter().any(&pred) {
-                return;
-            }
-            match self.rx.try_recv() {
-                Ok(p) => self.seen.push(p),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(_) => {
-                    let last = &self.seen[self.seen.len().saturating_sub(8)..];
-                    panic!("no {what} published; last seen {last:?}");
-                }
-            }
-        }
-    }
-
-    fn wait_event(&mut self, text: &str) {
-        self.wait_for(text, |p| {
-            matches!(p, LocalPublish::Event { name, text: t } if name == DBM && t.contains(text))
-        });
-    }
-}
-
 /// A running service process.
-struct Proc {
-    child: Child,
-    url: String,
-    out: Arc<Mutex<String>>,
+type Proc = ServiceProcess;
+
+/// A worker's local API with `services` registered.
+fn worker_with(services: &[ServiceSpec]) -> Worker {
+    Worker::start(7, "w-test", services)
 }
 
-fn pump(
-    r: impl Read + Send + 'static,
-    out: Arc<Mutex<String>>,
-    url_tx: Option<std_mpsc::Sender<String>>,
-) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            {
-                let mut o = out.lock().unwrap();
-                o.push_str(&line);
-                o.push('\n');
-            }
-            if let Some(tx) = &url_tx {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let url = rest.split_whitespace().next().unwrap_or("").to_string();
-                    let _ = tx.send(url);
-                }
-            }
-        }
-    });
+/// Starts `service`'s binary `exe` with the worker's environment for it.
+fn start_service(exe: &Path, worker: &Worker, service: &str, data: &Path, extra: &[&str]) -> Proc {
+    let args: Vec<&str> = FAST_REPORTING.iter().chain(extra).copied().collect();
+    Proc::start(exe, worker.env(service), data, &args)
 }
 
-impl Proc {
-    fn start(exe: &Path, worker: &Worker, service: &str, data: &Path, extra: &[&str]) -> Proc {
-        let mut child = Command::new(exe)
-            .env_clear()
-            .envs(worker.registry.env(service))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .args([
-                "--report-interval-ms",
-                "300",
-                "--refresh-interval-ms",
-                "300",
-            ])
-            .args(extra)
-            .current_dir(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std_mpsc::channel();
-        pump(child.stdout.take().unwrap(), out.clone(), Some(tx));
-        pump(child.stderr.take().unwrap(), out.clone(), None);
-        let url = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(url) => url,
-            Err(_) => {
-                let _ = child.kill();
-                std::thread::sleep(Duration::from_millis(200));
-                panic!("{service} did not start: {}", out.lock().unwrap());
-            }
-        };
-        Proc { child, url, out }
-    }
-
-    fn dbm(worker: &Worker, data: &Path, extra: &[&str]) -> Proc {
-        Proc::start(
-            Path::new(env!("CARGO_BIN_EXE_db-manager")),
-            worker,
-            DBM,
-            data,
-            extra,
-        )
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn output(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(40)))
-        .build()
-        .into()
+/// Starts db-manager.
+fn start_dbm(worker: &Worker, data: &Path, extra: &[&str]) -> Proc {
+    start_service(
+        Path::new(env!("CARGO_BIN_EXE_db-manager")),
+        worker,
+        DBM,
+        data,
+        extra,
+    )
 }
 
 /// `method path` with an optional bearer token and body → (status, JSON).
@@ -192,44 +56,12 @@ fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    call_with(&agent(), &p.url, token, method, path, body)
+    json_call(&http_agent(), &p.url, token, method, path, body)
 }
 
-fn call_with(
-    a: &ureq::Agent,
-    base: &str,
-    token: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let url = format!("{base}{path}");
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let resp = match method {
-        "GET" | "DELETE" => {
-            let mut r = if method == "GET" {
-                a.get(&url)
-            } else {
-                a.delete(&url)
-            };
-            if let Some(h) = &auth {
-                r = r.header("Authorization", h);
-            }
-            r.call()
-        }
-        _ => {
-            let mut r = a.post(&url);
-            if let Some(h) = &auth {
-                r = r.header("Authorization", h);
-            }
-            r.send_json(body.unwrap_or(json!({})))
-        }
-    };
-    let mut resp = resp.unwrap();
-    let code = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap();
-    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (code, v)
+/// An admin `POST path` with `body` → (status, JSON).
+fn admin_post(p: &Proc, path: &str, body: Value) -> (u16, Value) {
+    call(p, Some(ADMIN), "POST", path, Some(body))
 }
 
 fn admin(p: &Proc, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -256,13 +88,7 @@ fn sql_ok(p: &Proc, db: &str, token: &str, body: Value) -> Value {
 
 /// Creates `name`; returns (rw token, ro token).
 fn create(p: &Proc, name: &str) -> (String, String) {
-    let (code, v) = call(
-        p,
-        Some(ADMIN),
-        "POST",
-        "/v1/databases",
-        Some(json!({"name": name})),
-    );
+    let (code, v) = admin_post(p, "/v1/databases", json!({"name": name}));
     assert_eq!(code, 201, "{v}");
     (
         v["credentials"]["rw"].as_str().unwrap().to_string(),
@@ -273,14 +99,14 @@ fn create(p: &Proc, name: &str) -> (String, String) {
 fn dbm_worker(config: &[(&str, &str)], secrets: &[(&str, &str)]) -> Worker {
     let mut s = map(&[("clients", &format!("ops:{ADMIN}"))]);
     s.extend(map(secrets));
-    Worker::new(&[(DBM, map(config), s)])
+    worker_with(&[(DBM, map(config), s)])
 }
 
 #[test]
 fn databases_credentials_and_queries() {
     let data = tempfile::tempdir().unwrap();
     let mut worker = dbm_worker(&[], &[]);
-    let p = Proc::dbm(&worker, data.path(), &[]);
+    let p = start_dbm(&worker, data.path(), &[]);
 
     let (code, v) = call(&p, None, "GET", "/healthz", None);
     assert_eq!((code, v["status"].as_str()), (200, Some("ok")));
@@ -302,29 +128,11 @@ fn databases_credentials_and_queries() {
     let (rw2, _) = create(&p, "billing");
     assert_ne!(rw, ro);
     assert_eq!(rw.len(), 64);
-    let (code, v) = call(
-        &p,
-        Some(ADMIN),
-        "POST",
-        "/v1/databases",
-        Some(json!({"name": "orders"})),
-    );
+    let (code, v) = admin_post(&p, "/v1/databases", json!({"name": "orders"}));
     assert_eq!(code, 409, "{v}");
-    let (code, v) = call(
-        &p,
-        Some(ADMIN),
-        "POST",
-        "/v1/databases",
-        Some(json!({"name": "../etc"})),
-    );
+    let (code, v) = admin_post(&p, "/v1/databases", json!({"name": "../etc"}));
     assert_eq!(code, 400, "{v}");
-    let (code, _) = call(
-        &p,
-        Some(ADMIN),
-        "POST",
-        "/v1/databases",
-        Some(json!({"name": "x", "extra": 1})),
-    );
+    let (code, _) = admin_post(&p, "/v1/databases", json!({"name": "x", "extra": 1}));
     assert_eq!(code, 400);
     let list = admin(&p, "GET", "/v1/databases", None);
     let names: Vec<&str> = list["databases"]
@@ -334,7 +142,7 @@ fn databases_credentials_and_queries() {
         .map(|d| d["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["billing", "orders"]);
-    worker.wait_event("created database orders by ops");
+    worker.wait_event(DBM, "created database orders by ops");
 
     // Schema, parameterised writes (positional and named), reads.
     sql_ok(
@@ -597,11 +405,11 @@ fn databases_credentials_and_queries() {
     let ro_new = v["token"].as_str().unwrap().to_string();
     assert_eq!(sql(&p, "orders", &ro, json!({"sql": "SELECT 1"})).0, 401);
     sql_ok(&p, "orders", &ro_new, json!({"sql": "SELECT 1"}));
-    worker.wait_event("rotated the ro credential of database orders by ops");
+    worker.wait_event(DBM, "rotated the ro credential of database orders by ops");
 
     // Restart: databases, data and credentials persist.
     drop(p);
-    let p = Proc::dbm(&worker, data.path(), &[]);
+    let p = start_dbm(&worker, data.path(), &[]);
     let v = sql_ok(
         &p,
         "orders",
@@ -619,7 +427,7 @@ fn databases_credentials_and_queries() {
     );
     assert_eq!(sql(&p, "orders", &rw, json!({"sql": "SELECT 1"})).0, 401);
     assert!(!data.path().join("databases/orders.sqlite").exists());
-    worker.wait_event("dropped database orders by ops");
+    worker.wait_event(DBM, "dropped database orders by ops");
     let (rw3, _) = create(&p, "orders");
     let (code, _) = sql(
         &p,
@@ -646,7 +454,7 @@ fn databases_credentials_and_queries() {
 fn kill9_loses_no_acknowledged_write() {
     let data = tempfile::tempdir().unwrap();
     let worker = dbm_worker(&[], &[]);
-    let mut p = Proc::dbm(&worker, data.path(), &[]);
+    let mut p = start_dbm(&worker, data.path(), &[]);
     let (rw, ro) = create(&p, "events");
     sql_ok(
         &p,
@@ -667,12 +475,12 @@ fn kill9_loses_no_acknowledged_write() {
             total.clone(),
         );
         writers.push(std::thread::spawn(move || {
-            let a = agent();
+            let a = http_agent();
             let mut seq = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    call_with(&a, &url, Some(&rw), "POST", "/v1/databases/events/query",
+                    json_call(&a, &url, Some(&rw), "POST", "/v1/databases/events/query",
                         Some(json!({"sql": "INSERT INTO ev VALUES (?, ?, ?)", "params": [w, seq, "payload"]})))
                 }));
                 match r {
@@ -710,7 +518,7 @@ fn kill9_loses_no_acknowledged_write() {
     )
     .unwrap();
     std::fs::write(data.path().join("databases/ghost.sqlite"), b"orphan").unwrap();
-    let p = Proc::dbm(&worker, data.path(), &[]);
+    let p = start_dbm(&worker, data.path(), &[]);
     assert!(!data.path().join("tmp/backup-events-0000.sqlite").exists());
     assert!(!data.path().join("databases/ghost.sqlite").exists());
     let v = sql_ok(
@@ -737,42 +545,20 @@ fn kill9_loses_no_acknowledged_write() {
 }
 
 /// The storage-manager binary, built on first use into this target dir.
-fn storage_manager_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let mut dir = exe.parent().unwrap().to_path_buf();
-        if dir.ends_with("deps") {
-            dir.pop();
-        }
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "aerekos-storage-manager",
-                "--bin",
-                "storage-manager",
-            ])
-            .args(dir.ends_with("release").then_some("--release"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building storage-manager failed");
-        dir.join("storage-manager")
-    })
-    .clone()
+fn storage_manager_bin() -> std::path::PathBuf {
+    sibling_binary("aerekos-storage-manager", "storage-manager")
 }
 
 #[test]
 fn backups_through_storage_manager_and_restore() {
     let sm_data = tempfile::tempdir().unwrap();
     let db_data = tempfile::tempdir().unwrap();
-    let sm_worker = Worker::new(&[(
+    let sm_worker = worker_with(&[(
         SM,
         map(&[("encryption", "off")]),
         map(&[("access_keys", &format!("{S3_KEY}:{S3_SECRET}"))]),
     )]);
-    let sm = Proc::start(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
+    let sm = start_service(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
     let mut worker = dbm_worker(
         &[("backup_endpoint", &sm.url), ("backup_bucket", "dbm-test")],
         &[
@@ -780,7 +566,7 @@ fn backups_through_storage_manager_and_restore() {
             ("backup_secret_key", S3_SECRET),
         ],
     );
-    let p = Proc::dbm(&worker, db_data.path(), &["--backup-interval-ms", "1500"]);
+    let p = start_dbm(&worker, db_data.path(), &["--backup-interval-ms", "1500"]);
     let (rw, ro) = create(&p, "shop");
     sql_ok(
         &p,
@@ -802,10 +588,10 @@ fn backups_through_storage_manager_and_restore() {
     let inserter = {
         let (url, rw, next, stop) = (p.url.clone(), rw.clone(), next.clone(), stop.clone());
         std::thread::spawn(move || {
-            let a = agent();
+            let a = http_agent();
             while !stop.load(Ordering::Relaxed) {
                 let i = next.load(Ordering::Relaxed);
-                let (code, v) = call_with(
+                let (code, v) = json_call(
                     &a,
                     &url,
                     Some(&rw),
@@ -833,7 +619,7 @@ fn backups_through_storage_manager_and_restore() {
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     inserter.join().unwrap();
-    worker.wait_event("backed up database shop to shop/");
+    worker.wait_event(DBM, "backed up database shop to shop/");
 
     // The object is really in storage-manager: fetch it with an S3 client.
     let s3 = storage_manager::client::S3Client::new(
@@ -872,10 +658,10 @@ fn backups_through_storage_manager_and_restore() {
         .map(|_| {
             let (url, ro, stop) = (p.url.clone(), ro.clone(), readers_stop.clone());
             std::thread::spawn(move || {
-                let a = agent();
+                let a = http_agent();
                 let mut counts = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let (code, v) = call_with(
+                    let (code, v) = json_call(
                         &a,
                         &url,
                         Some(&ro),
@@ -891,13 +677,7 @@ fn backups_through_storage_manager_and_restore() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(100));
-    let (code, v) = call(
-        &p,
-        Some(ADMIN),
-        "POST",
-        "/v1/databases/shop/restore",
-        Some(json!({"backup": key})),
-    );
+    let (code, v) = admin_post(&p, "/v1/databases/shop/restore", json!({"backup": key}));
     assert_eq!(code, 200, "{v}");
     std::thread::sleep(Duration::from_millis(100));
     readers_stop.store(true, Ordering::Relaxed);
@@ -912,7 +692,7 @@ fn backups_through_storage_manager_and_restore() {
         "{damaged} {restored} {seen:?}"
     );
     assert!(restored > damaged);
-    worker.wait_event("restored database shop from");
+    worker.wait_event(DBM, "restored database shop from");
     let v = sql_ok(
         &p,
         "shop",
@@ -946,28 +726,22 @@ fn backups_through_storage_manager_and_restore() {
     // A corrupt backup is refused and the database is untouched.
     s3.put_object_bytes("dbm-test", "shop/garbage.sqlite", &[0x42; 8192])
         .unwrap();
-    let (code, v) = call(
+    let (code, v) = admin_post(
         &p,
-        Some(ADMIN),
-        "POST",
         "/v1/databases/shop/restore",
-        Some(json!({"backup": "shop/garbage.sqlite"})),
+        json!({"backup": "shop/garbage.sqlite"}),
     );
     assert_eq!(code, 422, "{v}");
-    let (code, v) = call(
+    let (code, v) = admin_post(
         &p,
-        Some(ADMIN),
-        "POST",
         "/v1/databases/shop/restore",
-        Some(json!({"backup": "other/x.sqlite"})),
+        json!({"backup": "other/x.sqlite"}),
     );
     assert_eq!(code, 400, "{v}");
-    let (code, v) = call(
+    let (code, v) = admin_post(
         &p,
-        Some(ADMIN),
-        "POST",
         "/v1/databases/shop/restore",
-        Some(json!({"backup": "shop/missing.sqlite"})),
+        json!({"backup": "shop/missing.sqlite"}),
     );
     assert_eq!(code, 404, "{v}");
     let v = sql_ok(
@@ -994,7 +768,7 @@ fn backups_through_storage_manager_and_restore() {
         assert!(Instant::now() < deadline, "no scheduled backup: {v}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    worker.wait_event("backed up database shop to shop/");
+    worker.wait_event(DBM, "backed up database shop to shop/");
     let out = p.output();
     assert!(
         !out.contains(S3_SECRET) && !out.contains(&rw) && !out.contains(ADMIN),
@@ -1006,7 +780,7 @@ fn backups_through_storage_manager_and_restore() {
 fn backups_unconfigured_is_a_clear_error() {
     let data = tempfile::tempdir().unwrap();
     let worker = dbm_worker(&[], &[]);
-    let p = Proc::dbm(&worker, data.path(), &[]);
+    let p = start_dbm(&worker, data.path(), &[]);
     create(&p, "a");
     let (code, v) = call(&p, Some(ADMIN), "POST", "/v1/databases/a/backups", None);
     assert_eq!(code, 409, "{v}");
@@ -1018,7 +792,7 @@ fn backups_unconfigured_is_a_clear_error() {
     let bad = dbm_worker(&[("backup_endpoint", "http://127.0.0.1:9")], &[]);
     let out = Command::new(env!("CARGO_BIN_EXE_db-manager"))
         .env_clear()
-        .envs(bad.registry.env(DBM))
+        .envs(bad.env(DBM))
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path().join("other"))
         .output()
@@ -1032,12 +806,12 @@ fn backups_unconfigured_is_a_clear_error() {
 fn backup_retention_keeps_the_newest() {
     let sm_data = tempfile::tempdir().unwrap();
     let db_data = tempfile::tempdir().unwrap();
-    let sm_worker = Worker::new(&[(
+    let sm_worker = worker_with(&[(
         SM,
         map(&[("encryption", "off")]),
         map(&[("access_keys", &format!("{S3_KEY}:{S3_SECRET}"))]),
     )]);
-    let sm = Proc::start(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
+    let sm = start_service(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
     let mut worker = dbm_worker(
         &[
             ("backup_endpoint", &sm.url),
@@ -1049,7 +823,7 @@ fn backup_retention_keeps_the_newest() {
             ("backup_secret_key", S3_SECRET),
         ],
     );
-    let p = Proc::dbm(&worker, db_data.path(), &[]);
+    let p = start_dbm(&worker, db_data.path(), &[]);
     create(&p, "k");
     // An object db-manager did not make is never deleted.
     let s3 = storage_manager::client::S3Client::new(
@@ -1079,5 +853,5 @@ fn backup_retention_keeps_the_newest() {
     let mut expected = vec!["k/manual-copy.sqlite", made[2].as_str(), made[3].as_str()];
     expected.sort();
     assert_eq!(listed, expected);
-    worker.wait_event("deleted 1 old backups of database k (keeping 2)");
+    worker.wait_event(DBM, "deleted 1 old backups of database k (keeping 2)");
 }

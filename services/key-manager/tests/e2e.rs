@@ -5,204 +5,61 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use edge_worker::local_api::{self, LocalApi, LocalPublish, Registry};
-use protocol::Secret;
 use serde_json::{json, Value};
+use service_runtime::harness::{
+    http_agent, json_call, map, LocalPublish, ServiceProcess, Spawned, Worker, FAST_REPORTING,
+};
 
 const SERVICE: &str = "key-manager";
 const APP1: &str = "app1-token-3f9a1c0d5e7b2a4c";
 const APP2: &str = "app2-token-81bd0e4c6a2f9d3e";
 const PLAINTEXT: &[u8] = b"PLAINTEXT-MARKER-do-not-log-7d1e";
 
-fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+/// A running key-manager process.
+type Km = ServiceProcess;
 
 fn default_secrets() -> BTreeMap<String, String> {
     map(&[("clients", &format!("app1:{APP1},app2:{APP2}"))])
 }
 
 /// A worker's local API with the key-manager service registered.
-struct Worker {
-    _api: LocalApi,
-    registry: Registry,
-    rx: tokio::sync::mpsc::Receiver<LocalPublish>,
-    seen: Vec<LocalPublish>,
+fn km_worker(secret_byte: u8, secrets: BTreeMap<String, String>) -> Worker {
+    Worker::start(
+        secret_byte,
+        "w-test",
+        &[(SERVICE, map(&[("site", "test")]), secrets)],
+    )
 }
 
-impl Worker {
-    fn new(secret_byte: u8, secrets: BTreeMap<String, String>) -> Worker {
-        let registry = Registry::new(&Secret::from_bytes([secret_byte; 32]), "w-test");
-        registry
-            .register(SERVICE, map(&[("site", "test")]), secrets)
-            .unwrap();
-        let (tx, rx) = local_api::channel(256);
-        let api = LocalApi::start("127.0.0.1:0", registry.clone(), tx).unwrap();
-        Worker {
-            _api: api,
-            registry,
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        let env = self.registry.env(SERVICE);
-        assert_eq!(env.len(), 3);
-        env
-    }
-
-    fn token(&self) -> String {
-        self.env()
-            .into_iter()
-            .find(|(k, _)| k == local_api::ENV_TOKEN)
-            .unwrap()
-            .1
-    }
-
-    /// Waits until a publish matching `pred` arrived (keeps all seen).
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&LocalPublish) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if self.seen.iter().any(&pred) {
-                return;
-            }
-            match self.rx.try_recv() {
-                Ok(p) => self.seen.push(p),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(_) => panic!("no {what} published; seen {:?}", self.seen),
-            }
-        }
-    }
-
-    fn wait_event(&mut self, text: &str) {
-        self.wait_for(text, |p| {
-            matches!(p, LocalPublish::Event { name, text: t } if name == SERVICE && t.contains(text))
-        });
-    }
+fn spawn_km(worker: &Worker, data: &Path) -> Spawned {
+    Spawned::new(
+        Path::new(env!("CARGO_BIN_EXE_key-manager")),
+        worker.env(SERVICE),
+        data,
+        &FAST_REPORTING,
+    )
 }
 
-/// A running key-manager process.
-struct Km {
-    child: Child,
-    url: String,
-    out: Arc<Mutex<String>>,
+fn start_km(worker: &Worker, data: &Path) -> Km {
+    spawn_km(worker, data).ready()
 }
 
-fn pump(
-    r: impl Read + Send + 'static,
-    out: Arc<Mutex<String>>,
-    url_tx: Option<std_mpsc::Sender<String>>,
-) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            {
-                // Recorded before the URL is announced, so a test that has
-                // the URL also sees the line.
-                let mut o = out.lock().unwrap();
-                o.push_str(&line);
-                o.push('\n');
-            }
-            if let Some(tx) = &url_tx {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let url = rest.split_whitespace().next().unwrap_or("").to_string();
-                    let _ = tx.send(url);
-                }
-            }
-        }
-    });
-}
-
-fn spawn_km(
-    worker: &Worker,
-    data: &Path,
-) -> (Child, std_mpsc::Receiver<String>, Arc<Mutex<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_key-manager"))
-        .env_clear()
-        .envs(worker.env())
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args([
-            "--report-interval-ms",
-            "300",
-            "--refresh-interval-ms",
-            "300",
-        ])
-        .current_dir(data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std_mpsc::channel();
-    pump(child.stdout.take().unwrap(), out.clone(), Some(tx));
-    pump(child.stderr.take().unwrap(), out.clone(), None);
-    (child, rx, out)
-}
-
-impl Km {
-    fn start(worker: &Worker, data: &Path) -> Km {
-        let (mut child, rx, out) = spawn_km(worker, data);
-        let url = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(url) => url,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("key-manager did not start: {}", out.lock().unwrap());
-            }
-        };
-        Km { child, url, out }
+/// Nothing secret in the process's stdout/stderr.
+fn assert_clean(km: &Km, secrets: &[&str]) {
+    let out = km.output();
+    for s in secrets
+        .iter()
+        .chain(&[APP1, APP2, std::str::from_utf8(PLAINTEXT).unwrap()])
+    {
+        assert!(!out.contains(s), "output leaks a secret: {out}");
     }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn output(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// Nothing secret in the process's stdout/stderr.
-    fn assert_clean(&self, secrets: &[&str]) {
-        let out = self.output();
-        for s in secrets
-            .iter()
-            .chain(&[APP1, APP2, std::str::from_utf8(PLAINTEXT).unwrap()])
-        {
-            assert!(!out.contains(s), "output leaks a secret: {out}");
-        }
-        assert!(!out.contains(&B64.encode(PLAINTEXT)), "output leaks: {out}");
-        assert!(!out.contains("panicked"), "{out}");
-    }
-}
-
-impl Drop for Km {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into()
+    assert!(!out.contains(&B64.encode(PLAINTEXT)), "output leaks: {out}");
+    assert!(!out.contains("panicked"), "{out}");
 }
 
 /// `method path` with an optional bearer token and JSON body → (status, JSON).
@@ -213,30 +70,7 @@ fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let url = format!("{}{path}", km.url);
-    let a = agent();
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let resp = match method {
-        "GET" => {
-            let mut r = a.get(&url);
-            if let Some(h) = &auth {
-                r = r.header("Authorization", h);
-            }
-            r.call()
-        }
-        _ => {
-            let mut r = a.post(&url);
-            if let Some(h) = &auth {
-                r = r.header("Authorization", h);
-            }
-            r.send_json(body.unwrap_or(json!({})))
-        }
-    };
-    let mut resp = resp.unwrap();
-    let code = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap();
-    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (code, v)
+    json_call(&http_agent(), &km.url, token, method, path, body)
 }
 
 fn ok(km: &Km, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -267,9 +101,9 @@ fn plaintext_of(v: &Value) -> Vec<u8> {
 
 #[test]
 fn keys_encrypt_rotate_reencrypt_datakeys_disable_and_audit() {
-    let mut worker = Worker::new(1, default_secrets());
+    let mut worker = km_worker(1, default_secrets());
     let dir = tempfile::tempdir().unwrap();
-    let km = Km::start(&worker, dir.path());
+    let km = start_km(&worker, dir.path());
 
     let created = ok(&km, "POST", "/v1/keys", Some(json!({"name": "orders"})));
     assert_eq!(created["latest_version"], 1);
@@ -395,23 +229,23 @@ fn keys_encrypt_rotate_reencrypt_datakeys_disable_and_audit() {
     assert_eq!(list2["keys"].as_array().unwrap().len(), 2, "{list2}");
 
     // Audit events reach the worker's queue; metrics too.
-    worker.wait_event("created key orders by app1");
-    worker.wait_event("rotated key orders to v2 by app1");
-    worker.wait_event("disabled key orders by app1");
-    worker.wait_event("enabled key orders by app1");
+    worker.wait_event(SERVICE, "created key orders by app1");
+    worker.wait_event(SERVICE, "rotated key orders to v2 by app1");
+    worker.wait_event(SERVICE, "disabled key orders by app1");
+    worker.wait_event(SERVICE, "enabled key orders by app1");
     worker.wait_for("metrics", |p| {
         matches!(p, LocalPublish::Metrics { name, samples } if name == SERVICE
             && samples.iter().any(|s| s.key.as_str() == "encrypts" && s.value > 0)
             && samples.iter().any(|s| s.key.as_str() == "keys" && s.value == 3))
     });
-    km.assert_clean(&[&worker.token()]);
+    assert_clean(&km, &[&worker.token(SERVICE)]);
 }
 
 #[test]
 fn refusals_are_clear_and_never_crash() {
-    let mut worker = Worker::new(2, default_secrets());
+    let mut worker = km_worker(2, default_secrets());
     let dir = tempfile::tempdir().unwrap();
-    let km = Km::start(&worker, dir.path());
+    let km = start_km(&worker, dir.path());
     ok(&km, "POST", "/v1/keys", Some(json!({"name": "k1"})));
     let ct = encrypt(&km, "k1", PLAINTEXT, None)["ciphertext"]
         .as_str()
@@ -432,7 +266,7 @@ fn refusals_are_clear_and_never_crash() {
         401
     );
     assert_eq!(
-        call(&km, Some(&worker.token()), "GET", "/v1/keys", None).0,
+        call(&km, Some(&worker.token(SERVICE)), "GET", "/v1/keys", None).0,
         401,
         "the service token is not a client key"
     );
@@ -532,7 +366,7 @@ fn refusals_are_clear_and_never_crash() {
         assert_eq!(code, want, "{method} {path} {body}: {v}");
     }
     // Not JSON at all.
-    let resp = agent()
+    let resp = http_agent()
         .post(&format!("{}/v1/decrypt", km.url))
         .header("Authorization", &format!("Bearer {APP1}"))
         .send("{{{{ not json")
@@ -552,19 +386,22 @@ fn refusals_are_clear_and_never_crash() {
         .0,
         200
     );
-    worker.wait_event("denied 3 requests with a missing or unknown API key");
+    worker.wait_event(
+        SERVICE,
+        "denied 3 requests with a missing or unknown API key",
+    );
     worker.wait_for("denied metric", |p| {
         matches!(p, LocalPublish::Metrics { samples, .. }
             if samples.iter().any(|s| s.key.as_str() == "denied" && s.value == 3))
     });
-    km.assert_clean(&[&worker.token()]);
+    assert_clean(&km, &[&worker.token(SERVICE)]);
 }
 
 #[test]
 fn kill9_right_after_acknowledged_writes_loses_nothing() {
-    let worker = Worker::new(3, default_secrets());
+    let worker = km_worker(3, default_secrets());
     let dir = tempfile::tempdir().unwrap();
-    let mut km = Km::start(&worker, dir.path());
+    let mut km = start_km(&worker, dir.path());
     ok(&km, "POST", "/v1/keys", Some(json!({"name": "durable"})));
     let mut cts = vec![encrypt(&km, "durable", b"v1 data", None)["ciphertext"]
         .as_str()
@@ -574,7 +411,7 @@ fn kill9_right_after_acknowledged_writes_loses_nothing() {
         let v = ok(&km, "POST", "/v1/keys/durable/rotate", None);
         assert_eq!(v["latest_version"], round);
         km.kill9(); // at once after the acknowledgement
-        km = Km::start(&worker, dir.path());
+        km = start_km(&worker, dir.path());
         let meta = ok(&km, "GET", "/v1/keys/durable", None);
         assert_eq!(meta["latest_version"], round, "acknowledged rotation lost");
         for ct in &cts {
@@ -587,14 +424,14 @@ fn kill9_right_after_acknowledged_writes_loses_nothing() {
     // Disable then kill: still disabled after the restart.
     ok(&km, "POST", "/v1/keys/durable/disable", None);
     km.kill9();
-    km = Km::start(&worker, dir.path());
+    km = start_km(&worker, dir.path());
     assert_eq!(ok(&km, "GET", "/v1/keys/durable", None)["enabled"], false);
     // Concurrent creates, killed right after the last answer: all there.
     let handles: Vec<_> = (0..8)
         .map(|i| {
             let url = km.url.clone();
             std::thread::spawn(move || {
-                let r = agent()
+                let r = http_agent()
                     .post(&format!("{url}/v1/keys"))
                     .header("Authorization", &format!("Bearer {APP1}"))
                     .send_json(json!({"name": format!("c{i}")}))
@@ -607,7 +444,7 @@ fn kill9_right_after_acknowledged_writes_loses_nothing() {
         assert_eq!(h.join().unwrap(), 201);
     }
     km.kill9();
-    km = Km::start(&worker, dir.path());
+    km = start_km(&worker, dir.path());
     assert_eq!(
         ok(&km, "GET", "/v1/keys", None)["keys"]
             .as_array()
@@ -621,36 +458,20 @@ fn kill9_right_after_acknowledged_writes_loses_nothing() {
         assert!(bytes.starts_with(b"AKM1"));
         assert!(!String::from_utf8_lossy(&bytes).contains("durable"));
     }
-    km.assert_clean(&[&worker.token()]);
+    assert_clean(&km, &[&worker.token(SERVICE)]);
 }
 
 /// Waits for a process expected to refuse to start; returns its output.
 fn expect_refusal(worker: &Worker, data: &Path) -> String {
-    let (mut child, _rx, out) = spawn_km(worker, data);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(!status.success());
-            std::thread::sleep(Duration::from_millis(100)); // let the pumps finish
-            return out.lock().unwrap().clone();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "key-manager started with the wrong master key: {}",
-                out.lock().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    spawn_km(worker, data).refusal(Duration::from_secs(30))
 }
 
 #[test]
 fn a_store_is_bound_to_its_master_key() {
     let dir = tempfile::tempdir().unwrap();
     // Master key derived from the service token of worker A.
-    let a = Worker::new(4, default_secrets());
-    let km = Km::start(&a, dir.path());
+    let a = km_worker(4, default_secrets());
+    let km = start_km(&a, dir.path());
     ok(&km, "POST", "/v1/keys", Some(json!({"name": "bound"})));
     let ct = encrypt(&km, "bound", b"x", None)["ciphertext"]
         .as_str()
@@ -658,15 +479,15 @@ fn a_store_is_bound_to_its_master_key() {
         .to_string();
     drop(km);
     // Another worker (another token, so another derived master key).
-    let b = Worker::new(5, default_secrets());
+    let b = km_worker(5, default_secrets());
     let out = expect_refusal(&b, dir.path());
     assert!(out.contains("different master key"), "{out}");
     assert!(
-        !out.contains(&b.token()) && !out.contains(&a.token()),
+        !out.contains(&b.token(SERVICE)) && !out.contains(&a.token(SERVICE)),
         "{out}"
     );
     // Back on worker A it works.
-    let km = Km::start(&a, dir.path());
+    let km = start_km(&a, dir.path());
     assert_eq!(decrypt(&km, APP1, &ct, None).0, 200);
     drop(km);
 
@@ -675,8 +496,8 @@ fn a_store_is_bound_to_its_master_key() {
     let mk1 = "11".repeat(32);
     let mut s1 = default_secrets();
     s1.insert("master_key".into(), mk1.clone());
-    let c = Worker::new(6, s1.clone());
-    let km = Km::start(&c, dir2.path());
+    let c = km_worker(6, s1.clone());
+    let km = start_km(&c, dir2.path());
     assert!(km
         .output()
         .contains("master key from the master_key secret"));
@@ -685,15 +506,15 @@ fn a_store_is_bound_to_its_master_key() {
         .as_str()
         .unwrap()
         .to_string();
-    km.assert_clean(&[&mk1, &c.token()]);
+    assert_clean(&km, &[&mk1, &c.token(SERVICE)]);
     drop(km);
-    let d = Worker::new(7, s1); // same master_key on another worker: works
-    let km = Km::start(&d, dir2.path());
+    let d = km_worker(7, s1); // same master_key on another worker: works
+    let km = start_km(&d, dir2.path());
     assert_eq!(decrypt(&km, APP1, &ct, None).0, 200);
     drop(km);
     let mut s2 = default_secrets();
     s2.insert("master_key".into(), "22".repeat(32));
-    let e = Worker::new(6, s2);
+    let e = km_worker(6, s2);
     let out = expect_refusal(&e, dir2.path());
     assert!(
         out.contains("different master key than the master_key secret"),
@@ -703,15 +524,15 @@ fn a_store_is_bound_to_its_master_key() {
     // A malformed master_key is a clear start error.
     let mut s3 = default_secrets();
     s3.insert("master_key".into(), "abc".into());
-    let out = expect_refusal(&Worker::new(8, s3), tempfile::tempdir().unwrap().path());
+    let out = expect_refusal(&km_worker(8, s3), tempfile::tempdir().unwrap().path());
     assert!(out.contains("64 hex characters"), "{out}");
 }
 
 #[test]
 fn client_keys_issued_through_the_worker_apply_without_restart() {
-    let worker = Worker::new(9, default_secrets());
+    let worker = km_worker(9, default_secrets());
     let dir = tempfile::tempdir().unwrap();
-    let km = Km::start(&worker, dir.path());
+    let km = start_km(&worker, dir.path());
     let app3 = "app3-token-5c2e9b7a1d4f8e60";
     assert_eq!(call(&km, Some(app3), "GET", "/v1/keys", None).0, 401);
     // The admin adds app3 and removes app2 in the spec's secrets; the
@@ -731,5 +552,5 @@ fn client_keys_issued_through_the_worker_apply_without_restart() {
     }
     assert_eq!(call(&km, Some(APP2), "GET", "/v1/keys", None).0, 401);
     assert_eq!(call(&km, Some(APP1), "GET", "/v1/keys", None).0, 200);
-    km.assert_clean(&[app3, &worker.token()]);
+    assert_clean(&km, &[app3, &worker.token(SERVICE)]);
 }

@@ -23,6 +23,8 @@
 pub mod audit;
 pub mod clients;
 pub mod durable;
+#[cfg(feature = "test-harness")]
+pub mod harness;
 pub mod listen;
 pub mod local;
 pub mod options;

@@ -7,14 +7,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
 
-use edge_worker::local_api::{self, LocalApi, LocalPublish, Registry};
-use protocol::Secret;
+use service_runtime::harness::{
+    map, sibling_binary, LocalPublish, ServiceProcess, Worker, FAST_REPORTING,
+};
 use storage_manager::client::{ClientError, S3Client};
 use storage_manager::Credentials;
 
@@ -25,92 +26,26 @@ const SECRET: &str = "s3cr3t/Key+for-tests-9f8e7d6c5b4a";
 const KM_TOKEN: &str = "storage-token-5b1e9c2a7d3f4e60";
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-storage-7c3e91";
 
-fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// The `key-manager` binary, built once with the cargo that runs the tests.
-fn key_manager_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("KEY_MANAGER_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let target = profile_dir.parent().unwrap().to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "aerekos-key-manager",
-            "--bin",
-            "key-manager",
-            "--target-dir",
-        ])
-        .arg(&target);
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for key-manager");
-        assert!(status.success(), "building key-manager failed");
-        profile_dir.join("key-manager")
-    })
-    .clone()
-}
+/// A child process announcing `listening on http://ADDR`.
+type Proc = ServiceProcess;
 
 /// A worker's local API with both services registered.
-struct Worker {
-    _api: LocalApi,
-    registry: Registry,
-    rx: tokio::sync::mpsc::Receiver<LocalPublish>,
-    seen: Vec<LocalPublish>,
-}
-
-impl Worker {
-    fn new(sm_config: BTreeMap<String, String>, sm_secrets: BTreeMap<String, String>) -> Worker {
-        let registry = Registry::new(&Secret::from_bytes([9u8; 32]), "w-storage");
-        registry
-            .register(
+fn storage_worker(
+    sm_config: BTreeMap<String, String>,
+    sm_secrets: BTreeMap<String, String>,
+) -> Worker {
+    Worker::start(
+        9,
+        "w-storage",
+        &[
+            (
                 KM,
                 BTreeMap::new(),
                 map(&[("clients", &format!("storage:{KM_TOKEN}"))]),
-            )
-            .unwrap();
-        registry.register(SM, sm_config, sm_secrets).unwrap();
-        let (tx, rx) = local_api::channel(1024);
-        let api = LocalApi::start("127.0.0.1:0", registry.clone(), tx).unwrap();
-        Worker {
-            _api: api,
-            registry,
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&LocalPublish) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.seen.iter().any(&pred) {
-                return;
-            }
-            match self.rx.try_recv() {
-                Ok(p) => self.seen.push(p),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(_) => panic!(
-                    "no {what} published; last seen {:?}",
-                    &self.seen[self.seen.len().saturating_sub(3)..]
-                ),
-            }
-        }
-    }
+            ),
+            (SM, sm_config, sm_secrets),
+        ],
+    )
 }
 
 fn sm_secrets() -> BTreeMap<String, String> {
@@ -120,96 +55,21 @@ fn sm_secrets() -> BTreeMap<String, String> {
     ])
 }
 
-/// A child process announcing `listening on http://ADDR`.
-struct Proc {
-    child: Child,
-    url: String,
-    out: Arc<Mutex<String>>,
-}
-
-fn pump(
-    r: impl Read + Send + 'static,
-    out: Arc<Mutex<String>>,
-    url_tx: Option<std_mpsc::Sender<String>>,
-) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            {
-                let mut o = out.lock().unwrap();
-                o.push_str(&line);
-                o.push('\n');
-            }
-            if let Some(tx) = &url_tx {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                }
-            }
-        }
-    });
-}
-
-impl Proc {
-    fn start(bin: &Path, env: Vec<(String, String)>, args: &[&str], data: &Path) -> Proc {
-        let mut child = Command::new(bin)
-            .env_clear()
-            .envs(env)
-            .args(args)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .current_dir(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std_mpsc::channel();
-        pump(child.stdout.take().unwrap(), out.clone(), Some(tx));
-        pump(child.stderr.take().unwrap(), out.clone(), None);
-        let url = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(u) => u,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(200));
-                panic!("{} did not start: {}", bin.display(), out.lock().unwrap());
-            }
-        };
-        Proc { child, url, out }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn output(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_km(w: &Worker, data: &Path) -> Proc {
-    Proc::start(&key_manager_bin(), w.registry.env(KM), &[], data)
+    Proc::start(
+        &sibling_binary("aerekos-key-manager", "key-manager"),
+        w.env(KM),
+        data,
+        &[],
+    )
 }
 
 fn start_sm(w: &Worker, data: &Path) -> Proc {
     Proc::start(
         Path::new(env!("CARGO_BIN_EXE_storage-manager")),
-        w.registry.env(SM),
-        &[
-            "--report-interval-ms",
-            "300",
-            "--refresh-interval-ms",
-            "300",
-        ],
+        w.env(SM),
         data,
+        &FAST_REPORTING,
     )
 }
 
@@ -260,7 +120,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn s3_api_over_the_network_with_encryption_at_rest() {
-    let mut w = Worker::new(
+    let mut w = storage_worker(
         map(&[
             ("max_object_size", &(8 << 20).to_string()),
             ("kms_key", "objects"),
@@ -496,7 +356,7 @@ fn md5_of(b: &[u8]) -> Vec<u8> {
 fn kill9_after_acknowledged_writes_loses_nothing_and_partial_writes_leave_nothing() {
     let km_dir = tempfile::tempdir().unwrap();
     let sm_dir = tempfile::tempdir().unwrap();
-    let w = Worker::new(BTreeMap::new(), sm_secrets());
+    let w = storage_worker(BTreeMap::new(), sm_secrets());
     let km = start_km(&w, km_dir.path());
     w.registry
         .register(SM, map(&[("kms_url", &km.url)]), sm_secrets())
@@ -587,7 +447,7 @@ fn kill9_after_acknowledged_writes_loses_nothing_and_partial_writes_leave_nothin
 fn key_manager_down_means_503_and_nothing_stored() {
     let km_dir = tempfile::tempdir().unwrap();
     let sm_dir = tempfile::tempdir().unwrap();
-    let w = Worker::new(BTreeMap::new(), sm_secrets());
+    let w = storage_worker(BTreeMap::new(), sm_secrets());
     let mut km = start_km(&w, km_dir.path());
     w.registry
         .register(SM, map(&[("kms_url", &km.url)]), sm_secrets())
@@ -646,7 +506,7 @@ fn key_manager_down_means_503_and_nothing_stored() {
 #[test]
 fn encryption_off_stores_plaintext_and_needs_no_key_manager() {
     let sm_dir = tempfile::tempdir().unwrap();
-    let w = Worker::new(
+    let w = storage_worker(
         map(&[("encryption", "off"), ("virtual_host_domain", "s3.test")]),
         map(&[("access_key.AKIDTESTSTORAGE1", SECRET)]),
     );
@@ -681,7 +541,7 @@ fn boto3_real_client() {
     }
     let km_dir = tempfile::tempdir().unwrap();
     let sm_dir = tempfile::tempdir().unwrap();
-    let w = Worker::new(BTreeMap::new(), sm_secrets());
+    let w = storage_worker(BTreeMap::new(), sm_secrets());
     let km = start_km(&w, km_dir.path());
     w.registry
         .register(SM, map(&[("kms_url", &km.url)]), sm_secrets())
