@@ -549,23 +549,37 @@ fn storage_manager_bin() -> std::path::PathBuf {
     sibling_binary("aerekos-storage-manager", "storage-manager")
 }
 
-#[test]
-fn backups_through_storage_manager_and_restore() {
-    let sm_data = tempfile::tempdir().unwrap();
-    let db_data = tempfile::tempdir().unwrap();
-    let sm_worker = worker_with(&[(
+/// An unencrypted storage-manager taking `S3_KEY`: its data dir, worker
+/// and process (keep all three).
+fn backup_store() -> (tempfile::TempDir, Worker, Proc) {
+    let data = tempfile::tempdir().unwrap();
+    let worker = worker_with(&[(
         SM,
         map(&[("encryption", "off")]),
         map(&[("access_keys", &format!("{S3_KEY}:{S3_SECRET}"))]),
     )]);
-    let sm = start_service(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
-    let mut worker = dbm_worker(
-        &[("backup_endpoint", &sm.url), ("backup_bucket", "dbm-test")],
+    let sm = start_service(&storage_manager_bin(), &worker, SM, data.path(), &[]);
+    (data, worker, sm)
+}
+
+/// A db-manager worker backing up to `endpoint` with `S3_KEY`, and `config`.
+fn backing_up_worker(endpoint: &str, config: &[(&str, &str)]) -> Worker {
+    let mut all = vec![("backup_endpoint", endpoint)];
+    all.extend_from_slice(config);
+    dbm_worker(
+        &all,
         &[
             ("backup_access_key", S3_KEY),
             ("backup_secret_key", S3_SECRET),
         ],
-    );
+    )
+}
+
+#[test]
+fn backups_through_storage_manager_and_restore() {
+    let (_sm_data, _sm_worker, sm) = backup_store();
+    let db_data = tempfile::tempdir().unwrap();
+    let mut worker = backing_up_worker(&sm.url, &[("backup_bucket", "dbm-test")]);
     let p = start_dbm(&worker, db_data.path(), &["--backup-interval-ms", "1500"]);
     let (rw, ro) = create(&p, "shop");
     sql_ok(
@@ -804,24 +818,11 @@ fn backups_unconfigured_is_a_clear_error() {
 
 #[test]
 fn backup_retention_keeps_the_newest() {
-    let sm_data = tempfile::tempdir().unwrap();
+    let (_sm_data, _sm_worker, sm) = backup_store();
     let db_data = tempfile::tempdir().unwrap();
-    let sm_worker = worker_with(&[(
-        SM,
-        map(&[("encryption", "off")]),
-        map(&[("access_keys", &format!("{S3_KEY}:{S3_SECRET}"))]),
-    )]);
-    let sm = start_service(&storage_manager_bin(), &sm_worker, SM, sm_data.path(), &[]);
-    let mut worker = dbm_worker(
-        &[
-            ("backup_endpoint", &sm.url),
-            ("backup_bucket", "keep-test"),
-            ("backup_keep", "2"),
-        ],
-        &[
-            ("backup_access_key", S3_KEY),
-            ("backup_secret_key", S3_SECRET),
-        ],
+    let mut worker = backing_up_worker(
+        &sm.url,
+        &[("backup_bucket", "keep-test"), ("backup_keep", "2")],
     );
     let p = start_dbm(&worker, db_data.path(), &[]);
     create(&p, "k");

@@ -73,6 +73,18 @@ fn start_sm(w: &Worker, data: &Path) -> Proc {
     )
 }
 
+/// Both services registered, a key-manager running (data dir, worker,
+/// process: keep all three) and storage-manager configured to use it.
+fn worker_with_key_manager() -> (tempfile::TempDir, Worker, Proc) {
+    let km_dir = tempfile::tempdir().unwrap();
+    let w = storage_worker(BTreeMap::new(), sm_secrets());
+    let km = start_km(&w, km_dir.path());
+    w.registry
+        .register(SM, map(&[("kms_url", &km.url)]), sm_secrets())
+        .unwrap();
+    (km_dir, w, km)
+}
+
 fn s3(sm: &Proc) -> S3Client {
     S3Client::new(&sm.url, Credentials::new(AKID, SECRET)).unwrap()
 }
@@ -354,13 +366,8 @@ fn md5_of(b: &[u8]) -> Vec<u8> {
 
 #[test]
 fn kill9_after_acknowledged_writes_loses_nothing_and_partial_writes_leave_nothing() {
-    let km_dir = tempfile::tempdir().unwrap();
+    let (_km_dir, w, km) = worker_with_key_manager();
     let sm_dir = tempfile::tempdir().unwrap();
-    let w = storage_worker(BTreeMap::new(), sm_secrets());
-    let km = start_km(&w, km_dir.path());
-    w.registry
-        .register(SM, map(&[("kms_url", &km.url)]), sm_secrets())
-        .unwrap();
     let mut sm = start_sm(&w, sm_dir.path());
     let c = s3(&sm);
     c.create_bucket("durable").unwrap();
@@ -539,13 +546,8 @@ fn boto3_real_client() {
             return;
         }
     }
-    let km_dir = tempfile::tempdir().unwrap();
+    let (_km_dir, w, km) = worker_with_key_manager();
     let sm_dir = tempfile::tempdir().unwrap();
-    let w = storage_worker(BTreeMap::new(), sm_secrets());
-    let km = start_km(&w, km_dir.path());
-    w.registry
-        .register(SM, map(&[("kms_url", &km.url)]), sm_secrets())
-        .unwrap();
     let sm = start_sm(&w, sm_dir.path());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_client.py");
     let out = Command::new("python3")
