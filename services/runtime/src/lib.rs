@@ -15,7 +15,10 @@
 //! * [`listen`]: a tiny_http server bound with `TCP_NODELAY` and its pool
 //!   of request threads;
 //! * [`options`]: the command-line flags every service takes, and where
-//!   the listen address comes from.
+//!   the listen address comes from;
+//! * `harness` (feature `test-harness`, for the services' tests only): the
+//!   real worker local API with registered services, the service's real
+//!   binary started with that environment, sibling binaries built once.
 //!
 //! Limits: local API calls time out after 3 s; the audit queue holds 256
 //! events; client tokens are 16..=256 characters.
