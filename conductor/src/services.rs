@@ -39,6 +39,12 @@
 //! reports arrive the worker may be sent a `DeployManifest` it already has,
 //! which the worker treats as a no-op.
 //!
+//! A service reported `failed` at the version it should run is sent the
+//! same `DeployManifest` again at most every [`FAILED_RETRY_AFTER`] (counted
+//! from the last one sent): the worker fetches what it needs again (an
+//! artifact pruned from its cache comes back) and starts the failed
+//! service afresh, like an outer crash-loop backoff.
+//!
 //! Limits: reconciliation never starts a stopped service (a service whose
 //! restart policy let it stop stays stopped; use the per-worker `start`).
 //! A version whose manifest cannot be built (its spec unreadable) is
@@ -63,6 +69,9 @@ use crate::store::{DeploymentRow, ServiceStatusRow, StoreError};
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 /// Shortest gap between two identical reconciliation commands to one worker.
 pub const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// A service reported `failed` at its desired version is deployed again
+/// (the worker starts it afresh) at most this often.
+pub const FAILED_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Longest service name.
 pub const MAX_NAME_LEN: usize = 32;
 /// How long a `DeployManifest` waits for its reply to be matched.
@@ -199,6 +208,9 @@ pub struct BuiltManifest {
     pub bytes: Vec<u8>,
     /// SHA-256 of `bytes`, as sent in `DeployManifest`.
     pub digest: [u8; 32],
+    /// The restart policy is not `never`: a `failed` copy is deployed
+    /// again (a `never` service that failed stays failed, as asked).
+    pub retry_failed: bool,
 }
 
 /// Loads a stored spec.
@@ -250,6 +262,7 @@ pub fn manifest(
     let built = Arc::new(BuiltManifest {
         digest: protocol::manifest::digest(&bytes),
         bytes,
+        retry_failed: m.restart != protocol::RestartPolicy::Never,
     });
     lock(&shared.manifests).insert(key, built.clone());
     Ok(Some(built))
@@ -391,7 +404,8 @@ pub fn deploy_reply(shared: &Shared, worker_id: &str, reply: &protocol::Reply) {
 }
 
 /// What one reconciliation pass wants sent.
-type Want = (String, String, Intent);
+/// (worker, service, what to send, least time since the same was last sent).
+type Want = (String, String, Intent, Duration);
 
 /// One reconciliation pass. Returns how many commands were published.
 pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, ServiceError> {
@@ -457,10 +471,36 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                     match actual {
                         Some(a) if a.version == desired => {
                             if stop_wanted && is_active_state(&a.state) {
-                                wants.push((id.clone(), d.name.clone(), Intent::Stop));
+                                wants.push((
+                                    id.clone(),
+                                    d.name.clone(),
+                                    Intent::Stop,
+                                    RESEND_AFTER,
+                                ));
+                            } else if !stop_wanted
+                                && a.state == ServiceState::Failed.as_str()
+                                && built
+                                    .get(&(d.name.clone(), desired))
+                                    .is_some_and(|b| b.retry_failed)
+                            {
+                                // Failed at the version it should run (restart
+                                // limit, an artifact gone from the cache, no
+                                // engine): asked again, the worker starts it
+                                // afresh; at most every FAILED_RETRY_AFTER.
+                                wants.push((
+                                    id.clone(),
+                                    d.name.clone(),
+                                    Intent::Deploy(desired),
+                                    FAILED_RETRY_AFTER,
+                                ));
                             }
                         }
-                        _ => wants.push((id.clone(), d.name.clone(), Intent::Deploy(desired))),
+                        _ => wants.push((
+                            id.clone(),
+                            d.name.clone(),
+                            Intent::Deploy(desired),
+                            RESEND_AFTER,
+                        )),
                     }
                 }
                 targeted.insert(&d.name, targets);
@@ -474,17 +514,17 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                 }
                 for name in services.keys() {
                     if !targeted.get(name.as_str()).is_some_and(|t| t.contains(wid)) {
-                        wants.push((wid.clone(), name.clone(), Intent::Remove));
+                        wants.push((wid.clone(), name.clone(), Intent::Remove, RESEND_AFTER));
                     }
                 }
             }
         }
         let mut sent = lock(&shared.reconcile_sent);
         let now = Instant::now();
-        for (wid, name, intent) in wants {
+        for (wid, name, intent, every) in wants {
             let key = (wid.clone(), name.clone());
             if let Some((i, at)) = sent.get(&key) {
-                if *i == intent && now.duration_since(*at) < RESEND_AFTER {
+                if *i == intent && now.duration_since(*at) < every {
                     continue;
                 }
             }

@@ -817,7 +817,8 @@ impl Supervisor {
     }
 
     /// Installs `manifest` and runs it. The same manifest again is a no-op
-    /// (`Ok("unchanged")`); another one stops the old copy first. An
+    /// (`Ok("unchanged")`) unless the service failed (restart policy not
+    /// `never`): then it starts afresh; another one stops the old copy first. An
     /// artifact service's file must already be in the cache
     /// ([`fetch::Conductor::ensure_artifact`]).
     pub fn deploy_manifest(&mut self, manifest: Manifest) -> Result<String, String> {
@@ -829,6 +830,18 @@ impl Supervisor {
         let version = manifest.version;
         let result = match self.services.get_mut(&name) {
             Some(svc) if svc.manifest == manifest && !svc.removing => {
+                // The conductor deploys a service that failed at this
+                // version again (at most every minute): start it afresh,
+                // unless its policy says never or it was stopped on purpose.
+                let retry = svc.run
+                    && svc.state == ServiceState::Failed
+                    && svc.manifest.restart != RestartPolicy::Never
+                    && matches!(svc.proc, Proc::None)
+                    && svc.stopping.is_none();
+                if retry {
+                    tracing::info!(service = %name, "failed service deployed again: starting it");
+                    return self.start(&name);
+                }
                 return Ok("unchanged".into());
             }
             Some(svc) => {
@@ -2175,6 +2188,19 @@ mod tests {
         // A start by request tries again, counters reset.
         assert_eq!(sup.start("bad").unwrap(), "starting");
         assert_eq!(sup.status("bad").unwrap().restarts, 0);
+        // Failed again, the same manifest deployed again (the conductor's
+        // retry) starts it afresh too; while it runs, it is unchanged.
+        wait_for(&mut sup, "bad", "failed again", |s| {
+            s.state == ServiceState::Failed
+        });
+        let mut same = spec("bad", 1, "sh", &["-c", "exit 1"]);
+        same.max_restarts = 3;
+        assert_eq!(sup.deploy(same.clone()).unwrap(), "starting");
+        assert_ne!(sup.status("bad").unwrap().state, ServiceState::Failed);
+        let mut sleepy = spec("nap", 1, "sleep", &["30"]);
+        sleepy.max_restarts = 3;
+        sup.deploy(sleepy.clone()).unwrap();
+        assert_eq!(sup.deploy(sleepy).unwrap(), "unchanged");
     }
 
     #[test]
@@ -2195,6 +2221,14 @@ mod tests {
         assert_eq!(st.state, ServiceState::Failed);
         assert!(st.detail.contains("cannot start"), "{}", st.detail);
         assert_eq!(sup.next_wake(), None);
+        // A `never` service that failed stays failed when deployed again.
+        let mut never = spec("never", 1, "sh", &["-c", "exit 3"]);
+        never.restart = RestartPolicy::Never;
+        sup.deploy(never.clone()).unwrap();
+        wait_for(&mut sup, "never", "failed", |s| {
+            s.state == ServiceState::Failed
+        });
+        assert_eq!(sup.deploy(never).unwrap(), "unchanged");
 
         assert!(sup.start("ghost").is_err());
         assert!(sup.restart("ghost").is_err());

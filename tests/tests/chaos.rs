@@ -30,10 +30,9 @@
 //! Known limits these tests do not assert (reported, not fixed):
 //! * A deployment created with `desired_state: stopped` is first deployed
 //!   (so its process starts) and then stopped by reconciliation.
-//! * A worker that reports a service `failed` at the desired version is not
-//!   sent the deploy again by the conductor (e.g. `artifact … is not in the
-//!   cache (deploy again)`); a Start, Restart, new version or worker restart
-//!   is needed.
+//! * A service `failed` at the desired version is deployed again by the
+//!   conductor at most every 60 s (tests/services.rs checks it recovers), so
+//!   recovery from e.g. `artifact … is not in the cache` can take a minute.
 //! * Mosquitto killed with -9 (not tested) loses what it acknowledged and had
 //!   not yet saved; the broker test stops it cleanly.
 //!

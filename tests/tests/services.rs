@@ -146,3 +146,41 @@ fn deploy_by_label_supervise_survive_outage_and_undeploy_without_orphans() {
             .then_some(())
     });
 }
+
+/// A service that used up its restarts is `failed`; once what made it fail
+/// is fixed, the conductor's periodic redeploy (at most every 60 s) starts
+/// it again without anyone touching it.
+#[test]
+fn a_failed_service_is_deployed_again_and_recovers_once_its_cause_is_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let mut w = Worker::start(
+        &dir.path().join("w"),
+        &c.url(),
+        Some(&c.registration_token()),
+        WorkerOpts::named("retry-host"),
+    );
+    let id = w.wait_id();
+    let flag = dir.path().join("ready");
+    let m = marker();
+    // Exits at once until `flag` exists, then sleeps (carrying the marker).
+    let script = format!("test -f {} && exec sleep {m}; exit 1", flag.display());
+    create_service(
+        &c,
+        &json!({"name": "flaky", "command": "sh", "args": ["-c", script],
+                "restart": "always", "max_restarts": 2, "restart_window_s": 60,
+                "backoff_ms": 100}),
+    );
+    deploy(&c, "flaky", &json!({"workers": [id]}));
+    wait_for("flaky failed", SECS(30), || {
+        (state_of(&c, "flaky", &id) == "failed").then_some(())
+    });
+    std::fs::write(&flag, b"fixed").unwrap();
+    let st = wait_for("flaky running again", SECS(100), || {
+        let s = state_of(&c, "flaky", &id);
+        (s == "running").then_some(s)
+    });
+    assert_eq!(st, "running");
+    let pids = pids_with(&m);
+    assert_eq!(pids.len(), 1, "one copy: {}", describe(&pids));
+}
