@@ -493,15 +493,33 @@ pub fn verify(
     }
 }
 
+/// What a request claims, from its `Authorization` header or its query.
+struct Claim<'a> {
+    cred: Cred<'a>,
+    amz_date: &'a str,
+    signed_headers: Vec<String>,
+    /// As signed (`x-amz-content-sha256` or `UNSIGNED-PAYLOAD`).
+    payload_hash: &'a str,
+    /// How the body is then checked.
+    payload: PayloadMode,
+    signature: &'a str,
+}
+
+/// Checks `claim`'s signature against the request; the verified identity.
 fn check_signature(
     req: &RequestView<'_>,
-    cred: &Cred<'_>,
-    amz_date: &str,
-    signed_headers: &[String],
-    payload_hash: &str,
-    signature: &str,
+    claim: Claim<'_>,
     secret_of: &dyn Fn(&str) -> Option<String>,
-) -> Result<[u8; 32], SigError> {
+) -> Result<Verified, SigError> {
+    let Claim {
+        cred,
+        amz_date,
+        signed_headers,
+        payload_hash,
+        payload,
+        signature,
+    } = claim;
+    let signed_headers = signed_headers.as_slice();
     if !signed_headers.iter().any(|h| h == "host") {
         return Err(SigError::Malformed(
             "SignedHeaders must include host".into(),
@@ -532,7 +550,14 @@ fn check_signature(
     if !ct_eq(expect.as_bytes(), signature.to_ascii_lowercase().as_bytes()) {
         return Err(SigError::Mismatch);
     }
-    Ok(key)
+    Ok(Verified {
+        access_key: cred.access_key.to_string(),
+        payload,
+        seed_signature: signature.to_ascii_lowercase(),
+        signing_key: key,
+        amz_date: amz_date.to_string(),
+        scope,
+    })
 }
 
 fn verify_header(
@@ -592,23 +617,15 @@ fn verify_header(
         }
     };
     let signed_headers: Vec<String> = signed.split(';').map(str::to_string).collect();
-    let key = check_signature(
-        req,
-        &cred,
+    let claim = Claim {
+        cred,
         amz_date,
-        &signed_headers,
+        signed_headers,
         payload_hash,
-        signature,
-        secret_of,
-    )?;
-    Ok(Verified {
-        access_key: cred.access_key.to_string(),
         payload,
-        seed_signature: signature.to_ascii_lowercase(),
-        signing_key: key,
-        amz_date: amz_date.to_string(),
-        scope: scope(cred.date, cred.region, cred.service),
-    })
+        signature,
+    };
+    check_signature(req, claim, secret_of)
 }
 
 fn verify_presigned(
@@ -656,23 +673,15 @@ fn verify_presigned(
     } else {
         PayloadMode::Sha256(payload_hash.to_ascii_lowercase())
     };
-    let key = check_signature(
-        req,
-        &cred,
+    let claim = Claim {
+        cred,
         amz_date,
-        &signed_headers,
+        signed_headers,
         payload_hash,
-        signature,
-        secret_of,
-    )?;
-    Ok(Verified {
-        access_key: cred.access_key.to_string(),
         payload,
-        seed_signature: signature.to_ascii_lowercase(),
-        signing_key: key,
-        amz_date: amz_date.to_string(),
-        scope: scope(cred.date, cred.region, cred.service),
-    })
+        signature,
+    };
+    check_signature(req, claim, secret_of)
 }
 
 /// The expected signature of one aws-chunked chunk whose data hashes to
