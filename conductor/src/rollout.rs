@@ -19,14 +19,16 @@
 //!
 //! [`evaluate`] runs at every reconciliation pass. A wave **passes** when
 //! each of its members reports `to_version` `healthy` (or `running` when the
-//! new spec has no health check), unchanged for `settle_s`. It **fails**
+//! new spec has no health check; `stopped` when the member's desired state
+//! is `stopped`, see [`crate::services`]: it was installed stopped, and
+//! nothing more can be checked), unchanged for `settle_s`. It **fails**
 //! when a member reports `to_version` `failed` or `unhealthy`, answers the
-//! `DeployManifest` with an error (digest or version mismatch, artifact
-//! rejected, unsupported) or sends `ArtifactRejected` / `HealthFailed` for
-//! the service after the wave started, or when the wave has not passed
-//! within `timeout_s` (default `settle_s + 60`). Members of a later wave
-//! that are offline when it starts are skipped (they get the new version
-//! when they return). A failure reverts: the rollout is marked `reverted`
+//! `DeployManifest` (or `InstallManifest`) with an error (digest or version
+//! mismatch, artifact rejected, unsupported) or sends `ArtifactRejected` /
+//! `HealthFailed` for the service after the wave started, or when the wave
+//! has not passed within `timeout_s` (default `settle_s + 60`). Members of
+//! a later wave that are offline when it starts are skipped (they get the
+//! new version when they return). A failure reverts: the rollout is marked `reverted`
 //! with the reason, and every worker goes back to `from_version`. After the
 //! last wave the deployment's version becomes `to_version` (`succeeded`),
 //! in the same transaction.
@@ -319,11 +321,14 @@ enum Verdict {
     Failed(String),
 }
 
+/// `stop_wanted`: the member's desired state is `stopped` (the deployment's
+/// or a per-worker override), so `stopped` at `to_version` is what passes.
 fn member_verdict(
     shared: &Shared,
     r: &Rollout,
     worker: &str,
     has_health: bool,
+    stop_wanted: bool,
     now: u64,
 ) -> Verdict {
     let name = &r.row.service;
@@ -344,7 +349,11 @@ fn member_verdict(
             a.state, a.version, a.detail
         ));
     }
-    let good = a.state == "healthy" || (!has_health && a.state == "running");
+    let good = if stop_wanted {
+        a.state == "stopped"
+    } else {
+        a.state == "healthy" || (!has_health && a.state == "running")
+    };
     let settle = u64::from(r.policy.settle_s) * 1000;
     if a.version == to && good && now.saturating_sub(a.updated_ms.max(since)) >= settle {
         Verdict::Passed
@@ -358,11 +367,23 @@ fn member_verdict(
 pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
     let mut changed = 0;
     for (name, mut r) in active(shared)? {
-        if lock(&shared.db).deployment(&name)?.is_none() {
+        let (dep, stopped_on) = {
+            let db = lock(&shared.db);
+            let dep = db.deployment(&name)?;
+            let stopped_on: BTreeSet<String> = db
+                .overrides()?
+                .into_iter()
+                .filter(|(_, n, d)| *n == name && d == "stopped")
+                .map(|(w, _, _)| w)
+                .collect();
+            (dep, stopped_on)
+        };
+        let Some(dep) = dep else {
             finish(shared, &mut r, REVERTED, "deployment removed")?;
             changed += 1;
             continue;
-        }
+        };
+        let all_stopped = dep.desired == "stopped";
         let has_health = match crate::services::load_doc(shared, &name, r.row.to_version)? {
             Some(doc) => doc.has_health(),
             None => {
@@ -382,7 +403,8 @@ pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
         let mut failed = None;
         let mut waiting = None;
         for m in &wave.workers {
-            match member_verdict(shared, &r, m, has_health, now) {
+            let stop_wanted = all_stopped || stopped_on.contains(m);
+            match member_verdict(shared, &r, m, has_health, stop_wanted, now) {
                 Verdict::Passed => {}
                 Verdict::Waiting(w) => {
                     waiting.get_or_insert(w);

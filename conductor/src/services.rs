@@ -21,32 +21,41 @@
 //! [`Manifest::encode`](protocol::Manifest::encode) of that version, which
 //! the worker fetches from `GET /api/v1/agent/manifests/{name}/{version}`
 //! (encoding is deterministic; encoded manifests are cached per version).
-//! A worker whose effective desired state is `stopped` (a per-worker stop,
-//! persisted in `service_overrides`, or a deployment with desired state
-//! `stopped`) and that reports the right version in an active state
-//! (`starting`, `running`, `backoff`, `healthy`, `unhealthy`) is sent
-//! `Stop`. For each service an online worker reports that no deployment
-//! targets there it sends `Remove`. Commands are sealed with the worker's
-//! secret and published QoS 1 to its `cmd` topic without waiting for the
-//! reply; the same command to the same worker and service is repeated at
-//! most every [`RESEND_AFTER`] (the throttle for a worker is cleared when it
-//! sends a Birth). A reply with an error to a `DeployManifest` is recorded
-//! as a failure of that version (rollouts revert on it).
+//! When the worker's effective desired state is `stopped` (a per-worker
+//! stop, persisted in `service_overrides`, or a deployment with desired
+//! state `stopped`) it sends `InstallManifest` with the same fields
+//! instead: the worker fetches and checks the same way, installs that
+//! version stopped and never starts it (a running copy is stopped first),
+//! so a service deployed stopped, or given a new version while stopped,
+//! never runs. Such a worker that reports the right version in an active
+//! state (`starting`, `running`, `backoff`, `healthy`, `unhealthy`) is sent
+//! `Stop`; one that reports it `failed` is sent the same `InstallManifest`
+//! again at most every [`FAILED_RETRY_AFTER`] (a refused download is tried
+//! again; a failed service ends `stopped`). For each service an online
+//! worker reports that no deployment targets there it sends `Remove`.
+//! Commands are sealed with the worker's secret and published QoS 1 to its
+//! `cmd` topic without waiting for the reply; the same command to the same
+//! worker and service is repeated at most every [`RESEND_AFTER`] (the
+//! throttle for a worker is cleared when it sends a Birth). A reply with an error to a `DeployManifest` or an
+//! `InstallManifest` is recorded as a failure of that version (rollouts
+//! revert on it).
 //!
 //! A Birth starts a new session: the worker's reported services are
 //! forgotten, because the worker reports every service it has right after
 //! its Birth (a worker that lost its state is thus redeployed). Until those
-//! reports arrive the worker may be sent a `DeployManifest` it already has,
-//! which the worker treats as a no-op.
+//! reports arrive the worker may be sent a `DeployManifest` (or
+//! `InstallManifest`) it already has, which the worker treats as a no-op.
 //!
-//! A service reported `failed` at the version it should run is sent the
-//! same `DeployManifest` again at most every [`FAILED_RETRY_AFTER`] (counted
-//! from the last one sent): the worker fetches what it needs again (an
-//! artifact pruned from its cache comes back) and starts the failed
-//! service afresh, like an outer crash-loop backoff.
+//! A service reported `failed` at the version it should run (desired state
+//! `running`) is sent the same `DeployManifest` again at most every
+//! [`FAILED_RETRY_AFTER`] (counted from the last one sent): the worker
+//! fetches what it needs again (an artifact pruned from its cache comes
+//! back) and starts the failed service afresh, like an outer crash-loop
+//! backoff.
 //!
 //! Limits: reconciliation never starts a stopped service (a service whose
-//! restart policy let it stop stays stopped; use the per-worker `start`).
+//! restart policy let it stop, or one installed stopped, stays stopped when
+//! the desired state becomes `running`; use the per-worker `start`).
 //! A version whose manifest cannot be built (its spec unreadable) is
 //! skipped with a warning. Revoked workers are never sent anything.
 
@@ -74,9 +83,11 @@ pub const RESEND_AFTER: Duration = Duration::from_secs(5);
 pub const FAILED_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Longest service name.
 pub const MAX_NAME_LEN: usize = 32;
-/// How long a `DeployManifest` waits for its reply to be matched.
+/// How long a `DeployManifest` or `InstallManifest` waits for its reply to
+/// be matched.
 const DEPLOY_REPLY_WINDOW: Duration = Duration::from_secs(120);
-/// Most `DeployManifest` commands remembered for their replies.
+/// Most `DeployManifest` and `InstallManifest` commands remembered for
+/// their replies.
 const MAX_DEPLOY_CMDS: usize = 4096;
 
 /// Errors of this module.
@@ -381,7 +392,8 @@ pub fn record_failure(
 }
 
 /// A reply arrived that no HTTP request waits for: if it answers a
-/// `DeployManifest` with an error, record a failure of that version.
+/// `DeployManifest` or an `InstallManifest` with an error, record a failure
+/// of that version.
 pub fn deploy_reply(shared: &Shared, worker_id: &str, reply: &protocol::Reply) {
     let Some(cmd) = lock(&shared.deploy_cmds).remove(&(worker_id.to_string(), reply.cmd_id)) else {
         return;
@@ -477,6 +489,17 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                                     Intent::Stop,
                                     RESEND_AFTER,
                                 ));
+                            } else if stop_wanted && a.state == ServiceState::Failed.as_str() {
+                                // Its install was refused (a download that did
+                                // not verify), or it failed before it was to
+                                // stop: install it stopped again, which never
+                                // starts it; at most every FAILED_RETRY_AFTER.
+                                wants.push((
+                                    id.clone(),
+                                    d.name.clone(),
+                                    Intent::Install(desired),
+                                    FAILED_RETRY_AFTER,
+                                ));
                             } else if !stop_wanted
                                 && a.state == ServiceState::Failed.as_str()
                                 && built
@@ -495,10 +518,17 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                                 ));
                             }
                         }
+                        // Not the desired version (or nothing): a worker that
+                        // is to keep it stopped must never start it, not even
+                        // until a Stop arrives.
                         _ => wants.push((
                             id.clone(),
                             d.name.clone(),
-                            Intent::Deploy(desired),
+                            if stop_wanted {
+                                Intent::Install(desired)
+                            } else {
+                                Intent::Deploy(desired)
+                            },
                             RESEND_AFTER,
                         )),
                     }
@@ -533,21 +563,33 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
             };
             let n = protocol::frame::bounded(&name);
             let action = match intent {
-                Intent::Deploy(v) => match built.get(&(name.clone(), v)) {
-                    Some(b) => Action::DeployManifest(ManifestRef {
+                Intent::Deploy(v) | Intent::Install(v) => {
+                    let Some(b) = built.get(&(name.clone(), v)) else {
+                        continue;
+                    };
+                    let r = ManifestRef {
                         name: n,
                         version: v,
                         digest: b.digest,
-                    }),
-                    None => continue,
-                },
+                    };
+                    if intent == Intent::Deploy(v) {
+                        Action::DeployManifest(r)
+                    } else {
+                        Action::InstallManifest(r)
+                    }
+                }
                 Intent::Remove => Action::Remove(n),
                 Intent::Stop => Action::Stop(n),
             };
             let (cmd_id, frame) = seal_command(shared, w, action)?;
             match intent {
-                Intent::Deploy(v) => {
-                    info!(worker_id = %wid, service = %name, version = v, cmd_id, "reconcile: deploy");
+                Intent::Deploy(v) | Intent::Install(v) => {
+                    if intent == Intent::Deploy(v) {
+                        info!(worker_id = %wid, service = %name, version = v, cmd_id, "reconcile: deploy");
+                    } else {
+                        info!(worker_id = %wid, service = %name, version = v, cmd_id,
+                            "reconcile: install stopped");
+                    }
                     let mut cmds = lock(&shared.deploy_cmds);
                     cmds.retain(|_, c| now.duration_since(c.at) < DEPLOY_REPLY_WINDOW);
                     if cmds.len() < MAX_DEPLOY_CMDS {

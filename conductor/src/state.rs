@@ -238,6 +238,9 @@ impl RateLimiter {
 pub enum Intent {
     /// `DeployManifest` of this version.
     Deploy(u32),
+    /// `InstallManifest` of this version (installed stopped, never started:
+    /// the worker's desired state is `stopped`).
+    Install(u32),
     /// `Remove`.
     Remove,
     /// `Stop` (a per-worker override or a deployment desired `stopped`).
@@ -261,7 +264,8 @@ pub struct FailMark {
     pub at_ms: u64,
 }
 
-/// A `DeployManifest` reconciliation sent, remembered until its reply.
+/// A `DeployManifest` or `InstallManifest` reconciliation sent, remembered
+/// until its reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeployCmd {
     /// Service.
@@ -334,7 +338,8 @@ pub struct Shared {
     pub manifests: Mutex<HashMap<(String, u32), Arc<crate::services::BuiltManifest>>>,
     /// Last failure per (worker, service), for rollouts.
     pub service_failures: Mutex<HashMap<(String, String), FailMark>>,
-    /// `DeployManifest` commands awaiting a reply: (worker, cmd id) → what.
+    /// `DeployManifest` and `InstallManifest` commands awaiting a reply:
+    /// (worker, cmd id) → what.
     pub deploy_cmds: Mutex<HashMap<(String, u32), DeployCmd>>,
     /// Open log relays: (worker, `Logs` cmd id) → the HTTP response's feed.
     pub log_streams: Mutex<HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>>,

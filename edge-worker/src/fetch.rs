@@ -1,4 +1,5 @@
-//! Downloads from the conductor for [`protocol::Action::DeployManifest`]:
+//! Downloads from the conductor for [`protocol::Action::DeployManifest`]
+//! and [`protocol::Action::InstallManifest`]:
 //! the manifest itself and, for artifact process services, the binary for
 //! this worker's architecture, kept in a content-addressed cache.
 //!

@@ -19,11 +19,13 @@
 //! duplicates).
 //!
 //! Commands are applied at most once (the replay window is persisted
-//! before a command is applied). `DeployManifest` is answered when its
-//! downloads are done: the manifest and any artifact are fetched on blocking
-//! threads ([`crate::fetch`]), never on the runtime thread; a later Deploy,
-//! DeployManifest, Stop or Remove of the same service supersedes a pending
-//! one (answered with an error, nothing deployed). A worker that stops while
+//! before a command is applied). `DeployManifest` and `InstallManifest` (the
+//! same downloads, then installed with desired state "stopped", never
+//! started) are answered when their downloads are done: the manifest and
+//! any artifact are fetched on blocking threads ([`crate::fetch`]), never on
+//! the runtime thread; a later Deploy, DeployManifest, InstallManifest, Stop
+//! or Remove of the same service supersedes a pending one (answered with an
+//! error, nothing deployed). A worker that stops while
 //! a download runs never answers it (the conductor sends the deploy again).
 //!
 //! Hosted services talk back through the same outbox: what they publish on
@@ -271,7 +273,8 @@ struct Session {
     services: Supervisor,
     /// Where manifests and artifacts are downloaded from.
     conductor: Conductor,
-    /// Downloads for `DeployManifest` commands, on blocking threads.
+    /// Downloads for `DeployManifest` and `InstallManifest` commands, on
+    /// blocking threads.
     deploys: JoinSet<DeployJob>,
     /// Task id → (command id, service name) of `deploys`, to answer a
     /// command whose task died.
@@ -299,12 +302,15 @@ enum Fetched {
     Artifact(Manifest, [u8; 32], Result<(PathBuf, bool), FetchError>),
 }
 
-/// A finished download step of one `DeployManifest` command.
+/// A finished download step of one `DeployManifest` or `InstallManifest`
+/// command.
 struct DeployJob {
     cmd_id: u32,
     gen: u64,
     name: String,
     version: u32,
+    /// Run it (`DeployManifest`) or install it stopped (`InstallManifest`).
+    run: bool,
     fetched: Fetched,
 }
 
@@ -650,9 +656,10 @@ impl Session {
         }));
     }
 
-    /// Starts the manifest download of a `DeployManifest`; the command is
-    /// answered by [`Session::on_deploy_done`].
-    fn begin_manifest_deploy(&mut self, cmd_id: u32, r: ManifestRef) {
+    /// Starts the manifest download of a `DeployManifest` (`run`) or an
+    /// `InstallManifest`; the command is answered by
+    /// [`Session::on_deploy_done`].
+    fn begin_manifest_deploy(&mut self, cmd_id: u32, r: ManifestRef, run: bool) {
         let name = r.name.to_string();
         let gen = self.supersede(&name);
         let conductor = self.conductor.clone();
@@ -663,6 +670,7 @@ impl Session {
             gen,
             name: task_name,
             version,
+            run,
             fetched: Fetched::Manifest(conductor.fetch_manifest(&r)),
         });
         self.deploy_tasks.insert(handle.id(), (cmd_id, name));
@@ -690,6 +698,7 @@ impl Session {
             gen,
             name,
             version,
+            run,
             fetched,
         } = job;
         if let Fetched::Artifact(_, sha, _) = &fetched {
@@ -736,6 +745,7 @@ impl Session {
                                 gen,
                                 name: task_name,
                                 version,
+                                run,
                                 fetched: Fetched::Artifact(m, a.sha256, result),
                             }
                         });
@@ -749,7 +759,12 @@ impl Session {
                 }
             }
         };
-        let (status, detail, _) = service_reply(self.services.deploy_manifest(manifest));
+        let result = if run {
+            self.services.deploy_manifest(manifest)
+        } else {
+            self.services.install_manifest(manifest)
+        };
+        let (status, detail, _) = service_reply(result);
         self.reply(cmd_id, status, &detail);
     }
 
@@ -930,7 +945,8 @@ impl Session {
             Action::Stop(name) => service_reply(self.services.stop(&name)),
             Action::Restart(name) => service_reply(self.services.restart(&name)),
             Action::Remove(name) => service_reply(self.services.remove(&name)),
-            Action::DeployManifest(r) => return self.begin_manifest_deploy(cmd.id, r),
+            Action::DeployManifest(r) => return self.begin_manifest_deploy(cmd.id, r, true),
+            Action::InstallManifest(r) => return self.begin_manifest_deploy(cmd.id, r, false),
             Action::Logs(req) if self.services.is_container(&req.name) => {
                 let target = container_logs::Target {
                     worker_id: self.id.clone(),

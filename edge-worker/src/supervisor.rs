@@ -12,7 +12,9 @@
 //! from [`Supervisor::take_events`]. Nothing here depends on the MQTT
 //! connection or the conductor, so services keep running (and restarting)
 //! while either is unreachable. Downloads happen before
-//! [`Supervisor::deploy_manifest`] (see [`crate::fetch`]); health probes run
+//! [`Supervisor::deploy_manifest`] and [`Supervisor::install_manifest`]
+//! (the same manifest installed with desired state "stopped", never
+//! started; see [`crate::fetch`]); health probes run
 //! on their own threads ([`crate::health`]); container engine calls on the
 //! engine thread (`engine.rs`).
 //!
@@ -127,6 +129,8 @@ use engine::{Done, EngineThread, Job, Kind, Op, Outcome};
 
 /// File of the desired state inside the state dir.
 pub const SERVICES_FILE: &str = "services.json";
+/// Status detail of a service installed stopped (`InstallManifest`).
+pub const INSTALLED_STOPPED: &str = "installed, not started";
 /// How long a stop waits after SIGTERM before SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often running processes are checked.
@@ -866,6 +870,56 @@ impl Supervisor {
         Ok(result)
     }
 
+    /// Installs `manifest` with desired state "stopped" (persisted, as by
+    /// [`Supervisor::stop`]): it is not started, and a running copy of any
+    /// version is stopped first. The same manifest again, already desired
+    /// stopped, changes nothing (`Ok("unchanged")`). An artifact service's
+    /// file must already be in the cache, as for
+    /// [`Supervisor::deploy_manifest`]; a container's image is pulled only
+    /// when it is started.
+    pub fn install_manifest(&mut self, manifest: Manifest) -> Result<String, String> {
+        manifest.validate().map_err(|e| e.to_string())?;
+        let name = manifest.name.clone();
+        if !is_valid_name(&name) {
+            return Err(format!("invalid service name {name:?} (use [a-z0-9-])"));
+        }
+        let version = manifest.version;
+        let result = match self.services.get_mut(&name) {
+            Some(svc) if svc.manifest == manifest && !svc.removing => {
+                if !svc.run {
+                    return Ok("unchanged".into());
+                }
+                svc.run = false;
+                self.save();
+                let how = self.hold_stopped(&name, "stopped by request", false);
+                format!("version {version} unchanged, {how}")
+            }
+            Some(svc) => {
+                let old = svc.manifest.version;
+                svc.manifest = manifest;
+                svc.run = false;
+                svc.removing = false;
+                svc.reset_counters();
+                self.save();
+                match self.hold_stopped(&name, INSTALLED_STOPPED, true) {
+                    "stopping" => format!(
+                        "installed version {version} (was {old}), not started; stopping the running copy"
+                    ),
+                    _ => format!("installed version {version} (was {old}), not started"),
+                }
+            }
+            None => {
+                self.services
+                    .insert(name.clone(), Service::new(manifest, false, false));
+                self.save();
+                self.hold_stopped(&name, INSTALLED_STOPPED, true);
+                format!("installed version {version}, not started")
+            }
+        };
+        self.prune(false);
+        Ok(result)
+    }
+
     /// Reports a deploy refused before it reached the supervisor (e.g. a
     /// downloaded artifact that did not match): a `Failed` status for
     /// `name` at `version`. A running older version is left alone.
@@ -935,30 +989,39 @@ impl Supervisor {
         let svc = self.known(name)?;
         let changed = svc.run;
         svc.run = false;
-        svc.backoff_until = None;
         if changed {
             self.save();
         }
+        Ok(self.hold_stopped(name, "stopped by request", false).into())
+    }
+
+    /// Brings a service whose desired state is now "stopped" there: a
+    /// pending stop stays stopped, a running copy (or a container being
+    /// started) is stopped, and one without a process is reported `Stopped`
+    /// with `detail` — also when it already was, if `report` (its version
+    /// changed). Returns what happens.
+    fn hold_stopped(&mut self, name: &str, detail: &str, report: bool) -> &'static str {
         let Some(svc) = self.services.get_mut(name) else {
-            return Err(format!("no service {name:?} on this worker"));
+            return "unknown";
         };
+        svc.backoff_until = None;
         if let Some(st) = svc.stopping.as_mut() {
             st.then = AfterStop::Stay;
-            return Ok("stopping".into());
+            return "stopping";
         }
         // A container being started may run by the time the engine gets
         // to this stop: it is stopped in the engine's order.
         let starting = svc.is_container() && svc.ctr_jobs > 0;
         if matches!(svc.proc, Proc::None) && !starting {
-            if svc.state != ServiceState::Stopped {
+            if report || svc.state != ServiceState::Stopped {
                 svc.state = ServiceState::Stopped;
-                svc.detail = "stopped by request".into();
+                svc.detail = detail.into();
                 self.emit(name);
             }
-            return Ok("already stopped".into());
+            return "already stopped";
         }
         self.begin_stop(name, AfterStop::Stay);
-        Ok("stopping".into())
+        "stopping"
     }
 
     /// Stops and starts a service (counters reset).
@@ -2001,6 +2064,74 @@ mod tests {
 
     fn running(st: &ServiceStatus) -> bool {
         st.state == ServiceState::Running && st.pid != 0
+    }
+
+    #[test]
+    fn an_installed_manifest_is_never_started_and_stays_stopped_after_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (u1, u2) = (unique(), unique());
+        let _r = Reaper(vec![u1.clone(), u2.clone()]);
+        let mut sup = Supervisor::load(dir.path());
+        let v1 = spec_to_manifest(&spec("idle", 1, "sleep", &[&u1]));
+        assert_eq!(
+            sup.install_manifest(v1.clone()).unwrap(),
+            "installed version 1, not started"
+        );
+        let changes = sup.take_changes();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(
+            (changes[0].version, changes[0].state, changes[0].pid),
+            (1, ServiceState::Stopped, 0)
+        );
+        assert_eq!(changes[0].detail.as_str(), INSTALLED_STOPPED);
+        for _ in 0..5 {
+            sup.poll();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(procs_with(&u1).is_empty());
+        // The same version again: nothing changes, nothing is written.
+        let saved = fs::read(dir.path().join(SERVICES_FILE)).unwrap();
+        assert_eq!(sup.install_manifest(v1).unwrap(), "unchanged");
+        assert!(sup.take_changes().is_empty());
+        assert_eq!(fs::read(dir.path().join(SERVICES_FILE)).unwrap(), saved);
+
+        // Started, then a new version installed: the copy is stopped, the
+        // new version is not started.
+        sup.start("idle").unwrap();
+        let pid = wait_for(&mut sup, "idle", "v1 running", running).pid;
+        let v2 = spec_to_manifest(&spec("idle", 2, "sleep", &[&u2]));
+        let how = sup.install_manifest(v2).unwrap();
+        assert!(how.contains("stopping the running copy"), "{how}");
+        let st = wait_for(&mut sup, "idle", "v2 stopped", |s| {
+            s.state == ServiceState::Stopped && s.pid == 0
+        });
+        assert_eq!(st.version, 2);
+        assert_eq!(proc_start_time(pid), None, "the old copy is gone");
+        drop(sup);
+
+        // A new supervisor (a worker restart) keeps it stopped.
+        let mut sup = Supervisor::load(dir.path());
+        let st = sup.status("idle").unwrap();
+        assert_eq!(
+            (st.version, st.state, st.pid),
+            (2, ServiceState::Stopped, 0)
+        );
+        for _ in 0..5 {
+            sup.poll();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(procs_with(&u2).is_empty() && procs_with(&u1).is_empty());
+        // Installing it stopped again is a no-op; `start` runs version 2.
+        assert_eq!(
+            sup.install_manifest(spec_to_manifest(&spec("idle", 2, "sleep", &[&u2])))
+                .unwrap(),
+            "unchanged"
+        );
+        sup.start("idle").unwrap();
+        let st = wait_for(&mut sup, "idle", "v2 running", running);
+        assert_eq!(st.version, 2);
+        sup.remove("idle").unwrap();
+        wait_removed(&mut sup, "idle");
     }
 
     #[test]

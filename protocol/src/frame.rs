@@ -282,6 +282,13 @@ pub enum Action {
     /// Send the tail of a service's log as [`LogChunk`] frames, then follow
     /// new output for a while.
     Logs(LogRequest),
+    /// Install (or replace with this version) the service whose
+    /// [`crate::Manifest`] the worker fetches and checks exactly as for
+    /// [`Action::DeployManifest`], with desired state "stopped": it is not
+    /// started, and a running copy (of any version) is stopped first.
+    /// Persisted like [`Action::Stop`]. Idempotent: the same name and
+    /// version again changes nothing.
+    InstallManifest(ManifestRef),
 }
 
 /// Names one manifest version; see [`crate::manifest`].

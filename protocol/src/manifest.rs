@@ -2,7 +2,8 @@
 //! service (process or container, health check, limits, config, secrets).
 //!
 //! A manifest never travels in an MQTT frame. The conductor sends a small
-//! [`crate::Action::DeployManifest`] carrying the name, the version and the
+//! [`crate::Action::DeployManifest`] (or, to install it stopped,
+//! [`crate::Action::InstallManifest`]) carrying the name, the version and the
 //! SHA-256 of the encoded manifest; the worker fetches the bytes over HTTP
 //! with its credentials ([`http_auth`]), checks the digest, and decodes them
 //! with [`Manifest::decode`]. So manifests may be large (many env vars,
@@ -260,7 +261,8 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Decodes bytes fetched for a [`crate::Action::DeployManifest`],
+    /// Decodes bytes fetched for a [`crate::Action::DeployManifest`] or
+    /// [`crate::Action::InstallManifest`],
     /// checking them against the command's digest, name and version first.
     pub fn decode_verified(
         bytes: &[u8],

@@ -47,6 +47,14 @@ fn largest_bodies() -> Vec<Body> {
         }),
         Body::Command(Command {
             id: u32::MAX,
+            action: Action::InstallManifest(ManifestRef {
+                name: frame::bounded(&"é".repeat(32)),
+                version: u32::MAX,
+                digest: [0xff; 32],
+            }),
+        }),
+        Body::Command(Command {
+            id: u32::MAX,
             action: Action::Logs(LogRequest {
                 name: frame::bounded(&"é".repeat(32)),
                 tail_bytes: u32::MAX,

@@ -54,6 +54,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }),
         ),
         (
+            "command-install",
+            Body::Command(Command {
+                id: 11,
+                action: Action::InstallManifest(examples::manifest_ref()),
+            }),
+        ),
+        (
             "service-status",
             Body::ServiceStatus(examples::service_status()),
         ),
