@@ -271,6 +271,107 @@ fn placement_reconciliation_commands_and_undeploy() {
     assert_eq!(v["deployment"], Value::Null);
 }
 
+/// A worker whose desired state is `stopped` (the deployment's, or a
+/// per-worker stop set before the deployment) and that lacks the desired
+/// version gets `InstallManifest`, never `DeployManifest` (which would start
+/// it); a new version rolled out while stopped passes on `stopped`; with
+/// the desired state `running`, the next version is deployed.
+#[test]
+fn a_stopped_deployment_installs_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(dir.path());
+    let ea = enroll_labels(&c, "pi-a", json!({}));
+    let eb = enroll_labels(&c, "pi-b", json!({}));
+    let a = SvcWorker::connect(&c, &ea, "pi-a");
+    let b = SvcWorker::connect(&c, &eb, "pi-b");
+    for id in [&ea.id, &eb.id] {
+        wait_status(&c, id, "online", T);
+    }
+    let spec = json!({"name": "idle", "command": "/bin/sleep", "args": ["1000"]});
+    for _ in 0..3 {
+        assert_eq!(
+            call(&c, "POST", "/api/v1/services", Some(spec.clone())).0,
+            201
+        );
+    }
+    let started = |w: &SvcWorker| {
+        w.actions()
+            .into_iter()
+            .filter(|x| matches!(x, Action::DeployManifest(_) | Action::Start(_)))
+            .collect::<Vec<_>>()
+    };
+
+    // Deployment desired stopped: installed stopped, with a manifest the
+    // worker can fetch and verify.
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/idle/deployment",
+        Some(json!({"version": 1, "workers": [ea.id], "desired_state": "stopped"})),
+    );
+    assert_eq!(code, 200, "{v}");
+    let act = a.wait_action("install", |x| is_install(x, "idle", 1));
+    let m = fetch_manifest(&c, &a, &act);
+    assert_eq!((m.name.as_str(), m.version), ("idle", 1));
+    a.report("idle", 1, ServiceState::Stopped);
+    wait_for("a in sync", T, || {
+        let v = c.get("/api/v1/services/idle");
+        (target(&v, &ea.id)["in_sync"] == true).then_some(())
+    });
+
+    // A new version while stopped: rolled out as an install, and the wave
+    // passes on `stopped` (nothing more can be checked).
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/idle/deployment",
+        Some(
+            json!({"version": 2, "workers": [ea.id], "desired_state": "stopped",
+                    "rollout": {"settle_s": 1}}),
+        ),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(v["rollout"].is_object(), "{v}");
+    a.wait_action("install v2", |x| is_install(x, "idle", 2));
+    a.report("idle", 2, ServiceState::Stopped);
+    wait_for("the rollout succeeded", T, || {
+        let v = c.get("/api/v1/services/idle");
+        (v["deployment"]["version"] == 2).then_some(())
+    });
+    assert!(started(&a).is_empty(), "{:?}", a.actions());
+
+    // A per-worker stop set before b is targeted: b installs stopped too.
+    let (code, v) = call(
+        &c,
+        "POST",
+        &format!("/api/v1/workers/{}/services/idle/stop", eb.id),
+        None,
+    );
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/idle/deployment",
+        Some(json!({"version": 2, "workers": [ea.id, eb.id]})),
+    );
+    assert_eq!(code, 200, "{v}");
+    b.wait_action("install on b", |x| is_install(x, "idle", 2));
+    assert!(started(&b).is_empty(), "{:?}", b.actions());
+
+    // Desired running: a gets the next version deployed (and started).
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/idle/deployment",
+        Some(json!({"version": 3, "workers": [ea.id, eb.id],
+                    "rollout": {"canary": 2, "settle_s": 1}})),
+    );
+    assert_eq!(code, 200, "{v}");
+    a.wait_action("deploy v3", |x| is_deploy(x, "idle", 3));
+    b.wait_action("install v3 on b", |x| is_install(x, "idle", 3));
+    assert!(started(&b).is_empty(), "{:?}", b.actions());
+}
+
 #[test]
 fn conductor_restart_keeps_services() {
     let dir = tempfile::tempdir().unwrap();

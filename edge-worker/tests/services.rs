@@ -730,6 +730,220 @@ async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
         .unwrap();
 }
 
+/// Samples every 20 ms, on its own thread, whether a process carries one
+/// of the markers; [`NeverRan::finish`] returns every pid seen.
+struct NeverRan {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u32>>>,
+}
+
+impl NeverRan {
+    fn watch(markers: &[&str]) -> NeverRan {
+        let markers: Vec<String> = markers.iter().map(|m| m.to_string()).collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                for m in &markers {
+                    seen.extend(procs_with(m));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        });
+        NeverRan {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for NeverRan {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `InstallManifest`: the manifest and the artifact are fetched and checked
+/// as for `DeployManifest` (a tampered manifest is refused), the service is
+/// installed with desired state "stopped" and never started; the same
+/// version again changes nothing; a new version stops the running copy and
+/// stays stopped; a worker restart keeps it stopped.
+#[tokio::test]
+async fn install_manifest_fetches_verifies_and_never_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker")).await;
+    let http = TestConductor::start();
+    let state_dir = tmp.path().join("state");
+    write_state(
+        &state_dir,
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        &http.url,
+    );
+    let (m1, m2) = (unique(), unique());
+    let _reaper = Reaper(vec![m1.clone(), m2.clone()]);
+    let mut sub = Sub::connect(broker.port).await;
+    let start_worker = || {
+        let mut cfg = WorkerConfig::new(&state_dir);
+        cfg.interval = Duration::from_millis(500);
+        cfg.hostname = Some("svc-host".into());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let worker = tokio::spawn(run(cfg, async move {
+            let _ = stopped.await;
+        }));
+        (stop, worker)
+    };
+    let (stop, worker) = start_worker();
+    sub.until(10, "a birth", |b| matches!(b, Body::Birth(_)))
+        .await;
+    let never = NeverRan::watch(&[&m1, &m2]);
+
+    // 1. An artifact service: downloaded, checked, cached; not started.
+    let (bytes, art) = sleep_artifact();
+    http.put_artifact(&art.sha256, bytes);
+    let v1 = manifest("idle", 1, Program::Artifacts(vec![art.clone()]), &[&m1]);
+    sub.send(1, 1, Action::InstallManifest(http.put_manifest(&v1)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(15, "idle installed", |b| {
+        seen.take(b, 1);
+        seen.reply.is_some() && seen.status("idle", ServiceState::Stopped).is_some()
+    })
+    .await;
+    let (status, detail) = seen.reply.clone().unwrap();
+    assert_eq!(status, ReplyStatus::Ok, "{detail}");
+    assert_eq!(detail, "installed version 1, not started");
+    let st = seen.status("idle", ServiceState::Stopped).unwrap();
+    assert_eq!((st.version, st.pid), (1, 0), "{st:?}");
+    assert_eq!(
+        st.detail.as_str(),
+        edge_worker::supervisor::INSTALLED_STOPPED
+    );
+    assert!(
+        seen.statuses
+            .iter()
+            .all(|s| s.state == ServiceState::Stopped),
+        "never reported anything but stopped: {seen:?}"
+    );
+    let cached = fetch::artifact_path(&state_dir, &art.sha256);
+    assert_eq!(
+        fs::metadata(&cached).unwrap().permissions().mode() & 0o777,
+        0o700,
+        "the artifact is verified and cached for a later start"
+    );
+    assert_eq!(http.artifact_hits(&art.sha256), 1);
+    let saved: serde_json::Value =
+        serde_json::from_slice(&fs::read(state_dir.join("services.json")).unwrap()).unwrap();
+    assert_eq!(saved["services"][0]["run"], false, "{saved}");
+
+    // 2. The same version again changes nothing.
+    sub.send(2, 2, Action::InstallManifest(manifest_ref(&v1)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(10, "the reply", |b| {
+        seen.take(b, 2);
+        seen.reply.is_some()
+    })
+    .await;
+    assert_eq!(
+        seen.reply.clone().unwrap(),
+        (ReplyStatus::Ok, "unchanged".into())
+    );
+    assert!(seen.statuses.is_empty(), "{seen:?}");
+
+    // 3. A tampered manifest is refused; version 1 stays installed.
+    let v2 = command("idle", 2, &["sleep", &m2]);
+    let mut evil = v2.clone();
+    evil.runtime = command("idle", 2, &["sh", "-c", &format!("sleep {m2}")]).runtime;
+    http.put_manifest_bytes("idle", 2, evil.encode().unwrap());
+    sub.send(3, 3, Action::InstallManifest(manifest_ref(&v2)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(10, "the refusal", |b| {
+        seen.take(b, 3);
+        seen.reply.is_some() && !seen.events.is_empty()
+    })
+    .await;
+    let (status, detail) = seen.reply.clone().unwrap();
+    assert_eq!(status, ReplyStatus::Error, "{detail}");
+    assert!(detail.contains("digest mismatch"), "{detail}");
+    let pids = never.finish();
+    assert!(pids.is_empty(), "a stopped install ran: {pids:?}");
+
+    // 4. Started on request, then version 2 installed: the running copy
+    // is stopped and version 2 is not started.
+    sub.send(4, 4, Action::Start(bounded("idle"))).await;
+    let mut seen = Seen::default();
+    sub.until(15, "idle v1 running", |b| {
+        seen.take(b, 4);
+        seen.status("idle", ServiceState::Running).is_some()
+    })
+    .await;
+    let pid1 = seen.status("idle", ServiceState::Running).unwrap().pid;
+    wait_procs_async(&m1, &[pid1]).await;
+    let never = NeverRan::watch(&[&m2]);
+    sub.send(5, 5, Action::InstallManifest(http.put_manifest(&v2)))
+        .await;
+    let mut seen = Seen::default();
+    sub.until(15, "idle v2 installed", |b| {
+        seen.take(b, 5);
+        seen.reply.is_some()
+            && seen
+                .status("idle", ServiceState::Stopped)
+                .is_some_and(|s| s.version == 2)
+    })
+    .await;
+    let (status, detail) = seen.reply.clone().unwrap();
+    assert_eq!(status, ReplyStatus::Ok, "{detail}");
+    assert!(detail.contains("stopping the running copy"), "{detail}");
+    wait_procs_async(&m1, &[]).await;
+
+    // 5. A worker restart keeps it stopped (and reports it so).
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+    let (stop, worker) = start_worker();
+    let mut seen = Seen::default();
+    sub.until(15, "idle reported after the restart", |b| {
+        seen.take(b, 0);
+        seen.status("idle", ServiceState::Stopped).is_some()
+    })
+    .await;
+    let st = seen.status("idle", ServiceState::Stopped).unwrap();
+    assert_eq!((st.version, st.pid), (2, 0), "{st:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pids = never.finish();
+    assert!(pids.is_empty(), "a stopped install ran: {pids:?}");
+    assert!(procs_with(&m1).is_empty());
+
+    sub.send(6, 6, Action::Remove(bounded("idle"))).await;
+    let mut seen = Seen::default();
+    sub.until(15, "idle removed", |b| {
+        seen.take(b, 6);
+        seen.status("idle", ServiceState::Removed).is_some()
+    })
+    .await;
+    assert_eq!(http.served.lock().unwrap().unauthorised, 0);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Supervisor-level tests (no broker).
 

@@ -28,8 +28,6 @@
 //!   as an NTP step does).
 //!
 //! Known limits these tests do not assert (reported, not fixed):
-//! * A deployment created with `desired_state: stopped` is first deployed
-//!   (so its process starts) and then stopped by reconciliation.
 //! * A service `failed` at the desired version is deployed again by the
 //!   conductor at most every 60 s (tests/services.rs checks it recovers), so
 //!   recovery from e.g. `artifact … is not in the cache` can take a minute.
@@ -387,9 +385,9 @@ fn conductor_kill9_mid_ingest_loses_no_acknowledged_state() {
     assert_eq!(body["rollout"]["to_version"], 2, "{body}");
     let rollout_id = body["rollout"]["id"].clone();
 
-    // Writes acknowledged while ingest runs at full speed.
-    // (A deployment created `stopped` is deployed, which starts it, then
-    // stopped by reconciliation: its processes are killed at the end.)
+    // Writes acknowledged while ingest runs at full speed. (A deployment
+    // created `stopped` is installed stopped and never runs; the watch
+    // kills any copy at the end all the same.)
     let extra = unique_marker("chaos-extra");
     let _extra_cleanup = CopyWatch::start(&extra);
     let mut labels: BTreeMap<String, Value> = BTreeMap::new();

@@ -184,3 +184,148 @@ fn a_failed_service_is_deployed_again_and_recovers_once_its_cause_is_fixed() {
     let pids = pids_with(&m);
     assert_eq!(pids.len(), 1, "one copy: {}", describe(&pids));
 }
+
+/// Samples every 20 ms, on its own thread, the processes whose command line
+/// contains `marker`; [`Sampler::seen`] returns every pid found so far.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn watch(marker: &str) -> Sampler {
+        use std::sync::atomic::Ordering;
+        let marker = marker.to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (flag, out) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let pids = pids_with(&marker);
+                if !pids.is_empty() {
+                    let mut all = out.lock().unwrap_or_else(|e| e.into_inner());
+                    for p in pids {
+                        if !all.contains(&p) {
+                            all.push(p);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Sampler {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn seen(&self) -> Vec<u32> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A deployment created `stopped` installs the service without ever
+/// running it: no process of it is seen (sampled every 20 ms) and it never
+/// wrote its output log, until the worker reports the version `stopped`.
+/// A new version deployed while stopped (a rollout) and a worker restart
+/// keep it so. Deployed `running` and started, it runs.
+#[test]
+fn a_service_deployed_stopped_never_runs_until_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let mut w = Worker::start(
+        &dir.path().join("w"),
+        &c.url(),
+        Some(&c.registration_token()),
+        WorkerOpts::named("stopped-host"),
+    );
+    let id = w.wait_id();
+    wait_for("online", SECS(20), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+    // `test-service --tag <marker>` prints a tick every 50 ms to its log.
+    let (tag1, tag2) = (marker(), marker());
+    let spec = |tag: &str| {
+        json!({"name": "quiet", "command": bin("test-service").to_str().unwrap(),
+               "args": ["--tag", tag, "--tick-ms", "50"], "restart": "always"})
+    };
+    let log = w.state_dir.join("services/quiet/output.log");
+    let (s1, s2) = (Sampler::watch(&tag1), Sampler::watch(&tag2));
+    let is = |version: u64, state: &str| {
+        let a = actual(&c, "quiet", &id)?;
+        (a["version"] == version && a["state"] == state).then_some(a)
+    };
+
+    // Deployed stopped: installed, reported stopped, never run.
+    create_service(&c, &spec(&tag1));
+    cli_json(&c, &["deploy", "quiet", "--workers", &id, "--stopped"]);
+    let a = wait_for("quiet v1 reported stopped", SECS(30), || is(1, "stopped"));
+    assert_eq!(a["pid"], 0, "{a}");
+    // A pass that would stop a copy it had started has had time to run.
+    std::thread::sleep(SECS(3));
+    assert_eq!(state_of(&c, "quiet", &id), "stopped");
+    assert!(
+        s1.seen().is_empty(),
+        "a service deployed stopped ran: {:?}\nworker log:\n{}",
+        s1.seen(),
+        w.proc.tail(30)
+    );
+    assert!(!log.exists(), "a service deployed stopped wrote output");
+
+    // A new version while stopped: rolled out stopped, still never run.
+    create_service(&c, &spec(&tag2));
+    deploy(
+        &c,
+        "quiet",
+        &json!({"workers": [id], "version": 2, "desired_state": "stopped",
+                "rollout": {"settle_s": 1}}),
+    );
+    wait_for("quiet v2 reported stopped", SECS(30), || is(2, "stopped"));
+    wait_for("the rollout to v2 succeeded", SECS(30), || {
+        let (status, body) = c.get("/api/v1/services/quiet");
+        assert_eq!(status, 200, "{body}");
+        (body["deployment"]["version"] == 2).then_some(())
+    });
+
+    // A worker restart keeps it stopped.
+    w.restart();
+    wait_for("online again", SECS(20), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+    std::thread::sleep(SECS(3));
+    assert!(is(2, "stopped").is_some(), "{:?}", actual(&c, "quiet", &id));
+    for (s, v) in [(&s1, 1), (&s2, 2)] {
+        assert!(
+            s.seen().is_empty(),
+            "v{v} ran while stopped: {:?}\nworker log:\n{}",
+            s.seen(),
+            w.proc.tail(30)
+        );
+    }
+    assert!(!log.exists(), "a service kept stopped wrote output");
+
+    // Desired running, and started on the worker: version 2 runs.
+    cli_json(&c, &["deploy", "quiet", "--workers", &id]);
+    cli_json(&c, &["start", &id, "quiet"]);
+    let a = wait_for("quiet v2 running", SECS(30), || is(2, "running"));
+    let pid = u32::try_from(a["pid"].as_u64().unwrap()).unwrap();
+    wait_for("its process, carrying the v2 tag", SECS(10), || {
+        (pids_with(&tag2) == vec![pid]).then_some(())
+    });
+    wait_for("the sampler to see it (it can)", SECS(5), || {
+        s2.seen().contains(&pid).then_some(())
+    });
+    wait_for("its output log", SECS(10), || log.exists().then_some(()));
+    assert!(s1.seen().is_empty(), "v1 never ran: {:?}", s1.seen());
+}

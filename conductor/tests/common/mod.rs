@@ -662,6 +662,11 @@ pub fn is_deploy(a: &Action, name: &str, version: u32) -> bool {
     matches!(a, Action::DeployManifest(m) if m.name.as_str() == name && m.version == version)
 }
 
+/// An `InstallManifest` (install stopped) of `name` v`version`.
+pub fn is_install(a: &Action, name: &str, version: u32) -> bool {
+    matches!(a, Action::InstallManifest(m) if m.name.as_str() == name && m.version == version)
+}
+
 pub fn is_remove(a: &Action, name: &str) -> bool {
     matches!(a, Action::Remove(n) if n.as_str() == name)
 }
@@ -675,9 +680,10 @@ pub fn target<'a>(svc: &'a Value, id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{id} not a target: {svc}"))
 }
 
-/// Fetches and verifies the manifest a `DeployManifest` names, as a worker does.
+/// Fetches and verifies the manifest a `DeployManifest` (or an
+/// `InstallManifest`) names, as a worker does.
 pub fn fetch_manifest(c: &Conductor, w: &SvcWorker, a: &Action) -> protocol::Manifest {
-    let Action::DeployManifest(m) = a else {
+    let (Action::DeployManifest(m) | Action::InstallManifest(m)) = a else {
         panic!("not a DeployManifest: {a:?}")
     };
     let path = format!("/api/v1/agent/manifests/{}/{}", m.name, m.version);
