@@ -336,7 +336,8 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // aerekos patch: grows on demand (was preallocated: ~tens of KiB per idle client).
+            cache: VecDeque::new(),
         }
     }
 

@@ -51,8 +51,10 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            // aerekos patch: 1 KiB each (was 10 KiB); both grow on demand and
+            // most clients of a fleet send and receive a few hundred bytes.
+            read: BytesMut::with_capacity(1024),
+            write: BytesMut::with_capacity(1024),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we

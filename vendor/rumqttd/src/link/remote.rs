@@ -120,7 +120,8 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // aerekos patch: grows on demand (was preallocated: ~tens of KiB per idle client).
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }

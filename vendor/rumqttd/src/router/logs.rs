@@ -61,6 +61,18 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// aerekos patch: the filters holding a `+` or `#`. Only these are matched
+    /// by scanning; a filter without wildcards matches exactly one topic, its
+    /// own text, which a hash lookup finds. Upstream scanned every filter for
+    /// each new topic and every topic for each new filter: quadratic in the
+    /// number of clients when each has its own topics.
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
+}
+
+/// aerekos patch: a filter without `+` or `#` matches only the topic equal to
+/// it (and nothing when that starts with `$`, as [`matches`] decides).
+fn is_concrete(filter: &str) -> bool {
+    !filter.contains(['+', '#'])
 }
 
 impl DataLog {
@@ -69,6 +81,7 @@ impl DataLog {
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let mut wildcard_filters = Vec::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -77,6 +90,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if !is_concrete(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +103,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            wildcard_filters,
         })
     }
 
@@ -128,12 +145,22 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
+                // aerekos patch: the wildcard filters by scan, the one
+                // concrete filter that can match by lookup (same result as
+                // scanning every filter with `matches`).
+                let mut v: Vec<usize> = self
+                    .wildcard_filters
                     .iter()
                     .filter(|(filter, _)| matches(topic, filter))
                     .map(|(_, filter_idx)| *filter_idx)
                     .collect();
+                if !topic.starts_with('$') {
+                    if let Some(idx) = self.filter_indexes.get(topic) {
+                        if is_concrete(topic) {
+                            v.push(*idx);
+                        }
+                    }
+                }
 
                 if !v.is_empty() {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
@@ -159,9 +186,19 @@ impl DataLog {
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
+                if is_concrete(filter) {
+                    // aerekos patch: only the topic spelled like the filter.
+                    if !filter.starts_with('$') {
+                        if let Some(filters) = publish_filters.get_mut(filter) {
+                            filters.push(idx);
+                        }
+                    }
+                } else {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
+                    for (topic, filters) in publish_filters.iter_mut() {
+                        if matches(topic, filter) {
+                            filters.push(idx);
+                        }
                     }
                 }
 
@@ -273,31 +310,27 @@ impl DataLog {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
-        // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
+        // aerekos patch: a filter without wildcards can only match the
+        // retained message of its own topic; look that one up instead of
+        // checking (and expiring) every retained message, which made each
+        // client's first subscription cost O(clients).
+        if is_concrete(filter) {
+            if filter.starts_with('$') {
+                return Vec::new();
             }
+            let Some(pubdata) = self.retained_publishes.get_mut(filter) else {
+                return Vec::new();
+            };
+            if !still_valid(pubdata, now) {
+                self.retained_publishes.remove(filter);
+                return Vec::new();
+            }
+            return vec![(pubdata.publish.clone(), pubdata.properties.clone())];
+        }
 
-            is_valid
-        });
+        // discard expired retained messages
+        self.retained_publishes
+            .retain(|_, pubdata| still_valid(pubdata, now));
 
         // no need to include timestamp when returning
         self.retained_publishes
@@ -306,6 +339,35 @@ impl DataLog {
             .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
             .collect()
     }
+}
+
+/// Whether a retained message has not expired, counting down its
+/// message_expiry_interval as it goes (upstream's check, moved out of
+/// `read_retained_messages` by the aerekos patch so one message can be
+/// checked alone).
+fn still_valid(pubdata: &mut PublishData, now: Instant) -> bool {
+    // Keep data if no properties exists, which implies no message expiry!
+    let Some(properties) = pubdata.properties.as_mut() else {
+        return true;
+    };
+
+    // Keep data if there is no message_expiry_interval
+    let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
+        return true;
+    };
+
+    let time_spent = (now - pubdata.timestamp).as_secs() as u32;
+
+    let is_valid = time_spent < *message_expiry_interval;
+
+    // ignore expired messages
+    if is_valid {
+        // set message_expiry_interval to (original value - time spent waiting in server)
+        // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
+        *message_expiry_interval -= time_spent;
+    }
+
+    is_valid
 }
 
 pub struct Data<T> {
@@ -456,6 +518,99 @@ mod test {
         data.next_native_offset("topic/+");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+    }
+
+    /// aerekos patch: the indexed routing gives exactly what upstream's scan
+    /// of every filter with `matches` gives, for subscriptions and first
+    /// publishes in any order (and for retained messages), over topics and
+    /// filters with `+`, `#`, `$` and empty levels.
+    #[test]
+    fn indexed_routing_equals_a_scan_of_every_filter() {
+        use crate::protocol::{matches, Publish};
+        use std::collections::BTreeSet;
+
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        const LEVELS: [&str; 5] = ["a", "b", "c", "$s", ""];
+        for round in 0..200 {
+            let mut data = DataLog::new(RouterConfig {
+                max_segment_size: 1024,
+                max_connections: 10,
+                max_segment_count: 10,
+                max_outgoing_packet_count: 1024,
+                custom_segment: None,
+                initialized_filters: (round % 2 == 0).then(|| vec!["a/+".to_owned()]),
+                shared_subscriptions_strategy: Strategy::RoundRobin,
+            })
+            .unwrap();
+            let mut filters: Vec<(String, usize)> = match round % 2 {
+                0 => vec![("a/+".to_owned(), data.filter_indexes["a/+"])],
+                _ => Vec::new(),
+            };
+            let mut topics: Vec<String> = Vec::new();
+            for _ in 0..60 {
+                let depth = 1 + next(3);
+                let mut levels: Vec<&str> = (0..depth).map(|_| LEVELS[next(LEVELS.len())]).collect();
+                if next(2) == 0 {
+                    // A subscription, wildcards allowed ('#' only last).
+                    for l in levels.iter_mut() {
+                        if next(4) == 0 {
+                            *l = "+";
+                        }
+                    }
+                    if next(4) == 0 {
+                        *levels.last_mut().unwrap() = "#";
+                    }
+                    let filter = levels.join("/");
+                    let (idx, _) = data.next_native_offset(&filter);
+                    if !filters.iter().any(|(f, _)| *f == filter) {
+                        filters.push((filter, idx));
+                    }
+                } else {
+                    let topic = levels.join("/");
+                    data.matches(&topic);
+                    data.insert_to_retained_publishes(
+                        Publish::new(topic.clone(), "x".to_owned(), true),
+                        None,
+                        topic.clone(),
+                    );
+                    topics.push(topic);
+                }
+                // Every topic seen so far routes to the filters a full scan finds.
+                for topic in &topics {
+                    let want: BTreeSet<usize> = filters
+                        .iter()
+                        .filter(|(f, _)| matches(topic, f))
+                        .map(|(_, i)| *i)
+                        .collect();
+                    let got: Vec<usize> = data.matches(topic).unwrap();
+                    assert_eq!(got.len(), want.len(), "{topic}: duplicates in {got:?}");
+                    let got: BTreeSet<usize> = got.into_iter().collect();
+                    assert_eq!(got, want, "round {round}, topic {topic:?}, filters {filters:?}");
+                }
+                // Retained messages for every filter, as a full scan finds them.
+                for (filter, _) in &filters {
+                    let want: BTreeSet<String> = topics
+                        .iter()
+                        .filter(|t| matches(t, filter))
+                        .cloned()
+                        .collect();
+                    let got: Vec<String> = data
+                        .read_retained_messages(filter)
+                        .into_iter()
+                        .map(|(p, _)| String::from_utf8(p.topic.to_vec()).unwrap())
+                        .collect();
+                    assert_eq!(got.len(), want.len(), "{filter}: duplicates in {got:?}");
+                    let got: BTreeSet<String> = got.into_iter().collect();
+                    assert_eq!(got, want, "retained for {filter:?}");
+                }
+            }
+        }
     }
 
     #[test]
