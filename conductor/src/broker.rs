@@ -1,5 +1,5 @@
-//! Embedded MQTT broker (rumqttd 0.20, MQTT 3.1.1 server) with a
-//! credential-checking auth hook.
+//! Embedded MQTT broker (rumqttd 0.20 as patched in `vendor/rumqttd`, MQTT
+//! 3.1.1 server) with a credential-checking auth hook.
 //!
 //! Allowed logins:
 //! * the conductor itself: username `conductor`, random password kept in the
@@ -18,6 +18,11 @@
 //!   rejected (`bad_tag`). Forged retained `status` text can only mark a
 //!   worker offline until its next good frame. With Mosquitto as an external
 //!   broker an ACL file can make the observer read-only (not built here).
+//! * The hook runs only at CONNECT. Revoking a worker
+//!   ([`Credentials::remove_worker`]) therefore also closes its live
+//!   connection (the vendored patch's `Disconnector`); with an external
+//!   broker the conductor cannot, and a revoked worker stays connected
+//!   (its frames refused) until it drops.
 //! * rumqttd cannot be stopped: [`start`] runs it on a detached thread that
 //!   lives until process exit. On conductor shutdown [`Credentials::close`]
 //!   makes the hook refuse every new login; established connections stay
@@ -64,6 +69,10 @@ struct Table {
     observer: Option<[u8; 32]>,
     workers: HashMap<String, [u8; 32]>,
     closed: bool,
+    /// Closes a revoked worker's live connection: the auth hook runs only at
+    /// CONNECT, and rumqttd has no ACLs, so a revoked worker left connected
+    /// could go on reading every topic. `None` with an external broker.
+    disconnector: Option<rumqttd::Disconnector>,
 }
 
 /// The broker's login table, shared with enrolment and revocation.
@@ -108,9 +117,22 @@ impl Credentials {
         }
     }
 
-    /// Refuses a worker's login from now on.
+    /// Refuses a worker's login from now on and, on the embedded broker,
+    /// closes its connection if it has one (its client id is its worker id).
     pub fn remove_worker(&self, worker_id: &str) {
-        self.write().workers.remove(worker_id);
+        let disconnector = {
+            let mut t = self.write();
+            t.workers.remove(worker_id);
+            t.disconnector.clone()
+        };
+        if let Some(d) = disconnector {
+            if !d.disconnect(worker_id) {
+                tracing::warn!(
+                    worker_id,
+                    "embedded broker gone: cannot close the connection"
+                );
+            }
+        }
     }
 
     /// Refuses every new login (conductor shut down).
@@ -178,8 +200,9 @@ pub fn start(
         external_auth: None,
         dynamic_filters: true,
     };
+    let hook = creds.clone();
     connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
-        let ok = creds.check(&client_id, &user, &pass);
+        let ok = hook.check(&client_id, &user, &pass);
         if !ok {
             tracing::debug!(client_id = %client_id, username = %user, "mqtt login refused");
         }
@@ -207,10 +230,13 @@ pub fn start(
         v4: Some(servers),
         ..Default::default()
     };
+    // `Broker::new` starts the router thread; `start` then runs the
+    // listeners on this one until the process exits.
+    let mut broker = rumqttd::Broker::new(config);
+    creds.write().disconnector = Some(broker.disconnector());
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
             if let Err(e) = broker.start() {
                 tracing::error!("embedded broker stopped: {e}");
             }

@@ -65,6 +65,10 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// aerekos patch: close the connection of this client id, if any, as a
+    /// newer connection with the same client id would (the connection id
+    /// sent with it is ignored). Sent by [`crate::Disconnector`].
+    DisconnectClient(String),
 }
 
 /// Notification from router to connection

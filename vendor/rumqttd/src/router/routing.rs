@@ -261,6 +261,13 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+            // aerekos patch: see `Event::DisconnectClient`.
+            Event::DisconnectClient(client_id) => {
+                if let Some(connection_id) = self.connection_map.get(&client_id).copied() {
+                    info!(client_id, "disconnecting client on request");
+                    self.handle_disconnection(connection_id, None);
+                }
+            }
         }
     }
 

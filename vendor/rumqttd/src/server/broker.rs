@@ -64,6 +64,24 @@ pub enum Error {
     Config(String),
 }
 
+/// aerekos patch: closes a client's connection by client id (the router
+/// drops it as it drops an older connection when the same client id connects
+/// again; its last will is published when its link ends). Used to lock out a
+/// revoked login that is still connected: rumqttd asks the auth handler only
+/// at CONNECT.
+#[derive(Debug, Clone)]
+pub struct Disconnector(Sender<(ConnectionId, Event)>);
+
+impl Disconnector {
+    /// Asks the router to close `client_id`'s connection if it has one.
+    /// False when the router has stopped.
+    pub fn disconnect(&self, client_id: &str) -> bool {
+        self.0
+            .send((0, Event::DisconnectClient(client_id.to_owned())))
+            .is_ok()
+    }
+}
+
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
@@ -145,6 +163,11 @@ impl Broker {
     pub fn alerts(&self) -> Result<alerts::AlertsLink, alerts::LinkError> {
         let link = alerts::AlertsLink::new(self.router_tx.clone())?;
         Ok(link)
+    }
+
+    /// aerekos patch: a handle that closes clients' connections by client id.
+    pub fn disconnector(&self) -> Disconnector {
+        Disconnector(self.router_tx.clone())
     }
 
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), local::LinkError> {
