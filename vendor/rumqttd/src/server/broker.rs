@@ -422,6 +422,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     continue;
                 }
             };
+            // aerekos patch: the link already batches each wake-up's packets
+            // into one write (`Network::writev`), so Nagle only added a
+            // delayed-ACK stall (~40 ms) to every command and its reply.
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, "cannot set TCP_NODELAY");
+            }
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
