@@ -59,14 +59,6 @@ pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
     (client, eventloop)
 }
 
-/// True for a topic of the conductor's own JSON mirror.
-fn is_mirror(topic: &str) -> bool {
-    matches!(
-        protocol::Topic::parse(topic).map(|t| t.kind),
-        Some(protocol::TopicKind::JsonBirth | protocol::TopicKind::JsonMetrics)
-    )
-}
-
 /// Drives the event loop until `stop` turns true. Sets `subscribed` after the
 /// first SubAck.
 pub async fn run_loop(
@@ -85,11 +77,6 @@ pub async fn run_loop(
         };
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if is_mirror(&p.topic) {
-                    // Our own JSON mirror, delivered back by the anchor
-                    // subscription below: nothing to ingest.
-                    continue;
-                }
                 crate::ingest::handle_publish(&shared, &client, &p.topic, &p.payload);
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -104,19 +91,12 @@ pub async fn run_loop(
                 {
                     warn!("cannot queue subscribe: {e}");
                 }
-                // rumqttd 0.20 caches which filters match a topic only when
-                // at least one does; a topic nobody subscribes to (the JSON
-                // mirror, usually) is matched against every worker's `cmd`
-                // filter on each publish: O(workers) per frame, a full core
-                // at 5,000 workers (fleet_sim). Subscribing to the mirror
-                // ourselves anchors those topics in the cache.
-                if shared.embedded_broker {
-                    if let Err(e) =
-                        client.try_subscribe(protocol::topic::MIRROR_FILTER, QoS::AtMostOnce)
-                    {
-                        warn!("cannot queue the mirror subscription: {e}");
-                    }
-                }
+                // No subscription to our own JSON mirror: rumqttd 0.20 matched
+                // a topic nobody subscribes to against every filter on each
+                // publish, and an "anchor" subscription here worked around
+                // it at the price of every mirror publish coming back to
+                // this session. The vendored patch matches only wildcard
+                // filters by scanning (vendor/README.md).
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 debug!("subscribed to {}", protocol::topic::CONDUCTOR_FILTER);
@@ -150,19 +130,5 @@ pub async fn run_loop(
             }
         })
         .await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_mirror_topics_are_skipped() {
-        assert!(is_mirror("aerekos/v1/w-1/json/metrics"));
-        assert!(is_mirror("aerekos/v1/w-1/json/birth"));
-        assert!(!is_mirror("aerekos/v1/w-1/metrics"));
-        assert!(!is_mirror("aerekos/v1/w-1/status"));
-        assert!(!is_mirror("elsewhere/w-1/json/metrics"));
     }
 }
