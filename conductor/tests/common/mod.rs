@@ -342,6 +342,12 @@ impl FakeWorker {
         })
     }
 
+    /// True once the broker closed this connection (its event thread ends at
+    /// the first connection error).
+    pub fn connection_closed(&self) -> bool {
+        self._thread.is_finished()
+    }
+
     /// Seals `body` with the next seq and publishes it on its topic; returns the bytes.
     pub fn send(&self, body: Body) -> Vec<u8> {
         let kind = match body {
