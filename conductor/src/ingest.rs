@@ -12,9 +12,29 @@
 //! clocks are never trusted). Persistence goes through [`Writer`], a thread
 //! owning its own connection that commits every ≤ 100 ms or 500 writes; the
 //! replay window and last-seen are persisted in the same transaction as the
-//! metrics they accompany. A crash can lose at most the last ~100 ms of
-//! accepted frames; a frame lost that way may be accepted again after a
-//! restart if redelivered (the window persisted is the one committed).
+//! metrics they accompany.
+//!
+//! No frame is lost by a crash: a worker keeps every frame in its outbox
+//! until this conductor acknowledges it with `Action::Stored(n)` ("every
+//! frame of yours with seq ≤ n is processed and committed"), not merely
+//! until the broker's PubAck (with the embedded broker, that PubAck dies
+//! with the process). After each commit the writer raises the worker's mark
+//! to the highest seq of the replay window it committed — a frame's writes
+//! are queued before its window, so everything up to it is in SQLite, and
+//! frames handled without storing (replies, log chunks, service metrics,
+//! events) were handled before their window was queued. [`run_acks`] sends
+//! each worker with a raised mark one `Stored` per [`ACK_INTERVAL`], QoS 0,
+//! on its `cmd/stored` topic; revoked workers get none. Frames accepted but
+//! not committed by a crash are not acknowledged: the worker publishes them
+//! again after it reconnects, and the restarted conductor (whose window is
+//! the committed one) accepts them. Re-sent frames it had committed are
+//! refused as `duplicate` when they arrive after the worker's `online`
+//! status and before its next fresh frame, `replayed`/`too_old` otherwise.
+//! With the embedded broker, worker logins are enabled only once the
+//! conductor's subscription is in place (see `lib.rs`), so no frame is
+//! PubAcked to nobody at start-up. Not covered: a broker that loses what it
+//! queued for the conductor (an external broker killed without
+//! persistence) while the conductor goes on acknowledging later frames.
 //!
 //! Accepted `ServiceStatus` frames update [`crate::state::Shared::service_status`]
 //! and are persisted by the writer (`Removed` deletes the row); an accepted
@@ -36,7 +56,7 @@ use rumqttc::{AsyncClient, QoS};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::state::{lock, now_ms, EventRec, Latest, Shared, Status, EVENTS_KEPT};
+use crate::state::{lock, now_ms, EventRec, Latest, Shared, Status, StoredMarks, EVENTS_KEPT};
 use crate::store::{Rollup, Store, StoreError, WriteOp};
 
 /// Most writes per transaction.
@@ -45,6 +65,14 @@ pub const BATCH_MAX: usize = 500;
 pub const BATCH_DELAY: Duration = Duration::from_millis(100);
 /// Retention sweep period.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often a worker with newly stored frames is sent `Action::Stored`.
+/// Long enough that a worker sending every 10 s gets at most one
+/// acknowledgement per frame (10,000 workers: ≤ 1,000 small QoS 0
+/// publishes a second, as many as the frames they answer), short enough
+/// that the outbox holds only a few seconds of frames and empties well
+/// within the worker's 30 s persistence interval (so a healthy link never
+/// writes `outbox.bin`) and within its `STORED_TIMEOUT` (10 s).
+pub const ACK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Handles one publish (any topic under the conductor filter).
 pub fn handle_publish(shared: &Shared, client: &AsyncClient, topic: &str, payload: &[u8]) {
@@ -55,10 +83,16 @@ pub fn handle_publish(shared: &Shared, client: &AsyncClient, topic: &str, payloa
         TopicKind::Status => {
             if payload == protocol::topic::STATUS_OFFLINE.as_bytes() {
                 mark_offline(shared, t.worker_id);
+            } else if payload == protocol::topic::STATUS_ONLINE.as_bytes() {
+                // Unauthenticated text: it never makes a worker online (only
+                // a good frame does); it only opens the re-send run in which
+                // replays are counted as `duplicate` (see `resending`).
+                if let Some(w) = lock(&shared.workers).get_mut(t.worker_id) {
+                    w.resending = true;
+                }
             }
-            // "online" text is unauthenticated: only a good frame makes a worker online.
         }
-        TopicKind::Cmd | TopicKind::JsonBirth | TopicKind::JsonMetrics => {}
+        TopicKind::Cmd | TopicKind::Stored | TopicKind::JsonBirth | TopicKind::JsonMetrics => {}
         kind => {
             let _span = tracing::debug_span!("frame", worker_id = t.worker_id).entered();
             if let Err(reason) = ingest_frame(shared, client, t.worker_id, kind, payload) {
@@ -131,6 +165,9 @@ fn ingest_frame(
         }
         match w.replay.check(env.seq) {
             SeqVerdict::Fresh => {}
+            // The worker re-publishing, after a reconnect, frames it had no
+            // `Stored` for yet: already processed, refused all the same.
+            SeqVerdict::Replayed | SeqVerdict::TooOld if w.resending => return Err("duplicate"),
             SeqVerdict::Replayed => return Err("replayed"),
             SeqVerdict::TooOld => return Err("too_old"),
         }
@@ -146,6 +183,7 @@ fn ingest_frame(
 
     // Accept.
     w.replay.accept(env.seq);
+    w.resending = false;
     w.accepted += 1;
     w.last_good = Some(Instant::now());
     w.last_seen_ms = Some(received_at_ms);
@@ -331,15 +369,18 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer on its own connection; it stops (after a final
     /// commit) when every sender is dropped.
+    /// After every successful commit it raises `marks` to the highest seq
+    /// per worker whose window it committed (see [`run_acks`]).
     pub fn spawn(
         store: Store,
         rx: mpsc::Receiver<WriteOp>,
+        marks: StoredMarks,
         raw_retention_ms: u64,
         minute_retention_ms: u64,
     ) -> std::io::Result<Writer> {
         let handle = std::thread::Builder::new()
             .name("ingest-writer".into())
-            .spawn(move || writer_loop(store, rx, raw_retention_ms, minute_retention_ms))?;
+            .spawn(move || writer_loop(store, rx, &marks, raw_retention_ms, minute_retention_ms))?;
         Ok(Writer { handle })
     }
 
@@ -352,6 +393,7 @@ impl Writer {
 fn writer_loop(
     mut store: Store,
     rx: mpsc::Receiver<WriteOp>,
+    marks: &StoredMarks,
     raw_retention_ms: u64,
     minute_retention_ms: u64,
 ) {
@@ -384,7 +426,10 @@ fn writer_loop(
         };
         let due = first_at.is_some_and(|t| t.elapsed() >= BATCH_DELAY);
         if !batch.is_empty() && (due || batch.len() >= BATCH_MAX || disconnected) {
-            commit(&mut store, &mut batch);
+            if commit(&mut store, &batch) {
+                raise_marks(marks, &mut batch);
+            }
+            batch.clear();
             first_at = None;
         }
         if disconnected {
@@ -397,11 +442,12 @@ fn writer_loop(
     }
 }
 
-fn commit(store: &mut Store, batch: &mut Vec<WriteOp>) {
+/// Commits `batch` (retrying 3 times); `false` when it was dropped.
+fn commit(store: &mut Store, batch: &[WriteOp]) -> bool {
     let mut attempt = 0;
     loop {
         match store.apply_batch(batch) {
-            Ok(()) => break,
+            Ok(()) => return true,
             Err(e) if attempt < 3 => {
                 attempt += 1;
                 warn!("batch commit failed (retrying): {e}");
@@ -409,11 +455,99 @@ fn commit(store: &mut Store, batch: &mut Vec<WriteOp>) {
             }
             Err(e) => {
                 log_store_error(&e, batch.len());
-                break;
+                return false;
             }
         }
     }
-    batch.clear();
+}
+
+/// After a successful commit of `batch`: every worker whose replay window
+/// it committed has every frame up to that window's highest seq processed
+/// (a frame's writes are queued before its window, in order) and stored.
+/// Drains the `Seen` ops' worker ids into `marks`.
+fn raise_marks(marks: &StoredMarks, batch: &mut Vec<WriteOp>) {
+    let mut marks = lock(marks);
+    for op in batch.drain(..) {
+        if let WriteOp::Seen {
+            worker_id, highest, ..
+        } = op
+        {
+            let m = marks.entry(worker_id).or_insert(0);
+            *m = (*m).max(highest);
+        }
+    }
+}
+
+/// Sends each worker with new durably processed frames one
+/// `Action::Stored(highest)` per [`ACK_INTERVAL`], until `stop` turns true.
+///
+/// QoS 0: an acknowledgement is cumulative, so a lost one (the worker's
+/// connection dropped; a live TCP connection does not lose it) is made good
+/// by the next, and the worker publishes again whatever it has no `Stored`
+/// for after a reconnect. QoS 1 would add a PubAck per ack and count against
+/// the conductor's in-flight window (10,000 workers ⇒ thousands per tick)
+/// for nothing the worker needs. Revoked workers get none. They go to the
+/// worker's `cmd/stored` topic ([`TopicKind::Stored`]): outside the
+/// conductor's own filter, so they do not come back to it, and agents older
+/// than `Stored` do not subscribe to it. The seal happens under the worker lock, the publishes after it, yielding
+/// to the MQTT loop between them so a burst never starves ingest.
+pub async fn run_acks(
+    shared: std::sync::Arc<Shared>,
+    client: AsyncClient,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(ACK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let marks = std::mem::take(&mut *lock(&shared.stored_marks));
+        if marks.is_empty() {
+            continue;
+        }
+        let acks = seal_acks(&shared, marks);
+        for (topic, frame) in acks {
+            if let Err(e) = client.publish(topic, QoS::AtMostOnce, false, frame).await {
+                debug!("cannot queue an acknowledgement: {e}");
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Seals `Stored(n)` for every worker of `marks` that may receive one:
+/// `(topic, frame)` pairs.
+fn seal_acks(
+    shared: &Shared,
+    marks: std::collections::HashMap<String, u64>,
+) -> Vec<(String, Vec<u8>)> {
+    let workers = lock(&shared.workers);
+    let mut out = Vec::with_capacity(marks.len());
+    for (id, stored) in marks {
+        let Some(w) = workers.get(&id) else { continue };
+        if w.revoked {
+            continue;
+        }
+        let env = Envelope {
+            version: protocol::FORMAT_VERSION,
+            worker_id: protocol::bounded(&w.id),
+            // Outside the command seq stream (see `Action::Stored`).
+            seq: w.cmd_seq,
+            sent_at_ms: now_ms(),
+            body: Body::Command(protocol::Command {
+                id: 0,
+                action: protocol::Action::Stored(stored),
+            }),
+        };
+        match protocol::seal(&w.secret, &env) {
+            Ok(frame) => out.push((protocol::topic::topic(&id, TopicKind::Stored), frame)),
+            Err(e) => warn!(worker_id = %id, "cannot seal an acknowledgement: {e}"),
+        }
+    }
+    out
 }
 
 fn log_store_error(e: &StoreError, n: usize) {

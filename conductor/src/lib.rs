@@ -3,8 +3,8 @@
 //!
 //! [`run`] starts everything and runs until the `shutdown` future resolves.
 //! Threads: the current-thread tokio runtime that calls [`run`] drives the
-//! MQTT client, the liveness ticker and service reconciliation
-//! ([`services`]); rumqttd runs on its own thread (and
+//! MQTT client, the liveness ticker, service reconciliation ([`services`])
+//! and the `Stored` acknowledgements ([`ingest::run_acks`]); rumqttd runs on its own thread (and
 //! cannot be stopped, see [`broker`]); the ingest writer owns a SQLite
 //! connection on its own thread; tiny_http requests are served by
 //! [`http::HTTP_THREADS`] threads.
@@ -143,11 +143,16 @@ pub async fn run(
     store.set_all_status("offline")?;
     let mut workers = HashMap::new();
     let creds = broker::Credentials::default();
+    // Worker logins are allowed only once the conductor's own subscription
+    // is in place (below): on the embedded broker a frame published before
+    // it would be PubAcked and routed to nobody, and the worker, told later
+    // that newer seqs are `Stored`, would drop it for good.
+    let mut worker_logins = Vec::new();
     for row in store.workers()? {
         match WorkerEntry::from_row(&row, config.default_interval_ms) {
             Some(w) => {
                 if !w.revoked {
-                    creds.set_worker(&w.id, &row.mqtt_password_sha256);
+                    worker_logins.push((w.id.clone(), row.mqtt_password_sha256.clone()));
                 }
                 workers.insert(w.id.clone(), w);
             }
@@ -230,9 +235,11 @@ pub async fn run(
     };
 
     let (write_tx, write_rx) = mpsc::channel();
+    let stored_marks = state::StoredMarks::default();
     let writer = ingest::Writer::spawn(
         Store::open(&data_dir)?,
         write_rx,
+        stored_marks.clone(),
         config.raw_retention_ms(),
         config.minute_retention_ms(),
     )
@@ -272,6 +279,7 @@ pub async fn run(
         deploy_cmds: Mutex::new(HashMap::new()),
         log_streams: Mutex::new(HashMap::new()),
         service_metrics: Mutex::new(HashMap::new()),
+        stored_marks,
     });
 
     let (client, eventloop) = mqtt::client(&mqtt_settings);
@@ -286,6 +294,7 @@ pub async fn run(
     );
     let live_task = liveness::run(shared.clone(), stop_rx.clone());
     let reconcile_task = services::run(shared.clone(), client.clone(), stop_rx.clone());
+    let ack_task = ingest::run_acks(shared.clone(), client.clone(), stop_rx.clone());
 
     let http_holder: Mutex<Option<http::HttpServer>> = Mutex::new(None);
     let control = async {
@@ -297,6 +306,9 @@ pub async fn run(
             .unwrap_or(false);
         if !subscribed {
             warn!("MQTT subscription not confirmed within 5 s; starting anyway");
+        }
+        for (id, hash) in &worker_logins {
+            creds.set_worker(id, hash);
         }
         let result = async {
             let server = http::HttpServer::start(shared.clone(), client.clone())?;
@@ -319,7 +331,8 @@ pub async fn run(
         let _ = stop_tx.send(true);
         result
     };
-    let ((), (), (), result) = tokio::join!(mqtt_task, live_task, reconcile_task, control);
+    let ((), (), (), (), result) =
+        tokio::join!(mqtt_task, live_task, reconcile_task, ack_task, control);
 
     if let Some(server) = lock(&http_holder).take() {
         server.stop();

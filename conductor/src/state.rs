@@ -23,8 +23,11 @@ use crate::store::{ServiceStatusRow, Store, WorkerRow, WriteOp};
 /// Events kept per worker in memory.
 pub const EVENTS_KEPT: usize = 50;
 
-/// Rejection reasons, in the order they are reported.
-pub const REJECT_REASONS: [&str; 10] = [
+/// Rejection reasons, in the order they are reported. `duplicate` is a
+/// replayed or too-old seq that arrived in the re-send run right after the
+/// worker's `online` (before any fresh frame of its): the worker publishing
+/// again what it had not seen acknowledged with `Stored`, not an attack.
+pub const REJECT_REASONS: [&str; 11] = [
     "oversized",
     "truncated",
     "version",
@@ -35,6 +38,7 @@ pub const REJECT_REASONS: [&str; 10] = [
     "bad_tag",
     "replayed",
     "too_old",
+    "duplicate",
 ];
 
 /// Liveness of a worker.
@@ -65,7 +69,7 @@ pub struct Counters {
     /// Frames accepted.
     pub accepted: AtomicU64,
     /// Rejections indexed like [`REJECT_REASONS`].
-    pub rejected: [AtomicU64; 10],
+    pub rejected: [AtomicU64; 11],
     /// JSON mirror publishes dropped because the MQTT queue was full.
     pub mirror_dropped: AtomicU64,
 }
@@ -150,6 +154,10 @@ pub struct WorkerEntry {
     pub accepted: u64,
     /// Frames attributed to this worker and rejected since start.
     pub rejected: u64,
+    /// Set by the worker's `online` status text, cleared by its next
+    /// accepted frame: while set, a replayed or too-old seq is the worker
+    /// re-sending frames it had no `Stored` for, counted as `duplicate`.
+    pub resending: bool,
 }
 
 impl WorkerEntry {
@@ -186,6 +194,7 @@ impl WorkerEntry {
             cmd_seq: row.cmd_seq,
             accepted: 0,
             rejected: 0,
+            resending: false,
         })
     }
 }
@@ -288,6 +297,10 @@ pub struct SvcMetrics {
 /// Most metric keys kept per worker and service.
 pub const MAX_SERVICE_METRIC_KEYS: usize = 64;
 
+/// Worker id → highest seq whose frame is processed and committed, not yet
+/// acknowledged.
+pub type StoredMarks = Arc<Mutex<HashMap<String, u64>>>;
+
 /// Waiters for command replies, keyed by (worker id, command id).
 pub type Pending = Mutex<HashMap<(String, u32), mpsc::Sender<Reply>>>;
 
@@ -341,6 +354,10 @@ pub struct Shared {
     /// `DeployManifest` and `InstallManifest` commands awaiting a reply:
     /// (worker, cmd id) → what.
     pub deploy_cmds: Mutex<HashMap<(String, u32), DeployCmd>>,
+    /// Highest durably processed seq per worker, raised by the ingest writer
+    /// after each commit and taken by the acknowledgement task
+    /// ([`crate::ingest::run_acks`]).
+    pub stored_marks: StoredMarks,
     /// Open log relays: (worker, `Logs` cmd id) → the HTTP response's feed.
     pub log_streams: Mutex<HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>>,
     /// Latest service metrics: worker id → service → values.

@@ -1,16 +1,31 @@
 //! The store-and-forward queue: every sealed frame the worker sends, in seq
-//! order, until the broker acknowledges it.
+//! order, until the conductor has durably processed it.
 //!
 //! * **One queue, seq order.** Frames are appended with strictly increasing
-//!   seqs and published from the front; a frame leaves only when its PubAck
-//!   arrives ([`Outbox::ack`]). After a reconnect everything still queued is
-//!   published again from the front ([`Outbox::reset_in_flight`]).
-//! * **Bounded.** At most `capacity` frames; on overflow the *oldest* frame
-//!   is dropped and counted ([`Outbox::take_dropped`]).
+//!   seqs and published from the front, at most `window` awaiting a PubAck.
+//!   A frame's states: *queued* (not published on this connection),
+//!   *in flight* (awaiting the broker's PubAck), *broker-acked* (PubAck
+//!   arrived, [`Outbox::broker_acked`]; never published again on this
+//!   connection). It leaves when the conductor's `Stored(n)` covers it
+//!   ([`Outbox::stored`]: every frame with seq ≤ n), since a broker PubAck
+//!   alone does not survive a conductor crash (the embedded broker runs in
+//!   the conductor's process). After a reconnect everything still queued —
+//!   broker-acked or not — is published again from the front, in seq order
+//!   ([`Outbox::reset_in_flight`]); the conductor drops what it already has
+//!   as duplicates.
+//! * **A conductor that never acknowledges** (one older than `Stored`): a
+//!   frame broker-acked longer than the `stored_timeout` given to
+//!   [`Outbox::expire`] ago is dropped, and the session then frees frames at
+//!   the PubAck ([`Outbox::drop_broker_acked`]) until a `Stored` arrives, so
+//!   the queue and the file behave as they did before `Stored`.
+//! * **Bounded.** At most `capacity` frames, whatever their state; on
+//!   overflow the *oldest* frame is dropped and counted
+//!   ([`Outbox::take_dropped`]).
 //! * **Persisted in batches** to `outbox.bin` so a power cut or restart does
 //!   not lose queued frames, without writing to the SD card while the link is
-//!   healthy: the file is rewritten only when frames have waited un-acked
-//!   for `flush_interval` ([`Outbox::flush_due`]) and on clean shutdown, and
+//!   healthy: the file is rewritten only when a frame it does not hold has
+//!   been queued for `flush_interval` ([`Outbox::flush_due`]; acknowledged
+//!   frames leave within seconds, well before) and on clean shutdown, and
 //!   removed (one unlink) when the queue drains.
 //!
 //! File format (`outbox.bin`): the magic `AEOB` then, per frame, a
@@ -61,11 +76,23 @@ pub struct Frame {
     pub bytes: Vec<u8>,
 }
 
+/// Where a queued frame stands on the current connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not published on this connection.
+    Queued,
+    /// Handed to the MQTT client, awaiting the broker's PubAck.
+    InFlight,
+    /// PubAcked by the broker at this time; awaiting the conductor's `Stored`.
+    BrokerAcked(Instant),
+}
+
 #[derive(Debug)]
 struct Entry {
     frame: Frame,
-    /// Handed to the MQTT client on the current connection, awaiting PubAck.
-    in_flight: bool,
+    state: State,
+    /// When it was queued (or loaded): its age decides the batched write.
+    queued_at: Instant,
 }
 
 /// What [`Outbox::load`] found in `outbox.bin`.
@@ -85,13 +112,17 @@ pub struct Outbox {
     frames: VecDeque<Entry>,
     /// Maximum frames held. Invariant: `frames.len() <= capacity`, `capacity >= 1`.
     capacity: usize,
-    /// Number of entries with `in_flight` set. Invariant: those entries form
-    /// a prefix of `frames` (frames are sent from the front, in order).
+    /// Number of entries not `Queued`. Invariant: those entries form a
+    /// prefix of `frames` (frames are sent from the front, in order).
+    sent: usize,
+    /// Number of entries `InFlight` (all within the sent prefix).
     in_flight: usize,
     path: PathBuf,
-    /// When the first frame not yet in the file was queued; `None` when the
-    /// file holds everything queued (or the queue is empty).
-    dirty_since: Option<Instant>,
+    /// Highest seq `outbox.bin` holds (0: none); frames above it are not in
+    /// the file.
+    file_upto: u64,
+    /// When a write last failed: it is retried one flush interval later.
+    retry_from: Option<Instant>,
     /// `outbox.bin` exists with frames in it.
     file_has_frames: bool,
     /// Frames dropped since the last [`Outbox::take_dropped`].
@@ -104,9 +135,11 @@ impl Outbox {
         Outbox {
             frames: VecDeque::new(),
             capacity: capacity.max(1),
+            sent: 0,
             in_flight: 0,
             path: dir.join(OUTBOX_FILE),
-            dirty_since: None,
+            file_upto: 0,
+            retry_from: None,
             file_has_frames: false,
             dropped: 0,
         }
@@ -138,6 +171,7 @@ impl Outbox {
             report.problem = Some("bad magic".into());
             return (outbox, report);
         }
+        let now = Instant::now();
         let mut pos = MAGIC.len();
         let mut last_seq = 0u64;
         while pos < bytes.len() {
@@ -151,7 +185,8 @@ impl Outbox {
                     }
                     outbox.frames.push_back(Entry {
                         frame,
-                        in_flight: false,
+                        state: State::Queued,
+                        queued_at: now,
                     });
                     report.loaded += 1;
                 }
@@ -162,7 +197,23 @@ impl Outbox {
                 }
             }
         }
+        // The file holds what was loaded.
+        outbox.file_upto = last_seq;
         (outbox, report)
+    }
+
+    /// Removes the front entry, keeping the counts in line.
+    fn pop_front(&mut self) -> Option<Entry> {
+        let e = self.frames.pop_front()?;
+        match e.state {
+            State::Queued => {}
+            State::InFlight => {
+                self.in_flight -= 1;
+                self.sent -= 1;
+            }
+            State::BrokerAcked(_) => self.sent -= 1,
+        }
+        Some(e)
     }
 
     /// Appends a frame (its seq must be above every queued seq). Returns how
@@ -170,66 +221,130 @@ impl Outbox {
     pub fn push(&mut self, frame: Frame, now: Instant) -> usize {
         let mut dropped = 0;
         while self.frames.len() >= self.capacity {
-            if let Some(old) = self.frames.pop_front() {
-                if old.in_flight {
-                    self.in_flight -= 1;
-                }
+            if self.pop_front().is_some() {
                 dropped += 1;
             }
         }
         self.dropped += dropped as u64;
         self.frames.push_back(Entry {
             frame,
-            in_flight: false,
+            state: State::Queued,
+            queued_at: now,
         });
-        self.dirty_since.get_or_insert(now);
         dropped
     }
 
     /// The next frame to publish on this connection: the oldest one not yet
-    /// in flight, if fewer than `window` are in flight.
+    /// published on it, if fewer than `window` await a PubAck.
     pub fn next_to_send(&self, window: usize) -> Option<&Frame> {
         if self.in_flight >= window {
             return None;
         }
-        self.frames.get(self.in_flight).map(|e| &e.frame)
+        self.frames.get(self.sent).map(|e| &e.frame)
     }
 
     /// Marks the frame returned by [`Outbox::next_to_send`] as handed to the
     /// client.
     pub fn mark_sent(&mut self, seq: u64) {
-        if let Some(e) = self.frames.get_mut(self.in_flight) {
-            if e.frame.seq == seq && !e.in_flight {
-                e.in_flight = true;
+        if let Some(e) = self.frames.get_mut(self.sent) {
+            if e.frame.seq == seq && e.state == State::Queued {
+                e.state = State::InFlight;
+                self.sent += 1;
                 self.in_flight += 1;
             }
         }
     }
 
-    /// Removes the frame with `seq` (its PubAck arrived). Returns whether it
-    /// was still queued (it may have been dropped by an overflow meanwhile).
-    pub fn ack(&mut self, seq: u64) -> bool {
-        let Some(pos) = self.frames.iter().position(|e| e.frame.seq == seq) else {
-            return false;
-        };
-        if let Some(e) = self.frames.remove(pos) {
-            if e.in_flight {
+    /// The broker's PubAck for `seq` arrived at `now`: the frame stays
+    /// queued (not published again on this connection) until a `Stored`
+    /// covers it. Returns whether it was awaiting that PubAck.
+    pub fn broker_acked(&mut self, seq: u64, now: Instant) -> bool {
+        let pos = self.frames.partition_point(|e| e.frame.seq < seq);
+        match self.frames.get_mut(pos) {
+            Some(e) if e.frame.seq == seq && e.state == State::InFlight => {
+                e.state = State::BrokerAcked(now);
                 self.in_flight -= 1;
+                true
             }
+            _ => false,
         }
-        if self.frames.is_empty() {
-            self.dirty_since = None;
-        }
-        true
     }
 
-    /// The connection dropped: nothing is in flight any more, everything is
-    /// published again from the front on the next connection.
+    /// The conductor's `Stored(upto)`: removes every frame with seq ≤
+    /// `upto`, whatever its state (one published on an earlier connection
+    /// is covered too). Returns how many left.
+    pub fn stored(&mut self, upto: u64) -> usize {
+        let mut n = 0;
+        while self.frames.front().is_some_and(|e| e.frame.seq <= upto) {
+            self.pop_front();
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops frames broker-acked more than `stored_timeout` before `now`
+    /// with no `Stored` since (a conductor that does not acknowledge):
+    /// the front of the queue only, so seq order is kept. Returns how many.
+    pub fn expire(&mut self, now: Instant, stored_timeout: Duration) -> usize {
+        let mut n = 0;
+        while let Some(e) = self.frames.front() {
+            match e.state {
+                State::BrokerAcked(at) if now.saturating_duration_since(at) >= stored_timeout => {
+                    self.pop_front();
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        n
+    }
+
+    /// When [`Outbox::expire`] next has something to do: the front frame's
+    /// PubAck time plus `stored_timeout`, if it is broker-acked.
+    pub fn expire_due(&self, stored_timeout: Duration) -> Option<Instant> {
+        match self.frames.front()?.state {
+            State::BrokerAcked(at) => Some(at + stored_timeout),
+            _ => None,
+        }
+    }
+
+    /// Removes the frame with `seq` if it is the next to publish (one that
+    /// cannot be published). Returns whether it was.
+    pub fn discard_next(&mut self, seq: u64) -> bool {
+        if self
+            .frames
+            .get(self.sent)
+            .is_some_and(|e| e.frame.seq == seq)
+        {
+            self.frames.remove(self.sent);
+            return true;
+        }
+        false
+    }
+
+    /// The connection dropped: nothing is published on the next one yet,
+    /// everything queued (broker-acked or not) goes again from the front.
     pub fn reset_in_flight(&mut self) {
         for e in &mut self.frames {
-            e.in_flight = false;
+            e.state = State::Queued;
         }
+        self.sent = 0;
         self.in_flight = 0;
+    }
+
+    /// Drops the frames the broker acknowledged (the old at-PubAck rule; for
+    /// a shutdown with a conductor that never sent `Stored`).
+    pub fn drop_broker_acked(&mut self) -> usize {
+        let before = self.frames.len();
+        let mut in_flight = 0;
+        self.frames.retain(|e| {
+            in_flight += usize::from(e.state == State::InFlight);
+            !matches!(e.state, State::BrokerAcked(_))
+        });
+        // What is left of the sent prefix is in flight, still a prefix.
+        self.in_flight = in_flight;
+        self.sent = in_flight;
+        before - self.frames.len()
     }
 
     /// Frames queued.
@@ -247,9 +362,15 @@ impl Outbox {
         self.capacity
     }
 
-    /// Frames in flight on the current connection.
+    /// Frames in flight on the current connection (awaiting a PubAck).
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Every queued frame has been PubAcked by the broker on this
+    /// connection (only `Stored` is awaited).
+    pub fn all_broker_acked(&self) -> bool {
+        self.in_flight == 0 && self.sent == self.frames.len()
     }
 
     /// Highest queued seq.
@@ -267,10 +388,15 @@ impl Outbox {
         std::mem::take(&mut self.dropped)
     }
 
-    /// When the batched write is due: `flush_interval` after the first frame
-    /// the file does not hold was queued. `None` when nothing needs writing.
+    /// When the batched write is due: `flush_interval` after the oldest
+    /// frame the file does not hold was queued (no earlier than a failed
+    /// write's retry time). `None` when nothing needs writing.
     pub fn flush_due(&self, flush_interval: Duration) -> Option<Instant> {
-        self.dirty_since.map(|t| t + flush_interval)
+        let first = self
+            .frames
+            .partition_point(|e| e.frame.seq <= self.file_upto);
+        let due = self.frames.get(first)?.queued_at + flush_interval;
+        Some(self.retry_from.map_or(due, |r| due.max(r + flush_interval)))
     }
 
     /// Brings `outbox.bin` in line with the queue: removes it when the queue
@@ -279,14 +405,14 @@ impl Outbox {
     /// queue, and on shutdown. Performs at most one write or unlink.
     pub fn sync(&mut self) -> Result<(), OutboxError> {
         if self.frames.is_empty() {
-            self.dirty_since = None;
+            self.retry_from = None;
             if self.file_has_frames {
                 match fs::remove_file(&self.path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(source) => {
                         // Not retried: a stale file only re-sends frames
-                        // the conductor already has (refused as replays).
+                        // the conductor already has (refused as duplicates).
                         self.file_has_frames = false;
                         return Err(OutboxError::Remove {
                             path: self.path.clone(),
@@ -303,7 +429,7 @@ impl Outbox {
             }
             return Ok(());
         }
-        if self.dirty_since.is_none() {
+        if self.last_seq().is_none_or(|last| last <= self.file_upto) {
             return Ok(());
         }
         let mut buf = Vec::with_capacity(
@@ -322,11 +448,12 @@ impl Outbox {
         }
         if let Err(e) = write_atomic(&self.path, &buf) {
             // Try again one flush interval later rather than at once.
-            self.dirty_since = Some(Instant::now());
+            self.retry_from = Some(Instant::now());
             return Err(e.into());
         }
         self.file_has_frames = true;
-        self.dirty_since = None;
+        self.file_upto = self.last_seq().unwrap_or(0);
+        self.retry_from = None;
         Ok(())
     }
 
@@ -426,14 +553,201 @@ mod tests {
             o.mark_sent(seq);
         }
         assert_eq!(sent, vec![1, 2, 3], "window of 3, from the front");
-        assert!(o.ack(2), "out-of-order ack is fine");
+        assert!(o.broker_acked(2, now), "out-of-order PubAck is fine");
         assert_eq!(o.next_to_send(3).map(|f| f.seq), Some(4));
-        assert!(!o.ack(2), "double ack ignored");
-        // Reconnect: everything un-acked goes again from the front.
+        assert!(!o.broker_acked(2, now), "double PubAck ignored");
+        assert_eq!(o.stored(3), 3, "Stored(3) frees 1..=3, acked or not");
+        assert_eq!(o.in_flight(), 0);
+        // Reconnect: everything not Stored goes again from the front.
+        o.mark_sent(4);
         o.reset_in_flight();
         assert_eq!(o.in_flight(), 0);
-        assert_eq!(o.next_to_send(3).map(|f| f.seq), Some(1));
-        assert_eq!(seqs(&o), vec![1, 3, 4, 5]);
+        assert_eq!(o.next_to_send(3).map(|f| f.seq), Some(4));
+        assert_eq!(seqs(&o), vec![4, 5]);
+    }
+
+    /// Publishes everything the window allows; returns the seqs handed out.
+    fn send_all(o: &mut Outbox, window: usize) -> Vec<u64> {
+        let mut sent = Vec::new();
+        while let Some(seq) = o.next_to_send(window).map(|f| f.seq) {
+            o.mark_sent(seq);
+            sent.push(seq);
+        }
+        sent
+    }
+
+    #[test]
+    fn broker_acked_frames_stay_until_stored_and_are_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::new(dir.path(), 100);
+        let now = Instant::now();
+        for s in 1..=4 {
+            o.push(frame(s), now);
+        }
+        assert_eq!(send_all(&mut o, 2), vec![1, 2]);
+        assert!(o.broker_acked(1, now));
+        assert!(o.broker_acked(2, now));
+        assert_eq!(seqs(&o), vec![1, 2, 3, 4], "a PubAck alone frees nothing");
+        assert_eq!(o.in_flight(), 0);
+        // The window frees up, but 1 and 2 are not published again on
+        // this connection: the next ones are 3 and 4.
+        assert_eq!(send_all(&mut o, 2), vec![3, 4]);
+        assert!(!o.all_broker_acked());
+        o.broker_acked(3, now);
+        o.broker_acked(4, now);
+        assert!(o.all_broker_acked());
+        assert_eq!(
+            send_all(&mut o, 2),
+            Vec::<u64>::new(),
+            "nothing left to send"
+        );
+
+        // Stored(2) frees exactly the covered prefix.
+        assert_eq!(o.stored(2), 2);
+        assert_eq!(seqs(&o), vec![3, 4]);
+        assert_eq!(o.stored(2), 0, "a repeated or late Stored is harmless");
+        assert_eq!(o.stored(1), 0);
+        // A Stored between seqs (gaps are normal) frees what it covers.
+        o.push(frame(9), now);
+        assert_eq!(o.stored(7), 2);
+        assert_eq!(seqs(&o), vec![9]);
+        assert_eq!(send_all(&mut o, 2), vec![9], "the new frame still goes out");
+        assert_eq!(o.stored(u64::MAX), 1);
+        assert!(o.is_empty());
+        assert_eq!(o.in_flight(), 0);
+    }
+
+    #[test]
+    fn reconnect_republishes_only_frames_not_stored_in_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::new(dir.path(), 100);
+        let now = Instant::now();
+        for s in 1..=6 {
+            o.push(frame(s), now);
+        }
+        assert_eq!(send_all(&mut o, 10), vec![1, 2, 3, 4, 5, 6]);
+        for s in 1..=4 {
+            o.broker_acked(s, now);
+        }
+        o.stored(2);
+        // Connection lost: 3, 4 (broker-acked, never Stored) and 5, 6 (in
+        // flight) all go again, from the front, in order.
+        o.reset_in_flight();
+        assert_eq!(send_all(&mut o, 10), vec![3, 4, 5, 6]);
+        // A Stored for frames sent on the old connection still counts.
+        o.stored(4);
+        assert_eq!(seqs(&o), vec![5, 6]);
+        assert_eq!(o.in_flight(), 2);
+        o.broker_acked(5, now);
+        o.broker_acked(6, now);
+        assert_eq!(o.in_flight(), 0);
+    }
+
+    #[test]
+    fn without_stored_broker_acked_frames_expire_from_the_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::new(dir.path(), 100);
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        for s in 1..=3 {
+            o.push(frame(s), t0);
+        }
+        send_all(&mut o, 10);
+        assert_eq!(o.expire_due(timeout), None, "nothing broker-acked yet");
+        o.broker_acked(1, t0);
+        o.broker_acked(3, t0 + Duration::from_secs(1));
+        assert_eq!(o.expire_due(timeout), Some(t0 + timeout));
+        assert_eq!(o.expire(t0 + Duration::from_secs(9), timeout), 0);
+        // 2 still awaits its PubAck: expiry stops there (seq order kept).
+        assert_eq!(o.expire(t0 + timeout, timeout), 1);
+        assert_eq!(seqs(&o), vec![2, 3]);
+        assert_eq!(o.expire_due(timeout), None);
+        o.broker_acked(2, t0 + Duration::from_secs(5));
+        assert_eq!(o.expire(t0 + Duration::from_secs(12), timeout), 0);
+        assert_eq!(o.expire(t0 + Duration::from_secs(15), timeout), 2);
+        assert!(o.is_empty());
+        assert_eq!(o.in_flight(), 0);
+
+        // The shutdown rule for a conductor that never acknowledges.
+        for s in 4..=6 {
+            o.push(frame(s), t0);
+        }
+        send_all(&mut o, 10);
+        o.broker_acked(4, t0);
+        o.broker_acked(6, t0);
+        assert_eq!(o.drop_broker_acked(), 2);
+        assert_eq!(seqs(&o), vec![5]);
+        assert_eq!(o.in_flight(), 1);
+        o.reset_in_flight();
+        assert_eq!(send_all(&mut o, 10), vec![5]);
+    }
+
+    #[test]
+    fn capacity_bound_holds_for_broker_acked_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::new(dir.path(), 3);
+        let now = Instant::now();
+        for s in 1..=3 {
+            o.push(frame(s), now);
+        }
+        send_all(&mut o, 10);
+        o.broker_acked(1, now);
+        o.broker_acked(2, now);
+        // Full of broker-acked and in-flight frames: the oldest go first.
+        assert_eq!(o.push(frame(4), now), 1);
+        assert_eq!(o.push(frame(5), now), 1);
+        assert_eq!(o.len(), 3);
+        assert_eq!(seqs(&o), vec![3, 4, 5]);
+        assert_eq!(o.in_flight(), 1, "3 still in flight");
+        assert_eq!(
+            send_all(&mut o, 10),
+            vec![4, 5],
+            "the prefix stays consistent"
+        );
+        assert_eq!(o.push(frame(6), now), 1);
+        assert_eq!(o.in_flight(), 2);
+        assert_eq!(o.take_dropped(), 3);
+        for s in 7..=50 {
+            o.push(frame(s), now);
+            assert!(o.len() <= 3);
+        }
+        assert_eq!(seqs(&o), vec![48, 49, 50]);
+        assert_eq!(o.in_flight(), 0);
+    }
+
+    #[test]
+    fn healthy_link_with_stored_acks_never_writes_the_file() {
+        // Frames every 100 ms, each PubAcked at once and Stored 2 s later
+        // (the conductor's acknowledgement interval): the queue never
+        // empties, but no frame waits 30 s, so no write is ever due.
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::new(dir.path(), 1000);
+        let flush = Duration::from_secs(30);
+        let t0 = Instant::now();
+        for i in 1..=600u64 {
+            let now = t0 + Duration::from_millis(100 * i);
+            o.push(frame(i), now);
+            send_all(&mut o, 10);
+            o.broker_acked(i, now);
+            if i % 20 == 0 {
+                o.stored(i - 20);
+            }
+            let due = o.flush_due(flush).expect("frames queued");
+            assert!(
+                due > now + Duration::from_secs(25),
+                "write due at frame {i}"
+            );
+        }
+        assert!(!dir.path().join(OUTBOX_FILE).exists());
+        // Without acknowledgements the same traffic would be written.
+        let mut stuck = Outbox::new(dir.path(), 1000);
+        for i in 1..=600u64 {
+            stuck.push(frame(i), t0 + Duration::from_millis(100 * i));
+        }
+        assert_eq!(
+            stuck.flush_due(flush),
+            Some(t0 + Duration::from_millis(100) + flush)
+        );
     }
 
     #[test]
@@ -449,7 +763,7 @@ mod tests {
         assert_eq!(o.push(frame(5), now), 1);
         assert_eq!(seqs(&o), vec![3, 4, 5]);
         assert_eq!(o.in_flight(), 0, "the in-flight frame was dropped");
-        assert!(!o.ack(1));
+        assert!(!o.broker_acked(1, now));
         assert_eq!(o.take_dropped(), 2);
         assert_eq!(o.take_dropped(), 0, "count resets");
     }
@@ -535,7 +849,12 @@ mod tests {
         // Healthy link: pushed and acked before any flush is due.
         o.push(frame(1), Instant::now());
         o.mark_sent(1);
-        o.ack(1);
+        o.broker_acked(1, Instant::now());
+        assert!(
+            o.flush_due(Duration::from_secs(30)).is_some(),
+            "a PubAck alone does not clear it"
+        );
+        o.stored(1);
         assert_eq!(o.flush_due(Duration::from_secs(30)), None);
         o.sync().unwrap();
         assert!(
@@ -549,10 +868,10 @@ mod tests {
         o.sync().unwrap();
         assert!(path.exists());
         assert!(o.file_has_frames());
-        o.ack(2);
+        o.stored(2);
         o.sync().unwrap();
         assert!(path.exists(), "still one frame queued");
-        o.ack(3);
+        o.stored(3);
         o.sync().unwrap();
         assert!(!path.exists(), "drained → file removed");
         assert!(!o.file_has_frames());

@@ -11,12 +11,18 @@
 //!
 //! Delivery: frames leave the [`Outbox`] front in seq order, QoS 1, at most
 //! [`WINDOW`] in flight. rumqttc reports `Outgoing::Publish(pkid)` in the
-//! order publishes were handed to it, which maps each pkid to a seq; a
-//! frame is removed only when the PubAck for its pkid arrives. The session
-//! is clean, and rumqttc drops its own un-acked publishes on a reconnect
-//! without a session, so after every ConnAck everything queued is published
-//! again from the front (at-least-once; the conductor's replay window drops
-//! duplicates).
+//! order publishes were handed to it, which maps each pkid to a seq; the
+//! PubAck for a pkid marks its frame broker-acked, and the frame is removed
+//! only when the conductor's `Stored(n)` (a sealed command on the
+//! acknowledgement topic `cmd/stored`, outside the command seq stream,
+//! never answered) covers its seq —
+//! or, with a conductor that sends no `Stored` for [`STORED_TIMEOUT`] after
+//! a PubAck, at the PubAck again, as before `Stored` existed, until one
+//! arrives. The session is clean, and rumqttc drops its own un-acked
+//! publishes on a reconnect without a session, so after every ConnAck
+//! everything queued is published again from the front (at-least-once; the
+//! conductor's replay window drops what it already has, counted as
+//! `duplicate`).
 //!
 //! Commands are applied at most once (the replay window is persisted
 //! before a command is applied). `DeployManifest` and `InstallManifest` (the
@@ -57,7 +63,7 @@ use protocol::{
 };
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
-    Outgoing, Packet, QoS, SubscribeReasonCode,
+    Outgoing, Packet, QoS, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -81,6 +87,13 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a clean shutdown waits for queued frames to be acknowledged.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+/// A frame PubAcked by the broker and not covered by a conductor `Stored`
+/// this long after is dropped, as the PubAck alone used to do: a conductor
+/// older than `Stored` (or one that cannot commit) must not make the outbox
+/// grow. 5 × the conductor's 2 s acknowledgement interval, and below the
+/// default 30 s persistence interval, so even then the outbox is not
+/// written to the SD card while the link is healthy.
+pub const STORED_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
 
@@ -152,6 +165,7 @@ pub(crate) struct LocalParts {
 struct Topics {
     status: String,
     cmd: String,
+    stored: String,
     birth: String,
     metrics: String,
     events: String,
@@ -167,6 +181,7 @@ impl Topics {
         Topics {
             status: t(TopicKind::Status),
             cmd: t(TopicKind::Cmd),
+            stored: t(TopicKind::Stored),
             birth: t(TopicKind::Birth),
             metrics: t(TopicKind::Metrics),
             events: t(TopicKind::Events),
@@ -269,6 +284,12 @@ struct Session {
     overflow_reported: bool,
     /// Command frames refused (bad tag, replay, …) since start.
     commands_rejected: u64,
+    /// A `Stored` arrived since start: the conductor acknowledges.
+    stored_seen: bool,
+    /// No `Stored` came for [`STORED_TIMEOUT`] after a PubAck (an older
+    /// conductor, or none processing): a PubAck frees a frame at once, as
+    /// before `Stored` existed, until the next `Stored` arrives.
+    pub_ack_final: bool,
     /// The hosted services; independent of the connection.
     services: Supervisor,
     /// Where manifests and artifacts are downloaded from.
@@ -383,6 +404,8 @@ pub(crate) async fn run(
         outage_dropped: 0,
         overflow_reported: false,
         commands_rejected: 0,
+        stored_seen: false,
+        pub_ack_final: false,
         services: p.services,
         conductor,
         deploys: JoinSet::new(),
@@ -418,6 +441,10 @@ pub(crate) async fn run(
         let flush_sleep = tokio::time::sleep_until(
             flush_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
         );
+        let expire_at = s.outbox.expire_due(STORED_TIMEOUT);
+        let expire_sleep = tokio::time::sleep_until(
+            expire_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+        );
         let services_at = s.services.next_wake();
         let services_sleep = tokio::time::sleep_until(
             services_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
@@ -452,6 +479,7 @@ pub(crate) async fn run(
                 }
             }
             () = flush_sleep, if flush_at.is_some() => s.persist_outbox(),
+            () = expire_sleep, if expire_at.is_some() => s.expire(),
             () = services_sleep, if services_at.is_some() => s.services.poll(),
             Some(done) = s.deploys.join_next_with_id(), if !s.deploys.is_empty() => {
                 s.on_deploy_done(done);
@@ -548,12 +576,17 @@ impl Session {
             Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connected(),
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 if let Some(Some(seq)) = self.pkids.remove(&ack.pkid) {
-                    self.outbox.ack(seq);
+                    self.outbox.broker_acked(seq, Instant::now());
+                    if self.pub_ack_final {
+                        self.outbox.drop_broker_acked();
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if p.topic == self.topics.cmd {
-                    self.on_command(&p.payload);
+                    self.on_command(&p.payload, false);
+                } else if p.topic == self.topics.stored {
+                    self.on_command(&p.payload, true);
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -600,10 +633,12 @@ impl Session {
             Ok(()) => self.handed.push_back(None),
             Err(e) => tracing::warn!("cannot publish the online status: {e}"),
         }
-        if let Err(e) = self
-            .client
-            .try_subscribe(self.topics.cmd.clone(), QoS::AtLeastOnce)
-        {
+        // One SUBSCRIBE: commands (QoS 1) and `Stored` acknowledgements
+        // (sent QoS 0: cumulative, the next one makes up for a lost one).
+        if let Err(e) = self.client.try_subscribe_many([
+            SubscribeFilter::new(self.topics.cmd.clone(), QoS::AtLeastOnce),
+            SubscribeFilter::new(self.topics.stored.clone(), QoS::AtMostOnce),
+        ]) {
             tracing::warn!("cannot subscribe to commands: {e}");
         }
         // One event per outage: the drops of the outage that just ended
@@ -837,7 +872,7 @@ impl Session {
             let (seq, kind) = (f.seq, f.kind);
             let Some(topic) = self.topics.for_kind(kind) else {
                 // Never queued; drop rather than block the queue.
-                self.outbox.ack(seq);
+                self.outbox.discard_next(seq);
                 continue;
             };
             let retain = kind == BodyKind::Birth;
@@ -878,7 +913,9 @@ impl Session {
         }));
     }
 
-    fn on_command(&mut self, payload: &[u8]) {
+    /// A frame on the `cmd` topic, or on `cmd/stored` (`stored_topic`),
+    /// where only `Stored` belongs.
+    fn on_command(&mut self, payload: &[u8], stored_topic: bool) {
         let opened = match protocol::open(payload) {
             Ok(o) => o,
             Err(e) => return self.reject_command(e.reason(), e.to_string()),
@@ -895,6 +932,16 @@ impl Session {
             let detail = format!("{:?} frame on the command topic", env.body.kind());
             return self.reject_command("topic_mismatch", detail);
         };
+        if let Action::Stored(upto) = cmd.action {
+            // Outside the command seq stream: not checked against the
+            // window (a replayed one repeats a true statement) and nothing
+            // is persisted (no SD card write per acknowledgement).
+            return self.on_stored(upto);
+        }
+        if stored_topic {
+            let detail = format!("command {} on the acknowledgement topic", cmd.id);
+            return self.reject_command("topic_mismatch", detail);
+        }
         match self.cmd_window.check(env.seq) {
             SeqVerdict::Fresh => {}
             SeqVerdict::Replayed => {
@@ -963,6 +1010,8 @@ impl Session {
                 Ok(detail) => (ReplyStatus::Ok, detail, false),
                 Err(e) => (ReplyStatus::Error, e.to_string(), false),
             },
+            // Handled before the window check.
+            Action::Stored(_) => return,
         };
         self.enqueue(Body::Reply(Reply {
             cmd_id: cmd.id,
@@ -974,9 +1023,40 @@ impl Session {
         }
     }
 
+    /// The conductor's acknowledgement: frames with seq ≤ `upto` are
+    /// durably processed and leave the outbox.
+    fn on_stored(&mut self, upto: u64) {
+        let n = self.outbox.stored(upto);
+        tracing::debug!(upto, removed = n, queued = self.outbox.len(), "stored");
+        self.stored_seen = true;
+        if self.pub_ack_final {
+            tracing::info!("the conductor acknowledges again: frames stay queued until Stored");
+            self.pub_ack_final = false;
+        }
+    }
+
+    /// Drops frames the broker acknowledged [`STORED_TIMEOUT`] ago and the
+    /// conductor never did; from then on a PubAck frees a frame at once
+    /// (until a `Stored` arrives), so the queue drains as it used to.
+    fn expire(&mut self) {
+        let n = self.outbox.expire(Instant::now(), STORED_TIMEOUT);
+        if n > 0 && !self.pub_ack_final {
+            self.pub_ack_final = true;
+            let more = self.outbox.drop_broker_acked();
+            tracing::info!(
+                dropped = n + more,
+                "no Stored acknowledgement from the conductor within {}s of the broker's: \
+                 frames leave the outbox at the broker's acknowledgement (an older conductor?)",
+                STORED_TIMEOUT.as_secs()
+            );
+        }
+    }
+
     /// Clean shutdown: queue `AgentStopping`, give queued frames
-    /// [`SHUTDOWN_DRAIN`] to be acknowledged, publish the retained
-    /// `offline`, disconnect, and persist whatever is still queued.
+    /// [`SHUTDOWN_DRAIN`] to be acknowledged (by `Stored`; by the broker
+    /// alone if the conductor sent none since start or stopped sending them),
+    /// publish the retained `offline`, disconnect, and persist whatever is
+    /// still queued.
     async fn shutdown(&mut self, mut poll: PollFuture) {
         tracing::info!(queued = self.outbox.len(), "shutting down");
         self.enqueue(Body::Event(WorkerEvent {
@@ -984,7 +1064,11 @@ impl Session {
             detail: bounded("clean shutdown"),
         }));
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-        while self.connected_at.is_some() && !self.outbox.is_empty() {
+        let acks = self.stored_seen && !self.pub_ack_final;
+        while self.connected_at.is_some()
+            && !self.outbox.is_empty()
+            && (acks || !self.outbox.all_broker_acked())
+        {
             self.pump();
             tokio::select! {
                 (eventloop, result) = &mut poll => {
@@ -1015,6 +1099,11 @@ impl Session {
                     }
                 }
             }
+        }
+        if !acks {
+            // A conductor that does not acknowledge: the broker's PubAck is
+            // all there is, as before.
+            self.outbox.drop_broker_acked();
         }
         self.outbox.reset_in_flight();
         self.persist_outbox();

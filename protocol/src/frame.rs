@@ -289,6 +289,17 @@ pub enum Action {
     /// Persisted like [`Action::Stop`]. Idempotent: the same name and
     /// version again changes nothing.
     InstallManifest(ManifestRef),
+    /// Sent on the worker's `cmd/stored` topic ([`crate::TopicKind::Stored`]).
+    /// Application-level acknowledgement, no reply expected: every frame of
+    /// the worker's with seq ≤ this one has been processed by the conductor
+    /// and whatever it stores of them is committed (a conductor crash can no
+    /// longer lose them), so the worker may drop them from its outbox.
+    /// Cumulative and idempotent: a replayed or late one only repeats a
+    /// statement that was already true (worker seqs never repeat), so it is
+    /// outside the command seq stream — its envelope repeats the seq of the
+    /// last command sent (0 before any) and the worker neither checks nor
+    /// advances its command replay window for it. [`Command::id`] is 0.
+    Stored(u64),
 }
 
 /// Names one manifest version; see [`crate::manifest`].

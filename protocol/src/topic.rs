@@ -6,6 +6,7 @@
 //! aerekos/v1/<worker_id>/metrics       Metrics frames
 //! aerekos/v1/<worker_id>/events        Event frames
 //! aerekos/v1/<worker_id>/cmd           Command frames, conductor -> worker, QoS 1
+//! aerekos/v1/<worker_id>/cmd/stored    Stored acknowledgements (Command frames), conductor -> worker, QoS 0
 //! aerekos/v1/<worker_id>/reply         Reply frames, worker -> conductor
 //! aerekos/v1/<worker_id>/services      ServiceStatus frames, worker -> conductor
 //! aerekos/v1/<worker_id>/logs          LogChunk frames, worker -> conductor (answers Logs)
@@ -58,6 +59,11 @@ pub enum TopicKind {
     Logs,
     /// Worker → conductor metrics published by hosted services.
     ServiceMetrics,
+    /// Conductor → worker `Action::Stored` acknowledgements. Two levels
+    /// deep like the JSON mirror, so outside [`CONDUCTOR_FILTER`]: the
+    /// conductor's own acknowledgements do not come back to it, and agents
+    /// that predate them (not subscribed) never see one.
+    Stored,
 }
 
 impl TopicKind {
@@ -75,6 +81,7 @@ impl TopicKind {
             TopicKind::Services => "services",
             TopicKind::Logs => "logs",
             TopicKind::ServiceMetrics => "service-metrics",
+            TopicKind::Stored => "cmd/stored",
         }
     }
 
@@ -85,7 +92,7 @@ impl TopicKind {
             TopicKind::Birth => Some(B::Birth),
             TopicKind::Metrics => Some(B::Metrics),
             TopicKind::Events => Some(B::Event),
-            TopicKind::Cmd => Some(B::Command),
+            TopicKind::Cmd | TopicKind::Stored => Some(B::Command),
             TopicKind::Reply => Some(B::Reply),
             TopicKind::Services => Some(B::ServiceStatus),
             TopicKind::Logs => Some(B::LogChunk),
@@ -124,6 +131,7 @@ impl<'a> Topic<'a> {
             "services" => TopicKind::Services,
             "logs" => TopicKind::Logs,
             "service-metrics" => TopicKind::ServiceMetrics,
+            "cmd/stored" => TopicKind::Stored,
             _ => return None,
         };
         Some(Topic { worker_id, kind })
@@ -162,6 +170,7 @@ mod tests {
             TopicKind::Services,
             TopicKind::Logs,
             TopicKind::ServiceMetrics,
+            TopicKind::Stored,
         ] {
             let t = topic("w-0123abcd", kind);
             let parsed = Topic::parse(&t).expect("parses");

@@ -143,6 +143,19 @@ fn golden_install_manifest_command() {
 }
 
 #[test]
+fn golden_stored_command() {
+    // The conductor's acknowledgement: id 0 (no reply), action index 11
+    // (`0b`), then the acknowledged worker seq as a varint (300 = `ac 02`).
+    assert_golden(
+        Body::Command(Command {
+            id: 0,
+            action: Action::Stored(300),
+        }),
+        GOLDEN_CMD_STORED,
+    );
+}
+
+#[test]
 fn golden_manifest() {
     let m = examples::manifest();
     let bytes = m.encode().unwrap();
@@ -215,6 +228,7 @@ fn enum_discriminants_are_append_only() {
         9
     );
     assert_eq!(act(Action::InstallManifest(examples::manifest_ref())), 10);
+    assert_eq!(act(Action::Stored(1)), 11);
     for (i, k) in [
         EventKind::ServiceChanged,
         EventKind::ArtifactRejected,
@@ -307,6 +321,8 @@ const GOLDEN_SERVICE_STATUS: &str = concat!(
     "210000005c670ab7a74363ac455174614dc1507a"
 );
 const GOLDEN_CMD_DEPLOY_MANIFEST: &str = "010e772d3031323334353637383961620180a8f094ac330305080c73656e736f722d72656c6179045a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5ab63443a69df16d289d6eae9c2bbc29d2";
+const GOLDEN_CMD_STORED: &str =
+    "010e772d3031323334353637383961620180a8f094ac3303000bac023b6a9c46247ea3f2efd45c525243fb73";
 const GOLDEN_CMD_INSTALL_MANIFEST: &str = "010e772d3031323334353637383961620180a8f094ac3303050a0c73656e736f722d72656c6179045a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a0ab47cc0db84b54e5eaa1e359638e8f7";
 const GOLDEN_CMD_LOGS: &str = "010e772d3031323334353637383961620180a8f094ac330305090c73656e736f722d72656c617980201e49c4035deba47ec6bfbd339d65f260b1";
 const GOLDEN_LOG_CHUNK: &str = "010e772d3031323334353637383961620180a8f094ac3306050c73656e736f722d72656c617900136c697374656e696e67206f6e203a383038300a01e7e8cf4272d1f4ad9f92da5392acb1df";

@@ -55,6 +55,10 @@ fn largest_bodies() -> Vec<Body> {
         }),
         Body::Command(Command {
             id: u32::MAX,
+            action: Action::Stored(u64::MAX),
+        }),
+        Body::Command(Command {
+            id: u32::MAX,
             action: Action::Logs(LogRequest {
                 name: frame::bounded(&"é".repeat(32)),
                 tail_bytes: u32::MAX,

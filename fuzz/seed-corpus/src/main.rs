@@ -61,6 +61,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }),
         ),
         (
+            "command-stored",
+            Body::Command(Command {
+                id: 0,
+                action: Action::Stored(300),
+            }),
+        ),
+        (
             "service-status",
             Body::ServiceStatus(examples::service_status()),
         ),
