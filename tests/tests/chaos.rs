@@ -6,17 +6,19 @@
 //! and that the fleet converges.
 //!
 //! What the system promises, and so what is asserted:
-//! * A frame leaves the worker's outbox only when the broker acknowledged it
-//!   (PubAck); queued frames are published again, in seq order, after every
+//! * A frame leaves the worker's outbox only when the conductor acknowledged
+//!   it with `Stored` (it is processed and committed), not at the broker's
+//!   PubAck; queued frames are published again, in seq order, after every
 //!   reconnect. With a persistent broker stopped cleanly, every frame the
 //!   worker sealed reaches the conductor: the seqs seen on the broker are
 //!   contiguous and every metrics frame is in the conductor's history.
 //! * An API write answered 2xx is committed to SQLite before the answer
-//!   (services, deployments, labels, rollouts); metrics the API has shown
-//!   are committed too. Known limit, documented in `conductor/src/ingest.rs`:
-//!   with the embedded broker, frames the broker acknowledged but the
-//!   conductor had not committed yet (at most ~100 ms of them) are lost by a
-//!   conductor `kill -9`. That window is not asserted on.
+//!   (services, deployments, labels, rollouts). With the embedded broker a
+//!   conductor `kill -9` loses no frame either: every metrics frame the
+//!   workers published before the kill — including those the broker had
+//!   acknowledged and the conductor had not committed yet — is in the
+//!   history after the restart, and the workers' re-sends of frames it had
+//!   stored are counted as `duplicate`, not `replayed`.
 //! * A one-shot command (`ping`, `restart`) sent while its worker is cut
 //!   off fails with 504 after 5 s and is not run later (the worker's MQTT
 //!   session is clean); desired state (deployments, stop overrides) is
@@ -333,9 +335,12 @@ fn broker_restart_loses_no_queued_frame_and_keeps_the_service_running_once() {
 /// labels and a rollout are written through the API; the conductor is
 /// killed with -9 right after the last 2xx and started again on the same
 /// data dir and ports. The SQLite file passes `integrity_check`, every
-/// acknowledged write is there, every metrics point the API had shown is
-/// still there, the workers reconnect, and every service runs exactly once
-/// per target with its pid unchanged.
+/// acknowledged write is there, every metrics frame a worker published
+/// before the kill (seen by a sniffer on the embedded broker: contiguous
+/// seqs up to the last one) is in the history after the restart, re-sent
+/// frames count as `duplicate` and none as `replayed`, the workers
+/// reconnect, and every service runs exactly once per target with its pid
+/// unchanged.
 #[test]
 fn conductor_kill9_mid_ingest_loses_no_acknowledged_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,9 +355,19 @@ fn conductor_kill9_mid_ingest_loses_no_acknowledged_state() {
         })
         .collect();
     let ids: Vec<String> = workers.iter_mut().map(|w| w.wait_id()).collect();
+    let secrets: Vec<protocol::Secret> = workers.iter().map(|w| w.secret()).collect();
     for id in &ids {
         wait_online(&c, id, SECS(30));
     }
+    // Every frame the workers publish, as the embedded broker routes it.
+    let (obs_user, obs_pass) = c.observer();
+    let sniffer = MqttClient::connect_with(
+        c.mqtt,
+        "chaos-sniffer",
+        Some((&obs_user, &obs_pass)),
+        &["aerekos/v1/+/+"],
+    )
+    .unwrap();
 
     // A service everywhere (by label) and one being rolled out.
     let steady = unique_marker("chaos-steady");
@@ -416,7 +431,70 @@ fn conductor_kill9_mid_ingest_loses_no_acknowledged_state() {
         .map(|id| history(&c, id).keys().copied().collect())
         .collect();
 
+    // What the workers publish, per worker: seq → is it a metrics frame.
+    let mut published: Vec<BTreeMap<u64, bool>> = vec![BTreeMap::new(); ids.len()];
+    // Records one sniffed message; returns the worker index and seq of a
+    // metrics frame.
+    let mut record = |topic: &str, payload: &[u8], retained: bool| -> Option<(usize, u64)> {
+        let i = ids
+            .iter()
+            .position(|id| topic.starts_with(&format!("aerekos/v1/{id}/")))?;
+        // The worker's own stream only: not its status text, not the
+        // conductor's commands (their own seq stream) or JSON mirror, not a
+        // retained frame from before the sniffer subscribed.
+        if retained
+            || topic.ends_with("/status")
+            || topic.ends_with("/cmd")
+            || topic.contains("/json/")
+        {
+            return None;
+        }
+        let env = protocol::open(payload)
+            .unwrap()
+            .verify(&secrets[i])
+            .unwrap();
+        let metrics = matches!(env.body, Body::Metrics(_));
+        published[i].insert(env.seq, metrics);
+        metrics.then_some((i, env.seq))
+    };
+    // Kill the conductor the moment the broker routes a metrics frame newer
+    // than anything the API has shown: the conductor received it at the same
+    // time and commits it within 100 ms, so it is most likely not committed
+    // yet (the window a PubAck alone used to lose).
+    let deadline = Instant::now() + SECS(20);
+    loop {
+        let (topic, payload, retained) =
+            sniffer.recv(Duration::from_millis(100)).unwrap_or_default();
+        if let Some((i, seq)) = record(&topic, &payload, retained) {
+            if shown[i].iter().all(|s| *s < seq) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fresh metrics frame on the broker"
+        );
+    }
     c.proc.kill9();
+    // What the broker had routed before the kill.
+    while let Some((topic, payload, retained)) = sniffer.recv(Duration::from_millis(500)) {
+        record(&topic, &payload, retained);
+    }
+    drop(sniffer);
+    for (i, p) in published.iter().enumerate() {
+        let seqs: Vec<u64> = p.keys().copied().collect();
+        let (first, last) = (seqs[0], *seqs.last().unwrap());
+        eprintln!(
+            "conductor kill -9: {}: seqs {first}..={last} published before the kill",
+            ids[i]
+        );
+        assert_eq!(
+            seqs.len() as u64,
+            last - first + 1,
+            "{}: seqs on the broker contiguous from {first} to {last}: {seqs:?}",
+            ids[i]
+        );
+    }
     // The store opens cleanly after the crash.
     {
         let db = rusqlite::Connection::open(c.data_dir.join("conductor.db")).unwrap();
@@ -473,19 +551,48 @@ fn conductor_kill9_mid_ingest_loses_no_acknowledged_state() {
     }
 
     // Converges: online, fresh metrics, services reported with the same pids.
-    for (id, before) in ids.iter().zip(&shown) {
+    for (i, (id, before)) in ids.iter().zip(&shown).enumerate() {
         wait_online(&c, id, SECS(30));
         let newest = *before.iter().max().unwrap();
+        let last_published = *published[i].keys().last().unwrap();
         wait_for("metrics after the restart", SECS(20), || {
             history(&c, id)
                 .keys()
-                .any(|s| *s > newest + 5)
+                .any(|s| *s > newest.max(last_published) + 5)
                 .then_some(())
         });
+        // Every metrics frame published before the kill is there, also those
+        // the broker had acknowledged and the conductor not yet committed.
+        let after = history(&c, id);
+        let metrics: Vec<u64> = published[i]
+            .iter()
+            .filter(|(_, is_metrics)| **is_metrics)
+            .map(|(seq, _)| *seq)
+            .collect();
+        let at_risk = metrics.iter().filter(|s| **s > newest).count();
+        let lost: Vec<&u64> = metrics.iter().filter(|s| !after.contains_key(s)).collect();
+        eprintln!(
+            "conductor kill -9: {id}: {} metrics frames published before the kill \
+             ({at_risk} newer than the API had shown), {} lost",
+            metrics.len(),
+            lost.len()
+        );
+        assert!(
+            lost.is_empty(),
+            "{id}: metrics frames published before the kill, lost: {lost:?}"
+        );
         wait_for("steady reported again", SECS(20), || {
             is_up(&state_of(&c, "steady", id)).then_some(())
         });
     }
+    // The workers' re-sends of what the conductor had stored are benign.
+    let duplicates = c.rejected("duplicate");
+    eprintln!("conductor kill -9: {duplicates} re-sent frames counted as duplicate");
+    assert_eq!(
+        c.rejected("replayed") + c.rejected("too_old"),
+        0.0,
+        "re-sent frames counted as replays ({duplicates} as duplicates)"
+    );
     let after: BTreeSet<u32> = ids.iter().map(|id| pid_of(&c, "steady", id)).collect();
     assert_eq!(
         after, steady_pids,
