@@ -23,7 +23,8 @@
 //! are queued before its window, so everything up to it is in SQLite, and
 //! frames handled without storing (replies, log chunks, service metrics,
 //! events) were handled before their window was queued. [`run_acks`] sends
-//! each worker with a raised mark one `Stored` per [`ACK_INTERVAL`], QoS 0,
+//! each worker with a raised mark at most one `Stored` per [`ACK_INTERVAL`]
+//! (on its own phase, checked every [`ACK_TICK`]), QoS 0,
 //! on its `cmd/stored` topic; revoked workers get none. Frames accepted but
 //! not committed by a crash are not acknowledged: the worker publishes them
 //! again after it reconnects, and the restarted conductor (whose window is
@@ -46,6 +47,7 @@
 //! it is full); `ServiceMetrics` update the latest values per worker and
 //! service (at most 64 keys each), kept in memory only.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -73,6 +75,10 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// within the worker's 30 s persistence interval (so a healthy link never
 /// writes `outbox.bin`) and within its `STORED_TIMEOUT` (10 s).
 pub const ACK_INTERVAL: Duration = Duration::from_secs(2);
+/// How often [`run_acks`] looks for workers due an acknowledgement: a
+/// worker's first one follows its commit within this, and a fleet's
+/// acknowledgements are spread over [`ACK_INTERVAL`] in slices this long.
+pub const ACK_TICK: Duration = Duration::from_millis(100);
 
 /// Handles one publish (any topic under the conductor filter).
 pub fn handle_publish(shared: &Shared, client: &AsyncClient, topic: &str, payload: &[u8]) {
@@ -496,18 +502,45 @@ pub async fn run_acks(
     client: AsyncClient,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(ACK_INTERVAL);
+    // Every ACK_TICK (not every ACK_INTERVAL): each worker is acknowledged
+    // on its own phase (when its frames commit, then at most every
+    // ACK_INTERVAL), so the acknowledgements of a fleet whose frames are
+    // spread over the interval are spread too, instead of one burst of
+    // thousands that held up ingest behind it (fleet_sim, 5,000 workers at
+    // 1 s: ingest p99 104 -> 13 ms, command p99 160 -> 24 ms).
+    let mut tick = tokio::time::interval(ACK_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: HashMap<String, u64> = HashMap::new();
+    let mut last_sent: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => break,
         }
-        let marks = std::mem::take(&mut *lock(&shared.stored_marks));
-        if marks.is_empty() {
+        for (id, stored) in std::mem::take(&mut *lock(&shared.stored_marks)) {
+            let m = pending.entry(id).or_insert(0);
+            *m = (*m).max(stored);
+        }
+        let now = Instant::now();
+        let mut due: HashMap<String, u64> = HashMap::new();
+        pending.retain(|id, stored| {
+            let is_due = last_sent
+                .get(id)
+                .is_none_or(|t| now.duration_since(*t) >= ACK_INTERVAL);
+            if is_due {
+                due.insert(id.clone(), *stored);
+            }
+            !is_due
+        });
+        // Forget workers not acknowledged for a while (bounded by the fleet).
+        last_sent.retain(|_, t| now.duration_since(*t) < ACK_INTERVAL);
+        if due.is_empty() {
             continue;
         }
-        let acks = seal_acks(&shared, marks);
+        for id in due.keys() {
+            last_sent.insert(id.clone(), now);
+        }
+        let acks = seal_acks(&shared, due);
         for (topic, frame) in acks {
             if let Err(e) = client.publish(topic, QoS::AtMostOnce, false, frame).await {
                 debug!("cannot queue an acknowledgement: {e}");
@@ -520,10 +553,7 @@ pub async fn run_acks(
 
 /// Seals `Stored(n)` for every worker of `marks` that may receive one:
 /// `(topic, frame)` pairs.
-fn seal_acks(
-    shared: &Shared,
-    marks: std::collections::HashMap<String, u64>,
-) -> Vec<(String, Vec<u8>)> {
+fn seal_acks(shared: &Shared, marks: HashMap<String, u64>) -> Vec<(String, Vec<u8>)> {
     let workers = lock(&shared.workers);
     let mut out = Vec::with_capacity(marks.len());
     for (id, stored) in marks {
