@@ -162,6 +162,19 @@ pub fn is_valid_name(name: &str) -> bool {
     protocol::manifest::valid_service_name(name)
 }
 
+/// The service name of a manifest that is valid and whose name can be a
+/// directory name; why not otherwise.
+fn checked_name(manifest: &Manifest) -> Result<String, String> {
+    manifest.validate().map_err(|e| e.to_string())?;
+    if !is_valid_name(&manifest.name) {
+        return Err(format!(
+            "invalid service name {:?} (use [a-z0-9-])",
+            manifest.name
+        ));
+    }
+    Ok(manifest.name.clone())
+}
+
 /// The manifest equivalent of a legacy spec: a command, no health check,
 /// no limits, no config or secrets. Env entries with the same name: the
 /// last wins.
@@ -826,11 +839,7 @@ impl Supervisor {
     /// artifact service's file must already be in the cache
     /// ([`fetch::Conductor::ensure_artifact`]).
     pub fn deploy_manifest(&mut self, manifest: Manifest) -> Result<String, String> {
-        manifest.validate().map_err(|e| e.to_string())?;
-        let name = manifest.name.clone();
-        if !is_valid_name(&name) {
-            return Err(format!("invalid service name {name:?} (use [a-z0-9-])"));
-        }
+        let name = checked_name(&manifest)?;
         let version = manifest.version;
         let result = match self.services.get_mut(&name) {
             Some(svc) if svc.manifest == manifest && !svc.removing => {
@@ -878,11 +887,7 @@ impl Supervisor {
     /// [`Supervisor::deploy_manifest`]; a container's image is pulled only
     /// when it is started.
     pub fn install_manifest(&mut self, manifest: Manifest) -> Result<String, String> {
-        manifest.validate().map_err(|e| e.to_string())?;
-        let name = manifest.name.clone();
-        if !is_valid_name(&name) {
-            return Err(format!("invalid service name {name:?} (use [a-z0-9-])"));
-        }
+        let name = checked_name(&manifest)?;
         let version = manifest.version;
         let result = match self.services.get_mut(&name) {
             Some(svc) if svc.manifest == manifest && !svc.removing => {
