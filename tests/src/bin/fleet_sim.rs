@@ -5,13 +5,14 @@
 //! cargo run --release -p aerekos-e2e --bin fleet_sim -- \
 //!     [--workers 1000,5000,10000] [--interval-s 10] [--broker embedded|mosquitto|both] \
 //!     [--duration-s 60] [--vanish 100] [--enrol-threads 16] [--sim-threads 2] \
-//!     [--tcp-nodelay] [--subscribe-mirrors] [--conductor-bin PATH] [--json FILE]
+//!     [--nagle] [--subscribe-mirrors] [--conductor-bin PATH] [--json FILE]
 //! ```
 //!
-//! `--tcp-nodelay` sets TCP_NODELAY on the simulated workers' sockets (the
-//! edge-worker keeps rumqttc's default, Nagle on); `--subscribe-mirrors`
-//! adds an observer subscription to `aerekos/v1/+/json/#`. Both are A/B
-//! switches for the findings in the report, not defaults.
+//! The simulated workers set TCP_NODELAY like the edge-worker; `--nagle`
+//! leaves Nagle on (`--tcp-nodelay`, the old opt-in, is still accepted);
+//! `--subscribe-mirrors` adds an observer subscription to
+//! `aerekos/v1/+/json/#`. Both are A/B switches for the findings in the
+//! report, not defaults.
 //!
 //! Without `--workers`/`--interval-s` it runs 1,000 / 5,000 / 10,000
 //! workers at 10 s and 1,000 at 1 s, on both brokers. Each scenario gets a
@@ -102,7 +103,7 @@ struct Args {
 
 const USAGE: &str = "usage: fleet_sim [--workers 1000,5000,10000] [--interval-s 10[,1]] \
 [--broker embedded|mosquitto|both] [--duration-s 60] [--vanish 100] [--enrol-threads 16] \
-[--sim-threads 2] [--tcp-nodelay] [--subscribe-mirrors] [--conductor-bin PATH] [--json FILE]
+[--sim-threads 2] [--nagle] [--subscribe-mirrors] [--conductor-bin PATH] [--json FILE]
 Without --workers and --interval-s: 1000/5000/10000 workers at 10 s and 1000 at 1 s.";
 
 fn parse_args() -> Result<Args, String> {
@@ -117,7 +118,7 @@ fn parse_args() -> Result<Args, String> {
         sim_threads: 2,
         conductor_bin: None,
         json: None,
-        nodelay: false,
+        nodelay: true,
         subscribe_mirrors: false,
     };
     fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
@@ -136,8 +137,8 @@ fn parse_args() -> Result<Args, String> {
         if flag == "-h" || flag == "--help" {
             return Err(USAGE.into());
         }
-        if flag == "--tcp-nodelay" {
-            a.nodelay = true;
+        if flag == "--tcp-nodelay" || flag == "--nagle" {
+            a.nodelay = flag == "--tcp-nodelay";
             continue;
         }
         if flag == "--subscribe-mirrors" {
@@ -212,6 +213,7 @@ struct Outcome {
     cmd_sent: usize,
     sent: u64,
     acked: u64,
+    stored: u64,
     accepted: u64,
     lost: i64,
     rejected: u64,
@@ -644,10 +646,15 @@ fn run_scenario(args: &Args, n: usize, interval_s: u64, broker: BrokerKind) -> O
     for (_, tx) in &ctls {
         let _ = tx.send(Ctl::StopMetrics);
     }
-    let mut last = (u64::MAX, Instant::now());
+    // Drained: nothing accepted and no `Stored` acknowledgement for 3 s
+    // (longer than the conductor's 2 s acknowledgement interval).
+    let mut last = ((u64::MAX, u64::MAX), Instant::now());
     let drain_deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < drain_deadline {
-        let acc = t.health()["frames_accepted"].as_u64().unwrap_or(0);
+        let acc = (
+            t.health()["frames_accepted"].as_u64().unwrap_or(0),
+            Stats::get(&stats.stored),
+        );
         if acc != last.0 {
             last = (acc, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(3) {
@@ -662,6 +669,7 @@ fn run_scenario(args: &Args, n: usize, interval_s: u64, broker: BrokerKind) -> O
     o.mirror_dropped = e2e::metric(&prom, "aerekos_mirror_dropped_total") as u64;
     o.sent = Stats::get(&stats.handed);
     o.acked = Stats::get(&stats.acked);
+    o.stored = Stats::get(&stats.stored);
     o.queue_full = Stats::get(&stats.queue_full);
     o.disconnects = Stats::get(&stats.disconnects);
     o.lost = o.sent as i64 - o.accepted as i64;
@@ -761,6 +769,7 @@ fn table(results: &[Outcome]) {
     ));
     rows.push(("frames sent", col(&|o| o.sent.to_string())));
     rows.push(("  broker-acked", col(&|o| o.acked.to_string())));
+    rows.push(("  conductor-acked (Stored)", col(&|o| o.stored.to_string())));
     rows.push(("  accepted", col(&|o| o.accepted.to_string())));
     rows.push(("frames lost", col(&|o| o.lost.to_string())));
     rows.push((
@@ -874,6 +883,7 @@ fn to_json(o: &Outcome) -> Value {
         "cmd_sent": o.cmd_sent,
         "sent": o.sent,
         "acked": o.acked,
+        "stored": o.stored,
         "accepted": o.accepted,
         "lost": o.lost,
         "rejected": o.rejected,

@@ -20,7 +20,7 @@ use protocol::{
     FORMAT_VERSION, MAX_FRAME_LEN,
 };
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions};
-use rumqttc::{Outgoing, Packet, QoS};
+use rumqttc::{Outgoing, Packet, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, Semaphore};
 
 /// What enrolment returned for one simulated worker.
@@ -63,6 +63,9 @@ pub struct Stats {
     pub handed: AtomicU64,
     /// Sealed frames whose PubAck came back from the broker.
     pub acked: AtomicU64,
+    /// Sealed frames the conductor acknowledged as committed (`Stored(n)`
+    /// covers every seq up to n; each frame counted once).
+    pub stored: AtomicU64,
     /// Frames not handed because the client's request queue was full.
     pub queue_full: AtomicU64,
     /// ConnAcks received (first connects and reconnects).
@@ -184,6 +187,10 @@ struct Worker {
     stats: Arc<Stats>,
     status_topic: String,
     cmd_topic: String,
+    /// Where the conductor's `Stored` acknowledgements arrive.
+    stored_topic: String,
+    /// Highest seq a `Stored` covered so far.
+    stored_upto: u64,
     birth_topic: String,
     metrics_topic: String,
     reply_topic: String,
@@ -262,9 +269,11 @@ impl Worker {
         {
             self.handed.push_back(false);
         }
-        let _ = self
-            .client
-            .try_subscribe(self.cmd_topic.clone(), QoS::AtLeastOnce);
+        // Like the edge-worker: commands (QoS 1) and `Stored` (QoS 0).
+        let _ = self.client.try_subscribe_many([
+            SubscribeFilter::new(self.cmd_topic.clone(), QoS::AtLeastOnce),
+            SubscribeFilter::new(self.stored_topic.clone(), QoS::AtMostOnce),
+        ]);
         let mut birth = protocol::examples::birth();
         birth.hostname = bounded(&format!("sim-{}", self.id));
         birth.device_model = bounded("fleet_sim");
@@ -293,7 +302,7 @@ impl Worker {
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if p.topic == self.cmd_topic {
+                if p.topic == self.cmd_topic || p.topic == self.stored_topic {
                     self.on_command(&p.payload);
                 }
             }
@@ -319,6 +328,16 @@ impl Worker {
         let Body::Command(cmd) = env.body else {
             return Stats::inc(&self.stats.bad_commands);
         };
+        if let protocol::Action::Stored(upto) = cmd.action {
+            // Outside the command seq stream, like on the edge-worker.
+            if upto > self.stored_upto && upto <= self.seq {
+                self.stats
+                    .stored
+                    .fetch_add(upto - self.stored_upto, Ordering::Relaxed);
+                self.stored_upto = upto;
+            }
+            return;
+        }
         if self.cmd_window.check(env.seq) != SeqVerdict::Fresh {
             return Stats::inc(&self.stats.bad_commands);
         }
@@ -393,6 +412,8 @@ pub async fn run(p: WorkerParams) {
         stats,
         status_topic: t(TopicKind::Status),
         cmd_topic: t(TopicKind::Cmd),
+        stored_topic: t(TopicKind::Stored),
+        stored_upto: 0,
         birth_topic: t(TopicKind::Birth),
         metrics_topic: t(TopicKind::Metrics),
         reply_topic: t(TopicKind::Reply),
