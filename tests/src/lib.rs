@@ -628,7 +628,7 @@ impl Mosquitto {
         fs::write(
             &conf,
             format!(
-                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nlog_dest stdout\n",
+                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nset_tcp_nodelay true\nlog_dest stdout\n",
                 port,
                 dir.display()
             ),

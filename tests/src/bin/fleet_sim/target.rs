@@ -100,6 +100,7 @@ fn start_mosquitto(dir: &Path) -> (Proc, u16) {
         format!(
             "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
              max_queued_messages 1000000\nmax_inflight_messages 100\npersistence false\n\
+             set_tcp_nodelay true\n\
              log_dest stdout\nlog_type error\nlog_type warning\n"
         ),
     )
