@@ -34,8 +34,8 @@ use protocol::manifest::{
     digest, ArtifactRef, HealthCheck, Limits, Probe, ProcessRuntime, Program, Runtime,
 };
 use protocol::{
-    Action, Body, Envelope, EventKind, Manifest, ManifestRef, ReplyStatus, RestartPolicy, Secret,
-    ServiceState, ServiceStatus, TopicKind,
+    Action, Body, Envelope, EventKind, LogChunk, Manifest, ManifestRef, ReplyStatus, RestartPolicy,
+    Secret, ServiceState, ServiceStatus, TopicKind,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -473,6 +473,79 @@ impl Sub {
             .await
             .unwrap();
     }
+
+    /// Collects into a [`Seen`] what arrives, replies to no command,
+    /// until `done` holds for it (panics after `secs`).
+    async fn watch(&mut self, secs: u64, what: &str, done: impl FnMut(&Seen) -> bool) -> Seen {
+        self.collect(0, secs, what, done).await
+    }
+
+    /// Sends command `n` (as seq and id) and collects what it produces
+    /// until `done` holds for it (panics after `secs`).
+    async fn command(
+        &mut self,
+        n: u32,
+        action: Action,
+        secs: u64,
+        what: &str,
+        done: impl FnMut(&Seen) -> bool,
+    ) -> Seen {
+        self.send(u64::from(n), n, action).await;
+        self.collect(n, secs, what, done).await
+    }
+
+    async fn collect(
+        &mut self,
+        cmd_id: u32,
+        secs: u64,
+        what: &str,
+        mut done: impl FnMut(&Seen) -> bool,
+    ) -> Seen {
+        let mut seen = Seen::default();
+        self.until(secs, what, |b| {
+            seen.take(b, cmd_id);
+            done(&seen)
+        })
+        .await;
+        seen
+    }
+
+    /// Sends `Logs` command `n` and collects its reply and chunks up to the
+    /// last (panics after `secs`).
+    async fn logs(
+        &mut self,
+        n: u32,
+        action: Action,
+        secs: u64,
+        what: &str,
+    ) -> (Option<(ReplyStatus, String)>, Vec<LogChunk>) {
+        self.send(u64::from(n), n, action).await;
+        let mut reply = None;
+        let mut chunks: Vec<LogChunk> = Vec::new();
+        self.until(secs, what, |b| {
+            match b {
+                Body::Reply(r) if r.cmd_id == n => reply = Some((r.status, r.detail.to_string())),
+                Body::LogChunk(c) if c.cmd_id == n => chunks.push(c.clone()),
+                _ => {}
+            }
+            chunks.last().is_some_and(|c| c.last)
+        })
+        .await;
+        (reply, chunks)
+    }
+}
+
+/// Stops a worker started with `run(cfg, stopped)` and checks it ends well.
+async fn stop_worker(
+    stop: oneshot::Sender<()>,
+    worker: JoinHandle<Result<(), edge_worker::WorkerError>>,
+) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
 }
 
 impl Drop for Sub {
@@ -557,13 +630,11 @@ async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
     let mut web = command("web", 1, &["sleep", &m1]);
     web.secrets.insert("TOKEN".into(), "s3cret".into());
     let r = http.put_manifest(&web);
-    sub.send(1, 1, Action::DeployManifest(r)).await;
-    let mut seen = Seen::default();
-    sub.until(15, "web running", |b| {
-        seen.take(b, 1);
-        seen.reply.is_some() && seen.status("web", ServiceState::Running).is_some()
-    })
-    .await;
+    let seen = sub
+        .command(1, Action::DeployManifest(r), 15, "web running", |seen| {
+            seen.reply.is_some() && seen.status("web", ServiceState::Running).is_some()
+        })
+        .await;
     assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
     let web_pid = seen.status("web", ServiceState::Running).unwrap().pid;
     wait_procs_async(&m1, &[web_pid]).await;
@@ -582,13 +653,11 @@ async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
     let mut evil = web2.clone();
     evil.runtime = command("web", 2, &["sh", "-c", &format!("sleep {m2}")]).runtime;
     http.put_manifest_bytes("web", 2, evil.encode().unwrap());
-    sub.send(2, 2, Action::DeployManifest(r2)).await;
-    let mut seen = Seen::default();
-    sub.until(10, "the refusal", |b| {
-        seen.take(b, 2);
-        seen.reply.is_some() && !seen.events.is_empty()
-    })
-    .await;
+    let seen = sub
+        .command(2, Action::DeployManifest(r2), 10, "the refusal", |seen| {
+            seen.reply.is_some() && !seen.events.is_empty()
+        })
+        .await;
     let (status, detail) = seen.reply.clone().unwrap();
     assert_eq!(status, ReplyStatus::Error, "{detail}");
     assert!(detail.contains("digest mismatch"), "{detail}");
@@ -616,14 +685,15 @@ async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
         Program::Artifacts(vec![other_arch.clone(), art.clone()]),
         &[&m3],
     );
-    sub.send(3, 3, Action::DeployManifest(http.put_manifest(&tool)))
+    let seen = sub
+        .command(
+            3,
+            Action::DeployManifest(http.put_manifest(&tool)),
+            15,
+            "tool running",
+            |seen| seen.reply.is_some() && seen.status("tool", ServiceState::Running).is_some(),
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(15, "tool running", |b| {
-        seen.take(b, 3);
-        seen.reply.is_some() && seen.status("tool", ServiceState::Running).is_some()
-    })
-    .await;
     assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
     let tool_pid = seen.status("tool", ServiceState::Running).unwrap().pid;
     let cached = fetch::artifact_path(&state_dir, &art.sha256);
@@ -639,17 +709,20 @@ async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
 
     // A new version with the same artifact: no second download.
     let tool2 = manifest("tool", 2, Program::Artifacts(vec![art.clone()]), &[&m4]);
-    sub.send(4, 4, Action::DeployManifest(http.put_manifest(&tool2)))
+    let seen = sub
+        .command(
+            4,
+            Action::DeployManifest(http.put_manifest(&tool2)),
+            15,
+            "tool v2 running",
+            |seen| {
+                seen.reply.is_some()
+                    && seen
+                        .status("tool", ServiceState::Running)
+                        .is_some_and(|s| s.version == 2)
+            },
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(15, "tool v2 running", |b| {
-        seen.take(b, 4);
-        seen.reply.is_some()
-            && seen
-                .status("tool", ServiceState::Running)
-                .is_some_and(|s| s.version == 2)
-    })
-    .await;
     assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
     let pid2 = seen.status("tool", ServiceState::Running).unwrap().pid;
     wait_procs_async(&m4, &[pid2]).await;
@@ -670,16 +743,19 @@ async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
     };
     http.put_artifact(&bad_art.sha256, fake);
     let bad = manifest("bad", 1, Program::Artifacts(vec![bad_art.clone()]), &[&m5]);
-    sub.send(5, 5, Action::DeployManifest(http.put_manifest(&bad)))
+    let seen = sub
+        .command(
+            5,
+            Action::DeployManifest(http.put_manifest(&bad)),
+            15,
+            "the artifact refusal",
+            |seen| {
+                seen.reply.is_some()
+                    && !seen.events.is_empty()
+                    && seen.status("bad", ServiceState::Failed).is_some()
+            },
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(15, "the artifact refusal", |b| {
-        seen.take(b, 5);
-        seen.reply.is_some()
-            && !seen.events.is_empty()
-            && seen.status("bad", ServiceState::Failed).is_some()
-    })
-    .await;
     let (status, detail) = seen.reply.clone().unwrap();
     assert_eq!(status, ReplyStatus::Error, "{detail}");
     assert!(
@@ -704,30 +780,27 @@ async fn deploy_manifest_over_mqtt_fetches_verifies_and_runs() {
     );
 
     // 5. Removing the artifact service prunes its cached file.
-    sub.send(6, 6, Action::Remove(bounded("tool"))).await;
-    let mut seen = Seen::default();
-    sub.until(15, "tool removed", |b| {
-        seen.take(b, 6);
-        seen.status("tool", ServiceState::Removed).is_some()
-    })
+    sub.command(
+        6,
+        Action::Remove(bounded("tool")),
+        15,
+        "tool removed",
+        |seen| seen.status("tool", ServiceState::Removed).is_some(),
+    )
     .await;
     assert!(!cached.exists(), "an unreferenced artifact is pruned");
     assert!(procs_with(&m4).is_empty());
     assert_eq!(http.served.lock().unwrap().unauthorised, 0);
 
-    sub.send(7, 7, Action::Remove(bounded("web"))).await;
-    let mut seen = Seen::default();
-    sub.until(15, "web removed", |b| {
-        seen.take(b, 7);
-        seen.status("web", ServiceState::Removed).is_some()
-    })
+    sub.command(
+        7,
+        Action::Remove(bounded("web")),
+        15,
+        "web removed",
+        |seen| seen.status("web", ServiceState::Removed).is_some(),
+    )
     .await;
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .expect("worker stops")
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
 }
 
 /// Samples every 20 ms, on its own thread, whether a process carries one
@@ -811,14 +884,15 @@ async fn install_manifest_fetches_verifies_and_never_starts() {
     let (bytes, art) = sleep_artifact();
     http.put_artifact(&art.sha256, bytes);
     let v1 = manifest("idle", 1, Program::Artifacts(vec![art.clone()]), &[&m1]);
-    sub.send(1, 1, Action::InstallManifest(http.put_manifest(&v1)))
+    let seen = sub
+        .command(
+            1,
+            Action::InstallManifest(http.put_manifest(&v1)),
+            15,
+            "idle installed",
+            |seen| seen.reply.is_some() && seen.status("idle", ServiceState::Stopped).is_some(),
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(15, "idle installed", |b| {
-        seen.take(b, 1);
-        seen.reply.is_some() && seen.status("idle", ServiceState::Stopped).is_some()
-    })
-    .await;
     let (status, detail) = seen.reply.clone().unwrap();
     assert_eq!(status, ReplyStatus::Ok, "{detail}");
     assert_eq!(detail, "installed version 1, not started");
@@ -846,14 +920,15 @@ async fn install_manifest_fetches_verifies_and_never_starts() {
     assert_eq!(saved["services"][0]["run"], false, "{saved}");
 
     // 2. The same version again changes nothing.
-    sub.send(2, 2, Action::InstallManifest(manifest_ref(&v1)))
+    let seen = sub
+        .command(
+            2,
+            Action::InstallManifest(manifest_ref(&v1)),
+            10,
+            "the reply",
+            |seen| seen.reply.is_some(),
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(10, "the reply", |b| {
-        seen.take(b, 2);
-        seen.reply.is_some()
-    })
-    .await;
     assert_eq!(
         seen.reply.clone().unwrap(),
         (ReplyStatus::Ok, "unchanged".into())
@@ -865,14 +940,15 @@ async fn install_manifest_fetches_verifies_and_never_starts() {
     let mut evil = v2.clone();
     evil.runtime = command("idle", 2, &["sh", "-c", &format!("sleep {m2}")]).runtime;
     http.put_manifest_bytes("idle", 2, evil.encode().unwrap());
-    sub.send(3, 3, Action::InstallManifest(manifest_ref(&v2)))
+    let seen = sub
+        .command(
+            3,
+            Action::InstallManifest(manifest_ref(&v2)),
+            10,
+            "the refusal",
+            |seen| seen.reply.is_some() && !seen.events.is_empty(),
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(10, "the refusal", |b| {
-        seen.take(b, 3);
-        seen.reply.is_some() && !seen.events.is_empty()
-    })
-    .await;
     let (status, detail) = seen.reply.clone().unwrap();
     assert_eq!(status, ReplyStatus::Error, "{detail}");
     assert!(detail.contains("digest mismatch"), "{detail}");
@@ -881,46 +957,45 @@ async fn install_manifest_fetches_verifies_and_never_starts() {
 
     // 4. Started on request, then version 2 installed: the running copy
     // is stopped and version 2 is not started.
-    sub.send(4, 4, Action::Start(bounded("idle"))).await;
-    let mut seen = Seen::default();
-    sub.until(15, "idle v1 running", |b| {
-        seen.take(b, 4);
-        seen.status("idle", ServiceState::Running).is_some()
-    })
-    .await;
+    let seen = sub
+        .command(
+            4,
+            Action::Start(bounded("idle")),
+            15,
+            "idle v1 running",
+            |seen| seen.status("idle", ServiceState::Running).is_some(),
+        )
+        .await;
     let pid1 = seen.status("idle", ServiceState::Running).unwrap().pid;
     wait_procs_async(&m1, &[pid1]).await;
     let never = NeverRan::watch(&[&m2]);
-    sub.send(5, 5, Action::InstallManifest(http.put_manifest(&v2)))
+    let seen = sub
+        .command(
+            5,
+            Action::InstallManifest(http.put_manifest(&v2)),
+            15,
+            "idle v2 installed",
+            |seen| {
+                seen.reply.is_some()
+                    && seen
+                        .status("idle", ServiceState::Stopped)
+                        .is_some_and(|s| s.version == 2)
+            },
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(15, "idle v2 installed", |b| {
-        seen.take(b, 5);
-        seen.reply.is_some()
-            && seen
-                .status("idle", ServiceState::Stopped)
-                .is_some_and(|s| s.version == 2)
-    })
-    .await;
     let (status, detail) = seen.reply.clone().unwrap();
     assert_eq!(status, ReplyStatus::Ok, "{detail}");
     assert!(detail.contains("stopping the running copy"), "{detail}");
     wait_procs_async(&m1, &[]).await;
 
     // 5. A worker restart keeps it stopped (and reports it so).
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .expect("worker stops")
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
     let (stop, worker) = start_worker();
-    let mut seen = Seen::default();
-    sub.until(15, "idle reported after the restart", |b| {
-        seen.take(b, 0);
-        seen.status("idle", ServiceState::Stopped).is_some()
-    })
-    .await;
+    let seen = sub
+        .watch(15, "idle reported after the restart", |seen| {
+            seen.status("idle", ServiceState::Stopped).is_some()
+        })
+        .await;
     let st = seen.status("idle", ServiceState::Stopped).unwrap();
     assert_eq!((st.version, st.pid), (2, 0), "{st:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -928,20 +1003,16 @@ async fn install_manifest_fetches_verifies_and_never_starts() {
     assert!(pids.is_empty(), "a stopped install ran: {pids:?}");
     assert!(procs_with(&m1).is_empty());
 
-    sub.send(6, 6, Action::Remove(bounded("idle"))).await;
-    let mut seen = Seen::default();
-    sub.until(15, "idle removed", |b| {
-        seen.take(b, 6);
-        seen.status("idle", ServiceState::Removed).is_some()
-    })
+    sub.command(
+        6,
+        Action::Remove(bounded("idle")),
+        15,
+        "idle removed",
+        |seen| seen.status("idle", ServiceState::Removed).is_some(),
+    )
     .await;
     assert_eq!(http.served.lock().unwrap().unauthorised, 0);
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .expect("worker stops")
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1435,18 +1506,7 @@ async fn a_service_uses_the_local_api_and_its_log_is_tailed_and_followed() {
             follow_s,
         })
     };
-    sub.send(2, 2, req("api", 4096, 2)).await;
-    let mut reply = None;
-    let mut chunks = Vec::new();
-    sub.until(15, "the log chunks", |b| {
-        match b {
-            Body::Reply(r) if r.cmd_id == 2 => reply = Some((r.status, r.detail.to_string())),
-            Body::LogChunk(c) if c.cmd_id == 2 => chunks.push(c.clone()),
-            _ => {}
-        }
-        chunks.last().is_some_and(|c| c.last)
-    })
-    .await;
+    let (reply, chunks) = sub.logs(2, req("api", 4096, 2), 15, "the log chunks").await;
     let (status, detail) = reply.expect("the reply comes before the chunks");
     assert_eq!(status, ReplyStatus::Ok, "{detail}");
     assert!(detail.contains("following for 2 s"), "{detail}");
@@ -1472,31 +1532,25 @@ async fn a_service_uses_the_local_api_and_its_log_is_tailed_and_followed() {
     );
     assert!(ticks.len() >= 15, "followed the new lines: {ticks:?}");
 
-    sub.send(3, 3, req("nope", 100, 0)).await;
-    let mut seen = Seen::default();
-    sub.until(10, "the refusal", |b| {
-        seen.take(b, 3);
-        seen.reply.is_some()
-    })
-    .await;
+    let seen = sub
+        .command(3, req("nope", 100, 0), 10, "the refusal", |seen| {
+            seen.reply.is_some()
+        })
+        .await;
     let (status, detail) = seen.reply.unwrap();
     assert_eq!(status, ReplyStatus::Error, "{detail}");
 
     // Removed: its token is refused from then on.
-    sub.send(4, 4, Action::Remove(bounded("api"))).await;
-    let mut seen = Seen::default();
-    sub.until(15, "api removed", |b| {
-        seen.take(b, 4);
-        seen.status("api", ServiceState::Removed).is_some()
-    })
+    sub.command(
+        4,
+        Action::Remove(bounded("api")),
+        15,
+        "api removed",
+        |seen| seen.status("api", ServiceState::Removed).is_some(),
+    )
     .await;
     assert!(api_status(&api, &token).contains(" 401"));
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .expect("worker stops")
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1668,14 +1722,15 @@ async fn a_container_service_runs_restarts_logs_and_goes_and_foreign_containers_
     });
     hc.start_period_ms = 10_000;
     m.health = Some(hc);
-    sub.send(1, 1, Action::DeployManifest(http.put_manifest(&m)))
+    let seen = sub
+        .command(
+            1,
+            Action::DeployManifest(http.put_manifest(&m)),
+            60,
+            "ctr healthy",
+            |seen| seen.reply.is_some() && seen.status("ctr", ServiceState::Healthy).is_some(),
+        )
         .await;
-    let mut seen = Seen::default();
-    sub.until(60, "ctr healthy", |b| {
-        seen.take(b, 1);
-        seen.reply.is_some() && seen.status("ctr", ServiceState::Healthy).is_some()
-    })
-    .await;
     assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
     let first = seen.status("ctr", ServiceState::Healthy).unwrap().clone();
     assert!(first.pid != 0, "the container's main pid: {first:?}");
@@ -1690,16 +1745,15 @@ async fn a_container_service_runs_restarts_logs_and_goes_and_foreign_containers_
 
     // Killed behind the worker's back: restarted by the manifest's policy.
     docker(&["kill", &ours]).unwrap();
-    let mut seen = Seen::default();
-    sub.until(60, "ctr restarted", |b| {
-        seen.take(b, 0);
-        seen.statuses.iter().any(|s| {
-            s.name == "ctr"
-                && s.restarts >= 1
-                && matches!(s.state, ServiceState::Running | ServiceState::Healthy)
+    let seen = sub
+        .watch(60, "ctr restarted", |seen| {
+            seen.statuses.iter().any(|s| {
+                s.name == "ctr"
+                    && s.restarts >= 1
+                    && matches!(s.state, ServiceState::Running | ServiceState::Healthy)
+            })
         })
-    })
-    .await;
+        .await;
     let backoff = seen
         .status("ctr", ServiceState::Backoff)
         .expect("a Backoff status");
@@ -1710,27 +1764,18 @@ async fn a_container_service_runs_restarts_logs_and_goes_and_foreign_containers_
     assert_eq!(container_running(&ours), Some(true));
 
     // Its log comes from the engine: both runs.
-    sub.send(
-        2,
-        2,
-        Action::Logs(protocol::frame::LogRequest {
-            name: bounded("ctr"),
-            tail_bytes: 8192,
-            follow_s: 0,
-        }),
-    )
-    .await;
-    let mut reply = None;
-    let mut chunks = Vec::new();
-    sub.until(20, "the container log", |b| {
-        match b {
-            Body::Reply(r) if r.cmd_id == 2 => reply = Some((r.status, r.detail.to_string())),
-            Body::LogChunk(c) if c.cmd_id == 2 => chunks.push(c.clone()),
-            _ => {}
-        }
-        chunks.last().is_some_and(|c| c.last)
-    })
-    .await;
+    let (reply, chunks) = sub
+        .logs(
+            2,
+            Action::Logs(protocol::frame::LogRequest {
+                name: bounded("ctr"),
+                tail_bytes: 8192,
+                follow_s: 0,
+            }),
+            20,
+            "the container log",
+        )
+        .await;
     assert_eq!(reply.unwrap().0, ReplyStatus::Ok);
     let text: String = chunks
         .iter()
@@ -1743,29 +1788,22 @@ async fn a_container_service_runs_restarts_logs_and_goes_and_foreign_containers_
     );
 
     // Stop keeps the container (stopped); Remove deletes it.
-    sub.send(3, 3, Action::Stop(bounded("ctr"))).await;
-    let mut seen = Seen::default();
-    sub.until(30, "ctr stopped", |b| {
-        seen.take(b, 3);
+    sub.command(3, Action::Stop(bounded("ctr")), 30, "ctr stopped", |seen| {
         seen.status("ctr", ServiceState::Stopped).is_some()
     })
     .await;
     assert_eq!(container_running(&ours), Some(false));
-    sub.send(4, 4, Action::Remove(bounded("ctr"))).await;
-    let mut seen = Seen::default();
-    sub.until(30, "ctr removed", |b| {
-        seen.take(b, 4);
-        seen.status("ctr", ServiceState::Removed).is_some()
-    })
+    sub.command(
+        4,
+        Action::Remove(bounded("ctr")),
+        30,
+        "ctr removed",
+        |seen| seen.status("ctr", ServiceState::Removed).is_some(),
+    )
     .await;
     assert_eq!(container_running(&ours), None, "our container is gone");
     assert_eq!(container_running(&foreign), Some(true), "foreign untouched");
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .expect("worker stops")
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
 }
 
 fn container_manifest(name: &str, version: u32, image: &str) -> Manifest {

@@ -8,7 +8,22 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 
-use crate::{bin, bin_dir, Conductor};
+use crate::{bin, bin_dir, Conductor, Worker, WorkerOpts};
+
+/// A conductor in `dir/conductor` and one worker named `hostname` in
+/// `dir/w`, enrolled with a registration token; returns them and the
+/// worker's id.
+pub fn conductor_and_worker(dir: &Path, hostname: &str) -> (Conductor, Worker, String) {
+    let c = Conductor::start(&dir.join("conductor"));
+    let mut w = Worker::start(
+        &dir.join("w"),
+        &c.url(),
+        Some(&c.registration_token()),
+        WorkerOpts::named(hostname),
+    );
+    let id = w.wait_id();
+    (c, w, id)
+}
 
 /// Runs the CLI against `c`; returns (success, stdout, stderr).
 pub fn cli(c: &Conductor, args: &[&str]) -> (bool, String, String) {

@@ -25,14 +25,7 @@ fn token(tag: &str) -> String {
 }
 
 fn start_one(dir: &Path) -> (Conductor, Worker, String) {
-    let c = Conductor::start(&dir.join("conductor"));
-    let mut w = Worker::start(
-        &dir.join("worker"),
-        &c.url(),
-        Some(&c.registration_token()),
-        WorkerOpts::named("services-host"),
-    );
-    let id = w.wait_id();
+    let (c, w, id) = conductor_and_worker(dir, "services-host");
     wait_for("worker online", SECS(30), || {
         (c.status_of(&id) == "online").then_some(())
     });

@@ -153,14 +153,7 @@ fn deploy_by_label_supervise_survive_outage_and_undeploy_without_orphans() {
 #[test]
 fn a_failed_service_is_deployed_again_and_recovers_once_its_cause_is_fixed() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Conductor::start(&dir.path().join("conductor"));
-    let mut w = Worker::start(
-        &dir.path().join("w"),
-        &c.url(),
-        Some(&c.registration_token()),
-        WorkerOpts::named("retry-host"),
-    );
-    let id = w.wait_id();
+    let (c, _w, id) = conductor_and_worker(dir.path(), "retry-host");
     let flag = dir.path().join("ready");
     let m = marker();
     // Exits at once until `flag` exists, then sleeps (carrying the marker).
@@ -243,14 +236,7 @@ impl Drop for Sampler {
 #[test]
 fn a_service_deployed_stopped_never_runs_until_started() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Conductor::start(&dir.path().join("conductor"));
-    let mut w = Worker::start(
-        &dir.path().join("w"),
-        &c.url(),
-        Some(&c.registration_token()),
-        WorkerOpts::named("stopped-host"),
-    );
-    let id = w.wait_id();
+    let (c, mut w, id) = conductor_and_worker(dir.path(), "stopped-host");
     wait_for("online", SECS(20), || {
         (c.status_of(&id) == "online").then_some(())
     });
