@@ -432,11 +432,23 @@ fn writer_loop(
         };
         let due = first_at.is_some_and(|t| t.elapsed() >= BATCH_DELAY);
         if !batch.is_empty() && (due || batch.len() >= BATCH_MAX || disconnected) {
-            if commit(&mut store, &batch) {
+            // A frame's metrics row must commit with its `Seen` (sent right
+            // after it): split, a crash would leave the row without the
+            // window, the worker (never sent `Stored` for it) would publish
+            // the frame again, and the restarted conductor would store it
+            // twice. The tail after the last `Seen` waits for the next batch.
+            let keep = if disconnected {
+                0
+            } else {
+                unsealed_tail(&batch)
+            };
+            let carried = batch.split_off(batch.len() - keep);
+            if !batch.is_empty() && commit(&mut store, &batch) {
                 raise_marks(marks, &mut batch);
             }
             batch.clear();
-            first_at = None;
+            batch.extend(carried);
+            first_at = (!batch.is_empty()).then(Instant::now);
         }
         if disconnected {
             break;
@@ -445,6 +457,24 @@ fn writer_loop(
             last_sweep = Instant::now();
             sweep(&mut store, raw_retention_ms, minute_retention_ms);
         }
+    }
+}
+
+/// How many ops at the end of `batch` must wait for the next commit: those
+/// after the last `Seen` when they hold a metrics row (its frame's `Seen`
+/// has not arrived yet), else none.
+fn unsealed_tail(batch: &[WriteOp]) -> usize {
+    let start = batch
+        .iter()
+        .rposition(|op| matches!(op, WriteOp::Seen { .. }))
+        .map_or(0, |i| i + 1);
+    if batch[start..]
+        .iter()
+        .any(|op| matches!(op, WriteOp::Metrics { .. }))
+    {
+        batch.len() - start
+    } else {
+        0
     }
 }
 
@@ -593,5 +623,51 @@ fn sweep(store: &mut Store, raw_retention_ms: u64, minute_retention_ms: u64) {
         Ok(0) => {}
         Ok(n) => debug!(rows = n, "retention sweep"),
         Err(e) => warn!("retention sweep failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(seq: u64) -> WriteOp {
+        WriteOp::Metrics {
+            worker_id: "w-1".into(),
+            received_at_ms: 1,
+            seq,
+            blob: Vec::new(),
+            rollup: Rollup::default(),
+        }
+    }
+
+    fn seen(highest: u64) -> WriteOp {
+        WriteOp::Seen {
+            worker_id: "w-1".into(),
+            highest,
+            bitmap: 0,
+            last_seen_ms: 1,
+        }
+    }
+
+    fn status() -> WriteOp {
+        WriteOp::Status {
+            worker_id: "w-2".into(),
+            status: "offline",
+        }
+    }
+
+    #[test]
+    fn a_metrics_row_never_commits_without_its_seen() {
+        // Complete frames, and standalone ops after them: all commit.
+        assert_eq!(unsealed_tail(&[metrics(1), seen(1), status()]), 0);
+        assert_eq!(unsealed_tail(&[status()]), 0);
+        assert_eq!(unsealed_tail(&[]), 0);
+        // A frame's row whose `Seen` has not arrived waits, with what follows.
+        assert_eq!(unsealed_tail(&[metrics(1), seen(1), metrics(2)]), 1);
+        assert_eq!(
+            unsealed_tail(&[metrics(1), seen(1), status(), metrics(2), status()]),
+            3
+        );
+        assert_eq!(unsealed_tail(&[status(), metrics(1)]), 2);
     }
 }
