@@ -274,11 +274,8 @@ mod tests {
 
     #[test]
     fn connection_refused_is_retryable() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Nobody listens there: bind(:0) is never given it.
+        let port = test_support::free_port();
         let req = EnrollRequest {
             token: "t".into(),
             hostname: "h".into(),

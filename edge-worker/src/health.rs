@@ -218,11 +218,8 @@ mod tests {
         let e = http_probe(serve_once(b"garbage\n"), "/h", t).unwrap_err();
         assert!(e.contains("not an HTTP response"), "{e}");
         // Connection refused.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Nobody listens there: bind(:0) is never given it.
+        let port = test_support::free_port();
         let e = http_probe(port, "/h", t).unwrap_err();
         assert!(e.contains("cannot connect"), "{e}");
         // A listener that never answers: the timeout.

@@ -446,11 +446,8 @@ mod tests {
     #[tokio::test]
     async fn shutdown_while_waiting_for_the_conductor_returns_ok() {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Nobody listens there: bind(:0) is never given it.
+        let port = test_support::free_port();
         let mut cfg = WorkerConfig::new(dir.path());
         cfg.conductor_url = Some(format!("http://127.0.0.1:{port}"));
         cfg.token = Some("t".into());

@@ -31,6 +31,7 @@ use edge_worker::container::{
 use protocol::manifest::{ContainerRuntime, Limits, Manifest, PortMap, Runtime, VolumeMount};
 use protocol::RestartPolicy;
 use serde_json::Value;
+use test_support::free_port;
 
 const TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -192,14 +193,6 @@ fn runtime(m: &mut Manifest) -> &mut ContainerRuntime {
         Runtime::Container(c) => c,
         Runtime::Process(_) => unreachable!(),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `GET path` on 127.0.0.1:`port`; the body, or why not.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use edge_worker::{run, WorkerConfig};
 use protocol::{Action, Body, Envelope, EventKind, ReplyStatus, Secret, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use test_support::free_port;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -54,11 +55,7 @@ fn mosquitto_bin() -> PathBuf {
 
 impl Mosquitto {
     async fn start(dir: &Path) -> Mosquitto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         fs::create_dir_all(dir).unwrap();
         fs::write(
             dir.join("mosquitto.conf"),

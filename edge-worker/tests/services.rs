@@ -38,6 +38,7 @@ use protocol::{
     Secret, ServiceState, ServiceStatus, TopicKind,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use test_support::free_port;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -335,11 +336,7 @@ struct Mosquitto {
 
 impl Mosquitto {
     async fn start(dir: &Path) -> Mosquitto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         fs::create_dir_all(dir).unwrap();
         let conf = dir.join("mosquitto.conf");
         fs::write(
@@ -1066,14 +1063,6 @@ fn wait_removed(sup: &mut Supervisor, name: &str) {
             .any(|s| s.name == name && s.state == ServiceState::Removed),
         "{seen:?}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn check(probe: Probe) -> HealthCheck {
