@@ -419,6 +419,11 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 Ok((s, r)) => (s, r),
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
+                    // aerekos patch: upstream retried at once. Out of file
+                    // descriptors (EMFILE), the pending connection stays in
+                    // the backlog and every retry fails: a busy loop at 100 %
+                    // CPU writing this line until connections close.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
