@@ -152,6 +152,7 @@ async fn shutdown_signal() {
 }
 
 fn serve(config: Config, local_worker: bool) -> Result<()> {
+    raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -189,6 +190,31 @@ fn serve(config: Config, local_worker: bool) -> Result<()> {
         result
     })?;
     Ok(())
+}
+
+/// Raises the open-file soft limit to the hard limit. Every worker holds an
+/// MQTT connection to the embedded broker and every API client a socket:
+/// systemd's default soft limit of 1,024 would stop accepting at about a
+/// thousand workers, while the hard limit (524,288 there) is the
+/// administrator's real ceiling.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("open-file limit stays at {:?}: {e}", lim.current);
+        }
+    }
+    let lim = getrlimit(Resource::Nofile);
+    tracing::info!(
+        "open-file limit {} (one per connected worker or API client)",
+        lim.current
+            .map_or("unlimited".to_string(), |n| n.to_string())
+    );
 }
 
 fn main() -> Result<()> {
