@@ -66,6 +66,11 @@ pub struct Config {
     pub rate_limit_refill_s: u32,
     /// Largest artifact `POST /api/v1/artifacts` accepts, bytes (413 beyond).
     pub max_artifact_bytes: u64,
+    /// Seconds the API waits for a client's next bytes (an idle keep-alive
+    /// connection, or a request that stops mid-way) before closing the
+    /// connection, so idle clients do not hold server threads for good;
+    /// 0 waits forever. Per read: a slow but steady upload is not cut.
+    pub http_read_timeout_s: u32,
 }
 
 impl std::fmt::Debug for Config {
@@ -94,6 +99,7 @@ impl Default for Config {
             rate_limit_burst: 10,
             rate_limit_refill_s: 6,
             max_artifact_bytes: 256 << 20,
+            http_read_timeout_s: 60,
         }
     }
 }
@@ -260,6 +266,9 @@ impl Config {
         }
         if let Some(v) = get("AEREKOS_RATE_LIMIT_REFILL_S") {
             c.rate_limit_refill_s = num("AEREKOS_RATE_LIMIT_REFILL_S", v)?;
+        }
+        if let Some(v) = get("AEREKOS_HTTP_READ_TIMEOUT_S") {
+            c.http_read_timeout_s = num("AEREKOS_HTTP_READ_TIMEOUT_S", v)?;
         }
         if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
             c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {

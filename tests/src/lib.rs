@@ -245,6 +245,8 @@ pub struct Conductor {
     pub data_dir: PathBuf,
     /// Extra arguments it was started with (reused on restart).
     pub args: Vec<String>,
+    /// Extra environment it was started with (reused on restart).
+    pub env: Vec<(String, String)>,
     /// HTTP API address.
     pub http: SocketAddr,
     /// MQTT address the conductor serves (embedded) or uses (external).
@@ -261,11 +263,33 @@ impl Conductor {
 
     /// Starts a conductor with extra CLI arguments (e.g. `--mqtt-url`).
     pub fn start_with(data_dir: &Path, args: &[&str]) -> Conductor {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Conductor::spawn(data_dir.to_path_buf(), args, "127.0.0.1:0", "127.0.0.1:0")
+        Conductor::start_with_env(data_dir, args, &[])
     }
 
-    fn spawn(data_dir: PathBuf, args: Vec<String>, http: &str, mqtt: &str) -> Conductor {
+    /// Starts a conductor with extra CLI arguments and environment
+    /// (`AEREKOS_*` settings without a flag).
+    pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Conductor {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Conductor::spawn(
+            data_dir.to_path_buf(),
+            args,
+            env,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+        )
+    }
+
+    fn spawn(
+        data_dir: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        http: &str,
+        mqtt: &str,
+    ) -> Conductor {
         fs::create_dir_all(&data_dir).unwrap();
         let runtime = data_dir.join("runtime.json");
         let _ = fs::remove_file(&runtime);
@@ -275,7 +299,8 @@ impl Conductor {
             .args(["--http-listen", http, "--mqtt-listen", mqtt])
             .args(&args)
             .env("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn(cmd, data_dir.join("conductor.log"));
         let pid = proc.pid();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -298,6 +323,7 @@ impl Conductor {
             proc,
             data_dir,
             args,
+            env,
             http,
             mqtt,
             admin: String::new(),
@@ -316,7 +342,13 @@ impl Conductor {
     pub fn restart_after_kill9(&mut self) {
         self.proc.kill9();
         let (http, mqtt) = (self.http.to_string(), self.mqtt.to_string());
-        let next = Conductor::spawn(self.data_dir.clone(), self.args.clone(), &http, &mqtt);
+        let next = Conductor::spawn(
+            self.data_dir.clone(),
+            self.args.clone(),
+            self.env.clone(),
+            &http,
+            &mqtt,
+        );
         *self = next;
     }
 

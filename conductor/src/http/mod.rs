@@ -85,6 +85,9 @@ impl HttpServer {
             );
         }
         let server = Server::from_listener(listener, None).map_err(|e| bind_err(e.to_string()))?;
+        let read_timeout = shared.config.http_read_timeout_s;
+        server
+            .set_read_timeout((read_timeout > 0).then(|| Duration::from_secs(read_timeout.into())));
         let addr = server
             .server_addr()
             .to_ip()

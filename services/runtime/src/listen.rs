@@ -6,6 +6,9 @@
 //! [`bind_nodelay`] sets it on the listening socket; Linux hands it down to
 //! accepted sockets.
 //!
+//! Connections that send nothing for [`READ_TIMEOUT`] are closed (the
+//! vendored tiny_http's `set_read_timeout`, see `vendor/README.md`).
+//!
 //! [`HttpServer`] runs a fixed pool of request threads over one such
 //! socket. Limits: a stop takes up to [`POLL`] (each thread polls the stop
 //! flag between requests); a request already being answered is finished
@@ -21,6 +24,11 @@ use std::time::Duration;
 pub const POLL: Duration = Duration::from_millis(500);
 /// Pause after a failed accept, so a persistent failure does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a connection may go without sending a byte the server waits
+/// for (an idle keep-alive connection, a request body that stalls) before
+/// it is closed: a client cannot hold a request thread for good. Per read,
+/// so a slow but steady upload is not cut.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +68,7 @@ pub fn bind_nodelay(
     }
     let server =
         tiny_http::Server::from_listener(listener, None).map_err(|e| bind(e.to_string()))?;
+    server.set_read_timeout(Some(READ_TIMEOUT));
     let addr = server
         .server_addr()
         .to_ip()
