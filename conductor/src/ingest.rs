@@ -152,7 +152,7 @@ fn ingest_frame(
     if payload.len() > MAX_FRAME_LEN {
         return Err("oversized");
     }
-    let opened = protocol::open(payload).map_err(|e| e.reason())?;
+    let opened = protocol::open(payload, topic_worker).map_err(|e| e.reason())?;
     let received_at_ms = now_ms();
     let mut workers = lock(&shared.workers);
     let Some(w) = workers.get_mut(topic_worker) else {
@@ -190,6 +190,7 @@ fn ingest_frame(
     // Accept.
     w.replay.accept(env.seq);
     w.resending = false;
+    w.format = env.version;
     w.accepted += 1;
     w.last_good = Some(Instant::now());
     w.last_seen_ms = Some(received_at_ms);
@@ -592,7 +593,7 @@ fn seal_acks(shared: &Shared, marks: HashMap<String, u64>) -> Vec<(String, Vec<u
             continue;
         }
         let env = Envelope {
-            version: protocol::FORMAT_VERSION,
+            version: w.format,
             worker_id: protocol::bounded(&w.id),
             // Outside the command seq stream (see `Action::Stored`).
             seq: w.cmd_seq,

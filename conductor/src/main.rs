@@ -71,6 +71,9 @@ enum Cmd {
         /// Worker secret (64 hex) to verify the tag; unverified without it.
         #[arg(long)]
         secret: Option<String>,
+        /// The worker id of the frame's topic (a format-2 frame does not carry it).
+        #[arg(long)]
+        worker: Option<String>,
         /// Frame file, or `-` for stdin.
         file: String,
     },
@@ -243,14 +246,18 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Some(Cmd::Decode { secret, file }) => {
+        Some(Cmd::Decode {
+            secret,
+            worker,
+            file,
+        }) => {
             let mut bytes = Vec::new();
             if file == "-" {
                 std::io::stdin().read_to_end(&mut bytes)?;
             } else {
                 bytes = std::fs::read(file).with_context(|| format!("reading {file}"))?;
             }
-            let v = conductor::decode::decode_frame(&bytes, secret.as_deref())?;
+            let v = conductor::decode::decode_frame(&bytes, secret.as_deref(), worker.as_deref())?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }

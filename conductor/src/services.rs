@@ -317,7 +317,7 @@ pub fn seal_command(
     w.cmd_seq = seq;
     let cmd_id = (seq & u64::from(u32::MAX)) as u32;
     let env = Envelope {
-        version: protocol::FORMAT_VERSION,
+        version: w.format,
         worker_id: protocol::bounded(&w.id),
         seq,
         sent_at_ms: now_ms(),

@@ -158,6 +158,11 @@ pub struct WorkerEntry {
     /// accepted frame: while set, a replayed or too-old seq is the worker
     /// re-sending frames it had no `Stored` for, counted as `duplicate`.
     pub resending: bool,
+    /// Wire format of this worker's last accepted frame, used for the
+    /// frames sent to it: a worker sends format 2 only once it knows this
+    /// conductor takes it, and an older worker only ever sends format 1
+    /// (which is all it can read). Format 1 until a frame says otherwise.
+    pub format: u8,
 }
 
 impl WorkerEntry {
@@ -195,6 +200,7 @@ impl WorkerEntry {
             accepted: 0,
             rejected: 0,
             resending: false,
+            format: protocol::FORMAT_VERSION,
         })
     }
 }

@@ -15,7 +15,7 @@ edge-worker: the aerekos agent for a Raspberry Pi
 
 USAGE:
     edge-worker [OPTIONS]
-    edge-worker decode [--secret HEX] FILE|-
+    edge-worker decode [--secret HEX] [--worker ID] FILE|-
 
 OPTIONS (each also from the environment variable shown):
     --conductor URL         conductor base URL, http://host:3000   AEREKOS_CONDUCTOR
@@ -41,7 +41,8 @@ Durations: 500ms, 10s, 2m, 1h, or a plain number of seconds.
 Log level: AEREKOS_LOG or RUST_LOG = error|warn|info|debug|trace [info].
 
 decode prints a captured frame as JSON; with --secret (64 hex) it also
-verifies the tag, otherwise the frame is shown unverified.
+verifies the tag, otherwise the frame is shown unverified. A format-2 frame
+does not carry its worker id: give it with --worker (the id in its topic).
 ";
 
 /// What the command line asks for.
@@ -53,6 +54,8 @@ pub enum Cli {
     Decode {
         /// 64-hex secret to verify the tag with.
         secret: Option<String>,
+        /// The worker id of the frame's topic (needed for format 2).
+        worker: Option<String>,
         /// Input path or `-`.
         input: String,
     },
@@ -167,7 +170,7 @@ pub fn parse(
             "--local-api",
         ];
         let known = if decode {
-            &["--secret"][..]
+            &["--secret", "--worker"][..]
         } else {
             &known_run[..]
         };
@@ -203,6 +206,7 @@ pub fn parse(
         };
         return Ok(Cli::Decode {
             secret: flag("--secret"),
+            worker: flag("--worker"),
             input,
         });
     }
@@ -315,9 +319,15 @@ pub fn log_level(env: impl Fn(&str) -> Option<String>) -> tracing::Level {
 }
 
 /// Decodes a sealed frame to pretty JSON. With `secret` the tag is
-/// verified (an error if it does not match); returns `(json, verified)`.
-pub fn decode_frame(bytes: &[u8], secret: Option<&str>) -> Result<(String, bool), String> {
-    let opened = protocol::open(bytes).map_err(|e| format!("not a valid frame: {e}"))?;
+/// verified (an error if it does not match); `worker` is its topic's worker
+/// id (needed for format 2); returns `(json, verified)`.
+pub fn decode_frame(
+    bytes: &[u8],
+    secret: Option<&str>,
+    worker: Option<&str>,
+) -> Result<(String, bool), String> {
+    let opened =
+        protocol::open_captured(bytes, worker).map_err(|e| format!("not a valid frame: {e}"))?;
     let (envelope, verified) = match secret {
         Some(hex) => {
             let secret = protocol::Secret::from_hex(hex).map_err(|e| e.to_string())?;
@@ -334,7 +344,11 @@ pub fn decode_frame(bytes: &[u8], secret: Option<&str>) -> Result<(String, bool)
 
 /// `edge-worker decode`: reads `input` (`-` = stdin) and decodes it with
 /// [`decode_frame`].
-pub fn decode_input(input: &str, secret: Option<&str>) -> Result<(String, bool), String> {
+pub fn decode_input(
+    input: &str,
+    secret: Option<&str>,
+    worker: Option<&str>,
+) -> Result<(String, bool), String> {
     use std::io::Read;
     let mut bytes = Vec::new();
     let read = if input == "-" {
@@ -343,7 +357,7 @@ pub fn decode_input(input: &str, secret: Option<&str>) -> Result<(String, bool),
         std::fs::read(input).map(|b| bytes = b)
     };
     read.map_err(|e| format!("cannot read {input}: {e}"))?;
-    decode_frame(&bytes, secret)
+    decode_frame(&bytes, secret, worker)
 }
 
 #[cfg(test)]
@@ -507,13 +521,15 @@ mod tests {
             p("decode -"),
             Ok(Cli::Decode {
                 secret: None,
+                worker: None,
                 input: "-".into()
             })
         );
         assert_eq!(
-            p("decode --secret ab f.bin"),
+            p("decode --secret ab --worker w-1 f.bin"),
             Ok(Cli::Decode {
                 secret: Some("ab".into()),
+                worker: Some("w-1".into()),
                 input: "f.bin".into()
             })
         );
@@ -536,14 +552,27 @@ mod tests {
             }),
         };
         let bytes = protocol::seal(&secret, &env).unwrap();
-        let (json, verified) = decode_frame(&bytes, None).unwrap();
+        let (json, verified) = decode_frame(&bytes, None, None).unwrap();
         assert!(!verified);
         assert!(json.contains("\"seq\": 42"), "{json}");
-        let (_, verified) = decode_frame(&bytes, Some(&secret.to_hex())).unwrap();
+        let (_, verified) = decode_frame(&bytes, Some(&secret.to_hex()), None).unwrap();
         assert!(verified);
         let wrong = protocol::Secret::from_bytes([6; 32]).to_hex();
-        assert!(decode_frame(&bytes, Some(&wrong)).is_err());
-        assert!(decode_frame(b"junk", None).is_err());
+        assert!(decode_frame(&bytes, Some(&wrong), None).is_err());
+        assert!(decode_frame(b"junk", None, None).is_err());
+        // Format 2 needs the topic's worker id.
+        let compact = protocol::Envelope {
+            version: protocol::FORMAT_V2,
+            ..env
+        };
+        let bytes = protocol::seal(&secret, &compact).unwrap();
+        let e = decode_frame(&bytes, Some(&secret.to_hex()), None).unwrap_err();
+        assert!(e.contains("worker id"), "{e}");
+        let (json, verified) = decode_frame(&bytes, Some(&secret.to_hex()), Some("w-1")).unwrap();
+        assert!(
+            verified && json.contains("\"worker_id\": \"w-1\""),
+            "{json}"
+        );
     }
 
     #[test]

@@ -20,14 +20,19 @@ fn main() -> ExitCode {
         }
         Ok(Cli::Version) => {
             println!(
-                "edge-worker {} (wire format {})",
+                "edge-worker {} (wire formats {} and {})",
                 env!("CARGO_PKG_VERSION"),
-                protocol::FORMAT_VERSION
+                protocol::FORMAT_VERSION,
+                protocol::FORMAT_V2
             );
             return ExitCode::SUCCESS;
         }
-        Ok(Cli::Decode { secret, input }) => {
-            return match cli::decode_input(&input, secret.as_deref()) {
+        Ok(Cli::Decode {
+            secret,
+            worker,
+            input,
+        }) => {
+            return match cli::decode_input(&input, secret.as_deref(), worker.as_deref()) {
                 Ok((json, verified)) => {
                     println!("{json}");
                     eprintln!(

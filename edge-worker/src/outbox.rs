@@ -479,7 +479,7 @@ fn parse_one(
         return Err(format!("bad frame length {len}"));
     }
     let bytes = buf.get(4..4 + len).ok_or("truncated frame")?;
-    let opened = protocol::open(bytes).map_err(|e| e.to_string())?;
+    let opened = protocol::open(bytes, worker_id).map_err(|e| e.to_string())?;
     if opened.worker_id() != worker_id {
         return Err(format!("frame for another worker ({})", opened.worker_id()));
     }

@@ -24,6 +24,11 @@
 //! conductor's replay window drops what it already has, counted as
 //! `duplicate`).
 //!
+//! Wire format: frames are sealed in format 1 until the first `Stored`
+//! arrives (only conductors that accept format 2 send it), in format 2 (no
+//! worker id on the wire) while `Stored` keeps coming, and in format 1 again
+//! after the [`STORED_TIMEOUT`] fallback (an older conductor).
+//!
 //! Commands are applied at most once (the replay window is persisted
 //! before a command is applied). `DeployManifest` and `InstallManifest` (the
 //! same downloads, then installed with desired state "stopped", never
@@ -58,8 +63,8 @@ use heapless::Vec as HVec;
 use protocol::frame::{bounded, Disk, MAX_DISKS};
 use protocol::{
     Action, Body, BodyKind, Envelope, Event as WorkerEvent, EventKind, Manifest, ManifestRef,
-    Metrics, ReplayWindow, Reply, ReplyStatus, Secret, SeqVerdict, TopicKind, FORMAT_VERSION,
-    MAX_FRAME_LEN,
+    Metrics, ReplayWindow, Reply, ReplyStatus, Secret, SeqVerdict, TopicKind, FORMAT_V2,
+    FORMAT_VERSION, MAX_FRAME_LEN,
 };
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
@@ -506,12 +511,25 @@ pub(crate) async fn run(
 }
 
 impl Session {
+    /// The wire format for the next frame: [`FORMAT_V2`] (no worker id in
+    /// the frame) while the conductor sends `Stored` — only conductors that
+    /// accept format 2 do — else format 1, which every conductor takes.
+    /// Frames already queued keep the format they were sealed in; the
+    /// conductor accepts both.
+    fn format(&self) -> u8 {
+        if self.stored_seen && !self.pub_ack_final {
+            FORMAT_V2
+        } else {
+            FORMAT_VERSION
+        }
+    }
+
     /// Seals `body` with the next seq and queues it.
     fn enqueue(&mut self, body: Body) {
         let kind = body.kind();
         let seq = self.store.next_seq();
         let env = Envelope {
-            version: FORMAT_VERSION,
+            version: self.format(),
             worker_id: bounded(&self.id),
             seq,
             sent_at_ms: now_ms(),
@@ -916,7 +934,7 @@ impl Session {
     /// A frame on the `cmd` topic, or on `cmd/stored` (`stored_topic`),
     /// where only `Stored` belongs.
     fn on_command(&mut self, payload: &[u8], stored_topic: bool) {
-        let opened = match protocol::open(payload) {
+        let opened = match protocol::open(payload, &self.id) {
             Ok(o) => o,
             Err(e) => return self.reject_command(e.reason(), e.to_string()),
         };

@@ -217,7 +217,7 @@ fn topic(kind: TopicKind) -> String {
 }
 
 fn open(msg: &Msg) -> Envelope {
-    protocol::open(&msg.payload)
+    protocol::open(&msg.payload, ID)
         .unwrap_or_else(|e| panic!("undecodable frame on {}: {e}", msg.topic))
         .verify(&secret())
         .unwrap_or_else(|e| panic!("frame on {} fails verification: {e}", msg.topic))
@@ -693,6 +693,68 @@ impl Drop for Proxy {
         self.task.abort();
         self.set(Mode::Down);
     }
+}
+
+/// Wire format (protocol/README.md, Format 2): format 1 until a `Stored`
+/// arrives, format 2 (no worker id on the wire) while they come, format 1
+/// again once none came for `STORED_TIMEOUT` after a PubAck (an older
+/// conductor took over).
+#[tokio::test]
+async fn frames_switch_to_format_2_after_a_stored_and_back_when_stored_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker")).await;
+    let state_dir = tmp.path().join("state");
+    write_state(&state_dir, &broker.url());
+    let mut sub = Sub::connect(broker.port, "format", true, &format!("aerekos/v1/{ID}/+")).await;
+    let worker = start_worker(config(&state_dir, 150));
+    let metrics_in = |m: &Msg, format: u8| {
+        m.topic == topic(TopicKind::Metrics) && m.payload.first() == Some(&format)
+    };
+
+    let v1 = sub
+        .recv_until(
+            Duration::from_secs(10),
+            |_| {},
+            |m| {
+                assert_ne!(m.payload.first(), Some(&protocol::FORMAT_V2), "{}", m.topic);
+                metrics_in(m, protocol::FORMAT_VERSION)
+            },
+        )
+        .await
+        .expect("format-1 metrics before any Stored");
+    let stored = command(1, 0, Action::Stored(open(&v1).seq), &secret());
+    sub.client
+        .publish(topic(TopicKind::Stored), QoS::AtMostOnce, false, stored)
+        .await
+        .unwrap();
+    let v2 = sub
+        .recv_until(
+            Duration::from_secs(5),
+            |_| {},
+            |m| metrics_in(m, protocol::FORMAT_V2),
+        )
+        .await
+        .expect("format-2 metrics after the Stored");
+    // It verifies against the topic's id; its bytes hold no id.
+    let env = open(&v2);
+    assert_eq!(env.version, protocol::FORMAT_V2);
+    assert!(!v2.payload.windows(ID.len()).any(|w| w == ID.as_bytes()));
+
+    // No more Stored: back to format 1 after the 10 s fallback.
+    let t0 = Instant::now();
+    sub.recv_until(
+        Duration::from_secs(20),
+        |_| {},
+        |m| metrics_in(m, protocol::FORMAT_VERSION),
+    )
+    .await
+    .expect("format 1 again once Stored stopped");
+    assert!(
+        t0.elapsed() >= edge_worker::session::STORED_TIMEOUT - Duration::from_secs(1),
+        "not before the fallback: {:?}",
+        t0.elapsed()
+    );
+    worker.shutdown().await;
 }
 
 /// Frames the broker never acknowledged (swallowed by a dead link) are

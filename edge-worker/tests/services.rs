@@ -414,7 +414,7 @@ impl Sub {
                         if p.topic.ends_with("/status") || p.topic.ends_with("/cmd") {
                             continue;
                         }
-                        let env = protocol::open(&p.payload)
+                        let env = protocol::open(&p.payload, &worker)
                             .unwrap()
                             .verify(&secret())
                             .unwrap();

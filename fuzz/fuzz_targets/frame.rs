@@ -19,7 +19,7 @@
 use libfuzzer_sys::fuzz_target;
 use protocol::topic::TopicKind;
 use protocol::{examples, open, seal, DecodeError, Envelope, ReplayWindow, Secret, SeqVerdict};
-use protocol::{FORMAT_VERSION, MAX_FRAME_LEN};
+use protocol::{FORMAT_V2, FORMAT_VERSION, MAX_FRAME_LEN};
 
 /// The conductor's rejection reasons (`conductor::state::REJECT_REASONS`).
 const REASONS: [&str; 10] = [
@@ -58,7 +58,7 @@ fn ingest(
     if payload.len() > MAX_FRAME_LEN {
         return Err("oversized");
     }
-    let opened = open(payload).map_err(|e| e.reason())?;
+    let opened = open(payload, topic_worker).map_err(|e| e.reason())?;
     if opened.worker_id() != topic_worker {
         return Err("topic_mismatch");
     }
@@ -87,14 +87,20 @@ fuzz_target!(|data: &[u8]| {
     // A body kind belongs to exactly one topic.
     assert!(accepted_on <= 1);
 
-    let Ok(opened) = open(data) else {
+    let Ok(opened) = open(data, worker) else {
         return;
     };
     let claimed = opened.worker_id().to_string();
-    let authentic = open(data).ok().and_then(|o| o.verify(&secret).ok());
+    let authentic = open(data, worker)
+        .ok()
+        .and_then(|o| o.verify(&secret).ok());
     let env = opened.into_unverified();
-    assert_eq!(env.version, FORMAT_VERSION);
+    assert!(env.version == FORMAT_VERSION || env.version == FORMAT_V2);
     assert_eq!(claimed, env.worker_id.as_str());
+    if env.version == FORMAT_V2 {
+        // Format 2 carries no id: it is the topic's.
+        assert_eq!(claimed, worker);
+    }
 
     let sealed = seal(&secret, &env).expect("a decoded envelope re-seals within the limit");
     assert!(sealed.len() <= MAX_FRAME_LEN);
@@ -102,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(authentic, env);
         assert_eq!(sealed, data, "an authenticated frame has one encoding");
     }
-    let back = open(&sealed)
+    let back = open(&sealed, worker)
         .expect("a sealed frame opens")
         .verify(&secret)
         .expect("its own tag verifies");
@@ -110,21 +116,21 @@ fuzz_target!(|data: &[u8]| {
 
     let other = Secret::from_bytes([0xa5; 32]);
     assert_eq!(
-        open(&sealed).expect("opens").verify(&other).err(),
+        open(&sealed, worker).expect("opens").verify(&other).err(),
         Some(DecodeError::BadTag)
     );
     // Any one changed byte (chosen by the input) breaks the frame.
     let i = usize::from(data[data.len() / 2]) * 31 % sealed.len();
     let mut tampered = sealed.clone();
     tampered[i] ^= 1 << (data[0] % 8);
-    if let Ok(o) = open(&tampered) {
+    if let Ok(o) = open(&tampered, worker) {
         assert!(
             o.verify(&secret).is_err(),
             "tampered byte {i} still verified"
         );
     }
     // Cut short: never verifies.
-    if let Ok(o) = open(&sealed[..sealed.len() - 1]) {
+    if let Ok(o) = open(&sealed[..sealed.len() - 1], worker) {
         assert!(o.verify(&secret).is_err());
     }
 

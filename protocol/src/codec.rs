@@ -12,6 +12,12 @@
 //! The tag covers every byte before it. It is truncated to 16 bytes (128
 //! bits, as RFC 2104 §5 allows). Verification is constant-time.
 //!
+//! Format 2 ([`crate::FORMAT_V2`]) leaves the worker id out of the bytes
+//! sent; the receiver takes it from the topic. Its tag is computed over the
+//! format-1 layout with version byte `02` (the id put back in), so a frame
+//! moved to another worker's topic fails verification even if two workers
+//! shared a secret.
+//!
 //! Limits: input longer than [`crate::MAX_FRAME_LEN`] is rejected before any
 //! decoding; decoding never panics on arbitrary bytes (property-tested).
 
@@ -20,7 +26,8 @@ use core::fmt;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::{Envelope, FORMAT_VERSION, MAX_FRAME_LEN};
+use crate::frame::{Body, WorkerId};
+use crate::{Envelope, FORMAT_V2, FORMAT_VERSION, MAX_FRAME_LEN};
 
 /// Length of the truncated HMAC-SHA256 tag.
 pub const TAG_LEN: usize = 16;
@@ -119,6 +126,13 @@ pub enum DecodeError {
     /// A secret was not 64 hex characters.
     #[error("secret must be 64 hex characters")]
     BadSecret,
+    /// A format-2 frame arrived on a topic whose worker id is not a valid
+    /// one (the id a format-2 frame is verified against).
+    #[error("the topic's worker id {0:?} is not a valid worker id")]
+    BadTopicWorker(String),
+    /// [`open_captured`] without a worker id, on a format-2 frame.
+    #[error("a format-2 frame does not carry its worker id: give the <worker_id> of its topic")]
+    NeedsTopicWorker,
 }
 
 impl DecodeError {
@@ -132,6 +146,8 @@ impl DecodeError {
             DecodeError::TrailingBytes(_) => "malformed",
             DecodeError::BadTag => "bad_tag",
             DecodeError::BadSecret => "bad_secret",
+            DecodeError::BadTopicWorker(_) => "topic_mismatch",
+            DecodeError::NeedsTopicWorker => "topic_mismatch",
         }
     }
 }
@@ -147,17 +163,61 @@ pub enum EncodeError {
     TooLarge(usize),
 }
 
-/// Encodes `envelope` and appends its tag under `secret`.
+/// Format 2 on the wire: format 1 without the worker id.
+#[derive(serde::Serialize)]
+struct CompactRef<'a> {
+    version: u8,
+    seq: u64,
+    sent_at_ms: u64,
+    body: &'a Body,
+}
+
+/// [`CompactRef`], decoded.
+#[derive(serde::Deserialize)]
+struct Compact {
+    version: u8,
+    seq: u64,
+    sent_at_ms: u64,
+    body: Body,
+}
+
+/// Encodes `envelope` in its `version`'s layout ([`FORMAT_V2`]: without the
+/// worker id; any other: format 1) and appends its tag under `secret`.
 pub fn seal(secret: &Secret, envelope: &Envelope) -> Result<Vec<u8>, EncodeError> {
-    let mut bytes = postcard::to_stdvec(envelope).map_err(EncodeError::Postcard)?;
     let mut mac = secret.mac();
-    mac.update(&bytes);
+    let mut bytes = if envelope.version == FORMAT_V2 {
+        let bytes = postcard::to_stdvec(&CompactRef {
+            version: envelope.version,
+            seq: envelope.seq,
+            sent_at_ms: envelope.sent_at_ms,
+            body: &envelope.body,
+        })
+        .map_err(EncodeError::Postcard)?;
+        mac_compact(&mut mac, &envelope.worker_id, &bytes);
+        bytes
+    } else {
+        let bytes = postcard::to_stdvec(envelope).map_err(EncodeError::Postcard)?;
+        mac.update(&bytes);
+        bytes
+    };
     let tag = mac.finalize().into_bytes();
     bytes.extend_from_slice(&tag[..TAG_LEN]);
     if bytes.len() > MAX_FRAME_LEN {
         return Err(EncodeError::TooLarge(bytes.len()));
     }
     Ok(bytes)
+}
+
+/// Feeds `mac` the format-1 layout of a format-2 frame's `signed` bytes:
+/// the version byte, then the worker id as postcard writes it (a one-byte
+/// length: ids are at most 32 bytes), then the rest.
+fn mac_compact(mac: &mut HmacSha256, worker_id: &WorkerId, signed: &[u8]) {
+    let (version, rest) = signed.split_at(1.min(signed.len()));
+    mac.update(version);
+    // `WorkerId` holds at most 32 bytes: the varint length is one byte.
+    mac.update(&[worker_id.len() as u8]);
+    mac.update(worker_id.as_bytes());
+    mac.update(rest);
 }
 
 /// A decoded but **not yet authenticated** frame. The receiver looks up the
@@ -170,7 +230,8 @@ pub struct Opened<'a> {
 }
 
 impl<'a> Opened<'a> {
-    /// The claimed sender (unauthenticated until [`Opened::verify`]).
+    /// The claimed sender (unauthenticated until [`Opened::verify`]); for a
+    /// format-2 frame, the topic's worker id it was opened with.
     pub fn worker_id(&self) -> &str {
         &self.envelope.worker_id
     }
@@ -178,7 +239,11 @@ impl<'a> Opened<'a> {
     /// Checks the tag in constant time and yields the authenticated envelope.
     pub fn verify(self, secret: &Secret) -> Result<Envelope, DecodeError> {
         let mut mac = secret.mac();
-        mac.update(self.signed);
+        if self.envelope.version == FORMAT_V2 {
+            mac_compact(&mut mac, &self.envelope.worker_id, self.signed);
+        } else {
+            mac.update(self.signed);
+        }
         mac.verify_truncated_left(self.tag)
             .map_err(|_| DecodeError::BadTag)?;
         Ok(self.envelope)
@@ -192,19 +257,36 @@ impl<'a> Opened<'a> {
 }
 
 /// Decodes a sealed frame's structure (size, version, postcard, tag split).
-pub fn open(bytes: &[u8]) -> Result<Opened<'_>, DecodeError> {
+/// `topic_worker` is the worker id of the topic the frame arrived on: a
+/// format-2 frame does not carry one and is verified against it (a
+/// format-1 frame's own id is returned as is; the caller compares it).
+pub fn open<'a>(bytes: &'a [u8], topic_worker: &str) -> Result<Opened<'a>, DecodeError> {
     if bytes.len() > MAX_FRAME_LEN {
         return Err(DecodeError::Oversized(bytes.len()));
     }
     if bytes.len() < 1 + TAG_LEN {
         return Err(DecodeError::Truncated(bytes.len()));
     }
-    if bytes[0] != FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion(bytes[0]));
-    }
     let (signed, tag) = bytes.split_at(bytes.len() - TAG_LEN);
-    let (envelope, rest): (Envelope, &[u8]) =
-        postcard::take_from_bytes(signed).map_err(DecodeError::Malformed)?;
+    let (envelope, rest) = match bytes[0] {
+        FORMAT_VERSION => postcard::take_from_bytes::<Envelope>(signed),
+        FORMAT_V2 => {
+            let worker_id = WorkerId::try_from(topic_worker)
+                .map_err(|_| DecodeError::BadTopicWorker(topic_worker.to_string()))?;
+            postcard::take_from_bytes::<Compact>(signed).map(|(c, rest)| {
+                let envelope = Envelope {
+                    version: c.version,
+                    worker_id,
+                    seq: c.seq,
+                    sent_at_ms: c.sent_at_ms,
+                    body: c.body,
+                };
+                (envelope, rest)
+            })
+        }
+        other => return Err(DecodeError::UnknownVersion(other)),
+    }
+    .map_err(DecodeError::Malformed)?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
     }
@@ -213,6 +295,17 @@ pub fn open(bytes: &[u8]) -> Result<Opened<'_>, DecodeError> {
         signed,
         tag,
     })
+}
+
+/// [`open`] for inspection tools (`decode` subcommands), where the topic a
+/// captured frame came from may not be known: a format-1 frame opens
+/// without `worker`, a format-2 frame needs it.
+pub fn open_captured<'a>(bytes: &'a [u8], worker: Option<&str>) -> Result<Opened<'a>, DecodeError> {
+    match worker {
+        Some(id) => open(bytes, id),
+        None if bytes.first() == Some(&FORMAT_V2) => Err(DecodeError::NeedsTopicWorker),
+        None => open(bytes, ""),
+    }
 }
 
 /// Proof that an enrolling machine holds `secret` for `worker_id`, sent

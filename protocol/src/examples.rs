@@ -73,11 +73,14 @@ pub fn birth() -> Birth {
     }
 }
 
-/// Wraps `body` in an envelope from worker `w-0123456789ab`.
+/// The worker id of the examples.
+pub const WORKER_ID: &str = "w-0123456789ab";
+
+/// Wraps `body` in a format-1 envelope from worker [`WORKER_ID`].
 pub fn envelope(seq: u64, body: Body) -> Envelope {
     Envelope {
         version: crate::FORMAT_VERSION,
-        worker_id: bounded("w-0123456789ab"),
+        worker_id: bounded(WORKER_ID),
         seq,
         sent_at_ms: 1_764_201_600_000,
         body,

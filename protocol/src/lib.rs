@@ -23,16 +23,27 @@ pub mod replay;
 pub mod topic;
 
 pub use codec::{
-    hex_string, open, reenroll_proof, seal, DecodeError, EncodeError, Opened, Secret, TAG_LEN,
+    hex_string, open, open_captured, reenroll_proof, seal, DecodeError, EncodeError, Opened,
+    Secret, TAG_LEN,
 };
 pub use frame::*;
 pub use manifest::{Manifest, ManifestError};
 pub use replay::{ReplayWindow, SeqVerdict};
 pub use topic::{Topic, TopicKind};
 
-/// The format version carried in the first byte of every frame. A receiver
-/// drops frames with any other version (counted as `version`).
+/// Format 1, carried in the first byte of a frame: the envelope holds the
+/// worker id. Every receiver understands it; a sender uses it until it knows
+/// its peer takes [`FORMAT_V2`]. A receiver drops frames with a version it
+/// does not know (counted as `version`).
 pub const FORMAT_VERSION: u8 = 1;
+
+/// Format 2: format 1 without the worker id on the wire (the topic carries
+/// it, 15 of a metrics frame's 116 bytes); the tag still covers it, so a
+/// frame only verifies on its own worker's topics. Conductors that send
+/// `Action::Stored` accept it: a worker switches to it after a `Stored` and
+/// the conductor answers each worker in the format it last received
+/// (`protocol/README.md`, Formats).
+pub const FORMAT_V2: u8 = 2;
 
 /// Upper bound on a sealed frame (postcard body + tag), in bytes. Receivers
 /// reject anything larger before decoding (counted as `oversized`). The

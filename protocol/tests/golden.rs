@@ -26,7 +26,10 @@ fn assert_golden(body: Body, expected_hex: &str) {
         body.kind()
     );
     // And the pinned bytes still decode to the same value.
-    let back = open(&bytes).unwrap().verify(&examples::secret()).unwrap();
+    let back = open(&bytes, examples::WORKER_ID)
+        .unwrap()
+        .verify(&examples::secret())
+        .unwrap();
     assert_eq!(back.body, body);
 }
 
@@ -329,3 +332,60 @@ const GOLDEN_LOG_CHUNK: &str = "010e772d3031323334353637383961620180a8f094ac3306
 const GOLDEN_SERVICE_METRICS: &str = "010e772d3031323334353637383961620180a8f094ac33070c73656e736f722d72656c6179020872656164696e6773e0120b71756575655f646570746801894ad48e1c7d32144899246f926c9bdf";
 const GOLDEN_MANIFEST: &str = "010c73656e736f722d72656c6179040001010761617263683634abababababababababababababababababababababababababababababababab80804002062d2d706f727404383038300108525553545f4c4f4704696e666f0001053ce8070100903f082f6865616c74687ad00fe807038827018080802001f403000104736974650473686f7001076170695f6b657906733363723374";
 const GOLDEN_HTTP_AUTH: &str = "Aerekos-Worker w-0123456789ab 9c3a2739b615db0fc5f3b89f6486c1fa";
+
+/// Format 2: the same envelope without the worker id on the wire.
+const GOLDEN_METRICS_V2: &str = "020180a8f094ac3301e20904e807dc0b8407c00c2a231e80c698830380fe98c60bc0faa4ea0e0080e0ff3101012f80b6abfd1580d4df816f010465746830f00bf006010b6370752d746865726d616c88e20580a3058e010078a4f421738461d5b5a1a0cfe6536d65";
+
+fn sealed_v2(seq: u64, body: Body) -> Vec<u8> {
+    let mut env = examples::envelope(seq, body);
+    env.version = FORMAT_V2;
+    seal(&examples::secret(), &env).unwrap()
+}
+
+#[test]
+fn golden_format_2() {
+    let v2 = sealed_v2(1, Body::Metrics(examples::metrics()));
+    assert_eq!(hex(&v2), GOLDEN_METRICS_V2, "format-2 wire bytes changed");
+    let v1_len = sealed(1, Body::Metrics(examples::metrics())).len();
+    assert_eq!(
+        (v1_len, v2.len()),
+        (119, 104),
+        "format 1 less the 15-byte id"
+    );
+    let id = examples::WORKER_ID.as_bytes();
+    for body in [
+        Body::Metrics(examples::metrics()),
+        Body::Birth(examples::birth()),
+        Body::Command(Command {
+            id: 5,
+            action: Action::Stored(41),
+        }),
+        Body::ServiceStatus(examples::service_status()),
+    ] {
+        let v1 = sealed(1, body.clone());
+        let v2 = sealed_v2(1, body.clone());
+        let (v1_signed, v2_signed) = (&v1[..v1.len() - TAG_LEN], &v2[..v2.len() - TAG_LEN]);
+        // Layout: 02, then format 1's bytes after its version byte and id.
+        assert_eq!(v2_signed[0], FORMAT_V2);
+        assert_eq!(v1_signed[1] as usize, id.len());
+        assert_eq!(&v1_signed[2..2 + id.len()], id);
+        assert_eq!(&v2_signed[1..], &v1_signed[2 + id.len()..]);
+        // Tag: HMAC-SHA256 over format 1's layout with version byte 02.
+        let mut covered = v1_signed.to_vec();
+        covered[0] = FORMAT_V2;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(
+            examples::secret().as_bytes(),
+        )
+        .unwrap();
+        hmac::Mac::update(&mut mac, &covered);
+        let tag = hmac::Mac::finalize(mac).into_bytes();
+        assert_eq!(&v2[v2.len() - TAG_LEN..], &tag[..TAG_LEN]);
+        // It opens on its worker's topic to the same envelope, version 2.
+        let back = open(&v2, examples::WORKER_ID)
+            .unwrap()
+            .verify(&examples::secret())
+            .unwrap();
+        assert_eq!((back.version, &back.body), (FORMAT_V2, &body));
+        assert_eq!(back.worker_id.as_str(), examples::WORKER_ID);
+    }
+}

@@ -101,7 +101,7 @@ fn largest_frame_of_every_kind_fits_max_frame_len() {
 fn oversized_input_is_rejected_before_decoding() {
     let big = vec![FORMAT_VERSION; MAX_FRAME_LEN + 1];
     assert_eq!(
-        open(&big).map(|_| ()),
+        open(&big, examples::WORKER_ID).map(|_| ()),
         Err(DecodeError::Oversized(MAX_FRAME_LEN + 1))
     );
 }
@@ -116,16 +116,26 @@ fn truncated_unknown_version_trailing_and_tampered_are_refused() {
     .unwrap();
 
     assert_eq!(
-        open(&sealed[..10]).map(|_| ()),
+        open(&sealed[..10], examples::WORKER_ID).map(|_| ()),
         Err(DecodeError::Truncated(10))
     );
-    let mut v2 = sealed.clone();
-    v2[0] = 2;
-    assert_eq!(open(&v2).map(|_| ()), Err(DecodeError::UnknownVersion(2)));
+    let mut v3 = sealed.clone();
+    v3[0] = 3;
+    assert_eq!(
+        open(&v3, examples::WORKER_ID).map(|_| ()),
+        Err(DecodeError::UnknownVersion(3))
+    );
+    // A format-1 frame relabelled as format 2 does not decode as one that
+    // verifies (its bytes still hold the id).
+    let mut relabelled = sealed.clone();
+    relabelled[0] = FORMAT_V2;
+    assert!(open(&relabelled, examples::WORKER_ID)
+        .and_then(|o| o.verify(&secret))
+        .is_err());
 
     // Every strict prefix is refused (never accepted, never a panic).
     for len in 0..sealed.len() {
-        let verdict = open(&sealed[..len]).and_then(|o| o.verify(&secret));
+        let verdict = open(&sealed[..len], examples::WORKER_ID).and_then(|o| o.verify(&secret));
         assert!(verdict.is_err(), "prefix of {len} bytes accepted");
     }
 
@@ -134,7 +144,7 @@ fn truncated_unknown_version_trailing_and_tampered_are_refused() {
         for bit in 0..8 {
             let mut t = sealed.clone();
             t[i] ^= 1 << bit;
-            let verdict = open(&t).and_then(|o| o.verify(&secret));
+            let verdict = open(&t, examples::WORKER_ID).and_then(|o| o.verify(&secret));
             assert!(
                 verdict.is_err(),
                 "bit {bit} of byte {i} flipped was accepted"
@@ -146,7 +156,7 @@ fn truncated_unknown_version_trailing_and_tampered_are_refused() {
     let mut extra = sealed.clone();
     extra.insert(sealed.len() - TAG_LEN, 0);
     assert!(matches!(
-        open(&extra).map(|_| ()),
+        open(&extra, examples::WORKER_ID).map(|_| ()),
         Err(DecodeError::TrailingBytes(1)) | Err(DecodeError::Malformed(_))
     ));
 }
@@ -160,7 +170,10 @@ fn wrong_secret_is_bad_tag() {
     .unwrap();
     let other = Secret::from_bytes([7; 32]);
     assert_eq!(
-        open(&sealed).unwrap().verify(&other).map(|_| ()),
+        open(&sealed, examples::WORKER_ID)
+            .unwrap()
+            .verify(&other)
+            .map(|_| ()),
         Err(DecodeError::BadTag)
     );
 }
@@ -183,7 +196,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
         let secret = examples::secret();
-        if let Ok(opened) = open(&bytes) {
+        if let Ok(opened) = open(&bytes, examples::WORKER_ID) {
             // Random bytes essentially never carry a valid tag.
             prop_assert!(opened.verify(&secret).is_err());
         }
@@ -191,11 +204,28 @@ proptest! {
 
     #[test]
     fn valid_version_prefix_with_random_body_never_panics(
-        body in proptest::collection::vec(any::<u8>(), 0..600)
+        body in proptest::collection::vec(any::<u8>(), 0..600),
+        v2 in any::<bool>(),
     ) {
-        let mut bytes = vec![FORMAT_VERSION];
+        let mut bytes = vec![if v2 { FORMAT_V2 } else { FORMAT_VERSION }];
         bytes.extend_from_slice(&body);
-        let _ = open(&bytes);
+        let _ = open(&bytes, examples::WORKER_ID);
+    }
+
+    #[test]
+    fn sealed_format_2_round_trips_on_its_own_topic_only(seq in 1u64.., cpu in any::<u16>()) {
+        let mut m = examples::metrics();
+        m.cpu_total = cpu;
+        let mut env = examples::envelope(seq, Body::Metrics(m));
+        env.version = FORMAT_V2;
+        let sealed = seal(&examples::secret(), &env).unwrap();
+        let back = open(&sealed, examples::WORKER_ID).unwrap().verify(&examples::secret()).unwrap();
+        prop_assert_eq!(back, env);
+        // The same bytes on another worker's topic: the tag covers the id.
+        prop_assert_eq!(
+            open(&sealed, "w-ffffffffffff").unwrap().verify(&examples::secret()).map(|_| ()),
+            Err(DecodeError::BadTag)
+        );
     }
 
     #[test]
@@ -205,7 +235,7 @@ proptest! {
         m.uptime_s = up;
         let env = examples::envelope(seq, Body::Metrics(m));
         let sealed = seal(&examples::secret(), &env).unwrap();
-        let back = open(&sealed).unwrap().verify(&examples::secret()).unwrap();
+        let back = open(&sealed, examples::WORKER_ID).unwrap().verify(&examples::secret()).unwrap();
         prop_assert_eq!(back, env);
     }
 }
@@ -314,4 +344,35 @@ proptest! {
         let _ = Manifest::decode(&bytes);
         let _ = Manifest::decode(&with_format);
     }
+}
+
+#[test]
+fn format_2_needs_a_valid_topic_worker_id_and_captured_frames_say_so() {
+    let mut env = examples::envelope(1, Body::Metrics(examples::metrics()));
+    env.version = FORMAT_V2;
+    let sealed = seal(&examples::secret(), &env).unwrap();
+    let long = "w".repeat(33);
+    assert_eq!(
+        open(&sealed, &long).map(|_| ()),
+        Err(DecodeError::BadTopicWorker(long.clone()))
+    );
+    assert_eq!(
+        open_captured(&sealed, None).map(|_| ()),
+        Err(DecodeError::NeedsTopicWorker)
+    );
+    let back = open_captured(&sealed, Some(examples::WORKER_ID))
+        .unwrap()
+        .verify(&examples::secret())
+        .unwrap();
+    assert_eq!(back, env);
+    // A format-1 frame opens without the topic (its id is in the frame).
+    let v1 = seal(
+        &examples::secret(),
+        &examples::envelope(1, Body::Birth(examples::birth())),
+    )
+    .unwrap();
+    assert_eq!(
+        open_captured(&v1, None).unwrap().worker_id(),
+        examples::WORKER_ID
+    );
 }

@@ -269,7 +269,10 @@ fn broker_restart_loses_no_queued_frame_and_keeps_the_service_running_once() {
             if retained || topic.ends_with("/status") || topic.ends_with("/cmd") {
                 continue;
             }
-            let env = protocol::open(&payload).unwrap().verify(&secret).unwrap();
+            let env = protocol::open(&payload, &id)
+                .unwrap()
+                .verify(&secret)
+                .unwrap();
             seen.insert(env.seq, (env.sent_at_ms, env.body));
         }
         seen.values()
@@ -449,7 +452,7 @@ fn conductor_kill9_mid_ingest_loses_no_acknowledged_state() {
         {
             return None;
         }
-        let env = protocol::open(payload)
+        let env = protocol::open(payload, &ids[i])
             .unwrap()
             .verify(&secrets[i])
             .unwrap();

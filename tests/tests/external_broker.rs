@@ -132,7 +132,10 @@ fn broker_outage_delivers_every_frame_in_order() {
             if topic.ends_with("/status") {
                 continue;
             }
-            let env = protocol::open(&payload).unwrap().verify(&secret).unwrap();
+            let env = protocol::open(&payload, &id)
+                .unwrap()
+                .verify(&secret)
+                .unwrap();
             seen.insert(env.seq, (env.sent_at_ms, env.body));
         }
         seen.values()

@@ -127,7 +127,7 @@ fn forged_replayed_and_malformed_frames_are_rejected_and_counted() {
     let (_, genuine) = mallory
         .recv_until(SECS(10), |t, _| t == metrics_topic)
         .expect("a genuine metrics frame");
-    let genuine_env = protocol::open(&genuine)
+    let genuine_env = protocol::open(&genuine, &id)
         .unwrap()
         .verify(&w.secret())
         .unwrap();
@@ -290,4 +290,93 @@ fn read_with_token(c: &Conductor, token: &str) -> (u16, String) {
         ),
         Err(e) => (0, e.to_string()),
     }
+}
+
+/// Wire format 2 end to end (protocol/README.md, Format 2): the worker's
+/// first frames are format 1 and so is the conductor's first `Stored`
+/// (it answers in the format it last received); after that `Stored` the
+/// worker seals format 2, the conductor stores those frames and sends its
+/// commands to the worker in format 2, and nothing is refused on the way.
+#[test]
+fn the_worker_and_the_conductor_move_to_format_2_after_the_first_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let (user, pass) = c.observer();
+    let sniffer = MqttClient::connect(c.mqtt, "format-sniffer", Some((&user, &pass)))
+        .expect("observer login accepted");
+    // Every frame topic (and `status`, a text), plus the acknowledgements.
+    for filter in ["aerekos/v1/+/+", "aerekos/v1/+/cmd/stored"] {
+        sniffer.subscribe(filter);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let token = c.registration_token();
+    let mut opts = WorkerOpts::named("compact");
+    opts.interval_ms = 1000;
+    let mut w = Worker::start(&dir.path().join("w"), &c.url(), Some(&token), opts);
+    let id = w.wait_id();
+    let secret = w.secret();
+
+    // (topic suffix, format byte, seq) of every frame, until a format-2
+    // metrics frame has been seen.
+    let mut frames: Vec<(String, u8, u64)> = Vec::new();
+    let v2_seq = wait_for("a format-2 metrics frame", SECS(30), || {
+        while let Some((topic, payload, _)) = sniffer.recv(Duration::from_millis(100)) {
+            if topic.ends_with("/status") {
+                continue;
+            }
+            let env = protocol::open(&payload, &id)
+                .unwrap()
+                .verify(&secret)
+                .unwrap_or_else(|e| panic!("{topic}: {e}"));
+            assert_eq!(env.version, payload[0]);
+            let suffix = topic.rsplit_once(&format!("{id}/")).unwrap().1.to_string();
+            frames.push((suffix.clone(), payload[0], env.seq));
+            if suffix == "metrics" && payload[0] == protocol::FORMAT_V2 {
+                return Some(env.seq);
+            }
+        }
+        None
+    });
+    assert_eq!(
+        frames.first().map(|f| (f.1, f.2)),
+        Some((protocol::FORMAT_VERSION, 1)),
+        "the worker's first frame (seq 1) precedes any Stored: {frames:?}"
+    );
+    let stored_at = frames
+        .iter()
+        .position(|f| f.0 == "cmd/stored")
+        .expect("a Stored");
+    assert_eq!(
+        frames[stored_at].1,
+        protocol::FORMAT_VERSION,
+        "the first Stored answers a format-1 worker in format 1: {frames:?}"
+    );
+    assert!(
+        frames[..stored_at]
+            .iter()
+            .all(|f| f.1 == protocol::FORMAT_VERSION),
+        "format 2 only after a Stored: {frames:?}"
+    );
+
+    // The conductor stores format-2 frames.
+    wait_for("the format-2 frame in the history", SECS(10), || {
+        c.raw_history(&id)
+            .iter()
+            .any(|p| p["seq"].as_u64() == Some(v2_seq))
+            .then_some(())
+    });
+    // Its commands to this worker are format 2 now, and the worker obeys.
+    let (status, body) = c.post(
+        &format!("/api/v1/workers/{id}/commands"),
+        &json!({"action": "ping"}),
+    );
+    assert_eq!((status, &body["status"]), (200, &json!("ok")), "{body}");
+    let (_, cmd) = sniffer
+        .recv_until(SECS(10), |t, _| t.ends_with(&format!("{id}/cmd")))
+        .expect("the ping command on the wire");
+    assert_eq!(cmd[0], protocol::FORMAT_V2);
+    for reason in ["version", "malformed", "bad_tag", "topic_mismatch"] {
+        assert_eq!(c.rejected(reason), 0.0, "{reason}");
+    }
+    assert!(w.proc.alive());
 }

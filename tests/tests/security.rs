@@ -127,7 +127,10 @@ fn a_replayed_frame_is_rejected_and_changes_nothing_even_after_a_conductor_resta
     let (_, genuine) = sniffer
         .recv_until(SECS(10), |t, _| t == metrics_topic)
         .expect("a genuine metrics frame");
-    let genuine_env = protocol::open(&genuine).unwrap().verify(&secret).unwrap();
+    let genuine_env = protocol::open(&genuine, &id)
+        .unwrap()
+        .verify(&secret)
+        .unwrap();
     assert!(matches!(genuine_env.body, Body::Metrics(_)));
     let seq = genuine_env.seq;
     wait_for("the genuine frame stored", SECS(10), || {
@@ -204,7 +207,10 @@ fn a_revoked_worker_is_locked_out_of_mqtt_frames_downloads_and_re_enrolment() {
     let (_, genuine) = sniffer
         .recv_until(SECS(10), |t, _| t == metrics_topic)
         .expect("a genuine frame");
-    let env = protocol::open(&genuine).unwrap().verify(&secret).unwrap();
+    let env = protocol::open(&genuine, &id)
+        .unwrap()
+        .verify(&secret)
+        .unwrap();
     let status_topic = protocol::topic::topic(&id, TopicKind::Status);
     sniffer.subscribe(&status_topic);
     sniffer

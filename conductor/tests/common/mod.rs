@@ -296,7 +296,7 @@ impl FakeWorker {
             let id = e.id.clone();
             let seq = seq.clone();
             Some(Box::new(move |client: &Client, p: &rumqttc::Publish| {
-                let Ok(opened) = protocol::open(&p.payload) else {
+                let Ok(opened) = protocol::open(&p.payload, &id) else {
                     return;
                 };
                 let Ok(env) = opened.verify(&secret) else {
@@ -485,7 +485,7 @@ impl SvcWorker {
         let (seq2, commands2, pubs2) = (seq.clone(), commands.clone(), publishes.clone());
         let handler: OnPublish = Box::new(move |client: &Client, p: &rumqttc::Publish| {
             pubs2.fetch_add(1, Ordering::SeqCst);
-            let Ok(opened) = protocol::open(&p.payload) else {
+            let Ok(opened) = protocol::open(&p.payload, &id) else {
                 return;
             };
             let Ok(env) = opened.verify(&secret) else {

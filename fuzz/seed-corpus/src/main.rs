@@ -90,6 +90,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let frame = seal(&secret, &env)?;
         write(dir, "frame", name, &frame)?;
+        if !name.starts_with("largest") {
+            // The same frame in format 2 (no worker id on the wire).
+            let mut compact = env.clone();
+            compact.version = protocol::FORMAT_V2;
+            write(dir, "frame", &format!("{name}-v2"), &seal(&secret, &compact)?)?;
+        }
         // The local API parser is fed anything; frames make odd bodies.
         if name == "event" {
             write(dir, "local_api_request", "frame", &frame)?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use protocol::frame::bounded;
 use protocol::{
     Body, Envelope, Metrics, ReplayWindow, Reply, ReplyStatus, Secret, SeqVerdict, TopicKind,
-    FORMAT_VERSION, MAX_FRAME_LEN,
+    FORMAT_V2, FORMAT_VERSION, MAX_FRAME_LEN,
 };
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions};
 use rumqttc::{Outgoing, Packet, QoS, SubscribeFilter};
@@ -209,8 +209,14 @@ impl Worker {
     fn seal(&mut self, body: Body) -> Option<(Vec<u8>, u64, u64)> {
         self.seq += 1;
         let sent_at_ms = now_ms();
+        // Like the edge-worker: format 2 once the conductor sent `Stored`.
+        let version = if self.stored_upto > 0 {
+            FORMAT_V2
+        } else {
+            FORMAT_VERSION
+        };
         let env = Envelope {
-            version: FORMAT_VERSION,
+            version,
             worker_id: bounded(&self.id),
             seq: self.seq,
             sent_at_ms,
@@ -321,7 +327,7 @@ impl Worker {
     }
 
     fn on_command(&mut self, payload: &[u8]) {
-        let env = match protocol::open(payload).and_then(|o| o.verify(&self.secret)) {
+        let env = match protocol::open(payload, &self.id).and_then(|o| o.verify(&self.secret)) {
             Ok(env) => env,
             Err(_) => return Stats::inc(&self.stats.bad_commands),
         };
