@@ -349,6 +349,21 @@ fn failing_canary_reverts_the_rollout() {
     assert_eq!(hist["rollouts"][0]["from_version"], 1);
     assert_eq!(hist["rollouts"][0]["to_version"], 2);
     assert!(hist["rollouts"][0]["finished_ms"].as_u64().is_some());
+    // These fake workers speak wire format 1 only (they send no format 2):
+    // the conductor never sends them anything else.
+    for w in &ws {
+        let formats = w.formats.lock().unwrap().clone();
+        assert!(!formats.is_empty(), "{} received commands", w.id);
+        assert!(
+            formats.iter().all(|f| *f == protocol::FORMAT_VERSION),
+            "{}: {formats:?}",
+            w.id
+        );
+        assert_eq!(
+            c.get(&format!("/api/v1/workers/{}", w.id))["wire_format"],
+            1
+        );
+    }
 }
 
 #[test]

@@ -365,6 +365,7 @@ fn the_worker_and_the_conductor_move_to_format_2_after_the_first_stored() {
             .any(|p| p["seq"].as_u64() == Some(v2_seq))
             .then_some(())
     });
+    assert_eq!(c.worker(&id)["wire_format"], 2);
     // Its commands to this worker are format 2 now, and the worker obeys.
     let (status, body) = c.post(
         &format!("/api/v1/workers/{id}/commands"),

@@ -381,6 +381,8 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
         "summary": summary(w),
         "events": events,
         "counters": {"accepted": w.accepted, "rejected": w.rejected, "replay_highest": w.replay.highest},
+        // The format of its last accepted frame, the one it is sent in.
+        "wire_format": w.format,
         "now_ms": now_ms(),
     })))
 }

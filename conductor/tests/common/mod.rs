@@ -467,6 +467,8 @@ pub struct SvcWorker {
     pub seq: Arc<AtomicU64>,
     /// Every verified command, with its id.
     pub commands: Arc<Mutex<Vec<(u32, Action)>>>,
+    /// The wire format of every verified frame it received.
+    pub formats: Arc<Mutex<Vec<u8>>>,
     pub publishes: Arc<AtomicUsize>,
     _t: std::thread::JoinHandle<()>,
 }
@@ -482,7 +484,9 @@ impl SvcWorker {
         let commands = Arc::new(Mutex::new(Vec::new()));
         let publishes = Arc::new(AtomicUsize::new(0));
         let (secret, id) = (e.secret.clone(), e.id.clone());
+        let formats = Arc::new(Mutex::new(Vec::new()));
         let (seq2, commands2, pubs2) = (seq.clone(), commands.clone(), publishes.clone());
+        let formats2 = formats.clone();
         let handler: OnPublish = Box::new(move |client: &Client, p: &rumqttc::Publish| {
             pubs2.fetch_add(1, Ordering::SeqCst);
             let Ok(opened) = protocol::open(&p.payload, &id) else {
@@ -491,6 +495,7 @@ impl SvcWorker {
             let Ok(env) = opened.verify(&secret) else {
                 return;
             };
+            formats2.lock().unwrap().push(env.version);
             if let Body::Command(cmd) = env.body {
                 let detail = match &cmd.action {
                     Action::Start(_) => "started",
@@ -531,6 +536,7 @@ impl SvcWorker {
             client,
             seq,
             commands,
+            formats,
             publishes,
             _t: t,
         };
