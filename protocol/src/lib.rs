@@ -8,6 +8,11 @@
 //! * [`replay`]: the sequence-number window that rejects replayed frames.
 //! * [`manifest`]: full service manifests, fetched over HTTP by digest, and
 //!   the worker's HTTP download authentication.
+//! * [`registration`]: the registration token and the fleet CA fingerprint
+//!   it pins.
+//! * [`sealed`]: ChaCha20-Poly1305 sealing under a key derived from a
+//!   worker's secret, bound to a context; manifests (and their secrets)
+//!   travel sealed to their worker.
 //!
 //! Limits (checked by tests): a sealed frame is at most [`MAX_FRAME_LEN`]
 //! bytes; every string and list on the wire is bounded by a `heapless`
@@ -19,7 +24,9 @@ pub mod codec;
 pub mod examples;
 pub mod frame;
 pub mod manifest;
+pub mod registration;
 pub mod replay;
+pub mod sealed;
 pub mod topic;
 
 pub use codec::{
@@ -28,6 +35,7 @@ pub use codec::{
 };
 pub use frame::*;
 pub use manifest::{Manifest, ManifestError};
+pub use registration::{Fingerprint, RegistrationToken, TokenError};
 pub use replay::{ReplayWindow, SeqVerdict};
 pub use topic::{Topic, TopicKind};
 

@@ -66,7 +66,50 @@ pub enum TopicKind {
     Stored,
 }
 
+/// Who may publish on a topic kind: the broker's authorisation rules
+/// ([`worker_may_publish`], [`worker_may_subscribe`]) are derived from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Publisher {
+    /// The worker the topic belongs to (and nobody else).
+    Worker,
+    /// The conductor only.
+    Conductor,
+}
+
 impl TopicKind {
+    /// Every kind, in declaration order (tests keep documented tables in step with it).
+    pub const ALL: [TopicKind; 12] = [
+        TopicKind::Status,
+        TopicKind::Birth,
+        TopicKind::Metrics,
+        TopicKind::Events,
+        TopicKind::Cmd,
+        TopicKind::Reply,
+        TopicKind::JsonBirth,
+        TopicKind::JsonMetrics,
+        TopicKind::Services,
+        TopicKind::Logs,
+        TopicKind::ServiceMetrics,
+        TopicKind::Stored,
+    ];
+
+    /// Who publishes on this kind of topic.
+    pub fn publisher(self) -> Publisher {
+        match self {
+            TopicKind::Status
+            | TopicKind::Birth
+            | TopicKind::Metrics
+            | TopicKind::Events
+            | TopicKind::Reply
+            | TopicKind::Services
+            | TopicKind::Logs
+            | TopicKind::ServiceMetrics => Publisher::Worker,
+            TopicKind::Cmd | TopicKind::Stored | TopicKind::JsonBirth | TopicKind::JsonMetrics => {
+                Publisher::Conductor
+            }
+        }
+    }
+
     /// The leaf path segment(s) for this kind.
     pub fn leaf(self) -> &'static str {
         match self {
@@ -143,6 +186,22 @@ pub fn topic(worker_id: &str, kind: TopicKind) -> String {
     format!("{ROOT}/{worker_id}/{}", kind.leaf())
 }
 
+/// Whether worker `worker_id` may publish on `topic`: only its own topics
+/// whose [`TopicKind::publisher`] is the worker (never another worker's,
+/// never the JSON mirror or commands). The broker refuses anything else.
+pub fn worker_may_publish(worker_id: &str, topic: &str) -> bool {
+    Topic::parse(topic)
+        .is_some_and(|t| t.worker_id == worker_id && t.kind.publisher() == Publisher::Worker)
+}
+
+/// The filters worker `worker_id` may subscribe to: exactly its own `cmd`
+/// and `cmd/stored` topics (no wildcard: it can read nothing else).
+pub fn worker_may_subscribe(worker_id: &str, filter: &str) -> bool {
+    Topic::parse(filter).is_some_and(|t| {
+        t.worker_id == worker_id && matches!(t.kind, TopicKind::Cmd | TopicKind::Stored)
+    })
+}
+
 /// Worker ids: 1..=32 chars of `[a-z0-9-]`.
 pub fn is_valid_worker_id(id: &str) -> bool {
     !id.is_empty()
@@ -158,25 +217,46 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind() {
-        for kind in [
-            TopicKind::Status,
-            TopicKind::Birth,
-            TopicKind::Metrics,
-            TopicKind::Events,
-            TopicKind::Cmd,
-            TopicKind::Reply,
-            TopicKind::JsonBirth,
-            TopicKind::JsonMetrics,
-            TopicKind::Services,
-            TopicKind::Logs,
-            TopicKind::ServiceMetrics,
-            TopicKind::Stored,
-        ] {
+        for kind in TopicKind::ALL {
             let t = topic("w-0123abcd", kind);
             let parsed = Topic::parse(&t).expect("parses");
             assert_eq!(parsed.kind, kind);
             assert_eq!(parsed.worker_id, "w-0123abcd");
         }
+    }
+
+    #[test]
+    fn workers_publish_only_their_own_worker_topics_and_read_only_their_commands() {
+        let me = "w-000000000001";
+        for kind in TopicKind::ALL {
+            let mine = topic(me, kind);
+            let theirs = topic("w-000000000002", kind);
+            let worker_side = kind.publisher() == Publisher::Worker;
+            assert_eq!(worker_may_publish(me, &mine), worker_side, "{mine}");
+            assert!(!worker_may_publish(me, &theirs), "{theirs}");
+            let reads = matches!(kind, TopicKind::Cmd | TopicKind::Stored);
+            assert_eq!(worker_may_subscribe(me, &mine), reads, "{mine}");
+            assert!(!worker_may_subscribe(me, &theirs), "{theirs}");
+        }
+        for other in [
+            "aerekos/v1/+/cmd",
+            "aerekos/v1/w-000000000001/#",
+            "aerekos/v1/#",
+            "#",
+            "aerekos/v1/w-000000000001/json/metrics",
+            "aerekos/v1/w-000000000001/metrics/extra",
+            "$SYS/#",
+            "",
+        ] {
+            assert!(!worker_may_publish(me, other), "{other}");
+            assert!(!worker_may_subscribe(me, other), "{other}");
+        }
+        assert!(worker_may_publish(me, "aerekos/v1/w-000000000001/status"));
+        assert!(!worker_may_publish(me, "aerekos/v1/w-000000000001/cmd"));
+        assert!(!worker_may_publish(
+            me,
+            "aerekos/v1/w-000000000001/cmd/stored"
+        ));
     }
 
     #[test]

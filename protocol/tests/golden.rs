@@ -389,3 +389,144 @@ fn golden_format_2() {
         assert_eq!(back.worker_id.as_str(), examples::WORKER_ID);
     }
 }
+
+// ---- Sealed data (protocol::sealed): manifests sealed to their worker ----
+
+/// `examples::secret()`, nonce `a0 a1 … ab`, context
+/// `manifest:w-0123456789ab:sensor-relay:4`, plaintext `API_KEY=hunter2`
+/// (`protocol/README.md`, Sealed manifests).
+/// Also what Python's `cryptography` (OpenSSL) computes for the same inputs.
+const GOLDEN_SEALED: &str =
+    "01a0a1a2a3a4a5a6a7a8a9aaabd3086e46db0bbd8c60f54bea22dac110dd6df071e733e1d21ba44abd802bcf";
+/// HMAC-SHA256(`examples::secret()`, "aerekos seal v1").
+const GOLDEN_SEAL_KEY: &str = "e4ec88b4b36c03949719c92c917b084211ab7539b35a5c30b3f25f65ee96cd11";
+const SEAL_NONCE: [u8; 12] = [
+    0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xab,
+];
+const SEAL_PLAINTEXT: &[u8] = b"API_KEY=hunter2";
+
+fn seal_context() -> String {
+    sealed::manifest_context(examples::WORKER_ID, "sensor-relay", 4)
+}
+
+#[test]
+fn golden_sealed() {
+    let ctx = seal_context();
+    assert_eq!(ctx, "manifest:w-0123456789ab:sensor-relay:4");
+    let bytes = sealed::seal(
+        &examples::secret(),
+        ctx.as_bytes(),
+        SEAL_PLAINTEXT,
+        SEAL_NONCE,
+    )
+    .unwrap();
+    assert_eq!(hex(&bytes), GOLDEN_SEALED, "sealed bytes changed");
+    assert_eq!(bytes.len(), SEAL_PLAINTEXT.len() + sealed::OVERHEAD);
+    assert_eq!(
+        sealed::open(&examples::secret(), ctx.as_bytes(), &bytes).unwrap(),
+        SEAL_PLAINTEXT
+    );
+
+    // The layout rebuilt from the primitives: key = HMAC-SHA256(secret,
+    // "aerekos seal v1"), then 01 ‖ nonce ‖ ChaCha20-Poly1305(key, nonce,
+    // aad = context, plaintext) with the tag at the end.
+    let mut mac =
+        <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(examples::secret().as_bytes())
+            .unwrap();
+    hmac::Mac::update(&mut mac, b"aerekos seal v1");
+    let key: [u8; 32] = hmac::Mac::finalize(mac).into_bytes().into();
+    assert_eq!(hex(&key), GOLDEN_SEAL_KEY);
+    let aead = <chacha20poly1305::ChaCha20Poly1305 as chacha20poly1305::KeyInit>::new(&key.into());
+    let mut body = SEAL_PLAINTEXT.to_vec();
+    let tag = chacha20poly1305::AeadInOut::encrypt_inout_detached(
+        &aead,
+        &SEAL_NONCE.into(),
+        ctx.as_bytes(),
+        body.as_mut_slice().into(),
+    )
+    .unwrap();
+    let mut expected = vec![0x01];
+    expected.extend_from_slice(&SEAL_NONCE);
+    expected.extend_from_slice(&body);
+    expected.extend_from_slice(&tag);
+    assert_eq!(bytes, expected);
+    assert_eq!(bytes[0], sealed::SEALED_FORMAT);
+    assert_eq!(&bytes[1..13], &SEAL_NONCE);
+}
+
+/// RFC 8439 section 2.8.2, through the same AEAD and layout as `seal`.
+#[test]
+fn sealing_matches_rfc_8439_section_2_8_2() {
+    let key: [u8; 32] = core::array::from_fn(|i| 0x80 + i as u8);
+    let nonce = [
+        0x07, 0x00, 0x00, 0x00, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47,
+    ];
+    let aad = [
+        0x50, 0x51, 0x52, 0x53, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7,
+    ];
+    let plaintext = b"Ladies and Gentlemen of the class of '99: If I could offer you only one \
+                      tip for the future, sunscreen would be it.";
+    let ciphertext = "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6\
+                      3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36\
+                      92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc\
+                      3ff4def08e4b7a9de576d26586cec64b6116";
+    let tag = "1ae10b594f09e26a7e902ecbd0600691";
+    let k = sealed::SealKey::from_bytes(key);
+    let out = k.seal(&aad, plaintext, nonce).unwrap();
+    assert_eq!(hex(&out), format!("01{}{ciphertext}{tag}", hex(&nonce)));
+    assert_eq!(k.open(&aad, &out).unwrap(), plaintext);
+}
+
+#[test]
+fn sealed_data_opens_only_unchanged_with_its_secret_and_context() {
+    let secret = examples::secret();
+    let ctx = seal_context();
+    let bytes = sealed::seal(&secret, ctx.as_bytes(), SEAL_PLAINTEXT, SEAL_NONCE).unwrap();
+    // Any bit of any byte changed: refused (the format byte as a format).
+    for i in 0..bytes.len() {
+        for bit in 0..8 {
+            let mut t = bytes.clone();
+            t[i] ^= 1 << bit;
+            let err = sealed::open(&secret, ctx.as_bytes(), &t).unwrap_err();
+            let want = if i == 0 {
+                sealed::SealError::UnknownFormat(t[0])
+            } else {
+                sealed::SealError::BadTag
+            };
+            assert_eq!(err, want, "byte {i} bit {bit}");
+        }
+    }
+    // Another worker, service, version; another secret; cut or extended.
+    for other in [
+        sealed::manifest_context("w-0123456789ac", "sensor-relay", 4),
+        sealed::manifest_context(examples::WORKER_ID, "sensor-relaz", 4),
+        sealed::manifest_context(examples::WORKER_ID, "sensor-relay", 5),
+        String::new(),
+    ] {
+        assert_eq!(
+            sealed::open(&secret, other.as_bytes(), &bytes),
+            Err(sealed::SealError::BadTag),
+            "{other}"
+        );
+    }
+    let mut wrong = *secret.as_bytes();
+    wrong[31] ^= 1;
+    assert_eq!(
+        sealed::open(&Secret::from_bytes(wrong), ctx.as_bytes(), &bytes),
+        Err(sealed::SealError::BadTag)
+    );
+    for n in 0..bytes.len() {
+        let err = sealed::open(&secret, ctx.as_bytes(), &bytes[..n]).unwrap_err();
+        if n < sealed::OVERHEAD {
+            assert_eq!(err, sealed::SealError::TooShort(n), "{n} bytes");
+        } else {
+            assert_eq!(err, sealed::SealError::BadTag, "{n} bytes");
+        }
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(sealed::open(&secret, ctx.as_bytes(), &longer).is_err());
+    // Fresh nonces: sealing the same bytes twice gives unrelated output.
+    let again = sealed::seal(&secret, ctx.as_bytes(), SEAL_PLAINTEXT, [0xa1; 12]).unwrap();
+    assert_ne!(again[13..], bytes[13..]);
+}

@@ -376,3 +376,35 @@ fn format_2_needs_a_valid_topic_worker_id_and_captured_frames_say_so() {
         examples::WORKER_ID
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// Arbitrary bytes (most with the right format byte) never panic and
+    /// never open; what does open is exactly what was sealed.
+    #[test]
+    fn arbitrary_sealed_bytes_never_panic(
+        bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        context in proptest::collection::vec(any::<u8>(), 0..64),
+        plaintext in proptest::collection::vec(any::<u8>(), 0..200),
+        nonce in any::<[u8; 12]>(),
+    ) {
+        let secret = examples::secret();
+        let mut formatted = vec![sealed::SEALED_FORMAT];
+        formatted.extend_from_slice(&bytes);
+        for input in [&bytes, &formatted] {
+            match sealed::open(&secret, &context, input) {
+                Err(sealed::SealError::TooShort(n)) => {
+                    prop_assert_eq!(n, input.len());
+                    prop_assert!(n < sealed::OVERHEAD);
+                }
+                Err(sealed::SealError::UnknownFormat(b)) => prop_assert_ne!(b, sealed::SEALED_FORMAT),
+                Err(e) => prop_assert_eq!(e, sealed::SealError::BadTag),
+                Ok(_) => prop_assert!(false, "random bytes opened"),
+            }
+        }
+        let sealed_bytes = sealed::seal(&secret, &context, &plaintext, nonce).unwrap();
+        prop_assert_eq!(sealed_bytes.len(), plaintext.len() + sealed::OVERHEAD);
+        prop_assert_eq!(sealed::open(&secret, &context, &sealed_bytes).unwrap(), plaintext);
+    }
+}
