@@ -136,6 +136,19 @@ impl ClientConnection {
             (method, path, version, headers)
         };
 
+        // aerekos patch: upstream unwrapped `remote_addr` below, the
+        // `peer_addr()` taken at the accept. A client that resets its
+        // connection right after connecting makes it fail (ENOTCONN) while
+        // its bytes may already be buffered: a panic, with `panic = "abort"`
+        // the end of the process. Such a connection is dropped instead (and
+        // no request ever comes without its peer's address).
+        let remote_addr = match self.remote_addr {
+            Ok(addr) => addr,
+            Err(ref e) => {
+                return Err(ReadError::ReadIoError(IoError::new(e.kind(), e.to_string())))
+            }
+        };
+
         // building the writer for the request
         let writer = self.sink.next().unwrap();
 
@@ -150,7 +163,7 @@ impl ClientConnection {
             path,
             version.clone(),
             headers,
-            *self.remote_addr.as_ref().unwrap(),
+            remote_addr,
             data_source,
             writer,
         )

@@ -123,7 +123,14 @@ mod request;
 mod response;
 mod ssl;
 mod test;
+// aerekos patch: HTTPS and plain HTTP on one port (feature `tls`).
+mod tls;
 mod util;
+
+/// aerekos patch: the rustls that `Server::from_listener_tls` takes, so that
+/// callers build their `ServerConfig` with the same version.
+#[cfg(feature = "tls")]
+pub use rustls;
 
 /// The main class of this library.
 ///
@@ -247,7 +254,40 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = listener.into();
+        Self::from_listener_impl(listener.into(), ssl_config, None)
+    }
+
+    /// aerekos patch: a server that takes both HTTPS and plain HTTP on
+    /// `listener`, told apart per connection by its first byte (0x16, a TLS
+    /// handshake record, is TLS; anything else is parsed as plain HTTP).
+    /// `Request::secure()` says which one a request came over, and
+    /// `Request::remote_addr()` gives the TCP peer either way.
+    ///
+    /// The peek and the handshake run on the connection's own thread, not
+    /// the accept thread, within the read timeout (`set_read_timeout`,
+    /// counted from the accept: a silent or stalled client is dropped then,
+    /// and delays no one else). A failed handshake or garbage is logged at
+    /// debug and closes that connection only.
+    ///
+    /// `tls` must not offer ALPN protocols other than `http/1.1` (tiny_http
+    /// speaks HTTP/1.x only); build it with
+    /// `ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))`
+    /// (this crate enables rustls's `ring` provider only).
+    #[cfg(feature = "tls")]
+    pub fn from_listener_tls(
+        listener: std::net::TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_impl(listener.into(), None, Some(tls::Acceptor::new(tls)))
+    }
+
+    /// aerekos patch: `from_listener`'s body, plus `tls` (see
+    /// `from_listener_tls`).
+    fn from_listener_impl(
+        listener: Listener,
+        ssl_config: Option<SslConfig>,
+        tls: Option<tls::Acceptor>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -304,6 +344,35 @@ impl Server {
                         let ms = inside_read_timeout_ms.load(Relaxed);
                         if ms > 0 {
                             let _ = sock.set_read_timeout(Some(Duration::from_millis(ms)));
+                        }
+                        // aerekos patch: a `from_listener_tls` listener. Only
+                        // the duplicate of the socket here (its error handled
+                        // as below); the sniffing and the handshake wait for
+                        // the client, so they run on the connection's thread.
+                        if let Some(ref tls) = tls {
+                            match tls.prepare(sock, ms) {
+                                Ok(pending) => {
+                                    let messages = inside_messages.clone();
+                                    let mut pending = Some(pending);
+                                    tasks_pool.spawn(Box::new(move || {
+                                        if let Some(client) =
+                                            pending.take().and_then(tls::Pending::establish)
+                                        {
+                                            // No wait for each response as
+                                            // upstream's `secure()` branch
+                                            // below: see `crate::tls`.
+                                            for rq in client {
+                                                messages.push(rq.into());
+                                            }
+                                        }
+                                    }));
+                                }
+                                Err(e) => {
+                                    log::error!("Error accepting new client: {}", e);
+                                    thread::sleep(Duration::from_millis(50));
+                                }
+                            }
+                            continue;
                         }
                         let pair = match ssl {
                             None => RefinedTcpStream::new(sock),

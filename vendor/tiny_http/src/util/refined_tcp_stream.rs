@@ -10,6 +10,10 @@ pub(crate) enum Stream {
     Http(Connection),
     #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
     Https(SslStream),
+    // aerekos patch: a TLS connection sniffed on a `from_listener_tls`
+    // listener; each half is its own value (see `crate::tls`).
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::TlsHalf),
 }
 
 // aerekos patch: no `Clone` (it unwrapped `try_clone`), see `RefinedTcpStream::new`.
@@ -26,6 +30,8 @@ impl Stream {
             Stream::Http(_) => false,
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(_) => true,
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => true,
         }
     }
 
@@ -34,6 +40,8 @@ impl Stream {
             Stream::Http(tcp_stream) => tcp_stream.peer_addr(),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.peer_addr(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.peer_addr(),
         }
     }
 
@@ -42,6 +50,8 @@ impl Stream {
             Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.shutdown(how),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.shutdown(how),
         }
     }
 }
@@ -52,6 +62,8 @@ impl Read for Stream {
             Stream::Http(tcp_stream) => tcp_stream.read(buf),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.read(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.read(buf),
         }
     }
 }
@@ -62,6 +74,8 @@ impl Write for Stream {
             Stream::Http(tcp_stream) => tcp_stream.write(buf),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.write(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.write(buf),
         }
     }
 
@@ -70,6 +84,8 @@ impl Write for Stream {
             Stream::Http(tcp_stream) => tcp_stream.flush(),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.flush(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.flush(),
         }
     }
 }
@@ -95,9 +111,22 @@ impl RefinedTcpStream {
             Stream::Http(tcp_stream) => Stream::Http(tcp_stream.try_clone()?),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => Stream::Https(ssl_stream.clone()),
+            // Built by `from_halves` only, never passed here.
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "a TLS half is not split again",
+                ))
+            }
         };
-        let (read, write) = (read, stream);
+        Ok(Self::from_halves(read, stream))
+    }
 
+    /// aerekos patch: the pair from a read half and a write half made
+    /// elsewhere (`crate::tls`: two descriptors of one socket, or the two
+    /// halves of one TLS connection).
+    pub(crate) fn from_halves(read: Stream, write: Stream) -> (RefinedTcpStream, RefinedTcpStream) {
         let read = RefinedTcpStream {
             stream: read,
             close_read: true,
@@ -110,7 +139,7 @@ impl RefinedTcpStream {
             close_write: true,
         };
 
-        Ok((read, write))
+        (read, write)
     }
 
     /// Returns true if this struct wraps around a secure connection.
