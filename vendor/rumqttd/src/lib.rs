@@ -27,6 +27,14 @@ pub use server::{Broker, Disconnector, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
 
+/// aerekos patch: the rustls that `TlsConfig::Provided` takes, so that callers
+/// build their `ServerConfig` with the same rustls version as the broker.
+#[cfg(feature = "use-rustls")]
+pub use tokio_rustls::rustls;
+
+// aerekos patch: tests of the aerekos patches (vendor/README.md).
+#[cfg(test)]
+mod aerekos_tests;
 mod link;
 pub mod protocol;
 mod router;
@@ -50,6 +58,37 @@ pub type AuthHandler = Arc<
         + Send
         + Sync,
 >;
+
+/// aerekos patch: who sent a packet, as given to the authorisation hook
+/// (`ConnectionSettings::set_authorization_handler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity<'a> {
+    /// The client id of the CONNECT, or the one the broker assigned when it
+    /// was empty; without the tenant prefix.
+    pub client_id: &'a str,
+    /// The user name of the CONNECT, if it had one.
+    pub username: Option<&'a str>,
+    /// The tenant of the client certificate (feature `verify-client-cert`).
+    pub tenant_id: Option<&'a str>,
+}
+
+/// aerekos patch: what a client asks to do, as given to the authorisation hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access<'a> {
+    /// A PUBLISH to `topic` (a v5 topic alias resolved to its topic), or the
+    /// will message of a CONNECT (checked at connect time).
+    Publish { topic: &'a str, retain: bool },
+    /// One filter of a SUBSCRIBE, as sent (`$share/group/filter` included).
+    Subscribe { filter: &'a str },
+}
+
+/// aerekos patch: the authorisation hook, called for every PUBLISH, every
+/// SUBSCRIBE filter and the will of every CONNECT of remote clients.
+pub type AuthorizationHandler = Arc<dyn Fn(&Identity<'_>, Access<'_>) -> bool + Send + Sync>;
+
+/// aerekos patch: the peer filter of a server, called with each accepted
+/// connection's peer address.
+pub type PeerFilter = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
 
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
@@ -88,6 +127,12 @@ pub enum TlsConfig {
         pkcs12path: String,
         pkcs12pass: String,
     },
+    /// aerekos patch: a rustls `ServerConfig` built by the caller (its own
+    /// certificate resolver, client verifier, protocol versions); not in
+    /// config files. Build it with [`rustls`] (the re-export).
+    #[cfg(feature = "use-rustls")]
+    #[serde(skip)]
+    Provided(Arc<tokio_rustls::rustls::ServerConfig>),
 }
 
 impl TlsConfig {
@@ -105,20 +150,58 @@ impl TlsConfig {
                 ca && [certpath, keypath].iter().all(|v| Path::new(v).exists())
             }
             TlsConfig::NativeTls { pkcs12path, .. } => Path::new(pkcs12path).exists(),
+            #[cfg(feature = "use-rustls")]
+            TlsConfig::Provided(_) => true,
         }
     }
 }
 
-#[derive(Debug, Serialize, Deserialize, Clone)]
+#[derive(Serialize, Deserialize, Clone)]
 pub struct ServerSettings {
     pub name: String,
     pub listen: SocketAddr,
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
+    /// aerekos patch: see [`ServerSettings::set_peer_filter`].
+    #[serde(skip)]
+    pub peer_filter: Option<PeerFilter>,
+}
+
+// aerekos patch: by hand for `peer_filter` (was derived).
+impl fmt::Debug for ServerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerSettings")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("tls", &self.tls)
+            .field("next_connection_delay_ms", &self.next_connection_delay_ms)
+            .field("connections", &self.connections)
+            .field("peer_filter", &self.peer_filter.is_some())
+            .finish()
+    }
 }
 
 impl ServerSettings {
+    /// aerekos patch: `filter(peer)` is called in the accept loop right after
+    /// each accept, before TLS and before any MQTT byte is read; `false`
+    /// closes the socket at once and the server goes on accepting. It runs on
+    /// the accept loop: keep it cheap.
+    pub fn set_peer_filter<F>(&mut self, filter: F)
+    where
+        F: Fn(SocketAddr) -> bool + Send + Sync + 'static,
+    {
+        self.peer_filter = Some(Arc::new(filter));
+    }
+
+    /// aerekos patch: see [`ConnectionSettings::set_authorization_handler`].
+    pub fn set_authorization_handler<F>(&mut self, authorize: F)
+    where
+        F: Fn(&Identity<'_>, Access<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.connections.set_authorization_handler(authorize)
+    }
+
     pub fn set_auth_handler<F, O>(&mut self, auth_fn: F)
     where
         F: Fn(ClientId, AuthUser, AuthPass) -> O + Send + Sync + 'static,
@@ -152,6 +235,9 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// aerekos patch: see [`ConnectionSettings::set_authorization_handler`].
+    #[serde(skip)]
+    pub external_authorization: Option<AuthorizationHandler>,
 }
 
 impl ConnectionSettings {
@@ -166,6 +252,29 @@ impl ConnectionSettings {
             Box::pin(auth)
         }));
     }
+
+    /// aerekos patch: `authorize(identity, access)` decides, for remote
+    /// clients, each PUBLISH, each filter of a SUBSCRIBE and the will of each
+    /// CONNECT (upstream has no ACLs). It is called on the connection's task
+    /// for every such packet, synchronously: keep it cheap and non-blocking.
+    ///
+    /// - a refused SUBSCRIBE filter gets return code 0x80 (failure) in the
+    ///   SUBACK and never reaches the router; the other filters of the same
+    ///   SUBSCRIBE are handled as usual;
+    /// - a refused PUBLISH is dropped (not routed, not retained, no PUBACK)
+    ///   and the client is disconnected, with the packets it sent after it;
+    /// - a refused will (checked as `Access::Publish` of its topic and retain
+    ///   flag) refuses the connection: CONNACK "not authorized" (3.1.1 return
+    ///   code 5, v5 reason 0x87), then close.
+    ///
+    /// Not set: upstream behaviour, everything is allowed. Local links
+    /// (`Broker::link`) are not checked.
+    pub fn set_authorization_handler<F>(&mut self, authorize: F)
+    where
+        F: Fn(&Identity<'_>, Access<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.external_authorization = Some(Arc::new(authorize));
+    }
 }
 
 impl fmt::Debug for ConnectionSettings {
@@ -177,6 +286,8 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            // aerekos patch
+            .field("external_authorization", &self.external_authorization.is_some())
             .finish()
     }
 }

@@ -28,6 +28,8 @@ mod waiters;
 pub use alertlog::Alert;
 pub use connection::Connection;
 pub use routing::Router;
+// aerekos patch: the remote link tracks MQTT 5 topic aliases too.
+pub(crate) use routing::TOPIC_ALIAS_MAX;
 pub use waiters::Waiters;
 
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;

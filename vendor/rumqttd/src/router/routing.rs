@@ -53,7 +53,8 @@ pub enum RouterError {
 }
 
 // TODO: set this to some appropriate value
-const TOPIC_ALIAS_MAX: u16 = 4096;
+// aerekos patch: pub(crate), the remote link tracks aliases too.
+pub(crate) const TOPIC_ALIAS_MAX: u16 = 4096;
 
 pub struct Router {
     id: RouterId,

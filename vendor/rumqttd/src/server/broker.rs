@@ -6,15 +6,15 @@ use crate::link::{bridge, timer};
 use crate::local::LinkBuilder;
 use crate::protocol::v4::V4;
 use crate::protocol::v5::V5;
-use crate::protocol::{Packet, Protocol};
+use crate::protocol::{ConnAck, ConnectReturnCode, Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings, Meter};
+use crate::{meters, Access, ConnectionSettings, Identity, Meter, TlsConfig};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument, Span};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -388,26 +388,15 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         }
     }
 
-    // Depending on TLS or not create a new Network
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
-        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-        match &self.config.tls {
-            Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
-            }
-            None => Ok((Box::new(stream), None)),
-        }
-        #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
-    }
-
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
+        // aerekos patch: shared with the connection tasks, which now do the
+        // TLS handshake.
+        let tls = self.config.tls.clone().map(Arc::new);
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
@@ -427,6 +416,15 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     continue;
                 }
             };
+            // aerekos patch: the peer filter (`ServerSettings::set_peer_filter`)
+            // closes a refused peer's socket before anything is read from it.
+            if let Some(filter) = &self.config.peer_filter {
+                if !filter(addr) {
+                    debug!(name=?self.config.name, ?addr, "peer refused by the peer filter");
+                    drop(stream);
+                    continue;
+                }
+            }
             // aerekos patch: the link already batches each wake-up's packets
             // into one write (`Network::writev`), so Nagle only added a
             // delayed-ACK stall (~40 ms) to every command and its reply.
@@ -434,70 +432,106 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 warn!(error=?e, "cannot set TCP_NODELAY");
             }
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
-                }
-            };
-
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
+            info!(name=?self.config.name, ?addr, count, "accept");
 
             let config = config.clone();
             let router_tx = self.router_tx.clone();
             count += 1;
 
             let protocol = self.protocol.clone();
-            match link_type {
+            let tls = tls.clone();
+            let will_handlers = self.awaiting_will_handler.clone();
+            let span = match link_type {
                 #[cfg(feature = "websocket")]
-                LinkType::Websocket => {
-                    let stream = match accept_hdr_async(network, WSCallback).await {
-                        Ok(s) => Box::new(WsStream::new(s)),
-                        Err(e) => {
-                            error!(error=?e, "Websocket failed handshake");
-                            continue;
-                        }
+                LinkType::Websocket => tracing::info_span!(
+                    "websocket_link",
+                    client_id = field::Empty,
+                    connection_id = field::Empty
+                ),
+                LinkType::Remote => tracing::error_span!(
+                    "remote_link",
+                    tenant_id = field::Empty,
+                    client_id = field::Empty,
+                    connection_id = field::Empty,
+                ),
+            };
+            // aerekos patch: the TLS and websocket handshakes run in the
+            // connection's task, each bounded by `connection_timeout_ms`.
+            // Upstream awaited them in this loop, without a timeout: one
+            // client stalling mid-handshake stopped the server from accepting.
+            task::spawn(
+                async move {
+                    let timeout = Duration::from_millis(config.connection_timeout_ms.into());
+                    let (network, tenant_id) = match tls {
+                        None => (Box::new(stream) as Box<dyn N>, None),
+                        Some(tls) => match time::timeout(timeout, tls_accept(&tls, stream)).await
+                        {
+                            Ok(Ok(accepted)) => accepted,
+                            Ok(Err(e)) => {
+                                warn!(error=?e, ?addr, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                warn!(?addr, "TLS handshake timed out");
+                                return;
+                            }
+                        },
                     };
-                    task::spawn(
-                        remote(
-                            config,
-                            tenant_id.clone(),
-                            router_tx,
-                            stream,
-                            protocol,
-                            self.awaiting_will_handler.clone(),
-                        )
-                        .instrument(tracing::info_span!(
-                            "websocket_link",
-                            client_id = field::Empty,
-                            connection_id = field::Empty
-                        )),
-                    )
-                }
-                LinkType::Remote => task::spawn(
+                    if let Some(tenant_id) = &tenant_id {
+                        Span::current().record("tenant_id", field::debug(tenant_id));
+                    }
+                    let network: Box<dyn N> = match link_type {
+                        #[cfg(feature = "websocket")]
+                        LinkType::Websocket => {
+                            match time::timeout(timeout, accept_hdr_async(network, WSCallback))
+                                .await
+                            {
+                                Ok(Ok(s)) => Box::new(WsStream::new(s)),
+                                Ok(Err(e)) => {
+                                    warn!(error=?e, ?addr, "Websocket failed handshake");
+                                    return;
+                                }
+                                Err(_) => {
+                                    warn!(?addr, "Websocket handshake timed out");
+                                    return;
+                                }
+                            }
+                        }
+                        LinkType::Remote => network,
+                    };
                     remote(
                         config,
-                        tenant_id.clone(),
+                        tenant_id,
                         router_tx,
                         network,
                         protocol,
-                        self.awaiting_will_handler.clone(),
+                        will_handlers,
                     )
-                    .instrument(tracing::error_span!(
-                        "remote_link",
-                        ?tenant_id,
-                        client_id = field::Empty,
-                        connection_id = field::Empty,
-                    )),
-                ),
-            };
+                    .await
+                }
+                .instrument(span),
+            );
 
             time::sleep(delay).await;
         }
     }
+}
+
+/// aerekos patch: was `Server::tls_accept`, awaited in the accept loop.
+/// The TLS handshake; the tenant id of the client certificate with
+/// `verify-client-cert`.
+#[allow(unused_variables)]
+async fn tls_accept(
+    tls: &TlsConfig,
+    stream: TcpStream,
+) -> Result<(Box<dyn N>, Option<String>), Error> {
+    #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+    {
+        let (tenant_id, network) = TLSAcceptor::new(tls)?.accept(stream).await?;
+        Ok((network, tenant_id))
+    }
+    #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
+    Ok((Box::new(stream), None))
 }
 
 /// Configures the Websocket connection to indicate the correct protocol
@@ -540,7 +574,8 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    // aerekos patch: a clone (was moved), for `external_authorization` below.
+    let connect_packet = match mqtt_connect(config.clone(), &mut network).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -562,6 +597,45 @@ async fn remote<P: Protocol>(
         assigned_client_id = Some(client_id.clone());
     }
 
+    // aerekos patch: the will is a publish to its topic, authorised at
+    // connect time: a client must not plant a (retained) will where it may
+    // not publish. Refused: CONNACK "not authorized" and close, before the
+    // router or the will handlers hear of this connection.
+    if let (
+        Some(authorize),
+        Packet::Connect(_, _, Some(will), _, login),
+    ) = (&config.external_authorization, &connect_packet)
+    {
+        let identity = Identity {
+            client_id: &client_id,
+            username: login.as_ref().map(|l| l.username.as_str()),
+            tenant_id: tenant_id.as_deref(),
+        };
+        let allowed = std::str::from_utf8(&will.topic).is_ok_and(|topic| {
+            authorize(
+                &identity,
+                Access::Publish {
+                    topic,
+                    retain: will.retain,
+                },
+            )
+        });
+        if !allowed {
+            let e = remote::Error::WillNotAuthorized(
+                String::from_utf8_lossy(&will.topic).into_owned(),
+            );
+            warn!(error=%e, "connection refused");
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::NotAuthorized,
+            };
+            if let Err(e) = network.write(Packet::ConnAck(ack, None)).await {
+                debug!(error=?e, "cannot send CONNACK");
+            }
+            return;
+        }
+    }
+
     if let Some(tenant_id) = &tenant_id {
         // client_id is set to "tenant_id.client_id"
         // this is to make sure we are consistent,
@@ -575,7 +649,10 @@ async fn remote<P: Protocol>(
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        // aerekos patch: was `.unwrap()`. The receiver is gone when that
+        // connection ended before its link started (e.g. the router refused
+        // it): the task panicked, and with `panic = "abort"` the process.
+        sender.try_send(awaiting_will).ok();
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
@@ -592,6 +669,8 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        // aerekos patch: PUBLISH and SUBSCRIBE authorisation.
+        config.external_authorization.clone(),
     )
     .await
     {
@@ -620,6 +699,10 @@ async fn remote<P: Protocol>(
             if err.kind() == io::ErrorKind::ConnectionAborted =>
         {
             info!(error=?err, "disconnected");
+        }
+        // aerekos patch: a PUBLISH refused by the authorisation hook.
+        Err(e @ remote::Error::PublishNotAuthorized(_)) => {
+            warn!(error=%e, "disconnected");
         }
         // Any other error
         Err(e) => {

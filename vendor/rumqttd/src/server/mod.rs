@@ -1,8 +1,9 @@
 // use tokio::io::{AsyncRead, AsyncWrite};
 
 mod broker;
+// aerekos patch: pub(crate) for `tls::crypto_provider` (the bridge uses it).
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-mod tls;
+pub(crate) mod tls;
 
 pub use broker::{Broker, Disconnector, LinkType, Server};
 

@@ -103,6 +103,11 @@ impl TLSAcceptor {
                 certpath,
                 keypath,
             } => Self::rustls(capath, certpath, keypath),
+            // aerekos patch: the caller's own rustls config.
+            #[cfg(feature = "use-rustls")]
+            TlsConfig::Provided(config) => Ok(TLSAcceptor::Rustls {
+                acceptor: tokio_rustls::TlsAcceptor::from(config.clone()),
+            }),
             #[cfg(feature = "use-native-tls")]
             TlsConfig::NativeTls {
                 pkcs12path,
@@ -210,7 +215,11 @@ impl TLSAcceptor {
             (certs, key)
         };
 
-        let builder = ServerConfig::builder();
+        // aerekos patch: an explicit provider (was `ServerConfig::builder()`,
+        // which panics when rustls was built with both ring and aws-lc-rs and
+        // no process default is installed).
+        let builder = ServerConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()?;
 
         // client authentication with a CA. CA isn't required otherwise
         #[cfg(feature = "verify-client-cert")]
@@ -230,8 +239,11 @@ impl TLSAcceptor {
             // This will only return an error if no trust anchors are provided or invalid CRLs are
             // provided. We always provide a trust anchor, and don't provide any CRLs, so it is safe
             // to unwrap.
-            let verifier = WebPkiClientVerifier::builder(Arc::new(store))
-                .build()
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(store),
+                crypto_provider(),
+            )
+            .build()
                 .unwrap();
             builder.with_client_cert_verifier(verifier)
         };
@@ -244,6 +256,16 @@ impl TLSAcceptor {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
         Ok(TLSAcceptor::Rustls { acceptor })
     }
+}
+
+/// aerekos patch: the process default `CryptoProvider` if one is installed,
+/// else ring's (this crate builds rustls with ring only).
+#[cfg(feature = "use-rustls")]
+pub(crate) fn crypto_provider() -> Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    use tokio_rustls::rustls::crypto::{ring, CryptoProvider};
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(ring::default_provider()))
 }
 
 #[cfg(feature = "use-rustls")]
