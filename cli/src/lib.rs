@@ -2,7 +2,10 @@
 //! API calls; `--json` prints the API's JSON unchanged (pretty-printed) so
 //! scripts can pipe it to `jq`, otherwise a short human summary is printed.
 //!
-//! Connection: `--url` / `AEREKOS_URL` (default `http://127.0.0.1:3000`) and
+//! Connection: `--url` / `AEREKOS_URL` (default `http://127.0.0.1:3000`, the
+//! conductor's loopback; `https://conductor:3000` from elsewhere), `--cacert`
+//! / `AEREKOS_CACERT` (the conductor's `<data-dir>/tls/ca.pem`: only that CA
+//! is trusted for `https://`; without it the public web roots are) and
 //! `--token` / `AEREKOS_TOKEN` (an API token from `POST /api/v1/tokens` or the
 //! dashboard's settings, or the output of `aerekos login`).
 //!
@@ -34,6 +37,10 @@ pub struct Cli {
     /// Conductor base URL.
     #[arg(long, env = "AEREKOS_URL", default_value = "http://127.0.0.1:3000")]
     pub url: String,
+    /// The conductor's CA certificate (PEM, `<data-dir>/tls/ca.pem`) to
+    /// trust for https:// (default: the public web roots).
+    #[arg(long, env = "AEREKOS_CACERT")]
+    pub cacert: Option<PathBuf>,
     /// API token (Bearer).
     #[arg(long, env = "AEREKOS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -230,23 +237,52 @@ pub struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// Roots for `https://`: the conductor's CA, or the public web roots.
+    roots: ureq::tls::RootCerts,
 }
 
-fn agent(timeout: Duration) -> ureq::Agent {
+fn agent(timeout: Duration, roots: &ureq::tls::RootCerts) -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(roots.clone())
+        .build();
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
+        .tls_config(tls)
         .build()
         .into()
 }
 
+/// The roots `--cacert` names (PEM, every certificate in the file).
+pub fn ca_roots(pem: &[u8]) -> Result<ureq::tls::RootCerts, CliError> {
+    let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(CliError::Usage(
+            "--cacert: no certificate in the file (expected the conductor's tls/ca.pem)".into(),
+        ));
+    }
+    Ok(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)))
+}
+
 impl Client {
-    /// A client for `base` (e.g. `http://pi:3000`).
+    /// A client for `base` (e.g. `https://pi:3000`) trusting the public web
+    /// roots for `https://`.
     pub fn new(base: &str, token: Option<String>) -> Client {
+        Client::with_roots(base, token, ureq::tls::RootCerts::WebPki)
+    }
+
+    /// A client for `base` trusting `roots` for `https://` ([`ca_roots`]).
+    pub fn with_roots(base: &str, token: Option<String>, roots: ureq::tls::RootCerts) -> Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             token,
-            agent: agent(Duration::from_secs(60)),
+            agent: agent(Duration::from_secs(60), &roots),
+            roots,
         }
     }
 
@@ -323,7 +359,7 @@ impl Client {
             query_escape(arch),
             query_escape(name)
         );
-        let mut req = agent(Duration::from_secs(3600)).post(url);
+        let mut req = agent(Duration::from_secs(3600), &self.roots).post(url);
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
@@ -345,7 +381,7 @@ impl Client {
         let url = self.url(&format!(
             "/workers/{worker}/services/{name}/logs?tail={tail}&follow={follow}"
         ));
-        let mut req = agent(Duration::from_secs(u64::from(follow) + 60)).get(url);
+        let mut req = agent(Duration::from_secs(u64::from(follow) + 60), &self.roots).get(url);
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
@@ -395,7 +431,14 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
 
 /// Runs one command, printing to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
-    let client = Client::new(&cli.url, cli.token.clone());
+    let client = match &cli.cacert {
+        Some(path) => Client::with_roots(
+            &cli.url,
+            cli.token.clone(),
+            ca_roots(&std::fs::read(path)?)?,
+        ),
+        None => Client::new(&cli.url, cli.token.clone()),
+    };
     let as_json = cli.json;
     let print = |out: &mut dyn Write, v: &Value, human: &dyn Fn(&Value) -> String| {
         let text = if as_json {

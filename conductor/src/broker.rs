@@ -10,15 +10,18 @@
 //!   (shown by `GET /api/v1/mqtt`), whose client id is neither a worker id nor
 //!   starts with `conductor`.
 //!
+//! Authorisation ([`Credentials::authorize`], through the vendored
+//! rumqttd's hook): the observer publishes nothing; a worker publishes only
+//! its own worker-side topics and reads only its own commands; refusals are
+//! counted ([`DeniedCounters`]) and logged once per client. A refused
+//! publish disconnects the client (MQTT 3.1.1 has no other answer); a
+//! refused subscribe gets return code 0x80.
+//!
+//! Listeners ([`Listeners`]): plain MQTT (1883) accepts loopback peers only
+//! unless `--insecure-plain`; MQTT over TLS (8883) accepts everyone.
+//!
 //! Limits (read before relying on this):
-//! * rumqttd has no ACLs. The observer — and any worker — can technically
-//!   publish to any topic. That cannot be prevented at the broker level with
-//!   rumqttd; it is harmless for the data path because every frame is
-//!   authenticated with the sender's HMAC secret, so forged frames are
-//!   rejected (`bad_tag`). Forged retained `status` text can only mark a
-//!   worker offline until its next good frame. With Mosquitto as an external
-//!   broker an ACL file can make the observer read-only (not built here).
-//! * The hook runs only at CONNECT. Revoking a worker
+//! * The login hook runs only at CONNECT. Revoking a worker
 //!   ([`Credentials::remove_worker`]) therefore also closes its live
 //!   connection (the vendored patch's `Disconnector`); with an external
 //!   broker the conductor cannot, and a revoked worker stays connected
@@ -35,6 +38,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use rumqttd::Access;
 use sha2::{Digest, Sha256};
 
 use crate::state::ct_eq;
@@ -73,6 +77,47 @@ struct Table {
     /// CONNECT, and rumqttd has no ACLs, so a revoked worker left connected
     /// could go on reading every topic. `None` with an external broker.
     disconnector: Option<rumqttd::Disconnector>,
+}
+
+/// Who a refused MQTT request came from (a Prometheus label).
+pub const DENIED_WHO: [&str; 3] = ["observer", "worker", "other"];
+/// What was refused (a Prometheus label).
+pub const DENIED_ACTION: [&str; 2] = ["publish", "subscribe"];
+
+/// Publishes and subscribes the embedded broker refused, by
+/// ([`DENIED_WHO`], [`DENIED_ACTION`]), plus which clients were already
+/// logged (one line per client, so a misbehaving one cannot flood the log).
+#[derive(Debug, Default, Clone)]
+pub struct DeniedCounters(Arc<DeniedInner>);
+
+#[derive(Debug, Default)]
+struct DeniedInner {
+    counts: [[std::sync::atomic::AtomicU64; 2]; 3],
+    /// Bounded: cleared when it reaches 10,000 (a client may then be logged again).
+    logged: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl DeniedCounters {
+    /// Counts one refusal; `true` if this client was not logged before.
+    pub fn count(&self, who: usize, action: usize, client_id: &str) -> bool {
+        if let Some(c) = self.0.counts.get(who).and_then(|row| row.get(action)) {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut logged = self.0.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.len() >= 10_000 {
+            logged.clear();
+        }
+        logged.insert(client_id.to_string())
+    }
+
+    /// The count for ([`DENIED_WHO`] index, [`DENIED_ACTION`] index).
+    pub fn get(&self, who: usize, action: usize) -> u64 {
+        self.0
+            .counts
+            .get(who)
+            .and_then(|row| row.get(action))
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// The broker's login table, shared with enrolment and revocation.
@@ -140,6 +185,48 @@ impl Credentials {
         self.write().closed = true;
     }
 
+    /// The authorisation decision for a connected client (the embedded
+    /// broker asks for every PUBLISH, SUBSCRIBE filter and will):
+    ///
+    /// * the conductor may do anything;
+    /// * the observer may subscribe to any filter and publish nothing (so the
+    ///   retained `status` and JSON mirror that MQTT tools show are the
+    ///   workers' and the conductor's own);
+    /// * a worker may publish only its own worker-side topics and subscribe
+    ///   only to its own `cmd` and `cmd/stored`
+    ///   ([`protocol::topic::worker_may_publish`], [`worker_may_subscribe`](protocol::topic::worker_may_subscribe));
+    /// * anyone else: nothing.
+    ///
+    /// The login check ([`Credentials::check`]) already made a worker's
+    /// client id equal its username, so the username is who it is.
+    pub fn authorize(username: Option<&str>, access: &Access<'_>) -> Result<(), (usize, usize)> {
+        let action = match access {
+            Access::Publish { .. } => 0,
+            Access::Subscribe { .. } => 1,
+        };
+        let (allowed, who) = match username {
+            Some(CONDUCTOR_USER) => (true, 2),
+            Some(OBSERVER_USER) => (matches!(access, Access::Subscribe { .. }), 0),
+            Some(worker) if protocol::topic::is_valid_worker_id(worker) => (
+                match access {
+                    Access::Publish { topic, .. } => {
+                        protocol::topic::worker_may_publish(worker, topic)
+                    }
+                    Access::Subscribe { filter } => {
+                        protocol::topic::worker_may_subscribe(worker, filter)
+                    }
+                },
+                1,
+            ),
+            _ => (false, 2),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err((who, action))
+        }
+    }
+
     /// The auth decision.
     pub fn check(&self, client_id: &str, username: &str, password: &str) -> bool {
         let t = self.read();
@@ -181,15 +268,35 @@ pub fn pick_port(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
     Ok(SocketAddr::new(listen.ip(), port))
 }
 
-/// Starts rumqttd on `listen` (a concrete port) on a detached thread and
-/// waits until it completes an MQTT handshake for the conductor's login
-/// (`conductor_password`).
-pub fn start(
-    listen: SocketAddr,
-    creds: Credentials,
-    conductor_password: &str,
-) -> Result<(), BrokerError> {
-    let mut servers = HashMap::new();
+/// Where the embedded broker listens, and what it refuses.
+#[derive(Clone)]
+pub struct Listeners {
+    /// Plain MQTT (a concrete port). Loopback peers only unless `insecure_plain`.
+    pub plain: SocketAddr,
+    /// MQTT over TLS: a concrete address and the server configuration.
+    pub tls: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
+    /// Accept plain MQTT from other hosts too.
+    pub insecure_plain: bool,
+    /// Counts (and rate-limits the log of) refused plain connections.
+    pub refusals: Arc<crate::state::PlainRefusals>,
+    /// Counts refused publishes and subscribes.
+    pub denied: DeniedCounters,
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listeners")
+            .field("plain", &self.plain)
+            .field("tls", &self.tls.as_ref().map(|(a, _)| a))
+            .field("insecure_plain", &self.insecure_plain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn connection_settings(
+    creds: &Credentials,
+    denied: &DeniedCounters,
+) -> rumqttd::ConnectionSettings {
     let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         // Larger than MAX_FRAME_LEN so oversized frames reach the conductor
@@ -198,6 +305,7 @@ pub fn start(
         max_inflight_count: 500,
         auth: None,
         external_auth: None,
+        external_authorization: None,
         dynamic_filters: true,
     };
     let hook = creds.clone();
@@ -208,16 +316,76 @@ pub fn start(
         }
         async move { ok }
     });
-    servers.insert(
-        "1".to_string(),
-        rumqttd::ServerSettings {
-            name: "aerekos-v4".into(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 1,
-            connections,
-        },
-    );
+    let denied = denied.clone();
+    connections.set_authorization_handler(move |who: &rumqttd::Identity<'_>, access| {
+        match Credentials::authorize(who.username, &access) {
+            Ok(()) => true,
+            Err((w, a)) => {
+                if denied.count(w, a, who.client_id) {
+                    tracing::warn!(
+                        client_id = %who.client_id,
+                        username = who.username.unwrap_or(""),
+                        ?access,
+                        "MQTT {} refused (logged once per client; counted in aerekos_mqtt_denied_total)",
+                        DENIED_ACTION[a]
+                    );
+                }
+                false
+            }
+        }
+    });
+    connections
+}
+
+/// Starts rumqttd on the listeners on a detached thread and waits until it
+/// completes an MQTT handshake for the conductor's login
+/// (`conductor_password`) on the plain listener.
+pub fn start(
+    listeners: Listeners,
+    creds: Credentials,
+    conductor_password: &str,
+) -> Result<(), BrokerError> {
+    let mut servers = HashMap::new();
+    let connections = connection_settings(&creds, &listeners.denied);
+    let mut plain = rumqttd::ServerSettings {
+        name: "aerekos-v4".into(),
+        listen: listeners.plain,
+        tls: None,
+        peer_filter: None,
+        next_connection_delay_ms: 1,
+        connections: connections.clone(),
+    };
+    if !listeners.insecure_plain {
+        let refusals = listeners.refusals.clone();
+        plain.set_peer_filter(move |peer: SocketAddr| {
+            if crate::state::is_loopback(peer.ip()) {
+                return true;
+            }
+            if refusals.refuse("mqtt", peer.ip()) {
+                tracing::warn!(
+                    %peer,
+                    "plain MQTT refused from another host: use MQTT over TLS (mqtts://, the \
+                     worker's default once enrolled with a pinned token), or start the \
+                     conductor with --insecure-plain on a trusted network"
+                );
+            }
+            false
+        });
+    }
+    servers.insert("1".to_string(), plain);
+    if let Some((listen, config)) = &listeners.tls {
+        servers.insert(
+            "2".to_string(),
+            rumqttd::ServerSettings {
+                name: "aerekos-v4-tls".into(),
+                listen: *listen,
+                tls: Some(rumqttd::TlsConfig::Provided(config.clone())),
+                peer_filter: None,
+                next_connection_delay_ms: 1,
+                connections,
+            },
+        );
+    }
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
@@ -242,7 +410,7 @@ pub fn start(
             }
         })
         .map_err(BrokerError::Thread)?;
-    let target = crate::state::advertised(listen);
+    let target = crate::state::advertised(listeners.plain);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if mqtt_handshake(target, conductor_password).is_ok() {
@@ -250,7 +418,7 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(BrokerError::NotListening(listen))
+    Err(BrokerError::NotListening(listeners.plain))
 }
 
 /// One MQTT 3.1.1 CONNECT → CONNACK → DISCONNECT exchange as the conductor

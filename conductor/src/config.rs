@@ -71,6 +71,31 @@ pub struct Config {
     /// connection, so idle clients do not hold server threads for good;
     /// 0 waits forever. Per read: a slow but steady upload is not cut.
     pub http_read_timeout_s: u32,
+    /// Serve HTTPS (on the HTTP port, beside plain HTTP for loopback) and
+    /// MQTT over TLS ([`Config::mqtts_listen`]). Off: plain only (behind a
+    /// TLS-terminating proxy on this host).
+    pub tls: bool,
+    /// Operator certificate chain (PEM) instead of the fleet CA's.
+    pub tls_cert: Option<String>,
+    /// Operator private key (PEM), with `tls_cert`.
+    pub tls_key: Option<String>,
+    /// Extra DNS names or IP addresses for the fleet server certificate.
+    pub tls_san: Vec<String>,
+    /// Accept plain HTTP and MQTT from non-loopback addresses (a trusted LAN,
+    /// the old behaviour). Off: they are refused with a log line.
+    pub insecure_plain: bool,
+    /// Embedded broker's MQTT-over-TLS listen address (port 0 picks one).
+    pub mqtts_listen: String,
+    /// CA certificate (PEM) that an external `mqtts://` broker's chain ends
+    /// in; handed to workers with the broker URL.
+    pub mqtt_ca: Option<String>,
+    /// Bearer token `/metrics` requires (it lists hostnames); `None`: open.
+    pub metrics_token: Option<String>,
+    /// The external broker is a Mosquitto with the dynamic-security plugin
+    /// and the conductor's login is its admin: the conductor gives each
+    /// worker its own login and ACLs there, and removes them on revocation
+    /// (`conductor mosquitto-config` prints the broker config).
+    pub mqtt_dynsec: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -100,6 +125,15 @@ impl Default for Config {
             rate_limit_refill_s: 6,
             max_artifact_bytes: 256 << 20,
             http_read_timeout_s: 60,
+            tls: true,
+            tls_cert: None,
+            tls_key: None,
+            tls_san: Vec::new(),
+            insecure_plain: false,
+            mqtts_listen: "0.0.0.0:8883".into(),
+            mqtt_ca: None,
+            metrics_token: None,
+            mqtt_dynsec: false,
         }
     }
 }
@@ -123,6 +157,24 @@ pub struct Overrides {
     pub minute_retention: Option<String>,
     /// `--default-interval-ms`
     pub default_interval_ms: Option<u32>,
+    /// `--no-tls`
+    pub no_tls: bool,
+    /// `--tls-cert`
+    pub tls_cert: Option<String>,
+    /// `--tls-key`
+    pub tls_key: Option<String>,
+    /// `--tls-san` (repeatable; added to the file's and env's)
+    pub tls_san: Vec<String>,
+    /// `--insecure-plain`
+    pub insecure_plain: bool,
+    /// `--mqtts-listen`
+    pub mqtts_listen: Option<String>,
+    /// `--mqtt-ca`
+    pub mqtt_ca: Option<String>,
+    /// `--metrics-token`
+    pub metrics_token: Option<String>,
+    /// `--mqtt-dynsec`
+    pub mqtt_dynsec: bool,
 }
 
 /// An external broker URL, split up.
@@ -136,25 +188,37 @@ pub struct BrokerUrl {
     pub username: Option<String>,
     /// Password, if any.
     pub password: Option<String>,
+    /// `mqtts://`: MQTT over TLS.
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for BrokerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
 impl BrokerUrl {
-    /// Parses `mqtt://[user[:pass]@]host[:port]` (also `tcp://`); port defaults to 1883.
+    /// Parses `mqtt://[user[:pass]@]host[:port]` (also `tcp://`; port
+    /// 1883) or `mqtts://…` (also `ssl://`; port 8883).
     pub fn parse(url: &str) -> Result<BrokerUrl, ConfigError> {
         let bad = |m: &str| ConfigError::Invalid {
             name: "mqtt_url".into(),
             message: m.into(),
         };
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| bad("must start with mqtt:// (TLS is not supported)"))?;
+        let (tls, rest) = if let Some(r) = url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"))
+        {
+            (true, r)
+        } else {
+            let r = url
+                .strip_prefix("mqtt://")
+                .or_else(|| url.strip_prefix("tcp://"))
+                .ok_or_else(|| bad("must start with mqtt:// or mqtts://"))?;
+            (false, r)
+        };
         let rest = rest.trim_end_matches('/');
         let (creds, hostport) = match rest.rsplit_once('@') {
             Some((c, h)) => (Some(c), h),
@@ -173,9 +237,10 @@ impl BrokerUrl {
         }
         Ok(BrokerUrl {
             host,
-            port: port.unwrap_or(1883),
+            port: port.unwrap_or(if tls { 8883 } else { 1883 }),
             username,
             password,
+            tls,
         })
     }
 }
@@ -270,6 +335,38 @@ impl Config {
         if let Some(v) = get("AEREKOS_HTTP_READ_TIMEOUT_S") {
             c.http_read_timeout_s = num("AEREKOS_HTTP_READ_TIMEOUT_S", v)?;
         }
+        let flag = |k: &str, v: String| -> Result<bool, ConfigError> {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError::Invalid {
+                    name: k.into(),
+                    message: format!("not true/false: {v:?}"),
+                }),
+            }
+        };
+        if let Some(v) = get("AEREKOS_TLS") {
+            c.tls = flag("AEREKOS_TLS", v)?;
+        }
+        if let Some(v) = get("AEREKOS_MQTT_DYNSEC") {
+            c.mqtt_dynsec = flag("AEREKOS_MQTT_DYNSEC", v)?;
+        }
+        if let Some(v) = get("AEREKOS_INSECURE_PLAIN") {
+            c.insecure_plain = flag("AEREKOS_INSECURE_PLAIN", v)?;
+        }
+        env_opt!(tls_cert, "AEREKOS_TLS_CERT");
+        env_opt!(tls_key, "AEREKOS_TLS_KEY");
+        if let Some(v) = get("AEREKOS_TLS_SAN") {
+            c.tls_san.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from),
+            );
+        }
+        env_str!(mqtts_listen, "AEREKOS_MQTTS_LISTEN");
+        env_opt!(mqtt_ca, "AEREKOS_MQTT_CA");
+        env_opt!(metrics_token, "AEREKOS_METRICS_TOKEN");
         if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
             c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "AEREKOS_MAX_ARTIFACT_BYTES".into(),
@@ -301,6 +398,31 @@ impl Config {
         if let Some(v) = f.default_interval_ms {
             c.default_interval_ms = v;
         }
+        if f.no_tls {
+            c.tls = false;
+        }
+        if f.insecure_plain {
+            c.insecure_plain = true;
+        }
+        if f.mqtt_dynsec {
+            c.mqtt_dynsec = true;
+        }
+        if let Some(v) = f.tls_cert {
+            c.tls_cert = Some(v);
+        }
+        if let Some(v) = f.tls_key {
+            c.tls_key = Some(v);
+        }
+        c.tls_san.extend(f.tls_san);
+        if let Some(v) = f.mqtts_listen {
+            c.mqtts_listen = v;
+        }
+        if let Some(v) = f.mqtt_ca {
+            c.mqtt_ca = Some(v);
+        }
+        if let Some(v) = f.metrics_token {
+            c.metrics_token = Some(v);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -321,6 +443,43 @@ impl Config {
         }
         if let Some(u) = &self.mqtt_url {
             BrokerUrl::parse(u)?;
+        }
+        if self.mqtt_url.is_none() && self.tls {
+            self.mqtts_listen
+                .parse::<SocketAddr>()
+                .map_err(|e| bad("mqtts_listen", e.to_string()))?;
+        }
+        if self.mqtt_dynsec && self.mqtt_url.is_none() {
+            return Err(bad(
+                "mqtt_dynsec",
+                "needs an external broker (mqtt_url); the embedded one enforces the same rules itself"
+                    .into(),
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(bad(
+                "tls_cert",
+                "tls_cert and tls_key must be given together".into(),
+            ));
+        }
+        for name in &self.tls_san {
+            if name.parse::<std::net::IpAddr>().is_err()
+                && (name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.*".contains(&b)))
+            {
+                return Err(bad(
+                    "tls_san",
+                    format!("not a DNS name or IP address: {name:?}"),
+                ));
+            }
+        }
+        if self.metrics_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(bad(
+                "metrics_token",
+                "at least 16 characters (it guards hostnames and addresses)".into(),
+            ));
         }
         if let Some(u) = &self.mqtt_public_url {
             BrokerUrl::parse(u).map_err(|e| bad("mqtt_public_url", e.to_string()))?;
@@ -357,6 +516,9 @@ impl Config {
         }
         if c.worker_mqtt_password.is_some() {
             c.worker_mqtt_password = Some("<redacted>".into());
+        }
+        if c.metrics_token.is_some() {
+            c.metrics_token = Some("<redacted>".into());
         }
         c.admin_password = None;
         Ok(toml::to_string(&c)?)
@@ -433,7 +595,16 @@ mod tests {
             !t.contains("s3cret") && !t.contains("w0rker") && !t.contains("adm1n"),
             "{t}"
         );
+        let c = Config {
+            metrics_token: Some("m3trics-t0ken-long-enough".into()),
+            ..Config::default()
+        };
+        assert!(!c.to_redacted_toml().unwrap().contains("m3trics"));
+        let u = BrokerUrl::parse("mqtts://broker").unwrap();
+        assert_eq!((u.port, u.tls), (8883, true));
+        assert_eq!(format!("{u:?}"), "mqtts://broker:8883");
         let u = BrokerUrl::parse("mqtt://conductor:s3cret@broker:1884").unwrap();
+        assert!(!u.tls);
         assert_eq!((u.host.as_str(), u.port), ("broker", 1884));
         assert_eq!(u.password.as_deref(), Some("s3cret"));
         assert_eq!(parse_duration_ms("7d"), Some(7 * 86_400_000));

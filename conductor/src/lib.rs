@@ -18,6 +18,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod decode;
+pub mod dynsec;
 pub mod http;
 pub mod ingest;
 pub mod liveness;
@@ -27,6 +28,7 @@ pub mod services;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -50,6 +52,10 @@ pub struct Started {
     pub http_addr: SocketAddr,
     /// MQTT broker address (embedded: bound; external: resolved).
     pub mqtt_addr: SocketAddr,
+    /// Embedded broker's MQTT-over-TLS address (`None`: no TLS listener).
+    pub mqtts_addr: Option<SocketAddr>,
+    /// SHA-256 of the CA certificate the TLS chain ends in (`None`: no TLS).
+    pub ca_fingerprint: Option<protocol::Fingerprint>,
     /// In-memory enrolment token for a local in-process worker; never stored.
     pub local_enroll_token: String,
 }
@@ -59,6 +65,8 @@ impl std::fmt::Debug for Started {
         f.debug_struct("Started")
             .field("http_addr", &self.http_addr)
             .field("mqtt_addr", &self.mqtt_addr)
+            .field("mqtts_addr", &self.mqtts_addr)
+            .field("ca_fingerprint", &self.ca_fingerprint)
             .finish_non_exhaustive()
     }
 }
@@ -78,6 +86,12 @@ pub enum ConductorError {
     /// Embedded broker failure.
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    /// TLS material could not be made or loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Mosquitto's dynamic-security plugin could not be set up.
+    #[error("Mosquitto dynamic security: {0}")]
+    DynSec(#[from] dynsec::DynSecError),
     /// HTTP server failure.
     #[error("http: {0}")]
     Http(String),
@@ -104,19 +118,70 @@ pub fn runtime_path(data_dir: &Path) -> PathBuf {
     data_dir.join("runtime.json")
 }
 
-fn write_runtime(
-    data_dir: &Path,
-    http: SocketAddr,
-    mqtt: SocketAddr,
-) -> Result<(), ConductorError> {
+fn write_runtime(data_dir: &Path, started: &Started) -> Result<(), ConductorError> {
     let body = serde_json::json!({
-        "http_addr": http.to_string(),
-        "mqtt_addr": mqtt.to_string(),
+        "http_addr": started.http_addr.to_string(),
+        "mqtt_addr": started.mqtt_addr.to_string(),
+        "mqtts_addr": started.mqtts_addr.map(|a| a.to_string()),
+        "ca_fingerprint": started.ca_fingerprint.map(|f| f.to_string()),
         "pid": std::process::id(),
     });
     let tmp = data_dir.join("runtime.json.tmp");
     std::fs::write(&tmp, body.to_string()).map_err(io_err("write runtime.json"))?;
     std::fs::rename(&tmp, runtime_path(data_dir)).map_err(io_err("rename runtime.json"))
+}
+
+/// Renews or reloads the certificate every [`tls::REFRESH_EVERY`] until
+/// `stop` (off the runtime thread: it may write files).
+async fn refresh_tls(tls: Option<tls::Tls>, mut stop: watch::Receiver<bool>) {
+    let Some(tls) = tls else { return };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(tls::REFRESH_EVERY) => {}
+        }
+        let t = tls.clone();
+        match tokio::task::spawn_blocking(move || t.refresh()).await {
+            Ok(Ok(Some(what))) => info!("TLS: {what}"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => warn!("TLS certificate refresh failed (the current one stays): {e}"),
+            Err(e) => warn!("TLS certificate refresh failed: {e}"),
+        }
+    }
+}
+
+/// The TLS settings `config` asks for: the operator's pair or the fleet
+/// CA, and the names the certificate must carry.
+pub fn tls_settings(config: &Config) -> tls::TlsSettings {
+    let ip = |a: &str| a.parse::<SocketAddr>().ok().map(|a| a.ip());
+    tls::TlsSettings {
+        cert: config.tls_cert.as_ref().map(PathBuf::from),
+        key: config.tls_key.as_ref().map(PathBuf::from),
+        extra_names: config.tls_san.clone(),
+        listen: [ip(&config.http_listen), ip(&config.mqtts_listen)]
+            .into_iter()
+            .flatten()
+            .collect(),
+    }
+}
+
+/// The registration token to show a person: the secret plus, under TLS,
+/// the CA fingerprint a worker pins ([`protocol::registration`]). Loads
+/// (or on a first run creates) the TLS material.
+pub fn registration_token_text(config: &Config, secret: &str) -> Result<String, ConductorError> {
+    let ca_fingerprint = if config.tls {
+        Some(
+            tls::Tls::load_or_create(Path::new(&config.data_dir), tls_settings(config))?
+                .ca_fingerprint(),
+        )
+    } else {
+        None
+    };
+    Ok(protocol::RegistrationToken {
+        secret: secret.to_string(),
+        ca_fingerprint,
+    }
+    .to_text())
 }
 
 /// Runs the conductor until `shutdown` resolves. `ready` receives the bound
@@ -132,8 +197,35 @@ pub async fn run(
     let mut store = Store::open(&data_dir)?;
     let _ = std::fs::remove_file(runtime_path(&data_dir));
     let boot = auth::bootstrap(&mut store, config.admin_password.as_deref())?;
+    let tls = if config.tls {
+        let t = tls::Tls::load_or_create(&data_dir, tls_settings(&config))?;
+        let c = t.current();
+        info!(
+            ca_fingerprint = %c.ca_fingerprint,
+            names = ?c.names,
+            "TLS: HTTPS on the HTTP port, MQTT over TLS on {}",
+            if config.mqtt_url.is_none() { config.mqtts_listen.as_str() } else { "the external broker" }
+        );
+        Some(t)
+    } else {
+        warn!("TLS off (--no-tls): HTTP and MQTT are plain; put a TLS proxy on this host in front");
+        None
+    };
+    if config.insecure_plain {
+        warn!(
+            "--insecure-plain: plain HTTP and MQTT are accepted from every address; passwords, \
+             tokens and frames cross the network in clear text"
+        );
+    } else {
+        info!("plain HTTP and MQTT are accepted from loopback only (--insecure-plain to allow other hosts)");
+    }
     if let Some(t) = &boot.registration_token {
-        println!("aerekos registration token (shown once, store it now): {t}");
+        let text = protocol::RegistrationToken {
+            secret: t.clone(),
+            ca_fingerprint: tls.as_ref().map(tls::Tls::ca_fingerprint),
+        }
+        .to_text();
+        println!("aerekos registration token (shown once, store it now): {text}");
     }
     if let Some(p) = &boot.admin_password {
         println!("aerekos admin password for user 'admin' (shown once): {p}");
@@ -182,6 +274,11 @@ pub async fn run(
         .unwrap_or_default();
 
     // Broker.
+    let refusals = Arc::new(state::PlainRefusals::default());
+    let denied = broker::DeniedCounters::default();
+    let mut mqtts_addr = None;
+    let mut mqtt_ca_pem = None;
+    let mut external_tls = false;
     let (mqtt_settings, mqtt_addr, embedded) = match &config.mqtt_url {
         None => {
             let listen: SocketAddr =
@@ -193,16 +290,42 @@ pub async fn run(
                         message: format!("{e}"),
                     })?;
             let listen = broker::pick_port(listen)?;
+            let tls_listener =
+                match &tls {
+                    Some(t) => {
+                        let at: SocketAddr = config.mqtts_listen.parse().map_err(|e| {
+                            config::ConfigError::Invalid {
+                                name: "mqtts_listen".into(),
+                                message: format!("{e}"),
+                            }
+                        })?;
+                        let at = broker::pick_port(at)?;
+                        mqtts_addr = Some(at);
+                        Some((at, t.server_config(&[])?))
+                    }
+                    None => None,
+                };
             creds.set_service_logins(&conductor_pw, &observer_pw);
-            broker::start(listen, creds.clone(), &conductor_pw)?;
+            broker::start(
+                broker::Listeners {
+                    plain: listen,
+                    tls: tls_listener,
+                    insecure_plain: config.insecure_plain,
+                    refusals: refusals.clone(),
+                    denied: denied.clone(),
+                },
+                creds.clone(),
+                &conductor_pw,
+            )?;
             let addr = advertised(listen);
-            info!(%listen, "embedded MQTT broker listening");
+            info!(%listen, mqtts = ?mqtts_addr, "embedded MQTT broker listening");
             (
                 mqtt::MqttSettings {
                     host: addr.ip().to_string(),
                     port: addr.port(),
                     username: Some(broker::CONDUCTOR_USER.into()),
                     password: Some(conductor_pw),
+                    tls: None,
                 },
                 listen,
                 true,
@@ -221,12 +344,32 @@ pub async fn run(
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| ConductorError::Resolve(format!("{}:{}", u.host, u.port)))?;
             info!(broker = ?u, "using external MQTT broker");
+            let client_tls = if u.tls {
+                external_tls = true;
+                let pem = match &config.mqtt_ca {
+                    Some(path) => Some(
+                        std::fs::read_to_string(path)
+                            .map_err(io_err(format!("read --mqtt-ca {path}")))?,
+                    ),
+                    None => None,
+                };
+                let c =
+                    mqtt::tls_client_config(pem.as_deref()).map_err(|e| ConductorError::Io {
+                        what: "--mqtt-ca".into(),
+                        source: std::io::Error::other(e),
+                    })?;
+                mqtt_ca_pem = pem;
+                Some(c)
+            } else {
+                None
+            };
             (
                 mqtt::MqttSettings {
                     host,
                     port: u.port,
                     username: u.username.clone(),
                     password: u.password.clone(),
+                    tls: client_tls,
                 },
                 addr,
                 false,
@@ -234,6 +377,19 @@ pub async fn run(
         }
     };
 
+    // Mosquitto's dynamic-security plugin, before the conductor's own
+    // session: its first run adds the conductor's role to the login, which
+    // closes that login's sessions.
+    let dynsec = if config.mqtt_dynsec {
+        let mut d = dynsec::DynSec::connect(&mqtt_settings).await?;
+        let changed = d.ensure_roles(Some(&observer_pw)).await?;
+        if !changed.is_empty() {
+            info!(?changed, "Mosquitto dynamic security: roles set up");
+        }
+        Some(d)
+    } else {
+        None
+    };
     let (write_tx, write_rx) = mpsc::channel();
     let stored_marks = state::StoredMarks::default();
     let writer = ingest::Writer::spawn(
@@ -245,6 +401,14 @@ pub async fn run(
     )
     .map_err(io_err("start writer thread"))?;
 
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (dynsec_handle, dynsec_task) = match dynsec {
+        Some(d) => {
+            let (h, task) = d.serve(stop_rx.clone());
+            (Some(h), Some(task))
+        }
+        None => (None, None),
+    };
     let local_token = format!("ael_{}", random_hex::<32>().map_err(auth::AuthError::from)?);
     let shared = Arc::new(Shared {
         enroll_limiter: RateLimiter::new(config.rate_limit_burst, config.rate_limit_refill_s),
@@ -268,7 +432,14 @@ pub async fn run(
         pending: Mutex::new(HashMap::new()),
         local_token: local_token.clone(),
         embedded_broker: embedded,
-        observer_password: embedded.then_some(observer_pw),
+        observer_password: (embedded || dynsec_handle.is_some()).then_some(observer_pw),
+        tls: tls.clone(),
+        mqtts_port: mqtts_addr.map(|a| a.port()),
+        mqtt_ca_pem,
+        external_tls,
+        plain_refused: refusals,
+        mqtt_denied: denied,
+        dynsec: dynsec_handle,
         started: Instant::now(),
         reject_log: Mutex::new(HashMap::new()),
         service_status: Mutex::new(service_status),
@@ -283,7 +454,6 @@ pub async fn run(
     });
 
     let (client, eventloop) = mqtt::client(&mqtt_settings);
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (sub_tx, mut sub_rx) = watch::channel(false);
     let mqtt_task = mqtt::run_loop(
         shared.clone(),
@@ -295,6 +465,12 @@ pub async fn run(
     let live_task = liveness::run(shared.clone(), stop_rx.clone());
     let reconcile_task = services::run(shared.clone(), client.clone(), stop_rx.clone());
     let ack_task = ingest::run_acks(shared.clone(), client.clone(), stop_rx.clone());
+    let tls_task = refresh_tls(tls.clone(), stop_rx.clone());
+    let dynsec_task = async {
+        if let Some(t) = dynsec_task {
+            t.await;
+        }
+    };
 
     let http_holder: Mutex<Option<http::HttpServer>> = Mutex::new(None);
     let control = async {
@@ -314,13 +490,16 @@ pub async fn run(
             let server = http::HttpServer::start(shared.clone(), client.clone())?;
             let http_addr = server.addr();
             *lock(&http_holder) = Some(server);
-            write_runtime(&data_dir, http_addr, advertised(mqtt_addr))?;
-            info!(%http_addr, mqtt_addr = %advertised(mqtt_addr), "conductor ready");
-            let _ = ready.send(Started {
+            let started = Started {
                 http_addr,
                 mqtt_addr: advertised(mqtt_addr),
+                mqtts_addr: mqtts_addr.map(advertised),
+                ca_fingerprint: tls.as_ref().map(tls::Tls::ca_fingerprint),
                 local_enroll_token: local_token.clone(),
-            });
+            };
+            write_runtime(&data_dir, &started)?;
+            info!(%http_addr, mqtt_addr = %advertised(mqtt_addr), mqtts_addr = ?started.mqtts_addr, "conductor ready");
+            let _ = ready.send(started);
             Ok::<(), ConductorError>(())
         }
         .await;
@@ -331,8 +510,15 @@ pub async fn run(
         let _ = stop_tx.send(true);
         result
     };
-    let ((), (), (), (), result) =
-        tokio::join!(mqtt_task, live_task, reconcile_task, ack_task, control);
+    let ((), (), (), (), (), (), result) = tokio::join!(
+        mqtt_task,
+        live_task,
+        reconcile_task,
+        ack_task,
+        tls_task,
+        dynsec_task,
+        control
+    );
 
     if let Some(server) = lock(&http_holder).take() {
         server.stop();

@@ -53,6 +53,36 @@ struct Flags {
     /// Default metrics interval in ms.
     #[arg(long, global = true)]
     default_interval_ms: Option<u32>,
+    /// Plain HTTP and MQTT only (no HTTPS, no MQTT over TLS): behind a
+    /// TLS-terminating proxy on this host.
+    #[arg(long, global = true)]
+    no_tls: bool,
+    /// Your own certificate chain (PEM) instead of the fleet CA's.
+    #[arg(long, global = true, requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, global = true, requires = "tls_cert")]
+    tls_key: Option<String>,
+    /// Another DNS name or IP address workers reach this conductor by
+    /// (repeatable; the hostname and local addresses are always in).
+    #[arg(long, global = true)]
+    tls_san: Vec<String>,
+    /// Also accept plain HTTP and MQTT from other hosts (trusted LAN only).
+    #[arg(long, global = true)]
+    insecure_plain: bool,
+    /// Embedded broker's MQTT-over-TLS listen address.
+    #[arg(long, global = true)]
+    mqtts_listen: Option<String>,
+    /// CA certificate (PEM) of an external mqtts:// broker.
+    #[arg(long, global = true)]
+    mqtt_ca: Option<String>,
+    /// Bearer token that /metrics requires (≥ 16 characters).
+    #[arg(long, global = true)]
+    metrics_token: Option<String>,
+    /// The external broker is Mosquitto with the dynamic-security plugin:
+    /// manage a login and ACLs per worker there (see `mosquitto-config`).
+    #[arg(long, global = true)]
+    mqtt_dynsec: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +106,19 @@ enum Cmd {
         worker: Option<String>,
         /// Frame file, or `-` for stdin.
         file: String,
+    },
+    /// Print a Mosquitto configuration (dynamic-security plugin) to use
+    /// with `--mqtt-url … --mqtt-dynsec`, and how to create its admin.
+    MosquittoConfig {
+        /// Mosquitto's listener line (`1883`, `8883 0.0.0.0`).
+        #[arg(long, default_value = "1883")]
+        listener: String,
+        /// Where Mosquitto keeps the plugin's state.
+        #[arg(long, default_value = "/var/lib/mosquitto/dynamic-security.json")]
+        dynsec_file: PathBuf,
+        /// The admin login the conductor uses.
+        #[arg(long, default_value = "conductor")]
+        admin: String,
     },
     /// Admin user management (offline).
     Admin {
@@ -118,6 +161,15 @@ fn load_config(cli: &Cli) -> Result<Config> {
         raw_retention: f.raw_retention.clone(),
         minute_retention: f.minute_retention.clone(),
         default_interval_ms: f.default_interval_ms,
+        no_tls: f.no_tls,
+        tls_cert: f.tls_cert.clone(),
+        tls_key: f.tls_key.clone(),
+        tls_san: f.tls_san.clone(),
+        insecure_plain: f.insecure_plain,
+        mqtts_listen: f.mqtts_listen.clone(),
+        mqtt_ca: f.mqtt_ca.clone(),
+        metrics_token: f.metrics_token.clone(),
+        mqtt_dynsec: f.mqtt_dynsec,
     };
     Ok(Config::resolve(file.as_deref(), &env, &flags)?)
 }
@@ -235,7 +287,9 @@ fn main() -> Result<()> {
             match cmd {
                 TokenCmd::Rotate => {
                     let t = conductor::auth::rotate_registration_token(&mut store)?;
-                    println!("{t}");
+                    // With the fingerprint of the CA the conductor serves
+                    // (made now if this is before the first start).
+                    println!("{}", conductor::registration_token_text(&config, &t)?);
                 }
                 TokenCmd::ShowInfo => match store.setting(conductor::auth::REG_TOKEN_CREATED)? {
                     Some(ms) => println!(
@@ -259,6 +313,20 @@ fn main() -> Result<()> {
             }
             let v = conductor::decode::decode_frame(&bytes, secret.as_deref(), worker.as_deref())?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Some(Cmd::MosquittoConfig {
+            listener,
+            dynsec_file,
+            admin,
+        }) => {
+            let plugin = conductor::dynsec::find_plugin().unwrap_or_else(|| {
+                PathBuf::from("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+            });
+            print!(
+                "{}",
+                conductor::dynsec::mosquitto_config(listener, &plugin, dynsec_file, admin)
+            );
             Ok(())
         }
         Some(Cmd::Admin {

@@ -29,6 +29,8 @@ pub struct MqttSettings {
     pub username: Option<String>,
     /// Password.
     pub password: Option<String>,
+    /// MQTT over TLS (an external `mqtts://` broker).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -37,8 +39,42 @@ impl std::fmt::Debug for MqttSettings {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("username", &self.username)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// The client configuration for an external `mqtts://` broker: its CA
+/// (`ca_pem`, from `--mqtt-ca`) or else the system's roots.
+pub fn tls_client_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
+                roots.add(cert).map_err(|e| e.to_string())?;
+            }
+            if roots.is_empty() {
+                return Err("no certificate in the file".into());
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(
+                    "no system CA certificates found: give the broker's CA with --mqtt-ca".into(),
+                );
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// Builds the client and its event loop (nothing connects until polled).
@@ -50,6 +86,11 @@ pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
     opts.set_max_packet_size(128 * 1024, 128 * 1024);
     if let Some(u) = &s.username {
         opts.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
+    }
+    if let Some(c) = &s.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(c.clone()),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     // Commands are small and their round trip is user-visible: no Nagle.

@@ -337,6 +337,21 @@ pub struct Shared {
     pub embedded_broker: bool,
     /// Observer login for the embedded broker.
     pub observer_password: Option<String>,
+    /// The TLS material (HTTPS, MQTT over TLS); `None` with `--no-tls`.
+    pub tls: Option<crate::tls::Tls>,
+    /// The embedded broker's MQTT-over-TLS port (`None`: no TLS listener).
+    pub mqtts_port: Option<u16>,
+    /// An external broker's CA (PEM, from `--mqtt-ca`), handed to workers.
+    pub mqtt_ca_pem: Option<String>,
+    /// The external broker is `mqtts://`.
+    pub external_tls: bool,
+    /// Plain connections refused from non-loopback peers, by kind, and the
+    /// last time each peer was logged (one line per peer and minute).
+    pub plain_refused: Arc<PlainRefusals>,
+    /// Publishes and subscribes the embedded broker refused.
+    pub mqtt_denied: crate::broker::DeniedCounters,
+    /// Per-worker logins and ACLs on an external Mosquitto (`--mqtt-dynsec`).
+    pub dynsec: Option<crate::dynsec::DynSecHandle>,
     /// Enrolment rate limiter (per IP).
     pub enroll_limiter: RateLimiter,
     /// Login rate limiter (per IP).
@@ -368,6 +383,46 @@ pub struct Shared {
     pub log_streams: Mutex<HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>>,
     /// Latest service metrics: worker id → service → values.
     pub service_metrics: Mutex<HashMap<String, BTreeMap<String, SvcMetrics>>>,
+}
+
+/// Plain (non-TLS) connections refused from other hosts: counters for
+/// Prometheus, and a per-peer log limiter so a scanner cannot flood the log.
+#[derive(Debug, Default)]
+pub struct PlainRefusals {
+    /// Refused plain HTTP requests.
+    pub http: AtomicU64,
+    /// Refused plain MQTT connections.
+    pub mqtt: AtomicU64,
+    /// (protocol, peer) → when last logged.
+    logged: Mutex<HashMap<(bool, std::net::IpAddr), Instant>>,
+}
+
+impl PlainRefusals {
+    /// Counts one refusal of `what` (`http` or `mqtt`) from `peer`; `true`
+    /// when it should be logged (the first of that kind from this peer in a
+    /// minute).
+    pub fn refuse(&self, what: &str, peer: std::net::IpAddr) -> bool {
+        let mqtt = what == "mqtt";
+        let counter = if mqtt { &self.mqtt } else { &self.http };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut logged = lock(&self.logged);
+        if logged.len() > 10_000 {
+            logged.retain(|_, t| now.duration_since(*t).as_secs() < 60);
+        }
+        match logged.get(&(mqtt, peer)) {
+            Some(t) if now.duration_since(*t).as_secs() < 60 => false,
+            _ => {
+                logged.insert((mqtt, peer), now);
+                true
+            }
+        }
+    }
+}
+
+/// Whether `ip` is this host's loopback (also `::ffff:127.x.y.z`).
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 /// Locks a mutex, recovering from poisoning (a panicked holder leaves data

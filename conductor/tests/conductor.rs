@@ -231,9 +231,25 @@ fn forged_replayed_and_garbage_frames_are_rejected() {
         (c.worker(&a.id)["metrics"]["seq"] == 1).then_some(())
     });
 
-    // Forged: B (valid creds) publishes on A's topic a frame claiming A, sealed with B's secret.
+    // Forged: B (valid creds) publishes on A's topic a frame claiming A,
+    // sealed with B's secret. The broker refuses it (a worker publishes on
+    // its own topics only) and closes B's connection: the conductor never
+    // sees it.
     let forged = seal(&b.secret, &a.id, 50, metrics(9999));
-    wb.raw(&topic(&a.id, TopicKind::Metrics), forged);
+    wb.raw(&topic(&a.id, TopicKind::Metrics), forged.clone());
+    wait_for("B disconnected by the broker", T, || {
+        wb.connection_closed().then_some(())
+    });
+    let denied = prom_value(
+        &c.prometheus(),
+        "aerekos_mqtt_denied_total{who=\"worker\",action=\"publish\"}",
+    );
+    assert_eq!(denied, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.rejected("bad_tag"), 0);
+    // Through a broker that let it pass, the tag refuses it.
+    let injector = Injector::connect(&c);
+    injector.raw(&topic(&a.id, TopicKind::Metrics), forged);
     wait_for("bad_tag", T, || (c.rejected("bad_tag") == 1).then_some(()));
 
     // Replay of a genuine frame.
@@ -260,12 +276,13 @@ fn forged_replayed_and_garbage_frames_are_rejected() {
     wa.raw(&mt, [vec![1], vec![0xff; 40]].concat());
     wa.raw(&mt, vec![1; protocol::MAX_FRAME_LEN + 1]);
     wa.raw(&mt, Vec::new());
-    // Unknown worker, topic mismatch (A's frame on B's topic; metrics on the birth topic).
-    wa.raw(
+    // Unknown worker, topic mismatch (A's frame on B's topic; metrics on
+    // the birth topic). The first two only another broker would pass.
+    injector.raw(
         &topic("w-ffffffffffff", TopicKind::Metrics),
         seal(&a.secret, "w-ffffffffffff", 1, metrics(1)),
     );
-    wa.raw(
+    injector.raw(
         &topic(&b.id, TopicKind::Metrics),
         seal(&a.secret, &a.id, 600, metrics(1)),
     );

@@ -669,3 +669,183 @@ fn service_metrics_events_and_persistent_stop() {
     let v = c.get("/api/v1/services/web");
     assert_eq!(target(&v, &e.id)["desired_state"], "running");
 }
+
+// ---- Sealed manifests: the secrets travel only sealed to their worker ----
+
+/// Base64 of `bytes` (`+/` or, `url_safe`, `-_`), no padding.
+fn base64(bytes: &[u8], url_safe: bool) -> String {
+    let abc: &[u8; 64] = if url_safe {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(abc[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Every way `value` could show in a body: raw, lower and upper hex, and
+/// standard and URL-safe base64 at each of the three byte alignments it may
+/// have in a longer encoded text (the characters that depend only on it).
+fn leak_forms(value: &str) -> Vec<(String, Vec<u8>)> {
+    let v = value.as_bytes();
+    let hex = protocol::hex_string(v);
+    let mut forms = vec![
+        ("raw".to_string(), v.to_vec()),
+        ("hex".to_string(), hex.clone().into_bytes()),
+        ("HEX".to_string(), hex.to_uppercase().into_bytes()),
+    ];
+    for url_safe in [false, true] {
+        for pad in 0..3usize {
+            let mut shifted = vec![0u8; pad];
+            shifted.extend_from_slice(v);
+            let full = base64(&shifted, url_safe);
+            let end = shifted.len() / 3 * 4;
+            let start = if pad == 0 { 0 } else { 4 };
+            forms.push((
+                format!("base64 (url-safe {url_safe}, offset {pad})"),
+                full.as_bytes()[start..end].to_vec(),
+            ));
+        }
+    }
+    forms
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn leak_forms_find_an_encoded_secret_at_any_offset() {
+    assert_eq!(base64(b"foobar", false), "Zm9vYmFy");
+    assert_eq!(base64(b"\xfb\xff\xfe", true), "-__-");
+    assert_eq!(base64(b"\xfb\xff\xfe", false), "+//+");
+    let value = "find-me-0123456789abcdef";
+    for pre in ["", "x", "xy", "xyz"] {
+        let text = format!("{pre}{value}tail");
+        for url_safe in [false, true] {
+            let encoded = base64(text.as_bytes(), url_safe);
+            assert!(
+                leak_forms(value)
+                    .iter()
+                    .any(|(_, f)| contains(encoded.as_bytes(), f)),
+                "{pre:?} {url_safe}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sealed_manifests_carry_no_secret_and_open_only_for_their_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start_with(test_config(dir.path()));
+    let ea = enroll_labels(&c, "pi-a", json!({}));
+    let eb = enroll_labels(&c, "pi-b", json!({}));
+    let a = SvcWorker::connect(&c, &ea, "pi-a");
+    let b = SvcWorker::connect(&c, &eb, "pi-b");
+    wait_status(&c, &ea.id, "online", T);
+    wait_status(&c, &eb.id, "online", T);
+    let mut rnd = [0u8; 12];
+    getrandom::fill(&mut rnd).unwrap();
+    let value = format!("sealed-secret-{}", protocol::hex_string(&rnd));
+    let (code, v) = call(
+        &c,
+        "POST",
+        "/api/v1/services",
+        Some(
+            json!({"name": "vault", "command": "/bin/sleep", "args": ["1000"],
+            "config": {"mode": "test"}, "secrets": {"DB_PASSWORD": value}}),
+        ),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = call(
+        &c,
+        "PUT",
+        "/api/v1/services/vault/deployment",
+        Some(json!({"workers": [ea.id]})),
+    );
+    assert_eq!(code, 200, "{v}");
+    let act = a.wait_action("deploy", |x| is_deploy(x, "vault", 1));
+    let Action::DeployManifest(r) = &act else {
+        panic!("{act:?}")
+    };
+
+    // The sealed answer: binary, not to be cached, no form of the secret.
+    let spath = "/api/v1/agent/sealed-manifests/vault/1";
+    let (code, headers, sealed) = agent_get(&c, spath, &a.http_auth(spath));
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&sealed));
+    let header = |name: &str| {
+        headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(header("content-type"), ["application/octet-stream"]);
+    assert_eq!(header("cache-control"), ["no-store"]);
+    for (form, bytes) in leak_forms(&value) {
+        assert!(!contains(&sealed, &bytes), "the secret as {form} is in it");
+    }
+    assert!(!contains(&sealed, b"DB_PASSWORD") && !contains(&sealed, b"/bin/sleep"));
+
+    // It opens with the worker's secret to exactly the manifest whose
+    // digest the command carried: the plaintext route's bytes.
+    let ctx = protocol::sealed::manifest_context(&ea.id, "vault", 1);
+    let opened = protocol::sealed::open(&a.secret, ctx.as_bytes(), &sealed).unwrap();
+    assert_eq!(protocol::manifest::digest(&opened), r.digest);
+    let m = protocol::Manifest::decode_verified(&opened, r).unwrap();
+    assert_eq!(m.secrets["DB_PASSWORD"], value);
+    let ppath = "/api/v1/agent/manifests/vault/1";
+    let (code, _, plain) = agent_get(&c, ppath, &a.http_auth(ppath));
+    assert_eq!((code, &plain), (200, &opened), "the plaintext route stays");
+    assert_eq!(sealed.len(), opened.len() + protocol::sealed::OVERHEAD);
+    assert_eq!(sealed[0], protocol::sealed::SEALED_FORMAT);
+    // A fresh nonce per answer: other bytes, the same manifest.
+    let (_, _, again) = agent_get(&c, spath, &a.http_auth(spath));
+    assert_ne!(again[1..13], sealed[1..13]);
+    assert_eq!(
+        protocol::sealed::open(&a.secret, ctx.as_bytes(), &again).unwrap(),
+        opened
+    );
+
+    // Another worker cannot open it (with its own secret, under either id),
+    // nor does it get one of its own (not targeted: 404).
+    let ctx_b = protocol::sealed::manifest_context(&eb.id, "vault", 1);
+    for cx in [&ctx, &ctx_b] {
+        assert_eq!(
+            protocol::sealed::open(&b.secret, cx.as_bytes(), &sealed),
+            Err(protocol::sealed::SealError::BadTag)
+        );
+    }
+    let (code, _, body) = agent_get(&c, spath, &b.http_auth(spath));
+    assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(!contains(&body, value.as_bytes()));
+    // Nor as another version or service of a's (404 before any sealing).
+    let v9 = "/api/v1/agent/sealed-manifests/vault/9";
+    assert_eq!(agent_get(&c, v9, &a.http_auth(v9)).0, 404);
+
+    // Unauthenticated, forged, another path's tag, a bearer token: 401.
+    let (code, _, body) = http_raw("GET", &c.url(spath), &[], vec![]);
+    assert_eq!(code, 401);
+    assert!(!contains(&body, value.as_bytes()));
+    let forged = protocol::manifest::http_auth(&b.secret, &ea.id, "GET", spath);
+    assert_eq!(agent_get(&c, spath, &forged).0, 401);
+    assert_eq!(agent_get(&c, spath, &a.http_auth(ppath)).0, 401);
+    assert_eq!(
+        agent_get(&c, spath, &format!("Bearer {}", c.admin())).0,
+        401
+    );
+    // What an older conductor does with the sealed route (an agent path it
+    // does not know falls through to the bearer-token API): 401, which is
+    // why the worker falls back to the plaintext route on 401 as on 404.
+    let unknown = "/api/v1/agent/no-such-route/vault/1";
+    assert_eq!(agent_get(&c, unknown, &a.http_auth(unknown)).0, 401);
+}

@@ -1,4 +1,5 @@
-//! Worker downloads: `GET /api/v1/agent/manifests/{name}/{version}` and
+//! Worker downloads: `GET /api/v1/agent/sealed-manifests/{name}/{version}`,
+//! `GET /api/v1/agent/manifests/{name}/{version}` and
 //! `GET /api/v1/agent/artifacts/{sha256}`, authenticated with
 //! `Authorization: Aerekos-Worker <id> <tag>`
 //! ([`protocol::manifest::verify_http_auth`]) under the worker's frame
@@ -9,6 +10,12 @@
 //! it may be told to run ([`crate::services::may_fetch`]); anything else is
 //! 404, so a worker cannot read another service's secrets. Artifacts (plain
 //! binaries) are served to any authenticated worker.
+//!
+//! The sealed route answers the same manifest bytes sealed to the requesting
+//! worker ([`protocol::sealed`], context
+//! [`protocol::sealed::manifest_context`], a fresh random nonce each time),
+//! so the secrets are unreadable on a plain-HTTP link or in a proxy's log.
+//! Agents of this release use it; the plaintext route stays for older ones.
 
 use std::path::PathBuf;
 
@@ -16,31 +23,31 @@ use super::{ApiError, Ctx, RawResp, Req};
 use crate::state::lock;
 
 fn worker_of(ctx: &Ctx, req: &Req) -> Result<String, ApiError> {
+    authenticated(ctx, req).map(|(id, _)| id)
+}
+
+/// The authenticated worker's id and secret.
+fn authenticated(ctx: &Ctx, req: &Req) -> Result<(String, protocol::Secret), ApiError> {
     let header = req.authorization.as_deref().unwrap_or_default();
     let workers = lock(&ctx.shared.workers);
+    let mut secret = None;
     protocol::manifest::verify_http_auth(header, "GET", &req.path, |id| {
-        workers
+        secret = workers
             .get(id)
             .filter(|w| !w.revoked)
-            .map(|w| w.secret.clone())
+            .map(|w| w.secret.clone());
+        secret.clone()
     })
     .map(str::to_string)
+    .zip(secret)
     .ok_or_else(|| ApiError::new(401, "worker authentication failed"))
 }
 
-/// `GET /agent/manifests/{name}/{version}`: the exact `Manifest::encode()`
-/// bytes whose SHA-256 the `DeployManifest` command carried.
-pub(crate) fn manifest(
-    ctx: &Ctx,
-    req: &Req,
-    name: &str,
-    version: &str,
-) -> Result<RawResp, ApiError> {
-    let worker = worker_of(ctx, req)?;
+/// The encoded manifest `name` v`version` if `worker` may fetch it, else 404.
+fn manifest_bytes(ctx: &Ctx, worker: &str, name: &str, version: u32) -> Result<Vec<u8>, ApiError> {
     let not_found = || ApiError::not_found("manifest");
-    let version: u32 = version.parse().map_err(|_| not_found())?;
     if !crate::services::valid_name(name)
-        || !crate::services::may_fetch(&ctx.shared, &worker, name, version)
+        || !crate::services::may_fetch(&ctx.shared, worker, name, version)
             .map_err(ApiError::internal)?
     {
         tracing::info!(worker_id = %worker, service = name, version, "manifest refused: not targeted");
@@ -49,11 +56,48 @@ pub(crate) fn manifest(
     let built = crate::services::manifest(&ctx.shared, name, version)
         .map_err(ApiError::internal)?
         .ok_or_else(not_found)?;
+    Ok(built.bytes.clone())
+}
+
+/// `GET /agent/manifests/{name}/{version}`: the exact `Manifest::encode()`
+/// bytes whose SHA-256 the `DeployManifest` command carried, in plaintext
+/// (agents older than the sealed route).
+pub(crate) fn manifest(
+    ctx: &Ctx,
+    req: &Req,
+    name: &str,
+    version: &str,
+) -> Result<RawResp, ApiError> {
+    let worker = worker_of(ctx, req)?;
+    let version: u32 = version
+        .parse()
+        .map_err(|_| ApiError::not_found("manifest"))?;
+    let bytes = manifest_bytes(ctx, &worker, name, version)?;
     tracing::debug!(worker_id = %worker, service = name, version, "manifest served");
-    Ok(RawResp::bytes(
-        "application/octet-stream",
-        built.bytes.clone(),
-    ))
+    Ok(RawResp::bytes("application/octet-stream", bytes))
+}
+
+/// `GET /agent/sealed-manifests/{name}/{version}`: the same bytes as
+/// [`manifest`], sealed to the requesting worker under
+/// `manifest:<worker_id>:<name>:<version>` (`Cache-Control: no-store`, as
+/// `respond_raw` sends with every raw answer).
+pub(crate) fn sealed_manifest(
+    ctx: &Ctx,
+    req: &Req,
+    name: &str,
+    version: &str,
+) -> Result<RawResp, ApiError> {
+    let (worker, secret) = authenticated(ctx, req)?;
+    let version: u32 = version
+        .parse()
+        .map_err(|_| ApiError::not_found("manifest"))?;
+    let bytes = manifest_bytes(ctx, &worker, name, version)?;
+    let context = protocol::sealed::manifest_context(&worker, name, version);
+    let nonce = crate::state::random_bytes::<{ protocol::sealed::NONCE_LEN }>()?;
+    let sealed = protocol::sealed::seal(&secret, context.as_bytes(), &bytes, nonce)
+        .map_err(ApiError::internal)?;
+    tracing::debug!(worker_id = %worker, service = name, version, "sealed manifest served");
+    Ok(RawResp::bytes("application/octet-stream", sealed))
 }
 
 /// `GET /agent/artifacts/{sha256}`: the file, streamed from disk.

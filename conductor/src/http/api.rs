@@ -35,7 +35,7 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Post, ["api", "v1", "login"]) => return login(ctx, req),
         (Method::Post, ["api", "v1", "logout"]) => return logout(ctx, req),
         (Method::Get, ["api", "v1", "session"]) => return session(ctx, req),
-        (Method::Get, ["metrics"]) => return Ok(prom::render(ctx)),
+        (Method::Get, ["metrics"]) => return metrics(ctx, req),
         (_, ["api", "v1", ..]) => {}
         (Method::Get, _) => {
             return ui::asset(&req.path, req.if_none_match.as_deref())
@@ -125,8 +125,27 @@ pub(crate) fn authenticate(ctx: &Ctx, req: &Req) -> Result<TokenRow, ApiError> {
 }
 
 /// `Set-Cookie` value holding `token` (empty + `Max-Age=0` clears it).
+/// `GET /metrics`: open, or with `--metrics-token` only for that bearer
+/// token (the text lists hostnames and addresses).
+fn metrics(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
+    if let Some(expected) = &ctx.shared.config.metrics_token {
+        let given = req.bearer.as_deref().unwrap_or("");
+        if !crate::state::ct_eq(given.as_bytes(), expected.as_bytes()) {
+            return Err(ApiError::new(
+                401,
+                "/metrics needs Authorization: Bearer <the --metrics-token>",
+            ));
+        }
+    }
+    Ok(prom::render(ctx))
+}
+
 fn session_cookie(req: &Req, token: &str, max_age_s: u64) -> String {
-    let secure = if req.behind_tls { "; Secure" } else { "" };
+    let secure = if req.behind_tls || req.secure {
+        "; Secure"
+    } else {
+        ""
+    };
     format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{secure}"
     )
@@ -164,6 +183,7 @@ fn health(ctx: &Ctx) -> Result<Resp, ApiError> {
         "workers_stale": count(Status::Stale),
         "workers_offline": count(Status::Offline),
         "mqtt_embedded": ctx.shared.embedded_broker,
+        "tls": ctx.shared.tls.is_some(),
         "frames_accepted": ctx.shared.counters.accepted.load(Ordering::Relaxed),
     })))
 }
@@ -292,16 +312,35 @@ fn registration_info(ctx: &Ctx) -> Result<Resp, ApiError> {
 }
 
 fn rotate_registration(ctx: &Ctx) -> Result<Resp, ApiError> {
-    let token = auth::rotate_registration_token(&mut lock(&ctx.shared.db))?;
+    let secret = auth::rotate_registration_token(&mut lock(&ctx.shared.db))?;
     info!("registration token rotated via API");
-    Ok(Resp::ok(json!({"token": token, "created_ms": now_ms()})))
+    let fp = ctx.shared.tls.as_ref().map(crate::tls::Tls::ca_fingerprint);
+    let token = protocol::RegistrationToken {
+        secret,
+        ca_fingerprint: fp,
+    }
+    .to_text();
+    Ok(Resp::ok(json!({
+        "token": token,
+        "ca_fingerprint": fp.map(|f| f.to_string()),
+        "created_ms": now_ms(),
+    })))
 }
 
 fn mqtt_info(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let s = &ctx.shared;
-    let url = enroll::mqtt_url_for(s, req.host.as_deref());
+    let url = enroll::mqtt_url_for(s, req.host.as_deref(), false);
+    let tls_url = (s.mqtts_port.is_some() || s.external_tls)
+        .then(|| enroll::mqtt_url_for(s, req.host.as_deref(), true));
+    let tls = s.tls.as_ref().map(|t| t.current());
     Ok(Resp::ok(json!({
         "url": url,
+        "tls_url": tls_url,
+        "plain_from": if s.config.insecure_plain { "any address" } else { "loopback only" },
+        "ca_fingerprint": tls.as_ref().map(|c| c.ca_fingerprint.to_string()),
+        "ca_pem": s.tls.as_ref().map(crate::tls::Tls::ca_pem),
+        "certificate_names": tls.as_ref().map(|c| c.names.clone()),
+        "certificate_not_after": tls.as_ref().map(|c| c.not_after),
         "embedded": s.embedded_broker,
         "observer_username": s.observer_password.as_ref().map(|_| crate::broker::OBSERVER_USER),
         "observer_password": s.observer_password,
@@ -427,7 +466,9 @@ fn revoke(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
     lock(&ctx.shared.db).revoke(id)?;
     w.revoked = true;
     w.status = Status::Offline;
+    drop(workers);
     ctx.shared.creds.remove_worker(id);
+    remove_broker_login(ctx, id)?;
     info!(worker_id = id, "worker revoked");
     Ok(Resp::ok(json!({"id": id, "revoked": true})))
 }
@@ -441,9 +482,41 @@ fn delete_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
     workers.remove(id);
     lock(&ctx.shared.service_status).remove(id);
     lock(&ctx.shared.service_metrics).remove(id);
+    drop(workers);
     ctx.shared.creds.remove_worker(id);
+    remove_broker_login(ctx, id)?;
     info!(worker_id = id, "worker deleted");
     Ok(Resp::no_content())
+}
+
+/// On an external Mosquitto with dynamic security: deletes the worker's
+/// login and role (Mosquitto closes its live session). The store already
+/// says revoked/deleted, so a failure here is reported (503) but a retry of
+/// the same request finishes the job. On every broker the worker's retained
+/// `status` becomes `offline` (Mosquitto sends no last will for a session
+/// it closes this way), so MQTT tools do not show it online for good.
+fn remove_broker_login(ctx: &Ctx, id: &str) -> Result<(), ApiError> {
+    if let Some(d) = &ctx.shared.dynsec {
+        d.remove_worker_blocking(id).map_err(|e| {
+            tracing::warn!(worker_id = id, "Mosquitto dynamic security: {e}");
+            ApiError::new(
+                503,
+                format!("the broker login was not removed yet: {e}; try again"),
+            )
+        })?;
+    }
+    if let Err(e) = ctx.client.try_publish(
+        protocol::topic::topic(id, protocol::TopicKind::Status),
+        QoS::AtLeastOnce,
+        true,
+        protocol::topic::STATUS_OFFLINE,
+    ) {
+        tracing::warn!(
+            worker_id = id,
+            "cannot publish its retained offline status: {e}"
+        );
+    }
+    Ok(())
 }
 
 /// Most pages of [`MAX_QUERY_ROWS`] one history request reads.

@@ -45,13 +45,16 @@ struct EnrollReq {
     proof: Option<String>,
 }
 
-/// The MQTT URL to hand a worker that reached us with `host_header`.
-pub(crate) fn mqtt_url_for(s: &Shared, host_header: Option<&str>) -> String {
+/// The MQTT URL to hand a worker that reached us with `host_header`:
+/// `mqtts://` on the TLS listener when `tls` (the worker came over HTTPS)
+/// and the broker has one, else plain (loopback, or `--insecure-plain`).
+pub(crate) fn mqtt_url_for(s: &Shared, host_header: Option<&str>, tls: bool) -> String {
     if let Some(u) = &s.config.mqtt_public_url {
         return u.clone();
     }
     if !s.embedded_broker {
-        return format!("mqtt://{}:{}", s.mqtt_host, s.mqtt_port);
+        let scheme = if s.external_tls { "mqtts" } else { "mqtt" };
+        return format!("{scheme}://{}:{}", s.mqtt_host, s.mqtt_port);
     }
     let host = host_header
         .and_then(|h| crate::config::split_host_port(h.trim()))
@@ -64,13 +67,33 @@ pub(crate) fn mqtt_url_for(s: &Shared, host_header: Option<&str>) -> String {
                 .map(|a| advertised(a).ip().to_string())
                 .unwrap_or_else(|_| "127.0.0.1".into())
         });
-    format!("mqtt://{host}:{}", s.mqtt_port)
+    match s.mqtts_port {
+        Some(port) if tls => format!("mqtts://{host}:{port}"),
+        _ => format!("mqtt://{host}:{}", s.mqtt_port),
+    }
+}
+
+/// Creates (or updates) the worker's own login and ACLs on an external
+/// Mosquitto with dynamic security; nothing to do otherwise (the embedded
+/// broker's table is set with the store). Fails with 503 so the worker
+/// retries; nothing is stored before it succeeds.
+fn broker_login(s: &Shared, id: &str, password: &str) -> Result<(), ApiError> {
+    if let Some(d) = &s.dynsec {
+        d.add_worker_blocking(id, password).map_err(|e| {
+            tracing::warn!(worker_id = id, "Mosquitto dynamic security: {e}");
+            ApiError::new(503, format!("the broker login could not be created: {e}"))
+        })?;
+    }
+    Ok(())
 }
 
 fn token_ok(ctx: &Ctx, token: &str) -> Result<bool, ApiError> {
-    if token.is_empty() {
+    // A worker sends the secret part; a full token with the CA fingerprint
+    // (pasted by hand into a script) is accepted too.
+    let Ok(parsed) = protocol::RegistrationToken::parse(token) else {
         return Ok(false);
-    }
+    };
+    let token = parsed.secret.as_str();
     if ct_eq(token.as_bytes(), ctx.shared.local_token.as_bytes()) {
         return Ok(true);
     }
@@ -101,7 +124,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         Some(b) => Some(serde_json::to_string(b).map_err(ApiError::internal)?),
         None => None,
     };
-    let (mqtt_username, mqtt_password) = if s.embedded_broker {
+    let (mqtt_username, mqtt_password) = if s.embedded_broker || s.dynsec.is_some() {
         (None, random_hex::<24>()?)
     } else {
         (
@@ -114,20 +137,30 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
 
     let (worker_id, secret) = match (&body.worker_id, &body.proof) {
         (Some(id), Some(proof)) => {
+            let check = |workers: &std::collections::HashMap<String, WorkerEntry>| {
+                let Some(w) = workers.get(id.as_str()) else {
+                    return Err(ApiError::new(401, "unknown worker or bad proof"));
+                };
+                let expected = protocol::reenroll_proof(&w.secret, id);
+                if !ct_eq(
+                    expected.as_bytes(),
+                    proof.trim().to_ascii_lowercase().as_bytes(),
+                ) {
+                    return Err(ApiError::new(401, "unknown worker or bad proof"));
+                }
+                if w.revoked {
+                    return Err(ApiError::new(403, "worker is revoked"));
+                }
+                Ok(())
+            };
+            check(&lock(&s.workers))?;
+            // Outside the lock: a round trip to an external broker.
+            broker_login(s, id, &mqtt_password)?;
             let mut workers = lock(&s.workers);
+            check(&workers)?;
             let Some(w) = workers.get_mut(id.as_str()) else {
                 return Err(ApiError::new(401, "unknown worker or bad proof"));
             };
-            let expected = protocol::reenroll_proof(&w.secret, id);
-            if !ct_eq(
-                expected.as_bytes(),
-                proof.trim().to_ascii_lowercase().as_bytes(),
-            ) {
-                return Err(ApiError::new(401, "unknown worker or bad proof"));
-            }
-            if w.revoked {
-                return Err(ApiError::new(403, "worker is revoked"));
-            }
             let row = WorkerRow {
                 id: id.clone(),
                 machine_id: body.machine_id.clone(),
@@ -165,15 +198,22 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 return Err(ApiError::new(401, "invalid registration token"));
             }
             let secret = Secret::from_bytes(random_bytes::<32>()?);
-            let mut workers = lock(&s.workers);
-            let id = loop {
+            let fresh = |workers: &std::collections::HashMap<String, WorkerEntry>| loop {
                 let candidate = format!("w-{}", random_hex::<6>()?);
                 if !workers.contains_key(&candidate)
                     && protocol::topic::is_valid_worker_id(&candidate)
                 {
-                    break candidate;
+                    return Ok::<_, ApiError>(candidate);
                 }
             };
+            let id = fresh(&lock(&s.workers))?;
+            // Outside the lock: a round trip to an external broker.
+            broker_login(s, &id, &mqtt_password)?;
+            let mut workers = lock(&s.workers);
+            if workers.contains_key(&id) {
+                // 48 random bits met twice between two locks: try again.
+                return Err(ApiError::new(503, "enrolment collided; try again"));
+            }
             let row = WorkerRow {
                 id: id.clone(),
                 machine_id: body.machine_id.clone(),
@@ -209,7 +249,8 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(json!({
         "worker_id": worker_id,
         "secret": secret.to_hex(),
-        "mqtt_url": mqtt_url_for(s, req.host.as_deref()),
+        "mqtt_url": mqtt_url_for(s, req.host.as_deref(), req.secure),
+        "mqtt_ca_pem": s.mqtt_ca_pem,
         "mqtt_username": mqtt_username.unwrap_or_else(|| worker_id.clone()),
         "mqtt_password": mqtt_password,
         "interval_ms": s.config.default_interval_ms,

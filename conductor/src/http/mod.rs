@@ -17,9 +17,17 @@
 //! this host (`Host` or `X-Forwarded-Host`), else 403. Behind a TLS proxy
 //! that sets `X-Forwarded-Proto: https` the cookie is also `Secure`.
 //!
-//! Limits: plain HTTP only (put a TLS proxy in front for remote access); the
-//! enrol and login rate limits key on the TCP peer address, so behind a
-//! reverse proxy all clients share one bucket.
+//! HTTPS and plain HTTP share the port (the vendored tiny_http tells them
+//! apart by the first byte; the certificate is [`crate::tls`]'s and follows
+//! its renewals). Plain HTTP is answered only for loopback peers (the local
+//! worker, a proxy on this host, the README's `curl`) unless
+//! `--insecure-plain`: from other hosts it gets 403 with the HTTPS URL and
+//! the CA fingerprint, logged once per peer and minute and counted
+//! (`aerekos_plain_refused_total`). HTTPS answers carry HSTS; the session
+//! cookie is `Secure` under TLS.
+//!
+//! Limits: the enrol and login rate limits key on the TCP peer address, so
+//! behind a reverse proxy all clients share one bucket.
 
 mod agent;
 mod api;
@@ -84,7 +92,19 @@ impl HttpServer {
                 "TCP_NODELAY not set on the API listener ({e}): large answers are slower"
             );
         }
-        let server = Server::from_listener(listener, None).map_err(|e| bind_err(e.to_string()))?;
+        // One port, both protocols: a connection starting with a TLS
+        // handshake is HTTPS, anything else plain HTTP (refused from other
+        // hosts in `serve`).
+        let server = match &shared.tls {
+            Some(tls) => {
+                let config = tls
+                    .server_config(&[b"http/1.1"])
+                    .map_err(|e| ConductorError::Http(format!("TLS: {e}")))?;
+                Server::from_listener_tls(listener, config)
+            }
+            None => Server::from_listener(listener, None),
+        }
+        .map_err(|e| bind_err(e.to_string()))?;
         let read_timeout = shared.config.http_read_timeout_s;
         server
             .set_read_timeout((read_timeout > 0).then(|| Duration::from_secs(read_timeout.into())));
@@ -161,6 +181,8 @@ pub(crate) struct Req {
     pub forwarded_host: Option<String>,
     /// `X-Forwarded-Proto` = `https`: a TLS proxy in front (cookie gets `Secure`).
     pub behind_tls: bool,
+    /// The request came over TLS to this server (HTTPS).
+    pub secure: bool,
     /// `Origin` (browsers send it on every non-GET fetch).
     pub origin: Option<String>,
     /// `If-None-Match`, for the dashboard's static files.
@@ -319,6 +341,7 @@ fn request_head(raw: &tiny_http::Request, path: &str, query: &str, ip: IpAddr) -
         forwarded_host: header(raw, "X-Forwarded-Host").map(str::to_string),
         behind_tls: header(raw, "X-Forwarded-Proto")
             .is_some_and(|p| p.trim().eq_ignore_ascii_case("https")),
+        secure: raw.secure(),
         origin: header(raw, "Origin").map(str::to_string),
         if_none_match: header(raw, "If-None-Match").map(str::to_string),
         authorization: header(raw, "Authorization").map(str::to_string),
@@ -334,6 +357,9 @@ fn raw_route(ctx: &Ctx, req: &Req) -> Option<Result<RawResp, ApiError>> {
         (Method::Get, ["api", "v1", "agent", "manifests", name, version]) => {
             agent::manifest(ctx, req, name, version)
         }
+        (Method::Get, ["api", "v1", "agent", "sealed-manifests", name, version]) => {
+            agent::sealed_manifest(ctx, req, name, version)
+        }
         (Method::Get, ["api", "v1", "agent", "artifacts", sha]) => agent::artifact(ctx, req, sha),
         (Method::Get, ["api", "v1", "workers", id, "services", name, "logs"]) => {
             api::authenticate(ctx, req).and_then(|_| logs::stream(ctx, req, id, name))
@@ -348,6 +374,10 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let url = raw.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    if !raw.secure() && !ctx.shared.config.insecure_plain && !crate::state::is_loopback(ip) {
+        refuse_plain(ctx, raw, ip);
+        return;
+    }
     let content_length = header(&raw, "Content-Length").and_then(|v| v.trim().parse::<u64>().ok());
     let mut req = request_head(&raw, path, query, ip);
     let result = if req.method == Method::Post && path.trim_end_matches('/') == "/api/v1/artifacts"
@@ -388,6 +418,36 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
     }
 }
 
+/// Answers a plain HTTP request from another host with 403 and how to
+/// connect instead: its password, token or cookie crossed the network in
+/// clear text already, but nothing is done with it.
+fn refuse_plain(ctx: &Ctx, raw: tiny_http::Request, ip: IpAddr) {
+    let host = header(&raw, "Host").unwrap_or("<conductor>").to_string();
+    if ctx.shared.plain_refused.refuse("http", ip) {
+        warn!(
+            peer = %ip,
+            "plain HTTP refused from another host (HTTPS on the same port, or --insecure-plain \
+             on a trusted network)"
+        );
+    }
+    let message = match &ctx.shared.tls {
+        Some(t) => format!(
+            "plain HTTP is refused from {ip}: use https://{host}/ (CA fingerprint sha256:{}; \
+             edge-workers given a token that carries it switch to HTTPS by themselves)",
+            t.ca_fingerprint()
+        ),
+        None => format!(
+            "plain HTTP is refused from {ip}: this conductor serves other hosts only through a \
+             TLS proxy on its own host, or with --insecure-plain"
+        ),
+    };
+    respond_text(
+        raw,
+        "-",
+        Resp::json(403, &json!({ "error": message })).with("Connection", "close"),
+    );
+}
+
 fn headers_of(list: Vec<(&'static str, String)>, content_type: &str) -> Vec<Header> {
     let mut out = Vec::new();
     if let Ok(h) = Header::from_bytes("Content-Type", content_type) {
@@ -401,9 +461,15 @@ fn headers_of(list: Vec<(&'static str, String)>, content_type: &str) -> Vec<Head
     out
 }
 
+/// Tells browsers to use HTTPS for this host from now on (HTTPS answers only).
+const HSTS: &str = "max-age=31536000";
+
 fn respond_text(raw: tiny_http::Request, path: &str, resp: Resp) {
     debug!(method = %raw.method(), path, status = resp.status, "http");
     let mut headers = resp.headers;
+    if raw.secure() {
+        headers.push(("Strict-Transport-Security", HSTS.into()));
+    }
     if resp.content_type == "application/json" {
         headers.push(("Cache-Control", "no-store".into()));
     }
@@ -422,6 +488,9 @@ fn respond_raw(raw: tiny_http::Request, path: &str, resp: RawResp) {
     let mut headers = resp.headers;
     headers.push(("Cache-Control", "no-store".into()));
     headers.push(("X-Content-Type-Options", "nosniff".into()));
+    if raw.secure() {
+        headers.push(("Strict-Transport-Security", HSTS.into()));
+    }
     let Some(len) = resp.len else {
         stream_chunked(raw, resp.status, resp.content_type, headers, resp.body);
         return;

@@ -197,6 +197,34 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         "# HELP aerekos_mirror_dropped_total JSON mirror publishes dropped (MQTT queue full).\n# TYPE aerekos_mirror_dropped_total counter\naerekos_mirror_dropped_total {}",
         c.mirror_dropped.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP aerekos_mqtt_denied_total MQTT publishes and subscribes the embedded broker refused.\n# TYPE aerekos_mqtt_denied_total counter"
+    );
+    let denied = &ctx.shared.mqtt_denied;
+    for (w, who) in crate::broker::DENIED_WHO.iter().enumerate() {
+        for (a, action) in crate::broker::DENIED_ACTION.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "aerekos_mqtt_denied_total{{who=\"{who}\",action=\"{action}\"}} {}",
+                denied.get(w, a)
+            );
+        }
+    }
+    let refused = &ctx.shared.plain_refused;
+    let _ = writeln!(
+        out,
+        "# HELP aerekos_plain_refused_total Plain (non-TLS) connections refused from other hosts.\n# TYPE aerekos_plain_refused_total counter\naerekos_plain_refused_total{{protocol=\"http\"}} {}\naerekos_plain_refused_total{{protocol=\"mqtt\"}} {}",
+        refused.http.load(Ordering::Relaxed),
+        refused.mqtt.load(Ordering::Relaxed)
+    );
+    if let Some(tls) = &ctx.shared.tls {
+        let _ = writeln!(
+            out,
+            "# HELP aerekos_tls_certificate_expiry_seconds When the served certificate expires (Unix time).\n# TYPE aerekos_tls_certificate_expiry_seconds gauge\naerekos_tls_certificate_expiry_seconds {}",
+            tls.current().not_after
+        );
+    }
     Resp {
         status: 200,
         body: out,

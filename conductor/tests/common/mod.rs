@@ -32,6 +32,7 @@ pub fn test_config(dir: &Path) -> Config {
         data_dir: dir.display().to_string(),
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
+        mqtts_listen: "127.0.0.1:0".into(),
         admin_password: Some(ADMIN_PW.into()),
         ..Config::default()
     }
@@ -364,6 +365,39 @@ impl FakeWorker {
         let frame = seal(&self.secret, &self.id, n, body);
         self.raw(&topic(&self.id, kind), frame.clone());
         frame
+    }
+
+    pub fn raw(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .unwrap();
+    }
+}
+
+/// A client with the conductor's own broker login (allowed to publish
+/// anywhere): frames that reach the conductor however they are published,
+/// as on an external broker without ACLs, so its own checks can be tested.
+pub struct Injector {
+    client: Client,
+    _thread: JoinHandle<()>,
+}
+
+impl Injector {
+    pub fn connect(c: &Conductor) -> Injector {
+        let store = conductor::store::Store::open(&c.dir).unwrap();
+        let password = store
+            .setting(conductor::auth::CONDUCTOR_MQTT_PASSWORD)
+            .unwrap()
+            .unwrap();
+        let (client, t) = connect(
+            c.started.mqtt_addr,
+            "conductor-test-injector",
+            conductor::broker::CONDUCTOR_USER,
+            &password,
+            None,
+        )
+        .unwrap();
+        Injector { client, _thread: t }
     }
 
     pub fn raw(&self, topic: &str, payload: Vec<u8>) {
