@@ -275,12 +275,25 @@ pub fn parse(
     }
     if let Some(url) = &config.conductor_url {
         if !url.starts_with("http://") && !url.starts_with("https://") {
-            return Err(invalid("--conductor", url, "expected http://host:port"));
+            return Err(invalid(
+                "--conductor",
+                url,
+                "expected https://host:port (or http:// on the conductor's own host)",
+            ));
+        }
+    }
+    if let Some(token) = &config.token {
+        if let Err(e) = protocol::RegistrationToken::parse(token) {
+            return Err(invalid("--token", "<redacted>", e.to_string()));
         }
     }
     if let Some(url) = &config.mqtt_url {
-        if crate::session::parse_mqtt_url(url).is_none() {
-            return Err(invalid("--mqtt-url", url, "expected mqtt://host:port"));
+        if crate::session::MqttUrl::parse(url).is_none() {
+            return Err(invalid(
+                "--mqtt-url",
+                url,
+                "expected mqtt://host:port or mqtts://host:port",
+            ));
         }
     }
     if let Some(v) = get("--local-api", "AEREKOS_LOCAL_API") {
@@ -503,9 +516,18 @@ mod tests {
             Err(CliError::Invalid { .. })
         ));
         assert!(matches!(
-            p("--mqtt-url mqtts://x"),
+            p("--mqtt-url ws://x"),
             Err(CliError::Invalid { .. })
         ));
+        assert!(p("--mqtt-url mqtts://x").is_ok(), "MQTT over TLS");
+        let cut_short = format!("--token aer_{}.{}", "ab".repeat(32), "cd".repeat(31));
+        match p(&cut_short) {
+            Err(CliError::Invalid { value, reason, .. }) => {
+                assert_eq!(value, "<redacted>", "the token is not echoed");
+                assert!(reason.contains("cut short"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(p("--interval 1s --help"), Ok(Cli::Help));
         assert_eq!(p("-h"), Ok(Cli::Help));
         assert_eq!(p("--version"), Ok(Cli::Version));

@@ -4,8 +4,8 @@
 //!
 //! [`enroll_once`] is blocking (ureq) and must run on a blocking thread;
 //! [`classify`] decides which failures are worth retrying. Limits: one
-//! request has a 15 s overall timeout; plain HTTP only (the agent carries no
-//! TLS stack, see ARCHITECTURE.md).
+//! request has a 15 s overall timeout; `https://` trusts only the CA pinned
+//! in the state dir ([`crate::tls`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -56,6 +56,10 @@ pub struct EnrollResponse {
     /// Metrics interval the conductor suggests, ms.
     #[serde(default)]
     pub interval_ms: Option<u32>,
+    /// The broker's CA (PEM) when it is not the conductor's (an external
+    /// `mqtts://` broker).
+    #[serde(default)]
+    pub mqtt_ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for EnrollResponse {
@@ -96,14 +100,21 @@ pub enum EnrollError {
     #[error("invalid enrolment response: {0}")]
     BadResponse(String),
     /// The conductor URL cannot be used.
-    #[error("invalid conductor URL {0:?} (expected http://host:port)")]
+    #[error("invalid conductor URL {0:?} (expected https://host:port or http://host:port)")]
     BadUrl(String),
+    /// TLS trust could not be established (retried only for network errors).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl EnrollError {
     /// Whether retrying later can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, EnrollError::RateLimited | EnrollError::Unavailable(_))
+        match self {
+            EnrollError::RateLimited | EnrollError::Unavailable(_) => true,
+            EnrollError::Tls(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 }
 
@@ -130,7 +141,7 @@ pub fn classify(status: u16, body: &str) -> Result<EnrollResponse, EnrollError> 
                     "secret is not 64 hex characters".into(),
                 ));
             }
-            if crate::session::parse_mqtt_url(&r.mqtt_url).is_none() {
+            if crate::session::MqttUrl::parse(&r.mqtt_url).is_none() {
                 return Err(EnrollError::BadResponse(format!(
                     "unusable mqtt_url {:?}",
                     r.mqtt_url
@@ -152,26 +163,48 @@ pub fn classify(status: u16, body: &str) -> Result<EnrollResponse, EnrollError> 
     }
 }
 
-/// Sends one enrolment request. Blocking: call from `spawn_blocking`.
+/// Sends one enrolment request (over `https://` trusting only `trust`).
+/// Blocking: call from `spawn_blocking`.
 pub fn enroll_once(
     conductor_url: &str,
     req: &EnrollRequest,
+    trust: Option<&crate::tls::Trust>,
 ) -> Result<EnrollResponse, EnrollError> {
     let base = conductor_url.trim_end_matches('/');
     if !base.starts_with("http://") && !base.starts_with("https://") {
         return Err(EnrollError::BadUrl(conductor_url.to_string()));
     }
     let url = format!("{base}{ENROLL_PATH}");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(5)))
-        .timeout_global(Some(Duration::from_secs(15)))
-        .build()
-        .into();
+    let agent = crate::tls::http_agent(
+        trust,
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(15))),
+    );
     let mut resp = match agent.post(&url).send_json(req) {
         Ok(r) => r,
         Err(ureq::Error::BadUri(e)) => return Err(EnrollError::BadUrl(e)),
-        Err(e) => return Err(EnrollError::Unavailable(e.to_string())),
+        Err(ureq::Error::Tls(e)) => {
+            return Err(crate::tls::TlsError::Handshake {
+                host: base.to_string(),
+                message: crate::tls::explain(e),
+            }
+            .into())
+        }
+        #[cfg(feature = "tls")]
+        Err(ureq::Error::Rustls(e)) => {
+            return Err(crate::tls::TlsError::Handshake {
+                host: base.to_string(),
+                message: crate::tls::explain(&e.to_string()),
+            }
+            .into())
+        }
+        Err(e) => {
+            return Err(EnrollError::Unavailable(crate::tls::explain(
+                &e.to_string(),
+            )))
+        }
     };
     let status = resp.status().as_u16();
     let body = resp
@@ -289,10 +322,10 @@ mod tests {
             worker_id: None,
             proof: None,
         };
-        let e = enroll_once(&format!("http://127.0.0.1:{port}"), &req).unwrap_err();
+        let e = enroll_once(&format!("http://127.0.0.1:{port}"), &req, None).unwrap_err();
         assert!(e.is_retryable(), "{e}");
         assert!(matches!(
-            enroll_once("ftp://x", &req),
+            enroll_once("ftp://x", &req, None),
             Err(EnrollError::BadUrl(_))
         ));
     }

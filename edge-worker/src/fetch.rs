@@ -15,13 +15,44 @@
 //! A cached file is hashed again before every exec
 //! ([`verify_cached`]), and a mismatch deletes it.
 //!
+//! Manifests carry the services' secrets, so they are fetched **sealed**:
+//! `GET /api/v1/agent/sealed-manifests/{name}/{version}` answers the
+//! manifest bytes sealed to this worker ([`protocol::sealed`], context
+//! `manifest:<worker_id>:<name>:<version>`); they are opened with the
+//! worker's secret, then checked against the command's digest as before.
+//! Bytes that do not open are refused ([`FetchError::Sealed`]) and nothing
+//! is deployed. On a plain link (the conductor's loopback, an
+//! `--insecure-plain` LAN) or behind a TLS proxy that logs bodies, the
+//! secrets are therefore never readable.
+//!
+//! **Older conductors** do not know the sealed route: it falls through to
+//! their JSON API, which answers 401 (it wants a bearer token there, not a
+//! worker's authorization), and a conductor without that check would answer
+//! 404. On either status the worker fetches the plaintext route
+//! `GET /api/v1/agent/manifests/{name}/{version}` for that command, and logs
+//! once per conductor, at info, that the conductor is older when that
+//! succeeds. (A current conductor answers both routes alike, so the second
+//! request then fails the same way and its error is reported.)
+//! This fallback is only tolerable because (a) a man in the middle cannot
+//! forge this worker's HTTP authorization for another path (it is an HMAC of
+//! method and path under the worker's secret), so it cannot fetch the
+//! plaintext manifest itself, and (b) plain links are loopback-only unless
+//! the conductor runs with `--insecure-plain`; otherwise the link is HTTPS
+//! to the pinned CA. An *active* attacker on an `--insecure-plain` link can
+//! still answer the sealed request 404 and read the plaintext answer to the
+//! worker's own retry; to narrow that, once this process has opened a sealed
+//! manifest from a conductor URL it never falls back for that URL again (a
+//! 404 or 401 there is then the conductor's real answer; a conductor
+//! downgraded under a running agent needs the agent restarted).
+//!
 //! Limits: a manifest is at most [`protocol::manifest::MAX_MANIFEST_LEN`]
-//! bytes (read with that limit, 30 s per request); an artifact at most
-//! [`MAX_ARTIFACT_LEN`] bytes (its advertised size is checked before the
-//! download starts), 5 s to connect and 60 s without progress. Redirects are
-//! not followed (the authorization header is bound to one path). Plain HTTP
-//! only, like enrolment: the digest carried by the authenticated command is
-//! what makes the bytes trustworthy, not the transport.
+//! bytes (read with that limit, plus [`protocol::sealed::OVERHEAD`] when
+//! sealed; 30 s per request); an artifact at most [`MAX_ARTIFACT_LEN`] bytes
+//! (its advertised size is checked before the download starts), 5 s to
+//! connect and 60 s without progress. Redirects are not followed (the
+//! authorization header is bound to one path). Artifacts hold no secrets:
+//! the digest carried by the authenticated command is what makes their
+//! bytes trustworthy, not the transport.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -29,11 +60,13 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use protocol::manifest::{
     http_auth, valid_service_name, ArtifactRef, Manifest, ManifestError, MAX_MANIFEST_LEN,
 };
+use protocol::sealed::{manifest_context, SealError, OVERHEAD};
 use protocol::{ManifestRef, Secret};
 use sha2::{Digest, Sha256};
 
@@ -41,8 +74,11 @@ use sha2::{Digest, Sha256};
 pub const ARTIFACTS_DIR: &str = "artifacts";
 /// Largest artifact the worker downloads, bytes.
 pub const MAX_ARTIFACT_LEN: u64 = 256 * 1024 * 1024;
-/// Path prefix of manifest downloads.
+/// Path prefix of plaintext manifest downloads (conductors older than
+/// [`SEALED_MANIFEST_PATH`]).
 pub const MANIFEST_PATH: &str = "/api/v1/agent/manifests";
+/// Path prefix of sealed manifest downloads.
+pub const SEALED_MANIFEST_PATH: &str = "/api/v1/agent/sealed-manifests";
 /// Path prefix of artifact downloads.
 pub const ARTIFACT_PATH: &str = "/api/v1/agent/artifacts";
 /// Suffix of a download in progress in the cache dir.
@@ -68,6 +104,10 @@ pub enum FetchError {
     /// The manifest bytes were refused (digest, format, validation).
     #[error("manifest refused: {0}")]
     Manifest(#[from] ManifestError),
+    /// The sealed manifest did not open with this worker's secret and the
+    /// command's name and version.
+    #[error("sealed manifest does not open: wrong worker secret or tampered ({0})")]
+    Sealed(#[source] SealError),
     /// The artifact's bytes do not hash to the digest of the manifest.
     #[error("sha256 mismatch (expected {expected}, got {actual})")]
     Sha256Mismatch {
@@ -102,6 +142,7 @@ impl FetchError {
     pub fn rejection(&self) -> Option<&'static str> {
         match self {
             FetchError::Manifest(ManifestError::DigestMismatch) => Some("manifest digest mismatch"),
+            FetchError::Sealed(_) => Some("sealed manifest does not open"),
             FetchError::Sha256Mismatch { .. } => Some("sha256 mismatch"),
             FetchError::SizeMismatch { .. } => Some("size mismatch"),
             _ => None,
@@ -118,6 +159,8 @@ pub struct Conductor {
     pub worker_id: String,
     /// This worker's frame secret (signs the request).
     pub secret: Secret,
+    /// The pinned CA for `https://` (none: plain HTTP only).
+    pub trust: Option<crate::tls::Trust>,
 }
 
 impl std::fmt::Debug for Conductor {
@@ -139,14 +182,15 @@ impl Conductor {
         if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(FetchError::BadUrl(self.url.clone()));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
-            .timeout_global(global)
-            .build()
-            .into();
+        let agent = crate::tls::http_agent(
+            self.trust.as_ref(),
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .timeout_connect(Some(Duration::from_secs(5)))
+                .timeout_per_read(Some(Duration::from_secs(60)))
+                .timeout_global(global),
+        );
         let auth = http_auth(&self.secret, &self.worker_id, "GET", path);
         let resp = match agent
             .get(format!("{base}{path}"))
@@ -155,7 +199,7 @@ impl Conductor {
         {
             Ok(r) => r,
             Err(ureq::Error::BadUri(e)) => return Err(FetchError::BadUrl(e)),
-            Err(e) => return Err(FetchError::Unavailable(e.to_string())),
+            Err(e) => return Err(FetchError::Unavailable(crate::tls::explain(&e.to_string()))),
         };
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
@@ -175,20 +219,47 @@ impl Conductor {
                 ManifestError::Invalid(format!("invalid service name {:?}", r.name)).into(),
             );
         }
-        let path = format!("{MANIFEST_PATH}/{}/{}", r.name, r.version);
-        let mut resp = self.get(&path, Some(Duration::from_secs(30)))?;
-        let bytes = resp
-            .body_mut()
+        let sealed_path = format!("{SEALED_MANIFEST_PATH}/{}/{}", r.name, r.version);
+        let bytes = match self.read_manifest(&sealed_path, OVERHEAD) {
+            Ok(sealed) => {
+                let context = manifest_context(&self.worker_id, &r.name, r.version);
+                let bytes = protocol::sealed::open(&self.secret, context.as_bytes(), &sealed)
+                    .map_err(FetchError::Sealed)?;
+                remember(&SEALED_SEEN, &self.url);
+                bytes
+            }
+            Err(FetchError::Status {
+                status: 401 | 404, ..
+            }) if !known(&SEALED_SEEN, &self.url) => {
+                let path = format!("{MANIFEST_PATH}/{}/{}", r.name, r.version);
+                let bytes = self.read_manifest(&path, 0)?;
+                if remember(&OLDER_LOGGED, &self.url) {
+                    tracing::info!(
+                        conductor = %self.url,
+                        "the conductor is older than sealed manifests: fetched {path} in plaintext"
+                    );
+                }
+                bytes
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Manifest::decode_verified(&bytes, r)?)
+    }
+
+    /// GETs `path` and reads at most a manifest and `extra` bytes.
+    fn read_manifest(&self, path: &str, extra: usize) -> Result<Vec<u8>, FetchError> {
+        let limit = MAX_MANIFEST_LEN + extra;
+        let mut resp = self.get(path, Some(Duration::from_secs(30)))?;
+        resp.body_mut()
             .with_config()
-            .limit(MAX_MANIFEST_LEN as u64 + 1)
+            .limit(limit as u64 + 1)
             .read_to_vec()
             .map_err(|e| match e {
                 ureq::Error::BodyExceedsLimit(_) => {
-                    FetchError::Manifest(ManifestError::Oversized(MAX_MANIFEST_LEN + 1))
+                    FetchError::Manifest(ManifestError::Oversized(limit + 1))
                 }
                 e => FetchError::Unavailable(format!("reading the manifest: {e}")),
-            })?;
-        Ok(Manifest::decode_verified(&bytes, r)?)
+            })
     }
 
     /// Makes sure the artifact `a` is in the cache under `state_dir`,
@@ -275,6 +346,32 @@ impl Conductor {
         file.sync_all().map_err(FetchError::Cache)?;
         check(a, len, hasher.finalize().into())
     }
+}
+
+/// Conductor URLs this process has opened a sealed manifest from: no
+/// plaintext fallback for them any more. (A list: one URL in practice; a
+/// `BTreeSet` cost the agent 2 KB more.)
+static SEALED_SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Conductor URLs already logged as older (once each).
+static OLDER_LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Adds `url` to `list`; whether it was new.
+fn remember(list: &Mutex<Vec<String>>, url: &str) -> bool {
+    let mut list = list
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let new = !list.iter().any(|u| u == url);
+    if new {
+        list.push(url.to_string());
+    }
+    new
+}
+
+fn known(list: &Mutex<Vec<String>>, url: &str) -> bool {
+    list.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .any(|u| u == url)
 }
 
 fn check(a: &ArtifactRef, len: u64, actual: [u8; 32]) -> Result<(), FetchError> {
@@ -417,6 +514,7 @@ mod tests {
             url: "ftp://x".into(),
             worker_id: "w-1".into(),
             secret: Secret::from_bytes([1; 32]),
+            trust: None,
         };
         let r = ManifestRef {
             name: protocol::frame::bounded("web"),

@@ -37,6 +37,7 @@ pub mod outbox;
 pub mod session;
 pub mod state;
 pub mod supervisor;
+pub mod tls;
 
 pub use enroll::EnrollError;
 pub use outbox::OutboxError;
@@ -203,8 +204,12 @@ pub async fn run(
         (stored, token) => {
             // Re-enrolment rests on the proof of the stored secret; a token is
             // sent too when one is configured.
-            let token = token.unwrap_or_default();
-            let Some(url) = config
+            let token = match token.as_deref().map(protocol::RegistrationToken::parse) {
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => return Err(WorkerError::Config(e.to_string())),
+                None => None,
+            };
+            let Some(mut url) = config
                 .conductor_url
                 .clone()
                 .or_else(|| stored.as_ref().map(|s| s.conductor_url.clone()))
@@ -213,6 +218,30 @@ pub async fn run(
                     "--conductor is required to enrol".into(),
                 ));
             };
+            let pin = token.as_ref().and_then(|t| t.ca_fingerprint);
+            if pin.is_some() {
+                if let Some(rest) = url.strip_prefix("http://") {
+                    // The conductor serves HTTPS and HTTP on one port.
+                    url = format!("https://{rest}");
+                    tracing::info!("the token pins the conductor's CA: enrolling over {url}");
+                }
+            }
+            let trust = tls::Trust::load(&config.state_dir).map_err(tls_config)?;
+            // A stored CA is kept unless the token pins another (a new CA
+            // on the conductor: pinned afresh, by the new fingerprint).
+            let pin = match (&trust, pin) {
+                (Some(t), Some(fp)) if t.fingerprint() == fp => None,
+                (_, pin) => pin,
+            };
+            if url.starts_with("https://") && trust.is_none() && pin.is_none() {
+                return Err(WorkerError::Config(format!(
+                    "{url} is HTTPS but the token carries no CA fingerprint \
+                     (aer_….<64 hex>) and no CA is pinned in {}: use the token the conductor \
+                     printed, or the conductor's loopback address over http://",
+                    config.state_dir.display()
+                )));
+            }
+            let token = token.map(|t| t.secret).unwrap_or_default();
             let machine_id = state::machine_id(config.machine_id.as_deref(), &config.state_dir)?;
             let interval_ms = u32::try_from(config.interval.as_millis()).unwrap_or(u32::MAX);
             let (worker_id, proof) = match &stored {
@@ -238,12 +267,23 @@ pub async fn run(
                 proof,
             };
             let span = tracing::info_span!("enrol", conductor = %url);
-            let Some(resp) = enroll_with_retry(&url, request, shutdown.as_mut())
+            let first = FirstContact {
+                url: url.clone(),
+                state_dir: config.state_dir.clone(),
+                trust,
+                pin,
+            };
+            let Some(resp) = enroll_with_retry(first, request, shutdown.as_mut())
                 .instrument(span)
                 .await?
             else {
                 return Ok(());
             };
+            if let Some(pem) = &resp.mqtt_ca_pem {
+                let saved = tls::der_of_pem(pem)
+                    .and_then(|der| tls::save_ca(&config.state_dir, tls::BROKER_CA_FILE, &der));
+                saved.map_err(tls_config)?;
+            }
             if let Some(ms) = resp.interval_ms {
                 if u128::from(ms) != config.interval.as_millis() {
                     tracing::info!(
@@ -282,6 +322,7 @@ pub async fn run(
         path: config.state_dir.join(state::STATE_FILE),
         reason: e.to_string(),
     })?;
+    let trust = tls::Trust::load(&config.state_dir).map_err(tls_config)?;
     let worker_id = state.worker_id.clone();
     let mqtt_url = config
         .mqtt_url
@@ -361,6 +402,7 @@ pub async fn run(
         store,
         secret,
         mqtt_url,
+        trust,
         outbox,
         inventory,
         disks,
@@ -386,19 +428,53 @@ pub async fn run(
     result
 }
 
+fn tls_config(e: tls::TlsError) -> WorkerError {
+    WorkerError::Config(e.to_string())
+}
+
+/// How to reach the conductor for enrolment.
+struct FirstContact {
+    url: String,
+    state_dir: PathBuf,
+    /// The CA pinned earlier, if any.
+    trust: Option<tls::Trust>,
+    /// A fingerprint to pin (and store) before enrolling.
+    pin: Option<protocol::Fingerprint>,
+}
+
+impl FirstContact {
+    /// Pins the CA if asked to, then enrols. Blocking.
+    fn enroll(
+        &self,
+        request: &enroll::EnrollRequest,
+    ) -> Result<enroll::EnrollResponse, EnrollError> {
+        let trust = match &self.pin {
+            Some(fp) if self.url.starts_with("https://") => {
+                let der = tls::pin_conductor_ca(&self.url, fp)?;
+                tls::save_ca(&self.state_dir, tls::CA_FILE, &der)?;
+                tracing::info!(ca_fingerprint = %fp, "pinned the conductor's CA");
+                tls::Trust::load(&self.state_dir)?
+            }
+            _ => self.trust.clone(),
+        };
+        enroll::enroll_once(&self.url, request, trust.as_ref())
+    }
+}
+
 /// Enrols, retrying what can be retried (conductor down, 5xx, 429) with
 /// backoff 1 s → 60 s plus jitter. `Ok(None)` if `shutdown` fired first.
 async fn enroll_with_retry(
-    url: &str,
+    first: FirstContact,
     request: enroll::EnrollRequest,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<enroll::EnrollResponse>, WorkerError> {
     let mut backoff = backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut attempt: u32 = 0;
+    let first = std::sync::Arc::new(first);
     loop {
         attempt += 1;
-        let (u, r) = (url.to_string(), request.clone());
-        let call = tokio::task::spawn_blocking(move || enroll::enroll_once(&u, &r));
+        let (f, r) = (first.clone(), request.clone());
+        let call = tokio::task::spawn_blocking(move || f.enroll(&r));
         let result = tokio::select! {
             () = &mut shutdown => return Ok(None),
             r = call => r.map_err(|e| WorkerError::Task(e.to_string()))?,

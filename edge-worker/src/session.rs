@@ -102,36 +102,51 @@ pub const STORED_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
 
-/// Parses `mqtt://host:port`, `tcp://host:port` or `host:port` (port
-/// defaults to 1883). `None` for other schemes (no TLS in the agent).
-pub fn parse_mqtt_url(url: &str) -> Option<(String, u16)> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) => rest,
-        Some(_) => return None,
-        None => url,
-    };
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return None;
-    }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok()?,
-            None if after.is_empty() => 1883,
-            None => return None,
+/// A broker URL: `mqtt://host:port`, `tcp://host:port` or `host:port`
+/// (port 1883), or `mqtts://host:port` / `ssl://…` (MQTT over TLS, port 8883).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttUrl {
+    /// Host name or address (`[v6]` in brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// MQTT over TLS.
+    pub tls: bool,
+}
+
+impl MqttUrl {
+    /// Parses a broker URL; `None` for other schemes, user info or paths.
+    pub fn parse(url: &str) -> Option<MqttUrl> {
+        let (tls, rest) = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (false, rest),
+            Some(("mqtts" | "ssl", rest)) => (true, rest),
+            Some(_) => return None,
+            None => (false, url),
         };
-        (format!("[{h}]"), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse().ok()?),
-            None => (rest.to_string(), 1883),
+        let default_port = if tls { 8883 } else { 1883 };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+            return None;
         }
-    };
-    if host.is_empty() || port == 0 {
-        return None;
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6.split_once(']')?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().ok()?,
+                None if after.is_empty() => default_port,
+                None => return None,
+            };
+            (format!("[{h}]"), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().ok()?),
+                None => (rest.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || port == 0 {
+            return None;
+        }
+        Some(MqttUrl { host, port, tls })
     }
-    Some((host, port))
 }
 
 /// Keep-alive for a metrics interval: `max(5 s, 2 × interval)`, at most 30 s.
@@ -146,6 +161,8 @@ pub(crate) struct SessionParams {
     pub store: StateStore,
     pub secret: Secret,
     pub mqtt_url: String,
+    /// The pinned CA(s), for `mqtts://` and HTTPS downloads.
+    pub trust: Option<crate::tls::Trust>,
     pub outbox: Outbox,
     pub inventory: Inventory,
     pub disks: HVec<Disk, MAX_DISKS>,
@@ -328,6 +345,35 @@ enum Fetched {
     Artifact(Manifest, [u8; 32], Result<(PathBuf, bool), FetchError>),
 }
 
+/// The transport for `mqtts://`: TLS trusting only the pinned CA(s).
+fn mqtt_tls(
+    trust: Option<&crate::tls::Trust>,
+    url: &str,
+) -> Result<rumqttc::Transport, WorkerError> {
+    #[cfg(feature = "tls")]
+    {
+        let Some(t) = trust else {
+            return Err(WorkerError::Config(format!(
+                "{url}: MQTT over TLS needs the conductor's CA, pinned at enrolment: enrol again \
+                 (--reenroll) with a token that carries its fingerprint"
+            )));
+        };
+        let config = t
+            .mqtt_client_config()
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
+        Ok(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(config),
+        ))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = trust;
+        Err(WorkerError::Config(
+            crate::tls::TlsError::NotBuilt(url.into()).to_string(),
+        ))
+    }
+}
+
 /// A finished download step of one `DeployManifest` or `InstallManifest`
 /// command.
 struct DeployJob {
@@ -347,10 +393,13 @@ pub(crate) async fn run(
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), WorkerError> {
     let id = p.store.state().worker_id.clone();
-    let (host, port) = parse_mqtt_url(&p.mqtt_url)
+    let url = MqttUrl::parse(&p.mqtt_url)
         .ok_or_else(|| WorkerError::Config(format!("unusable MQTT URL {:?}", p.mqtt_url)))?;
     let topics = Topics::new(&id);
-    let mut opts = MqttOptions::new(id.clone(), host, port);
+    let mut opts = MqttOptions::new(id.clone(), url.host.clone(), url.port);
+    if url.tls {
+        opts.set_transport(mqtt_tls(p.trust.as_ref(), &p.mqtt_url)?);
+    }
     opts.set_keep_alive(keep_alive(p.interval))
         .set_clean_session(true)
         .set_inflight(2 * WINDOW as u16)
@@ -383,6 +432,7 @@ pub(crate) async fn run(
         url: st.conductor_url.clone(),
         worker_id: id.clone(),
         secret: p.secret.clone(),
+        trust: p.trust.clone(),
     };
 
     let mut s = Session {
@@ -1143,6 +1193,11 @@ mod tests {
 
     #[test]
     fn mqtt_urls() {
+        let parse_mqtt_url = |u: &str| {
+            MqttUrl::parse(u)
+                .filter(|u| !u.tls)
+                .map(|u| (u.host, u.port))
+        };
         assert_eq!(
             parse_mqtt_url("mqtt://127.0.0.1:1884"),
             Some(("127.0.0.1".into(), 1884))
@@ -1155,6 +1210,15 @@ mod tests {
         assert_eq!(parse_mqtt_url("mqtt://[::1]:7"), Some(("[::1]".into(), 7)));
         assert_eq!(parse_mqtt_url("mqtt://[::1]"), Some(("[::1]".into(), 1883)));
         assert_eq!(parse_mqtt_url("mqtts://x:8883"), None);
+        assert_eq!(
+            MqttUrl::parse("mqtts://x"),
+            Some(MqttUrl {
+                host: "x".into(),
+                port: 8883,
+                tls: true
+            })
+        );
+        assert_eq!(MqttUrl::parse("ssl://x:1").map(|u| u.tls), Some(true));
         assert_eq!(parse_mqtt_url("ws://x"), None);
         assert_eq!(parse_mqtt_url("mqtt://"), None);
         assert_eq!(parse_mqtt_url("mqtt://x:notaport"), None);

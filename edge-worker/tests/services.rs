@@ -152,10 +152,19 @@ struct Served {
     /// Requests per path that were authorised.
     hits: HashMap<String, usize>,
     unauthorised: usize,
+    /// Bytes answered as-is on the sealed route (e.g. tampered), by
+    /// `/name/version`, instead of the manifest sealed here.
+    sealed_bytes: HashMap<String, Vec<u8>>,
+    /// Play a conductor older than sealed manifests: answer the sealed route
+    /// with this status (a real older conductor says 401: the path falls
+    /// through to its bearer-token API).
+    sealed_route_status: Option<u16>,
 }
 
-/// A tiny_http server answering `/api/v1/agent/{manifests,artifacts}/…`
-/// for worker [`ID`], checking its `Authorization` header.
+/// A tiny_http server answering `/api/v1/agent/{manifests,
+/// sealed-manifests,artifacts}/…` for worker [`ID`], checking its
+/// `Authorization` header; on the sealed route it seals the manifest to the
+/// worker as the conductor does.
 struct TestConductor {
     url: String,
     id: String,
@@ -197,7 +206,20 @@ impl TestConductor {
                     continue;
                 }
                 *st.hits.entry(path.clone()).or_default() += 1;
-                let body = if let Some(rest) = path.strip_prefix(fetch::MANIFEST_PATH) {
+                let body = if let Some(rest) = path.strip_prefix(fetch::SEALED_MANIFEST_PATH) {
+                    if let Some(status) = st.sealed_route_status {
+                        drop(st);
+                        let _ = req.respond(tiny_http::Response::empty(status));
+                        continue;
+                    }
+                    match st.sealed_bytes.get(rest) {
+                        Some(b) => Some(b.clone()),
+                        None => st
+                            .manifests
+                            .get(rest)
+                            .map(|m| seal_manifest(&secret(), &worker, rest, m)),
+                    }
+                } else if let Some(rest) = path.strip_prefix(fetch::MANIFEST_PATH) {
                     st.manifests.get(rest).cloned()
                 } else if let Some(rest) = path.strip_prefix(fetch::ARTIFACT_PATH) {
                     st.artifacts.get(rest.trim_start_matches('/')).cloned()
@@ -237,6 +259,31 @@ impl TestConductor {
         r
     }
 
+    /// Answers the sealed route for `name`/`version` with `bytes` as they are.
+    fn put_sealed_bytes(&self, name: &str, version: u32, bytes: Vec<u8>) {
+        self.served
+            .lock()
+            .unwrap()
+            .sealed_bytes
+            .insert(format!("/{name}/{version}"), bytes);
+    }
+
+    /// Plays an older conductor: the sealed route answers `status`.
+    fn sealed_route_answers(&self, status: Option<u16>) {
+        self.served.lock().unwrap().sealed_route_status = status;
+    }
+
+    /// Authorised requests for `path` so far.
+    fn hits(&self, path: &str) -> usize {
+        self.served
+            .lock()
+            .unwrap()
+            .hits
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn put_artifact(&self, sha256: &[u8; 32], bytes: Vec<u8>) {
         self.served
             .lock()
@@ -261,6 +308,7 @@ impl TestConductor {
             url: self.url.clone(),
             worker_id: self.id.clone(),
             secret: secret(),
+            trust: None,
         }
     }
 }
@@ -272,6 +320,16 @@ impl Drop for TestConductor {
             let _ = t.join();
         }
     }
+}
+
+/// `bytes` sealed to worker `id` as the conductor's sealed route answers
+/// manifest `rest` (`/name/version`), under a fresh random nonce.
+fn seal_manifest(secret: &Secret, id: &str, rest: &str, bytes: &[u8]) -> Vec<u8> {
+    let (name, version) = rest.trim_start_matches('/').split_once('/').unwrap();
+    let context = protocol::sealed::manifest_context(id, name, version.parse().unwrap());
+    let mut nonce = [0u8; protocol::sealed::NONCE_LEN];
+    getrandom::fill(&mut nonce).unwrap();
+    protocol::sealed::seal(secret, context.as_bytes(), bytes, nonce).unwrap()
 }
 
 fn manifest_ref(m: &Manifest) -> ManifestRef {
@@ -1915,4 +1973,223 @@ fn containers_are_found_again_after_a_restart_and_orphans_are_removed() {
     sup.remove("keep").unwrap();
     wait_removed(&mut sup, "keep");
     assert_eq!(container_running(&ours), None);
+}
+
+// ---------------------------------------------------------------------------
+// Sealed manifests: opened with the worker's secret, tampered ones refused,
+// older conductors (no sealed route) served in plaintext.
+
+fn sealed_path(name: &str, version: u32) -> String {
+    format!("{}/{name}/{version}", fetch::SEALED_MANIFEST_PATH)
+}
+
+fn plain_path(name: &str, version: u32) -> String {
+    format!("{}/{name}/{version}", fetch::MANIFEST_PATH)
+}
+
+#[test]
+fn sealed_manifests_are_opened_refused_when_tampered_and_older_conductors_fall_back() {
+    let mut m = command("vault", 1, &["sleep", "1000"]);
+    m.secrets
+        .insert("DB_PASSWORD".into(), "sealed-s3cret".into());
+    let bytes = m.encode().unwrap();
+    let r = manifest_ref(&m);
+
+    // Fetched sealed, opened, digest-checked: the plaintext route is unused.
+    let http = TestConductor::start();
+    http.put_manifest(&m);
+    let c = http.conductor();
+    assert_eq!(c.fetch_manifest(&r).unwrap(), m);
+    assert_eq!(http.hits(&sealed_path("vault", 1)), 1);
+    assert_eq!(http.hits(&plain_path("vault", 1)), 0);
+
+    // What does not open is refused, naming the cause, and never falls back:
+    // a byte changed, sealed for another worker, another version, another
+    // secret, cut short, an unknown format.
+    let good = seal_manifest(&secret(), ID, "/vault/1", &bytes);
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    let other_secret = Secret::from_bytes([0x3d; 32]);
+    let mut other_format = good.clone();
+    other_format[0] = 2;
+    for (what, sealed) in [
+        ("a flipped byte", flipped),
+        (
+            "another worker",
+            seal_manifest(&secret(), "w-other", "/vault/1", &bytes),
+        ),
+        (
+            "another version",
+            seal_manifest(&secret(), ID, "/vault/2", &bytes),
+        ),
+        (
+            "another secret",
+            seal_manifest(&other_secret, ID, "/vault/1", &bytes),
+        ),
+        ("cut short", good[..20].to_vec()),
+        ("an unknown format", other_format),
+        ("the plaintext", bytes.clone()),
+    ] {
+        http.put_sealed_bytes("vault", 1, sealed);
+        let e = c.fetch_manifest(&r).unwrap_err();
+        assert!(matches!(e, fetch::FetchError::Sealed(_)), "{what}: {e:?}");
+        assert!(
+            e.to_string()
+                .contains("sealed manifest does not open: wrong worker secret or tampered"),
+            "{what}: {e}"
+        );
+        assert_eq!(e.rejection(), Some("sealed manifest does not open"));
+    }
+    assert_eq!(http.hits(&plain_path("vault", 1)), 0, "no fallback");
+    // Opened, but not the bytes the command names: the digest still decides.
+    let mut evil = m.clone();
+    evil.secrets.insert("DB_PASSWORD".into(), "swapped".into());
+    http.put_sealed_bytes(
+        "vault",
+        1,
+        seal_manifest(&secret(), ID, "/vault/1", &evil.encode().unwrap()),
+    );
+    let e = c.fetch_manifest(&r).unwrap_err();
+    assert_eq!(e.rejection(), Some("manifest digest mismatch"), "{e}");
+
+    // This conductor has served a sealed manifest: a 404 or 401 on the sealed
+    // route from it now is final, never a reason to ask in plaintext.
+    for status in [404, 401] {
+        http.sealed_route_answers(Some(status));
+        let e = c.fetch_manifest(&r).unwrap_err();
+        assert!(
+            matches!(&e, fetch::FetchError::Status { status: s, path } if *s == status && path.contains("sealed-manifests")),
+            "{e:?}"
+        );
+    }
+    assert_eq!(http.hits(&plain_path("vault", 1)), 0, "no downgrade");
+
+    // Conductors older than the sealed route, never seen to seal: a 404 (an
+    // unknown route) or a 401 (what a real older conductor answers: the path
+    // falls through to its bearer-token API) falls back to the plaintext
+    // route, still digest-checked.
+    for status in [404, 401] {
+        let old = TestConductor::start();
+        old.sealed_route_answers(Some(status));
+        old.put_manifest(&m);
+        assert_eq!(old.conductor().fetch_manifest(&r).unwrap(), m, "{status}");
+        assert_eq!(old.hits(&sealed_path("vault", 1)), 1);
+        assert_eq!(old.hits(&plain_path("vault", 1)), 1);
+        old.put_manifest_bytes("vault", 1, evil.encode().unwrap());
+        let e = old.conductor().fetch_manifest(&r).unwrap_err();
+        assert_eq!(e.rejection(), Some("manifest digest mismatch"), "{e}");
+        // Not there on either route: the plaintext route's answer is reported.
+        let r9 = ManifestRef {
+            version: 9,
+            ..r.clone()
+        };
+        let e = old.conductor().fetch_manifest(&r9).unwrap_err();
+        assert!(
+            matches!(&e, fetch::FetchError::Status { status: 404, path } if path == &plain_path("vault", 9)),
+            "{e:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sealed_manifest_that_does_not_open_is_refused_and_nothing_is_installed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker")).await;
+    let http = TestConductor::start();
+    let state_dir = tmp.path().join("state");
+    write_state(
+        &state_dir,
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        &http.url,
+    );
+    let (m1, m2) = (unique(), unique());
+    let _reaper = Reaper(vec![m1.clone(), m2.clone()]);
+    let mut sub = Sub::connect(broker.port).await;
+    let mut cfg = WorkerConfig::new(&state_dir);
+    cfg.interval = Duration::from_millis(500);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(run(cfg, async move {
+        let _ = stopped.await;
+    }));
+    sub.until(10, "a birth", |b| matches!(b, Body::Birth(_)))
+        .await;
+
+    // Sealed with another secret (a conductor that is not ours, or bytes
+    // changed on the way): refused, reported, nothing run or stored.
+    let mut vault = command("vault", 1, &["sleep", &m1]);
+    vault
+        .secrets
+        .insert("DB_PASSWORD".into(), "sealed-s3cret".into());
+    let r = http.put_manifest(&vault);
+    http.put_sealed_bytes(
+        "vault",
+        1,
+        seal_manifest(
+            &Secret::from_bytes([0x3d; 32]),
+            ID,
+            "/vault/1",
+            &vault.encode().unwrap(),
+        ),
+    );
+    let seen = sub
+        .command(
+            1,
+            Action::DeployManifest(r.clone()),
+            15,
+            "the refusal",
+            |seen| seen.reply.is_some() && !seen.events.is_empty(),
+        )
+        .await;
+    let (status, detail) = seen.reply.clone().unwrap();
+    assert_eq!(status, ReplyStatus::Error, "{detail}");
+    assert!(
+        detail.contains("sealed manifest does not open: wrong worker secret or tampered"),
+        "{detail}"
+    );
+    assert_eq!(
+        seen.events[0],
+        (
+            EventKind::ArtifactRejected,
+            "vault: sealed manifest does not open".into()
+        )
+    );
+    assert!(
+        seen.status("vault", ServiceState::Running).is_none(),
+        "{seen:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(procs_with(&m1).is_empty(), "nothing executed");
+    let saved = fs::read_to_string(state_dir.join("services.json")).unwrap_or_default();
+    assert!(
+        !saved.contains("sealed-s3cret") && !saved.contains(&m1),
+        "nothing installed: {saved}"
+    );
+    assert_eq!(http.hits(&plain_path("vault", 1)), 0, "no plaintext fetch");
+
+    // The conductor's own sealing: deployed and run, with its secret.
+    let mut vault2 = command("vault", 2, &["sleep", &m2]);
+    vault2
+        .secrets
+        .insert("DB_PASSWORD".into(), "sealed-s3cret".into());
+    let r2 = http.put_manifest(&vault2);
+    let seen = sub
+        .command(2, Action::DeployManifest(r2), 15, "vault running", |seen| {
+            seen.reply.is_some() && seen.status("vault", ServiceState::Running).is_some()
+        })
+        .await;
+    assert_eq!(seen.reply.as_ref().unwrap().0, ReplyStatus::Ok, "{seen:?}");
+    let pid = seen.status("vault", ServiceState::Running).unwrap().pid;
+    wait_procs_async(&m2, &[pid]).await;
+    assert_eq!(http.hits(&sealed_path("vault", 2)), 1);
+    assert_eq!(http.hits(&plain_path("vault", 2)), 0);
+    sub.command(
+        3,
+        Action::Remove(bounded("vault")),
+        15,
+        "vault removed",
+        |seen| seen.status("vault", ServiceState::Removed).is_some(),
+    )
+    .await;
+    stop_worker(stop, worker).await;
 }
