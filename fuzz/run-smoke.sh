@@ -15,7 +15,7 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=${FUZZ_SECONDS:-20}
-targets=${FUZZ_TARGETS:-"frame manifest topic text local_api_request"}
+targets=${FUZZ_TARGETS:-"frame manifest topic text local_api_request enrolment"}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "installing cargo-fuzz"

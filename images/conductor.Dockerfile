@@ -22,12 +22,15 @@ COPY --chown=65532:65532 state/ /data/
 ENV AEREKOS_DATA_DIR=/data \
     AEREKOS_HTTP_LISTEN=0.0.0.0:3000 \
     AEREKOS_MQTT_LISTEN=0.0.0.0:1883 \
+    AEREKOS_MQTTS_LISTEN=0.0.0.0:8883 \
     SQLITE_TMPDIR=/data \
     NO_COLOR=1
 
 USER 65532:65532
 VOLUME ["/data"]
-# 3000: HTTP API (enrolment, fleet, Prometheus); 1883: embedded MQTT broker.
-EXPOSE 3000 1883
+# 3000: HTTPS (and plain HTTP for loopback) API, dashboard, enrolment, Prometheus;
+# 8883: embedded broker, MQTT over TLS; 1883: plain MQTT (other hosts only
+# with AEREKOS_INSECURE_PLAIN=true: from outside the container nothing is loopback).
+EXPOSE 3000 8883 1883
 ENTRYPOINT ["/usr/local/bin/conductor"]
 CMD ["serve"]

@@ -224,7 +224,82 @@ pub fn http() -> ureq::Agent {
         .into()
 }
 
-fn read(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
+/// Like [`http`], for `https://` trusting only the CA in `ca_pem` (PEM).
+pub fn https(ca_pem: &str) -> ureq::Agent {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA PEM");
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+            ureq::tls::Certificate::from_der(ca.as_ref()).to_owned(),
+        ])))
+        .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .build();
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(15)))
+        .tls_config(tls)
+        .build()
+        .into()
+}
+
+/// A rustls client configuration trusting only the CA in `ca_pem`.
+pub fn tls_client_config(ca_pem: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("CA PEM")).expect("CA");
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// The remote addresses of the established TCP connections process `pid`
+/// holds (from `/proc/<pid>/fd` and `/proc/net/tcp{,6}`; IPv4 peers only).
+pub fn tcp_peers_of(pid: u32) -> Vec<SocketAddr> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let mut peers = Vec::new();
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+        if f.len() < 10 || f[3] != "01" || !inodes.contains(f[9]) {
+            continue;
+        }
+        if let Some((ip, port)) = f[2].split_once(':') {
+            if let (Ok(ip), Ok(port)) = (u32::from_str_radix(ip, 16), u16::from_str_radix(port, 16))
+            {
+                // /proc prints the in-memory (network order) address as a
+                // host-order number.
+                let ip = std::net::Ipv4Addr::from(ip.to_ne_bytes());
+                peers.push(SocketAddr::from((ip, port)));
+            }
+        }
+    }
+    peers
+}
+
+/// Reads a response into (status, JSON or text).
+pub fn read(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
     match resp {
         Ok(mut r) => {
             let status = r.status().as_u16();
@@ -251,6 +326,11 @@ pub struct Conductor {
     pub http: SocketAddr,
     /// MQTT address the conductor serves (embedded) or uses (external).
     pub mqtt: SocketAddr,
+    /// The embedded broker's MQTT-over-TLS address (none with `--no-tls`
+    /// or an external broker).
+    pub mqtts: Option<SocketAddr>,
+    /// SHA-256 of the CA the conductor's TLS chain ends in.
+    pub ca_fingerprint: Option<String>,
     /// Admin bearer token.
     pub admin: String,
 }
@@ -278,18 +358,18 @@ impl Conductor {
             data_dir.to_path_buf(),
             args,
             env,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
+            ["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"],
         )
     }
 
+    /// `listen`: HTTP, MQTT and MQTT-over-TLS listen addresses.
     fn spawn(
         data_dir: PathBuf,
         args: Vec<String>,
         env: Vec<(String, String)>,
-        http: &str,
-        mqtt: &str,
+        listen: [&str; 3],
     ) -> Conductor {
+        let [http, mqtt, mqtts] = listen;
         fs::create_dir_all(&data_dir).unwrap();
         let runtime = data_dir.join("runtime.json");
         let _ = fs::remove_file(&runtime);
@@ -297,6 +377,7 @@ impl Conductor {
         cmd.arg("--data-dir")
             .arg(&data_dir)
             .args(["--http-listen", http, "--mqtt-listen", mqtt])
+            .args(["--mqtts-listen", mqtts])
             .args(&args)
             .env("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("RUST_LOG", "info")
@@ -319,6 +400,8 @@ impl Conductor {
         };
         let http: SocketAddr = info["http_addr"].as_str().unwrap().parse().unwrap();
         let mqtt: SocketAddr = info["mqtt_addr"].as_str().unwrap().parse().unwrap();
+        let mqtts = info["mqtts_addr"].as_str().map(|a| a.parse().unwrap());
+        let ca_fingerprint = info["ca_fingerprint"].as_str().map(str::to_string);
         let mut c = Conductor {
             proc,
             data_dir,
@@ -326,6 +409,8 @@ impl Conductor {
             env,
             http,
             mqtt,
+            mqtts,
+            ca_fingerprint,
             admin: String::new(),
         };
         let (status, body) = c.post(
@@ -337,17 +422,40 @@ impl Conductor {
         c
     }
 
+    /// Starts a conductor listening on `listen` (HTTP, MQTT, MQTT over
+    /// TLS), e.g. `0.0.0.0:<port>` to be reached from another address.
+    pub fn start_on(data_dir: &Path, args: &[&str], listen: [&str; 3]) -> Conductor {
+        Conductor::spawn(
+            data_dir.to_path_buf(),
+            args.iter().map(|s| s.to_string()).collect(),
+            Vec::new(),
+            listen,
+        )
+    }
+
+    /// The fleet CA certificate (PEM) the conductor made.
+    pub fn ca_pem(&self) -> String {
+        fs::read_to_string(self.data_dir.join("tls").join("ca.pem")).expect("tls/ca.pem")
+    }
+
+    /// `https://127.0.0.1:<port>` of the HTTP API (same port as plain).
+    pub fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.http.port())
+    }
+
     /// `kill -9` then start again on the same data dir and the same ports
     /// (workers keep the URLs they enrolled with).
     pub fn restart_after_kill9(&mut self) {
         self.proc.kill9();
         let (http, mqtt) = (self.http.to_string(), self.mqtt.to_string());
+        let mqtts = self
+            .mqtts
+            .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
         let next = Conductor::spawn(
             self.data_dir.clone(),
             self.args.clone(),
             self.env.clone(),
-            &http,
-            &mqtt,
+            [&http, &mqtt, &mqtts],
         );
         *self = next;
     }
@@ -688,11 +796,125 @@ impl Mosquitto {
     }
 }
 
+/// A Mosquitto with a TLS listener (its own CA, made here) and the
+/// dynamic-security plugin, whose admin the conductor logs in as: the
+/// external-broker set-up `conductor mosquitto-config` describes.
+#[derive(Debug)]
+pub struct SecureMosquitto {
+    /// The process.
+    pub proc: Proc,
+    /// The TLS port (127.0.0.1).
+    pub port: u16,
+    /// The CA (PEM) the broker's certificate is signed by.
+    pub ca_pem: String,
+    /// Where the CA is, for `--mqtt-ca`.
+    pub ca_file: PathBuf,
+}
+
+/// The dynamic-security admin [`SecureMosquitto`] creates.
+pub const MOSQUITTO_ADMIN: (&str, &str) = ("conductor", "mosquitto-admin-pw");
+
+impl SecureMosquitto {
+    /// Starts one in `dir`; `None` (after a message) when the plugin or
+    /// `mosquitto_ctrl` is missing, unless `AEREKOS_REQUIRE_MOSQUITTO=1`.
+    pub fn start(dir: &Path) -> Option<SecureMosquitto> {
+        let plugin = [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib",
+        ]
+        .iter()
+        .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+        .find(|p| p.is_file());
+        let ctrl = Path::new("/usr/bin/mosquitto_ctrl");
+        let (Some(plugin), true) = (plugin, ctrl.is_file()) else {
+            assert!(
+                std::env::var("AEREKOS_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
+                "the dynamic-security plugin or mosquitto_ctrl is missing (apt-get install mosquitto)"
+            );
+            eprintln!("SKIP: Mosquitto's dynamic-security plugin or mosquitto_ctrl is missing");
+            return None;
+        };
+        fs::create_dir_all(dir).unwrap();
+        // A CA and a server certificate for 127.0.0.1.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test broker CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let ca_file = dir.join("ca.pem");
+        fs::write(&ca_file, ca.pem()).unwrap();
+        fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+        fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+        let dynsec = dir.join("dynamic-security.json");
+        let out = Command::new(ctrl)
+            .args(["dynsec", "init"])
+            .arg(&dynsec)
+            .args([MOSQUITTO_ADMIN.0, MOSQUITTO_ADMIN.1])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mosquitto_ctrl dynsec init: {out:?}");
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        fs::write(
+            &conf,
+            format!(
+                "user root\nper_listener_settings false\nallow_anonymous false\nplugin {}\nplugin_opt_config_file {}\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nset_tcp_nodelay true\nlog_dest stdout\n",
+                plugin.display(),
+                dynsec.display(),
+                ca_file.display(),
+                dir.join("server.pem").display(),
+                dir.join("server.key").display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(mosquitto_bin());
+        cmd.arg("-c").arg(&conf);
+        let proc = Proc::spawn(cmd, dir.join("mosquitto.log"));
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for("mosquitto (TLS) to listen", Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        });
+        Some(SecureMosquitto {
+            proc,
+            port,
+            ca_pem: ca.pem(),
+            ca_file,
+        })
+    }
+
+    /// The conductor's `--mqtt-url`, as the dynamic-security admin.
+    pub fn conductor_url(&self) -> String {
+        format!(
+            "mqtts://{}:{}@127.0.0.1:{}",
+            MOSQUITTO_ADMIN.0, MOSQUITTO_ADMIN.1, self.port
+        )
+    }
+
+    /// The broker's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
 /// A plain MQTT client for sniffing and forging.
 pub struct MqttClient {
     /// The client.
     pub client: rumqttc::Client,
     rx: std::sync::mpsc::Receiver<(String, Vec<u8>, bool)>,
+    /// Return codes of each SUBACK, in order.
+    subacks: std::sync::mpsc::Receiver<Vec<rumqttc::SubscribeReasonCode>>,
+    /// Set when the connection broke after the ConnAck.
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for MqttClient {
@@ -717,7 +939,32 @@ impl MqttClient {
         login: Option<(&str, &str)>,
         filters: &[&str],
     ) -> Option<Self> {
+        MqttClient::connect_full(addr, client_id, login, filters, None)
+    }
+
+    /// Connects over TLS trusting the CA in `ca_pem`.
+    pub fn connect_tls(
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        ca_pem: &str,
+    ) -> Option<Self> {
+        MqttClient::connect_full(addr, client_id, login, &[], Some(tls_client_config(ca_pem)))
+    }
+
+    fn connect_full(
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        filters: &[&str],
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Option<Self> {
         let mut opts = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        if let Some(config) = tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config),
+            ));
+        }
         if !filters.is_empty() {
             opts.set_clean_session(false);
         }
@@ -730,11 +977,19 @@ impl MqttClient {
         let (client, mut conn) = rumqttc::Client::new(opts, 1000);
         let (tx, rx) = std::sync::mpsc::channel();
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        let (suback_tx, subacks) = std::sync::mpsc::channel();
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped_flag = dropped.clone();
         let resubscriber = client.clone();
         std::thread::spawn(move || {
+            let mut connected = false;
             for ev in conn.iter() {
                 match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) => {
+                        let _ = suback_tx.send(a.return_codes);
+                    }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                        connected = true;
                         for f in &filters {
                             let _ = resubscriber.try_subscribe(f, rumqttc::QoS::AtLeastOnce);
                         }
@@ -756,6 +1011,9 @@ impl MqttClient {
                     Err(_) => {
                         // Before the first ConnAck this reports failure to
                         // `connect`; afterwards the connection retries.
+                        if connected {
+                            dropped_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
                         let _ = ack_tx.send(false);
                         std::thread::sleep(Duration::from_millis(200));
                     }
@@ -763,9 +1021,30 @@ impl MqttClient {
             }
         });
         match ack_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(true) => Some(MqttClient { client, rx }),
+            Ok(true) => Some(MqttClient {
+                client,
+                rx,
+                subacks,
+                dropped,
+            }),
             _ => None,
         }
+    }
+
+    /// Subscribes and returns the SUBACK's return codes.
+    pub fn subscribe_acked(&self, filter: &str) -> Vec<rumqttc::SubscribeReasonCode> {
+        while self.subacks.try_recv().is_ok() {}
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .unwrap();
+        self.subacks
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a SUBACK")
+    }
+
+    /// Whether the broker closed the connection after it was established.
+    pub fn was_dropped(&self) -> bool {
+        self.dropped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Subscribes (QoS 1) and gives the broker a moment to register it.

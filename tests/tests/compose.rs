@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e::{free_port, http, static_test_service_bin, wait_for};
+use e2e::{free_port, http, https, static_test_service_bin, wait_for};
 use serde_json::{json, Value};
 
 const ADMIN_PASSWORD: &str = "compose-admin-password-Jw3";
@@ -309,6 +309,28 @@ impl Project {
     }
 
     /// `down -v`, then checks that no container or volume of the project is left.
+    /// The fleet CA the conductor made in its volume (`docker cp`: the image
+    /// has no shell), once it is there.
+    fn ca_pem(&self, tmp: &Path) -> String {
+        let id = wait_for("the conductor container", SECS(60), || {
+            let id = must(&mut self.cmd(&["ps", "-q", "conductor"]), SECS(30));
+            let id = id.trim().to_string();
+            (!id.is_empty()).then_some(id)
+        });
+        let out = tmp.join(format!("{}-ca.pem", self.name));
+        wait_for("the fleet CA in the volume", SECS(60), || {
+            run(
+                docker()
+                    .args(["cp", &format!("{id}:/data/tls/ca.pem")])
+                    .arg(&out),
+                SECS(30),
+            )
+            .ok()
+            .and_then(|_| fs::read_to_string(&out).ok())
+            .filter(|s| s.contains("BEGIN CERTIFICATE"))
+        })
+    }
+
     fn down(&mut self) {
         self.down = true;
         self.run(&["down", "-v", "--remove-orphans", "-t", "10"]);
@@ -347,12 +369,14 @@ impl Drop for Project {
 struct Api {
     url: String,
     token: String,
+    agent: ureq::Agent,
 }
 
 impl Api {
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         let url = format!("{}{path}", self.url);
         let auth = format!("Bearer {}", self.token);
+        let http = || self.agent.clone();
         let resp = match (method, body) {
             ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
             ("DELETE", _) => http().delete(&url).header("Authorization", &auth).call(),
@@ -379,11 +403,12 @@ impl Api {
         }
     }
 
-    /// Waits for `/health`, then logs in as admin.
-    fn login(url: String) -> Api {
+    /// Waits for `/health`, then logs in as admin (HTTPS trusting `ca_pem`).
+    fn login(url: String, ca_pem: &str) -> Api {
         let mut api = Api {
             url,
             token: String::new(),
+            agent: https(ca_pem),
         };
         wait_for("the conductor's API", SECS(60), || {
             (api.call("GET", "/api/v1/health", None).0 == 200).then_some(())
@@ -485,7 +510,7 @@ fn conductor_and_two_workers_from_compose_files() {
     let ci = Images::inspect(&images.conductor);
     assert_eq!(ci["Config"]["User"], "65532:65532", "{ci}");
     assert_eq!(ci["Os"], "linux");
-    for port in ["3000/tcp", "1883/tcp"] {
+    for port in ["3000/tcp", "8883/tcp", "1883/tcp"] {
         assert!(ci["Config"]["ExposedPorts"][port].is_object(), "{ci}");
     }
     assert!(ci["Config"]["Volumes"]["/data"].is_object(), "{ci}");
@@ -499,7 +524,7 @@ fn conductor_and_two_workers_from_compose_files() {
     // The conductor on random loopback ports; workers get the MQTT port
     // through AEREKOS_MQTT_PUBLIC_URL, as the .env.example describes.
     let dir = tempfile::tempdir().unwrap();
-    let (http_port, mqtt_port) = (free_port(), free_port());
+    let (http_port, mqtt_port, mqtts_port) = (free_port(), free_port(), free_port());
     let mut conductor = Project::new(
         &cli,
         &format!("aerekos-test-{suffix}-c"),
@@ -509,15 +534,26 @@ fn conductor_and_two_workers_from_compose_files() {
             ("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD.into()),
             ("AEREKOS_HTTP_PORT", format!("127.0.0.1:{http_port}")),
             ("AEREKOS_MQTT_PORT", format!("127.0.0.1:{mqtt_port}")),
+            ("AEREKOS_MQTTS_PORT", format!("127.0.0.1:{mqtts_port}")),
             (
                 "AEREKOS_MQTT_PUBLIC_URL",
-                format!("mqtt://127.0.0.1:{mqtt_port}"),
+                format!("mqtts://127.0.0.1:{mqtts_port}"),
             ),
+            ("AEREKOS_TLS_SAN", "127.0.0.1".into()),
         ],
         dir.path(),
     );
     conductor.run(&["up", "-d"]);
-    let api = Api::login(format!("http://127.0.0.1:{http_port}"));
+    // From the host, the conductor in its container is another host: plain
+    // HTTP is refused, HTTPS verifies against the fleet CA from the volume.
+    let ca_pem = conductor.ca_pem(dir.path());
+    let (status, body) = e2e::read(
+        http()
+            .get(format!("http://127.0.0.1:{http_port}/api/v1/health"))
+            .call(),
+    );
+    assert_eq!(status, 403, "plain HTTP from outside the container: {body}");
+    let api = Api::login(format!("https://127.0.0.1:{http_port}"), &ca_pem);
     let (status, body) = api.call("POST", "/api/v1/registration-token/rotate", None);
     assert_eq!(status, 200, "rotate: {body}");
     let token = body["token"].as_str().unwrap().to_string();
@@ -712,7 +748,7 @@ fn conductor_and_two_workers_from_compose_files() {
     // The store lives in the volume: a restarted conductor (read-only root,
     // uid 65532) still knows both workers, and pi-1 reconnects and reports.
     conductor.run(&["restart", "-t", "10"]);
-    let api = Api::login(format!("http://127.0.0.1:{http_port}"));
+    let api = Api::login(format!("https://127.0.0.1:{http_port}"), &ca_pem);
     let known: Vec<String> = api
         .workers()
         .iter()

@@ -55,7 +55,9 @@ struct Browser {
 struct El(String);
 
 impl Browser {
-    fn start(width: u32, height: u32) -> Browser {
+    /// `trust_spki`: base64 SHA-256 of a certificate's SubjectPublicKeyInfo
+    /// (the conductor's fleet CA) whose chains Chromium accepts.
+    fn start(width: u32, height: u32, trust_spki: &str) -> Browser {
         let hint = "the dashboard test needs Chromium and its WebDriver: \
                     apt-get install -y chromium chromium-driver (.ci/run installs them)";
         let chrome = find_exe(
@@ -86,6 +88,7 @@ impl Browser {
                     "--disable-gpu", "--no-first-run", "--disable-extensions",
                     "--disable-background-networking", "--disable-component-update",
                     format!("--window-size={width},{height}"),
+                    format!("--ignore-certificate-errors-spki-list={trust_spki}"),
                     format!("--user-data-dir={}", profile.path().join("profile").display()),
                 ],
             },
@@ -365,6 +368,37 @@ impl Drop for KillStrays {
     }
 }
 
+/// What `--ignore-certificate-errors-spki-list` takes: base64 of the
+/// SHA-256 of the certificate's SubjectPublicKeyInfo.
+fn spki_sha256_base64(cert_pem: &str) -> String {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let digest = ring_digest(cert.tbs_certificate.subject_pki.raw);
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in digest.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(B64[((n >> (18 - 6 * i)) & 63) as usize])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+fn ring_digest(bytes: &[u8]) -> [u8; 32] {
+    protocol::Fingerprint::of_der(bytes).0
+}
+
 fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> String {
     resp.headers()
         .get(name)
@@ -399,8 +433,12 @@ fn dashboard_in_a_real_browser() {
         });
     }
 
-    // The page and its files: types, caching, a strict CSP.
-    let page = http().get(c.url()).call().unwrap();
+    // Over HTTPS: the browser trusts the conductor's fleet CA (by its key).
+    let base = c.https_url();
+    let agent = https(&c.ca_pem());
+    // The page and its files: types, caching, a strict CSP, HSTS.
+    let page = agent.get(&base).call().unwrap();
+    assert!(header(&page, "strict-transport-security").contains("max-age"));
     assert_eq!(page.status(), 200);
     assert!(header(&page, "content-type").starts_with("text/html"));
     assert_eq!(header(&page, "cache-control"), "no-cache");
@@ -410,20 +448,17 @@ fn dashboard_in_a_real_browser() {
         "{csp}"
     );
     let etag = header(&page, "etag");
-    let again = http()
-        .get(c.url())
+    let again = agent
+        .get(&base)
         .header("If-None-Match", &etag)
         .call()
         .unwrap();
     assert_eq!(again.status(), 304);
-    let js = http()
-        .get(format!("{}/assets/app.js", c.url()))
-        .call()
-        .unwrap();
+    let js = agent.get(format!("{base}/assets/app.js")).call().unwrap();
     assert!(header(&js, "content-type").starts_with("text/javascript"));
 
-    let mut b = Browser::start(1280, 900);
-    b.goto(&c.url());
+    let mut b = Browser::start(1280, 900, &spki_sha256_base64(&c.ca_pem()));
+    b.goto(&base);
 
     // Login form.
     b.wait(
@@ -548,7 +583,7 @@ fn dashboard_in_a_real_browser() {
     let cmd = b.text("#enrol-cmd");
     assert_eq!(
         cmd,
-        format!("edge-worker --conductor {} --token {token}", c.url())
+        format!("edge-worker --conductor {base} --token {token}")
     );
     let (status, body) = c.post(
         "/api/v1/enroll",
@@ -596,7 +631,7 @@ fn dashboard_in_a_real_browser() {
     assert_eq!(bearer(&api_token), 401);
 
     // Phone width: no horizontal scrolling, cards in one column.
-    b.goto(&format!("{}/#/", c.url()));
+    b.goto(&format!("{base}/#/"));
     b.set_window(390, 844);
     b.wait(
         "the fleet at phone width",
@@ -662,7 +697,7 @@ fn dashboard_in_a_real_browser() {
         SECS(10),
         "!document.querySelector('#login-view').hidden",
     );
-    b.goto(&c.url());
+    b.goto(&base);
     b.wait(
         "the login form after a reload",
         SECS(10),
@@ -907,7 +942,7 @@ fn dashboard_in_a_real_browser() {
     b.screenshot("services");
 
     // The worker page lists it.
-    b.goto(&format!("{}/#/workers/{}", c.url(), ids[0]));
+    b.goto(&format!("{base}/#/workers/{}", ids[0]));
     b.wait(
         "the worker's services",
         SECS(10),
@@ -938,7 +973,7 @@ fn dashboard_in_a_real_browser() {
         ),
         ("#/services/ui-tick", &*state_is("running"), "service-phone"),
     ] {
-        b.goto(&format!("{}/{hash}", c.url()));
+        b.goto(&format!("{base}/{hash}"));
         b.wait(
             &format!("{hash} at phone width"),
             SECS(10),

@@ -197,3 +197,152 @@ fn broker_outage_delivers_every_frame_in_order() {
     }
     assert!(w.proc.alive());
 }
+
+#[test]
+fn mosquitto_over_tls_with_dynamic_security_confines_workers_and_kicks_the_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = SecureMosquitto::start(&dir.path().join("mosquitto")) else {
+        return;
+    };
+    let ca_file = broker.ca_file.display().to_string();
+    let c = Conductor::start_with(
+        &dir.path().join("conductor"),
+        &[
+            "--mqtt-url",
+            &broker.conductor_url(),
+            "--mqtt-ca",
+            &ca_file,
+            "--mqtt-dynsec",
+        ],
+    );
+    let token = c.registration_token();
+    let mut a = Worker::start(
+        &dir.path().join("a"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("a"),
+    );
+    let mut b = Worker::start(
+        &dir.path().join("b"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("b"),
+    );
+    let (ia, ib) = (a.wait_id(), b.wait_id());
+    for id in [&ia, &ib] {
+        wait_for(&format!("{id} online over mqtts"), SECS(30), || {
+            let w = c.worker(id);
+            (w["status"] == "online" && !w["metrics"].is_null()).then_some(())
+        });
+    }
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.state_dir.join("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        st["mqtt_url"],
+        format!("mqtts://127.0.0.1:{}", broker.port),
+        "{st}"
+    );
+    assert_eq!(st["mqtt_username"], ia, "a login of its own: {st}");
+    assert!(
+        a.state_dir.join("mqtt-ca.pem").is_file(),
+        "the broker's CA came with the enrolment"
+    );
+
+    // The observer (from the API) reads, and cannot replace A's retained status.
+    let (_, info) = c.get("/api/v1/mqtt");
+    let (ou, op) = (
+        info["observer_username"].as_str().unwrap().to_string(),
+        info["observer_password"].as_str().unwrap().to_string(),
+    );
+    let status_topic = protocol::topic::topic(&ia, TopicKind::Status);
+    let obs = MqttClient::connect_tls(broker.addr(), "explorer", Some((&ou, &op)), &broker.ca_pem)
+        .expect("observer login");
+    obs.subscribe(&status_topic);
+    assert!(obs
+        .recv_until(SECS(5), |t, p| t == status_topic && p == b"online")
+        .is_some());
+    obs.client
+        .publish(
+            &status_topic,
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            b"offline".to_vec(),
+        )
+        .unwrap();
+    std::thread::sleep(SECS(1));
+    let fresh = MqttClient::connect_tls(
+        broker.addr(),
+        "explorer-2",
+        Some((&ou, &op)),
+        &broker.ca_pem,
+    )
+    .unwrap();
+    fresh.subscribe(&status_topic);
+    let (_, p) = fresh
+        .recv_until(SECS(5), |t, _| t == status_topic)
+        .expect("retained status");
+    assert_eq!(p, b"online", "the observer could not replace it");
+
+    // A's login cannot read B's commands or publish on B's topics.
+    a.proc.terminate();
+    let (au, ap) = a.mqtt_login();
+    let fake_a = MqttClient::connect_tls(broker.addr(), &ia, Some((&au, &ap)), &broker.ca_pem)
+        .expect("A's own login");
+    assert_eq!(
+        fake_a.subscribe_acked(&protocol::topic::topic(&ib, TopicKind::Cmd)),
+        vec![rumqttc::SubscribeReasonCode::Failure]
+    );
+    let before = c.rejected("bad_tag") + c.rejected("topic_mismatch");
+    fake_a.publish(
+        &protocol::topic::topic(&ib, TopicKind::Metrics),
+        vec![1, 2, 3],
+    );
+    std::thread::sleep(SECS(2));
+    assert_eq!(
+        c.rejected("bad_tag") + c.rejected("topic_mismatch"),
+        before,
+        "the forged frame never reached the conductor"
+    );
+    drop(fake_a);
+
+    // Revoking B kicks its live session and its login no longer works.
+    let (status, body) = c.post(
+        &format!("/api/v1/workers/{ib}/revoke"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (bu, bp) = b.mqtt_login();
+    wait_for("B's live session closed by the broker", SECS(15), || {
+        (!tcp_peers_of(b.proc.pid())
+            .iter()
+            .any(|p| p.port() == broker.port))
+        .then_some(())
+    });
+    let t = protocol::topic::topic(&ib, TopicKind::Status);
+    let s = MqttClient::connect_tls(
+        broker.addr(),
+        "explorer-3",
+        Some((&ou, &op)),
+        &broker.ca_pem,
+    )
+    .unwrap();
+    s.subscribe(&t);
+    assert!(
+        s.recv_until(SECS(5), |tt, p| tt == t && p == b"offline")
+            .is_some(),
+        "the retained status says offline"
+    );
+    assert!(
+        MqttClient::connect_tls(broker.addr(), &ib, Some((&bu, &bp)), &broker.ca_pem).is_none(),
+        "a revoked worker's login is gone"
+    );
+    std::thread::sleep(SECS(2));
+    assert!(
+        !tcp_peers_of(b.proc.pid())
+            .iter()
+            .any(|p| p.port() == broker.port),
+        "B never got back in"
+    );
+    b.proc.terminate();
+}

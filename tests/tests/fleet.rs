@@ -118,15 +118,22 @@ fn forged_replayed_and_malformed_frames_are_rejected_and_counted() {
         online_with_metrics(&c, &id).then_some(())
     });
 
-    // Another client holding valid credentials: the observer login.
+    // A genuine frame, read with the observer login.
     let (user, pass) = c.observer();
-    let mallory = MqttClient::connect(c.mqtt, "mallory", Some((&user, &pass)))
+    let observer = MqttClient::connect(c.mqtt, "observer-1", Some((&user, &pass)))
         .expect("observer login accepted");
     let metrics_topic = protocol::topic::topic(&id, TopicKind::Metrics);
-    mallory.subscribe(&metrics_topic);
-    let (_, genuine) = mallory
+    observer.subscribe(&metrics_topic);
+    let (_, genuine) = observer
         .recv_until(SECS(10), |t, _| t == metrics_topic)
         .expect("a genuine metrics frame");
+    // The broker lets nobody but the worker publish on its topics, so the
+    // attacker here holds the worker's own broker login (a stolen
+    // state.json without the frame secret, say): the HMAC is what stands.
+    w.proc.kill9();
+    let (wu, wp) = w.mqtt_login();
+    let mallory =
+        MqttClient::connect(c.mqtt, &id, Some((&wu, &wp))).expect("the worker's own broker login");
     let genuine_env = protocol::open(&genuine, &id)
         .unwrap()
         .verify(&w.secret())
@@ -189,6 +196,8 @@ fn forged_replayed_and_malformed_frames_are_rejected_and_counted() {
     // State unchanged: the worker's real frames still flow (a forged huge seq
     // would have made every later genuine frame look old), and the history
     // holds no forged seq.
+    drop(mallory);
+    w.restart();
     let last_seq = |c: &Conductor| {
         c.raw_history(&id)
             .iter()
@@ -197,8 +206,11 @@ fn forged_replayed_and_malformed_frames_are_rejected_and_counted() {
             .unwrap_or(0)
     };
     let seen = last_seq(&c);
-    wait_for("genuine frames still accepted", SECS(10), || {
+    wait_for("genuine frames still accepted", SECS(30), || {
         (last_seq(&c) > seen).then_some(())
+    });
+    wait_for("online again", SECS(20), || {
+        (c.status_of(&id) == "online").then_some(())
     });
     let history = c.raw_history(&id);
     assert!(history

@@ -157,5 +157,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         write(dir, "local_api_request", name, bytes)?;
     }
     write(dir, "local_api_request", "secret-key", b"a%20b%2Fc%C3%A9")?;
+
+    let fp = protocol::Fingerprint::of_der(b"a CA certificate");
+    let token = format!("aer_{}", hex_string(&[0x5a; 32]));
+    let pinned = protocol::RegistrationToken {
+        secret: token.clone(),
+        ca_fingerprint: Some(fp),
+    };
+    let colons: Vec<String> = fp.0.iter().map(|b| format!("{b:02X}")).collect();
+    let samples: [(&str, String); 8] = [
+        ("token-old", token),
+        ("token-pinned", pinned.to_text()),
+        ("fingerprint-openssl", format!("sha256 Fingerprint={}", colons.join(":"))),
+        ("https-url", "https://conductor.lan:3000/".into()),
+        ("https-v6", "https://[fe80::1]:3000".into()),
+        ("mqtts-url", "mqtts://192.168.1.10:8883".into()),
+        ("pem", "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n".into()),
+        ("pem-garbage", "-----BEGIN CERTIFICATE-----\n!!\n".into()),
+    ];
+    for (name, text) in samples {
+        write(dir, "enrolment", name, text.as_bytes())?;
+    }
     Ok(())
 }

@@ -6,6 +6,11 @@
 //! cargo pi && cargo run --release -p aerekos-e2e --bin footprint
 //! ```
 //!
+//! Both agent builds side by side: the default one with TLS (rustls,
+//! `ring`; pinned enrolment, HTTPS, MQTT over TLS) and the smallest one
+//! (`--no-default-features`, plain links only), which this benchmark builds
+//! itself into `target/no-tls/` (aarch64 for the size, this host for RSS).
+//!
 //! Prints: stripped binary sizes; idle RSS after warm-up; CPU time per
 //! sample (edge-worker, measured over many samples at a short interval)
 //! against CPU time per scrape (node_exporter, many scrapes); bytes per
@@ -59,21 +64,57 @@ fn node_exporter_bin() -> Option<&'static str> {
     .find(|p| Path::new(p).is_file())
 }
 
+/// Builds the agent without TLS (`--no-default-features`) into
+/// `<target>/no-tls`, for `triple` (`None`: this host); its path.
+fn build_without_tls(target: &Path, triple: Option<&str>) -> Option<std::path::PathBuf> {
+    let out = target.join("no-tls");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "edge-worker",
+        "--no-default-features",
+    ])
+    .arg("--target-dir")
+    .arg(&out)
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if let Some(t) = triple {
+        cmd.args(["--target", t]);
+    }
+    let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+    let bin = match triple {
+        Some(t) => out.join(t).join("release/edge-worker"),
+        None => out.join("release/edge-worker"),
+    };
+    (ok && bin.is_file()).then_some(bin)
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let target = bin_dir().parent().unwrap().to_path_buf();
     let aarch64 = target.join("aarch64-unknown-linux-musl/release/edge-worker");
     let native = bin("edge-worker");
     let ne = node_exporter_bin();
+    let aarch64_plain = build_without_tls(&target, Some("aarch64-unknown-linux-musl"));
+    let native_plain = build_without_tls(&target, None);
 
     println!("== binary size (stripped) ==");
     match size(&aarch64) {
         Some(s) => println!(
-            "edge-worker aarch64-unknown-linux-musl  {s:>10} B  {}  (target <= 1.5 MiB: {})",
+            "edge-worker aarch64-unknown-linux-musl, TLS     {s:>10} B  {}  (target <= 2.25 MiB: {})",
+            mib(s),
+            if s <= 2_359_296 { "met" } else { "MISSED" }
+        ),
+        None => println!("edge-worker aarch64: not built (run `cargo pi` first)"),
+    }
+    match aarch64_plain.as_deref().and_then(size) {
+        Some(s) => println!(
+            "edge-worker aarch64-unknown-linux-musl, no TLS  {s:>10} B  {}  (target <= 1.5 MiB: {})",
             mib(s),
             if s <= 1_572_864 { "met" } else { "MISSED" }
         ),
-        None => println!("edge-worker aarch64: not built (run `cargo pi` first)"),
+        None => println!("edge-worker aarch64 without TLS: could not be built"),
     }
     if let Some(s) = size(&native) {
         println!(
@@ -90,13 +131,30 @@ fn main() {
         );
     }
 
-    // A conductor to report to, and an idle worker at the default 10 s interval.
+    // A conductor to report to, and two idle workers at the default 10 s
+    // interval: the default agent over TLS (its token pins the CA), and the
+    // agent built without TLS on the conductor's plain loopback.
     let c = Conductor::start(&dir.path().join("conductor"));
     let token = c.registration_token();
     let mut idle_opts = WorkerOpts::named("idle");
     idle_opts.interval_ms = 10_000;
     let mut idle = Worker::start(&dir.path().join("idle"), &c.url(), Some(&token), idle_opts);
     let idle_id = idle.wait_id();
+    let mut plain = native_plain.as_ref().map(|bin| {
+        let mut opts = WorkerOpts::named("idle-plain");
+        opts.interval_ms = 10_000;
+        let secret_only = token.split('.').next().unwrap_or_default().to_string();
+        let program = bin.display().to_string();
+        let mut w = Worker::start_with_program(
+            &[&program],
+            &dir.path().join("idle-plain"),
+            &c.url(),
+            Some(&secret_only),
+            opts,
+        );
+        w.wait_id();
+        w
+    });
 
     let ne_port = free_port();
     let mut ne_proc = ne.map(|p| {
@@ -119,33 +177,43 @@ fn main() {
         }
     }
 
-    println!("\n== idle RSS (after 25 s; worker at a 10 s interval, exporter scraped) ==");
+    println!("\n== idle RSS (after 25 s; workers at a 10 s interval, exporter scraped) ==");
     std::thread::sleep(Duration::from_secs(25));
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     let worker_rss = rss(idle.proc.pid());
     println!(
-        "edge-worker             {:>10} B  {}  (target <= 4 MiB: {})",
+        "edge-worker, TLS session      {:>10} B  {}  (target <= 5 MiB: {})",
         worker_rss,
         mib(worker_rss),
-        if worker_rss <= 4 << 20 {
-            "met"
-        } else {
-            "MISSED"
-        }
+        verdict(worker_rss <= 5 << 20)
     );
-    if let Some(p) = &ne_proc {
-        let r = rss(p.pid());
-        println!("node_exporter           {:>10} B  {}", r, mib(r));
+    let plain_rss = plain.as_mut().map(|w| rss(w.proc.pid()));
+    if let Some(r) = plain_rss {
         println!(
-            "ratio worker/exporter   {:.3}  (target <= 0.200: {})",
-            worker_rss as f64 / r as f64,
-            if (worker_rss as f64) <= 0.2 * r as f64 {
-                "met"
-            } else {
-                "MISSED"
-            }
+            "edge-worker without TLS       {:>10} B  {}  (target <= 4 MiB: {})",
+            r,
+            mib(r),
+            verdict(r <= 4 << 20)
         );
     }
+    if let Some(p) = &ne_proc {
+        let r = rss(p.pid());
+        println!("node_exporter                 {:>10} B  {}", r, mib(r));
+        println!(
+            "ratio TLS worker/exporter     {:.3}  (target <= 0.250: {})",
+            worker_rss as f64 / r as f64,
+            verdict((worker_rss as f64) <= 0.25 * r as f64)
+        );
+        if let Some(pr) = plain_rss {
+            println!(
+                "ratio plain worker/exporter   {:.3}  (target <= 0.200: {})",
+                pr as f64 / r as f64,
+                verdict((pr as f64) <= 0.2 * r as f64)
+            );
+        }
+    }
     drop(idle);
+    drop(plain);
 
     println!("\n== CPU per sample ==");
     let mut busy_opts = WorkerOpts::named("busy");

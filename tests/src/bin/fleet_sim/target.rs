@@ -142,6 +142,8 @@ impl Target {
                 "127.0.0.1:0",
                 "--mqtt-listen",
                 "127.0.0.1:0",
+                "--mqtts-listen",
+                "127.0.0.1:0",
             ])
             .args(&args)
             .env("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD)
