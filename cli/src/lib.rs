@@ -83,6 +83,12 @@ pub enum Cmd {
         /// Worker id.
         id: String,
     },
+    /// Give a worker a new frame secret, sealed under its current one (no
+    /// re-enrolment; frames in flight under the old one are still accepted).
+    RotateSecret {
+        /// Worker id.
+        id: String,
+    },
     /// Artifacts: uploaded binaries addressed by SHA-256.
     #[command(subcommand)]
     Artifact(ArtifactCmd),
@@ -486,6 +492,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 &json!(parse_pairs(&labels)?),
             )?;
             print(out, &v, &|_| "labels set".into())?;
+        }
+        Cmd::RotateSecret { id } => {
+            let v = client.send("POST", &format!("/workers/{id}/rotate-secret"), &json!({}))?;
+            print(out, &v, &|v| {
+                format!("{}: {}", s(v, "state"), s(v, "detail"))
+            })?;
         }
         Cmd::Ping { id } => {
             let v = client.send(

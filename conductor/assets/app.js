@@ -663,7 +663,11 @@
           h('p', { class: 'error', id: 'label-error', role: 'alert' }),
           h('h2', { text: 'Actions' }),
           h('div', { class: 'row' }, h('button', { type: 'button', id: 'ping', text: 'Ping', onclick: ping }),
-            h('span', { id: 'ping-result', class: 'muted', role: 'status' }))),
+            h('span', { id: 'ping-result', class: 'muted', role: 'status' })),
+          h('div', { class: 'row' },
+            h('button', { type: 'button', id: 'rotate-secret', text: 'Rotate secret', onclick: rotateSecret,
+              title: 'A new frame secret for this worker, sent sealed under its current one' }),
+            h('span', { id: 'rotate-result', class: 'muted', role: 'status' }))),
         h('section', { class: 'panel span', 'aria-labelledby': 'wsvc-h' }, h('h2', { id: 'wsvc-h', text: 'Services' }),
           h('table', { class: 'svc-table', id: 'w-services', hidden: true },
             h('thead', {}, h('tr', {}, ['Service', 'Desired', 'Actual', 'PID', 'Restarts', 'Log'].map((t) => h('th', { text: t })))),
@@ -828,6 +832,20 @@
     try {
       const r = await api('POST', `/workers/${enc(w.id)}/commands`, { action: 'ping' });
       setText(out, `${r.status}: ${r.detail || 'pong'} in ${r.round_trip_ms} ms`);
+    } catch (e) {
+      setText(out, e instanceof AuthError ? '' : e.message);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  async function rotateSecret() {
+    const w = st.worker, btn = $('#rotate-secret'), out = $('#rotate-result');
+    btn.disabled = true;
+    setText(out, 'sending the new secret…');
+    try {
+      const r = await api('POST', `/workers/${enc(w.id)}/rotate-secret`, {});
+      setText(out, r.state === 'rotated' ? 'secret rotated' : `pending: ${r.detail}`);
     } catch (e) {
       setText(out, e instanceof AuthError ? '' : e.message);
     } finally {

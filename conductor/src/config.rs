@@ -91,6 +91,9 @@ pub struct Config {
     pub mqtt_ca: Option<String>,
     /// Bearer token `/metrics` requires (it lists hostnames); `None`: open.
     pub metrics_token: Option<String>,
+    /// How long frames sealed with a worker's previous secret are still
+    /// accepted after it switched to a rotated one (`24h`, `90m`, …).
+    pub secret_grace: String,
     /// The external broker is a Mosquitto with the dynamic-security plugin
     /// and the conductor's login is its admin: the conductor gives each
     /// worker its own login and ACLs there, and removes them on revocation
@@ -134,6 +137,7 @@ impl Default for Config {
             mqtt_ca: None,
             metrics_token: None,
             mqtt_dynsec: false,
+            secret_grace: "24h".into(),
         }
     }
 }
@@ -367,6 +371,7 @@ impl Config {
         env_str!(mqtts_listen, "AEREKOS_MQTTS_LISTEN");
         env_opt!(mqtt_ca, "AEREKOS_MQTT_CA");
         env_opt!(metrics_token, "AEREKOS_METRICS_TOKEN");
+        env_str!(secret_grace, "AEREKOS_SECRET_GRACE");
         if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
             c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "AEREKOS_MAX_ARTIFACT_BYTES".into(),
@@ -487,6 +492,7 @@ impl Config {
         for (name, v) in [
             ("raw_retention", &self.raw_retention),
             ("minute_retention", &self.minute_retention),
+            ("secret_grace", &self.secret_grace),
         ] {
             if parse_duration_ms(v).is_none() {
                 return Err(bad(name, format!("not a duration: {v:?}")));
@@ -501,6 +507,11 @@ impl Config {
     /// Raw sample retention in ms (validated in [`Config::validate`]).
     pub fn raw_retention_ms(&self) -> u64 {
         parse_duration_ms(&self.raw_retention).unwrap_or(86_400_000)
+    }
+
+    /// The previous secret's grace after a rotation, ms.
+    pub fn secret_grace_ms(&self) -> u64 {
+        parse_duration_ms(&self.secret_grace).unwrap_or(crate::state::SECRET_GRACE_MS)
     }
 
     /// Minute rollup retention in ms.

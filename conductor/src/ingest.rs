@@ -165,7 +165,10 @@ fn ingest_frame(
         if opened.worker_id() != topic_worker {
             return Err("topic_mismatch");
         }
-        let env: Envelope = opened.verify(&w.secret).map_err(|e| e.reason())?;
+        let secrets = w.accepted_secrets(received_at_ms);
+        let keys: Vec<&protocol::Secret> = secrets.iter().map(|(s, _)| *s).collect();
+        let (env, which): (Envelope, usize) = opened.verify_any(&keys).map_err(|e| e.reason())?;
+        let used = secrets.get(which).map(|(_, u)| *u);
         if Some(env.body.kind()) != kind.expected_body() {
             return Err("topic_mismatch");
         }
@@ -177,10 +180,10 @@ fn ingest_frame(
             SeqVerdict::Replayed => return Err("replayed"),
             SeqVerdict::TooOld => return Err("too_old"),
         }
-        Ok(env)
+        Ok((env, used))
     })();
-    let env = match result {
-        Ok(env) => env,
+    let (env, used) = match result {
+        Ok(r) => r,
         Err(reason) => {
             w.rejected += 1;
             return Err(reason);
@@ -188,6 +191,13 @@ fn ingest_frame(
     };
 
     // Accept.
+    if used == Some(crate::state::SecretUsed::Pending) {
+        // The worker switched to its rotated secret: so does the conductor.
+        if let Some(op) = w.promote_secret(received_at_ms, shared.config.secret_grace_ms()) {
+            info!(worker_id = %w.id, "worker secret rotated (first frame under the new one)");
+            let _ = shared.writer.send(op);
+        }
+    }
     w.replay.accept(env.seq);
     w.resending = false;
     w.format = env.version;

@@ -24,6 +24,7 @@ pub mod ingest;
 pub mod liveness;
 pub mod mqtt;
 pub mod rollout;
+pub mod rotation;
 pub mod services;
 pub mod spec;
 pub mod state;
@@ -251,6 +252,20 @@ pub async fn run(
             None => warn!(worker_id = %row.id, "skipping worker with an unreadable secret"),
         }
     }
+    for r in store.secret_rotations()? {
+        let Some(w) = workers.get_mut(&r.worker_id) else {
+            continue;
+        };
+        w.pending_secret = r
+            .pending_hex
+            .as_deref()
+            .and_then(|h| protocol::Secret::from_hex(h).ok());
+        w.previous_secret = r
+            .previous_hex
+            .as_deref()
+            .and_then(|h| protocol::Secret::from_hex(h).ok())
+            .map(|s| (s, r.previous_until_ms));
+    }
     info!(workers = workers.len(), "store loaded");
     // A rollout in progress resumes: its current wave starts its clock again
     // (the time the conductor was down counts neither for nor against it).
@@ -440,6 +455,7 @@ pub async fn run(
         plain_refused: refusals,
         mqtt_denied: denied,
         dynsec: dynsec_handle,
+        rotation_sent: Mutex::new(HashMap::new()),
         started: Instant::now(),
         reject_log: Mutex::new(HashMap::new()),
         service_status: Mutex::new(service_status),

@@ -652,6 +652,10 @@ pub async fn run(shared: Arc<Shared>, client: AsyncClient, mut stop: watch::Rece
             Ok(n) => debug!(commands = n, "reconcile pass"),
             Err(e) => warn!("reconcile failed: {e}"),
         }
+        let n = crate::rotation::resend_pending(&shared, &client);
+        if n > 0 {
+            debug!(workers = n, "secret rotations re-sent");
+        }
     }
 }
 

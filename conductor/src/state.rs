@@ -124,8 +124,17 @@ pub struct WorkerEntry {
     pub machine_id: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Frame secret. Never logged, never mirrored.
+    /// Frame secret. Never logged, never mirrored. Commands and
+    /// acknowledgements are sealed with it.
     pub secret: Secret,
+    /// Secret rotation in flight: the next secret, sent to the worker in
+    /// `Action::RotateSecret` and not yet seen in one of its frames. The
+    /// first frame that verifies with it makes it [`WorkerEntry::secret`].
+    pub pending_secret: Option<Secret>,
+    /// The secret before the last rotation and until when (ms) frames
+    /// sealed with it are still accepted (`Config::secret_grace`): the worker
+    /// re-sends what it had queued before it switched.
+    pub previous_secret: Option<(Secret, u64)>,
     /// Revoked: frames and logins refused.
     pub revoked: bool,
     /// Replay window (persisted by the writer after every accepted frame).
@@ -165,7 +174,55 @@ pub struct WorkerEntry {
     pub format: u8,
 }
 
+/// How long frames sealed with a worker's previous secret are accepted
+/// after it switched to the rotated one, by default (`secret_grace`): a
+/// day, well beyond the two hours of frames its outbox holds by default.
+pub const SECRET_GRACE_MS: u64 = 24 * 3_600_000;
+
+/// Which of a worker's secrets a frame or request verified with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretUsed {
+    /// [`WorkerEntry::secret`].
+    Current,
+    /// [`WorkerEntry::pending_secret`]: the worker has switched.
+    Pending,
+    /// [`WorkerEntry::previous_secret`], within its grace.
+    Previous,
+}
+
 impl WorkerEntry {
+    /// The secrets a frame or request from this worker may be sealed with
+    /// at `now_ms`, current first, and which is which.
+    pub fn accepted_secrets(&self, now_ms: u64) -> Vec<(&Secret, SecretUsed)> {
+        let mut out = vec![(&self.secret, SecretUsed::Current)];
+        if let Some(p) = &self.pending_secret {
+            out.push((p, SecretUsed::Pending));
+        }
+        if let Some((p, until)) = &self.previous_secret {
+            if now_ms <= *until {
+                out.push((p, SecretUsed::Previous));
+            }
+        }
+        out
+    }
+
+    /// After a frame verified with the pending secret: it becomes the
+    /// secret, the old one is accepted for `grace_ms` more. Returns the
+    /// write that persists it.
+    pub fn promote_secret(&mut self, now_ms: u64, grace_ms: u64) -> Option<WriteOp> {
+        let next = self.pending_secret.take()?;
+        let old = std::mem::replace(&mut self.secret, next);
+        let until = now_ms.saturating_add(grace_ms);
+        let op = WriteOp::SecretPromoted {
+            worker_id: self.id.clone(),
+            secret_hex: self.secret.to_hex(),
+            previous_hex: old.to_hex(),
+            previous_until_ms: until,
+        };
+        self.previous_secret = Some((old, until));
+        Some(op)
+    }
+
     /// Builds the in-memory entry from a stored row (status starts offline:
     /// nothing has been seen by this process yet).
     pub fn from_row(row: &WorkerRow, default_interval_ms: u32) -> Option<WorkerEntry> {
@@ -185,6 +242,8 @@ impl WorkerEntry {
             machine_id: row.machine_id.clone(),
             labels: serde_json::from_str(&row.labels_json).unwrap_or_default(),
             secret,
+            pending_secret: None,
+            previous_secret: None,
             revoked: row.revoked,
             replay: ReplayWindow::new(row.replay_highest, row.replay_bitmap),
             interval_ms,
@@ -352,6 +411,9 @@ pub struct Shared {
     pub mqtt_denied: crate::broker::DeniedCounters,
     /// Per-worker logins and ACLs on an external Mosquitto (`--mqtt-dynsec`).
     pub dynsec: Option<crate::dynsec::DynSecHandle>,
+    /// When each pending secret rotation was last sent, and whether the
+    /// worker was online then ([`crate::rotation`]).
+    pub rotation_sent: Mutex<HashMap<String, (Instant, bool)>>,
     /// Enrolment rate limiter (per IP).
     pub enroll_limiter: RateLimiter,
     /// Login rate limiter (per IP).
@@ -473,5 +535,54 @@ pub fn advertised(addr: SocketAddr) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
         addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> WorkerEntry {
+        let row = WorkerRow {
+            id: "w-1".into(),
+            machine_id: String::new(),
+            hostname: "pi".into(),
+            secret_hex: Secret::from_bytes([1; 32]).to_hex(),
+            mqtt_password_sha256: String::new(),
+            labels_json: "{}".into(),
+            inventory_json: None,
+            enrolled_at_ms: 0,
+            last_seen_ms: None,
+            last_ip: None,
+            revoked: false,
+            replay_highest: 0,
+            replay_bitmap: 0,
+            cmd_seq: 0,
+            status: "offline".into(),
+        };
+        WorkerEntry::from_row(&row, 10_000).unwrap()
+    }
+
+    #[test]
+    fn a_rotation_accepts_the_next_secret_then_the_old_one_only_within_its_grace() {
+        let (one, two) = (Secret::from_bytes([1; 32]), Secret::from_bytes([2; 32]));
+        let mut w = entry();
+        let used = |w: &WorkerEntry, now| -> Vec<SecretUsed> {
+            w.accepted_secrets(now).iter().map(|(_, u)| *u).collect()
+        };
+        assert_eq!(used(&w, 0), [SecretUsed::Current]);
+        assert!(w.promote_secret(0, 1000).is_none(), "nothing pending");
+        w.pending_secret = Some(two.clone());
+        assert_eq!(used(&w, 0), [SecretUsed::Current, SecretUsed::Pending]);
+        let op = w.promote_secret(5_000, 1000).expect("promoted");
+        assert!(matches!(
+            op,
+            WriteOp::SecretPromoted { previous_until_ms: 6_000, ref secret_hex, .. } if *secret_hex == two.to_hex()
+        ));
+        assert_eq!(w.secret, two);
+        assert!(w.pending_secret.is_none());
+        assert_eq!(used(&w, 6_000), [SecretUsed::Current, SecretUsed::Previous]);
+        assert_eq!(w.accepted_secrets(6_000)[1].0, &one);
+        assert_eq!(used(&w, 6_001), [SecretUsed::Current], "grace over");
     }
 }

@@ -144,6 +144,13 @@ pub const MIGRATIONS: &[&str] = &[
         desired TEXT NOT NULL CHECK (desired IN ('stopped')),
         updated_ms INTEGER NOT NULL,
         PRIMARY KEY (worker_id, name));",
+    // v4: a worker secret being rotated: the next one (sent, not yet seen in
+    // a frame) and the previous one (still accepted until previous_until_ms).
+    "CREATE TABLE worker_secrets (
+        worker_id TEXT PRIMARY KEY,
+        pending_hex TEXT,
+        previous_hex TEXT,
+        previous_until_ms INTEGER NOT NULL DEFAULT 0);",
 ];
 
 /// Store errors.
@@ -320,6 +327,18 @@ pub enum WriteOp {
     },
     /// A service status report (upsert).
     ServiceStatus(ServiceStatusRow),
+    /// A worker's first frame under its rotated secret: the pending secret
+    /// becomes its secret, the old one is kept until `previous_until_ms`.
+    SecretPromoted {
+        /// Worker.
+        worker_id: String,
+        /// The secret now in use, hex.
+        secret_hex: String,
+        /// The one before, hex.
+        previous_hex: String,
+        /// Frames under `previous_hex` are accepted until then (ms).
+        previous_until_ms: u64,
+    },
     /// A worker started a new session (Birth): forget its reported services
     /// (it reports the full picture right after).
     ServicesCleared {
@@ -333,6 +352,29 @@ pub enum WriteOp {
         /// Service name.
         name: String,
     },
+}
+
+/// A worker secret being rotated (`worker_secrets`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretRotationRow {
+    /// Worker.
+    pub worker_id: String,
+    /// The next secret, hex: sent, not yet seen in a frame.
+    pub pending_hex: Option<String>,
+    /// The previous secret, hex.
+    pub previous_hex: Option<String>,
+    /// Frames under `previous_hex` are accepted until then (ms).
+    pub previous_until_ms: u64,
+}
+
+impl std::fmt::Debug for SecretRotationRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretRotationRow")
+            .field("worker_id", &self.worker_id)
+            .field("pending", &self.pending_hex.is_some())
+            .field("previous_until_ms", &self.previous_until_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A stored service spec version.
@@ -694,9 +736,36 @@ impl Store {
         tx.execute("DELETE FROM metrics_minute WHERE worker_id = ?1", [id])?;
         tx.execute("DELETE FROM service_status WHERE worker_id = ?1", [id])?;
         tx.execute("DELETE FROM service_overrides WHERE worker_id = ?1", [id])?;
+        tx.execute("DELETE FROM worker_secrets WHERE worker_id = ?1", [id])?;
         let n = tx.execute("DELETE FROM workers WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(n > 0)
+    }
+
+    /// Records the next secret of a worker whose secret is being rotated.
+    pub fn set_pending_secret(&self, id: &str, pending_hex: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO worker_secrets (worker_id, pending_hex) VALUES (?1, ?2)
+             ON CONFLICT (worker_id) DO UPDATE SET pending_hex = excluded.pending_hex",
+            params![id, pending_hex],
+        )?;
+        Ok(())
+    }
+
+    /// Every worker's secret rotation state.
+    pub fn secret_rotations(&self) -> Result<Vec<SecretRotationRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT worker_id, pending_hex, previous_hex, previous_until_ms FROM worker_secrets",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(SecretRotationRow {
+                worker_id: r.get(0)?,
+                pending_hex: r.get(1)?,
+                previous_hex: r.get(2)?,
+                previous_until_ms: u(r.get(3)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Persists the conductor → worker sequence number.
@@ -1142,6 +1211,26 @@ impl Store {
                     }
                     WriteOp::ServicesCleared { worker_id } => {
                         svc_clear.execute(params![worker_id])?;
+                    }
+                    WriteOp::SecretPromoted {
+                        worker_id,
+                        secret_hex,
+                        previous_hex,
+                        previous_until_ms,
+                    } => {
+                        tx.execute(
+                            "UPDATE workers SET secret_hex = ?2 WHERE id = ?1",
+                            params![worker_id, secret_hex],
+                        )?;
+                        tx.execute(
+                            "INSERT INTO worker_secrets
+                                (worker_id, pending_hex, previous_hex, previous_until_ms)
+                             VALUES (?1, NULL, ?2, ?3)
+                             ON CONFLICT (worker_id) DO UPDATE SET pending_hex = NULL,
+                                previous_hex = excluded.previous_hex,
+                                previous_until_ms = excluded.previous_until_ms",
+                            params![worker_id, previous_hex, i(*previous_until_ms)],
+                        )?;
                     }
                 }
             }

@@ -333,7 +333,24 @@ pub fn log_level(env: impl Fn(&str) -> Option<String>) -> tracing::Level {
 
 /// Decodes a sealed frame to pretty JSON. With `secret` the tag is
 /// verified (an error if it does not match); `worker` is its topic's worker
-/// id (needed for format 2); returns `(json, verified)`.
+/// id (needed for format 2); returns `(json, verified)`. Built with the
+/// default cargo feature `decode` (the smallest agent leaves the JSON form
+/// of every frame type out: use `conductor decode` there).
+#[cfg(not(feature = "decode"))]
+pub fn decode_frame(
+    _bytes: &[u8],
+    _secret: Option<&str>,
+    _worker: Option<&str>,
+) -> Result<(String, bool), String> {
+    Err(
+        "this edge-worker was built without the frame decoder (cargo feature `decode`): \
+         decode the capture with `conductor decode`"
+            .into(),
+    )
+}
+
+/// See the other `decode_frame` (the decoder is built in).
+#[cfg(feature = "decode")]
 pub fn decode_frame(
     bytes: &[u8],
     secret: Option<&str>,
@@ -560,6 +577,7 @@ mod tests {
         assert!(p("decode --token x f").is_err());
     }
 
+    #[cfg(feature = "decode")]
     #[test]
     fn decode_frames() {
         let secret = protocol::Secret::from_bytes([5; 32]);

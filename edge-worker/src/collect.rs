@@ -243,8 +243,8 @@ impl Collector {
             m.swap_total = sys.total_swap();
             m.swap_used = sys.used_swap();
         }
-        if let Ok(l) = System::load_average() {
-            m.load = [hundredths(l.one), hundredths(l.five), hundredths(l.fifteen)];
+        if let Ok(text) = std::fs::read_to_string("/proc/loadavg") {
+            m.load = load_hundredths(&text);
         }
         m.disks = self.disks();
         m.net = self.net_rates();
@@ -416,17 +416,32 @@ pub fn select_nets(mut list: Vec<(String, u64, u64)>, elapsed_ms: u64) -> HVec<N
     out
 }
 
+/// The three load averages of `/proc/loadavg` ("0.41 0.63 0.29 1/123
+/// 4567") in hundredths, read as fixed-point text (no float parsing: it
+/// would link 13 KiB of it into the agent). Unreadable fields are 0.
+fn load_hundredths(text: &str) -> [u32; 3] {
+    let mut out = [0u32; 3];
+    for (slot, field) in out.iter_mut().zip(text.split_ascii_whitespace()) {
+        let (int, frac) = field.split_once('.').unwrap_or((field, ""));
+        let frac = frac.as_bytes();
+        let digit = |i: usize| {
+            frac.get(i)
+                .filter(|b| b.is_ascii_digit())
+                .map_or(0, |b| u32::from(b - b'0'))
+        };
+        let round_up = u32::from(digit(2) >= 5);
+        if let Ok(n) = int.parse::<u32>() {
+            *slot = n
+                .saturating_mul(100)
+                .saturating_add(digit(0) * 10 + digit(1) + round_up);
+        }
+    }
+    out
+}
+
 fn hundredths_pct(pct: f32) -> u16 {
     if pct.is_finite() {
         (pct * 100.0).round().clamp(0.0, 10_000.0) as u16
-    } else {
-        0
-    }
-}
-
-fn hundredths(v: f64) -> u32 {
-    if v.is_finite() {
-        (v * 100.0).round().clamp(0.0, u32::MAX as f64) as u32
     } else {
         0
     }
@@ -631,8 +646,13 @@ mod tests {
         assert_eq!(hundredths_pct(250.0), 10_000);
         assert_eq!(hundredths_pct(-1.0), 0);
         assert_eq!(hundredths_pct(f32::NAN), 0);
-        assert_eq!(hundredths(0.5), 50);
-        assert_eq!(hundredths(f64::INFINITY), 0);
+        assert_eq!(
+            load_hundredths("0.41 0.63 12.29 1/123 4567\n"),
+            [41, 63, 1229]
+        );
+        assert_eq!(load_hundredths("3 0.5 0.125"), [300, 50, 13]);
+        assert_eq!(load_hundredths("x 99999999.99"), [0, u32::MAX, 0]);
+        assert_eq!(load_hundredths(""), [0, 0, 0]);
     }
 
     #[test]

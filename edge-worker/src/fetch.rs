@@ -159,6 +159,9 @@ pub struct Conductor {
     pub worker_id: String,
     /// This worker's frame secret (signs the request).
     pub secret: Secret,
+    /// The secret before a rotation: a manifest the conductor sealed before
+    /// it saw the switch opens with it.
+    pub previous_secret: Option<Secret>,
     /// The pinned CA for `https://` (none: plain HTTP only).
     pub trust: Option<crate::tls::Trust>,
 }
@@ -224,6 +227,10 @@ impl Conductor {
             Ok(sealed) => {
                 let context = manifest_context(&self.worker_id, &r.name, r.version);
                 let bytes = protocol::sealed::open(&self.secret, context.as_bytes(), &sealed)
+                    .or_else(|e| match &self.previous_secret {
+                        Some(p) => protocol::sealed::open(p, context.as_bytes(), &sealed),
+                        None => Err(e),
+                    })
                     .map_err(FetchError::Sealed)?;
                 remember(&SEALED_SEEN, &self.url);
                 bytes
@@ -514,6 +521,7 @@ mod tests {
             url: "ftp://x".into(),
             worker_id: "w-1".into(),
             secret: Secret::from_bytes([1; 32]),
+            previous_secret: None,
             trust: None,
         };
         let r = ManifestRef {

@@ -294,13 +294,22 @@ pub async fn run(
             }
             // Seqs only ever grow, whatever the id; the command window belongs
             // to the identity and restarts with a new one.
-            let (seq_reserved, cmd_highest, cmd_bitmap) = match &stored {
-                Some(old) if old.worker_id == resp.worker_id => {
-                    (old.seq_reserved, old.cmd_highest, old.cmd_bitmap)
-                }
-                Some(old) => (old.seq_reserved, 0, 0),
-                None => (1, 0, 0),
+            // So do the local API tokens of the services it runs.
+            let (seq_reserved, cmd_highest, cmd_bitmap, local_api_key) = match &stored {
+                Some(old) if old.worker_id == resp.worker_id => (
+                    old.seq_reserved,
+                    old.cmd_highest,
+                    old.cmd_bitmap,
+                    Some(
+                        old.local_api_key
+                            .clone()
+                            .unwrap_or_else(|| old.secret.clone()),
+                    ),
+                ),
+                Some(old) => (old.seq_reserved, 0, 0, None),
+                None => (1, 0, 0, None),
             };
+            let resp_secret_hex = resp.secret.clone();
             let new = state::State {
                 worker_id: resp.worker_id,
                 secret: resp.secret,
@@ -311,6 +320,8 @@ pub async fn run(
                 seq_reserved,
                 cmd_highest,
                 cmd_bitmap,
+                previous_secret: None,
+                local_api_key: local_api_key.filter(|k| *k != resp_secret_hex),
             };
             state::save(&config.state_dir, &new)?;
             tracing::info!(worker_id = %new.worker_id, "enrolled");
@@ -328,11 +339,21 @@ pub async fn run(
         .mqtt_url
         .clone()
         .unwrap_or_else(|| state.mqtt_url.clone());
-    let (outbox, report) = outbox::Outbox::load(
+    // Keyed by the enrolment secret even after rotations: running services
+    // keep the tokens in their environment.
+    let local_key = state.local_api_key().map_err(|e| StateError::Corrupt {
+        path: config.state_dir.join(state::STATE_FILE),
+        reason: e.to_string(),
+    })?;
+    let previous_secret = state.previous_secret();
+    let (outbox, report) = outbox::Outbox::load_any(
         &config.state_dir,
         config.queue_capacity,
         &worker_id,
-        &secret,
+        &[Some(&secret), previous_secret.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
     );
     if report.loaded > 0 {
         tracing::info!(
@@ -352,7 +373,7 @@ pub async fn run(
         store.ensure_above(last);
     }
     // The local API first: services spawned below are told its address.
-    let registry = local_api::Registry::new(&secret, &worker_id);
+    let registry = local_api::Registry::new(&local_key, &worker_id);
     let (local_tx, local_rx) = local_api::channel(local_api::DEFAULT_QUEUE_LEN);
     let api = match config.local_api.as_deref() {
         None => {

@@ -155,6 +155,18 @@ impl Outbox {
         worker_id: &str,
         secret: &Secret,
     ) -> (Outbox, LoadReport) {
+        Outbox::load_any(dir, capacity, worker_id, &[secret])
+    }
+
+    /// [`Outbox::load`] keeping frames sealed under any of `secrets` (the
+    /// current secret and, after a rotation, the previous one: frames queued
+    /// before the switch go out as they were sealed).
+    pub fn load_any(
+        dir: &Path,
+        capacity: usize,
+        worker_id: &str,
+        secrets: &[&Secret],
+    ) -> (Outbox, LoadReport) {
         let mut outbox = Outbox::new(dir, capacity);
         let mut report = LoadReport::default();
         let bytes = match fs::read(&outbox.path) {
@@ -175,7 +187,7 @@ impl Outbox {
         let mut pos = MAGIC.len();
         let mut last_seq = 0u64;
         while pos < bytes.len() {
-            match parse_one(&bytes[pos..], worker_id, secret, last_seq) {
+            match parse_one(&bytes[pos..], worker_id, secrets, last_seq) {
                 Ok((frame, used)) => {
                     last_seq = frame.seq;
                     pos += used;
@@ -467,7 +479,7 @@ impl Outbox {
 fn parse_one(
     buf: &[u8],
     worker_id: &str,
-    secret: &Secret,
+    secrets: &[&Secret],
     last_seq: u64,
 ) -> Result<(Frame, usize), String> {
     let len_bytes: [u8; 4] = buf
@@ -483,8 +495,8 @@ fn parse_one(
     if opened.worker_id() != worker_id {
         return Err(format!("frame for another worker ({})", opened.worker_id()));
     }
-    let env = opened
-        .verify(secret)
+    let (env, _) = opened
+        .verify_any(secrets)
         .map_err(|_| "frame sealed with another secret".to_string())?;
     if env.seq <= last_seq {
         return Err(format!("seq {} not above {last_seq}", env.seq));

@@ -273,7 +273,11 @@ type Handed = Option<u64>;
 
 struct Session {
     id: String,
+    /// Seals every new frame. Replaced by `Action::RotateSecret`.
     secret: Secret,
+    /// The secret before the last rotation: commands sealed before the
+    /// conductor saw the switch still verify with it.
+    previous_secret: Option<Secret>,
     store: StateStore,
     outbox: Outbox,
     cmd_window: ReplayWindow,
@@ -428,16 +432,19 @@ pub(crate) async fn run(
     } = p.local;
     let log_streams = LogStreams::new(p.services.state_dir(), logs::MAX_FOLLOWS);
     let cmd_window = st.cmd_window();
+    let previous_secret = st.previous_secret();
     let conductor = Conductor {
         url: st.conductor_url.clone(),
         worker_id: id.clone(),
         secret: p.secret.clone(),
+        previous_secret: previous_secret.clone(),
         trust: p.trust.clone(),
     };
 
     let mut s = Session {
         id,
         secret: p.secret,
+        previous_secret,
         store: p.store,
         outbox: p.outbox,
         cmd_window,
@@ -992,8 +999,11 @@ impl Session {
             let detail = format!("addressed to {:?}", opened.worker_id());
             return self.reject_command("wrong_worker", detail);
         }
-        let env = match opened.verify(&self.secret) {
-            Ok(env) => env,
+        let secrets: Vec<&Secret> = std::iter::once(&self.secret)
+            .chain(self.previous_secret.as_ref())
+            .collect();
+        let env = match opened.verify_any(&secrets) {
+            Ok((env, _)) => env,
             Err(e) => return self.reject_command(e.reason(), e.to_string()),
         };
         let Body::Command(cmd) = env.body else {
@@ -1078,6 +1088,7 @@ impl Session {
                 Ok(detail) => (ReplyStatus::Ok, detail, false),
                 Err(e) => (ReplyStatus::Error, e.to_string(), false),
             },
+            Action::RotateSecret(sealed) => self.rotate_secret(&sealed),
             // Handled before the window check.
             Action::Stored(_) => return,
         };
@@ -1089,6 +1100,36 @@ impl Session {
         if rebirth {
             self.enqueue_birth();
         }
+    }
+
+    /// `Action::RotateSecret`: opens the new secret (sealed under the
+    /// current one, or the previous one when this is a repeat the conductor
+    /// sent before it saw the switch), persists it, then seals with it.
+    fn rotate_secret(&mut self, sealed: &[u8]) -> (ReplyStatus, String, bool) {
+        let opened =
+            protocol::sealed::open_rotation(&self.secret, &self.id, sealed).or_else(
+                |e| match &self.previous_secret {
+                    Some(p) => protocol::sealed::open_rotation(p, &self.id, sealed),
+                    None => Err(e),
+                },
+            );
+        let next = match opened {
+            Ok(next) => next,
+            Err(e) => return (ReplyStatus::Error, format!("rotated secret: {e}"), false),
+        };
+        if next == self.secret {
+            return (ReplyStatus::Ok, "secret already rotated".into(), false);
+        }
+        if let Err(e) = self.store.rotate_secret(&next) {
+            tracing::error!("cannot persist the rotated secret: {e}");
+            return (ReplyStatus::Error, format!("not rotated: {e}"), false);
+        }
+        let previous = std::mem::replace(&mut self.secret, next.clone());
+        self.conductor.secret = next;
+        self.conductor.previous_secret = Some(previous.clone());
+        self.previous_secret = Some(previous);
+        tracing::info!("frame secret rotated");
+        (ReplyStatus::Ok, "secret rotated".into(), false)
     }
 
     /// The conductor's acknowledgement: frames with seq ≤ `upto` are

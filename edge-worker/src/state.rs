@@ -96,6 +96,16 @@ pub struct State {
     /// Bitmap below `cmd_highest` ([`ReplayWindow::bitmap`]).
     #[serde(default)]
     pub cmd_bitmap: u64,
+    /// The frame secret before the last rotation (`Action::RotateSecret`),
+    /// 64 hex: commands the conductor sealed before it saw the switch, and
+    /// frames queued before it, still verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret: Option<String>,
+    /// What the local API's per-service tokens are derived from, 64 hex:
+    /// the secret at enrolment, kept across rotations so that running
+    /// services keep the tokens in their environment. `None`: the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_api_key: Option<String>,
 }
 
 fn one() -> u64 {
@@ -114,7 +124,8 @@ impl fmt::Debug for State {
             .field("seq_reserved", &self.seq_reserved)
             .field("cmd_highest", &self.cmd_highest)
             .field("cmd_bitmap", &self.cmd_bitmap)
-            .finish()
+            .field("rotated", &self.previous_secret.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -122,6 +133,21 @@ impl State {
     /// The parsed frame secret.
     pub fn secret(&self) -> Result<Secret, protocol::DecodeError> {
         Secret::from_hex(&self.secret)
+    }
+
+    /// The secret before the last rotation, if any (unreadable: none).
+    pub fn previous_secret(&self) -> Option<Secret> {
+        self.previous_secret
+            .as_deref()
+            .and_then(|h| Secret::from_hex(h).ok())
+    }
+
+    /// The key of the local API's service tokens ([`State::local_api_key`]).
+    pub fn local_api_key(&self) -> Result<Secret, protocol::DecodeError> {
+        match &self.local_api_key {
+            Some(h) => Secret::from_hex(h),
+            None => self.secret(),
+        }
     }
 
     /// The persisted command replay window.
@@ -305,6 +331,20 @@ impl StateStore {
         }
     }
 
+    /// Switches to the rotated secret `next` and persists it (the current
+    /// one becomes the previous; the local API key stays what it was).
+    /// Nothing changes in memory if the write fails.
+    pub fn rotate_secret(&mut self, next: &Secret) -> Result<(), StateError> {
+        let mut state = self.state.clone();
+        if state.local_api_key.is_none() {
+            state.local_api_key = Some(state.secret.clone());
+        }
+        state.previous_secret = Some(std::mem::replace(&mut state.secret, next.to_hex()));
+        save(&self.dir, &state)?;
+        self.state = state;
+        Ok(())
+    }
+
     /// Persists an updated command replay window.
     pub fn save_cmd_window(&mut self, window: ReplayWindow) -> Result<(), StateError> {
         self.state.cmd_highest = window.highest;
@@ -329,6 +369,8 @@ mod tests {
             seq_reserved: 1,
             cmd_highest: 0,
             cmd_bitmap: 0,
+            previous_secret: None,
+            local_api_key: None,
         }
     }
 

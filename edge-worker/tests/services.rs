@@ -308,6 +308,7 @@ impl TestConductor {
             url: self.url.clone(),
             worker_id: self.id.clone(),
             secret: secret(),
+            previous_secret: None,
             trust: None,
         }
     }

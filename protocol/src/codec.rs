@@ -238,15 +238,31 @@ impl<'a> Opened<'a> {
 
     /// Checks the tag in constant time and yields the authenticated envelope.
     pub fn verify(self, secret: &Secret) -> Result<Envelope, DecodeError> {
+        if self.tag_matches(secret) {
+            Ok(self.envelope)
+        } else {
+            Err(DecodeError::BadTag)
+        }
+    }
+
+    /// Like [`Opened::verify`] with each of `secrets` in turn (a secret
+    /// being rotated: the current one, the next, the previous); yields the
+    /// envelope and the index of the secret whose tag matched.
+    pub fn verify_any(self, secrets: &[&Secret]) -> Result<(Envelope, usize), DecodeError> {
+        match secrets.iter().position(|s| self.tag_matches(s)) {
+            Some(i) => Ok((self.envelope, i)),
+            None => Err(DecodeError::BadTag),
+        }
+    }
+
+    fn tag_matches(&self, secret: &Secret) -> bool {
         let mut mac = secret.mac();
         if self.envelope.version == FORMAT_V2 {
             mac_compact(&mut mac, &self.envelope.worker_id, self.signed);
         } else {
             mac.update(self.signed);
         }
-        mac.verify_truncated_left(self.tag)
-            .map_err(|_| DecodeError::BadTag)?;
-        Ok(self.envelope)
+        mac.verify_truncated_left(self.tag).is_ok()
     }
 
     /// The envelope without authentication: only for inspection tools

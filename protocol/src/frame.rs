@@ -300,7 +300,18 @@ pub enum Action {
     /// last command sent (0 before any) and the worker neither checks nor
     /// advances its command replay window for it. [`Command::id`] is 0.
     Stored(u64),
+    /// Replace the worker's frame secret: the new 32-byte secret, sealed
+    /// ([`crate::sealed`]) under the current one with the context
+    /// [`crate::sealed::rotation_context`]. The worker stores it, replies
+    /// `Ok`, seals everything from then on with it, and keeps the old one to
+    /// open commands that were sealed before the switch reached it.
+    /// Idempotent: the same sealed secret again changes nothing.
+    RotateSecret(SealedSecret),
 }
+
+/// A secret sealed for [`Action::RotateSecret`]: 61 bytes
+/// ([`crate::sealed::OVERHEAD`] + 32).
+pub type SealedSecret = Vec<u8, 64>;
 
 /// Names one manifest version; see [`crate::manifest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

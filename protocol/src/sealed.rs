@@ -162,11 +162,58 @@ pub fn manifest_context(worker_id: &str, name: &str, version: u32) -> String {
     format!("manifest:{worker_id}:{name}:{version}")
 }
 
+/// The context a rotated worker secret is sealed under
+/// ([`crate::Action::RotateSecret`]): `rotate-secret:<worker_id>`.
+pub fn rotation_context(worker_id: &str) -> String {
+    format!("rotate-secret:{worker_id}")
+}
+
+/// Seals `next` under `current` for [`crate::Action::RotateSecret`].
+pub fn seal_rotation(
+    current: &Secret,
+    worker_id: &str,
+    next: &Secret,
+    nonce: [u8; NONCE_LEN],
+) -> Result<crate::SealedSecret, SealError> {
+    let bytes = seal(
+        current,
+        rotation_context(worker_id).as_bytes(),
+        next.as_bytes(),
+        nonce,
+    )?;
+    crate::SealedSecret::from_slice(&bytes).map_err(|_| SealError::TooLong(bytes.len()))
+}
+
+/// Opens a [`crate::Action::RotateSecret`] payload with `current`.
+pub fn open_rotation(
+    current: &Secret,
+    worker_id: &str,
+    sealed: &[u8],
+) -> Result<Secret, SealError> {
+    let bytes = open(current, rotation_context(worker_id).as_bytes(), sealed)?;
+    let raw: [u8; 32] = bytes.as_slice().try_into().map_err(|_| SealError::BadTag)?;
+    Ok(Secret::from_bytes(raw))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
+
+    #[test]
+    fn a_rotated_secret_opens_only_for_its_worker_under_the_current_secret() {
+        let current = Secret::from_bytes([1; 32]);
+        let next = Secret::from_bytes([2; 32]);
+        let sealed = seal_rotation(&current, "w-1", &next, [3; NONCE_LEN]).unwrap();
+        assert_eq!(sealed.len(), 32 + OVERHEAD);
+        assert_eq!(open_rotation(&current, "w-1", &sealed).unwrap(), next);
+        assert!(open_rotation(&next, "w-1", &sealed).is_err());
+        assert!(open_rotation(&current, "w-2", &sealed).is_err());
+        // A sealed manifest of the right size is not a secret for this context.
+        let other = seal(&current, b"manifest:w-1:x:1", &[0; 32], [3; NONCE_LEN]).unwrap();
+        assert!(open_rotation(&current, "w-1", &other).is_err());
+    }
 
     #[test]
     fn round_trip_and_every_short_input_is_an_error() {

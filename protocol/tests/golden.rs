@@ -159,6 +159,28 @@ fn golden_stored_command() {
 }
 
 #[test]
+fn golden_rotate_secret_command() {
+    // Action index 12 (`0c`), then the sealed secret as a byte list: its
+    // length (61 = `3d`) and the `sealed` layout (`01`, nonce, ciphertext,
+    // tag) of the new secret under the current one.
+    let next = protocol::Secret::from_bytes([0x42; 32]);
+    let sealed =
+        protocol::sealed::seal_rotation(&examples::secret(), examples::WORKER_ID, &next, [7; 12])
+            .unwrap();
+    assert_eq!(
+        protocol::sealed::open_rotation(&examples::secret(), examples::WORKER_ID, &sealed).unwrap(),
+        next
+    );
+    assert_golden(
+        Body::Command(Command {
+            id: 9,
+            action: Action::RotateSecret(sealed),
+        }),
+        GOLDEN_CMD_ROTATE_SECRET,
+    );
+}
+
+#[test]
 fn golden_manifest() {
     let m = examples::manifest();
     let bytes = m.encode().unwrap();
@@ -232,6 +254,7 @@ fn enum_discriminants_are_append_only() {
     );
     assert_eq!(act(Action::InstallManifest(examples::manifest_ref())), 10);
     assert_eq!(act(Action::Stored(1)), 11);
+    assert_eq!(act(Action::RotateSecret(protocol::SealedSecret::new())), 12);
     for (i, k) in [
         EventKind::ServiceChanged,
         EventKind::ArtifactRejected,
@@ -324,6 +347,7 @@ const GOLDEN_SERVICE_STATUS: &str = concat!(
     "210000005c670ab7a74363ac455174614dc1507a"
 );
 const GOLDEN_CMD_DEPLOY_MANIFEST: &str = "010e772d3031323334353637383961620180a8f094ac330305080c73656e736f722d72656c6179045a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5ab63443a69df16d289d6eae9c2bbc29d2";
+const GOLDEN_CMD_ROTATE_SECRET: &str = "010e772d3031323334353637383961620180a8f094ac3303090c3d01070707070707070707070707754eab822ec22e19d66d1738bb6c0cb7d33f8c803e6701a1ad05f92e15a017b1051963686db3ea94961821cd0b73222247593906f0be0ffed78a1297fe4f6ab5";
 const GOLDEN_CMD_STORED: &str =
     "010e772d3031323334353637383961620180a8f094ac3303000bac023b6a9c46247ea3f2efd45c525243fb73";
 const GOLDEN_CMD_INSTALL_MANIFEST: &str = "010e772d3031323334353637383961620180a8f094ac3303050a0c73656e736f722d72656c6179045a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a0ab47cc0db84b54e5eaa1e359638e8f7";

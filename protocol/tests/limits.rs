@@ -408,3 +408,21 @@ proptest! {
         prop_assert_eq!(sealed::open(&secret, &context, &sealed_bytes).unwrap(), plaintext);
     }
 }
+
+#[test]
+fn verify_any_names_the_secret_a_frame_was_sealed_with() {
+    let (old, new) = (Secret::from_bytes([1; 32]), Secret::from_bytes([2; 32]));
+    let env = protocol::examples::envelope(7, Body::Metrics(protocol::examples::metrics()));
+    let bytes = protocol::seal(&new, &env).unwrap();
+    let opened = || protocol::open(&bytes, protocol::examples::WORKER_ID).unwrap();
+    let (back, which) = opened().verify_any(&[&old, &new]).unwrap();
+    assert_eq!((back, which), (env, 1));
+    assert_eq!(
+        opened().verify_any(&[&old]).unwrap_err(),
+        protocol::DecodeError::BadTag
+    );
+    assert_eq!(
+        opened().verify_any(&[]).unwrap_err(),
+        protocol::DecodeError::BadTag
+    );
+}

@@ -963,6 +963,31 @@ fn dashboard_in_a_real_browser() {
     );
     b.click("#log-close");
 
+    // Rotate the worker's secret from its page: the worker confirms, keeps
+    // reporting under the new secret, and its service keeps running.
+    let secret_before = workers[0].secret();
+    b.click("#rotate-secret");
+    b.wait(
+        "the rotation confirmed",
+        SECS(15),
+        "document.querySelector('#rotate-result').textContent === 'secret rotated'",
+    );
+    assert_ne!(
+        workers[0].secret(),
+        secret_before,
+        "the worker stored a new secret"
+    );
+    let seq = |c: &Conductor| c.worker(&ids[0])["metrics"]["seq"].as_u64().unwrap_or(0);
+    let before = seq(&c);
+    wait_for("frames under the new secret", SECS(15), || {
+        (seq(&c) > before + 2).then_some(())
+    });
+    assert_eq!(
+        c.rejected("bad_tag"),
+        0.0,
+        "nothing refused across the rotation"
+    );
+
     // Phone width: the list and the service page without horizontal scrolling.
     b.set_window(390, 844);
     for (hash, ready, shot) in [

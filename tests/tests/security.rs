@@ -1217,3 +1217,138 @@ fn a_packet_capture_of_a_plain_http_worker_holds_no_service_secret() {
         w.proc.tail(20)
     );
 }
+
+/// `aerekos rotate-secret`: a new frame secret without re-enrolment. The
+/// worker confirms and reports under it; a frame it had sealed before the
+/// switch is still accepted within the grace and refused after; a hosted
+/// service keeps its local API token across a worker restart; a worker
+/// offline at the time gets the secret as soon as it is back.
+#[test]
+fn a_worker_secret_rotates_without_re_enrolment() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start_with_env(
+        &dir.path().join("conductor"),
+        &[],
+        &[("AEREKOS_SECRET_GRACE", "8s")],
+    );
+    let token = c.registration_token();
+    // A fixed local API port: the adopted service keeps the address it was given.
+    let mut opts = WorkerOpts::named("rotating");
+    opts.extra = vec!["--local-api".into(), format!("127.0.0.1:{}", free_port())];
+    let mut w = Worker::start(&dir.path().join("w"), &c.url(), Some(&token), opts);
+    let id = w.wait_id();
+    wait_for("online", SECS(30), || {
+        (c.worker(&id)["status"] == "online").then_some(())
+    });
+    deploy(&c, &id, "keeper", json!({}), json!({"k": "v"}));
+    let pid = wait_for("keeper running", SECS(30), || {
+        service_pid(&c, "keeper", &id)
+    });
+    let env = environ(pid);
+    let api = env["AEREKOS_API"].trim_end_matches('/').to_string();
+    let service_token = env["AEREKOS_TOKEN"].clone();
+
+    let old = w.secret();
+    // A frame the worker could have queued before the switch.
+    let genuine = protocol::open(
+        &{
+            let (user, pass) = c.observer();
+            let s = MqttClient::connect(c.mqtt, "rot-sniffer", Some((&user, &pass))).unwrap();
+            let t = protocol::topic::topic(&id, TopicKind::Metrics);
+            s.subscribe(&t);
+            s.recv_until(SECS(10), |tt, _| tt == t).unwrap().1
+        },
+        &id,
+    )
+    .unwrap()
+    .verify(&old)
+    .unwrap();
+
+    let (ok, out) = cli(&c, &["--json", "rotate-secret", &id]);
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "rotated", "{v}");
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(w.state_dir.join("state.json")).unwrap())
+            .unwrap();
+    assert_ne!(w.secret(), old, "a new secret in state.json");
+    assert_eq!(st["previous_secret"], old.to_hex());
+    assert_eq!(st["local_api_key"], old.to_hex(), "service tokens stay");
+    let d = c.worker(&id);
+    assert!(d["secret_rotation"].is_null(), "{d}");
+    assert!(
+        d["previous_secret_accepted_until_ms"].as_u64().is_some(),
+        "{d}"
+    );
+    let seq = |c: &Conductor| c.worker(&id)["metrics"]["seq"].as_u64().unwrap_or(0);
+    let s0 = seq(&c);
+    wait_for("frames under the new secret", SECS(10), || {
+        (seq(&c) > s0 + 2).then_some(())
+    });
+    assert_eq!(c.rejected("bad_tag"), 0.0);
+
+    // The worker stopped; its own login publishes a frame sealed with the
+    // OLD secret and a fresh seq, as a queued frame would go out: accepted
+    // within the grace.
+    w.proc.terminate();
+    let (wu, wp) = w.mqtt_login();
+    let send_old = |seq_add: u64| {
+        let mut env = genuine.clone();
+        env.seq = seq(&c) + seq_add;
+        let m = MqttClient::connect(c.mqtt, &id, Some((&wu, &wp))).unwrap();
+        m.publish(
+            &protocol::topic::topic(&id, TopicKind::Metrics),
+            protocol::seal(&old, &env).unwrap(),
+        );
+        std::thread::sleep(SECS(1));
+        env.seq
+    };
+    let in_grace = send_old(10);
+    wait_for(
+        "the old-secret frame accepted in the grace",
+        SECS(5),
+        || stored_seqs(&c, &id).contains(&in_grace).then_some(()),
+    );
+    // After the grace (8 s here) it is refused.
+    std::thread::sleep(SECS(8));
+    let bad = c.rejected("bad_tag");
+    let late = send_old(20);
+    wait_for("refused after the grace", SECS(5), || {
+        (c.rejected("bad_tag") > bad).then_some(())
+    });
+    assert!(!stored_seqs(&c, &id).contains(&late));
+
+    // A restart: the same service process is adopted and its token works.
+    w.restart();
+    wait_for("online after the restart", SECS(30), || {
+        (c.worker(&id)["status"] == "online").then_some(())
+    });
+    assert_eq!(
+        service_pid(&c, "keeper", &id),
+        Some(pid),
+        "adopted, not restarted"
+    );
+    let (s, body) = local_get(&api, "/v1/secrets/k", Some(&service_token));
+    assert_eq!(s, 200, "the service's token still works: {body}");
+
+    // Rotated while the worker is offline: pending, then delivered when it
+    // is back, under the secret it has (the second rotation).
+    w.proc.terminate();
+    wait_for("offline", SECS(15), || {
+        (c.worker(&id)["status"] != "online").then_some(())
+    });
+    let second_before = w.secret();
+    let (status, body) = c.post(&format!("/api/v1/workers/{id}/rotate-secret"), &json!({}));
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["state"], "pending");
+    assert_eq!(c.worker(&id)["secret_rotation"], "pending");
+    w.restart();
+    wait_for("the pending rotation delivered", SECS(30), || {
+        c.worker(&id)["secret_rotation"].is_null().then_some(())
+    });
+    assert_ne!(w.secret(), second_before);
+    let s1 = seq(&c);
+    wait_for("reporting under the third secret", SECS(10), || {
+        (seq(&c) > s1 + 2).then_some(())
+    });
+}

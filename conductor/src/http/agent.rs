@@ -26,21 +26,26 @@ fn worker_of(ctx: &Ctx, req: &Req) -> Result<String, ApiError> {
     authenticated(ctx, req).map(|(id, _)| id)
 }
 
-/// The authenticated worker's id and secret.
+/// The authenticated worker's id and the secret its request was signed
+/// with (during a rotation: the current, the next or the previous one).
 fn authenticated(ctx: &Ctx, req: &Req) -> Result<(String, protocol::Secret), ApiError> {
     let header = req.authorization.as_deref().unwrap_or_default();
     let workers = lock(&ctx.shared.workers);
-    let mut secret = None;
-    protocol::manifest::verify_http_auth(header, "GET", &req.path, |id| {
-        secret = workers
-            .get(id)
-            .filter(|w| !w.revoked)
-            .map(|w| w.secret.clone());
-        secret.clone()
-    })
-    .map(str::to_string)
-    .zip(secret)
-    .ok_or_else(|| ApiError::new(401, "worker authentication failed"))
+    let now = crate::state::now_ms();
+    for k in 0..3 {
+        let mut secret = None;
+        let id = protocol::manifest::verify_http_auth(header, "GET", &req.path, |id| {
+            secret = workers
+                .get(id)
+                .filter(|w| !w.revoked)
+                .and_then(|w| w.accepted_secrets(now).get(k).map(|(s, _)| (*s).clone()));
+            secret.clone()
+        });
+        if let (Some(id), Some(secret)) = (id, secret) {
+            return Ok((id.to_string(), secret));
+        }
+    }
+    Err(ApiError::new(401, "worker authentication failed"))
 }
 
 /// The encoded manifest `name` v`version` if `worker` may fetch it, else 404.

@@ -57,6 +57,7 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Delete, ["workers", id]) => delete_worker(ctx, id),
         (Method::Put, ["workers", id, "labels"]) => set_labels(ctx, req, id),
         (Method::Post, ["workers", id, "revoke"]) => revoke(ctx, id),
+        (Method::Post, ["workers", id, "rotate-secret"]) => rotate_secret(ctx, id),
         (Method::Get, ["workers", id, "metrics"]) => metrics_history(ctx, req, id),
         (Method::Post, ["workers", id, "commands"]) => command(ctx, req, id),
         (Method::Get, ["workers", id, "services"]) => super::services::worker_services(ctx, id),
@@ -422,6 +423,8 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
         "counters": {"accepted": w.accepted, "rejected": w.rejected, "replay_highest": w.replay.highest},
         // The format of its last accepted frame, the one it is sent in.
         "wire_format": w.format,
+        "secret_rotation": if w.pending_secret.is_some() { Some("pending") } else { None },
+        "previous_secret_accepted_until_ms": w.previous_secret.as_ref().map(|(_, until)| *until),
         "now_ms": now_ms(),
     })))
 }
@@ -471,6 +474,40 @@ fn revoke(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
     remove_broker_login(ctx, id)?;
     info!(worker_id = id, "worker revoked");
     Ok(Resp::ok(json!({"id": id, "revoked": true})))
+}
+
+/// `POST /workers/{id}/rotate-secret`: a new frame secret for the worker,
+/// delivered sealed under its current one ([`crate::rotation`]). 200
+/// `rotated` when the worker confirmed within the command timeout, 202
+/// `pending` when it is offline (it gets it when it is next online).
+fn rotate_secret(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
+    use crate::rotation::RotationError as E;
+    let action = crate::rotation::begin(&ctx.shared, id).map_err(|e| match e {
+        E::NotFound => ApiError::not_found("worker"),
+        E::Revoked => ApiError::new(409, "worker is revoked"),
+        e => ApiError::internal(e),
+    })?;
+    match send_and_wait(ctx, id, action) {
+        Ok(resp) => {
+            let v: Value = serde_json::from_str(&resp.body).unwrap_or_default();
+            if v["status"] == "ok" {
+                Ok(Resp::ok(
+                    json!({"worker_id": id, "state": "rotated", "detail": v["detail"]}),
+                ))
+            } else {
+                Err(ApiError::new(
+                    502,
+                    format!("the worker refused the new secret: {}", v["detail"]),
+                ))
+            }
+        }
+        Err(e) if e.status == 504 => Ok(Resp::json(
+            202,
+            &json!({"worker_id": id, "state": "pending",
+                    "detail": "no answer yet: the worker gets the new secret when it is next online"}),
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 fn delete_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {

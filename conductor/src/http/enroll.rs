@@ -137,30 +137,38 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
 
     let (worker_id, secret) = match (&body.worker_id, &body.proof) {
         (Some(id), Some(proof)) => {
+            // The proof is under the worker's current secret, or under the
+            // rotated one it already switched to.
             let check = |workers: &std::collections::HashMap<String, WorkerEntry>| {
                 let Some(w) = workers.get(id.as_str()) else {
                     return Err(ApiError::new(401, "unknown worker or bad proof"));
                 };
-                let expected = protocol::reenroll_proof(&w.secret, id);
-                if !ct_eq(
-                    expected.as_bytes(),
-                    proof.trim().to_ascii_lowercase().as_bytes(),
-                ) {
+                let given = proof.trim().to_ascii_lowercase();
+                let proves = |s: &Secret| {
+                    ct_eq(protocol::reenroll_proof(s, id).as_bytes(), given.as_bytes())
+                };
+                let with_pending = w.pending_secret.as_ref().is_some_and(proves);
+                if !proves(&w.secret) && !with_pending {
                     return Err(ApiError::new(401, "unknown worker or bad proof"));
                 }
                 if w.revoked {
                     return Err(ApiError::new(403, "worker is revoked"));
                 }
-                Ok(())
+                Ok(with_pending)
             };
             check(&lock(&s.workers))?;
             // Outside the lock: a round trip to an external broker.
             broker_login(s, id, &mqtt_password)?;
             let mut workers = lock(&s.workers);
-            check(&workers)?;
+            let switched = check(&workers)?;
             let Some(w) = workers.get_mut(id.as_str()) else {
                 return Err(ApiError::new(401, "unknown worker or bad proof"));
             };
+            if switched {
+                if let Some(op) = w.promote_secret(now, s.config.secret_grace_ms()) {
+                    let _ = s.writer.send(op);
+                }
+            }
             let row = WorkerRow {
                 id: id.clone(),
                 machine_id: body.machine_id.clone(),
