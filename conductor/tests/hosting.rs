@@ -672,76 +672,7 @@ fn service_metrics_events_and_persistent_stop() {
 
 // ---- Sealed manifests: the secrets travel only sealed to their worker ----
 
-/// Base64 of `bytes` (`+/` or, `url_safe`, `-_`), no padding.
-fn base64(bytes: &[u8], url_safe: bool) -> String {
-    let abc: &[u8; 64] = if url_safe {
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    } else {
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    };
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(abc[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-/// Every way `value` could show in a body: raw, lower and upper hex, and
-/// standard and URL-safe base64 at each of the three byte alignments it may
-/// have in a longer encoded text (the characters that depend only on it).
-fn leak_forms(value: &str) -> Vec<(String, Vec<u8>)> {
-    let v = value.as_bytes();
-    let hex = protocol::hex_string(v);
-    let mut forms = vec![
-        ("raw".to_string(), v.to_vec()),
-        ("hex".to_string(), hex.clone().into_bytes()),
-        ("HEX".to_string(), hex.to_uppercase().into_bytes()),
-    ];
-    for url_safe in [false, true] {
-        for pad in 0..3usize {
-            let mut shifted = vec![0u8; pad];
-            shifted.extend_from_slice(v);
-            let full = base64(&shifted, url_safe);
-            let end = shifted.len() / 3 * 4;
-            let start = if pad == 0 { 0 } else { 4 };
-            forms.push((
-                format!("base64 (url-safe {url_safe}, offset {pad})"),
-                full.as_bytes()[start..end].to_vec(),
-            ));
-        }
-    }
-    forms
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-#[test]
-fn leak_forms_find_an_encoded_secret_at_any_offset() {
-    assert_eq!(base64(b"foobar", false), "Zm9vYmFy");
-    assert_eq!(base64(b"\xfb\xff\xfe", true), "-__-");
-    assert_eq!(base64(b"\xfb\xff\xfe", false), "+//+");
-    let value = "find-me-0123456789abcdef";
-    for pre in ["", "x", "xy", "xyz"] {
-        let text = format!("{pre}{value}tail");
-        for url_safe in [false, true] {
-            let encoded = base64(text.as_bytes(), url_safe);
-            assert!(
-                leak_forms(value)
-                    .iter()
-                    .any(|(_, f)| contains(encoded.as_bytes(), f)),
-                "{pre:?} {url_safe}"
-            );
-        }
-    }
-}
+use test_support::leaks::{holds as contains, leak_forms};
 
 #[test]
 fn sealed_manifests_carry_no_secret_and_open_only_for_their_worker() {

@@ -914,55 +914,7 @@ fn the_api_serves_connections_opened_together_closes_idle_ones_and_survives_runn
 // ---- Sealed manifests on the wire: a packet capture of a plain-HTTP ----
 // ---- worker holds no form of a service secret.                      ----
 
-/// Base64 of `bytes` (`+/` or, `url_safe`, `-_`), no padding.
-fn base64(bytes: &[u8], url_safe: bool) -> String {
-    let abc: &[u8; 64] = if url_safe {
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    } else {
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    };
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(abc[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-/// Every form of `value` to look for: raw, lower and upper hex, standard
-/// and URL-safe base64 at each of the three alignments it can have inside
-/// a longer encoded text (only the characters that depend on it alone).
-fn leak_forms(value: &str) -> Vec<(String, Vec<u8>)> {
-    let v = value.as_bytes();
-    let hex = protocol::hex_string(v);
-    let mut forms = vec![
-        ("raw".to_string(), v.to_vec()),
-        ("hex".to_string(), hex.clone().into_bytes()),
-        ("HEX".to_string(), hex.to_uppercase().into_bytes()),
-    ];
-    for url_safe in [false, true] {
-        for pad in 0..3usize {
-            let mut shifted = vec![0u8; pad];
-            shifted.extend_from_slice(v);
-            let full = base64(&shifted, url_safe);
-            let (start, end) = (if pad == 0 { 0 } else { 4 }, shifted.len() / 3 * 4);
-            forms.push((
-                format!("base64 (url-safe {url_safe}, offset {pad})"),
-                full.as_bytes()[start..end].to_vec(),
-            ));
-        }
-    }
-    forms
-}
-
-fn holds(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
+use test_support::leaks::{base64, holds, leak_forms};
 
 /// The TCP payload of every flow (one direction of a connection) in a pcap
 /// file from `tcpdump -i lo -w` (Ethernet framing, IPv4 or IPv6), in

@@ -115,20 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     container.health = None;
     write(dir, "manifest", "container", &container.encode()?)?;
 
-    let kinds = [
-        TopicKind::Status,
-        TopicKind::Birth,
-        TopicKind::Metrics,
-        TopicKind::Events,
-        TopicKind::Cmd,
-        TopicKind::Reply,
-        TopicKind::JsonBirth,
-        TopicKind::JsonMetrics,
-        TopicKind::Services,
-        TopicKind::Logs,
-        TopicKind::ServiceMetrics,
-    ];
-    for kind in kinds {
+    for kind in TopicKind::ALL {
         let t = topic("w-0123456789ab", kind);
         write(dir, "topic", &kind.leaf().replace('/', "-"), t.as_bytes())?;
     }

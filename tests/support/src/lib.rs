@@ -25,6 +25,8 @@
 //! [`MIN_CANDIDATES`] ports above [`LOWEST`], or every candidate is taken,
 //! it falls back to the bind `:0` trick (and its race).
 
+pub mod leaks;
+
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
