@@ -6,7 +6,8 @@
 //! and not revoked, the envelope's worker id equals the topic's, the body kind
 //! matches the topic, the HMAC tag verifies with that worker's secret, and the
 //! replay window says the seq is fresh. Any failure increments exactly one
-//! counter (see [`crate::state::REJECT_REASONS`]) and changes no state.
+//! counter (see [`Reject`]) and changes no state. The checks are one pure
+//! function ([`check`]), which the fuzzer runs too.
 //!
 //! Accepted frames are stamped with the conductor's receive time (device
 //! clocks are never trusted). Persistence goes through [`Writer`], a thread
@@ -52,8 +53,12 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod check;
+
+pub use check::{check, Reject, Sender};
+
 use protocol::topic::{Topic, TopicKind};
-use protocol::{Body, Envelope, Metrics, SeqVerdict, MAX_FRAME_LEN};
+use protocol::{Body, Envelope, Metrics};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -123,7 +128,8 @@ fn mark_offline(shared: &Shared, worker_id: &str) {
     }
 }
 
-fn log_rejection(shared: &Shared, worker_id: &str, reason: &'static str) {
+fn log_rejection(shared: &Shared, worker_id: &str, reject: Reject) {
+    let reason = reject.as_str();
     let now = Instant::now();
     let mut last = lock(&shared.reject_log);
     let due = last
@@ -134,7 +140,7 @@ fn log_rejection(shared: &Shared, worker_id: &str, reason: &'static str) {
         warn!(
             worker_id,
             reason,
-            total = shared.counters.rejected(reason),
+            total = shared.counters.rejected(reject),
             "frame rejected (further rejections for this reason are logged at debug for 10 s)"
         );
     } else {
@@ -148,41 +154,28 @@ fn ingest_frame(
     topic_worker: &str,
     kind: TopicKind,
     payload: &[u8],
-) -> Result<(), &'static str> {
-    if payload.len() > MAX_FRAME_LEN {
-        return Err("oversized");
-    }
-    let opened = protocol::open(payload, topic_worker).map_err(|e| e.reason())?;
+) -> Result<(), Reject> {
     let received_at_ms = now_ms();
     let mut workers = lock(&shared.workers);
-    let Some(w) = workers.get_mut(topic_worker) else {
-        return Err("unknown_worker");
+    let checked = match workers.get(topic_worker) {
+        None => check(payload, topic_worker, kind, None).map(|(env, _)| (env, None)),
+        Some(w) => {
+            let secrets = w.accepted_secrets(received_at_ms);
+            let keys: Vec<&protocol::Secret> = secrets.iter().map(|(s, _)| *s).collect();
+            let sender = Sender {
+                secrets: &keys,
+                revoked: w.revoked,
+                replay: &w.replay,
+                resending: w.resending,
+            };
+            check(payload, topic_worker, kind, Some(&sender))
+                .map(|(env, which)| (env, secrets.get(which).map(|(_, u)| *u)))
+        }
     };
-    let result = (|| {
-        if w.revoked {
-            return Err("revoked");
-        }
-        if opened.worker_id() != topic_worker {
-            return Err("topic_mismatch");
-        }
-        let secrets = w.accepted_secrets(received_at_ms);
-        let keys: Vec<&protocol::Secret> = secrets.iter().map(|(s, _)| *s).collect();
-        let (env, which): (Envelope, usize) = opened.verify_any(&keys).map_err(|e| e.reason())?;
-        let used = secrets.get(which).map(|(_, u)| *u);
-        if Some(env.body.kind()) != kind.expected_body() {
-            return Err("topic_mismatch");
-        }
-        match w.replay.check(env.seq) {
-            SeqVerdict::Fresh => {}
-            // The worker re-publishing, after a reconnect, frames it had no
-            // `Stored` for yet: already processed, refused all the same.
-            SeqVerdict::Replayed | SeqVerdict::TooOld if w.resending => return Err("duplicate"),
-            SeqVerdict::Replayed => return Err("replayed"),
-            SeqVerdict::TooOld => return Err("too_old"),
-        }
-        Ok((env, used))
-    })();
-    let (env, used) = match result {
+    let Some(w) = workers.get_mut(topic_worker) else {
+        return checked.map(|_| ());
+    };
+    let (env, used) = match checked {
         Ok(r) => r,
         Err(reason) => {
             w.rejected += 1;

@@ -23,24 +23,6 @@ use crate::store::{ServiceStatusRow, Store, WorkerRow, WriteOp};
 /// Events kept per worker in memory.
 pub const EVENTS_KEPT: usize = 50;
 
-/// Rejection reasons, in the order they are reported. `duplicate` is a
-/// replayed or too-old seq that arrived in the re-send run right after the
-/// worker's `online` (before any fresh frame of its): the worker publishing
-/// again what it had not seen acknowledged with `Stored`, not an attack.
-pub const REJECT_REASONS: [&str; 11] = [
-    "oversized",
-    "truncated",
-    "version",
-    "malformed",
-    "unknown_worker",
-    "revoked",
-    "topic_mismatch",
-    "bad_tag",
-    "replayed",
-    "too_old",
-    "duplicate",
-];
-
 /// Liveness of a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Status {
@@ -68,28 +50,25 @@ impl Status {
 pub struct Counters {
     /// Frames accepted.
     pub accepted: AtomicU64,
-    /// Rejections indexed like [`REJECT_REASONS`].
+    /// Rejections indexed like [`crate::ingest::Reject::ALL`].
     pub rejected: [AtomicU64; 11],
     /// JSON mirror publishes dropped because the MQTT queue was full.
     pub mirror_dropped: AtomicU64,
 }
 
 impl Counters {
-    /// Counts a rejection; unknown reasons count as `malformed`.
-    pub fn reject(&self, reason: &str) {
-        let idx = REJECT_REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(3);
-        self.rejected[idx].fetch_add(1, Ordering::Relaxed);
+    /// Counts a rejection.
+    pub fn reject(&self, reason: crate::ingest::Reject) {
+        if let Some(c) = self.rejected.get(reason.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Current count for `reason`.
-    pub fn rejected(&self, reason: &str) -> u64 {
-        REJECT_REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .map_or(0, |i| self.rejected[i].load(Ordering::Relaxed))
+    pub fn rejected(&self, reason: crate::ingest::Reject) -> u64 {
+        self.rejected
+            .get(reason.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
 

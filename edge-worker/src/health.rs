@@ -160,7 +160,7 @@ pub fn command_probe(
     }
     let mut child = cmd
         .args(args)
-        .env("AEREKOS_SERVICE", service)
+        .env(protocol::local_api::ENV_SERVICE, service)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, KeyInit, Mac};
 use protocol::frame::{bounded, Sample, ServiceMetrics, MAX_SERVICE_SAMPLES};
 use protocol::{Body, Event, EventKind, Manifest, Secret, ServiceState};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 
@@ -81,12 +81,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PUBLISH_BURST: u32 = 20;
 /// Sustained publishes per second per service.
 pub const PUBLISH_PER_S: u32 = 5;
-/// Env var carrying the service's token.
-pub const ENV_TOKEN: &str = "AEREKOS_TOKEN";
-/// Env var carrying the API base URL, `http://127.0.0.1:<port>`.
-pub const ENV_API: &str = "AEREKOS_API";
-/// Env var carrying the service's name.
-pub const ENV_SERVICE: &str = "AEREKOS_SERVICE";
+use protocol::local_api::{CONFIG, EVENTS, HEALTH, METRICS, SECRETS};
+/// The environment names and paths both sides agree on ([`protocol::local_api`]).
+pub use protocol::local_api::{ENV_API, ENV_SERVICE, ENV_TOKEN};
 /// Domain separation of the token derivation.
 const TOKEN_CONTEXT: &[u8] = b"aerekos-local:";
 
@@ -492,15 +489,7 @@ struct QueuedOut {
     queued: bool,
 }
 
-#[derive(Deserialize)]
-struct EventIn {
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct MetricsIn {
-    samples: BTreeMap<String, i64>,
-}
+use protocol::local_api::{EventBody as EventIn, MetricsBody as MetricsIn};
 
 fn bearer(head: &server::Head) -> Option<&str> {
     let v = head.header("Authorization")?.trim();
@@ -579,7 +568,7 @@ fn route(
     // authentication and here (unregistered meanwhile): then 401.
     let gone = || ApiError::new(401, "missing or unknown token");
     match path {
-        "/v1/health" if get => {
+        HEALTH if get => {
             let inner = registry.lock();
             let e = inner.services.get(name).ok_or_else(gone)?;
             answer(
@@ -591,22 +580,23 @@ fn route(
                 },
             )
         }
-        "/v1/config" if get => {
+        CONFIG if get => {
             let inner = registry.lock();
             let e = inner.services.get(name).ok_or_else(gone)?;
             answer(200, &e.config)
         }
-        "/v1/secrets" if get => {
+        SECRETS if get => {
             let inner = registry.lock();
             let e = inner.services.get(name).ok_or_else(gone)?;
             answer(200, &e.secrets)
         }
-        "/v1/events" if post => publish(registry, tx, name, parse_event(name, body)?),
-        "/v1/metrics" if post => publish(registry, tx, name, parse_metrics(name, body)?),
-        "/v1/health" | "/v1/config" | "/v1/secrets" | "/v1/events" | "/v1/metrics" => {
-            wrong_method()
-        }
-        _ => match path.strip_prefix("/v1/secrets/") {
+        EVENTS if post => publish(registry, tx, name, parse_event(name, body)?),
+        METRICS if post => publish(registry, tx, name, parse_metrics(name, body)?),
+        HEALTH | CONFIG | SECRETS | EVENTS | METRICS => wrong_method(),
+        _ => match path
+            .strip_prefix(SECRETS)
+            .and_then(|rest| rest.strip_prefix('/'))
+        {
             Some(raw) if get => {
                 let key =
                     percent_decode(raw).ok_or_else(|| ApiError::new(404, "no such secret"))?;

@@ -1194,7 +1194,7 @@ impl Supervisor {
             };
             let mut env: Vec<(String, String)> =
                 p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            env.push(("AEREKOS_SERVICE".into(), name.to_string()));
+            env.push((protocol::local_api::ENV_SERVICE.into(), name.to_string()));
             if let Some(hook) = &extra {
                 env.extend(hook(&svc.manifest));
             }

@@ -1,9 +1,11 @@
-//! The frame decoder and HMAC verify path, in the conductor's order
-//! (`conductor/src/ingest.rs`): size, `protocol::open`, claimed worker id
-//! against the topic's, tag, body kind against the topic, replay window.
+//! The conductor's frame checks themselves: `conductor/src/ingest/check.rs`
+//! is compiled into this target as it is (it depends on `protocol` only),
+//! so what is fuzzed is what ingests: size, `protocol::open`, the worker
+//! known and not revoked, the claimed worker id against the topic's, the tag
+//! (any of the worker's secrets), body kind against the topic, replay window.
 //!
 //! Invariants checked on every input:
-//! * no panic; every refusal maps to one of the conductor's counter reasons;
+//! * no panic; every refusal is one of `Reject::ALL` (the counters);
 //! * a structurally valid frame re-seals within `MAX_FRAME_LEN`, and
 //!   `open(seal(e)).verify(secret) == e` (decode(encode(x)) round trip);
 //! * a frame sealed under one secret never verifies under another, nor
@@ -11,66 +13,39 @@
 //! * an authenticated input is the one encoding of its envelope (it equals
 //!   its re-seal), so a frame cannot be re-spelled to slip past the replay
 //!   window;
-//! * the replay window refuses a seq once accepted.
+//! * the replay window refuses a seq once accepted (a `duplicate` while the
+//!   worker re-sends); an unknown or revoked worker never has a frame
+//!   accepted.
 //!
 //! Allocation is bounded by `-malloc_limit_mb` in `run-smoke.sh`.
 #![no_main]
 
+#[allow(dead_code)]
+#[path = "../../conductor/src/ingest/check.rs"]
+mod check;
+
+use check::{Reject, Sender};
 use libfuzzer_sys::fuzz_target;
-use protocol::topic::TopicKind;
+use protocol::topic::{Publisher, TopicKind};
 use protocol::{examples, open, seal, DecodeError, Envelope, ReplayWindow, Secret, SeqVerdict};
 use protocol::{FORMAT_V2, FORMAT_VERSION, MAX_FRAME_LEN};
 
-/// The conductor's rejection reasons (`conductor::state::REJECT_REASONS`).
-const REASONS: [&str; 10] = [
-    "oversized",
-    "truncated",
-    "version",
-    "malformed",
-    "unknown_worker",
-    "revoked",
-    "topic_mismatch",
-    "bad_tag",
-    "replayed",
-    "too_old",
-];
-
-/// Topics a worker publishes frames on.
-const FRAME_TOPICS: [TopicKind; 7] = [
-    TopicKind::Birth,
-    TopicKind::Metrics,
-    TopicKind::Events,
-    TopicKind::Reply,
-    TopicKind::Services,
-    TopicKind::Logs,
-    TopicKind::ServiceMetrics,
-];
-
-/// `ingest_frame` minus the shared state: one known worker with `secret`
-/// and `window`.
+/// `check` for one known worker with `secret` and `window`.
 fn ingest(
     secret: &Secret,
     window: &ReplayWindow,
     topic_worker: &str,
     kind: TopicKind,
     payload: &[u8],
-) -> Result<Envelope, &'static str> {
-    if payload.len() > MAX_FRAME_LEN {
-        return Err("oversized");
-    }
-    let opened = open(payload, topic_worker).map_err(|e| e.reason())?;
-    if opened.worker_id() != topic_worker {
-        return Err("topic_mismatch");
-    }
-    let env = opened.verify(secret).map_err(|e| e.reason())?;
-    if Some(env.body.kind()) != kind.expected_body() {
-        return Err("topic_mismatch");
-    }
-    match window.check(env.seq) {
-        SeqVerdict::Fresh => Ok(env),
-        SeqVerdict::Replayed => Err("replayed"),
-        SeqVerdict::TooOld => Err("too_old"),
-    }
+) -> Result<Envelope, Reject> {
+    let secrets = [secret];
+    let sender = Sender {
+        secrets: &secrets,
+        revoked: false,
+        replay: window,
+        resending: false,
+    };
+    check::check(payload, topic_worker, kind, Some(&sender)).map(|(env, _)| env)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -78,10 +53,44 @@ fuzz_target!(|data: &[u8]| {
     let worker = "w-0123456789ab";
     let window = ReplayWindow::new(5, 0b1011);
     let mut accepted_on = 0;
-    for kind in FRAME_TOPICS {
+    let frame_topics = TopicKind::ALL
+        .into_iter()
+        .filter(|k| k.publisher() == Publisher::Worker && k.expected_body().is_some());
+    for kind in frame_topics {
         match ingest(&secret, &window, worker, kind, data) {
-            Ok(_) => accepted_on += 1,
-            Err(reason) => assert!(REASONS.contains(&reason), "unknown reason {reason}"),
+            Ok(env) => {
+                accepted_on += 1;
+                // The same frame from an unknown or revoked worker, or as a
+                // re-send of an accepted seq: refused.
+                assert_eq!(
+                    check::check(data, worker, kind, None).err(),
+                    Some(Reject::UnknownWorker)
+                );
+                let secrets = [&secret];
+                let revoked = Sender {
+                    secrets: &secrets,
+                    revoked: true,
+                    replay: &window,
+                    resending: false,
+                };
+                assert_eq!(
+                    check::check(data, worker, kind, Some(&revoked)).err(),
+                    Some(Reject::Revoked)
+                );
+                let mut after = window;
+                after.accept(env.seq);
+                let resend = Sender {
+                    secrets: &secrets,
+                    revoked: false,
+                    replay: &after,
+                    resending: true,
+                };
+                assert_eq!(
+                    check::check(data, worker, kind, Some(&resend)).err(),
+                    Some(Reject::Duplicate)
+                );
+            }
+            Err(reason) => assert!(Reject::ALL.contains(&reason), "{reason:?}"),
         }
     }
     // A body kind belongs to exactly one topic.

@@ -8,6 +8,8 @@
 //! * [`replay`]: the sequence-number window that rejects replayed frames.
 //! * [`manifest`]: full service manifests, fetched over HTTP by digest, and
 //!   the worker's HTTP download authentication.
+//! * [`local_api`]: the contract between a worker and its hosted services
+//!   (environment names, paths, bodies).
 //! * [`registration`]: the registration token and the fleet CA fingerprint
 //!   it pins.
 //! * [`sealed`]: ChaCha20-Poly1305 sealing under a key derived from a
@@ -23,6 +25,7 @@
 pub mod codec;
 pub mod examples;
 pub mod frame;
+pub mod local_api;
 pub mod manifest;
 pub mod registration;
 pub mod replay;

@@ -44,7 +44,10 @@ fn table_rows(doc: &str) -> Vec<(String, Vec<String>)> {
 }
 
 fn all_leaves() -> BTreeSet<String> {
-    TopicKind::ALL.iter().map(|k| k.leaf().to_string()).collect()
+    TopicKind::ALL
+        .iter()
+        .map(|k| k.leaf().to_string())
+        .collect()
 }
 
 fn kind_of(leaf: &str) -> TopicKind {
@@ -57,7 +60,11 @@ fn the_readme_topic_table_lists_every_topic_once() {
     let leaves: Vec<String> = rows.iter().map(|(l, _)| l.clone()).collect();
     let set: BTreeSet<String> = leaves.iter().cloned().collect();
     assert_eq!(set.len(), leaves.len(), "a topic listed twice: {leaves:?}");
-    assert_eq!(set, all_leaves(), "README.md's topic tree vs TopicKind::ALL");
+    assert_eq!(
+        set,
+        all_leaves(),
+        "README.md's topic tree vs TopicKind::ALL"
+    );
 }
 
 #[test]
@@ -83,11 +90,18 @@ fn the_topic_module_docs_list_every_topic() {
         .filter_map(|rest| rest.split_whitespace().next())
         .flat_map(expand)
         .collect();
-    assert_eq!(leaves, all_leaves(), "topic.rs module docs vs TopicKind::ALL");
+    assert_eq!(
+        leaves,
+        all_leaves(),
+        "topic.rs module docs vs TopicKind::ALL"
+    );
 }
 
 #[test]
 fn expand_braces() {
-    assert_eq!(expand("json/{birth,metrics}"), ["json/birth", "json/metrics"]);
+    assert_eq!(
+        expand("json/{birth,metrics}"),
+        ["json/birth", "json/metrics"]
+    );
     assert_eq!(expand("cmd"), ["cmd"]);
 }

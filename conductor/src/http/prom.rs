@@ -5,7 +5,8 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use super::{Ctx, Resp};
-use crate::state::{lock, now_ms, Status, REJECT_REASONS};
+use crate::ingest::Reject;
+use crate::state::{lock, now_ms, Status};
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
@@ -185,10 +186,11 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         out,
         "# HELP aerekos_frames_rejected_total Frames rejected, by reason.\n# TYPE aerekos_frames_rejected_total counter"
     );
-    for r in REJECT_REASONS {
+    for r in Reject::ALL {
         let _ = writeln!(
             out,
-            "aerekos_frames_rejected_total{{reason=\"{r}\"}} {}",
+            "aerekos_frames_rejected_total{{reason=\"{}\"}} {}",
+            r.as_str(),
             c.rejected(r)
         );
     }

@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Env var with the local API URL.
-pub const ENV_API: &str = "AEREKOS_API";
-/// Env var with the service's local API token.
-pub const ENV_TOKEN: &str = "AEREKOS_TOKEN";
-/// Env var with the service name.
-pub const ENV_SERVICE: &str = "AEREKOS_SERVICE";
+use protocol::local_api::{EventBody, MetricsBody, CONFIG, EVENTS, METRICS, SECRETS};
+/// The environment names, paths and bodies both sides agree on
+/// ([`protocol::local_api`]).
+pub use protocol::local_api::{ENV_API, ENV_SERVICE, ENV_TOKEN};
 /// Timeout of one local API call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -103,12 +101,12 @@ impl LocalClient {
 
     /// `GET /v1/secrets`.
     pub fn secrets(&self) -> Result<BTreeMap<String, String>, LocalError> {
-        self.get_map("/v1/secrets")
+        self.get_map(SECRETS)
     }
 
     /// `GET /v1/config`.
     pub fn config(&self) -> Result<BTreeMap<String, String>, LocalError> {
-        self.get_map("/v1/config")
+        self.get_map(CONFIG)
     }
 
     /// `GET /v1/secrets`, retrying for a few seconds (the worker may still
@@ -125,7 +123,7 @@ impl LocalClient {
         Err(last)
     }
 
-    fn post(&self, path: &str, body: &serde_json::Value) -> Result<(), LocalError> {
+    fn post(&self, path: &str, body: &impl serde::Serialize) -> Result<(), LocalError> {
         let mut resp = self
             .agent
             .post(&format!("{}{path}", self.api))
@@ -144,12 +142,22 @@ impl LocalClient {
 
     /// `POST /v1/events {"text"}`.
     pub fn event(&self, text: &str) -> Result<(), LocalError> {
-        self.post("/v1/events", &serde_json::json!({ "text": text }))
+        self.post(
+            EVENTS,
+            &EventBody {
+                text: text.to_string(),
+            },
+        )
     }
 
     /// `POST /v1/metrics {"samples"}`.
     pub fn metrics(&self, samples: &BTreeMap<&str, i64>) -> Result<(), LocalError> {
-        self.post("/v1/metrics", &serde_json::json!({ "samples": samples }))
+        self.post(
+            METRICS,
+            &MetricsBody {
+                samples: samples.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            },
+        )
     }
 
     /// Sends an event, retrying a few times while the local API answers

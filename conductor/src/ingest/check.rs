@@ -1,0 +1,239 @@
+//! The frame checks, as one pure function: what [`super::handle_publish`]
+//! runs for every frame, and what the cargo-fuzz target `frame` runs (it
+//! compiles this file as it is, so the fuzzer never drifts from the
+//! conductor). It depends on `protocol` only and changes nothing: the
+//! caller applies an accepted frame to its state.
+//!
+//! Order (each failure is one [`Reject`], one counter): size; structure
+//! (`protocol::open`: version, postcard, trailing bytes, format 2's topic
+//! worker id); the worker is known and not revoked; the envelope's worker
+//! id is the topic's; the HMAC tag verifies with one of the worker's
+//! secrets (the current one, a rotated one it switched to, the previous one
+//! within its grace); the body kind is the topic's; the replay window says
+//! the seq is fresh (a replay while the worker re-sends after a reconnect
+//! is a `duplicate`, not an attack).
+
+use protocol::topic::TopicKind;
+use protocol::{DecodeError, Envelope, ReplayWindow, Secret, SeqVerdict, MAX_FRAME_LEN};
+
+/// Why a frame was refused; each is a counter
+/// (`aerekos_frames_rejected_total{reason}`). **Append only** (the order is
+/// the counters' order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reject {
+    /// Over `MAX_FRAME_LEN`.
+    Oversized,
+    /// Cut short.
+    Truncated,
+    /// A format version this conductor does not read.
+    Version,
+    /// Not a frame (postcard, trailing bytes, …).
+    Malformed,
+    /// No worker with the topic's id.
+    UnknownWorker,
+    /// The worker is revoked.
+    Revoked,
+    /// The claimed worker or the body kind is not the topic's.
+    TopicMismatch,
+    /// The tag does not verify with any of the worker's secrets.
+    BadTag,
+    /// A seq inside the window seen before.
+    Replayed,
+    /// A seq below the window.
+    TooOld,
+    /// A replayed or too-old seq in the re-send run after the worker's
+    /// `online`: it publishing again what it had no `Stored` for.
+    Duplicate,
+}
+
+impl Reject {
+    /// Every reason, in counter order.
+    pub const ALL: [Reject; 11] = [
+        Reject::Oversized,
+        Reject::Truncated,
+        Reject::Version,
+        Reject::Malformed,
+        Reject::UnknownWorker,
+        Reject::Revoked,
+        Reject::TopicMismatch,
+        Reject::BadTag,
+        Reject::Replayed,
+        Reject::TooOld,
+        Reject::Duplicate,
+    ];
+
+    /// The counter label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Oversized => "oversized",
+            Reject::Truncated => "truncated",
+            Reject::Version => "version",
+            Reject::Malformed => "malformed",
+            Reject::UnknownWorker => "unknown_worker",
+            Reject::Revoked => "revoked",
+            Reject::TopicMismatch => "topic_mismatch",
+            Reject::BadTag => "bad_tag",
+            Reject::Replayed => "replayed",
+            Reject::TooOld => "too_old",
+            Reject::Duplicate => "duplicate",
+        }
+    }
+
+    /// Its position in [`Reject::ALL`] (a counter index).
+    pub fn index(self) -> usize {
+        Reject::ALL.iter().position(|r| *r == self).unwrap_or(3)
+    }
+
+    fn from_decode(e: &DecodeError) -> Reject {
+        match e {
+            DecodeError::Oversized(_) => Reject::Oversized,
+            DecodeError::Truncated(_) => Reject::Truncated,
+            DecodeError::UnknownVersion(_) => Reject::Version,
+            DecodeError::BadTag => Reject::BadTag,
+            DecodeError::BadTopicWorker(_) | DecodeError::NeedsTopicWorker => Reject::TopicMismatch,
+            DecodeError::Malformed(_) | DecodeError::TrailingBytes(_) | DecodeError::BadSecret => {
+                Reject::Malformed
+            }
+        }
+    }
+}
+
+/// What the checks need to know of the worker the topic names.
+#[derive(Debug)]
+pub struct Sender<'a> {
+    /// Its secrets a frame may be sealed with, the current one first.
+    pub secrets: &'a [&'a Secret],
+    /// Revoked workers are refused.
+    pub revoked: bool,
+    /// Its replay window.
+    pub replay: &'a ReplayWindow,
+    /// In the re-send run after its `online` (replays are `duplicate`).
+    pub resending: bool,
+}
+
+/// Checks one frame published on `topic_worker`'s `kind` topic. `sender`
+/// is that worker (`None`: unknown). On success, the envelope and the index
+/// in `sender.secrets` of the secret it was sealed with.
+pub fn check(
+    payload: &[u8],
+    topic_worker: &str,
+    kind: TopicKind,
+    sender: Option<&Sender<'_>>,
+) -> Result<(Envelope, usize), Reject> {
+    if payload.len() > MAX_FRAME_LEN {
+        return Err(Reject::Oversized);
+    }
+    let opened = protocol::open(payload, topic_worker).map_err(|e| Reject::from_decode(&e))?;
+    let Some(w) = sender else {
+        return Err(Reject::UnknownWorker);
+    };
+    if w.revoked {
+        return Err(Reject::Revoked);
+    }
+    if opened.worker_id() != topic_worker {
+        return Err(Reject::TopicMismatch);
+    }
+    let (env, which) = opened
+        .verify_any(w.secrets)
+        .map_err(|e| Reject::from_decode(&e))?;
+    if Some(env.body.kind()) != kind.expected_body() {
+        return Err(Reject::TopicMismatch);
+    }
+    match w.replay.check(env.seq) {
+        SeqVerdict::Fresh => Ok((env, which)),
+        SeqVerdict::Replayed | SeqVerdict::TooOld if w.resending => Err(Reject::Duplicate),
+        SeqVerdict::Replayed => Err(Reject::Replayed),
+        SeqVerdict::TooOld => Err(Reject::TooOld),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::examples;
+
+    #[test]
+    fn labels_are_unique_and_indices_follow_all() {
+        let labels: std::collections::HashSet<_> = Reject::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), Reject::ALL.len());
+        for (i, r) in Reject::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+
+    #[test]
+    fn the_checks_in_order() {
+        let secret = examples::secret();
+        let env = examples::envelope(7, protocol::Body::Metrics(examples::metrics()));
+        let frame = protocol::seal(&secret, &env).unwrap();
+        let id = examples::WORKER_ID;
+        let window = ReplayWindow::default();
+        let keys = [&secret];
+        let known = |revoked, replay, resending| Sender {
+            secrets: &keys,
+            revoked,
+            replay,
+            resending,
+        };
+        let ok = check(
+            &frame,
+            id,
+            TopicKind::Metrics,
+            Some(&known(false, &window, false)),
+        );
+        assert_eq!(ok.unwrap(), (env.clone(), 0));
+        let big = vec![1u8; MAX_FRAME_LEN + 1];
+        assert_eq!(
+            check(&big, id, TopicKind::Metrics, None),
+            Err(Reject::Oversized)
+        );
+        assert_eq!(
+            check(&frame, id, TopicKind::Metrics, None),
+            Err(Reject::UnknownWorker)
+        );
+        let revoked = known(true, &window, false);
+        assert_eq!(
+            check(&frame, id, TopicKind::Metrics, Some(&revoked)),
+            Err(Reject::Revoked)
+        );
+        let w = known(false, &window, false);
+        assert_eq!(
+            check(&frame, id, TopicKind::Birth, Some(&w)),
+            Err(Reject::TopicMismatch)
+        );
+        let other = Secret::from_bytes([9; 32]);
+        let wrong = [&other];
+        let stranger = Sender {
+            secrets: &wrong,
+            ..known(false, &window, false)
+        };
+        assert_eq!(
+            check(&frame, id, TopicKind::Metrics, Some(&stranger)),
+            Err(Reject::BadTag)
+        );
+        // Either of two secrets: the index says which.
+        let both = [&other, &secret];
+        let rotating = Sender {
+            secrets: &both,
+            ..known(false, &window, false)
+        };
+        assert_eq!(
+            check(&frame, id, TopicKind::Metrics, Some(&rotating))
+                .unwrap()
+                .1,
+            1
+        );
+        let mut seen = window;
+        seen.accept(7);
+        let again = known(false, &seen, false);
+        assert_eq!(
+            check(&frame, id, TopicKind::Metrics, Some(&again)),
+            Err(Reject::Replayed)
+        );
+        let resend = known(false, &seen, true);
+        assert_eq!(
+            check(&frame, id, TopicKind::Metrics, Some(&resend)),
+            Err(Reject::Duplicate)
+        );
+    }
+}
