@@ -634,6 +634,18 @@ pub struct Worker {
     token: Option<String>,
 }
 
+/// A dropped worker takes what it started with it: its hosted services
+/// outlive it by design (a restarted worker adopts them), so without this
+/// every test would leave them running (re-parented to init, their temp
+/// dirs gone). Everything whose working directory or executable is under
+/// the state dir is killed, also when the test fails.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.proc.kill9();
+        test_support::reap::kill_processes_under(&self.state_dir);
+    }
+}
+
 impl Worker {
     /// Starts an edge-worker enrolling with `conductor_url` using `token`.
     pub fn start(

@@ -26,6 +26,7 @@
 //! it falls back to the bind `:0` trick (and its race).
 
 pub mod leaks;
+pub mod reap;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;

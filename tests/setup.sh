@@ -1,0 +1,57 @@
+#!/bin/sh
+# What `cargo test --workspace` needs on a Debian machine, installed if
+# missing: Debian packages, boto3, two rustup targets, qemu-aarch64 in
+# binfmt_misc. Idempotent and quick when everything is there; without root
+# it lists what is missing and the command that installs it.
+#
+#   sh tests/setup.sh            # check and install
+#   sh tests/run.sh              # this, then the whole suite (the README's test command)
+set -eu
+
+# The tests start real processes: brokers, emulated Pi agents, a browser,
+# a clock jumper, a packet capture, clang for the agent's TLS (ring).
+packages="mosquitto qemu-user-static chromium chromium-driver fonts-liberation faketime tcpdump clang musl-tools"
+missing=""
+for p in $packages; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+done
+root=no
+[ "$(id -u)" = 0 ] && root=yes
+if [ -n "$missing" ]; then
+    if [ "$root" = yes ]; then
+        echo "installing:$missing"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        # shellcheck disable=SC2086 # a list of package names
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    else
+        echo "missing Debian packages:$missing" >&2
+        echo "install them with: sudo apt-get install --no-install-recommends$missing" >&2
+        exit 1
+    fi
+fi
+
+# storage-manager is tested with the real S3 client.
+if ! python3 -c 'import boto3' >/dev/null 2>&1; then
+    echo "installing boto3"
+    python3 -m pip install --quiet --disable-pip-version-check boto3 ||
+        { echo "cannot install boto3: python3 -m pip install boto3" >&2; exit 1; }
+fi
+
+# The emulated Pi (aarch64) and the static images (x86_64).
+installed=$(rustup target list --installed)
+for t in aarch64-unknown-linux-musl x86_64-unknown-linux-musl; do
+    echo "$installed" | grep -qx "$t" || rustup target add "$t"
+done
+
+# The emulated worker execs aarch64 services: the kernel must hand aarch64
+# ELF files to qemu (binfmt_misc, F flag).
+binfmt=/proc/sys/fs/binfmt_misc
+if ! grep -qs 'magic 7f454c460201010000000000000000000200b700' "$binfmt"/* 2>/dev/null; then
+    if [ "$root" = yes ]; then
+        test -e "$binfmt/register" || mount -t binfmt_misc binfmt_misc "$binfmt"
+        printf '%s' ':aerekos-qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' >"$binfmt/register"
+    else
+        echo "qemu-aarch64 is not registered with binfmt_misc; the qemu test registers it when run as root" >&2
+    fi
+fi
+echo "test prerequisites: ok"
