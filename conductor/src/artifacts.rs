@@ -90,7 +90,7 @@ pub fn receive(
 ) -> Result<(String, u64), ArtifactError> {
     let dir = dir(data_dir);
     std::fs::create_dir_all(&dir).map_err(io("create artifacts dir"))?;
-    let suffix = crate::state::random_hex::<8>()
+    let suffix = crate::crypto::random_hex::<8>()
         .map_err(|e| io("random")(std::io::Error::other(e.to_string())))?;
     let tmp = dir.join(format!("tmp-{suffix}"));
     let result = (|| {

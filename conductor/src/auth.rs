@@ -6,7 +6,8 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
 
-use crate::state::{now_ms, random_bytes, random_hex, sha256_hex};
+use crate::crypto::{random_bytes, random_hex, sha256_hex};
+use crate::state::now_ms;
 use crate::store::{Store, StoreError, TokenRow};
 
 /// Settings key: sha256 hex of the registration token.

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use rumqttd::Access;
 use sha2::{Digest, Sha256};
 
-use crate::state::ct_eq;
+use crate::crypto::ct_eq;
 
 /// Username the conductor's own client logs in with.
 pub const CONDUCTOR_USER: &str = "conductor";
@@ -278,7 +278,7 @@ pub struct Listeners {
     /// Accept plain MQTT from other hosts too.
     pub insecure_plain: bool,
     /// Counts (and rate-limits the log of) refused plain connections.
-    pub refusals: Arc<crate::state::PlainRefusals>,
+    pub refusals: Arc<crate::net::PlainRefusals>,
     /// Counts refused publishes and subscribes.
     pub denied: DeniedCounters,
 }
@@ -358,7 +358,7 @@ pub fn start(
     if !listeners.insecure_plain {
         let refusals = listeners.refusals.clone();
         plain.set_peer_filter(move |peer: SocketAddr| {
-            if crate::state::is_loopback(peer.ip()) {
+            if crate::net::is_loopback(peer.ip()) {
                 return true;
             }
             if refusals.refuse("mqtt", peer.ip()) {
@@ -410,7 +410,7 @@ pub fn start(
             }
         })
         .map_err(BrokerError::Thread)?;
-    let target = crate::state::advertised(listeners.plain);
+    let target = crate::net::advertised(listeners.plain);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if mqtt_handshake(target, conductor_password).is_ok() {

@@ -13,6 +13,11 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+/// How long frames sealed with a worker's previous secret are accepted
+/// after it switched to the rotated one, by default (`secret_grace`): a
+/// day, well beyond the two hours of frames its outbox holds by default.
+pub const SECRET_GRACE_MS: u64 = 24 * 3_600_000;
+
 /// Errors while building a [`Config`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -511,7 +516,7 @@ impl Config {
 
     /// The previous secret's grace after a rotation, ms.
     pub fn secret_grace_ms(&self) -> u64 {
-        parse_duration_ms(&self.secret_grace).unwrap_or(crate::state::SECRET_GRACE_MS)
+        parse_duration_ms(&self.secret_grace).unwrap_or(SECRET_GRACE_MS)
     }
 
     /// Minute rollup retention in ms.

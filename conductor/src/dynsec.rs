@@ -93,7 +93,7 @@
 //!
 //! # Wiring (external broker only)
 //!
-//! * Start, before `mqtt::run_loop`: [`DynSec::connect`] with the
+//! * Start, before `subscriber::run_loop`: [`DynSec::connect`] with the
 //!   conductor's [`crate::mqtt::MqttSettings`], [`DynSec::ensure_roles`]
 //!   (with the observer password from the settings table to publish that
 //!   login), then optionally [`DynSec::worker_ids`] and
@@ -686,7 +686,7 @@ fn connection(
 }
 
 fn random_suffix() -> Result<String, DynSecError> {
-    crate::state::random_hex::<6>().map_err(|e| DynSecError::Random(e.to_string()))
+    crate::crypto::random_hex::<6>().map_err(|e| DynSecError::Random(e.to_string()))
 }
 
 /// A connection to the dynamic-security plugin, logged in as one of its

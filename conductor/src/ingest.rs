@@ -53,9 +53,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-mod check;
-
-pub use check::{check, Reject, Sender};
+pub use crate::frame_check::{check, Reject, Sender};
 
 use protocol::topic::{Topic, TopicKind};
 use protocol::{Body, Envelope, Metrics};

@@ -16,19 +16,25 @@
 pub mod artifacts;
 pub mod auth;
 pub mod broker;
+pub mod commands;
 pub mod config;
+pub mod crypto;
 pub mod decode;
+pub mod deployment;
 pub mod dynsec;
+pub mod frame_check;
 pub mod http;
 pub mod ingest;
 pub mod liveness;
 pub mod mqtt;
+pub mod net;
 pub mod rollout;
 pub mod rotation;
 pub mod services;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod subscriber;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -43,7 +49,9 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
-use crate::state::{advertised, lock, random_hex, RateLimiter, Shared, WorkerEntry};
+use crate::crypto::random_hex;
+use crate::net::advertised;
+use crate::state::{lock, RateLimiter, Shared, WorkerEntry};
 use crate::store::Store;
 
 /// What a started conductor reports through the `ready` channel.
@@ -289,7 +297,7 @@ pub async fn run(
         .unwrap_or_default();
 
     // Broker.
-    let refusals = Arc::new(state::PlainRefusals::default());
+    let refusals = Arc::new(net::PlainRefusals::default());
     let denied = broker::DeniedCounters::default();
     let mut mqtts_addr = None;
     let mut mqtt_ca_pem = None;
@@ -471,7 +479,7 @@ pub async fn run(
 
     let (client, eventloop) = mqtt::client(&mqtt_settings);
     let (sub_tx, mut sub_rx) = watch::channel(false);
-    let mqtt_task = mqtt::run_loop(
+    let mqtt_task = subscriber::run_loop(
         shared.clone(),
         client.clone(),
         eventloop,

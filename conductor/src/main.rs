@@ -336,7 +336,7 @@ fn main() -> Result<()> {
             let store = Store::open(std::path::Path::new(&config.data_dir))?;
             let (pw, show) = match config.admin_password {
                 Some(p) if !p.is_empty() => (p, false),
-                _ => (conductor::state::random_hex::<12>()?, true),
+                _ => (conductor::crypto::random_hex::<12>()?, true),
             };
             if pw.len() < 8 {
                 bail!("admin password must be at least 8 characters");

@@ -3,17 +3,13 @@
 //!
 //! It connects with the stable client id `conductor` and `clean_session =
 //! false`, so a persistent broker queues QoS 1 frames while the conductor
-//! restarts; it (re)subscribes to [`protocol::topic::CONDUCTOR_FILTER`] on
-//! every ConnAck and reconnects with exponential backoff (200 ms … 5 s).
+//! restarts. [`crate::subscriber::run_loop`] drives it: subscription,
+//! dispatch to ingest, reconnects.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
-
-use crate::state::Shared;
+use rumqttc::{AsyncClient, EventLoop, MqttOptions};
 
 /// Client id of the conductor's session.
 pub const CLIENT_ID: &str = "conductor";
@@ -98,78 +94,4 @@ pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     (client, eventloop)
-}
-
-/// Drives the event loop until `stop` turns true. Sets `subscribed` after the
-/// first SubAck.
-pub async fn run_loop(
-    shared: Arc<Shared>,
-    client: AsyncClient,
-    mut eventloop: EventLoop,
-    subscribed: watch::Sender<bool>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_millis(200);
-    let mut failures: u64 = 0;
-    loop {
-        let ev = tokio::select! {
-            ev = eventloop.poll() => ev,
-            _ = stop.changed() => break,
-        };
-        match ev {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                crate::ingest::handle_publish(&shared, &client, &p.topic, &p.payload);
-            }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                info!(
-                    session_present = ack.session_present,
-                    "connected to MQTT broker"
-                );
-                backoff = Duration::from_millis(200);
-                failures = 0;
-                if let Err(e) =
-                    client.try_subscribe(protocol::topic::CONDUCTOR_FILTER, QoS::AtLeastOnce)
-                {
-                    warn!("cannot queue subscribe: {e}");
-                }
-                // No subscription to our own JSON mirror: rumqttd 0.20 matched
-                // a topic nobody subscribes to against every filter on each
-                // publish, and an "anchor" subscription here worked around
-                // it at the price of every mirror publish coming back to
-                // this session. The vendored patch matches only wildcard
-                // filters by scanning (vendor/README.md).
-            }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                debug!("subscribed to {}", protocol::topic::CONDUCTOR_FILTER);
-                let _ = subscribed.send(true);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    warn!(
-                        failures,
-                        "MQTT connection error: {e}; retrying in {backoff:?}"
-                    );
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    // Clean disconnect: let the event loop flush the DISCONNECT packet.
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    }
 }

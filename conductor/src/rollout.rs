@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::services::{Deployment, ServiceError};
+use crate::deployment::{Deployment, Policy, ServiceError};
 use crate::state::{lock, now_ms, Shared, Status};
 use crate::store::RolloutRow;
 
@@ -56,83 +56,8 @@ pub const IN_PROGRESS: &str = "in_progress";
 pub const SUCCEEDED: &str = "succeeded";
 /// `reverted`.
 pub const REVERTED: &str = "reverted";
-/// Longest settle time, seconds.
-pub const MAX_SETTLE_S: u32 = 3600;
-/// Longest wave timeout, seconds.
-pub const MAX_TIMEOUT_S: u32 = 86_400;
 /// Rollouts `GET /services/{name}/rollouts` returns.
 pub const HISTORY: usize = 50;
-
-fn default_settle() -> u32 {
-    10
-}
-
-/// How a rollout proceeds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    /// Canary wave size (workers); exclusive with `canary_percent`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub canary: Option<u32>,
-    /// Canary wave size as a percentage of the targets (1..=100, rounded up).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub canary_percent: Option<u8>,
-    /// How long each member must stay healthy, seconds.
-    #[serde(default = "default_settle")]
-    pub settle_s: u32,
-    /// A wave that has not passed after this long fails (default
-    /// `settle_s + 60`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_s: Option<u32>,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            canary: Some(1),
-            canary_percent: None,
-            settle_s: default_settle(),
-            timeout_s: None,
-        }
-    }
-}
-
-impl Policy {
-    /// Checks the bounds; the message names the field.
-    pub fn validate(&self) -> Result<(), ServiceError> {
-        let bad = |m: &str| Err(ServiceError::Invalid(m.into()));
-        match (self.canary, self.canary_percent) {
-            (Some(_), Some(_)) => return bad("give canary or canary_percent, not both"),
-            (Some(0), _) => return bad("canary must be ≥ 1"),
-            (_, Some(p)) if p == 0 || p > 100 => return bad("canary_percent must be 1..=100"),
-            _ => {}
-        }
-        if self.settle_s > MAX_SETTLE_S {
-            return bad("settle_s must be ≤ 3600");
-        }
-        if let Some(t) = self.timeout_s {
-            if t <= self.settle_s || t > MAX_TIMEOUT_S {
-                return bad("timeout_s must be > settle_s and ≤ 86400");
-            }
-        }
-        Ok(())
-    }
-
-    /// Wave timeout, ms.
-    pub fn timeout_ms(&self) -> u64 {
-        u64::from(self.timeout_s.unwrap_or(self.settle_s.saturating_add(60))) * 1000
-    }
-
-    /// Canary wave size for `targets` targets, `online` of them online.
-    fn canary_count(&self, targets: usize, online: usize) -> usize {
-        let n = match (self.canary, self.canary_percent) {
-            (Some(c), _) => c as usize,
-            (None, Some(p)) => (targets * usize::from(p)).div_ceil(100),
-            (None, None) => 1,
-        };
-        n.clamp(1, online.max(1))
-    }
-}
 
 /// One wave.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,7 +309,7 @@ pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
             continue;
         };
         let all_stopped = dep.desired == "stopped";
-        let has_health = match crate::services::load_doc(shared, &name, r.row.to_version)? {
+        let has_health = match crate::deployment::load_doc(shared, &name, r.row.to_version)? {
             Some(doc) => doc.has_health(),
             None => {
                 let why = format!("version {} no longer exists", r.row.to_version);

@@ -30,7 +30,8 @@ use protocol::{Action, Secret};
 use rumqttc::{AsyncClient, QoS};
 use tracing::{info, warn};
 
-use crate::state::{lock, random_bytes, Shared, Status};
+use crate::crypto::random_bytes;
+use crate::state::{lock, Shared, Status};
 
 /// A pending rotation is sent again at most this often.
 pub const RESEND_EVERY: Duration = Duration::from_secs(30);
@@ -55,7 +56,7 @@ pub enum RotationError {
     Seal(#[from] protocol::sealed::SealError),
     /// The command frame could not be built.
     #[error(transparent)]
-    Command(#[from] crate::services::ServiceError),
+    Command(#[from] crate::deployment::ServiceError),
 }
 
 /// Starts (or repeats) the rotation of `id`'s secret: the `RotateSecret`
@@ -105,7 +106,7 @@ pub fn resend_pending(shared: &Shared, client: &AsyncClient) -> usize {
         let frame = begin(shared, &id).and_then(|action| {
             let mut workers = lock(&shared.workers);
             let w = workers.get_mut(&id).ok_or(RotationError::NotFound)?;
-            Ok(crate::services::seal_command(shared, w, action)?)
+            Ok(crate::commands::seal_command(shared, w, action)?)
         });
         match frame {
             Ok((_, frame)) => {

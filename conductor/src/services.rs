@@ -59,20 +59,21 @@
 //! A version whose manifest cannot be built (its spec unreadable) is
 //! skipped with a warning. Revoked workers are never sent anything.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{Action, Body, Command, Envelope, ManifestRef, ServiceState};
+use protocol::{Action, ManifestRef, ServiceState};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::rollout::{self, Policy, Rollout};
-pub use crate::spec::SpecDoc;
-use crate::spec::SpecError;
-use crate::state::{lock, now_ms, DeployCmd, FailMark, Intent, Shared, Status, WorkerEntry};
-use crate::store::{DeploymentRow, ServiceStatusRow, StoreError};
+use crate::commands::seal_command;
+use crate::deployment::{is_active_state, manifest, state_name, Deployment, ServiceError};
+use crate::rollout::{self, Rollout};
+use crate::spec::BuiltManifest;
+use crate::state::{lock, now_ms, DeployCmd, FailMark, Intent, Shared, Status};
+use crate::store::ServiceStatusRow;
 
 /// Reconciliation period.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
@@ -81,203 +82,12 @@ pub const RESEND_AFTER: Duration = Duration::from_secs(5);
 /// A service reported `failed` at its desired version is deployed again
 /// (the worker starts it afresh) at most this often.
 pub const FAILED_RETRY_AFTER: Duration = Duration::from_secs(60);
-/// Longest service name.
-pub const MAX_NAME_LEN: usize = 32;
 /// How long a `DeployManifest` or `InstallManifest` waits for its reply to
 /// be matched.
 const DEPLOY_REPLY_WINDOW: Duration = Duration::from_secs(120);
 /// Most `DeployManifest` and `InstallManifest` commands remembered for
 /// their replies.
 const MAX_DEPLOY_CMDS: usize = 4096;
-
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// A spec or deployment request breaks a limit.
-    #[error("{0}")]
-    Invalid(String),
-    /// The request conflicts with the current state (a rollout in progress,
-    /// an artifact in use).
-    #[error("{0}")]
-    Conflict(String),
-    /// Database failure.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A stored spec could not be read back.
-    #[error("stored spec {name} v{version} is unreadable: {source}")]
-    Corrupt {
-        /// Service.
-        name: String,
-        /// Version.
-        version: u32,
-        /// Cause.
-        source: serde_json::Error,
-    },
-    /// Sealing a command failed.
-    #[error("cannot seal command: {0}")]
-    Seal(String),
-}
-
-impl From<SpecError> for ServiceError {
-    fn from(e: SpecError) -> Self {
-        match e {
-            SpecError::Invalid(m) => ServiceError::Invalid(m),
-            SpecError::Store(s) => ServiceError::Store(s),
-        }
-    }
-}
-
-/// `true` for a valid service name: `[a-z0-9-]`, 1..=32 bytes.
-pub fn valid_name(name: &str) -> bool {
-    protocol::manifest::valid_service_name(name)
-}
-
-/// Lower-case name of a reported state.
-pub fn state_name(s: ServiceState) -> &'static str {
-    s.as_str()
-}
-
-/// States in which a service's process (or container) is meant to run.
-pub fn is_active_state(s: &str) -> bool {
-    matches!(
-        s,
-        "starting" | "running" | "backoff" | "healthy" | "unhealthy"
-    )
-}
-
-/// A deployment with its JSON columns parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deployment {
-    /// Service name.
-    pub name: String,
-    /// Desired version.
-    pub version: u32,
-    /// Named workers.
-    pub workers: Vec<String>,
-    /// Label selector (all must match; empty selects nobody).
-    pub labels: BTreeMap<String, String>,
-    /// `running` | `stopped`.
-    pub desired: String,
-    /// Last change, ms.
-    pub updated_ms: u64,
-    /// Default rollout policy (`None`: [`Policy::default`]).
-    pub rollout: Option<Policy>,
-}
-
-impl Deployment {
-    /// Parses a stored row (unreadable JSON columns read as empty).
-    pub fn from_row(r: &DeploymentRow) -> Deployment {
-        Deployment {
-            name: r.name.clone(),
-            version: r.version,
-            workers: serde_json::from_str(&r.workers_json).unwrap_or_default(),
-            labels: serde_json::from_str(&r.labels_json).unwrap_or_default(),
-            desired: r.desired.clone(),
-            updated_ms: r.updated_ms,
-            rollout: r
-                .rollout_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str(j).ok()),
-        }
-    }
-
-    /// Target worker ids: named ∪ label matches, never revoked ones.
-    pub fn targets(&self, workers: &HashMap<String, WorkerEntry>) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        for id in &self.workers {
-            if workers.get(id).is_some_and(|w| !w.revoked) {
-                out.insert(id.clone());
-            }
-        }
-        if !self.labels.is_empty() {
-            for w in workers.values() {
-                if !w.revoked && self.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
-                    out.insert(w.id.clone());
-                }
-            }
-        }
-        out
-    }
-
-    /// JSON for the API.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "version": self.version,
-            "workers": self.workers,
-            "labels": self.labels,
-            "desired_state": self.desired,
-            "updated_ms": self.updated_ms,
-            "rollout": self.rollout,
-        })
-    }
-}
-
-/// An encoded manifest and its digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuiltManifest {
-    /// `Manifest::encode()` bytes, exactly as served to workers.
-    pub bytes: Vec<u8>,
-    /// SHA-256 of `bytes`, as sent in `DeployManifest`.
-    pub digest: [u8; 32],
-    /// The restart policy is not `never`: a `failed` copy is deployed
-    /// again (a `never` service that failed stays failed, as asked).
-    pub retry_failed: bool,
-}
-
-/// Loads a stored spec.
-pub fn load_doc(
-    shared: &Shared,
-    name: &str,
-    version: u32,
-) -> Result<Option<SpecDoc>, ServiceError> {
-    let Some(row) = lock(&shared.db).service(name, version)? else {
-        return Ok(None);
-    };
-    serde_json::from_str(&row.spec_json)
-        .map(Some)
-        .map_err(|source| ServiceError::Corrupt {
-            name: name.to_string(),
-            version,
-            source,
-        })
-}
-
-/// Size of artifact `sha` for `arch` from the store (`None`: not uploaded
-/// for that arch). Call without the db lock held.
-pub fn artifact_size(shared: &Shared, arch: &str, sha: &str) -> Result<Option<u64>, SpecError> {
-    Ok(lock(&shared.db)
-        .artifact(sha)?
-        .into_iter()
-        .find(|a| a.arch == arch)
-        .map(|a| a.size))
-}
-
-/// The encoded manifest of a stored spec version (cached). `None` when the
-/// version does not exist. Call without the db lock held.
-pub fn manifest(
-    shared: &Shared,
-    name: &str,
-    version: u32,
-) -> Result<Option<Arc<BuiltManifest>>, ServiceError> {
-    let key = (name.to_string(), version);
-    if let Some(b) = lock(&shared.manifests).get(&key) {
-        return Ok(Some(b.clone()));
-    }
-    let Some(doc) = load_doc(shared, name, version)? else {
-        return Ok(None);
-    };
-    let m = doc.to_manifest(version, &|arch, sha| artifact_size(shared, arch, sha))?;
-    let bytes = m
-        .encode()
-        .map_err(|e| ServiceError::Invalid(format!("{name} v{version}: {e}")))?;
-    let built = Arc::new(BuiltManifest {
-        digest: protocol::manifest::digest(&bytes),
-        bytes,
-        retry_failed: m.restart != protocol::RestartPolicy::Never,
-    });
-    lock(&shared.manifests).insert(key, built.clone());
-    Ok(Some(built))
-}
 
 /// `true` when `worker` may download the manifest of `name` v`version`: a
 /// deployment of `name` targets it and the version is one it may be told
@@ -302,29 +112,6 @@ pub fn may_fetch(
     Ok(rollout::active(shared)?
         .get(name)
         .is_some_and(|r| version == r.row.from_version || version == r.row.to_version))
-}
-
-/// Assigns the next command seq for `w` (persisted first), seals `action`
-/// and returns `(cmd_id, frame)`. Call with the worker map locked.
-pub fn seal_command(
-    shared: &Shared,
-    w: &mut WorkerEntry,
-    action: Action,
-) -> Result<(u32, Vec<u8>), ServiceError> {
-    let seq = w.cmd_seq + 1;
-    // Persist before publishing so the stream stays monotonic across restarts.
-    lock(&shared.db).set_cmd_seq(&w.id, seq)?;
-    w.cmd_seq = seq;
-    let cmd_id = (seq & u64::from(u32::MAX)) as u32;
-    let env = Envelope {
-        version: w.format,
-        worker_id: protocol::bounded(&w.id),
-        seq,
-        sent_at_ms: now_ms(),
-        body: Body::Command(Command { id: cmd_id, action }),
-    };
-    let frame = protocol::seal(&w.secret, &env).map_err(|e| ServiceError::Seal(e.to_string()))?;
-    Ok((cmd_id, frame))
 }
 
 /// Records an accepted `ServiceStatus` frame (memory + writer queue); a
@@ -656,18 +443,5 @@ pub async fn run(shared: Arc<Shared>, client: AsyncClient, mut stop: watch::Rece
         if n > 0 {
             debug!(workers = n, "secret rotations re-sent");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_and_states() {
-        assert!(valid_name("web-1") && !valid_name("Web") && !valid_name(""));
-        assert!(!valid_name(&"a".repeat(33)));
-        assert!(is_active_state("healthy") && !is_active_state("stopped"));
-        assert_eq!(state_name(ServiceState::Unhealthy), "unhealthy");
     }
 }

@@ -262,7 +262,7 @@ impl SpecDoc {
         version: u32,
         lookup: &ArtifactLookup<'_>,
     ) -> Result<Manifest, SpecError> {
-        if !crate::services::valid_name(&self.name) {
+        if !valid_name(&self.name) {
             return invalid("name must be 1..=32 characters of [a-z0-9-]");
         }
         let Some(restart) = restart_policy(&self.restart) else {
@@ -452,6 +452,26 @@ impl SpecDoc {
     pub fn artifact_shas(&self) -> impl Iterator<Item = &str> {
         self.artifacts.values().map(String::as_str)
     }
+}
+
+/// Longest service name.
+pub const MAX_NAME_LEN: usize = 32;
+
+/// `true` for a valid service name: `[a-z0-9-]`, 1..=32 bytes.
+pub fn valid_name(name: &str) -> bool {
+    protocol::manifest::valid_service_name(name)
+}
+
+/// An encoded manifest and its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltManifest {
+    /// `Manifest::encode()` bytes, exactly as served to workers.
+    pub bytes: Vec<u8>,
+    /// SHA-256 of `bytes`, as sent in `DeployManifest`.
+    pub digest: [u8; 32],
+    /// The restart policy is not `never`: a `failed` copy is deployed
+    /// again (a `never` service that failed stays failed, as asked).
+    pub retry_failed: bool,
 }
 
 #[cfg(test)]

@@ -8,13 +8,11 @@
 //! never held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::{Birth, Event, Metrics, ReplayWindow, Reply, Secret};
-use sha2::{Digest, Sha256};
 
 use crate::broker::Credentials;
 use crate::config::Config;
@@ -50,7 +48,7 @@ impl Status {
 pub struct Counters {
     /// Frames accepted.
     pub accepted: AtomicU64,
-    /// Rejections indexed like [`crate::ingest::Reject::ALL`].
+    /// Rejections indexed like [`crate::frame_check::Reject::ALL`].
     pub rejected: [AtomicU64; 11],
     /// JSON mirror publishes dropped because the MQTT queue was full.
     pub mirror_dropped: AtomicU64,
@@ -58,14 +56,14 @@ pub struct Counters {
 
 impl Counters {
     /// Counts a rejection.
-    pub fn reject(&self, reason: crate::ingest::Reject) {
+    pub fn reject(&self, reason: crate::frame_check::Reject) {
         if let Some(c) = self.rejected.get(reason.index()) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Current count for `reason`.
-    pub fn rejected(&self, reason: crate::ingest::Reject) -> u64 {
+    pub fn rejected(&self, reason: crate::frame_check::Reject) -> u64 {
         self.rejected
             .get(reason.index())
             .map_or(0, |c| c.load(Ordering::Relaxed))
@@ -152,11 +150,6 @@ pub struct WorkerEntry {
     /// (which is all it can read). Format 1 until a frame says otherwise.
     pub format: u8,
 }
-
-/// How long frames sealed with a worker's previous secret are accepted
-/// after it switched to the rotated one, by default (`secret_grace`): a
-/// day, well beyond the two hours of frames its outbox holds by default.
-pub const SECRET_GRACE_MS: u64 = 24 * 3_600_000;
 
 /// Which of a worker's secrets a frame or request verified with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,7 +378,7 @@ pub struct Shared {
     pub external_tls: bool,
     /// Plain connections refused from non-loopback peers, by kind, and the
     /// last time each peer was logged (one line per peer and minute).
-    pub plain_refused: Arc<PlainRefusals>,
+    pub plain_refused: Arc<crate::net::PlainRefusals>,
     /// Publishes and subscribes the embedded broker refused.
     pub mqtt_denied: crate::broker::DeniedCounters,
     /// Per-worker logins and ACLs on an external Mosquitto (`--mqtt-dynsec`).
@@ -410,7 +403,7 @@ pub struct Shared {
     pub reconcile_sent: Mutex<HashMap<(String, String), SentMark>>,
     /// Encoded manifests by (service, version); specs and artifacts are
     /// immutable, so entries never go stale.
-    pub manifests: Mutex<HashMap<(String, u32), Arc<crate::services::BuiltManifest>>>,
+    pub manifests: Mutex<HashMap<(String, u32), Arc<crate::spec::BuiltManifest>>>,
     /// Last failure per (worker, service), for rollouts.
     pub service_failures: Mutex<HashMap<(String, String), FailMark>>,
     /// `DeployManifest` and `InstallManifest` commands awaiting a reply:
@@ -426,45 +419,8 @@ pub struct Shared {
     pub service_metrics: Mutex<HashMap<String, BTreeMap<String, SvcMetrics>>>,
 }
 
-/// Plain (non-TLS) connections refused from other hosts: counters for
-/// Prometheus, and a per-peer log limiter so a scanner cannot flood the log.
-#[derive(Debug, Default)]
-pub struct PlainRefusals {
-    /// Refused plain HTTP requests.
-    pub http: AtomicU64,
-    /// Refused plain MQTT connections.
-    pub mqtt: AtomicU64,
-    /// (protocol, peer) → when last logged.
-    logged: Mutex<HashMap<(bool, std::net::IpAddr), Instant>>,
-}
-
-impl PlainRefusals {
-    /// Counts one refusal of `what` (`http` or `mqtt`) from `peer`; `true`
-    /// when it should be logged (the first of that kind from this peer in a
-    /// minute).
-    pub fn refuse(&self, what: &str, peer: std::net::IpAddr) -> bool {
-        let mqtt = what == "mqtt";
-        let counter = if mqtt { &self.mqtt } else { &self.http };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let mut logged = lock(&self.logged);
-        if logged.len() > 10_000 {
-            logged.retain(|_, t| now.duration_since(*t).as_secs() < 60);
-        }
-        match logged.get(&(mqtt, peer)) {
-            Some(t) if now.duration_since(*t).as_secs() < 60 => false,
-            _ => {
-                logged.insert((mqtt, peer), now);
-                true
-            }
-        }
-    }
-}
-
-/// Whether `ip` is this host's loopback (also `::ffff:127.x.y.z`).
-pub fn is_loopback(ip: std::net::IpAddr) -> bool {
-    ip.to_canonical().is_loopback()
-}
+// Kept importable from here while `http/ui.rs` still does.
+pub use crate::crypto::sha256_hex;
 
 /// Locks a mutex, recovering from poisoning (a panicked holder leaves data
 /// that is still structurally valid for our maps and counters).
@@ -481,40 +437,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// `n` random bytes from the OS.
-pub fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
-    let mut b = [0u8; N];
-    getrandom::fill(&mut b)?;
-    Ok(b)
-}
-
-/// Lower-case hex of `N` random bytes.
-pub fn random_hex<const N: usize>() -> Result<String, getrandom::Error> {
-    Ok(protocol::hex_string(&random_bytes::<N>()?))
-}
-
-/// sha256 of `s`, lower-case hex.
-pub fn sha256_hex(s: &str) -> String {
-    protocol::hex_string(&Sha256::digest(s.as_bytes()))
-}
-
-/// Compares two byte strings without early exit on the first difference.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The address to advertise for a bound socket (0.0.0.0 → 127.0.0.1).
-pub fn advertised(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The conductor's frame checks themselves: `conductor/src/ingest/check.rs`
+//! The conductor's frame checks themselves: `conductor/src/frame_check.rs`
 //! is compiled into this target as it is (it depends on `protocol` only),
 //! so what is fuzzed is what ingests: size, `protocol::open`, the worker
 //! known and not revoked, the claimed worker id against the topic's, the tag
@@ -21,7 +21,7 @@
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../conductor/src/ingest/check.rs"]
+#[path = "../../conductor/src/frame_check.rs"]
 mod check;
 
 use check::{Reject, Sender};

@@ -19,7 +19,7 @@
 
 use std::path::PathBuf;
 
-use super::{ApiError, Ctx, RawResp, Req};
+use super::message::{ApiError, Ctx, RawResp, Req};
 use crate::state::lock;
 
 fn worker_of(ctx: &Ctx, req: &Req) -> Result<String, ApiError> {
@@ -51,14 +51,14 @@ fn authenticated(ctx: &Ctx, req: &Req) -> Result<(String, protocol::Secret), Api
 /// The encoded manifest `name` v`version` if `worker` may fetch it, else 404.
 fn manifest_bytes(ctx: &Ctx, worker: &str, name: &str, version: u32) -> Result<Vec<u8>, ApiError> {
     let not_found = || ApiError::not_found("manifest");
-    if !crate::services::valid_name(name)
+    if !crate::spec::valid_name(name)
         || !crate::services::may_fetch(&ctx.shared, worker, name, version)
             .map_err(ApiError::internal)?
     {
         tracing::info!(worker_id = %worker, service = name, version, "manifest refused: not targeted");
         return Err(not_found());
     }
-    let built = crate::services::manifest(&ctx.shared, name, version)
+    let built = crate::deployment::manifest(&ctx.shared, name, version)
         .map_err(ApiError::internal)?
         .ok_or_else(not_found)?;
     Ok(built.bytes.clone())
@@ -98,7 +98,7 @@ pub(crate) fn sealed_manifest(
         .map_err(|_| ApiError::not_found("manifest"))?;
     let bytes = manifest_bytes(ctx, &worker, name, version)?;
     let context = protocol::sealed::manifest_context(&worker, name, version);
-    let nonce = crate::state::random_bytes::<{ protocol::sealed::NONCE_LEN }>()?;
+    let nonce = crate::crypto::random_bytes::<{ protocol::sealed::NONCE_LEN }>()?;
     let sealed = protocol::sealed::seal(&secret, context.as_bytes(), &bytes, nonce)
         .map_err(ApiError::internal)?;
     tracing::debug!(worker_id = %worker, service = name, version, "sealed manifest served");

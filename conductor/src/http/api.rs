@@ -2,25 +2,25 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
 
-use protocol::{Action, ReplyStatus};
+use protocol::Action;
 use rumqttc::QoS;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tiny_http::Method;
-use tracing::{info, info_span};
+use tracing::info;
 
-use super::{enroll, prom, ui, ApiError, Ctx, Req, Resp};
+use super::auth::{authenticate, presented, session_cookie};
+use super::commands::send_and_wait;
+use super::labels::validate_labels;
+use super::message::{ApiError, Ctx, Req, Resp};
+use super::{enroll, prom, ui};
 use crate::auth;
-use crate::state::{lock, now_ms, sha256_hex, Status, WorkerEntry};
+use crate::crypto::sha256_hex;
+use crate::state::{lock, now_ms, Status, WorkerEntry};
 use crate::store::{MinuteRow, TokenRow, MAX_QUERY_ROWS};
 
-/// How long a command waits for its reply.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Name of the session cookie `login` sets.
-pub const SESSION_COOKIE: &str = "aerekos_session";
 /// Shortest admin password `POST /password` accepts.
 pub const MIN_PASSWORD_LEN: usize = 8;
 /// Longest admin password `POST /password` accepts (argon2 input bound).
@@ -86,52 +86,12 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     }
 }
 
-/// The token a request presents: the bearer header, else the session cookie
-/// (`true` when it came from the cookie).
-fn presented(req: &Req) -> Option<(&str, bool)> {
-    match (req.bearer.as_deref(), req.cookie.as_deref()) {
-        (Some(b), _) => Some((b, false)),
-        (None, Some(c)) => Some((c, true)),
-        (None, None) => None,
-    }
-}
-
-/// Host part of an `Origin` (`http://host:port` → `host:port`).
-fn origin_host(origin: &str) -> &str {
-    let rest = origin.split_once("://").map_or(origin, |(_, r)| r);
-    rest.split('/').next().unwrap_or(rest)
-}
-
-pub(crate) fn authenticate(ctx: &Ctx, req: &Req) -> Result<TokenRow, ApiError> {
-    let Some((token, from_cookie)) = presented(req) else {
-        return Err(ApiError::new(401, "missing bearer token or session cookie"));
-    };
-    if from_cookie {
-        // Defence in depth on top of SameSite=Strict: a cookie-authenticated
-        // request from a browser page on another origin is refused.
-        if let Some(origin) = req.origin.as_deref() {
-            let o = origin_host(origin.trim());
-            let same = [req.host.as_deref(), req.forwarded_host.as_deref()]
-                .into_iter()
-                .flatten()
-                .any(|h| h.trim().eq_ignore_ascii_case(o));
-            if !same {
-                return Err(ApiError::new(403, "cross-origin request refused"));
-            }
-        }
-    }
-    let db = lock(&ctx.shared.db);
-    db.token_by_hash(&sha256_hex(token), now_ms())?
-        .ok_or_else(|| ApiError::new(401, "invalid or expired token"))
-}
-
-/// `Set-Cookie` value holding `token` (empty + `Max-Age=0` clears it).
 /// `GET /metrics`: open, or with `--metrics-token` only for that bearer
 /// token (the text lists hostnames and addresses).
 fn metrics(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     if let Some(expected) = &ctx.shared.config.metrics_token {
         let given = req.bearer.as_deref().unwrap_or("");
-        if !crate::state::ct_eq(given.as_bytes(), expected.as_bytes()) {
+        if !crate::crypto::ct_eq(given.as_bytes(), expected.as_bytes()) {
             return Err(ApiError::new(
                 401,
                 "/metrics needs Authorization: Bearer <the --metrics-token>",
@@ -139,17 +99,6 @@ fn metrics(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         }
     }
     Ok(prom::render(ctx))
-}
-
-fn session_cookie(req: &Req, token: &str, max_age_s: u64) -> String {
-    let secure = if req.behind_tls || req.secure {
-        "; Secure"
-    } else {
-        ""
-    };
-    format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{secure}"
-    )
 }
 
 /// `GET /session`: whether the request carries a valid session or token.
@@ -430,24 +379,6 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
 }
 
 /// Validates a label map against the wire limits.
-pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    if labels.len() > protocol::MAX_LABELS {
-        return Err(ApiError::new(
-            400,
-            format!("at most {} labels", protocol::MAX_LABELS),
-        ));
-    }
-    for (k, v) in labels {
-        if k.is_empty() || k.len() > 32 || v.len() > 64 {
-            return Err(ApiError::new(
-                400,
-                "label keys 1..=32 bytes, values ≤ 64 bytes",
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn set_labels(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
     let labels: BTreeMap<String, String> = req.json()?;
     validate_labels(&labels)?;
@@ -724,57 +655,6 @@ fn command(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
         }
     };
     send_and_wait(ctx, id, action)
-}
-
-/// Sends `action` to worker `id` (sealed, QoS 1, cmd_seq persisted first)
-/// and waits up to [`COMMAND_TIMEOUT`] for the reply.
-pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp, ApiError> {
-    let span = info_span!("command", worker_id = id);
-    let _g = span.enter();
-    let (tx, rx) = mpsc::channel();
-    let (cmd_id, frame) = {
-        let mut workers = lock(&ctx.shared.workers);
-        let w = workers
-            .get_mut(id)
-            .ok_or_else(|| ApiError::not_found("worker"))?;
-        if w.revoked {
-            return Err(ApiError::new(409, "worker is revoked"));
-        }
-        let (cmd_id, frame) =
-            crate::services::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
-        lock(&ctx.shared.pending).insert((id.to_string(), cmd_id), tx);
-        (cmd_id, frame)
-    };
-    let started = Instant::now();
-    let topic = protocol::topic::topic(id, protocol::TopicKind::Cmd);
-    if let Err(e) = ctx
-        .client
-        .try_publish(topic, QoS::AtLeastOnce, false, frame)
-    {
-        lock(&ctx.shared.pending).remove(&(id.to_string(), cmd_id));
-        return Err(ApiError::new(503, format!("MQTT queue unavailable: {e}")));
-    }
-    let reply = rx.recv_timeout(COMMAND_TIMEOUT);
-    lock(&ctx.shared.pending).remove(&(id.to_string(), cmd_id));
-    match reply {
-        Ok(r) => {
-            let status = match r.status {
-                ReplyStatus::Ok => "ok",
-                ReplyStatus::Error => "error",
-                ReplyStatus::Unsupported => "unsupported",
-            };
-            Ok(Resp::ok(json!({
-                "id": cmd_id,
-                "status": status,
-                "detail": r.detail.as_str(),
-                "round_trip_ms": started.elapsed().as_millis() as u64,
-            })))
-        }
-        Err(_) => Err(ApiError::new(
-            504,
-            format!("no reply to command {cmd_id} within 5 s"),
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use super::{ApiError, Ctx, Req, Resp};
+use super::message::{ApiError, Ctx, Req, Resp};
 use crate::artifacts::{self, ArtifactError, MAX_LABEL_LEN};
-use crate::services::SpecDoc;
+use crate::spec::SpecDoc;
 use crate::state::{lock, now_ms};
 use crate::store::ArtifactRow;
 
@@ -60,7 +60,7 @@ pub(crate) fn upload(
     content_length: Option<u64>,
     body: &mut dyn Read,
 ) -> Result<Resp, ApiError> {
-    super::api::authenticate(ctx, req)?;
+    super::auth::authenticate(ctx, req)?;
     let arch = req
         .query
         .get("arch")

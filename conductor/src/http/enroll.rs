@@ -19,13 +19,12 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::info;
 
-use super::api::validate_labels;
-use super::{ApiError, Ctx, Req, Resp};
+use super::labels::validate_labels;
+use super::message::{ApiError, Ctx, Req, Resp};
 use crate::auth::REG_TOKEN_HASH;
-use crate::state::{
-    advertised, ct_eq, lock, now_ms, random_bytes, random_hex, sha256_hex, Shared, Status,
-    WorkerEntry,
-};
+use crate::crypto::{ct_eq, random_bytes, random_hex, sha256_hex};
+use crate::net::advertised;
+use crate::state::{lock, now_ms, Shared, Status, WorkerEntry};
 use crate::store::WorkerRow;
 
 #[derive(Deserialize)]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use protocol::{Action, LogChunk, LogRequest};
 use rumqttc::QoS;
 
-use super::{ApiError, Ctx, RawResp, Req};
+use super::message::{ApiError, Ctx, RawResp, Req};
 use crate::state::{lock, Shared, Status};
 
 /// Default `tail`, bytes.
@@ -122,7 +122,7 @@ impl Read for Relay {
 
 /// The handler.
 pub(crate) fn stream(ctx: &Ctx, req: &Req, id: &str, name: &str) -> Result<RawResp, ApiError> {
-    if !crate::services::valid_name(name) {
+    if !crate::spec::valid_name(name) {
         return Err(ApiError::new(
             400,
             "service name must be 1..=32 characters of [a-z0-9-]",
@@ -155,7 +155,7 @@ pub(crate) fn stream(ctx: &Ctx, req: &Req, id: &str, name: &str) -> Result<RawRe
             follow_s: follow,
         });
         let (cmd_id, frame) =
-            crate::services::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
+            crate::commands::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
         // Registered before publishing, under the worker lock ingest takes
         // first: the first chunk cannot be missed.
         streams.insert((id.to_string(), cmd_id), tx);

@@ -32,8 +32,12 @@
 mod agent;
 mod api;
 mod artifacts;
+mod auth;
+mod commands;
 mod enroll;
+mod labels;
 mod logs;
+mod message;
 mod prom;
 mod services;
 mod ui;
@@ -47,13 +51,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rumqttc::AsyncClient;
-use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tiny_http::{Header, Method, Response, Server};
 use tracing::{debug, warn};
 
 use crate::state::Shared;
 use crate::ConductorError;
+
+pub(crate) use message::{cookie_value, ApiError, Ctx, RawResp, Req, Resp};
 
 /// Request handler threads.
 pub const HTTP_THREADS: usize = 8;
@@ -149,7 +154,7 @@ impl HttpServer {
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
-        crate::state::advertised(self.addr)
+        crate::net::advertised(self.addr)
     }
 
     /// Stops accepting, finishes in-flight requests and joins the threads.
@@ -162,143 +167,10 @@ impl HttpServer {
     }
 }
 
-/// Per-thread handler context.
-pub(crate) struct Ctx {
-    pub shared: Arc<Shared>,
-    pub client: AsyncClient,
-}
-
-/// A parsed request.
-pub(crate) struct Req {
-    pub method: Method,
-    pub path: String,
-    pub query: HashMap<String, String>,
-    pub bearer: Option<String>,
-    /// Session token from the `aerekos_session` cookie.
-    pub cookie: Option<String>,
-    pub host: Option<String>,
-    /// `X-Forwarded-Host` (set by a reverse proxy).
-    pub forwarded_host: Option<String>,
-    /// `X-Forwarded-Proto` = `https`: a TLS proxy in front (cookie gets `Secure`).
-    pub behind_tls: bool,
-    /// The request came over TLS to this server (HTTPS).
-    pub secure: bool,
-    /// `Origin` (browsers send it on every non-GET fetch).
-    pub origin: Option<String>,
-    /// `If-None-Match`, for the dashboard's static files.
-    pub if_none_match: Option<String>,
-    /// The raw `Authorization` header (worker downloads use their own scheme).
-    pub authorization: Option<String>,
-    pub ip: IpAddr,
-    pub body: Vec<u8>,
-}
-
-impl Req {
-    /// Parses the body as JSON.
-    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| ApiError::new(400, format!("invalid JSON body: {e}")))
-    }
-}
-
-/// A response.
-pub(crate) struct Resp {
-    pub status: u16,
-    pub body: String,
-    pub content_type: &'static str,
-    /// Extra headers (`Set-Cookie`, caching, CSP).
-    pub headers: Vec<(&'static str, String)>,
-}
-
-impl Resp {
-    pub fn json(status: u16, v: &impl Serialize) -> Resp {
-        Resp {
-            status,
-            body: serde_json::to_string(v).unwrap_or_else(|_| "{}".into()),
-            content_type: "application/json",
-            headers: Vec::new(),
-        }
-    }
-    /// Adds a header.
-    pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Resp {
-        self.headers.push((name, value.into()));
-        self
-    }
-    pub fn ok(v: Value) -> Resp {
-        Resp::json(200, &v)
-    }
-    pub fn no_content() -> Resp {
-        Resp {
-            status: 204,
-            body: String::new(),
-            content_type: "application/json",
-            headers: Vec::new(),
-        }
-    }
-}
-
-/// A response whose body is bytes, a file or a stream rather than text.
-pub(crate) struct RawResp {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: Box<dyn Read + Send>,
-    /// `Content-Length`; `None` streams with chunked encoding.
-    pub len: Option<usize>,
-    pub headers: Vec<(&'static str, String)>,
-}
-
-impl RawResp {
-    /// An in-memory binary body.
-    pub fn bytes(content_type: &'static str, bytes: Vec<u8>) -> RawResp {
-        RawResp {
-            status: 200,
-            content_type,
-            len: Some(bytes.len()),
-            body: Box::new(std::io::Cursor::new(bytes)),
-            headers: Vec::new(),
-        }
-    }
-}
-
 /// What a handler answers.
 enum Out {
     Text(Resp),
     Raw(RawResp),
-}
-
-/// An error answer.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub status: u16,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-    pub fn internal(e: impl std::fmt::Display) -> ApiError {
-        tracing::error!("internal error: {e}");
-        ApiError::new(500, "internal error")
-    }
-    pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(404, format!("{what} not found"))
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        ApiError::internal(e)
-    }
-}
-
-impl From<crate::auth::AuthError> for ApiError {
-    fn from(e: crate::auth::AuthError) -> Self {
-        ApiError::internal(e)
-    }
 }
 
 fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
@@ -306,14 +178,6 @@ fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str
         .iter()
         .find(|h| h.field.equiv(name))
         .map(|h| h.value.as_str())
-}
-
-/// The value of cookie `name` in a `Cookie` header.
-pub(crate) fn cookie_value(header: &str, name: &str) -> Option<String> {
-    header.split(';').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k.trim() == name).then(|| v.trim().trim_matches('"').to_string())
-    })
 }
 
 fn parse_query(q: &str) -> HashMap<String, String> {
@@ -335,7 +199,7 @@ fn request_head(raw: &tiny_http::Request, path: &str, query: &str, ip: IpAddr) -
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|s| s.trim().to_string()),
         cookie: header(raw, "Cookie")
-            .and_then(|c| cookie_value(c, api::SESSION_COOKIE))
+            .and_then(|c| cookie_value(c, auth::SESSION_COOKIE))
             .filter(|c| !c.is_empty()),
         host: header(raw, "Host").map(str::to_string),
         forwarded_host: header(raw, "X-Forwarded-Host").map(str::to_string),
@@ -362,7 +226,7 @@ fn raw_route(ctx: &Ctx, req: &Req) -> Option<Result<RawResp, ApiError>> {
         }
         (Method::Get, ["api", "v1", "agent", "artifacts", sha]) => agent::artifact(ctx, req, sha),
         (Method::Get, ["api", "v1", "workers", id, "services", name, "logs"]) => {
-            api::authenticate(ctx, req).and_then(|_| logs::stream(ctx, req, id, name))
+            auth::authenticate(ctx, req).and_then(|_| logs::stream(ctx, req, id, name))
         }
         _ => return None,
     })
@@ -374,7 +238,7 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let url = raw.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    if !raw.secure() && !ctx.shared.config.insecure_plain && !crate::state::is_loopback(ip) {
+    if !raw.secure() && !ctx.shared.config.insecure_plain && !crate::net::is_loopback(ip) {
         refuse_plain(ctx, raw, ip);
         return;
     }
@@ -551,11 +415,5 @@ fn stream_chunked(
     })();
     if let Err(e) = result {
         debug!("http stream ended: {e}");
-    }
-}
-
-impl From<getrandom::Error> for ApiError {
-    fn from(e: getrandom::Error) -> Self {
-        ApiError::internal(e)
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use super::{Ctx, Resp};
+use super::message::{Ctx, Resp};
 use crate::ingest::Reject;
 use crate::state::{lock, now_ms, Status};
 

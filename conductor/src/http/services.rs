@@ -17,10 +17,12 @@ use protocol::Action;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, Ctx, Req, Resp};
-use crate::rollout::{self, Policy, Rollout};
-use crate::services::{valid_name, Deployment, ServiceError, SpecDoc};
+use super::message::{ApiError, Ctx, Req, Resp};
+use crate::deployment::Policy;
+use crate::deployment::{Deployment, ServiceError};
+use crate::rollout::{self, Rollout};
 use crate::spec::SpecError;
+use crate::spec::{valid_name, SpecDoc};
 use crate::state::{lock, now_ms, SvcMetrics};
 use crate::store::{DeploymentRow, ServiceStatusRow};
 
@@ -100,7 +102,7 @@ fn stopped_overrides(ctx: &Ctx) -> Result<BTreeSet<(String, String)>, ApiError> 
 /// `POST /services`: stores a new spec version → 201 `{name, version}`.
 pub(crate) fn create(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let doc: SpecDoc = req.json()?;
-    doc.validate(&|arch, sha| crate::services::artifact_size(&ctx.shared, arch, sha))?;
+    doc.validate(&|arch, sha| crate::deployment::artifact_size(&ctx.shared, arch, sha))?;
     let json = serde_json::to_string(&doc).map_err(ApiError::internal)?;
     let version = {
         let mut db = lock(&ctx.shared.db);
@@ -262,7 +264,7 @@ struct DeploymentReq {
 pub(crate) fn put_deployment(ctx: &Ctx, req: &Req, name: &str) -> Result<Resp, ApiError> {
     check_name(name)?;
     let body: DeploymentReq = req.json()?;
-    super::api::validate_labels(&body.labels)?;
+    super::labels::validate_labels(&body.labels)?;
     if body.workers.len() > MAX_DEPLOY_WORKERS {
         return Err(ApiError::new(
             400,
@@ -473,7 +475,7 @@ pub(crate) fn worker_op(ctx: &Ctx, id: &str, name: &str, op: &str) -> Result<Res
         return Err(ApiError::not_found("worker"));
     }
     lock(&ctx.shared.db).set_override(id, name, desired, now_ms())?;
-    super::api::send_and_wait(ctx, id, action)
+    super::commands::send_and_wait(ctx, id, action)
 }
 
 /// `GET /workers/{id}/services`: actual and desired services on one worker.

@@ -1,5 +1,5 @@
-//! The frame checks, as one pure function: what [`super::handle_publish`]
-//! runs for every frame, and what the cargo-fuzz target `frame` runs (it
+//! The frame checks, as one pure function: what
+//! [`crate::ingest::handle_publish`] runs for every frame, and what the cargo-fuzz target `frame` runs (it
 //! compiles this file as it is, so the fuzzer never drifts from the
 //! conductor). It depends on `protocol` only and changes nothing: the
 //! caller applies an accepted frame to its state.

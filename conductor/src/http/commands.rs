@@ -1,0 +1,67 @@
+//! Commands to a worker from an HTTP request: sent sealed, QoS 1, and the
+//! request waits for the worker's reply.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use protocol::{Action, ReplyStatus};
+use rumqttc::QoS;
+use serde_json::json;
+use tracing::info_span;
+
+use super::message::{ApiError, Ctx, Resp};
+use crate::state::lock;
+
+/// How long a command waits for its reply.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends `action` to worker `id` (sealed, QoS 1, cmd_seq persisted first)
+/// and waits up to [`COMMAND_TIMEOUT`] for the reply.
+pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp, ApiError> {
+    let span = info_span!("command", worker_id = id);
+    let _g = span.enter();
+    let (tx, rx) = mpsc::channel();
+    let (cmd_id, frame) = {
+        let mut workers = lock(&ctx.shared.workers);
+        let w = workers
+            .get_mut(id)
+            .ok_or_else(|| ApiError::not_found("worker"))?;
+        if w.revoked {
+            return Err(ApiError::new(409, "worker is revoked"));
+        }
+        let (cmd_id, frame) =
+            crate::commands::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
+        lock(&ctx.shared.pending).insert((id.to_string(), cmd_id), tx);
+        (cmd_id, frame)
+    };
+    let started = Instant::now();
+    let topic = protocol::topic::topic(id, protocol::TopicKind::Cmd);
+    if let Err(e) = ctx
+        .client
+        .try_publish(topic, QoS::AtLeastOnce, false, frame)
+    {
+        lock(&ctx.shared.pending).remove(&(id.to_string(), cmd_id));
+        return Err(ApiError::new(503, format!("MQTT queue unavailable: {e}")));
+    }
+    let reply = rx.recv_timeout(COMMAND_TIMEOUT);
+    lock(&ctx.shared.pending).remove(&(id.to_string(), cmd_id));
+    match reply {
+        Ok(r) => {
+            let status = match r.status {
+                ReplyStatus::Ok => "ok",
+                ReplyStatus::Error => "error",
+                ReplyStatus::Unsupported => "unsupported",
+            };
+            Ok(Resp::ok(json!({
+                "id": cmd_id,
+                "status": status,
+                "detail": r.detail.as_str(),
+                "round_trip_ms": started.elapsed().as_millis() as u64,
+            })))
+        }
+        Err(_) => Err(ApiError::new(
+            504,
+            format!("no reply to command {cmd_id} within 5 s"),
+        )),
+    }
+}
