@@ -419,9 +419,6 @@ pub struct Shared {
     pub service_metrics: Mutex<HashMap<String, BTreeMap<String, SvcMetrics>>>,
 }
 
-// Kept importable from here while `http/ui.rs` still does.
-pub use crate::crypto::sha256_hex;
-
 /// Locks a mutex, recovering from poisoning (a panicked holder leaves data
 /// that is still structurally valid for our maps and counters).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

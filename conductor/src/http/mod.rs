@@ -58,7 +58,7 @@ use tracing::{debug, warn};
 use crate::state::Shared;
 use crate::ConductorError;
 
-pub(crate) use message::{cookie_value, ApiError, Ctx, RawResp, Req, Resp};
+use message::{cookie_value, ApiError, Ctx, RawResp, Req, Resp};
 
 /// Request handler threads.
 pub const HTTP_THREADS: usize = 8;

@@ -6,11 +6,16 @@
 //! upgraded conductor is picked up at once. The page gets a strict
 //! Content-Security-Policy: only same-origin scripts, styles, images and
 //! `fetch`, no inline script or style attribute, no framing.
+//!
+//! The script is a set of ES modules (`<script type="module">`, one per
+//! view plus `core.js`), loaded as they are: no bundler, no build step.
+//! `index.html` preloads every module (`modulepreload`) so the browser
+//! fetches them in one round instead of following the imports.
 
 use std::sync::OnceLock;
 
-use super::Resp;
-use crate::state::sha256_hex;
+use super::message::Resp;
+use crate::crypto::sha256_hex;
 
 /// The policy sent with every dashboard file.
 pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
@@ -23,17 +28,34 @@ struct Asset {
     content_type: &'static str,
 }
 
+/// A script module, `conductor/assets/<name>` served at `/assets/<name>`.
+macro_rules! module {
+    ($name:literal) => {
+        Asset {
+            path: concat!("/assets/", $name),
+            body: include_str!(concat!("../../assets/", $name)),
+            content_type: "text/javascript; charset=utf-8",
+        }
+    };
+}
+
 const ASSETS: &[Asset] = &[
     Asset {
         path: "/",
         body: include_str!("../../assets/index.html"),
         content_type: "text/html; charset=utf-8",
     },
-    Asset {
-        path: "/assets/app.js",
-        body: include_str!("../../assets/app.js"),
-        content_type: "text/javascript; charset=utf-8",
-    },
+    module!("app.js"),
+    module!("core.js"),
+    module!("login.js"),
+    module!("logs.js"),
+    module!("fleet.js"),
+    module!("worker.js"),
+    module!("services.js"),
+    module!("artifacts.js"),
+    module!("service.js"),
+    module!("rollouts.js"),
+    module!("settings.js"),
     Asset {
         path: "/assets/app.css",
         body: include_str!("../../assets/app.css"),
@@ -109,8 +131,36 @@ mod tests {
             .expect("js")
             .content_type
             .starts_with("text/javascript"));
+        assert!(asset("/assets/core.js", None)
+            .expect("module")
+            .content_type
+            .starts_with("text/javascript"));
         assert!(asset("/assets/nope.js", None).is_none());
         assert!(asset("/../Cargo.toml", None).is_none());
+    }
+
+    /// Every module another one imports is served, and the page preloads
+    /// every module: a missing table entry would only show as a blank
+    /// dashboard.
+    #[test]
+    fn every_module_is_served_and_preloaded() {
+        let index = asset("/", None).expect("index").body;
+        assert!(index.contains(r#"<script src="/assets/app.js" type="module">"#));
+        for a in ASSETS.iter().filter(|a| a.path.ends_with(".js")) {
+            if a.path != "/assets/app.js" {
+                let preload = format!(r#"<link rel="modulepreload" href="{}">"#, a.path);
+                assert!(index.contains(&preload), "{} is not preloaded", a.path);
+            }
+            for import in a.body.split(" from './").skip(1) {
+                let name = import.split('\'').next().unwrap_or_default();
+                let path = format!("/assets/{name}");
+                assert!(
+                    ASSETS.iter().any(|b| b.path == path),
+                    "{} imports {path}, which is not served",
+                    a.path
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,224 @@
+//! The ingest writer's batches: [`WriteOp`]s applied in one transaction.
+
+use rusqlite::params;
+
+use super::{i, Rollup, ServiceStatusRow, Store, StoreError};
+
+/// A write produced by ingest or liveness, applied in batches.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// An accepted metrics frame.
+    Metrics {
+        /// Worker.
+        worker_id: String,
+        /// Conductor receive time.
+        received_at_ms: u64,
+        /// Frame seq.
+        seq: u64,
+        /// postcard of `protocol::Metrics`.
+        blob: Vec<u8>,
+        /// Rollup input.
+        rollup: Rollup,
+    },
+    /// Replay window and last-seen after an accepted frame (coalesced per batch).
+    Seen {
+        /// Worker.
+        worker_id: String,
+        /// Window highest.
+        highest: u64,
+        /// Window bitmap.
+        bitmap: u64,
+        /// Receive time.
+        last_seen_ms: u64,
+    },
+    /// Liveness status change.
+    Status {
+        /// Worker.
+        worker_id: String,
+        /// New status.
+        status: &'static str,
+    },
+    /// New inventory from a Birth.
+    Inventory {
+        /// Worker.
+        worker_id: String,
+        /// Birth as JSON.
+        json: String,
+    },
+    /// A service status report (upsert).
+    ServiceStatus(ServiceStatusRow),
+    /// A worker's first frame under its rotated secret: the pending secret
+    /// becomes its secret, the old one is kept until `previous_until_ms`.
+    SecretPromoted {
+        /// Worker.
+        worker_id: String,
+        /// The secret now in use, hex.
+        secret_hex: String,
+        /// The one before, hex.
+        previous_hex: String,
+        /// Frames under `previous_hex` are accepted until then (ms).
+        previous_until_ms: u64,
+    },
+    /// A worker started a new session (Birth): forget its reported services
+    /// (it reports the full picture right after).
+    ServicesCleared {
+        /// Worker.
+        worker_id: String,
+    },
+    /// A service was removed from a worker.
+    ServiceRemoved {
+        /// Worker.
+        worker_id: String,
+        /// Service name.
+        name: String,
+    },
+}
+
+impl Store {
+    /// Applies a batch of writes in one transaction.
+    pub fn apply_batch(&mut self, ops: &[WriteOp]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut raw = tx.prepare_cached(
+                "INSERT INTO metrics_raw (worker_id, received_at_ms, seq, frame) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut minute = tx.prepare_cached(
+                "INSERT INTO metrics_minute (worker_id, minute_ms, n, cpu_sum, cpu_max, mem_used_sum,
+                    mem_total, load1_sum, temp_max, disk_used, disk_total, rx_bps_sum, tx_bps_sum)
+                 VALUES (?1, ?2, 1, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (worker_id, minute_ms) DO UPDATE SET
+                    n = n + 1,
+                    cpu_sum = cpu_sum + excluded.cpu_sum,
+                    cpu_max = max(cpu_max, excluded.cpu_max),
+                    mem_used_sum = mem_used_sum + excluded.mem_used_sum,
+                    mem_total = excluded.mem_total,
+                    load1_sum = load1_sum + excluded.load1_sum,
+                    temp_max = CASE WHEN temp_max IS NULL THEN excluded.temp_max
+                                    WHEN excluded.temp_max IS NULL THEN temp_max
+                                    ELSE max(temp_max, excluded.temp_max) END,
+                    disk_used = excluded.disk_used,
+                    disk_total = excluded.disk_total,
+                    rx_bps_sum = rx_bps_sum + excluded.rx_bps_sum,
+                    tx_bps_sum = tx_bps_sum + excluded.tx_bps_sum",
+            )?;
+            let mut seen = tx.prepare_cached(
+                "UPDATE workers SET replay_highest = ?2, replay_bitmap = ?3, last_seen_ms = ?4 WHERE id = ?1",
+            )?;
+            let mut status = tx.prepare_cached("UPDATE workers SET status = ?2 WHERE id = ?1")?;
+            let mut inventory =
+                tx.prepare_cached("UPDATE workers SET inventory = ?2 WHERE id = ?1")?;
+            let mut svc = tx.prepare_cached(
+                "INSERT INTO service_status (worker_id, name, version, state, pid, restarts,
+                    exit_code, detail, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (worker_id, name) DO UPDATE SET
+                    version = excluded.version, state = excluded.state, pid = excluded.pid,
+                    restarts = excluded.restarts, exit_code = excluded.exit_code,
+                    detail = excluded.detail, updated_ms = excluded.updated_ms",
+            )?;
+            let mut svc_clear =
+                tx.prepare_cached("DELETE FROM service_status WHERE worker_id = ?1")?;
+            let mut svc_del =
+                tx.prepare_cached("DELETE FROM service_status WHERE worker_id = ?1 AND name = ?2")?;
+            // Only the last window per worker matters.
+            let mut last_seen: std::collections::HashMap<&str, usize> = Default::default();
+            for (idx, op) in ops.iter().enumerate() {
+                if let WriteOp::Seen { worker_id, .. } = op {
+                    last_seen.insert(worker_id, idx);
+                }
+            }
+            for (idx, op) in ops.iter().enumerate() {
+                match op {
+                    WriteOp::Metrics {
+                        worker_id,
+                        received_at_ms,
+                        seq,
+                        blob,
+                        rollup: r,
+                    } => {
+                        raw.execute(params![worker_id, i(*received_at_ms), i(*seq), blob])?;
+                        let minute_ms = received_at_ms - received_at_ms % 60_000;
+                        minute.execute(params![
+                            worker_id,
+                            i(minute_ms),
+                            i(r.cpu),
+                            i(r.mem_used),
+                            i(r.mem_total),
+                            i(r.load1),
+                            r.temp_max,
+                            i(r.disk_used),
+                            i(r.disk_total),
+                            i(r.rx_bps),
+                            i(r.tx_bps)
+                        ])?;
+                    }
+                    WriteOp::Seen {
+                        worker_id,
+                        highest,
+                        bitmap,
+                        last_seen_ms,
+                    } => {
+                        if last_seen.get(worker_id.as_str()) == Some(&idx) {
+                            seen.execute(params![
+                                worker_id,
+                                i(*highest),
+                                i(*bitmap),
+                                i(*last_seen_ms)
+                            ])?;
+                        }
+                    }
+                    WriteOp::Status {
+                        worker_id,
+                        status: s,
+                    } => {
+                        status.execute(params![worker_id, s])?;
+                    }
+                    WriteOp::Inventory { worker_id, json } => {
+                        inventory.execute(params![worker_id, json])?;
+                    }
+                    WriteOp::ServiceStatus(r) => {
+                        svc.execute(params![
+                            r.worker_id,
+                            r.name,
+                            r.version,
+                            r.state,
+                            r.pid,
+                            r.restarts,
+                            r.exit_code,
+                            r.detail,
+                            i(r.updated_ms)
+                        ])?;
+                    }
+                    WriteOp::ServiceRemoved { worker_id, name } => {
+                        svc_del.execute(params![worker_id, name])?;
+                    }
+                    WriteOp::ServicesCleared { worker_id } => {
+                        svc_clear.execute(params![worker_id])?;
+                    }
+                    WriteOp::SecretPromoted {
+                        worker_id,
+                        secret_hex,
+                        previous_hex,
+                        previous_until_ms,
+                    } => {
+                        tx.execute(
+                            "UPDATE workers SET secret_hex = ?2 WHERE id = ?1",
+                            params![worker_id, secret_hex],
+                        )?;
+                        tx.execute(
+                            "INSERT INTO worker_secrets
+                                (worker_id, pending_hex, previous_hex, previous_until_ms)
+                             VALUES (?1, NULL, ?2, ?3)
+                             ON CONFLICT (worker_id) DO UPDATE SET pending_hex = NULL,
+                                previous_hex = excluded.previous_hex,
+                                previous_until_ms = excluded.previous_until_ms",
+                            params![worker_id, previous_hex, i(*previous_until_ms)],
+                        )?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! Metrics history: raw samples (`metrics_raw`), per-minute aggregates
+//! (`metrics_minute`) and retention. Both are written by
+//! [`Store::apply_batch`].
+
+use rusqlite::params;
+
+use super::{i, u, Store, StoreError, MAX_QUERY_ROWS};
+
+/// One-minute aggregate input derived from a metrics sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rollup {
+    /// CPU busy, hundredths of a percent.
+    pub cpu: u64,
+    /// Memory used, bytes.
+    pub mem_used: u64,
+    /// Memory total, bytes.
+    pub mem_total: u64,
+    /// Load1, hundredths.
+    pub load1: u64,
+    /// Highest temperature, millidegrees.
+    pub temp_max: Option<i64>,
+    /// Sum of disk used, bytes.
+    pub disk_used: u64,
+    /// Sum of disk total, bytes.
+    pub disk_total: u64,
+    /// Sum of interface rx rates.
+    pub rx_bps: u64,
+    /// Sum of interface tx rates.
+    pub tx_bps: u64,
+}
+
+/// A stored minute aggregate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MinuteRow {
+    /// Start of the minute, ms.
+    pub minute_ms: u64,
+    /// Samples in the minute.
+    pub n: u64,
+    /// Mean CPU percent.
+    pub cpu_avg_percent: f64,
+    /// Max CPU percent.
+    pub cpu_max_percent: f64,
+    /// Mean memory used, bytes.
+    pub mem_used_avg: u64,
+    /// Memory total, bytes.
+    pub mem_total: u64,
+    /// Mean load1.
+    pub load1_avg: f64,
+    /// Max temperature, °C.
+    pub temp_max_celsius: Option<f64>,
+    /// Disk used (latest), bytes.
+    pub disk_used: u64,
+    /// Disk total (latest), bytes.
+    pub disk_total: u64,
+    /// Mean receive rate, bytes/s.
+    pub rx_bps_avg: u64,
+    /// Mean transmit rate, bytes/s.
+    pub tx_bps_avg: u64,
+}
+
+impl Store {
+    /// Raw samples `(received_at_ms, seq, postcard)` in `[from, to]`, oldest first.
+    pub fn raw_metrics(
+        &self,
+        worker_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT received_at_ms, seq, frame FROM metrics_raw
+             WHERE worker_id = ?1 AND received_at_ms >= ?2 AND received_at_ms <= ?3
+             ORDER BY received_at_ms, seq LIMIT ?4",
+        )?;
+        let rows = st.query_map(
+            params![worker_id, i(from_ms), i(to_ms), MAX_QUERY_ROWS as i64],
+            |r| Ok((u(r.get(0)?), u(r.get(1)?), r.get(2)?)),
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Minute aggregates in `[from, to]`, oldest first.
+    pub fn minute_metrics(
+        &self,
+        worker_id: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<MinuteRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT minute_ms, n, cpu_sum, cpu_max, mem_used_sum, mem_total, load1_sum, temp_max,
+                    disk_used, disk_total, rx_bps_sum, tx_bps_sum
+             FROM metrics_minute
+             WHERE worker_id = ?1 AND minute_ms >= ?2 AND minute_ms <= ?3
+             ORDER BY minute_ms LIMIT ?4",
+        )?;
+        let rows = st.query_map(
+            params![worker_id, i(from_ms), i(to_ms), MAX_QUERY_ROWS as i64],
+            |r| {
+                let n = u(r.get(1)?).max(1);
+                let temp: Option<i64> = r.get(7)?;
+                Ok(MinuteRow {
+                    minute_ms: u(r.get(0)?),
+                    n,
+                    cpu_avg_percent: u(r.get(2)?) as f64 / n as f64 / 100.0,
+                    cpu_max_percent: u(r.get(3)?) as f64 / 100.0,
+                    mem_used_avg: u(r.get(4)?) / n,
+                    mem_total: u(r.get(5)?),
+                    load1_avg: u(r.get(6)?) as f64 / n as f64 / 100.0,
+                    temp_max_celsius: temp.map(|t| t as f64 / 1000.0),
+                    disk_used: u(r.get(8)?),
+                    disk_total: u(r.get(9)?),
+                    rx_bps_avg: u(r.get(10)?) / n,
+                    tx_bps_avg: u(r.get(11)?) / n,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes history older than the cut-offs; returns rows removed.
+    pub fn sweep(
+        &mut self,
+        raw_before_ms: u64,
+        minute_before_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let a = tx.execute(
+            "DELETE FROM metrics_raw WHERE received_at_ms < ?1",
+            [i(raw_before_ms)],
+        )?;
+        let b = tx.execute(
+            "DELETE FROM metrics_minute WHERE minute_ms < ?1",
+            [i(minute_before_ms)],
+        )?;
+        tx.commit()?;
+        Ok(a + b)
+    }
+}

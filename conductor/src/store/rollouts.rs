@@ -1,0 +1,137 @@
+//! Rollouts (`rollouts`; at most one `in_progress` per service).
+
+use rusqlite::params;
+
+use super::{i, u, Store, StoreError};
+
+/// One rollout, as stored (JSON columns parsed by `crate::rollout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRow {
+    /// Row id (increasing).
+    pub id: i64,
+    /// Service name.
+    pub service: String,
+    /// Version before the rollout (what a revert returns to).
+    pub from_version: u32,
+    /// Version being rolled out.
+    pub to_version: u32,
+    /// `in_progress` | `succeeded` | `reverted`.
+    pub state: String,
+    /// Policy, JSON.
+    pub policy_json: String,
+    /// Waves of worker ids, JSON array of arrays.
+    pub waves_json: String,
+    /// Index of the current (or last) wave.
+    pub wave: u32,
+    /// When the current wave started, ms.
+    pub wave_started_ms: u64,
+    /// Why it was reverted (empty otherwise).
+    pub reason: String,
+    /// Start time, ms.
+    pub started_ms: u64,
+    /// End time, ms.
+    pub finished_ms: Option<u64>,
+}
+
+impl Store {
+    /// Stores a new rollout and returns its id. Fails (constraint) if the
+    /// service already has one in progress.
+    pub fn insert_rollout(&self, r: &RolloutRow) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO rollouts (service, from_version, to_version, state, policy, waves, wave,
+                wave_started_ms, reason, started_ms, finished_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.service,
+                r.from_version,
+                r.to_version,
+                r.state,
+                r.policy_json,
+                r.waves_json,
+                r.wave,
+                i(r.wave_started_ms),
+                r.reason,
+                i(r.started_ms),
+                r.finished_ms.map(i)
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Updates a rollout's progress; when `deployment_version` is given the
+    /// deployment's version is set in the same transaction.
+    pub fn update_rollout(
+        &mut self,
+        r: &RolloutRow,
+        deployment_version: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE rollouts SET state = ?2, waves = ?3, wave = ?4, wave_started_ms = ?5,
+                reason = ?6, finished_ms = ?7 WHERE id = ?1",
+            params![
+                r.id,
+                r.state,
+                r.waves_json,
+                r.wave,
+                i(r.wave_started_ms),
+                r.reason,
+                r.finished_ms.map(i)
+            ],
+        )?;
+        if let Some(v) = deployment_version {
+            tx.execute(
+                "UPDATE deployments SET version = ?2, updated_ms = ?3 WHERE name = ?1",
+                params![r.service, v, i(r.finished_ms.unwrap_or(r.wave_started_ms))],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Rollouts in progress, every service.
+    pub fn active_rollouts(&self) -> Result<Vec<RolloutRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE state = 'in_progress' ORDER BY id"
+        ))?;
+        let rows = st.query_map([], rollout_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A service's rollouts, newest first, at most `limit`.
+    pub fn rollouts(&self, service: &str, limit: usize) -> Result<Vec<RolloutRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE service = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![service, limit as i64], rollout_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Restarts the clock of every rollout in progress (conductor start).
+    pub fn restart_rollout_clocks(&self, now_ms: u64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE rollouts SET wave_started_ms = ?1 WHERE state = 'in_progress'",
+            [i(now_ms)],
+        )?)
+    }
+}
+
+fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
+    Ok(RolloutRow {
+        id: r.get(0)?,
+        service: r.get(1)?,
+        from_version: r.get(2)?,
+        to_version: r.get(3)?,
+        state: r.get(4)?,
+        policy_json: r.get(5)?,
+        waves_json: r.get(6)?,
+        wave: r.get(7)?,
+        wave_started_ms: u(r.get(8)?),
+        reason: r.get(9)?,
+        started_ms: u(r.get(10)?),
+        finished_ms: r.get::<_, Option<i64>>(11)?.map(u),
+    })
+}
+
+const ROLLOUT_COLS: &str = "id, service, from_version, to_version, state, policy, waves, wave,
+    wave_started_ms, reason, started_ms, finished_ms";
