@@ -115,6 +115,9 @@ pub fn https_host_port(url: &str) -> Option<(String, u16)> {
     }
     if let Some(v6) = hostport.strip_prefix('[') {
         let (h, after) = v6.split_once(']')?;
+        if h.is_empty() {
+            return None;
+        }
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse().ok()?,
             None if after.is_empty() => 443,
@@ -122,10 +125,12 @@ pub fn https_host_port(url: &str) -> Option<(String, u16)> {
         };
         return Some((h.to_string(), port));
     }
-    Some(match hostport.rsplit_once(':') {
+    let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) => (h.to_string(), p.parse().ok()?),
         None => (hostport.to_string(), 443),
-    })
+    };
+    // `https://:3000` (found by the `enrolment` fuzz target) names no host.
+    (!host.is_empty()).then_some((host, port))
 }
 
 #[cfg(feature = "tls")]
@@ -237,12 +242,17 @@ mod imp {
                 })
             }
         };
-        CertificateDer::from_pem_slice(&bytes)
-            .map(Some)
-            .map_err(|e| TlsError::BadPem {
+        match CertificateDer::from_pem_slice(&bytes) {
+            Ok(c) if !c.as_ref().is_empty() => Ok(Some(c)),
+            Ok(_) => Err(TlsError::BadPem {
+                path: path.display().to_string(),
+                message: "an empty certificate".into(),
+            }),
+            Err(e) => Err(TlsError::BadPem {
                 path: path.display().to_string(),
                 message: format!("no certificate: {e}"),
-            })
+            }),
+        }
     }
 
     impl Trust {
@@ -337,12 +347,17 @@ mod imp {
 
     /// Parses the PEM an enrolment response carries (an external broker's CA).
     pub fn der_of_pem(pem: &str) -> Result<Vec<u8>, TlsError> {
-        CertificateDer::from_pem_slice(pem.as_bytes())
+        let bad = |message: String| TlsError::BadPem {
+            path: "mqtt_ca_pem (enrolment response)".into(),
+            message,
+        };
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
             .map(|c| c.as_ref().to_vec())
-            .map_err(|e| TlsError::BadPem {
-                path: "mqtt_ca_pem (enrolment response)".into(),
-                message: e.to_string(),
-            })
+            .map_err(|e| bad(e.to_string()))?;
+        if der.is_empty() {
+            return Err(bad("an empty certificate".into()));
+        }
+        Ok(der)
     }
 
     /// An HTTP agent from `config` that trusts only the pinned CA for
@@ -547,6 +562,8 @@ mod imp {
                 assert!(pem.lines().all(|l| l.len() <= 64));
             }
             assert!(der_of_pem("not pem").is_err());
+            let empty = "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n";
+            assert!(der_of_pem(empty).is_err(), "an empty certificate");
         }
     }
 }
@@ -569,6 +586,8 @@ mod tests {
         assert_eq!(https_host_port("http://c:3000"), None);
         assert_eq!(https_host_port("https://u@c:3000"), None);
         assert_eq!(https_host_port("https://c:x"), None);
+        assert_eq!(https_host_port("https://:3000"), None);
+        assert_eq!(https_host_port("https://[]:3000"), None);
     }
 
     #[test]
