@@ -1,5 +1,5 @@
 //! Where backups go: storage-manager (or any S3-compatible store) through
-//! `storage_manager::client::S3Client`.
+//! `s3::client::S3Client`.
 //!
 //! Configuration (the service's config and secrets on the conductor):
 //!
@@ -25,8 +25,8 @@ use std::fmt::Debug;
 use std::io::Write;
 use std::path::Path;
 
-use storage_manager::client::{ClientError, S3Client};
-use storage_manager::sigv4::Credentials;
+use s3::client::{ClientError, S3Client};
+use s3::sigv4::Credentials;
 
 /// Default bucket.
 pub const DEFAULT_BUCKET: &str = "db-backups";

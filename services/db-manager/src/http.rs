@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use service_runtime::RequestHandler;
 
 use crate::catalog::Kind;
 use crate::engine::{Limits, Statement};
@@ -25,23 +26,14 @@ use crate::manager::{DbInfo, Manager, ManagerError};
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most statements in one batch.
 pub const MAX_BATCH: usize = 1000;
-/// Default number of request threads.
-pub const DEFAULT_THREADS: usize = 8;
 
 /// A running server; stops and joins its threads on drop.
 pub use service_runtime::listen::HttpServer;
-/// Why the server could not start.
-pub use service_runtime::listen::ServeError as HttpError;
 
-/// Binds `listen` and serves `mgr` on `threads` threads.
-pub fn serve(listen: &str, mgr: Arc<Manager>, threads: usize) -> Result<HttpServer, HttpError> {
-    HttpServer::start(
-        "db-manager",
-        "dbm-http",
-        listen,
-        threads,
-        Arc::new(move |req| handle(&mgr, req)),
-    )
+/// The request handler answering with `mgr` (served by
+/// [`crate::SPEC`]`.serve`, or by `service_runtime::boot`).
+pub fn handler(mgr: Arc<Manager>) -> RequestHandler {
+    Arc::new(move |req| handle(&mgr, req))
 }
 
 /// A refusal with its status and extra fields.

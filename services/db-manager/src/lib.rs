@@ -12,12 +12,13 @@
 //! * [`manager`]: create/list/drop, credentials, queries, backups and
 //!   restores, metrics and audit events.
 //! * [`backup`]: backups in storage-manager through
-//!   `storage_manager::client::S3Client`.
+//!   `s3::client::S3Client`.
 //! * [`http`]: the JSON API.
-//! * Worker integration ([`run`]): admin API keys from the service's
-//!   secrets (re-read every refresh interval), backup settings from its
-//!   config and secrets, metrics and audit events to the conductor through
-//!   the worker's local API (`service_runtime`).
+//! * Worker integration ([`DbManager`], run by [`service_runtime::boot()`]):
+//!   admin API keys from the service's secrets (re-read every refresh
+//!   interval), backup settings from its config and secrets, metrics and
+//!   audit events to the conductor through the worker's local API
+//!   (`service_runtime`).
 //!
 //! Limits: bodies ≤ 1 MiB (413); one statement per query request, at most
 //! 1000 per batch; rows ≤ 10 000 per statement (default 1000); timeouts ≤
@@ -36,48 +37,27 @@ pub use engine::{Access, Database, Limits, Statement};
 pub use http::HttpServer;
 pub use manager::{Manager, ManagerError};
 
-use service_runtime::audit::{self, Audit, ReportIntervals};
-use service_runtime::options::{self, listen_address, CommonOptions};
-use service_runtime::{Clients, LocalClient};
+pub use service_runtime::boot::StartError;
+use service_runtime::boot::{Context, Service, Spec, Started};
+use service_runtime::options::{self, UsageError};
+use service_runtime::Clients;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7500";
 /// Env var overriding the listen address.
 pub const ENV_LISTEN: &str = "DB_MANAGER_LISTEN";
-const SERVICE: &str = "db-manager";
+const SERVICE: &str = SPEC.name;
 
-/// Why db-manager could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Bad command line or configuration.
-    #[error("{0}")]
-    Usage(String),
-    /// The local API failed.
-    #[error(transparent)]
-    Local(#[from] service_runtime::LocalError),
-    /// The databases could not be opened.
-    #[error(transparent)]
-    Manager(#[from] ManagerError),
-    /// The backup store could not be reached or is misconfigured.
-    #[error("backups: {0}")]
-    Backup(#[from] backup::BackupError),
-    /// The HTTP server could not start.
-    #[error(transparent)]
-    Http(#[from] http::HttpError),
-    /// A thread could not be started.
-    #[error("cannot start a thread: {0}")]
-    Thread(#[from] std::io::Error),
-}
-
-/// Command-line options.
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    /// `--listen`, `--data-dir`, `--threads`, `--report-interval-ms`,
-    /// `--refresh-interval-ms` (see [`service_runtime::options`]).
-    pub common: CommonOptions,
+/// db-manager's own flags, besides the ones every service takes (see
+/// [`service_runtime::options`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flags {
     /// `--backup-interval-ms` (overrides the config `backup_interval_s`).
     pub backup_ms: Option<u64>,
 }
+
+/// db-manager's command line.
+pub type Options = service_runtime::Options<Flags>;
 
 /// Usage text.
 pub const USAGE: &str = "usage: db-manager [--listen ADDR] [--data-dir DIR] [--threads N]
@@ -90,19 +70,17 @@ Config: backup_endpoint, backup_bucket, backup_region, backup_interval_s (0 = no
 Secrets: clients (name:token,...) or client.<name> (admin API keys),
          backup_access_key, backup_secret_key.";
 
-impl Options {
-    /// Parses `args` (without the program name). `Ok(None)` for `--help`.
-    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, StartError> {
-        let mut backup_ms = None;
-        let common =
-            CommonOptions::parse_with(args, USAGE, &["--backup-interval-ms"], |flag, value| {
-                backup_ms = Some(options::number(flag, &value)?);
-                Ok(())
-            })
-            .map_err(|e| StartError::Usage(e.0))?;
-        Ok(common.map(|common| Options { common, backup_ms }))
-    }
-}
+/// How db-manager starts: the flags every service takes and
+/// `--backup-interval-ms`.
+pub const SPEC: Spec = Spec {
+    name: "db-manager",
+    usage: USAGE,
+    extra_flags: &["--backup-interval-ms"],
+    env_listen: ENV_LISTEN,
+    default_listen: DEFAULT_LISTEN,
+    thread_prefix: "dbm-http",
+    default_threads: 8,
+};
 
 /// Starts the scheduled-backup thread (every `every`, all databases).
 pub fn spawn_scheduler(mgr: Arc<Manager>, every: Duration) -> std::io::Result<()> {
@@ -119,84 +97,94 @@ pub fn spawn_scheduler(mgr: Arc<Manager>, every: Duration) -> std::io::Result<()
         .map(|_| ())
 }
 
-/// Starts db-manager under an edge-worker and serves until killed.
-pub fn run(opts: Options) -> Result<(), StartError> {
-    let local = LocalClient::from_env()?;
-    let secrets = local.secrets_with_retry()?;
-    let config = local.config().unwrap_or_default();
-    let store = backup::S3Store::from_settings(&config, &secrets)?;
-    let backup_every = match opts.backup_ms {
-        Some(ms) => Duration::from_millis(ms),
-        None => match config.get("backup_interval_s") {
-            None => Duration::ZERO,
-            Some(v) => Duration::from_secs(v.trim().parse::<u64>().map_err(|_| {
-                StartError::Usage(format!("config backup_interval_s: not a number: {v:?}"))
-            })?),
-        },
-    };
-    if !backup_every.is_zero() && store.is_none() {
-        return Err(StartError::Usage(
-            "a backup interval is set but backup_endpoint is not".into(),
-        ));
+/// db-manager as a service [`service_runtime::boot()`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct DbManager;
+
+impl Service for DbManager {
+    const SPEC: Spec = SPEC;
+    type Flags = Flags;
+
+    fn flag(flags: &mut Flags, flag: &str, value: String) -> Result<(), UsageError> {
+        // `--backup-interval-ms`, the only extra flag.
+        flags.backup_ms = Some(options::number(flag, &value)?);
+        Ok(())
     }
-    let data_dir = opts.common.data_dir_or_cwd()?;
-    let (clients, warnings) = Clients::from_secrets(&secrets);
-    for w in warnings {
-        eprintln!("{SERVICE}: {w}");
-    }
-    if clients.is_empty() {
-        eprintln!(
-            "{SERVICE}: no admin API keys in the secrets (`clients` or `client.<name>`): \
-             admin requests will be refused until some are added"
+
+    /// The backup store and schedule from the config and secrets, the
+    /// catalog and databases in the data directory, admin API keys from
+    /// the secrets.
+    fn start(ctx: Context, flags: Flags) -> Result<Started, StartError> {
+        let (secrets, config) = (&ctx.secrets, &ctx.config);
+        let store = backup::S3Store::from_settings(config, secrets)
+            .map_err(|e| StartError::service(format!("backups: {e}")))?;
+        let backup_every = match flags.backup_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => match config.get("backup_interval_s") {
+                None => Duration::ZERO,
+                Some(v) => Duration::from_secs(v.trim().parse::<u64>().map_err(|_| {
+                    StartError::Usage(format!("config backup_interval_s: not a number: {v:?}"))
+                })?),
+            },
+        };
+        if !backup_every.is_zero() && store.is_none() {
+            return Err(StartError::Usage(
+                "a backup interval is set but backup_endpoint is not".into(),
+            ));
+        }
+        let data_dir = ctx.common.data_dir_or_cwd()?;
+        let (clients, warnings) = Clients::from_secrets(secrets);
+        for w in warnings {
+            eprintln!("{SERVICE}: {w}");
+        }
+        if clients.is_empty() {
+            eprintln!(
+                "{SERVICE}: no admin API keys in the secrets (`clients` or `client.<name>`): \
+                 admin requests will be refused until some are added"
+            );
+        }
+        let keep = match config.get("backup_keep") {
+            None => 0,
+            Some(v) => v.trim().parse::<usize>().map_err(|_| {
+                StartError::Usage(format!("config backup_keep: not a number: {v:?}"))
+            })?,
+        };
+        let store_line = store
+            .as_ref()
+            .map_or_else(|| "off".to_string(), |_| "storage-manager".to_string());
+        let mgr = Arc::new(
+            Manager::open(
+                &data_dir,
+                clients,
+                store.map(|s| Box::new(s) as Box<dyn backup::BackupStore>),
+                ctx.audit,
+            )
+            .map_err(StartError::service)?
+            .with_backup_keep(keep),
         );
+        if !backup_every.is_zero() {
+            spawn_scheduler(mgr.clone(), backup_every)?;
+        }
+        let summary_mgr = mgr.clone();
+        Ok(Started {
+            handler: http::handler(mgr.clone()),
+            reported: mgr,
+            report_intervals: ctx.intervals,
+            summary: Box::new(move || {
+                format!(
+                    "{} databases, backups {}, schedule {}, admins: [{}]",
+                    summary_mgr.len(),
+                    store_line,
+                    if backup_every.is_zero() {
+                        "off".to_string()
+                    } else {
+                        format!("every {} ms", backup_every.as_millis())
+                    },
+                    summary_mgr.admin_names().join(", ")
+                )
+            }),
+        })
     }
-    let keep = match config.get("backup_keep") {
-        None => 0,
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| StartError::Usage(format!("config backup_keep: not a number: {v:?}")))?,
-    };
-    let (audit_sink, audit_rx) = Audit::channel(SERVICE);
-    let store_line = store
-        .as_ref()
-        .map_or_else(|| "off".to_string(), |_| "storage-manager".to_string());
-    let mgr = Arc::new(
-        Manager::open(
-            &data_dir,
-            clients,
-            store.map(|s| Box::new(s) as Box<dyn backup::BackupStore>),
-            audit_sink,
-        )?
-        .with_backup_keep(keep),
-    );
-    let intervals = ReportIntervals::from_ms(opts.common.report_ms, opts.common.refresh_ms);
-    audit::spawn_reporter(SERVICE, local, mgr.clone(), audit_rx, intervals)?;
-    if !backup_every.is_zero() {
-        spawn_scheduler(mgr.clone(), backup_every)?;
-    }
-    let listen = listen_address(opts.common.listen, ENV_LISTEN, &config, DEFAULT_LISTEN);
-    let server = http::serve(
-        &listen,
-        mgr.clone(),
-        opts.common.threads.unwrap_or(http::DEFAULT_THREADS),
-    )?;
-    println!(
-        "{SERVICE}: listening on http://{} ({} databases, backups {}, schedule {}, admins: [{}])",
-        server.addr(),
-        mgr.len(),
-        store_line,
-        if backup_every.is_zero() {
-            "off".to_string()
-        } else {
-            format!("every {} ms", backup_every.as_millis())
-        },
-        mgr.admin_names().join(", ")
-    );
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
-    server.wait();
-    Ok(())
 }
 
 #[cfg(test)]
@@ -206,7 +194,7 @@ mod tests {
     use super::*;
 
     fn parse(a: &[&str]) -> Result<Option<Options>, StartError> {
-        Options::parse(a.iter().map(|s| s.to_string()))
+        service_runtime::boot::parse::<DbManager>(a.iter().map(|s| s.to_string()))
     }
 
     #[test]
@@ -214,13 +202,14 @@ mod tests {
         let o = parse(&["--backup-interval-ms=0", "--threads", "2", "--listen=a:1"])
             .unwrap()
             .unwrap();
-        assert_eq!(o.backup_ms, Some(0));
+        assert_eq!(o.flags.backup_ms, Some(0));
         assert_eq!(o.common.threads, Some(2));
         assert_eq!(o.common.listen.as_deref(), Some("a:1"));
         assert_eq!(
             parse(&["--backup-interval-ms", "250"])
                 .unwrap()
                 .unwrap()
+                .flags
                 .backup_ms,
             Some(250)
         );

@@ -617,7 +617,7 @@ impl Manager {
                 ))
             })?;
             let bytes = std::fs::metadata(&tmp).map_err(io("reading", &tmp))?.len();
-            let stamp = storage_manager::timefmt::amz_date(catalog::unix_now());
+            let stamp = s3::timefmt::amz_date(catalog::unix_now());
             let key = format!("{name}/{stamp}-{id}.sqlite");
             store.put(&key, &tmp)?;
             Ok(BackupInfo { key, bytes })

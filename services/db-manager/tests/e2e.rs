@@ -636,9 +636,9 @@ fn backups_through_storage_manager_and_restore() {
     worker.wait_event(DBM, "backed up database shop to shop/");
 
     // The object is really in storage-manager: fetch it with an S3 client.
-    let s3 = storage_manager::client::S3Client::new(
+    let s3 = s3::client::S3Client::new(
         &sm.url,
-        storage_manager::sigv4::Credentials {
+        s3::sigv4::Credentials {
             access_key: S3_KEY.into(),
             secret_key: S3_SECRET.into(),
         },
@@ -827,9 +827,9 @@ fn backup_retention_keeps_the_newest() {
     let p = start_dbm(&worker, db_data.path(), &[]);
     create(&p, "k");
     // An object db-manager did not make is never deleted.
-    let s3 = storage_manager::client::S3Client::new(
+    let s3 = s3::client::S3Client::new(
         &sm.url,
-        storage_manager::sigv4::Credentials {
+        s3::sigv4::Credentials {
             access_key: S3_KEY.into(),
             secret_key: S3_SECRET.into(),
         },

@@ -14,30 +14,22 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use service_runtime::RequestHandler;
 
 use crate::kms::{KmError, Kms};
 use crate::store::Key;
 
 /// Largest request body, bytes.
 pub const MAX_BODY: usize = 64 * 1024;
-/// Default number of request threads.
-pub const DEFAULT_THREADS: usize = 4;
 
 /// A running server; stops and joins its threads on [`HttpServer::stop`]
 /// or drop.
 pub use service_runtime::listen::HttpServer;
-/// Why the server could not start.
-pub use service_runtime::listen::ServeError as HttpError;
 
-/// Binds `listen` and serves `kms` on `threads` threads.
-pub fn serve(listen: &str, kms: Arc<Kms>, threads: usize) -> Result<HttpServer, HttpError> {
-    HttpServer::start(
-        "key-manager",
-        "km-http",
-        listen,
-        threads,
-        Arc::new(move |req| handle(&kms, req)),
-    )
+/// The request handler answering with `kms` (served by
+/// [`crate::SPEC`]`.serve`, or by `service_runtime::boot`).
+pub fn handler(kms: Arc<Kms>) -> RequestHandler {
+    Arc::new(move |req| handle(&kms, req))
 }
 
 /// A refusal with its status.

@@ -32,7 +32,8 @@
 //!   fsync, rename, fsync dir) before the change is acknowledged, so
 //!   `kill -9` never loses an acknowledged create/rotate/disable ([`store`]).
 //! * **Client API keys** come from the service's secrets, i.e. they are
-//!   issued through the conductor, and are re-read every 30 s ([`clients`]).
+//!   issued through the conductor, and are re-read every 30 s
+//!   ([`service_runtime::clients`]).
 //! * **Audit**: create/rotate/disable/enable and bursts of refused requests
 //!   become events on the conductor via the worker's local API; metrics
 //!   every 10 s ([`local`]).
@@ -49,7 +50,8 @@ pub mod store;
 
 use std::sync::Arc;
 
-use service_runtime::options::{listen_address, CommonOptions};
+pub use service_runtime::boot::StartError;
+use service_runtime::boot::{Context, Service, Spec, Started};
 
 pub use crypto::{MasterKey, MasterSource, SecretKey};
 pub use http::HttpServer;
@@ -62,38 +64,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 /// Env var overriding the listen address.
 pub const ENV_LISTEN: &str = "KEY_MANAGER_LISTEN";
 
-/// Why key-manager could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Bad command line.
-    #[error("{0}")]
-    Usage(String),
-    /// The local API failed.
-    #[error(transparent)]
-    Local(#[from] service_runtime::LocalError),
-    /// The master key could not be made.
-    #[error(transparent)]
-    Crypto(#[from] crypto::CryptoError),
-    /// The store could not be opened.
-    #[error(transparent)]
-    Store(#[from] store::StoreError),
-    /// The HTTP server could not start.
-    #[error(transparent)]
-    Http(#[from] http::HttpError),
-    /// A thread could not be started.
-    #[error("cannot start a thread: {0}")]
-    Thread(#[from] std::io::Error),
-}
-
-/// Command-line options: the flags every service takes (see
-/// [`service_runtime::options`]).
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    /// `--listen`, `--data-dir`, `--threads`, `--report-interval-ms`,
-    /// `--refresh-interval-ms`.
-    pub common: CommonOptions,
-}
-
 /// Usage text.
 pub const USAGE: &str = "usage: key-manager [--listen ADDR] [--data-dir DIR] [--threads N]
                    [--report-interval-ms MS] [--refresh-interval-ms MS]
@@ -101,56 +71,62 @@ Runs under an edge-worker (needs AEREKOS_API and AEREKOS_TOKEN).
   --listen ADDR   default: $KEY_MANAGER_LISTEN, the config value `listen`, 127.0.0.1:7300
   --data-dir DIR  where sealed key files live (default: the working directory)";
 
-impl Options {
-    /// Parses `args` (without the program name). `Ok(None)` for `--help`.
-    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, StartError> {
-        let common = CommonOptions::parse(args, USAGE).map_err(|e| StartError::Usage(e.0))?;
-        Ok(common.map(|common| Options { common }))
-    }
-}
+/// How key-manager starts: the flags every service takes (see
+/// [`service_runtime::options`]), nothing of its own.
+pub const SPEC: Spec = Spec {
+    name: "key-manager",
+    usage: USAGE,
+    extra_flags: &[],
+    env_listen: ENV_LISTEN,
+    default_listen: DEFAULT_LISTEN,
+    thread_prefix: "km-http",
+    default_threads: 4,
+};
 
-/// Starts key-manager under an edge-worker and serves until killed.
-pub fn run(opts: Options) -> Result<(), StartError> {
-    let local = LocalClient::from_env()?;
-    let secrets = local.secrets_with_retry()?;
-    let config = local.config().unwrap_or_default();
-    let master = match secrets.get("master_key") {
-        Some(hex) => MasterKey::from_hex(hex)?,
-        None => MasterKey::derive_from_token(local.token())?,
-    };
-    let data_dir = opts.common.data_dir_or_cwd()?;
-    let store = Store::open(&data_dir, master)?;
-    let (clients, warnings) = Clients::from_secrets(&secrets);
-    for w in warnings {
-        eprintln!("key-manager: {w}");
+/// key-manager as a service [`service_runtime::boot()`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyManager;
+
+impl Service for KeyManager {
+    const SPEC: Spec = SPEC;
+    type Flags = ();
+
+    /// The master key (the secret `master_key`, else derived from the
+    /// service token), the sealed key store in the data directory, client
+    /// API keys from the secrets.
+    fn start(ctx: Context, (): ()) -> Result<Started, StartError> {
+        let master = match ctx.secrets.get("master_key") {
+            Some(hex) => MasterKey::from_hex(hex),
+            None => MasterKey::derive_from_token(ctx.local.token()),
+        }
+        .map_err(StartError::service)?;
+        let data_dir = ctx.common.data_dir_or_cwd()?;
+        let store = Store::open(&data_dir, master).map_err(StartError::service)?;
+        let (clients, warnings) = Clients::from_secrets(&ctx.secrets);
+        for w in warnings {
+            eprintln!("key-manager: {w}");
+        }
+        if clients.is_empty() {
+            eprintln!(
+                "key-manager: no client API keys in the secrets (`clients` or `client.<name>`): \
+                 every request will be refused until some are added"
+            );
+        }
+        let client_line = clients.names().collect::<Vec<_>>().join(", ");
+        let kms = Arc::new(Kms::new(store, clients, ctx.audit));
+        let summary_kms = kms.clone();
+        Ok(Started {
+            handler: http::handler(kms.clone()),
+            reported: kms,
+            report_intervals: ctx.intervals,
+            summary: Box::new(move || {
+                format!(
+                    "{} keys, master key from {}, clients: [{}]",
+                    summary_kms.store().len(),
+                    summary_kms.store().master_source(),
+                    client_line
+                )
+            }),
+        })
     }
-    if clients.is_empty() {
-        eprintln!(
-            "key-manager: no client API keys in the secrets (`clients` or `client.<name>`): \
-             every request will be refused until some are added"
-        );
-    }
-    let client_names: Vec<&str> = clients.names().collect();
-    let client_line = client_names.join(", ");
-    let (audit, audit_rx) = Audit::channel("key-manager");
-    let kms = Arc::new(Kms::new(store, clients, audit));
-    let intervals = ReportIntervals::from_ms(opts.common.report_ms, opts.common.refresh_ms);
-    service_runtime::audit::spawn_reporter("key-manager", local, kms.clone(), audit_rx, intervals)?;
-    let listen = listen_address(opts.common.listen, ENV_LISTEN, &config, DEFAULT_LISTEN);
-    let server = http::serve(
-        &listen,
-        kms.clone(),
-        opts.common.threads.unwrap_or(http::DEFAULT_THREADS),
-    )?;
-    println!(
-        "key-manager: listening on http://{} ({} keys, master key from {}, clients: [{}])",
-        server.addr(),
-        kms.store().len(),
-        kms.store().master_source(),
-        client_line
-    );
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
-    server.wait();
-    Ok(())
 }

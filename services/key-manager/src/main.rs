@@ -1,20 +1,6 @@
-//! The `key-manager` binary: parses the command line and runs
-//! [`key_manager::run`]. See the crate docs and `README.md`.
+//! The `key-manager` binary: [`service_runtime::boot()`] runs
+//! [`key_manager::KeyManager`]. See the crate docs and `README.md`.
 
 fn main() {
-    let opts = match key_manager::Options::parse(std::env::args().skip(1)) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            println!("{}", key_manager::USAGE);
-            return;
-        }
-        Err(e) => {
-            eprintln!("key-manager: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = key_manager::run(opts) {
-        eprintln!("key-manager: {e}");
-        std::process::exit(1);
-    }
+    service_runtime::boot::<key_manager::KeyManager>();
 }

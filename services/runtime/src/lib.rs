@@ -16,6 +16,9 @@
 //!   of request threads;
 //! * [`options`]: the command-line flags every service takes, and where
 //!   the listen address comes from;
+//! * [`boot`](mod@boot): a service's whole start-up — command line, local
+//!   API, audit and reporter, HTTP server, exit codes — so its `main` is
+//!   `service_runtime::boot::<TheService>()`;
 //! * `harness` (feature `test-harness`, for the services' tests only): the
 //!   real worker local API with registered services, the service's real
 //!   binary started with that environment, sibling binaries built once.
@@ -24,6 +27,7 @@
 //! events; client tokens are 16..=256 characters.
 
 pub mod audit;
+pub mod boot;
 pub mod clients;
 pub mod durable;
 #[cfg(feature = "test-harness")]
@@ -33,6 +37,7 @@ pub mod local;
 pub mod options;
 
 pub use audit::{Audit, ReportIntervals, Reported};
+pub use boot::{boot, Context, Options, Service, Spec, StartError, Started};
 pub use clients::Clients;
 pub use durable::{write_atomic, DurableError};
 pub use listen::{bind_nodelay, HttpServer, RequestHandler, ServeError};

@@ -38,11 +38,12 @@ use std::sync::{Arc, RwLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
+use s3::{timefmt, xml};
+use service_runtime::RequestHandler;
 
 use crate::chunked::{AwsChunked, ChecksumCheck, ChecksumMismatch, Sha256Check};
 use crate::sigv4::{self, PayloadMode, SigError};
 use crate::store::{ListParams, Store, StoreError};
-use crate::{timefmt, xml};
 
 /// Largest XML request body (CreateBucket, CompleteMultipartUpload, Delete).
 pub const MAX_XML_BODY: usize = 1024 * 1024;
@@ -51,12 +52,7 @@ pub const MAX_XML_BODY: usize = 1024 * 1024;
 pub const VERIFIED_GET: u64 = 1024 * 1024;
 /// Most keys a listing page or a DeleteObjects request holds.
 pub const MAX_KEYS: usize = 1000;
-/// Default request threads.
-pub const DEFAULT_THREADS: usize = 8;
 const NS: &str = "http://s3.amazonaws.com/doc/2006-03-01/";
-
-/// Why the server could not start.
-pub use service_runtime::listen::ServeError as HttpError;
 
 /// Access keys (`AKID → secret`). `Debug` shows ids only.
 #[derive(Default, Clone, PartialEq, Eq)]
@@ -231,15 +227,10 @@ impl S3Service {
 /// A running server; stops on drop.
 pub use service_runtime::listen::HttpServer as S3Server;
 
-/// Binds `listen` and serves `svc` on `threads` threads.
-pub fn serve(listen: &str, svc: Arc<S3Service>, threads: usize) -> Result<S3Server, HttpError> {
-    S3Server::start(
-        "storage-manager",
-        "sm-http",
-        listen,
-        threads,
-        Arc::new(move |req| handle(&svc, req)),
-    )
+/// The request handler answering with `svc` (served by
+/// [`crate::SPEC`]`.serve`, or by `service_runtime::boot`).
+pub fn handler(svc: Arc<S3Service>) -> RequestHandler {
+    Arc::new(move |req| handle(&svc, req))
 }
 
 /// An S3 error answer.

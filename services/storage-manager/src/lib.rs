@@ -5,30 +5,32 @@
 //! against it with path-style addressing. See `README.md` beside this
 //! crate for the supported API, configuration, on-disk formats and limits.
 //!
-//! * [`sigv4`]: AWS Signature V4 signing and verification (header auth,
-//!   presigned URLs, aws-chunked chunk signatures) — usable by other crates.
-//! * [`client`]: a small blocking S3 client — usable by other crates
-//!   (db-manager stores backups with it).
+//! * [`sigv4`]: AWS Signature V4 verification (header auth, presigned
+//!   URLs, aws-chunked chunk signatures) on the signing code of the `s3`
+//!   crate ([`s3::sigv4`], re-exported there).
+//! * [`client`], [`timefmt`], [`xml`]: the `s3` crate's S3 client, time
+//!   formats and XML, re-exported (other services use the `s3` crate
+//!   itself: db-manager stores backups with its client).
 //! * [`http`]: the S3 API on tiny_http, streaming bodies both ways.
 //! * [`store`]: buckets and objects on disk (atomic, fsynced before the
 //!   answer) with an in-memory index.
 //! * [`crypt`] and [`kms`]: objects encrypted at rest in 64 KiB
 //!   XChaCha20-Poly1305 chunks under per-object data keys from key-manager.
 //! * [`chunked`]: payload checks (signed SHA-256, aws-chunked decoding).
-//! * Worker integration ([`run`]): access keys and the key-manager token
-//!   from the service's secrets (re-read every refresh interval), settings
-//!   from its config, capacity metrics and bucket audit events to the
-//!   conductor through the worker's local API.
+//! * Worker integration ([`StorageManager`], run by
+//!   [`service_runtime::boot()`]): access keys and the key-manager token from
+//!   the service's secrets (re-read every refresh interval), settings from
+//!   its config, capacity metrics and bucket audit events to the conductor
+//!   through the worker's local API.
 
 pub mod chunked;
-pub mod client;
 pub mod crypt;
 pub mod http;
 pub mod kms;
 pub mod sigv4;
 pub mod store;
-pub mod timefmt;
-pub mod xml;
+
+pub use s3::{client, timefmt, xml};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,8 +44,9 @@ pub use sigv4::Credentials;
 pub use store::{Limits, Store};
 
 use service_runtime::audit::{self, Audit, ReportIntervals, Reported};
-use service_runtime::options::{listen_address, CommonOptions};
-use service_runtime::{Clients, LocalClient};
+pub use service_runtime::boot::StartError;
+use service_runtime::boot::{Context, Service, Spec, Started};
+use service_runtime::Clients;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
@@ -53,36 +56,7 @@ pub const ENV_LISTEN: &str = "STORAGE_MANAGER_LISTEN";
 pub const DEFAULT_KMS_URL: &str = "http://127.0.0.1:7300";
 /// Default key-manager key name.
 pub const DEFAULT_KMS_KEY: &str = "storage-manager";
-const SERVICE: &str = "storage-manager";
-
-/// Why storage-manager could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Bad command line or configuration.
-    #[error("{0}")]
-    Usage(String),
-    /// The local API failed.
-    #[error(transparent)]
-    Local(#[from] service_runtime::LocalError),
-    /// The store could not be opened.
-    #[error(transparent)]
-    Store(#[from] store::StoreError),
-    /// The HTTP server could not start.
-    #[error(transparent)]
-    Http(#[from] http::HttpError),
-    /// A thread could not be started.
-    #[error("cannot start a thread: {0}")]
-    Thread(#[from] std::io::Error),
-}
-
-/// Command-line options: the flags every service takes (see
-/// [`service_runtime::options`]).
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    /// `--listen`, `--data-dir`, `--threads`, `--report-interval-ms`,
-    /// `--refresh-interval-ms`.
-    pub common: CommonOptions,
-}
+const SERVICE: &str = SPEC.name;
 
 /// Usage text.
 pub const USAGE: &str = "usage: storage-manager [--listen ADDR] [--data-dir DIR] [--threads N]
@@ -94,13 +68,17 @@ Config: encryption (on|off), kms_url, kms_key, max_object_size, max_part_size, m
         virtual_host_domain.
 Secrets: access_keys (AKID:secret,...), access_key.<AKID>, kms_token.";
 
-impl Options {
-    /// Parses `args` (without the program name). `Ok(None)` for `--help`.
-    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, StartError> {
-        let common = CommonOptions::parse(args, USAGE).map_err(|e| StartError::Usage(e.0))?;
-        Ok(common.map(|common| Options { common }))
-    }
-}
+/// How storage-manager starts: the flags every service takes (see
+/// [`service_runtime::options`]), nothing of its own.
+pub const SPEC: Spec = Spec {
+    name: "storage-manager",
+    usage: USAGE,
+    extra_flags: &[],
+    env_listen: ENV_LISTEN,
+    default_listen: DEFAULT_LISTEN,
+    thread_prefix: "sm-http",
+    default_threads: 8,
+};
 
 fn size_setting(
     config: &BTreeMap<String, String>,
@@ -205,106 +183,99 @@ fn apply_secrets(svc: &S3Service, secrets: &BTreeMap<String, String>, first: boo
     }
 }
 
-/// Starts storage-manager under an edge-worker and serves until killed.
-pub fn run(opts: Options) -> Result<(), StartError> {
-    let local = LocalClient::from_env()?;
-    let secrets = local.secrets_with_retry()?;
-    let config = local.config().unwrap_or_default();
-    let limits = limits_from_config(&config)?;
-    let encryption = match config.get("encryption").map(|s| s.trim()) {
-        None | Some("on") => true,
-        Some("off") => false,
-        Some(other) => {
-            return Err(StartError::Usage(format!(
-                "config encryption: expected on or off, got {other:?}"
-            )))
-        }
-    };
-    let kms = if encryption {
-        let token = secrets.get("kms_token").ok_or_else(|| {
-            StartError::Usage(
-                "encryption is on but the secret kms_token (a key-manager client token) is not set; \
-                 set it, or set the config encryption=off to store plaintext"
-                    .into(),
-            )
-        })?;
-        let url = config
-            .get("kms_url")
-            .map_or(DEFAULT_KMS_URL, String::as_str);
-        let key = config
-            .get("kms_key")
-            .map_or(DEFAULT_KMS_KEY, String::as_str);
-        Some(Arc::new(kms::KeyManager::new(url, key, token)))
-    } else {
-        None
-    };
-    let data_dir = opts.common.data_dir_or_cwd()?;
-    let store = Store::open(&data_dir, limits, kms.clone())?;
-    let (audit, audit_rx) = Audit::channel(SERVICE);
-    let audit = Arc::new(audit);
-    let sink = audit.clone();
-    let svc = Arc::new(
-        S3Service::new(
-            store,
-            AccessKeys::default(),
-            Arc::new(move |t| sink.send(t)),
-        )
-        .with_virtual_host_domain(config.get("virtual_host_domain").cloned()),
-    );
-    apply_secrets(&svc, &secrets, true);
-    if svc.keys.read().map(|k| k.is_empty()).unwrap_or(true) {
-        eprintln!(
-            "{SERVICE}: no access keys in the secrets (`access_keys` or `access_key.<AKID>`): \
-             every request will be refused until some are added"
-        );
-    }
-    let intervals = ReportIntervals::from_ms(opts.common.report_ms, opts.common.refresh_ms);
-    // The reporter's own client refresh is not used (see `Reporter`).
-    let reporter_intervals = ReportIntervals {
-        report: intervals.report,
-        refresh: Duration::from_secs(365 * 24 * 3600),
-    };
-    audit::spawn_reporter(
-        SERVICE,
-        local.clone(),
-        Arc::new(Reporter {
-            svc: svc.clone(),
-            audit: audit.clone(),
-        }),
-        audit_rx,
-        reporter_intervals,
-    )?;
-    {
-        let (svc, local) = (svc.clone(), local.clone());
-        std::thread::Builder::new()
-            .name("sm-secrets".into())
-            .spawn(move || loop {
-                std::thread::sleep(intervals.refresh);
-                match local.secrets() {
-                    Ok(s) => apply_secrets(&svc, &s, false),
-                    Err(e) => eprintln!("{SERVICE}: secrets not refreshed (kept): {e}"),
-                }
+/// storage-manager as a service [`service_runtime::boot()`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StorageManager;
+
+impl Service for StorageManager {
+    const SPEC: Spec = SPEC;
+    type Flags = ();
+
+    /// Limits and encryption from the config, the object store in the data
+    /// directory, access keys and the key-manager token from the secrets
+    /// (re-read every refresh interval by a thread of its own).
+    fn start(ctx: Context, (): ()) -> Result<Started, StartError> {
+        let (secrets, config, intervals) = (&ctx.secrets, &ctx.config, ctx.intervals);
+        let limits = limits_from_config(config)?;
+        let encryption = match config.get("encryption").map(|s| s.trim()) {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(StartError::Usage(format!(
+                    "config encryption: expected on or off, got {other:?}"
+                )))
+            }
+        };
+        let kms = if encryption {
+            let token = secrets.get("kms_token").ok_or_else(|| {
+                StartError::Usage(
+                    "encryption is on but the secret kms_token (a key-manager client token) is not set; \
+                     set it, or set the config encryption=off to store plaintext"
+                        .into(),
+                )
             })?;
-    }
-    let listen = listen_address(opts.common.listen, ENV_LISTEN, &config, DEFAULT_LISTEN);
-    let server = http::serve(
-        &listen,
-        svc.clone(),
-        opts.common.threads.unwrap_or(http::DEFAULT_THREADS),
-    )?;
-    let u = svc.store.usage();
-    println!(
-        "{SERVICE}: listening on http://{} ({} buckets, {} objects, encryption {})",
-        server.addr(),
-        u.buckets,
-        u.objects,
-        match &kms {
-            Some(k) => format!("on with key-manager key {}", k.key_name()),
-            None => "off".into(),
+            let url = config
+                .get("kms_url")
+                .map_or(DEFAULT_KMS_URL, String::as_str);
+            let key = config
+                .get("kms_key")
+                .map_or(DEFAULT_KMS_KEY, String::as_str);
+            Some(Arc::new(kms::KeyManager::new(url, key, token)))
+        } else {
+            None
+        };
+        let data_dir = ctx.common.data_dir_or_cwd()?;
+        let store = Store::open(&data_dir, limits, kms.clone()).map_err(StartError::service)?;
+        let audit = Arc::new(ctx.audit);
+        let sink = audit.clone();
+        let svc = Arc::new(
+            S3Service::new(
+                store,
+                AccessKeys::default(),
+                Arc::new(move |t| sink.send(t)),
+            )
+            .with_virtual_host_domain(config.get("virtual_host_domain").cloned()),
+        );
+        apply_secrets(&svc, secrets, true);
+        if svc.keys.read().map(|k| k.is_empty()).unwrap_or(true) {
+            eprintln!(
+                "{SERVICE}: no access keys in the secrets (`access_keys` or `access_key.<AKID>`): \
+                 every request will be refused until some are added"
+            );
         }
-    );
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
-    server.wait();
-    Ok(())
+        {
+            let (svc, local) = (svc.clone(), ctx.local.clone());
+            std::thread::Builder::new()
+                .name("sm-secrets".into())
+                .spawn(move || loop {
+                    std::thread::sleep(intervals.refresh);
+                    match local.secrets() {
+                        Ok(s) => apply_secrets(&svc, &s, false),
+                        Err(e) => eprintln!("{SERVICE}: secrets not refreshed (kept): {e}"),
+                    }
+                })?;
+        }
+        let summary_svc = svc.clone();
+        Ok(Started {
+            handler: http::handler(svc.clone()),
+            reported: Arc::new(Reporter { svc, audit }),
+            // The reporter's own client refresh is not used (see `Reporter`).
+            report_intervals: ReportIntervals {
+                report: intervals.report,
+                refresh: Duration::from_secs(365 * 24 * 3600),
+            },
+            summary: Box::new(move || {
+                let u = summary_svc.store.usage();
+                format!(
+                    "{} buckets, {} objects, encryption {}",
+                    u.buckets,
+                    u.objects,
+                    match &kms {
+                        Some(k) => format!("on with key-manager key {}", k.key_name()),
+                        None => "off".into(),
+                    }
+                )
+            }),
+        })
+    }
 }

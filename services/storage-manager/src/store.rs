@@ -49,12 +49,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use md5::{Digest as _, Md5};
+use s3::sigv4::hex;
+use s3::timefmt;
 use serde::{Deserialize, Serialize};
 
 use crate::crypt::{self, ChunkCipher, CHUNK, OBJECT_ID_LEN, TAG};
 use crate::kms::{KeyManager, KmsError};
-use crate::sigv4::hex;
-use crate::timefmt;
 
 /// Longest key, bytes.
 pub const MAX_KEY_LEN: usize = 1024;

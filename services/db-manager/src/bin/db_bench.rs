@@ -162,7 +162,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Audit::stderr_only("db-manager"),
     )?);
     let (_, rw, ro) = mgr.create("bench", "bench")?;
-    let server = db_manager::http::serve("127.0.0.1:0", mgr.clone(), 8)?;
+    let server =
+        db_manager::SPEC.serve("127.0.0.1:0", 8, db_manager::http::handler(mgr.clone()))?;
     let url = format!("http://{}/v1/databases/bench/query", server.addr());
     let a = agent();
     post(

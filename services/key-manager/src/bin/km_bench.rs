@@ -75,10 +75,11 @@ fn main() {
     if let Err(e) = kms.create("bench", "bench", None) {
         return eprintln!("km_bench: {e}");
     }
-    let server = match key_manager::http::serve("127.0.0.1:0", kms.clone(), 4) {
-        Ok(s) => s,
-        Err(e) => return eprintln!("km_bench: {e}"),
-    };
+    let server =
+        match key_manager::SPEC.serve("127.0.0.1:0", 4, key_manager::http::handler(kms.clone())) {
+            Ok(s) => s,
+            Err(e) => return eprintln!("km_bench: {e}"),
+        };
     let base = format!("http://{}", server.addr());
     println!(
         "key-manager bench: XChaCha20-Poly1305, {secs} s per cell, {} cores",

@@ -1,4 +1,4 @@
-//! A small blocking S3 client (ureq) for other aerekos services, e.g.
+//! A small blocking S3 client (ureq) for aerekos services, e.g.
 //! db-manager storing backups in storage-manager. Path-style addressing,
 //! SigV4 header auth, plain HTTP only (storage-manager has no TLS; use it
 //! over loopback or a tunnel).
@@ -215,18 +215,8 @@ impl S3Client {
         extra: &[(String, String)],
     ) -> Result<Resp, ClientError> {
         let (url, headers) = self.signed(method, path, query, sigv4::EMPTY_SHA256, extra)?;
-        let mut req = ureq::http::Request::builder().method(method).uri(&url);
-        for (k, v) in &headers {
-            req = req.header(k, v);
-        }
-        let req = req
-            .body(())
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let resp = self
-            .agent
-            .run(req)
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        check(resp)
+        let req = ureq::http::Request::builder().method(method).uri(&url);
+        self.run(req, &headers, ())
     }
 
     fn send(
@@ -239,15 +229,26 @@ impl S3Client {
         body: &mut dyn Read,
     ) -> Result<Resp, ClientError> {
         let (url, headers) = self.signed(method, path, query, payload_hash, &[])?;
-        let mut req = ureq::http::Request::builder()
+        let req = ureq::http::Request::builder()
             .method(method)
             .uri(&url)
             .header("content-length", len.to_string());
-        for (k, v) in &headers {
+        self.run(req, &headers, ureq::SendBody::from_reader(body))
+    }
+
+    /// Adds `headers` to `req`, sends it with `body`; an S3 error answer is
+    /// an error.
+    fn run(
+        &self,
+        mut req: ureq::http::request::Builder,
+        headers: &[(String, String)],
+        body: impl ureq::AsSendBody,
+    ) -> Result<Resp, ClientError> {
+        for (k, v) in headers {
             req = req.header(k, v);
         }
         let req = req
-            .body(ureq::SendBody::from_reader(body))
+            .body(body)
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let resp = self
             .agent

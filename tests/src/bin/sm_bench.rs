@@ -5,7 +5,7 @@
 //! bytes to a file with `fsync` + rename + directory `fsync` (what a PUT
 //! must do to be durable), and reading the file back.
 //!
-//! `cargo run --release -p aerekos-storage-manager --bin sm_bench [-- --mib 256]`
+//! `cargo run --release -p aerekos-e2e --bin sm_bench [-- --mib 256]`
 //!
 //! `--mib` is the data moved per cell (default 128 MiB). PUTs stream with
 //! `UNSIGNED-PAYLOAD` and an MD5 check ([`S3Client::put_object`]); GETs read
@@ -114,7 +114,9 @@ fn bench() -> Result<(), String> {
         key_manager::Clients::from_pairs([("storage", KM_TOKEN)]),
         key_manager::Audit::stderr_only("key-manager"),
     ));
-    let km_server = key_manager::http::serve("127.0.0.1:0", kms, 2).map_err(|x| e(&x))?;
+    let km_server = key_manager::SPEC
+        .serve("127.0.0.1:0", 2, key_manager::http::handler(kms))
+        .map_err(|x| e(&x))?;
     let km_url = format!("http://{}", km_server.addr());
 
     println!(
@@ -148,7 +150,9 @@ fn bench() -> Result<(), String> {
                 AccessKeys::from_pairs([(AKID, SECRET)]),
                 Arc::new(|_| {}),
             ));
-            let server = storage_manager::http::serve("127.0.0.1:0", svc, 4).map_err(|x| e(&x))?;
+            let server = storage_manager::SPEC
+                .serve("127.0.0.1:0", 4, storage_manager::http::handler(svc))
+                .map_err(|x| e(&x))?;
             let client = S3Client::new(
                 &format!("http://{}", server.addr()),
                 Credentials::new(AKID, SECRET),
