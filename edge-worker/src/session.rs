@@ -52,37 +52,44 @@
 //! reset after [`STABLE_AFTER`] connected; a refused login is logged once
 //! and retried at the cap. Metrics sampling runs on a blocking thread and
 //! is skipped for a tick if the previous sample is still running.
+//!
+//! Layout: this file is the connection, commands, sampling and shutdown;
+//! `publish.rs` the publish pipeline (`Publisher`: sealing, outbox, window,
+//! acks, wire format); `deploy.rs` the downloads of deploy commands
+//! (`Deployments`); `container_logs.rs` the `Logs` answers of containers.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use heapless::Vec as HVec;
 use protocol::frame::{bounded, Disk, MAX_DISKS};
 use protocol::{
-    Action, Body, BodyKind, Envelope, Event as WorkerEvent, EventKind, Manifest, ManifestRef,
-    Metrics, ReplayWindow, Reply, ReplyStatus, Secret, SeqVerdict, TopicKind, FORMAT_V2,
-    FORMAT_VERSION, MAX_FRAME_LEN,
+    Action, Body, BodyKind, Event as WorkerEvent, EventKind, Metrics, ReplayWindow, Reply,
+    ReplyStatus, Secret, SeqVerdict, TopicKind, MAX_FRAME_LEN,
 };
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
     Outgoing, Packet, QoS, SubscribeFilter, SubscribeReasonCode,
 };
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::collect::{Collector, Inventory};
-use crate::fetch::{Conductor, FetchError};
+use crate::fetch::Conductor;
 use crate::local_api::{self, LocalPublish, Registry};
 use crate::logs::{self, LogStreams};
-use crate::outbox::{Frame, Outbox};
+use crate::outbox::Outbox;
 use crate::state::StateStore;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Supervisor, SupervisorError};
 use crate::WorkerError;
 
 mod container_logs;
+mod deploy;
+mod publish;
+
+use deploy::{DeployJob, Deployments};
+use publish::Publisher;
 
 /// Most frames published and not yet acknowledged.
 pub const WINDOW: usize = 10;
@@ -184,6 +191,7 @@ pub(crate) struct LocalParts {
     pub tx: tokio::sync::mpsc::Sender<LocalPublish>,
 }
 
+/// This worker's topics, built once.
 struct Topics {
     status: String,
     cmd: String,
@@ -262,75 +270,47 @@ fn ticker(interval: Duration) -> tokio::time::Interval {
     t
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A QoS 1 publish handed to the client: an outbox frame or a status text.
-type Handed = Option<u64>;
-
+/// The MQTT session: the connection, commands, metrics sampling and the
+/// hosted services, around the publish pipeline ([`Publisher`]) and the
+/// deploy downloads ([`Deployments`]).
 struct Session {
-    id: String,
-    /// Seals every new frame. Replaced by `Action::RotateSecret`.
-    secret: Secret,
-    /// The secret before the last rotation: commands sealed before the
+    /// The previous secret after a rotation: commands sealed before the
     /// conductor saw the switch still verify with it.
     previous_secret: Option<Secret>,
-    store: StateStore,
-    outbox: Outbox,
+    /// Seqs of commands applied. Invariant: persisted before a command is
+    /// applied, so a command is applied at most once.
     cmd_window: ReplayWindow,
+    /// Hands publishes and subscriptions to the event loop.
     client: AsyncClient,
+    /// This worker's topics.
     topics: Topics,
+    /// The broker, for logs.
     mqtt_url: String,
+    /// What the birth frame says about the machine.
     inventory: Inventory,
+    /// The disks of the last sample, repeated in every birth.
     last_disks: HVec<Disk, MAX_DISKS>,
+    /// The worker's labels, sent in every birth.
     labels: Vec<(String, String)>,
+    /// The metrics interval (the birth carries it: the conductor's
+    /// liveness depends on it).
     interval: Duration,
     /// Set by `SetInterval`; the run loop rebuilds its ticker.
     interval_changed: bool,
-    flush_interval: Duration,
-    /// `Some(since)` while connected.
-    connected_at: Option<Instant>,
-    /// Publishes handed to the client whose `Outgoing::Publish(pkid)` has
-    /// not been seen yet, in hand-over order.
-    handed: VecDeque<Handed>,
-    /// pkid → publish, for publishes written to the broker, awaiting PubAck.
-    pkids: HashMap<u16, Handed>,
+    /// Reconnect delays.
     backoff: Backoff,
     /// Failed connection attempts since the last ConnAck.
     failed_attempts: u32,
     /// A refused login was logged (once per run of refusals).
     auth_error_logged: bool,
-    /// Frames dropped by overflow since the connection last dropped.
-    outage_dropped: u64,
-    /// The overflow event for the current outage (the time since the
-    /// connection last dropped) was queued.
-    overflow_reported: bool,
     /// Command frames refused (bad tag, replay, …) since start.
     commands_rejected: u64,
-    /// A `Stored` arrived since start: the conductor acknowledges.
-    stored_seen: bool,
-    /// No `Stored` came for [`STORED_TIMEOUT`] after a PubAck (an older
-    /// conductor, or none processing): a PubAck frees a frame at once, as
-    /// before `Stored` existed, until the next `Stored` arrives.
-    pub_ack_final: bool,
+    /// Every frame the worker sends, from sealing to acknowledgement.
+    out: Publisher,
+    /// The downloads of `DeployManifest` and `InstallManifest` commands.
+    deploys: Deployments,
     /// The hosted services; independent of the connection.
     services: Supervisor,
-    /// Where manifests and artifacts are downloaded from.
-    conductor: Conductor,
-    /// Downloads for `DeployManifest` and `InstallManifest` commands, on
-    /// blocking threads.
-    deploys: JoinSet<DeployJob>,
-    /// Task id → (command id, service name) of `deploys`, to answer a
-    /// command whose task died.
-    deploy_tasks: HashMap<tokio::task::Id, (u32, String)>,
-    /// Per service: the generation of the latest command that changes its
-    /// manifest. Invariant: a download whose generation is not the current
-    /// one is never deployed (a later command superseded it).
-    deploy_gen: HashMap<String, u64>,
-    next_gen: u64,
     /// The local API's services.
     registry: Registry,
     /// Answers `Logs` for process services.
@@ -339,14 +319,6 @@ struct Session {
     log_tx: tokio::sync::mpsc::Sender<Body>,
     /// Container log follows running now (at most [`logs::MAX_FOLLOWS`]).
     container_follows: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// What a `DeployManifest` download step produced.
-enum Fetched {
-    /// The manifest (or why not).
-    Manifest(Result<Manifest, FetchError>),
-    /// The manifest and its artifact download (cached path, downloaded now).
-    Artifact(Manifest, [u8; 32], Result<(PathBuf, bool), FetchError>),
 }
 
 /// The transport for `mqtts://`: TLS trusting only the pinned CA(s).
@@ -376,18 +348,6 @@ fn mqtt_tls(
             crate::tls::TlsError::NotBuilt(url.into()).to_string(),
         ))
     }
-}
-
-/// A finished download step of one `DeployManifest` or `InstallManifest`
-/// command.
-struct DeployJob {
-    cmd_id: u32,
-    gen: u64,
-    name: String,
-    version: u32,
-    /// Run it (`DeployManifest`) or install it stopped (`InstallManifest`).
-    run: bool,
-    fetched: Fetched,
 }
 
 /// Runs the session until `shutdown` completes; then sends `offline`,
@@ -442,11 +402,7 @@ pub(crate) async fn run(
     };
 
     let mut s = Session {
-        id,
-        secret: p.secret,
         previous_secret,
-        store: p.store,
-        outbox: p.outbox,
         cmd_window,
         client,
         topics,
@@ -456,24 +412,13 @@ pub(crate) async fn run(
         labels: p.labels,
         interval: p.interval,
         interval_changed: false,
-        flush_interval: p.flush_interval,
-        connected_at: None,
-        handed: VecDeque::new(),
-        pkids: HashMap::new(),
         backoff: Backoff::new(RECONNECT_BASE, RECONNECT_CAP),
         failed_attempts: 0,
         auth_error_logged: false,
-        outage_dropped: 0,
-        overflow_reported: false,
         commands_rejected: 0,
-        stored_seen: false,
-        pub_ack_final: false,
+        out: Publisher::new(id, p.secret, p.store, p.outbox, p.flush_interval),
+        deploys: Deployments::new(conductor),
         services: p.services,
-        conductor,
-        deploys: JoinSet::new(),
-        deploy_tasks: HashMap::new(),
-        deploy_gen: HashMap::new(),
-        next_gen: 0,
         registry,
         logs: log_streams,
         log_tx,
@@ -482,10 +427,10 @@ pub(crate) async fn run(
     tracing::info!(
         broker = %s.mqtt_url,
         interval_ms = s.interval.as_millis() as u64,
-        queued = s.outbox.len(),
+        queued = s.out.queued(),
         "starting"
     );
-    s.enqueue(Body::Event(WorkerEvent {
+    s.out.enqueue(Body::Event(WorkerEvent {
         kind: EventKind::AgentStarted,
         detail: bounded(concat!(
             "edge-worker ",
@@ -499,11 +444,11 @@ pub(crate) async fn run(
     let mut collector = Some(p.collector);
     let mut sample: Option<SampleTask> = None;
     loop {
-        let flush_at = s.outbox.flush_due(s.flush_interval);
+        let flush_at = s.out.flush_due();
         let flush_sleep = tokio::time::sleep_until(
             flush_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
         );
-        let expire_at = s.outbox.expire_due(STORED_TIMEOUT);
+        let expire_at = s.out.expire_due();
         let expire_sleep = tokio::time::sleep_until(
             expire_at.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
         );
@@ -540,24 +485,22 @@ pub(crate) async fn run(
                     Err(e) => tracing::error!("metrics sample failed: {e}"),
                 }
             }
-            () = flush_sleep, if flush_at.is_some() => s.persist_outbox(),
-            () = expire_sleep, if expire_at.is_some() => s.expire(),
+            () = flush_sleep, if flush_at.is_some() => s.out.persist(),
+            () = expire_sleep, if expire_at.is_some() => s.out.expire(),
             () = services_sleep, if services_at.is_some() => s.services.poll(),
-            Some(done) = s.deploys.join_next_with_id(), if !s.deploys.is_empty() => {
+            Some(done) = s.deploys.next_done(), if s.deploys.running() => {
                 s.on_deploy_done(done);
             }
-            Some(p) = local_rx.recv() => s.enqueue(p.into_body()),
-            Some(body) = log_rx.recv() => s.enqueue(body),
+            Some(p) = local_rx.recv() => s.out.enqueue(p.into_body()),
+            Some(body) = log_rx.recv() => s.out.enqueue(body),
         }
         s.enqueue_service_changes();
         if s.interval_changed {
             s.interval_changed = false;
             tick = ticker(s.interval);
         }
-        s.pump();
-        if s.outbox.is_empty() && s.outbox.file_has_frames() {
-            s.persist_outbox();
-        }
+        s.out.pump(&s.client, &s.topics);
+        s.out.persist_if_drained();
     }
 
     s.shutdown(poll).await;
@@ -568,80 +511,18 @@ pub(crate) async fn run(
 }
 
 impl Session {
-    /// The wire format for the next frame: [`FORMAT_V2`] (no worker id in
-    /// the frame) while the conductor sends `Stored` — only conductors that
-    /// accept format 2 do — else format 1, which every conductor takes.
-    /// Frames already queued keep the format they were sealed in; the
-    /// conductor accepts both.
-    fn format(&self) -> u8 {
-        if self.stored_seen && !self.pub_ack_final {
-            FORMAT_V2
-        } else {
-            FORMAT_VERSION
-        }
-    }
-
-    /// Seals `body` with the next seq and queues it.
-    fn enqueue(&mut self, body: Body) {
-        let kind = body.kind();
-        let seq = self.store.next_seq();
-        let env = Envelope {
-            version: self.format(),
-            worker_id: bounded(&self.id),
-            seq,
-            sent_at_ms: now_ms(),
-            body,
-        };
-        match protocol::seal(&self.secret, &env) {
-            Ok(bytes) => {
-                let dropped = self.outbox.push(Frame { seq, kind, bytes }, Instant::now());
-                if dropped > 0 {
-                    self.on_overflow(dropped as u64);
-                }
-            }
-            // Cannot happen with the bounded frame types (protocol tests).
-            Err(e) => tracing::error!(seq, "cannot seal a {kind:?} frame: {e}"),
-        }
-    }
-
     fn enqueue_birth(&mut self) {
         let interval_ms = u32::try_from(self.interval.as_millis()).unwrap_or(u32::MAX);
         let birth = self
             .inventory
             .birth(&self.last_disks, &self.labels, interval_ms);
-        self.enqueue(Body::Birth(birth));
-    }
-
-    fn on_overflow(&mut self, dropped: u64) {
-        if self.outage_dropped == 0 {
-            tracing::warn!(
-                capacity = self.outbox.capacity(),
-                "outbox full: dropping the oldest frames until the broker is reachable"
-            );
-        }
-        self.outage_dropped += dropped;
-        if self.connected_at.is_some() && !self.overflow_reported {
-            self.report_overflow();
-        }
-    }
-
-    fn report_overflow(&mut self) {
-        self.overflow_reported = true;
-        let detail = format!(
-            "dropped {} oldest frames (queue capacity {})",
-            self.outage_dropped,
-            self.outbox.capacity()
-        );
-        self.enqueue(Body::Event(WorkerEvent {
-            kind: EventKind::QueueOverflow,
-            detail: bounded(&detail),
-        }));
+        self.out.enqueue(Body::Birth(birth));
     }
 
     fn on_metrics(&mut self, mut m: Metrics) {
-        m.dropped = u32::try_from(self.outbox.take_dropped()).unwrap_or(u32::MAX);
+        m.dropped = self.out.take_dropped();
         self.last_disks = m.disks.clone();
-        self.enqueue(Body::Metrics(m));
+        self.out.enqueue(Body::Metrics(m));
     }
 
     /// Handles one event-loop result; returns how long to wait before the
@@ -649,14 +530,7 @@ impl Session {
     fn on_poll(&mut self, result: Result<Event, ConnectionError>) -> Duration {
         match result {
             Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connected(),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(Some(seq)) = self.pkids.remove(&ack.pkid) {
-                    self.outbox.broker_acked(seq, Instant::now());
-                    if self.pub_ack_final {
-                        self.outbox.drop_broker_acked();
-                    }
-                }
-            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => self.out.on_pub_ack(ack.pkid),
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if p.topic == self.topics.cmd {
                     self.on_command(&p.payload, false);
@@ -672,11 +546,7 @@ impl Session {
                     );
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let Some(h) = self.handed.pop_front() {
-                    self.pkids.insert(pkid, h);
-                }
-            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.out.on_outgoing(pkid),
             Ok(_) => {}
             Err(e) => return self.on_disconnected(e),
         }
@@ -690,24 +560,13 @@ impl Session {
         self.auth_error_logged = false;
         tracing::info!(
             broker = %self.mqtt_url,
-            queued = self.outbox.len(),
+            queued = self.out.queued(),
             attempts = self.failed_attempts + 1,
             "connected"
         );
         self.failed_attempts = 0;
-        self.connected_at = Some(Instant::now());
-        self.handed.clear();
-        self.pkids.clear();
-        self.outbox.reset_in_flight();
-        match self.client.try_publish(
-            self.topics.status.clone(),
-            QoS::AtLeastOnce,
-            true,
-            protocol::topic::STATUS_ONLINE,
-        ) {
-            Ok(()) => self.handed.push_back(None),
-            Err(e) => tracing::warn!("cannot publish the online status: {e}"),
-        }
+        self.out.on_connected();
+        self.out.publish_online(&self.client, &self.topics);
         // One SUBSCRIBE: commands (QoS 1) and `Stored` acknowledgements
         // (sent QoS 0: cumulative, the next one makes up for a lost one).
         if let Err(e) = self.client.try_subscribe_many([
@@ -716,15 +575,12 @@ impl Session {
         ]) {
             tracing::warn!("cannot subscribe to commands: {e}");
         }
-        // One event per outage: the drops of the outage that just ended
-        // (and of the burst right after it) are reported once.
-        if self.outage_dropped > 0 && !self.overflow_reported {
-            self.report_overflow();
-        }
+        // One event per outage.
+        self.out.report_outage();
         self.enqueue_birth();
         // The conductor converges on the full picture after every connect.
         for status in self.services.statuses() {
-            self.enqueue(Body::ServiceStatus(status));
+            self.out.enqueue(Body::ServiceStatus(status));
         }
     }
 
@@ -741,167 +597,45 @@ impl Session {
                 self.registry
                     .set_state(&status.name, local_api::state_str(status.state));
             }
-            self.enqueue(Body::ServiceStatus(status));
+            self.out.enqueue(Body::ServiceStatus(status));
         }
         for (kind, detail) in self.services.take_events() {
-            self.enqueue(Body::Event(WorkerEvent {
+            self.out.enqueue(Body::Event(WorkerEvent {
                 kind,
                 detail: bounded(&detail),
             }));
         }
     }
 
-    /// A new generation for `name`: pending downloads for it are superseded.
-    fn supersede(&mut self, name: &str) -> u64 {
-        self.next_gen += 1;
-        self.deploy_gen.insert(name.to_string(), self.next_gen);
-        self.next_gen
-    }
-
     fn reply(&mut self, cmd_id: u32, status: ReplyStatus, detail: &str) {
-        self.enqueue(Body::Reply(Reply {
+        self.out.enqueue(Body::Reply(Reply {
             cmd_id,
             status,
             detail: bounded(detail),
         }));
     }
 
-    /// Starts the manifest download of a `DeployManifest` (`run`) or an
-    /// `InstallManifest`; the command is answered by
-    /// [`Session::on_deploy_done`].
-    fn begin_manifest_deploy(&mut self, cmd_id: u32, r: ManifestRef, run: bool) {
-        let name = r.name.to_string();
-        let gen = self.supersede(&name);
-        let conductor = self.conductor.clone();
-        let version = r.version;
-        let task_name = name.clone();
-        let handle = self.deploys.spawn_blocking(move || DeployJob {
-            cmd_id,
-            gen,
-            name: task_name,
-            version,
-            run,
-            fetched: Fetched::Manifest(conductor.fetch_manifest(&r)),
-        });
-        self.deploy_tasks.insert(handle.id(), (cmd_id, name));
-    }
-
+    /// A deploy download step finished: the next one starts, or the command
+    /// is answered.
     fn on_deploy_done(
         &mut self,
         done: Result<(tokio::task::Id, DeployJob), tokio::task::JoinError>,
     ) {
-        let job = match done {
-            Ok((id, job)) => {
-                self.deploy_tasks.remove(&id);
-                job
-            }
-            Err(e) => {
-                if let Some((cmd_id, name)) = self.deploy_tasks.remove(&e.id()) {
-                    tracing::error!(service = %name, "deploy task failed: {e}");
-                    self.reply(cmd_id, ReplyStatus::Error, &format!("internal error: {e}"));
-                }
-                return;
-            }
+        let Some(a) = self.deploys.on_done(done, &mut self.services) else {
+            return;
         };
-        let DeployJob {
-            cmd_id,
-            gen,
-            name,
-            version,
-            run,
-            fetched,
-        } = job;
-        if let Fetched::Artifact(_, sha, _) = &fetched {
-            self.services.unpin_artifact(*sha);
+        if let Some(detail) = a.rejected {
+            self.out.enqueue(Body::Event(WorkerEvent {
+                kind: EventKind::ArtifactRejected,
+                detail: bounded(&detail),
+            }));
         }
-        if self.deploy_gen.get(&name) != Some(&gen) {
-            let detail = format!("{name} v{version}: superseded by a later command");
-            tracing::info!("{detail}");
-            return self.reply(cmd_id, ReplyStatus::Error, &detail);
-        }
-        let manifest = match fetched {
-            Fetched::Manifest(Err(e)) | Fetched::Artifact(_, _, Err(e)) => {
-                return self.deploy_failed(cmd_id, &name, version, &e)
-            }
-            Fetched::Artifact(m, _, Ok((path, downloaded))) => {
-                tracing::info!(service = %name, path = %path.display(), downloaded, "artifact ready");
-                m
-            }
-            Fetched::Manifest(Ok(m)) => {
-                let arch = self.services.arch().to_string();
-                let artifact = m.artifact_for(&arch).cloned();
-                match (&m.runtime, artifact) {
-                    (
-                        protocol::manifest::Runtime::Process(protocol::manifest::ProcessRuntime {
-                            program: protocol::manifest::Program::Artifacts(_),
-                            ..
-                        }),
-                        None,
-                    ) => {
-                        let e = FetchError::NoArtifact(arch);
-                        return self.deploy_failed(cmd_id, &name, version, &e);
-                    }
-                    (_, Some(a)) => {
-                        // Pinned until deployed: a prune meanwhile must not
-                        // delete the fresh download.
-                        self.services.pin_artifact(a.sha256);
-                        let conductor = self.conductor.clone();
-                        let dir = self.services.state_dir().to_path_buf();
-                        let task_name = name.clone();
-                        let handle = self.deploys.spawn_blocking(move || {
-                            let result = conductor.ensure_artifact(&dir, &a);
-                            DeployJob {
-                                cmd_id,
-                                gen,
-                                name: task_name,
-                                version,
-                                run,
-                                fetched: Fetched::Artifact(m, a.sha256, result),
-                            }
-                        });
-                        self.deploy_tasks.insert(handle.id(), (cmd_id, name));
-                        return;
-                    }
-                    // Hook for containers: `Runtime::Container` manifests
-                    // reach `deploy_manifest`, which refuses them; route them
-                    // to the container runtime here.
-                    (_, None) => m,
-                }
-            }
-        };
-        let result = if run {
-            self.services.deploy_manifest(manifest)
-        } else {
-            self.services.install_manifest(manifest)
-        };
-        let (status, detail, _) = service_reply(result);
-        self.reply(cmd_id, status, &detail);
-    }
-
-    /// Answers a `DeployManifest` whose download failed; bytes that did not
-    /// match their digest also raise `ArtifactRejected` and a `Failed` status.
-    fn deploy_failed(&mut self, cmd_id: u32, name: &str, version: u32, e: &FetchError) {
-        tracing::warn!(service = name, version, "deploy failed: {e}");
-        let detail = match e.rejection() {
-            Some(why) => {
-                self.enqueue(Body::Event(WorkerEvent {
-                    kind: EventKind::ArtifactRejected,
-                    detail: bounded(&format!("{name}: {why}")),
-                }));
-                let detail = format!("v{version} refused: {e}");
-                self.services.report_refused(name, version, &detail);
-                detail
-            }
-            None => format!("v{version} not deployed: {e}"),
-        };
-        self.reply(cmd_id, ReplyStatus::Error, &detail);
+        self.reply(a.cmd_id, a.status, &a.detail);
     }
 
     fn on_disconnected(&mut self, e: ConnectionError) -> Duration {
-        let was_connected = self.connected_at.take();
-        self.handed.clear();
-        self.pkids.clear();
-        self.outbox.reset_in_flight();
+        // A refused login comes at connect time, never while connected.
+        let was_connected = self.out.on_disconnected();
         self.failed_attempts = self.failed_attempts.saturating_add(1);
         if let ConnectionError::ConnectionRefused(
             code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
@@ -920,14 +654,11 @@ impl Session {
             return self.backoff.at_cap();
         }
         if let Some(since) = was_connected {
-            // A new outage: its drops get their own event.
-            self.outage_dropped = 0;
-            self.overflow_reported = false;
             if since.elapsed() >= STABLE_AFTER {
                 self.backoff.reset();
             }
             tracing::warn!(
-                queued = self.outbox.len(),
+                queued = self.out.queued(),
                 "disconnected from the broker: {e}; queueing frames until it is back"
             );
         } else if self.failed_attempts == 1 {
@@ -938,43 +669,6 @@ impl Session {
         self.backoff.next_delay()
     }
 
-    /// Hands queued frames to the client, oldest first, up to [`WINDOW`].
-    fn pump(&mut self) {
-        if self.connected_at.is_none() {
-            return;
-        }
-        while let Some(f) = self.outbox.next_to_send(WINDOW) {
-            let (seq, kind) = (f.seq, f.kind);
-            let Some(topic) = self.topics.for_kind(kind) else {
-                // Never queued; drop rather than block the queue.
-                self.outbox.discard_next(seq);
-                continue;
-            };
-            let retain = kind == BodyKind::Birth;
-            match self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, retain, f.bytes.clone())
-            {
-                Ok(()) => {
-                    self.outbox.mark_sent(seq);
-                    self.handed.push_back(Some(seq));
-                }
-                Err(e) => {
-                    // The client's request queue is full; retried on the next event.
-                    tracing::debug!("client queue full: {e}");
-                    break;
-                }
-            }
-        }
-    }
-
-    fn persist_outbox(&mut self) {
-        match self.outbox.sync() {
-            Ok(()) => tracing::debug!(queued = self.outbox.len(), "outbox persisted"),
-            Err(e) => tracing::error!("cannot persist the outbox: {e}"),
-        }
-    }
-
     fn reject_command(&mut self, reason: &str, detail: String) {
         self.commands_rejected += 1;
         tracing::warn!(
@@ -982,7 +676,7 @@ impl Session {
             total = self.commands_rejected,
             "command rejected: {detail}"
         );
-        self.enqueue(Body::Event(WorkerEvent {
+        self.out.enqueue(Body::Event(WorkerEvent {
             kind: EventKind::CommandRejected,
             detail: bounded(&format!("{reason}: {detail}")),
         }));
@@ -991,15 +685,15 @@ impl Session {
     /// A frame on the `cmd` topic, or on `cmd/stored` (`stored_topic`),
     /// where only `Stored` belongs.
     fn on_command(&mut self, payload: &[u8], stored_topic: bool) {
-        let opened = match protocol::open(payload, &self.id) {
+        let opened = match protocol::open(payload, self.out.worker_id()) {
             Ok(o) => o,
             Err(e) => return self.reject_command(e.reason(), e.to_string()),
         };
-        if opened.worker_id() != self.id {
+        if opened.worker_id() != self.out.worker_id() {
             let detail = format!("addressed to {:?}", opened.worker_id());
             return self.reject_command("wrong_worker", detail);
         }
-        let secrets: Vec<&Secret> = std::iter::once(&self.secret)
+        let secrets: Vec<&Secret> = std::iter::once(self.out.secret())
             .chain(self.previous_secret.as_ref())
             .collect();
         let env = match opened.verify_any(&secrets) {
@@ -1014,7 +708,7 @@ impl Session {
             // Outside the command seq stream: not checked against the
             // window (a replayed one repeats a true statement) and nothing
             // is persisted (no SD card write per acknowledgement).
-            return self.on_stored(upto);
+            return self.out.on_stored(upto);
         }
         if stored_topic {
             let detail = format!("command {} on the acknowledgement topic", cmd.id);
@@ -1034,16 +728,16 @@ impl Session {
         // Persist before applying: a command is applied at most once, even
         // if the worker dies right after.
         self.cmd_window.accept(env.seq);
-        if let Err(e) = self.store.save_cmd_window(self.cmd_window) {
+        if let Err(e) = self.out.state_store().save_cmd_window(self.cmd_window) {
             tracing::error!("cannot persist the command window: {e}");
         }
         tracing::info!(id = cmd.id, seq = env.seq, action = ?cmd.action, "command");
         match &cmd.action {
             Action::Deploy(spec) => {
-                self.supersede(&spec.name);
+                self.deploys.supersede(&spec.name);
             }
             Action::Stop(name) | Action::Remove(name) => {
-                self.supersede(name);
+                self.deploys.supersede(name);
             }
             _ => {}
         }
@@ -1070,11 +764,12 @@ impl Session {
             Action::Stop(name) => service_reply(self.services.stop(&name)),
             Action::Restart(name) => service_reply(self.services.restart(&name)),
             Action::Remove(name) => service_reply(self.services.remove(&name)),
-            Action::DeployManifest(r) => return self.begin_manifest_deploy(cmd.id, r, true),
-            Action::InstallManifest(r) => return self.begin_manifest_deploy(cmd.id, r, false),
+            // Answered once the downloads are over (`on_deploy_done`).
+            Action::DeployManifest(r) => return self.deploys.begin(cmd.id, r, true),
+            Action::InstallManifest(r) => return self.deploys.begin(cmd.id, r, false),
             Action::Logs(req) if self.services.is_container(&req.name) => {
                 let target = container_logs::Target {
-                    worker_id: self.id.clone(),
+                    worker_id: self.out.worker_id().to_string(),
                     socket: self.services.engine_socket().map(Into::into),
                 };
                 let follows = self.container_follows.clone();
@@ -1092,11 +787,7 @@ impl Session {
             // Handled before the window check.
             Action::Stored(_) => return,
         };
-        self.enqueue(Body::Reply(Reply {
-            cmd_id: cmd.id,
-            status,
-            detail: bounded(&detail),
-        }));
+        self.reply(cmd.id, status, &detail);
         if rebirth {
             self.enqueue_birth();
         }
@@ -1106,59 +797,30 @@ impl Session {
     /// current one, or the previous one when this is a repeat the conductor
     /// sent before it saw the switch), persists it, then seals with it.
     fn rotate_secret(&mut self, sealed: &[u8]) -> (ReplyStatus, String, bool) {
+        let id = self.out.worker_id();
         let opened =
-            protocol::sealed::open_rotation(&self.secret, &self.id, sealed).or_else(
-                |e| match &self.previous_secret {
-                    Some(p) => protocol::sealed::open_rotation(p, &self.id, sealed),
-                    None => Err(e),
-                },
-            );
+            protocol::sealed::open_rotation(self.out.secret(), id, sealed).or_else(|e| match &self
+                .previous_secret
+            {
+                Some(p) => protocol::sealed::open_rotation(p, id, sealed),
+                None => Err(e),
+            });
         let next = match opened {
             Ok(next) => next,
             Err(e) => return (ReplyStatus::Error, format!("rotated secret: {e}"), false),
         };
-        if next == self.secret {
+        if next == *self.out.secret() {
             return (ReplyStatus::Ok, "secret already rotated".into(), false);
         }
-        if let Err(e) = self.store.rotate_secret(&next) {
+        if let Err(e) = self.out.state_store().rotate_secret(&next) {
             tracing::error!("cannot persist the rotated secret: {e}");
             return (ReplyStatus::Error, format!("not rotated: {e}"), false);
         }
-        let previous = std::mem::replace(&mut self.secret, next.clone());
-        self.conductor.secret = next;
-        self.conductor.previous_secret = Some(previous.clone());
+        let previous = self.out.set_secret(next.clone());
+        self.deploys.set_secrets(next, previous.clone());
         self.previous_secret = Some(previous);
         tracing::info!("frame secret rotated");
         (ReplyStatus::Ok, "secret rotated".into(), false)
-    }
-
-    /// The conductor's acknowledgement: frames with seq ≤ `upto` are
-    /// durably processed and leave the outbox.
-    fn on_stored(&mut self, upto: u64) {
-        let n = self.outbox.stored(upto);
-        tracing::debug!(upto, removed = n, queued = self.outbox.len(), "stored");
-        self.stored_seen = true;
-        if self.pub_ack_final {
-            tracing::info!("the conductor acknowledges again: frames stay queued until Stored");
-            self.pub_ack_final = false;
-        }
-    }
-
-    /// Drops frames the broker acknowledged [`STORED_TIMEOUT`] ago and the
-    /// conductor never did; from then on a PubAck frees a frame at once
-    /// (until a `Stored` arrives), so the queue drains as it used to.
-    fn expire(&mut self) {
-        let n = self.outbox.expire(Instant::now(), STORED_TIMEOUT);
-        if n > 0 && !self.pub_ack_final {
-            self.pub_ack_final = true;
-            let more = self.outbox.drop_broker_acked();
-            tracing::info!(
-                dropped = n + more,
-                "no Stored acknowledgement from the conductor within {}s of the broker's: \
-                 frames leave the outbox at the broker's acknowledgement (an older conductor?)",
-                STORED_TIMEOUT.as_secs()
-            );
-        }
     }
 
     /// Clean shutdown: queue `AgentStopping`, give queued frames
@@ -1167,18 +829,15 @@ impl Session {
     /// publish the retained `offline`, disconnect, and persist whatever is
     /// still queued.
     async fn shutdown(&mut self, mut poll: PollFuture) {
-        tracing::info!(queued = self.outbox.len(), "shutting down");
-        self.enqueue(Body::Event(WorkerEvent {
+        tracing::info!(queued = self.out.queued(), "shutting down");
+        self.out.enqueue(Body::Event(WorkerEvent {
             kind: EventKind::AgentStopping,
             detail: bounded("clean shutdown"),
         }));
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-        let acks = self.stored_seen && !self.pub_ack_final;
-        while self.connected_at.is_some()
-            && !self.outbox.is_empty()
-            && (acks || !self.outbox.all_broker_acked())
-        {
-            self.pump();
+        let acks = self.out.conductor_acks();
+        while self.out.is_connected() && !self.out.settled(acks) {
+            self.out.pump(&self.client, &self.topics);
             tokio::select! {
                 (eventloop, result) = &mut poll => {
                     let _ = self.on_poll(result);
@@ -1187,7 +846,7 @@ impl Session {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        if self.connected_at.is_some() {
+        if self.out.is_connected() {
             let offline = self.client.try_publish(
                 self.topics.status.clone(),
                 QoS::AtLeastOnce,
@@ -1209,22 +868,16 @@ impl Session {
                 }
             }
         }
-        if !acks {
-            // A conductor that does not acknowledge: the broker's PubAck is
-            // all there is, as before.
-            self.outbox.drop_broker_acked();
-        }
-        self.outbox.reset_in_flight();
-        self.persist_outbox();
-        tracing::info!(queued = self.outbox.len(), "stopped");
+        self.out.close(acks);
+        tracing::info!(queued = self.out.queued(), "stopped");
     }
 }
 
 /// A service command's outcome as a reply.
-fn service_reply(result: Result<String, String>) -> (ReplyStatus, String, bool) {
+fn service_reply(result: Result<String, SupervisorError>) -> (ReplyStatus, String, bool) {
     match result {
         Ok(detail) => (ReplyStatus::Ok, detail, false),
-        Err(detail) => (ReplyStatus::Error, detail, false),
+        Err(e) => (ReplyStatus::Error, e.to_string(), false),
     }
 }
 
