@@ -131,9 +131,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::topic::{self, TopicKind};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -668,21 +666,11 @@ fn connection(
     username: &str,
     password: &str,
 ) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(client_id, settings.host.clone(), settings.port);
+    let mut opts = crate::mqtt::options(settings, client_id);
     opts.set_clean_session(true);
-    opts.set_keep_alive(Duration::from_secs(15));
     opts.set_max_packet_size(MAX_ANSWER, 1024 * 1024);
     opts.set_credentials(username, password);
-    if let Some(c) = &settings.tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(c.clone()),
-        ));
-    }
-    let (client, mut eventloop) = AsyncClient::new(opts, 16);
-    let mut net = eventloop.network_options();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
-    (client, eventloop)
+    crate::mqtt::connect(opts, 16)
 }
 
 fn random_suffix() -> Result<String, DynSecError> {

@@ -73,25 +73,39 @@ pub fn tls_client_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfi
     Ok(Arc::new(config))
 }
 
-/// Builds the client and its event loop (nothing connects until polled).
-pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(CLIENT_ID, s.host.clone(), s.port);
-    opts.set_clean_session(false);
+/// Options for a session with `s`' broker as `client_id`: its address,
+/// TLS, a 15 s keep-alive; the caller adds the login and session kind.
+pub fn options(s: &MqttSettings, client_id: &str) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, s.host.clone(), s.port);
     opts.set_keep_alive(Duration::from_secs(15));
-    // Larger than MAX_FRAME_LEN so oversized frames arrive and are counted.
-    opts.set_max_packet_size(128 * 1024, 128 * 1024);
-    if let Some(u) = &s.username {
-        opts.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
-    }
     if let Some(c) = &s.tls {
         opts.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(c.clone()),
         ));
     }
-    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-    // Commands are small and their round trip is user-visible: no Nagle.
+    opts
+}
+
+/// The client and its event loop for `opts` (nothing connects until
+/// polled). Commands are small and their round trip is user-visible: no
+/// Nagle.
+pub fn connect(opts: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(opts, capacity);
     let mut net = eventloop.network_options();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     (client, eventloop)
+}
+
+/// Builds the conductor's own client and its event loop (nothing connects
+/// until polled).
+pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
+    let mut opts = options(s, CLIENT_ID);
+    opts.set_clean_session(false);
+    // Larger than MAX_FRAME_LEN so oversized frames arrive and are counted.
+    opts.set_max_packet_size(128 * 1024, 128 * 1024);
+    if let Some(u) = &s.username {
+        opts.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
+    }
+    connect(opts, 1024)
 }
