@@ -14,7 +14,7 @@ use tiny_http::Method;
 
 use crate::state::Shared;
 
-/// Per-thread handler context.
+/// What every request handler needs, shared by all the request threads.
 pub(crate) struct Ctx {
     pub shared: Arc<Shared>,
     pub client: AsyncClient,

@@ -45,14 +45,13 @@ mod ui;
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use http_server::{StartError, Trouble};
 use rumqttc::AsyncClient;
 use serde_json::json;
-use tiny_http::{Header, Method, Response, Server};
+use tiny_http::{Header, Method, Response};
 use tracing::{debug, warn};
 
 use crate::state::Shared;
@@ -67,16 +66,13 @@ pub const MAX_BODY: usize = 64 * 1024;
 
 /// A running HTTP server.
 pub struct HttpServer {
-    server: Arc<Server>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    server: http_server::HttpServer,
 }
 
 impl std::fmt::Debug for HttpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpServer")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -84,86 +80,54 @@ impl std::fmt::Debug for HttpServer {
 impl HttpServer {
     /// Binds `config.http_listen` and starts the handler threads.
     pub fn start(shared: Arc<Shared>, client: AsyncClient) -> Result<HttpServer, ConductorError> {
-        let bind_err =
-            |e: String| ConductorError::Http(format!("bind {}: {e}", shared.config.http_listen));
-        let listener = std::net::TcpListener::bind(shared.config.http_listen.as_str())
-            .map_err(|e| bind_err(e.to_string()))?;
-        // tiny_http writes answers through a 1 KiB buffer without
-        // TCP_NODELAY: the tail of any answer over 1 KiB would wait for the
-        // client's delayed ACK (~40 ms). Linux hands the listener's
-        // TCP_NODELAY down to the accepted sockets.
-        if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-            tracing::warn!(
-                "TCP_NODELAY not set on the API listener ({e}): large answers are slower"
-            );
-        }
+        let listen = shared.config.http_listen.as_str();
+        let read_timeout = shared.config.http_read_timeout_s;
+        // The listener gets TCP_NODELAY (tiny_http's 1 KiB write buffer
+        // would hold the tail of larger answers until the client's delayed
+        // ACK, ~40 ms; see `http_server`).
+        let mut options = http_server::Options::new("http")
+            .threads(HTTP_THREADS)
+            .poll(Duration::from_millis(100))
+            .read_timeout((read_timeout > 0).then(|| Duration::from_secs(read_timeout.into())))
+            .report(|t| match t {
+                Trouble::NoDelay(e) => {
+                    warn!("TCP_NODELAY not set on the API listener ({e}): large answers are slower")
+                }
+                Trouble::Accept(e) => warn!("http accept: {e}"),
+            });
         // One port, both protocols: a connection starting with a TLS
         // handshake is HTTPS, anything else plain HTTP (refused from other
         // hosts in `serve`).
-        let server = match &shared.tls {
-            Some(tls) => {
-                let config = tls
-                    .server_config(&[b"http/1.1"])
-                    .map_err(|e| ConductorError::Http(format!("TLS: {e}")))?;
-                Server::from_listener_tls(listener, config)
-            }
-            None => Server::from_listener(listener, None),
+        if let Some(tls) = &shared.tls {
+            let config = tls
+                .server_config(&[b"http/1.1"])
+                .map_err(|e| ConductorError::Http(format!("TLS: {e}")))?;
+            options = options.tls(config);
         }
-        .map_err(|e| bind_err(e.to_string()))?;
-        let read_timeout = shared.config.http_read_timeout_s;
-        server
-            .set_read_timeout((read_timeout > 0).then(|| Duration::from_secs(read_timeout.into())));
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| ConductorError::Http("not bound to an IP address".into()))?;
-        let server = Arc::new(server);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for n in 0..HTTP_THREADS {
-            let ctx = Ctx {
-                shared: shared.clone(),
-                client: client.clone(),
-            };
-            let server = server.clone();
-            let stop = stop.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("http-{n}"))
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match server.recv_timeout(Duration::from_millis(100)) {
-                            Ok(Some(req)) => serve(&ctx, req),
-                            Ok(None) => {}
-                            Err(e) => {
-                                warn!("http accept: {e}");
-                                std::thread::sleep(Duration::from_millis(50));
-                            }
-                        }
-                    }
-                })
-                .map_err(|e| ConductorError::Http(format!("spawn: {e}")))?;
-            threads.push(t);
-        }
-        Ok(HttpServer {
-            server,
-            addr,
-            stop,
-            threads,
-        })
+        let start_err = |e| {
+            ConductorError::Http(match e {
+                StartError::Bind { reason, .. } => format!("bind {listen}: {reason}"),
+                StartError::NotIp => "not bound to an IP address".into(),
+                StartError::Thread(e) => format!("spawn: {e}"),
+            })
+        };
+        let ctx = Ctx {
+            shared: shared.clone(),
+            client,
+        };
+        let server = http_server::HttpServer::start(listen, options, move |req| serve(&ctx, req))
+            .map_err(start_err)?;
+        Ok(HttpServer { server })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
-        crate::net::advertised(self.addr)
+        crate::net::advertised(self.server.addr())
     }
 
     /// Stops accepting, finishes in-flight requests and joins the threads.
     pub fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.server.unblock();
-        for t in self.threads {
-            let _ = t.join();
-        }
+        self.server.stop();
     }
 }
 

@@ -1,10 +1,8 @@
-//! Binding and running a tiny_http server that answers promptly.
+//! Binding and running a tiny_http server that answers promptly, on the
+//! wrapper the conductor shares ([`http_server`]).
 //!
-//! tiny_http writes answers through a 1 KiB buffer and does not set
-//! `TCP_NODELAY`: the tail of any answer over 1 KiB then waits for the
-//! client's delayed ACK (~40 ms; 23 requests/s with 4 KiB answers).
-//! [`bind_nodelay`] sets it on the listening socket; Linux hands it down to
-//! accepted sockets.
+//! The listening socket gets `TCP_NODELAY` (why: [`http_server`]'s docs;
+//! a service that cannot set it says so on stderr).
 //!
 //! Connections that send nothing for [`READ_TIMEOUT`] are closed (the
 //! vendored tiny_http's `set_read_timeout`, see `vendor/README.md`).
@@ -15,15 +13,14 @@
 //! first, so a handler that never returns blocks the stop.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use http_server::{StartError, Trouble};
 
 /// How long a request thread waits for a request before checking whether
 /// the server is stopping.
 pub const POLL: Duration = Duration::from_millis(500);
-/// Pause after a failed accept, so a persistent failure does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// How long a connection may go without sending a byte the server waits
 /// for (an idle keep-alive connection, a request body that stalls) before
 /// it is closed: a client cannot hold a request thread for good. Per read,
@@ -51,6 +48,35 @@ pub enum ServeError {
     Thread(#[from] std::io::Error),
 }
 
+/// `e`, from [`http_server`] for `listen`, as a [`BindError`] (a failed
+/// thread, which binding alone never gives, by its text).
+fn bind_error(listen: &str, e: StartError) -> BindError {
+    let reason = match e {
+        StartError::Bind { reason, .. } => reason,
+        StartError::NotIp => "not an IP address".into(),
+        StartError::Thread(e) => e.to_string(),
+    };
+    BindError {
+        addr: listen.to_string(),
+        reason,
+    }
+}
+
+/// A service's server options: [`READ_TIMEOUT`], [`POLL`], threads named
+/// `<thread_prefix>-<i>`, troubles on stderr prefixed with `service`.
+fn options(service: &str, thread_prefix: &str) -> http_server::Options {
+    let service = service.to_string();
+    http_server::Options::new(thread_prefix)
+        .read_timeout(Some(READ_TIMEOUT))
+        .poll(POLL)
+        .report(move |t| match t {
+            Trouble::NoDelay(e) => {
+                eprintln!("{service}: TCP_NODELAY not set ({e}): answers over 1 KiB will be slow")
+            }
+            Trouble::Accept(e) => eprintln!("{service}: accepting a request: {e}"),
+        })
+}
+
 /// Binds `listen` with `TCP_NODELAY` and wraps it in a tiny_http server;
 /// returns the server and the bound address (`:0` gives an ephemeral port).
 /// `service` prefixes the warning printed if the option cannot be set.
@@ -58,22 +84,7 @@ pub fn bind_nodelay(
     service: &str,
     listen: &str,
 ) -> Result<(tiny_http::Server, SocketAddr), BindError> {
-    let bind = |reason: String| BindError {
-        addr: listen.to_string(),
-        reason,
-    };
-    let listener = std::net::TcpListener::bind(listen).map_err(|e| bind(e.to_string()))?;
-    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-        eprintln!("{service}: TCP_NODELAY not set ({e}): answers over 1 KiB will be slow");
-    }
-    let server =
-        tiny_http::Server::from_listener(listener, None).map_err(|e| bind(e.to_string()))?;
-    server.set_read_timeout(Some(READ_TIMEOUT));
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| bind("not an IP address".into()))?;
-    Ok((server, addr))
+    http_server::bind(listen, &options(service, service)).map_err(|e| bind_error(listen, e))
 }
 
 /// Answers one request (it must respond to it, or drop it).
@@ -82,17 +93,12 @@ pub type RequestHandler = Arc<dyn Fn(tiny_http::Request) + Send + Sync>;
 /// A running server: `threads` request threads over one
 /// [`bind_nodelay`] socket. Stops and joins its threads on
 /// [`HttpServer::stop`] or drop.
-pub struct HttpServer {
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
+pub struct HttpServer(http_server::HttpServer);
 
 impl std::fmt::Debug for HttpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpServer")
-            .field("addr", &self.addr)
+            .field("addr", &self.0.addr())
             .finish_non_exhaustive()
     }
 }
@@ -108,63 +114,28 @@ impl HttpServer {
         threads: usize,
         handler: RequestHandler,
     ) -> Result<HttpServer, ServeError> {
-        let (server, addr) = bind_nodelay(service, listen)?;
-        let mut running = HttpServer {
-            server: Arc::new(server),
-            addr,
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Vec::new(),
-        };
-        for i in 0..threads.max(1) {
-            let (server, stop, handler) = (
-                running.server.clone(),
-                running.stop.clone(),
-                handler.clone(),
-            );
-            // On error, dropping `running` stops the threads already started.
-            running.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{thread_prefix}-{i}"))
-                    .spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            match server.recv_timeout(POLL) {
-                                Ok(Some(req)) => handler(req),
-                                Ok(None) => {}
-                                Err(e) => {
-                                    eprintln!("{service}: accepting a request: {e}");
-                                    std::thread::sleep(ACCEPT_BACKOFF);
-                                }
-                            }
-                        }
-                    })?,
-            );
-        }
-        Ok(running)
+        let options = options(service, thread_prefix).threads(threads);
+        http_server::HttpServer::start(listen, options, move |req| handler(req))
+            .map(HttpServer)
+            .map_err(|e| match e {
+                StartError::Thread(e) => ServeError::Thread(e),
+                e => ServeError::Bind(bind_error(listen, e)),
+            })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.0.addr()
     }
 
     /// Blocks until the server stops (never, unless a request thread ends).
-    pub fn wait(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+    pub fn wait(self) {
+        self.0.wait();
     }
 
     /// Stops and joins the threads.
-    pub fn stop(self) {}
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.server.unblock();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
@@ -212,7 +183,7 @@ mod tests {
 
     use super::*;
     use std::io::{Read, Write};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
