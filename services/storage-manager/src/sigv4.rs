@@ -35,7 +35,7 @@ pub const MAX_SKEW_SECS: u64 = 15 * 60;
 pub const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
 
 /// Why a request's signature was not accepted. Each maps to an S3 error
-/// code ([`SigError::s3_code`]).
+/// code ([`SigError::s3_code`], with the other S3 errors in `http`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SigError {
     /// Neither an `Authorization` header nor query auth.
@@ -59,21 +59,6 @@ pub enum SigError {
     /// The body does not match `x-amz-content-sha256`.
     #[error("the body does not match x-amz-content-sha256")]
     PayloadMismatch,
-}
-
-impl SigError {
-    /// The S3 error code and HTTP status.
-    pub fn s3_code(&self) -> (&'static str, u16) {
-        match self {
-            SigError::Missing => ("AccessDenied", 403),
-            SigError::Malformed(_) => ("AuthorizationHeaderMalformed", 400),
-            SigError::UnknownKey(_) => ("InvalidAccessKeyId", 403),
-            SigError::Mismatch => ("SignatureDoesNotMatch", 403),
-            SigError::Skewed => ("RequestTimeTooSkewed", 403),
-            SigError::Expired => ("AccessDenied", 403),
-            SigError::PayloadMismatch => ("XAmzContentSHA256Mismatch", 400),
-        }
-    }
 }
 
 /// How the body of a verified request is to be read.

@@ -1,0 +1,337 @@
+//! Object operations: streaming a body into a staged file and committing
+//! it, opening, deleting, listing.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use md5::Digest as _;
+use s3::sigv4::hex;
+
+use super::object_file::{open_object, ObjectFile, Stager};
+use super::{io_err, sync_dir, IndexEntry, Store, StoreError};
+use crate::crypt::CHUNK;
+
+/// Listing parameters.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    /// Only keys starting with this.
+    pub prefix: String,
+    /// Group keys by this (after the prefix) into common prefixes.
+    pub delimiter: Option<String>,
+    /// Start after this key or common prefix (exclusive).
+    pub start_after: Option<String>,
+    /// Most entries (objects + common prefixes).
+    pub max_keys: usize,
+}
+
+/// A listing page.
+#[derive(Debug, Clone, Default)]
+pub struct ListResult {
+    /// Objects.
+    pub objects: Vec<(String, IndexEntry)>,
+    /// Common prefixes.
+    pub prefixes: Vec<String>,
+    /// More follow.
+    pub truncated: bool,
+    /// The last key or common prefix returned (the next page starts after it).
+    pub last: Option<String>,
+}
+
+impl Store {
+    /// Streams `len` bytes of `body` into a staged file; the caller commits it.
+    pub(super) fn stage_body(
+        &self,
+        body: &mut dyn Read,
+        len: u64,
+        limit: u64,
+    ) -> Result<Stager, StoreError> {
+        if len > limit {
+            return Err(StoreError::EntityTooLarge(limit));
+        }
+        let mut st = self.stager()?;
+        let result = (|| {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = match body.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(StoreError::Body(e)),
+                };
+                if st.size + n as u64 > len {
+                    return Err(StoreError::IncompleteBody {
+                        expected: len,
+                        got: st.size + n as u64,
+                    });
+                }
+                st.write(&buf[..n])?;
+            }
+            if st.size != len {
+                return Err(StoreError::IncompleteBody {
+                    expected: len,
+                    got: st.size,
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&st.path);
+            return Err(e);
+        }
+        Ok(st)
+    }
+
+    /// Renames a finished temp file to the object's path and indexes it.
+    pub(super) fn commit(
+        &self,
+        bucket: &str,
+        key: &str,
+        tmp: &Path,
+        entry: IndexEntry,
+    ) -> Result<(), StoreError> {
+        let dest = self.object_path(bucket, key);
+        {
+            let mut idx = self.write_index();
+            let Some(b) = idx.buckets.get_mut(bucket) else {
+                let _ = fs::remove_file(tmp);
+                return Err(StoreError::NoSuchBucket(bucket.into()));
+            };
+            if let Err(e) = fs::rename(tmp, &dest) {
+                let _ = fs::remove_file(tmp);
+                return Err(io_err("renaming into", &dest)(e));
+            }
+            b.objects.insert(key.to_string(), entry);
+        }
+        sync_dir(dest.parent().unwrap_or(&self.root))
+    }
+
+    /// Stores an object from `len` bytes of `body`; durable on return.
+    pub fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: &mut dyn Read,
+        len: u64,
+        content_type: Option<String>,
+        meta: BTreeMap<String, String>,
+    ) -> Result<IndexEntry, StoreError> {
+        Self::check_key(key)?;
+        Self::check_meta(&meta)?;
+        self.check_bucket(bucket)?;
+        let mut st = self.stage_body(body, len, self.limits.max_object_size)?;
+        let etag = hex(&std::mem::take(&mut st.md5).finalize());
+        let (tmp, entry) = st.finish_as(key.into(), etag, content_type, meta)?;
+        self.commit(bucket, key, &tmp, entry.clone())?;
+        Ok(entry)
+    }
+
+    /// Opens an object for reading.
+    pub fn open_object(&self, bucket: &str, key: &str) -> Result<ObjectFile, StoreError> {
+        self.check_bucket(bucket)?;
+        Self::check_key(key)?;
+        let path = self.object_path(bucket, key);
+        let obj = match open_object(&path) {
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchKey(key.into()))
+            }
+            other => other?,
+        };
+        if obj.trailer.key != key {
+            return Err(StoreError::NoSuchKey(key.into()));
+        }
+        Ok(obj)
+    }
+
+    /// Deletes an object (no error if absent, as S3); durable on return.
+    pub fn delete_object(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
+        Self::check_key(key)?;
+        let path = self.object_path(bucket, key);
+        {
+            let mut idx = self.write_index();
+            let b = idx
+                .buckets
+                .get_mut(bucket)
+                .ok_or_else(|| StoreError::NoSuchBucket(bucket.into()))?;
+            if b.objects.remove(key).is_none() {
+                return Ok(());
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing", &path)(e)),
+            }
+        }
+        sync_dir(path.parent().unwrap_or(&self.root))
+    }
+
+    /// One listing page.
+    pub fn list(&self, bucket: &str, p: &ListParams) -> Result<ListResult, StoreError> {
+        use std::ops::Bound;
+        let idx = self.read_index();
+        let b = idx
+            .buckets
+            .get(bucket)
+            .ok_or_else(|| StoreError::NoSuchBucket(bucket.into()))?;
+        let mut out = ListResult::default();
+        if p.max_keys == 0 {
+            // As S3: nothing listed, and no token to follow.
+            return Ok(out);
+        }
+        let start = match &p.start_after {
+            Some(s) if s.as_str() >= p.prefix.as_str() => Bound::Excluded(s.clone()),
+            _ => Bound::Included(p.prefix.clone()),
+        };
+        let delim = p.delimiter.as_deref().filter(|d| !d.is_empty());
+        let mut count = 0usize;
+        for (k, e) in b.objects.range((start, Bound::Unbounded)) {
+            if !k.starts_with(&p.prefix) {
+                break;
+            }
+            if let Some(d) = delim {
+                if let Some(i) = k[p.prefix.len()..].find(d) {
+                    let cp = &k[..p.prefix.len() + i + d.len()];
+                    if out.prefixes.last().map(String::as_str) == Some(cp)
+                        || p.start_after.as_deref() == Some(cp)
+                    {
+                        continue;
+                    }
+                    if count == p.max_keys {
+                        out.truncated = true;
+                        break;
+                    }
+                    out.prefixes.push(cp.to_string());
+                    out.last = Some(cp.to_string());
+                    count += 1;
+                    continue;
+                }
+            }
+            if count == p.max_keys {
+                out.truncated = true;
+                break;
+            }
+            out.objects.push((k.clone(), e.clone()));
+            out.last = Some(k.clone());
+            count += 1;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+
+    use super::*;
+    use crate::store::Limits;
+
+    fn put(s: &Store, b: &str, k: &str, data: &[u8]) -> IndexEntry {
+        s.put_object(
+            b,
+            k,
+            &mut &data[..],
+            data.len() as u64,
+            None,
+            BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
+    fn get(s: &Store, b: &str, k: &str, start: u64, end: u64) -> Vec<u8> {
+        let o = s.open_object(b, k).unwrap();
+        let mut out = Vec::new();
+        s.reader(o, start, end)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn buckets_objects_listing_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Limits::default(), None).unwrap();
+        assert!(matches!(
+            s.create_bucket("Bad_Name"),
+            Err(StoreError::InvalidBucketName(_))
+        ));
+        s.create_bucket("bk1").unwrap();
+        assert!(matches!(
+            s.create_bucket("bk1"),
+            Err(StoreError::BucketExists(_))
+        ));
+        let e = put(&s, "bk1", "a/1", b"hello");
+        assert_eq!(e.etag, "5d41402abc4b2a76b9719d911017c592");
+        for k in ["a/2", "a/b/3", "b/1", "c"] {
+            put(&s, "bk1", k, k.as_bytes());
+        }
+        assert_eq!(get(&s, "bk1", "a/1", 1, 3), b"el");
+        assert!(matches!(
+            s.open_object("bk1", "zz"),
+            Err(StoreError::NoSuchKey(_))
+        ));
+        assert!(matches!(
+            s.put_object("bk1", "x", &mut &b"abc"[..], 4, None, BTreeMap::new()),
+            Err(StoreError::IncompleteBody {
+                expected: 4,
+                got: 3
+            })
+        ));
+        let p = ListParams {
+            prefix: String::new(),
+            delimiter: Some("/".into()),
+            start_after: None,
+            max_keys: 2,
+        };
+        let r = s.list("bk1", &p).unwrap();
+        assert_eq!(r.prefixes, ["a/", "b/"]);
+        assert!(r.truncated);
+        let r = s
+            .list(
+                "bk1",
+                &ListParams {
+                    start_after: r.last,
+                    ..p.clone()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            r.objects.iter().map(|o| o.0.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert!(!r.truncated);
+        let r = s
+            .list(
+                "bk1",
+                &ListParams {
+                    prefix: "a/".into(),
+                    max_keys: 1000,
+                    ..p.clone()
+                },
+            )
+            .unwrap();
+        assert_eq!(r.objects.len(), 2);
+        assert_eq!(r.prefixes, ["a/b/"]);
+        let none = s
+            .list(
+                "bk1",
+                &ListParams {
+                    max_keys: 0,
+                    ..p.clone()
+                },
+            )
+            .unwrap();
+        assert!(none.objects.is_empty() && none.prefixes.is_empty() && !none.truncated);
+        assert!(matches!(
+            s.delete_bucket("bk1"),
+            Err(StoreError::BucketNotEmpty(_))
+        ));
+        s.delete_object("bk1", "c").unwrap();
+        s.delete_object("bk1", "c").unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), Limits::default(), None).unwrap();
+        assert_eq!(s.usage().objects, 4);
+        assert_eq!(get(&s, "bk1", "a/b/3", 0, 100), b"a/b/3");
+    }
+}
