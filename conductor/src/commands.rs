@@ -5,7 +5,7 @@
 use protocol::{Action, Body, Command, Envelope};
 
 use crate::deployment::ServiceError;
-use crate::state::{lock, now_ms, Shared, WorkerEntry};
+use crate::state::{now_ms, Shared, WorkerEntry};
 
 /// Assigns the next command seq for `w` (persisted first), seals `action`
 /// and returns `(cmd_id, frame)`. Call with the worker map locked.
@@ -16,7 +16,7 @@ pub fn seal_command(
 ) -> Result<(u32, Vec<u8>), ServiceError> {
     let seq = w.cmd_seq + 1;
     // Persist before publishing so the stream stays monotonic across restarts.
-    lock(&shared.db).set_cmd_seq(&w.id, seq)?;
+    shared.db().set_cmd_seq(&w.id, seq)?;
     w.cmd_seq = seq;
     let cmd_id = (seq & u64::from(u32::MAX)) as u32;
     let env = Envelope {

@@ -14,7 +14,7 @@ use protocol::ServiceState;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{BuiltManifest, SpecDoc, SpecError};
-use crate::state::{lock, Shared, WorkerEntry};
+use crate::state::{Shared, WorkerEntry};
 use crate::store::{DeploymentRow, StoreError};
 
 /// Errors of service, deployment and rollout operations.
@@ -216,7 +216,7 @@ pub fn load_doc(
     name: &str,
     version: u32,
 ) -> Result<Option<SpecDoc>, ServiceError> {
-    let Some(row) = lock(&shared.db).service(name, version)? else {
+    let Some(row) = shared.db().service(name, version)? else {
         return Ok(None);
     };
     serde_json::from_str(&row.spec_json)
@@ -231,7 +231,8 @@ pub fn load_doc(
 /// Size of artifact `sha` for `arch` from the store (`None`: not uploaded
 /// for that arch). Call without the db lock held.
 pub fn artifact_size(shared: &Shared, arch: &str, sha: &str) -> Result<Option<u64>, SpecError> {
-    Ok(lock(&shared.db)
+    Ok(shared
+        .db()
         .artifact(sha)?
         .into_iter()
         .find(|a| a.arch == arch)
@@ -246,7 +247,7 @@ pub fn manifest(
     version: u32,
 ) -> Result<Option<Arc<BuiltManifest>>, ServiceError> {
     let key = (name.to_string(), version);
-    if let Some(b) = lock(&shared.manifests).get(&key) {
+    if let Some(b) = shared.manifests().get(&key) {
         return Ok(Some(b.clone()));
     }
     let Some(doc) = load_doc(shared, name, version)? else {
@@ -261,7 +262,7 @@ pub fn manifest(
         bytes,
         retry_failed: m.restart != protocol::RestartPolicy::Never,
     });
-    lock(&shared.manifests).insert(key, built.clone());
+    shared.manifests().insert(key, built.clone());
     Ok(Some(built))
 }
 

@@ -61,7 +61,7 @@ use rumqttc::{AsyncClient, QoS};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::state::{lock, now_ms, EventRec, Latest, Shared, Status, StoredMarks, EVENTS_KEPT};
+use crate::state::{now_ms, EventRec, Latest, Shared, Status, StoredMarks, EVENTS_KEPT};
 use crate::store::{Rollup, Store, StoreError, WriteOp};
 
 /// Most writes per transaction.
@@ -96,7 +96,7 @@ pub fn handle_publish(shared: &Shared, client: &AsyncClient, topic: &str, payloa
                 // Unauthenticated text: it never makes a worker online (only
                 // a good frame does); it only opens the re-send run in which
                 // replays are counted as `duplicate` (see `resending`).
-                if let Some(w) = lock(&shared.workers).get_mut(t.worker_id) {
+                if let Some(w) = shared.workers().get_mut(t.worker_id) {
                     w.resending = true;
                 }
             }
@@ -113,7 +113,7 @@ pub fn handle_publish(shared: &Shared, client: &AsyncClient, topic: &str, payloa
 }
 
 fn mark_offline(shared: &Shared, worker_id: &str) {
-    let mut workers = lock(&shared.workers);
+    let mut workers = shared.workers();
     if let Some(w) = workers.get_mut(worker_id) {
         if w.status != Status::Offline {
             info!(worker_id, "worker offline (last will)");
@@ -129,7 +129,7 @@ fn mark_offline(shared: &Shared, worker_id: &str) {
 fn log_rejection(shared: &Shared, worker_id: &str, reject: Reject) {
     let reason = reject.as_str();
     let now = Instant::now();
-    let mut last = lock(&shared.reject_log);
+    let mut last = shared.reject_log();
     let due = last
         .get(reason)
         .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(10));
@@ -154,7 +154,7 @@ fn ingest_frame(
     payload: &[u8],
 ) -> Result<(), Reject> {
     let received_at_ms = now_ms();
-    let mut workers = lock(&shared.workers);
+    let mut workers = shared.workers();
     let checked = match workers.get(topic_worker) {
         None => check(payload, topic_worker, kind, None).map(|(env, _)| (env, None)),
         Some(w) => {
@@ -280,7 +280,7 @@ fn ingest_frame(
         }
         Body::Reply(reply) => {
             debug!(worker_id = %worker_id, cmd_id = reply.cmd_id, status = ?reply.status, "command reply");
-            let waiter = lock(&shared.pending).remove(&(worker_id.clone(), reply.cmd_id));
+            let waiter = shared.take_waiter(&worker_id, reply.cmd_id);
             match waiter {
                 Some(tx) => {
                     let _ = tx.send(reply);
@@ -297,7 +297,7 @@ fn ingest_frame(
         Body::LogChunk(chunk) => {
             debug!(worker_id = %worker_id, service = %chunk.name, index = chunk.index, "log chunk");
             let key = (worker_id.clone(), chunk.cmd_id);
-            let mut streams = lock(&shared.log_streams);
+            let mut streams = shared.log_streams();
             if let Some(tx) = streams.get(&key) {
                 // Never block ingest: a relay that cannot keep up loses
                 // chunks (the reader marks the gap from the index).
@@ -308,7 +308,7 @@ fn ingest_frame(
         }
         Body::ServiceMetrics(sm) => {
             debug!(worker_id = %worker_id, service = %sm.name, samples = sm.samples.len(), "service metrics");
-            let mut all = lock(&shared.service_metrics);
+            let mut all = shared.service_metrics();
             let entry = all
                 .entry(worker_id.clone())
                 .or_default()
@@ -504,7 +504,7 @@ fn commit(store: &mut Store, batch: &[WriteOp]) -> bool {
 /// (a frame's writes are queued before its window, in order) and stored.
 /// Drains the `Seen` ops' worker ids into `marks`.
 fn raise_marks(marks: &StoredMarks, batch: &mut Vec<WriteOp>) {
-    let mut marks = lock(marks);
+    let mut marks = marks.lock();
     for op in batch.drain(..) {
         if let WriteOp::Seen {
             worker_id, highest, ..
@@ -549,7 +549,7 @@ pub async fn run_acks(
             _ = tick.tick() => {}
             _ = stop.changed() => break,
         }
-        for (id, stored) in std::mem::take(&mut *lock(&shared.stored_marks)) {
+        for (id, stored) in shared.take_stored_marks() {
             let m = pending.entry(id).or_insert(0);
             *m = (*m).max(stored);
         }
@@ -586,7 +586,7 @@ pub async fn run_acks(
 /// Seals `Stored(n)` for every worker of `marks` that may receive one:
 /// `(topic, frame)` pairs.
 fn seal_acks(shared: &Shared, marks: HashMap<String, u64>) -> Vec<(String, Vec<u8>)> {
-    let workers = lock(&shared.workers);
+    let workers = shared.workers();
     let mut out = Vec::with_capacity(marks.len());
     for (id, stored) in marks {
         let Some(w) = workers.get(&id) else { continue };

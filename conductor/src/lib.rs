@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -51,7 +51,7 @@ pub use config::Config;
 
 use crate::crypto::random_hex;
 use crate::net::advertised;
-use crate::state::{lock, RateLimiter, Shared, WorkerEntry};
+use crate::state::{Locks, RateLimiter, Shared, WorkerEntry};
 use crate::store::Store;
 
 /// What a started conductor reports through the `ready` channel.
@@ -447,12 +447,10 @@ pub async fn run(
             mqtt_settings.port
         },
         config,
-        db: Mutex::new(store),
-        workers: Mutex::new(workers),
+        locks: Locks::new(store, workers, service_status, stored_marks),
         creds: creds.clone(),
         counters: Default::default(),
         writer: write_tx,
-        pending: Mutex::new(HashMap::new()),
         local_token: local_token.clone(),
         embedded_broker: embedded,
         observer_password: (embedded || dynsec_handle.is_some()).then_some(observer_pw),
@@ -463,18 +461,8 @@ pub async fn run(
         plain_refused: refusals,
         mqtt_denied: denied,
         dynsec: dynsec_handle,
-        rotation_sent: Mutex::new(HashMap::new()),
         started: Instant::now(),
-        reject_log: Mutex::new(HashMap::new()),
-        service_status: Mutex::new(service_status),
         reconcile: tokio::sync::Notify::new(),
-        reconcile_sent: Mutex::new(HashMap::new()),
-        manifests: Mutex::new(HashMap::new()),
-        service_failures: Mutex::new(HashMap::new()),
-        deploy_cmds: Mutex::new(HashMap::new()),
-        log_streams: Mutex::new(HashMap::new()),
-        service_metrics: Mutex::new(HashMap::new()),
-        stored_marks,
     });
 
     let (client, eventloop) = mqtt::client(&mqtt_settings);
@@ -513,7 +501,7 @@ pub async fn run(
         let result = async {
             let server = http::HttpServer::start(shared.clone(), client.clone())?;
             let http_addr = server.addr();
-            *lock(&http_holder) = Some(server);
+            *http_holder.lock().unwrap_or_else(PoisonError::into_inner) = Some(server);
             let started = Started {
                 http_addr,
                 mqtt_addr: advertised(mqtt_addr),
@@ -544,7 +532,11 @@ pub async fn run(
         control
     );
 
-    if let Some(server) = lock(&http_holder).take() {
+    if let Some(server) = http_holder
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
         server.stop();
     }
     creds.close();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::state::{lock, Shared, Status};
+use crate::state::{Shared, Status};
 use crate::store::WriteOp;
 
 /// The status a worker should have `elapsed` after its last good frame.
@@ -33,7 +33,7 @@ pub fn status_after(elapsed: Duration, interval_ms: u32) -> Status {
 /// One pass over all workers; returns the tick period to use next.
 pub fn tick(shared: &Shared, now: Instant) -> Duration {
     let mut shortest = u32::MAX;
-    let mut workers = lock(&shared.workers);
+    let mut workers = shared.workers();
     for w in workers.values_mut() {
         shortest = shortest.min(w.interval_ms);
         let Some(last) = w.last_good else { continue };

@@ -47,7 +47,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::deployment::{Deployment, Policy, ServiceError};
-use crate::state::{lock, now_ms, Shared, Status};
+use crate::state::{now_ms, Shared, Status};
 use crate::store::RolloutRow;
 
 /// `in_progress`.
@@ -134,7 +134,8 @@ pub fn desired_version(dep: &Deployment, active: Option<&Rollout>, worker: &str)
 
 /// Rollouts in progress by service name.
 pub fn active(shared: &Shared) -> Result<HashMap<String, Rollout>, ServiceError> {
-    Ok(lock(&shared.db)
+    Ok(shared
+        .db()
         .active_rollouts()?
         .into_iter()
         .map(|r| (r.service.clone(), Rollout::from_row(r)))
@@ -152,7 +153,7 @@ pub fn start(
 ) -> Result<Option<Rollout>, ServiceError> {
     policy.validate()?;
     let (targets, online): (Vec<String>, Vec<String>) = {
-        let workers = lock(&shared.workers);
+        let workers = shared.workers();
         let targets: Vec<String> = dep.targets(&workers).into_iter().collect();
         let online = targets
             .iter()
@@ -197,7 +198,7 @@ pub fn start(
         started_ms: now,
         finished_ms: None,
     };
-    row.id = match lock(&shared.db).insert_rollout(&row) {
+    row.id = match shared.db().insert_rollout(&row) {
         Ok(id) => id,
         Err(crate::store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -228,7 +229,7 @@ fn finish(shared: &Shared, r: &mut Rollout, state: &str, reason: &str) -> Result
     r.row.reason = reason.into();
     r.row.finished_ms = Some(now_ms());
     let dep_version = (state == SUCCEEDED).then_some(r.row.to_version);
-    lock(&shared.db).update_rollout(&r.row, dep_version)?;
+    shared.db().update_rollout(&r.row, dep_version)?;
     // The manifest cache and throttles are keyed by version: nothing to drop.
     if state == SUCCEEDED {
         info!(service = %r.row.service, version = r.row.to_version, "rollout succeeded");
@@ -259,12 +260,15 @@ fn member_verdict(
     let name = &r.row.service;
     let to = r.row.to_version;
     let since = r.row.wave_started_ms;
-    if let Some(f) = lock(&shared.service_failures).get(&(worker.to_string(), name.clone())) {
+    if let Some(f) = shared
+        .service_failures()
+        .get(&(worker.to_string(), name.clone()))
+    {
         if f.at_ms >= since && f.version.is_none_or(|v| v == to) {
             return Verdict::Failed(format!("{worker}: {}", f.what));
         }
     }
-    let status = lock(&shared.service_status);
+    let status = shared.service_status();
     let Some(a) = status.get(worker).and_then(|m| m.get(name)) else {
         return Verdict::Waiting(format!("{worker} has not reported {name}"));
     };
@@ -293,7 +297,7 @@ pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
     let mut changed = 0;
     for (name, mut r) in active(shared)? {
         let (dep, stopped_on) = {
-            let db = lock(&shared.db);
+            let db = shared.db();
             let dep = db.deployment(&name)?;
             let stopped_on: BTreeSet<String> = db
                 .overrides()?
@@ -360,7 +364,7 @@ pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
             // Next wave: its offline members are skipped.
             let next = idx + 1;
             {
-                let workers = lock(&shared.workers);
+                let workers = shared.workers();
                 if let Some(w) = r.waves.get_mut(next) {
                     let (on, off): (Vec<String>, Vec<String>) =
                         w.workers.drain(..).partition(|id| {
@@ -375,7 +379,7 @@ pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
             r.row.wave = next as u32;
             r.row.wave_started_ms = now;
             r.row.waves_json = serde_json::to_string(&r.waves).unwrap_or_default();
-            lock(&shared.db).update_rollout(&r.row, None)?;
+            shared.db().update_rollout(&r.row, None)?;
             info!(service = %name, wave = next, "rollout: canary wave passed, next wave");
             changed += 1;
         }

@@ -31,7 +31,7 @@ use rumqttc::{AsyncClient, QoS};
 use tracing::{info, warn};
 
 use crate::crypto::random_bytes;
-use crate::state::{lock, Shared, Status};
+use crate::state::{Shared, Status};
 
 /// A pending rotation is sent again at most this often.
 pub const RESEND_EVERY: Duration = Duration::from_secs(30);
@@ -62,7 +62,7 @@ pub enum RotationError {
 /// Starts (or repeats) the rotation of `id`'s secret: the `RotateSecret`
 /// action to send.
 pub fn begin(shared: &Shared, id: &str) -> Result<Action, RotationError> {
-    let mut workers = lock(&shared.workers);
+    let mut workers = shared.workers();
     let w = workers.get_mut(id).ok_or(RotationError::NotFound)?;
     if w.revoked {
         return Err(RotationError::Revoked);
@@ -71,7 +71,7 @@ pub fn begin(shared: &Shared, id: &str) -> Result<Action, RotationError> {
         Some(p) => p.clone(),
         None => {
             let next = Secret::from_bytes(random_bytes::<32>()?);
-            lock(&shared.db).set_pending_secret(id, &next.to_hex())?;
+            shared.db().set_pending_secret(id, &next.to_hex())?;
             w.pending_secret = Some(next.clone());
             info!(worker_id = id, "worker secret rotation started");
             next
@@ -79,7 +79,9 @@ pub fn begin(shared: &Shared, id: &str) -> Result<Action, RotationError> {
     };
     let sealed = protocol::sealed::seal_rotation(&w.secret, id, &next, random_bytes::<12>()?)?;
     let online = w.status == Status::Online;
-    lock(&shared.rotation_sent).insert(id.to_string(), (Instant::now(), online));
+    shared
+        .rotation_sent()
+        .insert(id.to_string(), (Instant::now(), online));
     Ok(Action::RotateSecret(sealed))
 }
 
@@ -88,8 +90,8 @@ pub fn begin(shared: &Shared, id: &str) -> Result<Action, RotationError> {
 /// [`RESEND_EVERY`]. Returns how many were sent.
 pub fn resend_pending(shared: &Shared, client: &AsyncClient) -> usize {
     let due: Vec<String> = {
-        let workers = lock(&shared.workers);
-        let sent = lock(&shared.rotation_sent);
+        let workers = shared.workers();
+        let sent = shared.rotation_sent();
         workers
             .values()
             .filter(|w| w.pending_secret.is_some() && !w.revoked && w.status == Status::Online)
@@ -104,7 +106,7 @@ pub fn resend_pending(shared: &Shared, client: &AsyncClient) -> usize {
     let mut n = 0;
     for id in due {
         let frame = begin(shared, &id).and_then(|action| {
-            let mut workers = lock(&shared.workers);
+            let mut workers = shared.workers();
             let w = workers.get_mut(&id).ok_or(RotationError::NotFound)?;
             Ok(crate::commands::seal_command(shared, w, action)?)
         });

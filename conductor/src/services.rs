@@ -72,7 +72,7 @@ use crate::commands::seal_command;
 use crate::deployment::{is_active_state, manifest, state_name, Deployment, ServiceError};
 use crate::rollout::{self, Rollout};
 use crate::spec::BuiltManifest;
-use crate::state::{lock, now_ms, DeployCmd, FailMark, Intent, Shared, Status};
+use crate::state::{now_ms, DeployCmd, FailMark, Intent, SentMark, Shared, Status};
 use crate::store::ServiceStatusRow;
 
 /// Reconciliation period.
@@ -99,11 +99,11 @@ pub fn may_fetch(
     name: &str,
     version: u32,
 ) -> Result<bool, ServiceError> {
-    let Some(dep) = lock(&shared.db).deployment(name)? else {
+    let Some(dep) = shared.db().deployment(name)? else {
         return Ok(false);
     };
     let dep = Deployment::from_row(&dep);
-    if !dep.targets(&lock(&shared.workers)).contains(worker) {
+    if !dep.targets(&shared.workers()).contains(worker) {
         return Ok(false);
     }
     if version == dep.version {
@@ -130,7 +130,7 @@ pub fn record_status(shared: &Shared, worker_id: &str, st: &protocol::ServiceSta
         );
     }
     shared.reconcile.notify_one();
-    let mut all = lock(&shared.service_status);
+    let mut all = shared.service_status();
     if st.state == ServiceState::Removed {
         if let Some(m) = all.get_mut(worker_id) {
             m.remove(&name);
@@ -168,7 +168,7 @@ pub fn record_failure(
     version: Option<u32>,
     what: String,
 ) {
-    lock(&shared.service_failures).insert(
+    shared.service_failures().insert(
         (worker_id.to_string(), name.to_string()),
         FailMark {
             version,
@@ -182,7 +182,10 @@ pub fn record_failure(
 /// `DeployManifest` or an `InstallManifest` with an error, record a failure
 /// of that version.
 pub fn deploy_reply(shared: &Shared, worker_id: &str, reply: &protocol::Reply) {
-    let Some(cmd) = lock(&shared.deploy_cmds).remove(&(worker_id.to_string(), reply.cmd_id)) else {
+    let Some(cmd) = shared
+        .deploy_cmds()
+        .remove(&(worker_id.to_string(), reply.cmd_id))
+    else {
         return;
     };
     if reply.status != protocol::ReplyStatus::Ok {
@@ -212,7 +215,7 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
         warn!("rollout evaluation failed: {e}");
     }
     let (deps, overrides) = {
-        let db = lock(&shared.db);
+        let db = shared.db();
         let deps: Vec<Deployment> = db.deployments()?.iter().map(Deployment::from_row).collect();
         let overrides: HashSet<(String, String)> = db
             .overrides()?
@@ -246,10 +249,10 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
     }
     let mut frames: Vec<(String, Vec<u8>)> = Vec::new();
     {
-        let mut workers = lock(&shared.workers);
+        let mut workers = shared.workers();
         let mut wants: Vec<Want> = Vec::new();
         {
-            let status = lock(&shared.service_status);
+            let status = shared.service_status();
             let mut targeted: HashMap<&str, BTreeSet<String>> = HashMap::new();
             for d in &deps {
                 let targets = d.targets(&workers);
@@ -336,15 +339,22 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                 }
             }
         }
-        let mut sent = lock(&shared.reconcile_sent);
         let now = Instant::now();
-        for (wid, name, intent, every) in wants {
-            let key = (wid.clone(), name.clone());
-            if let Some((i, at)) = sent.get(&key) {
-                if *i == intent && now.duration_since(*at) < every {
-                    continue;
-                }
-            }
+        // The resend throttle is read and released before sealing, which
+        // takes the store (the lock order at `Shared`); what is sent is
+        // recorded below, still under the worker map.
+        {
+            let sent = shared.reconcile_sent();
+            wants.retain(|(wid, name, intent, every)| {
+                !sent
+                    .get(&(wid.clone(), name.clone()))
+                    .is_some_and(|(i, at)| i == intent && now.duration_since(*at) < *every)
+            });
+        }
+        let mut sent: Vec<((String, String), SentMark)> = Vec::new();
+        let mut awaited: Vec<((String, u32), DeployCmd)> = Vec::new();
+        let mut failed = None;
+        for (wid, name, intent, _) in wants {
             let Some(w) = workers.get_mut(&wid) else {
                 continue;
             };
@@ -368,7 +378,13 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                 Intent::Remove => Action::Remove(n),
                 Intent::Stop => Action::Stop(n),
             };
-            let (cmd_id, frame) = seal_command(shared, w, action)?;
+            let (cmd_id, frame) = match seal_command(shared, w, action) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
             match intent {
                 Intent::Deploy(v) | Intent::Install(v) => {
                     if intent == Intent::Deploy(v) {
@@ -377,26 +393,38 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
                         info!(worker_id = %wid, service = %name, version = v, cmd_id,
                             "reconcile: install stopped");
                     }
-                    let mut cmds = lock(&shared.deploy_cmds);
-                    cmds.retain(|_, c| now.duration_since(c.at) < DEPLOY_REPLY_WINDOW);
-                    if cmds.len() < MAX_DEPLOY_CMDS {
-                        cmds.insert(
-                            (wid.clone(), cmd_id),
-                            DeployCmd {
-                                name: name.clone(),
-                                version: v,
-                                at: now,
-                            },
-                        );
-                    }
+                    awaited.push((
+                        (wid.clone(), cmd_id),
+                        DeployCmd {
+                            name: name.clone(),
+                            version: v,
+                            at: now,
+                        },
+                    ));
                 }
                 Intent::Remove => {
                     info!(worker_id = %wid, service = %name, cmd_id, "reconcile: remove")
                 }
                 Intent::Stop => info!(worker_id = %wid, service = %name, cmd_id, "reconcile: stop"),
             }
-            sent.insert(key, (intent, now));
+            sent.push(((wid.clone(), name), (intent, now)));
             frames.push((wid, frame));
+        }
+        // Recorded before the worker map is released (no reply can come
+        // before the publishes below), one leaf at a time, also when a seal
+        // failed part-way.
+        if !awaited.is_empty() {
+            let mut cmds = shared.deploy_cmds();
+            cmds.retain(|_, c| now.duration_since(c.at) < DEPLOY_REPLY_WINDOW);
+            for (key, cmd) in awaited {
+                if cmds.len() < MAX_DEPLOY_CMDS {
+                    cmds.insert(key, cmd);
+                }
+            }
+        }
+        shared.reconcile_sent().extend(sent);
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     let n = frames.len();
@@ -413,7 +441,7 @@ pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, Service
 /// worker sends a `ServiceStatus` for every service it has right after its
 /// Birth — and its resend throttle, so it is reconciled at once.
 pub fn new_session(shared: &Shared, worker_id: &str) {
-    if lock(&shared.service_status).remove(worker_id).is_some() {
+    if shared.service_status().remove(worker_id).is_some() {
         let _ = shared.writer.send(crate::store::WriteOp::ServicesCleared {
             worker_id: worker_id.to_string(),
         });
@@ -423,7 +451,7 @@ pub fn new_session(shared: &Shared, worker_id: &str) {
 
 /// Forgets the resend throttle for a worker (it reconnected: send at once).
 pub fn forget_sent(shared: &Shared, worker_id: &str) {
-    lock(&shared.reconcile_sent).retain(|(w, _), _| w != worker_id);
+    shared.reconcile_sent().retain(|(w, _), _| w != worker_id);
 }
 
 /// Runs reconciliation until `stop` turns true.

@@ -4,12 +4,16 @@
 //! Invariant: the worker map mirrors the `workers` table; every change to a
 //! persisted field (replay window, status, revocation, labels, cmd_seq) is
 //! either written synchronously (HTTP paths) or queued to the ingest writer
-//! before the in-memory value is relied upon. Locks are `std::sync` and are
-//! never held across an `.await`.
+//! before the in-memory value is relied upon.
+//!
+//! The locked parts of [`Shared`] are private ([`Locks`]) and reached through
+//! its methods; every lock is an [`OrderedMutex`] and the lock order is
+//! written at [`Shared`] ([`lock_order`] checks it in debug builds). Locks are
+//! `std::sync` and are never held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::{Birth, Event, Metrics, ReplayWindow, Reply, Secret};
@@ -17,6 +21,10 @@ use protocol::{Birth, Event, Metrics, ReplayWindow, Reply, Secret};
 use crate::broker::Credentials;
 use crate::config::Config;
 use crate::store::{ServiceStatusRow, Store, WorkerRow, WriteOp};
+
+pub mod lock_order;
+
+pub use lock_order::{LockLevel, OrderedGuard, OrderedMutex};
 
 /// Events kept per worker in memory.
 pub const EVENTS_KEPT: usize = 50;
@@ -241,7 +249,8 @@ impl WorkerEntry {
 pub struct RateLimiter {
     burst: f64,
     refill_per_s: f64,
-    buckets: Mutex<HashMap<std::net::IpAddr, (f64, Instant)>>,
+    /// Tokens and last refill per IP. Level: leaf.
+    buckets: OrderedMutex<HashMap<std::net::IpAddr, (f64, Instant)>>,
 }
 
 impl RateLimiter {
@@ -250,7 +259,7 @@ impl RateLimiter {
         RateLimiter {
             burst: f64::from(burst),
             refill_per_s: 1.0 / f64::from(refill_s.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: OrderedMutex::new(LockLevel::Leaf, "rate_limiter", HashMap::new()),
         }
     }
 
@@ -260,7 +269,7 @@ impl RateLimiter {
             return true;
         }
         let now = Instant::now();
-        let mut b = lock(&self.buckets);
+        let mut b = self.buckets.lock();
         if b.len() > 10_000 {
             // Bound memory: forget buckets that have refilled completely.
             let full = self.burst / self.refill_per_s;
@@ -335,29 +344,73 @@ pub struct SvcMetrics {
 pub const MAX_SERVICE_METRIC_KEYS: usize = 64;
 
 /// Worker id → highest seq whose frame is processed and committed, not yet
-/// acknowledged.
-pub type StoredMarks = Arc<Mutex<HashMap<String, u64>>>;
+/// acknowledged: raised by the ingest writer thread after each commit, taken
+/// by the acknowledgement task ([`crate::ingest::run_acks`]). A leaf lock
+/// (`stored_marks`, see [`Shared`]).
+#[derive(Debug, Clone)]
+pub struct StoredMarks(Arc<OrderedMutex<HashMap<String, u64>>>);
 
-/// Waiters for command replies, keyed by (worker id, command id).
-pub type Pending = Mutex<HashMap<(String, u32), mpsc::Sender<Reply>>>;
+impl Default for StoredMarks {
+    fn default() -> StoredMarks {
+        StoredMarks(Arc::new(OrderedMutex::new(
+            LockLevel::Leaf,
+            "stored_marks",
+            HashMap::new(),
+        )))
+    }
+}
+
+impl StoredMarks {
+    /// Locks the marks (a leaf).
+    pub fn lock(&self) -> OrderedGuard<'_, HashMap<String, u64>> {
+        self.0.lock()
+    }
+
+    /// Takes every mark, leaving none.
+    pub fn take(&self) -> HashMap<String, u64> {
+        std::mem::take(&mut *self.lock())
+    }
+}
 
 /// Everything the conductor's tasks share.
+///
+/// # Lock order
+///
+/// The locked state is private ([`Locks`]); each method of `Shared` that
+/// returns an [`OrderedGuard`] takes one of its locks, the other methods
+/// take one and release it before they return. A thread takes the locks in
+/// this order, and never two leaves at once:
+///
+/// 1. [`Shared::workers`] ([`LockLevel::Workers`]);
+/// 2. [`Shared::db`] ([`LockLevel::Db`]);
+/// 3. one leaf ([`LockLevel::Leaf`]): [`Shared::pending`],
+///    [`Shared::rotation_sent`], [`Shared::reject_log`],
+///    [`Shared::service_status`], [`Shared::reconcile_sent`],
+///    [`Shared::manifests`], [`Shared::service_failures`],
+///    [`Shared::deploy_cmds`], [`Shared::log_streams`],
+///    [`Shared::service_metrics`], the [`StoredMarks`] and each
+///    [`RateLimiter`]'s buckets.
+///
+/// This is the order the paths that nest follow: ingest, reconciliation,
+/// commands, rotation, enrolment and the worker routes hold the worker map
+/// while they persist to the store or touch a leaf. So a path that needs
+/// two leaves copies what it needs out of one before it takes the other
+/// (`GET /services/{name}`), and one holding a leaf calls nothing that locks
+/// (reconciliation reads its resend throttle and releases it before sealing
+/// commands, which persist their seq in the store). Debug builds panic on a
+/// violation ([`lock_order`]).
 #[derive(Debug)]
 pub struct Shared {
     /// Effective config.
     pub config: Config,
-    /// Connection for HTTP-side reads and low-rate writes.
-    pub db: Mutex<Store>,
-    /// Workers by id.
-    pub workers: Mutex<HashMap<String, WorkerEntry>>,
+    /// The locks (private; see the order above).
+    pub(crate) locks: Locks,
     /// Broker credential table (embedded broker only).
     pub creds: Credentials,
     /// Frame counters.
     pub counters: Counters,
     /// Queue to the ingest writer thread.
     pub writer: mpsc::Sender<WriteOp>,
-    /// Command reply waiters.
-    pub pending: Pending,
     /// In-memory enrolment token (never stored).
     pub local_token: String,
     /// MQTT address workers connect to (embedded broker's bound port / external broker).
@@ -383,46 +436,176 @@ pub struct Shared {
     pub mqtt_denied: crate::broker::DeniedCounters,
     /// Per-worker logins and ACLs on an external Mosquitto (`--mqtt-dynsec`).
     pub dynsec: Option<crate::dynsec::DynSecHandle>,
-    /// When each pending secret rotation was last sent, and whether the
-    /// worker was online then ([`crate::rotation`]).
-    pub rotation_sent: Mutex<HashMap<String, (Instant, bool)>>,
     /// Enrolment rate limiter (per IP).
     pub enroll_limiter: RateLimiter,
     /// Login rate limiter (per IP).
     pub login_limiter: RateLimiter,
     /// Start time.
     pub started: Instant,
-    /// Last time a rejection of each reason was logged (rate-limits warnings).
-    pub reject_log: Mutex<HashMap<&'static str, Instant>>,
-    /// Last reported service states: worker id → service name → status.
-    pub service_status: Mutex<HashMap<String, BTreeMap<String, ServiceStatusRow>>>,
     /// Wakes the reconciliation loop at once.
     pub reconcile: tokio::sync::Notify,
-    /// Reconciliation resend throttle: (worker, service) → (Deploy version
-    /// or `None` = Remove, when sent).
-    pub reconcile_sent: Mutex<HashMap<(String, String), SentMark>>,
-    /// Encoded manifests by (service, version); specs and artifacts are
-    /// immutable, so entries never go stale.
-    pub manifests: Mutex<HashMap<(String, u32), Arc<crate::spec::BuiltManifest>>>,
-    /// Last failure per (worker, service), for rollouts.
-    pub service_failures: Mutex<HashMap<(String, String), FailMark>>,
-    /// `DeployManifest` and `InstallManifest` commands awaiting a reply:
-    /// (worker, cmd id) → what.
-    pub deploy_cmds: Mutex<HashMap<(String, u32), DeployCmd>>,
-    /// Highest durably processed seq per worker, raised by the ingest writer
-    /// after each commit and taken by the acknowledgement task
-    /// ([`crate::ingest::run_acks`]).
-    pub stored_marks: StoredMarks,
-    /// Open log relays: (worker, `Logs` cmd id) → the HTTP response's feed.
-    pub log_streams: Mutex<HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>>,
-    /// Latest service metrics: worker id → service → values.
-    pub service_metrics: Mutex<HashMap<String, BTreeMap<String, SvcMetrics>>>,
 }
 
-/// Locks a mutex, recovering from poisoning (a panicked holder leaves data
-/// that is still structurally valid for our maps and counters).
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The locked part of [`Shared`], one [`OrderedMutex`] per map, in the lock
+/// order written at [`Shared`]. Its fields are private: [`Shared`]'s methods
+/// lock them.
+#[derive(Debug)]
+pub struct Locks {
+    /// Workers by id. Level: workers (taken first).
+    workers: OrderedMutex<HashMap<String, WorkerEntry>>,
+    /// The connection for HTTP-side reads and low-rate writes. Level: db
+    /// (after the workers).
+    db: OrderedMutex<Store>,
+    /// Command reply waiters, keyed by (worker id, command id). Level: leaf.
+    pending: OrderedMutex<HashMap<(String, u32), mpsc::Sender<Reply>>>,
+    /// When each pending secret rotation was last sent, and whether the
+    /// worker was online then ([`crate::rotation`]). Level: leaf.
+    rotation_sent: OrderedMutex<HashMap<String, (Instant, bool)>>,
+    /// Last time a rejection of each reason was logged (rate-limits
+    /// warnings). Level: leaf.
+    reject_log: OrderedMutex<HashMap<&'static str, Instant>>,
+    /// Last reported service states: worker id → service name → status.
+    /// Level: leaf.
+    service_status: OrderedMutex<HashMap<String, BTreeMap<String, ServiceStatusRow>>>,
+    /// Reconciliation resend throttle: (worker, service) → what was sent
+    /// and when. Level: leaf.
+    reconcile_sent: OrderedMutex<HashMap<(String, String), SentMark>>,
+    /// Encoded manifests by (service, version); specs and artifacts are
+    /// immutable, so entries never go stale. Level: leaf.
+    manifests: OrderedMutex<HashMap<(String, u32), Arc<crate::spec::BuiltManifest>>>,
+    /// Last failure per (worker, service), for rollouts. Level: leaf.
+    service_failures: OrderedMutex<HashMap<(String, String), FailMark>>,
+    /// `DeployManifest` and `InstallManifest` commands awaiting a reply:
+    /// (worker, cmd id) → what. Level: leaf.
+    deploy_cmds: OrderedMutex<HashMap<(String, u32), DeployCmd>>,
+    /// Highest durably processed seq per worker, raised by the ingest writer
+    /// after each commit and taken by the acknowledgement task
+    /// ([`crate::ingest::run_acks`]). Level: leaf.
+    stored_marks: StoredMarks,
+    /// Open log relays: (worker, `Logs` cmd id) → the HTTP response's feed.
+    /// Level: leaf.
+    log_streams: OrderedMutex<HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>>,
+    /// Latest service metrics: worker id → service → values. Level: leaf.
+    service_metrics: OrderedMutex<HashMap<String, BTreeMap<String, SvcMetrics>>>,
+}
+
+impl Locks {
+    /// The locks, holding the loaded workers and service states, the store
+    /// connection and the marks shared with the ingest writer; the other
+    /// maps start empty.
+    pub fn new(
+        db: Store,
+        workers: HashMap<String, WorkerEntry>,
+        service_status: HashMap<String, BTreeMap<String, ServiceStatusRow>>,
+        stored_marks: StoredMarks,
+    ) -> Locks {
+        use LockLevel::Leaf;
+        Locks {
+            workers: OrderedMutex::new(LockLevel::Workers, "workers", workers),
+            db: OrderedMutex::new(LockLevel::Db, "db", db),
+            pending: OrderedMutex::new(Leaf, "pending", HashMap::new()),
+            rotation_sent: OrderedMutex::new(Leaf, "rotation_sent", HashMap::new()),
+            reject_log: OrderedMutex::new(Leaf, "reject_log", HashMap::new()),
+            service_status: OrderedMutex::new(Leaf, "service_status", service_status),
+            reconcile_sent: OrderedMutex::new(Leaf, "reconcile_sent", HashMap::new()),
+            manifests: OrderedMutex::new(Leaf, "manifests", HashMap::new()),
+            service_failures: OrderedMutex::new(Leaf, "service_failures", HashMap::new()),
+            deploy_cmds: OrderedMutex::new(Leaf, "deploy_cmds", HashMap::new()),
+            stored_marks,
+            log_streams: OrderedMutex::new(Leaf, "log_streams", HashMap::new()),
+            service_metrics: OrderedMutex::new(Leaf, "service_metrics", HashMap::new()),
+        }
+    }
+}
+
+impl Shared {
+    /// Workers by id ([`LockLevel::Workers`]: taken before any other lock).
+    pub fn workers(&self) -> OrderedGuard<'_, HashMap<String, WorkerEntry>> {
+        self.locks.workers.lock()
+    }
+
+    /// The store connection for HTTP-side reads and low-rate writes
+    /// ([`LockLevel::Db`]: after the workers, before any leaf).
+    pub fn db(&self) -> OrderedGuard<'_, Store> {
+        self.locks.db.lock()
+    }
+
+    /// Command reply waiters by (worker id, command id) (a leaf).
+    pub fn pending(&self) -> OrderedGuard<'_, HashMap<(String, u32), mpsc::Sender<Reply>>> {
+        self.locks.pending.lock()
+    }
+
+    /// When each pending secret rotation was last sent, and whether the
+    /// worker was online then (a leaf).
+    pub fn rotation_sent(&self) -> OrderedGuard<'_, HashMap<String, (Instant, bool)>> {
+        self.locks.rotation_sent.lock()
+    }
+
+    /// Last time a rejection of each reason was logged (a leaf).
+    pub fn reject_log(&self) -> OrderedGuard<'_, HashMap<&'static str, Instant>> {
+        self.locks.reject_log.lock()
+    }
+
+    /// Last reported service states: worker id → service → status (a leaf).
+    pub fn service_status(
+        &self,
+    ) -> OrderedGuard<'_, HashMap<String, BTreeMap<String, ServiceStatusRow>>> {
+        self.locks.service_status.lock()
+    }
+
+    /// Reconciliation resend throttle: (worker, service) → what was sent
+    /// and when (a leaf).
+    pub fn reconcile_sent(&self) -> OrderedGuard<'_, HashMap<(String, String), SentMark>> {
+        self.locks.reconcile_sent.lock()
+    }
+
+    /// Encoded manifests by (service, version) (a leaf).
+    pub fn manifests(
+        &self,
+    ) -> OrderedGuard<'_, HashMap<(String, u32), Arc<crate::spec::BuiltManifest>>> {
+        self.locks.manifests.lock()
+    }
+
+    /// Last failure per (worker, service), for rollouts (a leaf).
+    pub fn service_failures(&self) -> OrderedGuard<'_, HashMap<(String, String), FailMark>> {
+        self.locks.service_failures.lock()
+    }
+
+    /// `DeployManifest` and `InstallManifest` commands awaiting a reply
+    /// (a leaf).
+    pub fn deploy_cmds(&self) -> OrderedGuard<'_, HashMap<(String, u32), DeployCmd>> {
+        self.locks.deploy_cmds.lock()
+    }
+
+    /// Open log relays: (worker, `Logs` cmd id) → the response's feed (a leaf).
+    pub fn log_streams(
+        &self,
+    ) -> OrderedGuard<'_, HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>> {
+        self.locks.log_streams.lock()
+    }
+
+    /// Latest service metrics: worker id → service → values (a leaf).
+    pub fn service_metrics(
+        &self,
+    ) -> OrderedGuard<'_, HashMap<String, BTreeMap<String, SvcMetrics>>> {
+        self.locks.service_metrics.lock()
+    }
+
+    /// Takes the stored marks raised since the last call (locks them, a leaf).
+    pub fn take_stored_marks(&self) -> HashMap<String, u64> {
+        self.locks.stored_marks.take()
+    }
+
+    /// `true` when worker `id` exists (locks the workers).
+    pub fn has_worker(&self, id: &str) -> bool {
+        self.workers().contains_key(id)
+    }
+
+    /// Removes and returns the waiter for `worker_id`'s reply to `cmd_id`
+    /// (locks the waiters, a leaf).
+    pub fn take_waiter(&self, worker_id: &str, cmd_id: u32) -> Option<mpsc::Sender<Reply>> {
+        self.pending().remove(&(worker_id.to_string(), cmd_id))
+    }
 }
 
 /// Shared handle.

@@ -20,7 +20,6 @@
 use std::path::PathBuf;
 
 use super::message::{ApiError, Ctx, RawResp, Req};
-use crate::state::lock;
 
 fn worker_of(ctx: &Ctx, req: &Req) -> Result<String, ApiError> {
     authenticated(ctx, req).map(|(id, _)| id)
@@ -30,7 +29,7 @@ fn worker_of(ctx: &Ctx, req: &Req) -> Result<String, ApiError> {
 /// with (during a rotation: the current, the next or the previous one).
 fn authenticated(ctx: &Ctx, req: &Req) -> Result<(String, protocol::Secret), ApiError> {
     let header = req.authorization.as_deref().unwrap_or_default();
-    let workers = lock(&ctx.shared.workers);
+    let workers = ctx.shared.workers();
     let now = crate::state::now_ms();
     for k in 0..3 {
         let mut secret = None;
@@ -109,7 +108,7 @@ pub(crate) fn sealed_manifest(
 pub(crate) fn artifact(ctx: &Ctx, req: &Req, sha: &str) -> Result<RawResp, ApiError> {
     let worker = worker_of(ctx, req)?;
     let not_found = || ApiError::not_found("artifact");
-    if !crate::artifacts::valid_sha(sha) || lock(&ctx.shared.db).artifact(sha)?.is_empty() {
+    if !crate::artifacts::valid_sha(sha) || ctx.shared.db().artifact(sha)?.is_empty() {
         return Err(not_found());
     }
     let path = crate::artifacts::path_of(&PathBuf::from(&ctx.shared.config.data_dir), sha);

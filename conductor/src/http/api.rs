@@ -18,7 +18,7 @@ use super::message::{ApiError, Ctx, Req, Resp};
 use super::{enroll, prom, ui};
 use crate::auth;
 use crate::crypto::sha256_hex;
-use crate::state::{lock, now_ms, Status, WorkerEntry};
+use crate::state::{now_ms, Status, WorkerEntry};
 use crate::store::{MinuteRow, TokenRow, MAX_QUERY_ROWS};
 
 /// Shortest admin password `POST /password` accepts.
@@ -105,7 +105,7 @@ fn metrics(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
 /// Always 200, so the dashboard can probe without an error in the console.
 fn session(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let row = match presented(req) {
-        Some((t, _)) => lock(&ctx.shared.db).token_by_hash(&sha256_hex(t), now_ms())?,
+        Some((t, _)) => ctx.shared.db().token_by_hash(&sha256_hex(t), now_ms())?,
         None => None,
     };
     Ok(Resp::ok(json!({
@@ -117,7 +117,7 @@ fn session(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
 }
 
 fn health(ctx: &Ctx) -> Result<Resp, ApiError> {
-    let workers = lock(&ctx.shared.workers);
+    let workers = ctx.shared.workers();
     let count = |s: Status| {
         workers
             .values()
@@ -149,7 +149,7 @@ fn login(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         return Err(ApiError::new(429, "too many attempts; slow down"));
     }
     let body: LoginReq = req.json()?;
-    let hash = lock(&ctx.shared.db).user_hash(&body.username)?;
+    let hash = ctx.shared.db().user_hash(&body.username)?;
     // Verify against a dummy hash for unknown users so timing does not reveal them.
     let ok = match hash {
         Some(h) => auth::verify_password(&body.password, &h),
@@ -164,7 +164,7 @@ fn login(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         info!(ip = %req.ip, "login failed");
         return Err(ApiError::new(401, "wrong username or password"));
     }
-    let db = lock(&ctx.shared.db);
+    let db = ctx.shared.db();
     let _ = db.purge_expired_tokens(now_ms());
     let (token, row) = auth::create_token(&db, &format!("session {}", body.username), "session")?;
     let cookie = session_cookie(req, &token, auth::SESSION_MS / 1000);
@@ -175,7 +175,7 @@ fn login(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
 /// Needs no valid token: clearing a stale cookie must always work.
 fn logout(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     if let Some((t, _)) = presented(req) {
-        lock(&ctx.shared.db).delete_token_by_hash(&sha256_hex(t))?;
+        ctx.shared.db().delete_token_by_hash(&sha256_hex(t))?;
     }
     Ok(Resp::no_content().with("Set-Cookie", session_cookie(req, "", 0)))
 }
@@ -200,13 +200,13 @@ fn change_password(ctx: &Ctx, req: &Req, caller: &TokenRow) -> Result<Resp, ApiE
             format!("the new password must be {MIN_PASSWORD_LEN}..={MAX_PASSWORD_LEN} characters"),
         ));
     }
-    let hash = lock(&ctx.shared.db).user_hash(auth::ADMIN_USER)?;
+    let hash = ctx.shared.db().user_hash(auth::ADMIN_USER)?;
     if !hash.is_some_and(|h| auth::verify_password(&body.current, &h)) {
         info!(ip = %req.ip, "password change refused: wrong current password");
         return Err(ApiError::new(403, "the current password is wrong"));
     }
     let new_hash = auth::hash_password(&body.new)?;
-    let db = lock(&ctx.shared.db);
+    let db = ctx.shared.db();
     db.set_user(auth::ADMIN_USER, &new_hash, now_ms())?;
     let mut ended = 0;
     for t in db.list_tokens("session")? {
@@ -219,7 +219,7 @@ fn change_password(ctx: &Ctx, req: &Req, caller: &TokenRow) -> Result<Resp, ApiE
 }
 
 fn list_tokens(ctx: &Ctx) -> Result<Resp, ApiError> {
-    let rows = lock(&ctx.shared.db).list_tokens("api")?;
+    let rows = ctx.shared.db().list_tokens("api")?;
     let tokens: Vec<Value> = rows
         .iter()
         .map(|r| json!({"id": r.id, "name": r.name, "created_ms": r.created_ms}))
@@ -238,7 +238,7 @@ fn create_token(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     if name.is_empty() || name.len() > 64 {
         return Err(ApiError::new(400, "name must be 1..=64 characters"));
     }
-    let (token, row) = auth::create_token(&lock(&ctx.shared.db), name, "api")?;
+    let (token, row) = auth::create_token(&ctx.shared.db(), name, "api")?;
     Ok(Resp::json(
         201,
         &json!({"id": row.id, "name": row.name, "created_ms": row.created_ms, "token": token}),
@@ -246,7 +246,7 @@ fn create_token(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
 }
 
 fn delete_token(ctx: &Ctx, id: &str, _caller: &TokenRow) -> Result<Resp, ApiError> {
-    if lock(&ctx.shared.db).delete_token(id)? {
+    if ctx.shared.db().delete_token(id)? {
         Ok(Resp::no_content())
     } else {
         Err(ApiError::not_found("token"))
@@ -254,7 +254,7 @@ fn delete_token(ctx: &Ctx, id: &str, _caller: &TokenRow) -> Result<Resp, ApiErro
 }
 
 fn registration_info(ctx: &Ctx) -> Result<Resp, ApiError> {
-    let created = lock(&ctx.shared.db).setting(auth::REG_TOKEN_CREATED)?;
+    let created = ctx.shared.db().setting(auth::REG_TOKEN_CREATED)?;
     Ok(Resp::ok(json!({
         "created_ms": created.and_then(|c| c.parse::<u64>().ok()),
         "stored_as": "sha256",
@@ -262,7 +262,7 @@ fn registration_info(ctx: &Ctx) -> Result<Resp, ApiError> {
 }
 
 fn rotate_registration(ctx: &Ctx) -> Result<Resp, ApiError> {
-    let secret = auth::rotate_registration_token(&mut lock(&ctx.shared.db))?;
+    let secret = auth::rotate_registration_token(&mut ctx.shared.db())?;
     info!("registration token rotated via API");
     let fp = ctx.shared.tls.as_ref().map(crate::tls::Tls::ca_fingerprint);
     let token = protocol::RegistrationToken {
@@ -321,7 +321,7 @@ fn summary(w: &WorkerEntry) -> Value {
 }
 
 fn list_workers(ctx: &Ctx) -> Result<Resp, ApiError> {
-    let workers = lock(&ctx.shared.workers);
+    let workers = ctx.shared.workers();
     let mut list: Vec<&WorkerEntry> = workers.values().collect();
     list.sort_by(|a, b| (a.enrolled_at_ms, &a.id).cmp(&(b.enrolled_at_ms, &b.id)));
     let out: Vec<Value> = list
@@ -345,7 +345,7 @@ fn list_workers(ctx: &Ctx) -> Result<Resp, ApiError> {
 }
 
 fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
-    let workers = lock(&ctx.shared.workers);
+    let workers = ctx.shared.workers();
     let w = workers
         .get(id)
         .ok_or_else(|| ApiError::not_found("worker"))?;
@@ -383,21 +383,21 @@ fn set_labels(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
     let labels: BTreeMap<String, String> = req.json()?;
     validate_labels(&labels)?;
     let json = serde_json::to_string(&labels).map_err(ApiError::internal)?;
-    let mut workers = lock(&ctx.shared.workers);
+    let mut workers = ctx.shared.workers();
     let w = workers
         .get_mut(id)
         .ok_or_else(|| ApiError::not_found("worker"))?;
-    lock(&ctx.shared.db).set_labels(id, &json)?;
+    ctx.shared.db().set_labels(id, &json)?;
     w.labels = labels;
     Ok(Resp::ok(json!({"id": id, "labels": w.labels})))
 }
 
 fn revoke(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
-    let mut workers = lock(&ctx.shared.workers);
+    let mut workers = ctx.shared.workers();
     let w = workers
         .get_mut(id)
         .ok_or_else(|| ApiError::not_found("worker"))?;
-    lock(&ctx.shared.db).revoke(id)?;
+    ctx.shared.db().revoke(id)?;
     w.revoked = true;
     w.status = Status::Offline;
     drop(workers);
@@ -442,14 +442,14 @@ fn rotate_secret(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
 }
 
 fn delete_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
-    let mut workers = lock(&ctx.shared.workers);
+    let mut workers = ctx.shared.workers();
     if !workers.contains_key(id) {
         return Err(ApiError::not_found("worker"));
     }
-    lock(&ctx.shared.db).delete_worker(id)?;
+    ctx.shared.db().delete_worker(id)?;
     workers.remove(id);
-    lock(&ctx.shared.service_status).remove(id);
-    lock(&ctx.shared.service_metrics).remove(id);
+    ctx.shared.service_status().remove(id);
+    ctx.shared.service_metrics().remove(id);
     drop(workers);
     ctx.shared.creds.remove_worker(id);
     remove_broker_login(ctx, id)?;
@@ -494,7 +494,7 @@ const MAX_HISTORY_PAGES: usize = 4;
 /// `max_points` (2..=10000) thins the answer: raw samples by an even stride
 /// (the newest is always kept), minute rows by merging neighbours.
 fn metrics_history(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
-    if !lock(&ctx.shared.workers).contains_key(id) {
+    if !ctx.shared.has_worker(id) {
         return Err(ApiError::not_found("worker"));
     }
     let now = now_ms();
@@ -521,7 +521,7 @@ fn metrics_history(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
         },
     };
     let resolution = req.query.get("resolution").map_or("raw", String::as_str);
-    let db = lock(&ctx.shared.db);
+    let db = ctx.shared.db();
     let points: Vec<Value> = match resolution {
         "raw" => {
             // Thin before decoding: only the kept samples are parsed.

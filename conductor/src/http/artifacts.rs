@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::message::{ApiError, Ctx, Req, Resp};
 use crate::artifacts::{self, ArtifactError, MAX_LABEL_LEN};
 use crate::spec::SpecDoc;
-use crate::state::{lock, now_ms};
+use crate::state::now_ms;
 use crate::store::ArtifactRow;
 
 /// Decodes `%XX` escapes and `+` of a query value; `None` if malformed.
@@ -99,14 +99,14 @@ pub(crate) fn upload(
         size,
         created_ms: now_ms(),
     };
-    lock(&ctx.shared.db).put_artifact(&row)?;
+    ctx.shared.db().put_artifact(&row)?;
     tracing::info!(sha256 = %row.sha256, arch = %row.arch, size, "artifact stored");
     Ok(Resp::json(201, &row))
 }
 
 /// `GET /artifacts`.
 pub(crate) fn list(ctx: &Ctx) -> Result<Resp, ApiError> {
-    let rows = lock(&ctx.shared.db).artifacts()?;
+    let rows = ctx.shared.db().artifacts()?;
     Ok(Resp::ok(json!({ "artifacts": rows })))
 }
 
@@ -115,7 +115,7 @@ pub(crate) fn delete(ctx: &Ctx, sha: &str) -> Result<Resp, ApiError> {
     if !artifacts::valid_sha(sha) {
         return Err(ApiError::not_found("artifact"));
     }
-    let db = lock(&ctx.shared.db);
+    let db = ctx.shared.db();
     if db.artifact(sha)?.is_empty() {
         return Err(ApiError::not_found("artifact"));
     }

@@ -4,7 +4,7 @@
 
 use super::message::{ApiError, Ctx, Req};
 use crate::crypto::sha256_hex;
-use crate::state::{lock, now_ms};
+use crate::state::now_ms;
 use crate::store::TokenRow;
 
 /// Name of the session cookie `login` sets.
@@ -47,7 +47,7 @@ pub(crate) fn authenticate(ctx: &Ctx, req: &Req) -> Result<TokenRow, ApiError> {
             }
         }
     }
-    let db = lock(&ctx.shared.db);
+    let db = ctx.shared.db();
     db.token_by_hash(&sha256_hex(token), now_ms())?
         .ok_or_else(|| ApiError::new(401, "invalid or expired token"))
 }

@@ -10,7 +10,6 @@ use serde_json::json;
 use tracing::info_span;
 
 use super::message::{ApiError, Ctx, Resp};
-use crate::state::lock;
 
 /// How long a command waits for its reply.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -22,7 +21,7 @@ pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp,
     let _g = span.enter();
     let (tx, rx) = mpsc::channel();
     let (cmd_id, frame) = {
-        let mut workers = lock(&ctx.shared.workers);
+        let mut workers = ctx.shared.workers();
         let w = workers
             .get_mut(id)
             .ok_or_else(|| ApiError::not_found("worker"))?;
@@ -31,7 +30,7 @@ pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp,
         }
         let (cmd_id, frame) =
             crate::commands::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
-        lock(&ctx.shared.pending).insert((id.to_string(), cmd_id), tx);
+        ctx.shared.pending().insert((id.to_string(), cmd_id), tx);
         (cmd_id, frame)
     };
     let started = Instant::now();
@@ -40,11 +39,11 @@ pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp,
         .client
         .try_publish(topic, QoS::AtLeastOnce, false, frame)
     {
-        lock(&ctx.shared.pending).remove(&(id.to_string(), cmd_id));
+        ctx.shared.take_waiter(id, cmd_id);
         return Err(ApiError::new(503, format!("MQTT queue unavailable: {e}")));
     }
     let reply = rx.recv_timeout(COMMAND_TIMEOUT);
-    lock(&ctx.shared.pending).remove(&(id.to_string(), cmd_id));
+    ctx.shared.take_waiter(id, cmd_id);
     match reply {
         Ok(r) => {
             let status = match r.status {

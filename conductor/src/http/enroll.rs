@@ -24,7 +24,7 @@ use super::message::{ApiError, Ctx, Req, Resp};
 use crate::auth::REG_TOKEN_HASH;
 use crate::crypto::{ct_eq, random_bytes, random_hex, sha256_hex};
 use crate::net::advertised;
-use crate::state::{lock, now_ms, Shared, Status, WorkerEntry};
+use crate::state::{now_ms, Shared, Status, WorkerEntry};
 use crate::store::WorkerRow;
 
 #[derive(Deserialize)]
@@ -96,7 +96,7 @@ fn token_ok(ctx: &Ctx, token: &str) -> Result<bool, ApiError> {
     if ct_eq(token.as_bytes(), ctx.shared.local_token.as_bytes()) {
         return Ok(true);
     }
-    let stored = lock(&ctx.shared.db).setting(REG_TOKEN_HASH)?;
+    let stored = ctx.shared.db().setting(REG_TOKEN_HASH)?;
     Ok(stored.is_some_and(|h| ct_eq(h.as_bytes(), sha256_hex(token).as_bytes())))
 }
 
@@ -155,10 +155,10 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 }
                 Ok(with_pending)
             };
-            check(&lock(&s.workers))?;
+            check(&s.workers())?;
             // Outside the lock: a round trip to an external broker.
             broker_login(s, id, &mqtt_password)?;
-            let mut workers = lock(&s.workers);
+            let mut workers = s.workers();
             let switched = check(&workers)?;
             let Some(w) = workers.get_mut(id.as_str()) else {
                 return Err(ApiError::new(401, "unknown worker or bad proof"));
@@ -185,7 +185,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 cmd_seq: 0,
                 status: String::new(),
             };
-            lock(&s.db).update_reenrol(&row)?;
+            s.db().update_reenrol(&row)?;
             if s.embedded_broker {
                 s.creds.set_worker(id, &row.mqtt_password_sha256);
             }
@@ -213,10 +213,10 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                     return Ok::<_, ApiError>(candidate);
                 }
             };
-            let id = fresh(&lock(&s.workers))?;
+            let id = fresh(&s.workers())?;
             // Outside the lock: a round trip to an external broker.
             broker_login(s, &id, &mqtt_password)?;
-            let mut workers = lock(&s.workers);
+            let mut workers = s.workers();
             if workers.contains_key(&id) {
                 // 48 random bits met twice between two locks: try again.
                 return Err(ApiError::new(503, "enrolment collided; try again"));
@@ -238,7 +238,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 cmd_seq: 0,
                 status: Status::Offline.as_str().into(),
             };
-            lock(&s.db).insert_worker(&row)?;
+            s.db().insert_worker(&row)?;
             if s.embedded_broker {
                 s.creds.set_worker(&id, &row.mqtt_password_sha256);
             }

@@ -23,7 +23,7 @@ use protocol::{Action, LogChunk, LogRequest};
 use rumqttc::QoS;
 
 use super::message::{ApiError, Ctx, RawResp, Req};
-use crate::state::{lock, Shared, Status};
+use crate::state::{Shared, Status};
 
 /// Default `tail`, bytes.
 pub const DEFAULT_TAIL: u32 = 16 * 1024;
@@ -64,7 +64,7 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.shared.log_streams).remove(&self.key);
+        self.shared.log_streams().remove(&self.key);
     }
 }
 
@@ -132,7 +132,7 @@ pub(crate) fn stream(ctx: &Ctx, req: &Req, id: &str, name: &str) -> Result<RawRe
     let follow = num(req, "follow", 0u16, MAX_FOLLOW_S)?;
     let (tx, rx) = mpsc::sync_channel(RELAY_CHUNKS);
     let (cmd_id, frame) = {
-        let mut workers = lock(&ctx.shared.workers);
+        let mut workers = ctx.shared.workers();
         let w = workers
             .get_mut(id)
             .ok_or_else(|| ApiError::not_found("worker"))?;
@@ -142,8 +142,10 @@ pub(crate) fn stream(ctx: &Ctx, req: &Req, id: &str, name: &str) -> Result<RawRe
         if w.status != Status::Online {
             return Err(ApiError::new(504, "worker is offline"));
         }
-        let mut streams = lock(&ctx.shared.log_streams);
-        if streams.len() >= MAX_LOG_STREAMS {
+        // Checked, then released before sealing takes the store (the lock
+        // order at `Shared`): only this path adds relays, and it holds the
+        // worker map from here to the insert, so the count cannot grow.
+        if ctx.shared.log_streams().len() >= MAX_LOG_STREAMS {
             return Err(ApiError::new(
                 503,
                 format!("at most {MAX_LOG_STREAMS} log streams at once"),
@@ -158,7 +160,9 @@ pub(crate) fn stream(ctx: &Ctx, req: &Req, id: &str, name: &str) -> Result<RawRe
             crate::commands::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
         // Registered before publishing, under the worker lock ingest takes
         // first: the first chunk cannot be missed.
-        streams.insert((id.to_string(), cmd_id), tx);
+        ctx.shared
+            .log_streams()
+            .insert((id.to_string(), cmd_id), tx);
         (cmd_id, frame)
     };
     let reg = Registration {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::message::{Ctx, Resp};
 use crate::ingest::Reject;
-use crate::state::{lock, now_ms, Status};
+use crate::state::{now_ms, Status};
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
@@ -17,7 +17,7 @@ fn esc(s: &str) -> String {
 pub(crate) fn render(ctx: &Ctx) -> Resp {
     let mut out = String::with_capacity(4096);
     let now = now_ms();
-    let workers = lock(&ctx.shared.workers);
+    let workers = ctx.shared.workers();
     let mut list: Vec<_> = workers.values().filter(|w| !w.revoked).collect();
     list.sort_by(|a, b| a.id.cmp(&b.id));
 
@@ -101,7 +101,7 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         }),
     );
     {
-        let status = lock(&ctx.shared.service_status);
+        let status = ctx.shared.service_status();
         let mut rows: Vec<(String, String)> = Vec::new();
         for w in &list {
             if let Some(m) = status.get(&w.id) {
@@ -124,7 +124,7 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         );
     }
     {
-        let metrics = lock(&ctx.shared.service_metrics);
+        let metrics = ctx.shared.service_metrics();
         let mut rows: Vec<(String, String)> = Vec::new();
         for w in &list {
             if let Some(m) = metrics.get(&w.id) {

@@ -23,7 +23,7 @@ use crate::deployment::{Deployment, ServiceError};
 use crate::rollout::{self, Rollout};
 use crate::spec::SpecError;
 use crate::spec::{valid_name, SpecDoc};
-use crate::state::{lock, now_ms, SvcMetrics};
+use crate::state::{now_ms, SvcMetrics};
 use crate::store::{DeploymentRow, ServiceStatusRow};
 
 /// Most workers a deployment may name explicitly.
@@ -84,14 +84,18 @@ fn in_sync(version: u32, desired_state: &str, a: Option<&ServiceStatusRow>) -> b
 }
 
 fn load_deployment(ctx: &Ctx, name: &str) -> Result<Option<Deployment>, ApiError> {
-    Ok(lock(&ctx.shared.db)
+    Ok(ctx
+        .shared
+        .db()
         .deployment(name)?
         .map(|r| Deployment::from_row(&r)))
 }
 
 /// `(worker, service)` pairs stopped by a per-worker override.
 fn stopped_overrides(ctx: &Ctx) -> Result<BTreeSet<(String, String)>, ApiError> {
-    Ok(lock(&ctx.shared.db)
+    Ok(ctx
+        .shared
+        .db()
         .overrides()?
         .into_iter()
         .filter(|(_, _, d)| d == "stopped")
@@ -105,7 +109,7 @@ pub(crate) fn create(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     doc.validate(&|arch, sha| crate::deployment::artifact_size(&ctx.shared, arch, sha))?;
     let json = serde_json::to_string(&doc).map_err(ApiError::internal)?;
     let version = {
-        let mut db = lock(&ctx.shared.db);
+        let mut db = ctx.shared.db();
         // Checked again under the lock a concurrent artifact DELETE takes.
         for sha in doc.artifact_shas() {
             if db.artifact(sha)?.is_empty() {
@@ -125,7 +129,7 @@ pub(crate) fn create(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
 /// in progress.
 pub(crate) fn list(ctx: &Ctx) -> Result<Resp, ApiError> {
     let (latest, deps) = {
-        let db = lock(&ctx.shared.db);
+        let db = ctx.shared.db();
         (db.latest_services()?, db.deployments()?)
     };
     let active = rollout::active(&ctx.shared)?;
@@ -153,7 +157,7 @@ pub(crate) fn list(ctx: &Ctx) -> Result<Resp, ApiError> {
 pub(crate) fn get(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
     check_name(name)?;
     let (versions, last_rollout) = {
-        let db = lock(&ctx.shared.db);
+        let db = ctx.shared.db();
         (db.service_versions(name)?, db.rollouts(name, 1)?)
     };
     if versions.is_empty() {
@@ -176,10 +180,23 @@ pub(crate) fn get(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
         .collect();
     let dep = load_deployment(ctx, name)?;
     let overrides = stopped_overrides(ctx)?;
-    let workers = lock(&ctx.shared.workers);
-    let status = lock(&ctx.shared.service_status);
-    let metrics = lock(&ctx.shared.service_metrics);
-    let metrics_of = |id: &str| metrics.get(id).and_then(|m| m.get(name));
+    let workers = ctx.shared.workers();
+    // This service's reports and metrics by worker, copied out of one leaf
+    // lock before the other is taken (the lock order at `Shared`); the
+    // worker map, held throughout, keeps ingest from changing either.
+    let status: BTreeMap<String, ServiceStatusRow> = ctx
+        .shared
+        .service_status()
+        .iter()
+        .filter_map(|(id, m)| Some((id.clone(), m.get(name)?.clone())))
+        .collect();
+    let metrics: BTreeMap<String, SvcMetrics> = ctx
+        .shared
+        .service_metrics()
+        .iter()
+        .filter_map(|(id, m)| Some((id.clone(), m.get(name)?.clone())))
+        .collect();
+    let metrics_of = |id: &str| metrics.get(id);
     let targets = dep
         .as_ref()
         .map(|d| d.targets(&workers))
@@ -187,7 +204,7 @@ pub(crate) fn get(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
     let mut rows = Vec::new();
     if let Some(d) = &dep {
         for id in &targets {
-            let actual = status.get(id).and_then(|m| m.get(name));
+            let actual = status.get(id);
             let version = rollout::desired_version(d, active, id);
             let state = if overrides.contains(&(id.clone(), name.to_string())) {
                 "stopped"
@@ -208,11 +225,8 @@ pub(crate) fn get(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
     // Workers that report the service without being targeted (being removed).
     let untargeted: Vec<Value> = status
         .iter()
-        .filter(|(id, m)| m.contains_key(name) && !targets.contains(*id))
-        .filter_map(|(id, m)| {
-            m.get(name)
-                .map(|a| json!({"worker_id": id, "actual": actual_json(a, metrics_of(id))}))
-        })
+        .filter(|(id, _)| !targets.contains(*id))
+        .map(|(id, a)| json!({"worker_id": id, "actual": actual_json(a, metrics_of(id))}))
         .collect();
     // Worker events about this service (`<name>: …`), newest first.
     let prefix = format!("{name}:");
@@ -281,7 +295,7 @@ pub(crate) fn put_deployment(ctx: &Ctx, req: &Req, name: &str) -> Result<Resp, A
             "desired_state must be running or stopped",
         ));
     }
-    let versions = lock(&ctx.shared.db).service_versions(name)?;
+    let versions = ctx.shared.db().service_versions(name)?;
     let Some(latest) = versions.last().map(|v| v.version) else {
         return Err(ApiError::not_found("service"));
     };
@@ -294,7 +308,7 @@ pub(crate) fn put_deployment(ctx: &Ctx, req: &Req, name: &str) -> Result<Resp, A
     }
     let named: BTreeSet<String> = body.workers.into_iter().collect();
     {
-        let workers = lock(&ctx.shared.workers);
+        let workers = ctx.shared.workers();
         for id in &named {
             match workers.get(id) {
                 None => return Err(ApiError::new(400, format!("unknown worker {id}"))),
@@ -343,7 +357,7 @@ pub(crate) fn put_deployment(ctx: &Ctx, req: &Req, name: &str) -> Result<Resp, A
             None => None,
         },
     };
-    lock(&ctx.shared.db).put_deployment(&row)?;
+    ctx.shared.db().put_deployment(&row)?;
     let mut started = active;
     if roll {
         let dep = Deployment::from_row(&row);
@@ -352,15 +366,12 @@ pub(crate) fn put_deployment(ctx: &Ctx, req: &Req, name: &str) -> Result<Resp, A
             None => {
                 // Nobody online to canary: apply at once.
                 row.version = version;
-                lock(&ctx.shared.db).put_deployment(&row)?;
+                ctx.shared.db().put_deployment(&row)?;
             }
         }
     }
     let dep = Deployment::from_row(&row);
-    let targets: Vec<String> = dep
-        .targets(&lock(&ctx.shared.workers))
-        .into_iter()
-        .collect();
+    let targets: Vec<String> = dep.targets(&ctx.shared.workers()).into_iter().collect();
     tracing::info!(
         service = name,
         version,
@@ -395,7 +406,7 @@ pub(crate) fn start_rollout(ctx: &Ctx, req: &Req, name: &str) -> Result<Resp, Ap
         serde_json::from_value(Value::Object(body))
             .map_err(|e| ApiError::new(400, format!("invalid rollout policy: {e}")))?
     };
-    if lock(&ctx.shared.db).service(name, version)?.is_none() {
+    if ctx.shared.db().service(name, version)?.is_none() {
         return Err(ApiError::new(
             400,
             format!("service {name} has no version {version}"),
@@ -429,7 +440,7 @@ pub(crate) fn abort_rollout(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
 /// `GET /services/{name}/rollouts`: history, newest first.
 pub(crate) fn rollouts(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
     check_name(name)?;
-    let rows = lock(&ctx.shared.db).rollouts(name, rollout::HISTORY)?;
+    let rows = ctx.shared.db().rollouts(name, rollout::HISTORY)?;
     let list: Vec<Value> = rows
         .into_iter()
         .map(|r| Rollout::from_row(r).to_json())
@@ -443,14 +454,16 @@ pub(crate) fn rollouts(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
 pub(crate) fn delete_deployment(ctx: &Ctx, name: &str) -> Result<Resp, ApiError> {
     check_name(name)?;
     {
-        let db = lock(&ctx.shared.db);
+        let db = ctx.shared.db();
         if !db.delete_deployment(name)? {
             return Err(ApiError::not_found("deployment"));
         }
         db.delete_overrides_of(name)?;
     }
     rollout::abort(&ctx.shared, name, "deployment removed")?;
-    let reporting: Vec<String> = lock(&ctx.shared.service_status)
+    let reporting: Vec<String> = ctx
+        .shared
+        .service_status()
         .iter()
         .filter(|(_, m)| m.contains_key(name))
         .map(|(id, _)| id.clone())
@@ -471,29 +484,33 @@ pub(crate) fn worker_op(ctx: &Ctx, id: &str, name: &str, op: &str) -> Result<Res
         "restart" => (Action::Restart(n), None),
         _ => return Err(ApiError::not_found("route")),
     };
-    if !lock(&ctx.shared.workers).contains_key(id) {
+    if !ctx.shared.has_worker(id) {
         return Err(ApiError::not_found("worker"));
     }
-    lock(&ctx.shared.db).set_override(id, name, desired, now_ms())?;
+    ctx.shared.db().set_override(id, name, desired, now_ms())?;
     super::commands::send_and_wait(ctx, id, action)
 }
 
 /// `GET /workers/{id}/services`: actual and desired services on one worker.
 pub(crate) fn worker_services(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
-    let deps: Vec<Deployment> = lock(&ctx.shared.db)
+    let deps: Vec<Deployment> = ctx
+        .shared
+        .db()
         .deployments()?
         .iter()
         .map(Deployment::from_row)
         .collect();
     let active = rollout::active(&ctx.shared)?;
     let overrides = stopped_overrides(ctx)?;
-    let workers = lock(&ctx.shared.workers);
+    let workers = ctx.shared.workers();
     if !workers.contains_key(id) {
         return Err(ApiError::not_found("worker"));
     }
-    let status = lock(&ctx.shared.service_status);
-    let metrics = lock(&ctx.shared.service_metrics);
-    let actual = status.get(id);
+    // The worker's reports and metrics, copied out of one leaf lock before
+    // the other is taken (as in `get`).
+    let status = ctx.shared.service_status().get(id).cloned();
+    let metrics = ctx.shared.service_metrics().get(id).cloned();
+    let actual = status.as_ref();
     let mut names: BTreeSet<String> = actual
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
@@ -516,7 +533,7 @@ pub(crate) fn worker_services(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
                 };
                 (version, state)
             });
-            let m = metrics.get(id).and_then(|m| m.get(n));
+            let m = metrics.as_ref().and_then(|m| m.get(n));
             json!({
                 "name": n,
                 "desired": d.map(|(v, s)| json!({"version": v, "state": s})),
