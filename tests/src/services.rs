@@ -113,7 +113,7 @@ pub fn upload_artifact(c: &Conductor, file: &Path) -> String {
 /// Path of a fleet service binary (`key-manager`, `storage-manager`,
 /// `db-manager`) from `package`, built on first use when this crate runs
 /// alone (`cargo test --workspace` has built it already).
-pub fn service_bin(package: &str, name: &str) -> PathBuf {
+pub fn fleet_service_bin(package: &str, name: &str) -> PathBuf {
     static BUILD: Mutex<()> = Mutex::new(());
     let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let path = bin_dir().join(name);

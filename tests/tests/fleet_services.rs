@@ -72,7 +72,7 @@ fn worker_text(c: &Conductor, id: &str) -> String {
 fn key_manager_deployed_through_the_conductor_serves_clients_and_reports_back() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _worker, id) = start_one(dir.path());
-    let km = service_bin("aerekos-key-manager", "key-manager");
+    let km = fleet_service_bin("aerekos-key-manager", "key-manager");
     let port = free_port();
     let orders = token("orders");
     deploy_artifact(
@@ -207,7 +207,7 @@ fn key_storage_and_db_managers_deployed_together_back_up_and_restore_a_database(
     deploy_artifact(
         &c,
         &id,
-        &service_bin("aerekos-key-manager", "key-manager"),
+        &fleet_service_bin("aerekos-key-manager", "key-manager"),
         json!({"name": "key-manager",
                "args": ["--listen", format!("127.0.0.1:{km_port}")],
                "restart": "always", "health": health(km_port),
@@ -216,7 +216,7 @@ fn key_storage_and_db_managers_deployed_together_back_up_and_restore_a_database(
     deploy_artifact(
         &c,
         &id,
-        &service_bin("aerekos-storage-manager", "storage-manager"),
+        &fleet_service_bin("aerekos-storage-manager", "storage-manager"),
         json!({"name": "storage-manager",
                "args": ["--listen", format!("127.0.0.1:{sm_port}"), "--report-interval-ms", "500"],
                "restart": "always", "health": health(sm_port),
@@ -227,7 +227,7 @@ fn key_storage_and_db_managers_deployed_together_back_up_and_restore_a_database(
     deploy_artifact(
         &c,
         &id,
-        &service_bin("aerekos-db-manager", "db-manager"),
+        &fleet_service_bin("aerekos-db-manager", "db-manager"),
         json!({"name": "db-manager",
                "args": ["--listen", format!("127.0.0.1:{db_port}"), "--report-interval-ms", "500"],
                "restart": "always", "health": health(db_port),
