@@ -426,21 +426,30 @@ pub fn start(
 /// connect, leaves no "connection closed" error in the broker's log.
 fn mqtt_handshake(target: SocketAddr, password: &str) -> std::io::Result<()> {
     use std::io::{Read, Write};
-    let field = |out: &mut Vec<u8>, s: &[u8]| {
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    let field = |out: &mut Vec<u8>, s: &[u8]| -> std::io::Result<()> {
+        let len = u16::try_from(s.len()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "MQTT string field over 65535 bytes",
+            )
+        })?;
+        out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(s);
+        Ok(())
     };
     // Variable header: protocol name, level 4, flags (username, password,
     // clean session), keep-alive 5 s; payload: client id, username, password.
     let mut body = Vec::new();
-    field(&mut body, b"MQTT");
+    field(&mut body, b"MQTT")?;
     body.extend_from_slice(&[4, 0b1100_0010, 0, 5]);
-    field(&mut body, b"conductor-probe");
-    field(&mut body, CONDUCTOR_USER.as_bytes());
-    field(&mut body, password.as_bytes());
+    field(&mut body, b"conductor-probe")?;
+    field(&mut body, CONDUCTOR_USER.as_bytes())?;
+    field(&mut body, password.as_bytes())?;
     let mut packet = vec![0x10];
     let mut len = body.len();
     loop {
+        // fits: len % 128 < 128.
+        #[allow(clippy::cast_possible_truncation)]
         let mut byte = (len % 128) as u8;
         len /= 128;
         if len > 0 {

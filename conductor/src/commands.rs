@@ -18,6 +18,8 @@ pub fn seal_command(
     // Persist before publishing so the stream stays monotonic across restarts.
     shared.db().set_cmd_seq(&w.id, seq)?;
     w.cmd_seq = seq;
+    // fits: masked to the low 32 bits (command ids wrap).
+    #[allow(clippy::cast_possible_truncation)]
     let cmd_id = (seq & u64::from(u32::MAX)) as u32;
     let env = Envelope {
         version: w.format,

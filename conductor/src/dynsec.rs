@@ -125,6 +125,16 @@
 //!   a warning if the broker allows either by default.
 //! * Written and tested against Mosquitto 2.0.11 (Debian 12). Mosquitto must
 //!   be able to write its dynamic-security file: it saves it on every change.
+//!
+//! # Why one file (about 1,450 lines without its tests)
+//!
+//! It is one contract, the plugin's JSON control API, read in one place: the
+//! ACL model (roles, priorities, the deny-all tails) and the client that
+//! plans and applies the differences share the plugin's vocabulary (command
+//! names, object shapes, its error texts) and the retry rules above, and
+//! nothing else in the conductor uses either half. Half of the length is
+//! the client's reconnect and retry paths, each next to the plugin behaviour
+//! it answers.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -522,7 +522,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
         result
     };
-    let ((), (), (), (), (), (), result) = tokio::join!(
+    let ((), (), (), (), (), (), (), result) = tokio::join!(
         mqtt_task,
         live_task,
         reconcile_task,

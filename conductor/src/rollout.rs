@@ -376,7 +376,11 @@ pub fn evaluate(shared: &Shared) -> Result<usize, ServiceError> {
                     w.skipped.extend(off);
                 }
             }
-            r.row.wave = next as u32;
+            // fits: next < waves.len(), and a rollout has at most two waves
+            // (the canaries, then the rest).
+            #[allow(clippy::cast_possible_truncation)]
+            let wave = next as u32;
+            r.row.wave = wave;
             r.row.wave_started_ms = now;
             r.row.waves_json = serde_json::to_string(&r.waves).unwrap_or_default();
             shared.db().update_rollout(&r.row, None)?;

@@ -612,6 +612,8 @@ impl Shared {
 pub type SharedRef = Arc<Shared>;
 
 /// Milliseconds since the Unix epoch on the conductor's clock.
+// fits: u64 milliseconds last 584 million years after 1970.
+#[allow(clippy::cast_possible_truncation)]
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

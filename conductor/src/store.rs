@@ -202,13 +202,23 @@ pub struct Store {
     conn: Connection,
 }
 
+// Bit-preserving on purpose: u64 columns (bitmaps, sums) round-trip
+// through SQLite's i64, so the wrap is undone by `u`.
+#[allow(clippy::cast_possible_wrap)]
 fn i(v: u64) -> i64 {
-    // Bit-preserving: u64 columns (bitmaps, sums) round-trip through i64.
     v as i64
 }
 
+// Bit-preserving on purpose: the inverse of `i`.
+#[allow(clippy::cast_sign_loss)]
 fn u(v: i64) -> u64 {
     v as u64
+}
+
+/// A count as an SQLite integer, saturating: the counts stored here are far
+/// below `i64::MAX`, and a `LIMIT` that does not fit means no limit.
+fn int(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Store {
@@ -232,13 +242,15 @@ impl Store {
         let version: i64 = self
             .conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > MIGRATIONS.len() as i64 {
+        if version > int(MIGRATIONS.len()) {
             return Err(StoreError::TooNew(version));
         }
-        for (idx, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        // A negative version is 0; a positive one is at most MIGRATIONS.len().
+        let done = usize::try_from(version).unwrap_or(0);
+        for (idx, sql) in MIGRATIONS.iter().enumerate().skip(done) {
             let tx = self.conn.transaction()?;
             tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (idx + 1) as i64)?;
+            tx.pragma_update(None, "user_version", int(idx + 1))?;
             tx.commit()?;
         }
         Ok(())
@@ -260,7 +272,10 @@ mod tests {
     fn migrates_once_and_batches() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(
+            s.schema_version().unwrap(),
+            i64::try_from(MIGRATIONS.len()).unwrap()
+        );
         drop(s);
         s = Store::open(dir.path()).unwrap();
         let w = WorkerRow {

@@ -1,5 +1,5 @@
 //! End-to-end tests of the conductor library: real broker, real SQLite, real HTTP.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

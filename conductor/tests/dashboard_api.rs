@@ -1,6 +1,6 @@
 //! The HTTP pieces the web dashboard relies on: the session cookie (and its
 //! cross-origin guard), `GET /session`, `POST /password`, the embedded files.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

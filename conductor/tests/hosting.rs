@@ -2,7 +2,7 @@
 //! rules, secrets kept out of every API answer, rollouts with automatic
 //! revert, log relay, service metrics and events, per-worker stops. Real
 //! in-process conductor, fake MQTT workers.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -5,7 +5,7 @@
 //! `super::`; the server module (`http/mod.rs`) depends on the children it
 //! names. A cycle fails with the modules on it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

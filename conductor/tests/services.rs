@@ -1,6 +1,6 @@
 //! Hosted services: specs, placement, reconciliation, per-worker commands and
 //! persistence, against a real in-process conductor with fake MQTT workers.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -46,7 +46,7 @@ impl Backoff {
 /// A random duration in `[d/2, d)`; `d` itself if the OS has no randomness.
 pub fn jitter(d: Duration) -> Duration {
     let half = d / 2;
-    let span = (d - half).as_millis() as u64;
+    let span = u64::try_from((d - half).as_millis()).unwrap_or(u64::MAX);
     if span == 0 {
         return d;
     }

@@ -284,6 +284,9 @@ impl Collector {
     fn net_rates(&mut self) -> HVec<NetRate, MAX_NETS> {
         let now = Instant::now();
         let current = read_net_dev();
+        // fits: the time between two samples of this process, far below
+        // the 584 million years u64 milliseconds hold.
+        #[allow(clippy::cast_possible_truncation)]
         let elapsed_ms = now.duration_since(self.last_net).as_millis().max(1) as u64;
         self.last_net = now;
         let list = current
@@ -439,6 +442,8 @@ fn load_hundredths(text: &str) -> [u32; 3] {
     out
 }
 
+// fits: clamped to 0..=10_000 before the cast.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn hundredths_pct(pct: f32) -> u16 {
     if pct.is_finite() {
         (pct * 100.0).round().clamp(0.0, 10_000.0) as u16

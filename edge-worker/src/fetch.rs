@@ -468,7 +468,7 @@ pub fn prune_artifacts(state_dir: &Path, keep: &BTreeSet<[u8; 32]>, parts: bool)
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used)]
 
     use super::*;
 

@@ -191,7 +191,7 @@ pub fn command_probe(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used)]
 
     use super::*;
     use std::net::TcpListener;

@@ -152,7 +152,8 @@ pub async fn run(
             "queue capacity must be at least 1".into(),
         ));
     }
-    let covered = config.interval.saturating_mul(config.queue_capacity as u32);
+    let capacity = u32::try_from(config.queue_capacity).unwrap_or(u32::MAX);
+    let covered = config.interval.saturating_mul(capacity);
     if covered < Duration::from_secs(3600) {
         tracing::warn!(
             "the outbox holds only {} min of metrics ({} frames at {:?}); an outage longer than that loses the oldest",

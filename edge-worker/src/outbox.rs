@@ -454,8 +454,10 @@ impl Outbox {
         );
         buf.extend_from_slice(MAGIC);
         for e in &self.frames {
-            // Sealed frames are at most MAX_FRAME_LEN bytes, so this fits in u32.
-            buf.extend_from_slice(&(e.frame.bytes.len() as u32).to_le_bytes());
+            // fits: sealed frames are at most MAX_FRAME_LEN bytes.
+            #[allow(clippy::cast_possible_truncation)]
+            let len = e.frame.bytes.len() as u32;
+            buf.extend_from_slice(&len.to_le_bytes());
             buf.extend_from_slice(&e.frame.bytes);
         }
         if let Err(e) = write_atomic(&self.path, &buf) {
@@ -899,7 +901,8 @@ mod tests {
             o.push(frame(s), Instant::now());
         }
         o.sync().unwrap();
-        let len = fs::metadata(dir.path().join(OUTBOX_FILE)).unwrap().len() as usize;
+        let len =
+            usize::try_from(fs::metadata(dir.path().join(OUTBOX_FILE)).unwrap().len()).unwrap();
         assert!(len <= MAGIC.len() + cap * (4 + MAX_FRAME_LEN));
         let (again, _) = Outbox::load(dir.path(), cap, "w-test", &secret());
         assert_eq!(seqs(&again), vec![46, 47, 48, 49, 50]);
@@ -911,7 +914,7 @@ mod tests {
         let mut buf = MAGIC.to_vec();
         for s in [5u64, 6, 6, 7] {
             let f = frame(s);
-            buf.extend_from_slice(&(f.bytes.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&u32::try_from(f.bytes.len()).unwrap().to_le_bytes());
             buf.extend_from_slice(&f.bytes);
         }
         fs::write(dir.path().join(OUTBOX_FILE), &buf).unwrap();

@@ -364,9 +364,12 @@ pub(crate) async fn run(
     if url.tls {
         opts.set_transport(mqtt_tls(p.trust.as_ref(), &p.mqtt_url)?);
     }
+    // fits: WINDOW is 10.
+    #[allow(clippy::cast_possible_truncation)]
+    let inflight = 2 * WINDOW as u16;
     opts.set_keep_alive(keep_alive(p.interval))
         .set_clean_session(true)
-        .set_inflight(2 * WINDOW as u16)
+        .set_inflight(inflight)
         .set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024)
         .set_last_will(LastWill::new(
             topics.status.clone(),
@@ -426,7 +429,7 @@ pub(crate) async fn run(
     };
     tracing::info!(
         broker = %s.mqtt_url,
-        interval_ms = s.interval.as_millis() as u64,
+        interval_ms = u64::try_from(s.interval.as_millis()).unwrap_or(u64::MAX),
         queued = s.out.queued(),
         "starting"
     );

@@ -791,6 +791,8 @@ impl Supervisor {
             self.emit(name);
             return;
         }
+        // fits: at most 31.
+        #[allow(clippy::cast_possible_truncation)]
         let k = svc.restart_times.len().min(31) as u32;
         let delay = Duration::from_millis(u64::from(svc.manifest.backoff_ms))
             .saturating_mul(1u32 << k)

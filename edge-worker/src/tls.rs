@@ -556,7 +556,9 @@ mod imp {
         #[test]
         fn pem_round_trips() {
             for len in [1usize, 2, 3, 4, 47, 48, 49, 300] {
-                let der: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+                let der: Vec<u8> = (0..len)
+                    .map(|i| u8::try_from(i * 31 % 251).unwrap())
+                    .collect();
                 let pem = pem_of(&der);
                 assert_eq!(der_of_pem(&pem).unwrap(), der, "{len}");
                 assert!(pem.lines().all(|l| l.len() <= 64));

@@ -13,7 +13,7 @@
 //! engine tests print `skipped: …` and pass, unless `AEREKOS_REQUIRE_DOCKER=1`
 //! (set by CI) makes that a failure.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -2,7 +2,7 @@
 //! config and secrets, authentication, and publishes reaching the session's
 //! queue with the right service name and bounds.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
 

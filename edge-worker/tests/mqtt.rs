@@ -5,7 +5,7 @@
 //! Needs `/usr/sbin/mosquitto` (CI installs it); the tests fail, not skip,
 //! without it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -27,6 +27,8 @@ fn secret() -> Secret {
     Secret::from_hex(SECRET_HEX).unwrap()
 }
 
+// fits: u64 milliseconds last 584 million years after 1970.
+#[allow(clippy::cast_possible_truncation)]
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

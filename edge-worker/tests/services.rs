@@ -14,7 +14,7 @@
 //! `x86_64-unknown-linux-musl` target; without them it says `skipped: …`
 //! and passes, unless `AEREKOS_REQUIRE_DOCKER=1` (CI).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -50,6 +50,8 @@ fn secret() -> Secret {
     Secret::from_hex(SECRET_HEX).unwrap()
 }
 
+// fits: u64 milliseconds last 584 million years after 1970.
+#[allow(clippy::cast_possible_truncation)]
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -71,7 +71,6 @@ impl Secret {
 
     pub(crate) fn mac(&self) -> HmacSha256 {
         // An HMAC accepts keys of any length, so this cannot fail.
-        #[allow(clippy::expect_used)]
         <HmacSha256 as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length")
     }
 }
@@ -214,8 +213,10 @@ pub fn seal(secret: &Secret, envelope: &Envelope) -> Result<Vec<u8>, EncodeError
 fn mac_compact(mac: &mut HmacSha256, worker_id: &WorkerId, signed: &[u8]) {
     let (version, rest) = signed.split_at(1.min(signed.len()));
     mac.update(version);
-    // `WorkerId` holds at most 32 bytes: the varint length is one byte.
-    mac.update(&[worker_id.len() as u8]);
+    // fits: `WorkerId` holds at most 32 bytes: the varint length is one byte.
+    #[allow(clippy::cast_possible_truncation)]
+    let id_len = worker_id.len() as u8;
+    mac.update(&[id_len]);
     mac.update(worker_id.as_bytes());
     mac.update(rest);
 }

@@ -90,8 +90,8 @@ pub fn envelope(seq: u64, body: Body) -> Envelope {
 /// The secret used by the examples: bytes 0x00..=0x1f.
 pub fn secret() -> crate::Secret {
     let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = i as u8;
+    for (i, b) in (0u8..).zip(key.iter_mut()) {
+        *b = i;
     }
     crate::Secret::from_bytes(key)
 }

@@ -506,7 +506,7 @@ fn hex_tag(secret: &crate::Secret, method: &str, path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
 

@@ -4,7 +4,7 @@
 //! of `topic.rs`. A topic added to the code and not to a table, or a table
 //! row for a topic that does not exist, fails here.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeSet;
 

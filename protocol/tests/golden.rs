@@ -481,7 +481,7 @@ fn golden_sealed() {
 /// RFC 8439 section 2.8.2, through the same AEAD and layout as `seal`.
 #[test]
 fn sealing_matches_rfc_8439_section_2_8_2() {
-    let key: [u8; 32] = core::array::from_fn(|i| 0x80 + i as u8);
+    let key: [u8; 32] = core::array::from_fn(|i| 0x80 + u8::try_from(i).unwrap());
     let nonce = [
         0x07, 0x00, 0x00, 0x00, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47,
     ];

@@ -7,7 +7,7 @@
 //! nothing running. Each process's output goes to a log file in its temp dir;
 //! on a failed wait the log tail is printed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: a panic is a failure report
+#![allow(clippy::unwrap_used)] // test harness: a panic is a failure report
 
 use std::fs;
 use std::io::Read;
@@ -388,7 +388,7 @@ impl Conductor {
         let info: Value = loop {
             if let Ok(text) = fs::read_to_string(&runtime) {
                 if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                    if v["pid"].as_u64() == Some(pid as u64) {
+                    if v["pid"].as_u64() == Some(u64::from(pid)) {
                         break v;
                     }
                 }

@@ -38,7 +38,7 @@
 //!
 //! `AEREKOS_CHAOS_CUT_S` shortens the 60 s cut-off for local iteration.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -199,6 +199,8 @@ fn ping_ok(c: &Conductor, id: &str) {
     assert_eq!(body["status"], "ok", "ping {id}: {body}");
 }
 
+// fits: u64 milliseconds last 584 million years after 1970.
+#[allow(clippy::cast_possible_truncation)]
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -817,6 +819,9 @@ fn worker_cut_off_buffers_metrics_and_its_service_runs_throughout_once() {
         "cut off: online again {:?} after the restore",
         restored_at.elapsed()
     );
+    // fits: host uptime in seconds, positive and far below 2^53; the
+    // fraction is dropped on purpose.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let after = restored_uptime as u64 + 2;
     wait_for("samples taken after the restore", SECS(30), || {
         history(&c, &id)

@@ -17,7 +17,7 @@
 //! `rustup target add x86_64-unknown-linux-musl` and
 //! `apt-get install musl-tools` (`.ci/run` installs both).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -628,7 +628,7 @@ fn conductor_and_two_workers_from_compose_files() {
     // pid: host — a container of its own would count 1 or 2 processes.
     let procs = m["processes"].as_u64().unwrap();
     assert!(
-        procs > 5 && procs as usize >= host_processes() / 2,
+        procs > 5 && usize::try_from(procs).unwrap() >= host_processes() / 2,
         "processes {procs} vs host {}",
         host_processes()
     );

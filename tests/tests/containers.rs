@@ -6,7 +6,7 @@
 //! is skipped and why — unless `AEREKOS_REQUIRE_DOCKER=1` (CI), where that
 //! is a failure.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::fs;
 use std::process::Command;

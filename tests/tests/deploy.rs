@@ -3,7 +3,7 @@
 //! settings (checked with `systemd-analyze verify` where it exists), and the
 //! installed agent actually enrolling with the settings file it wrote.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,7 +1,7 @@
 //! End-to-end: the real conductor with its embedded broker and real
 //! edge-worker processes, on ephemeral ports in temp dirs.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::time::{Duration, Instant};
 

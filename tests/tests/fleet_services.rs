@@ -4,7 +4,7 @@
 //! the network by real clients. Audit events and metrics come back to the
 //! conductor through the worker's local API.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::path::Path;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! all 50 must be online, Ping commands must be answered, and vanished
 //! workers must be seen offline.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::process::Command;
 use std::time::{Duration, Instant};

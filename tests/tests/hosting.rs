@@ -5,7 +5,7 @@
 //! The hosted program is the workspace's `test-service` binary, uploaded to
 //! the conductor as an x86_64 (this machine's arch) artifact.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::fs;
 use std::path::Path;

@@ -8,7 +8,7 @@
 //! test fails, it does not skip. A missing or stale aarch64 binary is built
 //! first (`cargo pi`), which takes a few minutes; CI builds it beforehand.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,7 @@
 //! can be told apart from a global one. Each test gets its own conductor,
 //! so they run in parallel.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::HashMap;
 use std::fs;
@@ -989,7 +989,7 @@ fn tcp_streams(pcap: &[u8]) -> Vec<Vec<u8>> {
         let skip = expected.wrapping_sub(seq) as usize;
         if skip < payload.len() {
             bytes.extend_from_slice(&payload[skip..]);
-            *next = Some(seq.wrapping_add(payload.len() as u32));
+            *next = Some(seq.wrapping_add(u32::try_from(payload.len()).unwrap()));
         } else if next.is_none() {
             *next = Some(seq);
         }
@@ -1022,7 +1022,7 @@ fn leak_forms_and_the_pcap_reader_find_what_they_should() {
         let mut ip = vec![
             0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1,
         ];
-        let total = (20 + 20 + data.len()) as u16;
+        let total = u16::try_from(20 + 20 + data.len()).unwrap();
         ip[2..4].copy_from_slice(&total.to_be_bytes());
         let mut tcp = vec![0x30, 0x39, 0x1f, 0x90];
         tcp.extend_from_slice(&seq.to_be_bytes());
@@ -1031,8 +1031,9 @@ fn leak_forms_and_the_pcap_reader_find_what_they_should() {
         f.extend_from_slice(&tcp);
         f.extend_from_slice(data);
         let mut rec = vec![0u8; 8];
-        rec.extend_from_slice(&(f.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        let len = u32::try_from(f.len()).unwrap();
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(&len.to_le_bytes());
         rec.extend_from_slice(&f);
         rec
     };

@@ -2,7 +2,7 @@
 //! edge-worker processes, supervised through crashes, a conductor outage and
 //! a worker restart, and removed without leaving orphans.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::time::Duration;
 
@@ -79,7 +79,7 @@ fn deploy_by_label_supervise_survive_outage_and_undeploy_without_orphans() {
         .status();
     wait_for("relay restarted with a new pid", SECS(20), || {
         let a = actual(&c, "relay", &ids[0])?;
-        (a["state"] == "running" && a["pid"].as_u64() != Some(first as u64)).then_some(())
+        (a["state"] == "running" && a["pid"].as_u64() != Some(u64::from(first))).then_some(())
     });
     assert_eq!(pids_with(&mark).len(), 2);
 

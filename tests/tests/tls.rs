@@ -4,7 +4,7 @@
 //! are refused (unless `--insecure-plain`); the broker confines the
 //! observer and each worker to what it may do.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};

@@ -603,6 +603,8 @@ fn merge_minutes(rows: &[MinuteRow], n: usize) -> Vec<MinuteRow> {
             let wf = |f: fn(&MinuteRow) -> f64| {
                 chunk.iter().map(|r| f(r) * r.n as f64).sum::<f64>() / total as f64
             };
+            // fits: a weighted mean of u64 values is at most their maximum.
+            #[allow(clippy::cast_possible_truncation)]
             let wu = |f: fn(&MinuteRow) -> u64| {
                 (chunk
                     .iter()

@@ -55,7 +55,7 @@ pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp,
                 "id": cmd_id,
                 "status": status,
                 "detail": r.detail.as_str(),
-                "round_trip_ms": started.elapsed().as_millis() as u64,
+                "round_trip_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             })))
         }
         Err(_) => Err(ApiError::new(

@@ -4,7 +4,7 @@
 
 use rusqlite::params;
 
-use super::{i, u, Store, StoreError, MAX_QUERY_ROWS};
+use super::{i, int, u, Store, StoreError, MAX_QUERY_ROWS};
 
 /// One-minute aggregate input derived from a metrics sample.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl Store {
              ORDER BY received_at_ms, seq LIMIT ?4",
         )?;
         let rows = st.query_map(
-            params![worker_id, i(from_ms), i(to_ms), MAX_QUERY_ROWS as i64],
+            params![worker_id, i(from_ms), i(to_ms), int(MAX_QUERY_ROWS)],
             |r| Ok((u(r.get(0)?), u(r.get(1)?), r.get(2)?)),
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -93,7 +93,7 @@ impl Store {
              ORDER BY minute_ms LIMIT ?4",
         )?;
         let rows = st.query_map(
-            params![worker_id, i(from_ms), i(to_ms), MAX_QUERY_ROWS as i64],
+            params![worker_id, i(from_ms), i(to_ms), int(MAX_QUERY_ROWS)],
             |r| {
                 let n = u(r.get(1)?).max(1);
                 let temp: Option<i64> = r.get(7)?;

@@ -2,7 +2,7 @@
 
 use rusqlite::params;
 
-use super::{i, u, Store, StoreError};
+use super::{i, int, u, Store, StoreError};
 
 /// One rollout, as stored (JSON columns parsed by `crate::rollout`).
 #[derive(Debug, Clone, PartialEq, Eq)]

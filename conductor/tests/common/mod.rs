@@ -179,6 +179,9 @@ impl Drop for Conductor {
     }
 }
 
+// fits: the series read are counters and gauges of whole, non-negative
+// numbers far below 2^53 (an `as` from f64 saturates anyway).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub fn prom_value(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|l| {

@@ -64,6 +64,8 @@ pub(super) struct Publisher {
     pub_ack_final: bool,
 }
 
+// fits: u64 milliseconds last 584 million years after 1970.
+#[allow(clippy::cast_possible_truncation)]
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

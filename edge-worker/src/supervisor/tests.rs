@@ -1,7 +1,7 @@
 //! The supervisor's unit tests: process services through the public API
 //! (deploy, stop, adoption, restart policy, logs) and the files it keeps.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -49,6 +49,11 @@ fn procs_with(needle: &str) -> Vec<u32> {
     out
 }
 
+/// A process id from `/proc` or a pid file as rustix takes it.
+fn as_pid(raw: u32) -> Pid {
+    Pid::from_raw(i32::try_from(raw).unwrap()).unwrap()
+}
+
 /// Kills every process carrying the marker on drop, even after a failure.
 struct Reaper(Vec<String>);
 
@@ -56,7 +61,7 @@ impl Drop for Reaper {
     fn drop(&mut self) {
         for m in &self.0 {
             for pid in procs_with(m) {
-                if let Some(p) = Pid::from_raw(pid as i32) {
+                if let Some(p) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
                     let _ = kill_process(p, Signal::KILL);
                 }
             }
@@ -308,7 +313,7 @@ fn kill_9_restarts_with_a_new_pid() {
     let pidfile = read_pid_file(&dir.path().join("services/web")).unwrap();
     assert_eq!((pidfile.pid, pidfile.version), (first.pid, 1));
 
-    kill_process(Pid::from_raw(first.pid as i32).unwrap(), Signal::KILL).unwrap();
+    kill_process(as_pid(first.pid), Signal::KILL).unwrap();
     let second = wait_for(&mut sup, "web", "restart", |s| {
         running(s) && s.pid != first.pid
     });
@@ -516,7 +521,7 @@ fn a_dead_pid_is_started_fresh_and_a_reused_pid_is_not_adopted() {
     sup.deploy(spec("fresh", 1, "sleep", &[&u])).unwrap();
     let first = wait_for(&mut sup, "fresh", "running", running);
     drop(sup);
-    kill_process(Pid::from_raw(first.pid as i32).unwrap(), Signal::KILL).unwrap();
+    kill_process(as_pid(first.pid), Signal::KILL).unwrap();
     let t0 = Instant::now();
     while !procs_with(&u).is_empty() {
         assert!(t0.elapsed() < Duration::from_secs(5));
@@ -536,7 +541,7 @@ fn a_dead_pid_is_started_fresh_and_a_reused_pid_is_not_adopted() {
         start_time: 1,
         version: 1,
     };
-    kill_process(Pid::from_raw(st.pid as i32).unwrap(), Signal::KILL).unwrap();
+    kill_process(as_pid(st.pid), Signal::KILL).unwrap();
     write_pid_file(&svc_dir, &own);
     let mut sup = Supervisor::load(dir.path());
     let again = wait_for(&mut sup, "fresh", "running", running);
@@ -610,7 +615,11 @@ fn output_goes_to_a_bounded_log() {
     assert_eq!(sup.logs("log", 1).unwrap(), "oops\n");
     assert_eq!(sup.logs("nope", 1), None);
     let svc_dir = dir.path().join("services/log");
-    fs::write(svc_dir.join(LOG_FILE), vec![b'x'; LOG_MAX as usize + 10]).unwrap();
+    fs::write(
+        svc_dir.join(LOG_FILE),
+        vec![b'x'; usize::try_from(LOG_MAX).unwrap() + 10],
+    )
+    .unwrap();
     rotate_log(&svc_dir);
     assert_eq!(fs::metadata(svc_dir.join(LOG_FILE)).unwrap().len(), 0);
     assert_eq!(fs::metadata(svc_dir.join(LOG_OLD)).unwrap().len(), LOG_MAX);

@@ -141,6 +141,11 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Unix seconds as an SQLite integer (saturating: i64 seconds outlast the sun).
+fn sql_secs(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
 impl Catalog {
     /// Opens or creates `<dir>/catalog.sqlite`.
     pub fn open(dir: &Path) -> Result<Catalog, CatalogError> {
@@ -199,7 +204,7 @@ impl Catalog {
                 };
                 Ok(Entry {
                     name: r.get(0)?,
-                    created: r.get::<_, i64>(1)?.max(0) as u64,
+                    created: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
                     rw: hashed(r.get(2)?, r.get(3)?),
                     ro: hashed(r.get(4)?, r.get(5)?),
                 })
@@ -228,7 +233,7 @@ impl Catalog {
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "INSERT INTO databases(name, created) VALUES (?, ?)",
-            params![e.name, e.created as i64],
+            params![e.name, sql_secs(e.created)],
         )
         .map_err(err)?;
         for (kind, h) in [(Kind::Rw, &e.rw), (Kind::Ro, &e.ro)] {
@@ -239,7 +244,7 @@ impl Catalog {
                     kind.as_str(),
                     &h.salt[..],
                     &h.hash[..],
-                    e.created as i64
+                    sql_secs(e.created)
                 ],
             )
             .map_err(err)?;
@@ -252,7 +257,7 @@ impl Catalog {
         self.conn
             .execute(
                 "UPDATE credentials SET salt = ?, hash = ?, created = ? WHERE db = ? AND access = ?",
-                params![&h.salt[..], &h.hash[..], unix_now() as i64, db, kind.as_str()],
+                params![&h.salt[..], &h.hash[..], sql_secs(unix_now()), db, kind.as_str()],
             )
             .map(|_| ())
             .map_err(self.err())
@@ -276,7 +281,7 @@ impl Catalog {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
 

@@ -3,7 +3,7 @@
 //! clients over loopback HTTP, and for backups the real `storage-manager`
 //! binary (encryption off) reached through its own S3 API.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::path::Path;
 use std::process::Command;

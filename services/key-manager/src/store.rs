@@ -516,7 +516,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
     use crate::crypto::MasterSource;

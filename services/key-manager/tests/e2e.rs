@@ -2,7 +2,7 @@
 //! `LocalApi`), the real `key-manager` binary as a child process, and ureq
 //! clients over loopback HTTP.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -79,7 +79,7 @@ pub fn remove_temp_files(dir: &Path) -> Result<usize, DurableError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
     use std::os::unix::fs::PermissionsExt;

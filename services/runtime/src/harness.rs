@@ -19,7 +19,7 @@
 //! layout (no `--target` triple) unless `<BIN>_BIN` (for example
 //! `KEY_MANAGER_BIN`) names the binary.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is a failure report
+#![allow(clippy::unwrap_used)] // test support: a panic is a failure report
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};

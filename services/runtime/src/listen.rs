@@ -179,7 +179,7 @@ pub fn respond_json(req: tiny_http::Request, code: u16, body: &serde_json::Value
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used)]
 
     use super::*;
     use std::io::{Read, Write};

@@ -405,7 +405,7 @@ pub mod aws_example {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
 

@@ -13,8 +13,12 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let y = yoe + era * 400;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    // fits: doy is 0..=365 and mp 0..=11, so d is 1..=31 and m 1..=12.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let (d, m) = (
+        (doy - (153 * mp + 2) / 5 + 1) as u32,
+        if mp < 10 { mp + 3 } else { mp - 9 } as u32,
+    );
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
@@ -40,9 +44,14 @@ struct Parts {
 }
 
 fn parts(secs: u64) -> Parts {
+    // fits: u64::MAX / 86_400 is below 2^48.
+    #[allow(clippy::cast_possible_wrap)]
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (y, mo, d) = civil_from_days(days);
+    // fits: days >= 0, so this is 0..7.
+    #[allow(clippy::cast_sign_loss)]
+    let wday = ((days + 4) % 7) as usize;
     Parts {
         y,
         mo,
@@ -51,7 +60,7 @@ fn parts(secs: u64) -> Parts {
         mi: rem % 3600 / 60,
         s: rem % 60,
         // 1970-01-01 was a Thursday.
-        wday: ((days + 4) % 7) as usize,
+        wday,
     }
 }
 
@@ -129,7 +138,7 @@ pub fn now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
 

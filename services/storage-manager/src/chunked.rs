@@ -57,8 +57,8 @@ impl Crc32 {
             _ => return None,
         };
         let mut table = Box::new([0u32; 256]);
-        for (i, slot) in table.iter_mut().enumerate() {
-            let mut c = i as u32;
+        for (i, slot) in (0u32..).zip(table.iter_mut()) {
+            let mut c = i;
             for _ in 0..8 {
                 c = if c & 1 != 0 { poly ^ (c >> 1) } else { c >> 1 };
             }
@@ -346,7 +346,7 @@ impl<R: BufRead> Read for AwsChunked<R> {
                 self.next_chunk()?;
                 continue;
             }
-            let want = (self.left.min(buf.len() as u64)) as usize;
+            let want = usize::try_from(self.left).map_or(buf.len(), |l| l.min(buf.len()));
             let n = self.inner.read(&mut buf[..want])?;
             if n == 0 {
                 return Err(framing("the body ended inside a chunk"));
@@ -368,7 +368,7 @@ impl<R: BufRead> Read for AwsChunked<R> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
     use base64::engine::general_purpose::STANDARD as B64;

@@ -445,7 +445,7 @@ fn route(ctx: &mut Ctx<'_>, raw_path: &str) -> Result<Reply, S3Err> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
 

@@ -396,7 +396,7 @@ pub fn trailer_signature(v: &Verified, previous: &str, trailer_text: &str) -> St
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
 

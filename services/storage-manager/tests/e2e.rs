@@ -4,7 +4,7 @@
 //! `storage-manager` binary as child processes, driven over loopback by our
 //! S3 client, raw ureq requests and boto3 (`tests/boto3_client.py`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -96,6 +96,8 @@ fn s3_code(e: ClientError) -> String {
     }
 }
 
+// Truncation intended: the bytes come from the index's low bits.
+#[allow(clippy::cast_possible_truncation)]
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     let mut v: Vec<u8> = (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)

@@ -14,7 +14,7 @@
 //! removed before the next; a round ends when the worker reports `running`
 //! with a pid no earlier round had (so a stale report cannot count).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a benchmark report
+#![allow(clippy::unwrap_used)] // a benchmark: a panic is a failure report
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -27,6 +27,8 @@ const ROUNDS: usize = 20;
 
 fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration, Duration) {
     v.sort();
+    // fits: q is 0..=1, so the index is 0..len.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
     (p(0.5), p(0.9), v[0], v[v.len() - 1])
 }

@@ -59,7 +59,7 @@
 //! The simulator shares the machine (and its cores) with the conductor:
 //! its own CPU is printed so the reader can tell who starved whom.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a benchmark report
+#![allow(clippy::unwrap_used)] // a benchmark: a panic is a failure report
 
 #[path = "fleet_sim/probe.rs"]
 mod probe;
@@ -232,12 +232,22 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// A Prometheus counter sample as a count.
+// fits: counters are whole and non-negative, far below 2^53 (and an `as`
+// from f64 saturates).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn count(v: f64) -> u64 {
+    v as u64
+}
+
 /// Sum of every `aerekos_frames_rejected_total{…}` sample.
 fn rejected_total(prom: &str) -> u64 {
-    prom.lines()
-        .filter(|l| l.starts_with("aerekos_frames_rejected_total{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    count(
+        prom.lines()
+            .filter(|l| l.starts_with("aerekos_frames_rejected_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>(),
+    )
 }
 
 /// Non-zero rejection counters, `reason=n` joined by spaces.
@@ -254,7 +264,7 @@ fn rejected_reasons(prom: &str) -> String {
 }
 
 fn accepted_total(prom: &str) -> u64 {
-    e2e::metric(prom, "aerekos_frames_accepted_total") as u64
+    count(e2e::metric(prom, "aerekos_frames_accepted_total"))
 }
 
 /// Latency samples: `(sent_at_ms, conductor stamp − sent, observer receipt − sent)`.
@@ -338,6 +348,8 @@ fn ping_loop(t: &Target, ids: &[String], deadline: Instant) -> (Vec<f64>, Vec<f6
     let mut inner = Vec::new();
     let mut sent = 0;
     while Instant::now() < deadline && !ids.is_empty() {
+        // fits: below ids.len().
+        #[allow(clippy::cast_possible_truncation)]
         let id = &ids[rng.below(ids.len() as u64) as usize];
         let started = Instant::now();
         let (status, body) = t.post(
@@ -491,7 +503,8 @@ fn run_scenario(args: &Args, n: usize, interval_s: u64, broker: BrokerKind) -> O
     for ident in &idents {
         let (tx, rx) = mpsc::unbounded_channel();
         ctls.push((ident.id.clone(), tx));
-        let first_tick = Duration::from_millis(rng.below(interval.as_millis() as u64));
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let first_tick = Duration::from_millis(rng.below(interval_ms));
         rt.spawn(sim::run(sim::WorkerParams {
             ident: ident.clone(),
             interval,
@@ -505,7 +518,7 @@ fn run_scenario(args: &Args, n: usize, interval_s: u64, broker: BrokerKind) -> O
         }));
     }
     o.connect_s = wait_until(Duration::from_secs(300), || {
-        Stats::get(&stats.connected) as usize >= n_ok
+        usize::try_from(Stats::get(&stats.connected)).unwrap_or(usize::MAX) >= n_ok
     });
     o.connected = Stats::get(&stats.connected);
     println!(
@@ -515,7 +528,8 @@ fn run_scenario(args: &Args, n: usize, interval_s: u64, broker: BrokerKind) -> O
             .map_or("(timed out)".into(), |s| format!("{s:.1} s"))
     );
     o.online_s = wait_until(Duration::from_secs(120), || {
-        t.health()["workers_online"].as_u64().unwrap_or(0) as usize >= n_ok
+        let online = t.health()["workers_online"].as_u64().unwrap_or(0);
+        usize::try_from(online).unwrap_or(usize::MAX) >= n_ok
     })
     .map(|s| s + o.connect_s.unwrap_or(0.0));
     println!(
@@ -666,13 +680,16 @@ fn run_scenario(args: &Args, n: usize, interval_s: u64, broker: BrokerKind) -> O
     o.accepted = accepted_total(&prom);
     o.rejected = rejected_total(&prom);
     o.rejected_reasons = rejected_reasons(&prom);
-    o.mirror_dropped = e2e::metric(&prom, "aerekos_mirror_dropped_total") as u64;
+    o.mirror_dropped = count(e2e::metric(&prom, "aerekos_mirror_dropped_total"));
     o.sent = Stats::get(&stats.handed);
     o.acked = Stats::get(&stats.acked);
     o.stored = Stats::get(&stats.stored);
     o.queue_full = Stats::get(&stats.queue_full);
     o.disconnects = Stats::get(&stats.disconnects);
-    o.lost = o.sent as i64 - o.accepted as i64;
+    // fits: frame counts of one run, far below 2^63.
+    #[allow(clippy::cast_possible_wrap)]
+    let lost = o.sent as i64 - o.accepted as i64;
+    o.lost = lost;
 
     for (_, tx) in &ctls {
         let _ = tx.send(Ctl::Shutdown);

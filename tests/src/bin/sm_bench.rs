@@ -138,6 +138,8 @@ fn bench() -> Result<(), String> {
     for size_mib in [1usize, 32] {
         let size = size_mib << 20;
         let count = (mib / size_mib).max(2);
+        // Truncation intended: a byte pattern from the index's low bits.
+        #[allow(clippy::cast_possible_truncation)]
         let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4099) as u8).collect();
         let (bw, br) = baseline(&root.join("baseline"), &data, count).map_err(|x| e(&x))?;
         let total = (size * count) as u64;

@@ -44,6 +44,8 @@ impl Drop for TempDir {
 struct Rng(u64);
 
 impl Rng {
+    // fits: the value is below ROWS (10 000).
+    #[allow(clippy::cast_possible_wrap)]
     fn id(&mut self) -> i64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;

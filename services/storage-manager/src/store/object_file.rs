@@ -232,7 +232,7 @@ struct PlainReader {
 
 impl Read for PlainReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let want = (self.end - self.pos).min(buf.len() as u64) as usize;
+        let want = usize::try_from(self.end - self.pos).map_or(buf.len(), |n| n.min(buf.len()));
         if want == 0 {
             return Ok(0);
         }
@@ -278,8 +278,11 @@ impl Read for DecryptReader {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
             }
             let chunk_start = i * CHUNK as u64;
-            self.off = (self.pos - chunk_start) as usize;
-            self.valid = ((self.end - chunk_start) as usize).min(clen);
+            // fits: pos is inside chunk i, so pos - chunk_start < CHUNK.
+            #[allow(clippy::cast_possible_truncation)]
+            let off = (self.pos - chunk_start) as usize;
+            self.off = off;
+            self.valid = usize::try_from(self.end - chunk_start).map_or(clen, |n| n.min(clen));
         }
         let n = (self.valid - self.off).min(out.len());
         out[..n].copy_from_slice(&self.buf[self.off..self.off + n]);

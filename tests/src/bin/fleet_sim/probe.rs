@@ -90,6 +90,8 @@ pub fn quantile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
+    // fits: p is 0..=1, so the rank is 0..=len (and clamped below).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let rank = (p * sorted.len() as f64).ceil() as usize;
     sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }

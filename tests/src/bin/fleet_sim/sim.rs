@@ -101,6 +101,8 @@ pub type SentLog = Mutex<HashMap<(String, u64), u64>>;
 pub type Vanished = Mutex<HashMap<String, Instant>>;
 
 /// Wall clock in ms (the conductor stamps frames with the same clock).
+// fits: u64 milliseconds last 584 million years after 1970.
+#[allow(clippy::cast_possible_truncation)]
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -363,7 +365,10 @@ impl Worker {
 
     fn on_tick(&mut self) {
         let mut m = self.metrics.clone();
-        m.cpu_total = (self.rng.below(10_000)) as u16;
+        // fits: below 10 000.
+        #[allow(clippy::cast_possible_truncation)]
+        let cpu = self.rng.below(10_000) as u16;
+        m.cpu_total = cpu;
         m.uptime_s += self.seq;
         self.publish_frame(TopicKind::Metrics, Body::Metrics(m), false);
     }
