@@ -14,6 +14,8 @@
 //! Limits: JSON responses are read up to 16 MiB; `logs --follow` streams
 //! until the conductor ends the response.
 
+mod alerts;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -92,6 +94,9 @@ pub enum Cmd {
     /// Artifacts: uploaded binaries addressed by SHA-256.
     #[command(subcommand)]
     Artifact(ArtifactCmd),
+    /// Alerts: rules, webhook receivers, what fired and when.
+    #[command(subcommand)]
+    Alert(alerts::AlertCmd),
     /// List service specs with their deployment and state.
     Services,
     /// Service specs.
@@ -627,6 +632,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             tail,
             follow,
         } => client.logs(&worker, &name, tail, follow, out)?,
+        Cmd::Alert(cmd) => alerts::run(&client, cmd, out, &print)?,
     }
     Ok(())
 }

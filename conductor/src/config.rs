@@ -104,6 +104,8 @@ pub struct Config {
     /// worker its own login and ACLs there, and removes them on revocation
     /// (`conductor mosquitto-config` prints the broker config).
     pub mqtt_dynsec: bool,
+    /// How often the alert rules are evaluated (`5s`, `500ms`).
+    pub alert_interval: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -143,6 +145,7 @@ impl Default for Config {
             metrics_token: None,
             mqtt_dynsec: false,
             secret_grace: "24h".into(),
+            alert_interval: "5s".into(),
         }
     }
 }
@@ -377,6 +380,7 @@ impl Config {
         env_opt!(mqtt_ca, "AEREKOS_MQTT_CA");
         env_opt!(metrics_token, "AEREKOS_METRICS_TOKEN");
         env_str!(secret_grace, "AEREKOS_SECRET_GRACE");
+        env_str!(alert_interval, "AEREKOS_ALERT_INTERVAL");
         if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
             c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "AEREKOS_MAX_ARTIFACT_BYTES".into(),
@@ -498,6 +502,7 @@ impl Config {
             ("raw_retention", &self.raw_retention),
             ("minute_retention", &self.minute_retention),
             ("secret_grace", &self.secret_grace),
+            ("alert_interval", &self.alert_interval),
         ] {
             if parse_duration_ms(v).is_none() {
                 return Err(bad(name, format!("not a duration: {v:?}")));
@@ -517,6 +522,11 @@ impl Config {
     /// The previous secret's grace after a rotation, ms.
     pub fn secret_grace_ms(&self) -> u64 {
         parse_duration_ms(&self.secret_grace).unwrap_or(SECRET_GRACE_MS)
+    }
+
+    /// How often the alert rules are evaluated, ms.
+    pub fn alert_interval_ms(&self) -> u64 {
+        parse_duration_ms(&self.alert_interval).unwrap_or(5_000)
     }
 
     /// Minute rollup retention in ms.

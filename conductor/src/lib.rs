@@ -3,8 +3,10 @@
 //!
 //! [`run`] starts everything and runs until the `shutdown` future resolves.
 //! Threads: the current-thread tokio runtime that calls [`run`] drives the
-//! MQTT client, the liveness ticker, service reconciliation ([`services`])
-//! and the `Stored` acknowledgements ([`ingest::run_acks`]); rumqttd runs on its own thread (and
+//! MQTT client, the liveness ticker, service reconciliation ([`services`]),
+//! alert evaluation ([`alerts`]) and the `Stored` acknowledgements
+//! ([`ingest::run_acks`]); the alert webhook sender has its own thread and
+//! store connection; rumqttd runs on its own thread (and
 //! cannot be stopped, see [`broker`]); the ingest writer owns a SQLite
 //! connection on its own thread; tiny_http requests are served by
 //! [`http::HTTP_THREADS`] threads.
@@ -13,6 +15,7 @@
 //! `mqtt_addr`, `pid`) atomically once it is ready, and removes it on a
 //! clean shutdown.
 
+pub mod alerts;
 pub mod artifacts;
 pub mod auth;
 pub mod broker;
@@ -476,6 +479,9 @@ pub async fn run(
     );
     let live_task = liveness::run(shared.clone(), stop_rx.clone());
     let reconcile_task = services::run(shared.clone(), client.clone(), stop_rx.clone());
+    let alert_sender =
+        alerts::webhook::Sender::spawn(&data_dir).map_err(io_err("start alert sender"))?;
+    let alert_task = alerts::run(shared.clone(), alert_sender.waker(), stop_rx.clone());
     let ack_task = ingest::run_acks(shared.clone(), client.clone(), stop_rx.clone());
     let tls_task = refresh_tls(tls.clone(), stop_rx.clone());
     let dynsec_task = async {
@@ -526,6 +532,7 @@ pub async fn run(
         mqtt_task,
         live_task,
         reconcile_task,
+        alert_task,
         ack_task,
         tls_task,
         dynsec_task,
@@ -540,6 +547,7 @@ pub async fn run(
         server.stop();
     }
     creds.close();
+    alert_sender.stop();
     drop(client);
     drop(shared);
     writer.join();

@@ -31,7 +31,8 @@
 //! `impl Store` under `store/`: `settings.rs` (settings, users, tokens),
 //! `workers.rs` (workers, secret rotation), `metrics.rs` (raw and per-minute
 //! metrics, retention), `services.rs` (specs, deployments, overrides,
-//! status), `artifacts.rs`, `rollouts.rs` and `batch.rs` (the ingest writer's
+//! status), `artifacts.rs`, `rollouts.rs`, `alerts.rs` (rules, alerts,
+//! receivers, the notification outbox) and `batch.rs` (the ingest writer's
 //! [`WriteOp`] batches).
 
 use std::path::Path;
@@ -39,6 +40,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+mod alerts;
 mod artifacts;
 mod batch;
 mod metrics;
@@ -47,6 +49,7 @@ mod services;
 mod settings;
 mod workers;
 
+pub use alerts::{AlertRow, AlertRuleRow, NotificationRow, ReceiverRow};
 pub use artifacts::ArtifactRow;
 pub use batch::WriteOp;
 pub use metrics::{MinuteRow, Rollup};
@@ -175,6 +178,52 @@ pub const MIGRATIONS: &[&str] = &[
         pending_hex TEXT,
         previous_hex TEXT,
         previous_until_ms INTEGER NOT NULL DEFAULT 0);",
+    // v5: alerts. `alert_rules` (the rule itself as JSON, parsed by
+    // `crate::alerts`), `alerts` (one row per firing, at most one firing per
+    // rule and subject), `alert_receivers` (webhooks) and
+    // `alert_notifications`, the delivery outbox: written in the same
+    // transaction as the state change it reports, so a restart neither
+    // loses nor repeats one.
+    "CREATE TABLE alert_rules (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        spec TEXT NOT NULL,
+        created_ms INTEGER NOT NULL);
+     CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule_id INTEGER NOT NULL,
+        rule_name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('firing', 'resolved')),
+        summary TEXT NOT NULL,
+        value REAL,
+        fired_ms INTEGER NOT NULL,
+        resolved_ms INTEGER,
+        resolved_why TEXT NOT NULL DEFAULT '');
+     CREATE UNIQUE INDEX alerts_one_firing ON alerts (rule_id, subject)
+        WHERE state = 'firing';
+     CREATE INDEX alerts_by_time ON alerts (fired_ms);
+     CREATE TABLE alert_receivers (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        created_ms INTEGER NOT NULL);
+     CREATE TABLE alert_notifications (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        alert_id INTEGER NOT NULL,
+        receiver_id INTEGER NOT NULL,
+        event TEXT NOT NULL CHECK (event IN ('firing', 'resolved')),
+        body TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL,
+        delivered_ms INTEGER,
+        last_error TEXT NOT NULL DEFAULT '',
+        UNIQUE (alert_id, receiver_id, event));
+     CREATE INDEX alert_notifications_due ON alert_notifications (receiver_id, id)
+        WHERE delivered_ms IS NULL;",
 ];
 
 /// Store errors.

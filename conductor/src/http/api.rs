@@ -82,6 +82,14 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
             super::services::abort_rollout(ctx, name)
         }
         (Method::Get, ["services", name, "rollouts"]) => super::services::rollouts(ctx, name),
+        (Method::Get, ["alerts"]) => super::alerts::list_alerts(ctx, req),
+        (Method::Get, ["alerts", id]) => super::alerts::get_alert(ctx, id),
+        (Method::Get, ["alert-rules"]) => super::alerts::list_rules(ctx),
+        (Method::Post, ["alert-rules"]) => super::alerts::create_rule(ctx, req),
+        (Method::Delete, ["alert-rules", id]) => super::alerts::delete_rule(ctx, id),
+        (Method::Get, ["alert-receivers"]) => super::alerts::list_receivers(ctx),
+        (Method::Post, ["alert-receivers"]) => super::alerts::create_receiver(ctx, req),
+        (Method::Delete, ["alert-receivers", id]) => super::alerts::delete_receiver(ctx, id),
         _ => Err(ApiError::not_found("route")),
     }
 }

@@ -30,6 +30,7 @@
 //! behind a reverse proxy all clients share one bucket.
 
 mod agent;
+mod alerts;
 mod api;
 mod artifacts;
 mod auth;

@@ -1,5 +1,6 @@
-//! `GET /metrics`: Prometheus text exposition (no auth; it carries no
-//! secrets, only hostnames, ids and hardware numbers).
+//! `GET /metrics`: Prometheus text exposition. It carries no secrets, only
+//! hostnames, ids and hardware numbers; it is open unless `--metrics-token`
+//! is set, which the caller (`api::metrics`) checks before rendering.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -225,6 +226,31 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
             out,
             "# HELP aerekos_tls_certificate_expiry_seconds When the served certificate expires (Unix time).\n# TYPE aerekos_tls_certificate_expiry_seconds gauge\naerekos_tls_certificate_expiry_seconds {}",
             tls.current().not_after
+        );
+    }
+    // Alerts (the store; the worker map is released above).
+    let db = ctx.shared.db();
+    if let (Ok(rules), Ok(firing), Ok(undelivered)) = (
+        db.alert_rules(),
+        db.firing_alerts(),
+        db.undelivered_notifications(),
+    ) {
+        drop(db);
+        let _ = writeln!(
+            out,
+            "# HELP aerekos_alerts_firing Alerts firing now, by rule.\n# TYPE aerekos_alerts_firing gauge"
+        );
+        for r in &rules {
+            let n = firing.iter().filter(|a| a.rule_id == r.id).count();
+            let _ = writeln!(
+                out,
+                "aerekos_alerts_firing{{rule=\"{}\"}} {n}",
+                esc(&r.name)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP aerekos_alert_notifications_undelivered Webhook notifications no receiver has taken yet.\n# TYPE aerekos_alert_notifications_undelivered gauge\naerekos_alert_notifications_undelivered {undelivered}"
         );
     }
     Resp {

@@ -103,7 +103,20 @@ impl Store {
         let mut st = self.conn.prepare_cached(&format!(
             "SELECT {ROLLOUT_COLS} FROM rollouts WHERE service = ?1 ORDER BY id DESC LIMIT ?2"
         ))?;
-        let rows = st.query_map(params![service, limit as i64], rollout_from_row)?;
+        let rows = st.query_map(params![service, int(limit)], rollout_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Rollouts reverted at or after `since_ms`, oldest first, each with
+    /// whether a later rollout of the same service succeeded.
+    pub fn reverted_rollouts(&self, since_ms: u64) -> Result<Vec<(RolloutRow, bool)>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {ROLLOUT_COLS}, EXISTS (SELECT 1 FROM rollouts later
+                WHERE later.service = rollouts.service AND later.id > rollouts.id
+                  AND later.state = 'succeeded')
+             FROM rollouts WHERE state = 'reverted' AND finished_ms >= ?1 ORDER BY id"
+        ))?;
+        let rows = st.query_map([i(since_ms)], |r| Ok((rollout_from_row(r)?, r.get(12)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
