@@ -9,8 +9,9 @@
 set -eu
 
 # The tests start real processes: brokers, emulated Pi agents, a browser,
-# a clock jumper, a packet capture, clang for the agent's TLS (ring).
-packages="mosquitto qemu-user-static chromium chromium-driver fonts-liberation faketime tcpdump clang musl-tools"
+# a clock jumper, a packet capture, clang for the agent's TLS (ring),
+# Prometheus and promtool for deploy/prometheus/.
+packages="mosquitto qemu-user-static chromium chromium-driver fonts-liberation faketime tcpdump clang musl-tools prometheus"
 missing=""
 for p in $packages; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
