@@ -17,6 +17,7 @@ export const st = {
   worker: null, // state of the worker page
   svcList: null, // state of the services page
   svc: null, // state of the service page
+  alerts: null, // state of the alerts page
   log: null, // the open log panel's stream
   prefill: null, // spec copied into the new-service form ("New version…")
 };

@@ -2,7 +2,8 @@
 // password, the MQTT observer login.
 import { $, add, api, AuthError, copy, dash, enc, fmt, focusHeading, h, setText, toast } from './core.js';
 
-function secretBox(id, value, label) {
+// A read-only field with a Copy button, for a secret shown once.
+export function secretBox(id, value, label) {
   const el = id === 'enrol-cmd' ? h('pre', { id, tabindex: '0', 'aria-label': label, text: value })
     : h('input', { id, readonly: true, class: 'mono', value, 'aria-label': label });
   return h('div', { class: 'secret' }, el,

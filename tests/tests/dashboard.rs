@@ -6,9 +6,12 @@
 //! create a process service in the Services form, deploy it to a live
 //! worker, stop and start it there, see it on the worker page and undeploy
 //! it; follow its log in the log panel (service and worker pages); upload
-//! and delete an artifact. Browser console errors fail the test (except the
-//! one failed request the test provokes on purpose). Screenshots land in
-//! `target/screenshots/`.
+//! and delete an artifact. A second test drives the Alerts page: add a
+//! webhook receiver (its secret shown once), a rule (an invalid one first:
+//! the API's refusal is shown), see a worker's offline alert fire and
+//! resolve, its notifications, delete the rule. Browser console errors fail
+//! the tests (except the failed requests they provoke on purpose).
+//! Screenshots land in `target/screenshots/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them);
 //! without them the test fails with the install hint.
@@ -18,6 +21,7 @@
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use e2e::*;
@@ -410,8 +414,16 @@ fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> String {
         .to_string()
 }
 
+/// One browser test at a time: two Chromiums on a small machine would
+/// slow each other past the tests' timeouts.
+fn one_browser() -> MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 #[test]
 fn dashboard_in_a_real_browser() {
+    let _one = one_browser();
     let started = Instant::now();
     conductor_with_current_assets();
     let dir = tempfile::tempdir().unwrap();
@@ -1102,4 +1114,256 @@ fn dashboard_in_a_real_browser() {
         b.console.len(),
         started.elapsed()
     );
+}
+
+#[test]
+fn alerts_page_in_a_real_browser() {
+    let _one = one_browser();
+    let started = Instant::now();
+    conductor_with_current_assets();
+    let dir = tempfile::tempdir().unwrap();
+    let _strays = KillStrays(dir.path().to_path_buf());
+    let c = Conductor::start_with_env(
+        &dir.path().join("conductor"),
+        &["--default-interval-ms", "300"],
+        &[("AEREKOS_ALERT_INTERVAL", "200ms")],
+    );
+    let mut w = Worker::start(
+        &dir.path().join("pi-alert"),
+        &c.url(),
+        Some(&c.registration_token()),
+        WorkerOpts::named("pi-alert"),
+    );
+    let id = w.wait_id();
+    wait_for("worker online", SECS(20), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+
+    // Sign in on #/alerts: the page opens after the login.
+    let base = c.https_url();
+    let mut b = Browser::start(1280, 900, &spki_sha256_base64(&c.ca_pem()));
+    b.goto(&format!("{base}/#/alerts"));
+    b.wait(
+        "the login form",
+        SECS(10),
+        "!document.querySelector('#login-view').hidden",
+    );
+    b.type_into("#login-pass", ADMIN_PASSWORD);
+    b.click("#login-form button[type=submit]");
+    let loaded = "(document.querySelector('#alerts') || {dataset: {}}).dataset.loaded === '1'";
+    b.wait("the alerts page", SECS(10), loaded);
+    assert_eq!(
+        b.js("return document.querySelector('[data-nav=alerts]').getAttribute('aria-current')"),
+        json!("page")
+    );
+    assert_eq!(b.text("#al-count"), "0 firing");
+    assert!(b.text("#al-fire-empty").contains("Nothing is firing"));
+    assert!(b.text("#ar-empty").contains("No rules"));
+
+    // A receiver nobody listens on (its notifications show the failed
+    // attempts). The secret is shown once, never in the list.
+    let hook = format!("http://127.0.0.1:{}/hook", free_port());
+    b.type_into("#rc-name", "ops");
+    b.type_into("#rc-url", &hook);
+    b.click("#rc-add");
+    let secret = b.wait(
+        "the receiver's secret",
+        SECS(10),
+        "document.querySelector('#rc-secret') && document.querySelector('#rc-secret').value",
+    );
+    let secret = secret.as_str().unwrap().to_string();
+    assert!(secret.len() >= 32, "a generated secret: {secret:?}");
+    assert!(
+        b.text("#rc-secret-note")
+            .contains("will not be shown again"),
+        "{}",
+        b.text("#rc-secret-note")
+    );
+    b.wait(
+        "the receiver listed",
+        SECS(10),
+        &format!("document.querySelector('#rc-rows').textContent.includes('{hook}')"),
+    );
+    let in_list = format!("document.querySelector('#rc').textContent.includes('{secret}')");
+    assert_eq!(b.js(&format!("return {in_list}")), json!(false));
+    let (_, listed) = c.get("/api/v1/alert-receivers");
+    assert!(!listed.to_string().contains(&secret), "{listed}");
+    b.screenshot("alerts-receiver");
+
+    // The rule form shows the fields of the chosen kind.
+    let kind = |k: &str| {
+        format!("const s = document.querySelector('#ar-kind'); s.value = '{k}'; s.dispatchEvent(new Event('change', {{bubbles: true}})); return true")
+    };
+    let hidden = |id: &str| {
+        b.js(&format!(
+            "return document.querySelector('#{id}').closest('.field').hidden"
+        ))
+    };
+    b.js(&kind("metric_above"));
+    assert_eq!(
+        (hidden("ar-threshold"), hidden("ar-service")),
+        (json!(false), json!(true))
+    );
+    b.js(&kind("service_failed"));
+    assert_eq!(
+        (hidden("ar-threshold"), hidden("ar-service")),
+        (json!(true), json!(false))
+    );
+    b.js(&kind("worker_offline"));
+
+    // An invalid rule: the API's 400 message is shown in the form.
+    b.type_into("#ar-name", "down");
+    b.type_into("#ar-for", "soon");
+    b.click("#ar-add");
+    b.wait(
+        "the API's refusal shown",
+        SECS(10),
+        "document.querySelector('#ar-error').textContent.includes('not a duration')",
+    );
+    let refusal = b.text("#ar-error");
+    assert!(
+        refusal.starts_with("Rule not added: ") && refusal.contains("soon"),
+        "{refusal}"
+    );
+    b.screenshot("alerts-rule-error");
+    std::thread::sleep(Duration::from_millis(300)); // let the failed load reach the log
+    assert_eq!(b.forgive_failed_load("/api/v1/alert-rules ", 400), 1);
+    let (_, rules) = c.get("/api/v1/alert-rules");
+    assert_eq!(rules["rules"], json!([]), "nothing stored: {rules}");
+
+    // Fixed: stored and listed, the form emptied.
+    b.clear("#ar-for");
+    b.type_into("#ar-for", "1s");
+    b.click("#ar-add");
+    b.wait(
+        "the rule listed",
+        SECS(10),
+        "(document.querySelector('#ar-rows tr[data-rule] [data-col=name]') || {}).textContent === 'down'",
+    );
+    assert_eq!(b.text("#ar-error"), "");
+    assert_eq!(
+        b.js("return document.querySelector('#ar-name').value"),
+        json!("")
+    );
+    let row = b.text("#ar-rows tr[data-rule]");
+    assert!(
+        row.contains("worker offline") && row.contains("1s"),
+        "{row}"
+    );
+    let (_, rules) = c.get("/api/v1/alert-rules");
+    assert_eq!(rules["rules"][0]["for"], json!("1s"), "{rules}");
+
+    // The worker dies: the alert fires and is shown.
+    w.proc.kill9();
+    let t0 = Instant::now();
+    b.wait(
+        "the alert firing",
+        SECS(20),
+        "[...document.querySelectorAll('#al-fire-rows tr[data-state=firing]')].some(r => r.querySelector('[data-col=summary]').textContent.includes('pi-alert'))",
+    );
+    println!("alert shown firing {:?} after the kill", t0.elapsed());
+    assert_eq!(b.text("#al-count"), "1 firing");
+    let fired = b.text("#al-fire-rows tr[data-alert]");
+    assert!(
+        fired.contains("down") && fired.contains("pi-alert") && fired.contains("ago"),
+        "{fired}"
+    );
+    let alert_id = b
+        .js("return document.querySelector('#al-fire-rows tr[data-alert]').dataset.alert")
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Its notifications: the receiver, the attempts, the last error.
+    b.js("window.scrollTo(0, 0); return true"); // not under the sticky header
+    b.click("#al-fire-rows tr[data-alert] button[data-alert]");
+    b.wait(
+        "the notification with its failed attempts",
+        SECS(15),
+        "!document.querySelector('#al-detail').hidden && [...document.querySelectorAll('#al-notes-rows tr')].some(r => r.textContent.includes('ops') && r.querySelector('[data-col=delivery]').textContent.startsWith('not delivered: '))",
+    );
+    assert_eq!(
+        b.js("return document.activeElement.id"),
+        json!("al-detail-h")
+    );
+    assert!(b.text("#al-detail-kv").contains("firing"));
+    b.screenshot("alerts-firing");
+
+    // The worker comes back: the alert moves to the history, resolved.
+    w.restart();
+    let t0 = Instant::now();
+    b.wait(
+        "the alert resolved in the history",
+        SECS(20),
+        &format!("!document.querySelector('#al-fire-rows tr') && (document.querySelector(\"#al-hist-rows tr[data-alert='{alert_id}'][data-state=resolved] [data-col=resolved]\") || {{}}).textContent.includes('condition cleared')"),
+    );
+    println!("alert shown resolved {:?} after the restart", t0.elapsed());
+    assert_eq!(b.text("#al-count"), "0 firing");
+    b.wait(
+        "the open alert's two notifications",
+        SECS(10),
+        "document.querySelector('#al-detail-kv').textContent.includes('resolved') && document.querySelectorAll('#al-notes-rows tr').length === 2",
+    );
+    assert_eq!(
+        b.js(&format!(
+            "return document.querySelector(\"#al-hist-rows tr[data-alert='{alert_id}']\").classList.contains('sel')"
+        )),
+        json!(true)
+    );
+    b.screenshot("alerts-resolved");
+
+    // Delete the rule.
+    b.click("#ar-rows tr[data-rule] button.danger");
+    b.wait(
+        "the rule gone",
+        SECS(10),
+        "!document.querySelector('#ar-rows tr') && document.querySelector('#ar-empty').textContent.includes('No rules')",
+    );
+    let (_, rules) = c.get("/api/v1/alert-rules");
+    assert_eq!(rules["rules"], json!([]), "{rules}");
+
+    // Back on the page later: the receiver is listed, its secret nowhere.
+    b.click("[data-nav=fleet]");
+    b.wait(
+        "the fleet page",
+        SECS(10),
+        "!!document.querySelector('.card')",
+    );
+    b.click("[data-nav=alerts]");
+    b.wait(
+        "the alerts page again",
+        SECS(10),
+        &format!("{loaded} && document.querySelector('#rc-rows').textContent.includes('ops')"),
+    );
+    assert_eq!(
+        b.js(&format!(
+            "return document.documentElement.outerHTML.includes('{secret}')"
+        )),
+        json!(false),
+        "the secret is shown once"
+    );
+    assert!(b.text("#al-hist-rows").contains("pi-alert"));
+
+    // Phone width: no horizontal scrolling.
+    b.set_window(390, 844);
+    std::thread::sleep(Duration::from_millis(300));
+    let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "horizontal overflow of the alerts page at phone width: {overflow}px"
+    );
+    b.screenshot("alerts-phone");
+    b.set_window(1280, 900);
+
+    // Delete the receiver.
+    b.click("#rc-rows tr[data-receiver] button.danger");
+    b.wait(
+        "the receiver gone",
+        SECS(10),
+        "!document.querySelector('#rc-rows tr') && document.querySelector('#rc-empty').textContent.includes('No receivers')",
+    );
+
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "browser console errors: {errors:#?}");
+    println!("alerts page test: {:?}", started.elapsed());
 }

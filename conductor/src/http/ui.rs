@@ -56,6 +56,7 @@ const ASSETS: &[Asset] = &[
     module!("service.js"),
     module!("rollouts.js"),
     module!("settings.js"),
+    module!("alerts.js"),
     Asset {
         path: "/assets/app.css",
         body: include_str!("../../assets/app.css"),
