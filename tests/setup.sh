@@ -1,8 +1,10 @@
 #!/bin/sh
 # What `cargo test --workspace` needs on a Debian machine, installed if
-# missing: Debian packages, boto3, two rustup targets, qemu-aarch64 in
-# binfmt_misc. Idempotent and quick when everything is there; without root
-# it lists what is missing and the command that installs it.
+# missing: Debian packages, boto3, two rustup targets, qemu-aarch64 and
+# qemu-arm in binfmt_misc. Idempotent and quick when everything is there;
+# without root it lists what is missing and the command that installs it.
+# The 32-bit agents' build tools (Zig, cargo-zigbuild) are
+# deploy/build-arm32.sh's; the armv6/armv7 qemu tests skip until it has run.
 #
 #   sh tests/setup.sh            # check and install
 #   sh tests/run.sh              # this, then the whole suite (the README's test command)
@@ -44,15 +46,20 @@ for t in aarch64-unknown-linux-musl x86_64-unknown-linux-musl; do
     echo "$installed" | grep -qx "$t" || rustup target add "$t"
 done
 
-# The emulated worker execs aarch64 services: the kernel must hand aarch64
-# ELF files to qemu (binfmt_misc, F flag).
+# The emulated workers exec aarch64 and 32-bit ARM (armv6/armv7) services:
+# the kernel must hand those ELF files to qemu (binfmt_misc, F flag).
 binfmt=/proc/sys/fs/binfmt_misc
-if ! grep -qs 'magic 7f454c460201010000000000000000000200b700' "$binfmt"/* 2>/dev/null; then
+register() { # name, magic as binfmt_misc prints it, rule
+    grep -qs "magic $2" "$binfmt"/* 2>/dev/null && return 0
     if [ "$root" = yes ]; then
         test -e "$binfmt/register" || mount -t binfmt_misc binfmt_misc "$binfmt"
-        printf '%s' ':aerekos-qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' >"$binfmt/register"
+        printf '%s' "$3" >"$binfmt/register"
     else
-        echo "qemu-aarch64 is not registered with binfmt_misc; the qemu test registers it when run as root" >&2
+        echo "$1 is not registered with binfmt_misc; the qemu test registers it when run as root" >&2
     fi
-fi
+}
+register qemu-aarch64 7f454c460201010000000000000000000200b700 \
+    ':aerekos-qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F'
+register qemu-arm 7f454c4601010100000000000000000002002800 \
+    ':aerekos-qemu-arm:M::\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x28\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-arm-static:F'
 echo "test prerequisites: ok"

@@ -71,7 +71,7 @@ pub struct Inventory {
     pub os: Text,
     /// Kernel release.
     pub kernel: Text,
-    /// `std::env::consts::ARCH`.
+    /// [`arch`]: `std::env::consts::ARCH`, or `armv6l`/`armv7l` on 32-bit ARM.
     pub arch: Name,
     /// CPU brand string.
     pub cpu_model: Text,
@@ -199,7 +199,7 @@ impl Collector {
             hostname: bounded(&host),
             os: bounded(&os_name()),
             kernel: bounded(&System::kernel_version().unwrap_or_default()),
-            arch: bounded(std::env::consts::ARCH),
+            arch: bounded(&arch()),
             cpu_model: bounded(&cpu_model),
             cores: u16::try_from(cores).unwrap_or(u16::MAX),
             memory_total: self.sys.as_ref().map_or(0, |s| s.total_memory()),
@@ -292,18 +292,37 @@ impl Collector {
         let list = current
             .iter()
             .map(|(name, rx, tx)| {
-                // Counters reset when an interface is re-created: count from 0.
                 let (prx, ptx) = self
                     .net_prev
                     .iter()
                     .find(|(n, _, _)| n == name)
                     .map_or((*rx, *tx), |(_, prx, ptx)| (*prx, *ptx));
-                let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
-                (name.clone(), delta(*rx, prx), delta(*tx, ptx))
+                let wraps32 = cfg!(target_pointer_width = "32");
+                (
+                    name.clone(),
+                    counter_delta(*rx, prx, wraps32),
+                    counter_delta(*tx, ptx, wraps32),
+                )
             })
             .collect();
         self.net_prev = current;
         select_nets(list, elapsed_ms)
+    }
+}
+
+/// Bytes counted since the previous reading `before` of a cumulative
+/// interface counter. A counter that went down was reset (the interface was
+/// re-created: count from 0) or, on a 32-bit kernel (`wraps32`), may have
+/// wrapped: drivers that keep `unsigned long` statistics wrap at 4 GiB,
+/// which a Pi's 100 Mbit/s Ethernet passes in six minutes. A fall from the
+/// upper half of the 32-bit range counts as such a wrap (from lower, it would
+/// take more than 2 GiB within one sample interval).
+pub fn counter_delta(now: u64, before: u64, wraps32: bool) -> u64 {
+    const WRAP: u64 = 1 << 32;
+    match now.checked_sub(before) {
+        Some(d) => d,
+        None if wraps32 && (WRAP / 2..WRAP).contains(&before) => WRAP - before + now,
+        None => now,
     }
 }
 
@@ -514,6 +533,39 @@ fn read_trimmed(path: impl AsRef<std::path::Path>) -> String {
         .unwrap_or_default()
 }
 
+/// The architecture the worker reports in its inventory and picks artifacts
+/// by: `std::env::consts::ARCH`, except on 32-bit ARM, where that is `arm`
+/// for the armv6 and the armv7 build alike. Reporting `arm` there would
+/// match no `armv6`/`armv7` artifact key, and a generic one would send
+/// armv7 code to a Pi Zero (SIGILL). So a 32-bit agent asks the kernel what
+/// the CPU runs (`uname -m`, [`arm_arch`]).
+pub fn arch() -> String {
+    if cfg!(target_arch = "arm") {
+        // `target_feature = "v7"` is set for the armv7 targets when std is
+        // built from source (deploy/build-arm32.sh); a build without it
+        // (prebuilt std, `cross`) counts as armv6, the safe side.
+        arm_arch(&System::cpu_arch(), cfg!(target_feature = "v7")).to_string()
+    } else {
+        std::env::consts::ARCH.to_string()
+    }
+}
+
+/// The arch a 32-bit ARM agent reports, from the kernel's machine name
+/// (`uname -m`): `armv6l` on a Pi 1/Zero, `armv7l` on a Pi 2/3/4 with a
+/// 32-bit kernel, `armv7l` for `armv8l` (a 64-bit CPU in 32-bit mode runs
+/// armv7 code). Under a 64-bit kernel (`aarch64`: Raspberry Pi OS 32-bit on
+/// a Pi 4 boots one) or anything unknown, the level this build was compiled
+/// for (`v7_build`), which the CPU runs for sure. An `armv7`
+/// or `armv6` artifact key matches these names by prefix.
+pub fn arm_arch(machine: &str, v7_build: bool) -> &'static str {
+    match machine {
+        "armv6l" => "armv6l",
+        "armv7l" | "armv8l" => "armv7l",
+        _ if v7_build => "armv7l",
+        _ => "armv6l",
+    }
+}
+
 fn device_model() -> String {
     for p in ["/proc/device-tree/model", "/sys/class/dmi/id/product_name"] {
         let m = read_trimmed(p);
@@ -557,6 +609,33 @@ mod tests {
             ]
         );
         assert!(parse_net_dev("").is_empty());
+    }
+
+    #[test]
+    fn counters_reset_or_wrap_at_32_bits() {
+        assert_eq!(counter_delta(1500, 1000, true), 500);
+        // Reset (interface re-created): count from 0.
+        assert_eq!(counter_delta(700, 1000, true), 700);
+        assert_eq!(counter_delta(700, 5 << 32, true), 700);
+        // A 32-bit counter wrapped near 4 GiB.
+        assert_eq!(counter_delta(100, (1 << 32) - 400, true), 500);
+        // With 64-bit counters a fall is always a reset.
+        assert_eq!(counter_delta(100, (1 << 32) - 400, false), 100);
+    }
+
+    #[test]
+    fn arm_agents_report_what_the_cpu_runs() {
+        assert_eq!(arm_arch("armv6l", false), "armv6l");
+        assert_eq!(arm_arch("armv7l", false), "armv7l");
+        assert_eq!(arm_arch("armv7l", true), "armv7l");
+        assert_eq!(arm_arch("armv8l", true), "armv7l");
+        // 32-bit userland on a 64-bit kernel: the build's own level.
+        assert_eq!(arm_arch("aarch64", false), "armv6l");
+        assert_eq!(arm_arch("aarch64", true), "armv7l");
+        assert_eq!(arm_arch("", false), "armv6l");
+        if !cfg!(target_arch = "arm") {
+            assert_eq!(arch(), std::env::consts::ARCH);
+        }
     }
 
     #[test]
@@ -691,7 +770,10 @@ mod tests {
         assert_eq!(inv.hostname.as_str(), "pi-test");
         assert!(inv.cores > 0);
         assert!(inv.memory_total > 0);
-        assert_eq!(inv.arch.as_str(), std::env::consts::ARCH);
+        assert_eq!(inv.arch.as_str(), arch());
+        if !cfg!(target_arch = "arm") {
+            assert_eq!(inv.arch.as_str(), std::env::consts::ARCH);
+        }
         assert!(!inv.kernel.is_empty());
         assert_eq!(inv.boot_id.len(), 36, "boot id {:?}", inv.boot_id);
         let birth = inv.birth(&m.disks, &[("site".into(), "lab".into())], 10_000);

@@ -282,7 +282,9 @@ impl Manifest {
     }
 
     /// The artifact for `arch`, if this is an artifact process service.
-    /// `arm` names are matched loosely (`armv7l` takes an `armv7` artifact).
+    /// `arm` names are matched loosely (`armv7l` takes an `armv7` artifact),
+    /// and an armv7 worker takes an armv6 artifact when there is no armv7
+    /// one (armv7 CPUs run armv6 code; not the other way round).
     pub fn artifact_for(&self, arch: &str) -> Option<&ArtifactRef> {
         match &self.runtime {
             Runtime::Process(ProcessRuntime {
@@ -291,7 +293,12 @@ impl Manifest {
             }) => list
                 .iter()
                 .find(|a| a.arch == arch)
-                .or_else(|| list.iter().find(|a| arch.starts_with(a.arch.as_str()))),
+                .or_else(|| list.iter().find(|a| arch.starts_with(a.arch.as_str())))
+                .or_else(|| {
+                    arch.starts_with("armv7")
+                        .then(|| list.iter().find(|a| a.arch.starts_with("armv6")))
+                        .flatten()
+                }),
             _ => None,
         }
     }

@@ -306,6 +306,37 @@ fn artifact_is_picked_by_arch() {
 }
 
 #[test]
+fn arm_artifacts_are_picked_by_what_the_cpu_runs() {
+    use protocol::manifest::{ArtifactRef, ProcessRuntime, Program, Runtime};
+    let with = |archs: &[&str]| {
+        let mut m = examples::manifest();
+        let list = archs
+            .iter()
+            .zip(1u8..)
+            .map(|(arch, n)| ArtifactRef {
+                arch: (*arch).into(),
+                sha256: [n; 32],
+                size: 4096,
+            })
+            .collect();
+        if let Runtime::Process(ProcessRuntime { program, .. }) = &mut m.runtime {
+            *program = Program::Artifacts(list);
+        }
+        m
+    };
+    let picked = |m: &protocol::Manifest, arch: &str| m.artifact_for(arch).map(|a| a.arch.clone());
+    let both = with(&["armv6", "armv7"]);
+    assert_eq!(picked(&both, "armv6l").as_deref(), Some("armv6"));
+    assert_eq!(picked(&both, "armv7l").as_deref(), Some("armv7"));
+    // A Pi 2/3/4 runs the Pi Zero's build; a Pi Zero never gets armv7 code.
+    let v6 = with(&["armv6", "aarch64"]);
+    assert_eq!(picked(&v6, "armv7l").as_deref(), Some("armv6"));
+    let v7 = with(&["armv7", "aarch64"]);
+    assert_eq!(picked(&v7, "armv6l"), None);
+    assert_eq!(picked(&v7, "aarch64").as_deref(), Some("aarch64"));
+}
+
+#[test]
 fn http_auth_verifies_only_the_same_worker_method_and_path() {
     let s = examples::secret();
     let h = manifest::http_auth(&s, "w-1", "GET", "/a");
