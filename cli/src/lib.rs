@@ -15,6 +15,7 @@
 //! until the conductor ends the response.
 
 mod alerts;
+pub mod exec;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -167,6 +168,32 @@ pub enum Cmd {
         /// Service name.
         name: String,
     },
+    /// Run a command on a worker (`aerekos exec w-1 -- uname -a`) or on every
+    /// worker with a label (`aerekos exec --label site=shop -- uptime`);
+    /// exits with the remote exit code. Needs the agent's
+    /// `--allow-remote-exec` and the worker label `remote-exec=allow`.
+    Exec {
+        /// Worker id (or `--label`).
+        worker: Option<String>,
+        /// Every worker with this label `key=value` (repeatable; all must match).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Kill the command after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+        /// Stop (and kill the command) after this many output bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_output: u32,
+        /// The command and its arguments, after `--` (run without a shell).
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// The remote exec audit, newest first: who ran what where, and how it ended.
+    ExecLog {
+        /// At most this many sessions.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// A service's output on one worker: the tail, then optionally follow.
     Logs {
         /// Worker id.
@@ -240,6 +267,10 @@ pub enum CliError {
     /// Bad argument value.
     #[error("{0}")]
     Usage(String),
+    /// `aerekos exec`: the remote command's exit status, to exit with
+    /// (nothing to print: the command's output said it all).
+    #[error("the remote command exited with status {0}")]
+    Exited(u8),
 }
 
 /// An API client bound to one conductor and token.
@@ -633,6 +664,22 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             follow,
         } => client.logs(&worker, &name, tail, follow, out)?,
         Cmd::Alert(cmd) => alerts::run(&client, cmd, out, &print)?,
+        Cmd::Exec {
+            worker,
+            labels,
+            timeout,
+            max_output,
+            argv,
+        } => {
+            let code = exec::run(&client, out, worker, &labels, &argv, timeout, max_output)?;
+            if code != 0 {
+                return Err(CliError::Exited(code));
+            }
+        }
+        Cmd::ExecLog { limit } => {
+            let v = client.get(&format!("/exec-sessions?limit={limit}"))?;
+            print(out, &v, &exec::audit_table)?;
+        }
     }
     Ok(())
 }
@@ -806,9 +853,35 @@ mod tests {
                 "x86_64",
             ],
             vec!["aerekos", "service", "create", "-"],
+            vec!["aerekos", "exec", "w-1", "--", "uname", "-a"],
+            vec![
+                "aerekos",
+                "exec",
+                "--label",
+                "site=shop",
+                "--timeout",
+                "5",
+                "--",
+                "ls",
+                "-l",
+            ],
+            vec!["aerekos", "exec-log", "--limit", "5"],
         ] {
             assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
         }
         assert!(Cli::try_parse_from(["aerekos", "rollout", "web"]).is_err());
+        assert!(
+            Cli::try_parse_from(["aerekos", "exec", "w-1"]).is_err(),
+            "no command"
+        );
+        match Cli::try_parse_from(["aerekos", "exec", "w-1", "--", "ls", "--all"])
+            .map(|c| c.command)
+        {
+            Ok(Cmd::Exec { worker, argv, .. }) => {
+                assert_eq!(worker.as_deref(), Some("w-1"));
+                assert_eq!(argv, ["ls", "--all"]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -8,6 +8,7 @@ fn main() -> std::process::ExitCode {
     let mut out = stdout.lock();
     match aerekos_cli::run(cli, &mut out) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(aerekos_cli::CliError::Exited(code)) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("aerekos: {e}");
             std::process::ExitCode::FAILURE

@@ -25,6 +25,7 @@ pub mod crypto;
 pub mod decode;
 pub mod deployment;
 pub mod dynsec;
+pub mod exec;
 pub mod frame_check;
 pub mod http;
 pub mod ingest;

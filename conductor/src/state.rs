@@ -388,8 +388,10 @@ impl StoredMarks {
 ///    [`Shared::service_status`], [`Shared::reconcile_sent`],
 ///    [`Shared::manifests`], [`Shared::service_failures`],
 ///    [`Shared::deploy_cmds`], [`Shared::log_streams`],
-///    [`Shared::service_metrics`], the [`StoredMarks`] and each
-///    [`RateLimiter`]'s buckets.
+///    [`Shared::service_metrics`], the [`StoredMarks`], each
+///    [`RateLimiter`]'s buckets and the remote exec sessions
+///    ([`crate::exec::ExecSessions`], held by the HTTP side: its methods
+///    take and release it, so it is never held with another lock).
 ///
 /// This is the order the paths that nest follow: ingest, reconciliation,
 /// commands, rotation, enrolment and the worker routes hold the worker map

@@ -32,8 +32,8 @@
 //! `workers.rs` (workers, secret rotation), `metrics.rs` (raw and per-minute
 //! metrics, retention), `services.rs` (specs, deployments, overrides,
 //! status), `artifacts.rs`, `rollouts.rs`, `alerts.rs` (rules, alerts,
-//! receivers, the notification outbox) and `batch.rs` (the ingest writer's
-//! [`WriteOp`] batches).
+//! receivers, the notification outbox), `exec.rs` (the remote exec audit,
+//! schema v6) and `batch.rs` (the ingest writer's [`WriteOp`] batches).
 
 use std::path::Path;
 use std::time::Duration;
@@ -43,6 +43,7 @@ use rusqlite::Connection;
 mod alerts;
 mod artifacts;
 mod batch;
+mod exec;
 mod metrics;
 mod rollouts;
 mod services;
@@ -52,6 +53,7 @@ mod workers;
 pub use alerts::{AlertRow, AlertRuleRow, NotificationRow, ReceiverRow};
 pub use artifacts::ArtifactRow;
 pub use batch::WriteOp;
+pub use exec::ExecSessionRow;
 pub use metrics::{MinuteRow, Rollup};
 pub use rollouts::RolloutRow;
 pub use services::{DeploymentRow, ServiceRow, ServiceStatusRow};
@@ -224,6 +226,19 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (alert_id, receiver_id, event));
      CREATE INDEX alert_notifications_due ON alert_notifications (receiver_id, id)
         WHERE delivered_ms IS NULL;",
+    // v6: the remote exec audit (`store/exec.rs`).
+    "CREATE TABLE exec_sessions (
+        id TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        token_name TEXT NOT NULL,
+        worker_id TEXT NOT NULL,
+        argv TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        ended_ms INTEGER,
+        exit_code INTEGER,
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        outcome TEXT NOT NULL DEFAULT '');
+     CREATE INDEX exec_sessions_by_time ON exec_sessions (started_ms);",
 ];
 
 /// Store errors.

@@ -34,6 +34,8 @@ OPTIONS (each also from the environment variable shown):
     --mqtt-url U            broker override, mqtt://host:port      AEREKOS_MQTT_URL
     --local-api ADDR|off    local API for hosted services          AEREKOS_LOCAL_API
                             [127.0.0.1:3001; port 0: any free port]
+    --allow-remote-exec     run commands the conductor sends       AEREKOS_ALLOW_REMOTE_EXEC=1
+                            (`aerekos exec`; off by default)
     -h, --help              this text
     -V, --version           agent and wire-format versions
 
@@ -174,7 +176,7 @@ pub fn parse(
         } else {
             &known_run[..]
         };
-        if !decode && flag == "--reenroll" && inline.is_none() {
+        if !decode && (flag == "--reenroll" || flag == "--allow-remote-exec") && inline.is_none() {
             pairs.push((flag, None));
             continue;
         }
@@ -230,6 +232,9 @@ pub fn parse(
     config.token = get("--token", "AEREKOS_TOKEN");
     config.reenroll = pairs.iter().any(|(f, _)| f == "--reenroll")
         || env("AEREKOS_REENROLL").is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
+    config.allow_remote_exec = pairs.iter().any(|(f, _)| f == "--allow-remote-exec")
+        || env("AEREKOS_ALLOW_REMOTE_EXEC")
+            .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
     config.hostname = get("--hostname", "AEREKOS_HOSTNAME");
     config.machine_id = get("--machine-id", "AEREKOS_MACHINE_ID");
     config.mqtt_url = get("--mqtt-url", "AEREKOS_MQTT_URL");
@@ -424,6 +429,17 @@ mod tests {
         assert!(parse_duration("1.5s").is_err());
         assert!(parse_duration("99999999999999999999").is_err());
         assert!(parse_duration("18446744073709551615h").is_err());
+    }
+
+    #[test]
+    fn remote_exec_is_off_unless_asked_for() {
+        assert!(!run_cfg("", no_env).allow_remote_exec);
+        assert!(run_cfg("--allow-remote-exec", no_env).allow_remote_exec);
+        let on = |k: &str| (k == "AEREKOS_ALLOW_REMOTE_EXEC").then(|| "1".to_string());
+        assert!(run_cfg("", on).allow_remote_exec);
+        let off = |k: &str| (k == "AEREKOS_ALLOW_REMOTE_EXEC").then(|| "0".to_string());
+        assert!(!run_cfg("", off).allow_remote_exec);
+        assert!(parse(args("--allow-remote-exec=1"), no_env, || "/d".into()).is_err());
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub mod cli;
 pub mod collect;
 pub mod container;
 pub mod enroll;
+#[cfg(feature = "remote-exec")]
+pub mod exec;
 pub mod fetch;
 pub mod health;
 pub mod local_api;
@@ -83,6 +85,9 @@ pub struct WorkerConfig {
     /// any free port, the services are told the one bound); `None`: off.
     /// Failing to bind is not fatal: services then run without it.
     pub local_api: Option<String>,
+    /// `--allow-remote-exec`: run the conductor's `Exec` commands
+    /// ([`exec`]); off by default, and then they are refused.
+    pub allow_remote_exec: bool,
 }
 
 impl WorkerConfig {
@@ -101,6 +106,7 @@ impl WorkerConfig {
             machine_id: None,
             mqtt_url: None,
             local_api: Some(local_api::DEFAULT_LISTEN.to_string()),
+            allow_remote_exec: false,
         }
     }
 }
@@ -438,7 +444,16 @@ pub async fn run(
             rx: local_rx,
             tx: local_tx,
         },
+        allow_exec: config.allow_remote_exec,
     };
+    if config.allow_remote_exec {
+        #[cfg(feature = "remote-exec")]
+        tracing::warn!(
+            "remote exec is enabled (--allow-remote-exec): the conductor may run commands here"
+        );
+        #[cfg(not(feature = "remote-exec"))]
+        tracing::warn!("--allow-remote-exec ignored: this agent was built without remote exec");
+    }
     let span = tracing::info_span!("worker", id = %worker_id);
     let result = session::run(params, shutdown.as_mut())
         .instrument(span)

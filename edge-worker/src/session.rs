@@ -179,6 +179,8 @@ pub(crate) struct SessionParams {
     pub flush_interval: Duration,
     pub services: Supervisor,
     pub local: LocalParts,
+    /// `--allow-remote-exec`: `Exec` commands run (else they are refused).
+    pub allow_exec: bool,
 }
 
 /// The session's side of the local API.
@@ -319,6 +321,10 @@ struct Session {
     log_tx: tokio::sync::mpsc::Sender<Body>,
     /// Container log follows running now (at most [`logs::MAX_FOLLOWS`]).
     container_follows: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// `--allow-remote-exec`; fixed for the run (unread in a build
+    /// without the `remote-exec` feature, which refuses every `Exec`).
+    #[cfg_attr(not(feature = "remote-exec"), allow(dead_code))]
+    allow_exec: bool,
 }
 
 /// The transport for `mqtts://`: TLS trusting only the pinned CA(s).
@@ -426,6 +432,7 @@ pub(crate) async fn run(
         logs: log_streams,
         log_tx,
         container_follows: Default::default(),
+        allow_exec: p.allow_exec,
     };
     tracing::info!(
         broker = %s.mqtt_url,
@@ -787,6 +794,19 @@ impl Session {
                 Err(e) => (ReplyStatus::Error, e.to_string(), false),
             },
             Action::RotateSecret(sealed) => self.rotate_secret(&sealed),
+            #[cfg(feature = "remote-exec")]
+            Action::Exec(req) => {
+                let (status, detail) =
+                    crate::exec::on_command(self.allow_exec, self.deploys.conductor(), req);
+                (status, detail, false)
+            }
+            #[cfg(not(feature = "remote-exec"))]
+            Action::Exec(_) => (
+                ReplyStatus::Error,
+                "remote exec is not in this build of the agent (built without the remote-exec feature)"
+                    .to_string(),
+                false,
+            ),
             // Handled before the window check.
             Action::Stored(_) => return,
         };

@@ -307,6 +307,37 @@ pub enum Action {
     /// open commands that were sealed before the switch reached it.
     /// Idempotent: the same sealed secret again changes nothing.
     RotateSecret(SealedSecret),
+    /// Run a command on the worker (remote exec, off unless the worker was
+    /// started with `--allow-remote-exec`). The worker replies `Ok` once it
+    /// has started it, or `Error` (disabled, refused, cannot start); the
+    /// output does **not** come back as frames: the worker streams it over
+    /// HTTPS to `POST /api/v1/agent/exec/{session hex}` in the
+    /// [`crate::exec`] stream format, keeping bulk data off the broker.
+    Exec(ExecRequest),
+}
+
+/// Most argv elements (the program and its arguments) of an
+/// [`Action::Exec`]: with [`EXEC_ARG_LEN`], the largest `Exec` command stays
+/// well under [`crate::MAX_FRAME_LEN`] (`tests/limits.rs`).
+pub const MAX_EXEC_ARGS: usize = 16;
+/// Most bytes of UTF-8 in one argv element of an [`Action::Exec`].
+pub const EXEC_ARG_LEN: usize = 192;
+
+/// What [`Action::Exec`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Random id the conductor chose; names the upload
+    /// (`/api/v1/agent/exec/{hex}`) and is accepted there only from the
+    /// worker the command went to.
+    pub session: [u8; 16],
+    /// The program (looked up in `PATH` unless it contains a `/`) and its
+    /// arguments, run directly (no shell); at least one element.
+    pub argv: Vec<String<EXEC_ARG_LEN>, MAX_EXEC_ARGS>,
+    /// The worker kills the command's process group after this many seconds.
+    pub timeout_s: u32,
+    /// The worker sends at most this many bytes of stdout and stderr
+    /// together, then kills the process group and reports the cut.
+    pub max_output: u32,
 }
 
 /// A secret sealed for [`Action::RotateSecret`]: 61 bytes

@@ -12,6 +12,8 @@
 //!   (environment names, paths, bodies).
 //! * [`registration`]: the registration token and the fleet CA fingerprint
 //!   it pins.
+//! * [`exec`]: the stream a worker uploads over HTTP while it runs an
+//!   [`Action::Exec`] (output, then the exit status).
 //! * [`sealed`]: ChaCha20-Poly1305 sealing under a key derived from a
 //!   worker's secret, bound to a context; manifests (and their secrets)
 //!   travel sealed to their worker.
@@ -24,6 +26,7 @@
 
 pub mod codec;
 pub mod examples;
+pub mod exec;
 pub mod frame;
 pub mod local_api;
 pub mod manifest;

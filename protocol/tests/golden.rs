@@ -180,6 +180,31 @@ fn golden_rotate_secret_command() {
     );
 }
 
+/// The `Exec` command of the README's example: `uname -a`, 60 s, 1 MiB.
+fn exec_request() -> ExecRequest {
+    ExecRequest {
+        session: [0x11; 16],
+        argv: [frame::bounded("uname"), frame::bounded("-a")]
+            .into_iter()
+            .collect(),
+        timeout_s: 60,
+        max_output: 1 << 20,
+    }
+}
+
+#[test]
+fn golden_exec_command() {
+    // Action index 13 (`0d`), then the 16 session bytes (no length prefix),
+    // argv as a list of strings, timeout_s and max_output as varints.
+    assert_golden(
+        Body::Command(Command {
+            id: 5,
+            action: Action::Exec(exec_request()),
+        }),
+        GOLDEN_CMD_EXEC,
+    );
+}
+
 #[test]
 fn golden_manifest() {
     let m = examples::manifest();
@@ -255,6 +280,7 @@ fn enum_discriminants_are_append_only() {
     assert_eq!(act(Action::InstallManifest(examples::manifest_ref())), 10);
     assert_eq!(act(Action::Stored(1)), 11);
     assert_eq!(act(Action::RotateSecret(protocol::SealedSecret::new())), 12);
+    assert_eq!(act(Action::Exec(exec_request())), 13);
     for (i, k) in [
         EventKind::ServiceChanged,
         EventKind::ArtifactRejected,
@@ -351,6 +377,7 @@ const GOLDEN_CMD_ROTATE_SECRET: &str = "010e772d3031323334353637383961620180a8f0
 const GOLDEN_CMD_STORED: &str =
     "010e772d3031323334353637383961620180a8f094ac3303000bac023b6a9c46247ea3f2efd45c525243fb73";
 const GOLDEN_CMD_INSTALL_MANIFEST: &str = "010e772d3031323334353637383961620180a8f094ac3303050a0c73656e736f722d72656c6179045a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a0ab47cc0db84b54e5eaa1e359638e8f7";
+const GOLDEN_CMD_EXEC: &str = "010e772d3031323334353637383961620180a8f094ac3303050d111111111111111111111111111111110205756e616d65022d613c808040b76f8c6e57cb48d825990896681aab23";
 const GOLDEN_CMD_LOGS: &str = "010e772d3031323334353637383961620180a8f094ac330305090c73656e736f722d72656c617980201e49c4035deba47ec6bfbd339d65f260b1";
 const GOLDEN_LOG_CHUNK: &str = "010e772d3031323334353637383961620180a8f094ac3306050c73656e736f722d72656c617900136c697374656e696e67206f6e203a383038300a01e7e8cf4272d1f4ad9f92da5392acb1df";
 const GOLDEN_SERVICE_METRICS: &str = "010e772d3031323334353637383961620180a8f094ac33070c73656e736f722d72656c6179020872656164696e6773e0120b71756575655f646570746801894ad48e1c7d32144899246f926c9bdf";

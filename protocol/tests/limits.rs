@@ -65,6 +65,16 @@ fn largest_bodies() -> Vec<Body> {
                 follow_s: u16::MAX,
             }),
         }),
+        Body::Command(Command {
+            id: u32::MAX,
+            action: Action::Exec(ExecRequest {
+                session: [0xff; 16],
+                argv: std::iter::repeat_n(frame::bounded(&"é".repeat(EXEC_ARG_LEN)), MAX_EXEC_ARGS)
+                    .collect(),
+                timeout_s: u32::MAX,
+                max_output: u32::MAX,
+            }),
+        }),
         Body::LogChunk(LogChunk {
             cmd_id: u32::MAX,
             name: frame::bounded(&"é".repeat(32)),

@@ -25,15 +25,25 @@ fn worker_of(ctx: &Ctx, req: &Req) -> Result<String, ApiError> {
     authenticated(ctx, req).map(|(id, _)| id)
 }
 
-/// The authenticated worker's id and the secret its request was signed
+/// The authenticated worker's id and the secret its `GET` was signed
 /// with (during a rotation: the current, the next or the previous one).
 fn authenticated(ctx: &Ctx, req: &Req) -> Result<(String, protocol::Secret), ApiError> {
+    authenticated_for(ctx, req, "GET")
+}
+
+/// [`authenticated`] for a request with `method` (the tag covers it):
+/// the remote exec upload is a `POST`.
+pub(crate) fn authenticated_for(
+    ctx: &Ctx,
+    req: &Req,
+    method: &str,
+) -> Result<(String, protocol::Secret), ApiError> {
     let header = req.authorization.as_deref().unwrap_or_default();
     let workers = ctx.shared.workers();
     let now = crate::state::now_ms();
     for k in 0..3 {
         let mut secret = None;
-        let id = protocol::manifest::verify_http_auth(header, "GET", &req.path, |id| {
+        let id = protocol::manifest::verify_http_auth(header, method, &req.path, |id| {
             secret = workers
                 .get(id)
                 .filter(|w| !w.revoked)

@@ -82,6 +82,7 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
             super::services::abort_rollout(ctx, name)
         }
         (Method::Get, ["services", name, "rollouts"]) => super::services::rollouts(ctx, name),
+        (Method::Get, ["exec-sessions"]) => super::exec::list(ctx, req),
         (Method::Get, ["alerts"]) => super::alerts::list_alerts(ctx, req),
         (Method::Get, ["alerts", id]) => super::alerts::get_alert(ctx, id),
         (Method::Get, ["alert-rules"]) => super::alerts::list_rules(ctx),

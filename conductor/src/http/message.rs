@@ -18,6 +18,8 @@ use crate::state::Shared;
 pub(crate) struct Ctx {
     pub shared: Arc<Shared>,
     pub client: AsyncClient,
+    /// Remote exec sessions in flight (a leaf lock inside, like `Shared`'s).
+    pub exec: Arc<crate::exec::ExecSessions>,
 }
 
 /// A parsed request.

@@ -3,7 +3,10 @@
 //!
 //! Requests are served by [`HTTP_THREADS`] blocking threads (a command waits
 //! up to 5 s for its reply and holds one thread meanwhile; a log relay holds
-//! one for its duration, at most [`logs::MAX_LOG_STREAMS`] at a time).
+//! one for its duration, at most [`logs::MAX_LOG_STREAMS`] at a time; a
+//! remote exec two — the caller's answer and the worker's upload
+//! `POST /api/v1/agent/exec/{session}`, streamed like an artifact upload —
+//! at most [`crate::exec::MAX_EXEC_SESSIONS`] at a time).
 //! Request bodies are capped at [`MAX_BODY`] bytes (413 beyond), except
 //! `POST /api/v1/artifacts`, which streams its body to disk up to
 //! `Config::max_artifact_bytes` ([`artifacts`]). The worker download routes
@@ -36,6 +39,7 @@ mod artifacts;
 mod auth;
 mod commands;
 mod enroll;
+mod exec;
 mod labels;
 mod logs;
 mod message;
@@ -60,8 +64,10 @@ use crate::ConductorError;
 
 use message::{cookie_value, ApiError, Ctx, RawResp, Req, Resp};
 
-/// Request handler threads.
-pub const HTTP_THREADS: usize = 8;
+/// Request handler threads: a remote exec holds two for its duration (at
+/// most [`crate::exec::MAX_EXEC_SESSIONS`]), a log relay one (at most
+/// [`logs::MAX_LOG_STREAMS`]); at least 4 stay for everything else.
+pub const HTTP_THREADS: usize = 16;
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -115,6 +121,7 @@ impl HttpServer {
         let ctx = Ctx {
             shared: shared.clone(),
             client,
+            exec: Arc::new(crate::exec::ExecSessions::new()),
         };
         let server = http_server::HttpServer::start(listen, options, move |req| serve(&ctx, req))
             .map_err(start_err)?;
@@ -193,8 +200,19 @@ fn raw_route(ctx: &Ctx, req: &Req) -> Option<Result<RawResp, ApiError>> {
         (Method::Get, ["api", "v1", "workers", id, "services", name, "logs"]) => {
             auth::authenticate(ctx, req).and_then(|_| logs::stream(ctx, req, id, name))
         }
+        (Method::Post, ["api", "v1", "workers", id, "exec"]) => {
+            auth::authenticate(ctx, req).and_then(|t| exec::start(ctx, req, id, &t))
+        }
         _ => return None,
     })
+}
+
+/// The session segment of `POST /api/v1/agent/exec/{session}`.
+fn exec_upload_session<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    let rest = path
+        .strip_prefix(protocol::exec::EXEC_PATH)?
+        .strip_prefix('/')?;
+    (*method == Method::Post && !rest.contains('/')).then_some(rest)
 }
 
 fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
@@ -213,6 +231,9 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
     {
         // Streamed to disk: the JSON body limit does not apply.
         artifacts::upload(ctx, &req, content_length, raw.as_reader()).map(Out::Text)
+    } else if let Some(session) = exec_upload_session(&req.method, path) {
+        // A worker's exec output, streamed for as long as the command runs.
+        exec::upload(ctx, &req, session, raw.as_reader()).map(Out::Text)
     } else if content_length.is_some_and(|n| n > MAX_BODY as u64) {
         Err(ApiError::new(
             413,

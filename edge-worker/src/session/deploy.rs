@@ -87,6 +87,13 @@ pub(super) struct Deployments {
 }
 
 impl Deployments {
+    /// Where and as whom to download (the current secrets); remote exec
+    /// uploads the same way.
+    #[cfg(feature = "remote-exec")]
+    pub(super) fn conductor(&self) -> &Conductor {
+        &self.conductor
+    }
+
     /// No downloads yet, from `conductor`.
     pub(super) fn new(conductor: Conductor) -> Deployments {
         Deployments {
