@@ -1274,18 +1274,26 @@ pub fn elf_machine(path: &Path) -> Option<u16> {
 /// `qemu-aarch64`, on `PATH`). Panics with the install hint when absent:
 /// the emulated test must not pass by skipping.
 pub fn qemu_aarch64() -> PathBuf {
+    qemu_user("aarch64")
+}
+
+/// Path of the user-mode emulator for `arch` as qemu names it (`aarch64`,
+/// `arm`): `qemu-<arch>-static`, else `qemu-<arch>`, on `PATH` or in
+/// `/usr/bin`. Panics with the install hint when absent: an emulated test
+/// must not pass by skipping.
+pub fn qemu_user(arch: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["qemu-aarch64-static", "qemu-aarch64"] {
+    for name in [format!("qemu-{arch}-static"), format!("qemu-{arch}")] {
         for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]) {
-            let candidate = dir.join(name);
+            let candidate = dir.join(&name);
             if candidate.is_file() {
                 return candidate;
             }
         }
     }
     panic!(
-        "qemu-aarch64-static is not installed: the emulated aarch64 edge-worker test needs it \
-         (Debian/Ubuntu: apt-get install qemu-user-static; .ci/run installs it)"
+        "qemu-{arch}-static is not installed: the emulated {arch} edge-worker tests need it \
+         (Debian/Ubuntu: apt-get install qemu-user-static; tests/setup.sh installs it)"
     );
 }
 

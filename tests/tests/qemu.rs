@@ -148,7 +148,7 @@ impl Emulated {
         );
         Some(Emulated {
             pi,
-            qemu: qemu_arm(),
+            qemu: qemu_user("arm"),
             worker,
             service,
         })
@@ -214,24 +214,6 @@ fn rebuild_if_stale(pi: &Pi, bin: &Path, package: &str, sources: &[&str]) {
         status.success(),
         "rebuilding the {} {package} failed",
         pi.name
-    );
-}
-
-/// Path of the 32-bit ARM user-mode emulator (`qemu-arm-static`, else
-/// `qemu-arm`). Panics with the install hint when absent.
-fn qemu_arm() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["qemu-arm-static", "qemu-arm"] {
-        for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    panic!(
-        "qemu-arm-static is not installed: the emulated 32-bit edge-worker tests need it \
-         (Debian/Ubuntu: apt-get install qemu-user-static; tests/setup.sh installs it)"
     );
 }
 

@@ -1,6 +1,7 @@
 //! Commands to a worker from an HTTP request: sent sealed, QoS 1, and the
 //! request waits for the worker's reply.
 
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -10,9 +11,25 @@ use serde_json::json;
 use tracing::info_span;
 
 use super::message::{ApiError, Ctx, Resp};
+use crate::state::WorkerEntry;
 
 /// How long a command waits for its reply.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Worker `id` in the (locked) worker map, if a command may go to it:
+/// 404 when unknown, 409 when revoked.
+pub(crate) fn commandable<'a>(
+    workers: &'a mut HashMap<String, WorkerEntry>,
+    id: &str,
+) -> Result<&'a mut WorkerEntry, ApiError> {
+    let w = workers
+        .get_mut(id)
+        .ok_or_else(|| ApiError::not_found("worker"))?;
+    if w.revoked {
+        return Err(ApiError::new(409, "worker is revoked"));
+    }
+    Ok(w)
+}
 
 /// Sends `action` to worker `id` (sealed, QoS 1, cmd_seq persisted first)
 /// and waits up to [`COMMAND_TIMEOUT`] for the reply.
@@ -22,12 +39,7 @@ pub(crate) fn send_and_wait(ctx: &Ctx, id: &str, action: Action) -> Result<Resp,
     let (tx, rx) = mpsc::channel();
     let (cmd_id, frame) = {
         let mut workers = ctx.shared.workers();
-        let w = workers
-            .get_mut(id)
-            .ok_or_else(|| ApiError::not_found("worker"))?;
-        if w.revoked {
-            return Err(ApiError::new(409, "worker is revoked"));
-        }
+        let w = commandable(&mut workers, id)?;
         let (cmd_id, frame) =
             crate::commands::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
         ctx.shared.pending().insert((id.to_string(), cmd_id), tx);

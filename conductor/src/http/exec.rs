@@ -368,12 +368,7 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
     };
     let frame = {
         let mut workers = ctx.shared.workers();
-        let w = workers
-            .get_mut(id)
-            .ok_or_else(|| ApiError::not_found("worker"))?;
-        if w.revoked {
-            return Err(ApiError::new(409, "worker is revoked"));
-        }
+        let w = super::commands::commandable(&mut workers, id)?;
         if w.labels.get(EXEC_LABEL).map(String::as_str) != Some(EXEC_LABEL_VALUE) {
             return Err(ApiError::new(
                 403,

@@ -133,12 +133,7 @@ pub(crate) fn stream(ctx: &Ctx, req: &Req, id: &str, name: &str) -> Result<RawRe
     let (tx, rx) = mpsc::sync_channel(RELAY_CHUNKS);
     let (cmd_id, frame) = {
         let mut workers = ctx.shared.workers();
-        let w = workers
-            .get_mut(id)
-            .ok_or_else(|| ApiError::not_found("worker"))?;
-        if w.revoked {
-            return Err(ApiError::new(409, "worker is revoked"));
-        }
+        let w = super::commands::commandable(&mut workers, id)?;
         if w.status != Status::Online {
             return Err(ApiError::new(504, "worker is offline"));
         }
