@@ -242,6 +242,12 @@ pub enum EventKind {
     /// An event a hosted service published through the local API; detail
     /// is `<name>: <text>`.
     ServiceEvent,
+    /// The agent now runs a new version after a self-update; detail is
+    /// `<from> -> <to>`.
+    AgentUpdated,
+    /// A self-update was refused or rolled back, and the agent that was
+    /// running before runs on; detail is `<version>: <why>`.
+    AgentUpdateFailed,
 }
 
 /// A worker event.
@@ -314,6 +320,16 @@ pub enum Action {
     /// HTTPS to `POST /api/v1/agent/exec/{session hex}` in the
     /// [`crate::exec`] stream format, keeping bulk data off the broker.
     Exec(ExecRequest),
+    /// Replace the agent with a signed release ([`crate::release`]). The
+    /// worker replies `Error` (and nothing changes) when the release is not
+    /// signed by its pinned key, is for another arch, is older than what it
+    /// runs without `allow_downgrade`, or self-update is not possible there;
+    /// `Ok` once the new binary is downloaded and checked and its trial
+    /// begins. The outcome comes as an [`EventKind::AgentUpdated`] or
+    /// [`EventKind::AgentUpdateFailed`] event, and the birth's
+    /// `agent_version`. Idempotent: the running version again is `Ok`,
+    /// "already running".
+    UpdateAgent(crate::release::AgentUpdate),
 }
 
 /// Most argv elements (the program and its arguments) of an

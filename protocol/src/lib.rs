@@ -14,6 +14,8 @@
 //!   it pins.
 //! * [`exec`]: the stream a worker uploads over HTTP while it runs an
 //!   [`Action::Exec`] (output, then the exit status).
+//! * [`release`]: signed agent releases (what the Ed25519 signature
+//!   covers, versions and their order) for [`Action::UpdateAgent`].
 //! * [`sealed`]: ChaCha20-Poly1305 sealing under a key derived from a
 //!   worker's secret, bound to a context; manifests (and their secrets)
 //!   travel sealed to their worker.
@@ -31,6 +33,7 @@ pub mod frame;
 pub mod local_api;
 pub mod manifest;
 pub mod registration;
+pub mod release;
 pub mod replay;
 pub mod sealed;
 pub mod topic;

@@ -205,6 +205,39 @@ fn golden_exec_command() {
     );
 }
 
+/// The `UpdateAgent` command of the README's example: 0.2.0 for aarch64.
+fn agent_update() -> protocol::release::AgentUpdate {
+    protocol::release::AgentUpdate {
+        version: frame::bounded("0.2.0"),
+        arch: frame::bounded("aarch64"),
+        sha256: [0x22; 32],
+        size: 1_524_968,
+        signature: [0x33; 64].into_iter().collect(),
+        allow_downgrade: false,
+        trial_s: 90,
+    }
+}
+
+#[test]
+fn golden_update_agent_command() {
+    // Action index 14 (`0e`), version and arch as strings, the 32 digest
+    // bytes (no length prefix), size as a varint, the signature as a byte
+    // list (`40` = 64, then the bytes), allow_downgrade, trial_s.
+    assert_golden(
+        Body::Command(Command {
+            id: 5,
+            action: Action::UpdateAgent(agent_update()),
+        }),
+        GOLDEN_CMD_UPDATE_AGENT,
+    );
+}
+
+#[test]
+fn the_release_signed_message_is_pinned() {
+    let m = protocol::release::signed_message("0.2.0", "aarch64", &[0x22; 32]).unwrap();
+    assert_eq!(hex(&m), GOLDEN_RELEASE_MESSAGE);
+}
+
 #[test]
 fn golden_manifest() {
     let m = examples::manifest();
@@ -281,11 +314,14 @@ fn enum_discriminants_are_append_only() {
     assert_eq!(act(Action::Stored(1)), 11);
     assert_eq!(act(Action::RotateSecret(protocol::SealedSecret::new())), 12);
     assert_eq!(act(Action::Exec(exec_request())), 13);
+    assert_eq!(act(Action::UpdateAgent(agent_update())), 14);
     for (i, k) in [
         EventKind::ServiceChanged,
         EventKind::ArtifactRejected,
         EventKind::HealthFailed,
         EventKind::ServiceEvent,
+        EventKind::AgentUpdated,
+        EventKind::AgentUpdateFailed,
     ]
     .into_iter()
     .enumerate()
@@ -581,3 +617,13 @@ fn sealed_data_opens_only_unchanged_with_its_secret_and_context() {
     let again = sealed::seal(&secret, ctx.as_bytes(), SEAL_PLAINTEXT, [0xa1; 12]).unwrap();
     assert_ne!(again[13..], bytes[13..]);
 }
+const GOLDEN_CMD_UPDATE_AGENT: &str = concat!(
+    "010e772d3031323334353637383961620180a8f094ac3303050e05302e322e300761617263683634",
+    "2222222222222222222222222222222222222222222222222222222222222222e8895d4033333333",
+    "33333333333333333333333333333333333333333333333333333333333333333333333333333333",
+    "3333333333333333333333333333333333333333005a1f5dcc4a1f6f84f0ae038b9e9e6650bb",
+);
+const GOLDEN_RELEASE_MESSAGE: &str = concat!(
+    "616572656b6f732d6167656e742d72656c656173652d76310005302e322e30076161726368363422",
+    "22222222222222222222222222222222222222222222222222222222222222",
+);
