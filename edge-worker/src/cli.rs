@@ -36,6 +36,11 @@ OPTIONS (each also from the environment variable shown):
                             [127.0.0.1:3001; port 0: any free port]
     --allow-remote-exec     run commands the conductor sends       AEREKOS_ALLOW_REMOTE_EXEC=1
                             (`aerekos exec`; off by default)
+    --release-key HEX       Ed25519 key agent releases must be     AEREKOS_RELEASE_KEY
+                            signed with [the conductor's, pinned at enrolment]
+    --self-update M         may a signed release replace this      AEREKOS_SELF_UPDATE
+                            binary: auto (not in a container),
+                            always, never [auto]
     -h, --help              this text
     -V, --version           agent and wire-format versions
 
@@ -170,6 +175,8 @@ pub fn parse(
             "--machine-id",
             "--mqtt-url",
             "--local-api",
+            "--release-key",
+            "--self-update",
         ];
         let known = if decode {
             &["--secret", "--worker"][..]
@@ -238,6 +245,18 @@ pub fn parse(
     config.hostname = get("--hostname", "AEREKOS_HOSTNAME");
     config.machine_id = get("--machine-id", "AEREKOS_MACHINE_ID");
     config.mqtt_url = get("--mqtt-url", "AEREKOS_MQTT_URL");
+    if let Some(key) = get("--release-key", "AEREKOS_RELEASE_KEY") {
+        protocol::release::parse_public_key(&key)
+            .map_err(|e| invalid("--release-key", &key, e.to_string()))?;
+        config.release_key = Some(key);
+    }
+    // The binary can replace itself; an embedding program cannot.
+    config.self_update = match get("--self-update", "AEREKOS_SELF_UPDATE") {
+        Some(v) => v
+            .parse()
+            .map_err(|e: String| invalid("--self-update", &v, e))?,
+        None => crate::SelfUpdate::Auto,
+    };
     if let Some(d) = duration("--interval", "AEREKOS_INTERVAL")? {
         if d.is_zero() {
             return Err(invalid("--interval", "0", "must be positive"));
@@ -443,6 +462,25 @@ mod tests {
     }
 
     #[test]
+    fn self_update_mode() {
+        use crate::SelfUpdate;
+        assert_eq!(run_cfg("", no_env).self_update, SelfUpdate::Auto);
+        assert_eq!(
+            run_cfg("--self-update always", no_env).self_update,
+            SelfUpdate::Always
+        );
+        assert_eq!(
+            run_cfg("--self-update never", no_env).self_update,
+            SelfUpdate::Never
+        );
+        let env = |k: &str| (k == "AEREKOS_SELF_UPDATE").then(|| "never".to_string());
+        assert_eq!(run_cfg("", env).self_update, SelfUpdate::Never);
+        // An embedded agent is not a command-line choice.
+        assert!(parse(args("--self-update embedded"), no_env, || "/d".into()).is_err());
+        assert!(parse(args("--self-update yes"), no_env, || "/d".into()).is_err());
+    }
+
+    #[test]
     fn labels() {
         assert_eq!(parse_label("site=lab"), Ok(("site".into(), "lab".into())));
         assert_eq!(parse_label("k=a=b"), Ok(("k".into(), "a=b".into())));
@@ -454,7 +492,15 @@ mod tests {
     #[test]
     fn defaults() {
         let c = run_cfg("", no_env);
-        assert_eq!(c, WorkerConfig::new("/default"));
+        // The command line's agent may replace itself; an embedded one
+        // (`WorkerConfig::new`, the conductor's --local-worker) may not.
+        assert_eq!(
+            c,
+            WorkerConfig {
+                self_update: crate::SelfUpdate::Auto,
+                ..WorkerConfig::new("/default")
+            }
+        );
         assert_eq!(c.interval, Duration::from_secs(10));
         assert_eq!(c.queue_capacity, 720);
         assert_eq!(c.flush_interval, Duration::from_secs(30));

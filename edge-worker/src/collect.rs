@@ -114,7 +114,7 @@ impl Inventory {
             memory_total: self.memory_total,
             disks: disks.clone(),
             device_model: self.device_model.clone(),
-            agent_version: bounded(env!("CARGO_PKG_VERSION")),
+            agent_version: bounded(crate::VERSION),
             boot_id: self.boot_id.clone(),
             labels: out_labels,
             interval_ms,

@@ -60,6 +60,10 @@ pub struct EnrollResponse {
     /// `mqtts://` broker).
     #[serde(default)]
     pub mqtt_ca_pem: Option<String>,
+    /// The Ed25519 public key (64 hex) agent releases are signed with, when
+    /// the conductor has one (`--release-key`): pinned in the state.
+    #[serde(default)]
+    pub release_key: Option<String>,
 }
 
 impl std::fmt::Debug for EnrollResponse {

@@ -40,10 +40,19 @@ pub mod session;
 pub mod state;
 pub mod supervisor;
 pub mod tls;
+pub mod update;
 
 pub use enroll::EnrollError;
 pub use outbox::OutboxError;
 pub use state::StateError;
+
+/// The agent's version: the package's, or `AEREKOS_AGENT_VERSION` when it
+/// was set at build time (a release built from a tag with a build suffix,
+/// and the self-update tests' "newer" agent).
+pub const VERSION: &str = match option_env!("AEREKOS_AGENT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 /// Default metrics interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
@@ -88,6 +97,41 @@ pub struct WorkerConfig {
     /// `--allow-remote-exec`: run the conductor's `Exec` commands
     /// ([`exec`]); off by default, and then they are refused.
     pub allow_remote_exec: bool,
+    /// `--release-key`: the Ed25519 public key (64 hex) agent releases must
+    /// be signed with; pinned in the state (replacing one the conductor
+    /// gave at enrolment). `None`: the pinned one, if any.
+    pub release_key: Option<String>,
+    /// Whether this agent may replace its own binary ([`update`]): the
+    /// `edge-worker` binary's `--self-update` ([`SelfUpdate::Auto`] by
+    /// default); an agent embedded in another program (the conductor's
+    /// `--local-worker`) is [`SelfUpdate::Embedded`] and refuses updates.
+    pub self_update: SelfUpdate,
+}
+
+/// `--self-update`: may the agent replace its own binary?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfUpdate {
+    /// Yes, unless it runs in a container (`/.dockerenv`,
+    /// `/run/.containerenv`), where the image is the unit of update.
+    Auto,
+    /// Yes, also in a container (one whose filesystem the operator keeps).
+    Always,
+    /// No (`--self-update never`).
+    Never,
+    /// No: the agent is a library inside another program.
+    Embedded,
+}
+
+impl std::str::FromStr for SelfUpdate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(SelfUpdate::Auto),
+            "always" => Ok(SelfUpdate::Always),
+            "never" => Ok(SelfUpdate::Never),
+            _ => Err("expected auto, always or never".into()),
+        }
+    }
 }
 
 impl WorkerConfig {
@@ -107,6 +151,8 @@ impl WorkerConfig {
             mqtt_url: None,
             local_api: Some(local_api::DEFAULT_LISTEN.to_string()),
             allow_remote_exec: false,
+            release_key: None,
+            self_update: SelfUpdate::Embedded,
         }
     }
 }
@@ -133,6 +179,19 @@ pub enum WorkerError {
     /// A background task died.
     #[error("internal task failed: {0}")]
     Task(String),
+    /// This binary was started as the trial of an update it is not.
+    #[error("self-update: {0}")]
+    Update(String),
+}
+
+/// How [`run_until`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `shutdown` completed (or enrolment was interrupted by it).
+    Shutdown,
+    /// A signed release is staged ([`update::Phase::Staged`]): the caller
+    /// runs it on trial ([`update::run_trial`]).
+    UpdateStaged,
 }
 
 /// Runs the worker until `shutdown` completes (then sends `offline`,
@@ -143,6 +202,15 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    run_until(config, shutdown).await.map(|_| ())
+}
+
+/// [`run`], saying why it ended: the `edge-worker` binary also ends for a
+/// staged self-update, which it then runs on trial.
+pub async fn run_until(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Ended, WorkerError> {
     tokio::pin!(shutdown);
     let mut config = config;
     if config.interval < session::MIN_INTERVAL {
@@ -284,7 +352,7 @@ pub async fn run(
                 .instrument(span)
                 .await?
             else {
-                return Ok(());
+                return Ok(Ended::Shutdown);
             };
             if let Some(pem) = &resp.mqtt_ca_pem {
                 let saved = tls::der_of_pem(pem)
@@ -329,11 +397,38 @@ pub async fn run(
                 cmd_bitmap,
                 previous_secret: None,
                 local_api_key: local_api_key.filter(|k| *k != resp_secret_hex),
+                // The conductor's key is pinned at enrolment; a re-enrolment
+                // with a conductor that has none keeps the pinned one.
+                release_key: resp
+                    .release_key
+                    .clone()
+                    .or_else(|| stored.as_ref().and_then(|s| s.release_key.clone())),
             };
             state::save(&config.state_dir, &new)?;
             tracing::info!(worker_id = %new.worker_id, "enrolled");
             new
         }
+    };
+
+    let mut state = state;
+    if let Some(key) = &config.release_key {
+        protocol::release::parse_public_key(key)
+            .map_err(|e| WorkerError::Config(format!("--release-key: {e}")))?;
+        if state.release_key.as_deref() != Some(key.trim()) {
+            state.release_key = Some(key.trim().to_string());
+            state::save(&config.state_dir, &state)?;
+            tracing::info!("release key pinned from --release-key");
+        }
+    }
+    let release_key = state
+        .release_key
+        .as_deref()
+        .and_then(|k| protocol::release::parse_public_key(k).ok());
+    let trial_env = std::env::var(update::TRIAL_ENV).ok();
+    let startup = if cfg!(feature = "self-update") {
+        update::on_start(&config.state_dir, trial_env.as_deref()).map_err(WorkerError::Update)?
+    } else {
+        update::Startup::Nothing
     };
 
     let secret = state.secret().map_err(|e| StateError::Corrupt {
@@ -445,6 +540,11 @@ pub async fn run(
             tx: local_tx,
         },
         allow_exec: config.allow_remote_exec,
+        update: session::UpdateParts {
+            startup,
+            release_key,
+            refused: update::impossible(config.self_update),
+        },
     };
     if config.allow_remote_exec {
         #[cfg(feature = "remote-exec")]

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         Ok(Cli::Version) => {
             println!(
                 "edge-worker {} (wire formats {} and {})",
-                env!("CARGO_PKG_VERSION"),
+                edge_worker::VERSION,
                 protocol::FORMAT_VERSION,
                 protocol::FORMAT_V2
             );
@@ -75,11 +75,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(edge_worker::run(config, shutdown_signal()));
+    let state_dir = config.state_dir.clone();
+    let result = runtime.block_on(edge_worker::run_until(config, shutdown_signal()));
+    if let (true, Ok(edge_worker::Ended::UpdateStaged)) = (cfg!(feature = "self-update"), &result) {
+        // This process runs the new agent on trial, then becomes it (or
+        // this agent again): `run_trial` returns only if it cannot.
+        let why = runtime.block_on(edge_worker::update::run_trial(
+            &state_dir,
+            shutdown_signal(),
+        ));
+        tracing::error!("self-update: {why}");
+        return ExitCode::FAILURE;
+    }
     // Do not wait for a blocking HTTP call or sample still in flight.
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE

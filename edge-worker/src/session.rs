@@ -181,6 +181,19 @@ pub(crate) struct SessionParams {
     pub local: LocalParts,
     /// `--allow-remote-exec`: `Exec` commands run (else they are refused).
     pub allow_exec: bool,
+    /// Self-update.
+    pub update: UpdateParts,
+}
+
+/// The session's side of self-update ([`crate::update`]).
+pub(crate) struct UpdateParts {
+    /// What the update record said at start.
+    pub startup: crate::update::Startup,
+    /// The pinned release key.
+    pub release_key: Option<[u8; 32]>,
+    /// Why `UpdateAgent` is refused whatever the release (container,
+    /// embedded agent, a build without it); `None`: it can be tried.
+    pub refused: Option<String>,
 }
 
 /// The session's side of the local API.
@@ -325,6 +338,28 @@ struct Session {
     /// without the `remote-exec` feature, which refuses every `Exec`).
     #[cfg_attr(not(feature = "remote-exec"), allow(dead_code))]
     allow_exec: bool,
+    /// The pinned release key.
+    release_key: Option<[u8; 32]>,
+    /// Why `UpdateAgent` is refused whatever the release.
+    update_refused: Option<String>,
+    /// On trial: the seq of this run's `AgentStarted`; a `Stored` covering
+    /// it confirms the trial ([`crate::update::confirm`]), once.
+    trial_seq: Option<u64>,
+    /// A release being fetched and staged: the command id and the version.
+    staging: Option<StagingTask>,
+    /// Set when a release is staged: the run loop ends and hands over.
+    update_staged: bool,
+}
+
+type StagingTask = JoinHandle<(u32, String, Result<crate::update::Record, String>)>;
+
+async fn join_staging(
+    task: &mut Option<StagingTask>,
+) -> Result<(u32, String, Result<crate::update::Record, String>), tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The transport for `mqtts://`: TLS trusting only the pinned CA(s).
@@ -361,7 +396,7 @@ fn mqtt_tls(
 pub(crate) async fn run(
     p: SessionParams,
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
-) -> Result<(), WorkerError> {
+) -> Result<crate::Ended, WorkerError> {
     let id = p.store.state().worker_id.clone();
     let url = MqttUrl::parse(&p.mqtt_url)
         .ok_or_else(|| WorkerError::Config(format!("unusable MQTT URL {:?}", p.mqtt_url)))?;
@@ -433,6 +468,11 @@ pub(crate) async fn run(
         log_tx,
         container_follows: Default::default(),
         allow_exec: p.allow_exec,
+        release_key: p.update.release_key,
+        update_refused: p.update.refused,
+        trial_seq: None,
+        staging: None,
+        update_staged: false,
     };
     tracing::info!(
         broker = %s.mqtt_url,
@@ -440,14 +480,39 @@ pub(crate) async fn run(
         queued = s.out.queued(),
         "starting"
     );
-    s.out.enqueue(Body::Event(WorkerEvent {
+    let started = s.out.enqueue(Body::Event(WorkerEvent {
         kind: EventKind::AgentStarted,
-        detail: bounded(concat!(
-            "edge-worker ",
-            env!("CARGO_PKG_VERSION"),
-            " started"
-        )),
+        detail: bounded(&format!("edge-worker {} started", crate::VERSION)),
     }));
+    match p.update.startup {
+        crate::update::Startup::Nothing => {}
+        crate::update::Startup::Trial => {
+            tracing::info!(
+                version = crate::VERSION,
+                "on trial: confirming once the conductor acknowledges this start"
+            );
+            s.trial_seq = Some(started);
+        }
+        crate::update::Startup::Report { updated, detail } => {
+            if updated {
+                tracing::info!("agent updated: {detail}");
+            } else {
+                tracing::warn!("agent update failed: {detail}");
+            }
+            let kind = if updated {
+                EventKind::AgentUpdated
+            } else {
+                EventKind::AgentUpdateFailed
+            };
+            s.out.enqueue(Body::Event(WorkerEvent {
+                kind,
+                detail: bounded(&detail),
+            }));
+            // Queued and on disk before the record goes: reported once.
+            s.out.persist();
+            crate::update::finish(s.services.state_dir());
+        }
+    }
 
     let mut poll = poll_after(eventloop, Duration::ZERO);
     let mut tick = ticker(s.interval);
@@ -501,8 +566,19 @@ pub(crate) async fn run(
             Some(done) = s.deploys.next_done(), if s.deploys.running() => {
                 s.on_deploy_done(done);
             }
-            Some(p) = local_rx.recv() => s.out.enqueue(p.into_body()),
-            Some(body) = log_rx.recv() => s.out.enqueue(body),
+            Some(p) = local_rx.recv() => {
+                s.out.enqueue(p.into_body());
+            }
+            Some(body) = log_rx.recv() => {
+                s.out.enqueue(body);
+            }
+            result = join_staging(&mut s.staging) => {
+                s.staging = None;
+                match result {
+                    Ok((cmd_id, version, r)) => s.on_staged(cmd_id, &version, r),
+                    Err(e) => tracing::error!("staging the update failed: {e}"),
+                }
+            }
         }
         s.enqueue_service_changes();
         if s.interval_changed {
@@ -511,13 +587,20 @@ pub(crate) async fn run(
         }
         s.out.pump(&s.client, &s.topics);
         s.out.persist_if_drained();
+        if s.update_staged {
+            break;
+        }
     }
 
     s.shutdown(poll).await;
     if let Some(task) = sample {
         task.abort();
     }
-    Ok(())
+    Ok(if s.update_staged {
+        crate::Ended::UpdateStaged
+    } else {
+        crate::Ended::Shutdown
+    })
 }
 
 impl Session {
@@ -718,6 +801,10 @@ impl Session {
             // Outside the command seq stream: not checked against the
             // window (a replayed one repeats a true statement) and nothing
             // is persisted (no SD card write per acknowledgement).
+            if self.trial_seq.is_some_and(|started| upto >= started) {
+                self.trial_seq = None;
+                crate::update::confirm(self.services.state_dir());
+            }
             return self.out.on_stored(upto);
         }
         if stored_topic {
@@ -807,6 +894,11 @@ impl Session {
                     .to_string(),
                 false,
             ),
+            Action::UpdateAgent(u) => match self.on_update(cmd.id, u) {
+                Some((status, detail)) => (status, detail, false),
+                // Answered once staged (`on_staged`).
+                None => return,
+            },
             // Handled before the window check.
             Action::Stored(_) => return,
         };
@@ -814,6 +906,79 @@ impl Session {
         if rebirth {
             self.enqueue_birth();
         }
+    }
+
+    /// `Action::UpdateAgent`: refuses at once, or starts staging the
+    /// release (`None`: answered by [`Session::on_staged`]).
+    fn on_update(
+        &mut self,
+        cmd_id: u32,
+        u: protocol::release::AgentUpdate,
+    ) -> Option<(ReplyStatus, String)> {
+        let version = u.version.to_string();
+        if !cfg!(feature = "self-update") {
+            // A constant: the smallest build links none of the update code.
+            let why = crate::update::impossible(crate::SelfUpdate::Always).unwrap_or_default();
+            self.update_failed(&version, &why);
+            return Some((ReplyStatus::Error, why));
+        }
+        let checked = match &self.update_refused {
+            Some(why) => Err(why.clone()),
+            None if self.staging.is_some() => Err("another update is being staged".into()),
+            None => crate::update::check(
+                &u,
+                self.release_key.as_ref(),
+                &self.inventory.arch,
+                crate::VERSION,
+            ),
+        };
+        match checked {
+            Ok(crate::update::Verdict::AlreadyRunning) => {
+                Some((ReplyStatus::Ok, format!("already running {version}")))
+            }
+            Ok(crate::update::Verdict::Install) => {
+                tracing::info!(version = %version, "fetching the agent release");
+                let conductor = self.deploys.conductor().clone();
+                let dir = self.services.state_dir().to_path_buf();
+                self.staging = Some(tokio::task::spawn_blocking(move || {
+                    let r = crate::update::stage(&conductor, &dir, &u);
+                    (cmd_id, version, r)
+                }));
+                None
+            }
+            Err(why) => {
+                self.update_failed(&version, &why);
+                Some((ReplyStatus::Error, why))
+            }
+        }
+    }
+
+    /// A release is staged (or could not be): reply, and on success end
+    /// the run loop so the caller runs it on trial.
+    fn on_staged(&mut self, cmd_id: u32, version: &str, r: Result<crate::update::Record, String>) {
+        match r {
+            Ok(record) => {
+                tracing::info!(version, staged = %record.staged.display(), "release staged");
+                self.reply(
+                    cmd_id,
+                    ReplyStatus::Ok,
+                    &format!("{version} staged: the trial begins"),
+                );
+                self.update_staged = true;
+            }
+            Err(why) => {
+                self.update_failed(version, &why);
+                self.reply(cmd_id, ReplyStatus::Error, &why);
+            }
+        }
+    }
+
+    fn update_failed(&mut self, version: &str, why: &str) {
+        tracing::warn!(version, "agent update refused: {why}");
+        self.out.enqueue(Body::Event(WorkerEvent {
+            kind: EventKind::AgentUpdateFailed,
+            detail: bounded(&format!("{version}: {why}")),
+        }));
     }
 
     /// `Action::RotateSecret`: opens the new secret (sealed under the

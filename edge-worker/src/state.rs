@@ -106,6 +106,13 @@ pub struct State {
     /// services keep the tokens in their environment. `None`: the secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_api_key: Option<String>,
+    /// The Ed25519 public key (64 hex) agent releases must be signed with
+    /// ([`crate::update`]): the conductor's at enrolment, or
+    /// `--release-key`. Invariant: only enrolment and the operator's flag
+    /// set it, never a command, so a compromised conductor or broker cannot
+    /// swap it for its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_key: Option<String>,
 }
 
 fn one() -> u64 {
@@ -371,6 +378,7 @@ mod tests {
             cmd_bitmap: 0,
             previous_secret: None,
             local_api_key: None,
+            release_key: None,
         }
     }
 

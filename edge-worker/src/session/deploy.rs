@@ -88,8 +88,7 @@ pub(super) struct Deployments {
 
 impl Deployments {
     /// Where and as whom to download (the current secrets); remote exec
-    /// uploads the same way.
-    #[cfg(feature = "remote-exec")]
+    /// uploads and a self-update downloads the same way.
     pub(super) fn conductor(&self) -> &Conductor {
         &self.conductor
     }

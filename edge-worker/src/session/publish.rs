@@ -146,8 +146,8 @@ impl Publisher {
         }
     }
 
-    /// Seals `body` with the next seq and queues it.
-    pub(super) fn enqueue(&mut self, body: Body) {
+    /// Seals `body` with the next seq and queues it; returns the seq.
+    pub(super) fn enqueue(&mut self, body: Body) -> u64 {
         let kind = body.kind();
         let seq = self.store.next_seq();
         let env = Envelope {
@@ -167,6 +167,7 @@ impl Publisher {
             // Cannot happen with the bounded frame types (protocol tests).
             Err(e) => tracing::error!(seq, "cannot seal a {kind:?} frame: {e}"),
         }
+        seq
     }
 
     fn on_overflow(&mut self, dropped: u64) {
