@@ -28,7 +28,8 @@ pub enum AlertCmd {
     AddRule {
         /// Unique name.
         name: String,
-        /// `worker_offline`, `metric_above`, `service_failed` or `rollout_reverted`.
+        /// `worker_offline`, `metric_above`, `service_failed`, `rollout_reverted` or
+        /// `agent_update_failed`.
         #[arg(long)]
         kind: String,
         /// `metric_above`: `cpu`, `memory`, `disk` (%) or `temperature` (°C).

@@ -10,10 +10,12 @@
 //! dashboard's settings, or the output of `aerekos login`).
 //!
 //! Exit status: 0 on success, 1 on an API or transport error (the API's
-//! `error` message is printed to stderr), 2 on a usage error (clap).
+//! `error` message is printed to stderr) or a reverted `agent rollout
+//! --wait`, 2 on a usage error (clap).
 //! Limits: JSON responses are read up to 16 MiB; `logs --follow` streams
 //! until the conductor ends the response.
 
+pub mod agent;
 mod alerts;
 pub mod exec;
 
@@ -98,6 +100,12 @@ pub enum Cmd {
     /// Alerts: rules, webhook receivers, what fired and when.
     #[command(subcommand)]
     Alert(alerts::AlertCmd),
+    /// The agent release signing key (offline; no conductor needed).
+    #[command(subcommand)]
+    ReleaseKey(agent::ReleaseKeyCmd),
+    /// Agent self-update: signed releases and rolling them out.
+    #[command(subcommand)]
+    Agent(agent::AgentCmd),
     /// List service specs with their deployment and state.
     Services,
     /// Service specs.
@@ -271,6 +279,9 @@ pub enum CliError {
     /// (nothing to print: the command's output said it all).
     #[error("the remote command exited with status {0}")]
     Exited(u8),
+    /// What was asked did not succeed (an agent rollout was reverted).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// An API client bound to one conductor and token.
@@ -664,6 +675,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             follow,
         } => client.logs(&worker, &name, tail, follow, out)?,
         Cmd::Alert(cmd) => alerts::run(&client, cmd, out, &print)?,
+        Cmd::ReleaseKey(cmd) => agent::run_key(cmd, out)?,
+        Cmd::Agent(cmd) => agent::run(&client, cmd, out, &print)?,
         Cmd::Exec {
             worker,
             labels,
@@ -866,10 +879,110 @@ mod tests {
                 "-l",
             ],
             vec!["aerekos", "exec-log", "--limit", "5"],
+            vec!["aerekos", "release-key", "generate", "--out", "k.pem"],
+            vec!["aerekos", "release-key", "public", "k.pem"],
+            vec![
+                "aerekos",
+                "agent",
+                "release",
+                "--key",
+                "k.pem",
+                "--version",
+                "0.2.0",
+                "--arch",
+                "aarch64",
+                "target/edge-worker",
+            ],
+            vec!["aerekos", "agent", "releases"],
+            vec![
+                "aerekos",
+                "agent",
+                "rollout",
+                "--version",
+                "0.2.0",
+                "--canary",
+                "1",
+                "--settle",
+                "60",
+                "--trial",
+                "30",
+                "--timeout",
+                "300",
+                "--label",
+                "site=shop",
+                "--label",
+                "model=pi5",
+                "--allow-downgrade",
+                "--wait",
+            ],
+            vec![
+                "aerekos",
+                "agent",
+                "rollout",
+                "--version",
+                "0.2.0",
+                "--canary-percent",
+                "10",
+            ],
+            vec!["aerekos", "agent", "rollouts"],
+            vec!["aerekos", "--json", "agent", "rollouts", "3"],
+            vec!["aerekos", "agent", "abort", "3"],
         ] {
             assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
         }
         assert!(Cli::try_parse_from(["aerekos", "rollout", "web"]).is_err());
+        for bad in [
+            vec!["aerekos", "release-key", "generate"],
+            vec![
+                "aerekos",
+                "agent",
+                "release",
+                "--version",
+                "0.2.0",
+                "--arch",
+                "x86_64",
+                "b",
+            ],
+            vec!["aerekos", "agent", "rollout"],
+            vec![
+                "aerekos",
+                "agent",
+                "rollout",
+                "--version",
+                "0.2.0",
+                "--canary",
+                "1",
+                "--canary-percent",
+                "5",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
+        }
+        match Cli::try_parse_from([
+            "aerekos",
+            "agent",
+            "rollout",
+            "--version",
+            "0.2.0",
+            "--label",
+            "a=b",
+            "--wait",
+        ])
+        .map(|c| c.command)
+        {
+            Ok(Cmd::Agent(agent::AgentCmd::Rollout {
+                version,
+                labels,
+                wait,
+                allow_downgrade,
+                ..
+            })) => {
+                assert_eq!(version, "0.2.0");
+                assert_eq!(labels, ["a=b"]);
+                assert!(wait && !allow_downgrade);
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
             Cli::try_parse_from(["aerekos", "exec", "w-1"]).is_err(),
             "no command"

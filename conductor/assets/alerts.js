@@ -5,10 +5,12 @@ import { secretBox } from './settings.js';
 
 const HISTORY = 50; // resolved alerts shown
 const KINDS = [['worker_offline', 'worker offline'], ['metric_above', 'metric above'],
-  ['service_failed', 'service failed or unhealthy'], ['rollout_reverted', 'rollout reverted']];
+  ['service_failed', 'service failed or unhealthy'], ['rollout_reverted', 'rollout reverted'],
+  ['agent_update_failed', 'agent update failed']];
 const METRICS = [['cpu', 'CPU'], ['memory', 'memory'], ['disk', 'disk'], ['temperature', 'temperature']];
 const unit = (m) => (m === 'temperature' ? ' °C' : ' %');
 const takesService = (k) => k === 'service_failed' || k === 'rollout_reverted';
+const fleetWide = (k) => k === 'rollout_reverted' || k === 'agent_update_failed'; // no selector
 
 const table = (id, cols) => h('table', { class: 'svc-table', id, hidden: true },
   h('thead', {}, h('tr', {}, cols.map((t) => h('th', { text: t })))), h('tbody', { id: id + '-rows' }));
@@ -177,7 +179,7 @@ function syncRuleForm() {
   const k = $('#ar-kind').value;
   for (const el of document.querySelectorAll('#ar-form [data-k]')) {
     const w = el.dataset.k;
-    el.hidden = w === 'metric' ? k !== 'metric_above' : w === 'service' ? !takesService(k) : k === 'rollout_reverted';
+    el.hidden = w === 'metric' ? k !== 'metric_above' : w === 'service' ? !takesService(k) : fleetWide(k);
   }
 }
 const selText = (o) => Object.entries(o || {}).map(([k, v]) => k + '=' + v).join(', ');
@@ -189,7 +191,7 @@ function watches(r) {
 function renderRules(s, list) {
   rows(s, 'ar', JSON.stringify(list), list, (r) => h('tr', { 'data-rule': r.id },
     td('Name', r.name, 'name'), td('Watches', watches(r)), td('For', r.for || '0s'),
-    td('Workers', r.kind === 'rollout_reverted' ? dash : selText(r.selector) || 'all'), td('Created', fmt.time(r.created_ms)),
+    td('Workers', fleetWide(r.kind) ? dash : selText(r.selector) || 'all'), td('Created', fmt.time(r.created_ms)),
     actions(h('button', { type: 'button', class: 'danger', text: 'Delete', 'aria-label': 'Delete rule ' + r.name, onclick: () => deleteRule(s, r) }))),
   'No rules: nothing is watched.');
 }
@@ -206,7 +208,7 @@ async function createRule(ev, s) {
     Object.assign(body, { metric: val('ar-metric'), threshold: Number(t) });
   }
   if (val('ar-for')) body.for = val('ar-for');
-  if (kind !== 'rollout_reverted') {
+  if (!fleetWide(kind)) {
     const sel = {};
     for (const p of val('ar-selector').split(/[,\s]+/).filter(Boolean)) {
       const eq = p.indexOf('=');

@@ -3,7 +3,7 @@
 //! webhook receivers of both.
 //!
 //! - [`rule`]: what a rule says (kinds `worker_offline`, `metric_above`,
-//!   `service_failed`, `rollout_reverted`).
+//!   `service_failed`, `rollout_reverted`, `agent_update_failed`).
 //! - [`evaluate`]: one evaluation as a pure step over a [`Snapshot`].
 //! - [`webhook`]: the sender thread that empties the notification outbox.
 //!
@@ -35,7 +35,7 @@ pub use rule::RuleSpec;
 
 use crate::state::{now_ms, Shared, Status};
 use crate::store::StoreError;
-use evaluate::{MetricValues, RevertView, ServiceView, WorkerView};
+use evaluate::{AgentRevertView, MetricValues, RevertView, ServiceView, WorkerView};
 
 /// Stored rules, parsed (a row that does not parse is skipped with a warning).
 pub fn load_rules(shared: &Shared) -> Result<Vec<Rule>, StoreError> {
@@ -114,11 +114,33 @@ pub fn snapshot(shared: &Shared, rules: &[Rule]) -> Result<Snapshot, StoreError>
             .collect(),
         None => Vec::new(),
     };
+    let oldest_agent_rule = rules
+        .iter()
+        .filter(|r| r.spec.kind == rule::Kind::AgentUpdateFailed)
+        .map(|r| r.created_ms)
+        .min();
+    let agent_reverts = match oldest_agent_rule {
+        Some(since) => shared
+            .db()
+            .reverted_agent_rollouts(since)?
+            .into_iter()
+            .filter(|(r, _)| r.reason != crate::agent_rollout::ABORTED)
+            .map(|(r, superseded)| AgentRevertView {
+                id: r.id,
+                version: r.version,
+                reason: r.reason,
+                finished_ms: r.finished_ms.unwrap_or(r.wave_started_ms),
+                superseded,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     Ok(Snapshot {
         now_ms: now,
         workers,
         services,
         reverts,
+        agent_reverts,
     })
 }
 

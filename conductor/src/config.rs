@@ -106,6 +106,10 @@ pub struct Config {
     pub mqtt_dynsec: bool,
     /// How often the alert rules are evaluated (`5s`, `500ms`).
     pub alert_interval: String,
+    /// The Ed25519 public key (64 hex digits) agent releases are signed
+    /// with (`aerekos release-key generate`); handed to workers at
+    /// enrolment, which pin it. `None`: agent self-update is off.
+    pub release_key: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -146,6 +150,7 @@ impl Default for Config {
             mqtt_dynsec: false,
             secret_grace: "24h".into(),
             alert_interval: "5s".into(),
+            release_key: None,
         }
     }
 }
@@ -187,6 +192,8 @@ pub struct Overrides {
     pub metrics_token: Option<String>,
     /// `--mqtt-dynsec`
     pub mqtt_dynsec: bool,
+    /// `--release-key`
+    pub release_key: Option<String>,
 }
 
 /// An external broker URL, split up.
@@ -381,6 +388,7 @@ impl Config {
         env_opt!(metrics_token, "AEREKOS_METRICS_TOKEN");
         env_str!(secret_grace, "AEREKOS_SECRET_GRACE");
         env_str!(alert_interval, "AEREKOS_ALERT_INTERVAL");
+        env_opt!(release_key, "AEREKOS_RELEASE_KEY");
         if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
             c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "AEREKOS_MAX_ARTIFACT_BYTES".into(),
@@ -436,6 +444,12 @@ impl Config {
         }
         if let Some(v) = f.metrics_token {
             c.metrics_token = Some(v);
+        }
+        if let Some(v) = f.release_key {
+            c.release_key = Some(v);
+        }
+        if let Some(k) = &mut c.release_key {
+            *k = k.trim().to_ascii_lowercase();
         }
         c.validate()?;
         Ok(c)
@@ -508,6 +522,10 @@ impl Config {
                 return Err(bad(name, format!("not a duration: {v:?}")));
             }
         }
+        if let Some(k) = &self.release_key {
+            protocol::release::parse_public_key(k)
+                .map_err(|e| bad("release_key", e.to_string()))?;
+        }
         if self.default_interval_ms < 100 {
             return Err(bad("default_interval_ms", "must be ≥ 100".into()));
         }
@@ -527,6 +545,13 @@ impl Config {
     /// How often the alert rules are evaluated, ms.
     pub fn alert_interval_ms(&self) -> u64 {
         parse_duration_ms(&self.alert_interval).unwrap_or(5_000)
+    }
+
+    /// The release public key's bytes (validated in [`Config::validate`]).
+    pub fn release_key_bytes(&self) -> Option<[u8; 32]> {
+        self.release_key
+            .as_deref()
+            .and_then(|k| protocol::release::parse_public_key(k).ok())
     }
 
     /// Minute rollup retention in ms.
@@ -635,5 +660,42 @@ mod tests {
         assert_eq!(u.password.as_deref(), Some("s3cret"));
         assert_eq!(parse_duration_ms("7d"), Some(7 * 86_400_000));
         assert_eq!(parse_duration_ms("nope"), None);
+    }
+
+    #[test]
+    fn the_release_key_is_64_hex_digits_from_file_env_or_flag() {
+        let key = "AB".repeat(32);
+        let c = Config::resolve(
+            Some(&format!("release_key = \"{key}\"")),
+            &HashMap::new(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.release_key.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(c.release_key_bytes(), Some([0xab; 32]));
+        let mut env = HashMap::new();
+        env.insert("AEREKOS_RELEASE_KEY".to_string(), "cd".repeat(32));
+        let flags = Overrides {
+            release_key: Some("ef".repeat(32)),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::resolve(None, &env, &Overrides::default())
+                .unwrap()
+                .release_key_bytes(),
+            Some([0xcd; 32])
+        );
+        assert_eq!(
+            Config::resolve(None, &env, &flags)
+                .unwrap()
+                .release_key_bytes(),
+            Some([0xef; 32])
+        );
+        env.insert("AEREKOS_RELEASE_KEY".to_string(), "abc".into());
+        let e = Config::resolve(None, &env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("release_key") && e.contains("64 hex"), "{e}");
+        assert_eq!(Config::default().release_key_bytes(), None);
     }
 }

@@ -143,6 +143,15 @@ impl Policy {
     }
 }
 
+/// `true` when `labels` has every `key=value` of `selector` (an empty
+/// selector matches every label set).
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// A deployment with its JSON columns parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deployment {
@@ -189,7 +198,7 @@ impl Deployment {
         }
         if !self.labels.is_empty() {
             for w in workers.values() {
-                if !w.revoked && self.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                if !w.revoked && labels_match(&self.labels, &w.labels) {
                     out.insert(w.id.clone());
                 }
             }

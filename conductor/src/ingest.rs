@@ -43,7 +43,9 @@
 //! Birth clears the worker's reported services and wakes reconciliation
 //! (see [`crate::services`]). A `failed`/`unhealthy` status, an error reply
 //! to a `DeployManifest` and `ArtifactRejected`/`HealthFailed` events are
-//! recorded as failures for rollouts. `LogChunk` frames are handed to the
+//! recorded as failures for rollouts; a reply to an `UpdateAgent` and an
+//! `AgentUpdateFailed` event are noted for the agent rollout
+//! ([`crate::agent_rollout`]). `LogChunk` frames are handed to the
 //! HTTP log relay waiting for their command id (dropped when none waits or
 //! it is full); `ServiceMetrics` update the latest values per worker and
 //! service (at most 64 keys each), kept in memory only.
@@ -270,6 +272,9 @@ fn ingest_frame(
                     reconcile_now = true;
                 }
             }
+            if crate::agent_rollout::note_event(shared, &worker_id, &ev) {
+                reconcile_now = true;
+            }
             if w.events.len() >= EVENTS_KEPT {
                 w.events.pop_front();
             }
@@ -285,7 +290,11 @@ fn ingest_frame(
                 Some(tx) => {
                     let _ = tx.send(reply);
                 }
-                None => crate::services::deploy_reply(shared, &worker_id, &reply),
+                None => {
+                    if !crate::agent_rollout::note_reply(shared, &worker_id, &reply) {
+                        crate::services::deploy_reply(shared, &worker_id, &reply);
+                    }
+                }
             }
         }
         // Unreachable: a Command on a worker topic fails the kind check above.

@@ -15,6 +15,7 @@
 //! `mqtt_addr`, `pid`) atomically once it is ready, and removes it on a
 //! clean shutdown.
 
+pub mod agent_rollout;
 pub mod alerts;
 pub mod artifacts;
 pub mod auth;
@@ -281,7 +282,8 @@ pub async fn run(
     info!(workers = workers.len(), "store loaded");
     // A rollout in progress resumes: its current wave starts its clock again
     // (the time the conductor was down counts neither for nor against it).
-    let resumed = store.restart_rollout_clocks(state::now_ms())?;
+    let resumed = store.restart_rollout_clocks(state::now_ms())?
+        + store.restart_agent_rollout_clock(state::now_ms())?;
     if resumed > 0 {
         info!(rollouts = resumed, "resuming rollouts in progress");
     }

@@ -83,6 +83,11 @@ struct Flags {
     /// manage a login and ACLs per worker there (see `mosquitto-config`).
     #[arg(long, global = true)]
     mqtt_dynsec: bool,
+    /// Public key (64 hex digits) that agent releases must be signed with
+    /// (`aerekos release-key generate` prints it); handed to workers at
+    /// enrolment, which pin it.
+    #[arg(long, global = true)]
+    release_key: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,6 +175,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
         mqtt_ca: f.mqtt_ca.clone(),
         metrics_token: f.metrics_token.clone(),
         mqtt_dynsec: f.mqtt_dynsec,
+        release_key: f.release_key.clone(),
     };
     Ok(Config::resolve(file.as_deref(), &env, &flags)?)
 }

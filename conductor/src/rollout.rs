@@ -142,6 +142,36 @@ pub fn active(shared: &Shared) -> Result<HashMap<String, Rollout>, ServiceError>
         .collect())
 }
 
+/// The waves of a rollout over `targets` (in order), `online` of them
+/// online (in the same order): wave 0, the canaries, is the first
+/// [`Policy::canary_count`] online targets; wave 1 is every other target
+/// (absent when there is none). Empty when `targets` is. Shared by service
+/// and agent rollouts ([`crate::agent_rollout`]).
+pub fn plan_waves(targets: &[String], online: &[String], policy: &Policy) -> Vec<Wave> {
+    if targets.is_empty() {
+        return Vec::new();
+    }
+    let k = policy.canary_count(targets.len(), online.len());
+    let canaries: Vec<String> = online.iter().take(k).cloned().collect();
+    let chosen: BTreeSet<&String> = canaries.iter().collect();
+    let rest: Vec<String> = targets
+        .iter()
+        .filter(|t| !chosen.contains(t))
+        .cloned()
+        .collect();
+    let mut waves = vec![Wave {
+        workers: canaries,
+        skipped: Vec::new(),
+    }];
+    if !rest.is_empty() {
+        waves.push(Wave {
+            workers: rest,
+            skipped: Vec::new(),
+        });
+    }
+    waves
+}
+
 /// Starts a rollout of `dep` (at its current version) to `to`. Returns
 /// `None` when no target is online (nothing to canary: the caller applies
 /// the version at once). Call without the worker map locked.
@@ -165,24 +195,7 @@ pub fn start(
     if online.is_empty() {
         return Ok(None);
     }
-    let k = policy.canary_count(targets.len(), online.len());
-    let canaries: Vec<String> = online.iter().take(k).cloned().collect();
-    let chosen: BTreeSet<&String> = canaries.iter().collect();
-    let rest: Vec<String> = targets
-        .iter()
-        .filter(|t| !chosen.contains(t))
-        .cloned()
-        .collect();
-    let mut waves = vec![Wave {
-        workers: canaries,
-        skipped: Vec::new(),
-    }];
-    if !rest.is_empty() {
-        waves.push(Wave {
-            workers: rest,
-            skipped: Vec::new(),
-        });
-    }
+    let waves = plan_waves(&targets, &online, &policy);
     let now = now_ms();
     let mut row = RolloutRow {
         id: 0,
@@ -412,6 +425,28 @@ mod tests {
         assert_eq!(p(json!({"canary_percent": 25})).canary_count(10, 10), 3);
         assert_eq!(p(json!({"canary_percent": 1})).canary_count(10, 10), 1);
         assert_eq!(p(json!({"canary": 5})).canary_count(10, 2), 2);
+    }
+
+    #[test]
+    fn waves_put_online_canaries_first_then_the_rest() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let targets = ids(&["a", "b", "c", "d"]);
+        let waves = plan_waves(&targets, &ids(&["c", "d"]), &Policy::default());
+        assert_eq!(waves.len(), 2);
+        assert_eq!(waves[0].workers, ids(&["c"]));
+        assert_eq!(waves[1].workers, ids(&["a", "b", "d"]));
+        let all = Policy {
+            canary: None,
+            canary_percent: Some(100),
+            ..Policy::default()
+        };
+        let waves = plan_waves(&targets, &targets, &all);
+        assert_eq!(
+            waves.len(),
+            1,
+            "no second wave when every target is a canary"
+        );
+        assert!(plan_waves(&[], &[], &Policy::default()).is_empty());
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! [`run`] reconciles every [`RECONCILE_EVERY`] and whenever
 //! [`Shared::reconcile`] is notified (after an accepted Birth, a service
 //! status, and a deployment change). Each pass first advances rollouts
-//! ([`crate::rollout::evaluate`]). Then, for each deployment and each
+//! ([`crate::rollout::evaluate`]) and the agent rollout
+//! ([`crate::agent_rollout::evaluate`], which sends its own `UpdateAgent`
+//! commands). Then, for each deployment and each
 //! **online** target worker whose reported version differs from the
 //! worker's desired one ([`crate::rollout::desired_version`]: the
 //! deployment's version, or the per-worker target of a rollout in
@@ -213,6 +215,9 @@ type Want = (String, String, Intent, Duration);
 pub fn reconcile(shared: &Shared, client: &AsyncClient) -> Result<usize, ServiceError> {
     if let Err(e) = rollout::evaluate(shared) {
         warn!("rollout evaluation failed: {e}");
+    }
+    if let Err(e) = crate::agent_rollout::evaluate(shared, client) {
+        warn!("agent rollout evaluation failed: {e}");
     }
     let (deps, overrides) = {
         let db = shared.db();

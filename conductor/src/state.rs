@@ -331,6 +331,39 @@ pub struct DeployCmd {
     pub at: Instant,
 }
 
+/// What a worker said about an agent self-update, for the agent rollout
+/// ([`crate::agent_rollout`]): a reply to `UpdateAgent`, or an
+/// `AgentUpdateFailed` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentNote {
+    /// The version concerned.
+    pub version: String,
+    /// An `Ok` reply (an event is never ok).
+    pub ok: bool,
+    /// The reply's or event's detail.
+    pub detail: String,
+    /// Conductor receive time, ms.
+    pub at_ms: u64,
+}
+
+/// Agent self-update state kept in memory: the `UpdateAgent` commands
+/// awaiting a reply and what each worker last said (a leaf lock,
+/// `agent_updates`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentUpdates {
+    /// `UpdateAgent` commands awaiting a reply: (worker, cmd id) → version.
+    pub cmds: HashMap<(String, u32), String>,
+    /// The last reply to an `UpdateAgent`, per worker.
+    pub replies: HashMap<String, AgentNote>,
+    /// The last `AgentUpdateFailed` event, per worker.
+    pub failures: HashMap<String, AgentNote>,
+    /// The last `AgentUpdated` event (`<from> -> <to>`, noted as `<to>`),
+    /// per worker. Only the switched agent sends it, at its first start:
+    /// the new binary on trial reports the new version too, so the
+    /// version alone does not say the device switched.
+    pub switched: HashMap<String, AgentNote>,
+}
+
 /// Latest metrics a hosted service published, merged by key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SvcMetrics {
@@ -388,7 +421,7 @@ impl StoredMarks {
 ///    [`Shared::service_status`], [`Shared::reconcile_sent`],
 ///    [`Shared::manifests`], [`Shared::service_failures`],
 ///    [`Shared::deploy_cmds`], [`Shared::log_streams`],
-///    [`Shared::service_metrics`], the [`StoredMarks`], each
+///    [`Shared::service_metrics`], [`Shared::agent_updates`], the [`StoredMarks`], each
 ///    [`RateLimiter`]'s buckets and the remote exec sessions
 ///    ([`crate::exec::ExecSessions`], held by the HTTP side: its methods
 ///    take and release it, so it is never held with another lock).
@@ -489,6 +522,8 @@ pub struct Locks {
     log_streams: OrderedMutex<HashMap<(String, u32), mpsc::SyncSender<protocol::LogChunk>>>,
     /// Latest service metrics: worker id → service → values. Level: leaf.
     service_metrics: OrderedMutex<HashMap<String, BTreeMap<String, SvcMetrics>>>,
+    /// Agent self-update commands and what workers said about them. Level: leaf.
+    agent_updates: OrderedMutex<AgentUpdates>,
 }
 
 impl Locks {
@@ -516,6 +551,7 @@ impl Locks {
             stored_marks,
             log_streams: OrderedMutex::new(Leaf, "log_streams", HashMap::new()),
             service_metrics: OrderedMutex::new(Leaf, "service_metrics", HashMap::new()),
+            agent_updates: OrderedMutex::new(Leaf, "agent_updates", AgentUpdates::default()),
         }
     }
 }
@@ -591,6 +627,12 @@ impl Shared {
         &self,
     ) -> OrderedGuard<'_, HashMap<String, BTreeMap<String, SvcMetrics>>> {
         self.locks.service_metrics.lock()
+    }
+
+    /// Agent self-update commands awaiting a reply and what each worker
+    /// last said about an update (a leaf).
+    pub fn agent_updates(&self) -> OrderedGuard<'_, AgentUpdates> {
+        self.locks.agent_updates.lock()
     }
 
     /// Takes the stored marks raised since the last call (locks them, a leaf).

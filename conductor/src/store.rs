@@ -33,13 +33,15 @@
 //! metrics, retention), `services.rs` (specs, deployments, overrides,
 //! status), `artifacts.rs`, `rollouts.rs`, `alerts.rs` (rules, alerts,
 //! receivers, the notification outbox), `exec.rs` (the remote exec audit,
-//! schema v6) and `batch.rs` (the ingest writer's [`WriteOp`] batches).
+//! schema v6), `agent_updates.rs` (agent releases and agent rollouts,
+//! schema v7) and `batch.rs` (the ingest writer's [`WriteOp`] batches).
 
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::Connection;
 
+mod agent_updates;
 mod alerts;
 mod artifacts;
 mod batch;
@@ -50,6 +52,7 @@ mod services;
 mod settings;
 mod workers;
 
+pub use agent_updates::{AgentReleaseRow, AgentRolloutRow};
 pub use alerts::{AlertRow, AlertRuleRow, NotificationRow, ReceiverRow};
 pub use artifacts::ArtifactRow;
 pub use batch::WriteOp;
@@ -239,6 +242,34 @@ pub const MIGRATIONS: &[&str] = &[
         bytes_out INTEGER NOT NULL DEFAULT 0,
         outcome TEXT NOT NULL DEFAULT '');
      CREATE INDEX exec_sessions_by_time ON exec_sessions (started_ms);",
+    // v7: agent self-update (`store/agent_updates.rs`): signed agent releases
+    // (one per version and arch, the binary an artifact) and agent rollouts
+    // (at most one in progress, enforced by a partial unique index; the
+    // members' outcomes as JSON).
+    "CREATE TABLE agent_releases (
+        version TEXT NOT NULL,
+        arch TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        signature TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (version, arch));
+     CREATE INDEX agent_releases_by_sha ON agent_releases (sha256);
+     CREATE TABLE agent_rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        version TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('in_progress', 'succeeded', 'reverted')),
+        policy TEXT NOT NULL,
+        selector TEXT NOT NULL DEFAULT '{}',
+        waves TEXT NOT NULL,
+        wave INTEGER NOT NULL,
+        wave_started_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        started_ms INTEGER NOT NULL,
+        finished_ms INTEGER,
+        members TEXT NOT NULL DEFAULT '{}');
+     CREATE UNIQUE INDEX agent_rollouts_one_in_progress ON agent_rollouts (state)
+        WHERE state = 'in_progress';",
 ];
 
 /// Store errors.
@@ -331,6 +362,27 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_v6_database_gains_the_agent_tables_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut conn = Connection::open(dir.path().join("conductor.db")).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..6] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 6).unwrap();
+            tx.execute("INSERT INTO settings (k, v) VALUES ('kept', 'yes')", [])
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 7);
+        assert_eq!(s.setting("kept").unwrap().as_deref(), Some("yes"));
+        assert!(s.agent_releases().unwrap().is_empty());
+        assert!(s.active_agent_rollout().unwrap().is_none());
+    }
 
     #[test]
     fn migrates_once_and_batches() {

@@ -123,6 +123,21 @@ pub struct RevertView {
     pub superseded: bool,
 }
 
+/// An agent rollout that a failed update stopped.
+#[derive(Debug, Clone)]
+pub struct AgentRevertView {
+    /// Agent rollout id.
+    pub id: i64,
+    /// The version it rolled out.
+    pub version: String,
+    /// Why it stopped (which worker, what it said).
+    pub reason: String,
+    /// When, ms.
+    pub finished_ms: u64,
+    /// A later agent rollout succeeded.
+    pub superseded: bool,
+}
+
 /// What the rules look at.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -134,6 +149,9 @@ pub struct Snapshot {
     pub services: Vec<ServiceView>,
     /// Reverted rollouts (recent enough for the oldest rule).
     pub reverts: Vec<RevertView>,
+    /// Agent rollouts stopped by a failed update (recent enough for the
+    /// oldest rule; aborted ones left out).
+    pub agent_reverts: Vec<AgentRevertView>,
 }
 
 /// A condition that holds now for one subject.
@@ -232,6 +250,20 @@ fn hits(rule: &Rule, snap: &Snapshot) -> Vec<Hit> {
                 summary: format!(
                     "rollout {} of {} v{} → v{} was reverted: {}",
                     r.id, r.service, r.from_version, r.to_version, r.reason
+                ),
+                value: None,
+                since_ms: Some(r.finished_ms),
+            })
+            .collect(),
+        Kind::AgentUpdateFailed => snap
+            .agent_reverts
+            .iter()
+            .filter(|r| !r.superseded && r.finished_ms >= rule.created_ms)
+            .map(|r| Hit {
+                subject: format!("agent-rollout/{}", r.id),
+                summary: format!(
+                    "agent rollout {} to {} stopped: {}",
+                    r.id, r.version, r.reason
                 ),
                 value: None,
                 since_ms: Some(r.finished_ms),
@@ -479,6 +511,7 @@ mod tests {
             workers: vec![worker("w-1")],
             services: vec![svc("web", "failed"), svc("db", "failed")],
             reverts: vec![revert],
+            agent_reverts: Vec::new(),
         };
         let (mut e, mut firing) = (Evaluator::default(), Vec::new());
         assert_eq!(apply(&mut e, &rules, &snap, &mut firing), (2, 0));
@@ -495,6 +528,36 @@ mod tests {
             ..rules[1].clone()
         }];
         assert_eq!(apply(&mut e, &late, &snap, &mut firing), (0, 0));
+    }
+
+    #[test]
+    fn a_failed_agent_update_fires_until_a_later_agent_rollout_succeeds() {
+        let rules = vec![rule(
+            5,
+            serde_json::json!({"name": "agent", "kind": "agent_update_failed"}),
+        )];
+        let mut snap = Snapshot {
+            now_ms: 1_000,
+            agent_reverts: vec![AgentRevertView {
+                id: 3,
+                version: "0.2.0".into(),
+                reason: "wave 0 failed: w-1: 0.2.0: rolled back: exited".into(),
+                finished_ms: 900,
+                superseded: false,
+            }],
+            ..Snapshot::default()
+        };
+        let (mut e, mut firing) = (Evaluator::default(), Vec::new());
+        assert_eq!(apply(&mut e, &rules, &snap, &mut firing), (1, 0));
+        assert_eq!(firing[0].subject, "agent-rollout/3");
+        assert!(
+            firing[0].summary.contains("rolled back"),
+            "{}",
+            firing[0].summary
+        );
+        assert_eq!(apply(&mut e, &rules, &snap, &mut firing), (0, 0), "once");
+        snap.agent_reverts[0].superseded = true;
+        assert_eq!(apply(&mut e, &rules, &snap, &mut firing), (0, 1));
     }
 
     #[test]

@@ -25,15 +25,21 @@ pub enum Kind {
     /// A rollout was reverted; resolves when a later rollout of the same
     /// service succeeds.
     RolloutReverted,
+    /// An agent rollout stopped because a worker's agent update failed
+    /// (refused, rolled back on the device, or not back within the wave's
+    /// time; not when it was aborted); resolves when a later agent rollout
+    /// succeeds.
+    AgentUpdateFailed,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::WorkerOffline,
         Kind::MetricAbove,
         Kind::ServiceFailed,
         Kind::RolloutReverted,
+        Kind::AgentUpdateFailed,
     ];
 
     /// The API name.
@@ -43,6 +49,7 @@ impl Kind {
             Kind::MetricAbove => "metric_above",
             Kind::ServiceFailed => "service_failed",
             Kind::RolloutReverted => "rollout_reverted",
+            Kind::AgentUpdateFailed => "agent_update_failed",
         }
     }
 }
@@ -150,8 +157,10 @@ impl RuleSpec {
         {
             return Err(format!("{} takes no service", self.kind.as_str()));
         }
-        if !self.selector.is_empty() && self.kind == Kind::RolloutReverted {
-            return Err("rollout_reverted takes no selector".into());
+        if !self.selector.is_empty()
+            && matches!(self.kind, Kind::RolloutReverted | Kind::AgentUpdateFailed)
+        {
+            return Err(format!("{} takes no selector", self.kind.as_str()));
         }
         Ok(())
     }
@@ -213,6 +222,14 @@ mod tests {
             (
                 serde_json::json!({"name": "", "kind": "worker_offline"}),
                 "name",
+            ),
+            (
+                serde_json::json!({"name": "x", "kind": "agent_update_failed", "selector": {"a": "b"}}),
+                "takes no selector",
+            ),
+            (
+                serde_json::json!({"name": "x", "kind": "agent_update_failed", "service": "s"}),
+                "takes no service",
             ),
             (
                 serde_json::json!({"name": "x", "kind": "worker_gone"}),

@@ -83,6 +83,17 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         }
         (Method::Get, ["services", name, "rollouts"]) => super::services::rollouts(ctx, name),
         (Method::Get, ["exec-sessions"]) => super::exec::list(ctx, req),
+        (Method::Get, ["agent-releases"]) => super::agent_updates::list_releases(ctx),
+        (Method::Post, ["agent-releases"]) => super::agent_updates::create_release(ctx, req),
+        (Method::Delete, ["agent-releases", version, arch]) => {
+            super::agent_updates::delete_release(ctx, version, arch)
+        }
+        (Method::Get, ["agent-rollouts"]) => super::agent_updates::list_rollouts(ctx),
+        (Method::Post, ["agent-rollouts"]) => super::agent_updates::start_rollout(ctx, req),
+        (Method::Get, ["agent-rollouts", id]) => super::agent_updates::get_rollout(ctx, id),
+        (Method::Post, ["agent-rollouts", id, "abort"]) => {
+            super::agent_updates::abort_rollout(ctx, id)
+        }
         (Method::Get, ["alerts"]) => super::alerts::list_alerts(ctx, req),
         (Method::Get, ["alerts", id]) => super::alerts::get_alert(ctx, id),
         (Method::Get, ["alert-rules"]) => super::alerts::list_rules(ctx),
@@ -346,6 +357,7 @@ fn list_workers(ctx: &Ctx) -> Result<Resp, ApiError> {
                 "interval_ms": w.interval_ms,
                 "device_model": w.inventory.as_ref().map(|b| b.device_model.as_str()),
                 "arch": w.inventory.as_ref().map(|b| b.arch.as_str()),
+                "agent_version": w.inventory.as_ref().map(|b| b.agent_version.as_str()),
                 "summary": summary(w),
             })
         })
@@ -375,6 +387,7 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
         "last_ip": w.last_ip,
         "interval_ms": w.interval_ms,
         "inventory": w.inventory,
+        "agent_version": w.inventory.as_ref().map(|b| b.agent_version.as_str()),
         "metrics": w.latest.as_ref().map(|l| json!({"received_at_ms": l.received_at_ms, "seq": l.seq, "metrics": l.metrics})),
         "summary": summary(w),
         "events": events,

@@ -5,7 +5,8 @@
 //! Limits: `Config::max_artifact_bytes` per upload (413 beyond, refused
 //! before reading when `Content-Length` says so); an artifact referenced by
 //! any stored spec version cannot be deleted (409; spec versions are
-//! immutable and never deleted, so it stays while a spec names it).
+//! immutable and never deleted, so it stays while a spec names it), nor can
+//! the binary of an agent release (409 until the release is deleted).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -110,7 +111,8 @@ pub(crate) fn list(ctx: &Ctx) -> Result<Resp, ApiError> {
     Ok(Resp::ok(json!({ "artifacts": rows })))
 }
 
-/// `DELETE /artifacts/{sha}`: 409 while a stored spec references it.
+/// `DELETE /artifacts/{sha}`: 409 while a stored spec references it or it
+/// is an agent release's binary.
 pub(crate) fn delete(ctx: &Ctx, sha: &str) -> Result<Resp, ApiError> {
     if !artifacts::valid_sha(sha) {
         return Err(ApiError::not_found("artifact"));
@@ -134,6 +136,20 @@ pub(crate) fn delete(ctx: &Ctx, sha: &str) -> Result<Resp, ApiError> {
             format!(
                 "artifact is referenced by service specs: {}",
                 Value::from(users)
+            ),
+        ));
+    }
+    let releases: Vec<String> = db
+        .agent_releases_with_sha(sha)?
+        .into_iter()
+        .map(|r| format!("{} {}", r.version, r.arch))
+        .collect();
+    if !releases.is_empty() {
+        return Err(ApiError::new(
+            409,
+            format!(
+                "artifact is the binary of agent releases: {} (DELETE /api/v1/agent-releases/{{version}}/{{arch}} first)",
+                releases.join(", ")
             ),
         ));
     }

@@ -10,6 +10,11 @@
 //!   strand enrolled workers). A bad proof is 401; a revoked worker is 403.
 //!   `worker_id` without `proof` is ignored: that is a new enrolment.
 //!
+//! The answer carries the worker's id, secret and MQTT settings, and
+//! `release_key` (64 hex digits) when the conductor has one
+//! (`--release-key`): the agent pins it and installs only agent releases
+//! signed with it.
+//!
 //! Rate-limited per client IP (429). A failed request writes nothing.
 
 use std::collections::BTreeMap;
@@ -253,7 +258,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
             (id, secret)
         }
     };
-    Ok(Resp::ok(json!({
+    let mut answer = json!({
         "worker_id": worker_id,
         "secret": secret.to_hex(),
         "mqtt_url": mqtt_url_for(s, req.host.as_deref(), req.secure),
@@ -261,5 +266,11 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         "mqtt_username": mqtt_username.unwrap_or_else(|| worker_id.clone()),
         "mqtt_password": mqtt_password,
         "interval_ms": s.config.default_interval_ms,
-    })))
+    });
+    // The agent pins the release key (agent self-update); absent when none
+    // is configured.
+    if let Some(k) = &s.config.release_key {
+        answer["release_key"] = json!(k);
+    }
+    Ok(Resp::ok(answer))
 }

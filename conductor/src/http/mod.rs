@@ -33,6 +33,7 @@
 //! behind a reverse proxy all clients share one bucket.
 
 mod agent;
+mod agent_updates;
 mod alerts;
 mod api;
 mod artifacts;

@@ -176,6 +176,27 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         "aerekos_workers{{status=\"revoked\"}} {}",
         workers.values().filter(|w| w.revoked).count()
     );
+    // Non-revoked workers by the agent version of their last Birth (an
+    // agent rollout's progress; `unknown` before the first Birth).
+    let mut by_version: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for w in &list {
+        let v = w
+            .inventory
+            .as_ref()
+            .map_or("unknown", |b| b.agent_version.as_str());
+        *by_version.entry(v).or_default() += 1;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP aerekos_workers_by_agent_version Workers (not revoked) by the agent version they report.\n# TYPE aerekos_workers_by_agent_version gauge"
+    );
+    for (v, n) in by_version {
+        let _ = writeln!(
+            out,
+            "aerekos_workers_by_agent_version{{version=\"{}\"}} {n}",
+            esc(v)
+        );
+    }
     drop(workers);
     let c = &ctx.shared.counters;
     let _ = writeln!(
