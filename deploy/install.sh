@@ -5,7 +5,9 @@
 #   sudo sh deploy/install.sh --conductor http://conductor:3000 --token TOKEN \
 #       [--label site=shop]... ./edge-worker
 #
-# It installs the binary as /usr/local/bin/edge-worker, writes the settings to
+# It installs the binary as /usr/local/lib/aerekos/edge-worker (a directory the
+# agent may write: self-update; /usr/local/bin/edge-worker links to it), writes
+# the settings to
 # /etc/aerekos/edge-worker.env (mode 0600), installs
 # /etc/systemd/system/edge-worker.service, then runs
 # `systemctl daemon-reload`, `systemctl enable` and `systemctl restart`
@@ -13,7 +15,8 @@
 #
 # Reruns keep the settings file: options given replace their variable, the
 # rest (and lines added by hand, e.g. AEREKOS_INTERVAL=30s) stay. So an
-# upgrade is `sudo sh deploy/install.sh ./edge-worker`.
+# upgrade by hand is `sudo sh deploy/install.sh ./edge-worker`; a fleet upgrades
+# with `aerekos agent rollout` (README, "Agent self-update").
 #
 #   --no-start   install and enable nothing with systemctl
 #   --root DIR   install under DIR (an image being prepared, a test); no
@@ -135,7 +138,9 @@ esac
 unit_src=$(dirname -- "$0")/systemd/edge-worker.service
 [ -f "$unit_src" ] || die "$unit_src not found: run install.sh from a copy of the whole deploy/ directory"
 
-bin_dst=$root/usr/local/bin/edge-worker
+bin_dir=$root/usr/local/lib/aerekos
+bin_dst=$bin_dir/edge-worker
+bin_link=$root/usr/local/bin/edge-worker
 env_dir=$root/etc/aerekos
 env_dst=$env_dir/edge-worker.env
 unit_dst=$root/etc/systemd/system/edge-worker.service
@@ -151,13 +156,17 @@ if [ ! -f "$env_dst" ] && { [ -z "$conductor" ] || [ -z "$token" ]; }; then
 fi
 
 umask 022
-mkdir -p "$root/usr/local/bin" "$env_dir" "$root/etc/systemd/system"
+mkdir -p "$bin_dir" "$root/usr/local/bin" "$env_dir" "$root/etc/systemd/system"
 
 # Copy next to the destination, then rename: replaces a running binary
 # (copying over it fails with "text file busy") and never leaves half a file.
 cp -- "$binary" "$bin_dst.new"
 chmod 0755 "$bin_dst.new"
 mv -f -- "$bin_dst.new" "$bin_dst"
+# On PATH for people; the unit runs the real path (its directory is the one
+# the agent may write to update itself). Replaces an older install's file.
+ln -sfn /usr/local/lib/aerekos/edge-worker "$bin_link.new"
+mv -f -- "$bin_link.new" "$bin_link"
 
 # The settings file holds the registration token: created 0600 from the start.
 (

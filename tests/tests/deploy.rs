@@ -124,7 +124,7 @@ fn systemd_unit_restarts_always_is_hardened_and_leaves_the_agent_its_reads() {
         v[0].to_string()
     };
     for (key, want) in [
-        ("ExecStart", "/usr/local/bin/edge-worker"),
+        ("ExecStart", "/usr/local/lib/aerekos/edge-worker"),
         ("Restart", "always"),
         ("EnvironmentFile", "-/etc/aerekos/edge-worker.env"),
         ("StateDirectory", "aerekos"),
@@ -132,7 +132,7 @@ fn systemd_unit_restarts_always_is_hardened_and_leaves_the_agent_its_reads() {
         ("Delegate", "yes"),
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
-        ("ReadWritePaths", "/var/lib/aerekos"),
+        ("ReadWritePaths", "/var/lib/aerekos /usr/local/lib/aerekos"),
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
         ("ProtectKernelTunables", "yes"),
@@ -204,7 +204,13 @@ fn install_sh_stages_binary_settings_and_unit_and_the_agent_enrols_with_them() {
     ]);
     assert_ok(&out);
 
-    let bin_dst = root.join("usr/local/bin/edge-worker");
+    let bin_dst = root.join("usr/local/lib/aerekos/edge-worker");
+    // On PATH through a link; the unit runs the real path, in a directory
+    // of its own that the agent may write (self-update).
+    assert_eq!(
+        fs::read_link(root.join("usr/local/bin/edge-worker")).unwrap(),
+        Path::new("/usr/local/lib/aerekos/edge-worker")
+    );
     let env_dst = root.join("etc/aerekos/edge-worker.env");
     let unit_dst = root.join("etc/systemd/system/edge-worker.service");
     assert_eq!(fs::read(&bin_dst).unwrap(), fs::read(&agent).unwrap());
@@ -243,7 +249,7 @@ fn install_sh_stages_binary_settings_and_unit_and_the_agent_enrols_with_them() {
     match which("systemd-analyze") {
         Some(analyze) => {
             let text = fs::read_to_string(&unit_dst).unwrap();
-            let exec = "ExecStart=/usr/local/bin/edge-worker";
+            let exec = "ExecStart=/usr/local/lib/aerekos/edge-worker";
             assert!(text.contains(exec));
             let staged = dir.path().join("verify/edge-worker.service");
             fs::create_dir_all(staged.parent().unwrap()).unwrap();
@@ -409,7 +415,7 @@ fn install_sh_refuses_bad_input_and_reruns_keep_unrelated_settings() {
     assert_eq!(env["AEREKOS_TOKEN"], "second");
     assert_eq!(env.len(), 4, "{env:?}");
     assert_eq!(
-        fs::read(root.join("usr/local/bin/edge-worker")).unwrap(),
+        fs::read(root.join("usr/local/lib/aerekos/edge-worker")).unwrap(),
         b"#!/bin/sh\n# v2\n"
     );
 
