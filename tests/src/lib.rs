@@ -1572,3 +1572,64 @@ pub mod chaos {
         }
     }
 }
+
+/// The workspace's edge-worker built again with `AEREKOS_AGENT_VERSION` set
+/// to `version` (it reports that version and runs a self-update's trial as
+/// that release): the "newer agent" of the self-update tests. Built in the
+/// test profile into `target/agent-<version>/` (its own target dir, so the
+/// workspace's `edge-worker` is never overwritten and no build lock is
+/// shared with the running `cargo test`); the first call builds it (about
+/// as long as building the agent's dependencies once), later calls ask
+/// cargo again, which is a no-op when it is fresh. Each call returns its
+/// own copy of the binary.
+pub fn agent_with_version(version: &str) -> PathBuf {
+    let release = bin_dir().ends_with("release");
+    agent_build(version, None, release)
+}
+
+/// Like [`agent_with_version`], the release agent for [`PI_TARGET`] (run it
+/// under qemu: [`ensure_binfmt_aarch64`]), in
+/// `target/agent-<version>/aarch64-unknown-linux-musl/release/`.
+pub fn pi_agent_with_version(version: &str) -> PathBuf {
+    agent_build(version, Some(PI_TARGET), true)
+}
+
+fn agent_build(version: &str, triple: Option<&str>, release: bool) -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target_dir().join(format!("agent-{version}"));
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-p", "edge-worker", "--bin", "edge-worker"])
+        .arg("--target-dir")
+        .arg(&target)
+        .env("AEREKOS_AGENT_VERSION", version)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    if release {
+        cmd.arg("--release");
+    }
+    let mut out = target.clone();
+    if let Some(triple) = triple {
+        cmd.args(["--target", triple]);
+        out.push(triple);
+    }
+    out.push(if release { "release" } else { "debug" });
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building edge-worker {version} failed");
+    let bin = out.join("edge-worker");
+    assert!(bin.is_file(), "{} not built", bin.display());
+    // Each caller gets its own copy: a later call may relink the shared
+    // build (cargo decides by mtimes), and a test that compares a
+    // worker's binary with the release it uploaded needs the bytes it
+    // uploaded. A `cp` child, as a file this process held open for
+    // writing could make another thread's exec fail with ETXTBSY.
+    static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let copy = out.join(format!("edge-worker.{}.{n}", std::process::id()));
+    let cp = Command::new("cp")
+        .arg(&bin)
+        .arg(&copy)
+        .status()
+        .expect("run cp");
+    assert!(cp.success(), "cp {} failed", bin.display());
+    copy
+}

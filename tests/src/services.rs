@@ -94,6 +94,11 @@ pub fn deploy(c: &Conductor, name: &str, deployment: &Value) {
 /// Uploads `file` as an artifact for this machine's arch through the CLI;
 /// returns its sha256.
 pub fn upload_artifact(c: &Conductor, file: &Path) -> String {
+    upload_artifact_for(c, file, std::env::consts::ARCH)
+}
+
+/// Like [`upload_artifact`], the artifact of `arch` (an emulated Pi's).
+pub fn upload_artifact_for(c: &Conductor, file: &Path, arch: &str) -> String {
     let v = cli_json(
         c,
         &[
@@ -101,7 +106,7 @@ pub fn upload_artifact(c: &Conductor, file: &Path) -> String {
             "upload",
             file.to_str().expect("utf-8 path"),
             "--arch",
-            std::env::consts::ARCH,
+            arch,
         ],
     );
     v["sha256"]
