@@ -1,6 +1,6 @@
 // The alerts page (#/alerts): what is firing, the resolved history, one
 // alert's notifications, the rules and the webhook receivers.
-import { $, add, api, AuthError, attrs, dash, enc, fmt, focusHeading, h, now, setKv, setText, st, startPolling, toast } from './core.js';
+import { $, add, api, AuthError, attrs, dash, enc, fmt, focusHeading, h, now, rows, setKv, setText, showError, st, startPolling, table, td, toast } from './core.js';
 import { secretBox } from './settings.js';
 
 const HISTORY = 50; // resolved alerts shown
@@ -12,19 +12,7 @@ const unit = (m) => (m === 'temperature' ? ' °C' : ' %');
 const takesService = (k) => k === 'service_failed' || k === 'rollout_reverted';
 const fleetWide = (k) => k === 'rollout_reverted' || k === 'agent_update_failed'; // no selector
 
-const table = (id, cols) => h('table', { class: 'svc-table', id, hidden: true },
-  h('thead', {}, h('tr', {}, cols.map((t) => h('th', { text: t })))), h('tbody', { id: id + '-rows' }));
-const td = (label, t, col) => h('td', { 'data-label': label, 'data-col': col || null, text: t === undefined || t === null || t === '' ? dash : String(t) });
 const actions = (...btns) => h('td', { 'data-label': 'Action', 'data-col': 'actions' }, h('div', { class: 'btns' }, btns));
-const showError = (sel, prefix) => (e) => { if (!(e instanceof AuthError)) setText($(sel), prefix + e.message); };
-// Redraws the rows of table `id` when `key` changed; hides an empty table.
-function rows(s, id, key, list, row, empty) {
-  if (s.keys[id] === key) return;
-  s.keys[id] = key;
-  $('#' + id + '-rows').replaceChildren(...list.map(row));
-  $('#' + id).hidden = !list.length;
-  setText($('#' + id + '-empty'), list.length ? '' : empty);
-}
 
 export function alertsView(view) {
   const s = { sel: null, keys: {}, byId: new Map(), hosts: new Map(), refresh: () => startPolling(pollAlerts) };

@@ -1,9 +1,10 @@
 /* aerekos dashboard: plain JavaScript modules, no dependencies, no build step.
  * Talks to /api/v1 with the HttpOnly session cookie that POST /login sets.
  * Views (hash routes): #/ fleet, #/workers/<id> one worker, #/services,
- * #/services/<name> one service, #/alerts, #/settings. This module routes and boots;
+ * #/services/<name> one service, #/agents, #/alerts, #/settings. This module routes and boots;
  * each view has its own module, core.js holds what they share. */
 import { $, setText, st, stopPolling } from './core.js';
+import { agentsView } from './agents.js';
 import { alertsView } from './alerts.js';
 import { fleetView } from './fleet.js';
 import { initLogin, showLogin } from './login.js';
@@ -31,6 +32,7 @@ function route() {
   st.svcList = null;
   st.svc = null;
   st.alerts = null;
+  st.agents = null;
   closeLog(true);
   st.cards.clear();
   const view = $('#view');
@@ -48,6 +50,9 @@ function route() {
   } else if (hash === '#/services') {
     nav = 'services';
     servicesView(view);
+  } else if (hash === '#/agents') {
+    nav = 'agents';
+    agentsView(view);
   } else if (hash === '#/alerts') {
     nav = 'alerts';
     alertsView(view);

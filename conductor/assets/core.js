@@ -18,6 +18,7 @@ export const st = {
   svcList: null, // state of the services page
   svc: null, // state of the service page
   alerts: null, // state of the alerts page
+  agents: null, // state of the agents page
   log: null, // the open log panel's stream
   prefill: null, // spec copied into the new-service form ("New version…")
 };
@@ -226,6 +227,23 @@ export function place(parent, el, i) {
 }
 export const kv = (rows) => rows.filter(Boolean).flatMap(([k, v, cls]) =>
   [h('dt', { text: k }), h('dd', { class: cls || null, text: v === undefined || v === null || v === '' ? dash : String(v) })]);
+// ---------- tables of a polled page (alerts, agents) ----------
+// A hidden table with its head and an empty body `<id>-rows`.
+export const table = (id, cols) => h('table', { class: 'svc-table', id, hidden: true },
+  h('thead', {}, h('tr', {}, cols.map((t) => h('th', { text: t })))), h('tbody', { id: id + '-rows' }));
+export const td = (label, t, col) => h('td', { 'data-label': label, 'data-col': col || null, text: t === undefined || t === null || t === '' ? dash : String(t) });
+// A catch handler showing an API error (not a sign-out) in `sel`.
+export const showError = (sel, prefix) => (e) => { if (!(e instanceof AuthError)) setText($(sel), prefix + e.message); };
+// Redraws the rows of table `id` (page state `s.keys` remembers what is
+// drawn) when `key` changed; hides an empty table and says `empty`.
+export function rows(s, id, key, list, row, empty) {
+  if (s.keys[id] === key) return;
+  s.keys[id] = key;
+  $('#' + id + '-rows').replaceChildren(...list.map(row));
+  $('#' + id).hidden = !list.length;
+  setText($('#' + id + '-empty'), list.length ? '' : empty);
+}
+
 export function setKv(el, rows) {
   const key = JSON.stringify(rows);
   if (el.dataset.key !== key) { el.dataset.key = key; el.replaceChildren(...kv(rows)); }

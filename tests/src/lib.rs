@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod agent_release;
 pub mod services;
 
 /// Admin password every test conductor is started with.

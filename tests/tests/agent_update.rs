@@ -25,13 +25,13 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use e2e::agent_release::{release_for, release_key, worker_from};
 use e2e::services::{cli, create_service, deploy, pid_of, upload_artifact, upload_artifact_for};
 use e2e::{
     agent_with_version, bin, ensure_binfmt_aarch64, free_port, pi_agent_with_version,
-    pi_test_service_bin, pi_worker_bin, wait_for, Conductor, Worker, WorkerOpts,
+    pi_test_service_bin, pi_worker_bin, wait_for, Conductor, Worker,
 };
 use serde_json::{json, Value};
 
@@ -42,65 +42,10 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-/// `aerekos release-key generate` into `dir`; the key file and its public
-/// key (hex).
-fn release_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let out = Command::new(bin("aerekos"))
-        .args(["release-key", "generate", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let out = Command::new(bin("aerekos"))
-        .args(["release-key", "public"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert_eq!(public.len(), 64, "{public}");
-    (key, public)
-}
-
 /// A worker running from its own copy of the workspace's agent, in
 /// `dir/<name>`; `extra` are added to its arguments.
 fn worker(dir: &Path, name: &str, c: &Conductor, token: &str, extra: &[&str]) -> Worker {
     worker_from(dir, name, c, token, &bin("edge-worker"), extra)
-}
-
-/// Like [`worker`], running from a copy of `agent` (an aarch64 one runs
-/// under qemu through binfmt_misc, exec'ing its successor the same way).
-fn worker_from(
-    dir: &Path,
-    name: &str,
-    c: &Conductor,
-    token: &str,
-    agent: &Path,
-    extra: &[&str],
-) -> Worker {
-    let state = dir.join(name);
-    fs::create_dir_all(state.join("bin")).unwrap();
-    let exe = state.join("bin/edge-worker");
-    // A `cp` child, not `fs::copy`: a file this process holds open for
-    // writing while another test thread forks would make the later exec
-    // fail with ETXTBSY ("Text file busy").
-    let cp = Command::new("cp").arg(agent).arg(&exe).status().unwrap();
-    assert!(cp.success(), "cp: {cp:?}");
-    let mut opts = WorkerOpts::named(name);
-    // This test machine may itself be a container, where `auto` refuses.
-    opts.extra = ["--self-update", "always"]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect();
-    Worker::start_with_program(
-        &[exe.to_str().unwrap()],
-        &state,
-        &c.url(),
-        Some(token),
-        opts,
-    )
 }
 
 /// Starts `n` workers and waits until each is online; their ids.
@@ -126,26 +71,6 @@ fn exe_of(w: &Worker) -> PathBuf {
 #[track_caller]
 fn release(c: &Conductor, key: &Path, version: &str, binary: &Path) {
     release_for(c, key, version, ARCH, binary);
-}
-
-#[track_caller]
-fn release_for(c: &Conductor, key: &Path, version: &str, arch: &str, binary: &Path) {
-    let (ok, out, err) = cli(
-        c,
-        &[
-            "agent",
-            "release",
-            "--key",
-            key.to_str().unwrap(),
-            "--version",
-            version,
-            "--arch",
-            arch,
-            binary.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "agent release {version}: {err}\n{out}");
-    assert!(out.contains("registered"), "{out}");
 }
 
 /// `aerekos --json agent rollout --version V --wait …`: whether it exited 0,

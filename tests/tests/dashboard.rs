@@ -9,7 +9,10 @@
 //! and delete an artifact. A second test drives the Alerts page: add a
 //! webhook receiver (its secret shown once), a rule (an invalid one first:
 //! the API's refusal is shown), see a worker's offline alert fire and
-//! resolve, its notifications, delete the rule. Browser console errors fail
+//! resolve, its notifications, delete the rule. A third drives the Agents
+//! page: a release signed with the CLI listed, a bad trial time refused in
+//! the page, a real agent rolled out from the form to `updated`, the release
+//! deleted. Browser console errors fail
 //! the tests (except the failed requests they provoke on purpose).
 //! Screenshots land in `target/screenshots/`.
 //!
@@ -1366,4 +1369,114 @@ fn alerts_page_in_a_real_browser() {
     let errors = b.console_errors();
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");
     println!("alerts page test: {:?}", started.elapsed());
+}
+
+#[test]
+fn agents_page_in_a_real_browser() {
+    use e2e::agent_release::{release_for, release_key, worker_from};
+    let _one = one_browser();
+    let started = Instant::now();
+    conductor_with_current_assets();
+    let next = agent_with_version("0.99.0");
+    let dir = tempfile::tempdir().unwrap();
+    let _strays = KillStrays(dir.path().to_path_buf());
+    let (key, public) = release_key(dir.path(), "release.key");
+    let c = Conductor::start_with(&dir.path().join("conductor"), &["--release-key", &public]);
+    let token = c.registration_token();
+    let mut w = worker_from(dir.path(), "pi-agent", &c, &token, &bin("edge-worker"), &[]);
+    let id = w.wait_id();
+    wait_for("worker online", SECS(20), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+    let running = c.worker(&id)["agent_version"].as_str().unwrap().to_string();
+
+    let base = c.https_url();
+    let mut b = Browser::start(1280, 900, &spki_sha256_base64(&c.ca_pem()));
+    b.goto(&format!("{base}/#/agents"));
+    b.wait(
+        "the login form",
+        SECS(10),
+        "!document.querySelector('#login-view').hidden",
+    );
+    b.type_into("#login-pass", ADMIN_PASSWORD);
+    b.click("#login-form button[type=submit]");
+    let loaded = "(document.querySelector('#agents') || {dataset: {}}).dataset.loaded === '1'";
+    b.wait("the agents page", SECS(10), loaded);
+    assert_eq!(
+        b.js("return document.querySelector('[data-nav=agents]').getAttribute('aria-current')"),
+        json!("page")
+    );
+    assert_eq!(b.text("#ag-count"), "1 worker, 1 version");
+    assert_eq!(
+        b.text(&format!(
+            "#ag-ver-rows tr[data-version='{running}'] [data-col=count]"
+        )),
+        "1"
+    );
+    assert!(b.text("#ag-rel-empty").contains("No agent releases"));
+    assert_eq!(
+        b.js("return document.querySelector('#ag-start').disabled"),
+        json!(true)
+    );
+
+    // A release signed offline (the CLI) shows up, and is offered.
+    release_for(&c, &key, "0.99.0", std::env::consts::ARCH, &next);
+    b.wait(
+        "the release listed",
+        SECS(10),
+        "!!document.querySelector('#ag-rel-rows tr[data-release]') && document.querySelector('#ag-version').value === '0.99.0'",
+    );
+    // Out-of-range input is refused in the page, nothing sent.
+    b.clear("#ag-trial");
+    b.type_into("#ag-trial", "2");
+    b.click("#ag-start");
+    b.wait(
+        "the trial refused",
+        SECS(5),
+        "document.querySelector('#ag-error').textContent.includes('Trial')",
+    );
+    let (_, none) = c.get("/api/v1/agent-rollouts");
+    assert_eq!(none["rollouts"], json!([]), "{none}");
+
+    // Roll it out from the page: the worker's row goes to `updated`.
+    b.clear("#ag-trial");
+    b.type_into("#ag-trial", "30");
+    b.clear("#ag-settle");
+    b.type_into("#ag-settle", "1");
+    b.click("#ag-start");
+    b.wait(
+        "the member updated",
+        SECS(90),
+        &format!("(document.querySelector(\"#ag-mem-rows tr[data-worker='{id}']\") || {{dataset: {{}}}}).dataset.state === 'updated'"),
+    );
+    b.wait(
+        "the rollout succeeded",
+        SECS(20),
+        "(document.querySelector('#ag-hist-rows tr[data-rollout]') || {dataset: {}}).dataset.state === 'succeeded'",
+    );
+    assert!(
+        b.text("#ag-ro").contains("succeeded"),
+        "{}",
+        b.text("#ag-ro")
+    );
+    b.wait(
+        "the new version counted",
+        SECS(10),
+        "!!document.querySelector(\"#ag-ver-rows tr[data-version='0.99.0']\")",
+    );
+    assert_eq!(c.worker(&id)["agent_version"], "0.99.0");
+    assert!(w.proc.alive(), "{}", w.proc.tail(30));
+    b.screenshot("agents-rolled-out");
+
+    // A release in no rollout in progress can be deleted.
+    b.click("#ag-rel-rows tr[data-release] button.danger");
+    b.wait(
+        "the release gone",
+        SECS(10),
+        "!document.querySelector('#ag-rel-rows tr') && document.querySelector('#ag-rel-empty').textContent.includes('No agent releases')",
+    );
+
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "browser console errors: {errors:#?}");
+    println!("agents page test: {:?}", started.elapsed());
 }
