@@ -1119,6 +1119,31 @@ fn dashboard_in_a_real_browser() {
     );
 }
 
+/// A browser signed in as admin through the login form shown on
+/// `#/<page>`, once that page (its root `#<page>`) has loaded and its nav
+/// link is the current one.
+fn signed_in_on(c: &Conductor, page: &str) -> Browser {
+    let mut b = Browser::start(1280, 900, &spki_sha256_base64(&c.ca_pem()));
+    b.goto(&format!("{}/#/{page}", c.https_url()));
+    b.wait(
+        "the login form",
+        SECS(10),
+        "!document.querySelector('#login-view').hidden",
+    );
+    b.type_into("#login-pass", ADMIN_PASSWORD);
+    b.click("#login-form button[type=submit]");
+    let loaded =
+        format!("(document.querySelector('#{page}') || {{dataset: {{}}}}).dataset.loaded === '1'");
+    b.wait(&format!("the {page} page"), SECS(10), &loaded);
+    assert_eq!(
+        b.js(&format!(
+            "return document.querySelector('[data-nav={page}]').getAttribute('aria-current')"
+        )),
+        json!("page")
+    );
+    b
+}
+
 #[test]
 fn alerts_page_in_a_real_browser() {
     let _one = one_browser();
@@ -1143,22 +1168,8 @@ fn alerts_page_in_a_real_browser() {
     });
 
     // Sign in on #/alerts: the page opens after the login.
-    let base = c.https_url();
-    let mut b = Browser::start(1280, 900, &spki_sha256_base64(&c.ca_pem()));
-    b.goto(&format!("{base}/#/alerts"));
-    b.wait(
-        "the login form",
-        SECS(10),
-        "!document.querySelector('#login-view').hidden",
-    );
-    b.type_into("#login-pass", ADMIN_PASSWORD);
-    b.click("#login-form button[type=submit]");
+    let mut b = signed_in_on(&c, "alerts");
     let loaded = "(document.querySelector('#alerts') || {dataset: {}}).dataset.loaded === '1'";
-    b.wait("the alerts page", SECS(10), loaded);
-    assert_eq!(
-        b.js("return document.querySelector('[data-nav=alerts]').getAttribute('aria-current')"),
-        json!("page")
-    );
     assert_eq!(b.text("#al-count"), "0 firing");
     assert!(b.text("#al-fire-empty").contains("Nothing is firing"));
     assert!(b.text("#ar-empty").contains("No rules"));
@@ -1390,22 +1401,7 @@ fn agents_page_in_a_real_browser() {
     });
     let running = c.worker(&id)["agent_version"].as_str().unwrap().to_string();
 
-    let base = c.https_url();
-    let mut b = Browser::start(1280, 900, &spki_sha256_base64(&c.ca_pem()));
-    b.goto(&format!("{base}/#/agents"));
-    b.wait(
-        "the login form",
-        SECS(10),
-        "!document.querySelector('#login-view').hidden",
-    );
-    b.type_into("#login-pass", ADMIN_PASSWORD);
-    b.click("#login-form button[type=submit]");
-    let loaded = "(document.querySelector('#agents') || {dataset: {}}).dataset.loaded === '1'";
-    b.wait("the agents page", SECS(10), loaded);
-    assert_eq!(
-        b.js("return document.querySelector('[data-nav=agents]').getAttribute('aria-current')"),
-        json!("page")
-    );
+    let mut b = signed_in_on(&c, "agents");
     assert_eq!(b.text("#ag-count"), "1 worker, 1 version");
     assert_eq!(
         b.text(&format!(
