@@ -6,8 +6,11 @@
 //! conductor's loopback; `https://conductor:3000` from elsewhere), `--cacert`
 //! / `AEREKOS_CACERT` (the conductor's `<data-dir>/tls/ca.pem`: only that CA
 //! is trusted for `https://`; without it the public web roots are) and
-//! `--token` / `AEREKOS_TOKEN` (an API token from `POST /api/v1/tokens` or the
-//! dashboard's settings, or the output of `aerekos login`).
+//! `--token` / `AEREKOS_TOKEN` (an API token from `aerekos token create`,
+//! `POST /api/v1/tokens` or the dashboard's settings, or the output of
+//! `aerekos login`). A token's role (`admin`, `operator`, `viewer`) decides
+//! which commands it may run; a refused one exits 1 with the conductor's
+//! 403 message naming the role needed.
 //!
 //! Exit status: 0 on success, 1 on an API or transport error (the API's
 //! `error` message is printed to stderr) or a reverted `agent rollout
@@ -18,6 +21,7 @@
 pub mod agent;
 mod alerts;
 pub mod exec;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -100,6 +104,9 @@ pub enum Cmd {
     /// Alerts: rules, webhook receivers, what fired and when.
     #[command(subcommand)]
     Alert(alerts::AlertCmd),
+    /// API tokens and their roles (admin, operator, viewer).
+    #[command(subcommand)]
+    Token(tokens::TokenCmd),
     /// The agent release signing key (offline; no conductor needed).
     #[command(subcommand)]
     ReleaseKey(agent::ReleaseKeyCmd),
@@ -675,6 +682,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             follow,
         } => client.logs(&worker, &name, tail, follow, out)?,
         Cmd::Alert(cmd) => alerts::run(&client, cmd, out, &print)?,
+        Cmd::Token(cmd) => tokens::run(&client, cmd, out, &print)?,
         Cmd::ReleaseKey(cmd) => agent::run_key(cmd, out)?,
         Cmd::Agent(cmd) => agent::run(&client, cmd, out, &print)?,
         Cmd::Exec {
@@ -927,6 +935,12 @@ mod tests {
             vec!["aerekos", "agent", "rollouts"],
             vec!["aerekos", "--json", "agent", "rollouts", "3"],
             vec!["aerekos", "agent", "abort", "3"],
+            vec!["aerekos", "token", "create", "ci"],
+            vec![
+                "aerekos", "--json", "token", "create", "ci", "--role", "viewer",
+            ],
+            vec!["aerekos", "token", "list"],
+            vec!["aerekos", "token", "delete", "t-0123456789ab"],
         ] {
             assert!(Cli::try_parse_from(&args).is_ok(), "{args:?}");
         }
@@ -944,6 +958,9 @@ mod tests {
                 "b",
             ],
             vec!["aerekos", "agent", "rollout"],
+            vec!["aerekos", "token", "create", "ci", "--role", "root"],
+            vec!["aerekos", "token", "create"],
+            vec!["aerekos", "token", "delete"],
             vec![
                 "aerekos",
                 "agent",

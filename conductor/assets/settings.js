@@ -30,12 +30,14 @@ export function settingsView(view) {
         h('div', { id: 'reg-result', hidden: true })),
       h('section', { class: 'panel', 'aria-labelledby': 'tok-h' },
         h('h2', { id: 'tok-h', text: 'API tokens' }),
-        h('p', { class: 'muted', text: 'For scripts: send Authorization: Bearer <token>.' }),
-        h('table', { id: 'tokens' }, h('thead', {}, h('tr', {}, h('th', { text: 'Name' }), h('th', { text: 'Created' }), h('th', {}, h('span', { class: 'muted', text: 'Action' })))),
+        h('p', { class: 'muted', text: 'For scripts: send Authorization: Bearer <token>. An admin token may do everything; an operator everything but tokens, the registration token, the password, remote exec and shells, agent releases; a viewer only reads.' }),
+        h('table', { id: 'tokens' }, h('thead', {}, h('tr', {}, h('th', { text: 'Name' }), h('th', { text: 'Role' }), h('th', { text: 'Created' }), h('th', {}, h('span', { class: 'muted', text: 'Action' })))),
           h('tbody', { id: 'tokens-body' })),
         h('form', { class: 'row', id: 'token-form', onsubmit: createToken },
           h('div', { class: 'field' }, h('label', { for: 'token-name', text: 'New token name' }),
             h('input', { id: 'token-name', maxlength: 64, autocomplete: 'off', required: true })),
+          h('div', { class: 'field' }, h('label', { for: 'token-role', text: 'Role' }),
+            h('select', { id: 'token-role' }, ['admin', 'operator', 'viewer'].map((r) => h('option', { value: r, text: r })))),
           h('button', { type: 'submit', text: 'Create token' })),
         h('p', { class: 'error', id: 'token-error', role: 'alert' }),
         h('div', { id: 'token-result', hidden: true })),
@@ -72,10 +74,10 @@ async function loadTokens() {
   const r = await api('GET', '/tokens');
   const tokens = r.tokens || [];
   $('#tokens-body').replaceChildren(...(tokens.length ? tokens.map((t) => h('tr', { 'data-token': t.id },
-    h('td', { text: t.name }), h('td', { text: fmt.time(t.created_ms) }),
+    h('td', { text: t.name }), h('td', { text: t.role || 'admin' }), h('td', { text: fmt.time(t.created_ms) }),
     h('td', {}, h('button', { type: 'button', class: 'danger', text: 'Delete', 'aria-label': 'Delete token ' + t.name,
       onclick: () => deleteToken(t) })))) :
-    [h('tr', {}, h('td', { colspan: '3', class: 'muted', text: 'No API tokens.' }))]));
+    [h('tr', {}, h('td', { colspan: '4', class: 'muted', text: 'No API tokens.' }))]));
 }
 async function createToken(ev) {
   ev.preventDefault();
@@ -83,10 +85,10 @@ async function createToken(ev) {
   setText($('#token-error'), '');
   if (!name) { setText($('#token-error'), 'Enter a name.'); $('#token-name').focus(); return; }
   try {
-    const t = await api('POST', '/tokens', { name });
+    const t = await api('POST', '/tokens', { name, role: $('#token-role').value });
     $('#token-name').value = '';
     const box = $('#token-result');
-    box.replaceChildren(h('p', { class: 'notice', text: `Token "${t.name}" (shown once — copy it now):` }),
+    box.replaceChildren(h('p', { class: 'notice', text: `Token "${t.name}" (${t.role}; shown once — copy it now):` }),
       secretBox('new-token', t.token, 'new API token'));
     box.hidden = false;
     await loadTokens();

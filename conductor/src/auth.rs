@@ -72,11 +72,14 @@ pub fn rotate_registration_token(store: &mut Store) -> Result<String, AuthError>
     Ok(token)
 }
 
-/// Creates a session or API token; returns (plaintext, record).
+/// Creates a session or API token with `role` (`admin`, `operator` or
+/// `viewer`, see [`TokenRow::role`]; sessions are created `admin`); returns
+/// (plaintext, record).
 pub fn create_token(
     store: &Store,
     name: &str,
     kind: &str,
+    role: &str,
 ) -> Result<(String, TokenRow), AuthError> {
     let token = new_token(if kind == "session" { "aes" } else { "aek" })?;
     let now = now_ms();
@@ -84,6 +87,7 @@ pub fn create_token(
         id: format!("t-{}", random_hex::<6>()?),
         name: name.to_string(),
         kind: kind.to_string(),
+        role: role.to_string(),
         created_ms: now,
         expires_ms: (kind == "session").then_some(now + SESSION_MS),
     };

@@ -35,6 +35,10 @@
 //! receivers, the notification outbox), `exec.rs` (the remote exec audit,
 //! schema v6), `agent_updates.rs` (agent releases and agent rollouts,
 //! schema v7) and `batch.rs` (the ingest writer's [`WriteOp`] batches).
+//!
+//! Schema v8 (the current one): `api_tokens.role` (`admin`, `operator` or
+//! `viewer`; tokens from before v8 are `admin`) and `exec_sessions.kind`
+//! (`exec` or `shell`; rows from before v8 are `exec`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -270,6 +274,11 @@ pub const MIGRATIONS: &[&str] = &[
         members TEXT NOT NULL DEFAULT '{}');
      CREATE UNIQUE INDEX agent_rollouts_one_in_progress ON agent_rollouts (state)
         WHERE state = 'in_progress';",
+    // v8: token roles (`admin`, `operator`, `viewer`; tokens from before are
+    // admin, as they could do everything) and the kind of an audited remote
+    // session (`exec` or `shell`; rows from before are exec).
+    "ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+     ALTER TABLE exec_sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'exec';",
 ];
 
 /// Store errors.
@@ -378,10 +387,68 @@ mod tests {
             tx.commit().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 7);
+        assert_eq!(
+            s.schema_version().unwrap(),
+            i64::try_from(MIGRATIONS.len()).unwrap()
+        );
         assert_eq!(s.setting("kept").unwrap().as_deref(), Some("yes"));
         assert!(s.agent_releases().unwrap().is_empty());
         assert!(s.active_agent_rollout().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_v7_database_keeps_its_rows_its_tokens_become_admin_and_its_sessions_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut conn = Connection::open(dir.path().join("conductor.db")).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..7] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 7).unwrap();
+            tx.execute(
+                "INSERT INTO api_tokens (id, name, token_sha256, kind, created_ms, expires_ms)
+                 VALUES ('t-old', 'ci', 'aa', 'api', 1, NULL),
+                        ('t-ses', 'session admin', 'bb', 'session', 2, 99999999999999)",
+                [],
+            )
+            .unwrap();
+            tx.execute(
+                "INSERT INTO exec_sessions (id, token_id, token_name, worker_id, argv,
+                    started_ms, ended_ms, exit_code, bytes_out, outcome)
+                 VALUES ('s1', 't-old', 'ci', 'w-1', '[\"ls\"]', 5, 6, 0, 3, 'exited')",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 8);
+        let api = s.list_tokens("api").unwrap();
+        assert_eq!(api.len(), 1);
+        assert_eq!(
+            (
+                api[0].id.as_str(),
+                api[0].name.as_str(),
+                api[0].role.as_str()
+            ),
+            ("t-old", "ci", "admin")
+        );
+        let session = s.token_by_hash("bb", 3).unwrap().unwrap();
+        assert_eq!(
+            (session.kind.as_str(), session.role.as_str()),
+            ("session", "admin")
+        );
+        let audit = s.exec_sessions(10).unwrap();
+        assert_eq!(audit.len(), 1);
+        assert_eq!(
+            (
+                audit[0].id.as_str(),
+                audit[0].kind.as_str(),
+                audit[0].outcome.as_str()
+            ),
+            ("s1", "exec", "exited")
+        );
     }
 
     #[test]

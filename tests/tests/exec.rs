@@ -5,9 +5,8 @@
 //! timeout with its process group; a worker without `--allow-remote-exec`
 //! and a worker without the conductor's `remote-exec=allow` label refuse;
 //! every session is audited (who, worker, argv, exit code), and one cut off
-//! by a conductor `kill -9` stays listed as `unfinished`.
-//! (All tokens are admin tokens today, so "refused for a non-admin token"
-//! has nothing to test yet.)
+//! by a conductor `kill -9` stays listed as `unfinished`. Non-admin tokens
+//! are refused in `token_roles.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure report
 

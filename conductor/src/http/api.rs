@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tiny_http::Method;
 use tracing::info;
 
-use super::auth::{authenticate, presented, session_cookie};
+use super::auth::{authorize, presented, role_of, session_cookie, Role};
 use super::commands::send_and_wait;
 use super::labels::validate_labels;
 use super::message::{ApiError, Ctx, Req, Resp};
@@ -43,7 +43,7 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         }
         _ => return Err(ApiError::not_found("route")),
     }
-    let token = authenticate(ctx, req)?;
+    let token = authorize(ctx, req)?;
     match (m, &segs[2..]) {
         (Method::Post, ["password"]) => change_password(ctx, req, &token),
         (Method::Get, ["tokens"]) => list_tokens(ctx),
@@ -121,8 +121,9 @@ fn metrics(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     Ok(prom::render(ctx))
 }
 
-/// `GET /session`: whether the request carries a valid session or token.
-/// Always 200, so the dashboard can probe without an error in the console.
+/// `GET /session`: whether the request carries a valid session or token,
+/// and its kind and role. Always 200, so the dashboard can probe without an
+/// error in the console.
 fn session(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let row = match presented(req) {
         Some((t, _)) => ctx.shared.db().token_by_hash(&sha256_hex(t), now_ms())?,
@@ -131,6 +132,7 @@ fn session(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     Ok(Resp::ok(json!({
         "authenticated": row.is_some(),
         "kind": row.as_ref().map(|r| r.kind.as_str()),
+        "role": row.as_ref().map(|r| role_of(r).as_str()),
         "expires_ms": row.as_ref().and_then(|r| r.expires_ms),
         "version": env!("CARGO_PKG_VERSION"),
     })))
@@ -186,7 +188,12 @@ fn login(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     }
     let db = ctx.shared.db();
     let _ = db.purge_expired_tokens(now_ms());
-    let (token, row) = auth::create_token(&db, &format!("session {}", body.username), "session")?;
+    let (token, row) = auth::create_token(
+        &db,
+        &format!("session {}", body.username),
+        "session",
+        Role::Admin.as_str(),
+    )?;
     let cookie = session_cookie(req, &token, auth::SESSION_MS / 1000);
     Ok(Resp::ok(json!({"token": token, "expires_ms": row.expires_ms})).with("Set-Cookie", cookie))
 }
@@ -238,11 +245,15 @@ fn change_password(ctx: &Ctx, req: &Req, caller: &TokenRow) -> Result<Resp, ApiE
     Ok(Resp::ok(json!({"changed": true, "sessions_ended": ended})))
 }
 
+/// `GET /tokens`: the API tokens (never their secret), with their role.
 fn list_tokens(ctx: &Ctx) -> Result<Resp, ApiError> {
     let rows = ctx.shared.db().list_tokens("api")?;
     let tokens: Vec<Value> = rows
         .iter()
-        .map(|r| json!({"id": r.id, "name": r.name, "created_ms": r.created_ms}))
+        .map(|r| {
+            json!({"id": r.id, "name": r.name, "role": role_of(r).as_str(),
+                   "created_ms": r.created_ms})
+        })
         .collect();
     Ok(Resp::ok(json!({ "tokens": tokens })))
 }
@@ -250,18 +261,30 @@ fn list_tokens(ctx: &Ctx) -> Result<Resp, ApiError> {
 #[derive(Deserialize)]
 struct TokenReq {
     name: String,
+    /// `admin` (the default), `operator` or `viewer`.
+    role: Option<String>,
 }
 
+/// `POST /tokens {"name", "role"}`: a new API token, shown once.
 fn create_token(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let body: TokenReq = req.json()?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 64 {
         return Err(ApiError::new(400, "name must be 1..=64 characters"));
     }
-    let (token, row) = auth::create_token(&ctx.shared.db(), name, "api")?;
+    let role = match body.role.as_deref() {
+        None => Role::Admin,
+        Some(r) => Role::parse(r).ok_or_else(|| {
+            let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+            ApiError::new(400, format!("role must be one of {}", names.join(", ")))
+        })?,
+    };
+    let (token, row) = auth::create_token(&ctx.shared.db(), name, "api", role.as_str())?;
+    info!(id = %row.id, name = %row.name, role = role.as_str(), "API token created");
     Ok(Resp::json(
         201,
-        &json!({"id": row.id, "name": row.name, "created_ms": row.created_ms, "token": token}),
+        &json!({"id": row.id, "name": row.name, "role": row.role,
+                "created_ms": row.created_ms, "token": token}),
     ))
 }
 

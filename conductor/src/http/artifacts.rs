@@ -61,7 +61,7 @@ pub(crate) fn upload(
     content_length: Option<u64>,
     body: &mut dyn Read,
 ) -> Result<Resp, ApiError> {
-    super::auth::authenticate(ctx, req)?;
+    super::auth::authorize(ctx, req)?;
     let arch = req
         .query
         .get("arch")

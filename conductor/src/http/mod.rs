@@ -15,7 +15,8 @@
 //! `{"error": "..."}` with a fitting status code. Every route except
 //! `health`, `enroll`, `login`, `logout`, `session` and `/metrics` needs
 //! `Authorization: Bearer <session or API token>` or the `aerekos_session`
-//! cookie that `login` sets (`HttpOnly; SameSite=Strict`). A request
+//! cookie that `login` sets (`HttpOnly; SameSite=Strict`), and a token
+//! whose role allows the request ([`auth`]'s `authorize`). A request
 //! authenticated by the cookie that carries an `Origin` header must come from
 //! this host (`Host` or `X-Forwarded-Host`), else 403. Behind a TLS proxy
 //! that sets `X-Forwarded-Proto: https` the cookie is also `Secure`.
@@ -199,10 +200,10 @@ fn raw_route(ctx: &Ctx, req: &Req) -> Option<Result<RawResp, ApiError>> {
         }
         (Method::Get, ["api", "v1", "agent", "artifacts", sha]) => agent::artifact(ctx, req, sha),
         (Method::Get, ["api", "v1", "workers", id, "services", name, "logs"]) => {
-            auth::authenticate(ctx, req).and_then(|_| logs::stream(ctx, req, id, name))
+            auth::authorize(ctx, req).and_then(|_| logs::stream(ctx, req, id, name))
         }
         (Method::Post, ["api", "v1", "workers", id, "exec"]) => {
-            auth::authenticate(ctx, req).and_then(|t| exec::start(ctx, req, id, &t))
+            auth::authorize(ctx, req).and_then(|t| exec::start(ctx, req, id, &t))
         }
         _ => return None,
     })

@@ -1,5 +1,6 @@
-//! The remote exec audit: one row per `POST /api/v1/workers/{id}/exec`,
-//! written when the command is sent and completed when it ends. A row with
+//! The remote exec audit: one row per `POST /api/v1/workers/{id}/exec` (and
+//! per remote shell, `kind` = `shell`), written when the command is sent and
+//! completed when it ends. A row with
 //! no `ended_ms` belongs to a session still running, or to one a conductor
 //! stop cut off (the API shows it as `unfinished`).
 
@@ -18,6 +19,9 @@ pub struct ExecSessionRow {
     pub token_name: String,
     /// The worker it ran on.
     pub worker_id: String,
+    /// `"exec"` (one command) or `"shell"` (a remote shell session); rows
+    /// from before schema v8 are `"exec"`.
+    pub kind: String,
     /// The argv, a JSON array of strings.
     pub argv_json: String,
     /// When the command was sent, ms.
@@ -38,8 +42,8 @@ impl Store {
     pub fn insert_exec_session(&self, r: &ExecSessionRow) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO exec_sessions (id, token_id, token_name, worker_id, argv, started_ms,
-                ended_ms, exit_code, bytes_out, outcome)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                ended_ms, exit_code, bytes_out, outcome, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 r.id,
                 r.token_id,
@@ -50,7 +54,8 @@ impl Store {
                 r.ended_ms.map(i),
                 r.exit_code,
                 i(r.bytes_out),
-                r.outcome
+                r.outcome,
+                r.kind
             ],
         )?;
         Ok(())
@@ -77,7 +82,7 @@ impl Store {
     pub fn exec_sessions(&self, limit: usize) -> Result<Vec<ExecSessionRow>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT id, token_id, token_name, worker_id, argv, started_ms, ended_ms, exit_code,
-                    bytes_out, outcome
+                    bytes_out, outcome, kind
              FROM exec_sessions ORDER BY started_ms DESC, rowid DESC LIMIT ?1",
         )?;
         let rows = st.query_map([int(limit)], |r| {
@@ -92,6 +97,7 @@ impl Store {
                 exit_code: r.get(7)?,
                 bytes_out: u(r.get(8)?),
                 outcome: r.get(9)?,
+                kind: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -113,6 +119,7 @@ mod tests {
             token_id: "t1".into(),
             token_name: "ci".into(),
             worker_id: "w-1".into(),
+            kind: "exec".into(),
             argv_json: r#"["uname","-a"]"#.into(),
             started_ms,
             ended_ms: None,
@@ -134,5 +141,11 @@ mod tests {
             (Some(5), Some(0), 12, "exited")
         );
         assert_eq!(s.exec_sessions(1).unwrap().len(), 1);
+        let shell = ExecSessionRow {
+            kind: "shell".into(),
+            ..row("c", 3)
+        };
+        s.insert_exec_session(&shell).unwrap();
+        assert_eq!(s.exec_sessions(1).unwrap(), [shell], "the kind is kept");
     }
 }

@@ -14,6 +14,11 @@ pub struct TokenRow {
     pub name: String,
     /// `session` or `api`.
     pub kind: String,
+    /// What it may do: `admin`, `operator` or `viewer` (`crate::http`'s
+    /// role table). A `session` token (from login) is always `admin`; an
+    /// `api` token is what it was created as (tokens from before schema v8
+    /// are `admin`). Another value is treated as `viewer`.
+    pub role: String,
     /// Creation time, ms.
     pub created_ms: u64,
     /// Expiry, ms (`None` = never).
@@ -74,15 +79,16 @@ impl Store {
     /// Stores a token record with its sha256 hex.
     pub fn insert_token(&self, row: &TokenRow, sha256_hex: &str) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO api_tokens (id, name, token_sha256, kind, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO api_tokens (id, name, token_sha256, kind, created_ms, expires_ms, role)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 row.id,
                 row.name,
                 sha256_hex,
                 row.kind,
                 i(row.created_ms),
-                row.expires_ms.map(i)
+                row.expires_ms.map(i),
+                row.role
             ],
         )?;
         Ok(())
@@ -97,7 +103,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, name, kind, created_ms, expires_ms FROM api_tokens
+                "SELECT id, name, kind, created_ms, expires_ms, role FROM api_tokens
                  WHERE token_sha256 = ?1 AND (expires_ms IS NULL OR expires_ms > ?2)",
                 params![sha256_hex, i(now_ms)],
                 token_from_row,
@@ -108,7 +114,7 @@ impl Store {
     /// All tokens of `kind`.
     pub fn list_tokens(&self, kind: &str) -> Result<Vec<TokenRow>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT id, name, kind, created_ms, expires_ms FROM api_tokens
+            "SELECT id, name, kind, created_ms, expires_ms, role FROM api_tokens
              WHERE kind = ?1 ORDER BY created_ms",
         )?;
         let rows = st.query_map([kind], token_from_row)?;
@@ -147,5 +153,6 @@ fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
         kind: r.get(2)?,
         created_ms: u(r.get(3)?),
         expires_ms: r.get::<_, Option<i64>>(4)?.map(u),
+        role: r.get(5)?,
     })
 }
