@@ -265,7 +265,7 @@ fn fan_out(
 /// `aerekos exec-log`: the audit as a table.
 pub fn audit_table(v: &Value) -> String {
     let mut t = String::from(
-        "STARTED (ms)   WORKER             WHO              EXIT  OUTCOME          BYTES     COMMAND\n",
+        "STARTED (ms)   KIND  WORKER             WHO              EXIT  OUTCOME          BYTES     COMMAND\n",
     );
     for r in rows(v, "sessions") {
         let argv: Vec<String> = r
@@ -279,8 +279,9 @@ pub fn audit_table(v: &Value) -> String {
             })
             .unwrap_or_default();
         t.push_str(&format!(
-            "{:<14} {:<18} {:<16} {:<5} {:<16} {:<9} {}\n",
+            "{:<14} {:<5} {:<18} {:<16} {:<5} {:<16} {:<9} {}\n",
             r.get("started_ms").map_or("-".into(), Value::to_string),
+            s(&r, "kind"),
             s(&r, "worker_id"),
             s(&r, "token_name"),
             r.get("exit_code")

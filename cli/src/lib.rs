@@ -21,6 +21,7 @@
 pub mod agent;
 mod alerts;
 pub mod exec;
+pub mod shell;
 mod tokens;
 
 use std::collections::BTreeMap;
@@ -203,7 +204,21 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
-    /// The remote exec audit, newest first: who ran what where, and how it ended.
+    /// An interactive terminal on a worker (admin tokens only; allowed where
+    /// remote exec is): `aerekos shell w-1`, or `aerekos shell w-1 -- htop`.
+    Shell {
+        /// Worker id.
+        worker: String,
+        /// The conductor ends the session after this many seconds without a
+        /// keystroke or output (default 900).
+        #[arg(long)]
+        idle_timeout: Option<u32>,
+        /// The program and its arguments, after `--` (default: the worker's
+        /// login shell).
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+    /// The remote exec and shell audit, newest first: who ran what where, and how it ended.
     ExecLog {
         /// At most this many sessions.
         #[arg(long, default_value_t = 50)]
@@ -693,6 +708,16 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             argv,
         } => {
             let code = exec::run(&client, out, worker, &labels, &argv, timeout, max_output)?;
+            if code != 0 {
+                return Err(CliError::Exited(code));
+            }
+        }
+        Cmd::Shell {
+            worker,
+            idle_timeout,
+            argv,
+        } => {
+            let code = shell::run(&client, out, &worker, &argv, idle_timeout)?;
             if code != 0 {
                 return Err(CliError::Exited(code));
             }

@@ -40,6 +40,8 @@ use rustix::process::{kill_process_group, Pid, Signal};
 
 use crate::fetch::Conductor;
 
+pub mod shell;
+
 /// Commands running at once, at most.
 pub const MAX_EXECS: usize = 4;
 /// The reply of a worker started without `--allow-remote-exec`.
@@ -83,17 +85,25 @@ pub fn on_command(allowed: bool, conductor: &Conductor, req: ExecRequest) -> (Re
     }
 }
 
+/// A [`RUNNING`] slot, or why not: [`MAX_EXECS`] commands and shells
+/// together run already.
+fn take_slot() -> Result<Slot, String> {
+    if RUNNING.fetch_add(1, Ordering::SeqCst) >= MAX_EXECS {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!(
+            "at most {MAX_EXECS} remote commands and shells run at once"
+        ));
+    }
+    Ok(Slot)
+}
+
 /// Starts `req` on its own threads; `Err` (nothing started) for an empty
 /// argv or when [`MAX_EXECS`] already run.
 fn start(conductor: Conductor, req: ExecRequest) -> Result<String, String> {
     let Some(program) = req.argv.first().map(|p| p.to_string()) else {
         return Err("empty command".into());
     };
-    if RUNNING.fetch_add(1, Ordering::SeqCst) >= MAX_EXECS {
-        RUNNING.fetch_sub(1, Ordering::SeqCst);
-        return Err(format!("at most {MAX_EXECS} remote commands run at once"));
-    }
-    let slot = Slot;
+    let slot = take_slot()?;
     tracing::info!(argv = ?req.argv, timeout_s = req.timeout_s, max_output = req.max_output, "remote exec");
     let spawned = std::thread::Builder::new()
         .name("exec".into())
@@ -115,7 +125,7 @@ fn session(conductor: &Conductor, req: &ExecRequest) {
     let session = req.session;
     let uploader = std::thread::Builder::new()
         .name("exec-upload".into())
-        .spawn(move || upload(&up, &session, FrameReader::new(rx), timeout));
+        .spawn(move || upload(&up, &exec_path(&session), FrameReader::new(rx), timeout));
     let exit = execute(req, &tx);
     drop(tx);
     let result = match uploader {
@@ -137,10 +147,10 @@ fn session(conductor: &Conductor, req: &ExecRequest) {
     }
 }
 
-/// POSTs the stream to the conductor; the HTTP status.
+/// POSTs the stream to the conductor's `path`; the HTTP status.
 fn upload(
     conductor: &Conductor,
-    session: &[u8; 16],
+    path: &str,
     body: FrameReader,
     timeout: Duration,
 ) -> Result<u16, String> {
@@ -148,7 +158,6 @@ fn upload(
     if !base.starts_with("http://") && !base.starts_with("https://") {
         return Err(format!("invalid conductor URL {:?}", conductor.url));
     }
-    let path = exec_path(session);
     let agent = crate::tls::http_agent(
         conductor.trust.as_ref(),
         ureq::Agent::config_builder()
@@ -157,7 +166,7 @@ fn upload(
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(timeout)),
     );
-    let auth = http_auth(&conductor.secret, &conductor.worker_id, "POST", &path);
+    let auth = http_auth(&conductor.secret, &conductor.worker_id, "POST", path);
     agent
         .post(format!("{base}{path}"))
         .header("Authorization", auth)
@@ -283,13 +292,18 @@ fn read_pipe(mut pipe: impl Read, stderr: bool, budget: &Budget, out: &SyncSende
 
 /// `SIGKILL` to the process group `pgid` (the command is its leader).
 fn kill_group(pgid: u32) {
+    signal_group(pgid, Signal::KILL);
+}
+
+/// `signal` to the process group `pgid` (never to pid 0 or 1's group).
+fn signal_group(pgid: u32, signal: Signal) {
     if let Some(pid) = i32::try_from(pgid)
         .ok()
         .filter(|p| *p > 1)
         .and_then(Pid::from_raw)
     {
-        if let Err(e) = kill_process_group(pid, Signal::KILL) {
-            tracing::debug!(pgid, "exec: kill the group: {e}");
+        if let Err(e) = kill_process_group(pid, signal) {
+            tracing::debug!(pgid, "exec: signal the group: {e}");
         }
     }
 }

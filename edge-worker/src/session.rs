@@ -887,8 +887,14 @@ impl Session {
                     crate::exec::on_command(self.allow_exec, self.deploys.conductor(), req);
                 (status, detail, false)
             }
+            #[cfg(feature = "remote-exec")]
+            Action::Shell(req) => {
+                let (status, detail) =
+                    crate::exec::shell::on_command(self.allow_exec, self.deploys.conductor(), req);
+                (status, detail, false)
+            }
             #[cfg(not(feature = "remote-exec"))]
-            Action::Exec(_) => (
+            Action::Exec(_) | Action::Shell(_) => (
                 ReplyStatus::Error,
                 "remote exec is not in this build of the agent (built without the remote-exec feature)"
                     .to_string(),

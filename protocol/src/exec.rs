@@ -72,6 +72,13 @@ pub enum ExecOutcome {
     OutputCap,
     /// It could not be started; the detail says why.
     NotStarted,
+    /// Remote shell: the conductor ended the session after its idle
+    /// timeout (no keystroke and no output for that long); value = the
+    /// timeout in seconds. Never sent by a worker.
+    Idle,
+    /// The conductor lost the worker's stream (it broke, or no exit status
+    /// came in time); the detail says how. Never sent by a worker.
+    Lost,
 }
 
 impl ExecOutcome {
@@ -83,6 +90,8 @@ impl ExecOutcome {
             ExecOutcome::TimedOut => 2,
             ExecOutcome::OutputCap => 3,
             ExecOutcome::NotStarted => 4,
+            ExecOutcome::Idle => 5,
+            ExecOutcome::Lost => 6,
         }
     }
 
@@ -94,6 +103,8 @@ impl ExecOutcome {
             2 => ExecOutcome::TimedOut,
             3 => ExecOutcome::OutputCap,
             4 => ExecOutcome::NotStarted,
+            5 => ExecOutcome::Idle,
+            6 => ExecOutcome::Lost,
             _ => return None,
         })
     }
@@ -106,6 +117,8 @@ impl ExecOutcome {
             ExecOutcome::TimedOut => "timeout",
             ExecOutcome::OutputCap => "output_cap",
             ExecOutcome::NotStarted => "not_started",
+            ExecOutcome::Idle => "idle",
+            ExecOutcome::Lost => "lost",
         }
     }
 }

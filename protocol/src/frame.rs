@@ -330,6 +330,14 @@ pub enum Action {
     /// `agent_version`. Idempotent: the running version again is `Ok`,
     /// "already running".
     UpdateAgent(crate::release::AgentUpdate),
+    /// Open an interactive shell on a pseudo-terminal (remote shell, off
+    /// unless the worker was started with `--allow-remote-exec`). The worker
+    /// replies `Ok` once the shell runs, or `Error`; the terminal's bytes do
+    /// **not** travel as frames: the worker uploads the output to
+    /// `POST /api/v1/agent/shell/{session hex}` and reads keystrokes,
+    /// resizes and the hang-up from `GET /api/v1/agent/shell/{session
+    /// hex}/input` ([`crate::shell`]).
+    Shell(ShellRequest),
 }
 
 /// Most argv elements (the program and its arguments) of an
@@ -354,6 +362,22 @@ pub struct ExecRequest {
     /// The worker sends at most this many bytes of stdout and stderr
     /// together, then kills the process group and reports the cut.
     pub max_output: u32,
+}
+
+/// What [`Action::Shell`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShellRequest {
+    /// Random id the conductor chose; names both HTTP streams
+    /// ([`crate::shell`]) and is accepted there only from the worker the
+    /// command went to.
+    pub session: [u8; 16],
+    /// The program and its arguments; empty = the worker's default login
+    /// shell (`$SHELL`, else `/bin/bash` or `/bin/sh`).
+    pub argv: Vec<String<EXEC_ARG_LEN>, MAX_EXEC_ARGS>,
+    /// Terminal width in columns at the start (0 is taken as 80).
+    pub cols: u16,
+    /// Terminal height in rows at the start (0 is taken as 24).
+    pub rows: u16,
 }
 
 /// A secret sealed for [`Action::RotateSecret`]: 61 bytes

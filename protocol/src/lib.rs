@@ -14,6 +14,8 @@
 //!   it pins.
 //! * [`exec`]: the stream a worker uploads over HTTP while it runs an
 //!   [`Action::Exec`] (output, then the exit status).
+//! * [`shell`]: the two HTTP streams of an [`Action::Shell`] (terminal
+//!   output up, keystrokes, resizes and the hang-up down).
 //! * [`release`]: signed agent releases (what the Ed25519 signature
 //!   covers, versions and their order) for [`Action::UpdateAgent`].
 //! * [`sealed`]: ChaCha20-Poly1305 sealing under a key derived from a
@@ -36,6 +38,7 @@ pub mod registration;
 pub mod release;
 pub mod replay;
 pub mod sealed;
+pub mod shell;
 pub mod topic;
 
 pub use codec::{

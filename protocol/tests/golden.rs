@@ -205,6 +205,29 @@ fn golden_exec_command() {
     );
 }
 
+/// The `Shell` command of the README's example: the default shell, 80×24.
+fn shell_request() -> protocol::ShellRequest {
+    protocol::ShellRequest {
+        session: [0x11; 16],
+        argv: heapless::Vec::new(),
+        cols: 80,
+        rows: 24,
+    }
+}
+
+#[test]
+fn golden_shell_command() {
+    // Action index 15 (`0f`), the 16 session bytes, argv (empty: `00`),
+    // cols and rows as varints.
+    assert_golden(
+        Body::Command(Command {
+            id: 5,
+            action: Action::Shell(shell_request()),
+        }),
+        GOLDEN_CMD_SHELL,
+    );
+}
+
 /// The `UpdateAgent` command of the README's example: 0.2.0 for aarch64.
 fn agent_update() -> protocol::release::AgentUpdate {
     protocol::release::AgentUpdate {
@@ -315,6 +338,7 @@ fn enum_discriminants_are_append_only() {
     assert_eq!(act(Action::RotateSecret(protocol::SealedSecret::new())), 12);
     assert_eq!(act(Action::Exec(exec_request())), 13);
     assert_eq!(act(Action::UpdateAgent(agent_update())), 14);
+    assert_eq!(act(Action::Shell(shell_request())), 15);
     for (i, k) in [
         EventKind::ServiceChanged,
         EventKind::ArtifactRejected,
@@ -617,6 +641,8 @@ fn sealed_data_opens_only_unchanged_with_its_secret_and_context() {
     let again = sealed::seal(&secret, ctx.as_bytes(), SEAL_PLAINTEXT, [0xa1; 12]).unwrap();
     assert_ne!(again[13..], bytes[13..]);
 }
+const GOLDEN_CMD_SHELL: &str = "010e772d3031323334353637383961620180a8f094ac3303050f11111111111111111111111111111111005018cae852a9094b4db8fd71f3d88b4a2f2d";
+
 const GOLDEN_CMD_UPDATE_AGENT: &str = concat!(
     "010e772d3031323334353637383961620180a8f094ac3303050e05302e322e300761617263683634",
     "2222222222222222222222222222222222222222222222222222222222222222e8895d4033333333",

@@ -133,7 +133,7 @@ impl ExecBody {
 
 /// Closes the session and drops the reply waiter when the request ends,
 /// however it ends.
-struct Registration {
+pub(super) struct Registration {
     shared: Arc<Shared>,
     sessions: Arc<ExecSessions>,
     session: [u8; 16],
@@ -151,18 +151,19 @@ impl Drop for Registration {
 }
 
 /// The audit row's end, written once.
-struct Audit {
+pub(super) struct Audit {
     shared: Arc<Shared>,
     /// Session id, hex (the row's key).
     id: String,
     /// Output bytes relayed so far.
-    bytes_out: u64,
+    pub bytes_out: u64,
     /// The end is written.
     finished: bool,
 }
 
 impl Audit {
-    fn finish(&mut self, exit_code: Option<i32>, outcome: &str) {
+    /// Writes the end (once; later calls do nothing).
+    pub fn finish(&mut self, exit_code: Option<i32>, outcome: &str) {
         if self.finished {
             return;
         }
@@ -234,7 +235,7 @@ fn exit_line(e: &ExecExit) -> (Value, Option<i32>) {
             json!({"error": e.detail, "outcome": outcome, "truncated": true}),
             None,
         ),
-        ExecOutcome::TimedOut | ExecOutcome::NotStarted => {
+        ExecOutcome::TimedOut | ExecOutcome::NotStarted | ExecOutcome::Idle | ExecOutcome::Lost => {
             (json!({"error": e.detail, "outcome": outcome}), None)
         }
     }
@@ -352,11 +353,53 @@ impl Read for Relay {
     }
 }
 
-/// `POST /workers/{id}/exec`.
-pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<RawResp, ApiError> {
-    let body: ExecBody = req.json()?;
-    let session = crate::crypto::random_bytes::<16>()?;
-    let request = body.request(session)?;
+/// A session the worker has answered: what its relay needs.
+pub(super) struct Launched {
+    /// Closes the session when dropped.
+    pub reg: Registration,
+    /// Its audit row's end.
+    pub audit: Audit,
+    /// The worker's upload, as it comes.
+    pub rx: Receiver<ExecEvent>,
+    /// What came before the reply, if anything did.
+    pub first: Option<ExecEvent>,
+    /// The session id, hex.
+    pub session_hex: String,
+}
+
+/// What a remote exec or shell asks of [`launch`].
+pub(super) struct Launch<'a> {
+    /// The worker.
+    pub id: &'a str,
+    /// Who asks.
+    pub token: &'a TokenRow,
+    /// `exec` or `shell` (the audit's kind, and the logs).
+    pub kind: &'static str,
+    /// The audit's argv.
+    pub argv: &'a [String],
+    /// The session id.
+    pub session: [u8; 16],
+    /// The command.
+    pub action: Action,
+}
+
+/// Checks that `l.id` may run it (the label, online), opens the session
+/// with `open` (given the upload's feed; `false` = no room), writes the
+/// audit row, sends the command and waits for the worker's answer: a 403
+/// with its words when it refuses, a 504 when it does not answer.
+pub(super) fn launch(
+    ctx: &Ctx,
+    l: Launch<'_>,
+    open: impl FnOnce(mpsc::SyncSender<ExecEvent>) -> bool,
+) -> Result<Launched, ApiError> {
+    let Launch {
+        id,
+        token,
+        kind,
+        argv,
+        session,
+        action,
+    } = l;
     let (tx, rx) = mpsc::sync_channel(FEED);
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
     let mut reg = Registration {
@@ -373,7 +416,7 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
             return Err(ApiError::new(
                 403,
                 format!(
-                    "remote exec is not allowed on worker {id}: the conductor needs its label \
+                    "remote {kind} is not allowed on worker {id}: the conductor needs its label \
                      {EXEC_LABEL}={EXEC_LABEL_VALUE} (PUT /api/v1/workers/{id}/labels, or \
                      `aerekos labels {id} … {EXEC_LABEL}={EXEC_LABEL_VALUE}`), and the agent \
                      --allow-remote-exec"
@@ -383,15 +426,14 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
         if w.status != Status::Online {
             return Err(ApiError::new(503, format!("worker {id} is offline")));
         }
-        if !ctx.exec.open(session, id, tx) {
+        if !open(tx) {
             return Err(ApiError::new(
                 503,
-                format!("at most {MAX_EXEC_SESSIONS} exec sessions at once"),
+                format!("at most {MAX_EXEC_SESSIONS} exec and shell sessions at once"),
             ));
         }
         let (cmd_id, frame) =
-            crate::commands::seal_command(&ctx.shared, w, Action::Exec(request.clone()))
-                .map_err(ApiError::internal)?;
+            crate::commands::seal_command(&ctx.shared, w, action).map_err(ApiError::internal)?;
         reg.cmd_id = Some(cmd_id);
         ctx.shared
             .pending()
@@ -399,13 +441,13 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
         frame
     };
     let session_hex = protocol::hex_string(&session);
-    let argv_json = serde_json::to_string(&body.argv).map_err(ApiError::internal)?;
+    let argv_json = serde_json::to_string(argv).map_err(ApiError::internal)?;
     ctx.shared.db().insert_exec_session(&ExecSessionRow {
         id: session_hex.clone(),
         token_id: token.id.clone(),
         token_name: token.name.clone(),
         worker_id: id.to_string(),
-        kind: "exec".into(),
+        kind: kind.into(),
         argv_json,
         started_ms: now_ms(),
         ended_ms: None,
@@ -423,8 +465,8 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
         worker_id = id,
         session = %session_hex,
         token = %token.name,
-        argv = ?body.argv,
-        "remote exec"
+        argv = ?argv,
+        "remote {kind}"
     );
     let topic = protocol::topic::topic(id, protocol::TopicKind::Cmd);
     if let Err(e) = ctx
@@ -455,7 +497,7 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
                 return Err(ApiError::new(
                     504,
                     format!(
-                        "worker {id} did not answer the exec command within {} s (an agent \
+                        "worker {id} did not answer the {kind} command within {} s (an agent \
                          without remote exec ignores it)",
                         REPLY_TIMEOUT.as_secs()
                     ),
@@ -463,11 +505,37 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
             }
         }
     };
+    Ok(Launched {
+        reg,
+        audit,
+        rx,
+        first,
+        session_hex,
+    })
+}
+
+/// `POST /workers/{id}/exec`.
+pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<RawResp, ApiError> {
+    let body: ExecBody = req.json()?;
+    let session = crate::crypto::random_bytes::<16>()?;
+    let request = body.request(session)?;
+    let launched = launch(
+        ctx,
+        Launch {
+            id,
+            token,
+            kind: "exec",
+            argv: &body.argv,
+            session,
+            action: Action::Exec(request),
+        },
+        |tx| ctx.exec.open(session, id, tx),
+    )?;
     let patience = Duration::from_secs(u64::from(body.timeout_s)) + GRACE;
     let mut relay = Relay {
-        rx,
-        _reg: reg,
-        audit,
+        rx: launched.rx,
+        _reg: launched.reg,
+        audit: launched.audit,
         pending: Vec::new(),
         pos: 0,
         carry: [Vec::new(), Vec::new()],
@@ -475,7 +543,7 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
         deadline: Instant::now() + patience,
         patience,
     };
-    if let Some(ev) = first {
+    if let Some(ev) = launched.first {
         relay.accept(ev);
     }
     Ok(RawResp {
@@ -483,23 +551,30 @@ pub(crate) fn start(ctx: &Ctx, req: &Req, id: &str, token: &TokenRow) -> Result<
         content_type: "application/x-ndjson",
         body: Box::new(relay),
         len: None,
-        headers: vec![("X-Aerekos-Exec-Session", session_hex)],
+        headers: vec![("X-Aerekos-Exec-Session", launched.session_hex)],
     })
 }
 
-/// `POST /agent/exec/{session}`: the worker's output stream, fed to the
-/// session's relay until the exit frame.
+/// `POST /agent/exec/{session}` (`POST /agent/shell/{session}` when
+/// `shell`): the worker's output stream, fed to the session's relay until
+/// the exit frame.
 pub(crate) fn upload(
     ctx: &Ctx,
     req: &Req,
     session_hex: &str,
     body: &mut dyn Read,
+    shell: bool,
 ) -> Result<Resp, ApiError> {
     let (worker, _) = super::agent::authenticated_for(ctx, req, "POST")?;
-    let gone = || ApiError::not_found("exec session");
+    let what = if shell {
+        "shell session"
+    } else {
+        "exec session"
+    };
+    let gone = || ApiError::not_found(what);
     let session = parse_session(session_hex).ok_or_else(gone)?;
-    let tx = ctx.exec.attach(&session, &worker).ok_or_else(|| {
-        tracing::info!(worker_id = %worker, session = session_hex, "exec upload refused: no such session");
+    let tx = ctx.exec.attach(&session, &worker, shell).ok_or_else(|| {
+        tracing::info!(worker_id = %worker, session = session_hex, "{what} upload refused: no such session");
         gone()
     })?;
     let mut body = BufReader::with_capacity(64 * 1024, body);
@@ -509,7 +584,7 @@ pub(crate) fn upload(
             Ok(Some(f)) => {
                 let last = matches!(f, ExecFrame::Exit(_));
                 if tx.send(ExecEvent::Frame(f)).is_err() {
-                    return Err(ApiError::new(410, "the exec session is over"));
+                    return Err(ApiError::new(410, format!("the {what} is over")));
                 }
                 if last {
                     return Ok(Resp::no_content());

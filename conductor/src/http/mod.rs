@@ -6,7 +6,9 @@
 //! one for its duration, at most [`logs::MAX_LOG_STREAMS`] at a time; a
 //! remote exec two — the caller's answer and the worker's upload
 //! `POST /api/v1/agent/exec/{session}`, streamed like an artifact upload —
-//! at most [`crate::exec::MAX_EXEC_SESSIONS`] at a time).
+//! and a remote shell four — those, the worker's input stream and the
+//! client's streamed input `POST /api/v1/shell-sessions/{session}/input` —
+//! at most [`crate::exec::MAX_EXEC_SESSIONS`] of both at a time).
 //! Request bodies are capped at [`MAX_BODY`] bytes (413 beyond), except
 //! `POST /api/v1/artifacts`, which streams its body to disk up to
 //! `Config::max_artifact_bytes` ([`artifacts`]). The worker download routes
@@ -47,6 +49,7 @@ mod logs;
 mod message;
 mod prom;
 mod services;
+mod shell;
 mod ui;
 
 use std::collections::HashMap;
@@ -66,10 +69,11 @@ use crate::ConductorError;
 
 use message::{cookie_value, ApiError, Ctx, RawResp, Req, Resp};
 
-/// Request handler threads: a remote exec holds two for its duration (at
-/// most [`crate::exec::MAX_EXEC_SESSIONS`]), a log relay one (at most
-/// [`logs::MAX_LOG_STREAMS`]); at least 4 stay for everything else.
-pub const HTTP_THREADS: usize = 16;
+/// Request handler threads: a remote exec holds two for its duration, a
+/// remote shell four (at most [`crate::exec::MAX_EXEC_SESSIONS`] of them
+/// together), a log relay one (at most [`logs::MAX_LOG_STREAMS`]); at least
+/// 8 stay for everything else.
+pub const HTTP_THREADS: usize = 32;
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -205,16 +209,29 @@ fn raw_route(ctx: &Ctx, req: &Req) -> Option<Result<RawResp, ApiError>> {
         (Method::Post, ["api", "v1", "workers", id, "exec"]) => {
             auth::authorize(ctx, req).and_then(|t| exec::start(ctx, req, id, &t))
         }
+        (Method::Post, ["api", "v1", "workers", id, "shell"]) => {
+            auth::authorize(ctx, req).and_then(|t| shell::start(ctx, req, id, &t))
+        }
+        (Method::Get, ["api", "v1", "agent", "shell", session, "input"]) => {
+            shell::agent_input(ctx, req, session)
+        }
         _ => return None,
     })
 }
 
-/// The session segment of `POST /api/v1/agent/exec/{session}`.
-fn exec_upload_session<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+/// The session segment of a streamed `POST {prefix}/{session}{suffix}`
+/// (the worker's exec or shell output, a client's shell input).
+fn streamed_post<'a>(
+    method: &Method,
+    path: &'a str,
+    prefix: &str,
+    suffix: &str,
+) -> Option<&'a str> {
     let rest = path
-        .strip_prefix(protocol::exec::EXEC_PATH)?
-        .strip_prefix('/')?;
-    (*method == Method::Post && !rest.contains('/')).then_some(rest)
+        .strip_prefix(prefix)?
+        .strip_prefix('/')?
+        .strip_suffix(suffix)?;
+    (*method == Method::Post && !rest.is_empty() && !rest.contains('/')).then_some(rest)
 }
 
 fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
@@ -233,9 +250,21 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
     {
         // Streamed to disk: the JSON body limit does not apply.
         artifacts::upload(ctx, &req, content_length, raw.as_reader()).map(Out::Text)
-    } else if let Some(session) = exec_upload_session(&req.method, path) {
+    } else if let Some(session) = streamed_post(&req.method, path, protocol::exec::EXEC_PATH, "") {
         // A worker's exec output, streamed for as long as the command runs.
-        exec::upload(ctx, &req, session, raw.as_reader()).map(Out::Text)
+        exec::upload(ctx, &req, session, raw.as_reader(), false).map(Out::Text)
+    } else if let Some(session) = streamed_post(&req.method, path, protocol::shell::SHELL_PATH, "")
+    {
+        // A worker's terminal output, for as long as the shell runs.
+        exec::upload(ctx, &req, session, raw.as_reader(), true).map(Out::Text)
+    } else if let Some(session) = streamed_post(
+        &req.method,
+        path,
+        protocol::shell::CLIENT_SESSIONS_PATH,
+        "/input",
+    ) {
+        // A client's keystrokes: one batch, or a stream for the session.
+        shell::input(ctx, &req, session, raw.as_reader()).map(Out::Text)
     } else if content_length.is_some_and(|n| n > MAX_BODY as u64) {
         Err(ApiError::new(
             413,
