@@ -1,8 +1,9 @@
 // One worker's page (#/workers/<id>): charts, inventory, labels, actions,
-// its services.
+// a shell panel (terminal.js), its services.
 import { $, add, api, AuthError, dash, enc, fmt, focusHeading, fromMinute, h, now, ok, rawPoint, setBadge, setText, st, startPolling, stopPolling, svg } from './core.js';
 import { logPanel, openLog } from './logs.js';
 import { stateBadge } from './services.js';
+import { Shell } from './terminal.js';
 
 const CHART_POINTS = 300; // points drawn per chart series
 const W = 600, H = 130; // chart viewBox
@@ -159,7 +160,16 @@ export function workerView(view, id) {
         h('div', { class: 'row' },
           h('button', { type: 'button', id: 'rotate-secret', text: 'Rotate secret', onclick: rotateSecret,
             title: 'A new frame secret for this worker, sent sealed under its current one' }),
-          h('span', { id: 'rotate-result', class: 'muted', role: 'status' }))),
+          h('span', { id: 'rotate-result', class: 'muted', role: 'status' })),
+        h('div', { class: 'row' },
+          h('button', { type: 'button', id: 'shell-open', text: 'Shell', onclick: openShell,
+            title: 'An interactive shell on this worker (label remote-exec=allow, agent started with --allow-remote-exec)' }))),
+      h('section', { class: 'panel span shell', id: 'shell-panel', 'aria-labelledby': 'shell-h', hidden: true },
+        h('div', { class: 'row log-head' }, h('h2', { id: 'shell-h', text: 'Shell' }),
+          h('span', { class: 'muted small', id: 'shell-state', role: 'status' }),
+          h('button', { type: 'button', id: 'shell-close', text: 'Close', onclick: closeShell })),
+        h('p', { class: 'error', id: 'shell-error', role: 'alert' }),
+        h('div', { id: 'shell-term', 'aria-label': 'Terminal', hidden: true })),
       h('section', { class: 'panel span', 'aria-labelledby': 'wsvc-h' }, h('h2', { id: 'wsvc-h', text: 'Services' }),
         h('table', { class: 'svc-table', id: 'w-services', hidden: true },
           h('thead', {}, h('tr', {}, ['Service', 'Desired', 'Actual', 'PID', 'Restarts', 'Log'].map((t) => h('th', { text: t })))),
@@ -343,6 +353,37 @@ async function rotateSecret() {
   } finally {
     btn.disabled = false;
   }
+}
+
+// ---------- shell (terminal.js) ----------
+function openShell() {
+  const w = st.worker;
+  if (!w) return;
+  if (w.shell && !w.shell.done) return w.shell.term.el.focus();
+  // role=application: screen readers pass every key through, as a terminal needs.
+  const box = h('div', { id: 'shell-term', role: 'application', 'aria-label': 'Terminal', 'aria-roledescription': 'terminal' });
+  $('#shell-term').replaceWith(box);
+  $('#shell-panel').hidden = false;
+  setText($('#shell-error'), '');
+  setText($('#shell-state'), 'connecting…');
+  setText($('#shell-h'), 'Shell on ' + (w.detail ? w.detail.hostname : w.id));
+  const on = {
+    start: () => setText($('#shell-state'), 'connected'),
+    end: (line) => { if (line) setText($('#shell-state'), line); },
+    error: (m) => {
+      setText($('#shell-error'), m);
+      if (!s.hex) { box.hidden = true; setText($('#shell-state'), ''); }
+    },
+  };
+  const s = w.shell = new Shell(w.id, box, on);
+  box.focus();
+  $('#shell-panel').scrollIntoView({ block: 'nearest' });
+}
+function closeShell() {
+  const w = st.worker;
+  if (w && w.shell) w.shell.close();
+  $('#shell-panel').hidden = true;
+  $('#shell-open').focus();
 }
 
 // The Services section of a worker page.

@@ -12,7 +12,9 @@
 //! resolve, its notifications, delete the rule. A third drives the Agents
 //! page: a release signed with the CLI listed, a bad trial time refused in
 //! the page, a real agent rolled out from the form to `updated`, the release
-//! deleted. Browser console errors fail
+//! deleted. A fourth opens a worker's Shell panel: the terminal emulator on
+//! escape sequences, then a real shell typed into (output, colour, resize,
+//! Ctrl-C, exit code, Close). Browser console errors fail
 //! the tests (except the failed requests they provoke on purpose).
 //! Screenshots land in `target/screenshots/`.
 //!
@@ -1475,4 +1477,214 @@ fn agents_page_in_a_real_browser() {
     let errors = b.console_errors();
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");
     println!("agents page test: {:?}", started.elapsed());
+}
+
+/// The Shell panel of a worker page (`terminal.js`): first the API's
+/// refusal shown (no `remote-exec=allow` label), then a real shell on the
+/// worker's pseudo-terminal typed into with WebDriver key events: output,
+/// an ANSI colour rendered as its class, the terminal size following the
+/// panel (resize frames), the exit code; Close hangs up a live one. Before
+/// that, the emulator alone on escape sequences (cursor moves, erase,
+/// scroll region, alternate screen).
+#[test]
+fn shell_panel_in_a_real_browser() {
+    let _one = one_browser();
+    let started = Instant::now();
+    conductor_with_current_assets();
+    let dir = tempfile::tempdir().unwrap();
+    let _strays = KillStrays(dir.path().to_path_buf());
+    let c = Conductor::start(&dir.path().join("conductor"));
+    // A plain /bin/sh with a known prompt, started in the temp dir.
+    let native = bin("edge-worker").to_string_lossy().into_owned();
+    let home = format!("HOME={}", dir.path().display());
+    let mut opts = WorkerOpts::named("pi-shell");
+    opts.extra.push("--allow-remote-exec".into());
+    let mut w = Worker::start_with_program(
+        &[
+            "env",
+            "SHELL=/bin/sh",
+            "PS1=sh-test$ ",
+            "ENV=",
+            &home,
+            &native,
+        ],
+        &dir.path().join("pi-shell"),
+        &c.url(),
+        Some(&c.registration_token()),
+        opts,
+    );
+    let id = w.wait_id();
+    wait_for("worker online", SECS(20), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+
+    let mut b = signed_in_on(&c, "alerts");
+
+    // The emulator alone: 10×4, fed escape sequences, its screen text.
+    let v = b.cmd(
+        "POST",
+        "/execute/async",
+        Some(json!({"args": [], "script": r#"
+            const done = arguments[arguments.length - 1];
+            import('/assets/terminal.js').then(({ Term }) => {
+              const el = document.createElement('div');
+              document.body.append(el);
+              const t = new Term(el, { size: [10, 4] }), out = [];
+              const step = (s) => { t.write(s); out.push(t.text()); };
+              step('abcdefghijKL\r\nline2');                        // wrap at the margin
+              step('\x1b[2J\x1b[3;4HX\x1b[1;1HA\x1b[3B\x1b[2CB\x1b[A\x1b[GC'); // CUP CUD CUF CUU CHA
+              step('\x1b[1;1H12345\x1b[1;3H\x1b[K\x1b[3;2H\x1b[1J');    // EL 0, ED 1
+              step('\x1b[2J\x1b[H1\r\n2\r\n3\r\n4\x1b[2;3r\x1b[3;1H\n\x1b[r'); // scroll region
+              step('\x1b[?1049h\x1b[Halt\x1b]0;title\x07\x1b[?1049l');  // alternate screen, OSC
+              step('\x1b[H\x1b[2Pz\x1b[1;1H\x1b[2@\x1b[31mr\x1b[0m');  // DCH ICH SGR
+              t.render();
+              out.push(el.querySelector('span.f1').textContent);
+              el.remove();
+              done(out);
+            }, (e) => done('import failed: ' + e));
+        "#})),
+    );
+    assert_eq!(
+        v,
+        json!([
+            "abcdefghij\nKL\nline2\n",
+            "A\n\nC  X\n   B",
+            "\n\n   X\n   B",
+            "1\n3\n\n4",
+            "1\n3\n\n4",
+            "r z\n3\n\n4",
+            "r"
+        ]),
+        "{v:#}"
+    );
+
+    // Without the label the conductor refuses; the page says how to allow it.
+    b.goto(&format!("{}/#/workers/{id}", c.https_url()));
+    b.wait(
+        "the worker page",
+        SECS(10),
+        "document.querySelector('#w-name') && document.querySelector('#w-name').textContent === 'pi-shell'",
+    );
+    b.click("#shell-open");
+    b.wait(
+        "the refusal",
+        SECS(15),
+        "document.querySelector('#shell-error').textContent.includes('remote-exec=allow')",
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#shell-term').hidden"),
+        json!(true)
+    );
+    std::thread::sleep(Duration::from_millis(300)); // let the failed load reach the log
+    assert_eq!(b.forgive_failed_load("/shell", 403), 1);
+    let (st, v) = c.put(
+        &format!("/api/v1/workers/{id}/labels"),
+        &json!({"remote-exec": "allow"}),
+    );
+    assert_eq!(st, 200, "{v}");
+
+    // The rows on screen, as text (scrollback and screen).
+    let rows = "[...document.querySelectorAll('#shell-term > div > div')].map(d => d.textContent.trimEnd())";
+    let prompts = format!("{rows}.filter(r => r === 'sh-test$').length");
+    // The shell waits for a command: the last row written is a bare prompt.
+    let idle = format!("{rows}.filter(r => r).pop() === 'sh-test$'");
+    b.click("#shell-open");
+    b.wait(
+        "the prompt",
+        SECS(15),
+        &format!(
+            "document.querySelector('#shell-state').textContent === 'connected' && {prompts} === 1"
+        ),
+    );
+    assert_eq!(b.text("#shell-error"), "");
+    assert_eq!(
+        b.js("return document.activeElement.id"),
+        json!("shell-term")
+    );
+    // WebDriver key events (Enter is U+E007).
+    b.type_into("#shell-term", "echo $((6*7))\u{E007}");
+    b.wait("42", SECS(10), &format!("{rows}.includes('42') && {idle}"));
+    assert!(
+        b.js(&format!("return {rows}"))
+            .to_string()
+            .contains("sh-test$ echo $((6*7))"),
+        "the typed line echoed"
+    );
+    // Ctrl-C (byte 03) interrupts a command.
+    b.type_into("#shell-term", "sleep 60\u{E007}");
+    b.wait(
+        "sleep running",
+        SECS(10),
+        &format!("{rows}.filter(r => r).pop() === 'sh-test$ sleep 60'"),
+    );
+    b.type_into("#shell-term", "\u{E009}c");
+    b.wait("the prompt after Ctrl-C", SECS(10), &idle);
+    b.type_into("#shell-term", "printf '\\033[31mred\\033[0m\\n'\u{E007}");
+    let red = b.wait(
+        "red text in red",
+        SECS(10),
+        "[...document.querySelectorAll('#shell-term span.f1')].filter(s => s.textContent === 'red').map(s => getComputedStyle(s).color)[0]",
+    );
+    assert_eq!(red, json!("rgb(208, 64, 64)"));
+
+    // The terminal's size is the panel's: as the shell sees it, before and
+    // after the window shrinks (a resize frame).
+    let size = "(() => { const r = document.querySelectorAll('#shell-term > div:nth-child(2) > div'); return r.length + ' ' + r[0].textContent.length; })()";
+    let mut last = String::new();
+    for width in [0, 800] {
+        if width > 0 {
+            b.set_window(width, 900);
+        }
+        let want = b.wait(
+            "the terminal's size",
+            SECS(5),
+            &format!("{size} !== '{last}' && {size}"),
+        );
+        let want = want.as_str().unwrap().to_string();
+        last.clone_from(&want);
+        let shown = format!("{rows}.filter(r => r === '{want}').length");
+        let before = b.js(&format!("return {shown}"));
+        b.type_into("#shell-term", "stty size\u{E007}");
+        b.wait(
+            &format!("stty size {want}"),
+            SECS(10),
+            &format!("{shown} > {before}"),
+        );
+    }
+    b.set_window(1280, 900);
+    b.screenshot("shell");
+
+    b.type_into("#shell-term", "exit 3\u{E007}");
+    b.wait(
+        "the outcome",
+        SECS(10),
+        "document.querySelector('#shell-state').textContent === '[exited 3]'",
+    );
+    assert!(
+        b.js(&format!("return {rows}"))
+            .to_string()
+            .contains("[exited 3]"),
+        "the outcome line in the terminal"
+    );
+
+    // A new session, closed while running: hung up, the panel hidden.
+    b.click("#shell-open");
+    b.wait(
+        "a new prompt",
+        SECS(15),
+        &format!(
+            "document.querySelector('#shell-state').textContent === 'connected' && {prompts} === 1"
+        ),
+    );
+    b.click("#shell-close");
+    b.wait(
+        "the panel closed",
+        SECS(5),
+        "document.querySelector('#shell-panel').hidden && document.activeElement.id === 'shell-open'",
+    );
+
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "browser console errors: {errors:#?}");
+    drop(w);
+    println!("shell panel test: {:?}", started.elapsed());
 }
