@@ -1,5 +1,5 @@
 // The settings page (#/settings): registration token, API tokens, the admin
-// password, the MQTT observer login.
+// password, the MQTT observer login, the remote exec and shell audit.
 import { $, add, api, AuthError, copy, dash, enc, fmt, focusHeading, h, setText, toast } from './core.js';
 
 // A read-only field with a Copy button, for a secret shown once.
@@ -51,6 +51,11 @@ export function settingsView(view) {
             field('pw-again', 'New password again', 'password', 'new-password')),
           h('div', { class: 'row' }, h('button', { type: 'submit', class: 'primary', text: 'Change password' })),
           h('p', { id: 'pw-msg', role: 'status' }))),
+      h('section', { class: 'panel', 'aria-labelledby': 'audit-h' },
+        h('h2', { id: 'audit-h', text: 'Remote exec and shell sessions' }),
+        h('p', { class: 'muted', text: 'Every remote command and shell, newest first (the last 50): who ran what on which worker, and how it ended.' }),
+        h('table', { id: 'exec-audit' }, h('thead', {}, h('tr', {}, ['Started', 'Kind', 'Worker', 'Who', 'Command', 'Outcome', 'Exit', 'Bytes'].map((t) => h('th', { text: t })))),
+          h('tbody', { id: 'exec-audit-body' }))),
       h('section', { class: 'panel', 'aria-labelledby': 'mq-h' },
         h('h2', { id: 'mq-h', text: 'MQTT' }),
         h('p', { class: 'muted', text: 'Read-only observer login for MQTT Explorer (embedded broker).' }),
@@ -68,7 +73,18 @@ async function loadSettings() {
   setText($('#reg-created'), reg.created_ms ? fmt.time(reg.created_ms) : 'at first start');
   const rows = [['Broker', mq.url], ['Username', mq.observer_username || dash], ['Password', mq.observer_password || dash], ['Topics', mq.json_mirror]];
   $('#mqtt').replaceChildren(...rows.flatMap(([k, v]) => [h('dt', { text: k }), h('dd', { class: 'mono', text: v || dash })]));
-  await loadTokens();
+  await Promise.all([loadTokens(), loadAudit()]);
+}
+async function loadAudit() {
+  const r = await api('GET', '/exec-sessions?limit=50');
+  const list = r.sessions || [];
+  $('#exec-audit-body').replaceChildren(...(list.length ? list.map((x) => h('tr', { 'data-session': x.id },
+    h('td', { text: fmt.time(x.started_ms) }), h('td', { text: x.kind }),
+    h('td', {}, h('a', { href: '#/workers/' + enc(x.worker_id), text: x.worker_id })),
+    h('td', { text: x.token_name }),
+    h('td', { class: 'mono', text: (x.argv || []).join(' ') || (x.kind === 'shell' ? '(login shell)' : dash) }),
+    h('td', { text: x.outcome }), h('td', { text: x.exit_code ?? dash }), h('td', { text: x.bytes_out }))) :
+    [h('tr', {}, h('td', { colspan: '8', class: 'muted', text: 'No remote sessions yet.' }))]));
 }
 async function loadTokens() {
   const r = await api('GET', '/tokens');

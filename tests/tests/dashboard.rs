@@ -1683,6 +1683,16 @@ fn shell_panel_in_a_real_browser() {
         "document.querySelector('#shell-panel').hidden && document.activeElement.id === 'shell-open'",
     );
 
+    // Both sessions are in the audit on the settings page, the newest first.
+    b.goto(&format!("{}/#/settings", c.url()));
+    b.wait(
+        "the audit on the settings page",
+        SECS(15),
+        "(() => { const r = [...document.querySelectorAll('#exec-audit-body tr')].map((tr) => tr.textContent); \
+         return r.length >= 2 && r[0].includes('shell') && r[0].includes('(login shell)') \
+         && r.some((t) => t.includes('exited') && t.includes('admin')); })()",
+    );
+
     let errors = b.console_errors();
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");
     drop(w);
