@@ -129,6 +129,35 @@ pub fn parse_amz_date(s: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + sec)).ok()
 }
 
+/// Parses an HTTP date in the IMF-fixdate form `http_date` writes
+/// (`Fri, 24 May 2013 00:00:00 GMT`, the form S3 clients send in
+/// `If-Modified-Since`); `None` for anything else.
+pub fn parse_http_date(s: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let rest = s.trim().split_once(", ")?.1;
+    let mut it = rest.split(' ');
+    let (d, mo, y, hms, zone) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    if zone != "GMT" || it.next().is_some() || d.len() != 2 || y.len() != 4 || hms.len() != 8 {
+        return None;
+    }
+    let mo = u32::try_from(MONTHS.iter().position(|m| *m == mo)? + 1).ok()?;
+    let digits = |t: &str| {
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse::<u32>().ok())?
+    };
+    let (d, y) = (digits(d)?, digits(y)?);
+    let mut t = hms.split(':');
+    let (h, mi, sec) = (digits(t.next()?)?, digits(t.next()?)?, digits(t.next()?)?);
+    if !(1970..=9999).contains(&y) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let days = days_from_civil(i64::from(y), mo, d);
+    u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + sec)).ok()
+}
+
 /// Now, Unix seconds.
 pub fn now() -> u64 {
     std::time::SystemTime::now()
@@ -141,6 +170,27 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
+
+    #[test]
+    fn http_dates_round_trip_and_bad_ones_are_none() {
+        for secs in [0, 1_369_353_600, 1_764_201_600, 4_102_444_799] {
+            assert_eq!(parse_http_date(&http_date(secs)), Some(secs));
+        }
+        assert_eq!(
+            parse_http_date("Fri, 24 May 2013 00:00:00 GMT"),
+            Some(1_369_353_600)
+        );
+        for bad in [
+            "",
+            "24 May 2013 00:00:00 GMT",
+            "Fri, 24 May 2013 00:00:00 UTC",
+            "Fri, 24 Foo 2013 00:00:00 GMT",
+            "Fri, 24 May 2013 25:00:00 GMT",
+            "Friday, 24-May-13 00:00:00 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn formats_and_round_trips() {

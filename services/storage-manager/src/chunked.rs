@@ -12,12 +12,12 @@
 //!   be staged, but the error comes before the end of the body, so nothing
 //!   is committed). A signed trailer's `x-amz-trailer-signature` is
 //!   verified.
-//! * [`Crc32`] / [`ChecksumCheck`]: `x-amz-checksum-crc32` and
-//!   `x-amz-checksum-crc32c`, sent as a header or as an aws-chunked trailer,
-//!   are verified against the decoded body (a mismatch is a
-//!   [`ChecksumMismatch`], S3's `BadDigest`). Other algorithms (SHA-1,
-//!   SHA-256, CRC64NVME) are accepted unverified: the signed SHA-256 or chunk
-//!   signatures and the stored MD5 still cover the body, except for
+//! * [`BodyDigest`] / [`ChecksumCheck`]: `x-amz-checksum-crc32`,
+//!   `-crc32c`, `-sha1` and `-sha256`, sent as a header or as an aws-chunked
+//!   trailer, and `Content-MD5` are verified against the decoded body (a
+//!   mismatch is a [`ChecksumMismatch`], S3's `BadDigest`). CRC64NVME is
+//!   accepted unverified: the signed SHA-256 or chunk signatures and the
+//!   stored MD5 still cover the body, except for
 //!   `STREAMING-UNSIGNED-PAYLOAD-TRAILER` with such a checksum.
 //!
 //! Errors are `std::io::Error`s wrapping a [`SigError`] (or `InvalidData`
@@ -83,12 +83,73 @@ impl Crc32 {
     }
 }
 
-/// Verifies a header checksum (`x-amz-checksum-crc32[c]`) at the end of the body.
+/// A digest of the body, for an `x-amz-checksum-<name>` algorithm or
+/// `Content-MD5`.
+pub enum BodyDigest {
+    /// `crc32`, `crc32c`.
+    Crc(Crc32),
+    /// `Content-MD5`.
+    Md5(md5::Md5),
+    /// `sha1`.
+    Sha1(sha1::Sha1),
+    /// `sha256`.
+    Sha256(Sha256),
+}
+
+impl std::fmt::Debug for BodyDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BodyDigest::Crc(_) => "BodyDigest::Crc",
+            BodyDigest::Md5(_) => "BodyDigest::Md5",
+            BodyDigest::Sha1(_) => "BodyDigest::Sha1",
+            BodyDigest::Sha256(_) => "BodyDigest::Sha256",
+        })
+    }
+}
+
+impl BodyDigest {
+    /// For an `x-amz-checksum-<name>` algorithm name, or `md5` for
+    /// `Content-MD5`; `None` if unsupported.
+    pub fn for_algorithm(name: &str) -> Option<BodyDigest> {
+        Some(match name {
+            "md5" | "Content-MD5" => BodyDigest::Md5(md5::Md5::new()),
+            "sha1" => BodyDigest::Sha1(sha1::Sha1::new()),
+            "sha256" => BodyDigest::Sha256(Sha256::new()),
+            _ => BodyDigest::Crc(Crc32::for_algorithm(name)?),
+        })
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            BodyDigest::Crc(c) => c.update(data),
+            BodyDigest::Md5(d) => d.update(data),
+            BodyDigest::Sha1(d) => d.update(data),
+            BodyDigest::Sha256(d) => d.update(data),
+        }
+    }
+
+    /// The digest as S3 sends it: base64 of the raw bytes (big-endian for
+    /// a CRC).
+    pub fn base64(&self) -> String {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        match self {
+            BodyDigest::Crc(c) => c.base64(),
+            BodyDigest::Md5(d) => b64(&d.clone().finalize()),
+            BodyDigest::Sha1(d) => b64(&d.clone().finalize()),
+            BodyDigest::Sha256(d) => b64(&d.clone().finalize()),
+        }
+    }
+}
+
+/// Verifies a header checksum (`x-amz-checksum-*`, `Content-MD5`) at the
+/// end of the body.
 #[derive(Debug)]
 pub struct ChecksumCheck<R> {
     inner: R,
     name: String,
-    crc: Crc32,
+    crc: BodyDigest,
     expected: String,
     done: bool,
 }
@@ -96,7 +157,7 @@ pub struct ChecksumCheck<R> {
 impl<R> ChecksumCheck<R> {
     /// Wraps `inner`; `None` if the algorithm is not verified.
     pub fn new(inner: R, name: &str, expected: &str) -> Result<Self, R> {
-        match Crc32::for_algorithm(name) {
+        match BodyDigest::for_algorithm(name) {
             Some(crc) => Ok(ChecksumCheck {
                 inner,
                 name: name.to_string(),
@@ -192,7 +253,7 @@ pub struct AwsChunked<R> {
     chunk_sig: Option<String>,
     hasher: Sha256,
     finished: bool,
-    checksum: Option<(String, Crc32)>,
+    checksum: Option<(String, BodyDigest)>,
 }
 
 impl<R: BufRead> AwsChunked<R> {
@@ -203,7 +264,7 @@ impl<R: BufRead> AwsChunked<R> {
             .map(|h| h.trim().to_ascii_lowercase())
             .and_then(|h| h.strip_prefix("x-amz-checksum-").map(str::to_string))
         {
-            self.checksum = Crc32::for_algorithm(&name).map(|c| (name, c));
+            self.checksum = BodyDigest::for_algorithm(&name).map(|c| (name, c));
         }
         self
     }
@@ -381,6 +442,38 @@ mod tests {
     }
 
     #[test]
+    fn md5_sha1_and_sha256_are_verified() {
+        // Known digests of "abc" (RFC 1321, FIPS 180), base64 as S3 sends them.
+        for (name, hex) in [
+            ("md5", "900150983cd24fb0d6963f7d28e17f72"),
+            ("sha1", "a9993e364706816aba3e25717850c26c9cd0d89d"),
+            (
+                "sha256",
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            ),
+        ] {
+            let raw: Vec<u8> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            let want = B64.encode(raw);
+            let mut d = BodyDigest::for_algorithm(name).unwrap();
+            d.update(b"a");
+            d.update(b"bc");
+            assert_eq!(d.base64(), want, "{name}");
+            let ok = ChecksumCheck::new(&b"abc"[..], name, &want).unwrap();
+            assert_eq!(std::io::read_to_string(ok).unwrap(), "abc");
+            let bad = ChecksumCheck::new(&b"abd"[..], name, &want).unwrap();
+            let e = std::io::read_to_string(bad).unwrap_err();
+            assert!(
+                e.get_ref()
+                    .and_then(|i| i.downcast_ref::<ChecksumMismatch>())
+                    .is_some(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn crc_vectors() {
         // The standard check values of "123456789".
         let mut c = Crc32::for_algorithm("crc32").unwrap();
@@ -391,6 +484,7 @@ mod tests {
         c.update(b"56789");
         assert_eq!(c.base64(), B64.encode(0xE306_9283u32.to_be_bytes()));
         assert!(Crc32::for_algorithm("sha1").is_none());
+        assert!(BodyDigest::for_algorithm("crc64nvme").is_none());
         let ok = ChecksumCheck::new(&b"123456789"[..], "crc32", "y/Q5Jg==").unwrap();
         assert_eq!(std::io::read_to_string(ok).unwrap(), "123456789");
         let bad = ChecksumCheck::new(&b"123456780"[..], "crc32", "y/Q5Jg==").unwrap();

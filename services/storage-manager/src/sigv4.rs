@@ -59,6 +59,10 @@ pub enum SigError {
     /// The body does not match `x-amz-content-sha256`.
     #[error("the body does not match x-amz-content-sha256")]
     PayloadMismatch,
+    /// Signed with Signature Version 2 (`Authorization: AWS key:sig`, or a
+    /// presigned URL with `AWSAccessKeyId` and `Signature`).
+    #[error("Signature Version 2 is not supported: sign with Signature Version 4 (AWS4-HMAC-SHA256), e.g. `aws configure set default.s3.signature_version s3v4`, boto3 Config(signature_version=\"s3v4\"), `mc` and rclone use it by default")]
+    V2,
 }
 
 /// How the body of a verified request is to be read.
@@ -172,7 +176,12 @@ pub fn verify(
     secret_of: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Verified, SigError> {
     if let Some(auth) = req.header("authorization") {
+        if auth.trim_start().starts_with("AWS ") {
+            return Err(SigError::V2);
+        }
         verify_header(req, auth, now, secret_of)
+    } else if req.query("AWSAccessKeyId").is_some() && req.query("Signature").is_some() {
+        Err(SigError::V2)
     } else if req.query("X-Amz-Signature").is_some() || req.query("X-Amz-Algorithm").is_some() {
         verify_presigned(req, now, secret_of)
     } else {
@@ -463,6 +472,15 @@ mod tests {
             ..view
         };
         assert_eq!(verify(&anon, t, &secret).unwrap_err(), SigError::Missing);
+        let v2 = [(
+            "authorization".to_string(),
+            "AWS AKIDEXAMPLE:frJIUN8DYpKDtOLCwo//yllqDzg=".to_string(),
+        )];
+        let view_v2 = RequestView {
+            headers: &v2,
+            ..view
+        };
+        assert_eq!(verify(&view_v2, t, &secret).unwrap_err(), SigError::V2);
         for bad in [
             "AWS4-HMAC-SHA256 garbage",
             "Basic abc",

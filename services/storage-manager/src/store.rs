@@ -59,6 +59,21 @@ pub const MAX_PARTS: u32 = 10_000;
 /// Largest user metadata (`x-amz-meta-*` names and values), bytes.
 pub const MAX_USER_META: usize = 2048;
 
+/// The condition of a write (`If-None-Match: *`, `If-Match` on PUT and
+/// CompleteMultipartUpload), checked under the index lock at commit, so two
+/// writers racing for a create-only key cannot both win.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PutIf {
+    /// Unconditional.
+    #[default]
+    Always,
+    /// Only if no object has the key (`If-None-Match: *`).
+    Absent,
+    /// Only if the object's ETag is this one (`If-Match`, without quotes;
+    /// `*` = any existing object).
+    Matches(String),
+}
+
 /// Size limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -130,6 +145,9 @@ pub enum StoreError {
     /// Parts not in ascending order.
     #[error("the parts are not in ascending order")]
     InvalidPartOrder,
+    /// A conditional write's precondition did not hold; nothing changed.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// Part number out of range.
     #[error("part numbers are 1 to {MAX_PARTS}")]
     InvalidPartNumber,

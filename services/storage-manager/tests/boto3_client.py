@@ -75,6 +75,46 @@ check(got["Metadata"].get("colour") == "blue", "user metadata kept")
 check(error_code(lambda: s3.put_object(Bucket=bucket, Key="bad-crc", Body=b"abc", ChecksumCRC32="AAAAAA==")) == "BadDigest", "wrong x-amz-checksum-crc32 -> BadDigest")
 check(error_code(lambda: s3.head_object(Bucket=bucket, Key="bad-crc")) == "404", "BadDigest stored nothing")
 
+# Digests: Content-MD5 and every x-amz-checksum-* a client sends are checked.
+import base64
+b64 = lambda d: base64.b64encode(d).decode()
+check(error_code(lambda: s3.put_object(Bucket=bucket, Key="bad-md5", Body=b"abc", ContentMD5=b64(hashlib.md5(b"abd").digest()))) == "BadDigest", "wrong Content-MD5 -> BadDigest")
+check(error_code(lambda: s3.put_object(Bucket=bucket, Key="bad-md5", Body=b"abc", ContentMD5="not-base64!")) == "InvalidDigest", "malformed Content-MD5 -> InvalidDigest")
+s3.put_object(Bucket=bucket, Key="good-md5", Body=b"abc", ContentMD5=b64(hashlib.md5(b"abc").digest()))
+check(s3.get_object(Bucket=bucket, Key="good-md5")["Body"].read() == b"abc", "right Content-MD5 stored")
+for alg, arg, fn in [("sha256", "ChecksumSHA256", hashlib.sha256), ("sha1", "ChecksumSHA1", hashlib.sha1)]:
+    check(error_code(lambda: s3.put_object(Bucket=bucket, Key="bad-" + alg, Body=b"abc", **{arg: b64(fn(b"abd").digest())})) == "BadDigest", "wrong x-amz-checksum-%s -> BadDigest" % alg)
+    s3.put_object(Bucket=bucket, Key="good-" + alg, Body=b"abc", **{arg: b64(fn(b"abc").digest())})
+    check(s3.get_object(Bucket=bucket, Key="good-" + alg)["Body"].read() == b"abc", "right x-amz-checksum-%s stored" % alg)
+check(error_code(lambda: s3.head_object(Bucket=bucket, Key="bad-md5")) == "404", "BadDigest stored nothing (Content-MD5)")
+
+# Conditional writes: create-only and compare-and-swap.
+s3.put_object(Bucket=bucket, Key="lock", Body=b"first", IfNoneMatch="*")
+check(error_code(lambda: s3.put_object(Bucket=bucket, Key="lock", Body=b"second", IfNoneMatch="*")) == "PreconditionFailed", "If-None-Match: * on an existing key -> PreconditionFailed")
+check(s3.get_object(Bucket=bucket, Key="lock")["Body"].read() == b"first", "the create-only PUT left the object alone")
+etag = s3.head_object(Bucket=bucket, Key="lock")["ETag"]
+check(error_code(lambda: s3.put_object(Bucket=bucket, Key="lock", Body=b"x", IfMatch='"0123"')) == "PreconditionFailed", "If-Match with another ETag -> PreconditionFailed")
+s3.put_object(Bucket=bucket, Key="lock", Body=b"third", IfMatch=etag)
+check(s3.get_object(Bucket=bucket, Key="lock")["Body"].read() == b"third", "If-Match with the ETag replaced it")
+check(error_code(lambda: s3.put_object(Bucket=bucket, Key="never-there", Body=b"x", IfMatch=etag)) == "NoSuchKey", "If-Match on a missing key -> NoSuchKey")
+
+# Conditional reads: 304 and 412 as S3 answers them.
+import datetime
+etag = s3.head_object(Bucket=bucket, Key="lock")["ETag"]
+later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+earlier = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="lock", IfNoneMatch=etag)) == "304", "GET If-None-Match the ETag -> 304")
+check(error_code(lambda: s3.head_object(Bucket=bucket, Key="lock", IfNoneMatch=etag)) == "304", "HEAD If-None-Match the ETag -> 304")
+check(s3.get_object(Bucket=bucket, Key="lock", IfNoneMatch='"other"')["Body"].read() == b"third", "GET If-None-Match another ETag -> 200")
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="lock", IfMatch='"other"')) == "PreconditionFailed", "GET If-Match another ETag -> PreconditionFailed")
+check(error_code(lambda: s3.head_object(Bucket=bucket, Key="lock", IfMatch='"other"')) == "412", "HEAD If-Match another ETag -> 412")
+check(s3.get_object(Bucket=bucket, Key="lock", IfMatch=etag)["Body"].read() == b"third", "GET If-Match the ETag -> 200")
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="lock", IfModifiedSince=later)) == "304", "GET If-Modified-Since tomorrow -> 304")
+check(s3.get_object(Bucket=bucket, Key="lock", IfModifiedSince=earlier)["Body"].read() == b"third", "GET If-Modified-Since 2000 -> 200")
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="lock", IfUnmodifiedSince=earlier)) == "PreconditionFailed", "GET If-Unmodified-Since 2000 -> PreconditionFailed")
+check(s3.get_object(Bucket=bucket, Key="lock", IfMatch=etag, IfUnmodifiedSince=earlier)["Body"].read() == b"third", "If-Match wins over If-Unmodified-Since")
+check(error_code(lambda: s3.get_object(Bucket=bucket, Key="lock", IfNoneMatch=etag, IfModifiedSince=earlier)) == "304", "If-None-Match wins over If-Modified-Since")
+
 big = os.urandom(5 * 1024 * 1024 + 12345)
 r = s3.put_object(Bucket=bucket, Key="dir/big.bin", Body=big)
 check(r["ETag"] == '"%s"' % hashlib.md5(big).hexdigest(), "multi-MB PUT ETag is the MD5")
@@ -159,6 +199,19 @@ check(weird in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="odd"
 import urllib.request
 url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "small.txt"}, ExpiresIn=300)
 check(urllib.request.urlopen(url).read() == small, "presigned GET")
+
+# A Signature Version 2 presigned URL is refused with the reason, not "not signed".
+import urllib.error
+v2 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                  region_name="us-east-1", config=Config(signature_version="s3", s3={"addressing_style": "path"}))
+url2 = v2.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "lock"}, ExpiresIn=300)
+try:
+    urllib.request.urlopen(url2).read()
+    check(False, "a SigV2 presigned URL is refused")
+except urllib.error.HTTPError as e:
+    text = e.read().decode()
+    check(e.code == 400 and "<Code>InvalidRequest</Code>" in text and "Signature Version 4" in text,
+          "SigV2 presigned URL -> 400 InvalidRequest naming Signature Version 4 (%d %s)" % (e.code, text[:200]))
 
 # Wrong secret.
 bad = client(secret="not-the-right-secret")

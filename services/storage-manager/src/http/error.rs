@@ -72,6 +72,7 @@ impl StoreError {
             StoreError::NoSuchUpload(_) => ("NoSuchUpload", 404),
             StoreError::InvalidPart(_) => ("InvalidPart", 400),
             StoreError::InvalidPartOrder => ("InvalidPartOrder", 400),
+            StoreError::PreconditionFailed(_) => ("PreconditionFailed", 412),
             StoreError::InvalidPartNumber => ("InvalidArgument", 400),
             StoreError::Kms(_) => ("ServiceUnavailable", 503),
             StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::Random(_) => {
@@ -92,6 +93,7 @@ impl SigError {
             SigError::Skewed => ("RequestTimeTooSkewed", 403),
             SigError::Expired => ("AccessDenied", 403),
             SigError::PayloadMismatch => ("XAmzContentSHA256Mismatch", 400),
+            SigError::V2 => ("InvalidRequest", 400),
         }
     }
 }

@@ -1,5 +1,15 @@
 //! Object handlers: Put/Get/Head/Delete/CopyObject, with `Range` on GET;
 //! the multipart requests go on to [`super::multipart`].
+//!
+//! Conditional requests as S3 answers them: GET and HEAD take `If-Match`
+//! and `If-Unmodified-Since` (412 `PreconditionFailed` when they fail),
+//! `If-None-Match` and `If-Modified-Since` (304 with the object's headers,
+//! no body); `If-Match` wins over `If-Unmodified-Since` and `If-None-Match`
+//! over `If-Modified-Since` (RFC 9110 §13.2.2). PUT takes
+//! `If-None-Match: *` (create only: 412 when the key exists) and
+//! `If-Match: <etag>` (412 when the object changed, 404 when it is gone),
+//! checked when the object is committed, so of two racing create-only PUTs
+//! exactly one wins.
 
 use std::io::Read;
 use std::sync::atomic::Ordering;
@@ -10,7 +20,77 @@ use super::error::{s3err, S3Err};
 use super::request::Ctx;
 use super::{multipart, Body, Reply, NS, VERIFIED_GET};
 use crate::sigv4;
-use crate::store::Trailer;
+use crate::store::{PutIf, Trailer};
+
+/// The ETags of an `If-Match`/`If-None-Match` value: `*`, or a list of
+/// (possibly weak) quoted tags; compared without quotes.
+fn etag_list(h: &str) -> Vec<&str> {
+    h.split(',')
+        .map(|t| {
+            let t = t.trim();
+            let t = t.strip_prefix("W/").unwrap_or(t);
+            t.trim_matches('"')
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn etag_matches(h: &str, etag: &str) -> bool {
+    etag_list(h).iter().any(|t| *t == "*" || *t == etag)
+}
+
+/// GET/HEAD preconditions against the object: `Ok(true)` to answer 304,
+/// `Err` 412, `Ok(false)` to answer normally. Unparseable dates are
+/// ignored, as S3 does.
+fn read_preconditions(ctx: &Ctx<'_>, t: &Trailer) -> Result<bool, S3Err> {
+    let failed = |what: &str| {
+        s3err(
+            412,
+            "PreconditionFailed",
+            format!("{what} does not hold for the object (ETag \"{}\")", t.etag),
+        )
+    };
+    let date = |name: &str| ctx.header(name).and_then(timefmt::parse_http_date);
+    match ctx.header("if-match") {
+        Some(h) if !etag_matches(h, &t.etag) => return Err(failed("If-Match")),
+        Some(_) => {}
+        None => {
+            if date("if-unmodified-since").is_some_and(|d| t.modified > d) {
+                return Err(failed("If-Unmodified-Since"));
+            }
+        }
+    }
+    Ok(match ctx.header("if-none-match") {
+        Some(h) => etag_matches(h, &t.etag),
+        None => date("if-modified-since").is_some_and(|d| t.modified <= d),
+    })
+}
+
+/// A PUT's condition (`If-None-Match: *`, `If-Match`).
+fn write_condition(ctx: &Ctx<'_>) -> Result<PutIf, S3Err> {
+    match (ctx.header("if-none-match"), ctx.header("if-match")) {
+        (None, None) => Ok(PutIf::Always),
+        (Some(h), None) if h.trim() == "*" => Ok(PutIf::Absent),
+        (Some(_), None) => Err(s3err(
+            501,
+            "NotImplemented",
+            "If-None-Match on a write takes only * (create the object only if the key is free)",
+        )),
+        (None, Some(h)) => match etag_list(h)[..] {
+            [one] => Ok(PutIf::Matches(one.to_string())),
+            _ => Err(s3err(
+                400,
+                "InvalidArgument",
+                "If-Match on a write takes one ETag",
+            )),
+        },
+        (Some(_), Some(_)) => Err(s3err(
+            400,
+            "InvalidArgument",
+            "If-None-Match and If-Match cannot both be given on a write",
+        )),
+    }
+}
 
 /// Parses a `Range` header against `size`: `Ok(None)` for no (or an
 /// unsupported multi-) range, else the inclusive-exclusive range.
@@ -146,8 +226,9 @@ pub(super) fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Re
         "PUT" if ctx.header("x-amz-copy-source").is_some() => copy_object(ctx, bucket, key),
         "PUT" => {
             let (ct, meta) = (ctx.content_type(), ctx.user_meta());
+            let cond = write_condition(ctx)?;
             let (mut body, len) = ctx.checked_body()?;
-            let e = store.put_object(bucket, key, &mut body, len, ct, meta)?;
+            let e = store.put_object_if(bucket, key, &mut body, len, ct, meta, &cond)?;
             svc.stats.puts.fetch_add(1, Ordering::Relaxed);
             svc.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
             Ok(Reply::empty(200).header("ETag", format!("\"{}\"", e.etag)))
@@ -168,6 +249,11 @@ pub(super) fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Re
         "GET" | "HEAD" => {
             let obj = store.open_object(bucket, key)?;
             let t = obj.trailer.clone();
+            if read_preconditions(ctx, &t)? {
+                let mut r = object_headers(Reply::empty(304), &t);
+                r.body = Body::Length(0);
+                return Ok(r);
+            }
             let range = parse_range(ctx.header("range"), t.size)?;
             let (start, end) = range.unwrap_or((0, t.size));
             let mut r = object_headers(Reply::empty(if range.is_some() { 206 } else { 200 }), &t);
@@ -220,6 +306,15 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
     use super::*;
+
+    #[test]
+    fn etag_lists() {
+        assert!(etag_matches("\"abc\"", "abc"));
+        assert!(etag_matches("W/\"x\", \"abc\"", "abc"));
+        assert!(etag_matches("*", "abc"));
+        assert!(!etag_matches("\"abd\"", "abc"));
+        assert!(!etag_matches("", "abc"));
+    }
 
     #[test]
     fn ranges() {

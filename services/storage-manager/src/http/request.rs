@@ -127,9 +127,20 @@ impl Ctx<'_> {
                 .filter(|a| *a != "mode" && *a != "algorithm" && *a != "type")
                 .map(|a| (a.to_string(), v.clone()))
         });
+        let md5 = match self.header("content-md5").map(str::trim) {
+            Some(v) => Some(content_md5(v)?),
+            None => None,
+        };
         let (r, len) = self.body()?;
-        Ok(match header {
+        let r = match header {
             Some((alg, value)) => match ChecksumCheck::new(r, &alg, &value) {
+                Ok(c) => Box::new(c),
+                Err(r) => r,
+            },
+            None => r,
+        };
+        Ok(match md5 {
+            Some(v) => match ChecksumCheck::new(r, "Content-MD5", &v) {
                 Ok(c) => (Box::new(c), len),
                 Err(r) => (r, len),
             },
@@ -167,5 +178,19 @@ impl Ctx<'_> {
 
     pub(super) fn content_type(&self) -> Option<String> {
         self.header("content-type").map(str::to_string)
+    }
+}
+
+/// A `Content-MD5` value (base64 of the 16 digest bytes), normalised;
+/// S3's `InvalidDigest` when it is not one.
+fn content_md5(v: &str) -> Result<String, S3Err> {
+    use base64::Engine as _;
+    match base64::engine::general_purpose::STANDARD.decode(v) {
+        Ok(b) if b.len() == 16 => Ok(base64::engine::general_purpose::STANDARD.encode(b)),
+        _ => Err(s3err(
+            400,
+            "InvalidDigest",
+            "the Content-MD5 you specified is not valid (base64 of a 16-byte MD5)",
+        )),
     }
 }

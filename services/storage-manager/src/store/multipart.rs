@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::object_file::{hex_decode, open_object};
 use super::{io_err, random, sync_dir, write_file_synced};
-use super::{IndexEntry, Store, StoreError, MAX_PARTS};
+use super::{IndexEntry, PutIf, Store, StoreError, MAX_PARTS};
 use crate::crypt::CHUNK;
 
 /// An in-progress multipart upload.
@@ -205,7 +205,7 @@ impl Store {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::NoSuchUpload(id.into()));
         }
-        self.commit(bucket, key, &tmp, entry.clone())?;
+        self.commit(bucket, key, &tmp, entry.clone(), &PutIf::Always)?;
         let _ = fs::remove_dir_all(&dir);
         let _ = sync_dir(dir.parent().unwrap_or(&self.root));
         Ok(entry)

@@ -10,7 +10,7 @@ use md5::Digest as _;
 use s3::sigv4::hex;
 
 use super::object_file::{open_object, ObjectFile, Stager};
-use super::{io_err, sync_dir, IndexEntry, Store, StoreError};
+use super::{io_err, sync_dir, IndexEntry, PutIf, Store, StoreError};
 use crate::crypt::CHUNK;
 
 /// Listing parameters.
@@ -90,6 +90,7 @@ impl Store {
         key: &str,
         tmp: &Path,
         entry: IndexEntry,
+        cond: &PutIf,
     ) -> Result<(), StoreError> {
         let dest = self.object_path(bucket, key);
         {
@@ -98,6 +99,27 @@ impl Store {
                 let _ = fs::remove_file(tmp);
                 return Err(StoreError::NoSuchBucket(bucket.into()));
             };
+            let now = b.objects.get(key).map(|e| e.etag.as_str());
+            let refused = match (cond, now) {
+                (PutIf::Always, _) => None,
+                (PutIf::Absent, Some(_)) => Some(format!(
+                    "If-None-Match: * and the key {key:?} exists: nothing was written"
+                )),
+                (PutIf::Absent, None) => None,
+                (PutIf::Matches(_), None) => {
+                    let _ = fs::remove_file(tmp);
+                    return Err(StoreError::NoSuchKey(key.into()));
+                }
+                (PutIf::Matches(want), Some(etag)) => (want != "*" && want != etag).then(|| {
+                    format!(
+                        "If-Match {want:?} and the object's ETag is {etag:?}: nothing was written"
+                    )
+                }),
+            };
+            if let Some(why) = refused {
+                let _ = fs::remove_file(tmp);
+                return Err(StoreError::PreconditionFailed(why));
+            }
             if let Err(e) = fs::rename(tmp, &dest) {
                 let _ = fs::remove_file(tmp);
                 return Err(io_err("renaming into", &dest)(e));
@@ -117,13 +139,30 @@ impl Store {
         content_type: Option<String>,
         meta: BTreeMap<String, String>,
     ) -> Result<IndexEntry, StoreError> {
+        self.put_object_if(bucket, key, body, len, content_type, meta, &PutIf::Always)
+    }
+
+    /// [`Store::put_object`] if `cond` holds when it commits
+    /// ([`StoreError::PreconditionFailed`], or `NoSuchKey` for an `If-Match`
+    /// on a missing key, and nothing changed, if not).
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_object_if(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: &mut dyn Read,
+        len: u64,
+        content_type: Option<String>,
+        meta: BTreeMap<String, String>,
+        cond: &PutIf,
+    ) -> Result<IndexEntry, StoreError> {
         Self::check_key(key)?;
         Self::check_meta(&meta)?;
         self.check_bucket(bucket)?;
         let mut st = self.stage_body(body, len, self.limits.max_object_size)?;
         let etag = hex(&std::mem::take(&mut st.md5).finalize());
         let (tmp, entry) = st.finish_as(key.into(), etag, content_type, meta)?;
-        self.commit(bucket, key, &tmp, entry.clone())?;
+        self.commit(bucket, key, &tmp, entry.clone(), cond)?;
         Ok(entry)
     }
 
@@ -246,6 +285,62 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap();
         out
+    }
+
+    #[test]
+    fn of_racing_create_only_writes_exactly_one_wins_and_compare_and_swap_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Store::open(dir.path(), Limits::default(), None).unwrap());
+        s.create_bucket("locks").unwrap();
+        for round in 0..20 {
+            let key = format!("lock-{round}");
+            let wins: Vec<bool> = (0..4u8)
+                .map(|i| {
+                    let (s, key) = (s.clone(), key.clone());
+                    std::thread::spawn(move || {
+                        let data = [i; 64 * 1024];
+                        s.put_object_if(
+                            "locks",
+                            &key,
+                            &mut &data[..],
+                            data.len() as u64,
+                            None,
+                            BTreeMap::new(),
+                            &PutIf::Absent,
+                        )
+                        .map_err(|e| assert!(matches!(e, StoreError::PreconditionFailed(_)), "{e}"))
+                        .is_ok()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect();
+            assert_eq!(
+                wins.iter().filter(|w| **w).count(),
+                1,
+                "round {round}: {wins:?}"
+            );
+        }
+        let first = put(&s, "locks", "cas", b"one");
+        let swap = |etag: &str, data: &[u8]| {
+            s.put_object_if(
+                "locks",
+                "cas",
+                &mut &data[..],
+                data.len() as u64,
+                None,
+                BTreeMap::new(),
+                &PutIf::Matches(etag.into()),
+            )
+        };
+        let second = swap(&first.etag, b"two").unwrap();
+        assert!(matches!(
+            swap(&first.etag, b"three"),
+            Err(StoreError::PreconditionFailed(_))
+        ));
+        assert_eq!(get(&s, "locks", "cas", 0, 3), b"two");
+        assert_eq!(swap(&second.etag, b"four").unwrap().size, 4);
     }
 
     #[test]
