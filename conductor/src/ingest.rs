@@ -60,7 +60,6 @@ pub use crate::frame_check::{check, Reject, Sender};
 use protocol::topic::{Topic, TopicKind};
 use protocol::{Body, Envelope, Metrics};
 use rumqttc::{AsyncClient, QoS};
-use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::state::{now_ms, EventRec, Latest, Shared, Status, StoredMarks, EVENTS_KEPT};
@@ -210,7 +209,7 @@ fn ingest_frame(
         });
     }
     let worker_id = w.id.clone();
-    let mut mirror: Option<(TopicKind, serde_json::Value)> = None;
+    let mirror = crate::mirror::payload(&worker_id, env.seq, received_at_ms, &env.body);
     let mut reconcile_now = false;
     match env.body {
         Body::Birth(birth) => {
@@ -227,10 +226,6 @@ fn ingest_frame(
                 });
             }
             debug!(worker_id = %worker_id, interval_ms = birth.interval_ms, "birth");
-            mirror = Some((
-                TopicKind::JsonBirth,
-                json!({"worker_id": worker_id, "seq": env.seq, "received_at_ms": received_at_ms, "birth": birth}),
-            ));
             w.inventory = Some(birth);
             crate::services::new_session(shared, &worker_id);
             reconcile_now = true;
@@ -245,10 +240,6 @@ fn ingest_frame(
                     rollup: rollup(&m),
                 });
             }
-            mirror = Some((
-                TopicKind::JsonMetrics,
-                json!({"worker_id": worker_id, "seq": env.seq, "received_at_ms": received_at_ms, "metrics": m}),
-            ));
             w.latest = Some(Latest {
                 received_at_ms,
                 seq: env.seq,

@@ -31,6 +31,7 @@ pub mod frame_check;
 pub mod http;
 pub mod ingest;
 pub mod liveness;
+pub mod mirror;
 pub mod mqtt;
 pub mod net;
 pub mod rollout;

@@ -194,10 +194,27 @@ fn enrol_frames_online_metrics_and_commands() {
         let s = seen.lock().unwrap();
         (s.len() >= 2).then(|| s.join("\n"))
     });
-    assert!(
-        mirrored.contains("cpu_total") && mirrored.contains("aarch64"),
-        "{mirrored}"
-    );
+    // Plain units with the unit in the name (docs/mirror/*.schema.json),
+    // not the wire's fixed point.
+    let payloads: Vec<serde_json::Value> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    let m = payloads
+        .iter()
+        .find(|v| v.get("cpu_percent").is_some())
+        .unwrap_or_else(|| panic!("no json/metrics: {mirrored}"));
+    assert_eq!(m["worker_id"], e.id.as_str());
+    assert_eq!(m["cpu_percent"], 12.34);
+    assert_eq!(m["temp_celsius"], 51.5);
+    let b = payloads
+        .iter()
+        .find(|v| v.get("cpu_cores").is_some())
+        .unwrap_or_else(|| panic!("no json/birth: {mirrored}"));
+    assert_eq!(b["arch"], "aarch64");
+    assert!(!mirrored.contains("cpu_total") && !mirrored.contains("millicelsius"));
     assert!(!mirrored.contains(&e.secret.to_hex()));
     // Observer may not impersonate a worker client id.
     assert!(connect(c.started.mqtt_addr, &e.id, "observer", &observer_pw, None).is_err());

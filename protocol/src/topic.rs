@@ -11,8 +11,8 @@
 //! aerekos/v1/<worker_id>/services      ServiceStatus frames, worker -> conductor
 //! aerekos/v1/<worker_id>/logs          LogChunk frames, worker -> conductor (answers Logs)
 //! aerekos/v1/<worker_id>/service-metrics  ServiceMetrics frames, worker -> conductor
-//! aerekos/v1/<worker_id>/json/birth    retained JSON mirror (written by the conductor)
-//! aerekos/v1/<worker_id>/json/metrics  retained JSON mirror (written by the conductor)
+//! aerekos/v1/<worker_id>/json/birth    retained JSON mirror in plain units (written by the conductor)
+//! aerekos/v1/<worker_id>/json/metrics  retained JSON mirror in plain units (written by the conductor)
 //! ```
 //!
 //! Worker ids are restricted to `[a-z0-9-]` so they can never contain MQTT

@@ -46,15 +46,68 @@ fn happy_path_and_forgery_on_an_anonymous_mosquitto() {
         });
     }
 
-    // People browsing the broker read the retained JSON mirror.
+    // People browsing the broker read the retained JSON mirror, in plain
+    // units (docs/mirror/*.schema.json), not the wire's fixed point.
     let anon = MqttClient::connect(mqtt_addr(&broker), "explorer", None).unwrap();
+    let birth_topic = protocol::topic::topic(&ia, TopicKind::JsonBirth);
+    anon.subscribe(&birth_topic);
+    let (_, payload) = anon
+        .recv_until(SECS(10), |t, _| t == birth_topic)
+        .expect("retained JSON birth");
+    let birth: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(birth["worker_id"], ia.as_str(), "{birth}");
+    let cores = birth["cpu_cores"].as_u64().unwrap();
+    assert!(cores >= 1, "{birth}");
+    assert!(birth["memory_total_bytes"].as_u64().unwrap() > 0, "{birth}");
+    assert!(
+        birth["metrics_interval_ms"].as_u64().unwrap() > 0,
+        "{birth}"
+    );
     let json_topic = protocol::topic::topic(&ia, TopicKind::JsonMetrics);
     anon.subscribe(&json_topic);
     let (_, payload) = anon
         .recv_until(SECS(10), |t, _| t == json_topic)
         .expect("retained JSON mirror");
     let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-    assert!(v.to_string().contains("memory_total"), "{v}");
+    assert_eq!(v["worker_id"], ia.as_str(), "{v}");
+    assert!(v["seq"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        v["received_at_ms"].as_u64().unwrap() > 1_700_000_000_000,
+        "{v}"
+    );
+    // cpu_percent is busy time averaged over the cores: a percentage, not
+    // hundredths (the wire's 1250 is 12.5 here).
+    let cpu = v["cpu_percent"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&cpu), "{v}");
+    let per_core = v["cpu_percent_per_core"].as_array().unwrap();
+    assert!(
+        !per_core.is_empty() && per_core.len() as u64 <= cores,
+        "{v}"
+    );
+    for core in per_core {
+        assert!((0.0..=100.0).contains(&core.as_f64().unwrap()), "{v}");
+    }
+    for load in ["load1", "load5", "load15"] {
+        let l = v[load].as_f64().unwrap();
+        assert!((0.0..1000.0).contains(&l), "{load}: {v}");
+    }
+    match &v["temp_celsius"] {
+        serde_json::Value::Null => {} // no thermal zone on this host
+        t => assert!((-40.0..=150.0).contains(&t.as_f64().unwrap()), "{v}"),
+    }
+    let used = v["memory_used_bytes"].as_u64().unwrap();
+    let total = v["memory_total_bytes"].as_u64().unwrap();
+    assert!(0 < used && used <= total, "{v}");
+    assert!(v["uptime_seconds"].as_u64().unwrap() > 0, "{v}");
+    for raw in [
+        "cpu_total",
+        "millicelsius",
+        "\"load\"",
+        "rx_bps",
+        "\"uptime_s\"",
+    ] {
+        assert!(!v.to_string().contains(raw), "raw {raw} in {v}");
+    }
     assert!(
         !v.to_string().contains(&a.secret().to_hex()),
         "no secret in the mirror"
