@@ -74,6 +74,63 @@ fn three_workers_enrol_report_go_offline_on_kill9_and_come_back_with_same_id() {
     assert_eq!(c.workers().len(), 3);
 }
 
+/// `log` without its ANSI colour sequences (`ESC [ … m`).
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// The lines of `log` (without colours) at level ERROR.
+fn error_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains(" ERROR ")).collect()
+}
+
+/// A normal start, an enrolment and a worker reporting is what a new user
+/// sees first: none of it is an error (the broker's readiness probe used to
+/// log `router-drop … client_id="conductor-probe"` at ERROR on every start).
+#[test]
+fn a_normal_start_and_an_enrolment_log_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(&dir.path().join("conductor"));
+    let mut w = Worker::start(
+        &dir.path().join("w"),
+        &c.url(),
+        Some(&c.registration_token()),
+        WorkerOpts::named("first-hour"),
+    );
+    let id = w.wait_id();
+    wait_for("online with metrics", SECS(20), || {
+        online_with_metrics(&c, &id).then_some(())
+    });
+    // A few metrics frames and their acknowledgements.
+    std::thread::sleep(SECS(1));
+    let log = plain(&c.proc.output());
+    assert!(log.contains(" INFO "), "the conductor logs at info: {log}");
+    assert_eq!(
+        error_lines(&log),
+        Vec::<&str>::new(),
+        "conductor log:\n{log}"
+    );
+    let worker_log = plain(&w.proc.output());
+    assert_eq!(
+        error_lines(&worker_log),
+        Vec::<&str>::new(),
+        "worker log:\n{worker_log}"
+    );
+}
+
 #[test]
 fn wrong_registration_token_is_refused_and_leaves_no_record() {
     let dir = tempfile::tempdir().unwrap();

@@ -56,6 +56,10 @@ pub enum Error {
     /// aerekos patch: the authorisation hook refused the will of the CONNECT.
     #[error("Will on {0:?} not authorized")]
     WillNotAuthorized(String),
+    /// aerekos patch: the client sent DISCONNECT, which the router has been
+    /// handed (it ends the connection there): a clean end, not an error.
+    #[error("Client sent DISCONNECT")]
+    ClientDisconnected,
 }
 
 /// aerekos patch: the authorisation hook of a remote link
@@ -281,7 +285,7 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let (len, refused) = {
+                    let (len, refused, disconnect) = {
                         let mut buffer = self.link_tx.buffer();
                         let first = buffer.len();
                         buffer.push_back(packet);
@@ -294,7 +298,12 @@ impl<P: Protocol> RemoteLink<P> {
                             None => None,
                         };
                         read?;
-                        (buffer.len(), refused)
+                        // aerekos patch: a DISCONNECT from the client.
+                        let disconnect = buffer
+                            .iter()
+                            .skip(first)
+                            .any(|p| matches!(p, Packet::Disconnect(..)));
+                        (buffer.len(), refused, disconnect)
                     };
 
                     trace!("Packets read from network, count = {}", len);
@@ -304,6 +313,13 @@ impl<P: Protocol> RemoteLink<P> {
                     // PUBLISH otherwise).
                     if let Some(topic) = refused {
                         return Err(Error::PublishNotAuthorized(topic));
+                    }
+                    // aerekos patch: the router ends the connection at the
+                    // DISCONNECT it was just handed (and drops this link's
+                    // channels, which upstream logged as an ERROR
+                    // "router-drop"); nothing more is sent to the client.
+                    if disconnect {
+                        return Err(Error::ClientDisconnected);
                     }
                 }
                 // Receive from router when previous when state isn't in collision

@@ -704,6 +704,14 @@ async fn remote<P: Protocol>(
         Err(e @ remote::Error::PublishNotAuthorized(_)) => {
             warn!(error=%e, "disconnected");
         }
+        // aerekos patch: a clean end. The router removes the connection at
+        // the DISCONNECT packet itself: another `Event::Disconnect` would
+        // find it gone and log an ERROR ("no-connection id … is already
+        // gone").
+        Err(remote::Error::ClientDisconnected) => {
+            info!("disconnected by the client");
+            send_disconnect = false;
+        }
         // Any other error
         Err(e) => {
             error!(error=?e, "disconnected");
