@@ -212,3 +212,116 @@ fn dashboard_is_served_from_the_binary() {
     let r = agent().get(c.url("/api/v1/health")).call().unwrap();
     assert_eq!(h(&r, "cache-control"), "no-store");
 }
+
+/// One request written by hand on its own connection (`Connection: close`)
+/// and the answer as sent: (status, headers with lower-case names, the
+/// bytes after the head).
+fn by_hand(c: &Conductor, method: &str, path: &str, token: Option<&str>) -> Answer {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(c.started.http_addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(raw[..end].to_vec()).unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: raw[end + 4..].to_vec(),
+    }
+}
+
+/// An answer read by [`by_hand`].
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The headers that describe the body (and must not differ between
+    /// `GET` and `HEAD`).
+    fn entity(&self) -> Vec<Option<&str>> {
+        [
+            "content-type",
+            "content-length",
+            "transfer-encoding",
+            "etag",
+            "cache-control",
+            "www-authenticate",
+        ]
+        .iter()
+        .map(|h| self.header(h))
+        .collect()
+    }
+}
+
+#[test]
+fn head_is_answered_like_get_without_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start(dir.path());
+    let admin = c.admin();
+    for (path, token, status) in [
+        ("/", None, 200),
+        ("/assets/app.js", None, 200),
+        ("/assets/nope.js", None, 404),
+        ("/api/v1/health", None, 200),
+        ("/metrics", None, 200),
+        ("/api/v1/workers", None, 401),
+        ("/api/v1/workers", Some(admin.as_str()), 200),
+        ("/api/v1/services", Some(admin.as_str()), 200),
+        ("/api/v1/nope", Some(admin.as_str()), 404),
+    ] {
+        let get = by_hand(&c, "GET", path, token);
+        let head = by_hand(&c, "HEAD", path, token);
+        assert_eq!(
+            (get.status, head.status),
+            (status, status),
+            "GET and HEAD {path}"
+        );
+        assert!(head.body.is_empty(), "HEAD {path} sent a body");
+        assert!(!get.body.is_empty(), "GET {path} has one");
+        if path != "/metrics" {
+            // The metrics text changes between two requests (their counts).
+            assert_eq!(head.entity(), get.entity(), "headers of HEAD {path}");
+        }
+    }
+    let index = by_hand(&c, "HEAD", "/", None);
+    assert_eq!(
+        index.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    let get = by_hand(&c, "GET", "/", None);
+    assert_eq!(
+        index.header("content-length"),
+        Some(get.body.len().to_string().as_str()),
+        "HEAD / announces the length of the page"
+    );
+}

@@ -8,7 +8,7 @@
 //! | needs | requests |
 //! |---|---|
 //! | `admin` | `/tokens…` (any method), `/registration-token…`, `POST /password`, `POST /workers/{id}/exec`, `POST /workers/{id}/shell`, `/shell-sessions…`, `GET /exec-sessions`, `POST /agent-releases`, `DELETE /agent-releases/…` |
-//! | `viewer` | every other `GET` (log streaming included) |
+//! | `viewer` | every other `GET` or `HEAD` (log streaming included) |
 //! | `operator` | everything else (every other write) |
 //!
 //! An `admin` token may do everything, an `operator` everything that does
@@ -81,6 +81,11 @@ impl Role {
     }
 }
 
+/// `GET` or `HEAD` (a `GET` without the body): what a `viewer` may do.
+fn is_read(method: &Method) -> bool {
+    matches!(method, Method::Get | Method::Head)
+}
+
 /// The role a request needs, from its method and its path segments under
 /// `/api/v1/` (`["workers", "w-1", "exec"]`); the table is in the module
 /// docs. Unknown paths get the role of their method (a route that does not
@@ -93,12 +98,12 @@ pub(crate) fn needed_role(method: &Method, segs: &[&str]) -> Role {
         | ["workers", _, "exec" | "shell", ..]
         | ["shell-sessions", ..]
         | ["exec-sessions", ..] => true,
-        ["agent-releases", ..] => *method != Method::Get,
+        ["agent-releases", ..] => !is_read(method),
         _ => false,
     };
     if admin_only {
         Role::Admin
-    } else if *method == Method::Get {
+    } else if is_read(method) {
         Role::Viewer
     } else {
         Role::Operator
@@ -279,6 +284,21 @@ mod tests {
                 "{m} /api/v1/{path}"
             );
         }
+    }
+
+    #[test]
+    fn head_needs_what_get_needs() {
+        for &(_, path, want) in ROUTES.iter().filter(|r| r.0 == "GET") {
+            assert_eq!(
+                needed_role(&Method::Head, &segs(path)),
+                want,
+                "HEAD /api/v1/{path}"
+            );
+        }
+        assert_eq!(
+            needed_role(&Method::Head, &["agent-releases"]),
+            Role::Viewer
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! `Config::max_artifact_bytes` ([`artifacts`]). The worker download routes
 //! `/api/v1/agent/*` authenticate with `Authorization: Aerekos-Worker`
 //! ([`agent`]), not with a token. Errors are JSON
-//! `{"error": "..."}` with a fitting status code. Every route except
+//! `{"error": "..."}` with a fitting status code. `HEAD` is answered as
+//! `GET` without the body (same status and headers, the same
+//! authorisation). Every route except
 //! `health`, `enroll`, `login`, `logout`, `session` and `/metrics` needs
 //! `Authorization: Bearer <session or API token>` or the `aerekos_session`
 //! cookie that `login` sets (`HttpOnly; SameSite=Strict`), and a token
@@ -168,9 +170,19 @@ fn parse_query(q: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// The request's method for routing: `HEAD` is routed (and authorised) as
+/// `GET`; tiny_http then sends the answer's status and headers without its
+/// body (and [`stream_chunked`] stops after the head).
+fn routed_method(method: &Method) -> Method {
+    match method {
+        Method::Head => Method::Get,
+        m => m.clone(),
+    }
+}
+
 fn request_head(raw: &tiny_http::Request, path: &str, query: &str, ip: IpAddr) -> Req {
     Req {
-        method: raw.method().clone(),
+        method: routed_method(raw.method()),
         path: path.to_string(),
         query: parse_query(query),
         bearer: header(raw, "Authorization")
@@ -413,10 +425,14 @@ fn stream_chunked(
         }
     }
     head.push_str("\r\n");
+    let head_only = *raw.method() == Method::Head;
     let mut w = raw.into_writer();
     let result = (|| -> std::io::Result<()> {
         w.write_all(head.as_bytes())?;
         w.flush()?;
+        if head_only {
+            return Ok(());
+        }
         let mut buf = vec![0u8; 8192];
         loop {
             let n = body.read(&mut buf)?;
