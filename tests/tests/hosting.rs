@@ -113,6 +113,12 @@ fn artifact_service_is_healthy_reads_its_config_streams_logs_and_is_restarted_wh
         "runs the cached artifact, not the original: {}",
         exe.display()
     );
+    // Under the service's name (argv[0] and comm), not the artifact's hash.
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap();
+    assert_eq!(String::from_utf8_lossy(argv0), "probe");
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "probe");
 
     // Secrets never leave through the API, the CLI or the JSON mirror.
     for text in [

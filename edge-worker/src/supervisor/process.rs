@@ -121,7 +121,12 @@ impl Supervisor {
             let instance = instance_id();
             env.push((INSTANCE_ENV.into(), instance.clone()));
             note_spawning(&dir, &instance);
-            launch(&program, p, &env, &dir)
+            // An artifact's path is its SHA-256: run under the service's
+            // name (argv[0], and `comm` through the link) so that `ps` and
+            // `top` tell services apart. A command keeps its own argv[0]
+            // (a multi-call binary such as busybox dispatches on it).
+            let arg0 = matches!(p.program, Program::Artifacts(_)).then_some(name);
+            launch(&program, arg0, p, &env, &dir)
                 .map_err(|e| format!("cannot start {:?}: {e}", program.display()))
         });
         let cgroups = &self.opts.cgroups;
@@ -230,11 +235,18 @@ fn executable(
     }
 }
 
+/// Directory in a service's dir holding the link named after the service
+/// that an artifact service is executed through ([`named_link`]).
+const EXE_DIR: &str = ".exe";
+
 /// Spawns `program` with the manifest's args and working dir and `env` in
 /// its own process group with output to the service's log; returns the
-/// child and its start time (0 if unreadable).
+/// child and its start time (0 if unreadable). With `arg0` (the service's
+/// name) the process gets it as `argv[0]` and is executed through
+/// [`named_link`], so that its `comm` is that name too.
 fn launch(
     program: &Path,
+    arg0: Option<&str>,
     p: &ProcessRuntime,
     env: &[(String, String)],
     dir: &Path,
@@ -243,7 +255,17 @@ fn launch(
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let mut cmd = Command::new(program);
+    let exe = match arg0 {
+        Some(name) => named_link(dir, name, program).unwrap_or_else(|e| {
+            tracing::debug!(service = name, "no link named after the service: {e}");
+            program.to_path_buf()
+        }),
+        None => program.to_path_buf(),
+    };
+    let mut cmd = Command::new(&exe);
+    if let Some(name) = arg0 {
+        cmd.arg0(name);
+    }
     // The worker's own settings (the registration token among them) are
     // not the service's business.
     for (key, _) in std::env::vars_os() {
@@ -278,6 +300,34 @@ fn launch(
     let child = cmd.spawn()?;
     let start_time = proc_start_time(child.id()).unwrap_or(0);
     Ok((child, start_time))
+}
+
+/// `<dir>/.exe/<name>`, a symlink to `target` (replaced atomically): the
+/// kernel names a process (`comm`, what `ps` and `top` show) after the file
+/// it executes, and an artifact's file is named by its SHA-256.
+/// `/proc/<pid>/exe` still resolves to the artifact.
+fn named_link(dir: &Path, name: &str, target: &Path) -> io::Result<PathBuf> {
+    if !protocol::manifest::valid_service_name(name) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a service name",
+        ));
+    }
+    let exe_dir = dir.join(EXE_DIR);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&exe_dir)?;
+    let link = exe_dir.join(name);
+    let tmp = exe_dir.join(format!(".{name}.new"));
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    // A relative target would be read relative to the link's directory.
+    std::os::unix::fs::symlink(std::path::absolute(target)?, &tmp)?;
+    fs::rename(&tmp, &link)?;
+    Ok(link)
 }
 
 /// Sends `sig` to the process group `pgid` (a service's pid); errors (the

@@ -297,6 +297,74 @@ fn loading_a_finished_removal_keeps_the_artifact_of_a_later_entry() {
     assert!(cached.exists(), "b-new's artifact was pruned");
 }
 
+/// The first element of a process's command line and its `comm`.
+fn argv0_and_comm(pid: u32) -> (String, String) {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    (
+        String::from_utf8_lossy(argv0).into_owned(),
+        comm.trim_end().to_string(),
+    )
+}
+
+#[test]
+fn an_artifact_service_runs_under_its_name_and_a_command_under_its_own() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let (u1, u2) = (unique(), unique());
+    let _r = Reaper(vec![u1.clone(), u2.clone()]);
+    // `sleep` as the cached artifact, named by its SHA-256.
+    let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("a sleep binary");
+    let bytes = fs::read(sleep).unwrap();
+    let sha: [u8; 32] = Sha256::digest(&bytes).into();
+    // Loaded first: loading prunes the cached artifacts nothing needs.
+    let mut sup = Supervisor::load(dir.path());
+    let cached = fetch::artifact_path(dir.path(), &sha);
+    fs::create_dir_all(cached.parent().unwrap()).unwrap();
+    fs::write(&cached, &bytes).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&cached, fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let mut m = spec_to_manifest(&spec("sensor-reader", 1, "unused", &[&u1]));
+    if let Runtime::Process(p) = &mut m.runtime {
+        p.program = Program::Artifacts(vec![protocol::manifest::ArtifactRef {
+            arch: std::env::consts::ARCH.to_string(),
+            sha256: sha,
+            size: bytes.len() as u64,
+        }]);
+    }
+    sup.deploy_manifest(m).unwrap();
+    let pid = wait_for(&mut sup, "sensor-reader", "running", running).pid;
+    assert_eq!(
+        argv0_and_comm(pid),
+        ("sensor-reader".into(), "sensor-reader".into()),
+        "ps and top show the service's name, not the artifact's hash"
+    );
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&u1),
+        "its arguments follow"
+    );
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+        fs::canonicalize(&cached).unwrap(),
+        "it runs the cached artifact"
+    );
+    // A command keeps its argv[0] (a multi-call binary dispatches on it).
+    sup.deploy(spec("napper", 1, "sleep", &[&u2])).unwrap();
+    let pid = wait_for(&mut sup, "napper", "running", running).pid;
+    assert_eq!(argv0_and_comm(pid), ("sleep".into(), "sleep".into()));
+    for name in ["sensor-reader", "napper"] {
+        sup.remove(name).unwrap();
+        wait_removed(&mut sup, name);
+    }
+}
+
 #[test]
 fn kill_9_restarts_with_a_new_pid() {
     let dir = tempfile::tempdir().unwrap();
