@@ -825,13 +825,24 @@ fn services_table(v: &Value) -> String {
     t
 }
 
+/// The newest version of a service as `GET /services/{name}` returns it:
+/// the highest `versions[].version` (that answer has no `latest_version`,
+/// which only the list `GET /services` carries).
+fn latest_version(v: &Value) -> Option<u64> {
+    v.get("latest_version").and_then(Value::as_u64).or_else(|| {
+        v.get("versions")?
+            .as_array()?
+            .iter()
+            .filter_map(|e| e.get("version").and_then(Value::as_u64))
+            .max()
+    })
+}
+
 fn service_detail(v: &Value) -> String {
     let mut t = format!(
-        "{} (latest v{})\n",
+        "{} (latest {})\n",
         s(v, "name"),
-        v.get("latest_version")
-            .or_else(|| v.get("version"))
-            .map_or("?".into(), Value::to_string)
+        latest_version(v).map_or("version unknown".into(), |n| format!("v{n}"))
     );
     t.push_str("WORKER             DESIRED     ACTUAL      VERSION  PID      RESTARTS DETAIL\n");
     for w in rows(v, "workers") {
@@ -853,6 +864,32 @@ fn service_detail(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_show_prints_the_latest_version_from_the_versions_list() {
+        // As `GET /api/v1/services/{name}` answers (conductor/src/http/services.rs `get`).
+        let v = serde_json::json!({
+            "name": "probe",
+            "versions": [
+                {"version": 1, "created_ms": 1, "spec": {}},
+                {"version": 3, "created_ms": 3, "spec": {}},
+                {"version": 2, "created_ms": 2, "spec": {}},
+            ],
+            "deployment": null,
+            "rollout": null,
+            "workers": [{"worker_id": "w-1", "desired_state": "running",
+                         "actual": {"state": "running", "version": 3, "pid": 42,
+                                    "restarts": 0, "detail": "running"}}],
+            "untargeted": [],
+            "events": [],
+        });
+        let text = service_detail(&v);
+        assert!(text.starts_with("probe (latest v3)\n"), "{text}");
+        assert!(!text.contains('?'), "{text}");
+        assert!(text.contains("w-1"), "{text}");
+        let none = service_detail(&serde_json::json!({"name": "x", "versions": []}));
+        assert!(none.starts_with("x (latest version unknown)"), "{none}");
+    }
 
     #[test]
     fn pairs_and_escaping() {

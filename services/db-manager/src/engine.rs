@@ -17,7 +17,9 @@
 //!   ([`ALLOWED_PRAGMAS`]) and `user_version`. `SQLITE_LIMIT_ATTACHED` is
 //!   0, which also makes `VACUUM` and `VACUUM INTO 'file'` impossible, and
 //!   `SQLITE_DBCONFIG_DEFENSIVE` is on. A credential for one database
-//!   therefore cannot reach another database's file.
+//!   therefore cannot reach another database's file. A refusal names what
+//!   was refused and why (`refused: PRAGMA journal_mode (…)`, `refused:
+//!   ATTACH (…)`), where SQLite itself says only "not authorized".
 //! * **One statement per request**: trailing statements are refused
 //!   (`rusqlite` prepares the tail and reports it).
 //! * **Timeouts**: a progress handler checks the request's deadline every
@@ -178,6 +180,18 @@ struct Guard {
     deadline: AtomicU64,
     /// Let transaction statements through (db-manager's own BEGIN/COMMIT).
     allow_txn: AtomicBool,
+    /// What the authorizer last refused (`PRAGMA journal_mode`, `ATTACH`,
+    /// …): SQLite itself says only "not authorized". Taken by
+    /// [`classify_in`]; cleared when a request's deadline is set.
+    refused: Mutex<Option<String>>,
+}
+
+impl Guard {
+    /// Notes what was refused and refuses it.
+    fn deny(&self, what: String) -> Authorization {
+        *lock(&self.refused) = Some(what);
+        Authorization::Deny
+    }
 }
 
 /// A client connection with its guard.
@@ -188,26 +202,62 @@ struct Conn {
 }
 
 fn authorize(guard: &Guard, ctx: AuthContext<'_>) -> Authorization {
+    use rusqlite::hooks::TransactionOperation as Op;
+    const TXN: &str = "each request is its own transaction; /batch runs several statements in one";
+    const TEMP: &str = "connections are shared between requests";
     match ctx.action {
-        AuthAction::Attach { .. } | AuthAction::Detach { .. } => Authorization::Deny,
+        AuthAction::Attach { .. } => {
+            guard.deny("ATTACH (a credential reaches its own database only)".into())
+        }
+        AuthAction::Detach { .. } => guard.deny("DETACH".into()),
         AuthAction::Function { function_name } => {
             if function_name.eq_ignore_ascii_case("load_extension") {
-                Authorization::Deny
+                guard.deny("load_extension()".into())
             } else {
                 Authorization::Allow
             }
         }
-        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => {
+        AuthAction::Transaction { operation } => {
             if guard.allow_txn.load(Ordering::Relaxed) {
                 Authorization::Allow
             } else {
-                Authorization::Deny
+                let verb = match operation {
+                    Op::Begin => "BEGIN",
+                    Op::Rollback => "ROLLBACK",
+                    // COMMIT and END (SQLite passes "COMMIT").
+                    _ => "COMMIT",
+                };
+                guard.deny(format!("{verb} ({TXN})"))
             }
         }
-        AuthAction::CreateTempIndex { .. }
-        | AuthAction::CreateTempTable { .. }
-        | AuthAction::CreateTempTrigger { .. }
-        | AuthAction::CreateTempView { .. } => Authorization::Deny,
+        AuthAction::Savepoint {
+            operation,
+            savepoint_name,
+        } => {
+            if guard.allow_txn.load(Ordering::Relaxed) {
+                Authorization::Allow
+            } else {
+                let verb = match operation {
+                    Op::Release => "RELEASE",
+                    Op::Rollback => "ROLLBACK TO",
+                    _ => "SAVEPOINT",
+                };
+                guard.deny(format!("{verb} {} ({TXN})", clip(savepoint_name)))
+            }
+        }
+        AuthAction::CreateTempIndex { index_name, .. } => {
+            guard.deny(format!("CREATE TEMP INDEX {} ({TEMP})", clip(index_name)))
+        }
+        AuthAction::CreateTempTable { table_name } => {
+            guard.deny(format!("CREATE TEMP TABLE {} ({TEMP})", clip(table_name)))
+        }
+        AuthAction::CreateTempTrigger { trigger_name, .. } => guard.deny(format!(
+            "CREATE TEMP TRIGGER {} ({TEMP})",
+            clip(trigger_name)
+        )),
+        AuthAction::CreateTempView { view_name } => {
+            guard.deny(format!("CREATE TEMP VIEW {} ({TEMP})", clip(view_name)))
+        }
         AuthAction::Pragma {
             pragma_name,
             pragma_value,
@@ -228,10 +278,35 @@ fn authorize(guard: &Guard, ctx: AuthContext<'_>) -> Authorization {
             if ok {
                 Authorization::Allow
             } else {
-                Authorization::Deny
+                let how = if pragma_value.is_some() && ALLOWED_PRAGMAS.contains(&name.as_str()) {
+                    "may be read, not set"
+                } else {
+                    "only read-only pragmas and user_version are allowed"
+                };
+                guard.deny(format!("PRAGMA {} ({how})", clip(&name)))
             }
         }
         _ => Authorization::Allow,
+    }
+}
+
+/// A name from the client's SQL, cut to 64 characters for a message.
+fn clip(name: &str) -> String {
+    const MAX: usize = 64;
+    match name.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &name[..i]),
+        None => name.to_string(),
+    }
+}
+
+/// [`classify`] of an error preparing a statement on `guard`'s connection,
+/// with what the sandbox refused in place of SQLite's bare "not
+/// authorized" (a refusal fails the prepare, whatever error SQLite then
+/// reports: SQLITE_AUTH, or an input error for a function).
+fn classify_in(guard: &Guard, e: rusqlite::Error, timeout: Duration) -> QueryError {
+    match lock(&guard.refused).take() {
+        Some(what) => QueryError::Sql(format!("refused: {what}")),
+        None => classify(e, timeout),
     }
 }
 
@@ -583,6 +658,7 @@ impl<'a> Deadline<'a> {
         guard
             .deadline
             .store(now_ms().saturating_add(ms), Ordering::Relaxed);
+        *lock(&guard.refused) = None;
         Deadline(guard)
     }
 }
@@ -664,7 +740,7 @@ impl Database {
             let mut stmt = reader
                 .conn
                 .prepare_cached(&st.sql)
-                .map_err(|e| classify(e, limits.timeout))?;
+                .map_err(|e| classify_in(&reader.guard, e, limits.timeout))?;
             if stmt.readonly() || access == Access::ReadOnly {
                 if !stmt.readonly() {
                     return Err(QueryError::ReadOnly(
@@ -680,7 +756,7 @@ impl Database {
             let mut stmt = writer
                 .conn
                 .prepare_cached(&st.sql)
-                .map_err(|e| classify(e, limits.timeout))?;
+                .map_err(|e| classify_in(&writer.guard, e, limits.timeout))?;
             run_stmt(&writer.conn, &mut stmt, &st.params, limits)
         })();
         if !writer.conn.is_autocommit() {
@@ -722,7 +798,7 @@ impl Database {
             let r = conn
                 .conn
                 .prepare_cached(&st.sql)
-                .map_err(|e| classify(e, limits.timeout))
+                .map_err(|e| classify_in(&conn.guard, e, limits.timeout))
                 .and_then(|mut stmt| {
                     if access == Access::ReadOnly && !stmt.readonly() {
                         return Err(QueryError::ReadOnly(
@@ -973,6 +1049,68 @@ mod tests {
             l,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn sandbox_refusals_name_what_was_refused() {
+        let (dir, db) = db();
+        let l = Limits::default();
+        db.query(Access::ReadWrite, &st("CREATE TABLE t(a)", Value::Null), l)
+            .unwrap();
+        let other = dir.path().join("other.sqlite");
+        for (sql, want) in [
+            (
+                "PRAGMA journal_mode=DELETE".to_string(),
+                "refused: PRAGMA journal_mode (",
+            ),
+            ("PRAGMA synchronous".into(), "refused: PRAGMA synchronous ("),
+            (
+                "PRAGMA page_size=512".into(),
+                "refused: PRAGMA page_size (may be read, not set)",
+            ),
+            (
+                format!("ATTACH '{}' AS o", other.display()),
+                "refused: ATTACH (",
+            ),
+            (
+                "SELECT load_extension('x')".into(),
+                "refused: load_extension()",
+            ),
+            ("BEGIN".into(), "refused: BEGIN ("),
+            ("COMMIT".into(), "refused: COMMIT ("),
+            ("SAVEPOINT sp".into(), "refused: SAVEPOINT sp ("),
+            (
+                "CREATE TEMP TABLE x(a)".into(),
+                "refused: CREATE TEMP TABLE x (",
+            ),
+            (
+                "CREATE TEMP VIEW v AS SELECT 1".into(),
+                "refused: CREATE TEMP VIEW v (",
+            ),
+        ] {
+            for access in [Access::ReadWrite, Access::ReadOnly] {
+                let e = db.query(access, &st(&sql, Value::Null), l).unwrap_err();
+                let text = e.to_string();
+                assert!(text.starts_with(want), "{sql}: {text}");
+                assert_eq!(e.status(), 400, "{sql}: {text}");
+            }
+            // In a batch too, and the next request is not told of it.
+            let (i, e) = db
+                .batch(
+                    Access::ReadWrite,
+                    &[st("SELECT 1", Value::Null), st(&sql, Value::Null)],
+                    l,
+                )
+                .unwrap_err();
+            assert_eq!(i, 1);
+            assert!(e.to_string().starts_with(want), "batch {sql}: {e}");
+        }
+        assert!(!other.exists());
+        // Other SQL errors keep SQLite's own words.
+        let e = db
+            .query(Access::ReadWrite, &st("SELECT * FROM nope", Value::Null), l)
+            .unwrap_err();
+        assert!(e.to_string().contains("no such table"), "{e}");
     }
 
     #[test]
