@@ -32,7 +32,8 @@ usage: install.sh [--conductor URL] [--token TOKEN] [--label K=V]...
 
   BINARY            the edge-worker built for this Pi's target
   --conductor URL   conductor base URL, http://host:3000 (first install)
-  --token TOKEN     registration token (first install)
+  --token TOKEN     registration token, aer_... (first install; written
+                    as AEREKOS_REGISTRATION_TOKEN)
   --label K=V       label, repeatable; replaces all stored labels
   --no-start        do not run systemctl
   --root DIR        install under DIR instead of /; systemctl only enables
@@ -169,6 +170,12 @@ ln -sfn /usr/local/lib/aerekos/edge-worker "$bin_link.new"
 mv -f -- "$bin_link.new" "$bin_link"
 
 # The settings file holds the registration token: created 0600 from the start.
+# An older install wrote it as AEREKOS_TOKEN (the aerekos CLI's API token
+# variable): a rerun renames that line to AEREKOS_REGISTRATION_TOKEN.
+has_new_token=false
+if [ -f "$env_dst" ] && grep -q '^AEREKOS_REGISTRATION_TOKEN=' "$env_dst"; then
+    has_new_token=true
+fi
 (
     umask 077
     {
@@ -176,7 +183,12 @@ mv -f -- "$bin_link.new" "$bin_link"
             while IFS= read -r line || [ -n "$line" ]; do
                 case $line in
                 AEREKOS_CONDUCTOR=*) [ -z "$conductor" ] || continue ;;
-                AEREKOS_TOKEN=*) [ -z "$token" ] || continue ;;
+                AEREKOS_REGISTRATION_TOKEN=*) [ -z "$token" ] || continue ;;
+                AEREKOS_TOKEN=*)
+                    [ -z "$token" ] || continue
+                    $has_new_token && continue
+                    line="AEREKOS_REGISTRATION_TOKEN=${line#AEREKOS_TOKEN=}"
+                    ;;
                 AEREKOS_LABELS=*) [ -z "$labels" ] || continue ;;
                 esac
                 printf '%s\n' "$line"
@@ -188,7 +200,7 @@ mv -f -- "$bin_link.new" "$bin_link"
                 "# install.sh reruns keep what they are not told to change."
         fi
         [ -z "$conductor" ] || printf "AEREKOS_CONDUCTOR='%s'\n" "$conductor"
-        [ -z "$token" ] || printf "AEREKOS_TOKEN='%s'\n" "$token"
+        [ -z "$token" ] || printf "AEREKOS_REGISTRATION_TOKEN='%s'\n" "$token"
         [ -z "$labels" ] || printf "AEREKOS_LABELS='%s'\n" "$labels"
     } >"$env_dst.new"
 )

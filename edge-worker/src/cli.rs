@@ -19,8 +19,10 @@ USAGE:
 
 OPTIONS (each also from the environment variable shown):
     --conductor URL         conductor base URL, http://host:3000   AEREKOS_CONDUCTOR
-    --token T               registration token, used only for the  AEREKOS_TOKEN
-                            first enrolment (ignored once an identity is stored)
+    --token T               registration token (aer_...), used     AEREKOS_REGISTRATION_TOKEN
+                            only for the first enrolment (ignored once an
+                            identity is stored; AEREKOS_TOKEN, the CLI's API
+                            token, is read too when the former is unset)
     --reenroll              enrol again with the stored identity   AEREKOS_REENROLL=1
                             (same id, fresh MQTT login)
     --state-dir DIR         identity and queue [/var/lib/aerekos   AEREKOS_STATE_DIR
@@ -52,11 +54,21 @@ verifies the tag, otherwise the frame is shown unverified. A format-2 frame
 does not carry its worker id: give it with --worker (the id in its topic).
 ";
 
+/// The registration token's environment variable.
+pub const TOKEN_ENV: &str = "AEREKOS_REGISTRATION_TOKEN";
+/// Its former name, still read when [`TOKEN_ENV`] is unset (with a
+/// warning): the `aerekos` CLI reads the same name as its API token, so a
+/// shell that exports it for one breaks the other.
+pub const LEGACY_TOKEN_ENV: &str = "AEREKOS_TOKEN";
+/// Prefixes of the conductor's API tokens (`aek_`) and login sessions
+/// (`aes_`): never a registration token (`aer_`).
+const API_TOKEN_PREFIXES: [&str; 2] = ["aek_", "aes_"];
+
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cli {
-    /// Run the agent.
-    Run(WorkerConfig),
+    /// Run the agent, with the warnings to log once logging is set up.
+    Run(Box<WorkerConfig>, Vec<String>),
     /// Decode a frame from a file (`-` = stdin).
     Decode {
         /// 64-hex secret to verify the tag with.
@@ -236,7 +248,15 @@ pub fn parse(
         .unwrap_or_else(default_state_dir);
     let mut config = WorkerConfig::new(state_dir);
     config.conductor_url = get("--conductor", "AEREKOS_CONDUCTOR");
-    config.token = get("--token", "AEREKOS_TOKEN");
+    let mut warnings = Vec::new();
+    let (token, token_source) = registration_token(flag("--token"), &env);
+    if token_source == LEGACY_TOKEN_ENV {
+        warnings.push(format!(
+            "the registration token was read from {LEGACY_TOKEN_ENV}, which the aerekos CLI \
+             reads as its API token: use {TOKEN_ENV} instead"
+        ));
+    }
+    config.token = token;
     config.reenroll = pairs.iter().any(|(f, _)| f == "--reenroll")
         || env("AEREKOS_REENROLL").is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
     config.allow_remote_exec = pairs.iter().any(|(f, _)| f == "--allow-remote-exec")
@@ -307,9 +327,7 @@ pub fn parse(
         }
     }
     if let Some(token) = &config.token {
-        if let Err(e) = protocol::RegistrationToken::parse(token) {
-            return Err(invalid("--token", "<redacted>", e.to_string()));
-        }
+        check_registration_token(token).map_err(|e| invalid(token_source, "<redacted>", e))?;
     }
     if let Some(url) = &config.mqtt_url {
         if crate::session::MqttUrl::parse(url).is_none() {
@@ -330,7 +348,42 @@ pub fn parse(
             return Err(invalid("--local-api", v, "expected ip:port or off"));
         };
     }
-    Ok(Cli::Run(config))
+    Ok(Cli::Run(Box::new(config), warnings))
+}
+
+/// The registration token and where it came from: `--token`, else
+/// [`TOKEN_ENV`], else [`LEGACY_TOKEN_ENV`] (empty values count as unset).
+fn registration_token(
+    flag: Option<String>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> (Option<String>, &'static str) {
+    if flag.is_some() {
+        return (flag, "--token");
+    }
+    for var in [TOKEN_ENV, LEGACY_TOKEN_ENV] {
+        if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+            return (Some(v), var);
+        }
+    }
+    (None, "--token")
+}
+
+/// Checks a registration token's form; an API or session token (given
+/// where the registration token goes, e.g. from the CLI's `AEREKOS_TOKEN`)
+/// is refused with what to use instead.
+fn check_registration_token(token: &str) -> Result<(), String> {
+    let t = token.trim();
+    if API_TOKEN_PREFIXES.iter().any(|p| t.starts_with(p)) {
+        return Err(
+            "this is an API token (for the aerekos CLI and the HTTP API); the registration \
+             token starts with aer_ (`conductor token rotate`, or \
+             `POST /api/v1/registration-token/rotate` with an admin token)"
+                .into(),
+        );
+    }
+    protocol::RegistrationToken::parse(t)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// `/var/lib/aerekos` if it is (or can be made) writable, else `./aerekos-worker`.
@@ -428,7 +481,7 @@ mod tests {
 
     fn run_cfg(a: &str, env: impl Fn(&str) -> Option<String>) -> WorkerConfig {
         match parse(args(a), env, || PathBuf::from("/default")).unwrap() {
-            Cli::Run(c) => c,
+            Cli::Run(c, _) => *c,
             other => panic!("{other:?}"),
         }
     }
@@ -551,7 +604,7 @@ mod tests {
     fn env_and_flag_precedence() {
         let env = |k: &str| match k {
             "AEREKOS_CONDUCTOR" => Some("http://env:3000".to_string()),
-            "AEREKOS_TOKEN" => Some("envtoken".to_string()),
+            "AEREKOS_REGISTRATION_TOKEN" => Some("envtoken".to_string()),
             "AEREKOS_STATE_DIR" => Some("/env".to_string()),
             "AEREKOS_INTERVAL" => Some("2".to_string()),
             "AEREKOS_LABELS" => Some("x=1, y=2".to_string()),
@@ -568,6 +621,76 @@ mod tests {
         assert_eq!(c.token.as_deref(), Some("flag"));
         assert_eq!(c.interval, Duration::from_secs(3));
         assert_eq!(c.labels, vec![("z".into(), "9".into())]);
+    }
+
+    /// `parse` with `vars` as the whole environment.
+    fn parse_with(a: &str, vars: &[(&str, &str)]) -> Result<Cli, CliError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        parse(args(a), env, || PathBuf::from("/d"))
+    }
+
+    #[test]
+    fn the_registration_token_variable_wins_over_the_old_name_which_warns() {
+        let run = |a: &str, vars: &[(&str, &str)]| match parse_with(a, vars) {
+            Ok(Cli::Run(c, warnings)) => (c.token, warnings),
+            other => panic!("{other:?}"),
+        };
+        let (new, old) = ("aer_new", "aer_old");
+        // The new name alone, or both: the new one, silently.
+        assert_eq!(run("", &[(TOKEN_ENV, new)]), (Some(new.into()), vec![]));
+        assert_eq!(
+            run("", &[(TOKEN_ENV, new), (LEGACY_TOKEN_ENV, old)]),
+            (Some(new.into()), vec![])
+        );
+        // The old name alone still works, with one warning naming the new.
+        let (token, warnings) = run("", &[(LEGACY_TOKEN_ENV, old)]);
+        assert_eq!(token.as_deref(), Some(old));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains(TOKEN_ENV), "{}", warnings[0]);
+        // An empty new name counts as unset.
+        assert_eq!(
+            run("", &[(TOKEN_ENV, ""), (LEGACY_TOKEN_ENV, old)]).0,
+            Some(old.into())
+        );
+        // The flag wins over both, and the old name unused says nothing.
+        assert_eq!(
+            run(
+                "--token aer_flag",
+                &[(TOKEN_ENV, new), (LEGACY_TOKEN_ENV, old)]
+            ),
+            (Some("aer_flag".into()), vec![])
+        );
+        assert_eq!(run("", &[]), (None, vec![]));
+    }
+
+    #[test]
+    fn an_api_token_given_as_the_registration_token_is_refused_with_what_to_use() {
+        let fp = "ab".repeat(32);
+        for token in ["aek_0123abcd", "aes_0123abcd", &format!("aek_0123.{fp}")] {
+            for (a, vars) in [
+                (format!("--token {token}"), vec![]),
+                (String::new(), vec![(TOKEN_ENV, token)]),
+                (String::new(), vec![(LEGACY_TOKEN_ENV, token)]),
+            ] {
+                let e = parse_with(&a, &vars).unwrap_err().to_string();
+                assert!(
+                    e.contains("this is an API token") && e.contains("aer_"),
+                    "{a} {vars:?}: {e}"
+                );
+                assert!(!e.contains("0123"), "the token is not echoed: {e}");
+            }
+        }
+        // Which source it came from is named.
+        let e = parse_with("", &[(LEGACY_TOKEN_ENV, "aek_1")]).unwrap_err();
+        assert!(e.to_string().contains(LEGACY_TOKEN_ENV), "{e}");
+        // A registration token, with or without the CA fingerprint, is fine.
+        for token in ["aer_0123", &format!("aer_0123.{fp}")] {
+            assert!(parse_with("", &[(TOKEN_ENV, token)]).is_ok(), "{token}");
+        }
     }
 
     #[test]

@@ -271,8 +271,9 @@ pub async fn run_until(
         }
         (None, None) => {
             return Err(WorkerError::Config(format!(
-                "no identity in {}: a registration token (--token) and the conductor URL \
-                 (--conductor) are required for the first enrolment",
+                "no identity in {}: a registration token (--token or \
+                 AEREKOS_REGISTRATION_TOKEN) and the conductor URL (--conductor) are \
+                 required for the first enrolment",
                 config.state_dir.display()
             )))
         }

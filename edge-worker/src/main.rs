@@ -8,12 +8,12 @@ use edge_worker::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let env = |k: &str| std::env::var(k).ok();
-    let config = match cli::parse(
+    let (config, warnings) = match cli::parse(
         std::env::args().skip(1).collect(),
         env,
         cli::default_state_dir,
     ) {
-        Ok(Cli::Run(config)) => config,
+        Ok(Cli::Run(config, warnings)) => (*config, warnings),
         Ok(Cli::Help) => {
             print!("{}", cli::HELP);
             return ExitCode::SUCCESS;
@@ -64,6 +64,9 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .with_target(false)
         .init();
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(4)

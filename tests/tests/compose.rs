@@ -570,7 +570,7 @@ fn conductor_and_two_workers_from_compose_files() {
         vec![
             ("AEREKOS_WORKER_IMAGE", images.worker.clone()),
             ("AEREKOS_CONDUCTOR", format!("http://127.0.0.1:{http_port}")),
-            ("AEREKOS_TOKEN", token.clone()),
+            ("AEREKOS_REGISTRATION_TOKEN", token.clone()),
             ("AEREKOS_INTERVAL", "1s".into()),
             ("AEREKOS_HOSTNAME", format!("pi-{n}")),
             ("AEREKOS_MACHINE_ID", machine(n)),

@@ -225,7 +225,7 @@ fn install_sh_stages_binary_settings_and_unit_and_the_agent_enrols_with_them() {
     let env = settings(&fs::read_to_string(&env_dst).unwrap());
     let expected: BTreeMap<String, String> = [
         ("AEREKOS_CONDUCTOR", c.url()),
-        ("AEREKOS_TOKEN", token.clone()),
+        ("AEREKOS_REGISTRATION_TOKEN", token.clone()),
         ("AEREKOS_LABELS", "site=shop,rack=2".to_string()),
     ]
     .into_iter()
@@ -296,6 +296,11 @@ fn install_sh_stages_binary_settings_and_unit_and_the_agent_enrols_with_them() {
         worker["hostname"],
         "pi-installed",
         "{worker}\n{}",
+        w.tail(20)
+    );
+    assert!(
+        !w.output().contains("AEREKOS_TOKEN"),
+        "no warning about the token's variable: {}",
         w.tail(20)
     );
     assert_eq!(c.workers().len(), 1);
@@ -402,7 +407,7 @@ fn install_sh_refuses_bad_input_and_reruns_keep_unrelated_settings() {
     assert_ok(&with(&["--token", "second", b]));
     let env = settings(&fs::read_to_string(&env_dst).unwrap());
     assert_eq!(env["AEREKOS_CONDUCTOR"], "http://h:3000");
-    assert_eq!(env["AEREKOS_TOKEN"], "second");
+    assert_eq!(env["AEREKOS_REGISTRATION_TOKEN"], "second");
     assert_eq!(env["AEREKOS_LABELS"], "site=a");
     assert_eq!(env["AEREKOS_INTERVAL"], "30s");
     assert_eq!(mode(&env_dst), "0600");
@@ -412,7 +417,28 @@ fn install_sh_refuses_bad_input_and_reruns_keep_unrelated_settings() {
     assert_ok(&with(&["--label", "site=b", "--label", "tier=edge", b]));
     let env = settings(&fs::read_to_string(&env_dst).unwrap());
     assert_eq!(env["AEREKOS_LABELS"], "site=b,tier=edge");
-    assert_eq!(env["AEREKOS_TOKEN"], "second");
+    assert_eq!(env["AEREKOS_REGISTRATION_TOKEN"], "second");
+    assert_eq!(env.len(), 4, "{env:?}");
+
+    // An older install's AEREKOS_TOKEN line (the CLI's variable) is renamed
+    // by a rerun, or dropped by one that sets the token.
+    let text = fs::read_to_string(&env_dst).unwrap();
+    fs::write(
+        &env_dst,
+        text.replace("AEREKOS_REGISTRATION_TOKEN=", "AEREKOS_TOKEN="),
+    )
+    .unwrap();
+    assert_ok(&with(&[b]));
+    let env = settings(&fs::read_to_string(&env_dst).unwrap());
+    assert_eq!(env["AEREKOS_REGISTRATION_TOKEN"], "second");
+    assert!(!env.contains_key("AEREKOS_TOKEN"), "{env:?}");
+    let mut text = fs::read_to_string(&env_dst).unwrap();
+    text.push_str("AEREKOS_TOKEN='old'\n");
+    fs::write(&env_dst, &text).unwrap();
+    assert_ok(&with(&["--token", "third", b]));
+    let env = settings(&fs::read_to_string(&env_dst).unwrap());
+    assert_eq!(env["AEREKOS_REGISTRATION_TOKEN"], "third");
+    assert!(!env.contains_key("AEREKOS_TOKEN"), "{env:?}");
     assert_eq!(env.len(), 4, "{env:?}");
     assert_eq!(
         fs::read(root.join("usr/local/lib/aerekos/edge-worker")).unwrap(),
