@@ -381,6 +381,9 @@ impl Conductor {
             .args(["--mqtts-listen", mqtts])
             .args(&args)
             .env("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            // A start-up error is shown as its message chain, not buried
+            // under a captured backtrace (the tail below is 40 lines).
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn(cmd, data_dir.join("conductor.log"));
