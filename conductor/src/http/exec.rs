@@ -97,25 +97,38 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(400, message)
 }
 
+/// An argv as the wire carries it (`min`..=[`MAX_EXEC_ARGS`] elements of
+/// at most [`EXEC_ARG_LEN`] bytes, no NUL, a non-empty program), or why
+/// not; exec needs a program (`min` 1), a shell may take the login shell.
+pub(super) fn wire_argv(
+    argv: &[String],
+    min: usize,
+) -> Result<heapless::Vec<heapless::String<EXEC_ARG_LEN>, MAX_EXEC_ARGS>, ApiError> {
+    if argv.len() < min || argv.len() > MAX_EXEC_ARGS {
+        return Err(bad(format!(
+            "argv must have {min}..={MAX_EXEC_ARGS} elements"
+        )));
+    }
+    if argv.first().is_some_and(String::is_empty) {
+        return Err(bad("argv[0] (the program) must not be empty"));
+    }
+    let mut out = heapless::Vec::new();
+    for a in argv {
+        if a.contains('\0') {
+            return Err(bad("argv elements must not contain NUL"));
+        }
+        let s = heapless::String::try_from(a.as_str())
+            .map_err(|_| bad(format!("argv elements are at most {EXEC_ARG_LEN} bytes")))?;
+        out.push(s)
+            .map_err(|_| bad(format!("argv must have {min}..={MAX_EXEC_ARGS} elements")))?;
+    }
+    Ok(out)
+}
+
 impl ExecBody {
     /// The command as the wire carries it, or why not.
     fn request(&self, session: [u8; 16]) -> Result<ExecRequest, ApiError> {
-        if self.argv.is_empty() || self.argv.len() > MAX_EXEC_ARGS {
-            return Err(bad(format!("argv must have 1..={MAX_EXEC_ARGS} elements")));
-        }
-        if self.argv[0].is_empty() {
-            return Err(bad("argv[0] (the program) must not be empty"));
-        }
-        let mut argv = heapless::Vec::new();
-        for a in &self.argv {
-            if a.contains('\0') {
-                return Err(bad("argv elements must not contain NUL"));
-            }
-            let s = heapless::String::try_from(a.as_str())
-                .map_err(|_| bad(format!("argv elements are at most {EXEC_ARG_LEN} bytes")))?;
-            argv.push(s)
-                .map_err(|_| bad(format!("argv must have 1..={MAX_EXEC_ARGS} elements")))?;
-        }
+        let argv = wire_argv(&self.argv, 1)?;
         if !(1..=MAX_TIMEOUT_S).contains(&self.timeout_s) {
             return Err(bad(format!("timeout_s must be 1..={MAX_TIMEOUT_S}")));
         }

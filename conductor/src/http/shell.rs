@@ -40,10 +40,10 @@ use std::time::{Duration, Instant};
 
 use protocol::exec::{parse_session, ExecExit, ExecFrame, ExecOutcome};
 use protocol::shell::{ShellInput, SESSION_HEADER};
-use protocol::{Action, ShellRequest, EXEC_ARG_LEN, MAX_EXEC_ARGS};
+use protocol::{Action, ShellRequest};
 use serde::Deserialize;
 
-use super::exec::{launch, Audit, Launch, Registration, MAX_TIMEOUT_S};
+use super::exec::{launch, wire_argv, Audit, Launch, Registration, MAX_TIMEOUT_S};
 use super::message::{ApiError, Ctx, RawResp, Req, Resp};
 use crate::exec::{ExecEvent, ExecSessions, InputRefused};
 use crate::state::{now_ms, Shared, Status};
@@ -92,22 +92,7 @@ fn bad(message: impl Into<String>) -> ApiError {
 impl ShellBody {
     /// The command as the wire carries it, or why not.
     fn request(&self, session: [u8; 16]) -> Result<ShellRequest, ApiError> {
-        if self.argv.len() > MAX_EXEC_ARGS {
-            return Err(bad(format!("argv must have 0..={MAX_EXEC_ARGS} elements")));
-        }
-        if self.argv.first().is_some_and(String::is_empty) {
-            return Err(bad("argv[0] (the program) must not be empty"));
-        }
-        let mut argv = heapless::Vec::new();
-        for a in &self.argv {
-            if a.contains('\0') {
-                return Err(bad("argv elements must not contain NUL"));
-            }
-            let s = heapless::String::try_from(a.as_str())
-                .map_err(|_| bad(format!("argv elements are at most {EXEC_ARG_LEN} bytes")))?;
-            argv.push(s)
-                .map_err(|_| bad(format!("argv must have 0..={MAX_EXEC_ARGS} elements")))?;
-        }
+        let argv = wire_argv(&self.argv, 0)?;
         for (name, v) in [("cols", self.cols), ("rows", self.rows)] {
             if !(1..=MAX_SIZE).contains(&v) {
                 return Err(bad(format!("{name} must be 1..={MAX_SIZE}")));
@@ -405,6 +390,7 @@ impl Read for InputFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::{EXEC_ARG_LEN, MAX_EXEC_ARGS};
     use serde_json::{json, Value};
 
     #[test]
