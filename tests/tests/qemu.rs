@@ -507,14 +507,23 @@ fn hosts_an_artifact_of_its_arch(e: &Emulated) {
         actual(&c).filter(|a| a["state"] == "running")
     });
     let pid = running["pid"].as_u64().unwrap();
-    // The process is the cached artifact of this arch (run by the kernel
-    // through qemu).
+    // The process is the cached artifact of this arch, run by the kernel
+    // through qemu under the service's name: its command line names the
+    // service's link (`.exe/pi-svc`), and that link resolves to the
+    // artifact (cached under its SHA-256).
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let link = cmdline
+        .split(|b| *b == 0)
+        .map(|a| std::path::PathBuf::from(String::from_utf8_lossy(a).into_owned()))
+        .find(|a| a.ends_with(".exe/pi-svc"))
+        .unwrap_or_else(|| panic!("runs under the service's name: {shown}"));
+    let target = std::fs::read_link(&link).unwrap_or_default();
     assert!(
-        String::from_utf8_lossy(&cmdline).contains(&sha_pi),
-        "runs the {} artifact: {}",
+        target.to_string_lossy().contains(&sha_pi),
+        "runs the {} artifact: {shown} -> {}",
         pi.artifact_arch,
-        String::from_utf8_lossy(&cmdline)
+        target.display()
     );
     let info = wait_for("pi-svc answers", SECS(30), || {
         let mut r = http()
