@@ -14,7 +14,9 @@
 //!   bytes on disk), the rollout stops `reverted` with the device's reason,
 //!   and the `agent_update_failed` event is recorded.
 //! - A worker whose pinned release key is not the signer's refuses and
-//!   changes nothing; a binary for another arch is not even signed.
+//!   changes nothing; a binary for another arch is not even signed by the
+//!   CLI, and one signed anyway (by a tool without that check) is refused
+//!   by the agent from its ELF header, before anything is switched.
 //! - `kill -9` of the agent during the trial: the next start kills the
 //!   orphaned trial child and reports the failed update.
 //! - The conductor killed during the update: the device finishes it alone,
@@ -427,6 +429,68 @@ fn a_release_signed_by_another_key_or_built_for_another_arch_is_refused() {
     assert_eq!(bin_files(&w), ["edge-worker"]);
     assert!(record(&w).is_none(), "a refused update writes nothing");
     assert_ne!(agent_version(&c, &id), NEXT);
+}
+
+/// A release signed without the CLI's ELF check (another signing tool, or
+/// a key holder's script) whose binary is for another arch: the agent reads
+/// the staged copy's ELF header, refuses, and changes nothing.
+#[test]
+fn a_binary_for_another_arch_signed_anyway_is_refused_by_the_agent() {
+    use aerekos_cli::agent::{read_key, sha256_file, sign_release};
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = release_key(dir.path(), "release.key");
+    let c = Conductor::start_with(&dir.path().join("conductor"), &["--release-key", &public]);
+    let token = c.registration_token();
+    let mut w = worker(dir.path(), "arch", &c, &token, &[]);
+    let id = w.wait_id();
+    wait_for("online", secs(30), || {
+        (c.status_of(&id) == "online").then_some(())
+    });
+    let pid = w.proc.pid();
+    let before = fs::read(exe_of(&w)).unwrap();
+
+    // An ELF executable of another machine, signed for this one.
+    let foreign = if ARCH == "aarch64" {
+        bin("test-service")
+    } else {
+        pi_test_service_bin().to_path_buf()
+    };
+    let pair = read_key(&key).unwrap();
+    let sha = sha256_file(&foreign).unwrap();
+    let signature = sign_release(&pair, NEXT, ARCH, &sha).unwrap();
+    let api = aerekos_cli::Client::new(&c.url(), Some(c.admin.clone()));
+    api.upload(fs::File::open(&foreign).unwrap(), ARCH, "foreign")
+        .unwrap();
+    api.send(
+        "POST",
+        "/agent-releases",
+        &json!({"version": NEXT, "arch": ARCH, "sha256": protocol::hex_string(&sha),
+                "signature": signature}),
+    )
+    .unwrap();
+
+    let (ok, r) = rollout(&c, NEXT, &["--trial", "5"]);
+    assert!(!ok, "{r:#}");
+    assert_eq!(r["state"], "reverted", "{r:#}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("ELF executable for") && reason.contains(ARCH),
+        "{reason}"
+    );
+    wait_for("the AgentUpdateFailed event", secs(20), || {
+        let failed = events(&c, &id, "AgentUpdateFailed");
+        failed
+            .iter()
+            .any(|d| d.contains("ELF executable for"))
+            .then_some(())
+    });
+    assert_eq!(w.proc.pid(), pid);
+    assert!(w.proc.alive(), "{}", w.proc.tail(30));
+    assert!(fs::read(exe_of(&w)).unwrap() == before);
+    assert_eq!(bin_files(&w), ["edge-worker"], "nothing staged is left");
+    assert!(record(&w).is_none(), "a refused update writes nothing");
+    assert_ne!(agent_version(&c, &id), NEXT);
+    assert_eq!(c.status_of(&id), "online");
 }
 
 #[test]
