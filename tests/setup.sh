@@ -4,7 +4,7 @@
 # qemu-arm in binfmt_misc. Idempotent and quick when everything is there;
 # without root it lists what is missing and the command that installs it.
 # The 32-bit agents' build tools (Zig, cargo-zigbuild) are
-# deploy/build-arm32.sh's; the armv6/armv7 qemu tests skip until it has run.
+# deploy/build-pi.sh's; the armv6/armv7 qemu tests skip until it has run.
 #
 #   sh tests/setup.sh            # check and install
 #   sh tests/run.sh              # this, then the whole suite (the README's test command)

@@ -15,7 +15,7 @@
 //! built first (`cargo pi`), which takes a few minutes; CI builds it
 //! beforehand.
 //!
-//! The 32-bit agents are built by `deploy/build-arm32.sh` (Zig's musl, std
+//! The 32-bit agents are built by `deploy/build-pi.sh` (Zig's musl, std
 //! from source): their tests skip, saying so, while
 //! `target/<triple>/release/{edge-worker,test-service}` are missing, unless
 //! `AEREKOS_REQUIRE_ARM32=1` (set by `.ci/run`, which builds them first),
@@ -39,7 +39,7 @@ const EM_ARM: u16 = 40;
 
 /// One emulated Pi target.
 struct Pi {
-    /// Short name (`armv6`), the test prefix and `deploy/build-arm32.sh`'s argument.
+    /// Short name (`armv6`), the test prefix and `deploy/build-pi.sh`'s argument.
     name: &'static str,
     /// Rust target triple.
     triple: &'static str,
@@ -113,7 +113,7 @@ impl Emulated {
             .collect();
         if !missing.is_empty() {
             let build = format!(
-                "sh deploy/build-arm32.sh {} -p edge-worker -p aerekos-test-service",
+                "sh deploy/build-pi.sh {} -p edge-worker -p aerekos-test-service",
                 pi.name
             );
             assert!(
@@ -184,7 +184,7 @@ fn newest_mtime(path: &Path) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-/// Rebuilds `bin` (TLS, default features) with `deploy/build-arm32.sh` when
+/// Rebuilds `bin` (TLS, default features) with `deploy/build-pi.sh` when
 /// it is older than its sources: the tools are there, it was built before.
 fn rebuild_if_stale(pi: &Pi, bin: &Path, package: &str, sources: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -199,17 +199,17 @@ fn rebuild_if_stale(pi: &Pi, bin: &Path, package: &str, sources: &[&str]) {
         return;
     }
     eprintln!(
-        "{} is stale: rebuilding it (sh deploy/build-arm32.sh {} -p {package})",
+        "{} is stale: rebuilding it (sh deploy/build-pi.sh {} -p {package})",
         bin.display(),
         pi.name
     );
     let status = Command::new("sh")
-        .arg(root.join("deploy/build-arm32.sh"))
+        .arg(root.join("deploy/build-pi.sh"))
         .args([pi.name, "-p", package, "--target-dir"])
         .arg(target_dir())
         .current_dir(&root)
         .status()
-        .expect("run deploy/build-arm32.sh");
+        .expect("run deploy/build-pi.sh");
     assert!(
         status.success(),
         "rebuilding the {} {package} failed",
