@@ -32,7 +32,8 @@ pub enum AlertCmd {
         /// `agent_update_failed`.
         #[arg(long)]
         kind: String,
-        /// `metric_above`: `cpu`, `memory`, `disk` (%) or `temperature` (°C).
+        /// `metric_above`: `cpu`, `memory`, `disk` (%), `temperature` (°C), or a
+        /// Raspberry Pi's `under_voltage` or `throttling` (0/1: `--above 0`).
         #[arg(long)]
         metric: Option<String>,
         /// `metric_above`: the threshold.

@@ -7,8 +7,10 @@ const HISTORY = 50; // resolved alerts shown
 const KINDS = [['worker_offline', 'worker offline'], ['metric_above', 'metric above'],
   ['service_failed', 'service failed or unhealthy'], ['rollout_reverted', 'rollout reverted'],
   ['agent_update_failed', 'agent update failed']];
-const METRICS = [['cpu', 'CPU'], ['memory', 'memory'], ['disk', 'disk'], ['temperature', 'temperature']];
-const unit = (m) => (m === 'temperature' ? ' °C' : ' %');
+const METRICS = [['cpu', 'CPU'], ['memory', 'memory'], ['disk', 'disk'], ['temperature', 'temperature'],
+  ['under_voltage', 'Pi under-voltage (0/1)'], ['throttling', 'Pi throttling (0/1)']];
+const FLAGS = ['under_voltage', 'throttling']; // 0 or 1: a rule on them takes threshold 0
+const unit = (m) => (FLAGS.includes(m) ? '' : m === 'temperature' ? ' °C' : ' %');
 const takesService = (k) => k === 'service_failed' || k === 'rollout_reverted';
 const fleetWide = (k) => k === 'rollout_reverted' || k === 'agent_update_failed'; // no selector
 
@@ -154,7 +156,7 @@ function rulesForm(s) {
         field('ar-name', 'Name', text({ maxlength: 64 })),
         field('ar-kind', 'Kind', choice(KINDS)),
         field('ar-metric', 'Metric', choice(METRICS), null, 'metric'),
-        field('ar-threshold', 'Above', h('input', { type: 'number', step: 'any', inputmode: 'decimal' }), 'percent; °C for temperature', 'metric'),
+        field('ar-threshold', 'Above', h('input', { type: 'number', step: 'any', inputmode: 'decimal' }), 'percent; °C for temperature; 0 for the Pi flags', 'metric'),
         field('ar-for', 'For', text({ placeholder: '0s' }), 'how long it must hold: 30s, 5m, 1h (empty: 0s)'),
         field('ar-selector', 'Workers with labels', text({ class: 'mono', placeholder: 'site=shop' }), 'key=value, comma-separated (empty: every worker)', 'sel'),
         field('ar-service', 'Service', text({ maxlength: 32 }), 'empty: every service', 'service')),
@@ -172,7 +174,7 @@ function syncRuleForm() {
 }
 const selText = (o) => Object.entries(o || {}).map(([k, v]) => k + '=' + v).join(', ');
 function watches(r) {
-  if (r.kind === 'metric_above') return `${r.metric} above ${r.threshold}${unit(r.metric)}`;
+  if (r.kind === 'metric_above') return FLAGS.includes(r.metric) ? r.metric.replace('_', ' ') : `${r.metric} above ${r.threshold}${unit(r.metric)}`;
   const k = (KINDS.find(([v]) => v === r.kind) || [r.kind, r.kind])[1];
   return takesService(r.kind) ? `${k}: ${r.service || 'any service'}` : k;
 }

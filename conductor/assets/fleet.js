@@ -163,16 +163,36 @@ function workerCard(w) {
   }
   return h('li', { class: 'card', 'data-id': w.id },
     h('div', { class: 'card-head' },
-      h('a', { href: '#/workers/' + enc(w.id), class: 'name' }), h('span', { class: 'badge' })),
+      h('a', { href: '#/workers/' + enc(w.id), class: 'name' }), h('span', { class: 'badge' }),
+      h('span', { class: 'badge power', hidden: true })),
     h('div', { class: 'meta' }),
     h('ul', { class: 'chips', 'aria-label': 'Labels' }),
     gauges);
+}
+
+// A Pi whose supply sags or whose firmware throttles it: what is happening
+// now, else what happened since boot (the board frame's named bits).
+export function powerText(board) {
+  const f = (board && board.flags) || [];
+  if (f.includes('under_voltage_now')) return 'under-voltage';
+  if (f.some((x) => x.endsWith('_now'))) return 'throttled';
+  if (f.includes('under_voltage_since_boot')) return 'under-voltage since boot';
+  if (f.length) return 'throttled since boot';
+  return '';
+}
+function setPower(el, board) {
+  const t = powerText(board);
+  setText(el, t);
+  el.hidden = !t;
+  el.className = 'badge power ' + (t.endsWith('since boot') ? 'stale' : 'offline');
+  el.title = t ? 'Raspberry Pi firmware: ' + ((board && board.flags) || []).join(', ') : '';
 }
 
 function updateCard(card, w) {
   card.dataset.status = w.revoked ? 'revoked' : w.status;
   setText($('.name', card), w.hostname);
   setBadge($('.badge', card), w);
+  setPower($('.power', card), w.board);
   const meta = [w.device_model || 'unknown model', w.arch || '?', 'seen ' + fmt.ago(w.last_seen_ms)].join(' · ');
   setText($('.meta', card), meta);
   const labels = Object.entries(w.labels || {}).map(([k, v]) => k + '=' + v);

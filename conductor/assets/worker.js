@@ -271,6 +271,15 @@ function renderWorkerInfo(w, d) {
     ['Last IP', d.last_ip || dash],
     ['Frames', d.counters ? `${d.counters.accepted} accepted, ${d.counters.rejected} rejected` : dash],
   ];
+  const b = d.board;
+  if (b) {
+    const sd = b.sd;
+    rows.push(
+      ['Pi board', [b.model && 'Raspberry Pi ' + b.model, b.memory_bytes && fmt.bytes(b.memory_bytes), b.revision && 'rev ' + b.revision].filter(Boolean).join(', ') || dash],
+      ['Pi serial', b.serial],
+      ['Pi power', b.throttled === null ? 'not reported by the kernel' : b.flags.length ? b.flags.join(', ').replaceAll('_', ' ') : 'OK'],
+      ['SD card', sd ? [sd.name, sd.serial, sd.date && 'made ' + sd.date].filter(Boolean).join(', ') : dash]);
+  }
   $('#w-inv').replaceChildren(...rows.flatMap(([k, v]) =>
     [h('dt', { text: k }), h('dd', { text: v === undefined || v === null || v === '' ? dash : String(v) })]));
 

@@ -76,7 +76,9 @@ pub fn snapshot(shared: &Shared, rules: &[Rule]) -> Result<Snapshot, StoreError>
                 metrics: if offline {
                     None
                 } else {
-                    w.latest.as_ref().map(|l| MetricValues::of(&l.metrics))
+                    w.latest
+                        .as_ref()
+                        .map(|l| MetricValues::of(&l.metrics).with_board(w.board.as_ref()))
                 },
             }
         })

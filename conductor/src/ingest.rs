@@ -306,6 +306,18 @@ fn ingest_frame(
                 }
             }
         }
+        Body::Board(board) => {
+            debug!(worker_id = %worker_id, throttled = ?board.throttled, "board");
+            if w.board.as_ref() != Some(&board) {
+                if let Ok(json) = serde_json::to_string(&board) {
+                    let _ = shared.writer.send(WriteOp::Board {
+                        worker_id: worker_id.clone(),
+                        json,
+                    });
+                }
+                w.board = Some(board);
+            }
+        }
         Body::ServiceMetrics(sm) => {
             debug!(worker_id = %worker_id, service = %sm.name, samples = sm.samples.len(), "service metrics");
             let mut all = shared.service_metrics();

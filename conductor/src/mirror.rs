@@ -9,14 +9,15 @@
 //! Each payload is one flat object: the envelope's `worker_id`, `seq` and the
 //! conductor's `received_at_ms`, then the frame's fields.
 //!
-//! Only births (`json/birth`) and metrics (`json/metrics`) are mirrored. The
+//! Only births (`json/birth`), metrics (`json/metrics`) and a Pi's board
+//! (`json/board`, also the API's `board`: [`board`]) are mirrored. The
 //! JSON Schemas in `docs/mirror/<kind>.schema.json` describe every field with
 //! its unit; `conductor/tests/mirror_schema.rs` checks that the payloads built
 //! here from the example and the largest frames validate against them
 //! (`additionalProperties: false`: a field added here needs its schema entry).
 
 use protocol::topic::TopicKind;
-use protocol::{Birth, Body, Disk, Metrics};
+use protocol::{Birth, Board, Body, Disk, Metrics};
 use serde_json::{json, Value};
 
 /// The mirror topic kind and JSON payload for an accepted frame from
@@ -31,6 +32,7 @@ pub fn payload(
     let (kind, mut fields) = match body {
         Body::Birth(b) => (TopicKind::JsonBirth, birth(b)),
         Body::Metrics(m) => (TopicKind::JsonMetrics, metrics(m)),
+        Body::Board(b) => (TopicKind::JsonBoard, board(b)),
         Body::Event(_)
         | Body::Command(_)
         | Body::Reply(_)
@@ -113,6 +115,34 @@ pub fn metrics(m: &Metrics) -> Value {
         "uptime_seconds": m.uptime_s,
         "processes": m.processes,
         "frames_dropped": m.dropped,
+    })
+}
+
+/// The `json/board` fields of a Pi's board frame
+/// (`docs/mirror/board.schema.json`), also the worker JSON's `board` in the
+/// API: the throttling bits named ([`protocol::board::THROTTLE_FLAGS`]), the
+/// revision code decoded. `under_voltage` is now or since boot (the supply
+/// is not good enough), `throttling` is capped, throttled or at the soft
+/// temperature limit now.
+pub fn board(b: &Board) -> Value {
+    use protocol::board::{
+        revision_memory, revision_model, throttle_names, THROTTLING_NOW, UNDER_VOLTAGE_ANY,
+    };
+    json!({
+        "throttled": b.throttled.map(|t| format!("{t:#x}")),
+        "flags": b.throttled.map(|t| throttle_names(t).collect::<Vec<_>>()).unwrap_or_default(),
+        "under_voltage": b.throttled.map(|t| t & UNDER_VOLTAGE_ANY != 0),
+        "throttling": b.throttled.map(|t| t & THROTTLING_NOW != 0),
+        "revision": b.revision.map(|r| format!("{r:x}")),
+        "model": b.revision.and_then(revision_model),
+        "memory_bytes": b.revision.and_then(revision_memory),
+        "serial": b.serial.as_str(),
+        "sd": b.sd.as_ref().map(|s| json!({
+            "name": s.name.as_str(),
+            "serial": s.serial.as_str(),
+            "date": s.date.as_str(),
+            "manfid": s.manfid,
+        })),
     })
 }
 

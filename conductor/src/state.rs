@@ -138,6 +138,9 @@ pub struct WorkerEntry {
     pub enrolled_at_ms: u64,
     /// Latest Birth.
     pub inventory: Option<Birth>,
+    /// A Raspberry Pi's latest board frame (identity, throttling bits);
+    /// `None` for any other machine.
+    pub board: Option<protocol::Board>,
     /// Latest metrics.
     pub latest: Option<Latest>,
     /// Last [`EVENTS_KEPT`] events.
@@ -233,6 +236,10 @@ impl WorkerEntry {
             last_ip: row.last_ip.clone(),
             enrolled_at_ms: row.enrolled_at_ms,
             inventory,
+            board: row
+                .board_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
             latest: None,
             events: VecDeque::new(),
             cmd_seq: row.cmd_seq,
@@ -678,6 +685,7 @@ mod tests {
             mqtt_password_sha256: String::new(),
             labels_json: "{}".into(),
             inventory_json: None,
+            board_json: None,
             enrolled_at_ms: 0,
             last_seen_ms: None,
             last_ip: None,

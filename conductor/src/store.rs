@@ -279,6 +279,9 @@ pub const MIGRATIONS: &[&str] = &[
     // session (`exec` or `shell`; rows from before are exec).
     "ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
      ALTER TABLE exec_sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'exec';",
+    // v9: a Raspberry Pi's last board frame (revision, serial, SD card,
+    // throttling bits) as JSON; NULL for any other machine.
+    "ALTER TABLE workers ADD COLUMN board TEXT;",
 ];
 
 /// Store errors.
@@ -423,7 +426,10 @@ mod tests {
             tx.commit().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 8);
+        assert_eq!(
+            s.schema_version().unwrap(),
+            i64::try_from(MIGRATIONS.len()).unwrap()
+        );
         let api = s.list_tokens("api").unwrap();
         assert_eq!(api.len(), 1);
         assert_eq!(
@@ -469,6 +475,7 @@ mod tests {
             mqtt_password_sha256: "x".into(),
             labels_json: "{}".into(),
             inventory_json: None,
+            board_json: None,
             enrolled_at_ms: 1,
             last_seen_ms: None,
             last_ip: None,
@@ -514,7 +521,17 @@ mod tests {
         assert!((m[0].cpu_max_percent - 30.0).abs() < 1e-9);
         let back = s.worker(&w.id).unwrap().unwrap();
         assert_eq!(back.replay_bitmap, u64::MAX);
+        assert_eq!(back.board_json, None, "not a Pi (yet)");
         assert_eq!(s.raw_metrics(&w.id, 0, 125_000).unwrap().len(), 1);
         assert_eq!(s.sweep(125_000, 0).unwrap(), 1);
+        // A board frame is kept; re-enrolment does not touch it.
+        s.apply_batch(&[WriteOp::Board {
+            worker_id: w.id.clone(),
+            json: "{\"throttled\":327685}".into(),
+        }])
+        .unwrap();
+        s.update_reenrol(&w).unwrap();
+        let back = s.worker(&w.id).unwrap().unwrap();
+        assert_eq!(back.board_json.as_deref(), Some("{\"throttled\":327685}"));
     }
 }

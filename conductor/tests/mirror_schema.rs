@@ -243,6 +243,12 @@ fn bodies() -> Vec<(&'static str, Body)> {
     let mut bare_birth = examples::birth();
     bare_birth.labels.clear();
     bare_birth.disks.clear();
+    let bare_board = protocol::Board {
+        throttled: None,
+        revision: None,
+        serial: bounded(""),
+        sd: None,
+    };
     let mut cold = examples::metrics();
     for t in &mut cold.temperatures {
         t.millicelsius = -40_000;
@@ -258,6 +264,12 @@ fn bodies() -> Vec<(&'static str, Body)> {
         ),
         ("metrics with empty lists", Body::Metrics(bare_metrics)),
         ("metrics below freezing", Body::Metrics(cold)),
+        ("example board", Body::Board(examples::board())),
+        ("largest board", Body::Board(examples::largest_board())),
+        (
+            "board without throttling bits, revision or SD card",
+            Body::Board(bare_board),
+        ),
         (
             "event",
             Body::Event(Event {

@@ -40,6 +40,8 @@ OPTIONS (each also from the environment variable shown):
                             (`aerekos exec`; off by default)
     --release-key HEX       Ed25519 key agent releases must be     AEREKOS_RELEASE_KEY
                             signed with [the conductor's, pinned at enrolment]
+    --host-root DIR         where the host's /sys and /proc are   AEREKOS_HOST_ROOT
+                            (a container's bind mount) [/]
     --self-update M         may a signed release replace this      AEREKOS_SELF_UPDATE
                             binary: auto (not in a container),
                             always, never [auto]
@@ -189,6 +191,7 @@ pub fn parse(
             "--local-api",
             "--release-key",
             "--self-update",
+            "--host-root",
         ];
         let known = if decode {
             &["--secret", "--worker"][..]
@@ -277,6 +280,9 @@ pub fn parse(
             .map_err(|e: String| invalid("--self-update", &v, e))?,
         None => crate::SelfUpdate::Auto,
     };
+    if let Some(root) = get("--host-root", "AEREKOS_HOST_ROOT") {
+        config.host_root = PathBuf::from(root);
+    }
     if let Some(d) = duration("--interval", "AEREKOS_INTERVAL")? {
         if d.is_zero() {
             return Err(invalid("--interval", "0", "must be positive"));
@@ -564,7 +570,7 @@ mod tests {
         let c = run_cfg(
             "--conductor http://c:3000 --token T --state-dir /s --interval 500ms \
              --label a=1 --label=b=2 --queue-capacity 10 --flush-interval=5s \
-             --hostname h --machine-id m --mqtt-url mqtt://b:1884",
+             --hostname h --machine-id m --mqtt-url mqtt://b:1884 --host-root /host",
             no_env,
         );
         assert_eq!(c.conductor_url.as_deref(), Some("http://c:3000"));
@@ -581,6 +587,8 @@ mod tests {
         assert_eq!(c.machine_id.as_deref(), Some("m"));
         assert_eq!(c.mqtt_url.as_deref(), Some("mqtt://b:1884"));
         assert_eq!(c.local_api.as_deref(), Some("127.0.0.1:3001"));
+        assert_eq!(c.host_root, PathBuf::from("/host"));
+        assert_eq!(run_cfg("", no_env).host_root, PathBuf::from("/"));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! interface counters. The mount list and thermal zones are re-read every
 //! [`RELIST_EVERY`] samples. Processes are counted from `/proc` directory
 //! names (sysinfo's process refresh is far more expensive), temperatures come
-//! straight from `/sys/class/thermal`.
+//! straight from `/sys/class/thermal`. The thermal zones, the device model and
+//! a Pi's board ([`crate::board`]) are read under the host root
+//! (`--host-root`: `/`, or where a container sees the host's `/sys`).
 //!
 //! Limits: all text goes through [`protocol::frame::bounded`] and lists are
 //! truncated at the frame capacities (`MAX_CORES`, `MAX_DISKS`, …), so a
@@ -16,12 +18,14 @@
 //! Every call blocks on file I/O: run it with `spawn_blocking`.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use heapless::Vec as HVec;
 use protocol::frame::{bounded, Disk, Label, NetRate, Temperature, MAX_DISKS, MAX_NETS, MAX_TEMPS};
-use protocol::{Birth, Metrics, Name, Text};
+use protocol::{Birth, Board, Metrics, Name, Text};
+
+use crate::board::BoardReader;
 use sysinfo::{DiskRefreshKind, Disks, System};
 
 /// Samples between re-reads of the mount list and thermal zones.
@@ -136,12 +140,22 @@ pub struct Collector {
     /// When the network counters were last refreshed (for rates).
     last_net: Instant,
     samples: u64,
+    /// Where the host's `/sys` and `/proc` are (`/` but in a container).
+    host_root: PathBuf,
+    /// The Pi's board reader; `None` on any other machine.
+    board: Option<BoardReader>,
 }
 
 impl Collector {
     /// Sets up sysinfo and takes the baseline readings that CPU usage and
     /// network rates are measured against.
     pub fn new() -> Collector {
+        Collector::with_host_root(Path::new("/"))
+    }
+
+    /// [`Collector::new`] reading the board, the thermal zones and the device model under
+    /// `host_root` (`--host-root`).
+    pub fn with_host_root(host_root: &Path) -> Collector {
         let sys = match System::new() {
             Ok(mut s) => {
                 s.refresh_cpu_usage();
@@ -167,9 +181,11 @@ impl Collector {
             sys,
             disks,
             net_prev: read_net_dev(),
-            thermal: thermal_zones(),
+            thermal: thermal_zones(host_root),
             last_net: Instant::now(),
             samples: 0,
+            host_root: host_root.to_path_buf(),
+            board: BoardReader::detect(host_root),
         }
     }
 
@@ -203,9 +219,15 @@ impl Collector {
             cpu_model: bounded(&cpu_model),
             cores: u16::try_from(cores).unwrap_or(u16::MAX),
             memory_total: self.sys.as_ref().map_or(0, |s| s.total_memory()),
-            device_model: bounded(&device_model()),
+            device_model: bounded(&device_model(&self.host_root)),
             boot_id: bounded(read_trimmed("/proc/sys/kernel/random/boot_id").as_str()),
         }
+    }
+
+    /// The Pi's board frame now (throttling re-read); `None` on any other
+    /// machine.
+    pub fn board(&self) -> Option<Board> {
+        self.board.as_ref().map(BoardReader::read)
     }
 
     /// One metrics sample (`dropped` is left 0 for the caller to fill).
@@ -249,7 +271,7 @@ impl Collector {
         m.disks = self.disks();
         m.net = self.net_rates();
         if relist {
-            self.thermal = thermal_zones();
+            self.thermal = thermal_zones(&self.host_root);
             if let Some(d) = self.disks.as_mut() {
                 d.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
             }
@@ -487,8 +509,9 @@ pub fn count_processes() -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn thermal_zones() -> Vec<(Name, PathBuf)> {
-    let Ok(dir) = fs::read_dir("/sys/class/thermal") else {
+/// The thermal zones under `root` (`sys/class/thermal/thermal_zone*`).
+fn thermal_zones(root: &Path) -> Vec<(Name, PathBuf)> {
+    let Ok(dir) = fs::read_dir(root.join("sys/class/thermal")) else {
         return Vec::new();
     };
     let mut zones: Vec<(u32, Name, PathBuf)> = dir
@@ -523,7 +546,9 @@ fn read_temperatures(zones: &[(Name, PathBuf)]) -> HVec<Temperature, MAX_TEMPS> 
     out
 }
 
-fn read_trimmed(path: impl AsRef<std::path::Path>) -> String {
+/// A sysfs, procfs or device-tree file's text without surrounding NULs or
+/// whitespace; empty when it cannot be read.
+pub(crate) fn read_trimmed(path: impl AsRef<std::path::Path>) -> String {
     fs::read(path)
         .map(|b| {
             String::from_utf8_lossy(&b)
@@ -542,7 +567,7 @@ fn read_trimmed(path: impl AsRef<std::path::Path>) -> String {
 pub fn arch() -> String {
     if cfg!(target_arch = "arm") {
         // `target_feature = "v7"` is set for the armv7 targets when std is
-        // built from source (deploy/build-arm32.sh); a build without it
+        // built from source (deploy/build-pi.sh); a build without it
         // (prebuilt std, `cross`) counts as armv6, the safe side.
         arm_arch(&System::cpu_arch(), cfg!(target_feature = "v7")).to_string()
     } else {
@@ -566,14 +591,21 @@ pub fn arm_arch(machine: &str, v7_build: bool) -> &'static str {
     }
 }
 
-fn device_model() -> String {
-    for p in ["/proc/device-tree/model", "/sys/class/dmi/id/product_name"] {
-        let m = read_trimmed(p);
+fn device_model(root: &Path) -> String {
+    for p in [
+        "sys/firmware/devicetree/base/model",
+        "sys/class/dmi/id/product_name",
+    ] {
+        let m = read_trimmed(root.join(p));
         if !m.is_empty() {
             return m;
         }
     }
-    String::new()
+    // A Pi kernel without the device tree in sysfs still names the board.
+    let cpuinfo = fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();
+    crate::board::cpuinfo_field(&cpuinfo, "Model")
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// `PRETTY_NAME` from os-release, else sysinfo's long OS version.
@@ -593,6 +625,36 @@ fn os_name() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thermal_zones_come_from_the_host_root() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pi4");
+        let mut c = Collector::with_host_root(&root);
+        let m = c.sample();
+        let t: Vec<_> = m
+            .temperatures
+            .iter()
+            .map(|t| (t.name.as_str(), t.millicelsius))
+            .collect();
+        assert_eq!(t, [("cpu-thermal", 47_712)]);
+        assert_eq!(c.board().and_then(|b| b.revision), Some(0xc03114));
+        assert!(Collector::with_host_root(&root.join("nothing"))
+            .board()
+            .is_none());
+    }
+
+    #[test]
+    fn the_device_model_comes_from_the_host_root() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        assert_eq!(
+            device_model(&fixtures.join("pi4")),
+            "Raspberry Pi 4 Model B Rev 1.4"
+        );
+        assert_eq!(
+            device_model(&fixtures.join("pi-zero-w")),
+            "Raspberry Pi Zero W Rev 1.1"
+        );
+    }
+
     #[test]
     fn parses_proc_net_dev_and_skips_malformed_lines() {
         let text = "Inter-|   Receive                                                |  Transmit

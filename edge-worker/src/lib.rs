@@ -24,6 +24,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 pub mod backoff;
+pub mod board;
 pub mod cgroup;
 pub mod cli;
 pub mod collect;
@@ -106,6 +107,10 @@ pub struct WorkerConfig {
     /// default); an agent embedded in another program (the conductor's
     /// `--local-worker`) is [`SelfUpdate::Embedded`] and refuses updates.
     pub self_update: SelfUpdate,
+    /// `--host-root`: where the host's `/sys` and `/proc` are seen (`/`;
+    /// in a container, where they are mounted). The board reader
+    /// ([`board`]) and the device model are read under it.
+    pub host_root: PathBuf,
 }
 
 /// `--self-update`: may the agent replace its own binary?
@@ -153,6 +158,7 @@ impl WorkerConfig {
             allow_remote_exec: false,
             release_key: None,
             self_update: SelfUpdate::Embedded,
+            host_root: PathBuf::from("/"),
         }
     }
 }
@@ -250,8 +256,9 @@ pub async fn run_until(
 
     // Sysinfo setup reads /proc and /sys: off the runtime thread.
     let hostname = config.hostname.clone();
+    let host_root = config.host_root.clone();
     let (collector, inventory, disks) = tokio::task::spawn_blocking(move || {
-        let mut c = collect::Collector::new();
+        let mut c = collect::Collector::with_host_root(&host_root);
         let inv = c.inventory(hostname.as_deref());
         let disks = c.disks();
         (c, inv, disks)

@@ -65,7 +65,7 @@ use std::time::Duration;
 use heapless::Vec as HVec;
 use protocol::frame::{bounded, Disk, MAX_DISKS};
 use protocol::{
-    Action, Body, BodyKind, Event as WorkerEvent, EventKind, Metrics, ReplayWindow, Reply,
+    Action, Board, Body, BodyKind, Event as WorkerEvent, EventKind, Metrics, ReplayWindow, Reply,
     ReplyStatus, Secret, SeqVerdict, TopicKind, MAX_FRAME_LEN,
 };
 use rumqttc::{
@@ -218,6 +218,7 @@ struct Topics {
     services: String,
     logs: String,
     service_metrics: String,
+    board: String,
 }
 
 impl Topics {
@@ -234,6 +235,7 @@ impl Topics {
             services: t(TopicKind::Services),
             logs: t(TopicKind::Logs),
             service_metrics: t(TopicKind::ServiceMetrics),
+            board: t(TopicKind::Board),
         }
     }
 
@@ -246,6 +248,7 @@ impl Topics {
             BodyKind::ServiceStatus => Some(&self.services),
             BodyKind::LogChunk => Some(&self.logs),
             BodyKind::ServiceMetrics => Some(&self.service_metrics),
+            BodyKind::Board => Some(&self.board),
             BodyKind::Command => None,
         }
     }
@@ -265,11 +268,11 @@ fn poll_after(mut eventloop: EventLoop, delay: Duration) -> PollFuture {
     })
 }
 
-type SampleTask = JoinHandle<(Collector, Metrics)>;
+/// A sample: the collector back, the metrics and the Pi's board frame.
+type Sample = (Collector, Metrics, Option<Board>);
+type SampleTask = JoinHandle<Sample>;
 
-async fn join_sample(
-    task: &mut Option<SampleTask>,
-) -> Result<(Collector, Metrics), tokio::task::JoinError> {
+async fn join_sample(task: &mut Option<SampleTask>) -> Result<Sample, tokio::task::JoinError> {
     match task {
         Some(t) => t.await,
         None => std::future::pending().await,
@@ -305,6 +308,9 @@ struct Session {
     inventory: Inventory,
     /// The disks of the last sample, repeated in every birth.
     last_disks: HVec<Disk, MAX_DISKS>,
+    /// The Pi's last board frame, repeated after every connect; `None`
+    /// until the first sample, and on any machine that is not a Pi.
+    board: Option<Board>,
     /// The worker's labels, sent in every birth.
     labels: Vec<(String, String)>,
     /// The metrics interval (the birth carries it: the conductor's
@@ -453,6 +459,7 @@ pub(crate) async fn run(
         mqtt_url: p.mqtt_url,
         inventory: p.inventory,
         last_disks: p.disks,
+        board: None,
         labels: p.labels,
         interval: p.interval,
         interval_changed: false,
@@ -543,7 +550,8 @@ pub(crate) async fn run(
                     sample = Some(tokio::task::spawn_blocking(move || {
                         let mut c = c.unwrap_or_default();
                         let m = c.sample();
-                        (c, m)
+                        let b = c.board();
+                        (c, m, b)
                     }));
                 } else {
                     tracing::debug!("previous sample still running; tick skipped");
@@ -552,9 +560,10 @@ pub(crate) async fn run(
             result = join_sample(&mut sample) => {
                 sample = None;
                 match result {
-                    Ok((c, m)) => {
+                    Ok((c, m, b)) => {
                         collector = Some(c);
                         s.on_metrics(m);
+                        s.on_board(b);
                     }
                     // The collector is rebuilt on the next tick.
                     Err(e) => tracing::error!("metrics sample failed: {e}"),
@@ -610,6 +619,21 @@ impl Session {
             .inventory
             .birth(&self.last_disks, &self.labels, interval_ms);
         self.out.enqueue(Body::Birth(birth));
+    }
+
+    /// Queues the board frame when it changed (the throttling bits; the
+    /// first one after start). [`Session::on_connected`] repeats the last.
+    fn on_board(&mut self, board: Option<Board>) {
+        if board.is_some() && board != self.board {
+            self.board = board;
+            self.enqueue_board();
+        }
+    }
+
+    fn enqueue_board(&mut self) {
+        if let Some(b) = &self.board {
+            self.out.enqueue(Body::Board(b.clone()));
+        }
     }
 
     fn on_metrics(&mut self, mut m: Metrics) {
@@ -671,6 +695,7 @@ impl Session {
         // One event per outage.
         self.out.report_outage();
         self.enqueue_birth();
+        self.enqueue_board();
         // The conductor converges on the full picture after every connect.
         for status in self.services.statuses() {
             self.out.enqueue(Body::ServiceStatus(status));

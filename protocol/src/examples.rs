@@ -73,6 +73,22 @@ pub fn birth() -> Birth {
     }
 }
 
+/// A Pi Zero W that was under-volted since boot and is throttled now
+/// (`get_throttled` = `0x50005`).
+pub fn board() -> Board {
+    Board {
+        throttled: Some(0x50005),
+        revision: Some(0x9000c1),
+        serial: bounded("00000000a1b2c3d4"),
+        sd: Some(SdCard {
+            name: bounded("SC16G"),
+            serial: bounded("0x8a3d2f11"),
+            date: bounded("03/2021"),
+            manfid: 3,
+        }),
+    }
+}
+
 /// The worker id of the examples.
 pub const WORKER_ID: &str = "w-0123456789ab";
 
@@ -141,6 +157,22 @@ pub fn largest_metrics() -> Metrics {
         uptime_s: u64::MAX,
         processes: u32::MAX,
         dropped: u32::MAX,
+    }
+}
+
+/// The largest board frame the types can express.
+pub fn largest_board() -> Board {
+    let full = || bounded(&"x".repeat(32));
+    Board {
+        throttled: Some(u32::MAX),
+        revision: Some(u32::MAX),
+        serial: full(),
+        sd: Some(SdCard {
+            name: full(),
+            serial: full(),
+            date: full(),
+            manfid: u16::MAX,
+        }),
     }
 }
 

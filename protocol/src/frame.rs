@@ -77,6 +77,10 @@ pub enum Body {
     /// Worker → conductor: metrics a hosted service published through the
     /// worker's local API.
     ServiceMetrics(ServiceMetrics),
+    /// Worker → conductor (retained): a Raspberry Pi's board identity and
+    /// firmware health flags, after each connect and whenever the flags
+    /// change. Never sent by a machine that is not a Pi.
+    Board(Board),
 }
 
 /// Discriminant of [`Body`], for topic checks and counters.
@@ -98,6 +102,8 @@ pub enum BodyKind {
     LogChunk,
     /// [`Body::ServiceMetrics`]
     ServiceMetrics,
+    /// [`Body::Board`]
+    Board,
 }
 
 impl Body {
@@ -112,6 +118,7 @@ impl Body {
             Body::ServiceStatus(_) => BodyKind::ServiceStatus,
             Body::LogChunk(_) => BodyKind::LogChunk,
             Body::ServiceMetrics(_) => BodyKind::ServiceMetrics,
+            Body::Board(_) => BodyKind::Board,
         }
     }
 }
@@ -218,6 +225,37 @@ pub struct Metrics {
     pub processes: u32,
     /// Frames the worker dropped (queue overflow) since the previous metrics frame.
     pub dropped: u32,
+}
+
+/// A Raspberry Pi's identity and firmware health ([`crate::board`] names
+/// the bits and decodes the revision). Read from the device tree and sysfs;
+/// each field is empty or `None` where the kernel does not expose it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Board {
+    /// The firmware's `get_throttled` bits: under-voltage, frequency capped,
+    /// throttled, soft temperature limit, now (bits 0–3) and since boot
+    /// (bits 16–19). `None` where the kernel does not expose them.
+    pub throttled: Option<u32>,
+    /// The board's revision code (model, memory, maker), from
+    /// `/proc/device-tree/system/linux,revision` or `/proc/cpuinfo`.
+    pub revision: Option<u32>,
+    /// Board serial number, hex as the firmware prints it.
+    pub serial: Name,
+    /// The SD card (`mmcblk0`), when there is one.
+    pub sd: Option<SdCard>,
+}
+
+/// An SD card's identity, from its CID register (`/sys/block/mmcblk0/device`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SdCard {
+    /// Product name, e.g. `SC32G`.
+    pub name: Name,
+    /// Product serial number, e.g. `0x1a2b3c4d`.
+    pub serial: Name,
+    /// Manufacturing date, `MM/YYYY`.
+    pub date: Name,
+    /// Manufacturer id (`0x03` SanDisk, `0x1b` Samsung, …).
+    pub manfid: u16,
 }
 
 /// Kinds of worker event. **Append only.**

@@ -28,6 +28,7 @@
 //! panics. The byte layout is documented in `protocol/README.md` and pinned
 //! by the golden tests in `tests/golden.rs`.
 
+pub mod board;
 pub mod codec;
 pub mod examples;
 pub mod exec;

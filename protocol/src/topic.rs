@@ -11,8 +11,10 @@
 //! aerekos/v1/<worker_id>/services      ServiceStatus frames, worker -> conductor
 //! aerekos/v1/<worker_id>/logs          LogChunk frames, worker -> conductor (answers Logs)
 //! aerekos/v1/<worker_id>/service-metrics  ServiceMetrics frames, worker -> conductor
+//! aerekos/v1/<worker_id>/board         retained Board frame (a Raspberry Pi's identity and health), worker -> conductor
 //! aerekos/v1/<worker_id>/json/birth    retained JSON mirror in plain units (written by the conductor)
 //! aerekos/v1/<worker_id>/json/metrics  retained JSON mirror in plain units (written by the conductor)
+//! aerekos/v1/<worker_id>/json/board    retained JSON mirror of a Pi's board (written by the conductor)
 //! ```
 //!
 //! Worker ids are restricted to `[a-z0-9-]` so they can never contain MQTT
@@ -26,7 +28,7 @@ pub const ROOT: &str = "aerekos/v1";
 /// order on brokers that order per subscription.
 pub const CONDUCTOR_FILTER: &str = "aerekos/v1/+/+";
 
-/// Every worker's JSON mirror topics (`json/birth`, `json/metrics`).
+/// Every worker's JSON mirror topics (`json/birth`, `json/metrics`, `json/board`).
 pub const MIRROR_FILTER: &str = "aerekos/v1/+/json/+";
 
 /// Payload of the retained `status` topic while the worker is connected.
@@ -64,6 +66,10 @@ pub enum TopicKind {
     /// conductor's own acknowledgements do not come back to it, and agents
     /// that predate them (not subscribed) never see one.
     Stored,
+    /// Retained Raspberry Pi board frame (identity, throttling flags).
+    Board,
+    /// Conductor-written JSON mirror of the board frame.
+    JsonBoard,
 }
 
 /// Who may publish on a topic kind: the broker's authorisation rules
@@ -78,7 +84,7 @@ pub enum Publisher {
 
 impl TopicKind {
     /// Every kind, in declaration order (tests keep documented tables in step with it).
-    pub const ALL: [TopicKind; 12] = [
+    pub const ALL: [TopicKind; 14] = [
         TopicKind::Status,
         TopicKind::Birth,
         TopicKind::Metrics,
@@ -91,6 +97,8 @@ impl TopicKind {
         TopicKind::Logs,
         TopicKind::ServiceMetrics,
         TopicKind::Stored,
+        TopicKind::Board,
+        TopicKind::JsonBoard,
     ];
 
     /// Who publishes on this kind of topic.
@@ -103,10 +111,13 @@ impl TopicKind {
             | TopicKind::Reply
             | TopicKind::Services
             | TopicKind::Logs
-            | TopicKind::ServiceMetrics => Publisher::Worker,
-            TopicKind::Cmd | TopicKind::Stored | TopicKind::JsonBirth | TopicKind::JsonMetrics => {
-                Publisher::Conductor
-            }
+            | TopicKind::ServiceMetrics
+            | TopicKind::Board => Publisher::Worker,
+            TopicKind::Cmd
+            | TopicKind::Stored
+            | TopicKind::JsonBirth
+            | TopicKind::JsonMetrics
+            | TopicKind::JsonBoard => Publisher::Conductor,
         }
     }
 
@@ -125,6 +136,8 @@ impl TopicKind {
             TopicKind::Logs => "logs",
             TopicKind::ServiceMetrics => "service-metrics",
             TopicKind::Stored => "cmd/stored",
+            TopicKind::Board => "board",
+            TopicKind::JsonBoard => "json/board",
         }
     }
 
@@ -140,7 +153,11 @@ impl TopicKind {
             TopicKind::Services => Some(B::ServiceStatus),
             TopicKind::Logs => Some(B::LogChunk),
             TopicKind::ServiceMetrics => Some(B::ServiceMetrics),
-            TopicKind::Status | TopicKind::JsonBirth | TopicKind::JsonMetrics => None,
+            TopicKind::Board => Some(B::Board),
+            TopicKind::Status
+            | TopicKind::JsonBirth
+            | TopicKind::JsonMetrics
+            | TopicKind::JsonBoard => None,
         }
     }
 }
@@ -175,6 +192,8 @@ impl<'a> Topic<'a> {
             "logs" => TopicKind::Logs,
             "service-metrics" => TopicKind::ServiceMetrics,
             "cmd/stored" => TopicKind::Stored,
+            "board" => TopicKind::Board,
+            "json/board" => TopicKind::JsonBoard,
             _ => return None,
         };
         Some(Topic { worker_id, kind })

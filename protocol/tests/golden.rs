@@ -134,6 +134,11 @@ fn golden_manifest_commands_logs_and_service_metrics() {
 }
 
 #[test]
+fn golden_board() {
+    assert_golden(Body::Board(examples::board()), GOLDEN_BOARD);
+}
+
+#[test]
 fn golden_install_manifest_command() {
     // The DeployManifest layout under action index 10 (`0a`).
     assert_golden(
@@ -324,6 +329,7 @@ fn enum_discriminants_are_append_only() {
     assert_eq!(body(&Body::ServiceStatus(examples::service_status())), 5);
     assert_eq!(body(&Body::LogChunk(examples::log_chunk())), 6);
     assert_eq!(body(&Body::ServiceMetrics(examples::service_metrics())), 7);
+    assert_eq!(body(&Body::Board(examples::board())), 8);
     assert_eq!(act(Action::DeployManifest(examples::manifest_ref())), 8);
     assert_eq!(
         act(Action::Logs(LogRequest {
@@ -441,6 +447,7 @@ const GOLDEN_CMD_EXEC: &str = "010e772d3031323334353637383961620180a8f094ac33030
 const GOLDEN_CMD_LOGS: &str = "010e772d3031323334353637383961620180a8f094ac330305090c73656e736f722d72656c617980201e49c4035deba47ec6bfbd339d65f260b1";
 const GOLDEN_LOG_CHUNK: &str = "010e772d3031323334353637383961620180a8f094ac3306050c73656e736f722d72656c617900136c697374656e696e67206f6e203a383038300a01e7e8cf4272d1f4ad9f92da5392acb1df";
 const GOLDEN_SERVICE_METRICS: &str = "010e772d3031323334353637383961620180a8f094ac33070c73656e736f722d72656c6179020872656164696e6773e0120b71756575655f646570746801894ad48e1c7d32144899246f926c9bdf";
+const GOLDEN_BOARD: &str = "010e772d3031323334353637383961620180a8f094ac33080185801401c181c0041030303030303030306131623263336434010553433136470a307838613364326631310730332f32303231037dd6f2f1f6ae037d7bc1992b8637f449";
 const GOLDEN_MANIFEST: &str = "010c73656e736f722d72656c6179040001010761617263683634abababababababababababababababababababababababababababababababab80804002062d2d706f727404383038300108525553545f4c4f4704696e666f0001053ce8070100903f082f6865616c74687ad00fe807038827018080802001f403000104736974650473686f7001076170695f6b657906733363723374";
 const GOLDEN_HTTP_AUTH: &str = "Aerekos-Worker w-0123456789ab 9c3a2739b615db0fc5f3b89f6486c1fa";
 

@@ -10,6 +10,7 @@ use protocol::*;
 fn largest_bodies() -> Vec<Body> {
     vec![
         Body::Birth(examples::largest_birth()),
+        Body::Board(examples::largest_board()),
         Body::Metrics(examples::largest_metrics()),
         Body::Event(Event {
             kind: EventKind::CommandRejected,

@@ -597,6 +597,36 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A copy of one of the edge-worker's Raspberry Pi fixture trees
+/// (`edge-worker/tests/fixtures/<name>`: `/sys` and `/proc` as a Pi has
+/// them) at `to`, for `--host-root`: the test may change it under the
+/// running agent (the firmware's throttling bits, say).
+pub fn pi_host_root(name: &str, to: &Path) -> PathBuf {
+    fn copy_tree(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let target = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_tree(&e.path(), &target);
+            } else {
+                fs::copy(e.path(), target).unwrap();
+            }
+        }
+    }
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../edge-worker/tests/fixtures")
+        .join(name);
+    assert!(from.is_dir(), "no fixture {}", from.display());
+    copy_tree(&from, to);
+    to.to_path_buf()
+}
+
+/// The fixtures' `get_throttled` under a [`pi_host_root`].
+pub fn pi_throttled_file(root: &Path) -> PathBuf {
+    root.join("sys/devices/platform/soc/soc:firmware/get_throttled")
+}
+
 /// Options for an edge-worker process.
 #[derive(Debug, Clone)]
 pub struct WorkerOpts {

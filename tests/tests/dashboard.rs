@@ -1121,12 +1121,11 @@ fn dashboard_in_a_real_browser() {
     );
 }
 
-/// A browser signed in as admin through the login form shown on
-/// `#/<page>`, once that page (its root `#<page>`) has loaded and its nav
-/// link is the current one.
-fn signed_in_on(c: &Conductor, page: &str) -> Browser {
+/// A browser signed in as admin through the login form shown at `route`
+/// (`#/`, `#/alerts`), once the page's `ready` expression holds.
+fn signed_in_at(c: &Conductor, route: &str, ready: &str) -> Browser {
     let mut b = Browser::start(1280, 900, &spki_sha256_base64(&c.ca_pem()));
-    b.goto(&format!("{}/#/{page}", c.https_url()));
+    b.goto(&format!("{}/{route}", c.https_url()));
     b.wait(
         "the login form",
         SECS(10),
@@ -1134,9 +1133,17 @@ fn signed_in_on(c: &Conductor, page: &str) -> Browser {
     );
     b.type_into("#login-pass", ADMIN_PASSWORD);
     b.click("#login-form button[type=submit]");
+    b.wait(&format!("the page at {route}"), SECS(10), ready);
+    b
+}
+
+/// A browser signed in as admin through the login form shown on
+/// `#/<page>`, once that page (its root `#<page>`) has loaded and its nav
+/// link is the current one.
+fn signed_in_on(c: &Conductor, page: &str) -> Browser {
     let loaded =
         format!("(document.querySelector('#{page}') || {{dataset: {{}}}}).dataset.loaded === '1'");
-    b.wait(&format!("the {page} page"), SECS(10), &loaded);
+    let b = signed_in_at(c, &format!("#/{page}"), &loaded);
     assert_eq!(
         b.js(&format!(
             "return document.querySelector('[data-nav={page}]').getAttribute('aria-current')"
@@ -1697,4 +1704,79 @@ fn shell_panel_in_a_real_browser() {
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");
     drop(w);
     println!("shell panel test: {:?}", started.elapsed());
+}
+
+#[test]
+fn pi_power_warnings_in_a_real_browser() {
+    let _one = one_browser();
+    let started = Instant::now();
+    conductor_with_current_assets();
+    let dir = tempfile::tempdir().unwrap();
+    let _strays = KillStrays(dir.path().to_path_buf());
+    let c = Conductor::start_with(
+        &dir.path().join("conductor"),
+        &["--default-interval-ms", "300"],
+    );
+    // A Pi Zero W on a weak supply (its /sys and /proc from the fixture).
+    let root = pi_host_root("pi-zero-w", &dir.path().join("host"));
+    let mut opts = WorkerOpts::named("pi-sag");
+    opts.extra = vec!["--host-root".into(), root.display().to_string()];
+    let mut w = Worker::start(
+        &dir.path().join("pi-sag"),
+        &c.url(),
+        Some(&c.registration_token()),
+        opts,
+    );
+    let id = w.wait_id();
+    wait_for("the board", SECS(20), || {
+        (!c.worker(&id)["board"].is_null()).then_some(())
+    });
+
+    let mut b = signed_in_at(&c, "#/", "!!document.querySelector('.card')");
+    let power = format!("document.querySelector('[data-id=\"{id}\"] .power')");
+    b.wait(
+        "the under-voltage badge",
+        SECS(10),
+        &format!("{power} && !{power}.hidden && {power}.textContent === 'under-voltage'"),
+    );
+    assert!(
+        b.js(&format!("return {power}.title"))
+            .as_str()
+            .unwrap()
+            .contains("under_voltage_now"),
+        "the badge's title names the bits"
+    );
+    b.screenshot("fleet-under-voltage");
+
+    // The worker page shows the board.
+    b.goto(&format!("{}/#/workers/{id}", c.https_url()));
+    b.wait(
+        "the board on the worker page",
+        SECS(10),
+        "document.querySelector('#w-inv') && document.querySelector('#w-inv').textContent.includes('Pi power')",
+    );
+    let inv = b.text("#w-inv");
+    for want in [
+        "Raspberry Pi Zero W",
+        "rev 9000c1",
+        "00000000deadbeef",
+        "under voltage now",
+    ] {
+        assert!(inv.contains(want), "{want:?} not in: {inv}");
+    }
+
+    // The supply recovers: the card says it happened since boot.
+    std::fs::write(pi_throttled_file(&root), "50000\n").unwrap();
+    b.goto(&format!("{}/#/", c.https_url()));
+    b.wait(
+        "the since-boot badge",
+        SECS(15),
+        &format!("{power} && {power}.textContent === 'under-voltage since boot'"),
+    );
+    // And clears once the firmware reports nothing (a reboot).
+    std::fs::write(pi_throttled_file(&root), "0\n").unwrap();
+    b.wait("no badge", SECS(15), &format!("{power} && {power}.hidden"));
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    eprintln!("pi power warnings checked in {:?}", started.elapsed());
 }

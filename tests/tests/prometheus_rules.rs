@@ -480,11 +480,15 @@ fn template_labels(text: &str) -> BTreeSet<String> {
 /// `token` the `--metrics-token`, if any.
 fn fleet(dir: &Path, args: &[&str], token: Option<&str>) -> (Conductor, Worker, String) {
     let c = Conductor::start_with(&dir.join("conductor"), args);
+    // A Pi 4 (the fixture's /sys and /proc), so the board series are there.
+    let root = pi_host_root("pi4", &dir.join("host"));
+    let mut opts = WorkerOpts::named("prom-pi");
+    opts.extra = vec!["--host-root".into(), root.display().to_string()];
     let mut w = Worker::start(
         &dir.join("worker"),
         &c.url(),
         Some(&c.registration_token()),
-        WorkerOpts::named("prom-pi"),
+        opts,
     );
     let id = w.wait_id();
     let (status, body) = c.post(
@@ -516,6 +520,7 @@ fn fleet(dir: &Path, args: &[&str], token: Option<&str>) -> (Conductor, Worker, 
             (resp.status() == 200
                 && text.contains("aerekos_worker_cpu_percent{")
                 && text.contains("aerekos_worker_up{")
+                && text.contains("aerekos_worker_pi_throttled{")
                 && text.contains("aerekos_service_running{")
                 && text.contains(&format!(
                     "aerekos_service_running{{worker_id=\"{id}\",service=\"sleeper\"}} 1"
@@ -604,6 +609,7 @@ fn every_metric_and_label_the_rules_and_the_dashboard_use_is_exported() {
         "aerekos_frames_rejected_total",
         "aerekos_tls_certificate_expiry_seconds",
         "aerekos_alerts_firing",
+        "aerekos_worker_pi_throttled",
     ] {
         assert!(
             all_names.contains(&must.to_string()),

@@ -52,6 +52,11 @@ pub struct MetricValues {
     pub disk: Option<f64>,
     /// The hottest sensor, °C (`None`: no sensor).
     pub temperature: Option<f64>,
+    /// A Pi's under-voltage bit now, 0 or 1 (`None`: not a Pi, or its
+    /// kernel does not expose the bits).
+    pub under_voltage: Option<f64>,
+    /// A Pi's capped/throttled/soft-limit bits now, 0 or 1.
+    pub throttling: Option<f64>,
 }
 
 impl MetricValues {
@@ -78,7 +83,19 @@ impl MetricValues {
                 .iter()
                 .map(|t| f64::from(t.millicelsius) / 1000.0)
                 .reduce(f64::max),
+            under_voltage: None,
+            throttling: None,
         }
+    }
+
+    /// Adds a Pi's throttling flags from its board frame.
+    pub fn with_board(mut self, board: Option<&protocol::Board>) -> MetricValues {
+        use protocol::board::THROTTLING_NOW;
+        let bits = board.and_then(|b| b.throttled);
+        let flag = |mask: u32| bits.map(|t| if t & mask != 0 { 1.0 } else { 0.0 });
+        self.under_voltage = flag(1);
+        self.throttling = flag(THROTTLING_NOW);
+        self
     }
 
     fn get(&self, metric: Metric) -> Option<f64> {
@@ -87,6 +104,8 @@ impl MetricValues {
             Metric::Memory => Some(self.memory),
             Metric::Disk => self.disk,
             Metric::Temperature => self.temperature,
+            Metric::UnderVoltage => self.under_voltage,
+            Metric::Throttling => self.throttling,
         }
     }
 }
@@ -198,13 +217,22 @@ fn hits(rule: &Rule, snap: &Snapshot) -> Vec<Hit> {
                     let v = w.metrics?.get(metric)?;
                     (v > threshold).then(|| Hit {
                         subject: w.id.clone(),
-                        summary: format!(
-                            "{} {v:.1} {} on {} ({}), above {threshold} for {hold}",
-                            metric.as_str(),
-                            metric.unit(),
-                            w.hostname,
-                            w.id
-                        ),
+                        summary: if metric.is_flag() {
+                            format!(
+                                "{} on {} ({}) for {hold}",
+                                metric.as_str(),
+                                w.hostname,
+                                w.id
+                            )
+                        } else {
+                            format!(
+                                "{} {v:.1} {} on {} ({}), above {threshold} for {hold}",
+                                metric.as_str(),
+                                metric.unit(),
+                                w.hostname,
+                                w.id
+                            )
+                        },
                         value: Some(v),
                         since_ms: None,
                     })
@@ -567,5 +595,45 @@ mod tests {
         let v = MetricValues::of(&m);
         assert!((v.cpu - 42.5).abs() < 1e-9);
         assert!(v.memory > 0.0 && v.memory <= 100.0);
+        assert_eq!((v.under_voltage, v.throttling), (None, None), "not a Pi");
+        let mut board = protocol::examples::board();
+        board.throttled = Some(0x50005);
+        let v = v.with_board(Some(&board));
+        assert_eq!((v.under_voltage, v.throttling), (Some(1.0), Some(1.0)));
+        // Since-boot bits alone do not hold an alert open.
+        board.throttled = Some(0x50000);
+        let v = v.with_board(Some(&board));
+        assert_eq!((v.under_voltage, v.throttling), (Some(0.0), Some(0.0)));
+        board.throttled = None;
+        assert_eq!(v.with_board(Some(&board)).under_voltage, None);
+    }
+
+    #[test]
+    fn an_under_voltage_rule_fires_on_the_pi_and_says_so_plainly() {
+        let rules = [rule(
+            1,
+            serde_json::json!({
+                "name": "psu", "kind": "metric_above", "metric": "under_voltage", "threshold": 0
+            }),
+        )];
+        let mut pi = worker("w-1");
+        let mut board = protocol::examples::board();
+        board.throttled = Some(0x1);
+        pi.metrics = Some(MetricValues::default().with_board(Some(&board)));
+        let mut other = worker("w-2");
+        other.metrics = Some(MetricValues::default());
+        let snap = Snapshot {
+            now_ms: 1_000,
+            workers: vec![pi, other],
+            ..Snapshot::default()
+        };
+        let (mut e, mut firing) = (Evaluator::default(), Vec::new());
+        assert_eq!(apply(&mut e, &rules, &snap, &mut firing), (1, 0));
+        assert_eq!(firing[0].subject, "w-1", "w-2 is no Pi: no value, no alert");
+        assert!(
+            firing[0].summary.starts_with("under_voltage on "),
+            "{}",
+            firing[0].summary
+        );
     }
 }

@@ -66,6 +66,12 @@ pub enum Metric {
     Disk,
     /// The hottest sensor, °C.
     Temperature,
+    /// A Raspberry Pi's supply is too weak now (firmware bit 0): 1, else 0.
+    /// Other machines have no value (never match).
+    UnderVoltage,
+    /// A Raspberry Pi is frequency capped, throttled or at its soft
+    /// temperature limit now (firmware bits 1–3): 1, else 0.
+    Throttling,
 }
 
 impl Metric {
@@ -76,13 +82,21 @@ impl Metric {
             Metric::Memory => "memory",
             Metric::Disk => "disk",
             Metric::Temperature => "temperature",
+            Metric::UnderVoltage => "under_voltage",
+            Metric::Throttling => "throttling",
         }
+    }
+
+    /// A 0/1 flag rather than a measure (a rule on it takes threshold 0).
+    pub fn is_flag(self) -> bool {
+        matches!(self, Metric::UnderVoltage | Metric::Throttling)
     }
 
     /// The unit shown after a value.
     pub fn unit(self) -> &'static str {
         match self {
             Metric::Temperature => "°C",
+            Metric::UnderVoltage | Metric::Throttling => "",
             _ => "%",
         }
     }

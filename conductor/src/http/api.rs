@@ -381,6 +381,7 @@ fn list_workers(ctx: &Ctx) -> Result<Resp, ApiError> {
                 "device_model": w.inventory.as_ref().map(|b| b.device_model.as_str()),
                 "arch": w.inventory.as_ref().map(|b| b.arch.as_str()),
                 "agent_version": w.inventory.as_ref().map(|b| b.agent_version.as_str()),
+                "board": w.board.as_ref().map(crate::mirror::board),
                 "summary": summary(w),
             })
         })
@@ -410,6 +411,7 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
         "last_ip": w.last_ip,
         "interval_ms": w.interval_ms,
         "inventory": w.inventory,
+        "board": w.board.as_ref().map(crate::mirror::board),
         "agent_version": w.inventory.as_ref().map(|b| b.agent_version.as_str()),
         "metrics": w.latest.as_ref().map(|l| json!({"received_at_ms": l.received_at_ms, "seq": l.seq, "metrics": l.metrics})),
         "summary": summary(w),

@@ -93,6 +93,20 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         }),
     );
     gauge(
+        "aerekos_worker_pi_throttled",
+        "1 if the Raspberry Pi's firmware reports the flag (vcgencmd get_throttled bits).",
+        &mut list.iter().flat_map(|w| {
+            let bits = w.board.as_ref().and_then(|b| b.throttled);
+            protocol::board::THROTTLE_FLAGS.iter().filter_map(move |f| {
+                let t = bits?;
+                Some((
+                    format!("{},flag=\"{}\"", lbl(w), f.name),
+                    u8::from(t & f.mask != 0).to_string(),
+                ))
+            })
+        }),
+    );
+    gauge(
         "aerekos_worker_uptime_seconds",
         "Seconds since the worker booted.",
         &mut list.iter().filter_map(|w| {

@@ -45,6 +45,13 @@ pub enum WriteOp {
         /// Birth as JSON.
         json: String,
     },
+    /// A Pi's board frame changed.
+    Board {
+        /// Worker.
+        worker_id: String,
+        /// [`protocol::Board`] as JSON.
+        json: String,
+    },
     /// A service status report (upsert).
     ServiceStatus(ServiceStatusRow),
     /// A worker's first frame under its rotated secret: the pending secret
@@ -107,6 +114,7 @@ impl Store {
             let mut status = tx.prepare_cached("UPDATE workers SET status = ?2 WHERE id = ?1")?;
             let mut inventory =
                 tx.prepare_cached("UPDATE workers SET inventory = ?2 WHERE id = ?1")?;
+            let mut board = tx.prepare_cached("UPDATE workers SET board = ?2 WHERE id = ?1")?;
             let mut svc = tx.prepare_cached(
                 "INSERT INTO service_status (worker_id, name, version, state, pid, restarts,
                     exit_code, detail, updated_ms)
@@ -175,6 +183,9 @@ impl Store {
                     }
                     WriteOp::Inventory { worker_id, json } => {
                         inventory.execute(params![worker_id, json])?;
+                    }
+                    WriteOp::Board { worker_id, json } => {
+                        board.execute(params![worker_id, json])?;
                     }
                     WriteOp::ServiceStatus(r) => {
                         svc.execute(params![

@@ -37,6 +37,9 @@ pub struct WorkerRow {
     pub cmd_seq: u64,
     /// `online` | `stale` | `offline`.
     pub status: String,
+    /// A Pi's last board frame as JSON (written by the batch writer, never
+    /// by insert or re-enrolment).
+    pub board_json: Option<String>,
 }
 
 impl std::fmt::Debug for WorkerRow {
@@ -215,7 +218,7 @@ impl Store {
 
 const WORKER_COLS: &str = "id, machine_id, hostname, secret_hex, mqtt_password_sha256, labels,
     inventory, enrolled_at_ms, last_seen_ms, last_ip, revoked, replay_highest, replay_bitmap,
-    cmd_seq, status";
+    cmd_seq, status, board";
 
 fn worker_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
     Ok(WorkerRow {
@@ -234,5 +237,6 @@ fn worker_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
         replay_bitmap: u(r.get(12)?),
         cmd_seq: u(r.get(13)?),
         status: r.get(14)?,
+        board_json: r.get(15)?,
     })
 }

@@ -363,6 +363,7 @@ impl FakeWorker {
             Body::LogChunk(_) => TopicKind::Logs,
             Body::ServiceMetrics(_) => TopicKind::ServiceMetrics,
             Body::ServiceStatus(_) => TopicKind::Services,
+            Body::Board(_) => TopicKind::Board,
         };
         let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let frame = seal(&self.secret, &self.id, n, body);

@@ -275,7 +275,9 @@ impl Publisher {
                 self.outbox.discard_next(seq);
                 continue;
             };
-            let retain = kind == BodyKind::Birth;
+            // Birth and board describe the worker now: retained, so a
+            // subscriber sees them at once (and the conductor after a restart).
+            let retain = matches!(kind, BodyKind::Birth | BodyKind::Board);
             match client.try_publish(topic, QoS::AtLeastOnce, retain, f.bytes.clone()) {
                 Ok(()) => {
                     self.outbox.mark_sent(seq);
