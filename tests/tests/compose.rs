@@ -625,6 +625,16 @@ fn conductor_and_two_workers_from_compose_files() {
         // Mounted from the host: the image itself has no os-release.
         assert_eq!(inv["os"], os.as_str(), "{inv}");
     }
+    // AEREKOS_HOST_ROOT=/host: the model comes from the host's /sys (its
+    // device tree on a Pi, DMI here), past the masks Docker lays over the
+    // container's own /sys/firmware.
+    let model = fs::read_to_string("/sys/firmware/devicetree/base/model")
+        .or_else(|_| fs::read_to_string("/sys/class/dmi/id/product_name"))
+        .unwrap_or_default();
+    let model = model.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+    if !model.is_empty() {
+        assert_eq!(inv["device_model"], model, "{inv}");
+    }
     // pid: host — a container of its own would count 1 or 2 processes.
     let procs = m["processes"].as_u64().unwrap();
     assert!(
