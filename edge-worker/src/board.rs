@@ -15,16 +15,23 @@
 //! | throttled | `sys/devices/platform/soc*/soc*:firmware/get_throttled` (hex, Raspberry Pi kernels) |
 //! | SD card | `sys/block/mmcblk0/device/{name,serial,date,manfid}` |
 //!
+//! `get_throttled` is the Raspberry Pi kernel's `%x\n` attribute (mode
+//! 0444). Newer Raspberry Pi kernels call it deprecated and log one
+//! warning per boot on its first read ("use hwmon sysfs instead"); the
+//! hwmon `rpi_volt` device they point to has the under-voltage bit alone,
+//! so the agent reads `get_throttled` while it exists. The sticky "since
+//! boot" bits are latched by the agent ([`BoardReader`]'s `sticky`).
+//!
 //! Limits: the identity is read once ([`BoardReader::detect`]); only the
-//! throttling bits are re-read with each sample (one small sysfs read, the
-//! firmware answers from memory). A machine that is not a Pi gets no
-//! reader and sends no frame. Nothing read is unwrapped: a missing or
-//! malformed file leaves its field empty.
+//! throttling bits are re-read with each sample (one small sysfs read). A
+//! machine that is not a Pi gets no reader and sends no frame. Nothing read
+//! is unwrapped: a missing or malformed file leaves its field empty. Kernels
+//! with `rpi_volt` but no `get_throttled` (mainline) report no bits.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use protocol::board::parse_hex;
+use protocol::board::{parse_hex, SINCE_BOOT};
 use protocol::frame::bounded;
 use protocol::{Board, SdCard};
 
@@ -40,6 +47,13 @@ pub struct BoardReader {
     identity: Board,
     /// The firmware's `get_throttled` file, when the kernel has one.
     throttled: Option<PathBuf>,
+    /// The sticky ("since boot") bits seen so far, reported with every
+    /// reading. Why the agent latches them: the kernel's `rpi_volt` hwmon
+    /// driver asks the firmware to clear them on every 2 s poll, and newer
+    /// Raspberry Pi kernels show the value that poll got, so without the
+    /// latch "since boot" would mean "in the last 2 s". Since the agent
+    /// started, then: a reboot restarts it.
+    sticky: u32,
 }
 
 impl BoardReader {
@@ -81,16 +95,22 @@ impl BoardReader {
                 sd,
             },
             throttled: find_get_throttled(root),
+            sticky: 0,
         })
     }
 
-    /// The frame now: the identity and freshly read throttling bits.
-    pub fn read(&self) -> Board {
+    /// The frame now: the identity and freshly read throttling bits, with
+    /// the sticky bits seen before still set.
+    pub fn read(&mut self) -> Board {
         let mut b = self.identity.clone();
-        b.throttled = self
+        let now = self
             .throttled
             .as_ref()
             .and_then(|p| parse_hex(&read_trimmed(p)));
+        b.throttled = now.map(|bits| {
+            self.sticky |= bits & SINCE_BOOT;
+            bits | self.sticky
+        });
         b
     }
 }
@@ -130,7 +150,7 @@ mod tests {
 
     #[test]
     fn a_pi_4_reads_from_the_device_tree() {
-        let r = BoardReader::detect(&fixture("pi4")).expect("a Pi");
+        let mut r = BoardReader::detect(&fixture("pi4")).expect("a Pi");
         let b = r.read();
         assert_eq!(b.revision, Some(0xc03114));
         assert_eq!(b.serial.as_str(), "10000000a1b2c3d4");
@@ -144,7 +164,7 @@ mod tests {
 
     #[test]
     fn a_pi_zero_w_falls_back_to_cpuinfo_and_reports_under_voltage() {
-        let r = BoardReader::detect(&fixture("pi-zero-w")).expect("a Pi");
+        let mut r = BoardReader::detect(&fixture("pi-zero-w")).expect("a Pi");
         let b = r.read();
         assert_eq!(b.revision, Some(0x9000c1));
         assert_eq!(b.serial.as_str(), "00000000deadbeef");
@@ -165,11 +185,17 @@ mod tests {
         let fw = root.join("sys/devices/platform/soc@107c000000/soc@107c000000:firmware");
         fs::create_dir_all(&fw).expect("mkdir");
         fs::write(fw.join("get_throttled"), "0\n").expect("write");
-        let r = BoardReader::detect(root).expect("a Pi");
+        let mut r = BoardReader::detect(root).expect("a Pi");
         assert_eq!(r.read().throttled, Some(0));
         assert_eq!(r.read().revision, Some(0xa02082));
-        fs::write(fw.join("get_throttled"), "50000\n").expect("write");
+        fs::write(fw.join("get_throttled"), "50005\n").expect("write");
+        assert_eq!(r.read().throttled, Some(0x50005));
+        // The supply recovers and hwmon's poll cleared the sticky bits: the
+        // "now" bits follow the firmware, the sticky ones stay latched.
+        fs::write(fw.join("get_throttled"), "0\n").expect("write");
         assert_eq!(r.read().throttled, Some(0x50000));
+        fs::write(fw.join("get_throttled"), "80008\n").expect("write");
+        assert_eq!(r.read().throttled, Some(0xd0008));
         // Garbage from the file is no reading, not a crash.
         fs::write(fw.join("get_throttled"), "not hex\n").expect("write");
         assert_eq!(r.read().throttled, None);

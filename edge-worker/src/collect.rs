@@ -226,8 +226,8 @@ impl Collector {
 
     /// The Pi's board frame now (throttling re-read); `None` on any other
     /// machine.
-    pub fn board(&self) -> Option<Board> {
-        self.board.as_ref().map(BoardReader::read)
+    pub fn board(&mut self) -> Option<Board> {
+        self.board.as_mut().map(BoardReader::read)
     }
 
     /// One metrics sample (`dropped` is left 0 for the caller to fill).

@@ -63,6 +63,9 @@ pub const UNDER_VOLTAGE_ANY: u32 = (1 << 0) | (1 << 16);
 /// Frequency capped, throttled or soft temperature limit, now.
 pub const THROTTLING_NOW: u32 = (1 << 1) | (1 << 2) | (1 << 3);
 
+/// The four "since boot" (sticky) bits, 16–19.
+pub const SINCE_BOOT: u32 = 0xf << 16;
+
 /// A hex number as sysfs and the firmware print it (`0x50005`, `50005`,
 /// `c03114`), surrounding whitespace ignored. `None` for anything else.
 pub fn parse_hex(text: &str) -> Option<u32> {

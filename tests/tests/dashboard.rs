@@ -1773,8 +1773,10 @@ fn pi_power_warnings_in_a_real_browser() {
         SECS(15),
         &format!("{power} && {power}.textContent === 'under-voltage since boot'"),
     );
-    // And clears once the firmware reports nothing (a reboot).
+    // And clears after a reboot (the agent starts again; the firmware
+    // reports nothing).
     std::fs::write(pi_throttled_file(&root), "0\n").unwrap();
+    w.restart();
     b.wait("no badge", SECS(15), &format!("{power} && {power}.hidden"));
     let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
