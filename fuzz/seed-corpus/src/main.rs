@@ -81,6 +81,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Body::Metrics(examples::largest_metrics()),
         ),
         ("largest-birth", Body::Birth(examples::largest_birth())),
+        ("board", Body::Board(examples::board())),
+        ("largest-board", Body::Board(examples::largest_board())),
     ];
     for (i, (name, body)) in bodies.into_iter().enumerate() {
         let env = if name.starts_with("largest") {
