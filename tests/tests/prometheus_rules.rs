@@ -5,7 +5,10 @@
 //! tests and the Grafana dashboard use is one a real conductor exports, and a
 //! real Prometheus scrapes a conductor with the example configuration (HTTPS
 //! with the fleet CA, the `--metrics-token` bearer), evaluates every rule
-//! without an error and answers every dashboard query.
+//! without an error and answers every dashboard query. The conductor's
+//! `/metrics` itself passes `promtool check metrics` (the naming
+//! conventions: units in names, `_total` counters, HELP and TYPE on every
+//! family), with a worker, a hosted service and an alert rule in it.
 //!
 //! promtool and prometheus come from Debian's `prometheus` package; without
 //! them those tests print `skipped: …` and pass, unless
@@ -533,6 +536,45 @@ fn fleet(dir: &Path, args: &[&str], token: Option<&str>) -> (Conductor, Worker, 
         },
     );
     (c, w, text)
+}
+
+#[test]
+fn the_conductors_metrics_pass_promtool_check_metrics() {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, _w, text) = fleet(dir.path(), &[], None);
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics on the conductor's /metrics:\n{report}\n--- exposition ---\n{text}"
+    );
+    // The check is not vacuous: the families a fleet exports are there.
+    for family in [
+        "aerekos_worker_cpu_percent",
+        "aerekos_worker_pi_throttled",
+        "aerekos_service_running",
+        "aerekos_alerts_firing",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} in:\n{text}"
+        );
+    }
 }
 
 #[test]
