@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 /// day, well beyond the two hours of frames its outbox holds by default.
 pub const SECRET_GRACE_MS: u64 = 24 * 3_600_000;
 
+/// The discovery prefix Home Assistant listens on by default
+/// (`homeassistant_prefix`).
+pub const HOMEASSISTANT_PREFIX: &str = "homeassistant";
+
 /// Errors while building a [`Config`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -110,6 +114,11 @@ pub struct Config {
     /// with (`aerekos release-key generate`); handed to workers at
     /// enrolment, which pin it. `None`: agent self-update is off.
     pub release_key: Option<String>,
+    /// Publish retained Home Assistant MQTT discovery configs: every
+    /// worker a device with sensors ([`crate::homeassistant`]).
+    pub homeassistant_discovery: bool,
+    /// The Home Assistant discovery prefix (its `discovery_prefix`).
+    pub homeassistant_prefix: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -151,6 +160,8 @@ impl Default for Config {
             secret_grace: "24h".into(),
             alert_interval: "5s".into(),
             release_key: None,
+            homeassistant_discovery: false,
+            homeassistant_prefix: HOMEASSISTANT_PREFIX.into(),
         }
     }
 }
@@ -194,6 +205,10 @@ pub struct Overrides {
     pub mqtt_dynsec: bool,
     /// `--release-key`
     pub release_key: Option<String>,
+    /// `--homeassistant-discovery`
+    pub homeassistant_discovery: bool,
+    /// `--homeassistant-prefix`
+    pub homeassistant_prefix: Option<String>,
 }
 
 /// An external broker URL, split up.
@@ -370,6 +385,10 @@ impl Config {
         if let Some(v) = get("AEREKOS_MQTT_DYNSEC") {
             c.mqtt_dynsec = flag("AEREKOS_MQTT_DYNSEC", v)?;
         }
+        if let Some(v) = get("AEREKOS_HOMEASSISTANT_DISCOVERY") {
+            c.homeassistant_discovery = flag("AEREKOS_HOMEASSISTANT_DISCOVERY", v)?;
+        }
+        env_str!(homeassistant_prefix, "AEREKOS_HOMEASSISTANT_PREFIX");
         if let Some(v) = get("AEREKOS_INSECURE_PLAIN") {
             c.insecure_plain = flag("AEREKOS_INSECURE_PLAIN", v)?;
         }
@@ -448,6 +467,12 @@ impl Config {
         if let Some(v) = f.release_key {
             c.release_key = Some(v);
         }
+        if f.homeassistant_discovery {
+            c.homeassistant_discovery = true;
+        }
+        if let Some(v) = f.homeassistant_prefix {
+            c.homeassistant_prefix = v;
+        }
         if let Some(k) = &mut c.release_key {
             *k = k.trim().to_ascii_lowercase();
         }
@@ -525,6 +550,19 @@ impl Config {
         if let Some(k) = &self.release_key {
             protocol::release::parse_public_key(k)
                 .map_err(|e| bad("release_key", e.to_string()))?;
+        }
+        let p = self.homeassistant_prefix.trim().trim_end_matches('/');
+        if p.is_empty()
+            || p.contains(['+', '#', '\0'])
+            || p.starts_with('$')
+            || p.split('/').any(str::is_empty)
+            || p == "aerekos"
+            || p.starts_with("aerekos/")
+        {
+            return Err(bad(
+                "homeassistant_prefix",
+                format!("{p:?}: not a plain topic prefix (no wildcard, no empty level, outside aerekos/)"),
+            ));
         }
         if self.default_interval_ms < 100 {
             return Err(bad("default_interval_ms", "must be ≥ 100".into()));

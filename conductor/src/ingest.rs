@@ -211,6 +211,7 @@ fn ingest_frame(
     let worker_id = w.id.clone();
     let mirror = crate::mirror::payload(&worker_id, env.seq, received_at_ms, &env.body);
     let mut reconcile_now = false;
+    let mut announce = false;
     match env.body {
         Body::Birth(birth) => {
             if birth.interval_ms >= 50 {
@@ -227,6 +228,7 @@ fn ingest_frame(
             }
             debug!(worker_id = %worker_id, interval_ms = birth.interval_ms, "birth");
             w.inventory = Some(birth);
+            announce = true;
             crate::services::new_session(shared, &worker_id);
             reconcile_now = true;
         }
@@ -316,6 +318,7 @@ fn ingest_frame(
                     });
                 }
                 w.board = Some(board);
+                announce = true;
             }
         }
         Body::ServiceMetrics(sm) => {
@@ -342,6 +345,9 @@ fn ingest_frame(
         bitmap: w.replay.bitmap,
         last_seen_ms: received_at_ms,
     });
+    let discovery = announce
+        .then(|| crate::homeassistant::configs_for(shared, w))
+        .flatten();
     drop(workers);
     if reconcile_now {
         shared.reconcile.notify_one();
@@ -358,6 +364,7 @@ fn ingest_frame(
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
+    crate::homeassistant::publish(shared, client, discovery);
     Ok(())
 }
 

@@ -28,6 +28,7 @@ pub mod deployment;
 pub mod dynsec;
 pub mod exec;
 pub mod frame_check;
+pub mod homeassistant;
 pub mod http;
 pub mod ingest;
 pub mod liveness;
@@ -488,6 +489,7 @@ pub async fn run(
     let alert_task = alerts::run(shared.clone(), alert_sender.waker(), stop_rx.clone());
     let ack_task = ingest::run_acks(shared.clone(), client.clone(), stop_rx.clone());
     let tls_task = refresh_tls(tls.clone(), stop_rx.clone());
+    let ha_task = homeassistant::run(shared.clone(), client.clone(), stop_rx.clone());
     let dynsec_task = async {
         if let Some(t) = dynsec_task {
             t.await;
@@ -532,7 +534,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
         result
     };
-    let ((), (), (), (), (), (), (), result) = tokio::join!(
+    let ((), (), (), (), (), (), (), (), result) = tokio::join!(
         mqtt_task,
         live_task,
         reconcile_task,
@@ -540,6 +542,7 @@ pub async fn run(
         ack_task,
         tls_task,
         dynsec_task,
+        ha_task,
         control
     );
 

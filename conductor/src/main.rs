@@ -88,6 +88,14 @@ struct Flags {
     /// enrolment, which pin it.
     #[arg(long, global = true)]
     release_key: Option<String>,
+    /// Publish retained Home Assistant MQTT discovery configs: every
+    /// worker a device with CPU, memory, disk, temperature, load, uptime,
+    /// under-voltage and online sensors.
+    #[arg(long, global = true)]
+    homeassistant_discovery: bool,
+    /// The Home Assistant discovery prefix (default `homeassistant`).
+    #[arg(long, global = true)]
+    homeassistant_prefix: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +184,8 @@ fn load_config(cli: &Cli) -> Result<Config> {
         metrics_token: f.metrics_token.clone(),
         mqtt_dynsec: f.mqtt_dynsec,
         release_key: f.release_key.clone(),
+        homeassistant_discovery: f.homeassistant_discovery,
+        homeassistant_prefix: f.homeassistant_prefix.clone(),
     };
     Ok(Config::resolve(file.as_deref(), &env, &flags)?)
 }

@@ -510,7 +510,10 @@ fn delete_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
 /// the same request finishes the job. On every broker the worker's retained
 /// `status` becomes `offline` (Mosquitto sends no last will for a session
 /// it closes this way), so MQTT tools do not show it online for good.
+/// With Home Assistant discovery on, its discovery configs are cleared
+/// first ([`crate::homeassistant::remove`]).
 fn remove_broker_login(ctx: &Ctx, id: &str) -> Result<(), ApiError> {
+    crate::homeassistant::remove(&ctx.shared, &ctx.client, id);
     if let Some(d) = &ctx.shared.dynsec {
         d.remove_worker_blocking(id).map_err(|e| {
             tracing::warn!(worker_id = id, "Mosquitto dynamic security: {e}");
