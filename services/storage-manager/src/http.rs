@@ -11,9 +11,11 @@
 //! Routes: `GET /` (ListBuckets); `PUT|HEAD|DELETE /b`; `GET /b`
 //! (ListObjects v1, or v2 with `list-type=2`; `?location`); `POST /b?delete`
 //! (DeleteObjects); `PUT|GET|HEAD|DELETE /b/key` (with `Range` on GET);
-//! multipart: `POST /b/key?uploads`, `PUT /b/key?partNumber=N&uploadId=U`,
-//! `POST /b/key?uploadId=U`, `DELETE /b/key?uploadId=U`. Other
-//! CopyObject is `PUT /b/key` with `x-amz-copy-source`. Virtual-host
+//! multipart: `POST /b/key?uploads`, `PUT /b/key?partNumber=N&uploadId=U`
+//! (UploadPartCopy with `x-amz-copy-source`), `POST /b/key?uploadId=U`,
+//! `DELETE /b/key?uploadId=U`, `GET /b/key?uploadId=U` (ListParts),
+//! `GET /b?uploads` (ListMultipartUploads). CopyObject is `PUT /b/key`
+//! with `x-amz-copy-source`. Virtual-host
 //! addressing (`Host: <bucket>.<domain>`) works when a domain is configured
 //! ([`S3Service::with_virtual_host_domain`]). Other sub-resources (`?acl`,
 //! `?versioning`, ...) answer `NotImplemented` (501).
@@ -26,7 +28,8 @@
 //! sees a short body only when its read timeout fires.
 //!
 //! Limits: XML request bodies at most [`MAX_XML_BODY`]; object and part
-//! sizes from [`crate::store::Limits`]; listings at most 1000 keys a page.
+//! sizes from [`crate::store::Limits`]; listings at most 1000 keys,
+//! uploads or parts a page.
 //! A refused request's unread body is read and discarded (tiny_http would
 //! otherwise allocate its whole declared length), so refusing a huge
 //! upload still costs its transfer. No TLS: use loopback or a tunnel.

@@ -22,6 +22,12 @@
 //!   the service's secrets (re-read every refresh interval), settings from
 //!   its config, capacity metrics and bucket audit events to the conductor
 //!   through the worker's local API.
+//! * Abandoned multipart uploads expire: uploads neither completed nor
+//!   aborted [`DEFAULT_MULTIPART_EXPIRY_HOURS`] after they were initiated
+//!   (`--multipart-expiry-hours`, `$STORAGE_MANAGER_MULTIPART_EXPIRY_HOURS`
+//!   or the config `multipart_expiry_hours`; `0` keeps them forever) are
+//!   removed with their parts at start and by a sweep every
+//!   [`sweep_interval`] ([`Store::expire_uploads`]).
 
 pub mod chunked;
 pub mod crypt;
@@ -46,6 +52,7 @@ pub use store::{Limits, Store};
 use service_runtime::audit::{self, Audit, ReportIntervals, Reported};
 pub use service_runtime::boot::StartError;
 use service_runtime::boot::{Context, Service, Spec, Started};
+use service_runtime::options::UsageError;
 use service_runtime::Clients;
 
 /// Default listen address.
@@ -56,24 +63,99 @@ pub const ENV_LISTEN: &str = "STORAGE_MANAGER_LISTEN";
 pub const DEFAULT_KMS_URL: &str = "http://127.0.0.1:7300";
 /// Default key-manager key name.
 pub const DEFAULT_KMS_KEY: &str = "storage-manager";
+/// Env var setting the multipart upload expiry (hours).
+pub const ENV_MULTIPART_EXPIRY: &str = "STORAGE_MANAGER_MULTIPART_EXPIRY_HOURS";
+/// Default multipart upload expiry: 7 days, as S3's usual
+/// `AbortIncompleteMultipartUpload` lifecycle rule.
+pub const DEFAULT_MULTIPART_EXPIRY_HOURS: u64 = 7 * 24;
 const SERVICE: &str = SPEC.name;
 
 /// Usage text.
 pub const USAGE: &str = "usage: storage-manager [--listen ADDR] [--data-dir DIR] [--threads N]
                        [--report-interval-ms MS] [--refresh-interval-ms MS]
+                       [--multipart-expiry-hours H]
 Runs under an edge-worker (needs AEREKOS_API and AEREKOS_TOKEN).
   --listen ADDR   default: $STORAGE_MANAGER_LISTEN, the config value `listen`, 127.0.0.1:9000
   --data-dir DIR  where buckets and objects live (default: the working directory)
+  --multipart-expiry-hours H  remove multipart uploads neither completed nor aborted H hours
+                  (decimals allowed; 0 = never) after they began; default:
+                  $STORAGE_MANAGER_MULTIPART_EXPIRY_HOURS, the config value
+                  `multipart_expiry_hours`, 168 (7 days)
 Config: encryption (on|off), kms_url, kms_key, max_object_size, max_part_size, min_part_size,
-        virtual_host_domain.
+        virtual_host_domain, multipart_expiry_hours.
 Secrets: access_keys (AKID:secret,...), access_key.<AKID>, kms_token.";
 
+/// storage-manager's own flags, besides the ones every service takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// `--multipart-expiry-hours`, in seconds (`Some(0)`: never expire).
+    pub multipart_expiry_secs: Option<u64>,
+}
+
+/// Parses a multipart expiry in hours (a non-negative decimal number, `0`
+/// for never) into seconds, rounded up (a positive value is at least 1 s).
+pub fn parse_expiry_hours(v: &str) -> Result<u64, String> {
+    let h: f64 = v
+        .trim()
+        .parse()
+        .ok()
+        .filter(|h: &f64| h.is_finite() && *h >= 0.0 && *h <= 1e9)
+        .ok_or_else(|| format!("not a number of hours (0 or more, decimals allowed): {v:?}"))?;
+    // In range: 0 ..= 3.6e12 (checked above), a whole number after ceil.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    Ok((h * 3600.0).ceil() as u64)
+}
+
+/// The multipart expiry in seconds (0: never): the flag, else
+/// `$STORAGE_MANAGER_MULTIPART_EXPIRY_HOURS`, else the config
+/// `multipart_expiry_hours`, else [`DEFAULT_MULTIPART_EXPIRY_HOURS`].
+pub fn multipart_expiry(
+    flag: Option<u64>,
+    env: Option<&str>,
+    config: &BTreeMap<String, String>,
+) -> Result<u64, StartError> {
+    if let Some(secs) = flag {
+        return Ok(secs);
+    }
+    if let Some(v) = env {
+        return parse_expiry_hours(v)
+            .map_err(|e| StartError::Usage(format!("${ENV_MULTIPART_EXPIRY}: {e}")));
+    }
+    match config.get("multipart_expiry_hours") {
+        Some(v) => parse_expiry_hours(v)
+            .map_err(|e| StartError::Usage(format!("config multipart_expiry_hours: {e}"))),
+        None => Ok(DEFAULT_MULTIPART_EXPIRY_HOURS * 3600),
+    }
+}
+
+/// How often the expiry sweep runs for an expiry of `secs`: a quarter of
+/// it, between 1 s and 1 h (so an upload is removed at most 25% or an hour
+/// after it expires).
+pub fn sweep_interval(secs: u64) -> Duration {
+    Duration::from_secs((secs / 4).clamp(1, 3600))
+}
+
+/// One expiry sweep of `store` now, logged when it removed anything.
+fn sweep_uploads(store: &Store, max_age: u64) {
+    let e = store.expire_uploads(s3::timefmt::now(), max_age);
+    if e.uploads > 0 {
+        eprintln!(
+            "{SERVICE}: removed {} multipart upload(s) older than {max_age} s, neither completed nor aborted ({} bytes freed)",
+            e.uploads, e.bytes
+        );
+    }
+}
+
 /// How storage-manager starts: the flags every service takes (see
-/// [`service_runtime::options`]), nothing of its own.
+/// [`service_runtime::options`]) and `--multipart-expiry-hours`.
 pub const SPEC: Spec = Spec {
     name: "storage-manager",
     usage: USAGE,
-    extra_flags: &[],
+    extra_flags: &["--multipart-expiry-hours"],
     env_listen: ENV_LISTEN,
     default_listen: DEFAULT_LISTEN,
     thread_prefix: "sm-http",
@@ -189,14 +271,24 @@ pub struct StorageManager;
 
 impl Service for StorageManager {
     const SPEC: Spec = SPEC;
-    type Flags = ();
+    type Flags = Flags;
+
+    fn flag(flags: &mut Flags, flag: &str, value: String) -> Result<(), UsageError> {
+        // `--multipart-expiry-hours`, the only extra flag.
+        flags.multipart_expiry_secs =
+            Some(parse_expiry_hours(&value).map_err(|e| UsageError(format!("{flag}: {e}")))?);
+        Ok(())
+    }
 
     /// Limits and encryption from the config, the object store in the data
     /// directory, access keys and the key-manager token from the secrets
-    /// (re-read every refresh interval by a thread of its own).
-    fn start(ctx: Context, (): ()) -> Result<Started, StartError> {
+    /// (re-read every refresh interval by a thread of its own), abandoned
+    /// multipart uploads swept at start and then periodically.
+    fn start(ctx: Context, flags: Flags) -> Result<Started, StartError> {
         let (secrets, config, intervals) = (&ctx.secrets, &ctx.config, ctx.intervals);
         let limits = limits_from_config(config)?;
+        let env_expiry = std::env::var(ENV_MULTIPART_EXPIRY).ok();
+        let expiry = multipart_expiry(flags.multipart_expiry_secs, env_expiry.as_deref(), config)?;
         let encryption = match config.get("encryption").map(|s| s.trim()) {
             None | Some("on") => true,
             Some("off") => false,
@@ -236,6 +328,16 @@ impl Service for StorageManager {
             )
             .with_virtual_host_domain(config.get("virtual_host_domain").cloned()),
         );
+        if expiry > 0 {
+            sweep_uploads(&svc.store, expiry);
+            let svc = svc.clone();
+            std::thread::Builder::new()
+                .name("sm-expiry".into())
+                .spawn(move || loop {
+                    std::thread::sleep(sweep_interval(expiry));
+                    sweep_uploads(&svc.store, expiry);
+                })?;
+        }
         apply_secrets(&svc, secrets, true);
         if svc.keys.read().map(|k| k.is_empty()).unwrap_or(true) {
             eprintln!(
@@ -267,9 +369,15 @@ impl Service for StorageManager {
             summary: Box::new(move || {
                 let u = summary_svc.store.usage();
                 format!(
-                    "{} buckets, {} objects, encryption {}",
+                    "{} buckets, {} objects, {} multipart uploads ({}), encryption {}",
                     u.buckets,
                     u.objects,
+                    u.uploads,
+                    if expiry == 0 {
+                        "kept until completed or aborted".to_string()
+                    } else {
+                        format!("expiring after {expiry} s")
+                    },
                     match &kms {
                         Some(k) => format!("on with key-manager key {}", k.key_name()),
                         None => "off".into(),
@@ -277,5 +385,61 @@ impl Service for StorageManager {
                 )
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
+
+    use super::*;
+
+    fn parse(a: &[&str]) -> Result<Option<service_runtime::Options<Flags>>, StartError> {
+        service_runtime::boot::parse::<StorageManager>(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn multipart_expiry_from_the_flag_env_config_or_default() {
+        let o = parse(&["--multipart-expiry-hours=0.5", "--threads", "2"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.flags.multipart_expiry_secs, Some(1800));
+        assert_eq!(o.common.threads, Some(2));
+        assert_eq!(
+            parse(&["--multipart-expiry-hours", "0"])
+                .unwrap()
+                .unwrap()
+                .flags
+                .multipart_expiry_secs,
+            Some(0)
+        );
+        match parse(&["--multipart-expiry-hours=soon"]) {
+            Err(StartError::Usage(m)) => {
+                assert!(
+                    m.starts_with("--multipart-expiry-hours: not a number of hours"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_expiry_hours("0.0001").unwrap(), 1);
+        assert_eq!(parse_expiry_hours(" 168 ").unwrap(), 604_800);
+        for bad in ["-1", "NaN", "inf", "", "1h"] {
+            assert!(parse_expiry_hours(bad).is_err(), "{bad}");
+        }
+        let config: BTreeMap<String, String> =
+            [("multipart_expiry_hours".to_string(), "2".to_string())].into();
+        let none = BTreeMap::new();
+        assert_eq!(multipart_expiry(Some(60), Some("1"), &config).unwrap(), 60);
+        assert_eq!(multipart_expiry(None, Some("1"), &config).unwrap(), 3600);
+        assert_eq!(multipart_expiry(None, None, &config).unwrap(), 7200);
+        assert_eq!(multipart_expiry(None, None, &none).unwrap(), 604_800);
+        assert!(matches!(
+            multipart_expiry(None, Some("x"), &none),
+            Err(StartError::Usage(m)) if m.contains(ENV_MULTIPART_EXPIRY)
+        ));
+        assert_eq!(sweep_interval(604_800), Duration::from_secs(3600));
+        assert_eq!(sweep_interval(2), Duration::from_secs(1));
+        assert_eq!(sweep_interval(40), Duration::from_secs(10));
     }
 }

@@ -45,7 +45,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::kms::{KeyManager, KmsError};
 
-pub use multipart::UploadInfo;
+pub use multipart::{
+    Expired, PartSummary, UploadInfo, UploadList, UploadListParams, UploadSummary,
+};
 pub use object_file::{EncInfo, ObjectFile, Trailer, MAX_TRAILER};
 pub use objects::{ListParams, ListResult};
 pub use paths::valid_bucket_name;

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """storage-manager driven by boto3, a real S3 client.
 
-Usage: boto3_client.py ENDPOINT ACCESS_KEY SECRET_KEY
+Usage: boto3_client.py ENDPOINT ACCESS_KEY SECRET_KEY [MODE [UPLOAD_ID]]
+
+MODE is `all` (the default: every check below), `expiry-start` (leaves a
+multipart upload with two 1 MiB parts in bucket `expiry`, as a client killed
+part-way would, and prints `UPLOAD <id>`) or `expiry-gone` (checks that
+upload UPLOAD_ID was removed: not listed, NoSuchUpload to every request).
 
 Exits 0 when every check passed; 3 when boto3 cannot be imported (the Rust
 test decides whether that is a skip or a failure); 1 with a message on the
@@ -59,6 +64,32 @@ def error_code(fn):
 
 s3 = client()
 print(f"boto3 {boto3.__version__}")
+MiB = 1024 * 1024
+mode = sys.argv[4] if len(sys.argv) > 4 else "all"
+
+if mode == "expiry-start":
+    s3.create_bucket(Bucket="expiry")
+    up = s3.create_multipart_upload(Bucket="expiry", Key="abandoned.bin")["UploadId"]
+    for n in (1, 2):
+        s3.upload_part(Bucket="expiry", Key="abandoned.bin", UploadId=up, PartNumber=n, Body=os.urandom(MiB))
+    listed = s3.list_multipart_uploads(Bucket="expiry").get("Uploads", [])
+    check([(u["Key"], u["UploadId"]) for u in listed] == [("abandoned.bin", up)], "the abandoned upload is listed")
+    parts = s3.list_parts(Bucket="expiry", Key="abandoned.bin", UploadId=up).get("Parts", [])
+    check([(p["PartNumber"], p["Size"]) for p in parts] == [(1, MiB), (2, MiB)], "its two parts are listed")
+    print(f"UPLOAD {up}")
+    sys.exit(0)
+
+if mode == "expiry-gone":
+    up = sys.argv[5]
+    check("Uploads" not in s3.list_multipart_uploads(Bucket="expiry"), "the expired upload is not listed")
+    check(error_code(lambda: s3.list_parts(Bucket="expiry", Key="abandoned.bin", UploadId=up)) == "NoSuchUpload", "ListParts of the expired upload -> NoSuchUpload")
+    check(error_code(lambda: s3.upload_part(Bucket="expiry", Key="abandoned.bin", UploadId=up, PartNumber=3, Body=b"late")) == "NoSuchUpload", "UploadPart to the expired upload -> NoSuchUpload")
+    check(error_code(lambda: s3.complete_multipart_upload(Bucket="expiry", Key="abandoned.bin", UploadId=up,
+          MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"00000000000000000000000000000000"'}]})) == "NoSuchUpload", "completing the expired upload -> NoSuchUpload")
+    print("EXPIRY CHECKS PASSED")
+    sys.exit(0)
+
+check(mode == "all", "mode is all, expiry-start or expiry-gone (got %r)" % mode)
 bucket = "boto-bucket"
 s3.create_bucket(Bucket=bucket)
 check(bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]], "bucket listed")
@@ -167,6 +198,98 @@ check(error_code(lambda: s3.complete_multipart_upload(Bucket=bucket, Key="aborte
       MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"00000000000000000000000000000000"'}]})) == "InvalidPart", "wrong part ETag -> InvalidPart")
 s3.abort_multipart_upload(Bucket=bucket, Key="aborted", UploadId=up["UploadId"])
 check(error_code(lambda: s3.upload_part(Bucket=bucket, Key="aborted", UploadId=up["UploadId"], PartNumber=2, Body=b"y")) == "NoSuchUpload", "part after abort -> NoSuchUpload")
+
+# Uploads killed part-way: found with ListMultipartUploads and ListParts,
+# then aborted, the way cleanup scripts and `aws s3api` do it.
+import datetime as _dt
+started = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
+odd = "killed/ü & <x>.bin"
+ka = [s3.create_multipart_upload(Bucket=bucket, Key="killed/a.bin")["UploadId"] for _ in range(2)]
+kb = s3.create_multipart_upload(Bucket=bucket, Key=odd)["UploadId"]
+other = s3.create_multipart_upload(Bucket=bucket, Key="other.bin")["UploadId"]
+sent = {}
+for n, size in [(3, 1000), (1, 5 * MiB), (2, 5 * MiB)]:
+    body = os.urandom(size)
+    r = s3.upload_part(Bucket=bucket, Key="killed/a.bin", UploadId=ka[0], PartNumber=n, Body=body)
+    sent[n] = (r["ETag"], size)
+    check(r["ETag"] == '"%s"' % hashlib.md5(body).hexdigest(), "UploadPart %d ETag is the MD5" % n)
+r = s3.list_multipart_uploads(Bucket=bucket, Prefix="killed/")
+want = sorted([("killed/a.bin", u) for u in ka] + [(odd, kb)])
+check(sorted((u["Key"], u["UploadId"]) for u in r["Uploads"]) == want, "ListMultipartUploads with a prefix lists the three killed uploads")
+check(not r["IsTruncated"] and r["Bucket"] == bucket, "ListMultipartUploads: not truncated, bucket named")
+check(all(u["Initiated"] > started for u in r["Uploads"]), "ListMultipartUploads: Initiated times are now")
+check([(u["Key"], u["UploadId"]) for u in r["Uploads"]] == want, "ListMultipartUploads: ordered by key, then upload id")
+pages, seen = 0, []
+for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, PaginationConfig={"PageSize": 1}):
+    pages += 1
+    seen += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+check(seen == sorted(want + [("other.bin", other)]) and pages >= 4, "ListMultipartUploads pages one at a time with KeyMarker/UploadIdMarker (%d pages)" % pages)
+r = s3.list_multipart_uploads(Bucket=bucket, MaxUploads=2)
+check(r["IsTruncated"] and len(r["Uploads"]) == 2 and r["NextKeyMarker"] == "killed/a.bin", "MaxUploads=2 -> truncated, NextKeyMarker")
+r = s3.list_parts(Bucket=bucket, Key="killed/a.bin", UploadId=ka[0])
+check([p["PartNumber"] for p in r["Parts"]] == [1, 2, 3], "ListParts lists parts 1, 2, 3 in order")
+check(all((p["ETag"], p["Size"]) == sent[p["PartNumber"]] for p in r["Parts"]), "ListParts: ETag and Size of each part")
+check(all(p["LastModified"] > started for p in r["Parts"]) and not r["IsTruncated"], "ListParts: LastModified, not truncated")
+pages, nums = 0, []
+for page in s3.get_paginator("list_parts").paginate(Bucket=bucket, Key="killed/a.bin", UploadId=ka[0], PaginationConfig={"PageSize": 2}):
+    pages += 1
+    nums += [p["PartNumber"] for p in page.get("Parts", [])]
+check(nums == [1, 2, 3] and pages == 2, "ListParts pages with MaxParts/PartNumberMarker")
+r = s3.list_parts(Bucket=bucket, Key="killed/a.bin", UploadId=ka[0], PartNumberMarker=1, MaxParts=1)
+check([p["PartNumber"] for p in r["Parts"]] == [2] and r["IsTruncated"] and r["NextPartNumberMarker"] == 2, "ListParts after part 1, one part")
+check("Parts" not in s3.list_parts(Bucket=bucket, Key="killed/a.bin", UploadId=ka[1]), "ListParts of an upload without parts")
+check(error_code(lambda: s3.list_parts(Bucket=bucket, Key="other.bin", UploadId=ka[0])) == "NoSuchUpload", "ListParts under another key -> NoSuchUpload")
+check(error_code(lambda: s3.list_multipart_uploads(Bucket="no-such-bucket")) == "NoSuchBucket", "ListMultipartUploads of a missing bucket -> NoSuchBucket")
+for u in s3.list_multipart_uploads(Bucket=bucket, Prefix="killed/")["Uploads"]:
+    s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+check("Uploads" not in s3.list_multipart_uploads(Bucket=bucket, Prefix="killed/"), "found and aborted: none left under killed/")
+check(error_code(lambda: s3.list_parts(Bucket=bucket, Key="killed/a.bin", UploadId=ka[0])) == "NoSuchUpload", "ListParts after abort -> NoSuchUpload")
+s3.abort_multipart_upload(Bucket=bucket, Key="other.bin", UploadId=other)
+
+# UploadPartCopy: an object over 8 MiB copied to another bucket in ranged
+# parts (what `aws s3 cp s3://a/big s3://b/big` does), then completed.
+src = os.urandom(12 * MiB + 333)
+s3.put_object(Bucket=bucket, Key="copy-src.bin", Body=src)
+dest = "boto-copy-dest"
+s3.create_bucket(Bucket=dest)
+up = s3.create_multipart_upload(Bucket=dest, Key="big copy.bin")["UploadId"]
+cs = {"Bucket": bucket, "Key": "copy-src.bin"}
+ranges = [(0, 5 * MiB - 1), (5 * MiB, 10 * MiB - 1), (10 * MiB, len(src) - 1)]
+done = []
+for i, (a, b) in enumerate(ranges):
+    r = s3.upload_part_copy(Bucket=dest, Key="big copy.bin", UploadId=up, PartNumber=i + 1, CopySource=cs,
+                            CopySourceRange="bytes=%d-%d" % (a, b))
+    etag = r["CopyPartResult"]["ETag"]
+    check(etag == '"%s"' % hashlib.md5(src[a:b + 1]).hexdigest(), "UploadPartCopy part %d ETag is the MD5 of its range" % (i + 1))
+    check(r["CopyPartResult"]["LastModified"] > started, "UploadPartCopy part %d LastModified" % (i + 1))
+    done.append({"PartNumber": i + 1, "ETag": etag})
+r = s3.list_parts(Bucket=dest, Key="big copy.bin", UploadId=up)
+check([p["Size"] for p in r["Parts"]] == [b - a + 1 for a, b in ranges], "ListParts shows the copied part sizes")
+r = s3.complete_multipart_upload(Bucket=dest, Key="big copy.bin", UploadId=up, MultipartUpload={"Parts": done})
+want = hashlib.md5(b"".join(hashlib.md5(src[a:b + 1]).digest() for a, b in ranges)).hexdigest() + "-3"
+check(r["ETag"] == '"%s"' % want, "the copied object's ETag is md5(part md5s)-3")
+check(s3.get_object(Bucket=dest, Key="big copy.bin")["Body"].read() == src, "the copied object has the source's bytes")
+# A whole small object as a part (no range), and the errors.
+up = s3.create_multipart_upload(Bucket=dest, Key="whole")["UploadId"]
+r = s3.upload_part_copy(Bucket=dest, Key="whole", UploadId=up, PartNumber=1, CopySource={"Bucket": bucket, "Key": "good-md5"})
+check(r["CopyPartResult"]["ETag"] == '"%s"' % hashlib.md5(b"abc").hexdigest(), "UploadPartCopy without a range copies the whole object")
+s3.complete_multipart_upload(Bucket=dest, Key="whole", UploadId=up, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": r["CopyPartResult"]["ETag"]}]})
+check(s3.get_object(Bucket=dest, Key="whole")["Body"].read() == b"abc", "single copied part completes")
+up = s3.create_multipart_upload(Bucket=dest, Key="errors")["UploadId"]
+upc = lambda **kw: (lambda: s3.upload_part_copy(**{**dict(Bucket=dest, Key="errors", UploadId=up, PartNumber=1, CopySource=cs), **kw}))
+check(error_code(upc(CopySource={"Bucket": bucket, "Key": "missing"})) == "NoSuchKey", "UploadPartCopy of a missing key -> NoSuchKey")
+check(error_code(upc(CopySource={"Bucket": "no-such-bucket", "Key": "x"})) == "NoSuchBucket", "UploadPartCopy from a missing bucket -> NoSuchBucket")
+check(error_code(upc(CopySourceRange="bytes=0-%d" % len(src))) == "InvalidRange", "UploadPartCopy range past the end -> InvalidRange")
+check(error_code(upc(CopySourceRange="bytes=100-")) == "InvalidArgument", "UploadPartCopy open-ended range -> InvalidArgument")
+check(error_code(upc(UploadId="0123")) == "NoSuchUpload", "UploadPartCopy to a missing upload -> NoSuchUpload")
+check(error_code(upc(PartNumber=10001)) == "InvalidArgument", "UploadPartCopy part 10001 -> InvalidArgument")
+check(error_code(upc(CopySourceIfMatch='"0123"')) == "PreconditionFailed", "UploadPartCopy x-amz-copy-source-if-match another ETag -> PreconditionFailed")
+check(error_code(upc(CopySourceIfNoneMatch='"%s"' % hashlib.md5(src).hexdigest())) == "PreconditionFailed", "UploadPartCopy x-amz-copy-source-if-none-match its ETag -> PreconditionFailed")
+check(error_code(lambda: s3.copy_object(Bucket=dest, Key="c", CopySource=cs, CopySourceIfMatch='"0123"')) == "PreconditionFailed", "CopyObject x-amz-copy-source-if-match another ETag -> PreconditionFailed")
+check("Parts" not in s3.list_parts(Bucket=dest, Key="errors", UploadId=up), "refused part copies stored no part")
+s3.abort_multipart_upload(Bucket=dest, Key="errors", UploadId=up)
+s3.delete_objects(Bucket=dest, Delete={"Objects": [{"Key": "big copy.bin"}, {"Key": "whole"}]})
+s3.delete_bucket(Bucket=dest)
 
 # Listing: prefix, delimiter, pagination.
 for i in range(7):

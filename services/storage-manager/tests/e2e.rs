@@ -533,40 +533,177 @@ fn encryption_off_stores_plaintext_and_needs_no_key_manager() {
         .any(|f| contains(&std::fs::read(f).unwrap(), MARKER)));
 }
 
-#[test]
-fn boto3_real_client() {
-    let ci = std::env::var_os("CI").is_some();
+/// Whether python3 can import boto3; without it a boto3 test is skipped
+/// (with the reason printed), or fails when `CI` is set.
+fn boto3_available(test: &str) -> bool {
     let probe = Command::new("python3")
         .args(["-c", "import boto3"])
         .output();
     match probe {
-        Ok(o) if o.status.success() => {}
+        Ok(o) if o.status.success() => true,
         other => {
             let why = format!("boto3 is not importable by python3 ({other:?}); install it with `pip install boto3`");
-            assert!(!ci, "{why}");
-            eprintln!("SKIPPED boto3_real_client: {why}");
-            return;
+            assert!(std::env::var_os("CI").is_none(), "{why}");
+            eprintln!("SKIPPED {test}: {why}");
+            false
         }
+    }
+}
+
+/// Runs `tests/boto3_client.py` against `sm` with `args` after the
+/// credentials; its stdout, once it printed `done`.
+fn boto3_script(sm: &Proc, args: &[&str], done: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([sm.url.as_str(), AKID, SECRET])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains(done),
+        "boto3 script {args:?} failed ({}):\n{stdout}\n{stderr}\nstorage-manager log:\n{}",
+        out.status,
+        sm.output()
+    );
+    stdout
+}
+
+#[test]
+fn boto3_real_client() {
+    if !boto3_available("boto3_real_client") {
+        return;
     }
     let (_km_dir, w, km) = worker_with_key_manager();
     let sm_dir = tempfile::tempdir().unwrap();
     let sm = start_sm(&w, sm_dir.path());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_client.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([&sm.url, AKID, SECRET])
+    let stdout = boto3_script(&sm, &[], "ALL BOTO3 CHECKS PASSED");
+    eprintln!("{stdout}");
+    aws_cli_copy(&sm);
+    drop(km);
+}
+
+/// `aws s3 cp s3://cli-src/big s3://cli-dst/big` of a 9 MiB object: above
+/// the CLI's 8 MiB threshold it copies with CreateMultipartUpload and
+/// UploadPartCopy (ranged). Skipped with a printed reason without the AWS
+/// CLI.
+fn aws_cli_copy(sm: &Proc) {
+    if !Command::new("aws")
+        .arg("--version")
         .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIPPED aws s3 cp: the AWS CLI (`aws`) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::write(
+        &config,
+        "[default]\nregion = us-east-1\ns3 =\n    addressing_style = path\n    signature_version = s3v4\n",
+    )
+    .unwrap();
+    let c = s3(sm);
+    c.create_bucket("cli-src").unwrap();
+    c.create_bucket("cli-dst").unwrap();
+    let big = pattern(9 << 20, 11);
+    c.put_object("cli-src", "big", &big[..], big.len() as u64)
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let aws = |args: &[&str]| {
+        let out = Command::new("aws")
+            .args(["--endpoint-url", sm.url.as_str()])
+            .args(args)
+            .env("AWS_CONFIG_FILE", &config)
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .env("AWS_ACCESS_KEY_ID", AKID)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .env_remove("AWS_PROFILE")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "aws {args:?}: {text}\nstorage-manager log:\n{}",
+            sm.output()
+        );
+        text
+    };
+    aws(&["s3", "cp", "s3://cli-src/big", "s3://cli-dst/big"]);
+    assert_eq!(get(&c, "cli-dst", "big"), big);
+    let etag = c.head_object("cli-dst", "big").unwrap().etag;
     assert!(
-        out.status.success() && stdout.contains("ALL BOTO3 CHECKS PASSED"),
-        "boto3 script failed ({}):\n{stdout}\n{stderr}\nstorage-manager log:\n{}",
-        out.status,
+        etag.ends_with("-2"),
+        "copied in two parts by UploadPartCopy: {etag}"
+    );
+    let listed = aws(&["s3api", "list-multipart-uploads", "--bucket", "cli-dst"]);
+    assert!(!listed.contains("UploadId"), "{listed}");
+}
+
+/// Bytes of the files under `dir` (0 if it is gone).
+fn tree_bytes(dir: &Path) -> u64 {
+    if !dir.exists() {
+        return 0;
+    }
+    files(dir)
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum()
+}
+
+#[test]
+fn abandoned_multipart_uploads_expire_and_free_their_disk_space() {
+    if !boto3_available("abandoned_multipart_uploads_expire_and_free_their_disk_space") {
+        return;
+    }
+    let sm_dir = tempfile::tempdir().unwrap();
+    let w = storage_worker(map(&[("encryption", "off")]), sm_secrets());
+    // 0.002 h = 7.2 s, swept every 2 s.
+    let mut args = vec!["--multipart-expiry-hours", "0.002"];
+    args.extend_from_slice(&FAST_REPORTING);
+    let sm = Proc::start(
+        Path::new(env!("CARGO_BIN_EXE_storage-manager")),
+        w.env(SM),
+        sm_dir.path(),
+        &args,
+    );
+    let out = boto3_script(&sm, &["expiry-start"], "UPLOAD ");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("UPLOAD "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let started = std::time::Instant::now();
+    let uploads = sm_dir.path().join("buckets/expiry/uploads");
+    let before = tree_bytes(sm_dir.path());
+    let held = tree_bytes(&uploads.join(&id));
+    assert!(held >= 2 << 20, "the two 1 MiB parts are on disk: {held}");
+    while uploads.join(&id).exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the upload was not removed within 60 s:\n{}",
+            sm.output()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(tree_bytes(&uploads), 0, "nothing left of the upload");
+    let after = tree_bytes(sm_dir.path());
+    assert!(
+        before - after >= 2 << 20,
+        "disk space returned: {before} -> {after} bytes"
+    );
+    assert!(
+        sm.output().contains("removed 1 multipart upload(s)"),
+        "{}",
         sm.output()
     );
-    eprintln!("{stdout}");
-    drop(km);
+    boto3_script(&sm, &["expiry-gone", &id], "EXPIRY CHECKS PASSED");
 }
 
 /// Sends aws-chunked bodies the way recent AWS SDKs do over HTTPS (signed

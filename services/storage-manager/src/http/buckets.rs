@@ -1,5 +1,6 @@
 //! Bucket handlers: ListBuckets, Create/Delete/HeadBucket,
-//! GetBucketLocation, ListObjects (v1 and v2), DeleteObjects.
+//! GetBucketLocation, ListObjects (v1 and v2), DeleteObjects
+//! (ListMultipartUploads is in [`super::multipart`]).
 
 use std::sync::atomic::Ordering;
 
@@ -56,11 +57,7 @@ pub(super) fn bucket_op(ctx: &mut Ctx<'_>, bucket: &str) -> Result<Reply, S3Err>
                 "<LocationConstraint xmlns=\"{NS}\"></LocationConstraint>"
             )))
         }
-        "GET" if ctx.has("uploads") => Err(s3err(
-            501,
-            "NotImplemented",
-            "listing multipart uploads is not supported",
-        )),
+        "GET" if ctx.has("uploads") => super::multipart::list_uploads(ctx, bucket),
         "GET" => list_objects(ctx, bucket),
         "POST" if ctx.has("delete") => delete_objects(ctx, bucket),
         _ => Err(s3err(

@@ -1,5 +1,7 @@
 //! Object handlers: Put/Get/Head/Delete/CopyObject, with `Range` on GET;
-//! the multipart requests go on to [`super::multipart`].
+//! the multipart requests (UploadPartCopy and ListParts included) go on to
+//! [`super::multipart`]. Both copies take the copy-source preconditions
+//! (`x-amz-copy-source-if-match` ..., 412 when one fails).
 //!
 //! Conditional requests as S3 answers them: GET and HEAD take `If-Match`
 //! and `If-Unmodified-Since` (412 `PreconditionFailed` when they fail),
@@ -20,7 +22,7 @@ use super::error::{s3err, S3Err};
 use super::request::Ctx;
 use super::{multipart, Body, Reply, NS, VERIFIED_GET};
 use crate::sigv4;
-use crate::store::{PutIf, Trailer};
+use crate::store::{PutIf, StoreError, Trailer};
 
 /// The ETags of an `If-Match`/`If-None-Match` value: `*`, or a list of
 /// (possibly weak) quoted tags; compared without quotes.
@@ -153,16 +155,10 @@ fn object_headers(r: Reply, t: &Trailer) -> Reply {
     r
 }
 
-/// CopyObject: `x-amz-copy-source: [/]bucket/key` (URL-encoded; a
-/// `?versionId` is refused); metadata copied unless
-/// `x-amz-metadata-directive: REPLACE`. The data is streamed (decrypted and
-/// re-encrypted under a new data key).
-fn copy_object(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err> {
-    let raw = ctx
-        .header("x-amz-copy-source")
-        .unwrap_or("")
-        .trim()
-        .to_string();
+/// The source of a copy: `x-amz-copy-source: [/]bucket/key`
+/// (URL-encoded; a `?versionId` is refused).
+pub(super) fn copy_source(ctx: &Ctx<'_>) -> Result<(String, String), S3Err> {
+    let raw = ctx.header("x-amz-copy-source").unwrap_or("").trim();
     if raw.contains('?') {
         return Err(s3err(
             501,
@@ -170,7 +166,7 @@ fn copy_object(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Er
             "versioned copy sources are not supported",
         ));
     }
-    let src = sigv4::uri_decode(&raw).ok_or_else(|| {
+    let src = sigv4::uri_decode(raw).ok_or_else(|| {
         s3err(
             400,
             "InvalidArgument",
@@ -188,22 +184,106 @@ fn copy_object(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Er
                 "x-amz-copy-source must be bucket/key",
             )
         })?;
+    Ok((sb.to_string(), sk.to_string()))
+}
+
+/// The copy-source preconditions (`x-amz-copy-source-if-match`,
+/// `-if-none-match`, `-if-unmodified-since`, `-if-modified-since`) against
+/// the source object: 412 `PreconditionFailed` when one fails, with
+/// `if-match` winning over `if-unmodified-since` and `if-none-match` over
+/// `if-modified-since`, as S3 decides them.
+pub(super) fn copy_source_preconditions(ctx: &Ctx<'_>, t: &Trailer) -> Result<(), S3Err> {
+    let failed = |what: &str| {
+        s3err(
+            412,
+            "PreconditionFailed",
+            format!(
+                "x-amz-copy-source-{what} does not hold for the source object (ETag \"{}\")",
+                t.etag
+            ),
+        )
+    };
+    let h = |name: &str| ctx.header(&format!("x-amz-copy-source-{name}"));
+    let date = |name: &str| h(name).and_then(timefmt::parse_http_date);
+    match h("if-match") {
+        Some(v) if !etag_matches(v, &t.etag) => return Err(failed("if-match")),
+        Some(_) => {}
+        None => {
+            if date("if-unmodified-since").is_some_and(|d| t.modified > d) {
+                return Err(failed("if-unmodified-since"));
+            }
+        }
+    }
+    match h("if-none-match") {
+        Some(v) if etag_matches(v, &t.etag) => Err(failed("if-none-match")),
+        Some(_) => Ok(()),
+        None if date("if-modified-since").is_some_and(|d| t.modified <= d) => {
+            Err(failed("if-modified-since"))
+        }
+        None => Ok(()),
+    }
+}
+
+/// CopyObject: `x-amz-copy-source: [/]bucket/key` (see [`copy_source`]);
+/// metadata copied unless `x-amz-metadata-directive: REPLACE`. The data is
+/// streamed (decrypted and re-encrypted under a new data key).
+fn copy_object(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err> {
+    let (sb, sk) = copy_source(ctx)?;
     let store = &ctx.svc.store;
-    let obj = store.open_object(sb, sk)?;
+    let obj = store.open_object(&sb, &sk)?;
     let t = obj.trailer.clone();
+    copy_source_preconditions(ctx, &t)?;
     let (ct, meta) = if ctx.header("x-amz-metadata-directive").map(str::trim) == Some("REPLACE") {
         (ctx.content_type(), ctx.user_meta())
     } else {
         (t.content_type.clone(), t.meta.clone())
     };
-    let mut reader = store.reader(obj, 0, t.size)?;
-    let e = store.put_object(bucket, key, &mut reader, t.size, ct, meta)?;
+    let mut reader = SourceReader::new(store.reader(obj, 0, t.size)?);
+    let e = store
+        .put_object(bucket, key, &mut reader, t.size, ct, meta)
+        .map_err(|e| reader.blame(e, &sb, &sk))?;
     ctx.svc.stats.puts.fetch_add(1, Ordering::Relaxed);
     Ok(Reply::xml(format!(
         "<CopyObjectResult xmlns=\"{NS}\"><LastModified>{}</LastModified><ETag>&quot;{}&quot;</ETag></CopyObjectResult>",
         timefmt::iso8601(e.modified),
         e.etag
     )))
+}
+
+/// The reader of a copy's source object, remembering whether reading it
+/// failed: the store reports any read failure as a bad request body, but a
+/// source that cannot be read (damaged) is the server's fault.
+pub(super) struct SourceReader {
+    inner: Box<dyn Read + Send>,
+    failed: bool,
+}
+
+impl SourceReader {
+    pub(super) fn new(inner: Box<dyn Read + Send>) -> SourceReader {
+        SourceReader {
+            inner,
+            failed: false,
+        }
+    }
+
+    /// `e`, or a 500 `InternalError` if it came from reading the source.
+    pub(super) fn blame(&self, e: StoreError, bucket: &str, key: &str) -> S3Err {
+        if self.failed {
+            eprintln!("storage-manager: copy source {bucket}/{key}: {e}");
+            return s3err(
+                500,
+                "InternalError",
+                "the copy source is damaged; see the storage-manager log",
+            );
+        }
+        e.into()
+    }
+}
+
+impl Read for SourceReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|_| self.failed = true)
+    }
 }
 
 pub(super) fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err> {
@@ -214,11 +294,7 @@ pub(super) fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Re
             if (ctx.has("uploadId") || ctx.has("partNumber"))
                 && ctx.header("x-amz-copy-source").is_some() =>
         {
-            Err(s3err(
-                501,
-                "NotImplemented",
-                "UploadPartCopy is not supported",
-            ))
+            multipart::upload_part_copy(ctx, bucket, key)
         }
         "PUT" if ctx.has("uploadId") || ctx.has("partNumber") => {
             multipart::upload_part(ctx, bucket, key)
@@ -241,11 +317,7 @@ pub(super) fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Re
             svc.stats.deletes.fetch_add(1, Ordering::Relaxed);
             Ok(Reply::empty(204))
         }
-        "GET" if ctx.has("uploadId") => Err(s3err(
-            501,
-            "NotImplemented",
-            "listing parts is not supported",
-        )),
+        "GET" if ctx.has("uploadId") => multipart::list_parts(ctx, bucket, key),
         "GET" | "HEAD" => {
             let obj = store.open_object(bucket, key)?;
             let t = obj.trailer.clone();
