@@ -39,6 +39,12 @@ if ! python3 -c 'import boto3' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check boto3 ||
         { echo "cannot install boto3: python3 -m pip install boto3" >&2; exit 1; }
 fi
+# ...and the AWS CLI (its `aws s3 cp` between buckets uses UploadPartCopy).
+if ! command -v aws >/dev/null 2>&1; then
+    echo "installing the AWS CLI"
+    python3 -m pip install --quiet --disable-pip-version-check awscli ||
+        { echo "cannot install the AWS CLI: python3 -m pip install awscli" >&2; exit 1; }
+fi
 
 # The emulated Pi (aarch64) and the static images (x86_64).
 installed=$(rustup target list --installed)
