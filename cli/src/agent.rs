@@ -19,7 +19,7 @@ use clap::Subcommand;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::{json, Value};
 
-use crate::{parse_pairs, rows, s, CliError, Client, Printer};
+use crate::{parse_pairs, rows, s, CliError, Client, Output, Printer};
 
 /// The PEM label of the key file.
 pub const PEM_TAG: &str = "PRIVATE KEY";
@@ -198,26 +198,31 @@ pub fn sign_release(
 }
 
 /// `aerekos release-key …` (no conductor involved).
-pub fn run_key(cmd: ReleaseKeyCmd, out: &mut dyn Write) -> Result<(), CliError> {
+pub fn run_key(cmd: ReleaseKeyCmd, out: &mut dyn Write, format: Output) -> Result<(), CliError> {
     match cmd {
         ReleaseKeyCmd::Generate { out: path } => {
             let (pkcs8, public) = generate_key()?;
             write_key(&path, &pkcs8)?;
             let hex = protocol::hex_string(&public);
-            writeln!(
-                out,
-                "private key written to {} (mode 0600; keep it offline)",
-                path.display()
-            )?;
-            writeln!(out, "public key: {hex}")?;
-            writeln!(out, "on the conductor: --release-key {hex}")?;
-            writeln!(
-                out,
-                "  (or AEREKOS_RELEASE_KEY={hex}, or release_key = \"{hex}\" in its config file)"
+            let v = json!({"private_key_file": path.display().to_string(), "public_key": hex});
+            out.write_all(
+                crate::render(format, &v, &|_| {
+                    format!(
+                        "private key written to {} (mode 0600; keep it offline)\n\
+                         public key: {hex}\n\
+                         on the conductor: --release-key {hex}\n  \
+                         (or AEREKOS_RELEASE_KEY={hex}, or release_key = \"{hex}\" in its config file)",
+                        path.display()
+                    )
+                })
+                .as_bytes(),
             )?;
         }
         ReleaseKeyCmd::Public { file } => {
-            writeln!(out, "{}", public_hex(&read_key(&file)?))?;
+            let v = json!({"public_key": public_hex(&read_key(&file)?)});
+            out.write_all(
+                crate::render(format, &v, &|v| s(v, "public_key").to_string()).as_bytes(),
+            )?;
         }
     }
     Ok(())
@@ -452,7 +457,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("release.key");
         let mut out = Vec::new();
-        run_key(ReleaseKeyCmd::Generate { out: path.clone() }, &mut out).unwrap();
+        run_key(
+            ReleaseKeyCmd::Generate { out: path.clone() },
+            &mut out,
+            Output::Table,
+        )
+        .unwrap();
         let printed = String::from_utf8(out).unwrap();
         #[cfg(unix)]
         {
@@ -466,19 +476,35 @@ mod tests {
         let e = run_key(
             ReleaseKeyCmd::Generate { out: path.clone() },
             &mut Vec::new(),
+            Output::Table,
         )
         .unwrap_err();
         assert!(e.to_string().contains("exists already"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
 
         let mut out = Vec::new();
-        run_key(ReleaseKeyCmd::Public { file: path.clone() }, &mut out).unwrap();
+        run_key(
+            ReleaseKeyCmd::Public { file: path.clone() },
+            &mut out,
+            Output::Table,
+        )
+        .unwrap();
         let public = String::from_utf8(out).unwrap().trim().to_string();
         assert_eq!(public.len(), 64);
         assert!(
             printed.contains(&format!("--release-key {public}")),
             "{printed}"
         );
+        // `--output json`: the same key as JSON, nothing else.
+        let mut out = Vec::new();
+        run_key(
+            ReleaseKeyCmd::Public { file: path.clone() },
+            &mut out,
+            Output::Json,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!({"public_key": public}));
         let key = protocol::release::parse_public_key(&public).unwrap();
 
         // Sign a "binary" the way `agent release` does; ring verifies it

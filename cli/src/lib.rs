@@ -1,6 +1,12 @@
 //! `aerekos`: the conductor's API from a shell. Every command is one or two
-//! API calls; `--json` prints the API's JSON unchanged (pretty-printed) so
-//! scripts can pipe it to `jq`, otherwise a short human summary is printed.
+//! API calls. `--output json` (or `AEREKOS_OUTPUT=json`, or the older
+//! `--json`) prints the API's JSON as returned, pretty-printed, and nothing
+//! else on stdout, so scripts can pipe it to `jq`; `--output table` (the
+//! default) prints a short human summary: a table for lists, `KEY value`
+//! lines for one object, a line for an action. `logs`, `exec` and `shell`
+//! stream the remote output as it comes in either mode.
+//! `aerekos completions bash|zsh|fish|elvish|powershell` prints a shell
+//! completion script.
 //!
 //! Connection: `--url` / `AEREKOS_URL` (default `http://127.0.0.1:3000`, the
 //! conductor's loopback; `https://conductor:3000` from elsewhere), `--cacert`
@@ -30,11 +36,21 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 /// Most bytes of a JSON response the CLI reads.
 const MAX_JSON: u64 = 16 << 20;
+
+/// How results are printed (`--output`, `AEREKOS_OUTPUT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Output {
+    /// For people: a table for lists, `KEY value` lines for one object.
+    #[default]
+    Table,
+    /// The API's JSON as returned, pretty-printed, and nothing else on stdout.
+    Json,
+}
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -54,12 +70,33 @@ pub struct Cli {
     /// API token (Bearer).
     #[arg(long, env = "AEREKOS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Print the API's JSON instead of a summary.
+    /// How to print results: `table` for people, `json` (the API's answer,
+    /// pretty-printed) for scripts.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "AEREKOS_OUTPUT",
+        default_value_t = Output::Table
+    )]
+    pub output: Output,
+    /// Same as `--output json` (and wins over it).
     #[arg(long, global = true)]
     pub json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Cmd,
+}
+
+impl Cli {
+    /// The output format asked for: `--json` is `--output json`.
+    pub fn format(&self) -> Output {
+        if self.json {
+            Output::Json
+        } else {
+            self.output
+        }
+    }
 }
 
 /// Subcommands.
@@ -223,6 +260,14 @@ pub enum Cmd {
         /// At most this many sessions.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+    /// Print a shell completion script (offline): `aerekos completions bash >
+    /// /etc/bash_completion.d/aerekos`; zsh: `_aerekos` in a directory on
+    /// `$fpath`; fish: `~/.config/fish/completions/aerekos.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// A service's output on one worker: the tail, then optionally follow.
     Logs {
@@ -504,8 +549,35 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("-")
 }
 
+/// What is printed for the API's answer `v`: the JSON pretty-printed
+/// (`json`), or `human(v)` (`table`); one trailing newline either way.
+pub fn render(output: Output, v: &Value, human: &dyn Fn(&Value) -> String) -> String {
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(v).unwrap_or_default(),
+        Output::Table => human(v),
+    };
+    format!("{}\n", text.trim_end())
+}
+
+/// The completion script for `shell`, generated from the command line's
+/// definition (every subcommand, flag and value list).
+pub fn completion_script(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "aerekos", &mut script);
+    script
+}
+
 /// Runs one command, printing to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let format = cli.format();
+    match cli.command {
+        Cmd::Completions { shell } => {
+            out.write_all(&completion_script(shell))?;
+            return Ok(());
+        }
+        Cmd::ReleaseKey(cmd) => return agent::run_key(cmd, out, format),
+        _ => {}
+    }
     let client = match &cli.cacert {
         Some(path) => Client::with_roots(
             &cli.url,
@@ -514,14 +586,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         ),
         None => Client::new(&cli.url, cli.token.clone()),
     };
-    let as_json = cli.json;
     let print = |out: &mut dyn Write, v: &Value, human: &dyn Fn(&Value) -> String| {
-        let text = if as_json {
-            serde_json::to_string_pretty(v).unwrap_or_default()
-        } else {
-            human(v)
-        };
-        writeln!(out, "{}", text.trim_end())
+        out.write_all(render(format, v, human).as_bytes())
     };
     match cli.command {
         Cmd::Login {
@@ -550,9 +616,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Cmd::Worker { id } => {
             let v = client.get(&format!("/workers/{id}"))?;
-            print(out, &v, &|v| {
-                serde_json::to_string_pretty(v).unwrap_or_default()
-            })?;
+            print(out, &v, &worker_detail)?;
         }
         Cmd::Labels { id, labels } => {
             let v = client.send(
@@ -674,14 +738,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             }
             let v = client.send("POST", &format!("/services/{name}/rollout"), &body)?;
             print(out, &v, &|v| {
-                serde_json::to_string_pretty(v).unwrap_or_default()
+                service_rollouts_table(&json!({ "rollouts": [v] }))
             })?;
         }
         Cmd::Rollouts { name } => {
             let v = client.get(&format!("/services/{name}/rollouts"))?;
-            print(out, &v, &|v| {
-                serde_json::to_string_pretty(v).unwrap_or_default()
-            })?;
+            print(out, &v, &service_rollouts_table)?;
         }
         Cmd::Undeploy { name } => {
             let v = client.delete(&format!("/services/{name}/deployment"))?;
@@ -698,7 +760,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         } => client.logs(&worker, &name, tail, follow, out)?,
         Cmd::Alert(cmd) => alerts::run(&client, cmd, out, &print)?,
         Cmd::Token(cmd) => tokens::run(&client, cmd, out, &print)?,
-        Cmd::ReleaseKey(cmd) => agent::run_key(cmd, out)?,
+        Cmd::ReleaseKey(_) | Cmd::Completions { .. } => unreachable!("handled above"),
         Cmd::Agent(cmd) => agent::run(&client, cmd, out, &print)?,
         Cmd::Exec {
             worker,
@@ -774,10 +836,15 @@ fn workers_table(v: &Value) -> String {
             .pointer("/inventory/device_model")
             .and_then(Value::as_str)
             .unwrap_or_else(|| s(&w, "device_model"));
+        // `GET /workers` names a worker `hostname`.
+        let name = w
+            .get("hostname")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| s(&w, "name"));
         t.push_str(&format!(
             "{:<18} {:<18} {:<8} {:<9} {}\n",
             s(&w, "id"),
-            s(&w, "name"),
+            name,
             s(&w, "status"),
             arch,
             model
@@ -820,6 +887,108 @@ fn services_table(v: &Value) -> String {
             version,
             kind,
             deployed
+        ));
+    }
+    t
+}
+
+/// The value at `pointer` for people: a string unquoted, `-` when absent or null.
+fn field(v: &Value, pointer: &str) -> String {
+    match v.pointer(pointer) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(x) => x.to_string(),
+    }
+}
+
+/// `used / total MiB` from two byte counts (`-` when either is missing).
+fn mib_of(v: &Value, used: &str, total: &str) -> String {
+    match (
+        v.pointer(used).and_then(Value::as_u64),
+        v.pointer(total).and_then(Value::as_u64),
+    ) {
+        (Some(u), Some(t)) => format!("{} / {} MiB", u >> 20, t >> 20),
+        _ => "-".into(),
+    }
+}
+
+/// `GET /workers/{id}` for people: one `KEY value` line per fact.
+fn worker_detail(v: &Value) -> String {
+    let labels = v
+        .get("labels")
+        .and_then(Value::as_object)
+        .filter(|m| !m.is_empty())
+        .map_or("-".into(), |m| {
+            m.iter()
+                .map(|(k, l)| format!("{k}={}", l.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+    let unit = |p: &str, u: &str| match field(v, p) {
+        d if d == "-" => d,
+        d => format!("{d} {u}"),
+    };
+    let lines = [
+        ("ID", field(v, "/id")),
+        ("HOSTNAME", field(v, "/hostname")),
+        ("STATUS", field(v, "/status")),
+        ("REVOKED", field(v, "/revoked")),
+        ("ARCH", field(v, "/inventory/arch")),
+        ("MODEL", field(v, "/inventory/device_model")),
+        ("OS", field(v, "/inventory/os")),
+        ("KERNEL", field(v, "/inventory/kernel")),
+        ("AGENT", field(v, "/agent_version")),
+        ("LABELS", labels),
+        ("ENROLLED_MS", field(v, "/enrolled_at_ms")),
+        ("LAST_SEEN_MS", field(v, "/last_seen_ms")),
+        ("LAST_IP", field(v, "/last_ip")),
+        ("CPU", unit("/summary/cpu_percent", "%")),
+        (
+            "MEMORY",
+            mib_of(v, "/summary/memory_used", "/summary/memory_total"),
+        ),
+        (
+            "DISK",
+            mib_of(v, "/summary/disk_used", "/summary/disk_total"),
+        ),
+        ("TEMP", unit("/summary/temp_max_celsius", "°C")),
+        ("LOAD1", field(v, "/summary/load1")),
+        ("UPTIME", unit("/summary/uptime_s", "s")),
+        (
+            "EVENTS",
+            v.get("events")
+                .and_then(Value::as_array)
+                .map_or("-".into(), |e| e.len().to_string()),
+        ),
+    ];
+    let mut t = String::new();
+    for (k, val) in lines {
+        t.push_str(&format!("{k:<13} {val}\n"));
+    }
+    t
+}
+
+/// `GET /services/{name}/rollouts` (or one rollout) for people.
+fn service_rollouts_table(v: &Value) -> String {
+    let mut t = String::from(
+        "ID     STATE        FROM  TO    WAVE  STARTED_MS     FINISHED_MS    REASON\n",
+    );
+    for r in rows(v, "rollouts") {
+        let waves = r.get("waves").and_then(Value::as_array).map_or(0, Vec::len);
+        let wave = match r.get("wave").and_then(Value::as_u64) {
+            Some(w) if waves > 0 => format!("{}/{waves}", w.saturating_add(1)),
+            _ => "-".into(),
+        };
+        t.push_str(&format!(
+            "{:<6} {:<12} {:<5} {:<5} {:<5} {:<14} {:<14} {}\n",
+            field(&r, "/id"),
+            field(&r, "/state"),
+            field(&r, "/from_version"),
+            field(&r, "/to_version"),
+            wave,
+            field(&r, "/started_ms"),
+            field(&r, "/finished_ms"),
+            field(&r, "/reason"),
         ));
     }
     t
@@ -889,6 +1058,281 @@ mod tests {
         assert!(text.contains("w-1"), "{text}");
         let none = service_detail(&serde_json::json!({"name": "x", "versions": []}));
         assert!(none.starts_with("x (latest version unknown)"), "{none}");
+    }
+
+    /// `GET /api/v1/workers` as the conductor answers it (conductor/src/http/api.rs
+    /// `list_workers`), trimmed to what the table reads plus a nested object.
+    fn workers_fixture() -> Value {
+        json!({
+            "workers": [
+                {"id": "w-1", "hostname": "pi-kitchen", "labels": {"site": "shop"},
+                 "status": "online", "revoked": false, "arch": "aarch64",
+                 "device_model": "Raspberry Pi 4 Model B", "agent_version": "0.1.0",
+                 "summary": {"cpu_percent": 12.5, "load1": 0.5}},
+                {"id": "w-2", "hostname": "pi-zero", "labels": {}, "status": "offline",
+                 "revoked": false, "arch": null, "device_model": null, "summary": null},
+            ],
+            "now_ms": 1_765_000_000_000u64,
+        })
+    }
+
+    #[test]
+    fn json_output_is_the_api_answer_pretty_stable_and_round_trips() {
+        let v = workers_fixture();
+        let text = render(Output::Json, &v, &|_| panic!("the human form is not used"));
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v);
+        assert_eq!(
+            text,
+            format!("{}\n", serde_json::to_string_pretty(&v).unwrap())
+        );
+        assert!(text.starts_with("{\n  \""), "pretty, not one line: {text}");
+        // Stable: the same answer prints the same bytes, also after a round trip.
+        let again: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(render(Output::Json, &again, &|_| String::new()), text);
+        // A non-JSON body (kept as a string by `Client::finish`) is still JSON.
+        let plain = render(Output::Json, &Value::String("ok".into()), &|_| {
+            String::new()
+        });
+        assert_eq!(plain, "\"ok\"\n");
+    }
+
+    #[test]
+    fn table_output_is_the_human_form() {
+        let v = workers_fixture();
+        let text = render(Output::Table, &v, &workers_table);
+        assert_eq!(text, workers_table(&v));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["ID", "NAME", "STATUS", "ARCH", "MODEL"]
+        );
+        // Columns line up under their headers; the NAME is the hostname.
+        assert_eq!(
+            lines[1],
+            format!(
+                "{:<18} {:<18} {:<8} {:<9} {}",
+                "w-1", "pi-kitchen", "online", "aarch64", "Raspberry Pi 4 Model B"
+            )
+        );
+        assert_eq!(lines[1].find("pi-kitchen"), lines[0].find("NAME"));
+        assert_eq!(lines[1].find("online"), lines[0].find("STATUS"));
+        assert_eq!(lines[1].find("aarch64"), lines[0].find("ARCH"));
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["w-2", "pi-zero", "offline", "-", "-"]
+        );
+        assert_eq!(lines.len(), 3);
+        // One line for an action, trimmed to one trailing newline.
+        assert_eq!(
+            render(Output::Table, &json!({}), &|_| "labels set\n\n".into()),
+            "labels set\n"
+        );
+    }
+
+    #[test]
+    fn other_tables_have_their_columns() {
+        let arts = artifacts_table(&json!({"artifacts": [
+            {"sha256": "ab".repeat(32), "arch": "x86_64", "size": 1234, "name": "probe"},
+        ]}));
+        let lines: Vec<&str> = arts.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["SHA256", "ARCH", "SIZE", "NAME"]
+        );
+        assert_eq!(lines[1].find("x86_64"), lines[0].find("ARCH"));
+        assert_eq!(lines[1].find("1234"), lines[0].find("SIZE"));
+        assert!(lines[1].ends_with(" probe"), "{arts}");
+
+        let svcs = services_table(&json!({"services": [
+            {"name": "web", "latest_version": 3, "spec": {"kind": "container"},
+             "deployment": {"version": 2}},
+            {"name": "idle", "latest_version": 1, "deployment": null},
+        ]}));
+        let lines: Vec<Vec<&str>> = svcs
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0], ["NAME", "VERSION", "KIND", "DEPLOYED"]);
+        assert_eq!(lines[1], ["web", "3", "container", "v2"]);
+        assert_eq!(lines[2], ["idle", "1", "process", "no"]);
+    }
+
+    #[test]
+    fn worker_show_prints_key_value_lines() {
+        // As `GET /api/v1/workers/{id}` answers (conductor/src/http/api.rs `get_worker`).
+        let v = json!({
+            "id": "w-1", "hostname": "pi-kitchen", "status": "online", "revoked": false,
+            "labels": {"model": "pi5", "site": "shop"},
+            "enrolled_at_ms": 1000, "last_seen_ms": 2000, "last_ip": "10.0.0.5",
+            "inventory": {"hostname": "pi-kitchen", "os": "Debian 12", "kernel": "6.6.51",
+                          "arch": "aarch64", "device_model": "Raspberry Pi 5"},
+            "agent_version": "0.1.0",
+            "summary": {"cpu_percent": 12.5, "memory_used": 512u64 << 20,
+                        "memory_total": 4096u64 << 20, "disk_used": 3u64 << 30,
+                        "disk_total": 32u64 << 30, "temp_max_celsius": 48.2,
+                        "load1": 0.52, "uptime_s": 3600},
+            "events": [{"kind": "Boot"}, {"kind": "ServiceStarted"}],
+        });
+        let text = worker_detail(&v);
+        let kv: BTreeMap<&str, String> = text
+            .lines()
+            .map(|l| {
+                let (k, rest) = l.split_once(' ').unwrap();
+                (k, rest.trim_start().to_string())
+            })
+            .collect();
+        let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("(missing)");
+        assert_eq!(get("ID"), "w-1");
+        assert_eq!(get("HOSTNAME"), "pi-kitchen");
+        assert_eq!(get("STATUS"), "online");
+        assert_eq!(get("ARCH"), "aarch64");
+        assert_eq!(get("MODEL"), "Raspberry Pi 5");
+        assert_eq!(get("LABELS"), "model=pi5,site=shop");
+        assert_eq!(get("CPU"), "12.5 %");
+        assert_eq!(get("MEMORY"), "512 / 4096 MiB");
+        assert_eq!(get("DISK"), "3072 / 32768 MiB");
+        assert_eq!(get("TEMP"), "48.2 °C");
+        assert_eq!(get("UPTIME"), "3600 s");
+        assert_eq!(get("EVENTS"), "2");
+        // Every value starts in the same column.
+        let col = |l: &str| l.len() - l[l.find(' ').unwrap()..].trim_start().len();
+        assert!(text.lines().all(|l| col(l) == 14), "{text}");
+        // A worker that never reported: dashes, no panic.
+        let bare = worker_detail(&json!({"id": "w-2", "inventory": null, "summary": null}));
+        assert!(bare.contains("MEMORY        -\n"), "{bare}");
+        assert!(bare.contains("CPU           -\n"), "{bare}");
+        assert!(bare.contains("LABELS        -\n"), "{bare}");
+    }
+
+    #[test]
+    fn service_rollouts_table_lists_waves_and_states() {
+        // As `GET /api/v1/services/{name}/rollouts` answers (conductor/src/rollout.rs `to_json`).
+        let v = json!({"name": "web", "rollouts": [
+            {"id": 7, "from_version": 1, "to_version": 2, "state": "in_progress",
+             "wave": 0, "waves": [{"workers": ["w-1"]}, {"workers": ["w-2", "w-3"]}],
+             "reason": null, "started_ms": 1000, "finished_ms": null},
+            {"id": 6, "from_version": 2, "to_version": 1, "state": "reverted",
+             "wave": 1, "waves": [{"workers": ["w-1"]}, {"workers": ["w-2"]}],
+             "reason": "w-2 failed", "started_ms": 500, "finished_ms": 900},
+        ]});
+        let text = service_rollouts_table(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "ID",
+                "STATE",
+                "FROM",
+                "TO",
+                "WAVE",
+                "STARTED_MS",
+                "FINISHED_MS",
+                "REASON"
+            ]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["7", "in_progress", "1", "2", "1/2", "1000", "-", "-"]
+        );
+        assert_eq!(lines[2].find("reverted"), lines[0].find("STATE"));
+        assert_eq!(lines[2].find("2/2"), lines[0].find("WAVE"));
+        assert!(lines[2].ends_with(" w-2 failed"), "{text}");
+        // `aerekos rollout` prints the one rollout the API answers the same way.
+        let one = v["rollouts"][0].clone();
+        let single = service_rollouts_table(&json!({ "rollouts": [one] }));
+        assert_eq!(single.lines().nth(1), Some(lines[1]));
+    }
+
+    #[test]
+    fn output_flag_env_and_json_alias() {
+        let format = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.format()).ok();
+        // The process environment may carry AEREKOS_OUTPUT; the default only without it
+        // (tests/output.rs sets it for a child process instead).
+        if std::env::var_os("AEREKOS_OUTPUT").is_none() {
+            assert_eq!(format(&["aerekos", "workers"]), Some(Output::Table));
+        }
+        assert_eq!(
+            format(&["aerekos", "--output", "json", "workers"]),
+            Some(Output::Json)
+        );
+        assert_eq!(
+            format(&["aerekos", "workers", "--output", "json"]),
+            Some(Output::Json)
+        );
+        assert_eq!(
+            format(&["aerekos", "--output=table", "alert", "rules"]),
+            Some(Output::Table)
+        );
+        assert_eq!(
+            format(&["aerekos", "--json", "workers"]),
+            Some(Output::Json)
+        );
+        assert_eq!(
+            format(&["aerekos", "token", "list", "--json"]),
+            Some(Output::Json)
+        );
+        assert_eq!(
+            format(&["aerekos", "--json", "--output", "table", "workers"]),
+            Some(Output::Json)
+        );
+        assert_eq!(format(&["aerekos", "--output", "yaml", "workers"]), None);
+        assert_eq!(
+            format(&["aerekos", "completions", "fish", "--output", "json"]),
+            Some(Output::Json)
+        );
+        assert!(Cli::try_parse_from(["aerekos", "completions", "tcsh"]).is_err());
+        assert!(Cli::try_parse_from(["aerekos", "completions"]).is_err());
+    }
+
+    #[test]
+    fn completion_scripts_name_the_subcommands_and_bash_accepts_its_own() {
+        use clap_complete::Shell;
+        let bash = String::from_utf8(completion_script(Shell::Bash)).unwrap();
+        for name in [
+            "workers",
+            "worker",
+            "services",
+            "rollouts",
+            "exec-log",
+            "rotate-secret",
+            "completions",
+            "add-rule",
+            "release-key",
+        ] {
+            assert!(bash.contains(name), "bash script lacks {name}");
+        }
+        assert!(bash.contains("--output"), "global flag");
+        assert!(bash.contains("complete -F _aerekos"), "registers itself");
+        for shell in [Shell::Zsh, Shell::Fish, Shell::Elvish, Shell::PowerShell] {
+            let script = String::from_utf8(completion_script(shell)).unwrap();
+            assert!(
+                script.contains("aerekos") && script.contains("exec-log"),
+                "{shell}: {script}"
+            );
+        }
+        // Syntax: `bash -n` reads the script without running it.
+        match std::process::Command::new("bash")
+            .arg("-n")
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(mut child) => {
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(bash.as_bytes())
+                    .unwrap();
+                let done = child.wait_with_output().unwrap();
+                assert!(
+                    done.status.success(),
+                    "bash -n: {}",
+                    String::from_utf8_lossy(&done.stderr)
+                );
+            }
+            Err(e) => eprintln!("bash not found ({e}); syntax check skipped"),
+        }
     }
 
     #[test]
