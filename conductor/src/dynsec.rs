@@ -24,6 +24,10 @@
 //!   would leave a person looking at an empty tree; the receive rule keeps
 //!   what a `#` subscription delivers to the aerekos tree, so the observer
 //!   reads no other application's topics on a shared broker.
+//! * With Home Assistant discovery on, both roles also cover the discovery
+//!   prefix (`homeassistant/#`, [`DynSec::set_extra_trees`]): the conductor
+//!   publishes the configs there and Home Assistant reads them with the
+//!   observer login. Turned off, the next start takes those ACLs away.
 //! * `aerekos-worker-<id>` ([`worker_acls`], one role per worker, username =
 //!   client id = worker id): publish exactly its own worker-side topics
 //!   ([`protocol::topic::worker_may_publish`]), subscribe to and receive
@@ -429,15 +433,20 @@ pub fn worker_acls(worker_id: &str) -> Vec<Acl> {
 }
 
 /// The observer's ACLs: subscribe to `#` (literally) or anything inside
-/// `aerekos/v1/#`, receive only inside `aerekos/v1/#`, publish nothing
+/// `aerekos/v1/#` and the `extra` trees (`homeassistant/#` with Home
+/// Assistant discovery on), receive only inside those, publish nothing
 /// (module docs).
-pub fn observer_acls() -> Vec<Acl> {
+pub fn observer_acls(extra: &[String]) -> Vec<Acl> {
     let mut acls = vec![
         Acl::allow(AclType::SubscribeLiteral, "#"),
         Acl::allow(AclType::SubscribePattern, tree()),
         Acl::allow(AclType::PublishClientReceive, tree()),
         Acl::allow(AclType::UnsubscribePattern, "#"),
     ];
+    for t in extra {
+        acls.push(Acl::allow(AclType::SubscribePattern, t.clone()));
+        acls.push(Acl::allow(AclType::PublishClientReceive, t.clone()));
+    }
     acls.extend(deny_all(&[
         AclType::PublishClientSend,
         AclType::PublishClientReceive,
@@ -446,17 +455,22 @@ pub fn observer_acls() -> Vec<Acl> {
     acls
 }
 
-/// The conductor's ACLs: everything inside `aerekos/v1/#`.
-pub fn conductor_acls() -> Vec<Acl> {
-    [
-        AclType::PublishClientSend,
-        AclType::PublishClientReceive,
-        AclType::SubscribePattern,
-        AclType::UnsubscribePattern,
-    ]
-    .into_iter()
-    .map(|t| Acl::allow(t, tree()))
-    .collect()
+/// The conductor's ACLs: everything inside `aerekos/v1/#` and the `extra`
+/// trees (`homeassistant/#` with Home Assistant discovery on).
+pub fn conductor_acls(extra: &[String]) -> Vec<Acl> {
+    std::iter::once(tree())
+        .chain(extra.iter().cloned())
+        .flat_map(|topic| {
+            [
+                AclType::PublishClientSend,
+                AclType::PublishClientReceive,
+                AclType::SubscribePattern,
+                AclType::UnsubscribePattern,
+            ]
+            .into_iter()
+            .map(move |t| Acl::allow(t, topic.clone()))
+        })
+        .collect()
 }
 
 /// The first of [`PLUGIN_PATHS`] that exists.
@@ -699,6 +713,9 @@ pub struct DynSec {
     timeout: Duration,
     nonce: String,
     seq: u64,
+    /// Topic trees beyond `aerekos/v1/#` the conductor publishes to and the
+    /// observer reads ([`DynSec::set_extra_trees`]).
+    extra_trees: Vec<String>,
 }
 
 impl std::fmt::Debug for DynSec {
@@ -736,10 +753,18 @@ impl DynSec {
             timeout: DEFAULT_TIMEOUT,
             nonce,
             seq: 0,
+            extra_trees: Vec::new(),
         };
         let deadline = Instant::now() + ds.timeout;
         ds.ensure_ready(deadline).await?;
         Ok(ds)
+    }
+
+    /// Topic filters (`homeassistant/#`) that [`DynSec::ensure_roles`] adds to
+    /// the conductor's role (publish, subscribe, receive) and the observer's
+    /// (subscribe, receive) beside `aerekos/v1/#`.
+    pub fn set_extra_trees(&mut self, trees: Vec<String>) {
+        self.extra_trees = trees;
     }
 
     /// How long each request waits for its answer ([`DEFAULT_TIMEOUT`]).
@@ -977,7 +1002,7 @@ impl DynSec {
             &mut planned,
             OBSERVER_ROLE,
             observer_role.as_ref(),
-            observer_acls(),
+            observer_acls(&self.extra_trees),
             "aerekos observer (MQTT Explorer): reads aerekos/v1/#, publishes nothing",
         );
         plan_role(
@@ -985,7 +1010,7 @@ impl DynSec {
             &mut planned,
             CONDUCTOR_ROLE,
             conductor_role.as_ref(),
-            conductor_acls(),
+            conductor_acls(&self.extra_trees),
             "aerekos conductor: commands, acknowledgements, JSON mirror",
         );
         if let Some(password) = observer_password {
@@ -1525,7 +1550,7 @@ mod tests {
 
     #[test]
     fn observer_publishes_nothing_and_reads_the_tree() {
-        let acls = observer_acls();
+        let acls = observer_acls(&[]);
         assert!(acls
             .iter()
             .filter(|a| a.acltype == AclType::PublishClientSend)
@@ -1539,8 +1564,8 @@ mod tests {
     fn acl_json_round_trips() {
         for a in worker_acls("w-1")
             .into_iter()
-            .chain(observer_acls())
-            .chain(conductor_acls())
+            .chain(observer_acls(&[]))
+            .chain(conductor_acls(&[]))
         {
             assert_eq!(Acl::from_json(&a.to_json()), Some(a));
         }

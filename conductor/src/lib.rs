@@ -413,6 +413,9 @@ pub async fn run(
     // closes that login's sessions.
     let dynsec = if config.mqtt_dynsec {
         let mut d = dynsec::DynSec::connect(&mqtt_settings).await?;
+        if config.homeassistant_discovery {
+            d.set_extra_trees(vec![format!("{}/#", config.homeassistant_prefix)]);
+        }
         let changed = d.ensure_roles(Some(&observer_pw)).await?;
         if !changed.is_empty() {
             info!(?changed, "Mosquitto dynamic security: roles set up");

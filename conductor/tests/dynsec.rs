@@ -809,3 +809,80 @@ async fn connect_reports_a_wrong_or_non_admin_login() {
     ));
     eprintln!("errors read: {err}");
 }
+
+/// With Home Assistant discovery on, the conductor publishes under its
+/// prefix and the observer (Home Assistant's login) reads it there; a
+/// tree outside both stays closed to the observer.
+#[tokio::test]
+async fn extra_trees_let_the_conductor_publish_and_the_observer_read_discovery() {
+    let Some(b) = Broker::start() else { return };
+    let mut ds = b.dynsec().await;
+    ds.set_extra_trees(vec!["homeassistant/#".into()]);
+    ds.ensure_roles(Some(OBSERVER_PW))
+        .await
+        .expect("ensure_roles");
+    let mut conductor = b
+        .connect("conductor", ADMIN, ADMIN_PW)
+        .await
+        .expect("conductor");
+    let mut obs = b
+        .connect("home-assistant", "observer", OBSERVER_PW)
+        .await
+        .expect("observer logs in");
+    assert!(matches!(
+        obs.subscribe("homeassistant/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    assert!(matches!(
+        obs.subscribe("#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    let config = "homeassistant/sensor/aerekos_w-1/cpu/config";
+    conductor
+        .publish(config, b"{\"name\":\"CPU\"}", true)
+        .await
+        .expect("the conductor publishes discovery");
+    // Live delivery to a standing subscription: retain flag cleared.
+    assert_eq!(
+        obs.message(config, SOON).await,
+        Some((b"{\"name\":\"CPU\"}".to_vec(), false))
+    );
+    // Another application's tree: the admin login may publish there, the
+    // observer's `#` does not deliver it.
+    conductor
+        .publish("other-app/state", b"private", false)
+        .await
+        .expect("publish elsewhere");
+    assert!(!obs.got_payload(b"private", QUIET).await);
+
+    // Without the extra tree (discovery turned off), the roles go back to
+    // aerekos/v1/# only and the observer no longer receives discovery.
+    let mut ds = b.dynsec().await;
+    let changes = ds.ensure_roles(Some(OBSERVER_PW)).await.expect("again");
+    assert!(!changes.is_empty(), "the extra ACLs are removed");
+    let mut fresh = b
+        .connect("home-assistant-2", "observer", OBSERVER_PW)
+        .await
+        .expect("observer logs in again");
+    assert!(matches!(
+        fresh.subscribe("#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    assert!(!fresh.got_payload(b"{\"name\":\"CPU\"}", QUIET).await);
+    // ...which a fresh subscriber got as retained while the tree was open.
+    let mut ds = b.dynsec().await;
+    ds.set_extra_trees(vec!["homeassistant/#".into()]);
+    ds.ensure_roles(Some(OBSERVER_PW)).await.expect("reopened");
+    let mut again = b
+        .connect("home-assistant-3", "observer", OBSERVER_PW)
+        .await
+        .expect("observer logs in a third time");
+    assert!(matches!(
+        again.subscribe("homeassistant/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    assert_eq!(
+        again.message(config, SOON).await,
+        Some((b"{\"name\":\"CPU\"}".to_vec(), true))
+    );
+}
