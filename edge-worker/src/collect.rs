@@ -6,7 +6,11 @@
 //! sample needs: CPU usage, memory, storage of the disks already chosen, and
 //! interface counters. The mount list and thermal zones are re-read every
 //! [`RELIST_EVERY`] samples. Processes are counted from `/proc` directory
-//! names (sysinfo's process refresh is far more expensive), temperatures come
+//! names (sysinfo's process refresh is far more expensive) every
+//! [`PROCESS_COUNT_EVERY`] samples: listing `/proc` makes the kernel build an
+//! entry per process and was a quarter of a sample's CPU (`perf`, 2026-12-07).
+//! Load averages and uptime come from one `sysinfo(2)` call instead of two
+//! files. Temperatures come
 //! straight from `/sys/class/thermal`. The thermal zones, the device model and
 //! a Pi's board ([`crate::board`]) are read under the host root
 //! (`--host-root`: `/`, or where a container sees the host's `/sys`).
@@ -30,6 +34,10 @@ use sysinfo::{DiskRefreshKind, Disks, System};
 
 /// Samples between re-reads of the mount list and thermal zones.
 pub const RELIST_EVERY: u64 = 30;
+
+/// Samples between process counts (a minute at the default 10 s interval;
+/// the samples in between repeat the last count).
+pub const PROCESS_COUNT_EVERY: u64 = 6;
 
 /// Filesystem types that are not real storage.
 const PSEUDO_FS: &[&str] = &[
@@ -140,6 +148,8 @@ pub struct Collector {
     /// When the network counters were last refreshed (for rates).
     last_net: Instant,
     samples: u64,
+    /// The last process count (see [`PROCESS_COUNT_EVERY`]).
+    processes: u32,
     /// Where the host's `/sys` and `/proc` are (`/` but in a container).
     host_root: PathBuf,
     /// The Pi's board reader; `None` on any other machine.
@@ -184,6 +194,7 @@ impl Collector {
             thermal: thermal_zones(host_root),
             last_net: Instant::now(),
             samples: 0,
+            processes: 0,
             host_root: host_root.to_path_buf(),
             board: BoardReader::detect(host_root),
         }
@@ -234,10 +245,14 @@ impl Collector {
     pub fn sample(&mut self) -> Metrics {
         self.samples += 1;
         let relist = self.samples % RELIST_EVERY == 0;
+        if self.samples % PROCESS_COUNT_EVERY == 1 {
+            self.processes = count_processes();
+        }
+        let (load, uptime_s) = load_and_uptime();
         let mut m = Metrics {
             cpu_total: 0,
             cpu_per_core: HVec::new(),
-            load: [0; 3],
+            load,
             memory_used: 0,
             memory_available: 0,
             memory_total: 0,
@@ -246,8 +261,8 @@ impl Collector {
             disks: HVec::new(),
             net: HVec::new(),
             temperatures: HVec::new(),
-            uptime_s: System::uptime().unwrap_or(0),
-            processes: count_processes(),
+            uptime_s,
+            processes: self.processes,
             dropped: 0,
         };
         if let Some(sys) = self.sys.as_mut() {
@@ -264,9 +279,6 @@ impl Collector {
             m.memory_used = sys.used_memory();
             m.swap_total = sys.total_swap();
             m.swap_used = sys.used_swap();
-        }
-        if let Ok(text) = std::fs::read_to_string("/proc/loadavg") {
-            m.load = load_hundredths(&text);
         }
         m.disks = self.disks();
         m.net = self.net_rates();
@@ -460,27 +472,28 @@ pub fn select_nets(mut list: Vec<(String, u64, u64)>, elapsed_ms: u64) -> HVec<N
     out
 }
 
-/// The three load averages of `/proc/loadavg` ("0.41 0.63 0.29 1/123
-/// 4567") in hundredths, read as fixed-point text (no float parsing: it
-/// would link 13 KiB of it into the agent). Unreadable fields are 0.
-fn load_hundredths(text: &str) -> [u32; 3] {
-    let mut out = [0u32; 3];
-    for (slot, field) in out.iter_mut().zip(text.split_ascii_whitespace()) {
-        let (int, frac) = field.split_once('.').unwrap_or((field, ""));
-        let frac = frac.as_bytes();
-        let digit = |i: usize| {
-            frac.get(i)
-                .filter(|b| b.is_ascii_digit())
-                .map_or(0, |b| u32::from(b - b'0'))
-        };
-        let round_up = u32::from(digit(2) >= 5);
-        if let Ok(n) = int.parse::<u32>() {
-            *slot = n
-                .saturating_mul(100)
-                .saturating_add(digit(0) * 10 + digit(1) + round_up);
-        }
-    }
-    out
+/// The three load averages in hundredths, as `/proc/loadavg` prints them,
+/// and the uptime in seconds: one `sysinfo(2)` call (no file to open, read
+/// and close twice per sample).
+fn load_and_uptime() -> ([u32; 3], u64) {
+    let si = rustix::system::sysinfo();
+    // `as u64`: the kernel's unsigned long, u32 on 32-bit ARM (widened) and
+    // u64 elsewhere (where the cast is a no-op).
+    #[allow(clippy::cast_lossless, clippy::unnecessary_cast)]
+    let load = si.loads.map(|l| load_hundredths(l as u64));
+    (load, u64::try_from(si.uptime).unwrap_or(0))
+}
+
+/// One `sysinfo(2)` load average (the kernel's 11-bit fixed point shifted
+/// to 16 bits) in hundredths, rounded exactly as `/proc/loadavg` rounds it
+/// (kernel `fs/proc/loadavg.c`: add 1/200, then the integer part and two
+/// decimals). No float: it would link 13 KiB of formatting into the agent.
+fn load_hundredths(si_load: u64) -> u32 {
+    const FSHIFT: u32 = 11;
+    let fixed = (si_load >> (16 - FSHIFT)) + (1 << FSHIFT) / 200;
+    let int = fixed >> FSHIFT;
+    let frac = ((fixed & ((1 << FSHIFT) - 1)) * 100) >> FSHIFT;
+    u32::try_from(int.saturating_mul(100).saturating_add(frac)).unwrap_or(u32::MAX)
 }
 
 // fits: clamped to 0..=10_000 before the cast.
@@ -792,13 +805,38 @@ mod tests {
         assert_eq!(hundredths_pct(250.0), 10_000);
         assert_eq!(hundredths_pct(-1.0), 0);
         assert_eq!(hundredths_pct(f32::NAN), 0);
-        assert_eq!(
-            load_hundredths("0.41 0.63 12.29 1/123 4567\n"),
-            [41, 63, 1229]
-        );
-        assert_eq!(load_hundredths("3 0.5 0.125"), [300, 50, 13]);
-        assert_eq!(load_hundredths("x 99999999.99"), [0, u32::MAX, 0]);
-        assert_eq!(load_hundredths(""), [0, 0, 0]);
+    }
+
+    #[test]
+    fn sysinfo_loads_round_like_proc_loadavg() {
+        // sysinfo(2) loads are the kernel's avenrun (11-bit fixed point) << 5.
+        let si = |avenrun: u64| avenrun << 5;
+        assert_eq!(load_hundredths(0), 0);
+        assert_eq!(load_hundredths(si(2048)), 100);
+        assert_eq!(load_hundredths(si(1024)), 50);
+        // 0.41 as the kernel holds it (839/2048 = 0.4097): printed 0.41.
+        assert_eq!(load_hundredths(si(839)), 41);
+        // 12.29 (25170/2048 = 12.2900): printed 12.29.
+        assert_eq!(load_hundredths(si(25170)), 1229);
+        assert_eq!(load_hundredths(u64::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn load_and_uptime_match_proc_on_this_box() {
+        let hundredths = |field: &str| {
+            let (int, frac) = field.split_once('.').unwrap();
+            int.parse::<i64>().unwrap() * 100 + frac[..2].parse::<i64>().unwrap()
+        };
+        let text = fs::read_to_string("/proc/loadavg").unwrap();
+        let proc_load: Vec<i64> = text.split_whitespace().take(3).map(hundredths).collect();
+        let up_text = fs::read_to_string("/proc/uptime").unwrap();
+        let proc_up = hundredths(up_text.split_whitespace().next().unwrap()) / 100;
+        let (load, uptime) = load_and_uptime();
+        for (ours, theirs) in load.iter().zip(&proc_load) {
+            // The kernel updates the averages every 5 s, between the two reads at most once.
+            assert!((i64::from(*ours) - theirs).abs() <= 100, "{load:?} vs {text}");
+        }
+        assert!((i64::try_from(uptime).unwrap() - proc_up).abs() <= 2, "{uptime} vs {up_text}");
     }
 
     #[test]
