@@ -834,9 +834,15 @@ mod tests {
         let (load, uptime) = load_and_uptime();
         for (ours, theirs) in load.iter().zip(&proc_load) {
             // The kernel updates the averages every 5 s, between the two reads at most once.
-            assert!((i64::from(*ours) - theirs).abs() <= 100, "{load:?} vs {text}");
+            assert!(
+                (i64::from(*ours) - theirs).abs() <= 100,
+                "{load:?} vs {text}"
+            );
         }
-        assert!((i64::try_from(uptime).unwrap() - proc_up).abs() <= 2, "{uptime} vs {up_text}");
+        assert!(
+            (i64::try_from(uptime).unwrap() - proc_up).abs() <= 2,
+            "{uptime} vs {up_text}"
+        );
     }
 
     #[test]
