@@ -31,6 +31,7 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let m = &req.method;
     match (m, segs.as_slice()) {
         (Method::Get, ["api", "v1", "health"]) => return health(ctx),
+        (Method::Get, ["api", "v1", "openapi.json"]) => return Ok(openapi()),
         (Method::Post, ["api", "v1", "enroll"]) => return enroll::enroll(ctx, req),
         (Method::Post, ["api", "v1", "login"]) => return login(ctx, req),
         (Method::Post, ["api", "v1", "logout"]) => return logout(ctx, req),
@@ -103,6 +104,20 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Post, ["alert-receivers"]) => super::alerts::create_receiver(ctx, req),
         (Method::Delete, ["alert-receivers", id]) => super::alerts::delete_receiver(ctx, id),
         _ => Err(ApiError::not_found("route")),
+    }
+}
+
+/// This API described as an OpenAPI 3.1 document (public, like `health`);
+/// `conductor/tests/openapi.rs` keeps it in step with the routes.
+pub(crate) const OPENAPI: &str = include_str!("../../assets/openapi.json");
+
+/// `GET /openapi.json`: [`OPENAPI`] as it is.
+fn openapi() -> Resp {
+    Resp {
+        status: 200,
+        body: OPENAPI.to_string(),
+        content_type: "application/json",
+        headers: Vec::new(),
     }
 }
 

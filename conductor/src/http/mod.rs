@@ -17,7 +17,8 @@
 //! `{"error": "..."}` with a fitting status code. `HEAD` is answered as
 //! `GET` without the body (same status and headers, the same
 //! authorisation). Every route except
-//! `health`, `enroll`, `login`, `logout`, `session` and `/metrics` needs
+//! `health`, `openapi.json`, `enroll`, `login`, `logout`, `session` and
+//! `/metrics` needs
 //! `Authorization: Bearer <session or API token>` or the `aerekos_session`
 //! cookie that `login` sets (`HttpOnly; SameSite=Strict`), and a token
 //! whose role allows the request ([`auth`]'s `authorize`). A request
