@@ -123,6 +123,14 @@ if [ "$target" = aarch64-unknown-linux-musl ]; then
 else
     setup_arm32
     echo "building for $target: cargo zigbuild --release $package $*"
+    # Zig must compile ring's C for exactly this CPU (ARMv6 for the Pi Zero:
+    # clang's default for these triples emits ARMv7 instructions, a SIGILL at
+    # the first TLS handshake on an ARM1176). cargo-zigbuild keeps a C
+    # compiler already named for the target, and a cargo-run process (a
+    # test rebuilding the agent) inherits .cargo/config.toml's `clang` one:
+    # unset, cargo-zigbuild names Zig's, which [env] does not override.
+    unset CC_arm_unknown_linux_musleabihf CFLAGS_arm_unknown_linux_musleabihf \
+        CC_armv7_unknown_linux_musleabihf CFLAGS_armv7_unknown_linux_musleabihf
     # shellcheck disable=SC2086 # as above
     RUSTFLAGS="-C link-self-contained=no" RUSTC_BOOTSTRAP=1 \
         cargo zigbuild --release $package --target "$target" $std "$@"
