@@ -1,7 +1,12 @@
 //! The S3 HTTP API (tiny_http, HTTP/1.1 keep-alive, path-style addressing).
 //!
 //! Every request but `GET /healthz` (unsigned, no query) must be signed
-//! with SigV4 ([`crate::sigv4`]): header auth or a presigned URL. Bodies
+//! with SigV4 ([`crate::sigv4`]): header auth or a presigned URL. Then the
+//! signing key's bucket grants ([`crate::grants`]) are checked in one place,
+//! `route` (see `needed`), before any handler runs or the bucket's
+//! existence is looked at: `read` or `read-write` on the addressed bucket,
+//! and `read` on a copy source; ListBuckets lists only readable buckets.
+//! A refusal is `403 AccessDenied` naming the bucket and the permission. Bodies
 //! are streamed: a PUT goes from the socket through the payload checks
 //! ([`crate::chunked`]) and the encryption into a temp file, a GET from the
 //! file through decryption to the socket, in 64 KiB pieces; no object is
@@ -54,6 +59,7 @@ use std::sync::{Arc, RwLock};
 use s3::timefmt;
 use service_runtime::RequestHandler;
 
+use crate::grants::{Access, Grants, Perm};
 use crate::sigv4;
 use crate::store::Store;
 use error::{s3err, S3Err};
@@ -68,9 +74,16 @@ pub const VERIFIED_GET: u64 = 1024 * 1024;
 pub const MAX_KEYS: usize = 1000;
 const NS: &str = "http://s3.amazonaws.com/doc/2006-03-01/";
 
-/// Access keys (`AKID → secret`). `Debug` shows ids only.
+/// Access keys (`AKID → secret` and what the key may touch). `Debug` shows
+/// ids only.
 #[derive(Default, Clone, PartialEq, Eq)]
-pub struct AccessKeys(BTreeMap<String, String>);
+pub struct AccessKeys(BTreeMap<String, KeyEntry>);
+
+#[derive(Clone, PartialEq, Eq)]
+struct KeyEntry {
+    secret: String,
+    access: Access,
+}
 
 impl std::fmt::Debug for AccessKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,13 +103,67 @@ fn valid_secret(s: &str) -> bool {
     (8..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic() && b != b',')
 }
 
+/// The keys of the JSON form of `access_keys`: `{"AKID": "secret", "AKID":
+/// {"secret": "...", "buckets": {"<bucket or prefix*>": "read" |
+/// "read-write", ...}}}`, as (id, secret, access); an error naming the key
+/// (never a secret) when its shape is wrong.
+fn json_keys(text: &str) -> Result<Vec<(String, String, Access)>, String> {
+    use serde_json::Value;
+    let doc: Value = serde_json::from_str(text).map_err(|e| {
+        format!("access_keys is not valid JSON ({e}); expected {{\"AKID\": {{\"secret\": \"...\", \"buckets\": {{...}}}}, ...}}")
+    })?;
+    let Value::Object(map) = doc else {
+        return Err(
+            "access_keys is JSON but not an object {\"AKID\": {\"secret\": \"...\", \"buckets\": {...}}, ...}"
+                .into(),
+        );
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (id, entry) in map {
+        let who = format!("access_keys: access key {id}");
+        match entry {
+            Value::String(secret) => out.push((id, secret, Access::Full)),
+            Value::Object(fields) => {
+                if let Some(other) = fields.keys().find(|k| *k != "secret" && *k != "buckets") {
+                    return Err(format!(
+                        "{who}: unknown field {other:?} (an entry has \"secret\" and optionally \"buckets\")"
+                    ));
+                }
+                let secret = match fields.get("secret") {
+                    Some(Value::String(s)) => s.clone(),
+                    _ => return Err(format!("{who}: \"secret\" (a string) is missing")),
+                };
+                let access = match fields.get("buckets") {
+                    None => Access::Full,
+                    Some(b) => Access::Buckets(Grants::from_json(&who, b)?),
+                };
+                out.push((id, secret, access));
+            }
+            _ => {
+                return Err(format!(
+                    "{who}: must be its secret (a string) or {{\"secret\": \"...\", \"buckets\": {{...}}}}"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl AccessKeys {
-    /// From the service's secrets: `access_keys` = `AKID:secret,...` and
-    /// `access_key.<AKID>` = secret. Returns warnings naming ids, never secrets.
-    pub fn from_secrets(secrets: &BTreeMap<String, String>) -> (AccessKeys, Vec<String>) {
+    /// From the service's secrets: `access_keys` = `AKID:secret,...` (full
+    /// access) or its JSON form (see [`crate::grants`] and the README: per
+    /// key a secret and optionally the buckets it may touch), and
+    /// `access_key.<AKID>` = secret (full access). Returns warnings naming
+    /// ids, never secrets, for skipped keys (bad id or secret), and an error
+    /// when grants are malformed or a key with grants is also given as
+    /// `access_key.<AKID>`: then no key set is built, so a typo never
+    /// widens what a key may do.
+    pub fn from_secrets(
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<(AccessKeys, Vec<String>), String> {
         let mut out = BTreeMap::new();
         let mut warnings = Vec::new();
-        let mut add = |id: &str, secret: &str, warnings: &mut Vec<String>| {
+        let mut add = |id: &str, secret: &str, access: Access, warnings: &mut Vec<String>| {
             let (id, secret) = (id.trim(), secret.trim());
             if !valid_akid(id) {
                 warnings.push(format!(
@@ -107,45 +174,96 @@ impl AccessKeys {
                     "access key {id} skipped: secrets are 8..=256 printable characters without ','"
                 ));
             } else {
-                out.insert(id.to_string(), secret.to_string());
+                out.insert(
+                    id.to_string(),
+                    KeyEntry {
+                        secret: secret.to_string(),
+                        access,
+                    },
+                );
             }
         };
+        let mut entries = Vec::new();
         if let Some(list) = secrets.get("access_keys") {
-            for item in list.split(',').filter(|s| !s.trim().is_empty()) {
-                match item.split_once(':') {
-                    Some((id, secret)) => add(id, secret, &mut warnings),
-                    None => {
-                        warnings.push("an entry of access_keys is not AKID:secret; skipped".into())
+            if list.trim_start().starts_with(['{', '[']) {
+                entries = json_keys(list)?;
+            } else {
+                for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+                    match item.split_once(':') {
+                        Some((id, secret)) => {
+                            entries.push((id.to_string(), secret.to_string(), Access::Full));
+                        }
+                        None => warnings
+                            .push("an entry of access_keys is not AKID:secret; skipped".into()),
                     }
                 }
             }
         }
         for (k, v) in secrets {
             if let Some(id) = k.strip_prefix("access_key.") {
-                add(id, v, &mut warnings);
+                let id = id.trim();
+                if entries
+                    .iter()
+                    .any(|(i, _, a)| i.trim() == id && *a != Access::Full)
+                {
+                    return Err(format!(
+                        "access key {id} has buckets in access_keys and is also the secret {k}, \
+                         which would give it every bucket; define it once"
+                    ));
+                }
+                entries.push((id.to_string(), v.clone(), Access::Full));
             }
         }
-        (AccessKeys(out), warnings)
+        for (id, secret, access) in entries {
+            add(&id, &secret, access, &mut warnings);
+        }
+        Ok((AccessKeys(out), warnings))
     }
 
-    /// From explicit pairs.
+    /// From explicit pairs, each with full access.
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> AccessKeys {
         AccessKeys(
             pairs
                 .into_iter()
-                .map(|(a, s)| (a.to_string(), s.to_string()))
+                .map(|(a, s)| {
+                    (
+                        a.to_string(),
+                        KeyEntry {
+                            secret: s.to_string(),
+                            access: Access::Full,
+                        },
+                    )
+                })
                 .collect(),
         )
     }
 
     /// The secret of `id`.
     pub fn secret(&self, id: &str) -> Option<String> {
-        self.0.get(id).cloned()
+        self.0.get(id).map(|e| e.secret.clone())
+    }
+
+    /// What `id` may touch.
+    pub fn access(&self, id: &str) -> Option<&Access> {
+        self.0.get(id).map(|e| &e.access)
     }
 
     /// Key ids.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
+    }
+
+    /// The ids, each restricted one followed by its grants:
+    /// `AKID1, AKID2 (backups: read-write, public-*: read)`.
+    pub fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|(id, e)| match &e.access {
+                Access::Full => id.clone(),
+                Access::Buckets(g) => format!("{id} ({g})"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Number of keys.
@@ -172,7 +290,7 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// Bytes of object data sent.
     pub bytes_out: AtomicU64,
-    /// Requests refused for authentication.
+    /// Requests refused for authentication or for the key's grants.
     pub denied: AtomicU64,
     /// 5xx answers.
     pub errors: AtomicU64,
@@ -317,6 +435,7 @@ fn handle(svc: &S3Service, mut req: tiny_http::Request) {
                 headers,
                 query,
                 verified: None,
+                access: Access::nothing(),
                 body_read: false,
             };
             let r = route(&mut ctx, raw_path);
@@ -406,7 +525,12 @@ fn route(ctx: &mut Ctx<'_>, raw_path: &str) -> Result<Reply, S3Err> {
         query: &ctx.query,
         headers: &ctx.headers,
     };
-    ctx.verified = Some(sigv4::verify(&view, timefmt::now(), &|id| keys.secret(id))?);
+    let verified = sigv4::verify(&view, timefmt::now(), &|id| keys.secret(id))?;
+    ctx.access = keys
+        .access(&verified.access_key)
+        .cloned()
+        .unwrap_or_else(Access::nothing);
+    ctx.verified = Some(verified);
     let (bucket, key) = ctx.bucket_and_key(raw_path)?;
     for sub in [
         "acl",
@@ -436,6 +560,14 @@ fn route(ctx: &mut Ctx<'_>, raw_path: &str) -> Result<Reply, S3Err> {
             ));
         }
     }
+    if !bucket.is_empty() {
+        ctx.require(&bucket, needed(ctx))?;
+        if key.is_some() && ctx.method == "PUT" && ctx.header("x-amz-copy-source").is_some() {
+            // CopyObject and UploadPartCopy also read their source.
+            let (source_bucket, _) = objects::copy_source(ctx)?;
+            ctx.require(&source_bucket, Perm::Read)?;
+        }
+    }
     match (bucket.is_empty(), key) {
         (true, _) => match ctx.method {
             "GET" => buckets::list_buckets(ctx),
@@ -443,6 +575,19 @@ fn route(ctx: &mut Ctx<'_>, raw_path: &str) -> Result<Reply, S3Err> {
         },
         (false, None) => buckets::bucket_op(ctx, &bucket),
         (false, Some(key)) => objects::object_op(ctx, &bucket, &key),
+    }
+}
+
+/// The permission a request needs on the bucket it addresses: `read` for
+/// GET and HEAD (objects, listings, HeadBucket, GetBucketLocation) but the
+/// multipart listings, `read-write` for everything else (writes, deletes,
+/// copies into the bucket, multipart uploads, Create/DeleteBucket).
+fn needed(ctx: &Ctx<'_>) -> Perm {
+    let reads = matches!(ctx.method, "GET" | "HEAD");
+    if reads && !ctx.has("uploads") && !ctx.has("uploadId") {
+        Perm::Read
+    } else {
+        Perm::ReadWrite
     }
 }
 
@@ -464,10 +609,91 @@ mod tests {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let (k, w) = AccessKeys::from_secrets(&s);
+        let (k, w) = AccessKeys::from_secrets(&s).unwrap();
         assert_eq!(k.ids().collect::<Vec<_>>(), ["AKIDONE", "AKIDTWO"]);
         assert_eq!(k.secret("AKIDONE").unwrap(), "secret/with+chars1");
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(!format!("{k:?}").contains("secret"));
+        assert_eq!(
+            k.access("AKIDONE"),
+            Some(&Access::Full),
+            "no grants: every bucket"
+        );
+        assert_eq!(k.access("AKIDTWO"), Some(&Access::Full));
+    }
+
+    fn secrets(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn access_keys_with_bucket_grants() {
+        let s = secrets(&[
+            (
+                "access_keys",
+                r#" {"AKIDAPP1": {"secret": "app1-secret/+x", "buckets": {"backups": "read-write", "public-*": "read"}},
+                    "AKIDADMIN": "admin-secret-1",
+                    "AKIDFULL": {"secret": "full-secret-1"},
+                    "AKIDNONE": {"secret": "none-secret-1", "buckets": {}},
+                    "X": "short"} "#,
+            ),
+            ("access_key.AKIDTWO", "another-secret-2"),
+        ]);
+        let (k, w) = AccessKeys::from_secrets(&s).unwrap();
+        assert_eq!(
+            k.ids().collect::<Vec<_>>(),
+            ["AKIDADMIN", "AKIDAPP1", "AKIDFULL", "AKIDNONE", "AKIDTWO"]
+        );
+        assert_eq!(w.len(), 1, "the short id is skipped: {w:?}");
+        assert_eq!(k.secret("AKIDAPP1").unwrap(), "app1-secret/+x");
+        let app = k.access("AKIDAPP1").unwrap();
+        assert!(app.allows("backups", Perm::ReadWrite));
+        assert!(app.allows("public-web", Perm::Read));
+        assert!(!app.allows("public-web", Perm::ReadWrite));
+        assert!(!app.allows("db-backups", Perm::Read));
+        for full in ["AKIDADMIN", "AKIDFULL", "AKIDTWO"] {
+            assert_eq!(k.access(full), Some(&Access::Full), "{full}");
+        }
+        assert!(!k.access("AKIDNONE").unwrap().allows("backups", Perm::Read));
+        assert_eq!(
+            k.describe(),
+            "AKIDADMIN, AKIDAPP1 (backups: read-write, public-*: read), AKIDFULL, \
+             AKIDNONE (no bucket), AKIDTWO"
+        );
+        assert!(!k.describe().contains("secret"));
+    }
+
+    #[test]
+    fn malformed_grants_are_an_error_naming_the_key_never_its_secret() {
+        for (value, says) in [
+            (r#"{"AKIDAPP1": {"secret": "app1-secret", "buckets": {"backups": "rw"}}}"#,
+             "access_keys: access key AKIDAPP1: the permission on \"backups\" must be \"read\" or \"read-write\""),
+            (r#"{"AKIDAPP1": {"secret": "app1-secret", "buckets": ["backups"]}}"#,
+             "access key AKIDAPP1: \"buckets\" must be an object"),
+            (r#"{"AKIDAPP1": {"secret": "app1-secret", "bucket": {"backups": "read"}}}"#,
+             "access key AKIDAPP1: unknown field \"bucket\""),
+            (r#"{"AKIDAPP1": {"buckets": {"backups": "read"}}}"#,
+             "access key AKIDAPP1: \"secret\" (a string) is missing"),
+            (r#"{"AKIDAPP1": 5}"#, "access key AKIDAPP1: must be its secret"),
+            (r#"{"AKIDAPP1": "app1-secret",}"#, "not valid JSON"),
+            (r#"["AKIDAPP1"]"#, "is JSON but not an object"),
+        ] {
+            let e = AccessKeys::from_secrets(&secrets(&[("access_keys", value)])).unwrap_err();
+            assert!(e.contains(says), "{value}: {e}");
+            assert!(!e.contains("app1-secret"), "{e}");
+        }
+        // A restricted key given again as access_key.<AKID> (full access) is refused.
+        let e = AccessKeys::from_secrets(&secrets(&[
+            (
+                "access_keys",
+                r#"{"AKIDAPP1": {"secret": "app1-secret", "buckets": {"backups": "read"}}}"#,
+            ),
+            ("access_key.AKIDAPP1", "app1-secret"),
+        ]))
+        .unwrap_err();
+        assert!(e.contains("define it once"), "{e}");
     }
 }

@@ -12,6 +12,9 @@
 //!   formats and XML, re-exported (other services use the `s3` crate
 //!   itself: db-manager stores backups with its client).
 //! * [`http`]: the S3 API on tiny_http, streaming bodies both ways.
+//! * [`grants`]: per-bucket permissions of access keys (`read` or
+//!   `read-write` per bucket name or `prefix*`; keys without grants keep
+//!   full access), enforced on every request by [`http`].
 //! * [`store`]: buckets and objects on disk (atomic, fsynced before the
 //!   answer) with an in-memory index.
 //! * [`crypt`] and [`kms`]: objects encrypted at rest in 64 KiB
@@ -31,6 +34,7 @@
 
 pub mod chunked;
 pub mod crypt;
+pub mod grants;
 pub mod http;
 pub mod kms;
 pub mod sigv4;
@@ -83,7 +87,8 @@ Runs under an edge-worker (needs AEREKOS_API and AEREKOS_TOKEN).
                   `multipart_expiry_hours`, 168 (7 days)
 Config: encryption (on|off), kms_url, kms_key, max_object_size, max_part_size, min_part_size,
         virtual_host_domain, multipart_expiry_hours.
-Secrets: access_keys (AKID:secret,...), access_key.<AKID>, kms_token.";
+Secrets: access_keys (AKID:secret,... or JSON with per-key bucket grants, see the README),
+         access_key.<AKID>, kms_token.";
 
 /// storage-manager's own flags, besides the ones every service takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -250,19 +255,35 @@ impl Reported for Reporter {
     }
 }
 
-/// Installs the access keys and key-manager token from `secrets`.
-fn apply_secrets(svc: &S3Service, secrets: &BTreeMap<String, String>, first: bool) {
-    let (keys, warnings) = AccessKeys::from_secrets(secrets);
-    let ids = keys.ids().collect::<Vec<_>>().join(", ");
+/// Installs the access keys and key-manager token from `secrets`. Malformed
+/// bucket grants are an error at start; on a refresh (`first` false) they
+/// keep the current keys, with the error logged.
+fn apply_secrets(
+    svc: &S3Service,
+    secrets: &BTreeMap<String, String>,
+    first: bool,
+) -> Result<(), StartError> {
+    if let (Some(kms), Some(t)) = (svc.store.kms(), secrets.get("kms_token")) {
+        kms.set_token(t);
+    }
+    let (keys, warnings) = match AccessKeys::from_secrets(secrets) {
+        Ok(k) => k,
+        Err(e) if first => return Err(StartError::Usage(format!("secret {e}"))),
+        Err(e) => {
+            eprintln!(
+                "{SERVICE}: access keys not refreshed (the current ones are kept): secret {e}"
+            );
+            return Ok(());
+        }
+    };
+    let described = keys.describe();
     if svc.set_keys(keys) || first {
         for w in warnings {
             eprintln!("{SERVICE}: {w}");
         }
-        eprintln!("{SERVICE}: access keys: [{ids}]");
+        eprintln!("{SERVICE}: access keys: [{described}]");
     }
-    if let (Some(kms), Some(t)) = (svc.store.kms(), secrets.get("kms_token")) {
-        kms.set_token(t);
-    }
+    Ok(())
 }
 
 /// storage-manager as a service [`service_runtime::boot()`] runs.
@@ -338,7 +359,7 @@ impl Service for StorageManager {
                     sweep_uploads(&svc.store, expiry);
                 })?;
         }
-        apply_secrets(&svc, secrets, true);
+        apply_secrets(&svc, secrets, true)?;
         if svc.keys.read().map(|k| k.is_empty()).unwrap_or(true) {
             eprintln!(
                 "{SERVICE}: no access keys in the secrets (`access_keys` or `access_key.<AKID>`): \
@@ -352,7 +373,9 @@ impl Service for StorageManager {
                 .spawn(move || loop {
                     std::thread::sleep(intervals.refresh);
                     match local.secrets() {
-                        Ok(s) => apply_secrets(&svc, &s, false),
+                        Ok(s) => {
+                            let _ = apply_secrets(&svc, &s, false);
+                        }
                         Err(e) => eprintln!("{SERVICE}: secrets not refreshed (kept): {e}"),
                     }
                 })?;
@@ -441,5 +464,34 @@ mod tests {
         assert_eq!(sweep_interval(604_800), Duration::from_secs(3600));
         assert_eq!(sweep_interval(2), Duration::from_secs(1));
         assert_eq!(sweep_interval(40), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn malformed_grants_refuse_start_and_keep_the_current_keys_on_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Limits::default(), None).unwrap();
+        let svc = S3Service::new(store, AccessKeys::default(), Arc::new(|_| {}));
+        let keys = |grants: &str| -> BTreeMap<String, String> {
+            [(
+                "access_keys".to_string(),
+                format!(r#"{{"AKIDAPP1": {{"secret": "app1-secret", "buckets": {grants}}}}}"#),
+            )]
+            .into()
+        };
+        apply_secrets(&svc, &keys(r#"{"backups": "read"}"#), true).unwrap();
+        let bad = keys(r#"{"backups": "write"}"#);
+        match apply_secrets(&svc, &bad, true) {
+            Err(StartError::Usage(m)) => assert!(
+                m.contains("access key AKIDAPP1: the permission on \"backups\"")
+                    && !m.contains("app1-secret"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        apply_secrets(&svc, &bad, false).unwrap();
+        let k = svc.keys.read().unwrap().clone();
+        let access = k.access("AKIDAPP1").unwrap();
+        assert!(access.allows("backups", grants::Perm::Read), "kept");
+        assert!(!access.allows("other", grants::Perm::Read), "never widened");
     }
 }

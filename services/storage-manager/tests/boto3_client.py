@@ -5,8 +5,13 @@ Usage: boto3_client.py ENDPOINT ACCESS_KEY SECRET_KEY [MODE [UPLOAD_ID]]
 
 MODE is `all` (the default: every check below), `expiry-start` (leaves a
 multipart upload with two 1 MiB parts in bucket `expiry`, as a client killed
-part-way would, and prints `UPLOAD <id>`) or `expiry-gone` (checks that
-upload UPLOAD_ID was removed: not listed, NoSuchUpload to every request).
+part-way would, and prints `UPLOAD <id>`), `expiry-gone` (checks that
+upload UPLOAD_ID was removed: not listed, NoSuchUpload to every request),
+`grants-restricted` (run with a key whose grants are
+{"app-data": "read-write", "shared-*": "read"}; buckets app-data,
+shared-docs and secret-backups exist, with shared-docs/readme.txt and
+secret-backups/db.sqlite) or `grants-full` (a key without grants sees and
+reads all three).
 
 Exits 0 when every check passed; 3 when boto3 cannot be imported (the Rust
 test decides whether that is a skip or a failure); 1 with a message on the
@@ -89,7 +94,90 @@ if mode == "expiry-gone":
     print("EXPIRY CHECKS PASSED")
     sys.exit(0)
 
-check(mode == "all", "mode is all, expiry-start or expiry-gone (got %r)" % mode)
+def denied(fn, bucket, perm, what):
+    """fn fails with AccessDenied (403) naming `bucket` and `perm`."""
+    try:
+        fn()
+    except ClientError as e:
+        err, status = e.response["Error"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+        msg = err.get("Message", "")
+        # HEAD answers carry no body: botocore reports the status only.
+        ok = status == 403 and (err["Code"] == "403" or (err["Code"] == "AccessDenied" and '"%s"' % bucket in msg and "needs %s permission" % perm in msg))
+        check(ok, "%s -> AccessDenied naming %s and %s (got %s %s: %s)" % (what, bucket, perm, status, err["Code"], msg))
+        return
+    check(False, "%s -> AccessDenied (it succeeded)" % what)
+
+
+if mode == "grants-restricted":
+    import urllib.error
+    import urllib.request
+    names = [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    check(names == ["app-data", "shared-docs"], "ListBuckets shows only the buckets the key may read (got %r)" % names)
+    # Its own bucket: everything.
+    s3.put_object(Bucket="app-data", Key="a.txt", Body=b"mine")
+    check(s3.get_object(Bucket="app-data", Key="a.txt")["Body"].read() == b"mine", "PUT and GET in the read-write bucket")
+    check(s3.head_object(Bucket="app-data", Key="a.txt")["ContentLength"] == 4, "HEAD in the read-write bucket")
+    check([o["Key"] for o in s3.list_objects_v2(Bucket="app-data")["Contents"]] == ["a.txt"], "list the read-write bucket")
+    s3.copy_object(Bucket="app-data", Key="b.txt", CopySource={"Bucket": "app-data", "Key": "a.txt"})
+    check(s3.get_object(Bucket="app-data", Key="b.txt")["Body"].read() == b"mine", "copy within the read-write bucket")
+    up = s3.create_multipart_upload(Bucket="app-data", Key="mp.bin")["UploadId"]
+    part = s3.upload_part(Bucket="app-data", Key="mp.bin", UploadId=up, PartNumber=1, Body=b"multi")
+    check(len(s3.list_parts(Bucket="app-data", Key="mp.bin", UploadId=up)["Parts"]) == 1, "ListParts in the read-write bucket")
+    s3.complete_multipart_upload(Bucket="app-data", Key="mp.bin", UploadId=up, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+    check(s3.get_object(Bucket="app-data", Key="mp.bin")["Body"].read() == b"multi", "multipart upload in the read-write bucket")
+    s3.delete_object(Bucket="app-data", Key="b.txt")
+    check(error_code(lambda: s3.head_object(Bucket="app-data", Key="b.txt")) == "404", "DELETE in the read-write bucket")
+    # A read-only bucket (matched by the prefix shared-*): read, and copy from it; no writes.
+    check(s3.get_object(Bucket="shared-docs", Key="readme.txt")["Body"].read() == b"shared", "GET in the read-only bucket")
+    check(len(s3.list_objects_v2(Bucket="shared-docs")["Contents"]) == 1, "list the read-only bucket")
+    s3.copy_object(Bucket="app-data", Key="readme-copy.txt", CopySource={"Bucket": "shared-docs", "Key": "readme.txt"})
+    check(s3.get_object(Bucket="app-data", Key="readme-copy.txt")["Body"].read() == b"shared", "copy from the read-only bucket into the read-write one")
+    denied(lambda: s3.put_object(Bucket="shared-docs", Key="x", Body=b"x"), "shared-docs", "read-write", "PUT into the read-only bucket")
+    denied(lambda: s3.delete_object(Bucket="shared-docs", Key="readme.txt"), "shared-docs", "read-write", "DELETE in the read-only bucket")
+    denied(lambda: s3.copy_object(Bucket="shared-docs", Key="c", CopySource={"Bucket": "app-data", "Key": "a.txt"}), "shared-docs", "read-write", "copy into the read-only bucket")
+    denied(lambda: s3.create_multipart_upload(Bucket="shared-docs", Key="m"), "shared-docs", "read-write", "multipart upload into the read-only bucket")
+    # A bucket it has no grant for: nothing at all.
+    other = "secret-backups"
+    denied(lambda: s3.get_object(Bucket=other, Key="db.sqlite"), other, "read", "GET from another bucket")
+    denied(lambda: s3.head_object(Bucket=other, Key="db.sqlite"), other, "read", "HEAD in another bucket")
+    denied(lambda: s3.head_bucket(Bucket=other), other, "read", "HeadBucket of another bucket")
+    denied(lambda: s3.list_objects_v2(Bucket=other), other, "read", "ListObjectsV2 of another bucket")
+    denied(lambda: s3.list_objects(Bucket=other), other, "read", "ListObjects of another bucket")
+    denied(lambda: s3.put_object(Bucket=other, Key="evil", Body=b"x"), other, "read-write", "PUT into another bucket")
+    denied(lambda: s3.delete_object(Bucket=other, Key="db.sqlite"), other, "read-write", "DELETE in another bucket")
+    denied(lambda: s3.delete_objects(Bucket=other, Delete={"Objects": [{"Key": "db.sqlite"}]}), other, "read-write", "DeleteObjects in another bucket")
+    denied(lambda: s3.delete_bucket(Bucket=other), other, "read-write", "DeleteBucket of another bucket")
+    denied(lambda: s3.list_multipart_uploads(Bucket=other), other, "read-write", "ListMultipartUploads of another bucket")
+    denied(lambda: s3.copy_object(Bucket="app-data", Key="stolen", CopySource={"Bucket": other, "Key": "db.sqlite"}), other, "read", "copy from another bucket")
+    up = s3.create_multipart_upload(Bucket="app-data", Key="stolen-mp")["UploadId"]
+    denied(lambda: s3.upload_part_copy(Bucket="app-data", Key="stolen-mp", UploadId=up, PartNumber=1, CopySource={"Bucket": other, "Key": "db.sqlite"}), other, "read", "UploadPartCopy from another bucket")
+    s3.abort_multipart_upload(Bucket="app-data", Key="stolen-mp", UploadId=up)
+    check(error_code(lambda: s3.head_object(Bucket="app-data", Key="stolen")) == "404", "the refused copy stored nothing")
+    denied(lambda: s3.create_bucket(Bucket="not-mine"), "not-mine", "read-write", "CreateBucket outside the grants")
+    # Presigned URLs are checked against the signing key's grants.
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": other, "Key": "db.sqlite"}, ExpiresIn=300)
+    try:
+        urllib.request.urlopen(url).read()
+        check(False, "a presigned GET from another bucket is refused")
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        check(e.code == 403 and "<Code>AccessDenied</Code>" in body and other in body, "presigned GET from another bucket -> 403 AccessDenied (%s)" % body)
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": "app-data", "Key": "a.txt"}, ExpiresIn=300)
+    check(urllib.request.urlopen(url).read() == b"mine", "presigned GET from its own bucket")
+    print("GRANTS CHECKS PASSED")
+    sys.exit(0)
+
+if mode == "grants-full":
+    names = [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    check(names == ["app-data", "secret-backups", "shared-docs"], "a key without grants lists every bucket (got %r)" % names)
+    check(s3.get_object(Bucket="secret-backups", Key="db.sqlite")["Body"].read() == b"backup", "and reads every bucket")
+    check(s3.get_object(Bucket="app-data", Key="mp.bin")["Body"].read() == b"multi", "including the restricted key's")
+    s3.put_object(Bucket="shared-docs", Key="new.txt", Body=b"x")
+    check(error_code(lambda: s3.head_object(Bucket="secret-backups", Key="evil")) == "404", "the refused PUT stored nothing")
+    print("GRANTS FULL CHECKS PASSED")
+    sys.exit(0)
+
+check(mode == "all", "mode is all, expiry-start, expiry-gone, grants-restricted or grants-full (got %r)" % mode)
 bucket = "boto-bucket"
 s3.create_bucket(Bucket=bucket)
 check(bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]], "bucket listed")

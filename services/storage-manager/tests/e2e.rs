@@ -553,10 +553,15 @@ fn boto3_available(test: &str) -> bool {
 /// Runs `tests/boto3_client.py` against `sm` with `args` after the
 /// credentials; its stdout, once it printed `done`.
 fn boto3_script(sm: &Proc, args: &[&str], done: &str) -> String {
+    boto3_script_as(sm, (AKID, SECRET), args, done)
+}
+
+/// [`boto3_script`] signing with the access key `(id, secret)`.
+fn boto3_script_as(sm: &Proc, (id, secret): (&str, &str), args: &[&str], done: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boto3_client.py");
     let out = Command::new("python3")
         .arg(&script)
-        .args([sm.url.as_str(), AKID, SECRET])
+        .args([sm.url.as_str(), id, secret])
         .args(args)
         .output()
         .unwrap();
@@ -583,6 +588,79 @@ fn boto3_real_client() {
     eprintln!("{stdout}");
     aws_cli_copy(&sm);
     drop(km);
+}
+
+/// Per-bucket grants (issue 18): `access_keys` in its JSON form with an
+/// unrestricted key (a plain secret, as before grants existed) and a key
+/// limited to `{"app-data": "read-write", "shared-*": "read"}`. boto3 with
+/// the restricted key reads and writes app-data, reads (and copies from)
+/// shared-docs but cannot write it, gets `AccessDenied` naming the bucket
+/// and the permission for everything on secret-backups (GET, HEAD, list,
+/// PUT, DELETE, copy and UploadPartCopy from it, a presigned GET) and for
+/// CreateBucket outside its grants, and does not see secret-backups in
+/// ListBuckets; boto3 with the unrestricted key still sees and reads
+/// everything.
+#[test]
+fn per_bucket_grants_restrict_a_key_and_leave_keys_without_grants_unrestricted() {
+    if !boto3_available(
+        "per_bucket_grants_restrict_a_key_and_leave_keys_without_grants_unrestricted",
+    ) {
+        return;
+    }
+    const RKID: &str = "AKIDRESTRICTED1";
+    const RSECRET: &str = "restricted/Secret+key-0a1b2c3d";
+    let access_keys = format!(
+        r#"{{"{AKID}": "{SECRET}",
+            "{RKID}": {{"secret": "{RSECRET}", "buckets": {{"app-data": "read-write", "shared-*": "read"}}}}}}"#
+    );
+    let w = storage_worker(
+        map(&[("encryption", "off")]),
+        map(&[("access_keys", &access_keys)]),
+    );
+    let sm_dir = tempfile::tempdir().unwrap();
+    let sm = start_sm(&w, sm_dir.path());
+    assert!(
+        sm.output()
+            .contains(&format!("{RKID} (app-data: read-write, shared-*: read)")),
+        "the grants are logged at start:\n{}",
+        sm.output()
+    );
+    let admin = s3(&sm);
+    for b in ["app-data", "shared-docs", "secret-backups"] {
+        admin.create_bucket(b).unwrap();
+    }
+    admin
+        .put_object_bytes("shared-docs", "readme.txt", b"shared")
+        .unwrap();
+    admin
+        .put_object_bytes("secret-backups", "db.sqlite", b"backup")
+        .unwrap();
+    // Our own client, with the restricted key.
+    let restricted = S3Client::new(&sm.url, Credentials::new(RKID, RSECRET)).unwrap();
+    assert_eq!(
+        restricted.list_buckets().unwrap(),
+        ["app-data", "shared-docs"]
+    );
+    let mut out = Vec::new();
+    assert_eq!(
+        s3_code(
+            restricted
+                .get_object("secret-backups", "db.sqlite", &mut out)
+                .unwrap_err()
+        ),
+        "AccessDenied"
+    );
+    assert!(out.is_empty());
+
+    let stdout = boto3_script_as(
+        &sm,
+        (RKID, RSECRET),
+        &["grants-restricted"],
+        "GRANTS CHECKS PASSED",
+    );
+    eprintln!("{stdout}");
+    boto3_script(&sm, &["grants-full"], "GRANTS FULL CHECKS PASSED");
+    assert!(!sm.output().contains(RSECRET), "no secret in the log");
 }
 
 /// `aws s3 cp s3://cli-src/big s3://cli-dst/big` of a 9 MiB object: above

@@ -11,12 +11,17 @@ use s3::{timefmt, xml};
 use super::error::{s3err, S3Err};
 use super::request::Ctx;
 use super::{Reply, MAX_KEYS, NS};
+use crate::grants::Perm;
 use crate::sigv4;
 use crate::store::{ListParams, StoreError};
 
+/// ListBuckets: the buckets the request's key may read.
 pub(super) fn list_buckets(ctx: &Ctx<'_>) -> Result<Reply, S3Err> {
     let mut s = format!("<ListAllMyBucketsResult xmlns=\"{NS}\"><Owner><ID>aerekos</ID><DisplayName>aerekos</DisplayName></Owner><Buckets>");
     for (name, created) in ctx.svc.store.list_buckets() {
+        if !ctx.access.allows(&name, Perm::Read) {
+            continue;
+        }
         s.push_str(&format!(
             "<Bucket><Name>{}</Name><CreationDate>{}</CreationDate></Bucket>",
             xml::escape(&name),

@@ -6,9 +6,9 @@
 //! (`max-uploads`, `max-parts` above it are capped, as S3 does);
 //! ListMultipartUploads takes no `delimiter` (501) and lists the uploads of
 //! one key by upload id, not by initiation time. UploadPartCopy copies at
-//! most `max_part_size` bytes per part (S3: 5 GiB), from any bucket any
-//! access key may read (every key reads every bucket here), not from
-//! object versions (501).
+//! most `max_part_size` bytes per part (S3: 5 GiB), from a bucket the
+//! access key may read (checked with the destination's `read-write` before
+//! the handler runs, see [`crate::grants`]), not from object versions (501).
 
 use std::sync::atomic::Ordering;
 

@@ -7,6 +7,7 @@ use std::io::Read;
 use super::error::{s3err, S3Err};
 use super::{S3Service, MAX_XML_BODY};
 use crate::chunked::{AwsChunked, ChecksumCheck, Sha256Check};
+use crate::grants::{Access, Perm};
 use crate::sigv4::{self, PayloadMode};
 use crate::store::StoreError;
 
@@ -19,6 +20,9 @@ pub(super) struct Ctx<'a> {
     pub(super) headers: Vec<(String, String)>,
     pub(super) query: Vec<(String, String)>,
     pub(super) verified: Option<sigv4::Verified>,
+    /// What the request's access key may touch ([`Access::nothing`] until
+    /// its signature is verified).
+    pub(super) access: Access,
     /// Whether a handler took the body.
     pub(super) body_read: bool,
 }
@@ -65,6 +69,23 @@ impl Ctx<'_> {
             (None, Some((b, k))) => (b.to_string(), Some(k.to_string()).filter(|k| !k.is_empty())),
             (None, None) => (path.to_string(), None),
         })
+    }
+
+    /// `Ok` if the request's key may `need` on `bucket`, else S3's
+    /// `AccessDenied` (403) naming the bucket and the permission.
+    pub(super) fn require(&self, bucket: &str, need: Perm) -> Result<(), S3Err> {
+        if self.access.allows(bucket, need) {
+            return Ok(());
+        }
+        let key = self.verified.as_ref().map_or("", |v| v.access_key.as_str());
+        Err(s3err(
+            403,
+            "AccessDenied",
+            format!(
+                "Access Denied: access key {key} needs {need} permission on bucket {bucket:?}, \
+                 which its grants (the buckets of access_keys) do not give"
+            ),
+        ))
     }
 
     /// The body reader with its payload checks, and the decoded length.
