@@ -1,8 +1,9 @@
 #!/bin/sh
 # What `cargo test --workspace` needs on a Debian machine, installed if
-# missing: Debian packages, boto3, two rustup targets, qemu-aarch64 and
-# qemu-arm in binfmt_misc. Idempotent and quick when everything is there;
-# without root it lists what is missing and the command that installs it.
+# missing: Debian packages, boto3, the AWS CLI, schemathesis, two rustup
+# targets, qemu-aarch64 and qemu-arm in binfmt_misc. Idempotent and quick
+# when everything is there; without root it lists what is missing and the
+# command that installs it.
 # The 32-bit agents' build tools (Zig, cargo-zigbuild) are
 # deploy/build-pi.sh's; the armv6/armv7 qemu tests skip until it has run.
 #
@@ -44,6 +45,14 @@ if ! command -v aws >/dev/null 2>&1; then
     echo "installing the AWS CLI"
     python3 -m pip install --quiet --disable-pip-version-check awscli ||
         { echo "cannot install the AWS CLI: python3 -m pip install awscli" >&2; exit 1; }
+fi
+
+# The HTTP API is fuzzed against its OpenAPI document (tests/tests/schemathesis.rs,
+# which drives the 4.x CLI: the version is pinned).
+if ! command -v schemathesis >/dev/null 2>&1; then
+    echo "installing schemathesis"
+    python3 -m pip install --quiet --disable-pip-version-check 'schemathesis==4.32.5' ||
+        { echo "cannot install schemathesis: python3 -m pip install 'schemathesis==4.32.5'" >&2; exit 1; }
 fi
 
 # The emulated Pi (aarch64) and the static images (x86_64).
