@@ -10,13 +10,19 @@
 # and network namespaces (see compose/worker.yml and images/README.md).
 FROM scratch
 
+# Identity (state.json, 0600) and the offline queue live here; a named volume
+# starts as a copy of this directory, owner included.
+# A COPY comes first: the classic builder (DOCKER_BUILDKIT=0) records an
+# instruction after FROM scratch that is not a COPY (such as ARG) as the
+# build host's platform, and with `--platform linux/arm64` the next COPY then
+# fails with "does not match the specified platform"; a COPY takes the
+# requested platform, and what follows keeps it (images/README.md, 3a).
+COPY --chown=65532:65532 state/ /var/lib/aerekos/
+
 ARG TARGETPLATFORM
 ARG BIN_DIR=${TARGETPLATFORM}
 
 COPY ${BIN_DIR}/edge-worker /usr/local/bin/edge-worker
-# Identity (state.json, 0600) and the offline queue live here; a named volume
-# starts as a copy of this directory, owner included.
-COPY --chown=65532:65532 state/ /var/lib/aerekos/
 
 ENV AEREKOS_STATE_DIR=/var/lib/aerekos \
     NO_COLOR=1

@@ -1151,7 +1151,7 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Newest modification time of a file, or of any file below a directory.
-fn newest_mtime(path: &Path) -> std::time::SystemTime {
+pub fn newest_mtime(path: &Path) -> std::time::SystemTime {
     let epoch = std::time::SystemTime::UNIX_EPOCH;
     let Ok(meta) = fs::metadata(path) else {
         return epoch;
@@ -1262,18 +1262,39 @@ fn build_for(triple: &str, package: &str, bin_name: &str, source_dirs: &[&str]) 
 /// this process may (root; mounts binfmt_misc if needed); otherwise returns
 /// why not. `.ci/run` does the same before the tests.
 pub fn ensure_binfmt_aarch64() -> Result<(), String> {
+    ensure_binfmt(
+        "aarch64",
+        "7f454c460201010000000000000000000200b700",
+        "\\x7fELF\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00",
+        &qemu_aarch64(),
+    )
+}
+
+/// [`ensure_binfmt_aarch64`] for 32-bit ARM ELF files and `qemu-arm-static`
+/// (the armv6/armv7 agents and the services they host; with the `F` flag
+/// the interpreter also works inside a container's mount namespace).
+pub fn ensure_binfmt_arm() -> Result<(), String> {
+    ensure_binfmt(
+        "arm",
+        "7f454c4601010100000000000000000002002800",
+        "\\x7fELF\\x01\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\x28\\x00",
+        &qemu_user("arm"),
+    )
+}
+
+/// Registers `qemu` for ELF headers matching `magic` (the rule's escaped
+/// bytes; `magic_hex`, how /proc shows them) unless a handler is enabled.
+fn ensure_binfmt(name: &str, magic_hex: &str, magic: &str, qemu: &Path) -> Result<(), String> {
     let dir = Path::new("/proc/sys/fs/binfmt_misc");
-    let registered = |d: &Path| {
-        fs::read_dir(d).is_ok_and(|entries| {
+    let registered = || {
+        fs::read_dir(dir).is_ok_and(|entries| {
             entries.flatten().any(|e| {
-                fs::read_to_string(e.path()).is_ok_and(|t| {
-                    t.starts_with("enabled")
-                        && t.contains("7f454c460201010000000000000000000200b700")
-                })
+                fs::read_to_string(e.path())
+                    .is_ok_and(|t| t.starts_with("enabled") && t.contains(magic_hex))
             })
         })
     };
-    if registered(dir) {
+    if registered() {
         return Ok(());
     }
     if !dir.join("register").exists() {
@@ -1282,14 +1303,18 @@ pub fn ensure_binfmt_aarch64() -> Result<(), String> {
             .arg(dir)
             .status();
     }
-    let qemu = qemu_aarch64();
+    // The mask: every byte but the ELF ABI version, and e_type 2 or 3.
+    let mask = "\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff";
     let rule = format!(
-        ":aerekos-qemu-aarch64:M::\\x7fELF\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:{}:F",
+        ":aerekos-qemu-{name}:M::{magic}:{mask}:{}:F",
         qemu.display()
     );
-    fs::write(dir.join("register"), rule)
-        .map_err(|e| format!("cannot register qemu-aarch64 with binfmt_misc: {e}"))?;
-    if registered(dir) {
+    fs::write(dir.join("register"), rule).map_err(|e| {
+        format!(
+            "cannot register qemu-{name} with binfmt_misc ({e}); run `sh tests/setup.sh` as root"
+        )
+    })?;
+    if registered() {
         Ok(())
     } else {
         Err("binfmt_misc registration did not take".into())

@@ -16,6 +16,15 @@
 //! Needs the musl target and a musl C compiler for SQLite:
 //! `rustup target add x86_64-unknown-linux-musl` and
 //! `apt-get install musl-tools` (`.ci/run` installs both).
+//!
+//! `pi_worker_images_run_from_compose_on_their_own_arch` is the "docker
+//! compose on a Pi" path on the Pi's architecture: the edge-worker image for
+//! linux/arm64, linux/arm/v7 and linux/arm/v6 (classic builder, one
+//! `--platform` at a time), each run by `compose/worker.yml` under qemu-user
+//! through binfmt_misc against a local conductor. The aarch64 agent is built
+//! when missing; a 32-bit platform is skipped, saying so, until
+//! `deploy/build-pi.sh` has built its agent, unless `AEREKOS_REQUIRE_ARM32=1`
+//! (the rule of `tests/tests/qemu.rs`).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
@@ -119,6 +128,19 @@ fn environment() -> Result<Vec<String>, String> {
     Err("neither `docker compose` nor `docker-compose` works".into())
 }
 
+/// The compose command line, or `None` after saying why the test skips
+/// (a failure instead with `AEREKOS_REQUIRE_DOCKER=1`).
+fn docker_compose_or_skip() -> Option<Vec<String>> {
+    match environment() {
+        Ok(cli) => Some(cli),
+        Err(reason) if require_docker() => panic!("AEREKOS_REQUIRE_DOCKER is set but {reason}"),
+        Err(reason) => {
+            println!("skipped: {reason}");
+            None
+        }
+    }
+}
+
 /// `AEREKOS_REQUIRE_DOCKER=1` (CI) turns a skip into a failure.
 fn require_docker() -> bool {
     std::env::var("AEREKOS_REQUIRE_DOCKER").is_ok_and(|v| !v.is_empty() && v != "0")
@@ -168,14 +190,15 @@ fn static_bins(triple: &str) -> PathBuf {
     c.parent().unwrap().to_path_buf()
 }
 
-/// The test service in an image FROM scratch, removed (with any container
-/// still using it) on drop.
-struct ServiceImage {
+/// An image this test built, removed (with any container still using it)
+/// on drop.
+struct OwnedImage {
     tag: String,
 }
 
-impl ServiceImage {
-    fn build(suffix: &str) -> ServiceImage {
+impl OwnedImage {
+    /// The test service in an image FROM scratch.
+    fn test_service(suffix: &str) -> OwnedImage {
         let tag = format!("aerekos-test-svc:{suffix}");
         let ctx = tempfile::tempdir().unwrap();
         fs::copy(static_test_service_bin(), ctx.path().join("test-service")).unwrap();
@@ -188,11 +211,11 @@ impl ServiceImage {
             docker().args(["build", "-q", "-t", &tag]).arg(ctx.path()),
             SECS(120),
         );
-        ServiceImage { tag }
+        OwnedImage { tag }
     }
 }
 
-impl Drop for ServiceImage {
+impl Drop for OwnedImage {
     fn drop(&mut self) {
         let ids = Command::new("docker")
             .args(["ps", "-aq", "--filter", &format!("ancestor={}", self.tag)])
@@ -233,9 +256,12 @@ impl Images {
             ("conductor.Dockerfile", &images.conductor),
             ("edge-worker.Dockerfile", &images.worker),
         ] {
+            // --no-cache: the classic builder's cache ignores the platform,
+            // and edge-worker.Dockerfile's first layer (`state/`) is the same
+            // for every platform (images/README.md, 3a).
             must(
                 docker()
-                    .args(["build", "-q", "-f"])
+                    .args(["build", "-q", "--no-cache", "-f"])
                     .arg(repo().join("images").join(file))
                     .args(["--build-arg", &format!("BIN_DIR={platform}"), "-t", tag])
                     .arg(ctx.path()),
@@ -266,7 +292,8 @@ impl Drop for Images {
 struct Project {
     cli: Vec<String>,
     name: String,
-    file: PathBuf,
+    /// `compose/<file>`, then any override files (`-f` each, in order).
+    files: Vec<PathBuf>,
     env_file: PathBuf,
     down: bool,
 }
@@ -281,20 +308,26 @@ impl Project {
         Project {
             cli: cli.to_vec(),
             name: name.to_string(),
-            file: repo().join("compose").join(file),
+            files: vec![repo().join("compose").join(file)],
             env_file,
             down: false,
         }
     }
 
+    /// Adds an override file (`-f compose/<file> -f <path>`): compose merges
+    /// it over the project's file.
+    fn with_override(mut self, path: PathBuf) -> Self {
+        self.files.push(path);
+        self
+    }
+
     fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.cli[0]);
-        cmd.args(&self.cli[1..])
-            .args(["-p", &self.name, "-f"])
-            .arg(&self.file)
-            .arg("--env-file")
-            .arg(&self.env_file)
-            .args(args);
+        cmd.args(&self.cli[1..]).args(["-p", &self.name]);
+        for file in &self.files {
+            cmd.arg("-f").arg(file);
+        }
+        cmd.arg("--env-file").arg(&self.env_file).args(args);
         for (k, _) in std::env::vars() {
             if k.starts_with("AEREKOS_") || k.starts_with("COMPOSE_") {
                 cmd.env_remove(k);
@@ -483,13 +516,8 @@ fn host_processes() -> usize {
 #[test]
 fn conductor_and_two_workers_from_compose_files() {
     let started = Instant::now();
-    let cli = match environment() {
-        Ok(cli) => cli,
-        Err(reason) if require_docker() => panic!("AEREKOS_REQUIRE_DOCKER is set but {reason}"),
-        Err(reason) => {
-            println!("skipped: {reason}");
-            return;
-        }
+    let Some(cli) = docker_compose_or_skip() else {
+        return;
     };
     let Some((triple, platform)) = platform() else {
         println!("skipped: no musl target for {}", std::env::consts::ARCH);
@@ -693,7 +721,7 @@ fn conductor_and_two_workers_from_compose_files() {
 
     // The containerised worker hosts a container service through the
     // mounted engine socket: an image FROM scratch with the static test service.
-    let svc = ServiceImage::build(&suffix);
+    let svc = OwnedImage::test_service(&suffix);
     let (status, body) = api.call(
         "POST",
         "/api/v1/services",
@@ -778,5 +806,357 @@ fn conductor_and_two_workers_from_compose_files() {
     w2.down();
     conductor.down();
     drop(images);
+    eprintln!("done in {:?}", started.elapsed());
+}
+
+/// One Pi platform of the edge-worker image: where its agent comes from and
+/// what the image and the running agent must say.
+struct PiPlatform {
+    /// Docker platform: `--platform`, the staged directory and `BIN_DIR`.
+    platform: &'static str,
+    /// `deploy/build-pi.sh`'s name for it.
+    name: &'static str,
+    /// Rust target triple.
+    triple: &'static str,
+    /// ELF machine of the agent (`EM_AARCH64`, `EM_ARM`).
+    machine: u16,
+    /// `docker image inspect`: `Architecture` and `Variant`.
+    architecture: &'static str,
+    variant: Option<&'static str>,
+    /// The CPU qemu emulates in the container (`QEMU_CPU`, which qemu-user
+    /// reads from the environment it runs in); `None`: qemu's default.
+    qemu_cpu: Option<&'static str>,
+    /// What the agent reports as `inventory.arch`.
+    arch: &'static str,
+}
+
+const EM_AARCH64: u16 = 183;
+const EM_ARM: u16 = 40;
+
+/// The three Pi platforms, as `tests/tests/qemu.rs` emulates them.
+static PI_PLATFORMS: [PiPlatform; 3] = [
+    PiPlatform {
+        platform: "linux/arm64",
+        name: "aarch64",
+        triple: e2e::PI_TARGET,
+        machine: EM_AARCH64,
+        architecture: "arm64",
+        variant: None,
+        qemu_cpu: None,
+        arch: "aarch64",
+    },
+    // Pi 2 (Cortex-A7); also a Pi 3/4 on a 32-bit OS.
+    PiPlatform {
+        platform: "linux/arm/v7",
+        name: "armv7",
+        triple: "armv7-unknown-linux-musleabihf",
+        machine: EM_ARM,
+        architecture: "arm",
+        variant: Some("v7"),
+        qemu_cpu: Some("cortex-a7"),
+        arch: "armv7l",
+    },
+    // Pi 1, Zero, Zero W (ARM1176JZF-S). qemu-arm's default CPU is an ARMv7
+    // one and its `uname -m` says armv7l, so without QEMU_CPU the armv6
+    // agent would (rightly) report armv7l.
+    PiPlatform {
+        platform: "linux/arm/v6",
+        name: "armv6",
+        triple: "arm-unknown-linux-musleabihf",
+        machine: EM_ARM,
+        architecture: "arm",
+        variant: Some("v6"),
+        qemu_cpu: Some("arm1176"),
+        arch: "armv6l",
+    },
+];
+
+/// The release agent for `pi`, or `None` (the platform is skipped, saying
+/// why) when a 32-bit agent is not built, unless `AEREKOS_REQUIRE_ARM32=1`;
+/// the rule of `tests/tests/qemu.rs`. The aarch64 agent is built when
+/// missing ([`e2e::pi_worker_bin`]); a 32-bit one older than its sources is
+/// rebuilt with `deploy/build-pi.sh`.
+fn pi_agent(pi: &PiPlatform) -> Option<PathBuf> {
+    if pi.machine == EM_AARCH64 {
+        return Some(e2e::pi_worker_bin().to_path_buf());
+    }
+    let bin = e2e::target_dir()
+        .join(pi.triple)
+        .join("release")
+        .join("edge-worker");
+    let build = format!("sh deploy/build-pi.sh {} -p edge-worker", pi.name);
+    if !bin.is_file() {
+        assert!(
+            std::env::var("AEREKOS_REQUIRE_ARM32").as_deref() != Ok("1"),
+            "AEREKOS_REQUIRE_ARM32=1 but {} is not built: {build}",
+            bin.display()
+        );
+        println!(
+            "skipped {}: the {} agent is not built ({} missing); build it with `{build}` \
+             (AEREKOS_REQUIRE_ARM32=1 makes this a failure)",
+            pi.platform,
+            pi.name,
+            bin.display()
+        );
+        return None;
+    }
+    let sources = [
+        "protocol/src",
+        "protocol/Cargo.toml",
+        "edge-worker/src",
+        "edge-worker/Cargo.toml",
+        "Cargo.lock",
+    ];
+    let newest = sources
+        .iter()
+        .map(|p| e2e::newest_mtime(&repo().join(p)))
+        .max()
+        .unwrap_or(UNIX_EPOCH);
+    let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    if built.is_none_or(|t| t < newest) {
+        eprintln!("{} is stale: rebuilding it ({build})", bin.display());
+        let mut cmd = Command::new("sh");
+        cmd.arg(repo().join("deploy/build-pi.sh"))
+            .args([pi.name, "-p", "edge-worker", "--target-dir"])
+            .arg(e2e::target_dir())
+            .current_dir(repo());
+        // cargo hands .cargo/config.toml's [env] (CC_<target> = "clang") to
+        // the test; inherited, it would win over Zig's compiler and build
+        // ring's C for ARMv7 (`bfi`): the armv6 agent then dies of SIGILL on
+        // an ARM1176 at its first key exchange.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CC_") || k.starts_with("CFLAGS_") {
+                cmd.env_remove(k);
+            }
+        }
+        must(&mut cmd, SECS(40 * 60));
+    }
+    Some(bin)
+}
+
+/// One platform under test: its compose project (taken down first on drop)
+/// and its image.
+struct PiRun {
+    pi: &'static PiPlatform,
+    hostname: String,
+    machine_id: String,
+    project: Project,
+    image: OwnedImage,
+}
+
+/// The "docker compose on a Pi" path on the Pi's own architecture: for each
+/// of linux/arm64, linux/arm/v7 and linux/arm/v6 whose agent is built, the
+/// classic builder builds `images/edge-worker.Dockerfile` for that platform
+/// from a context laid out by `images/stage.sh`, and `compose/worker.yml`
+/// runs it through qemu-user (binfmt_misc) against a local conductor: the
+/// agent enrols, reports metrics and names its own arch. The three projects
+/// run at once.
+#[test]
+fn pi_worker_images_run_from_compose_on_their_own_arch() {
+    let started = Instant::now();
+    let Some(cli) = docker_compose_or_skip() else {
+        return;
+    };
+    let pis: Vec<(&'static PiPlatform, PathBuf)> = PI_PLATFORMS
+        .iter()
+        .filter_map(|pi| Some((pi, pi_agent(pi)?)))
+        .collect();
+    for (pi, bin) in &pis {
+        assert_eq!(
+            e2e::elf_machine(bin),
+            Some(pi.machine),
+            "{} is not a {} ELF executable",
+            bin.display(),
+            pi.name
+        );
+        let registered = if pi.machine == EM_AARCH64 {
+            e2e::ensure_binfmt_aarch64()
+        } else {
+            e2e::ensure_binfmt_arm()
+        };
+        registered.unwrap_or_else(|e| {
+            panic!(
+                "Docker runs {} images through binfmt_misc: {e}",
+                pi.platform
+            )
+        });
+    }
+    eprintln!("agents ready at {:?}", started.elapsed());
+
+    // One context for all platforms, as buildx would use it.
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let suffix = format!(
+        "{}-{}",
+        std::process::id(),
+        stamp.as_millis() % 1_000_000_000
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("context");
+    for (pi, bin) in &pis {
+        must(
+            Command::new("sh")
+                .arg(repo().join("images/stage.sh"))
+                .arg(&ctx)
+                .arg(pi.platform)
+                .arg(bin.parent().unwrap()),
+            SECS(60),
+        );
+    }
+
+    let c = e2e::Conductor::start(&dir.path().join("conductor"));
+    let token = c.registration_token();
+    let docker_gid = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata("/var/run/docker.sock").map_or(0, |m| m.gid())
+    };
+
+    let mut runs = Vec::new();
+    for (pi, _) in &pis {
+        // The classic builder, one platform at a time. --no-cache: its layer
+        // cache ignores --platform, so a cached layer of another platform
+        // (the `state/` layer is the same for all) would come back with that
+        // platform's Architecture.
+        let image = OwnedImage {
+            tag: format!("aerekos-test-edge-worker:{suffix}-{}", pi.name),
+        };
+        must(
+            docker()
+                .env("DOCKER_BUILDKIT", "0")
+                .args(["build", "-q", "--no-cache", "--platform", pi.platform])
+                .arg("-f")
+                .arg(repo().join("images/edge-worker.Dockerfile"))
+                .args(["--build-arg", &format!("BIN_DIR={}", pi.platform)])
+                .args(["-t", &image.tag])
+                .arg(&ctx),
+            SECS(300),
+        );
+        let wi = Images::inspect(&image.tag);
+        assert_eq!(wi["Os"], "linux", "{wi}");
+        assert_eq!(wi["Architecture"], pi.architecture, "{}: {wi}", pi.platform);
+        // The classic builder records the variant it was given (v7, v6) and
+        // none for arm64; buildx may record v8 there.
+        let variant = wi["Variant"].as_str().filter(|v| !v.is_empty());
+        match pi.variant {
+            Some(v) => assert_eq!(variant, Some(v), "{}: {wi}", pi.platform),
+            None => assert!(matches!(variant, None | Some("v8")), "{wi}"),
+        }
+        assert_eq!(wi["Config"]["User"], "65532:65532", "{wi}");
+        // `docker run --platform` of the image runs the agent under qemu.
+        let mut run_it = docker();
+        run_it.args(["run", "--rm", "--platform", pi.platform]);
+        if let Some(cpu) = pi.qemu_cpu {
+            run_it.args(["-e", &format!("QEMU_CPU={cpu}")]);
+        }
+        let version = must(run_it.args([&image.tag, "--version"]), SECS(60));
+        assert!(version.contains("edge-worker"), "{version}");
+
+        let hostname = format!("pi-{}", pi.name);
+        let machine_id = format!("compose-{suffix}-{}", pi.name);
+        let mut project = Project::new(
+            &cli,
+            &format!("aerekos-test-{suffix}-{}", pi.name),
+            "worker.yml",
+            &[
+                ("AEREKOS_WORKER_IMAGE", image.tag.clone()),
+                ("AEREKOS_CONDUCTOR", c.url()),
+                ("AEREKOS_REGISTRATION_TOKEN", token.clone()),
+                ("AEREKOS_INTERVAL", "1s".into()),
+                ("AEREKOS_HOSTNAME", hostname.clone()),
+                ("AEREKOS_MACHINE_ID", machine_id.clone()),
+                (
+                    "AEREKOS_LABELS",
+                    format!("via=compose,board=qemu-{}", pi.name),
+                ),
+                ("AEREKOS_DOCKER_GID", docker_gid.to_string()),
+            ],
+            dir.path(),
+        );
+        // The emulated CPU is the test's: worker.yml itself is unchanged.
+        if let Some(cpu) = pi.qemu_cpu {
+            let file = dir.path().join(format!("{}.override.yml", pi.name));
+            fs::write(
+                &file,
+                format!("services:\n  edge-worker:\n    environment:\n      QEMU_CPU: {cpu}\n"),
+            )
+            .unwrap();
+            project = project.with_override(file);
+        }
+        runs.push(PiRun {
+            pi,
+            hostname,
+            machine_id,
+            project,
+            image,
+        });
+    }
+    eprintln!("{} images built at {:?}", runs.len(), started.elapsed());
+
+    std::thread::scope(|s| {
+        for r in &runs {
+            s.spawn(move || r.project.run(&["up", "-d"]));
+        }
+    });
+
+    // All enrol and report, each from its own arch.
+    let ids: Vec<String> = wait_for(
+        "every emulated worker online with metrics",
+        SECS(180),
+        || {
+            let list = c.workers();
+            runs.iter()
+                .map(|r| {
+                    let w = list.iter().find(|w| w["hostname"] == *r.hostname)?;
+                    let id = w["id"].as_str()?.to_string();
+                    let d = c.worker(&id);
+                    (d["status"] == "online" && !d["metrics"].is_null()).then_some(id)
+                })
+                .collect::<Option<Vec<String>>>()
+        },
+    );
+    eprintln!("{} workers online at {:?}", ids.len(), started.elapsed());
+    let memory = host_memory();
+    for (r, id) in runs.iter().zip(&ids) {
+        let d = c.worker(id);
+        let inv = &d["inventory"];
+        assert_eq!(inv["arch"], r.pi.arch, "{}: {d}", r.pi.platform);
+        assert_eq!(d["machine_id"], r.machine_id.as_str(), "{d}");
+        assert_eq!(d["labels"]["board"], format!("qemu-{}", r.pi.name), "{d}");
+        // The compose file's host view holds under emulation too.
+        assert_eq!(inv["memory_total"].as_u64(), Some(memory), "{inv}");
+        if let Some(os) = host_os() {
+            assert_eq!(inv["os"], os.as_str(), "{inv}");
+        }
+        let procs = d["metrics"]["metrics"]["processes"].as_u64().unwrap_or(0);
+        assert!(procs > 5, "pid: host, but {procs} processes: {d}");
+        // Its container runs the image built for its platform.
+        let ps = must(&mut r.project.cmd(&["ps", "-q", "edge-worker"]), SECS(30));
+        let image = must(
+            docker().args(["inspect", "-f", "{{.Config.Image}}", ps.trim()]),
+            SECS(30),
+        );
+        assert_eq!(image.trim(), r.image.tag);
+    }
+    // They keep reporting.
+    let seq = |id: &str| c.worker(id)["metrics"]["seq"].as_u64().unwrap_or(0);
+    let first: Vec<u64> = ids.iter().map(|id| seq(id)).collect();
+    wait_for("every worker's next samples", SECS(60), || {
+        ids.iter()
+            .zip(&first)
+            .all(|(id, f)| seq(id) >= f + 2)
+            .then_some(())
+    });
+
+    // `down -v` leaves no container or volume; the images go with the guards.
+    std::thread::scope(|s| {
+        for r in &mut runs {
+            s.spawn(move || r.project.down());
+        }
+    });
+    let tags: Vec<String> = runs.iter().map(|r| r.image.tag.clone()).collect();
+    drop(runs);
+    for tag in &tags {
+        let left = run(docker().args(["image", "inspect", tag]), SECS(30)).unwrap();
+        assert!(!left.ok, "{tag} left behind");
+    }
     eprintln!("done in {:?}", started.elapsed());
 }

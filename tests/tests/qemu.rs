@@ -165,25 +165,6 @@ impl Emulated {
     }
 }
 
-/// Newest modification time of a file, or of any file below a directory.
-fn newest_mtime(path: &Path) -> SystemTime {
-    let Ok(meta) = std::fs::metadata(path) else {
-        return SystemTime::UNIX_EPOCH;
-    };
-    if !meta.is_dir() {
-        return meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-    }
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| newest_mtime(&e.path()))
-                .max()
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        })
-        .unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
 /// Rebuilds `bin` (TLS, default features) with `deploy/build-pi.sh` when
 /// it is older than its sources: the tools are there, it was built before.
 fn rebuild_if_stale(pi: &Pi, bin: &Path, package: &str, sources: &[&str]) {
@@ -215,45 +196,6 @@ fn rebuild_if_stale(pi: &Pi, bin: &Path, package: &str, sources: &[&str]) {
         "rebuilding the {} {package} failed",
         pi.name
     );
-}
-
-/// The `binfmt_misc` magic of 32-bit little-endian ARM executables (as
-/// `/proc/sys/fs/binfmt_misc/<entry>` prints it) and its mask.
-const ARM_MAGIC: &str = "7f454c4601010100000000000000000002002800";
-
-/// Makes the kernel run 32-bit ARM ELF files through `qemu-arm-static`
-/// (binfmt_misc, `F` flag), so an emulated worker can exec the services it
-/// hosts; like [`ensure_binfmt_aarch64`], which `tests/setup.sh` mirrors.
-fn ensure_binfmt_arm(qemu: &Path) -> Result<(), String> {
-    let dir = Path::new("/proc/sys/fs/binfmt_misc");
-    let registered = |d: &Path| {
-        std::fs::read_dir(d).is_ok_and(|entries| {
-            entries.flatten().any(|e| {
-                std::fs::read_to_string(e.path())
-                    .is_ok_and(|t| t.starts_with("enabled") && t.contains(ARM_MAGIC))
-            })
-        })
-    };
-    if registered(dir) {
-        return Ok(());
-    }
-    if !dir.join("register").exists() {
-        let _ = Command::new("mount")
-            .args(["-t", "binfmt_misc", "binfmt_misc"])
-            .arg(dir)
-            .status();
-    }
-    let rule = format!(
-        ":aerekos-qemu-arm:M::\\x7fELF\\x01\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\x28\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:{}:F",
-        qemu.display()
-    );
-    std::fs::write(dir.join("register"), rule)
-        .map_err(|e| format!("cannot register qemu-arm with binfmt_misc: {e}"))?;
-    if registered(dir) {
-        Ok(())
-    } else {
-        Err("binfmt_misc registration did not take".into())
-    }
 }
 
 /// Seqs of the raw history points, in the order the API returns them
@@ -294,7 +236,7 @@ fn armv7_worker_under_qemu_enrols_reports_and_survives_kill9() {
 #[test]
 fn armv7_worker_under_qemu_hosts_an_armv7_artifact() {
     if let Some(e) = Emulated::arm32(&ARMV7) {
-        ensure_binfmt_arm(&e.qemu).unwrap_or_else(|err| {
+        ensure_binfmt_arm().unwrap_or_else(|err| {
             panic!("the emulated worker must exec arm services through binfmt_misc: {err}")
         });
         hosts_an_artifact_of_its_arch(&e);
@@ -311,7 +253,7 @@ fn armv6_worker_under_qemu_enrols_reports_and_survives_kill9() {
 #[test]
 fn armv6_worker_under_qemu_hosts_an_armv6_artifact() {
     if let Some(e) = Emulated::arm32(&ARMV6) {
-        ensure_binfmt_arm(&e.qemu).unwrap_or_else(|err| {
+        ensure_binfmt_arm().unwrap_or_else(|err| {
             panic!("the emulated worker must exec arm services through binfmt_misc: {err}")
         });
         hosts_an_artifact_of_its_arch(&e);
