@@ -12,7 +12,6 @@ use super::error::{s3err, S3Err};
 use super::request::Ctx;
 use super::{Reply, MAX_KEYS, NS};
 use crate::grants::Perm;
-use crate::sigv4;
 use crate::store::{ListParams, StoreError};
 
 /// ListBuckets: the buckets the request's key may read.
@@ -76,13 +75,7 @@ pub(super) fn bucket_op(ctx: &mut Ctx<'_>, bucket: &str) -> Result<Reply, S3Err>
 fn list_objects(ctx: &Ctx<'_>, bucket: &str) -> Result<Reply, S3Err> {
     let v2 = ctx.q("list-type") == Some("2");
     let url_enc = ctx.q("encoding-type") == Some("url");
-    let enc = |s: &str| {
-        if url_enc {
-            sigv4::uri_encode(s, true)
-        } else {
-            xml::escape(s)
-        }
-    };
+    let enc = ctx.key_encoder();
     let max_keys = match ctx.q("max-keys") {
         None => MAX_KEYS,
         Some(m) => m

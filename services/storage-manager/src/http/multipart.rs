@@ -127,13 +127,7 @@ pub(super) fn list_uploads(ctx: &Ctx<'_>, bucket: &str) -> Result<Reply, S3Err> 
         ));
     }
     let url_enc = ctx.q("encoding-type") == Some("url");
-    let enc = |s: &str| {
-        if url_enc {
-            sigv4::uri_encode(s, true)
-        } else {
-            xml::escape(s)
-        }
-    };
+    let enc = ctx.key_encoder();
     let p = UploadListParams {
         prefix: ctx.q("prefix").unwrap_or("").to_string(),
         key_marker: ctx

@@ -42,6 +42,19 @@ impl Ctx<'_> {
             .map(|(_, v)| v.as_str())
     }
 
+    /// How a listing writes keys and prefixes into its XML: URL-encoded
+    /// with `encoding-type=url`, else XML-escaped.
+    pub(super) fn key_encoder(&self) -> impl Fn(&str) -> String {
+        let url = self.q("encoding-type") == Some("url");
+        move |s: &str| {
+            if url {
+                sigv4::uri_encode(s, true)
+            } else {
+                s3::xml::escape(s)
+            }
+        }
+    }
+
     pub(super) fn has(&self, n: &str) -> bool {
         self.query.iter().any(|(k, _)| k == n)
     }
