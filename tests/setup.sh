@@ -13,8 +13,9 @@ set -eu
 
 # The tests start real processes: brokers, emulated Pi agents, a browser,
 # a clock jumper, a packet capture, clang for the agent's TLS (ring),
-# Prometheus and promtool for deploy/prometheus/.
-packages="mosquitto qemu-user-static chromium chromium-driver fonts-liberation faketime tcpdump clang musl-tools prometheus"
+# Prometheus and promtool for deploy/prometheus/, and PostgreSQL: the
+# store's PostgreSQL mode is tested against a real server (tests/support).
+packages="mosquitto qemu-user-static chromium chromium-driver fonts-liberation faketime tcpdump clang musl-tools prometheus postgresql"
 missing=""
 for p in $packages; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -26,6 +26,8 @@
 //! it falls back to the bind `:0` trick (and its race).
 
 pub mod leaks;
+/// A real PostgreSQL server as a local process, for one test.
+pub mod postgres;
 pub mod reap;
 
 use std::collections::hash_map::RandomState;
