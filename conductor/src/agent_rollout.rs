@@ -693,9 +693,7 @@ pub fn start(
     r.sync();
     r.row.id = match shared.db().insert_agent_rollout(&r.row) {
         Ok(id) => id,
-        Err(crate::store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
-            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
+        Err(e) if e.is_constraint_violation() => {
             return Err(ServiceError::Conflict(
                 "an agent rollout is already in progress".into(),
             ))

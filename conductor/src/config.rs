@@ -47,6 +47,11 @@ pub enum ConfigError {
 pub struct Config {
     /// Directory holding `conductor.db` and `runtime.json`.
     pub data_dir: String,
+    /// Where the store lives: `None` or `sqlite` is `<data_dir>/conductor.db`;
+    /// a `postgres://user:pass@host:port/db` URL is a PostgreSQL server
+    /// (several conductors can share one). Artifacts, TLS material and
+    /// `runtime.json` stay in `data_dir` either way.
+    pub store: Option<String>,
     /// HTTP listen address (`127.0.0.1:0` picks a free port).
     pub http_listen: String,
     /// Embedded broker listen address (port 0 picks a free port). Unused with `mqtt_url`.
@@ -134,6 +139,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: "aerekos-data".into(),
+            store: None,
             http_listen: "0.0.0.0:3000".into(),
             mqtt_listen: "0.0.0.0:1883".into(),
             mqtt_url: None,
@@ -171,6 +177,8 @@ impl Default for Config {
 pub struct Overrides {
     /// `--data-dir`
     pub data_dir: Option<String>,
+    /// `--store`
+    pub store: Option<String>,
     /// `--http-listen`
     pub http_listen: Option<String>,
     /// `--mqtt-listen`
@@ -348,6 +356,7 @@ impl Config {
             };
         }
         env_str!(data_dir, "AEREKOS_DATA_DIR");
+        env_opt!(store, "AEREKOS_STORE");
         env_str!(http_listen, "AEREKOS_HTTP_LISTEN");
         env_str!(mqtt_listen, "AEREKOS_MQTT_LISTEN");
         env_opt!(mqtt_url, "AEREKOS_MQTT_URL");
@@ -417,6 +426,9 @@ impl Config {
         let f = flags.clone();
         if let Some(v) = f.data_dir {
             c.data_dir = v;
+        }
+        if let Some(v) = f.store {
+            c.store = Some(v);
         }
         if let Some(v) = f.http_listen {
             c.http_listen = v;
@@ -602,6 +614,9 @@ impl Config {
         let mut c = self.clone();
         if let Some(u) = &c.mqtt_url {
             c.mqtt_url = Some(redact_url(u));
+        }
+        if let Some(u) = &c.store {
+            c.store = Some(redact_url(u));
         }
         if c.worker_mqtt_password.is_some() {
             c.worker_mqtt_password = Some("<redacted>".into());

@@ -210,7 +210,14 @@ pub async fn run(
 ) -> Result<(), ConductorError> {
     config.validate()?;
     let data_dir = PathBuf::from(&config.data_dir);
-    let mut store = Store::open(&data_dir)?;
+    let store_at = crate::store::StoreLocation::of(&config).map_err(|message| {
+        config::ConfigError::Invalid {
+            name: "store".into(),
+            message,
+        }
+    })?;
+    let mut store = Store::open_at(&store_at)?;
+    info!(engine = store.engine(), at = %store_at.shown(), "store open");
     let _ = std::fs::remove_file(runtime_path(&data_dir));
     let boot = auth::bootstrap(&mut store, config.admin_password.as_deref())?;
     let tls = if config.tls {
@@ -427,7 +434,7 @@ pub async fn run(
     let (write_tx, write_rx) = mpsc::channel();
     let stored_marks = state::StoredMarks::default();
     let writer = ingest::Writer::spawn(
-        Store::open(&data_dir)?,
+        Store::open_at(&store_at)?,
         write_rx,
         stored_marks.clone(),
         config.raw_retention_ms(),
@@ -488,7 +495,7 @@ pub async fn run(
     let live_task = liveness::run(shared.clone(), stop_rx.clone());
     let reconcile_task = services::run(shared.clone(), client.clone(), stop_rx.clone());
     let alert_sender =
-        alerts::webhook::Sender::spawn(&data_dir).map_err(io_err("start alert sender"))?;
+        alerts::webhook::Sender::spawn(&store_at).map_err(io_err("start alert sender"))?;
     let alert_task = alerts::run(shared.clone(), alert_sender.waker(), stop_rx.clone());
     let ack_task = ingest::run_acks(shared.clone(), client.clone(), stop_rx.clone());
     let tls_task = refresh_tls(tls.clone(), stop_rx.clone());

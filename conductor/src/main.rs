@@ -32,6 +32,11 @@ struct Flags {
     /// Data directory (SQLite database, runtime.json).
     #[arg(long, global = true)]
     data_dir: Option<String>,
+    /// The store: `sqlite` (the default, in the data directory) or a
+    /// `postgres://user:pass@host:port/db` URL, which several conductors
+    /// can share.
+    #[arg(long, global = true)]
+    store: Option<String>,
     /// HTTP listen address.
     #[arg(long, global = true)]
     http_listen: Option<String>,
@@ -167,6 +172,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
     let f = &cli.flags;
     let flags = Overrides {
         data_dir: f.data_dir.clone(),
+        store: f.store.clone(),
         http_listen: f.http_listen.clone(),
         mqtt_listen: f.mqtt_listen.clone(),
         mqtt_url: f.mqtt_url.clone(),
@@ -299,7 +305,9 @@ fn main() -> Result<()> {
         }
         Some(Cmd::Token { cmd }) => {
             let config = load_config(&cli)?;
-            let mut store = Store::open(std::path::Path::new(&config.data_dir))?;
+            let mut store = Store::open_at(
+                &conductor::store::StoreLocation::of(&config).map_err(anyhow::Error::msg)?,
+            )?;
             match cmd {
                 TokenCmd::Rotate => {
                     let t = conductor::auth::rotate_registration_token(&mut store)?;
@@ -349,7 +357,9 @@ fn main() -> Result<()> {
             cmd: AdminCmd::ResetPassword,
         }) => {
             let config = load_config(&cli)?;
-            let store = Store::open(std::path::Path::new(&config.data_dir))?;
+            let store = Store::open_at(
+                &conductor::store::StoreLocation::of(&config).map_err(anyhow::Error::msg)?,
+            )?;
             let (pw, show) = match config.admin_password {
                 Some(p) if !p.is_empty() => (p, false),
                 _ => (conductor::crypto::random_hex::<12>()?, true),

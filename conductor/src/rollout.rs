@@ -213,9 +213,7 @@ pub fn start(
     };
     row.id = match shared.db().insert_rollout(&row) {
         Ok(id) => id,
-        Err(crate::store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
-            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
+        Err(e) if e.is_constraint_violation() => {
             return Err(ServiceError::Conflict(format!(
                 "a rollout of {} is already in progress",
                 dep.name

@@ -1,10 +1,17 @@
-//! SQLite persistence.
+//! Persistence: SQLite by default, PostgreSQL with `--store postgres://…`.
 //!
-//! One database file, `<data_dir>/conductor.db`, in WAL mode with
+//! SQLite: one database file, `<data_dir>/conductor.db`, in WAL mode with
 //! `synchronous=NORMAL` and a busy timeout. The schema is versioned with
 //! `PRAGMA user_version`: [`MIGRATIONS`] is an append-only list of SQL steps,
 //! each applied in its own transaction together with the version bump, so a
 //! crash mid-migration leaves the previous version intact.
+//!
+//! PostgreSQL ([`Store::open_postgres`]): the same migrations, their column
+//! types mapped by [`sql::pg_ddl`], the version in table `aerekos_schema`,
+//! each step under an advisory lock so conductors starting together migrate
+//! once. Every statement is written once for both engines ([`sql`] states
+//! the shared dialect); the store tests run on both (`each_engine`) and
+//! so does the conductor's integration suite (`AEREKOS_TEST_STORE=postgres`).
 //!
 //! Two kinds of connection exist at run time: the ingest writer thread owns
 //! one (batched metrics / replay-window / status writes, see
@@ -40,10 +47,12 @@
 //! `viewer`; tokens from before v8 are `admin`) and `exec_sessions.kind`
 //! (`exec` or `shell`; rows from before v8 are `exec`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::Connection;
+
+use sql::{params, Db};
 
 mod agent_updates;
 mod alerts;
@@ -54,6 +63,7 @@ mod metrics;
 mod rollouts;
 mod services;
 mod settings;
+pub mod sql;
 mod workers;
 
 pub use agent_updates::{AgentReleaseRow, AgentRolloutRow};
@@ -290,6 +300,9 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (or could not be reached).
+    #[error("postgres: {}", pg_message(.0))]
+    Postgres(#[from] postgres::Error),
     /// The data directory could not be created.
     #[error("data dir {path}: {source}")]
     DataDir {
@@ -301,12 +314,132 @@ pub enum StoreError {
     /// The database was written by a newer conductor.
     #[error("database schema version {0} is newer than this conductor understands")]
     TooNew(i64),
+    /// A query that must return a row returned none.
+    #[error("the query returned no row")]
+    NoRow,
+    /// A column held something else than the code reads from it.
+    #[error("column {idx}: wanted {want}, found {got}")]
+    Column {
+        /// Column index.
+        idx: usize,
+        /// The Rust type read.
+        want: &'static str,
+        /// What the column held.
+        got: &'static str,
+    },
+    /// A PostgreSQL column type the store does not read.
+    #[error("postgres column {column} has type {ty}, which the store does not read")]
+    PgType {
+        /// Column name.
+        column: String,
+        /// Its type.
+        ty: String,
+    },
+    /// The PostgreSQL connection broke inside a transaction: the
+    /// transaction is lost (the server rolls it back) and nothing of it
+    /// was committed.
+    #[error("postgres: the connection was lost inside a transaction, which was rolled back")]
+    PgLostInTransaction,
+    /// The PostgreSQL connection thread is gone (it panicked).
+    #[error("postgres: the connection thread stopped")]
+    PgThreadGone,
+}
+
+/// The server's own words for a database error (`postgres::Error`'s
+/// Display says only "db error"), else the client's.
+fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+impl StoreError {
+    /// The database could not be reached or was busy (PostgreSQL down,
+    /// restarting, refusing connections; SQLite locked): retrying later
+    /// may succeed, unlike a refused statement.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            // No server error: I/O, a closed connection, a refused connect.
+            // Class 08: connection exception; 57: operator intervention
+            // (admin shutdown, cannot connect now); 53: insufficient
+            // resources (too many connections).
+            StoreError::Postgres(e) => e.as_db_error().is_none_or(|db| {
+                ["08", "57", "53"]
+                    .iter()
+                    .any(|class| db.code().code().starts_with(class))
+            }),
+            StoreError::PgLostInTransaction => true,
+            _ => false,
+        }
+    }
+
+    /// A constraint (unique, check, not null) refused the write: a
+    /// conflict with another writer, not a broken store.
+    pub fn is_constraint_violation(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            // Class 23: integrity constraint violation.
+            StoreError::Postgres(e) => e.code().is_some_and(|c| c.code().starts_with("23")),
+            _ => false,
+        }
+    }
+}
+
+/// Where the store lives: `--store` (`sqlite` in the data directory, the
+/// default, or a `postgres://` URL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// `<dir>/conductor.db`.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server (the URL as given, password included).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// `--store`'s value with the data directory: `None`, empty or
+    /// `sqlite` is the SQLite file in `data_dir`; `postgres://…` or
+    /// `postgresql://…` a server.
+    pub fn parse(store: Option<&str>, data_dir: &Path) -> Result<StoreLocation, String> {
+        match store.map(str::trim) {
+            None | Some("" | "sqlite") => Ok(StoreLocation::Sqlite(data_dir.to_path_buf())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreLocation::Postgres(url.to_owned()))
+            }
+            Some(other) => Err(format!(
+                "--store {}: expected sqlite or a postgres:// URL",
+                crate::config::redact_url(other)
+            )),
+        }
+    }
+
+    /// A config's `store` with its `data_dir`. Checked here when the
+    /// conductor starts, not in `Config::validate`: the store module
+    /// depends on the config module, not the other way round.
+    pub fn of(config: &crate::config::Config) -> Result<StoreLocation, String> {
+        StoreLocation::parse(config.store.as_deref(), Path::new(&config.data_dir))
+    }
+
+    /// For logs: the path, or the URL without its password.
+    pub fn shown(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(dir) => dir.join("conductor.db").display().to_string(),
+            StoreLocation::Postgres(url) => crate::config::redact_url(url),
+        }
+    }
 }
 
 /// Handle to the database.
 #[derive(Debug)]
 pub struct Store {
-    conn: Connection,
+    /// SQLite or PostgreSQL; every statement goes through it.
+    conn: Db,
 }
 
 // Bit-preserving on purpose: u64 columns (bitmaps, sums) round-trip
@@ -340,22 +473,80 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = Store { conn };
-        store.migrate()?;
+        conn.set_prepared_statement_cache_capacity(128);
+        let mut store = Store {
+            conn: Db::Sqlite(conn),
+        };
+        store.migrate_sqlite()?;
         Ok(store)
     }
 
-    fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    /// Opens the store at `at` and migrates it.
+    pub fn open_at(at: &StoreLocation) -> Result<Store, StoreError> {
+        match at {
+            StoreLocation::Sqlite(dir) => Store::open(dir),
+            StoreLocation::Postgres(url) => Store::open_postgres(url),
+        }
+    }
+
+    /// Connects to a PostgreSQL server and migrates its schema. Several
+    /// conductors may do this at once: each step runs under a transaction
+    /// -scoped advisory lock, and a step another conductor applied first is
+    /// skipped.
+    pub fn open_postgres(url: &str) -> Result<Store, StoreError> {
+        let store = Store {
+            conn: Db::Postgres(sql::PgConn::connect(url)?),
+        };
+        {
+            let tx = store.conn.begin()?;
+            tx.batch(&format!(
+                "SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})"
+            ))?;
+            tx.batch("CREATE TABLE IF NOT EXISTS aerekos_schema (version BIGINT NOT NULL)")?;
+            tx.execute(
+                "INSERT INTO aerekos_schema (version)
+                 SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM aerekos_schema)",
+                params![],
+            )?;
+            tx.commit()?;
+        }
+        for (idx, step) in MIGRATIONS.iter().enumerate() {
+            let tx = store.conn.begin()?;
+            tx.batch(&format!(
+                "SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})"
+            ))?;
+            let version: i64 =
+                tx.query_row("SELECT version FROM aerekos_schema", params![], |r| {
+                    r.get(0)
+                })?;
+            if version > int(MIGRATIONS.len()) {
+                return Err(StoreError::TooNew(version));
+            }
+            if version > int(idx) {
+                continue;
+            }
+            tx.batch(&sql::pg_ddl(step))?;
+            tx.execute(
+                "UPDATE aerekos_schema SET version = ?1",
+                params![int(idx + 1)],
+            )?;
+            tx.commit()?;
+        }
+        Ok(store)
+    }
+
+    fn migrate_sqlite(&mut self) -> Result<(), StoreError> {
+        let Db::Sqlite(conn) = &mut self.conn else {
+            return Ok(());
+        };
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > int(MIGRATIONS.len()) {
             return Err(StoreError::TooNew(version));
         }
         // A negative version is 0; a positive one is at most MIGRATIONS.len().
         let done = usize::try_from(version).unwrap_or(0);
         for (idx, sql) in MIGRATIONS.iter().enumerate().skip(done) {
-            let tx = self.conn.transaction()?;
+            let tx = conn.transaction()?;
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", int(idx + 1))?;
             tx.commit()?;
@@ -365,9 +556,39 @@ impl Store {
 
     /// Current schema version.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+        match &self.conn {
+            Db::Sqlite(c) => Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?),
+            Db::Postgres(_) => {
+                self.conn
+                    .query_row("SELECT version FROM aerekos_schema", params![], |r| {
+                        r.get(0)
+                    })
+            }
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn engine(&self) -> &'static str {
+        self.conn.engine()
+    }
+}
+
+/// The advisory lock key the migrations run under (PostgreSQL): any fixed
+/// number other programs sharing the database do not use; these are the
+/// ASCII bytes of "aerekos1".
+const PG_MIGRATION_LOCK: i64 = 0x6165_7265_6b6f_7331;
+
+/// Runs `f` on a new SQLite store and, where PostgreSQL is installed (CI
+/// requires it: `AEREKOS_REQUIRE_POSTGRES=1`), on a real server's, so each
+/// store test holds for both engines.
+#[cfg(test)]
+pub(crate) fn each_engine(f: impl Fn(&mut Store)) {
+    let dir = tempfile::tempdir().unwrap();
+    f(&mut Store::open(dir.path()).unwrap());
+    if let Some(pg) = test_support::postgres::Postgres::start() {
+        let mut s = Store::open_postgres(&pg.url()).unwrap();
+        assert_eq!(s.engine(), "postgres");
+        f(&mut s);
     }
 }
 

@@ -18,7 +18,6 @@
 //! The sender is one thread with its own store connection; the HTTP and
 //! evaluation paths never wait for a receiver.
 
-use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -98,9 +97,9 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Starts the sender thread on its own connection to `data_dir`'s store.
-    pub fn spawn(data_dir: &Path) -> std::io::Result<Sender> {
-        let store = Store::open(data_dir).map_err(std::io::Error::other)?;
+    /// Starts the sender thread on its own connection to the store.
+    pub fn spawn(at: &crate::store::StoreLocation) -> std::io::Result<Sender> {
+        let store = Store::open_at(at).map_err(std::io::Error::other)?;
         let (wake, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("alert-webhooks".into())

@@ -3,7 +3,7 @@
 //! most one `in_progress`, enforced by a partial unique index; JSON columns
 //! parsed by `crate::agent_rollout`).
 
-use rusqlite::params;
+use super::sql::{params, Row};
 
 use super::{i, int, u, Store, StoreError};
 
@@ -75,20 +75,22 @@ impl Store {
 
     /// Every release, newest first.
     pub fn agent_releases(&self) -> Result<Vec<AgentReleaseRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {RELEASE_COLS} FROM agent_releases ORDER BY created_ms DESC, version, arch"
-        ))?;
-        let rows = st.query_map([], release_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!(
+                "SELECT {RELEASE_COLS} FROM agent_releases ORDER BY created_ms DESC, version, arch"
+            ),
+            params![],
+            release_from_row,
+        )
     }
 
     /// The releases of one version (one per arch), by arch.
     pub fn agent_releases_of(&self, version: &str) -> Result<Vec<AgentReleaseRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {RELEASE_COLS} FROM agent_releases WHERE version = ?1 ORDER BY arch"
-        ))?;
-        let rows = st.query_map([version], release_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!("SELECT {RELEASE_COLS} FROM agent_releases WHERE version = ?1 ORDER BY arch"),
+            params![version],
+            release_from_row,
+        )
     }
 
     /// The releases whose binary is artifact `sha256`.
@@ -96,28 +98,30 @@ impl Store {
         &self,
         sha256: &str,
     ) -> Result<Vec<AgentReleaseRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
+        self.conn.query_map(
+            &format!(
             "SELECT {RELEASE_COLS} FROM agent_releases WHERE sha256 = ?1 ORDER BY version, arch"
-        ))?;
-        let rows = st.query_map([sha256], release_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        ),
+            params![sha256],
+            release_from_row,
+        )
     }
 
     /// Deletes a release; `true` when it existed.
     pub fn delete_agent_release(&self, version: &str, arch: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute(
             "DELETE FROM agent_releases WHERE version = ?1 AND arch = ?2",
-            [version, arch],
+            params![version, arch],
         )? == 1)
     }
 
     /// Stores a new agent rollout and returns its id. Fails (constraint)
     /// when one is in progress.
     pub fn insert_agent_rollout(&self, r: &AgentRolloutRow) -> Result<i64, StoreError> {
-        self.conn.execute(
+        self.conn.query_row(
             "INSERT INTO agent_rollouts (version, state, policy, selector, waves, wave,
                 wave_started_ms, reason, started_ms, finished_ms, members)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
             params![
                 r.version,
                 r.state,
@@ -131,8 +135,8 @@ impl Store {
                 r.finished_ms.map(i),
                 r.members_json
             ],
-        )?;
-        Ok(self.conn.last_insert_rowid())
+            |r| r.get(0),
+        )
     }
 
     /// Writes an agent rollout's progress (state, waves, wave and its
@@ -159,30 +163,32 @@ impl Store {
 
     /// The agent rollout in progress, if any.
     pub fn active_agent_rollout(&self) -> Result<Option<AgentRolloutRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ROLLOUT_COLS} FROM agent_rollouts WHERE state = 'in_progress'
+        self.conn.query_row_opt(
+            &format!(
+                "SELECT {ROLLOUT_COLS} FROM agent_rollouts WHERE state = 'in_progress'
              ORDER BY id LIMIT 1"
-        ))?;
-        let mut rows = st.query_map([], rollout_from_row)?;
-        Ok(rows.next().transpose()?)
+            ),
+            params![],
+            rollout_from_row,
+        )
     }
 
     /// One agent rollout.
     pub fn agent_rollout(&self, id: i64) -> Result<Option<AgentRolloutRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ROLLOUT_COLS} FROM agent_rollouts WHERE id = ?1"
-        ))?;
-        let mut rows = st.query_map([id], rollout_from_row)?;
-        Ok(rows.next().transpose()?)
+        self.conn.query_row_opt(
+            &format!("SELECT {ROLLOUT_COLS} FROM agent_rollouts WHERE id = ?1"),
+            params![id],
+            rollout_from_row,
+        )
     }
 
     /// Agent rollouts, newest first, at most `limit`.
     pub fn agent_rollouts(&self, limit: usize) -> Result<Vec<AgentRolloutRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ROLLOUT_COLS} FROM agent_rollouts ORDER BY id DESC LIMIT ?1"
-        ))?;
-        let rows = st.query_map([int(limit)], rollout_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!("SELECT {ROLLOUT_COLS} FROM agent_rollouts ORDER BY id DESC LIMIT ?1"),
+            params![int(limit)],
+            rollout_from_row,
+        )
     }
 
     /// Agent rollouts reverted at or after `since_ms`, oldest first, each
@@ -191,28 +197,30 @@ impl Store {
         &self,
         since_ms: u64,
     ) -> Result<Vec<(AgentRolloutRow, bool)>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ROLLOUT_COLS}, EXISTS (SELECT 1 FROM agent_rollouts later
+        self.conn.query_map(
+            &format!(
+                "SELECT {ROLLOUT_COLS}, EXISTS (SELECT 1 FROM agent_rollouts later
                 WHERE later.id > agent_rollouts.id AND later.state = 'succeeded')
              FROM agent_rollouts WHERE state = 'reverted' AND finished_ms >= ?1 ORDER BY id"
-        ))?;
-        let rows = st.query_map([i(since_ms)], |r| Ok((rollout_from_row(r)?, r.get(12)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            ),
+            params![i(since_ms)],
+            |r| Ok((rollout_from_row(r)?, r.get(12)?)),
+        )
     }
 
     /// Restarts the clock of the agent rollout in progress (conductor
     /// start); returns how many (0 or 1).
     pub fn restart_agent_rollout_clock(&self, now_ms: u64) -> Result<usize, StoreError> {
-        Ok(self.conn.execute(
+        self.conn.execute(
             "UPDATE agent_rollouts SET wave_started_ms = ?1 WHERE state = 'in_progress'",
-            [i(now_ms)],
-        )?)
+            params![i(now_ms)],
+        )
     }
 }
 
 const RELEASE_COLS: &str = "version, arch, sha256, size, signature, created_ms";
 
-fn release_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentReleaseRow> {
+fn release_from_row(r: &Row) -> Result<AgentReleaseRow, StoreError> {
     Ok(AgentReleaseRow {
         version: r.get(0)?,
         arch: r.get(1)?,
@@ -226,7 +234,7 @@ fn release_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentReleaseRow> 
 const ROLLOUT_COLS: &str = "id, version, state, policy, selector, waves, wave, wave_started_ms,
     reason, started_ms, finished_ms, members";
 
-fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRolloutRow> {
+fn rollout_from_row(r: &Row) -> Result<AgentRolloutRow, StoreError> {
     Ok(AgentRolloutRow {
         id: r.get(0)?,
         version: r.get(1)?,
@@ -238,7 +246,7 @@ fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRolloutRow> 
         wave_started_ms: u(r.get(7)?),
         reason: r.get(8)?,
         started_ms: u(r.get(9)?),
-        finished_ms: r.get::<_, Option<i64>>(10)?.map(u),
+        finished_ms: r.get::<Option<i64>>(10)?.map(u),
         members_json: r.get(11)?,
     })
 }
@@ -279,75 +287,75 @@ mod tests {
 
     #[test]
     fn releases_are_unique_per_version_and_arch() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        assert!(s
-            .insert_agent_release(&release("0.2.0", "x86_64", "aa"))
-            .unwrap());
-        assert!(s
-            .insert_agent_release(&release("0.2.0", "aarch64", "bb"))
-            .unwrap());
-        assert!(
-            !s.insert_agent_release(&release("0.2.0", "x86_64", "cc"))
-                .unwrap(),
-            "taken"
-        );
-        let of = s.agent_releases_of("0.2.0").unwrap();
-        assert_eq!(of.len(), 2);
-        assert_eq!(
-            (of[0].arch.as_str(), of[0].sha256.as_str()),
-            ("aarch64", "bb")
-        );
-        assert_eq!(of[1].sha256, "aa", "the first one stays");
-        assert_eq!(s.agent_releases().unwrap().len(), 2);
-        assert_eq!(s.agent_releases_with_sha("bb").unwrap().len(), 1);
-        assert!(s.agent_releases_of("0.3.0").unwrap().is_empty());
-        assert!(s.delete_agent_release("0.2.0", "aarch64").unwrap());
-        assert!(!s.delete_agent_release("0.2.0", "aarch64").unwrap());
-        assert_eq!(s.agent_releases().unwrap().len(), 1);
+        crate::store::each_engine(|s| {
+            assert!(s
+                .insert_agent_release(&release("0.2.0", "x86_64", "aa"))
+                .unwrap());
+            assert!(s
+                .insert_agent_release(&release("0.2.0", "aarch64", "bb"))
+                .unwrap());
+            assert!(
+                !s.insert_agent_release(&release("0.2.0", "x86_64", "cc"))
+                    .unwrap(),
+                "taken"
+            );
+            let of = s.agent_releases_of("0.2.0").unwrap();
+            assert_eq!(of.len(), 2);
+            assert_eq!(
+                (of[0].arch.as_str(), of[0].sha256.as_str()),
+                ("aarch64", "bb")
+            );
+            assert_eq!(of[1].sha256, "aa", "the first one stays");
+            assert_eq!(s.agent_releases().unwrap().len(), 2);
+            assert_eq!(s.agent_releases_with_sha("bb").unwrap().len(), 1);
+            assert!(s.agent_releases_of("0.3.0").unwrap().is_empty());
+            assert!(s.delete_agent_release("0.2.0", "aarch64").unwrap());
+            assert!(!s.delete_agent_release("0.2.0", "aarch64").unwrap());
+            assert_eq!(s.agent_releases().unwrap().len(), 1);
+        });
     }
 
     #[test]
     fn one_agent_rollout_in_progress_and_its_history() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let id = s.insert_agent_rollout(&rollout("0.2.0")).unwrap();
-        assert!(
-            s.insert_agent_rollout(&rollout("0.3.0")).is_err(),
-            "one in progress"
-        );
-        let mut r = s.active_agent_rollout().unwrap().unwrap();
-        assert_eq!((r.id, r.version.as_str()), (id, "0.2.0"));
-        assert_eq!(s.restart_agent_rollout_clock(99).unwrap(), 1);
-        assert_eq!(s.agent_rollout(id).unwrap().unwrap().wave_started_ms, 99);
-        r.state = "reverted".into();
-        r.reason = "wave 0 failed".into();
-        r.finished_ms = Some(100);
-        r.members_json = r#"{"w-1":{"state":"failed"}}"#.into();
-        assert!(s.update_agent_rollout(&r).unwrap());
-        assert!(s.active_agent_rollout().unwrap().is_none());
-        r.state = "succeeded".into();
-        assert!(!s.update_agent_rollout(&r).unwrap(), "it had ended");
-        let back = s.agent_rollout(id).unwrap().unwrap();
-        assert_eq!(back.members_json, r.members_json);
-        assert_eq!(back.finished_ms, Some(100));
-        let reverted = s.reverted_agent_rollouts(0).unwrap();
-        assert_eq!(reverted.len(), 1);
-        assert!(!reverted[0].1, "not superseded yet");
-        let id2 = s.insert_agent_rollout(&rollout("0.2.1")).unwrap();
-        let mut r2 = s.agent_rollout(id2).unwrap().unwrap();
-        r2.state = "succeeded".into();
-        r2.finished_ms = Some(200);
-        assert!(s.update_agent_rollout(&r2).unwrap());
-        assert!(s.reverted_agent_rollouts(0).unwrap()[0].1, "superseded");
-        assert!(s.reverted_agent_rollouts(101).unwrap().is_empty());
-        let list = s.agent_rollouts(50).unwrap();
-        assert_eq!(
-            list.iter().map(|r| r.id).collect::<Vec<_>>(),
-            [id2, id],
-            "newest first"
-        );
-        assert_eq!(s.agent_rollouts(1).unwrap().len(), 1);
-        assert!(s.agent_rollout(999).unwrap().is_none());
+        crate::store::each_engine(|s| {
+            let id = s.insert_agent_rollout(&rollout("0.2.0")).unwrap();
+            assert!(
+                s.insert_agent_rollout(&rollout("0.3.0")).is_err(),
+                "one in progress"
+            );
+            let mut r = s.active_agent_rollout().unwrap().unwrap();
+            assert_eq!((r.id, r.version.as_str()), (id, "0.2.0"));
+            assert_eq!(s.restart_agent_rollout_clock(99).unwrap(), 1);
+            assert_eq!(s.agent_rollout(id).unwrap().unwrap().wave_started_ms, 99);
+            r.state = "reverted".into();
+            r.reason = "wave 0 failed".into();
+            r.finished_ms = Some(100);
+            r.members_json = r#"{"w-1":{"state":"failed"}}"#.into();
+            assert!(s.update_agent_rollout(&r).unwrap());
+            assert!(s.active_agent_rollout().unwrap().is_none());
+            r.state = "succeeded".into();
+            assert!(!s.update_agent_rollout(&r).unwrap(), "it had ended");
+            let back = s.agent_rollout(id).unwrap().unwrap();
+            assert_eq!(back.members_json, r.members_json);
+            assert_eq!(back.finished_ms, Some(100));
+            let reverted = s.reverted_agent_rollouts(0).unwrap();
+            assert_eq!(reverted.len(), 1);
+            assert!(!reverted[0].1, "not superseded yet");
+            let id2 = s.insert_agent_rollout(&rollout("0.2.1")).unwrap();
+            let mut r2 = s.agent_rollout(id2).unwrap().unwrap();
+            r2.state = "succeeded".into();
+            r2.finished_ms = Some(200);
+            assert!(s.update_agent_rollout(&r2).unwrap());
+            assert!(s.reverted_agent_rollouts(0).unwrap()[0].1, "superseded");
+            assert!(s.reverted_agent_rollouts(101).unwrap().is_empty());
+            let list = s.agent_rollouts(50).unwrap();
+            assert_eq!(
+                list.iter().map(|r| r.id).collect::<Vec<_>>(),
+                [id2, id],
+                "newest first"
+            );
+            assert_eq!(s.agent_rollouts(1).unwrap().len(), 1);
+            assert!(s.agent_rollout(999).unwrap().is_none());
+        });
     }
 }

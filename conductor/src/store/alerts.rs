@@ -2,11 +2,11 @@
 //! (`crate::alerts` owns what the JSON columns mean).
 //!
 //! A state change and the notifications that report it are written in one
-//! transaction ([`Store::fire_alert`], [`Store::resolve_alert`]), so a
+//! transaction ([`Store::fire_alert`], params![`Store::resolve_alert`]), so a
 //! conductor killed at any point has either both or neither: after a
 //! restart nothing is notified twice and nothing is lost.
 
-use rusqlite::{params, OptionalExtension};
+use super::sql::{params, Db, Row};
 
 use super::{i, u, Store, StoreError};
 
@@ -99,67 +99,66 @@ impl Store {
         spec_json: &str,
         now_ms: u64,
     ) -> Result<Option<i64>, StoreError> {
-        let n = self.conn.execute(
+        self.conn.query_row_opt(
             "INSERT INTO alert_rules (name, spec, created_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO NOTHING",
+             ON CONFLICT (name) DO NOTHING RETURNING id",
             params![name, spec_json, i(now_ms)],
-        )?;
-        Ok((n == 1).then(|| self.conn.last_insert_rowid()))
+            |r| r.get(0),
+        )
     }
 
     /// Every rule, oldest first.
     pub fn alert_rules(&self) -> Result<Vec<AlertRuleRow>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT id, name, spec, created_ms FROM alert_rules ORDER BY id")?;
-        let rows = st.query_map([], |r| {
-            Ok(AlertRuleRow {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                spec_json: r.get(2)?,
-                created_ms: u(r.get(3)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            "SELECT id, name, spec, created_ms FROM alert_rules ORDER BY id",
+            params![],
+            |r| {
+                Ok(AlertRuleRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    spec_json: r.get(2)?,
+                    created_ms: u(r.get(3)?),
+                })
+            },
+        )
     }
 
     /// Deletes a rule (its firing alerts resolve at the next evaluation).
     pub fn delete_alert_rule(&self, id: i64) -> Result<bool, StoreError> {
         Ok(self
             .conn
-            .execute("DELETE FROM alert_rules WHERE id = ?1", [id])?
+            .execute("DELETE FROM alert_rules WHERE id = ?1", params![id])?
             == 1)
     }
 
     /// Alerts firing now, oldest first.
     pub fn firing_alerts(&self) -> Result<Vec<AlertRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ALERT_COLS} FROM alerts WHERE state = 'firing' ORDER BY id"
-        ))?;
-        let rows = st.query_map([], alert_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!("SELECT {ALERT_COLS} FROM alerts WHERE state = 'firing' ORDER BY id"),
+            params![],
+            alert_from_row,
+        )
     }
 
     /// Alerts newest first, at most `limit`, optionally in one state.
     pub fn alerts(&self, state: Option<&str>, limit: u32) -> Result<Vec<AlertRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ALERT_COLS} FROM alerts WHERE (?1 IS NULL OR state = ?1)
+        self.conn.query_map(
+            &format!(
+                "SELECT {ALERT_COLS} FROM alerts WHERE (CAST(?1 AS TEXT) IS NULL OR state = ?1)
              ORDER BY id DESC LIMIT ?2"
-        ))?;
-        let rows = st.query_map(params![state, limit], alert_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            ),
+            params![state, limit],
+            alert_from_row,
+        )
     }
 
     /// One alert.
     pub fn alert(&self, id: i64) -> Result<Option<AlertRow>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT {ALERT_COLS} FROM alerts WHERE id = ?1"),
-                [id],
-                alert_from_row,
-            )
-            .optional()?)
+        self.conn.query_row_opt(
+            &format!("SELECT {ALERT_COLS} FROM alerts WHERE id = ?1"),
+            params![id],
+            alert_from_row,
+        )
     }
 
     /// Stores a firing alert and, in the same transaction, one `firing`
@@ -171,11 +170,11 @@ impl Store {
         a: &AlertRow,
         body: &dyn Fn(&AlertRow) -> String,
     ) -> Result<Option<AlertRow>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let n = tx.execute(
+        let tx = self.conn.begin()?;
+        let id: Option<i64> = tx.query_row_opt(
             "INSERT INTO alerts (rule_id, rule_name, kind, subject, state, summary, value,
                 fired_ms) VALUES (?1, ?2, ?3, ?4, 'firing', ?5, ?6, ?7)
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT DO NOTHING RETURNING id",
             params![
                 a.rule_id,
                 a.rule_name,
@@ -185,12 +184,13 @@ impl Store {
                 a.value,
                 i(a.fired_ms)
             ],
+            |r| r.get(0),
         )?;
-        if n == 0 {
+        let Some(id) = id else {
             return Ok(None);
-        }
+        };
         let stored = AlertRow {
-            id: tx.last_insert_rowid(),
+            id,
             state: "firing".into(),
             resolved_ms: None,
             resolved_why: String::new(),
@@ -211,7 +211,7 @@ impl Store {
         why: &str,
         body: &dyn Fn(&AlertRow) -> String,
     ) -> Result<Option<AlertRow>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.begin()?;
         let n = tx.execute(
             "UPDATE alerts SET state = 'resolved', resolved_ms = ?2, resolved_why = ?3
              WHERE id = ?1 AND state = 'firing'",
@@ -222,7 +222,7 @@ impl Store {
         }
         let stored = tx.query_row(
             &format!("SELECT {ALERT_COLS} FROM alerts WHERE id = ?1"),
-            [id],
+            params![id],
             alert_from_row,
         )?;
         queue(&tx, &stored, "resolved", &body(&stored), now_ms)?;
@@ -238,38 +238,38 @@ impl Store {
         secret: &str,
         now_ms: u64,
     ) -> Result<Option<i64>, StoreError> {
-        let n = self.conn.execute(
+        self.conn.query_row_opt(
             "INSERT INTO alert_receivers (name, url, secret, created_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (name) DO NOTHING",
+             ON CONFLICT (name) DO NOTHING RETURNING id",
             params![name, url, secret, i(now_ms)],
-        )?;
-        Ok((n == 1).then(|| self.conn.last_insert_rowid()))
+            |r| r.get(0),
+        )
     }
 
     /// Every receiver, oldest first.
     pub fn receivers(&self) -> Result<Vec<ReceiverRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT id, name, url, secret, created_ms FROM alert_receivers ORDER BY id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(ReceiverRow {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                url: r.get(2)?,
-                secret: r.get(3)?,
-                created_ms: u(r.get(4)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![],
+            |r| {
+                Ok(ReceiverRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    url: r.get(2)?,
+                    secret: r.get(3)?,
+                    created_ms: u(r.get(4)?),
+                })
+            },
+        )
     }
 
     /// Deletes a receiver and what it had not taken yet.
     pub fn delete_receiver(&mut self, id: i64) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
-        let n = tx.execute("DELETE FROM alert_receivers WHERE id = ?1", [id])?;
+        let tx = self.conn.begin()?;
+        let n = tx.execute("DELETE FROM alert_receivers WHERE id = ?1", params![id])?;
         tx.execute(
             "DELETE FROM alert_notifications WHERE receiver_id = ?1 AND delivered_ms IS NULL",
-            [id],
+            params![id],
         )?;
         tx.commit()?;
         Ok(n == 1)
@@ -279,15 +279,17 @@ impl Store {
     /// at `now_ms`: a receiver gets its notifications in order, so a
     /// `resolved` never overtakes its `firing`.
     pub fn due_notifications(&self, now_ms: u64) -> Result<Vec<NotificationRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {NOTE_COLS} FROM alert_notifications n
+        self.conn.query_map(
+            &format!(
+                "SELECT {NOTE_COLS} FROM alert_notifications n
              WHERE delivered_ms IS NULL AND next_attempt_ms <= ?1
                AND id = (SELECT MIN(id) FROM alert_notifications
                          WHERE receiver_id = n.receiver_id AND delivered_ms IS NULL)
              ORDER BY id"
-        ))?;
-        let rows = st.query_map([i(now_ms)], note_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            ),
+            params![i(now_ms)],
+            note_from_row,
+        )
     }
 
     /// Marks a notification taken by its receiver.
@@ -317,18 +319,18 @@ impl Store {
 
     /// An alert's notifications, oldest first.
     pub fn notifications_of(&self, alert_id: i64) -> Result<Vec<NotificationRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {NOTE_COLS} FROM alert_notifications WHERE alert_id = ?1 ORDER BY id"
-        ))?;
-        let rows = st.query_map([alert_id], note_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!("SELECT {NOTE_COLS} FROM alert_notifications WHERE alert_id = ?1 ORDER BY id"),
+            params![alert_id],
+            note_from_row,
+        )
     }
 
     /// Notifications not delivered yet.
     pub fn undelivered_notifications(&self) -> Result<u64, StoreError> {
         let n: i64 = self.conn.query_row(
             "SELECT COUNT(*) FROM alert_notifications WHERE delivered_ms IS NULL",
-            [],
+            params![],
             |r| r.get(0),
         )?;
         Ok(u(n))
@@ -338,7 +340,7 @@ impl Store {
 /// Queues `event` of `alert` for every receiver (inside the caller's
 /// transaction).
 fn queue(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Db,
     alert: &AlertRow,
     event: &str,
     body: &str,
@@ -354,7 +356,7 @@ fn queue(
     Ok(())
 }
 
-fn alert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
+fn alert_from_row(r: &Row) -> Result<AlertRow, StoreError> {
     Ok(AlertRow {
         id: r.get(0)?,
         rule_id: r.get(1)?,
@@ -365,7 +367,7 @@ fn alert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
         summary: r.get(6)?,
         value: r.get(7)?,
         fired_ms: u(r.get(8)?),
-        resolved_ms: r.get::<_, Option<i64>>(9)?.map(u),
+        resolved_ms: r.get::<Option<i64>>(9)?.map(u),
         resolved_why: r.get(10)?,
     })
 }
@@ -373,7 +375,7 @@ fn alert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
 const ALERT_COLS: &str = "id, rule_id, rule_name, kind, subject, state, summary, value,
     fired_ms, resolved_ms, resolved_why";
 
-fn note_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NotificationRow> {
+fn note_from_row(r: &Row) -> Result<NotificationRow, StoreError> {
     Ok(NotificationRow {
         id: r.get(0)?,
         alert_id: r.get(1)?,
@@ -383,7 +385,7 @@ fn note_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NotificationRow> {
         created_ms: u(r.get(5)?),
         attempts: r.get(6)?,
         next_attempt_ms: u(r.get(7)?),
-        delivered_ms: r.get::<_, Option<i64>>(8)?.map(u),
+        delivered_ms: r.get::<Option<i64>>(8)?.map(u),
         last_error: r.get(9)?,
     })
 }
@@ -413,48 +415,48 @@ mod tests {
 
     #[test]
     fn a_state_change_and_its_notifications_go_together_once_each() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
-        let a = s.insert_receiver("a", "http://a", "k", 1).unwrap().unwrap();
-        let b = s.insert_receiver("b", "http://b", "k", 1).unwrap().unwrap();
-        assert_eq!(s.insert_receiver("a", "http://x", "k", 1).unwrap(), None);
-        let body = |r: &AlertRow| format!("{}:{}", r.id, r.state);
-        let fired = s.fire_alert(&alert(7, "w-1"), &body).unwrap().unwrap();
-        assert!(
-            s.fire_alert(&alert(7, "w-1"), &body).unwrap().is_none(),
-            "one firing per rule and subject"
-        );
-        assert!(s.fire_alert(&alert(7, "w-2"), &body).unwrap().is_some());
-        let due = s.due_notifications(1_000).unwrap();
-        assert_eq!(due.len(), 2, "the oldest per receiver: {due:?}");
-        assert_eq!(
-            (due[0].receiver_id, due[1].receiver_id, due[0].alert_id),
-            (a, b, fired.id)
-        );
-        assert_eq!(due[0].body, format!("{}:firing", fired.id));
-        assert!(s.due_notifications(999).unwrap().is_empty(), "not due yet");
+        crate::store::each_engine(|s| {
+            let a = s.insert_receiver("a", "http://a", "k", 1).unwrap().unwrap();
+            let b = s.insert_receiver("b", "http://b", "k", 1).unwrap().unwrap();
+            assert_eq!(s.insert_receiver("a", "http://x", "k", 1).unwrap(), None);
+            let body = |r: &AlertRow| format!("{}:{}", r.id, r.state);
+            let fired = s.fire_alert(&alert(7, "w-1"), &body).unwrap().unwrap();
+            assert!(
+                s.fire_alert(&alert(7, "w-1"), &body).unwrap().is_none(),
+                "one firing per rule and subject"
+            );
+            assert!(s.fire_alert(&alert(7, "w-2"), &body).unwrap().is_some());
+            let due = s.due_notifications(1_000).unwrap();
+            assert_eq!(due.len(), 2, "the oldest per receiver: {due:?}");
+            assert_eq!(
+                (due[0].receiver_id, due[1].receiver_id, due[0].alert_id),
+                (a, b, fired.id)
+            );
+            assert_eq!(due[0].body, format!("{}:firing", fired.id));
+            assert!(s.due_notifications(999).unwrap().is_empty(), "not due yet");
 
-        let resolved = s
-            .resolve_alert(fired.id, 5_000, "condition cleared", &body)
-            .unwrap()
-            .unwrap();
-        assert_eq!(resolved.resolved_ms, Some(5_000));
-        assert!(s
-            .resolve_alert(fired.id, 6_000, "again", &body)
-            .unwrap()
-            .is_none());
-        // Receiver a fails its first; b takes its own in order.
-        s.notification_failed(due[0].id, 1, 10_000, "down").unwrap();
-        s.notification_delivered(due[1].id, 5_000).unwrap();
-        let next = s.due_notifications(5_000).unwrap();
-        assert!(next.iter().all(|n| n.receiver_id == b), "a waits: {next:?}");
-        let later = s.due_notifications(10_000).unwrap();
-        assert!(later.iter().any(|n| n.id == due[0].id));
-        let notes = s.notifications_of(fired.id).unwrap();
-        let events: Vec<_> = notes.iter().map(|n| n.event.as_str()).collect();
-        assert_eq!(events, ["firing", "firing", "resolved", "resolved"]);
-        assert_eq!(s.firing_alerts().unwrap().len(), 1);
-        assert!(s.delete_receiver(a).unwrap());
-        assert_eq!(s.undelivered_notifications().unwrap(), 2, "b's two");
+            let resolved = s
+                .resolve_alert(fired.id, 5_000, "condition cleared", &body)
+                .unwrap()
+                .unwrap();
+            assert_eq!(resolved.resolved_ms, Some(5_000));
+            assert!(s
+                .resolve_alert(fired.id, 6_000, "again", &body)
+                .unwrap()
+                .is_none());
+            // Receiver a fails its first; b takes its own in order.
+            s.notification_failed(due[0].id, 1, 10_000, "down").unwrap();
+            s.notification_delivered(due[1].id, 5_000).unwrap();
+            let next = s.due_notifications(5_000).unwrap();
+            assert!(next.iter().all(|n| n.receiver_id == b), "a waits: {next:?}");
+            let later = s.due_notifications(10_000).unwrap();
+            assert!(later.iter().any(|n| n.id == due[0].id));
+            let notes = s.notifications_of(fired.id).unwrap();
+            let events: Vec<_> = notes.iter().map(|n| n.event.as_str()).collect();
+            assert_eq!(events, ["firing", "firing", "resolved", "resolved"]);
+            assert_eq!(s.firing_alerts().unwrap().len(), 1);
+            assert!(s.delete_receiver(a).unwrap());
+            assert_eq!(s.undelivered_notifications().unwrap(), 2, "b's two");
+        });
     }
 }

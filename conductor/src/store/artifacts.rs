@@ -1,7 +1,7 @@
 //! Uploaded artifacts (`artifacts`; the bytes live in
 //! `<data_dir>/artifacts/<sha256>`).
 
-use rusqlite::params;
+use super::sql::{params, Row};
 
 use super::{i, u, Store, StoreError};
 
@@ -33,33 +33,32 @@ impl Store {
 
     /// Every artifact, newest first.
     pub fn artifacts(&self) -> Result<Vec<ArtifactRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT sha256, arch, name, size, created_ms FROM artifacts
              ORDER BY created_ms DESC, sha256, arch",
-        )?;
-        let rows = st.query_map([], artifact_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![],
+            artifact_from_row,
+        )
     }
 
     /// The rows of one artifact (one per arch it was uploaded for).
     pub fn artifact(&self, sha256: &str) -> Result<Vec<ArtifactRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT sha256, arch, name, size, created_ms FROM artifacts WHERE sha256 = ?1
              ORDER BY arch",
-        )?;
-        let rows = st.query_map([sha256], artifact_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![sha256],
+            artifact_from_row,
+        )
     }
 
     /// Deletes every row of an artifact; returns how many.
     pub fn delete_artifact(&self, sha256: &str) -> Result<usize, StoreError> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM artifacts WHERE sha256 = ?1", [sha256])?)
+        self.conn
+            .execute("DELETE FROM artifacts WHERE sha256 = ?1", params![sha256])
     }
 }
 
-fn artifact_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactRow> {
+fn artifact_from_row(r: &Row) -> Result<ArtifactRow, StoreError> {
     Ok(ArtifactRow {
         sha256: r.get(0)?,
         arch: r.get(1)?,

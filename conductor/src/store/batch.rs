@@ -1,6 +1,6 @@
 //! The ingest writer's batches: [`WriteOp`]s applied in one transaction.
 
-use rusqlite::params;
+use super::sql::params;
 
 use super::{i, Rollup, ServiceStatusRow, Store, StoreError};
 
@@ -84,50 +84,43 @@ pub enum WriteOp {
 impl Store {
     /// Applies a batch of writes in one transaction.
     pub fn apply_batch(&mut self, ops: &[WriteOp]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        const RAW: &str = "INSERT INTO metrics_raw (worker_id, received_at_ms, seq, frame)
+            VALUES (?1, ?2, ?3, ?4)";
+        // The stored row's columns are qualified (PostgreSQL reads a bare
+        // name as ambiguous with `excluded`); the larger of two is a CASE
+        // (SQLite's max(a, b) is PostgreSQL's GREATEST).
+        const MINUTE: &str = "INSERT INTO metrics_minute (worker_id, minute_ms, n, cpu_sum,
+                cpu_max, mem_used_sum, mem_total, load1_sum, temp_max, disk_used, disk_total,
+                rx_bps_sum, tx_bps_sum)
+             VALUES (?1, ?2, 1, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (worker_id, minute_ms) DO UPDATE SET
+                n = metrics_minute.n + 1,
+                cpu_sum = metrics_minute.cpu_sum + excluded.cpu_sum,
+                cpu_max = CASE WHEN excluded.cpu_max > metrics_minute.cpu_max
+                               THEN excluded.cpu_max ELSE metrics_minute.cpu_max END,
+                mem_used_sum = metrics_minute.mem_used_sum + excluded.mem_used_sum,
+                mem_total = excluded.mem_total,
+                load1_sum = metrics_minute.load1_sum + excluded.load1_sum,
+                temp_max = CASE WHEN metrics_minute.temp_max IS NULL THEN excluded.temp_max
+                                WHEN excluded.temp_max IS NULL THEN metrics_minute.temp_max
+                                WHEN excluded.temp_max > metrics_minute.temp_max
+                                THEN excluded.temp_max
+                                ELSE metrics_minute.temp_max END,
+                disk_used = excluded.disk_used,
+                disk_total = excluded.disk_total,
+                rx_bps_sum = metrics_minute.rx_bps_sum + excluded.rx_bps_sum,
+                tx_bps_sum = metrics_minute.tx_bps_sum + excluded.tx_bps_sum";
+        const SEEN: &str = "UPDATE workers SET replay_highest = ?2, replay_bitmap = ?3,
+            last_seen_ms = ?4 WHERE id = ?1";
+        const SVC: &str = "INSERT INTO service_status (worker_id, name, version, state, pid,
+                restarts, exit_code, detail, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (worker_id, name) DO UPDATE SET
+                version = excluded.version, state = excluded.state, pid = excluded.pid,
+                restarts = excluded.restarts, exit_code = excluded.exit_code,
+                detail = excluded.detail, updated_ms = excluded.updated_ms";
+        let tx = self.conn.begin()?;
         {
-            let mut raw = tx.prepare_cached(
-                "INSERT INTO metrics_raw (worker_id, received_at_ms, seq, frame) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            let mut minute = tx.prepare_cached(
-                "INSERT INTO metrics_minute (worker_id, minute_ms, n, cpu_sum, cpu_max, mem_used_sum,
-                    mem_total, load1_sum, temp_max, disk_used, disk_total, rx_bps_sum, tx_bps_sum)
-                 VALUES (?1, ?2, 1, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                 ON CONFLICT (worker_id, minute_ms) DO UPDATE SET
-                    n = n + 1,
-                    cpu_sum = cpu_sum + excluded.cpu_sum,
-                    cpu_max = max(cpu_max, excluded.cpu_max),
-                    mem_used_sum = mem_used_sum + excluded.mem_used_sum,
-                    mem_total = excluded.mem_total,
-                    load1_sum = load1_sum + excluded.load1_sum,
-                    temp_max = CASE WHEN temp_max IS NULL THEN excluded.temp_max
-                                    WHEN excluded.temp_max IS NULL THEN temp_max
-                                    ELSE max(temp_max, excluded.temp_max) END,
-                    disk_used = excluded.disk_used,
-                    disk_total = excluded.disk_total,
-                    rx_bps_sum = rx_bps_sum + excluded.rx_bps_sum,
-                    tx_bps_sum = tx_bps_sum + excluded.tx_bps_sum",
-            )?;
-            let mut seen = tx.prepare_cached(
-                "UPDATE workers SET replay_highest = ?2, replay_bitmap = ?3, last_seen_ms = ?4 WHERE id = ?1",
-            )?;
-            let mut status = tx.prepare_cached("UPDATE workers SET status = ?2 WHERE id = ?1")?;
-            let mut inventory =
-                tx.prepare_cached("UPDATE workers SET inventory = ?2 WHERE id = ?1")?;
-            let mut board = tx.prepare_cached("UPDATE workers SET board = ?2 WHERE id = ?1")?;
-            let mut svc = tx.prepare_cached(
-                "INSERT INTO service_status (worker_id, name, version, state, pid, restarts,
-                    exit_code, detail, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (worker_id, name) DO UPDATE SET
-                    version = excluded.version, state = excluded.state, pid = excluded.pid,
-                    restarts = excluded.restarts, exit_code = excluded.exit_code,
-                    detail = excluded.detail, updated_ms = excluded.updated_ms",
-            )?;
-            let mut svc_clear =
-                tx.prepare_cached("DELETE FROM service_status WHERE worker_id = ?1")?;
-            let mut svc_del =
-                tx.prepare_cached("DELETE FROM service_status WHERE worker_id = ?1 AND name = ?2")?;
             // Only the last window per worker matters.
             let mut last_seen: std::collections::HashMap<&str, usize> = Default::default();
             for (idx, op) in ops.iter().enumerate() {
@@ -144,21 +137,24 @@ impl Store {
                         blob,
                         rollup: r,
                     } => {
-                        raw.execute(params![worker_id, i(*received_at_ms), i(*seq), blob])?;
+                        tx.execute(RAW, params![worker_id, i(*received_at_ms), i(*seq), blob])?;
                         let minute_ms = received_at_ms - received_at_ms % 60_000;
-                        minute.execute(params![
-                            worker_id,
-                            i(minute_ms),
-                            i(r.cpu),
-                            i(r.mem_used),
-                            i(r.mem_total),
-                            i(r.load1),
-                            r.temp_max,
-                            i(r.disk_used),
-                            i(r.disk_total),
-                            i(r.rx_bps),
-                            i(r.tx_bps)
-                        ])?;
+                        tx.execute(
+                            MINUTE,
+                            params![
+                                worker_id,
+                                i(minute_ms),
+                                i(r.cpu),
+                                i(r.mem_used),
+                                i(r.mem_total),
+                                i(r.load1),
+                                r.temp_max,
+                                i(r.disk_used),
+                                i(r.disk_total),
+                                i(r.rx_bps),
+                                i(r.tx_bps)
+                            ],
+                        )?;
                     }
                     WriteOp::Seen {
                         worker_id,
@@ -167,44 +163,60 @@ impl Store {
                         last_seen_ms,
                     } => {
                         if last_seen.get(worker_id.as_str()) == Some(&idx) {
-                            seen.execute(params![
-                                worker_id,
-                                i(*highest),
-                                i(*bitmap),
-                                i(*last_seen_ms)
-                            ])?;
+                            tx.execute(
+                                SEEN,
+                                params![worker_id, i(*highest), i(*bitmap), i(*last_seen_ms)],
+                            )?;
                         }
                     }
                     WriteOp::Status {
                         worker_id,
                         status: s,
                     } => {
-                        status.execute(params![worker_id, s])?;
+                        tx.execute(
+                            "UPDATE workers SET status = ?2 WHERE id = ?1",
+                            params![worker_id, s],
+                        )?;
                     }
                     WriteOp::Inventory { worker_id, json } => {
-                        inventory.execute(params![worker_id, json])?;
+                        tx.execute(
+                            "UPDATE workers SET inventory = ?2 WHERE id = ?1",
+                            params![worker_id, json],
+                        )?;
                     }
                     WriteOp::Board { worker_id, json } => {
-                        board.execute(params![worker_id, json])?;
+                        tx.execute(
+                            "UPDATE workers SET board = ?2 WHERE id = ?1",
+                            params![worker_id, json],
+                        )?;
                     }
                     WriteOp::ServiceStatus(r) => {
-                        svc.execute(params![
-                            r.worker_id,
-                            r.name,
-                            r.version,
-                            r.state,
-                            r.pid,
-                            r.restarts,
-                            r.exit_code,
-                            r.detail,
-                            i(r.updated_ms)
-                        ])?;
+                        tx.execute(
+                            SVC,
+                            params![
+                                r.worker_id,
+                                r.name,
+                                r.version,
+                                r.state,
+                                r.pid,
+                                r.restarts,
+                                r.exit_code,
+                                r.detail,
+                                i(r.updated_ms)
+                            ],
+                        )?;
                     }
                     WriteOp::ServiceRemoved { worker_id, name } => {
-                        svc_del.execute(params![worker_id, name])?;
+                        tx.execute(
+                            "DELETE FROM service_status WHERE worker_id = ?1 AND name = ?2",
+                            params![worker_id, name],
+                        )?;
                     }
                     WriteOp::ServicesCleared { worker_id } => {
-                        svc_clear.execute(params![worker_id])?;
+                        tx.execute(
+                            "DELETE FROM service_status WHERE worker_id = ?1",
+                            params![worker_id],
+                        )?;
                     }
                     WriteOp::SecretPromoted {
                         worker_id,

@@ -4,7 +4,7 @@
 //! no `ended_ms` belongs to a session still running, or to one a conductor
 //! stop cut off (the API shows it as `unfinished`).
 
-use rusqlite::params;
+use super::sql::params;
 
 use super::{i, int, u, Store, StoreError};
 
@@ -80,27 +80,27 @@ impl Store {
 
     /// The newest `limit` sessions, newest first.
     pub fn exec_sessions(&self, limit: usize) -> Result<Vec<ExecSessionRow>, StoreError> {
-        let mut st = self.conn.prepare(
+        self.conn.query_map(
             "SELECT id, token_id, token_name, worker_id, argv, started_ms, ended_ms, exit_code,
                     bytes_out, outcome, kind
-             FROM exec_sessions ORDER BY started_ms DESC, rowid DESC LIMIT ?1",
-        )?;
-        let rows = st.query_map([int(limit)], |r| {
-            Ok(ExecSessionRow {
-                id: r.get(0)?,
-                token_id: r.get(1)?,
-                token_name: r.get(2)?,
-                worker_id: r.get(3)?,
-                argv_json: r.get(4)?,
-                started_ms: u(r.get(5)?),
-                ended_ms: r.get::<_, Option<i64>>(6)?.map(u),
-                exit_code: r.get(7)?,
-                bytes_out: u(r.get(8)?),
-                outcome: r.get(9)?,
-                kind: r.get(10)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+             FROM exec_sessions ORDER BY started_ms DESC, id DESC LIMIT ?1",
+            params![int(limit)],
+            |r| {
+                Ok(ExecSessionRow {
+                    id: r.get(0)?,
+                    token_id: r.get(1)?,
+                    token_name: r.get(2)?,
+                    worker_id: r.get(3)?,
+                    argv_json: r.get(4)?,
+                    started_ms: u(r.get(5)?),
+                    ended_ms: r.get::<Option<i64>>(6)?.map(u),
+                    exit_code: r.get(7)?,
+                    bytes_out: u(r.get(8)?),
+                    outcome: r.get(9)?,
+                    kind: r.get(10)?,
+                })
+            },
+        )
     }
 }
 
@@ -112,40 +112,40 @@ mod tests {
 
     #[test]
     fn sessions_are_recorded_finished_once_and_listed_newest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let row = |id: &str, started_ms| ExecSessionRow {
-            id: id.into(),
-            token_id: "t1".into(),
-            token_name: "ci".into(),
-            worker_id: "w-1".into(),
-            kind: "exec".into(),
-            argv_json: r#"["uname","-a"]"#.into(),
-            started_ms,
-            ended_ms: None,
-            exit_code: None,
-            bytes_out: 0,
-            outcome: String::new(),
-        };
-        s.insert_exec_session(&row("a", 1)).unwrap();
-        s.insert_exec_session(&row("b", 2)).unwrap();
-        s.finish_exec_session("a", 5, Some(0), 12, "exited")
-            .unwrap();
-        s.finish_exec_session("a", 9, Some(1), 99, "again").unwrap();
-        let got = s.exec_sessions(10).unwrap();
-        assert_eq!(got.len(), 2);
-        assert_eq!(got[0], row("b", 2), "unfinished, newest first");
-        let a = &got[1];
-        assert_eq!(
-            (a.ended_ms, a.exit_code, a.bytes_out, a.outcome.as_str()),
-            (Some(5), Some(0), 12, "exited")
-        );
-        assert_eq!(s.exec_sessions(1).unwrap().len(), 1);
-        let shell = ExecSessionRow {
-            kind: "shell".into(),
-            ..row("c", 3)
-        };
-        s.insert_exec_session(&shell).unwrap();
-        assert_eq!(s.exec_sessions(1).unwrap(), [shell], "the kind is kept");
+        crate::store::each_engine(|s| {
+            let row = |id: &str, started_ms| ExecSessionRow {
+                id: id.into(),
+                token_id: "t1".into(),
+                token_name: "ci".into(),
+                worker_id: "w-1".into(),
+                kind: "exec".into(),
+                argv_json: r#"["uname","-a"]"#.into(),
+                started_ms,
+                ended_ms: None,
+                exit_code: None,
+                bytes_out: 0,
+                outcome: String::new(),
+            };
+            s.insert_exec_session(&row("a", 1)).unwrap();
+            s.insert_exec_session(&row("b", 2)).unwrap();
+            s.finish_exec_session("a", 5, Some(0), 12, "exited")
+                .unwrap();
+            s.finish_exec_session("a", 9, Some(1), 99, "again").unwrap();
+            let got = s.exec_sessions(10).unwrap();
+            assert_eq!(got.len(), 2);
+            assert_eq!(got[0], row("b", 2), "unfinished, newest first");
+            let a = &got[1];
+            assert_eq!(
+                (a.ended_ms, a.exit_code, a.bytes_out, a.outcome.as_str()),
+                (Some(5), Some(0), 12, "exited")
+            );
+            assert_eq!(s.exec_sessions(1).unwrap().len(), 1);
+            let shell = ExecSessionRow {
+                kind: "shell".into(),
+                ..row("c", 3)
+            };
+            s.insert_exec_session(&shell).unwrap();
+            assert_eq!(s.exec_sessions(1).unwrap(), [shell], "the kind is kept");
+        });
     }
 }

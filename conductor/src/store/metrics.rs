@@ -2,7 +2,7 @@
 //! (`metrics_minute`) and retention. Both are written by
 //! [`Store::apply_batch`].
 
-use rusqlite::params;
+use super::sql::params;
 
 use super::{i, int, u, Store, StoreError, MAX_QUERY_ROWS};
 
@@ -66,16 +66,13 @@ impl Store {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT received_at_ms, seq, frame FROM metrics_raw
              WHERE worker_id = ?1 AND received_at_ms >= ?2 AND received_at_ms <= ?3
              ORDER BY received_at_ms, seq LIMIT ?4",
-        )?;
-        let rows = st.query_map(
             params![worker_id, i(from_ms), i(to_ms), int(MAX_QUERY_ROWS)],
             |r| Ok((u(r.get(0)?), u(r.get(1)?), r.get(2)?)),
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        )
     }
 
     /// Minute aggregates in `[from, to]`, oldest first.
@@ -85,14 +82,12 @@ impl Store {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<MinuteRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT minute_ms, n, cpu_sum, cpu_max, mem_used_sum, mem_total, load1_sum, temp_max,
                     disk_used, disk_total, rx_bps_sum, tx_bps_sum
              FROM metrics_minute
              WHERE worker_id = ?1 AND minute_ms >= ?2 AND minute_ms <= ?3
              ORDER BY minute_ms LIMIT ?4",
-        )?;
-        let rows = st.query_map(
             params![worker_id, i(from_ms), i(to_ms), int(MAX_QUERY_ROWS)],
             |r| {
                 let n = u(r.get(1)?).max(1);
@@ -112,8 +107,7 @@ impl Store {
                     tx_bps_avg: u(r.get(11)?) / n,
                 })
             },
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        )
     }
 
     /// Deletes history older than the cut-offs; returns rows removed.
@@ -122,14 +116,14 @@ impl Store {
         raw_before_ms: u64,
         minute_before_ms: u64,
     ) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.begin()?;
         let a = tx.execute(
             "DELETE FROM metrics_raw WHERE received_at_ms < ?1",
-            [i(raw_before_ms)],
+            params![i(raw_before_ms)],
         )?;
         let b = tx.execute(
             "DELETE FROM metrics_minute WHERE minute_ms < ?1",
-            [i(minute_before_ms)],
+            params![i(minute_before_ms)],
         )?;
         tx.commit()?;
         Ok(a + b)

@@ -1,6 +1,6 @@
 //! Rollouts (`rollouts`; at most one `in_progress` per service).
 
-use rusqlite::params;
+use super::sql::{params, Row};
 
 use super::{i, int, u, Store, StoreError};
 
@@ -37,10 +37,10 @@ impl Store {
     /// Stores a new rollout and returns its id. Fails (constraint) if the
     /// service already has one in progress.
     pub fn insert_rollout(&self, r: &RolloutRow) -> Result<i64, StoreError> {
-        self.conn.execute(
+        self.conn.query_row(
             "INSERT INTO rollouts (service, from_version, to_version, state, policy, waves, wave,
                 wave_started_ms, reason, started_ms, finished_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
             params![
                 r.service,
                 r.from_version,
@@ -54,8 +54,8 @@ impl Store {
                 i(r.started_ms),
                 r.finished_ms.map(i)
             ],
-        )?;
-        Ok(self.conn.last_insert_rowid())
+            |r| r.get(0),
+        )
     }
 
     /// Updates a rollout's progress; when `deployment_version` is given the
@@ -65,7 +65,7 @@ impl Store {
         r: &RolloutRow,
         deployment_version: Option<u32>,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.begin()?;
         tx.execute(
             "UPDATE rollouts SET state = ?2, waves = ?3, wave = ?4, wave_started_ms = ?5,
                 reason = ?6, finished_ms = ?7 WHERE id = ?1",
@@ -91,45 +91,49 @@ impl Store {
 
     /// Rollouts in progress, every service.
     pub fn active_rollouts(&self) -> Result<Vec<RolloutRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE state = 'in_progress' ORDER BY id"
-        ))?;
-        let rows = st.query_map([], rollout_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!("SELECT {ROLLOUT_COLS} FROM rollouts WHERE state = 'in_progress' ORDER BY id"),
+            params![],
+            rollout_from_row,
+        )
     }
 
     /// A service's rollouts, newest first, at most `limit`.
     pub fn rollouts(&self, service: &str, limit: usize) -> Result<Vec<RolloutRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ROLLOUT_COLS} FROM rollouts WHERE service = ?1 ORDER BY id DESC LIMIT ?2"
-        ))?;
-        let rows = st.query_map(params![service, int(limit)], rollout_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!(
+                "SELECT {ROLLOUT_COLS} FROM rollouts WHERE service = ?1 ORDER BY id DESC LIMIT ?2"
+            ),
+            params![service, int(limit)],
+            rollout_from_row,
+        )
     }
 
     /// Rollouts reverted at or after `since_ms`, oldest first, each with
     /// whether a later rollout of the same service succeeded.
     pub fn reverted_rollouts(&self, since_ms: u64) -> Result<Vec<(RolloutRow, bool)>, StoreError> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ROLLOUT_COLS}, EXISTS (SELECT 1 FROM rollouts later
+        self.conn.query_map(
+            &format!(
+                "SELECT {ROLLOUT_COLS}, EXISTS (SELECT 1 FROM rollouts later
                 WHERE later.service = rollouts.service AND later.id > rollouts.id
                   AND later.state = 'succeeded')
              FROM rollouts WHERE state = 'reverted' AND finished_ms >= ?1 ORDER BY id"
-        ))?;
-        let rows = st.query_map([i(since_ms)], |r| Ok((rollout_from_row(r)?, r.get(12)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            ),
+            params![i(since_ms)],
+            |r| Ok((rollout_from_row(r)?, r.get(12)?)),
+        )
     }
 
     /// Restarts the clock of every rollout in progress (conductor start).
     pub fn restart_rollout_clocks(&self, now_ms: u64) -> Result<usize, StoreError> {
-        Ok(self.conn.execute(
+        self.conn.execute(
             "UPDATE rollouts SET wave_started_ms = ?1 WHERE state = 'in_progress'",
-            [i(now_ms)],
-        )?)
+            params![i(now_ms)],
+        )
     }
 }
 
-fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
+fn rollout_from_row(r: &Row) -> Result<RolloutRow, StoreError> {
     Ok(RolloutRow {
         id: r.get(0)?,
         service: r.get(1)?,
@@ -142,7 +146,7 @@ fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
         wave_started_ms: u(r.get(8)?),
         reason: r.get(9)?,
         started_ms: u(r.get(10)?),
-        finished_ms: r.get::<_, Option<i64>>(11)?.map(u),
+        finished_ms: r.get::<Option<i64>>(11)?.map(u),
     })
 }
 

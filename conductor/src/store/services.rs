@@ -2,7 +2,7 @@
 //! per-worker overrides (`service_overrides`) and the last reported status
 //! (`service_status`, written by the batch writer).
 
-use rusqlite::{params, OptionalExtension};
+use super::sql::{params, Row};
 
 use super::{i, u, Store, StoreError};
 
@@ -71,10 +71,10 @@ impl Store {
         spec_json: &str,
         now_ms: u64,
     ) -> Result<u32, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.begin()?;
         let last: Option<u32> = tx.query_row(
             "SELECT MAX(version) FROM services WHERE name = ?1",
-            [name],
+            params![name],
             |r| r.get(0),
         )?;
         let version = last.unwrap_or(0).saturating_add(1);
@@ -88,34 +88,31 @@ impl Store {
 
     /// Every service's latest version, by name.
     pub fn latest_services(&self) -> Result<Vec<ServiceRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT s.name, s.version, s.spec, s.created_ms FROM services s
              WHERE s.version = (SELECT MAX(version) FROM services WHERE name = s.name)
              ORDER BY s.name",
-        )?;
-        let rows = st.query_map([], service_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![],
+            service_from_row,
+        )
     }
 
     /// All versions of one service, oldest first.
     pub fn service_versions(&self, name: &str) -> Result<Vec<ServiceRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT name, version, spec, created_ms FROM services WHERE name = ?1 ORDER BY version",
-        )?;
-        let rows = st.query_map([name], service_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![name],
+            service_from_row,
+        )
     }
 
     /// One version of a service.
     pub fn service(&self, name: &str, version: u32) -> Result<Option<ServiceRow>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT name, version, spec, created_ms FROM services WHERE name = ?1 AND version = ?2",
-                params![name, version],
-                service_from_row,
-            )
-            .optional()?)
+        self.conn.query_row_opt(
+            "SELECT name, version, spec, created_ms FROM services WHERE name = ?1 AND version = ?2",
+            params![name, version],
+            service_from_row,
+        )
     }
 
     /// Creates or replaces a deployment.
@@ -142,44 +139,42 @@ impl Store {
 
     /// One deployment.
     pub fn deployment(&self, name: &str) -> Result<Option<DeploymentRow>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT name, version, workers, labels, desired, updated_ms, rollout
+        self.conn.query_row_opt(
+            "SELECT name, version, workers, labels, desired, updated_ms, rollout
                  FROM deployments WHERE name = ?1",
-                [name],
-                deployment_from_row,
-            )
-            .optional()?)
+            params![name],
+            deployment_from_row,
+        )
     }
 
     /// Every deployment, by name.
     pub fn deployments(&self) -> Result<Vec<DeploymentRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT name, version, workers, labels, desired, updated_ms, rollout
              FROM deployments ORDER BY name",
-        )?;
-        let rows = st.query_map([], deployment_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![],
+            deployment_from_row,
+        )
     }
 
     /// Deletes a deployment; `false` if there was none.
     pub fn delete_deployment(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn
-            .execute("DELETE FROM deployments WHERE name = ?1", [name])?
+            .execute("DELETE FROM deployments WHERE name = ?1", params![name])?
             > 0)
     }
 
     /// Spec versions whose JSON contains `needle` (a candidate filter; the
-    /// caller parses the spec to be sure).
+    /// caller parses the spec to be sure). `replace`, not `instr`, which
+    /// PostgreSQL lacks; an empty needle matches nothing.
     pub fn services_containing(&self, needle: &str) -> Result<Vec<ServiceRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT name, version, spec, created_ms FROM services
-             WHERE instr(spec, ?1) > 0 ORDER BY name, version",
-        )?;
-        let rows = st.query_map([needle], service_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+             WHERE replace(spec, ?1, '') <> spec ORDER BY name, version",
+            params![needle],
+            service_from_row,
+        )
     }
 
     // ---- per-worker overrides ----
@@ -210,44 +205,45 @@ impl Store {
 
     /// Clears every override of service `name` (it was undeployed).
     pub fn delete_overrides_of(&self, name: &str) -> Result<usize, StoreError> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM service_overrides WHERE name = ?1", [name])?)
+        self.conn.execute(
+            "DELETE FROM service_overrides WHERE name = ?1",
+            params![name],
+        )
     }
 
     /// Every override: `(worker_id, name, desired)`.
     pub fn overrides(&self) -> Result<Vec<(String, String, String)>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT worker_id, name, desired FROM service_overrides")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            "SELECT worker_id, name, desired FROM service_overrides",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
     }
 
     /// Every stored service status.
     pub fn service_statuses(&self) -> Result<Vec<ServiceStatusRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT worker_id, name, version, state, pid, restarts, exit_code, detail, updated_ms
              FROM service_status ORDER BY worker_id, name",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(ServiceStatusRow {
-                worker_id: r.get(0)?,
-                name: r.get(1)?,
-                version: r.get(2)?,
-                state: r.get(3)?,
-                pid: r.get(4)?,
-                restarts: r.get(5)?,
-                exit_code: r.get(6)?,
-                detail: r.get(7)?,
-                updated_ms: u(r.get(8)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![],
+            |r| {
+                Ok(ServiceStatusRow {
+                    worker_id: r.get(0)?,
+                    name: r.get(1)?,
+                    version: r.get(2)?,
+                    state: r.get(3)?,
+                    pid: r.get(4)?,
+                    restarts: r.get(5)?,
+                    exit_code: r.get(6)?,
+                    detail: r.get(7)?,
+                    updated_ms: u(r.get(8)?),
+                })
+            },
+        )
     }
 }
 
-fn service_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRow> {
+fn service_from_row(r: &Row) -> Result<ServiceRow, StoreError> {
     Ok(ServiceRow {
         name: r.get(0)?,
         version: r.get(1)?,
@@ -256,7 +252,7 @@ fn service_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRow> {
     })
 }
 
-fn deployment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
+fn deployment_from_row(r: &Row) -> Result<DeploymentRow, StoreError> {
     Ok(DeploymentRow {
         name: r.get(0)?,
         version: r.get(1)?,

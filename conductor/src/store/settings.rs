@@ -1,7 +1,7 @@
 //! Settings, the admin user and API/session tokens (`settings`, `users`,
 //! `api_tokens`).
 
-use rusqlite::{params, OptionalExtension};
+use super::sql::{params, Row};
 
 use super::{i, u, Store, StoreError};
 
@@ -30,15 +30,15 @@ impl Store {
 
     /// Reads a setting.
     pub fn setting(&self, k: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT v FROM settings WHERE k = ?1", [k], |r| r.get(0))
-            .optional()?)
+        self.conn
+            .query_row_opt("SELECT v FROM settings WHERE k = ?1", params![k], |r| {
+                r.get(0)
+            })
     }
 
     /// Writes settings atomically.
     pub fn set_settings(&mut self, kv: &[(&str, &str)]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.begin()?;
         for (k, v) in kv {
             tx.execute(
                 "INSERT INTO settings (k, v) VALUES (?1, ?2)
@@ -54,14 +54,11 @@ impl Store {
 
     /// The argon2 PHC hash of `username`.
     pub fn user_hash(&self, username: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT password_hash FROM users WHERE username = ?1",
-                [username],
-                |r| r.get(0),
-            )
-            .optional()?)
+        self.conn.query_row_opt(
+            "SELECT password_hash FROM users WHERE username = ?1",
+            params![username],
+            |r| r.get(0),
+        )
     }
 
     /// Creates or replaces a user.
@@ -100,32 +97,29 @@ impl Store {
         sha256_hex: &str,
         now_ms: u64,
     ) -> Result<Option<TokenRow>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT id, name, kind, created_ms, expires_ms, role FROM api_tokens
+        self.conn.query_row_opt(
+            "SELECT id, name, kind, created_ms, expires_ms, role FROM api_tokens
                  WHERE token_sha256 = ?1 AND (expires_ms IS NULL OR expires_ms > ?2)",
-                params![sha256_hex, i(now_ms)],
-                token_from_row,
-            )
-            .optional()?)
+            params![sha256_hex, i(now_ms)],
+            token_from_row,
+        )
     }
 
     /// All tokens of `kind`.
     pub fn list_tokens(&self, kind: &str) -> Result<Vec<TokenRow>, StoreError> {
-        let mut st = self.conn.prepare(
+        self.conn.query_map(
             "SELECT id, name, kind, created_ms, expires_ms, role FROM api_tokens
              WHERE kind = ?1 ORDER BY created_ms",
-        )?;
-        let rows = st.query_map([kind], token_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![kind],
+            token_from_row,
+        )
     }
 
     /// Deletes a token by id; `true` if one existed.
     pub fn delete_token(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn
-            .execute("DELETE FROM api_tokens WHERE id = ?1", [id])?
+            .execute("DELETE FROM api_tokens WHERE id = ?1", params![id])?
             > 0)
     }
 
@@ -133,26 +127,26 @@ impl Store {
     pub fn delete_token_by_hash(&self, sha256_hex: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute(
             "DELETE FROM api_tokens WHERE token_sha256 = ?1",
-            [sha256_hex],
+            params![sha256_hex],
         )? > 0)
     }
 
     /// Drops expired tokens.
     pub fn purge_expired_tokens(&self, now_ms: u64) -> Result<usize, StoreError> {
-        Ok(self.conn.execute(
+        self.conn.execute(
             "DELETE FROM api_tokens WHERE expires_ms IS NOT NULL AND expires_ms <= ?1",
-            [i(now_ms)],
-        )?)
+            params![i(now_ms)],
+        )
     }
 }
 
-fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+fn token_from_row(r: &Row) -> Result<TokenRow, StoreError> {
     Ok(TokenRow {
         id: r.get(0)?,
         name: r.get(1)?,
         kind: r.get(2)?,
         created_ms: u(r.get(3)?),
-        expires_ms: r.get::<_, Option<i64>>(4)?.map(u),
+        expires_ms: r.get::<Option<i64>>(4)?.map(u),
         role: r.get(5)?,
     })
 }

@@ -1,6 +1,6 @@
 //! Workers (`workers`) and their secret rotation state (`worker_secrets`).
 
-use rusqlite::{params, OptionalExtension};
+use super::sql::{params, Row};
 
 use super::{i, u, Store, StoreError};
 
@@ -125,23 +125,20 @@ impl Store {
 
     /// One worker.
     pub fn worker(&self, id: &str) -> Result<Option<WorkerRow>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT {WORKER_COLS} FROM workers WHERE id = ?1"),
-                [id],
-                worker_from_row,
-            )
-            .optional()?)
+        self.conn.query_row_opt(
+            &format!("SELECT {WORKER_COLS} FROM workers WHERE id = ?1"),
+            params![id],
+            worker_from_row,
+        )
     }
 
     /// Every worker.
     pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        let mut st = self.conn.prepare(&format!(
-            "SELECT {WORKER_COLS} FROM workers ORDER BY enrolled_at_ms, id"
-        ))?;
-        let rows = st.query_map([], worker_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn.query_map(
+            &format!("SELECT {WORKER_COLS} FROM workers ORDER BY enrolled_at_ms, id"),
+            params![],
+            worker_from_row,
+        )
     }
 
     /// Replaces a worker's labels.
@@ -156,19 +153,31 @@ impl Store {
     pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute(
             "UPDATE workers SET revoked = 1, status = 'offline' WHERE id = ?1",
-            [id],
+            params![id],
         )? > 0)
     }
 
     /// Deletes a worker and its history.
     pub fn delete_worker(&mut self, id: &str) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM metrics_raw WHERE worker_id = ?1", [id])?;
-        tx.execute("DELETE FROM metrics_minute WHERE worker_id = ?1", [id])?;
-        tx.execute("DELETE FROM service_status WHERE worker_id = ?1", [id])?;
-        tx.execute("DELETE FROM service_overrides WHERE worker_id = ?1", [id])?;
-        tx.execute("DELETE FROM worker_secrets WHERE worker_id = ?1", [id])?;
-        let n = tx.execute("DELETE FROM workers WHERE id = ?1", [id])?;
+        let tx = self.conn.begin()?;
+        tx.execute("DELETE FROM metrics_raw WHERE worker_id = ?1", params![id])?;
+        tx.execute(
+            "DELETE FROM metrics_minute WHERE worker_id = ?1",
+            params![id],
+        )?;
+        tx.execute(
+            "DELETE FROM service_status WHERE worker_id = ?1",
+            params![id],
+        )?;
+        tx.execute(
+            "DELETE FROM service_overrides WHERE worker_id = ?1",
+            params![id],
+        )?;
+        tx.execute(
+            "DELETE FROM worker_secrets WHERE worker_id = ?1",
+            params![id],
+        )?;
+        let n = tx.execute("DELETE FROM workers WHERE id = ?1", params![id])?;
         tx.commit()?;
         Ok(n > 0)
     }
@@ -185,18 +194,18 @@ impl Store {
 
     /// Every worker's secret rotation state.
     pub fn secret_rotations(&self) -> Result<Vec<SecretRotationRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
+        self.conn.query_map(
             "SELECT worker_id, pending_hex, previous_hex, previous_until_ms FROM worker_secrets",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(SecretRotationRow {
-                worker_id: r.get(0)?,
-                pending_hex: r.get(1)?,
-                previous_hex: r.get(2)?,
-                previous_until_ms: u(r.get(3)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![],
+            |r| {
+                Ok(SecretRotationRow {
+                    worker_id: r.get(0)?,
+                    pending_hex: r.get(1)?,
+                    previous_hex: r.get(2)?,
+                    previous_until_ms: u(r.get(3)?),
+                })
+            },
+        )
     }
 
     /// Persists the conductor → worker sequence number.
@@ -211,7 +220,7 @@ impl Store {
     /// Sets every worker's status (used at start: nobody has been seen yet).
     pub fn set_all_status(&self, status: &str) -> Result<(), StoreError> {
         self.conn
-            .execute("UPDATE workers SET status = ?1", [status])?;
+            .execute("UPDATE workers SET status = ?1", params![status])?;
         Ok(())
     }
 }
@@ -220,7 +229,7 @@ const WORKER_COLS: &str = "id, machine_id, hostname, secret_hex, mqtt_password_s
     inventory, enrolled_at_ms, last_seen_ms, last_ip, revoked, replay_highest, replay_bitmap,
     cmd_seq, status, board";
 
-fn worker_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
+fn worker_from_row(r: &Row) -> Result<WorkerRow, StoreError> {
     Ok(WorkerRow {
         id: r.get(0)?,
         machine_id: r.get(1)?,
@@ -230,7 +239,7 @@ fn worker_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
         labels_json: r.get(5)?,
         inventory_json: r.get(6)?,
         enrolled_at_ms: u(r.get(7)?),
-        last_seen_ms: r.get::<_, Option<i64>>(8)?.map(u),
+        last_seen_ms: r.get::<Option<i64>>(8)?.map(u),
         last_ip: r.get(9)?,
         revoked: r.get(10)?,
         replay_highest: u(r.get(11)?),
