@@ -1,4 +1,4 @@
-//! Frame verification and the batched SQLite writer.
+//! Frame verification and the batched store writer.
 //!
 //! [`handle_publish`] is called for every MQTT publish the conductor
 //! receives. A frame is accepted only after, in order: size limit, structure
@@ -65,6 +65,10 @@ use tracing::{debug, info, warn};
 use crate::state::{now_ms, EventRec, Latest, Shared, Status, StoredMarks, EVENTS_KEPT};
 use crate::store::{Rollup, Store, StoreError, WriteOp};
 
+/// How long a batch is retried while the database is unavailable
+/// (see [`commit`]): a PostgreSQL restart or failover takes seconds; past
+/// this the batch is dropped as for any other failure.
+pub const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(300);
 /// Most writes per transaction.
 pub const BATCH_MAX: usize = 500;
 /// Longest a write waits before commit.
@@ -499,16 +503,45 @@ fn unsealed_tail(batch: &[WriteOp]) -> usize {
     }
 }
 
-/// Commits `batch` (retrying 3 times); `false` when it was dropped.
+/// Commits `batch`; `false` when it was dropped. A failure is retried 3
+/// times; one for want of the database (PostgreSQL down or restarting,
+/// SQLite busy: [`StoreError::is_unavailable`]) for up to
+/// [`UNAVAILABLE_RETRY_FOR`], backing off to one attempt a second. The
+/// batch is held meanwhile (and what arrives queues behind it), so a
+/// database restart loses nothing; dropping it instead would let the next
+/// commit's marks acknowledge its frames to their workers unstored.
 fn commit(store: &mut Store, batch: &[WriteOp]) -> bool {
-    let mut attempt = 0;
+    let started = Instant::now();
+    let mut attempt: u32 = 0;
+    let mut last_log: Option<Instant> = None;
     loop {
         match store.apply_batch(batch) {
-            Ok(()) => return true,
+            Ok(()) => {
+                if last_log.is_some() {
+                    info!(
+                        writes = batch.len(),
+                        "store back: batch committed after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return true;
+            }
             Err(e) if attempt < 3 => {
                 attempt += 1;
                 warn!("batch commit failed (retrying): {e}");
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) if e.is_unavailable() && started.elapsed() < UNAVAILABLE_RETRY_FOR => {
+                attempt += 1;
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    warn!(
+                        writes = batch.len(),
+                        "store unavailable, holding the batch and retrying: {e}"
+                    );
+                    last_log = Some(Instant::now());
+                }
+                let backoff = 50_u64.saturating_mul(1 << (attempt - 3).min(5));
+                std::thread::sleep(Duration::from_millis(backoff.min(1_000)));
             }
             Err(e) => {
                 log_store_error(&e, batch.len());

@@ -1,0 +1,176 @@
+//! The conductor on PostgreSQL (`--store postgres://`), against a real
+//! server this test starts and kills: frames accepted while the server is
+//! down are held and committed once it is back, each exactly once, and
+//! acknowledged (`Stored`) only after they are committed.
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use protocol::topic::{topic, TopicKind};
+use protocol::{Action, Body};
+use rumqttc::QoS;
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn frames_accepted_while_postgres_is_down_are_stored_once_when_it_is_back() {
+    let Some(mut pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let c = Conductor::start_with(conductor::Config {
+        store: Some(url.clone()),
+        ..test_config(dir.path())
+    });
+    let e = c.enroll_new("pg-worker");
+
+    // The worker's own connection: it publishes sealed frames and records
+    // the highest `Stored` the conductor acknowledges.
+    let acked = Arc::new(AtomicU64::new(0));
+    let (id, secret, seen) = (e.id.clone(), e.secret.clone(), acked.clone());
+    let on_publish: OnPublish = Box::new(move |_, p| {
+        let Ok(opened) = protocol::open(&p.payload, &id) else {
+            return;
+        };
+        if let Ok(env) = opened.verify(&secret) {
+            if let Body::Command(cmd) = env.body {
+                if let Action::Stored(n) = cmd.action {
+                    seen.fetch_max(n, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let (client, _t) = connect(
+        c.started.mqtt_addr,
+        &e.id,
+        &e.username,
+        &e.password,
+        Some(on_publish),
+    )
+    .unwrap();
+    client
+        .subscribe(topic(&e.id, TopicKind::Stored), QoS::AtLeastOnce)
+        .unwrap();
+    let publish = |seq: u64| {
+        let frame = seal(
+            &e.secret,
+            &e.id,
+            seq,
+            metrics(u16::try_from(100 + seq).unwrap()),
+        );
+        client
+            .publish(
+                topic(&e.id, TopicKind::Metrics),
+                QoS::AtLeastOnce,
+                false,
+                frame,
+            )
+            .unwrap();
+    };
+    let stored = |pg: &test_support::postgres::Postgres| -> (u64, u64) {
+        let row = pg.psql(
+            "fleet",
+            "SELECT count(*), count(DISTINCT seq) FROM metrics_raw",
+        );
+        let (a, b) = row.split_once('|').unwrap();
+        (a.parse().unwrap(), b.parse().unwrap())
+    };
+
+    for seq in 1..=10 {
+        publish(seq);
+    }
+    wait_for("10 frames stored", T, || {
+        (stored(&pg) == (10, 10)).then_some(())
+    });
+    wait_for("Stored(10)", T, || {
+        (acked.load(Ordering::SeqCst) == 10).then_some(())
+    });
+
+    pg.kill();
+    let before = c.accepted();
+    for seq in 11..=20 {
+        publish(seq);
+    }
+    wait_for("10 more frames accepted", T, || {
+        (c.accepted() >= before + 10).then_some(())
+    });
+    // Held, not acknowledged: nothing of them is stored yet.
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        acked.load(Ordering::SeqCst),
+        10,
+        "frames acknowledged while the store was down"
+    );
+
+    pg.start_again();
+    wait_for("all 20 frames stored", T, || {
+        (stored(&pg) == (20, 20)).then_some(())
+    });
+    wait_for("Stored(20)", T, || {
+        (acked.load(Ordering::SeqCst) == 20).then_some(())
+    });
+    // The API reads through the reconnected store.
+    assert_eq!(c.worker(&e.id)["metrics"]["seq"], 20);
+    assert_eq!(
+        pg.psql(
+            "fleet",
+            &format!("SELECT replay_highest FROM workers WHERE id = '{}'", e.id)
+        ),
+        "20"
+    );
+    c.stop();
+}
+
+#[test]
+fn two_conductors_migrate_one_database_at_once() {
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("shared");
+    let opened: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || conductor::store::Store::open_postgres(&url))
+        })
+        .collect();
+    for t in opened {
+        let s = t.join().unwrap().unwrap();
+        assert_eq!(
+            s.schema_version().unwrap(),
+            i64::try_from(conductor::store::MIGRATIONS.len()).unwrap()
+        );
+    }
+    assert_eq!(
+        pg.psql("shared", "SELECT count(*) FROM aerekos_schema"),
+        "1"
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_a_clear_error() {
+    let port = test_support::free_port();
+    let err = conductor::store::Store::open_postgres(&format!(
+        "postgres://aerekos:s3cret@127.0.0.1:{port}/fleet"
+    ))
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("postgres: "), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(err.is_unavailable(), "{err:?}");
+    let bad = conductor::store::StoreLocation::parse(
+        Some("mysql://root:pw@db/fleet"),
+        std::path::Path::new("/tmp"),
+    )
+    .unwrap_err();
+    assert!(
+        bad.contains("expected sqlite or a postgres:// URL"),
+        "{bad}"
+    );
+    assert!(!bad.contains(":pw@"), "{bad}");
+}
