@@ -22,19 +22,43 @@ pub const ADMIN_PW: &str = "test-admin-password";
 pub struct Conductor {
     pub started: Started,
     pub dir: PathBuf,
+    /// Where its store is (SQLite in `dir`, or `AEREKOS_TEST_STORE`'s).
+    pub store_at: conductor::store::StoreLocation,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), String>>>,
     session: std::sync::Mutex<Option<String>>,
 }
 
+/// A conductor's config for a test in `dir`. With
+/// `AEREKOS_TEST_STORE=postgres` its store is a database of this test
+/// process's PostgreSQL server, named after `dir` (a restart on the same
+/// dir finds the same database), so the suite can run a second time
+/// against PostgreSQL (`.ci/run` does).
 pub fn test_config(dir: &Path) -> Config {
     Config {
         data_dir: dir.display().to_string(),
+        store: test_store(dir),
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
         mqtts_listen: "127.0.0.1:0".into(),
         admin_password: Some(ADMIN_PW.into()),
         ..Config::default()
+    }
+}
+
+/// `AEREKOS_TEST_STORE`'s store for `dir` (see [`test_config`]).
+pub fn test_store(dir: &Path) -> Option<String> {
+    match std::env::var("AEREKOS_TEST_STORE").as_deref() {
+        Ok("postgres") => {
+            use std::hash::{Hash, Hasher};
+            let pg = test_support::postgres::Postgres::shared()
+                .expect("AEREKOS_TEST_STORE=postgres but PostgreSQL is not installed");
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            dir.hash(&mut h);
+            Some(pg.database(&format!("t_{:016x}", h.finish())))
+        }
+        Ok("" | "sqlite") | Err(_) => None,
+        Ok(other) => panic!("AEREKOS_TEST_STORE={other}: expected postgres or sqlite"),
     }
 }
 
@@ -45,6 +69,7 @@ impl Conductor {
 
     pub fn start_with(config: Config) -> Conductor {
         let dir = PathBuf::from(&config.data_dir);
+        let store_at = conductor::store::StoreLocation::of(&config).expect("a valid store");
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -65,6 +90,7 @@ impl Conductor {
         Conductor {
             started,
             dir,
+            store_at,
             stop: Some(stop_tx),
             thread: Some(thread),
             session: Default::default(),
@@ -388,7 +414,7 @@ pub struct Injector {
 
 impl Injector {
     pub fn connect(c: &Conductor) -> Injector {
-        let store = conductor::store::Store::open(&c.dir).unwrap();
+        let store = conductor::store::Store::open_at(&c.store_at).unwrap();
         let password = store
             .setting(conductor::auth::CONDUCTOR_MQTT_PASSWORD)
             .unwrap()
