@@ -1,6 +1,6 @@
 //! The ingest writer's batches: [`WriteOp`]s applied in one transaction.
 
-use super::sql::params;
+use super::sql::{owned, params, Value};
 
 use super::{i, Rollup, ServiceStatusRow, Store, StoreError};
 
@@ -119,7 +119,7 @@ impl Store {
                 version = excluded.version, state = excluded.state, pid = excluded.pid,
                 restarts = excluded.restarts, exit_code = excluded.exit_code,
                 detail = excluded.detail, updated_ms = excluded.updated_ms";
-        let tx = self.conn.begin()?;
+        let mut writes: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(ops.len() * 2);
         {
             // Only the last window per worker matters.
             let mut last_seen: std::collections::HashMap<&str, usize> = Default::default();
@@ -137,11 +137,14 @@ impl Store {
                         blob,
                         rollup: r,
                     } => {
-                        tx.execute(RAW, params![worker_id, i(*received_at_ms), i(*seq), blob])?;
+                        writes.push((
+                            RAW,
+                            owned(params![worker_id, i(*received_at_ms), i(*seq), blob]),
+                        ));
                         let minute_ms = received_at_ms - received_at_ms % 60_000;
-                        tx.execute(
+                        writes.push((
                             MINUTE,
-                            params![
+                            owned(params![
                                 worker_id,
                                 i(minute_ms),
                                 i(r.cpu),
@@ -153,8 +156,8 @@ impl Store {
                                 i(r.disk_total),
                                 i(r.rx_bps),
                                 i(r.tx_bps)
-                            ],
-                        )?;
+                            ]),
+                        ));
                     }
                     WriteOp::Seen {
                         worker_id,
@@ -163,37 +166,42 @@ impl Store {
                         last_seen_ms,
                     } => {
                         if last_seen.get(worker_id.as_str()) == Some(&idx) {
-                            tx.execute(
+                            writes.push((
                                 SEEN,
-                                params![worker_id, i(*highest), i(*bitmap), i(*last_seen_ms)],
-                            )?;
+                                owned(params![
+                                    worker_id,
+                                    i(*highest),
+                                    i(*bitmap),
+                                    i(*last_seen_ms)
+                                ]),
+                            ));
                         }
                     }
                     WriteOp::Status {
                         worker_id,
                         status: s,
                     } => {
-                        tx.execute(
+                        writes.push((
                             "UPDATE workers SET status = ?2 WHERE id = ?1",
-                            params![worker_id, s],
-                        )?;
+                            owned(params![worker_id, s]),
+                        ));
                     }
                     WriteOp::Inventory { worker_id, json } => {
-                        tx.execute(
+                        writes.push((
                             "UPDATE workers SET inventory = ?2 WHERE id = ?1",
-                            params![worker_id, json],
-                        )?;
+                            owned(params![worker_id, json]),
+                        ));
                     }
                     WriteOp::Board { worker_id, json } => {
-                        tx.execute(
+                        writes.push((
                             "UPDATE workers SET board = ?2 WHERE id = ?1",
-                            params![worker_id, json],
-                        )?;
+                            owned(params![worker_id, json]),
+                        ));
                     }
                     WriteOp::ServiceStatus(r) => {
-                        tx.execute(
+                        writes.push((
                             SVC,
-                            params![
+                            owned(params![
                                 r.worker_id,
                                 r.name,
                                 r.version,
@@ -203,20 +211,20 @@ impl Store {
                                 r.exit_code,
                                 r.detail,
                                 i(r.updated_ms)
-                            ],
-                        )?;
+                            ]),
+                        ));
                     }
                     WriteOp::ServiceRemoved { worker_id, name } => {
-                        tx.execute(
+                        writes.push((
                             "DELETE FROM service_status WHERE worker_id = ?1 AND name = ?2",
-                            params![worker_id, name],
-                        )?;
+                            owned(params![worker_id, name]),
+                        ));
                     }
                     WriteOp::ServicesCleared { worker_id } => {
-                        tx.execute(
+                        writes.push((
                             "DELETE FROM service_status WHERE worker_id = ?1",
-                            params![worker_id],
-                        )?;
+                            owned(params![worker_id]),
+                        ));
                     }
                     WriteOp::SecretPromoted {
                         worker_id,
@@ -224,23 +232,25 @@ impl Store {
                         previous_hex,
                         previous_until_ms,
                     } => {
-                        tx.execute(
+                        writes.push((
                             "UPDATE workers SET secret_hex = ?2 WHERE id = ?1",
-                            params![worker_id, secret_hex],
-                        )?;
-                        tx.execute(
+                            owned(params![worker_id, secret_hex]),
+                        ));
+                        writes.push((
                             "INSERT INTO worker_secrets
                                 (worker_id, pending_hex, previous_hex, previous_until_ms)
                              VALUES (?1, NULL, ?2, ?3)
                              ON CONFLICT (worker_id) DO UPDATE SET pending_hex = NULL,
                                 previous_hex = excluded.previous_hex,
                                 previous_until_ms = excluded.previous_until_ms",
-                            params![worker_id, previous_hex, i(*previous_until_ms)],
-                        )?;
+                            owned(params![worker_id, previous_hex, i(*previous_until_ms)]),
+                        ));
                     }
                 }
             }
         }
+        let tx = self.conn.begin()?;
+        tx.execute_all(writes)?;
         tx.commit()?;
         Ok(())
     }

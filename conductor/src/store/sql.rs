@@ -25,11 +25,14 @@
 //! Values cross as [`Value`]s: integers are `i64` (the `u64` columns are
 //! stored bit-preserving, see `store::i`), text, blobs, reals and NULL.
 //!
-//! PostgreSQL runs on a thread of its own per connection ([`PgConn`]): the
-//! synchronous `postgres` client drives a private tokio runtime, which may
-//! not be entered from the conductor's runtime thread, and store calls are
-//! made from there (under the store mutex) as from plain threads. Each call
-//! is one message to that thread and one reply. A connection that breaks is
+//! PostgreSQL runs on a thread of its own per connection ([`PgConn`]): it
+//! drives the `tokio-postgres` client on a private current-thread runtime,
+//! which may not be entered from the conductor's runtime thread, and store
+//! calls are made from there (under the store mutex) as from plain threads.
+//! Each call is one message to that thread and one reply;
+//! [`Db::execute_all`] sends a whole batch of statements as one message and
+//! one pipeline (the ingest writer's batches: one round trip, not one per
+//! statement). A connection that breaks is
 //! re-made on the next call, except inside a transaction: then every call
 //! fails until the transaction ends, so no statement of a half-done
 //! transaction runs outside it.
@@ -308,6 +311,21 @@ impl Db {
         }
     }
 
+    /// Runs every statement in order, as one pipeline on PostgreSQL (one
+    /// round trip for the lot; see `PgState::execute_all`).
+    pub fn execute_all(&self, ops: Vec<(&'static str, Vec<Value>)>) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(c) => {
+                for (sql, params) in &ops {
+                    let mut st = c.prepare_cached(sql)?;
+                    st.execute(rusqlite::params_from_iter(params.iter()))?;
+                }
+                Ok(())
+            }
+            Db::Postgres(p) => p.execute_all(ops),
+        }
+    }
+
     /// Every row of a query, each through `f`.
     pub fn query_map<T>(
         &self,
@@ -395,7 +413,8 @@ impl Db {
     }
 }
 
-fn owned(params: &[Param<'_>]) -> Vec<Value> {
+/// The parameters as owned values (for [`Db::execute_all`]).
+pub fn owned(params: &[Param<'_>]) -> Vec<Value> {
     params.iter().map(|p| p.to_value()).collect()
 }
 
@@ -441,6 +460,19 @@ impl rusqlite::ToSql for Param<'_> {
             Param::Real(v) => ToSqlOutput::Owned(V::Real(v)),
             Param::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
             Param::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        })
+    }
+}
+
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match self {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
+            Value::Real(v) => ToSqlOutput::Borrowed(ValueRef::Real(*v)),
+            Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
         })
     }
 }
@@ -508,12 +540,14 @@ type Job = Box<dyn FnOnce(&mut PgState) + Send>;
 /// The connection thread's state.
 struct PgState {
     url: String,
+    /// Drives the client (inside `block_on` only: this thread's calls).
+    rt: tokio::runtime::Runtime,
     /// `None` after a failure made it unusable; re-made on the next call
     /// outside a transaction.
-    client: Option<postgres::Client>,
+    client: Option<tokio_postgres::Client>,
     /// Prepared statements by the SQL text they were made from (the
     /// `$N` form). Cleared with a new connection.
-    statements: HashMap<String, postgres::Statement>,
+    statements: HashMap<String, tokio_postgres::Statement>,
     /// A transaction is open on `client`: if the connection is lost, the
     /// calls fail until it ends rather than run on a new connection.
     in_tx: bool,
@@ -521,12 +555,29 @@ struct PgState {
     tx_broken: bool,
 }
 
+/// Connects; the connection's I/O task runs on `rt` while it is driven.
+fn pg_connect(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            // Ends when the client is dropped or the server goes away; the
+            // client then reports itself closed.
+            let _ = connection.await;
+        });
+        Ok(client)
+    })
+}
+
 impl PgState {
-    fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
+    /// The client, connected anew if it was lost (not inside a transaction).
+    fn ensure(&mut self) -> Result<(), StoreError> {
         if self
             .client
             .as_ref()
-            .is_some_and(postgres::Client::is_closed)
+            .is_some_and(tokio_postgres::Client::is_closed)
         {
             self.client = None;
         }
@@ -536,25 +587,28 @@ impl PgState {
                 return Err(StoreError::PgLostInTransaction);
             }
             self.statements.clear();
-            self.client = Some(postgres::Client::connect(&self.url, postgres::NoTls)?);
+            self.client = Some(pg_connect(&self.rt, &self.url)?);
         }
-        // Just made or checked above.
-        self.client.as_mut().ok_or(StoreError::PgLostInTransaction)
+        Ok(())
     }
 
-    fn statement(&mut self, sql: &str) -> Result<postgres::Statement, StoreError> {
+    fn statement(&mut self, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
         let sql = pg_sql(sql);
         if let Some(st) = self.statements.get(&sql) {
             return Ok(st.clone());
         }
-        let st = self.client()?.prepare(&sql);
-        let st = self.check(st)?;
+        self.ensure()?;
+        let r = match &self.client {
+            Some(c) => self.rt.block_on(c.prepare(&sql)),
+            None => return Err(StoreError::PgLostInTransaction),
+        };
+        let st = self.check(r)?;
         self.statements.insert(sql, st.clone());
         Ok(st)
     }
 
     /// Passes a result on; an error that closed the connection drops it.
-    fn check<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, StoreError> {
+    fn check<T>(&mut self, r: Result<T, tokio_postgres::Error>) -> Result<T, StoreError> {
         match r {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -562,7 +616,7 @@ impl PgState {
                     || self
                         .client
                         .as_ref()
-                        .is_some_and(postgres::Client::is_closed)
+                        .is_some_and(tokio_postgres::Client::is_closed)
                 {
                     self.client = None;
                     if self.in_tx {
@@ -577,34 +631,65 @@ impl PgState {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError> {
         let st = self.statement(sql)?;
         let refs = pg_refs(params);
-        let r = self.client()?.execute(&st, &refs);
+        let r = match &self.client {
+            Some(c) => self.rt.block_on(c.execute(&st, &refs)),
+            None => return Err(StoreError::PgLostInTransaction),
+        };
         let n = self.check(r)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Every statement sent at once, then every answer read: one round
+    /// trip for the lot instead of one each (tokio-postgres pipelines
+    /// requests polled together). The first failure is returned; inside a
+    /// transaction the server refuses the ones after it.
+    fn execute_all(&mut self, ops: &[(&str, Vec<Value>)]) -> Result<(), StoreError> {
+        let mut prepared = Vec::with_capacity(ops.len());
+        for (sql, _) in ops {
+            prepared.push(self.statement(sql)?);
+        }
+        let r = match &self.client {
+            Some(c) => self.rt.block_on(futures_util::future::try_join_all(
+                prepared
+                    .iter()
+                    .zip(ops)
+                    .map(|(st, (_, params))| async move { c.execute(st, &pg_refs(params)).await }),
+            )),
+            None => return Err(StoreError::PgLostInTransaction),
+        };
+        self.check(r).map(drop)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
         let st = self.statement(sql)?;
         let refs = pg_refs(params);
-        let r = self.client()?.query(&st, &refs);
+        let r = match &self.client {
+            Some(c) => self.rt.block_on(c.query(&st, &refs)),
+            None => return Err(StoreError::PgLostInTransaction),
+        };
         let rows = self.check(r)?;
         rows.iter().map(pg_row).collect()
     }
 
     fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        let r = self.client()?.batch_execute(sql);
+        self.ensure()?;
+        let r = match &self.client {
+            Some(c) => self.rt.block_on(c.batch_execute(sql)),
+            None => return Err(StoreError::PgLostInTransaction),
+        };
         self.check(r)
     }
 }
 
-fn pg_refs(params: &[Value]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
+fn pg_refs(params: &[Value]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
     params
         .iter()
-        .map(|v| v as &(dyn postgres::types::ToSql + Sync))
+        .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect()
 }
 
-fn pg_row(r: &postgres::Row) -> Result<Row, StoreError> {
-    use postgres::types::Type;
+fn pg_row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
+    use tokio_postgres::types::Type;
     let mut vals = Vec::with_capacity(r.len());
     for (idx, col) in r.columns().iter().enumerate() {
         let ty = col.type_();
@@ -639,13 +724,13 @@ fn pg_row(r: &postgres::Row) -> Result<Row, StoreError> {
     Ok(Row(vals))
 }
 
-impl postgres::types::ToSql for Value {
+impl tokio_postgres::types::ToSql for Value {
     fn to_sql(
         &self,
-        ty: &postgres::types::Type,
+        ty: &tokio_postgres::types::Type,
         out: &mut bytes::BytesMut,
-    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        use postgres::types::{IsNull, Type};
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use tokio_postgres::types::{IsNull, Type};
         match self {
             Value::Null => Ok(IsNull::Yes),
             Value::Int(v) => {
@@ -671,12 +756,12 @@ impl postgres::types::ToSql for Value {
         }
     }
 
-    fn accepts(_: &postgres::types::Type) -> bool {
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
         // Checked per value in `to_sql`, which names the mismatch.
         true
     }
 
-    postgres::types::to_sql_checked!();
+    tokio_postgres::types::to_sql_checked!();
 }
 
 impl PgConn {
@@ -690,9 +775,23 @@ impl PgConn {
         std::thread::Builder::new()
             .name("store-postgres".into())
             .spawn(move || {
-                // Connected here, not on the caller's thread: the client's
-                // runtime may not start inside the conductor's.
-                let client = match postgres::Client::connect(&url, postgres::NoTls) {
+                // Connected here, not on the caller's thread: this thread
+                // drives the client's runtime, which may not be entered
+                // from the conductor's.
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(source) => {
+                        let _ = first_tx.send(Err(StoreError::DataDir {
+                            path: "store-postgres runtime".into(),
+                            source,
+                        }));
+                        return;
+                    }
+                };
+                let client = match pg_connect(&rt, &url) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = first_tx.send(Err(StoreError::from(e)));
@@ -702,6 +801,7 @@ impl PgConn {
                 let _ = first_tx.send(Ok(()));
                 let mut state = PgState {
                     url,
+                    rt,
                     client: Some(client),
                     statements: HashMap::new(),
                     in_tx: false,
@@ -736,6 +836,10 @@ impl PgConn {
     fn execute(&self, sql: &str, params: Vec<Value>) -> Result<usize, StoreError> {
         let sql = sql.to_owned();
         self.call(move |st| st.execute(&sql, &params))
+    }
+
+    fn execute_all(&self, ops: Vec<(&'static str, Vec<Value>)>) -> Result<(), StoreError> {
+        self.call(move |st| st.execute_all(&ops))
     }
 
     fn query(&self, sql: &str, params: Vec<Value>) -> Result<Vec<Row>, StoreError> {
