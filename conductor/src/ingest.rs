@@ -515,6 +515,13 @@ fn commit(store: &mut Store, batch: &[WriteOp]) -> bool {
     let mut attempt: u32 = 0;
     let mut last_log: Option<Instant> = None;
     loop {
+        if store.fence_stopped() {
+            warn!(
+                writes = batch.len(),
+                "dropping a batch: this conductor lost the store lease and stops"
+            );
+            return false;
+        }
         match store.apply_batch(batch) {
             Ok(()) => {
                 if last_log.is_some() {

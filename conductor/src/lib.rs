@@ -122,6 +122,10 @@ pub enum ConductorError {
     /// An external broker host did not resolve.
     #[error("cannot resolve MQTT broker {0}")]
     Resolve(String),
+    /// This conductor lost its lease on the shared store and stopped, so
+    /// that the standby taking over is the only active one.
+    #[error("lost the store lease, stopping (a standby takes over): {0}")]
+    LeaseLost(store::StoreError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ConductorError {
@@ -200,6 +204,53 @@ pub fn registration_token_text(config: &Config, secret: &str) -> Result<String, 
     .to_text())
 }
 
+/// Holds the store lease until `shutdown` resolves. A lost lease (its
+/// session gone: the server restarted, or cannot be reached) suspends the
+/// writer's batches and is taken again; when another conductor holds it by
+/// then, this one stops with [`ConductorError::LeaseLost`].
+async fn hold_lease(
+    mut held: store::lease::Lease,
+    url: &str,
+    fence: &store::lease::Fence,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), ConductorError> {
+    use store::lease::Lease;
+    loop {
+        let lost = tokio::select! {
+            () = shutdown.as_mut() => {
+                info!("shutting down");
+                return Ok(());
+            }
+            e = held.lost() => e,
+        };
+        fence.suspend();
+        warn!("store lease lost ({lost}): writes held, taking it again");
+        loop {
+            match Lease::try_take_async(url).await {
+                Ok(Some(l)) => {
+                    fence.hold(l.epoch());
+                    info!(epoch = l.epoch(), "store lease taken again");
+                    held = l;
+                    break;
+                }
+                Ok(None) => {
+                    tracing::error!(
+                        "another conductor holds the store lease now: stopping ({lost})"
+                    );
+                    return Err(ConductorError::LeaseLost(lost));
+                }
+                Err(e) => {
+                    tracing::debug!("lease not taken yet: {e}");
+                    tokio::select! {
+                        () = shutdown.as_mut() => return Ok(()),
+                        () = tokio::time::sleep(store::lease::WAIT_POLL) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs the conductor until `shutdown` resolves. `ready` receives the bound
 /// addresses once the broker accepts connections, the conductor's MQTT
 /// subscription is in place (or 5 s passed trying) and HTTP is listening.
@@ -209,6 +260,7 @@ pub async fn run(
     ready: oneshot::Sender<Started>,
 ) -> Result<(), ConductorError> {
     config.validate()?;
+    tokio::pin!(shutdown);
     let data_dir = PathBuf::from(&config.data_dir);
     let store_at = crate::store::StoreLocation::of(&config).map_err(|message| {
         config::ConfigError::Invalid {
@@ -216,7 +268,19 @@ pub async fn run(
             message,
         }
     })?;
+    // Opened (and migrated) first: the lease's epoch lives in the store.
     let mut store = Store::open_at(&store_at)?;
+    // On a shared PostgreSQL store one conductor is active at a time: wait
+    // for the lease before anything else (a standby opens no port).
+    let lease = match &store_at {
+        store::StoreLocation::Postgres(url) => {
+            match store::lease::Lease::wait(url, shutdown.as_mut()).await? {
+                Some(l) => Some(l),
+                None => return Ok(()),
+            }
+        }
+        store::StoreLocation::Sqlite(_) => None,
+    };
     info!(engine = store.engine(), at = %store_at.shown(), "store open");
     let _ = std::fs::remove_file(runtime_path(&data_dir));
     let boot = auth::bootstrap(&mut store, config.admin_password.as_deref())?;
@@ -433,8 +497,15 @@ pub async fn run(
     };
     let (write_tx, write_rx) = mpsc::channel();
     let stored_marks = state::StoredMarks::default();
+    // The writer's batches are fenced with the lease's epoch (store::lease).
+    let fence = store::lease::Fence::default();
+    let mut writer_store = Store::open_at(&store_at)?;
+    if let Some(l) = &lease {
+        fence.hold(l.epoch());
+        writer_store.set_fence(fence.clone());
+    }
     let writer = ingest::Writer::spawn(
-        Store::open_at(&store_at)?,
+        writer_store,
         write_rx,
         stored_marks.clone(),
         config.raw_retention_ms(),
@@ -537,9 +608,20 @@ pub async fn run(
             Ok::<(), ConductorError>(())
         }
         .await;
-        if result.is_ok() {
-            shutdown.await;
-            info!("shutting down");
+        let result = match (result, lease, &store_at) {
+            (Ok(()), Some(held), store::StoreLocation::Postgres(url)) => {
+                hold_lease(held, url, &fence, shutdown.as_mut()).await
+            }
+            (Ok(()), _, _) => {
+                shutdown.as_mut().await;
+                info!("shutting down");
+                Ok(())
+            }
+            (Err(e), _, _) => Err(e),
+        };
+        if result.is_err() {
+            // Held batches are dropped, not retried: this conductor stops.
+            fence.stop();
         }
         let _ = stop_tx.send(true);
         result

@@ -59,6 +59,7 @@ mod alerts;
 mod artifacts;
 mod batch;
 mod exec;
+pub mod lease;
 mod metrics;
 mod rollouts;
 mod services;
@@ -302,7 +303,7 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL failed (or could not be reached).
     #[error("postgres: {}", pg_message(.0))]
-    Postgres(#[from] postgres::Error),
+    Postgres(#[from] tokio_postgres::Error),
     /// The data directory could not be created.
     #[error("data dir {path}: {source}")]
     DataDir {
@@ -340,14 +341,26 @@ pub enum StoreError {
     /// was committed.
     #[error("postgres: the connection was lost inside a transaction, which was rolled back")]
     PgLostInTransaction,
+    /// A pinned PostgreSQL connection (the lease's) was lost; it is not
+    /// made again.
+    #[error("postgres: the lease connection was lost")]
+    PgPinnedLost,
+    /// This conductor no longer holds the store's lease (another took it,
+    /// or it is being taken again): its writes are refused
+    /// ([`lease`] module docs).
+    #[error("fenced: this conductor does not hold the store lease")]
+    Fenced,
+    /// PostgreSQL did not answer in time.
+    #[error("postgres: no answer within {0:?}")]
+    PgTimeout(std::time::Duration),
     /// The PostgreSQL connection thread is gone (it panicked).
     #[error("postgres: the connection thread stopped")]
     PgThreadGone,
 }
 
-/// The server's own words for a database error (`postgres::Error`'s
+/// The server's own words for a database error (`tokio_postgres::Error`'s
 /// Display says only "db error"), else the client's.
-fn pg_message(e: &postgres::Error) -> String {
+fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
         None => e.to_string(),
@@ -373,7 +386,7 @@ impl StoreError {
                     .iter()
                     .any(|class| db.code().code().starts_with(class))
             }),
-            StoreError::PgLostInTransaction => true,
+            StoreError::PgLostInTransaction | StoreError::Fenced => true,
             _ => false,
         }
     }
@@ -440,6 +453,10 @@ impl StoreLocation {
 pub struct Store {
     /// SQLite or PostgreSQL; every statement goes through it.
     conn: Db,
+    /// The lease epoch the ingest writer's batches are fenced with (shared
+    /// PostgreSQL store only; [`lease`]): a batch commits only while the
+    /// store's epoch is this one. `None`: unfenced (SQLite, tools).
+    fence: Option<lease::Fence>,
 }
 
 // Bit-preserving on purpose: u64 columns (bitmaps, sums) round-trip
@@ -476,6 +493,7 @@ impl Store {
         conn.set_prepared_statement_cache_capacity(128);
         let mut store = Store {
             conn: Db::Sqlite(conn),
+            fence: None,
         };
         store.migrate_sqlite()?;
         Ok(store)
@@ -496,6 +514,7 @@ impl Store {
     pub fn open_postgres(url: &str) -> Result<Store, StoreError> {
         let store = Store {
             conn: Db::Postgres(sql::PgConn::connect(url)?),
+            fence: None,
         };
         {
             let tx = store.conn.begin()?;
@@ -506,6 +525,13 @@ impl Store {
             tx.execute(
                 "INSERT INTO aerekos_schema (version)
                  SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM aerekos_schema)",
+                params![],
+            )?;
+            // The lease's fencing epoch (`store::lease`), one row.
+            tx.batch("CREATE TABLE IF NOT EXISTS aerekos_lease (epoch BIGINT NOT NULL)")?;
+            tx.execute(
+                "INSERT INTO aerekos_lease (epoch)
+                 SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM aerekos_lease)",
                 params![],
             )?;
             tx.commit()?;
@@ -570,6 +596,18 @@ impl Store {
     /// `"sqlite"` or `"postgres"`.
     pub fn engine(&self) -> &'static str {
         self.conn.engine()
+    }
+
+    /// Fences this connection's batches with `fence` (the ingest writer's,
+    /// on a shared PostgreSQL store).
+    pub fn set_fence(&mut self, fence: lease::Fence) {
+        self.fence = Some(fence);
+    }
+
+    /// This conductor is stopping for good after losing its lease: held
+    /// batches are dropped rather than retried.
+    pub fn fence_stopped(&self) -> bool {
+        self.fence.as_ref().is_some_and(lease::Fence::stopped)
     }
 }
 

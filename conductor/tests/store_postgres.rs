@@ -115,6 +115,8 @@ fn frames_accepted_while_postgres_is_down_are_stored_once_when_it_is_back() {
     wait_for("Stored(20)", T, || {
         (acked.load(Ordering::SeqCst) == 20).then_some(())
     });
+    // The conductor took its lease again after the restart (epoch 1 → 2).
+    assert_eq!(pg.psql("fleet", "SELECT epoch FROM aerekos_lease"), "2");
     // The API reads through the reconnected store.
     assert_eq!(c.worker(&e.id)["metrics"]["seq"], 20);
     assert_eq!(
@@ -173,4 +175,101 @@ fn an_unreachable_server_is_a_clear_error() {
         "{bad}"
     );
     assert!(!bad.contains(":pw@"), "{bad}");
+}
+
+#[test]
+fn one_lease_per_database_released_with_its_session() {
+    use conductor::store::lease::Lease;
+    let Some(mut pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("lease");
+    // The lease's epoch is in the store's schema.
+    drop(conductor::store::Store::open_postgres(&url).unwrap());
+    let first = Lease::try_take(&url).unwrap().expect("a free lease");
+    first.check().unwrap();
+    assert!(
+        Lease::try_take(&url).unwrap().is_none(),
+        "a second conductor stands by"
+    );
+    drop(first);
+    let second = wait_for("the lease free again", T, || Lease::try_take(&url).unwrap());
+    second.check().unwrap();
+    // The server goes away: the holder finds out at its next check and
+    // does not take a new session (which would not hold the lock).
+    pg.kill();
+    let err = second.check().unwrap_err();
+    assert!(
+        matches!(err, conductor::store::StoreError::PgPinnedLost) || err.is_unavailable(),
+        "{err:?}"
+    );
+    pg.start_again();
+    assert!(second.check().is_err(), "a lost lease stays lost");
+    assert!(Lease::try_take(&url).unwrap().is_some());
+}
+
+#[test]
+fn a_batch_fenced_with_an_old_epoch_writes_nothing() {
+    use conductor::store::lease::{Fence, Lease};
+    use conductor::store::{Store, StoreError, WorkerRow, WriteOp};
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("fence");
+    let mut store = Store::open_postgres(&url).unwrap();
+    store
+        .insert_worker(&WorkerRow {
+            id: "w-000000000001".into(),
+            machine_id: "m".into(),
+            hostname: "h".into(),
+            secret_hex: "00".repeat(32),
+            mqtt_password_sha256: "x".into(),
+            labels_json: "{}".into(),
+            inventory_json: None,
+            board_json: None,
+            enrolled_at_ms: 1,
+            last_seen_ms: None,
+            last_ip: None,
+            revoked: false,
+            replay_highest: 0,
+            replay_bitmap: 0,
+            cmd_seq: 0,
+            status: "online".into(),
+        })
+        .unwrap();
+    let seen = |seq: u64| {
+        vec![WriteOp::Seen {
+            worker_id: "w-000000000001".into(),
+            highest: seq,
+            bitmap: 1,
+            last_seen_ms: seq,
+        }]
+    };
+    let fence = Fence::default();
+    store.set_fence(fence.clone());
+    assert!(
+        matches!(store.apply_batch(&seen(1)), Err(StoreError::Fenced)),
+        "no lease, no write"
+    );
+    let first = Lease::try_take(&url).unwrap().unwrap();
+    fence.hold(first.epoch());
+    store.apply_batch(&seen(2)).unwrap();
+    // Another conductor takes the lease; this one has not noticed yet.
+    drop(first);
+    let second = wait_for("the lease taken over", T, || Lease::try_take(&url).unwrap());
+    assert_eq!(second.epoch(), 2);
+    assert!(matches!(
+        store.apply_batch(&seen(3)),
+        Err(StoreError::Fenced)
+    ));
+    assert_eq!(
+        pg.psql(
+            "fence",
+            "SELECT replay_highest FROM workers WHERE id = 'w-000000000001'"
+        ),
+        "2",
+        "the fenced batch changed nothing"
+    );
+    fence.stop();
+    assert!(store.fence_stopped());
 }

@@ -249,8 +249,30 @@ impl Store {
                 }
             }
         }
+        // Fenced: the batch's first statement touches the lease row only
+        // while its epoch is ours. A conductor taking the lease bumps the
+        // epoch under the same row lock, so this batch either commits
+        // before the takeover (and the new holder loads it) or changes
+        // nothing and rolls back.
+        let fenced = match &self.fence {
+            Some(f) => {
+                let epoch = f.epoch().ok_or(StoreError::Fenced)?;
+                writes.insert(
+                    0,
+                    (
+                        "UPDATE aerekos_lease SET epoch = epoch WHERE epoch = ?1",
+                        vec![Value::Int(epoch)],
+                    ),
+                );
+                true
+            }
+            None => false,
+        };
         let tx = self.conn.begin()?;
-        tx.execute_all(writes)?;
+        let changed = tx.execute_all(writes)?;
+        if fenced && changed.first() != Some(&1) {
+            return Err(StoreError::Fenced);
+        }
         tx.commit()?;
         Ok(())
     }

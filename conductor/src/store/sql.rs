@@ -313,14 +313,19 @@ impl Db {
 
     /// Runs every statement in order, as one pipeline on PostgreSQL (one
     /// round trip for the lot; see `PgState::execute_all`).
-    pub fn execute_all(&self, ops: Vec<(&'static str, Vec<Value>)>) -> Result<(), StoreError> {
+    /// The rows each statement changed, in order.
+    pub fn execute_all(
+        &self,
+        ops: Vec<(&'static str, Vec<Value>)>,
+    ) -> Result<Vec<usize>, StoreError> {
         match self {
             Db::Sqlite(c) => {
+                let mut changed = Vec::with_capacity(ops.len());
                 for (sql, params) in &ops {
                     let mut st = c.prepare_cached(sql)?;
-                    st.execute(rusqlite::params_from_iter(params.iter()))?;
+                    changed.push(st.execute(rusqlite::params_from_iter(params.iter()))?);
                 }
-                Ok(())
+                Ok(changed)
             }
             Db::Postgres(p) => p.execute_all(ops),
         }
@@ -523,6 +528,9 @@ fn replace_word(s: &str, from: &str, to: &str) -> String {
 }
 
 /// A PostgreSQL connection on a thread of its own (see the module docs).
+/// A clone is another handle on the same connection (the thread ends with
+/// the last one).
+#[derive(Clone)]
 pub struct PgConn {
     jobs: mpsc::Sender<Job>,
     /// The URL without its password, for messages.
@@ -553,6 +561,9 @@ struct PgState {
     in_tx: bool,
     /// The connection was lost inside the open transaction.
     tx_broken: bool,
+    /// Never connect again: the connection holds session state (the
+    /// conductor's lease, `store::lease`) that a new one would not have.
+    pinned: bool,
 }
 
 /// Connects; the connection's I/O task runs on `rt` while it is driven.
@@ -560,8 +571,18 @@ fn pg_connect(
     rt: &tokio::runtime::Runtime,
     url: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    // A server that does not answer fails the connect in seconds, not at
+    // the kernel's TCP timeout (minutes); a dead one is noticed by the
+    // client's keepalives (the server's are the lease's, `store::lease`).
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(5));
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(std::time::Duration::from_secs(10));
     rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             // Ends when the client is dropped or the server goes away; the
             // client then reports itself closed.
@@ -582,6 +603,9 @@ impl PgState {
             self.client = None;
         }
         if self.client.is_none() {
+            if self.pinned {
+                return Err(StoreError::PgPinnedLost);
+            }
             if self.in_tx {
                 self.tx_broken = true;
                 return Err(StoreError::PgLostInTransaction);
@@ -643,7 +667,7 @@ impl PgState {
     /// trip for the lot instead of one each (tokio-postgres pipelines
     /// requests polled together). The first failure is returned; inside a
     /// transaction the server refuses the ones after it.
-    fn execute_all(&mut self, ops: &[(&str, Vec<Value>)]) -> Result<(), StoreError> {
+    fn execute_all(&mut self, ops: &[(&str, Vec<Value>)]) -> Result<Vec<usize>, StoreError> {
         let mut prepared = Vec::with_capacity(ops.len());
         for (sql, _) in ops {
             prepared.push(self.statement(sql)?);
@@ -657,7 +681,11 @@ impl PgState {
             )),
             None => return Err(StoreError::PgLostInTransaction),
         };
-        self.check(r).map(drop)
+        let changed = self.check(r)?;
+        Ok(changed
+            .into_iter()
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .collect())
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
@@ -768,6 +796,17 @@ impl PgConn {
     /// Connects to `url` (a libpq-style `postgres://` URL or key=value
     /// string) on a new thread; fails if the first connection does.
     pub fn connect(url: &str) -> Result<PgConn, StoreError> {
+        PgConn::connect_with(url, false)
+    }
+
+    /// As [`PgConn::connect`], but a lost connection stays lost: every
+    /// call fails with [`StoreError::PgPinnedLost`] (for session state such
+    /// as an advisory lock, which a new connection would not hold).
+    pub fn connect_pinned(url: &str) -> Result<PgConn, StoreError> {
+        PgConn::connect_with(url, true)
+    }
+
+    fn connect_with(url: &str, pinned: bool) -> Result<PgConn, StoreError> {
         let shown = crate::config::redact_url(url);
         let (jobs, rx) = mpsc::channel::<Job>();
         let (first_tx, first_rx) = mpsc::sync_channel(1);
@@ -806,6 +845,7 @@ impl PgConn {
                     statements: HashMap::new(),
                     in_tx: false,
                     tx_broken: false,
+                    pinned,
                 };
                 // Ends when the PgConn (the only sender) is dropped.
                 while let Ok(job) = rx.recv() {
@@ -824,13 +864,48 @@ impl PgConn {
         &self,
         f: impl FnOnce(&mut PgState) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.call_within(f, None)
+    }
+
+    /// As `call`, giving up after `limit` (the job may still run later).
+    fn call_within<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut PgState) -> Result<R, StoreError> + Send + 'static,
+        limit: Option<std::time::Duration>,
+    ) -> Result<R, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
             .send(Box::new(move |st| {
                 let _ = tx.send(f(st));
             }))
             .map_err(|_| StoreError::PgThreadGone)?;
-        rx.recv().map_err(|_| StoreError::PgThreadGone)?
+        match limit {
+            None => rx.recv().map_err(|_| StoreError::PgThreadGone)?,
+            Some(d) => match rx.recv_timeout(d) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => Err(StoreError::PgTimeout(d)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::PgThreadGone),
+            },
+        }
+    }
+
+    /// A query's first column of its first row (`SELECT
+    /// pg_try_advisory_lock(…)`), within `limit`.
+    pub fn query_one_within<T: FromValue + Send + 'static>(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        limit: std::time::Duration,
+    ) -> Result<T, StoreError> {
+        self.call_within(
+            move |st| {
+                st.query(sql, &params)?
+                    .first()
+                    .ok_or(StoreError::NoRow)?
+                    .get::<T>(0)
+            },
+            Some(limit),
+        )
     }
 
     fn execute(&self, sql: &str, params: Vec<Value>) -> Result<usize, StoreError> {
@@ -838,7 +913,7 @@ impl PgConn {
         self.call(move |st| st.execute(&sql, &params))
     }
 
-    fn execute_all(&self, ops: Vec<(&'static str, Vec<Value>)>) -> Result<(), StoreError> {
+    fn execute_all(&self, ops: Vec<(&'static str, Vec<Value>)>) -> Result<Vec<usize>, StoreError> {
         self.call(move |st| st.execute_all(&ops))
     }
 

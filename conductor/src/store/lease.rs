@@ -1,0 +1,242 @@
+//! The conductor's lease on a shared PostgreSQL store: one active conductor
+//! per database, the others standing by.
+//!
+//! Several conductors may be started against one `--store postgres://…`
+//! (on different hosts, with a broker they all reach: `--mqtt-url`). The
+//! first to take the lease is active: it loads the fleet, serves the API
+//! and the dashboard, ingests and runs every loop. The others wait
+//! ([`Lease::wait`]) without opening a port, and the first of them to get
+//! the lease when the active one goes takes over (loading the fleet from
+//! the store as at any start).
+//!
+//! The lease is a session-level advisory lock (`pg_try_advisory_lock`)
+//! held by a connection of its own that never reconnects
+//! ([`super::sql::PgConn::connect_pinned`]): the server releases it when
+//! that session ends, which is at once when the holder's process dies (its
+//! socket closes), and after the session's TCP keepalives fail when the
+//! holder's host or network does ([`KEEPALIVE`]: about 11 s).
+//!
+//! Fencing: the holder checks its lease every [`CHECK_EVERY`] with a query
+//! that must answer within [`CHECK_WITHIN`]; when it fails, the conductor
+//! stops (`ConductorError::LeaseLost`; a supervisor restarts it, as a
+//! standby). A holder cut off from the database therefore stops within
+//! `CHECK_EVERY + CHECK_WITHIN` (4 s), before the server gives the lease
+//! to another (≥ 11 s). This relies on those timings, not on a fencing
+//! token checked by every write: a holder whose process is frozen longer
+//! than that (a VM paused) would write after its successor started.
+//!
+//! Limits: one active conductor per database (this is failover, not load
+//! sharing); standbys poll every [`WAIT_POLL`], so a takeover takes up to
+//! that plus the start-up (measured in the README).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::sql::{PgConn, Value};
+use super::StoreError;
+
+/// The advisory lock key of the lease: the ASCII bytes of "aerekosL".
+pub const LEASE_LOCK: i64 = 0x6165_7265_6b6f_734c;
+/// How often a standby tries to take the lease.
+pub const WAIT_POLL: Duration = Duration::from_millis(500);
+/// How often the holder checks it still holds the lease.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a check may take before the holder gives up.
+pub const CHECK_WITHIN: Duration = Duration::from_secs(3);
+/// The lease session's TCP keepalives (idle, interval, count): the server
+/// drops a silent holder's session, and its lease, after ~5 + 2 × 3 s.
+pub const KEEPALIVE: (u32, u32, u32) = (5, 2, 3);
+
+/// The lease, held while this value lives.
+#[derive(Debug)]
+pub struct Lease {
+    conn: PgConn,
+    /// The epoch this holder set when it took the lease (one more than
+    /// any earlier holder's).
+    epoch: i64,
+}
+
+/// The epoch the ingest writer fences its batches with, shared between
+/// the conductor's lease handling and the writer's store. Positive: the
+/// epoch of the lease held; 0: not held now (taking it again); -1: stopped
+/// for good.
+#[derive(Debug, Clone, Default)]
+pub struct Fence(Arc<AtomicI64>);
+
+impl Fence {
+    /// The epoch to write under, if the lease is held.
+    pub fn epoch(&self) -> Option<i64> {
+        Some(self.0.load(Ordering::SeqCst)).filter(|e| *e > 0)
+    }
+
+    /// The lease is held with `epoch`.
+    pub fn hold(&self, epoch: i64) {
+        self.0.store(epoch, Ordering::SeqCst);
+    }
+
+    /// The lease is not held now: writes wait.
+    pub fn suspend(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
+    /// The conductor stops: writes are dropped.
+    pub fn stop(&self) {
+        self.0.store(-1, Ordering::SeqCst);
+    }
+
+    /// [`Fence::stop`] was called.
+    pub fn stopped(&self) -> bool {
+        self.0.load(Ordering::SeqCst) < 0
+    }
+}
+
+impl Lease {
+    /// Takes the lease, waiting while another conductor holds it, until
+    /// `shutdown` resolves (then `None`). A database that cannot be reached
+    /// is waited for too (logged every minute). One connection serves the
+    /// whole wait; it is made again only after it failed.
+    pub async fn wait(
+        url: &str,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut said_standby = false;
+        let mut said_down: Option<std::time::Instant> = None;
+        let mut conn: Option<PgConn> = None;
+        loop {
+            let attempt = match conn.take() {
+                Some(c) => Ok(c),
+                None => Lease::session(url),
+            }
+            .and_then(Lease::take);
+            match attempt {
+                Ok(Ok(lease)) => {
+                    if said_standby {
+                        tracing::info!("lease taken: this conductor is now the active one");
+                    }
+                    return Ok(Some(lease));
+                }
+                Ok(Err(c)) => {
+                    conn = Some(c);
+                    if !said_standby {
+                        tracing::info!(
+                            "standby: another conductor holds this store's lease; \
+                             taking over when it goes"
+                        );
+                        said_standby = true;
+                    }
+                }
+                Err(e)
+                    if e.is_unavailable()
+                        || matches!(e, StoreError::PgTimeout(_) | StoreError::PgPinnedLost) =>
+                {
+                    if said_down.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!("store unreachable while waiting for the lease: {e}");
+                        said_down = Some(std::time::Instant::now());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                () = shutdown.as_mut() => return Ok(None),
+                () = tokio::time::sleep(WAIT_POLL) => {}
+            }
+        }
+    }
+
+    /// One attempt on a new connection: the lease, or `None` when another
+    /// session holds it.
+    pub fn try_take(url: &str) -> Result<Option<Lease>, StoreError> {
+        Ok(Lease::take(Lease::session(url)?)?.ok())
+    }
+
+    /// A pinned connection with the lease's keepalives.
+    fn session(url: &str) -> Result<PgConn, StoreError> {
+        let conn = PgConn::connect_pinned(url)?;
+        let (idle, interval, count) = KEEPALIVE;
+        conn.query_one_within::<bool>(
+            "SELECT set_config('tcp_keepalives_idle', ?1, false) IS NOT NULL
+                AND set_config('tcp_keepalives_interval', ?2, false) IS NOT NULL
+                AND set_config('tcp_keepalives_count', ?3, false) IS NOT NULL",
+            vec![
+                Value::Text(idle.to_string()),
+                Value::Text(interval.to_string()),
+                Value::Text(count.to_string()),
+            ],
+            CHECK_WITHIN,
+        )?;
+        Ok(conn)
+    }
+
+    /// The lock on `conn`: the lease, or the connection back when another
+    /// session holds it.
+    fn take(conn: PgConn) -> Result<Result<Lease, PgConn>, StoreError> {
+        let got = conn.query_one_within::<bool>(
+            "SELECT pg_try_advisory_lock(?1)",
+            vec![Value::Int(LEASE_LOCK)],
+            CHECK_WITHIN,
+        )?;
+        if !got {
+            return Ok(Err(conn));
+        }
+        let epoch = conn.query_one_within::<i64>(
+            "UPDATE aerekos_lease SET epoch = epoch + 1 RETURNING epoch",
+            Vec::new(),
+            CHECK_WITHIN,
+        )?;
+        Ok(Ok(Lease { conn, epoch }))
+    }
+
+    /// The epoch this holder writes under.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// Whether the lease is still held: its session answers, within
+    /// [`CHECK_WITHIN`], that it holds the lock. Blocks the caller.
+    pub fn check(&self) -> Result<(), StoreError> {
+        check(&self.conn)
+    }
+
+    /// Resolves with the reason when the lease is lost (checked every
+    /// [`CHECK_EVERY`], on the blocking pool: a database that does not
+    /// answer holds up no task).
+    pub async fn lost(&self) -> StoreError {
+        loop {
+            tokio::time::sleep(CHECK_EVERY).await;
+            let conn = self.conn.clone();
+            let r = tokio::task::spawn_blocking(move || check(&conn))
+                .await
+                .unwrap_or(Err(StoreError::PgThreadGone));
+            if let Err(e) = r {
+                return e;
+            }
+        }
+    }
+
+    /// [`Lease::try_take`] on the blocking pool.
+    pub async fn try_take_async(url: &str) -> Result<Option<Lease>, StoreError> {
+        let url = url.to_owned();
+        tokio::task::spawn_blocking(move || Lease::try_take(&url))
+            .await
+            .unwrap_or(Err(StoreError::PgThreadGone))
+    }
+}
+
+/// The session of `conn` holds the lease lock.
+fn check(conn: &PgConn) -> Result<(), StoreError> {
+    let held = conn.query_one_within::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+            AND pid = pg_backend_pid() AND granted
+            AND ((classid::bigint << 32) | objid::bigint) = ?1)",
+        vec![Value::Int(LEASE_LOCK)],
+        CHECK_WITHIN,
+    )?;
+    if held {
+        Ok(())
+    } else {
+        Err(StoreError::PgPinnedLost)
+    }
+}
