@@ -350,6 +350,10 @@ pub enum StoreError {
     /// ([`lease`] module docs).
     #[error("fenced: this conductor does not hold the store lease")]
     Fenced,
+    /// PostgreSQL could not be reached at the last attempt, which was too
+    /// recent to try again (`sql::RECONNECT_FIRST`..`RECONNECT_MAX`).
+    #[error("postgres: down (reconnecting)")]
+    PgDown,
     /// PostgreSQL did not answer in time.
     #[error("postgres: no answer within {0:?}")]
     PgTimeout(std::time::Duration),
@@ -386,7 +390,7 @@ impl StoreError {
                     .iter()
                     .any(|class| db.code().code().starts_with(class))
             }),
-            StoreError::PgLostInTransaction | StoreError::Fenced => true,
+            StoreError::PgLostInTransaction | StoreError::Fenced | StoreError::PgDown => true,
             _ => false,
         }
     }

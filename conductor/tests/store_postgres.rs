@@ -273,3 +273,30 @@ fn a_batch_fenced_with_an_old_epoch_writes_nothing() {
     fence.stop();
     assert!(store.fence_stopped());
 }
+
+#[test]
+fn while_the_server_is_down_calls_fail_fast_between_reconnects() {
+    use conductor::store::{Store, StoreError};
+    let Some(mut pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("down");
+    let store = Store::open_postgres(&url).unwrap();
+    assert_eq!(store.setting("k").unwrap(), None);
+    pg.kill();
+    // The broken connection, then a refused connect: a real attempt.
+    let first = store.setting("k").unwrap_err();
+    assert!(first.is_unavailable(), "{first:?}");
+    let err = wait_for("a refused connect", T, || match store.setting("k") {
+        Err(StoreError::PgDown) => None,
+        Err(e) => Some(e),
+        Ok(v) => panic!("answered {v:?} while down"),
+    });
+    assert!(err.is_unavailable(), "{err:?}");
+    // Right after it: no attempt, an immediate PgDown.
+    let started = std::time::Instant::now();
+    assert!(matches!(store.setting("k"), Err(StoreError::PgDown)));
+    assert!(started.elapsed() < Duration::from_millis(100));
+    pg.start_again();
+    wait_for("back", T, || store.setting("k").ok());
+}

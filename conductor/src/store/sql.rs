@@ -35,7 +35,12 @@
 //! statement). A connection that breaks is
 //! re-made on the next call, except inside a transaction: then every call
 //! fails until the transaction ends, so no statement of a half-done
-//! transaction runs outside it.
+//! transaction runs outside it. While the server cannot be reached, a
+//! connect is tried at most once per back-off (0.25 s doubling to 8 s, each
+//! attempt bounded by [`CONNECT_TIMEOUT`]) and the calls in between fail at
+//! once with `StoreError::PgDown`: the conductor's runtime thread, which
+//! makes store calls too, is held up by one attempt per back-off, not by
+//! every call.
 //!
 //! Limits: PostgreSQL is reached without TLS (`sslmode=disable`; a server
 //! on another host should be reached through a private network or a
@@ -561,10 +566,20 @@ struct PgState {
     in_tx: bool,
     /// The connection was lost inside the open transaction.
     tx_broken: bool,
+    /// The last failed connect and how long to wait before the next
+    /// (doubling from [`RECONNECT_FIRST`] to [`RECONNECT_MAX`]).
+    down_since: Option<(std::time::Instant, std::time::Duration)>,
     /// Never connect again: the connection holds session state (the
     /// conductor's lease, `store::lease`) that a new one would not have.
     pinned: bool,
 }
+
+/// The wait after a failed connect before the next attempt.
+pub const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest wait between connect attempts.
+pub const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(8);
+/// How long a connect may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Connects; the connection's I/O task runs on `rt` while it is driven.
 fn pg_connect(
@@ -576,7 +591,7 @@ fn pg_connect(
     // the kernel's TCP timeout (minutes); a dead one is noticed by the
     // client's keepalives (the server's are the lease's, `store::lease`).
     if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(5));
+        config.connect_timeout(CONNECT_TIMEOUT);
     }
     config
         .keepalives(true)
@@ -610,8 +625,28 @@ impl PgState {
                 self.tx_broken = true;
                 return Err(StoreError::PgLostInTransaction);
             }
+            // While the server is down, calls fail at once between
+            // attempts (each may wait out the connect timeout), so callers
+            // on the conductor's runtime thread are not held up each time.
+            if let Some((at, wait)) = self.down_since {
+                if at.elapsed() < wait {
+                    return Err(StoreError::PgDown);
+                }
+            }
             self.statements.clear();
-            self.client = Some(pg_connect(&self.rt, &self.url)?);
+            match pg_connect(&self.rt, &self.url) {
+                Ok(c) => {
+                    self.client = Some(c);
+                    self.down_since = None;
+                }
+                Err(e) => {
+                    let wait = self
+                        .down_since
+                        .map_or(RECONNECT_FIRST, |(_, w)| (w * 2).min(RECONNECT_MAX));
+                    self.down_since = Some((std::time::Instant::now(), wait));
+                    return Err(e.into());
+                }
+            }
         }
         Ok(())
     }
@@ -653,6 +688,7 @@ impl PgState {
     }
 
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError> {
+        self.ensure()?;
         let st = self.statement(sql)?;
         let refs = pg_refs(params);
         let r = match &self.client {
@@ -668,6 +704,7 @@ impl PgState {
     /// requests polled together). The first failure is returned; inside a
     /// transaction the server refuses the ones after it.
     fn execute_all(&mut self, ops: &[(&str, Vec<Value>)]) -> Result<Vec<usize>, StoreError> {
+        self.ensure()?;
         let mut prepared = Vec::with_capacity(ops.len());
         for (sql, _) in ops {
             prepared.push(self.statement(sql)?);
@@ -689,6 +726,7 @@ impl PgState {
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        self.ensure()?;
         let st = self.statement(sql)?;
         let refs = pg_refs(params);
         let r = match &self.client {
@@ -845,6 +883,7 @@ impl PgConn {
                     statements: HashMap::new(),
                     in_tx: false,
                     tx_broken: false,
+                    down_since: None,
                     pinned,
                 };
                 // Ends when the PgConn (the only sender) is dropped.
