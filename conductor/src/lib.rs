@@ -504,6 +504,8 @@ pub async fn run(
         fence.hold(l.epoch());
         writer_store.set_fence(fence.clone());
     }
+    let store_engine = writer_store.engine();
+    let lease_fence = lease.is_some().then(|| fence.clone());
     let writer = ingest::Writer::spawn(
         writer_store,
         write_rx,
@@ -542,6 +544,8 @@ pub async fn run(
         writer: write_tx,
         local_token: local_token.clone(),
         embedded_broker: embedded,
+        store_engine,
+        lease: lease_fence,
         observer_password: (embedded || dynsec_handle.is_some()).then_some(observer_pw),
         tls: tls.clone(),
         mqtts_port: mqtts_addr.map(|a| a.port()),

@@ -461,6 +461,11 @@ pub struct Shared {
     pub mqtt_port: u16,
     /// `true` when the embedded broker runs (per-worker credentials enforced).
     pub embedded_broker: bool,
+    /// The store's engine: `"sqlite"` or `"postgres"`.
+    pub store_engine: &'static str,
+    /// The store lease's epoch as the ingest writer fences with it (a
+    /// shared PostgreSQL store; `None` with SQLite).
+    pub lease: Option<crate::store::lease::Fence>,
     /// Observer login for the embedded broker.
     pub observer_password: Option<String>,
     /// The TLS material (HTTPS, MQTT over TLS); `None` with `--no-tls`.

@@ -29,7 +29,23 @@ fn wrong_token_is_401_and_writes_nothing() {
         401
     );
     // Health needs no auth; oversized body → 413.
-    assert_eq!(c.call("GET", "/api/v1/health", None, None).0, 200);
+    let (code, health) = c.call("GET", "/api/v1/health", None, None);
+    assert_eq!(code, 200);
+    // The suite runs on SQLite and again on PostgreSQL (tests/run.sh).
+    match &c.store_at {
+        conductor::store::StoreLocation::Sqlite(_) => {
+            assert_eq!(
+                (&health["store"], &health["lease_epoch"]),
+                (&json!("sqlite"), &json!(null))
+            );
+            assert!(!c.prometheus().contains("aerekos_store_lease_epoch"));
+        }
+        conductor::store::StoreLocation::Postgres(_) => {
+            assert_eq!(health["store"], "postgres");
+            assert_eq!(health["lease_epoch"], 1, "{health}");
+            assert!(c.prometheus().contains("\naerekos_store_lease_epoch 1\n"));
+        }
+    }
     let big = vec![b'x'; 70 * 1024];
     assert_eq!(
         http("POST", &c.url("/api/v1/enroll"), None, Some(big)).0,

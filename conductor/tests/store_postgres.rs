@@ -117,6 +117,12 @@ fn frames_accepted_while_postgres_is_down_are_stored_once_when_it_is_back() {
     });
     // The conductor took its lease again after the restart (epoch 1 → 2).
     assert_eq!(pg.psql("fleet", "SELECT epoch FROM aerekos_lease"), "2");
+    let health = c.get("/api/v1/health");
+    assert_eq!(
+        (&health["store"], &health["lease_epoch"]),
+        (&serde_json::json!("postgres"), &serde_json::json!(2))
+    );
+    assert!(c.prometheus().contains("\naerekos_store_lease_epoch 2\n"));
     // The API reads through the reconnected store.
     assert_eq!(c.worker(&e.id)["metrics"]["seq"], 20);
     assert_eq!(

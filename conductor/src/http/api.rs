@@ -172,6 +172,8 @@ fn health(ctx: &Ctx) -> Result<Resp, ApiError> {
         "mqtt_embedded": ctx.shared.embedded_broker,
         "tls": ctx.shared.tls.is_some(),
         "frames_accepted": ctx.shared.counters.accepted.load(Ordering::Relaxed),
+        "store": ctx.shared.store_engine,
+        "lease_epoch": ctx.shared.lease.as_ref().and_then(crate::store::lease::Fence::epoch),
     })))
 }
 

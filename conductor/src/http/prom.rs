@@ -212,6 +212,12 @@ pub(crate) fn render(ctx: &Ctx) -> Resp {
         );
     }
     drop(workers);
+    if let Some(epoch) = ctx.shared.lease.as_ref().map(|f| f.epoch().unwrap_or(0)) {
+        let _ = writeln!(
+            out,
+            "# HELP aerekos_store_lease_epoch The shared store's lease epoch this conductor holds (one more per takeover; 0 while it is being taken again).\n# TYPE aerekos_store_lease_epoch gauge\naerekos_store_lease_epoch {epoch}"
+        );
+    }
     let c = &ctx.shared.counters;
     let _ = writeln!(
         out,
