@@ -1,14 +1,18 @@
 //! Active/standby conductors on one PostgreSQL store (`--store
 //! postgres://…`) and one Mosquitto: the active one is killed with
-//! `kill -9` while a real agent sends metrics; the standby takes the lease,
-//! loads the fleet from the store and carries on, and no frame is stored
-//! twice.
+//! `kill -9` while a real agent sends metrics and hosts a service; the
+//! standby — same TLS material, same HTTP address (a floating address: it
+//! opens no port until it takes over) — takes the lease, loads the fleet
+//! from the store and carries on: no frame stored twice, the service not
+//! started again, a new deploy through it runs.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
 use std::time::{Duration, Instant};
 
+use e2e::services::{create_service, deploy, pid_of, state_of};
 use e2e::*;
+use serde_json::json;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -35,13 +39,26 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
         (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(3)).then_some(())
     });
 
-    // B starts while A is active: it stands by, opening no port.
+    // A service on the worker, deployed through A.
+    create_service(
+        &a,
+        &json!({"name": "sleeper", "command": "/bin/sleep", "args": ["4717"]}),
+    );
+    deploy(&a, "sleeper", &json!({"workers": [id]}));
+    let pid = wait_for("sleeper running", SECS(30), || {
+        Some(pid_of(&a, "sleeper", &id)).filter(|p| *p != 0)
+    });
+
+    // B starts while A is active: it stands by, opening no port. It shares
+    // A's TLS material and, like a floating address, A's HTTP address.
     let b_dir = dir.path().join("b");
+    copy_dir(&dir.path().join("a").join("tls"), &b_dir.join("tls"));
     let standby = {
         let (b_dir, args) = (b_dir.clone(), args.map(str::to_string));
+        let http = a.http.to_string();
         std::thread::spawn(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Conductor::start_with(&b_dir, &args)
+            Conductor::start_on(&b_dir, &args, [&http, "127.0.0.1:0", "127.0.0.1:0"])
         })
     };
     wait_for("B standing by", SECS(20), || {
@@ -86,5 +103,41 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
         "2",
         "A's lease, then B's"
     );
+    // The service runs on, once: B reconciles what A deployed without
+    // starting it again.
+    wait_for("B sees the sleeper running", SECS(30), || {
+        (state_of(&b, "sleeper", &id) == "running").then_some(())
+    });
+    assert_eq!(pid_of(&b, "sleeper", &id), pid, "the service was restarted");
+    std::thread::sleep(SECS(2));
+    let sleepers = std::process::Command::new("pgrep")
+        .args(["-c", "-f", "^/bin/sleep 4717$"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&sleepers.stdout).trim(),
+        "1",
+        "the service runs exactly once"
+    );
+    // A deploy through the survivor: the agent fetches the manifest from
+    // the address it enrolled with, which B now serves.
+    create_service(
+        &b,
+        &json!({"name": "after", "command": "/bin/sleep", "args": ["999"]}),
+    );
+    deploy(&b, "after", &json!({"workers": [id]}));
+    wait_for("a service deployed through B running", SECS(30), || {
+        (state_of(&b, "after", &id) == "running").then_some(())
+    });
     w.proc.kill9();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
 }
