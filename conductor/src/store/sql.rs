@@ -987,11 +987,6 @@ impl PgConn {
             r
         })
     }
-
-    /// The URL without its password.
-    pub fn shown_url(&self) -> &str {
-        &self.shown
-    }
 }
 
 #[cfg(test)]
