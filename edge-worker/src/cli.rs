@@ -33,7 +33,7 @@ OPTIONS (each also from the environment variable shown):
     --flush-interval D      queued frames written to disk after [30s]  AEREKOS_FLUSH_INTERVAL
     --hostname H            hostname override                      AEREKOS_HOSTNAME
     --machine-id M          /etc/machine-id override               AEREKOS_MACHINE_ID
-    --mqtt-url U            broker override, mqtt://host:port      AEREKOS_MQTT_URL
+    --mqtt-url U            broker override, mqtt://host:port[,…]  AEREKOS_MQTT_URL
     --local-api ADDR|off    local API for hosted services          AEREKOS_LOCAL_API
                             [127.0.0.1:3001; port 0: any free port]
     --allow-remote-exec     run commands the conductor sends       AEREKOS_ALLOW_REMOTE_EXEC=1
@@ -336,11 +336,11 @@ pub fn parse(
         check_registration_token(token).map_err(|e| invalid(token_source, "<redacted>", e))?;
     }
     if let Some(url) = &config.mqtt_url {
-        if crate::session::MqttUrl::parse(url).is_none() {
+        if crate::session::MqttUrl::parse_list(url).is_none() {
             return Err(invalid(
                 "--mqtt-url",
                 url,
-                "expected mqtt://host:port or mqtts://host:port",
+                "expected mqtt://host:port or mqtts://host:port, or a comma-separated list of them",
             ));
         }
     }

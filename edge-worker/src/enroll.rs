@@ -145,7 +145,7 @@ pub fn classify(status: u16, body: &str) -> Result<EnrollResponse, EnrollError> 
                     "secret is not 64 hex characters".into(),
                 ));
             }
-            if crate::session::MqttUrl::parse(&r.mqtt_url).is_none() {
+            if crate::session::MqttUrl::parse_list(&r.mqtt_url).is_none() {
                 return Err(EnrollError::BadResponse(format!(
                     "unusable mqtt_url {:?}",
                     r.mqtt_url

@@ -154,7 +154,40 @@ impl MqttUrl {
         }
         Some(MqttUrl { host, port, tls })
     }
+
+    /// Parses a comma-separated list of broker URLs: the nodes of one
+    /// broker cluster (say NATS's MQTT gateways), tried in turn. An element
+    /// without a scheme takes the first element's (`mqtts://a:8883,b:8883`).
+    /// `None` if any element is unusable, or for more than
+    /// [`MAX_BROKERS`] elements.
+    pub fn parse_list(urls: &str) -> Option<Vec<MqttUrl>> {
+        let mut out: Vec<MqttUrl> = Vec::new();
+        for part in urls.split(',').map(str::trim) {
+            let mut url = MqttUrl::parse(part)?;
+            if let Some(first) = out.first() {
+                if !part.contains("://") {
+                    url = MqttUrl::parse(&format!(
+                        "{}://{part}",
+                        if first.tls { "mqtts" } else { "mqtt" }
+                    ))?;
+                }
+            }
+            out.push(url);
+        }
+        (!out.is_empty() && out.len() <= MAX_BROKERS).then_some(out)
+    }
 }
+
+impl std::fmt::Display for MqttUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+/// At most this many brokers in a worker's list: a cluster's nodes, not a
+/// directory.
+pub const MAX_BROKERS: usize = 16;
 
 /// Keep-alive for a metrics interval: `max(5 s, 2 × interval)`, at most 30 s.
 pub fn keep_alive(interval: Duration) -> Duration {
@@ -302,8 +335,17 @@ struct Session {
     client: AsyncClient,
     /// This worker's topics.
     topics: Topics,
-    /// The broker, for logs.
+    /// The broker connected to (or tried), for logs.
     mqtt_url: String,
+    /// Every broker node the worker may use, with its client options: one
+    /// for a single broker; a cluster's nodes (NATS) fail over in turn.
+    /// Never empty.
+    brokers: Vec<(String, MqttOptions)>,
+    /// Index into `brokers` of the one in use.
+    broker: usize,
+    /// Set by a connection error when there is another broker to try: the
+    /// run loop swaps the event loop's options before the next poll.
+    switch_broker: bool,
     /// What the birth frame says about the machine.
     inventory: Inventory,
     /// The disks of the last sample, repeated in every birth.
@@ -320,6 +362,8 @@ struct Session {
     interval_changed: bool,
     /// Reconnect delays.
     backoff: Backoff,
+    /// The broker's last SubAck refused the command subscription.
+    subscription_refused: bool,
     /// Failed connection attempts since the last ConnAck.
     failed_attempts: u32,
     /// A refused login was logged (once per run of refusals).
@@ -404,30 +448,37 @@ pub(crate) async fn run(
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<crate::Ended, WorkerError> {
     let id = p.store.state().worker_id.clone();
-    let url = MqttUrl::parse(&p.mqtt_url)
+    let urls = MqttUrl::parse_list(&p.mqtt_url)
         .ok_or_else(|| WorkerError::Config(format!("unusable MQTT URL {:?}", p.mqtt_url)))?;
     let topics = Topics::new(&id);
-    let mut opts = MqttOptions::new(id.clone(), url.host.clone(), url.port);
-    if url.tls {
-        opts.set_transport(mqtt_tls(p.trust.as_ref(), &p.mqtt_url)?);
-    }
-    // fits: WINDOW is 10.
-    #[allow(clippy::cast_possible_truncation)]
-    let inflight = 2 * WINDOW as u16;
-    opts.set_keep_alive(keep_alive(p.interval))
-        .set_clean_session(true)
-        .set_inflight(inflight)
-        .set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024)
-        .set_last_will(LastWill::new(
-            topics.status.clone(),
-            protocol::topic::STATUS_OFFLINE,
-            QoS::AtLeastOnce,
-            true,
-        ));
     let st = p.store.state();
-    if !st.mqtt_username.is_empty() {
-        opts.set_credentials(st.mqtt_username.clone(), st.mqtt_password.clone());
-    }
+    let brokers = urls
+        .iter()
+        .map(|url| {
+            let mut opts = MqttOptions::new(id.clone(), url.host.clone(), url.port);
+            if url.tls {
+                opts.set_transport(mqtt_tls(p.trust.as_ref(), &url.to_string())?);
+            }
+            // fits: WINDOW is 10.
+            #[allow(clippy::cast_possible_truncation)]
+            let inflight = 2 * WINDOW as u16;
+            opts.set_keep_alive(keep_alive(p.interval))
+                .set_clean_session(true)
+                .set_inflight(inflight)
+                .set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024)
+                .set_last_will(LastWill::new(
+                    topics.status.clone(),
+                    protocol::topic::STATUS_OFFLINE,
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+            if !st.mqtt_username.is_empty() {
+                opts.set_credentials(st.mqtt_username.clone(), st.mqtt_password.clone());
+            }
+            Ok((url.to_string(), opts))
+        })
+        .collect::<Result<Vec<_>, WorkerError>>()?;
+    let opts = brokers[0].1.clone();
     let (client, mut eventloop) = AsyncClient::new(opts, 4 * WINDOW);
     // Frames are small and latency matters (command round trips): without
     // TCP_NODELAY, Nagle plus delayed ACKs add ~40 ms per exchange.
@@ -456,7 +507,10 @@ pub(crate) async fn run(
         cmd_window,
         client,
         topics,
-        mqtt_url: p.mqtt_url,
+        mqtt_url: brokers[0].0.clone(),
+        brokers,
+        broker: 0,
+        switch_broker: false,
         inventory: p.inventory,
         last_disks: p.disks,
         board: None,
@@ -465,6 +519,7 @@ pub(crate) async fn run(
         interval_changed: false,
         backoff: Backoff::new(RECONNECT_BASE, RECONNECT_CAP),
         failed_attempts: 0,
+        subscription_refused: false,
         auth_error_logged: false,
         commands_rejected: 0,
         out: Publisher::new(id, p.secret, p.store, p.outbox, p.flush_interval),
@@ -542,9 +597,14 @@ pub(crate) async fn run(
             () = &mut shutdown => break,
             (eventloop, result) = &mut poll => {
                 let delay = s.on_poll(result);
+                let mut eventloop = eventloop;
+                if let Some(opts) = s.next_broker() {
+                    eventloop.mqtt_options = opts;
+                }
                 poll = poll_after(eventloop, delay);
             }
             _ = tick.tick() => {
+                s.retry_subscription();
                 if sample.is_none() {
                     let c = collector.take();
                     sample = Some(tokio::task::spawn_blocking(move || {
@@ -656,12 +716,17 @@ impl Session {
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                let refused = ack.return_codes.contains(&SubscribeReasonCode::Failure);
+                if refused && !self.subscription_refused {
                     tracing::error!(
                         topic = %self.topics.cmd,
-                        "the broker refused the command subscription; commands will not arrive"
+                        "the broker refused the command subscription; commands will not arrive \
+                         until it accepts it (tried again every metrics interval)"
                     );
+                } else if !refused && self.subscription_refused {
+                    tracing::info!("the broker accepted the command subscription");
                 }
+                self.subscription_refused = refused;
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.out.on_outgoing(pkid),
             Ok(_) => {}
@@ -684,14 +749,7 @@ impl Session {
         self.failed_attempts = 0;
         self.out.on_connected();
         self.out.publish_online(&self.client, &self.topics);
-        // One SUBSCRIBE: commands (QoS 1) and `Stored` acknowledgements
-        // (sent QoS 0: cumulative, the next one makes up for a lost one).
-        if let Err(e) = self.client.try_subscribe_many([
-            SubscribeFilter::new(self.topics.cmd.clone(), QoS::AtLeastOnce),
-            SubscribeFilter::new(self.topics.stored.clone(), QoS::AtMostOnce),
-        ]) {
-            tracing::warn!("cannot subscribe to commands: {e}");
-        }
+        self.subscribe();
         // One event per outage.
         self.out.report_outage();
         self.enqueue_birth();
@@ -699,6 +757,27 @@ impl Session {
         // The conductor converges on the full picture after every connect.
         for status in self.services.statuses() {
             self.out.enqueue(Body::ServiceStatus(status));
+        }
+    }
+
+    /// One SUBSCRIBE: commands (QoS 1) and `Stored` acknowledgements (sent
+    /// QoS 0: cumulative, the next one makes up for a lost one).
+    fn subscribe(&mut self) {
+        if let Err(e) = self.client.try_subscribe_many([
+            SubscribeFilter::new(self.topics.cmd.clone(), QoS::AtLeastOnce),
+            SubscribeFilter::new(self.topics.stored.clone(), QoS::AtMostOnce),
+        ]) {
+            tracing::warn!("cannot subscribe to commands: {e}");
+        }
+    }
+
+    /// Subscribes again while the broker refuses the subscription: a NATS
+    /// node refuses it while JetStream recovers from a lost node, then
+    /// accepts it; an ACL that forbids it stays an error, logged once.
+    fn retry_subscription(&mut self) {
+        if self.subscription_refused && self.out.is_connected() {
+            tracing::debug!("subscribing to commands again");
+            self.subscribe();
         }
     }
 
@@ -751,7 +830,23 @@ impl Session {
         self.reply(a.cmd_id, a.status, &a.detail);
     }
 
+    /// After a connection error with more than one broker: the next
+    /// broker's options, for the event loop's next connect.
+    fn next_broker(&mut self) -> Option<MqttOptions> {
+        if !std::mem::take(&mut self.switch_broker) {
+            return None;
+        }
+        self.broker = (self.broker + 1) % self.brokers.len();
+        let (url, opts) = &self.brokers[self.broker];
+        tracing::info!(broker = %url, "trying the next broker");
+        self.mqtt_url.clone_from(url);
+        Some(opts.clone())
+    }
+
     fn on_disconnected(&mut self, e: ConnectionError) -> Duration {
+        // Any node of a broker cluster will do: the next connect tries the
+        // next one (a refused login too: it may be one node's stale view).
+        self.switch_broker = self.brokers.len() > 1;
         // A refused login comes at connect time, never while connected.
         let was_connected = self.out.on_disconnected();
         self.failed_attempts = self.failed_attempts.saturating_add(1);
@@ -1137,6 +1232,33 @@ mod tests {
         assert_eq!(parse_mqtt_url("mqtt://x:notaport"), None);
         assert_eq!(parse_mqtt_url("mqtt://x:0"), None);
         assert_eq!(parse_mqtt_url("mqtt://u:p@x:1"), None);
+    }
+
+    #[test]
+    fn broker_lists() {
+        let list = |u: &str| {
+            MqttUrl::parse_list(u).map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(list("mqtt://a:1"), Some(vec!["mqtt://a:1".into()]));
+        assert_eq!(
+            list("mqtt://a:1, mqtt://b:2,c:3"),
+            Some(vec![
+                "mqtt://a:1".into(),
+                "mqtt://b:2".into(),
+                "mqtt://c:3".into()
+            ])
+        );
+        // A bare element takes the first one's scheme.
+        assert_eq!(
+            list("mqtts://a,b:8884"),
+            Some(vec!["mqtts://a:8883".into(), "mqtts://b:8884".into()])
+        );
+        assert_eq!(list("mqtt://a:1,"), None, "an empty element");
+        assert_eq!(list("mqtt://a:1,ws://b"), None);
+        assert_eq!(list(""), None);
+        let many = vec!["mqtt://a:1"; MAX_BROKERS + 1].join(",");
+        assert_eq!(list(&many), None, "more than MAX_BROKERS");
+        assert!(list(&many[..many.rfind(',').unwrap()]).is_some());
     }
 
     #[test]
