@@ -56,9 +56,12 @@ pub struct Config {
     pub http_listen: String,
     /// Embedded broker listen address (port 0 picks a free port). Unused with `mqtt_url`.
     pub mqtt_listen: String,
-    /// External broker `mqtt://user:pass@host:port`; `None` = embedded rumqttd.
+    /// External broker `mqtt://user:pass@host:port`, or the nodes of a
+    /// broker cluster `mqtt://user:pass@a:1883,b:1883,c:1883` (tried in
+    /// turn, by the conductor and by the workers); `None` = embedded rumqttd.
     pub mqtt_url: Option<String>,
-    /// MQTT URL handed to workers; default: the enrol request's Host + the MQTT port.
+    /// MQTT URL (or comma-separated URLs) handed to workers; default: the
+    /// enrol request's Host + the MQTT port, or `mqtt_url`'s nodes.
     pub mqtt_public_url: Option<String>,
     /// Username handed to workers when an external broker is used.
     pub worker_mqtt_username: Option<String>,
@@ -287,6 +290,50 @@ impl BrokerUrl {
     }
 }
 
+impl BrokerUrl {
+    /// Parses `mqtt_url`'s list form, the nodes of one broker cluster:
+    /// `mqtt://user:pass@a:1883,b:1883,mqtts://…`. Like a libpq host list,
+    /// an element without a scheme takes the first element's scheme and
+    /// login; an element with a scheme but no login takes the first's
+    /// login. All elements use TLS or none does.
+    pub fn parse_list(urls: &str) -> Result<Vec<BrokerUrl>, ConfigError> {
+        // A comma inside a login (`mqtt://u:pa,ss@host`) leaves an element
+        // with an '@' and no scheme: that is one URL, not a list.
+        if urls
+            .split(',')
+            .skip(1)
+            .any(|p| !p.contains("://") && p.contains('@'))
+        {
+            return Ok(vec![BrokerUrl::parse(urls)?]);
+        }
+        let mut out: Vec<BrokerUrl> = Vec::new();
+        for part in urls.split(',').map(str::trim) {
+            let Some(first) = out.first() else {
+                out.push(BrokerUrl::parse(part)?);
+                continue;
+            };
+            let mut url = if part.contains("://") {
+                BrokerUrl::parse(part)?
+            } else {
+                let scheme = if first.tls { "mqtts" } else { "mqtt" };
+                BrokerUrl::parse(&format!("{scheme}://{part}"))?
+            };
+            if url.username.is_none() {
+                url.username.clone_from(&first.username);
+                url.password.clone_from(&first.password);
+            }
+            if url.tls != first.tls {
+                return Err(ConfigError::Invalid {
+                    name: "mqtt_url".into(),
+                    message: "the nodes of a list all use mqtts:// or all mqtt://".into(),
+                });
+            }
+            out.push(url);
+        }
+        Ok(out)
+    }
+}
+
 /// Splits `host[:port]` / `[v6][:port]`.
 pub(crate) fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
     if let Some(rest) = s.strip_prefix('[') {
@@ -507,7 +554,7 @@ impl Config {
                 .map_err(|e| bad("mqtt_listen", e.to_string()))?;
         }
         if let Some(u) = &self.mqtt_url {
-            BrokerUrl::parse(u)?;
+            BrokerUrl::parse_list(u)?;
         }
         if self.mqtt_url.is_none() && self.tls {
             self.mqtts_listen
@@ -547,7 +594,14 @@ impl Config {
             ));
         }
         if let Some(u) = &self.mqtt_public_url {
-            BrokerUrl::parse(u).map_err(|e| bad("mqtt_public_url", e.to_string()))?;
+            let urls =
+                BrokerUrl::parse_list(u).map_err(|e| bad("mqtt_public_url", e.to_string()))?;
+            if urls.iter().any(|u| u.username.is_some()) {
+                return Err(bad(
+                    "mqtt_public_url",
+                    "no login in it: workers get theirs at enrolment".into(),
+                ));
+            }
         }
         for (name, v) in [
             ("raw_retention", &self.raw_retention),
@@ -629,15 +683,35 @@ impl Config {
     }
 }
 
-/// Replaces the password in `scheme://user:pass@host` with `<redacted>`.
+/// Replaces the password in `scheme://user:pass@host` with `<redacted>`,
+/// in every URL of a comma-separated list (`mqtt_url`'s cluster form).
 pub fn redact_url(u: &str) -> String {
-    if let Some((scheme, rest)) = u.split_once("://") {
-        if let Some((creds, host)) = rest.rsplit_once('@') {
-            let user = creds.split_once(':').map_or(creds, |(u, _)| u);
-            return format!("{scheme}://{user}:<redacted>@{host}");
+    // Each URL starts at an element with a scheme; elements without one
+    // (bare `host:port`, or the tail of a login with a comma in it)
+    // belong to the URL before them.
+    let mut urls: Vec<String> = Vec::new();
+    for part in u.split(',') {
+        match urls.last_mut() {
+            Some(last) if !part.contains("://") => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => urls.push(part.to_string()),
         }
     }
-    u.to_string()
+    let redact_one = |u: &str| {
+        if let Some((scheme, rest)) = u.split_once("://") {
+            if let Some((creds, host)) = rest.rsplit_once('@') {
+                let user = creds.split_once(':').map_or(creds, |(u, _)| u);
+                return format!("{scheme}://{user}:<redacted>@{host}");
+            }
+        }
+        u.to_string()
+    };
+    urls.iter()
+        .map(|u| redact_one(u))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -680,6 +754,36 @@ mod tests {
     }
 
     #[test]
+    fn broker_lists() {
+        let nodes = |u: &str| {
+            BrokerUrl::parse_list(u).map(|v| {
+                v.iter()
+                    .map(|n| format!("{n:?} {:?}:{:?}", n.username, n.password))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            nodes("mqtt://c:pw@a:1,b:2, mqtt://d:other@e:3").unwrap(),
+            [
+                r#"mqtt://a:1 Some("c"):Some("pw")"#,
+                r#"mqtt://b:2 Some("c"):Some("pw")"#,
+                r#"mqtt://e:3 Some("d"):Some("other")"#,
+            ]
+        );
+        assert_eq!(
+            nodes("mqtts://a,b").unwrap(),
+            ["mqtts://a:8883 None:None", "mqtts://b:8883 None:None"]
+        );
+        assert!(nodes("mqtt://a,mqtts://b").is_err(), "mixed TLS");
+        assert!(nodes("mqtt://a,").is_err(), "an empty element");
+        // A comma in a password is not a list.
+        assert_eq!(
+            nodes("mqtt://u:pa,ss@h:9").unwrap(),
+            [r#"mqtt://h:9 Some("u"):Some("pa,ss")"#]
+        );
+    }
+
+    #[test]
     fn rejects_bad_values_and_redacts() {
         let mut env = HashMap::new();
         env.insert("AEREKOS_DEFAULT_INTERVAL_MS".to_string(), "x".to_string());
@@ -711,6 +815,19 @@ mod tests {
         assert!(!u.tls);
         assert_eq!((u.host.as_str(), u.port), ("broker", 1884));
         assert_eq!(u.password.as_deref(), Some("s3cret"));
+        assert_eq!(
+            redact_url("mqtt://c:s3cret@a:1,b:2"),
+            "mqtt://c:<redacted>@a:1,b:2"
+        );
+        assert_eq!(
+            redact_url("mqtt://c:s3cret@a:1,mqtt://d:0ther@b:2,mqtt://e:3"),
+            "mqtt://c:<redacted>@a:1,mqtt://d:<redacted>@b:2,mqtt://e:3"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@h/db"),
+            "postgres://u:<redacted>@h/db"
+        );
+        assert_eq!(redact_url("mqtt://h:1"), "mqtt://h:1");
         assert_eq!(parse_duration_ms("7d"), Some(7 * 86_400_000));
         assert_eq!(parse_duration_ms("nope"), None);
     }

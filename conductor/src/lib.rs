@@ -425,6 +425,7 @@ pub async fn run(
                 mqtt::MqttSettings {
                     host: addr.ip().to_string(),
                     port: addr.port(),
+                    more: Vec::new(),
                     username: Some(broker::CONDUCTOR_USER.into()),
                     password: Some(conductor_pw),
                     tls: None,
@@ -434,18 +435,16 @@ pub async fn run(
             )
         }
         Some(url) => {
-            let u = config::BrokerUrl::parse(url)?;
-            let host = u
-                .host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
+            let nodes = config::BrokerUrl::parse_list(url)?;
+            let unbracket = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
+            let u = nodes[0].clone();
+            let host = unbracket(&u.host);
             let addr = (host.as_str(), u.port)
                 .to_socket_addrs()
                 .ok()
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| ConductorError::Resolve(format!("{}:{}", u.host, u.port)))?;
-            info!(broker = ?u, "using external MQTT broker");
+            info!(broker = ?nodes, "using external MQTT broker");
             let client_tls = if u.tls {
                 external_tls = true;
                 let pem = match &config.mqtt_ca {
@@ -469,6 +468,10 @@ pub async fn run(
                 mqtt::MqttSettings {
                     host,
                     port: u.port,
+                    more: nodes[1..]
+                        .iter()
+                        .map(|n| (unbracket(&n.host), n.port))
+                        .collect(),
                     username: u.username.clone(),
                     password: u.password.clone(),
                     tls: client_tls,
@@ -523,15 +526,23 @@ pub async fn run(
         }
         None => (None, None),
     };
+    // The external broker's nodes as workers reach them: the same list, no login.
+    let external_mqtt = match (&config.mqtt_url, embedded) {
+        (Some(url), false) => {
+            let scheme = if external_tls { "mqtts" } else { "mqtt" };
+            config::BrokerUrl::parse_list(url)?
+                .iter()
+                .map(|n| format!("{scheme}://{}:{}", n.host, n.port))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        _ => String::new(),
+    };
     let local_token = format!("ael_{}", random_hex::<32>().map_err(auth::AuthError::from)?);
     let shared = Arc::new(Shared {
         enroll_limiter: RateLimiter::new(config.rate_limit_burst, config.rate_limit_refill_s),
         login_limiter: RateLimiter::new(config.rate_limit_burst, config.rate_limit_refill_s),
-        mqtt_host: if embedded {
-            String::new()
-        } else {
-            mqtt_settings.host.clone()
-        },
+        external_mqtt,
         mqtt_port: if embedded {
             mqtt_addr.port()
         } else {
@@ -558,12 +569,13 @@ pub async fn run(
         reconcile: tokio::sync::Notify::new(),
     });
 
-    let (client, eventloop) = mqtt::client(&mqtt_settings);
+    let (client, eventloop, nodes) = mqtt::client(&mqtt_settings);
     let (sub_tx, mut sub_rx) = watch::channel(false);
     let mqtt_task = subscriber::run_loop(
         shared.clone(),
         client.clone(),
         eventloop,
+        nodes,
         sub_tx,
         stop_rx.clone(),
     );

@@ -43,7 +43,8 @@ struct Flags {
     /// Embedded MQTT broker listen address.
     #[arg(long, global = true)]
     mqtt_listen: Option<String>,
-    /// External broker mqtt://user:pass@host:port (no embedded broker).
+    /// External broker mqtt://user:pass@host:port, or a cluster's nodes
+    /// mqtt://user:pass@a:1883,b:1883,c:1883 (no embedded broker).
     #[arg(long, global = true)]
     mqtt_url: Option<String>,
     /// MQTT URL handed to workers.

@@ -21,6 +21,9 @@ pub struct MqttSettings {
     pub host: String,
     /// Broker port.
     pub port: u16,
+    /// The other nodes of a broker cluster (`mqtt_url`'s list form), tried
+    /// in turn after a connection error; empty for one broker.
+    pub more: Vec<(String, u16)>,
     /// Login.
     pub username: Option<String>,
     /// Password.
@@ -34,6 +37,7 @@ impl std::fmt::Debug for MqttSettings {
         f.debug_struct("MqttSettings")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("more", &self.more)
             .field("username", &self.username)
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
@@ -98,14 +102,30 @@ pub fn connect(opts: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop) {
 }
 
 /// Builds the conductor's own client and its event loop (nothing connects
-/// until polled).
-pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop) {
-    let mut opts = options(s, CLIENT_ID);
-    opts.set_clean_session(false);
-    // Larger than MAX_FRAME_LEN so oversized frames arrive and are counted.
-    opts.set_max_packet_size(128 * 1024, 128 * 1024);
-    if let Some(u) = &s.username {
-        opts.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
-    }
-    connect(opts, 1024)
+/// until polled), and the options for every node of the broker (the first
+/// is the event loop's): [`crate::subscriber::run_loop`] moves to the next
+/// one after a connection error.
+pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop, Vec<MqttOptions>) {
+    let nodes = std::iter::once((s.host.clone(), s.port)).chain(s.more.iter().cloned());
+    let all: Vec<MqttOptions> = nodes
+        .map(|(host, port)| {
+            let mut opts = options(
+                &MqttSettings {
+                    host,
+                    port,
+                    ..s.clone()
+                },
+                CLIENT_ID,
+            );
+            opts.set_clean_session(false);
+            // Larger than MAX_FRAME_LEN so oversized frames arrive and are counted.
+            opts.set_max_packet_size(128 * 1024, 128 * 1024);
+            if let Some(u) = &s.username {
+                opts.set_credentials(u.clone(), s.password.clone().unwrap_or_default());
+            }
+            opts
+        })
+        .collect();
+    let (client, eventloop) = connect(all[0].clone(), 1024);
+    (client, eventloop, all)
 }

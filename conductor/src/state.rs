@@ -455,9 +455,10 @@ pub struct Shared {
     pub writer: mpsc::Sender<WriteOp>,
     /// In-memory enrolment token (never stored).
     pub local_token: String,
-    /// MQTT address workers connect to (embedded broker's bound port / external broker).
-    pub mqtt_host: String,
-    /// MQTT port.
+    /// The external broker's URL(s) as handed to workers
+    /// (`mqtt://a:1883,mqtt://b:1883`); empty with the embedded broker.
+    pub external_mqtt: String,
+    /// The embedded broker's plain MQTT port.
     pub mqtt_port: u16,
     /// `true` when the embedded broker runs (per-worker credentials enforced).
     pub embedded_broker: bool,

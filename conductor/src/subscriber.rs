@@ -16,19 +16,42 @@ use tracing::{debug, info, warn};
 use crate::state::Shared;
 
 /// Drives the event loop until `stop` turns true. Sets `subscribed` after the
-/// first SubAck.
+/// first SubAck. `nodes` are the options for every node of the broker (one
+/// for a single broker, the event loop's): after a connection error the
+/// next connect goes to the next node — the conductor's persistent session
+/// lives in the cluster (NATS keeps it in JetStream), not in one node.
 pub async fn run_loop(
     shared: Arc<Shared>,
     client: AsyncClient,
     mut eventloop: EventLoop,
+    nodes: Vec<rumqttc::MqttOptions>,
     subscribed: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut node = 0;
     let mut backoff = Duration::from_millis(200);
     let mut failures: u64 = 0;
+    // Set when the broker refused the subscription: a NATS node refuses it
+    // while JetStream recovers from a lost node, then accepts it.
+    let mut resubscribe_at: Option<tokio::time::Instant> = None;
     loop {
+        let resubscribe = async {
+            match resubscribe_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
+            () = resubscribe => {
+                resubscribe_at = None;
+                if let Err(e) =
+                    client.try_subscribe(protocol::topic::CONDUCTOR_FILTER, QoS::AtLeastOnce)
+                {
+                    warn!("cannot queue subscribe: {e}");
+                }
+                continue;
+            }
             _ = stop.changed() => break,
         };
         match ev {
@@ -54,18 +77,36 @@ pub async fn run_loop(
                 // this session. The vendored patch matches only wildcard
                 // filters by scanning (vendor/README.md).
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                debug!("subscribed to {}", protocol::topic::CONDUCTOR_FILTER);
-                let _ = subscribed.send(true);
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .contains(&rumqttc::SubscribeReasonCode::Failure)
+                {
+                    warn!(
+                        "the broker refused the subscription to {}; trying again in 1 s",
+                        protocol::topic::CONDUCTOR_FILTER
+                    );
+                    resubscribe_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                } else {
+                    debug!("subscribed to {}", protocol::topic::CONDUCTOR_FILTER);
+                    let _ = subscribed.send(true);
+                }
             }
             Ok(_) => {}
             Err(e) => {
+                resubscribe_at = None;
                 failures += 1;
                 if failures == 1 || failures.is_power_of_two() {
                     warn!(
                         failures,
                         "MQTT connection error: {e}; retrying in {backoff:?}"
                     );
+                }
+                if nodes.len() > 1 {
+                    node = (node + 1) % nodes.len();
+                    let (host, port) = nodes[node].broker_address();
+                    info!(broker = %format!("{host}:{port}"), "trying the next broker node");
+                    eventloop.mqtt_options = nodes[node].clone();
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

@@ -116,6 +116,7 @@ impl Broker {
         MqttSettings {
             host: "127.0.0.1".into(),
             port: self.port,
+            more: Vec::new(),
             username: Some(username.into()),
             password: Some(password.into()),
             tls: None,

@@ -57,8 +57,7 @@ pub(crate) fn mqtt_url_for(s: &Shared, host_header: Option<&str>, tls: bool) -> 
         return u.clone();
     }
     if !s.embedded_broker {
-        let scheme = if s.external_tls { "mqtts" } else { "mqtt" };
-        return format!("{scheme}://{}:{}", s.mqtt_host, s.mqtt_port);
+        return s.external_mqtt.clone();
     }
     let host = host_header
         .and_then(|h| crate::config::split_host_port(h.trim()))
