@@ -138,7 +138,13 @@ impl ApiError {
 }
 
 impl From<crate::store::StoreError> for ApiError {
+    /// A store that cannot be reached (PostgreSQL restarting, SQLite
+    /// locked) is a 503 the client may retry, not an internal error.
     fn from(e: crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!("store unavailable: {e}");
+            return ApiError::new(503, "the store is unavailable; try again shortly");
+        }
         ApiError::internal(e)
     }
 }
@@ -160,5 +166,21 @@ pub(crate) fn cookie_value(header: &str, name: &str) -> Option<String> {
 impl From<getrandom::Error> for ApiError {
     fn from(e: getrandom::Error) -> Self {
         ApiError::internal(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_store_is_a_503_and_a_refused_statement_a_500() {
+        let down = ApiError::from(crate::store::StoreError::PgDown);
+        assert_eq!(down.status, 503, "{}", down.message);
+        let refused = ApiError::from(crate::store::StoreError::Sqlite(
+            rusqlite::Error::InvalidQuery,
+        ));
+        assert_eq!(refused.status, 500);
+        assert_eq!(refused.message, "internal error");
     }
 }
