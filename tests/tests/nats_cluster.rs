@@ -3,9 +3,10 @@
 //! and a real agent, all real processes. Both conductors and the agent are
 //! given every node (`--mqtt-url mqtt://…@a,b,c`; the agent gets the list
 //! at enrolment). A NATS node is killed under everyone, then the active
-//! conductor, then another node after the first is back: frames keep being
-//! stored exactly once, commands and deploys keep working through the
-//! survivors, the service never runs twice, the lease changes hands once.
+//! conductor, then another node after the first is back, then PostgreSQL
+//! is restarted: frames keep being stored exactly once with none lost,
+//! commands and deploys keep working through the survivors, the service
+//! never runs twice, the lease changes hands once.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
@@ -18,22 +19,28 @@ use serde_json::json;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// The seq of the last metrics frame `c` stored for `id` (waiting out 503s).
 fn seq(c: &Conductor, id: &str) -> u64 {
-    c.worker(id)["metrics"]["seq"].as_u64().unwrap_or(0)
+    wait_for("the worker's last seq", SECS(30), || {
+        let (status, v) = c.get(&format!("/api/v1/workers/{id}"));
+        (status == 200).then(|| v["metrics"]["seq"].as_u64().unwrap_or(0))
+    })
 }
 
-/// Waits until `c` has stored `more` metrics frames past what it had.
+/// Waits until `c` has stored `more` metrics frames past what it had (the
+/// API may answer 503 meanwhile, while its store is unavailable).
 fn frames_flow(what: &str, c: &Conductor, id: &str, more: u64) {
     let from = seq(c, id);
     wait_for(what, SECS(30), || {
-        let v = c.worker(id);
+        let (status, v) = c.get(&format!("/api/v1/workers/{id}"));
+        assert!(status == 200 || status == 503, "{status} {v}");
         (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(from + more)).then_some(())
     });
 }
 
 #[test]
 fn the_fleet_rides_out_a_nats_node_and_the_active_conductor_dying() {
-    let Some(pg) = test_support::postgres::Postgres::start() else {
+    let Some(mut pg) = test_support::postgres::Postgres::start() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -140,7 +147,15 @@ fn the_fleet_rides_out_a_nats_node_and_the_active_conductor_dying() {
         || (state_of(&b, "third", &id) == "running").then_some(()),
     );
 
-    // Exactly once, one lease change, one sleeper with its first pid.
+    // PostgreSQL killed and started again under B: it holds its writes,
+    // takes the lease again and carries on.
+    pg.kill();
+    std::thread::sleep(SECS(2));
+    pg.start_again();
+    frames_flow("frames after PostgreSQL's restart", &b, &id, 5);
+
+    // Exactly once, the lease A's then B's (taken again by B after the
+    // restart), one sleeper with its first pid.
     let counts = pg.psql(
         "fleet",
         &format!("SELECT count(*), count(DISTINCT seq) FROM metrics_raw WHERE worker_id = '{id}'"),
@@ -149,8 +164,8 @@ fn the_fleet_rides_out_a_nats_node_and_the_active_conductor_dying() {
     assert_eq!(rows, distinct, "a frame stored twice: {counts}");
     assert_eq!(
         pg.psql("fleet", "SELECT epoch FROM aerekos_lease"),
-        "2",
-        "A's lease, then B's"
+        "3",
+        "A's lease, then B's, then B's again"
     );
     assert_eq!(state_of(&b, "sleeper", &id), "running");
     assert_eq!(pid_of(&b, "sleeper", &id), pid, "the service was restarted");
