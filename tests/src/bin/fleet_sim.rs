@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release -p aerekos-e2e --bin fleet_sim -- \
-//!     [--workers 1000,5000,10000] [--interval-s 10] [--broker embedded|mosquitto|both] \
+//!     [--workers 1000,5000,10000] [--interval-s 10] [--broker embedded|mosquitto|nats|both] \
 //!     [--duration-s 60] [--vanish 100] [--enrol-threads 16] [--sim-threads 2] \
 //!     [--nagle] [--subscribe-mirrors] [--conductor-bin PATH] [--json FILE]
 //! ```
@@ -102,7 +102,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: fleet_sim [--workers 1000,5000,10000] [--interval-s 10[,1]] \
-[--broker embedded|mosquitto|both] [--duration-s 60] [--vanish 100] [--enrol-threads 16] \
+[--broker embedded|mosquitto|nats|both] [--duration-s 60] [--vanish 100] [--enrol-threads 16] \
 [--sim-threads 2] [--nagle] [--subscribe-mirrors] [--conductor-bin PATH] [--json FILE]
 Without --workers and --interval-s: 1000/5000/10000 workers at 10 s and 1000 at 1 s.";
 
@@ -155,8 +155,13 @@ fn parse_args() -> Result<Args, String> {
                 a.brokers = match v.as_str() {
                     "embedded" => vec![BrokerKind::Embedded],
                     "mosquitto" => vec![BrokerKind::Mosquitto],
+                    "nats" => vec![BrokerKind::Nats],
                     "both" => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
-                    _ => return Err(format!("--broker: embedded, mosquitto or both\n{USAGE}")),
+                    _ => {
+                        return Err(format!(
+                            "--broker: embedded, mosquitto, nats or both\n{USAGE}"
+                        ))
+                    }
                 }
             }
             "--duration-s" => a.duration = Duration::from_secs(one(&flag, &v)?),
@@ -449,7 +454,7 @@ fn run_scenario(args: &Args, n: usize, interval_s: u64, broker: BrokerKind) -> O
     );
     let t = Target::start(broker, &bin);
     let cpid = t.conductor.pid();
-    let bpid = t.mosquitto.as_ref().map(|m| m.pid());
+    let bpid = t.broker.as_ref().map(|m| m.pid());
     let token = t.registration_token();
 
     // Enrolment, concurrently.
@@ -744,7 +749,7 @@ fn table(results: &[Outcome]) {
         col(&|o| format!("{:.1}", o.conductor_cpu)),
     ));
     rows.push((
-        "mosquitto CPU %",
+        "broker CPU % (external)",
         col(&|o| {
             o.broker_cpu
                 .map_or("(in conductor)".into(), |c| format!("{c:.1}"))
@@ -756,7 +761,7 @@ fn table(results: &[Outcome]) {
         col(&|o| format!("{:.0} / {:.0}", o.rss_mib, o.hwm_mib)),
     ));
     rows.push((
-        "mosquitto RSS MiB",
+        "broker RSS MiB (external)",
         col(&|o| o.broker_rss_mib.map_or("-".into(), |r| format!("{r:.0}"))),
     ));
     rows.push((
@@ -851,7 +856,7 @@ fn table(results: &[Outcome]) {
                 .take(2)
                 .map(|(n, p)| format!("{n} {p:.1}"))
                 .collect();
-            line.push_str(&format!("; mosquitto: {}", b.join(", ")));
+            line.push_str(&format!("; {}: {}", o.broker, b.join(", ")));
         }
         println!("{line}");
     }

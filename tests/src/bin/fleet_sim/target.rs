@@ -26,6 +26,9 @@ pub enum BrokerKind {
     Embedded,
     /// An external Mosquitto (`--mqtt-url`).
     Mosquitto,
+    /// One NATS node with JetStream and its MQTT gateway (`--mqtt-url`):
+    /// the scale-out mode's bus, one node of it.
+    Nats,
 }
 
 impl BrokerKind {
@@ -34,16 +37,19 @@ impl BrokerKind {
         match self {
             BrokerKind::Embedded => "embedded",
             BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::Nats => "nats",
         }
     }
 }
 
-/// A running conductor (and Mosquitto), killed on drop.
+/// A running conductor (and Mosquitto or NATS), killed on drop.
 pub struct Target {
     /// The conductor process.
     pub conductor: Proc,
-    /// Mosquitto, when used.
-    pub mosquitto: Option<Proc>,
+    /// The external broker's process (Mosquitto or the NATS node), when used.
+    pub broker: Option<Proc>,
+    /// The NATS node, when used (its process is taken into `broker`).
+    _nats: Option<e2e::nats::NatsCluster>,
     /// HTTP API address.
     pub http: SocketAddr,
     /// Broker address (embedded or Mosquitto).
@@ -118,17 +124,28 @@ fn start_mosquitto(dir: &Path) -> (Proc, u16) {
 }
 
 impl Target {
-    /// Starts the conductor `bin` (and Mosquitto for [`BrokerKind::Mosquitto`]).
+    /// Starts the conductor `bin` (and Mosquitto or NATS, by `kind`).
     pub fn start(kind: BrokerKind, bin: &Path) -> Target {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut args: Vec<String> = Vec::new();
-        let mosquitto = match kind {
-            BrokerKind::Embedded => None,
+        let mut env: Vec<(&str, &str)> = Vec::new();
+        let (broker, nats) = match kind {
+            BrokerKind::Embedded => (None, None),
             BrokerKind::Mosquitto => {
                 let (proc, port) = start_mosquitto(dir.path());
                 args.push("--mqtt-url".into());
                 args.push(format!("mqtt://127.0.0.1:{port}"));
-                Some(proc)
+                (Some(proc), None)
+            }
+            BrokerKind::Nats => {
+                let mut nats = e2e::nats::NatsCluster::start(&dir.path().join("nats"), 1)
+                    .expect("nats-server (tests/setup.sh installs it)");
+                args.push("--mqtt-url".into());
+                args.push(nats.conductor_url());
+                let (u, p) = e2e::nats::WORKER_LOGIN;
+                env.push(("AEREKOS_WORKER_MQTT_USERNAME", u));
+                env.push(("AEREKOS_WORKER_MQTT_PASSWORD", p));
+                (nats.nodes[0].take(), Some(nats))
             }
         };
         let data_dir = dir.path().join("conductor");
@@ -148,7 +165,8 @@ impl Target {
             .args(&args)
             .env("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("AEREKOS_RATE_LIMIT_BURST", "0")
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env);
         let mut conductor = Proc::spawn(cmd, dir.path().join("conductor.log"));
         let pid = conductor.pid();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -177,7 +195,8 @@ impl Target {
             http: addr("http_addr"),
             mqtt: addr("mqtt_addr"),
             conductor,
-            mosquitto,
+            broker,
+            _nats: nats,
             admin: String::new(),
             agent: agent(),
             _dir: dir,
