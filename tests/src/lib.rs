@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod agent_release;
+pub mod docker;
 pub mod nats;
 pub mod services;
 

