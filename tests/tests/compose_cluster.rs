@@ -30,13 +30,12 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use e2e::docker::{docker, environment, must, platform, repo, run, static_bins};
 use e2e::{free_port, https, wait_for};
 use serde_json::{json, Value};
 
@@ -47,72 +46,6 @@ const POSTGRES_DB: &str = "aerekos";
 const NATS_CONDUCTOR_PASSWORD: &str = "cluster-nats-conductor-Hs2";
 const WORKER_MQTT_PASSWORD: &str = "cluster-nats-worker-Lm9";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-/// Output of a finished command.
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` to completion, killing it after `timeout`.
-fn run(cmd: &mut Command, timeout: Duration) -> Result<Out, String> {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let pipe = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = pipe(Box::new(child.stdout.take().unwrap()));
-    let err = pipe(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{what}: timed out after {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Ok(Out {
-        ok: status.success(),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
-}
-
-/// Runs `cmd` and panics with its output unless it succeeds; its stdout.
-#[track_caller]
-fn must(cmd: &mut Command, timeout: Duration) -> String {
-    let what = format!("{cmd:?}");
-    match run(cmd, timeout) {
-        Ok(o) if o.ok => o.stdout,
-        Ok(o) => panic!("{what} failed:\n{}\n{}", o.stdout, o.stderr),
-        Err(e) => panic!("{e}"),
-    }
-}
-
-fn docker() -> Command {
-    Command::new("docker")
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
 
 /// `AEREKOS_REQUIRE_<what>=1` turns a skip into a failure.
 fn required(what: &str) -> bool {
@@ -126,36 +59,6 @@ fn skip(what: &str, reason: &str) {
         "AEREKOS_REQUIRE_{what} is set but {reason}"
     );
     println!("skipped: {reason}");
-}
-
-/// The compose command (`docker compose` or `docker-compose`), or why the
-/// test cannot run here.
-fn environment() -> Result<Vec<String>, String> {
-    match run(
-        docker().args(["info", "--format", "{{.ServerVersion}}"]),
-        SECS(30),
-    ) {
-        Err(e) => return Err(format!("no docker CLI ({e})")),
-        Ok(o) if !o.ok => return Err(format!("no Docker engine: {}", o.stderr.trim())),
-        Ok(_) => {}
-    }
-    for cli in [&["docker", "compose"][..], &["docker-compose"][..]] {
-        let mut cmd = Command::new(cli[0]);
-        cmd.args(&cli[1..]).arg("version");
-        if run(&mut cmd, SECS(30)).is_ok_and(|o| o.ok) {
-            return Ok(cli.iter().map(|s| s.to_string()).collect());
-        }
-    }
-    Err("neither `docker compose` nor `docker-compose` works".into())
-}
-
-/// The musl target and Docker platform of this machine.
-fn platform() -> Option<(&'static str, &'static str)> {
-    match std::env::consts::ARCH {
-        "x86_64" => Some(("x86_64-unknown-linux-musl", "linux/amd64")),
-        "aarch64" => Some(("aarch64-unknown-linux-musl", "linux/arm64")),
-        _ => None,
-    }
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` holding the server (what
@@ -176,43 +79,6 @@ fn postgres_bindir() -> Option<PathBuf> {
         .collect();
     found.sort();
     found.pop().map(|(_, b)| b)
-}
-
-/// Builds (or finds up to date) the static `conductor` and `edge-worker`
-/// with the `image-test` profile, exactly as `compose.rs` does (one build
-/// for both); the directory holding them.
-fn static_bins(triple: &str) -> PathBuf {
-    let started = Instant::now();
-    let out = run(
-        Command::new(env!("CARGO"))
-            .args(["build", "--profile", "image-test", "--target", triple])
-            .args(["-p", "conductor", "-p", "edge-worker", "--bins"])
-            .arg("--message-format=json-render-diagnostics")
-            .current_dir(repo()),
-        SECS(40 * 60),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.ok,
-        "static build for {triple} failed: it needs `rustup target add {triple}` and a musl C \
-         compiler for SQLite (`apt-get install musl-tools`)\n{}",
-        out.stderr
-    );
-    let mut bins = BTreeMap::new();
-    for line in out.stdout.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
-            bins.insert(name.to_string(), PathBuf::from(exe));
-        }
-    }
-    let (Some(c), Some(w)) = (bins.get("conductor"), bins.get("edge-worker")) else {
-        panic!("cargo reported no conductor/edge-worker executables: {bins:?}");
-    };
-    assert_eq!(c.parent(), w.parent());
-    eprintln!("static binaries ready in {:?}", started.elapsed());
-    c.parent().unwrap().to_path_buf()
 }
 
 /// Images this test built, removed (with any container left using them) on drop.
