@@ -65,7 +65,8 @@ pub fn nats_bin() -> Option<PathBuf> {
 }
 
 impl NatsCluster {
-    /// Starts `n` nodes in `dir` and waits until every node is healthy
+    /// Starts `n` nodes in `dir` (one: a standalone server, no cluster
+    /// block) and waits until every node is healthy
     /// (JetStream's meta leader elected, MQTT listening).
     pub fn start(dir: &Path, n: usize) -> Option<NatsCluster> {
         if nats_bin().is_none() {
@@ -109,19 +110,28 @@ impl NatsCluster {
             .iter()
             .map(|o| format!("nats-route://127.0.0.1:{}", o.cluster))
             .collect();
+        // One node is a standalone server: JetStream in cluster mode waits
+        // for a meta leader a lone node does not elect.
+        let cluster = if self.ports.len() > 1 {
+            format!(
+                "cluster {{ name: aerekos, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                p.cluster,
+                routes.join(", ")
+            )
+        } else {
+            String::new()
+        };
         let conf = format!(
             "server_name: n{i}\n\
              listen: 127.0.0.1:{client}\n\
              http: 127.0.0.1:{http}\n\
              jetstream {{ store_dir: \"{store}\" }}\n\
-             cluster {{ name: aerekos, listen: 127.0.0.1:{cluster}, routes: [{routes}] }}\n\
+             {cluster}\
              mqtt {{ listen: 127.0.0.1:{mqtt} }}\n\
              authorization {{ users: [ {{user: {cu}, password: {cp}}}, {{user: {wu}, password: {wp}}} ] }}\n",
             client = p.client,
             http = p.http,
             store = node.join("js").display(),
-            cluster = p.cluster,
-            routes = routes.join(", "),
             mqtt = p.mqtt,
             cu = CONDUCTOR_LOGIN.0,
             cp = CONDUCTOR_LOGIN.1,
