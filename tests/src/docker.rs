@@ -6,12 +6,15 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is a failure report
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::wait_for;
 
 /// Output of a finished command.
 #[derive(Debug)]
@@ -166,4 +169,136 @@ pub fn static_bins(triple: &str) -> PathBuf {
     assert_eq!(c.parent(), w.parent());
     eprintln!("static binaries ready in {:?}", started.elapsed());
     c.parent().unwrap().to_path_buf()
+}
+
+/// One compose project (`-p name -f file --env-file …`), taken down with
+/// `down -v` on drop; its logs are printed first if the test is failing.
+#[derive(Debug)]
+pub struct ComposeProject {
+    cli: Vec<String>,
+    /// The project name (`-p`).
+    pub name: String,
+    /// `compose/<file>`, then any override files (`-f` each, in order).
+    files: Vec<PathBuf>,
+    env_file: PathBuf,
+    down: bool,
+}
+
+impl ComposeProject {
+    /// A project of `compose/<file>` with exactly `env` as its variables: the
+    /// caller's own compose/.env and AEREKOS_*/COMPOSE_* variables are not seen.
+    pub fn new(cli: &[String], name: &str, file: &str, env: &[(&str, String)], dir: &Path) -> Self {
+        let env_file = dir.join(format!("{name}.env"));
+        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        fs::write(&env_file, text).unwrap();
+        ComposeProject {
+            cli: cli.to_vec(),
+            name: name.to_string(),
+            files: vec![repo().join("compose").join(file)],
+            env_file,
+            down: false,
+        }
+    }
+
+    /// Adds an override file (`-f compose/<file> -f <path>`): compose merges
+    /// it over the project's file.
+    pub fn with_override(mut self, path: PathBuf) -> Self {
+        self.files.push(path);
+        self
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.cli[0]);
+        cmd.args(&self.cli[1..]).args(["-p", &self.name]);
+        for file in &self.files {
+            cmd.arg("-f").arg(file);
+        }
+        cmd.arg("--env-file").arg(&self.env_file).args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AEREKOS_") || k.starts_with("COMPOSE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd
+    }
+
+    #[track_caller]
+    pub fn run(&self, args: &[&str]) -> String {
+        must(&mut self.cmd(args), Duration::from_secs(180))
+    }
+
+    /// `down -v`, then checks that no container or volume of the project is left.
+    /// The container id of `service`, once it exists.
+    pub fn container(&self, service: &str) -> String {
+        wait_for(
+            &format!("the {service} container"),
+            Duration::from_secs(60),
+            || {
+                let id = must(
+                    &mut self.cmd(&["ps", "-q", service]),
+                    Duration::from_secs(30),
+                );
+                let id = id.trim().to_string();
+                (!id.is_empty()).then_some(id)
+            },
+        )
+    }
+
+    /// `down -v`, then checks that no container or volume of the project is left.
+    pub fn down(&mut self) {
+        self.down = true;
+        self.run(&["down", "-v", "--remove-orphans", "-t", "10"]);
+        let label = format!("label=com.docker.compose.project={}", self.name);
+        let left = must(
+            docker().args(["ps", "-aq", "--filter", &label]),
+            Duration::from_secs(30),
+        );
+        assert_eq!(left.trim(), "", "containers left by {}", self.name);
+        let left = must(
+            docker().args(["volume", "ls", "-q", "--filter", &label]),
+            Duration::from_secs(30),
+        );
+        assert_eq!(left.trim(), "", "volumes left by {}", self.name);
+    }
+}
+
+impl Drop for ComposeProject {
+    fn drop(&mut self) {
+        if self.down {
+            return;
+        }
+        if std::thread::panicking() {
+            if let Ok(o) = run(
+                &mut self.cmd(&["logs", "--no-color", "--tail", "40"]),
+                Duration::from_secs(60),
+            ) {
+                eprintln!("---- logs of {} ----\n{}{}", self.name, o.stdout, o.stderr);
+            }
+        }
+        let _ = run(
+            &mut self.cmd(&["down", "-v", "--remove-orphans", "-t", "5"]),
+            Duration::from_secs(180),
+        );
+    }
+}
+
+/// The fleet CA a conductor container made in its data volume (`docker
+/// cp`: the image has no shell), once it is there; a copy in `tmp`.
+pub fn fleet_ca_pem(container: &str, tmp: &Path) -> String {
+    let out = tmp.join(format!("{container}-ca.pem"));
+    wait_for(
+        "the fleet CA in the volume",
+        Duration::from_secs(90),
+        || {
+            run(
+                docker()
+                    .args(["cp", &format!("{container}:/data/tls/ca.pem")])
+                    .arg(&out),
+                Duration::from_secs(30),
+            )
+            .ok()
+            .and_then(|_| fs::read_to_string(&out).ok())
+            .filter(|s| s.contains("BEGIN CERTIFICATE"))
+        },
+    )
 }

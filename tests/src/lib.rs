@@ -119,7 +119,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 
 /// Copies the files (not subdirectories) of `from` into `to`: one
 /// conductor's TLS material for another.
-pub fn copy_dir(from: &Path, to: &Path) {
+fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for e in fs::read_dir(from).unwrap() {
         let e = e.unwrap();
@@ -451,22 +451,33 @@ impl Conductor {
         )
     }
 
-    /// [`Conductor::start_on`] with environment (`AEREKOS_*` settings
-    /// without a flag).
-    pub fn start_on_with_env(
+    /// Starts a standby of `self` in `data_dir` with `args` and `env`, the
+    /// way active/standby is deployed: `self`'s TLS material copied and,
+    /// like a floating address, `self`'s HTTP address. Returns once the
+    /// standby says it is standing by; the handle yields it when it has
+    /// taken over and serves.
+    pub fn standby(
+        &self,
         data_dir: &Path,
         args: &[&str],
         env: &[(&str, &str)],
-        listen: [&str; 3],
-    ) -> Conductor {
-        Conductor::spawn(
-            data_dir.to_path_buf(),
-            args.iter().map(|s| s.to_string()).collect(),
-            env.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            listen,
-        )
+    ) -> std::thread::JoinHandle<Conductor> {
+        copy_dir(&self.data_dir.join("tls"), &data_dir.join("tls"));
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (dir, args, http) = (data_dir.to_path_buf(), own(args), self.http.to_string());
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let handle = std::thread::spawn(move || {
+            Conductor::spawn(dir, args, env, [&http, "127.0.0.1:0", "127.0.0.1:0"])
+        });
+        wait_for("the standby standing by", Duration::from_secs(20), || {
+            fs::read_to_string(data_dir.join("conductor.log"))
+                .ok()
+                .filter(|log| log.contains("standby"))
+        });
+        handle
     }
 
     /// The fleet CA certificate (PEM) the conductor made.

@@ -33,7 +33,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e::docker::{docker, docker_compose_or_skip, must, platform, repo, run, static_bins};
+use e2e::docker::{
+    docker, docker_compose_or_skip, fleet_ca_pem, must, platform, repo, run, static_bins,
+    ComposeProject,
+};
 use e2e::{free_port, http, https, static_test_service_bin, wait_for};
 use serde_json::{json, Value};
 
@@ -133,117 +136,6 @@ impl Drop for Images {
         let _ = run(
             docker().args(["rmi", "-f", &self.conductor, &self.worker]),
             SECS(60),
-        );
-    }
-}
-
-/// One compose project (`-p name -f file --env-file …`), taken down with
-/// `down -v` on drop; its logs are printed first if the test is failing.
-struct Project {
-    cli: Vec<String>,
-    name: String,
-    /// `compose/<file>`, then any override files (`-f` each, in order).
-    files: Vec<PathBuf>,
-    env_file: PathBuf,
-    down: bool,
-}
-
-impl Project {
-    /// A project of `compose/<file>` with exactly `env` as its variables: the
-    /// caller's own compose/.env and AEREKOS_*/COMPOSE_* variables are not seen.
-    fn new(cli: &[String], name: &str, file: &str, env: &[(&str, String)], dir: &Path) -> Self {
-        let env_file = dir.join(format!("{name}.env"));
-        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        fs::write(&env_file, text).unwrap();
-        Project {
-            cli: cli.to_vec(),
-            name: name.to_string(),
-            files: vec![repo().join("compose").join(file)],
-            env_file,
-            down: false,
-        }
-    }
-
-    /// Adds an override file (`-f compose/<file> -f <path>`): compose merges
-    /// it over the project's file.
-    fn with_override(mut self, path: PathBuf) -> Self {
-        self.files.push(path);
-        self
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.cli[0]);
-        cmd.args(&self.cli[1..]).args(["-p", &self.name]);
-        for file in &self.files {
-            cmd.arg("-f").arg(file);
-        }
-        cmd.arg("--env-file").arg(&self.env_file).args(args);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AEREKOS_") || k.starts_with("COMPOSE_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd
-    }
-
-    #[track_caller]
-    fn run(&self, args: &[&str]) -> String {
-        must(&mut self.cmd(args), SECS(180))
-    }
-
-    /// `down -v`, then checks that no container or volume of the project is left.
-    /// The fleet CA the conductor made in its volume (`docker cp`: the image
-    /// has no shell), once it is there.
-    fn ca_pem(&self, tmp: &Path) -> String {
-        let id = wait_for("the conductor container", SECS(60), || {
-            let id = must(&mut self.cmd(&["ps", "-q", "conductor"]), SECS(30));
-            let id = id.trim().to_string();
-            (!id.is_empty()).then_some(id)
-        });
-        let out = tmp.join(format!("{}-ca.pem", self.name));
-        wait_for("the fleet CA in the volume", SECS(60), || {
-            run(
-                docker()
-                    .args(["cp", &format!("{id}:/data/tls/ca.pem")])
-                    .arg(&out),
-                SECS(30),
-            )
-            .ok()
-            .and_then(|_| fs::read_to_string(&out).ok())
-            .filter(|s| s.contains("BEGIN CERTIFICATE"))
-        })
-    }
-
-    fn down(&mut self) {
-        self.down = true;
-        self.run(&["down", "-v", "--remove-orphans", "-t", "10"]);
-        let label = format!("label=com.docker.compose.project={}", self.name);
-        let left = must(docker().args(["ps", "-aq", "--filter", &label]), SECS(30));
-        assert_eq!(left.trim(), "", "containers left by {}", self.name);
-        let left = must(
-            docker().args(["volume", "ls", "-q", "--filter", &label]),
-            SECS(30),
-        );
-        assert_eq!(left.trim(), "", "volumes left by {}", self.name);
-    }
-}
-
-impl Drop for Project {
-    fn drop(&mut self) {
-        if self.down {
-            return;
-        }
-        if std::thread::panicking() {
-            if let Ok(o) = run(
-                &mut self.cmd(&["logs", "--no-color", "--tail", "40"]),
-                SECS(60),
-            ) {
-                eprintln!("---- logs of {} ----\n{}{}", self.name, o.stdout, o.stderr);
-            }
-        }
-        let _ = run(
-            &mut self.cmd(&["down", "-v", "--remove-orphans", "-t", "5"]),
-            SECS(180),
         );
     }
 }
@@ -403,7 +295,7 @@ fn conductor_and_two_workers_from_compose_files() {
     // through AEREKOS_MQTT_PUBLIC_URL, as the .env.example describes.
     let dir = tempfile::tempdir().unwrap();
     let (http_port, mqtt_port, mqtts_port) = (free_port(), free_port(), free_port());
-    let mut conductor = Project::new(
+    let mut conductor = ComposeProject::new(
         &cli,
         &format!("aerekos-test-{suffix}-c"),
         "conductor.yml",
@@ -424,7 +316,7 @@ fn conductor_and_two_workers_from_compose_files() {
     conductor.run(&["up", "-d"]);
     // From the host, the conductor in its container is another host: plain
     // HTTP is refused, HTTPS verifies against the fleet CA from the volume.
-    let ca_pem = conductor.ca_pem(dir.path());
+    let ca_pem = fleet_ca_pem(&conductor.container("conductor"), dir.path());
     let (status, body) = e2e::read(
         http()
             .get(format!("http://127.0.0.1:{http_port}/api/v1/health"))
@@ -456,14 +348,14 @@ fn conductor_and_two_workers_from_compose_files() {
             ("AEREKOS_DOCKER_GID", docker_gid.to_string()),
         ]
     };
-    let mut w1 = Project::new(
+    let mut w1 = ComposeProject::new(
         &cli,
         &format!("aerekos-test-{suffix}-w1"),
         "worker.yml",
         &worker_env(1),
         dir.path(),
     );
-    let mut w2 = Project::new(
+    let mut w2 = ComposeProject::new(
         &cli,
         &format!("aerekos-test-{suffix}-w2"),
         "worker.yml",
@@ -790,7 +682,7 @@ struct PiRun {
     pi: &'static PiPlatform,
     hostname: String,
     machine_id: String,
-    project: Project,
+    project: ComposeProject,
     image: OwnedImage,
 }
 
@@ -902,7 +794,7 @@ fn pi_worker_images_run_from_compose_on_their_own_arch() {
 
         let hostname = format!("pi-{}", pi.name);
         let machine_id = format!("compose-{suffix}-{}", pi.name);
-        let mut project = Project::new(
+        let mut project = ComposeProject::new(
             &cli,
             &format!("aerekos-test-{suffix}-{}", pi.name),
             "worker.yml",

@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e::docker::{docker, environment, must, platform, repo, run, static_bins};
+use e2e::docker::{
+    docker, environment, fleet_ca_pem, must, platform, repo, run, static_bins, ComposeProject,
+};
 use e2e::{free_port, https, wait_for};
 use serde_json::{json, Value};
 
@@ -126,98 +128,6 @@ impl Drop for Images {
     }
 }
 
-/// One compose project (`-p name -f compose/<file> --env-file …`), taken
-/// down with `down -v` on drop; its logs are printed first if the test is
-/// failing.
-struct Project {
-    cli: Vec<String>,
-    name: String,
-    file: PathBuf,
-    env_file: PathBuf,
-    down: bool,
-}
-
-impl Project {
-    /// A project of `compose/<file>` with exactly `env` as its variables: the
-    /// caller's own compose/.env and AEREKOS_*/COMPOSE_* variables are not seen.
-    fn new(cli: &[String], name: &str, file: &str, env: &[(&str, String)], dir: &Path) -> Self {
-        let env_file = dir.join(format!("{name}.env"));
-        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        fs::write(&env_file, text).unwrap();
-        Project {
-            cli: cli.to_vec(),
-            name: name.to_string(),
-            file: repo().join("compose").join(file),
-            env_file,
-            down: false,
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.cli[0]);
-        cmd.args(&self.cli[1..])
-            .args(["-p", &self.name, "-f"])
-            .arg(&self.file)
-            .arg("--env-file")
-            .arg(&self.env_file)
-            .args(args);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AEREKOS_") || k.starts_with("COMPOSE_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd
-    }
-
-    #[track_caller]
-    fn run(&self, args: &[&str]) -> String {
-        must(&mut self.cmd(args), SECS(180))
-    }
-
-    /// The container id of `service`, once it exists.
-    fn container(&self, service: &str) -> String {
-        wait_for(&format!("the {service} container"), SECS(60), || {
-            let id = must(&mut self.cmd(&["ps", "-q", service]), SECS(30));
-            let id = id.trim().to_string();
-            (!id.is_empty()).then_some(id)
-        })
-    }
-
-    /// `down -v`, then checks that no container or volume of the project is left.
-    fn down(&mut self) {
-        self.down = true;
-        self.run(&["down", "-v", "--remove-orphans", "-t", "10"]);
-        let label = format!("label=com.docker.compose.project={}", self.name);
-        let left = must(docker().args(["ps", "-aq", "--filter", &label]), SECS(30));
-        assert_eq!(left.trim(), "", "containers left by {}", self.name);
-        let left = must(
-            docker().args(["volume", "ls", "-q", "--filter", &label]),
-            SECS(30),
-        );
-        assert_eq!(left.trim(), "", "volumes left by {}", self.name);
-    }
-}
-
-impl Drop for Project {
-    fn drop(&mut self) {
-        if self.down {
-            return;
-        }
-        if std::thread::panicking() {
-            if let Ok(o) = run(
-                &mut self.cmd(&["logs", "--no-color", "--tail", "40"]),
-                SECS(60),
-            ) {
-                eprintln!("---- logs of {} ----\n{}{}", self.name, o.stdout, o.stderr);
-            }
-        }
-        let _ = run(
-            &mut self.cmd(&["down", "-v", "--remove-orphans", "-t", "5"]),
-            SECS(180),
-        );
-    }
-}
-
 /// A conductor's API as the host sees it (HTTPS, trusting the fleet CA).
 struct Api {
     url: String,
@@ -301,23 +211,6 @@ impl Api {
             (v["status"] == "online" && seq >= from + more).then_some(seq)
         })
     }
-}
-
-/// The fleet CA the active conductor made in the shared volume (`docker
-/// cp`: the image has no shell), once it is there.
-fn ca_pem(container: &str, tmp: &Path) -> String {
-    let out = tmp.join("ca.pem");
-    wait_for("the fleet CA in the shared volume", SECS(90), || {
-        run(
-            docker()
-                .args(["cp", &format!("{container}:/data/tls/ca.pem")])
-                .arg(&out),
-            SECS(30),
-        )
-        .ok()
-        .and_then(|_| fs::read_to_string(&out).ok())
-        .filter(|s| s.contains("BEGIN CERTIFICATE"))
-    })
 }
 
 #[test]
@@ -422,7 +315,7 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
         .iter()
         .map(|p| format!("mqtt://127.0.0.1:{p}"))
         .collect();
-    let mut cluster = Project::new(
+    let mut cluster = ComposeProject::new(
         &cli,
         &format!("aerekos-test-{suffix}-cluster"),
         "cluster.yml",
@@ -451,7 +344,7 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
     );
     cluster.run(&["up", "-d"]);
     let services = ["conductor1", "conductor2"];
-    let ca = ca_pem(&cluster.container(services[0]), dir.path());
+    let ca = fleet_ca_pem(&cluster.container(services[0]), dir.path());
 
     // One of the two takes the lease and serves; the other stands by with
     // no listener behind its published port.
@@ -482,7 +375,7 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
         use std::os::unix::fs::MetadataExt;
         fs::metadata("/var/run/docker.sock").map_or(0, |m| m.gid())
     };
-    let mut worker = Project::new(
+    let mut worker = ComposeProject::new(
         &cli,
         &format!("aerekos-test-{suffix}-cw"),
         "worker.yml",

@@ -52,20 +52,7 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     // B starts while A is active: it stands by, opening no port. It shares
     // A's TLS material and, like a floating address, A's HTTP address.
     let b_dir = dir.path().join("b");
-    copy_dir(&dir.path().join("a").join("tls"), &b_dir.join("tls"));
-    let standby = {
-        let (b_dir, args) = (b_dir.clone(), args.map(str::to_string));
-        let http = a.http.to_string();
-        std::thread::spawn(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Conductor::start_on(&b_dir, &args, [&http, "127.0.0.1:0", "127.0.0.1:0"])
-        })
-    };
-    wait_for("B standing by", SECS(20), || {
-        std::fs::read_to_string(b_dir.join("conductor.log"))
-            .ok()
-            .filter(|log| log.contains("standby"))
-    });
+    let standby = a.standby(&b_dir, &args, &[]);
     std::thread::sleep(Duration::from_millis(1_500));
     assert!(
         !b_dir.join("runtime.json").exists() && !standby.is_finished(),

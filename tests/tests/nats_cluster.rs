@@ -111,21 +111,7 @@ fn the_fleet_rides_out_a_nats_node_and_the_active_conductor_dying() {
     });
 
     // A standby on A's HTTP address and TLS material; then A dies.
-    let b_dir = dir.path().join("b");
-    copy_dir(&dir.path().join("a").join("tls"), &b_dir.join("tls"));
-    let standby = {
-        let (b_dir, args) = (b_dir.clone(), args.map(str::to_string));
-        let http = a.http.to_string();
-        std::thread::spawn(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Conductor::start_on_with_env(&b_dir, &args, &env, [&http, "127.0.0.1:0", "127.0.0.1:0"])
-        })
-    };
-    wait_for("B standing by", SECS(20), || {
-        std::fs::read_to_string(b_dir.join("conductor.log"))
-            .ok()
-            .filter(|log| log.contains("standby"))
-    });
+    let standby = a.standby(&dir.path().join("b"), &args, &env);
     let killed = Instant::now();
     a.proc.kill9();
     let b = standby.join().unwrap();
