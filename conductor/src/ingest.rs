@@ -402,16 +402,21 @@ impl Writer {
     /// commit) when every sender is dropped.
     /// After every successful commit it raises `marks` to the highest seq
     /// per worker whose window it committed (see [`run_acks`]).
+    /// After every batch it is done with, it sets `received` to the
+    /// highest [`WriteOp::Received`] mark in it: the MQTT loop may then
+    /// PubAck those publishes ([`crate::subscriber::run_loop`]). Not after
+    /// a batch dropped because the lease is lost: the broker keeps those
+    /// publishes for the successor.
     pub fn spawn(
         store: Store,
         rx: mpsc::Receiver<WriteOp>,
         marks: StoredMarks,
-        raw_retention_ms: u64,
-        minute_retention_ms: u64,
+        received: tokio::sync::watch::Sender<u64>,
+        retention: (u64, u64),
     ) -> std::io::Result<Writer> {
         let handle = std::thread::Builder::new()
             .name("ingest-writer".into())
-            .spawn(move || writer_loop(store, rx, &marks, raw_retention_ms, minute_retention_ms))?;
+            .spawn(move || writer_loop(store, rx, &marks, &received, retention))?;
         Ok(Writer { handle })
     }
 
@@ -425,12 +430,14 @@ fn writer_loop(
     mut store: Store,
     rx: mpsc::Receiver<WriteOp>,
     marks: &StoredMarks,
-    raw_retention_ms: u64,
-    minute_retention_ms: u64,
+    received: &tokio::sync::watch::Sender<u64>,
+    (raw_retention_ms, minute_retention_ms): (u64, u64),
 ) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(BATCH_MAX);
     let mut last_sweep = Instant::now();
     let mut first_at: Option<Instant> = None;
+    // The batch holds a `Received` mark; the queue was empty at the last drain.
+    let (mut marked, mut idle) = (false, false);
     sweep(&mut store, raw_retention_ms, minute_retention_ms);
     loop {
         let timeout = match first_at {
@@ -442,12 +449,20 @@ fn writer_loop(
                 if batch.is_empty() {
                     first_at = Some(Instant::now());
                 }
+                marked |= matches!(op, WriteOp::Received(_));
                 batch.push(op);
                 // Drain what is already queued without waiting.
+                idle = false;
                 while batch.len() < BATCH_MAX {
                     match rx.try_recv() {
-                        Ok(op) => batch.push(op),
-                        Err(_) => break,
+                        Ok(op) => {
+                            marked |= matches!(op, WriteOp::Received(_));
+                            batch.push(op);
+                        }
+                        Err(_) => {
+                            idle = true;
+                            break;
+                        }
                     }
                 }
                 false
@@ -455,7 +470,12 @@ fn writer_loop(
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => true,
         };
-        let due = first_at.is_some_and(|t| t.elapsed() >= BATCH_DELAY);
+        // Publishes waiting for their PubAck (an external broker) are
+        // committed as soon as nothing more is queued, not after
+        // BATCH_DELAY: the broker holds back what follows them once its
+        // in-flight window (Mosquitto: 20 by default) is full. Under load
+        // the batch still grows while the previous commit runs.
+        let due = first_at.is_some_and(|t| t.elapsed() >= BATCH_DELAY) || (marked && idle);
         if !batch.is_empty() && (due || batch.len() >= BATCH_MAX || disconnected) {
             // A frame's metrics row must commit with its `Seen` (sent right
             // after it): split, a crash would leave the row without the
@@ -468,11 +488,28 @@ fn writer_loop(
                 unsealed_tail(&batch)
             };
             let carried = batch.split_off(batch.len() - keep);
+            let mark = batch
+                .iter()
+                .filter_map(|op| match op {
+                    WriteOp::Received(n) => Some(*n),
+                    _ => None,
+                })
+                .max();
             if !batch.is_empty() && commit(&mut store, &batch) {
                 raise_marks(marks, &mut batch);
             }
+            // Committed, or dropped for good (logged): the broker may let
+            // those publishes go. Not when the lease is lost.
+            if let Some(n) = mark.filter(|_| !store.fence_stopped()) {
+                received.send_if_modified(|m| {
+                    let raise = n > *m;
+                    *m = (*m).max(n);
+                    raise
+                });
+            }
             batch.clear();
             batch.extend(carried);
+            marked = batch.iter().any(|op| matches!(op, WriteOp::Received(_)));
             first_at = (!batch.is_empty()).then(Instant::now);
         }
         if disconnected {

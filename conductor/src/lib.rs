@@ -509,12 +509,17 @@ pub async fn run(
     }
     let store_engine = writer_store.engine();
     let lease_fence = lease.is_some().then(|| fence.clone());
+    // With an external broker the conductor PubAcks a frame only once it
+    // is committed (the broker keeps it for a successor until then); the
+    // embedded broker dies with the conductor, and its workers re-send
+    // what has no `Stored` when they reconnect.
+    let (received_tx, received_rx) = watch::channel(0u64);
     let writer = ingest::Writer::spawn(
         writer_store,
         write_rx,
         stored_marks.clone(),
-        config.raw_retention_ms(),
-        config.minute_retention_ms(),
+        received_tx,
+        (config.raw_retention_ms(), config.minute_retention_ms()),
     )
     .map_err(io_err("start writer thread"))?;
 
@@ -569,13 +574,14 @@ pub async fn run(
         reconcile: tokio::sync::Notify::new(),
     });
 
-    let (client, eventloop, nodes) = mqtt::client(&mqtt_settings);
+    let (client, eventloop, nodes) = mqtt::client(&mqtt_settings, !embedded);
     let (sub_tx, mut sub_rx) = watch::channel(false);
     let mqtt_task = subscriber::run_loop(
         shared.clone(),
         client.clone(),
         eventloop,
         nodes,
+        (!embedded).then_some(received_rx),
         sub_tx,
         stop_rx.clone(),
     );

@@ -104,8 +104,9 @@ pub fn connect(opts: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop) {
 /// Builds the conductor's own client and its event loop (nothing connects
 /// until polled), and the options for every node of the broker (the first
 /// is the event loop's): [`crate::subscriber::run_loop`] moves to the next
-/// one after a connection error.
-pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop, Vec<MqttOptions>) {
+/// one after a connection error. `manual_acks`: publishes are PubAcked by
+/// the loop once committed, not on receipt.
+pub fn client(s: &MqttSettings, manual_acks: bool) -> (AsyncClient, EventLoop, Vec<MqttOptions>) {
     let nodes = std::iter::once((s.host.clone(), s.port)).chain(s.more.iter().cloned());
     let all: Vec<MqttOptions> = nodes
         .map(|(host, port)| {
@@ -118,6 +119,7 @@ pub fn client(s: &MqttSettings) -> (AsyncClient, EventLoop, Vec<MqttOptions>) {
                 CLIENT_ID,
             );
             opts.set_clean_session(false);
+            opts.set_manual_acks(manual_acks);
             // Larger than MAX_FRAME_LEN so oversized frames arrive and are counted.
             opts.set_max_packet_size(128 * 1024, 128 * 1024);
             if let Some(u) = &s.username {

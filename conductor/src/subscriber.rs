@@ -6,6 +6,7 @@
 //! which the dynamic-security client uses too) so that the low layer does not
 //! depend on ingest and the shared state.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,20 +15,61 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::state::Shared;
+use crate::store::WriteOp;
+
+/// The writer's next committed mark; never, without manual acks.
+async fn next_commit(committed: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    match committed {
+        Some(rx) => {
+            rx.changed().await.ok()?;
+            Some(*rx.borrow_and_update())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// PubAcks, in order, every publish whose mark is at most `upto`. Stops
+/// at the first that does not fit in the client's request queue (full of
+/// publishes: the event loop drains it when polled), leaving it first for
+/// the next call: a PubAck is never skipped, or the broker's in-flight
+/// window would shrink for good.
+fn ack_committed(client: &AsyncClient, unacked: &mut VecDeque<(u64, rumqttc::Publish)>, upto: u64) {
+    while let Some((n, p)) = unacked.front() {
+        if *n > upto || client.try_ack(p).is_err() {
+            break;
+        }
+        unacked.pop_front();
+    }
+}
 
 /// Drives the event loop until `stop` turns true. Sets `subscribed` after the
 /// first SubAck. `nodes` are the options for every node of the broker (one
 /// for a single broker, the event loop's): after a connection error the
 /// next connect goes to the next node — the conductor's persistent session
 /// lives in the cluster (NATS keeps it in JetStream), not in one node.
+///
+/// `committed` (with an external broker, whose client was built with
+/// manual acks): the ingest writer's highest committed
+/// [`WriteOp::Received`] mark. Each QoS 1 publish is PubAcked only once the
+/// writer has committed what it led to, in the order received, so a
+/// conductor killed before its commit leaves the frame with the broker,
+/// which delivers it again to the conductor's session — its successor's
+/// after a takeover. (Acknowledging on receipt, the successor's cumulative
+/// `Stored` would have covered a frame nobody stored.)
 pub async fn run_loop(
     shared: Arc<Shared>,
     client: AsyncClient,
     mut eventloop: EventLoop,
     nodes: Vec<rumqttc::MqttOptions>,
+    mut committed: Option<watch::Receiver<u64>>,
     subscribed: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Publishes received and not yet PubAcked, with their marks, in order.
+    let mut unacked: VecDeque<(u64, rumqttc::Publish)> = VecDeque::new();
+    let mut received: u64 = 0;
+    // The writer's highest committed mark seen.
+    let mut committed_upto: u64 = 0;
     let mut node = 0;
     let mut backoff = Duration::from_millis(200);
     let mut failures: u64 = 0;
@@ -43,6 +85,17 @@ pub async fn run_loop(
         };
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
+            upto = next_commit(&mut committed) => {
+                match upto {
+                    Some(upto) => {
+                        committed_upto = upto;
+                        ack_committed(&client, &mut unacked, upto);
+                    }
+                    // The writer is gone (shutting down): nothing more commits.
+                    None => committed = None,
+                }
+                continue;
+            }
             () = resubscribe => {
                 resubscribe_at = None;
                 if let Err(e) =
@@ -54,11 +107,24 @@ pub async fn run_loop(
             }
             _ = stop.changed() => break,
         };
+        // PubAcks that did not fit in the request queue last time.
+        if unacked.front().is_some_and(|(n, _)| *n <= committed_upto) {
+            ack_committed(&client, &mut unacked, committed_upto);
+        }
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 crate::ingest::handle_publish(&shared, &client, &p.topic, &p.payload);
+                if committed.is_some() && p.qos != QoS::AtMostOnce {
+                    received += 1;
+                    // After the frame's own writes: committed with them.
+                    let _ = shared.writer.send(WriteOp::Received(received));
+                    unacked.push_back((received, p));
+                }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                // A new connection: the broker sends again whatever the
+                // last one did not PubAck; those pkids are void here.
+                unacked.clear();
                 info!(
                     session_present = ack.session_present,
                     "connected to MQTT broker"

@@ -22,6 +22,13 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
         return;
     };
     let url = pg.create_database("fleet");
+    // A backend notices at once that its conductor died (PostgreSQL's
+    // default notices only when it next talks to it): A's batch that waits
+    // on a lock below is then rolled back, as a crash mid-commit would.
+    pg.psql(
+        "fleet",
+        "ALTER DATABASE fleet SET client_connection_check_interval = '100ms'",
+    );
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&dir.path().join("mosquitto"));
     let args = ["--mqtt-url", &broker.url(), "--store", &url];
@@ -60,10 +67,24 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     );
     let seq_on_a = a.worker(&id)["metrics"]["seq"].as_u64().unwrap();
 
-    let killed = Instant::now();
-    a.proc.kill9();
-    let b = standby.join().unwrap();
-    let takeover = killed.elapsed();
+    // A dies with frames received and not committed: the metrics table is
+    // locked for 5 s, so A's writer waits, and A is killed 2 s in. The
+    // broker must hand those frames to B (A acknowledged none of them to
+    // it); acknowledged on receipt, B's `Stored` would cover them unstored.
+    let (b, takeover) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            pg.psql(
+                "fleet",
+                "BEGIN; LOCK TABLE metrics_raw IN ACCESS EXCLUSIVE MODE; \
+                 SELECT pg_sleep(5); COMMIT;",
+            )
+        });
+        std::thread::sleep(SECS(2));
+        let killed = Instant::now();
+        a.proc.kill9();
+        let b = standby.join().unwrap();
+        (b, killed.elapsed())
+    });
     eprintln!("takeover: {takeover:?} from kill -9 to B serving");
     assert!(takeover < SECS(15), "took {takeover:?}");
     let log = std::fs::read_to_string(b_dir.join("conductor.log")).unwrap();
@@ -75,12 +96,35 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
         let v = b.worker(&id);
         (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(seq_on_a + 5)).then_some(())
     });
+    wait_for("B's frames committed", SECS(20), || {
+        let n = pg.psql(
+            "fleet",
+            &format!(
+                "SELECT count(*) FROM metrics_raw WHERE worker_id = '{id}' AND seq > {}",
+                seq_on_a + 5
+            ),
+        );
+        (n != "0").then_some(())
+    });
     let counts = pg.psql(
         "fleet",
         &format!("SELECT count(*), count(DISTINCT seq) FROM metrics_raw WHERE worker_id = '{id}'"),
     );
     let (rows, distinct) = counts.split_once('|').unwrap();
     assert_eq!(rows, distinct, "a frame stored twice: {counts}");
+    // Nothing lost around the kill: the agent sends a metrics frame every
+    // 300 ms and nothing else then, so the stored seqs are consecutive.
+    let gap = pg.psql(
+        "fleet",
+        &format!(
+            "SELECT max(seq - prev) FROM (SELECT seq, lag(seq) OVER (ORDER BY seq) AS prev \
+             FROM metrics_raw WHERE worker_id = '{id}' AND seq >= {seq_on_a}) t"
+        ),
+    );
+    assert!(
+        gap.parse::<u64>().unwrap() <= 2,
+        "frames A had received and not committed were lost: a gap of {gap} seqs"
+    );
     assert!(
         rows.parse::<u64>().unwrap() > seq_on_a,
         "frames from both conductors are stored: {counts}"

@@ -79,6 +79,12 @@ pub enum WriteOp {
         /// Service name.
         name: String,
     },
+    /// Not a write: the MQTT loop's mark after the ops of its `n`th
+    /// received publish (with an external broker). Once a batch holding it
+    /// is committed, the loop may PubAck publishes 1..=n to the broker
+    /// ([`crate::subscriber`]); until then the broker keeps them for the
+    /// conductor's session.
+    Received(u64),
 }
 
 impl Store {
@@ -226,6 +232,7 @@ impl Store {
                             owned(params![worker_id]),
                         ));
                     }
+                    WriteOp::Received(_) => {}
                     WriteOp::SecretPromoted {
                         worker_id,
                         secret_hex,
