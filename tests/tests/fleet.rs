@@ -188,6 +188,13 @@ fn forged_replayed_and_malformed_frames_are_rejected_and_counted() {
     // attacker here holds the worker's own broker login (a stolen
     // state.json without the frame secret, say): the HMAC is what stands.
     w.proc.kill9();
+    // Only once the broker has dropped the killed worker's connection (its
+    // will marks it offline): a CONNECT under the same client id that the
+    // broker sees while the dead connection is still registered replaces it,
+    // and the dead link's late disconnect can then close the new one.
+    wait_for("killed worker offline", SECS(20), || {
+        (c.status_of(&id) == "offline").then_some(())
+    });
     let (wu, wp) = w.mqtt_login();
     let mallory =
         MqttClient::connect(c.mqtt, &id, Some((&wu, &wp))).expect("the worker's own broker login");
