@@ -19,6 +19,9 @@ USAGE:
 
 OPTIONS (each also from the environment variable shown):
     --conductor URL         conductor base URL, http://host:3000   AEREKOS_CONDUCTOR
+                            (a comma list: an active conductor and
+                            its standbys; the first that accepts a
+                            connection is used)
     --token T               registration token (aer_...), used     AEREKOS_REGISTRATION_TOKEN
                             only for the first enrolment (ignored once an
                             identity is stored; AEREKOS_TOKEN, the CLI's API
@@ -324,11 +327,12 @@ pub fn parse(
         config.labels.push(label);
     }
     if let Some(url) = &config.conductor_url {
-        if !url.starts_with("http://") && !url.starts_with("https://") {
+        if crate::conductor_urls::ConductorUrls::parse(url).is_none() {
             return Err(invalid(
                 "--conductor",
                 url,
-                "expected https://host:port (or http:// on the conductor's own host)",
+                "expected https://host:port (or http:// on the conductor's own host), or a \
+                 comma-separated list of them (an active conductor and its standbys)",
             ));
         }
     }

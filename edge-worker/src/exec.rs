@@ -154,10 +154,7 @@ fn upload(
     body: FrameReader,
     timeout: Duration,
 ) -> Result<u16, String> {
-    let base = conductor.url.trim_end_matches('/');
-    if !base.starts_with("http://") && !base.starts_with("https://") {
-        return Err(format!("invalid conductor URL {:?}", conductor.url));
-    }
+    let base = conductor.urls.reachable();
     let agent = crate::tls::http_agent(
         conductor.trust.as_ref(),
         ureq::Agent::config_builder()
@@ -575,7 +572,7 @@ mod tests {
     #[test]
     fn disabled_workers_refuse_and_run_nothing() {
         let c = Conductor {
-            url: "http://127.0.0.1:9".into(),
+            urls: crate::conductor_urls::ConductorUrls::parse("http://127.0.0.1:9").unwrap(),
             worker_id: "w-1".into(),
             secret: protocol::Secret::from_bytes([0; 32]),
             previous_secret: None,

@@ -153,8 +153,9 @@ impl FetchError {
 /// Where and as whom to download.
 #[derive(Clone)]
 pub struct Conductor {
-    /// Base URL, `http://host:port`.
-    pub url: String,
+    /// Base URL, `http://host:port`, or several (an active conductor and
+    /// its standbys).
+    pub urls: crate::conductor_urls::ConductorUrls,
     /// This worker's id.
     pub worker_id: String,
     /// This worker's frame secret (signs the request).
@@ -169,7 +170,7 @@ pub struct Conductor {
 impl std::fmt::Debug for Conductor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conductor")
-            .field("url", &self.url)
+            .field("urls", &self.urls)
             .field("worker_id", &self.worker_id)
             .finish_non_exhaustive()
     }
@@ -181,10 +182,7 @@ impl Conductor {
         path: &str,
         global: Option<Duration>,
     ) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
-        let base = self.url.trim_end_matches('/');
-        if !base.starts_with("http://") && !base.starts_with("https://") {
-            return Err(FetchError::BadUrl(self.url.clone()));
-        }
+        let base = self.urls.reachable();
         let agent = crate::tls::http_agent(
             self.trust.as_ref(),
             ureq::Agent::config_builder()
@@ -232,17 +230,17 @@ impl Conductor {
                         None => Err(e),
                     })
                     .map_err(FetchError::Sealed)?;
-                remember(&SEALED_SEEN, &self.url);
+                remember(&SEALED_SEEN, self.urls.current());
                 bytes
             }
             Err(FetchError::Status {
                 status: 401 | 404, ..
-            }) if !known(&SEALED_SEEN, &self.url) => {
+            }) if !known(&SEALED_SEEN, self.urls.current()) => {
                 let path = format!("{MANIFEST_PATH}/{}/{}", r.name, r.version);
                 let bytes = self.read_manifest(&path, 0)?;
-                if remember(&OLDER_LOGGED, &self.url) {
+                if remember(&OLDER_LOGGED, self.urls.current()) {
                     tracing::info!(
-                        conductor = %self.url,
+                        conductor = %self.urls.current(),
                         "the conductor is older than sealed manifests: fetched {path} in plaintext"
                     );
                 }
@@ -518,7 +516,7 @@ mod tests {
     #[test]
     fn refused_before_connecting() {
         let c = Conductor {
-            url: "ftp://x".into(),
+            urls: crate::conductor_urls::ConductorUrls::parse("http://127.0.0.1:1").unwrap(),
             worker_id: "w-1".into(),
             secret: Secret::from_bytes([1; 32]),
             previous_secret: None,
@@ -529,7 +527,6 @@ mod tests {
             version: 1,
             digest: [0; 32],
         };
-        assert!(matches!(c.fetch_manifest(&r), Err(FetchError::BadUrl(_))));
         let bad = ManifestRef {
             name: protocol::frame::bounded("../x"),
             ..r

@@ -28,6 +28,7 @@ pub mod board;
 pub mod cgroup;
 pub mod cli;
 pub mod collect;
+pub mod conductor_urls;
 pub mod container;
 pub mod enroll;
 #[cfg(feature = "remote-exec")]
@@ -292,7 +293,7 @@ pub async fn run_until(
                 Some(Err(e)) => return Err(WorkerError::Config(e.to_string())),
                 None => None,
             };
-            let Some(mut url) = config
+            let Some(text) = config
                 .conductor_url
                 .clone()
                 .or_else(|| stored.as_ref().map(|s| s.conductor_url.clone()))
@@ -301,13 +302,17 @@ pub async fn run_until(
                     "--conductor is required to enrol".into(),
                 ));
             };
+            let Some(mut urls) = conductor_urls::ConductorUrls::parse(&text) else {
+                return Err(WorkerError::Config(format!(
+                    "invalid conductor URL {text:?}: expected https://host:port, or a \
+                     comma-separated list of them"
+                )));
+            };
             let pin = token.as_ref().and_then(|t| t.ca_fingerprint);
-            if pin.is_some() {
-                if let Some(rest) = url.strip_prefix("http://") {
-                    // The conductor serves HTTPS and HTTP on one port.
-                    url = format!("https://{rest}");
-                    tracing::info!("the token pins the conductor's CA: enrolling over {url}");
-                }
+            if pin.is_some() && urls.all().iter().any(|u| u.starts_with("http://")) {
+                // The conductor serves HTTPS and HTTP on one port.
+                urls = urls.upgraded_to_https();
+                tracing::info!("the token pins the conductor's CA: enrolling over {urls}");
             }
             let trust = tls::Trust::load(&config.state_dir).map_err(tls_config)?;
             // A stored CA is kept unless the token pins another (a new CA
@@ -316,9 +321,9 @@ pub async fn run_until(
                 (Some(t), Some(fp)) if t.fingerprint() == fp => None,
                 (_, pin) => pin,
             };
-            if url.starts_with("https://") && trust.is_none() && pin.is_none() {
+            if urls.any_https() && trust.is_none() && pin.is_none() {
                 return Err(WorkerError::Config(format!(
-                    "{url} is HTTPS but the token carries no CA fingerprint \
+                    "{urls} is HTTPS but the token carries no CA fingerprint \
                      (aer_….<64 hex>) and no CA is pinned in {}: use the token the conductor \
                      printed, or the conductor's loopback address over http://",
                     config.state_dir.display()
@@ -349,9 +354,9 @@ pub async fn run_until(
                 worker_id,
                 proof,
             };
-            let span = tracing::info_span!("enrol", conductor = %url);
+            let span = tracing::info_span!("enrol", conductor = %urls);
             let first = FirstContact {
-                url: url.clone(),
+                urls: urls.clone(),
                 state_dir: config.state_dir.clone(),
                 trust,
                 pin,
@@ -396,7 +401,7 @@ pub async fn run_until(
             let new = state::State {
                 worker_id: resp.worker_id,
                 secret: resp.secret,
-                conductor_url: url,
+                conductor_url: urls.to_string(),
                 mqtt_url: resp.mqtt_url,
                 mqtt_username: resp.mqtt_username,
                 mqtt_password: resp.mqtt_password,
@@ -439,6 +444,21 @@ pub async fn run_until(
         update::Startup::Nothing
     };
 
+    // A `--conductor` given at start replaces the one stored at enrolment,
+    // as `--mqtt-url` does: a standby added to the list later reaches an
+    // enrolled agent by a restart with the new list.
+    if let Some(text) = config
+        .conductor_url
+        .as_ref()
+        .filter(|t| **t != state.conductor_url)
+    {
+        tracing::info!(
+            conductor = %text,
+            enrolled_with = %state.conductor_url,
+            "using the configured conductor URL"
+        );
+        state.conductor_url.clone_from(text);
+    }
     let secret = state.secret().map_err(|e| StateError::Corrupt {
         path: config.state_dir.join(state::STATE_FILE),
         reason: e.to_string(),
@@ -579,7 +599,8 @@ fn tls_config(e: tls::TlsError) -> WorkerError {
 
 /// How to reach the conductor for enrolment.
 struct FirstContact {
-    url: String,
+    /// The conductor, or an active one and its standbys.
+    urls: conductor_urls::ConductorUrls,
     state_dir: PathBuf,
     /// The CA pinned earlier, if any.
     trust: Option<tls::Trust>,
@@ -593,16 +614,17 @@ impl FirstContact {
         &self,
         request: &enroll::EnrollRequest,
     ) -> Result<enroll::EnrollResponse, EnrollError> {
+        let url = self.urls.reachable();
         let trust = match &self.pin {
-            Some(fp) if self.url.starts_with("https://") => {
-                let der = tls::pin_conductor_ca(&self.url, fp)?;
+            Some(fp) if url.starts_with("https://") => {
+                let der = tls::pin_conductor_ca(url, fp)?;
                 tls::save_ca(&self.state_dir, tls::CA_FILE, &der)?;
                 tracing::info!(ca_fingerprint = %fp, "pinned the conductor's CA");
                 tls::Trust::load(&self.state_dir)?
             }
             _ => self.trust.clone(),
         };
-        enroll::enroll_once(&self.url, request, trust.as_ref())
+        enroll::enroll_once(url, request, trust.as_ref())
     }
 }
 

@@ -76,6 +76,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::collect::{Collector, Inventory};
+use crate::conductor_urls::ConductorUrls;
 use crate::fetch::Conductor;
 use crate::local_api::{self, LocalPublish, Registry};
 use crate::logs::{self, LogStreams};
@@ -495,7 +496,9 @@ pub(crate) async fn run(
     let cmd_window = st.cmd_window();
     let previous_secret = st.previous_secret();
     let conductor = Conductor {
-        url: st.conductor_url.clone(),
+        urls: ConductorUrls::parse(&st.conductor_url).ok_or_else(|| {
+            WorkerError::Config(format!("invalid conductor URL {:?}", st.conductor_url))
+        })?,
         worker_id: id.clone(),
         secret: p.secret.clone(),
         previous_secret: previous_secret.clone(),

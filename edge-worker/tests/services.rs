@@ -307,7 +307,8 @@ impl TestConductor {
 
     fn conductor(&self) -> Conductor {
         Conductor {
-            url: self.url.clone(),
+            urls: edge_worker::conductor_urls::ConductorUrls::parse(&self.url)
+                .expect("a valid URL"),
             worker_id: self.id.clone(),
             secret: secret(),
             previous_secret: None,

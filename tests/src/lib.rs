@@ -462,9 +462,21 @@ impl Conductor {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> std::thread::JoinHandle<Conductor> {
+        self.standby_on(data_dir, self.http, args, env)
+    }
+
+    /// [`Conductor::standby`] on an HTTP address of its own (`http`), as
+    /// on another host: agents reach it through their `--conductor` list.
+    pub fn standby_on(
+        &self,
+        data_dir: &Path,
+        http: SocketAddr,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::thread::JoinHandle<Conductor> {
         copy_dir(&self.data_dir.join("tls"), &data_dir.join("tls"));
         let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let (dir, args, http) = (data_dir.to_path_buf(), own(args), self.http.to_string());
+        let (dir, args, http) = (data_dir.to_path_buf(), own(args), http.to_string());
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

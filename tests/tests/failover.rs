@@ -1,10 +1,11 @@
 //! Active/standby conductors on one PostgreSQL store (`--store
 //! postgres://…`) and one Mosquitto: the active one is killed with
 //! `kill -9` while a real agent sends metrics and hosts a service; the
-//! standby — same TLS material, same HTTP address (a floating address: it
-//! opens no port until it takes over) — takes the lease, loads the fleet
-//! from the store and carries on: no frame stored twice, the service not
-//! started again, a new deploy through it runs.
+//! standby — same TLS material, an HTTP address of its own (it opens no
+//! port until it takes over), the second in the agent's `--conductor`
+//! list — takes the lease, loads the fleet from the store and carries on:
+//! no frame stored twice, the service not started again, a new deploy
+//! through it runs (the agent fetches its manifest from B).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
@@ -34,9 +35,10 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     let args = ["--mqtt-url", &broker.url(), "--store", &url];
     let mut a = Conductor::start_with(&dir.path().join("a"), &args);
     let token = a.registration_token();
+    let b_http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut w = Worker::start(
         &dir.path().join("pi"),
-        &a.url(),
+        &format!("{},http://{b_http}", a.url()),
         Some(&token),
         WorkerOpts::named("pi"),
     );
@@ -57,9 +59,9 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     });
 
     // B starts while A is active: it stands by, opening no port. It shares
-    // A's TLS material and, like a floating address, A's HTTP address.
+    // A's TLS material; its HTTP address is its own, the agent's second.
     let b_dir = dir.path().join("b");
-    let standby = a.standby(&b_dir, &args, &[]);
+    let standby = a.standby_on(&b_dir, b_http, &args, &[]);
     std::thread::sleep(Duration::from_millis(1_500));
     assert!(
         !b_dir.join("runtime.json").exists() && !standby.is_finished(),
@@ -150,8 +152,8 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
         "1",
         "the service runs exactly once"
     );
-    // A deploy through the survivor: the agent fetches the manifest from
-    // the address it enrolled with, which B now serves.
+    // A deploy through the survivor: A's address refuses, so the agent
+    // fetches the manifest from the next in its list, B's.
     create_service(
         &b,
         &json!({"name": "after", "command": "/bin/sleep", "args": ["999"]}),
@@ -160,5 +162,10 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     wait_for("a service deployed through B running", SECS(30), || {
         (state_of(&b, "after", &id) == "running").then_some(())
     });
+    let agent_log = std::fs::read_to_string(dir.path().join("pi.log")).unwrap();
+    assert!(
+        agent_log.contains(&format!("using http://{b_http}")),
+        "the agent moved to B's address: {agent_log}"
+    );
     w.proc.kill9();
 }

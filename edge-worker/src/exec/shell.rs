@@ -345,10 +345,7 @@ fn read_terminal(mut terminal: File, out: &SyncSender<ExecFrame>) {
 /// Reads the session's input stream into the terminal until it ends or
 /// says hang-up.
 fn read_input(conductor: &Conductor, session: &[u8; 16], terminal: OwnedFd) -> Result<(), String> {
-    let base = conductor.url.trim_end_matches('/');
-    if !base.starts_with("http://") && !base.starts_with("https://") {
-        return Err(format!("invalid conductor URL {:?}", conductor.url));
-    }
+    let base = conductor.urls.reachable();
     let path = shell_input_path(session);
     let agent = crate::tls::http_agent(
         conductor.trust.as_ref(),
