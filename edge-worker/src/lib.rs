@@ -444,26 +444,33 @@ pub async fn run_until(
         update::Startup::Nothing
     };
 
-    // A `--conductor` given at start replaces the one stored at enrolment,
-    // as `--mqtt-url` does: a standby added to the list later reaches an
-    // enrolled agent by a restart with the new list.
-    if let Some(text) = config
-        .conductor_url
-        .as_ref()
-        .filter(|t| **t != state.conductor_url)
-    {
-        tracing::info!(
-            conductor = %text,
-            enrolled_with = %state.conductor_url,
-            "using the configured conductor URL"
-        );
-        state.conductor_url.clone_from(text);
-    }
     let secret = state.secret().map_err(|e| StateError::Corrupt {
         path: config.state_dir.join(state::STATE_FILE),
         reason: e.to_string(),
     })?;
     let trust = tls::Trust::load(&config.state_dir).map_err(tls_config)?;
+    // A `--conductor` given at start replaces the one stored at enrolment,
+    // as `--mqtt-url` does: a standby added to the list later reaches an
+    // enrolled agent by a restart with the new list. With a pinned CA its
+    // `http://` URLs are taken as `https://`, as at enrolment (the
+    // conductor serves both on one port): a restart never downgrades.
+    let configured = config
+        .conductor_url
+        .as_deref()
+        .and_then(conductor_urls::ConductorUrls::parse)
+        .map(|u| match &trust {
+            Some(_) => u.upgraded_to_https().to_string(),
+            None => u.to_string(),
+        })
+        .filter(|u| *u != state.conductor_url);
+    if let Some(text) = configured {
+        tracing::info!(
+            conductor = %text,
+            enrolled_with = %state.conductor_url,
+            "using the configured conductor URL"
+        );
+        state.conductor_url = text;
+    }
     let worker_id = state.worker_id.clone();
     let mqtt_url = config
         .mqtt_url

@@ -164,7 +164,7 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     });
     let agent_log = std::fs::read_to_string(dir.path().join("pi.log")).unwrap();
     assert!(
-        agent_log.contains(&format!("using http://{b_http}")),
+        agent_log.contains(&format!("using https://{b_http}")),
         "the agent moved to B's address: {agent_log}"
     );
     w.proc.kill9();
