@@ -34,7 +34,7 @@ struct Flags {
     data_dir: Option<String>,
     /// The store: `sqlite` (the default, in the data directory) or a
     /// `postgres://user:pass@host:port/db` URL, which several conductors
-    /// can share.
+    /// can share (TLS: `?sslmode=verify-full&sslrootcert=CA.pem`).
     #[arg(long, global = true)]
     store: Option<String>,
     /// HTTP listen address.

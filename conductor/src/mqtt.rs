@@ -47,28 +47,10 @@ impl std::fmt::Debug for MqttSettings {
 /// The client configuration for an external `mqtts://` broker: its CA
 /// (`ca_pem`, from `--mqtt-ca`) or else the system's roots.
 pub fn tls_client_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_pem {
-        Some(pem) => {
-            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
-                roots.add(cert).map_err(|e| e.to_string())?;
-            }
-            if roots.is_empty() {
-                return Err("no certificate in the file".into());
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(
-                    "no system CA certificates found: give the broker's CA with --mqtt-ca".into(),
-                );
-            }
-        }
-    }
+    let roots = crate::tls::root_store(ca_pem).map_err(|e| match ca_pem {
+        None => format!("{e}: give the broker's CA with --mqtt-ca"),
+        Some(_) => e,
+    })?;
     let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

@@ -61,6 +61,7 @@ mod batch;
 mod exec;
 pub mod lease;
 mod metrics;
+pub mod pg_tls;
 mod rollouts;
 mod services;
 mod settings;
@@ -360,14 +361,29 @@ pub enum StoreError {
     /// The PostgreSQL connection thread is gone (it panicked).
     #[error("postgres: the connection thread stopped")]
     PgThreadGone,
+    /// The `--store` URL's TLS settings (or the URL itself) cannot be used.
+    #[error("postgres: {0}")]
+    PgSettings(String),
 }
 
 /// The server's own words for a database error (`tokio_postgres::Error`'s
-/// Display says only "db error"), else the client's.
+/// Display says only "db error"), else the client's with its causes (a
+/// TLS handshake's says why the certificate was refused).
 fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let more = c.to_string();
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 

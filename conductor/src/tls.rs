@@ -303,6 +303,32 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Trust roots: the certificates of `pem` (one or more), or the system's
+/// when `None`. An error when there are none.
+pub fn root_store(pem: Option<&str>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
+                roots.add(cert).map_err(|e| e.to_string())?;
+            }
+            if roots.is_empty() {
+                return Err("no certificate in the file".into());
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err("no system CA certificates found".into());
+            }
+        }
+    }
+    Ok(roots)
+}
+
 #[derive(Debug)]
 struct Resolver(Arc<Inner>);
 

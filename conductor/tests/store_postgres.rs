@@ -306,3 +306,117 @@ fn while_the_server_is_down_calls_fail_fast_between_reconnects() {
     pg.start_again();
     wait_for("back", T, || store.setting("k").ok());
 }
+
+/// A CA and a server certificate for `names` signed by it: (CA PEM,
+/// server chain PEM, server key PEM).
+fn ca_and_server(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let issuer = CertifiedIssuer::self_signed(ca, ca_key).unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_pem = issuer.pem();
+    (
+        ca_pem.clone(),
+        format!("{}{ca_pem}", cert.pem()),
+        key.serialize_pem(),
+    )
+}
+
+/// Whether the session behind `url` is encrypted (`pg_stat_ssl`).
+fn session_uses_tls(url: &str) -> Result<bool, conductor::store::StoreError> {
+    let db = conductor::store::sql::Db::Postgres(conductor::store::sql::PgConn::connect(url)?);
+    db.query_row(
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+        |r| r.get::<bool>(0),
+    )
+}
+
+#[test]
+fn tls_to_postgres_is_verified_as_sslmode_asks() {
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    // Before TLS is on: the default (prefer) connects in the clear, and
+    // require refuses a server without TLS.
+    assert!(!session_uses_tls(&url).unwrap());
+    let e = session_uses_tls(&format!("{url}?sslmode=require")).unwrap_err();
+    assert!(e.to_string().contains("TLS"), "{e}");
+
+    let (ca_pem, chain, key) = ca_and_server(&["127.0.0.1"]);
+    pg.enable_tls(&chain, &key);
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let ca = ca.display();
+    // verify-full: the server's certificate is checked, the session
+    // encrypted; the default and require encrypt too.
+    assert!(session_uses_tls(&format!("{url}?sslmode=verify-full&sslrootcert={ca}")).unwrap());
+    assert!(session_uses_tls(&url).unwrap());
+    assert!(session_uses_tls(&format!("{url}?sslmode=require")).unwrap());
+    assert!(!session_uses_tls(&format!("{url}?sslmode=disable")).unwrap());
+
+    // Another CA: refused, saying why.
+    let (other_ca, _, _) = ca_and_server(&["127.0.0.1"]);
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, other_ca).unwrap();
+    let e = session_uses_tls(&format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        other.display()
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+    // A root given with require checks the chain too (libpq's rule).
+    let e = session_uses_tls(&format!(
+        "{url}?sslmode=require&sslrootcert={}",
+        other.display()
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+
+    // The right CA, a certificate for another name: verify-full refuses,
+    // verify-ca (chain only) accepts.
+    let (ca2_pem, chain2, key2) = ca_and_server(&["db.example"]);
+    pg.enable_tls(&chain2, &key2);
+    let ca2 = dir.path().join("ca2.pem");
+    std::fs::write(&ca2, ca2_pem).unwrap();
+    let e = session_uses_tls(&format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        ca2.display()
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("not valid for name"), "{e}");
+    assert!(session_uses_tls(&format!(
+        "{url}?sslmode=verify-ca&sslrootcert={}",
+        ca2.display()
+    ))
+    .unwrap());
+
+    // The conductor itself on a verified TLS store.
+    pg.enable_tls(&chain, &key);
+    let store = format!("{url}?sslmode=verify-full&sslrootcert={ca}");
+    let c = Conductor::start_with(conductor::Config {
+        store: Some(store),
+        ..test_config(dir.path())
+    });
+    let e = c.enroll_new("tls-store-worker");
+    let n = pg.psql(
+        "fleet",
+        &format!("SELECT count(*) FROM workers WHERE id = '{}'", e.id),
+    );
+    assert_eq!(n, "1");
+    let encrypted = pg.psql(
+        "fleet",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = 'fleet' AND s.ssl AND a.pid <> pg_backend_pid()",
+    );
+    assert_ne!(encrypted, "0", "the conductor's sessions use TLS");
+}

@@ -42,12 +42,14 @@
 //! makes store calls too, is held up by one attempt per back-off, not by
 //! every call.
 //!
-//! Limits: PostgreSQL is reached without TLS (`sslmode=disable`; a server
-//! on another host should be reached through a private network or a
-//! tunnel until TLS lands). Prepared statements are cached per connection
-//! by SQL text: the store's SQL is a finite set of strings.
+//! TLS: libpq's `sslmode` and `sslrootcert` on the URL ([`super::pg_tls`];
+//! `verify-full` for a server on another host). Limits: prepared
+//! statements are cached per connection by SQL text: the store's SQL is a
+//! finite set of strings.
 
 use std::collections::HashMap;
+
+use super::pg_tls::PgTarget;
 use std::sync::mpsc;
 
 use super::StoreError;
@@ -552,7 +554,8 @@ type Job = Box<dyn FnOnce(&mut PgState) + Send>;
 
 /// The connection thread's state.
 struct PgState {
-    url: String,
+    /// Where and how to connect (TLS included), read once from the URL.
+    target: PgTarget,
     /// Drives the client (inside `block_on` only: this thread's calls).
     rt: tokio::runtime::Runtime,
     /// `None` after a failure made it unusable; re-made on the next call
@@ -584,9 +587,9 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Connects; the connection's I/O task runs on `rt` while it is driven.
 fn pg_connect(
     rt: &tokio::runtime::Runtime,
-    url: &str,
+    target: &PgTarget,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = url.parse()?;
+    let mut config = target.config.clone();
     // A server that does not answer fails the connect in seconds, not at
     // the kernel's TCP timeout (minutes); a dead one is noticed by the
     // client's keepalives (the server's are the lease's, `store::lease`).
@@ -596,14 +599,21 @@ fn pg_connect(
     config
         .keepalives(true)
         .keepalives_idle(std::time::Duration::from_secs(10));
+    // Each connection task ends when the client is dropped or the server
+    // goes away; the client then reports itself closed.
     rt.block_on(async {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            // Ends when the client is dropped or the server goes away; the
-            // client then reports itself closed.
-            let _ = connection.await;
-        });
-        Ok(client)
+        match &target.tls {
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+            None => {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+        }
     })
 }
 
@@ -634,7 +644,7 @@ impl PgState {
                 }
             }
             self.statements.clear();
-            match pg_connect(&self.rt, &self.url) {
+            match pg_connect(&self.rt, &self.target) {
                 Ok(c) => {
                     self.client = Some(c);
                     self.down_since = None;
@@ -846,9 +856,9 @@ impl PgConn {
 
     fn connect_with(url: &str, pinned: bool) -> Result<PgConn, StoreError> {
         let shown = crate::config::redact_url(url);
+        let target = PgTarget::parse(url).map_err(StoreError::PgSettings)?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (first_tx, first_rx) = mpsc::sync_channel(1);
-        let url = url.to_owned();
         std::thread::Builder::new()
             .name("store-postgres".into())
             .spawn(move || {
@@ -868,7 +878,7 @@ impl PgConn {
                         return;
                     }
                 };
-                let client = match pg_connect(&rt, &url) {
+                let client = match pg_connect(&rt, &target) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = first_tx.send(Err(StoreError::from(e)));
@@ -877,7 +887,7 @@ impl PgConn {
                 };
                 let _ = first_tx.send(Ok(()));
                 let mut state = PgState {
-                    url,
+                    target,
                     rt,
                     client: Some(client),
                     statements: HashMap::new(),

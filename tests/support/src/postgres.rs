@@ -234,6 +234,40 @@ impl Postgres {
         )
     }
 
+    /// Turns TLS on: `cert_pem` (the server's certificate, then its chain)
+    /// and `key_pem` become `server.crt` and `server.key` in the data dir
+    /// (owned by the server's user, the key 0600), `ssl = on` is set with
+    /// `ALTER SYSTEM` and the configuration reloaded. Clients may then ask
+    /// for TLS; plain connections are still accepted (`pg_hba` `host`).
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, text, mode) in [
+            ("server.crt", cert_pem, 0o644),
+            ("server.key", key_pem, 0o600),
+        ] {
+            let path = self.data.join(name);
+            fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+            if self.run_as.is_some() {
+                let (uid, gid) = (id_of("-u"), id_of("-g"));
+                std::os::unix::fs::chown(&path, uid, gid)
+                    .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", path.display()));
+            }
+        }
+        self.psql("postgres", "ALTER SYSTEM SET ssl = 'on'");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.psql("postgres", "SHOW ssl") != "on" {
+            assert!(
+                Instant::now() < deadline,
+                "ssl did not turn on; log tail:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Runs `sql` in database `db` with `psql -X -A -t` over TCP and returns
     /// its trimmed stdout (unaligned, tuples only: `SELECT 1` gives "1",
     /// columns are separated by `|`, rows by newlines). Panics with psql's
