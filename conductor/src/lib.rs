@@ -282,6 +282,15 @@ pub async fn run(
         store::StoreLocation::Sqlite(_) => None,
     };
     info!(engine = store.engine(), at = %store_at.shown(), "store open");
+    // Every write is fenced with the lease's epoch (store::lease): the
+    // writer's batches, and this connection's (the API's, reconcile's),
+    // so a conductor that lost the lease cannot write behind its
+    // successor's back.
+    let fence = store::lease::Fence::default();
+    if let Some(l) = &lease {
+        fence.hold(l.epoch());
+        store.fence_writes(fence.clone());
+    }
     let _ = std::fs::remove_file(runtime_path(&data_dir));
     let boot = auth::bootstrap(&mut store, config.admin_password.as_deref())?;
     let tls = if config.tls {
@@ -500,11 +509,8 @@ pub async fn run(
     };
     let (write_tx, write_rx) = mpsc::channel();
     let stored_marks = state::StoredMarks::default();
-    // The writer's batches are fenced with the lease's epoch (store::lease).
-    let fence = store::lease::Fence::default();
     let mut writer_store = Store::open_at(&store_at)?;
-    if let Some(l) = &lease {
-        fence.hold(l.epoch());
+    if lease.is_some() {
         writer_store.set_fence(fence.clone());
     }
     let store_engine = writer_store.engine();
@@ -588,7 +594,8 @@ pub async fn run(
     let live_task = liveness::run(shared.clone(), stop_rx.clone());
     let reconcile_task = services::run(shared.clone(), client.clone(), stop_rx.clone());
     let alert_sender =
-        alerts::webhook::Sender::spawn(&store_at).map_err(io_err("start alert sender"))?;
+        alerts::webhook::Sender::spawn(&store_at, lease.is_some().then(|| fence.clone()))
+            .map_err(io_err("start alert sender"))?;
     let alert_task = alerts::run(shared.clone(), alert_sender.waker(), stop_rx.clone());
     let ack_task = ingest::run_acks(shared.clone(), client.clone(), stop_rx.clone());
     let tls_task = refresh_tls(tls.clone(), stop_rx.clone());

@@ -624,6 +624,19 @@ impl Store {
         self.fence = Some(fence);
     }
 
+    /// Fences every write on this connection with `fence` (shared
+    /// PostgreSQL store; SQLite has no lease): each statement that changes
+    /// rows outside a transaction runs in one with the fence check, and a
+    /// transaction that wrote checks the fence before it commits; either
+    /// fails with [`StoreError::Fenced`], writing nothing, once another
+    /// conductor took the lease. Not for the ingest writer's connection,
+    /// whose batches carry the check themselves ([`Store::set_fence`]).
+    pub fn fence_writes(&mut self, fence: lease::Fence) {
+        if let Db::Postgres(p) = &self.conn {
+            p.fence_writes(fence);
+        }
+    }
+
     /// This conductor is stopping for good after losing its lease: held
     /// batches are dropped rather than retried.
     pub fn fence_stopped(&self) -> bool {

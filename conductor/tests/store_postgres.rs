@@ -420,3 +420,58 @@ fn tls_to_postgres_is_verified_as_sslmode_asks() {
     );
     assert_ne!(encrypted, "0", "the conductor's sessions use TLS");
 }
+
+#[test]
+fn the_api_connections_writes_are_fenced_too() {
+    use conductor::store::lease::{Fence, Lease};
+    use conductor::store::{Store, StoreError};
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("fence_api");
+    let mut store = Store::open_postgres(&url).unwrap();
+    store.set_settings(&[("k", "before")]).unwrap();
+    let fence = Fence::default();
+    store.fence_writes(fence.clone());
+    // No lease held: neither a transaction nor a lone statement writes;
+    // reads go on.
+    assert!(matches!(
+        store.set_settings(&[("k", "no lease")]),
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.set_all_status("offline"),
+        Err(StoreError::Fenced)
+    ));
+    assert_eq!(store.setting("k").unwrap().as_deref(), Some("before"));
+
+    let first = Lease::try_take(&url).unwrap().unwrap();
+    fence.hold(first.epoch());
+    store.set_settings(&[("k", "held")]).unwrap();
+    store.set_all_status("offline").unwrap();
+    assert_eq!(store.setting("k").unwrap().as_deref(), Some("held"));
+
+    // Another conductor takes the lease; this one has not noticed yet.
+    drop(first);
+    let second = wait_for("the lease taken over", T, || Lease::try_take(&url).unwrap());
+    assert_eq!(second.epoch(), 2);
+    assert!(matches!(
+        store.set_settings(&[("k", "stale")]),
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.set_all_status("online"),
+        Err(StoreError::Fenced)
+    ));
+    assert_eq!(
+        pg.psql("fence_api", "SELECT v FROM settings WHERE k = 'k'"),
+        "held",
+        "the fenced writes changed nothing"
+    );
+    // The connection is usable after a fenced write (no transaction left
+    // open): reads work, and a write under the current epoch commits.
+    assert_eq!(store.setting("k").unwrap().as_deref(), Some("held"));
+    fence.hold(second.epoch());
+    store.set_settings(&[("k", "second")]).unwrap();
+    assert_eq!(store.setting("k").unwrap().as_deref(), Some("second"));
+}

@@ -97,9 +97,16 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Starts the sender thread on its own connection to the store.
-    pub fn spawn(at: &crate::store::StoreLocation) -> std::io::Result<Sender> {
-        let store = Store::open_at(at).map_err(std::io::Error::other)?;
+    /// Starts the sender thread on its own connection to the store, its
+    /// writes fenced with `fence` (on a shared store: see `store::lease`).
+    pub fn spawn(
+        at: &crate::store::StoreLocation,
+        fence: Option<crate::store::lease::Fence>,
+    ) -> std::io::Result<Sender> {
+        let mut store = Store::open_at(at).map_err(std::io::Error::other)?;
+        if let Some(f) = fence {
+            store.fence_writes(f);
+        }
         let (wake, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("alert-webhooks".into())

@@ -264,13 +264,7 @@ impl Store {
         let fenced = match &self.fence {
             Some(f) => {
                 let epoch = f.epoch().ok_or(StoreError::Fenced)?;
-                writes.insert(
-                    0,
-                    (
-                        "UPDATE aerekos_lease SET epoch = epoch WHERE epoch = ?1",
-                        vec![Value::Int(epoch)],
-                    ),
-                );
+                writes.insert(0, (super::lease::FENCE_SQL, vec![Value::Int(epoch)]));
                 true
             }
             None => false,

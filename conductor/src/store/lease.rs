@@ -59,6 +59,12 @@ pub struct Lease {
     epoch: i64,
 }
 
+/// The fence check: changes the lease row (taking its lock until the
+/// transaction ends) only while its epoch is `?1`, the writer's. A taker
+/// bumps the epoch under the same row lock, so a transaction that ran this
+/// and saw one row changed commits before any takeover.
+pub const FENCE_SQL: &str = "UPDATE aerekos_lease SET epoch = epoch WHERE epoch = ?1";
+
 /// The epoch the ingest writer fences its batches with, shared between
 /// the conductor's lease handling and the writer's store. Positive: the
 /// epoch of the lease held; 0: not held now (taking it again); -1: stopped

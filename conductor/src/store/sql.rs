@@ -575,6 +575,10 @@ struct PgState {
     /// Never connect again: the connection holds session state (the
     /// conductor's lease, `store::lease`) that a new one would not have.
     pinned: bool,
+    /// Every write is fenced with this lease epoch ([`PgConn::fence_writes`]).
+    fence: Option<super::lease::Fence>,
+    /// The open transaction ran a write: its commit checks the fence.
+    tx_wrote: bool,
 }
 
 /// The wait after a failed connect before the next attempt.
@@ -747,6 +751,79 @@ impl PgState {
         rows.iter().map(pg_row).collect()
     }
 
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.batch("BEGIN")?;
+        self.in_tx = true;
+        self.tx_broken = false;
+        self.tx_wrote = false;
+        Ok(())
+    }
+
+    /// Commits (after the fence check, when the transaction wrote on a
+    /// fenced connection: failed, it rolls back) or rolls back.
+    fn end(&mut self, commit: bool) -> Result<(), StoreError> {
+        let r = if self.tx_broken {
+            Err(StoreError::PgLostInTransaction)
+        } else if commit && self.tx_wrote && self.fence.is_some() {
+            match self.fence_check() {
+                Ok(()) => self.batch("COMMIT"),
+                Err(e) => {
+                    let _ = self.batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        } else {
+            self.batch(if commit { "COMMIT" } else { "ROLLBACK" })
+        };
+        self.in_tx = false;
+        self.tx_broken = false;
+        self.tx_wrote = false;
+        r
+    }
+
+    /// The lease row still has this connection's fence epoch (taking its
+    /// lock until the transaction ends: see [`super::lease::FENCE_SQL`]).
+    fn fence_check(&mut self) -> Result<(), StoreError> {
+        let epoch = self
+            .fence
+            .as_ref()
+            .and_then(super::lease::Fence::epoch)
+            .ok_or(StoreError::Fenced)?;
+        match self.execute(super::lease::FENCE_SQL, &[Value::Int(epoch)])? {
+            1 => Ok(()),
+            _ => Err(StoreError::Fenced),
+        }
+    }
+
+    /// Runs the write `f` fenced: unfenced without a fence; marked for the
+    /// commit's check inside a transaction; else in a transaction of its
+    /// own with the check first.
+    fn fenced<T>(
+        &mut self,
+        f: impl FnOnce(&mut PgState) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.fence.is_none() {
+            return f(self);
+        }
+        if self.in_tx {
+            self.tx_wrote = true;
+            return f(self);
+        }
+        self.begin()?;
+        match self.fence_check().and_then(|()| f(self)) {
+            Ok(v) => {
+                // Checked in this transaction, the lease row locked until
+                // it ends: the commit needs no second check.
+                self.tx_wrote = false;
+                self.end(true).map(|()| v)
+            }
+            Err(e) => {
+                let _ = self.end(false);
+                Err(e)
+            }
+        }
+    }
+
     fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
         self.ensure()?;
         let r = match &self.client {
@@ -895,6 +972,8 @@ impl PgConn {
                     tx_broken: false,
                     down_since: None,
                     pinned,
+                    fence: None,
+                    tx_wrote: false,
                 };
                 // Ends when the PgConn (the only sender) is dropped.
                 while let Ok(job) = rx.recv() {
@@ -957,13 +1036,23 @@ impl PgConn {
         )
     }
 
+    /// Fences every write from now on ([`super::Store::fence_writes`]).
+    pub fn fence_writes(&self, fence: super::lease::Fence) {
+        // Only fails when the connection thread is gone, which every later
+        // call reports.
+        let _ = self.call(move |st| {
+            st.fence = Some(fence);
+            Ok(())
+        });
+    }
+
     fn execute(&self, sql: &str, params: Vec<Value>) -> Result<usize, StoreError> {
         let sql = sql.to_owned();
-        self.call(move |st| st.execute(&sql, &params))
+        self.call(move |st| st.fenced(|st| st.execute(&sql, &params)))
     }
 
     fn execute_all(&self, ops: Vec<(&'static str, Vec<Value>)>) -> Result<Vec<usize>, StoreError> {
-        self.call(move |st| st.execute_all(&ops))
+        self.call(move |st| st.fenced(|st| st.execute_all(&ops)))
     }
 
     fn query(&self, sql: &str, params: Vec<Value>) -> Result<Vec<Row>, StoreError> {
@@ -976,26 +1065,11 @@ impl PgConn {
     }
 
     fn begin(&self) -> Result<(), StoreError> {
-        self.call(|st| {
-            st.batch("BEGIN")?;
-            st.in_tx = true;
-            st.tx_broken = false;
-            Ok(())
-        })
+        self.call(PgState::begin)
     }
 
     fn end(&self, commit: bool) -> Result<(), StoreError> {
-        self.call(move |st| {
-            let broken = st.tx_broken;
-            let r = if broken {
-                Err(StoreError::PgLostInTransaction)
-            } else {
-                st.batch(if commit { "COMMIT" } else { "ROLLBACK" })
-            };
-            st.in_tx = false;
-            st.tx_broken = false;
-            r
-        })
+        self.call(move |st| st.end(commit))
     }
 }
 
