@@ -69,6 +69,10 @@ pub struct Config {
     pub worker_mqtt_password: Option<String>,
     /// How long raw metrics samples are kept (`24h`, `90m`, `7d`, `30s`).
     pub raw_retention: String,
+    /// With a shared store and an external broker: how long the active
+    /// conductor stays cut off from every broker node before it releases
+    /// the store lease (and stops) for a conductor that reaches the bus.
+    pub bus_stepdown: String,
     /// How long one-minute rollups are kept.
     pub minute_retention: String,
     /// Liveness interval assumed until a worker's Birth says otherwise; also
@@ -150,6 +154,7 @@ impl Default for Config {
             worker_mqtt_username: None,
             worker_mqtt_password: None,
             raw_retention: "24h".into(),
+            bus_stepdown: "20s".into(),
             minute_retention: "7d".into(),
             default_interval_ms: 10_000,
             admin_password: None,
@@ -192,6 +197,8 @@ pub struct Overrides {
     pub mqtt_public_url: Option<String>,
     /// `--raw-retention`
     pub raw_retention: Option<String>,
+    /// `--bus-stepdown`
+    pub bus_stepdown: Option<String>,
     /// `--minute-retention`
     pub minute_retention: Option<String>,
     /// `--default-interval-ms`
@@ -411,6 +418,7 @@ impl Config {
         env_opt!(worker_mqtt_username, "AEREKOS_WORKER_MQTT_USERNAME");
         env_opt!(worker_mqtt_password, "AEREKOS_WORKER_MQTT_PASSWORD");
         env_str!(raw_retention, "AEREKOS_RAW_RETENTION");
+        env_str!(bus_stepdown, "AEREKOS_BUS_STEPDOWN");
         env_str!(minute_retention, "AEREKOS_MINUTE_RETENTION");
         env_opt!(admin_password, "AEREKOS_ADMIN_PASSWORD");
         if let Some(v) = get("AEREKOS_DEFAULT_INTERVAL_MS") {
@@ -491,6 +499,9 @@ impl Config {
         }
         if let Some(v) = f.raw_retention {
             c.raw_retention = v;
+        }
+        if let Some(v) = f.bus_stepdown {
+            c.bus_stepdown = v;
         }
         if let Some(v) = f.minute_retention {
             c.minute_retention = v;
@@ -605,6 +616,7 @@ impl Config {
         }
         for (name, v) in [
             ("raw_retention", &self.raw_retention),
+            ("bus_stepdown", &self.bus_stepdown),
             ("minute_retention", &self.minute_retention),
             ("secret_grace", &self.secret_grace),
             ("alert_interval", &self.alert_interval),
@@ -634,6 +646,11 @@ impl Config {
             return Err(bad("default_interval_ms", "must be ≥ 100".into()));
         }
         Ok(())
+    }
+
+    /// [`Config::bus_stepdown`] in ms (validated in [`Config::validate`]).
+    pub fn bus_stepdown_ms(&self) -> u64 {
+        parse_duration_ms(&self.bus_stepdown).unwrap_or(20_000)
     }
 
     /// Raw sample retention in ms (validated in [`Config::validate`]).

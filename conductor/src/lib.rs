@@ -126,6 +126,12 @@ pub enum ConductorError {
     /// that the standby taking over is the only active one.
     #[error("lost the store lease, stopping (a standby takes over): {0}")]
     LeaseLost(store::StoreError),
+    /// Cut off from every broker node for `--bus-stepdown`: this conductor
+    /// released its lease and stopped so one that reaches the bus leads.
+    #[error(
+        "cut off from the MQTT bus for {0:?}: released the store lease (a standby takes over)"
+    )]
+    CutOff(Duration),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ConductorError {
@@ -208,20 +214,40 @@ pub fn registration_token_text(config: &Config, secret: &str) -> Result<String, 
 /// session gone: the server restarted, or cannot be reached) suspends the
 /// writer's batches and is taken again; when another conductor holds it by
 /// then, this one stops with [`ConductorError::LeaseLost`].
+///
+/// With `bus` (an external broker: the subscriber's connected-and-subscribed
+/// state and `--bus-stepdown`), a conductor cut off from every broker node
+/// that long releases the lease and stops with [`ConductorError::CutOff`],
+/// so a standby that reaches the bus takes over (one that does not, waits:
+/// `Lease::wait`).
 async fn hold_lease(
     mut held: store::lease::Lease,
     url: &str,
     fence: &store::lease::Fence,
+    mut bus: Option<(watch::Receiver<bool>, Duration)>,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), ConductorError> {
     use store::lease::Lease;
     loop {
+        let cut_off = async {
+            match bus.as_mut() {
+                Some((up, after)) => cut_off_for(up, *after).await,
+                None => std::future::pending().await,
+            }
+        };
         let lost = tokio::select! {
             () = shutdown.as_mut() => {
                 info!("shutting down");
                 return Ok(());
             }
             e = held.lost() => e,
+            after = cut_off => {
+                tracing::error!(
+                    "cut off from every MQTT broker node for {after:?}: releasing the store \
+                     lease and stopping, for a conductor that reaches the bus"
+                );
+                return Err(ConductorError::CutOff(after));
+            }
         };
         fence.suspend();
         warn!("store lease lost ({lost}): writes held, taking it again");
@@ -251,6 +277,24 @@ async fn hold_lease(
     }
 }
 
+/// Resolves once `up` has been false for `after` without a break; never
+/// when its sender is gone.
+async fn cut_off_for(up: &mut watch::Receiver<bool>, after: Duration) -> Duration {
+    loop {
+        if up.wait_for(|u| !*u).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(after) => return after,
+            r = up.wait_for(|u| *u) => {
+                if r.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
 /// Runs the conductor until `shutdown` resolves. `ready` receives the bound
 /// addresses once the broker accepts connections, the conductor's MQTT
 /// subscription is in place (or 5 s passed trying) and HTTP is listening.
@@ -272,9 +316,21 @@ pub async fn run(
     let mut store = Store::open_at(&store_at)?;
     // On a shared PostgreSQL store one conductor is active at a time: wait
     // for the lease before anything else (a standby opens no port).
+    // With an external broker, the lease is taken only while some broker
+    // node accepts connections from here: a conductor cut off from the bus
+    // stands by (and the active one steps down: `hold_lease`).
+    let bus_nodes: Vec<String> = match &config.mqtt_url {
+        Some(u) => config::BrokerUrl::parse_list(u)?
+            .iter()
+            .map(|n| format!("{}:{}", n.host, n.port))
+            .collect(),
+        None => Vec::new(),
+    };
+    let bus_reachable = || bus_nodes.is_empty() || bus_nodes.iter().any(|n| net::accepts(n));
+    let bus_stepdown = Duration::from_millis(config.bus_stepdown_ms());
     let lease = match &store_at {
         store::StoreLocation::Postgres(url) => {
-            match store::lease::Lease::wait(url, shutdown.as_mut()).await? {
+            match store::lease::Lease::wait(url, bus_reachable, shutdown.as_mut()).await? {
                 Some(l) => Some(l),
                 None => return Ok(()),
             }
@@ -582,6 +638,7 @@ pub async fn run(
 
     let (client, eventloop, nodes) = mqtt::client(&mqtt_settings, !embedded);
     let (sub_tx, mut sub_rx) = watch::channel(false);
+    let bus_rx = sub_rx.clone();
     let mqtt_task = subscriber::run_loop(
         shared.clone(),
         client.clone(),
@@ -639,7 +696,8 @@ pub async fn run(
         .await;
         let result = match (result, lease, &store_at) {
             (Ok(()), Some(held), store::StoreLocation::Postgres(url)) => {
-                hold_lease(held, url, &fence, shutdown.as_mut()).await
+                let bus = (!bus_nodes.is_empty()).then(|| (bus_rx.clone(), bus_stepdown));
+                hold_lease(held, url, &fence, bus, shutdown.as_mut()).await
             }
             (Ok(()), _, _) => {
                 shutdown.as_mut().await;

@@ -53,6 +53,11 @@ struct Flags {
     /// Raw metrics retention (e.g. 24h).
     #[arg(long, global = true)]
     raw_retention: Option<String>,
+    /// Active conductor on a shared store with an external broker: cut off
+    /// from every broker node this long (e.g. 20s), it releases the store
+    /// lease and stops, for a standby that reaches the bus.
+    #[arg(long, global = true)]
+    bus_stepdown: Option<String>,
     /// Minute rollup retention (e.g. 7d).
     #[arg(long, global = true)]
     minute_retention: Option<String>,
@@ -179,6 +184,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
         mqtt_url: f.mqtt_url.clone(),
         mqtt_public_url: f.mqtt_public_url.clone(),
         raw_retention: f.raw_retention.clone(),
+        bus_stepdown: f.bus_stepdown.clone(),
         minute_retention: f.minute_retention.clone(),
         default_interval_ms: f.default_interval_ms,
         no_tls: f.no_tls,

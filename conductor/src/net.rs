@@ -1,6 +1,6 @@
 //! Addresses: what a conductor advertises for a bound socket, what counts
-//! as this host, and the refusals of plain (non-TLS) connections from other
-//! hosts. A leaf module (std only), used by the broker and the HTTP server.
+//! as this host, the refusals of plain (non-TLS) connections from other
+//! hosts, and whether an address accepts connections. A leaf module (std only), used by the broker and the HTTP server.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,4 +55,17 @@ pub fn advertised(addr: SocketAddr) -> SocketAddr {
     } else {
         addr
     }
+}
+
+/// How long [`accepts`] waits for one address.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `host:port` (a name, an IPv4 address or a bracketed IPv6 one)
+/// accepts a TCP connection within [`PROBE_TIMEOUT`] on any of its
+/// addresses. Blocking.
+pub fn accepts(host_port: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    host_port
+        .to_socket_addrs()
+        .is_ok_and(|mut addrs| addrs.any(|a| TcpStream::connect_timeout(&a, PROBE_TIMEOUT).is_ok()))
 }

@@ -161,6 +161,9 @@ pub async fn run_loop(
             Ok(_) => {}
             Err(e) => {
                 resubscribe_at = None;
+                // Cut off from the bus until the next SubAck (watched by
+                // the lease holder: `--bus-stepdown`).
+                subscribed.send_if_modified(|up| std::mem::replace(up, false));
                 failures += 1;
                 if failures == 1 || failures.is_power_of_two() {
                     warn!(

@@ -169,3 +169,83 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     );
     w.proc.kill9();
 }
+
+/// The active conductor cut off from the broker (its only route, a proxy,
+/// gone) while the store is fine: after `--bus-stepdown` it releases the
+/// lease and stops, and the standby that reaches the broker takes over —
+/// not a second standby that cannot reach it either.
+#[test]
+fn an_active_conductor_cut_off_from_the_bus_steps_down() {
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&dir.path().join("mosquitto"));
+    let proxy = e2e::chaos::BlackHoleProxy::start(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        broker.port,
+    )));
+    let a_args = [
+        "--mqtt-url",
+        &proxy.mqtt_url(),
+        "--mqtt-public-url",
+        &broker.url(),
+        "--store",
+        &url,
+        "--bus-stepdown",
+        "2s",
+    ];
+    let mut a = Conductor::start_with(&dir.path().join("a"), &a_args);
+    let token = a.registration_token();
+    let b_http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut w = Worker::start(
+        &dir.path().join("pi"),
+        &format!("{},http://{b_http}", a.url()),
+        Some(&token),
+        WorkerOpts::named("pi"),
+    );
+    let id = w.wait_id();
+    wait_for("the worker online on A", SECS(20), || {
+        let v = a.worker(&id);
+        (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(3)).then_some(())
+    });
+
+    // B reaches the broker; C does not (a dead port): C must not lead.
+    let b_args = ["--mqtt-url", &broker.url(), "--store", &url];
+    let standby_b = a.standby_on(&dir.path().join("b"), b_http, &b_args, &[]);
+    let dead = format!("mqtt://127.0.0.1:{}", free_port());
+    let c_args = ["--mqtt-url", &dead, "--store", &url];
+    let c_http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let standby_c = a.standby_on(&dir.path().join("c"), c_http, &c_args, &[]);
+    let c_log = std::fs::read_to_string(dir.path().join("c").join("conductor.log")).unwrap();
+    assert!(
+        c_log.contains("no MQTT broker node accepts a connection"),
+        "{c_log}"
+    );
+
+    // The partition: A's only route to the broker goes away.
+    let cut = Instant::now();
+    drop(proxy);
+    let status = a.proc.wait_exit(SECS(30));
+    eprintln!("A stopped {:?} after the cut ({status:?})", cut.elapsed());
+    assert!(status.is_some_and(|s| s != 0), "A must stop: {status:?}");
+    let a_log = std::fs::read_to_string(dir.path().join("a").join("conductor.log")).unwrap();
+    assert!(
+        a_log.contains("cut off from every MQTT broker node"),
+        "{a_log}"
+    );
+    let b = standby_b.join().unwrap();
+    eprintln!("B serving {:?} after the cut", cut.elapsed());
+    assert_eq!(pg.psql("fleet", "SELECT epoch FROM aerekos_lease"), "2");
+    let seq = b.worker(&id)["metrics"]["seq"].as_u64().unwrap_or(0);
+    wait_for("the worker's frames stored through B", SECS(20), || {
+        let v = b.worker(&id);
+        (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(seq + 3)).then_some(())
+    });
+    assert!(
+        !standby_c.is_finished() && !dir.path().join("c").join("runtime.json").exists(),
+        "C, cut off itself, must stand by"
+    );
+    w.proc.kill9();
+}

@@ -104,14 +104,38 @@ impl Lease {
     /// `shutdown` resolves (then `None`). A database that cannot be reached
     /// is waited for too (logged every minute). One connection serves the
     /// whole wait; it is made again only after it failed.
+    ///
+    /// The lease is only taken while `ready()` (the bus reachable from
+    /// here): a conductor cut off from the broker would lead a fleet it
+    /// cannot hear.
     pub async fn wait(
         url: &str,
+        ready: impl Fn() -> bool,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Result<Option<Lease>, StoreError> {
         let mut said_standby = false;
+        let mut said_cut_off = false;
         let mut said_down: Option<std::time::Instant> = None;
         let mut conn: Option<PgConn> = None;
         loop {
+            if !ready() {
+                if !said_cut_off {
+                    tracing::warn!(
+                        "standby: no MQTT broker node accepts a connection from here; not \
+                         taking the store lease until one does"
+                    );
+                    said_cut_off = true;
+                }
+                tokio::select! {
+                    () = shutdown.as_mut() => return Ok(None),
+                    () = tokio::time::sleep(WAIT_POLL) => {}
+                }
+                continue;
+            }
+            if said_cut_off {
+                tracing::info!("a broker node accepts connections again");
+                said_cut_off = false;
+            }
             let attempt = match conn.take() {
                 Some(c) => Ok(c),
                 None => Lease::session(url),
