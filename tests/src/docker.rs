@@ -302,3 +302,88 @@ pub fn fleet_ca_pem(container: &str, tmp: &Path) -> String {
         },
     )
 }
+
+/// A containerised conductor's API as the host sees it (HTTPS, trusting
+/// the fleet CA), logged in as admin.
+#[derive(Debug)]
+pub struct HostApi {
+    /// `https://127.0.0.1:<published port>`.
+    pub url: String,
+    /// The admin session's bearer token (empty before [`HostApi::login`]).
+    pub token: String,
+    agent: ureq::Agent,
+}
+
+impl HostApi {
+    /// Not logged in yet.
+    pub fn new(url: String, ca_pem: &str) -> HostApi {
+        HostApi {
+            url,
+            token: String::new(),
+            agent: crate::https(ca_pem),
+        }
+    }
+
+    /// `method path` with the session's token and a JSON body (POST
+    /// without one when `None`): the status (0 when there was no answer)
+    /// and the body, as JSON when it parses.
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.url);
+        let auth = format!("Bearer {}", self.token);
+        let http = || self.agent.clone();
+        let resp = match (method, body) {
+            ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => http().delete(&url).header("Authorization", &auth).call(),
+            ("PUT", Some(b)) => http().put(&url).header("Authorization", &auth).send_json(b),
+            (_, Some(b)) => http()
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(b),
+            (_, None) => http()
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+        };
+        match resp {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+
+    /// `/api/v1/health` answers 200.
+    pub fn healthy(&self) -> bool {
+        self.call("GET", "/api/v1/health", None).0 == 200
+    }
+
+    /// Logs in as `admin` with `password`.
+    pub fn login(&mut self, password: &str) {
+        let (status, body) = self.call(
+            "POST",
+            "/api/v1/login",
+            Some(&serde_json::json!({"username": "admin", "password": password})),
+        );
+        assert_eq!(status, 200, "admin login: {body}");
+        self.token = body["token"].as_str().unwrap_or_default().to_string();
+    }
+
+    /// `/api/v1/workers`.
+    pub fn workers(&self) -> Vec<Value> {
+        let (status, body) = self.call("GET", "/api/v1/workers", None);
+        assert_eq!(status, 200, "workers: {body}");
+        body["workers"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `/api/v1/workers/{id}`.
+    pub fn worker(&self, id: &str) -> Value {
+        let (status, body) = self.call("GET", &format!("/api/v1/workers/{id}"), None);
+        assert_eq!(status, 200, "worker {id}: {body}");
+        body
+    }
+}

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use e2e::docker::{
     docker, docker_compose_or_skip, fleet_ca_pem, must, platform, repo, run, static_bins,
-    ComposeProject,
+    ComposeProject, HostApi,
 };
-use e2e::{free_port, http, https, static_test_service_bin, wait_for};
+use e2e::{free_port, http, static_test_service_bin, wait_for};
 use serde_json::{json, Value};
 
 const ADMIN_PASSWORD: &str = "compose-admin-password-Jw3";
@@ -140,75 +140,14 @@ impl Drop for Images {
     }
 }
 
-/// The conductor's API as the host sees it.
-struct Api {
-    url: String,
-    token: String,
-    agent: ureq::Agent,
-}
-
-impl Api {
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.url);
-        let auth = format!("Bearer {}", self.token);
-        let http = || self.agent.clone();
-        let resp = match (method, body) {
-            ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => http().delete(&url).header("Authorization", &auth).call(),
-            ("PUT", Some(b)) => http().put(&url).header("Authorization", &auth).send_json(b),
-            (_, Some(b)) => http()
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_json(b),
-            (_, None) => http()
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_empty(),
-        };
-        match resp {
-            Ok(mut r) => {
-                let status = r.status().as_u16();
-                let text = r.body_mut().read_to_string().unwrap_or_default();
-                (
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                )
-            }
-            Err(e) => (0, Value::String(e.to_string())),
-        }
-    }
-
-    /// Waits for `/health`, then logs in as admin (HTTPS trusting `ca_pem`).
-    fn login(url: String, ca_pem: &str) -> Api {
-        let mut api = Api {
-            url,
-            token: String::new(),
-            agent: https(ca_pem),
-        };
-        wait_for("the conductor's API", SECS(60), || {
-            (api.call("GET", "/api/v1/health", None).0 == 200).then_some(())
-        });
-        let (status, body) = api.call(
-            "POST",
-            "/api/v1/login",
-            Some(&json!({"username": "admin", "password": ADMIN_PASSWORD})),
-        );
-        assert_eq!(status, 200, "admin login: {body}");
-        api.token = body["token"].as_str().unwrap().to_string();
-        api
-    }
-
-    fn workers(&self) -> Vec<Value> {
-        let (status, body) = self.call("GET", "/api/v1/workers", None);
-        assert_eq!(status, 200, "workers: {body}");
-        body["workers"].as_array().cloned().unwrap_or_default()
-    }
-
-    fn worker(&self, id: &str) -> Value {
-        let (status, body) = self.call("GET", &format!("/api/v1/workers/{id}"), None);
-        assert_eq!(status, 200, "worker {id}: {body}");
-        body
-    }
+/// The conductor's API once it answers, logged in as admin.
+fn login(url: String, ca_pem: &str) -> HostApi {
+    let mut api = HostApi::new(url, ca_pem);
+    wait_for("the conductor's API", SECS(60), || {
+        api.healthy().then_some(())
+    });
+    api.login(ADMIN_PASSWORD);
+    api
 }
 
 /// `PRETTY_NAME` of the host's os-release, if any.
@@ -323,7 +262,7 @@ fn conductor_and_two_workers_from_compose_files() {
             .call(),
     );
     assert_eq!(status, 403, "plain HTTP from outside the container: {body}");
-    let api = Api::login(format!("https://127.0.0.1:{http_port}"), &ca_pem);
+    let api = login(format!("https://127.0.0.1:{http_port}"), &ca_pem);
     let (status, body) = api.call("POST", "/api/v1/registration-token/rotate", None);
     assert_eq!(status, 200, "rotate: {body}");
     let token = body["token"].as_str().unwrap().to_string();
@@ -479,7 +418,7 @@ fn conductor_and_two_workers_from_compose_files() {
         Some(&json!({"workers": [id1]})),
     );
     assert_eq!(status, 200, "{body}");
-    let actual_state = |api: &Api| -> Option<String> {
+    let actual_state = |api: &HostApi| -> Option<String> {
         let (_, v) = api.call("GET", &format!("/api/v1/workers/{id1}/services"), None);
         v["services"]
             .as_array()?
@@ -528,14 +467,14 @@ fn conductor_and_two_workers_from_compose_files() {
     // The store lives in the volume: a restarted conductor (read-only root,
     // uid 65532) still knows both workers, and pi-1 reconnects and reports.
     conductor.run(&["restart", "-t", "10"]);
-    let api = Api::login(format!("https://127.0.0.1:{http_port}"), &ca_pem);
+    let api = login(format!("https://127.0.0.1:{http_port}"), &ca_pem);
     let known: Vec<String> = api
         .workers()
         .iter()
         .filter_map(|w| w["id"].as_str().map(str::to_string))
         .collect();
     assert!(known.contains(&id1) && known.contains(&id2), "{known:?}");
-    let seq = |api: &Api| api.worker(&id1)["metrics"]["seq"].as_u64().unwrap_or(0);
+    let seq = |api: &HostApi| api.worker(&id1)["metrics"]["seq"].as_u64().unwrap_or(0);
     let before = seq(&api);
     wait_for("pi-1 reporting after the restart", SECS(60), || {
         let d = api.worker(&id1);

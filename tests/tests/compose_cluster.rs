@@ -37,9 +37,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use e2e::docker::{
     docker, environment, fleet_ca_pem, must, platform, repo, run, static_bins, ComposeProject,
+    HostApi,
 };
-use e2e::{free_port, https, wait_for};
-use serde_json::{json, Value};
+use e2e::{free_port, wait_for};
 
 const ADMIN_PASSWORD: &str = "cluster-admin-password-Qe7";
 const POSTGRES_USER: &str = "aerekos";
@@ -128,89 +128,19 @@ impl Drop for Images {
     }
 }
 
-/// A conductor's API as the host sees it (HTTPS, trusting the fleet CA).
-struct Api {
-    url: String,
-    token: String,
-    agent: ureq::Agent,
+/// The highest metrics seq `api`'s conductor has stored for `id`.
+fn stored_seq(api: &HostApi, id: &str) -> u64 {
+    api.worker(id)["metrics"]["seq"].as_u64().unwrap_or(0)
 }
 
-impl Api {
-    fn new(url: String, ca_pem: &str) -> Api {
-        Api {
-            url,
-            token: String::new(),
-            agent: https(ca_pem),
-        }
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.url);
-        let auth = format!("Bearer {}", self.token);
-        let http = || self.agent.clone();
-        let resp = match (method, body) {
-            ("GET", _) => http().get(&url).header("Authorization", &auth).call(),
-            (_, Some(b)) => http()
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_json(b),
-            (_, None) => http()
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_empty(),
-        };
-        match resp {
-            Ok(mut r) => {
-                let status = r.status().as_u16();
-                let text = r.body_mut().read_to_string().unwrap_or_default();
-                (
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                )
-            }
-            Err(e) => (0, Value::String(e.to_string())),
-        }
-    }
-
-    fn healthy(&self) -> bool {
-        self.call("GET", "/api/v1/health", None).0 == 200
-    }
-
-    fn login(&mut self) {
-        let (status, body) = self.call(
-            "POST",
-            "/api/v1/login",
-            Some(&json!({"username": "admin", "password": ADMIN_PASSWORD})),
-        );
-        assert_eq!(status, 200, "admin login: {body}");
-        self.token = body["token"].as_str().unwrap().to_string();
-    }
-
-    fn workers(&self) -> Vec<Value> {
-        let (status, body) = self.call("GET", "/api/v1/workers", None);
-        assert_eq!(status, 200, "workers: {body}");
-        body["workers"].as_array().cloned().unwrap_or_default()
-    }
-
-    fn worker(&self, id: &str) -> Value {
-        let (status, body) = self.call("GET", &format!("/api/v1/workers/{id}"), None);
-        assert_eq!(status, 200, "worker {id}: {body}");
-        body
-    }
-
-    fn seq(&self, id: &str) -> u64 {
-        self.worker(id)["metrics"]["seq"].as_u64().unwrap_or(0)
-    }
-
-    /// Waits until this conductor has stored `more` metrics frames of `id`
-    /// past `from`, the worker online.
-    fn frames_flow(&self, what: &str, id: &str, from: u64, more: u64) -> u64 {
-        wait_for(what, SECS(60), || {
-            let v = self.worker(id);
-            let seq = v["metrics"]["seq"].as_u64()?;
-            (v["status"] == "online" && seq >= from + more).then_some(seq)
-        })
-    }
+/// Waits until `api`'s conductor has stored `more` metrics frames of `id`
+/// past `from`, the worker online.
+fn frames_flow(api: &HostApi, what: &str, id: &str, from: u64, more: u64) -> u64 {
+    wait_for(what, SECS(60), || {
+        let v = api.worker(id);
+        let seq = v["metrics"]["seq"].as_u64()?;
+        (v["status"] == "online" && seq >= from + more).then_some(seq)
+    })
 }
 
 #[test]
@@ -348,12 +278,12 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
 
     // One of the two takes the lease and serves; the other stands by with
     // no listener behind its published port.
-    let apis: Vec<Api> = http
+    let apis: Vec<HostApi> = http
         .iter()
-        .map(|p| Api::new(format!("https://127.0.0.1:{p}"), &ca))
+        .map(|p| HostApi::new(format!("https://127.0.0.1:{p}"), &ca))
         .collect();
     let active = wait_for("one conductor serving", SECS(120), || {
-        apis.iter().position(Api::healthy)
+        apis.iter().position(HostApi::healthy)
     });
     let standby = 1 - active;
     eprintln!("{} active at {:?}", services[active], started.elapsed());
@@ -363,8 +293,8 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
         "both conductors serve: the lease did not keep {} standing by",
         services[standby]
     );
-    let mut api = Api::new(apis[active].url.clone(), &ca);
-    api.login();
+    let mut api = HostApi::new(apis[active].url.clone(), &ca);
+    api.login(ADMIN_PASSWORD);
     let (status, body) = api.call("POST", "/api/v1/registration-token/rotate", None);
     assert_eq!(status, 200, "rotate: {body}");
     let token = body["token"].as_str().unwrap().to_string();
@@ -404,7 +334,7 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
         let d = api.worker(&id);
         (d["status"] == "online" && !d["metrics"].is_null()).then_some(id)
     });
-    let seq = api.frames_flow("metrics flowing", &id, api.seq(&id), 3);
+    let seq = frames_flow(&api, "metrics flowing", &id, stored_seq(&api, &id), 3);
     eprintln!("worker {id} online at {:?}", started.elapsed());
     // It was handed every node, as it reaches them (the published ports).
     let worker_ctr = worker.container("edge-worker");
@@ -428,15 +358,15 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
     let victim = cluster.container(services[active]);
     let killed = Instant::now();
     must(docker().args(["kill", &victim]), SECS(30));
-    let mut api = Api::new(apis[standby].url.clone(), &ca);
+    let mut api = HostApi::new(apis[standby].url.clone(), &ca);
     wait_for(
         &format!("{} serving after the kill", services[standby]),
         SECS(90),
         || api.healthy().then_some(()),
     );
     let takeover = killed.elapsed();
-    api.login();
-    let seq = api.frames_flow("metrics stored by the standby", &id, seq, 3);
+    api.login(ADMIN_PASSWORD);
+    let seq = frames_flow(&api, "metrics stored by the standby", &id, seq, 3);
     eprintln!(
         "takeover: {} serving {takeover:?} after `docker kill`, metrics stored again after {:?}",
         services[standby],
@@ -448,8 +378,14 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
     let node = cluster.container("nats1");
     let killed = Instant::now();
     must(docker().args(["kill", &node]), SECS(30));
-    let after = api.seq(&id).max(seq);
-    api.frames_flow("metrics through the surviving NATS nodes", &id, after, 5);
+    let after = stored_seq(&api, &id).max(seq);
+    frames_flow(
+        &api,
+        "metrics through the surviving NATS nodes",
+        &id,
+        after,
+        5,
+    );
     eprintln!(
         "NATS node killed: 5 more frames stored after {:?}",
         killed.elapsed()
