@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 pub mod agent_release;
 pub mod docker;
 pub mod nats;
+pub mod pcap;
 pub mod services;
 
 /// Admin password every test conductor is started with.

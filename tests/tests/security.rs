@@ -916,85 +916,10 @@ fn the_api_serves_connections_opened_together_closes_idle_ones_and_survives_runn
 
 use test_support::leaks::{base64, holds, leak_forms};
 
-/// The TCP payload of every flow (one direction of a connection) in a pcap
-/// file from `tcpdump -i lo -w` (Ethernet framing, IPv4 or IPv6), in
-/// sequence order with retransmitted bytes dropped: a value split across
-/// two segments is still found.
+/// The TCP payload of every flow in a pcap file from `tcpdump -i lo -w`
+/// (`e2e::pcap`).
 fn tcp_streams(pcap: &[u8]) -> Vec<Vec<u8>> {
-    let le = match pcap.get(..4) {
-        Some([0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1]) => true,
-        Some([0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d]) => false,
-        other => panic!("not a pcap file: {other:?}"),
-    };
-    let u32_at = |b: &[u8], at: usize| {
-        let w: [u8; 4] = b[at..at + 4].try_into().unwrap();
-        if le {
-            u32::from_le_bytes(w)
-        } else {
-            u32::from_be_bytes(w)
-        }
-    };
-    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
-    // flow key -> (next expected seq, bytes)
-    let mut flows: Vec<(Vec<u8>, Option<u32>, Vec<u8>)> = Vec::new();
-    let mut at = 24;
-    while at + 16 <= pcap.len() {
-        let len = u32_at(pcap, at + 8) as usize;
-        let Some(frame) = pcap.get(at + 16..at + 16 + len) else {
-            break;
-        };
-        at += 16 + len;
-        if frame.len() < 14 {
-            continue;
-        }
-        let ip = &frame[14..];
-        let (proto, addrs, tcp) = match u16::from_be_bytes([frame[12], frame[13]]) {
-            0x0800 if ip.len() >= 20 => {
-                let ihl = usize::from(ip[0] & 0x0f) * 4;
-                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
-                (ip[9], &ip[12..20], ip.get(ihl..total).unwrap_or_default())
-            }
-            0x86dd if ip.len() >= 40 => {
-                let total = (40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))).min(ip.len());
-                (ip[6], &ip[8..40], &ip[40..total])
-            }
-            _ => continue,
-        };
-        if proto != 6 || tcp.len() < 20 {
-            continue;
-        }
-        let data_at = usize::from(tcp[12] >> 4) * 4;
-        let Some(payload) = tcp.get(data_at..) else {
-            continue;
-        };
-        let syn = tcp[13] & 0x02 != 0;
-        let mut key = addrs.to_vec();
-        key.extend_from_slice(&tcp[..4]);
-        let seq = be32(tcp, 4);
-        let i = match flows.iter().position(|(k, _, _)| *k == key) {
-            Some(i) => i,
-            None => {
-                flows.push((key, None, Vec::new()));
-                flows.len() - 1
-            }
-        };
-        let (_, next, bytes) = &mut flows[i];
-        if syn {
-            *next = Some(seq.wrapping_add(1));
-            bytes.clear();
-            continue;
-        }
-        let expected = next.unwrap_or(seq);
-        // Bytes before `expected` were had already (a retransmission).
-        let skip = expected.wrapping_sub(seq) as usize;
-        if skip < payload.len() {
-            bytes.extend_from_slice(&payload[skip..]);
-            *next = Some(seq.wrapping_add(u32::try_from(payload.len()).unwrap()));
-        } else if next.is_none() {
-            *next = Some(seq);
-        }
-    }
-    flows.into_iter().map(|(_, _, b)| b).collect()
+    e2e::pcap::tcp_streams(pcap).unwrap_or_else(|e| panic!("the capture: {e}"))
 }
 
 #[test]
@@ -1015,7 +940,8 @@ fn leak_forms_and_the_pcap_reader_find_what_they_should() {
     }
     // Two IPv4 TCP segments of one flow split the value; the second sent twice.
     let mut pcap = vec![0xd4, 0xc3, 0xb2, 0xa1];
-    pcap.extend_from_slice(&[0; 20]);
+    pcap.extend_from_slice(&[0; 16]);
+    pcap.extend_from_slice(&1u32.to_le_bytes()); // link type: Ethernet
     let segment = |seq: u32, data: &[u8]| {
         let mut f = vec![0u8; 12];
         f.extend_from_slice(&[0x08, 0x00]);
