@@ -17,6 +17,30 @@ use serde_json::json;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// Conductor A in `dir/a` with `args` and an agent (`dir/pi`) enrolled
+/// with it, online and sending; the agent's `--conductor` list is A's
+/// address, then a free one for a standby (returned).
+fn active_with_worker(
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (Conductor, Worker, String, std::net::SocketAddr) {
+    let a = Conductor::start_with(&dir.join("a"), args);
+    let token = a.registration_token();
+    let b_http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut w = Worker::start(
+        &dir.join("pi"),
+        &format!("{},http://{b_http}", a.url()),
+        Some(&token),
+        WorkerOpts::named("pi"),
+    );
+    let id = w.wait_id();
+    wait_for("the worker online on A", SECS(20), || {
+        let v = a.worker(&id);
+        (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(3)).then_some(())
+    });
+    (a, w, id, b_http)
+}
+
 #[test]
 fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     let Some(pg) = test_support::postgres::Postgres::start() else {
@@ -33,20 +57,7 @@ fn a_standby_conductor_takes_over_when_the_active_one_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&dir.path().join("mosquitto"));
     let args = ["--mqtt-url", &broker.url(), "--store", &url];
-    let mut a = Conductor::start_with(&dir.path().join("a"), &args);
-    let token = a.registration_token();
-    let b_http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut w = Worker::start(
-        &dir.path().join("pi"),
-        &format!("{},http://{b_http}", a.url()),
-        Some(&token),
-        WorkerOpts::named("pi"),
-    );
-    let id = w.wait_id();
-    wait_for("the worker online on A", SECS(20), || {
-        let v = a.worker(&id);
-        (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(3)).then_some(())
-    });
+    let (mut a, mut w, id, b_http) = active_with_worker(dir.path(), &args);
 
     // A service on the worker, deployed through A.
     create_service(
@@ -196,20 +207,7 @@ fn an_active_conductor_cut_off_from_the_bus_steps_down() {
         "--bus-stepdown",
         "2s",
     ];
-    let mut a = Conductor::start_with(&dir.path().join("a"), &a_args);
-    let token = a.registration_token();
-    let b_http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut w = Worker::start(
-        &dir.path().join("pi"),
-        &format!("{},http://{b_http}", a.url()),
-        Some(&token),
-        WorkerOpts::named("pi"),
-    );
-    let id = w.wait_id();
-    wait_for("the worker online on A", SECS(20), || {
-        let v = a.worker(&id);
-        (v["status"] == "online" && v["metrics"]["seq"].as_u64() > Some(3)).then_some(())
-    });
+    let (mut a, mut w, id, b_http) = active_with_worker(dir.path(), &a_args);
 
     // B reaches the broker; C does not (a dead port): C must not lead.
     let b_args = ["--mqtt-url", &broker.url(), "--store", &url];
