@@ -337,6 +337,11 @@ fn connection_settings(
     connections
 }
 
+/// The embedded broker's connection limit: 100,000 (issue 19's target is
+/// 50,000 workers on one conductor). The process's open-file limit is the
+/// other ceiling: `main` raises the soft limit to the hard one.
+pub const MAX_CONNECTIONS: usize = 100_000;
+
 /// Starts rumqttd on the listeners on a detached thread and waits until it
 /// completes an MQTT handshake for the conductor's login
 /// (`conductor_password`) on the plain listener.
@@ -389,7 +394,10 @@ pub fn start(
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: 20_000,
+            // Workers plus the conductor's own and observers' sessions.
+            // The router's tables are reserved (not touched) for this many:
+            // address space, not memory, until connections arrive.
+            max_connections: MAX_CONNECTIONS,
             max_outgoing_packet_count: 200,
             max_segment_size: 10 * 1024 * 1024,
             max_segment_count: 10,
