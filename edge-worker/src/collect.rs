@@ -143,6 +143,16 @@ pub struct Collector {
     /// `/proc/net/dev` read: one file for every interface, where sysinfo
     /// opens eight sysfs files per interface and a netlink socket per sample.
     net_prev: Vec<(String, u64, u64)>,
+    /// `/proc/net/dev`, `/proc/stat` and `/proc/meminfo`, kept open and
+    /// read again from the start each sample (an `lseek` instead of an
+    /// `openat` + `close` per file per sample).
+    net_dev: ProcFile,
+    stat: ProcFile,
+    meminfo: ProcFile,
+    /// `(busy, total)` jiffies of the `cpu` line then each `cpuN` line of
+    /// the previous `/proc/stat` read: usage is the share of busy time
+    /// between two reads.
+    cpu_prev: Vec<(u64, u64)>,
     /// `(zone type, path of its temp file)`, in zone order.
     thermal: Vec<(Name, PathBuf)>,
     /// When the network counters were last refreshed (for rates).
@@ -187,10 +197,17 @@ impl Collector {
                 None
             }
         };
+        let mut net_dev = ProcFile::new("/proc/net/dev");
+        let mut stat = ProcFile::new("/proc/stat");
+        let cpu_prev = stat.read().map(parse_cpu_times).unwrap_or_default();
         Collector {
             sys,
             disks,
-            net_prev: read_net_dev(),
+            net_prev: net_dev.read().map(parse_net_dev).unwrap_or_default(),
+            net_dev,
+            stat,
+            meminfo: ProcFile::new("/proc/meminfo"),
+            cpu_prev,
             thermal: thermal_zones(host_root),
             last_net: Instant::now(),
             samples: 0,
@@ -265,20 +282,24 @@ impl Collector {
             processes: self.processes,
             dropped: 0,
         };
-        if let Some(sys) = self.sys.as_mut() {
-            sys.refresh_cpu_usage();
-            sys.refresh_memory();
-            m.cpu_total = hundredths_pct(sys.global_cpu_usage());
-            for cpu in sys.cpus() {
-                if m.cpu_per_core.push(hundredths_pct(cpu.usage())).is_err() {
-                    break;
+        if let Some(now) = self.stat.read().map(parse_cpu_times) {
+            let usage = cpu_usage(&self.cpu_prev, &now);
+            if let Some((total, cores)) = usage.split_first() {
+                m.cpu_total = *total;
+                for c in cores {
+                    if m.cpu_per_core.push(*c).is_err() {
+                        break;
+                    }
                 }
             }
-            m.memory_total = sys.total_memory();
-            m.memory_available = sys.available_memory();
-            m.memory_used = sys.used_memory();
-            m.swap_total = sys.total_swap();
-            m.swap_used = sys.used_swap();
+            self.cpu_prev = now;
+        }
+        if let Some(mem) = self.meminfo.read().map(parse_meminfo) {
+            m.memory_total = mem.total;
+            m.memory_available = mem.available;
+            m.memory_used = mem.total.saturating_sub(mem.available);
+            m.swap_total = mem.swap_total;
+            m.swap_used = mem.swap_total.saturating_sub(mem.swap_free);
         }
         m.disks = self.disks();
         m.net = self.net_rates();
@@ -317,7 +338,7 @@ impl Collector {
 
     fn net_rates(&mut self) -> HVec<NetRate, MAX_NETS> {
         let now = Instant::now();
-        let current = read_net_dev();
+        let current = self.net_dev.read().map(parse_net_dev).unwrap_or_default();
         // fits: the time between two samples of this process, far below
         // the 584 million years u64 milliseconds hold.
         #[allow(clippy::cast_possible_truncation)]
@@ -360,11 +381,131 @@ pub fn counter_delta(now: u64, before: u64, wraps32: bool) -> u64 {
     }
 }
 
-/// Cumulative byte counters per interface from `/proc/net/dev`.
-fn read_net_dev() -> Vec<(String, u64, u64)> {
-    fs::read_to_string("/proc/net/dev")
-        .map(|text| parse_net_dev(&text))
-        .unwrap_or_default()
+/// A `/proc` file kept open and read again from its start: procfs
+/// regenerates the text on each read from offset 0. A failed read closes
+/// it; the next one opens it again.
+#[derive(Debug)]
+struct ProcFile {
+    path: &'static str,
+    file: Option<fs::File>,
+    /// The last text read (reused: no allocation once it is large enough).
+    text: String,
+}
+
+impl ProcFile {
+    fn new(path: &'static str) -> ProcFile {
+        ProcFile {
+            path,
+            file: None,
+            text: String::new(),
+        }
+    }
+
+    /// The file's current text; `None` when it cannot be read.
+    fn read(&mut self) -> Option<&str> {
+        use std::io::{Read, Seek, SeekFrom};
+        self.text.clear();
+        let file = match self.file.as_mut() {
+            Some(f) => f,
+            None => self.file.insert(fs::File::open(self.path).ok()?),
+        };
+        let ok =
+            file.seek(SeekFrom::Start(0)).is_ok() && file.read_to_string(&mut self.text).is_ok();
+        if !ok {
+            self.file = None;
+            return None;
+        }
+        Some(&self.text)
+    }
+}
+
+/// `(busy, total)` jiffies of each `cpu…` line of `/proc/stat`, the
+/// aggregate `cpu` line first: busy is user + nice + system + irq +
+/// softirq + steal (guest time is inside user and nice), total adds idle
+/// and iowait — sysinfo's accounting. Other lines are skipped.
+pub fn parse_cpu_times(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .take_while(|l| l.starts_with("cpu"))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_ascii_whitespace()
+                .skip(1)
+                .map(|v| v.parse().unwrap_or(0))
+                .chain(std::iter::repeat(0))
+                .take(8)
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+            (busy, busy + f[3] + f[4])
+        })
+        .collect()
+}
+
+/// Usage in hundredths of a percent between two [`parse_cpu_times`]
+/// readings, line by line (a line without a previous reading, or without
+/// time passed, is 0).
+pub fn cpu_usage(before: &[(u64, u64)], now: &[(u64, u64)]) -> Vec<u16> {
+    now.iter()
+        .enumerate()
+        .map(|(i, (busy, total))| {
+            let (pb, pt) = before.get(i).copied().unwrap_or((*busy, *total));
+            let (db, dt) = (busy.saturating_sub(pb), total.saturating_sub(pt));
+            if dt == 0 {
+                return 0;
+            }
+            // ≤ 10,000 by construction (db ≤ dt), so the cast is exact.
+            #[allow(clippy::cast_possible_truncation)]
+            let v = (db.min(dt) * 10_000 / dt) as u16;
+            v
+        })
+        .collect()
+}
+
+/// What a sample takes from `/proc/meminfo`, in bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MemInfo {
+    /// `MemTotal`.
+    pub total: u64,
+    /// `MemAvailable` (kernels before 3.14: `MemFree` + `Buffers` + `Cached`).
+    pub available: u64,
+    /// `SwapTotal`.
+    pub swap_total: u64,
+    /// `SwapFree`.
+    pub swap_free: u64,
+}
+
+/// Parses `/proc/meminfo` (`Name:   <n> kB` lines; unknown or malformed
+/// lines are skipped).
+pub fn parse_meminfo(text: &str) -> MemInfo {
+    let mut m = MemInfo::default();
+    let (mut available, mut free, mut buffers, mut cached) = (None, 0, 0, 0);
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let Some(kb) = rest
+            .split_ascii_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let bytes = kb.saturating_mul(1024);
+        match name {
+            "MemTotal" => m.total = bytes,
+            "MemAvailable" => available = Some(bytes),
+            "MemFree" => free = bytes,
+            "Buffers" => buffers = bytes,
+            "Cached" => cached = bytes,
+            "SwapTotal" => m.swap_total = bytes,
+            "SwapFree" => m.swap_free = bytes,
+            _ => {}
+        }
+    }
+    m.available = available
+        .unwrap_or_else(|| free.saturating_add(buffers).saturating_add(cached))
+        .min(m.total);
+    m
 }
 
 /// Parses `/proc/net/dev`: two header lines, then `name: rx_bytes rx_packets
@@ -494,16 +635,6 @@ fn load_hundredths(si_load: u64) -> u32 {
     let int = fixed >> FSHIFT;
     let frac = ((fixed & ((1 << FSHIFT) - 1)) * 100) >> FSHIFT;
     u32::try_from(int.saturating_mul(100).saturating_add(frac)).unwrap_or(u32::MAX)
-}
-
-// fits: clamped to 0..=10_000 before the cast.
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn hundredths_pct(pct: f32) -> u16 {
-    if pct.is_finite() {
-        (pct * 100.0).round().clamp(0.0, 10_000.0) as u16
-    } else {
-        0
-    }
 }
 
 /// Number of processes: the numeric directories in `/proc`.
@@ -719,7 +850,7 @@ mod tests {
         let first = c.sample();
         assert!(first.net.iter().all(|n| n.name.as_str() != "lo"));
         // Fake a previous reading 1 MB below the current one on every interface.
-        c.net_prev = read_net_dev()
+        c.net_prev = parse_net_dev(&fs::read_to_string("/proc/net/dev").unwrap_or_default())
             .into_iter()
             .map(|(n, rx, tx)| (n, rx.saturating_sub(1_000_000), tx))
             .collect();
@@ -800,11 +931,66 @@ mod tests {
     }
 
     #[test]
-    fn percent_conversions_clamp() {
-        assert_eq!(hundredths_pct(12.345), 1235);
-        assert_eq!(hundredths_pct(250.0), 10_000);
-        assert_eq!(hundredths_pct(-1.0), 0);
-        assert_eq!(hundredths_pct(f32::NAN), 0);
+    fn cpu_usage_comes_from_proc_stat_deltas() {
+        let before = "cpu  100 0 100 700 100 0 0 0 0 0\n\
+                      cpu0 50 0 50 350 50 0 0 0 0 0\n\
+                      cpu1 50 0 50 350 50 0 0 0 0 0\n\
+                      intr 12345 1 2 3\n";
+        // cpu: 55 of 85 jiffies busy; cpu0: 45 of 50 (irq, softirq and
+        // steal count as busy); cpu1: idle and iowait only.
+        let now = "cpu  130 0 110 720 110 5 5 5 0 0\n\
+                   cpu0 70 0 60 355 50 5 5 5 0 0\n\
+                   cpu1 50 0 50 370 60 0 0 0 0 0\n\
+                   ctxt 99\n";
+        let (b, n) = (parse_cpu_times(before), parse_cpu_times(now));
+        assert_eq!(b.len(), 3, "the cpu lines only");
+        assert_eq!(n[1], (145, 550));
+        assert_eq!(cpu_usage(&b, &n), vec![6_470, 9_000, 0]);
+        // No previous reading, no time passed, counters gone backwards.
+        assert_eq!(cpu_usage(&[], &n), vec![0, 0, 0]);
+        assert_eq!(cpu_usage(&n, &n), vec![0, 0, 0]);
+        assert_eq!(cpu_usage(&n, &b), vec![0, 0, 0]);
+        // Short or garbled lines read as zeros, never panic.
+        assert_eq!(parse_cpu_times("cpu 1 x\ncpu0\n"), vec![(1, 1), (0, 0)]);
+    }
+
+    #[test]
+    fn memory_comes_from_proc_meminfo() {
+        let text = "MemTotal:        3884096 kB\nMemFree:          123456 kB\n\
+                    MemAvailable:    2000000 kB\nBuffers: 10 kB\nCached: 20 kB\n\
+                    SwapTotal:        102396 kB\nSwapFree:          2396 kB\ngarbage\n";
+        let m = parse_meminfo(text);
+        assert_eq!(m.total, 3_884_096 * 1024);
+        assert_eq!(m.available, 2_000_000 * 1024);
+        assert_eq!((m.swap_total, m.swap_free), (102_396 * 1024, 2_396 * 1024));
+        // A kernel without MemAvailable (before 3.14).
+        let old = parse_meminfo("MemTotal: 100 kB\nMemFree: 10 kB\nBuffers: 1 kB\nCached: 2 kB\n");
+        assert_eq!(old.available, 13 * 1024);
+    }
+
+    #[test]
+    fn cpu_and_memory_match_proc_on_this_box() {
+        let mut stat = ProcFile::new("/proc/stat");
+        let first = parse_cpu_times(stat.read().unwrap());
+        // Read again through the same open file: the text is regenerated.
+        let busy_loop = std::time::Instant::now();
+        while busy_loop.elapsed() < std::time::Duration::from_millis(50) {
+            std::hint::black_box(busy_loop.elapsed());
+        }
+        let second = parse_cpu_times(stat.read().unwrap());
+        assert_eq!(first.len(), second.len());
+        assert_eq!(
+            first.len(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()) + 1,
+            "the cpu line and one per core"
+        );
+        assert!(
+            second[0].1 > first[0].1,
+            "time passed: {first:?} {second:?}"
+        );
+        assert!(cpu_usage(&first, &second).iter().all(|u| *u <= 10_000));
+        let mem = parse_meminfo(&fs::read_to_string("/proc/meminfo").unwrap());
+        assert!(mem.total > 0 && mem.available > 0 && mem.available <= mem.total);
     }
 
     #[test]
