@@ -1,7 +1,9 @@
 //! Chunked encryption of object payloads at rest.
 //!
-//! Each object (and each multipart part) has its own 256-bit data key,
-//! issued by key-manager ([`crate::kms`]), and a random 16-byte object id.
+//! Each object has its own 256-bit data key, issued by key-manager
+//! ([`crate::kms`]) and bound to a random 16-byte object id (the key's aad).
+//! A multipart object's key is fetched once, at CreateMultipartUpload (the
+//! upload id is its object id), and seals every part.
 //! The plaintext is cut into chunks of [`CHUNK`] bytes; the last chunk is
 //! always shorter than [`CHUNK`] (possibly empty), so an object of `n` bytes
 //! has `n / CHUNK + 1` chunks and takes [`encrypted_len`]`(n)` bytes on disk.
@@ -16,6 +18,26 @@
 //! Chunks therefore cannot be reordered, moved to another object, dropped
 //! from the end (the new last chunk would carry flag 0) or extended. A
 //! range read decrypts only the chunks it overlaps.
+//!
+//! **Nonces of multipart parts.** The parts of an upload share one key, so
+//! their nonces must differ: each part file (each UploadPart or
+//! UploadPartCopy, including a part number sent again) is sealed as an
+//! object of its own whose 16-byte "object id" above is a fresh random
+//! *nonce prefix*, recorded in the part's trailer and in the completed
+//! object's manifest, with chunk indexes counting from 0 in every part.
+//! (Disjoint counter ranges per part number were the alternative, but a
+//! part number uploaded twice would reuse its range under the same key;
+//! a random 128-bit prefix per part file cannot collide in practice, and
+//! keeps each part an independently readable object file.) A part sealed
+//! this way keeps its own last-chunk flag, so the completed object is a
+//! sequence of sealed parts: a part cannot be truncated, swapped with
+//! another part (its prefix is in the nonce and the associated data) or
+//! taken from another upload (another key) without failing
+//! authentication. The part list itself (order, sizes, prefixes) lives in
+//! the object's trailer, which, like every trailer, is not authenticated:
+//! someone able to rewrite the files could reorder or drop whole parts of
+//! an object (as they could swap whole object files), but not alter,
+//! truncate or splice the bytes of a part.
 
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};

@@ -6,6 +6,7 @@
 //! buckets/<bucket>/bucket.json                 {"created": unix secs}
 //! buckets/<bucket>/objects/<hex sha256(key)>   object file (`object_file`)
 //! buckets/<bucket>/uploads/<upload id>/upload.json, part-00001, ...
+//! buckets/<bucket>/data/<upload id>/part-00001, ...  parts of a completed multipart object
 //! tmp/                                         files being written (emptied at start)
 //! ```
 //!
@@ -48,7 +49,7 @@ use crate::kms::{KeyManager, KmsError};
 pub use multipart::{
     Expired, PartSummary, UploadInfo, UploadList, UploadListParams, UploadSummary,
 };
-pub use object_file::{EncInfo, ObjectFile, Trailer, MAX_TRAILER};
+pub use object_file::{EncInfo, ObjectFile, Segment, Segments, Trailer, MAX_TRAILER};
 pub use objects::{ListParams, ListResult};
 pub use paths::valid_bucket_name;
 
@@ -253,6 +254,43 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     f.sync_all().map_err(io_err("syncing", path))
 }
 
+/// Start-up clean-up of `bucket_dir/data/`: a directory an object names
+/// loses what its completion would have removed (`upload.json`); one no
+/// object names is a completion cut short before its commit (it still has
+/// `upload.json`: moved back to `uploads/`, the upload intact) or the
+/// parts of a deleted or replaced object (removed).
+fn recover_data_dirs(
+    bucket_dir: &Path,
+    udir: &Path,
+    referenced: &std::collections::HashSet<String>,
+) {
+    let ddir = bucket_dir.join("data");
+    let Ok(rd) = fs::read_dir(&ddir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let path = e.path();
+        let upload_json = path.join("upload.json");
+        if referenced.contains(&name) {
+            if upload_json.exists() {
+                let _ = fs::remove_file(&upload_json);
+                let _ = sync_dir(&path);
+            }
+        } else if upload_json.exists() && !udir.join(&name).exists() {
+            let _ = fs::create_dir_all(udir);
+            match fs::rename(&path, udir.join(&name)) {
+                Ok(()) => eprintln!(
+                    "storage-manager: multipart upload {name} was being completed when storage-manager stopped: it is an upload again"
+                ),
+                Err(e) => eprintln!("storage-manager: restoring {}: {e}", path.display()),
+            }
+        } else if let Err(e) = fs::remove_dir_all(&path) {
+            eprintln!("storage-manager: removing {}: {e}", path.display());
+        }
+    }
+    let _ = sync_dir(&ddir);
+    let _ = sync_dir(udir);
+}
+
 /// The store.
 #[derive(Debug)]
 pub struct Store {
@@ -304,6 +342,7 @@ impl Store {
                 objects: BTreeMap::new(),
             };
             let odir = dir.join("objects");
+            let mut referenced = std::collections::HashSet::new();
             for o in fs::read_dir(&odir).map_err(io_err("listing", &odir))? {
                 let p = o.map_err(io_err("listing", &odir))?.path();
                 match File::open(&p)
@@ -311,6 +350,9 @@ impl Store {
                     .and_then(|f| read_trailer(&f, &p))
                 {
                     Ok(t) => {
+                        if let Some(s) = &t.segments {
+                            referenced.insert(s.dir.clone());
+                        }
                         entry.objects.insert(
                             t.key.clone(),
                             IndexEntry {
@@ -324,6 +366,7 @@ impl Store {
                 }
             }
             let udir = dir.join("uploads");
+            recover_data_dirs(&dir, &udir, &referenced);
             if let Ok(rd) = fs::read_dir(&udir) {
                 for u in rd.flatten() {
                     let id = u.file_name().to_string_lossy().to_string();

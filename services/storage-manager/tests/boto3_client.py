@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """storage-manager driven by boto3, a real S3 client.
 
-Usage: boto3_client.py ENDPOINT ACCESS_KEY SECRET_KEY [MODE [UPLOAD_ID]]
+Usage: boto3_client.py ENDPOINT ACCESS_KEY SECRET_KEY [MODE [UPLOAD_ID [ETAG]]]
 
 MODE is `all` (the default: every check below), `expiry-start` (leaves a
 multipart upload with two 1 MiB parts in bucket `expiry`, as a client killed
@@ -10,8 +10,14 @@ upload UPLOAD_ID was removed: not listed, NoSuchUpload to every request),
 `grants-restricted` (run with a key whose grants are
 {"app-data": "read-write", "shared-*": "read"}; buckets app-data,
 shared-docs and secret-backups exist, with shared-docs/readme.txt and
-secret-backups/db.sqlite) or `grants-full` (a key without grants sees and
-reads all three).
+secret-backups/db.sqlite), `grants-full` (a key without grants sees and
+reads all three) or `multipart-ref` (a three-part upload completed by
+reference: whole body, ETag, ranges across part boundaries, ranged
+UploadPartCopy and CopyObject from it, and CompleteMultipartUpload's
+`If-None-Match: *` and `If-Match` refused, an upload left for a replacement;
+prints `MPREF <bucket> <upload id> <size> <upload id 2> <etag>` for the
+caller to look at the disk) then `multipart-ref-replace UPLOAD_ID_2 ETAG`
+(completes that upload with `If-Match: ETAG`, replacing the object).
 
 Exits 0 when every check passed; 3 when boto3 cannot be imported (the Rust
 test decides whether that is a skip or a failure); 1 with a message on the
@@ -165,6 +171,66 @@ if mode == "grants-restricted":
     url = s3.generate_presigned_url("get_object", Params={"Bucket": "app-data", "Key": "a.txt"}, ExpiresIn=300)
     check(urllib.request.urlopen(url).read() == b"mine", "presigned GET from its own bucket")
     print("GRANTS CHECKS PASSED")
+    sys.exit(0)
+
+if mode == "multipart-ref":
+    b = "mp-ref"
+    s3.create_bucket(Bucket=b)
+    sizes = [5 * MiB, 5 * MiB + 12345, 3 * MiB + 7]
+    bodies = [os.urandom(n) for n in sizes]
+    whole = b"".join(bodies)
+    up = s3.create_multipart_upload(Bucket=b, Key="three.bin", ContentType="application/x-three")["UploadId"]
+    done = []
+    for i, body in enumerate(bodies, 1):
+        r = s3.upload_part(Bucket=b, Key="three.bin", UploadId=up, PartNumber=i, Body=body)
+        done.append({"PartNumber": i, "ETag": r["ETag"]})
+    # Sent again (a retry): the part is replaced, under a new nonce prefix.
+    r = s3.upload_part(Bucket=b, Key="three.bin", UploadId=up, PartNumber=2, Body=bodies[1])
+    check(r["ETag"] == done[1]["ETag"], "a part sent again has the same ETag")
+    want = hashlib.md5(b"".join(hashlib.md5(x).digest() for x in bodies)).hexdigest() + "-3"
+    r = s3.complete_multipart_upload(Bucket=b, Key="three.bin", UploadId=up, MultipartUpload={"Parts": done},
+                                     IfNoneMatch="*")
+    check(r["ETag"] == '"%s"' % want, "three-part completion (If-None-Match: * on a free key) ETag md5(part md5s)-3")
+    h = s3.head_object(Bucket=b, Key="three.bin")
+    check(h["ETag"] == '"%s"' % want and h["ContentLength"] == len(whole), "HEAD of the three-part object: ETag and size")
+    check(h["ContentType"] == "application/x-three", "content type kept")
+    check(s3.get_object(Bucket=b, Key="three.bin")["Body"].read() == whole, "three-part object reads whole")
+    b1, b2 = sizes[0], sizes[0] + sizes[1]
+    for a, z in [(b1 - 10, b1 + 9), (b1 - 1, b1), (b1, b1), (b1 - 70000, b2 + 70000), (3, len(whole) - 4), (b2, len(whole) - 1)]:
+        r = s3.get_object(Bucket=b, Key="three.bin", Range="bytes=%d-%d" % (a, z))
+        check(r["Body"].read() == whole[a:z + 1] and r["ContentRange"] == "bytes %d-%d/%d" % (a, z, len(whole)),
+              "Range %d-%d across part boundaries" % (a, z))
+    check(s3.get_object(Bucket=b, Key="three.bin", Range="bytes=-100")["Body"].read() == whole[-100:], "suffix Range")
+    # Copies out of it: CopyObject, and UploadPartCopy of a range spanning a boundary.
+    s3.copy_object(Bucket=b, Key="copy.bin", CopySource={"Bucket": b, "Key": "three.bin"})
+    check(s3.get_object(Bucket=b, Key="copy.bin")["Body"].read() == whole, "CopyObject of a three-part object")
+    up2 = s3.create_multipart_upload(Bucket=b, Key="pc.bin")["UploadId"]
+    r = s3.upload_part_copy(Bucket=b, Key="pc.bin", UploadId=up2, PartNumber=1, CopySource={"Bucket": b, "Key": "three.bin"},
+                            CopySourceRange="bytes=%d-%d" % (b1 - 1000, b2 + 999))
+    s3.complete_multipart_upload(Bucket=b, Key="pc.bin", UploadId=up2,
+                                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": r["CopyPartResult"]["ETag"]}]})
+    check(s3.get_object(Bucket=b, Key="pc.bin")["Body"].read() == whole[b1 - 1000:b2 + 1000], "UploadPartCopy across part boundaries")
+    # Completion conditions.
+    up3 = s3.create_multipart_upload(Bucket=b, Key="three.bin")["UploadId"]
+    p = s3.upload_part(Bucket=b, Key="three.bin", UploadId=up3, PartNumber=1, Body=b"replacement")
+    parts = {"Parts": [{"PartNumber": 1, "ETag": p["ETag"]}]}
+    check(error_code(lambda: s3.complete_multipart_upload(Bucket=b, Key="three.bin", UploadId=up3, MultipartUpload=parts,
+          IfNoneMatch="*")) == "PreconditionFailed", "completion with If-None-Match: * on an existing key -> PreconditionFailed")
+    check(error_code(lambda: s3.complete_multipart_upload(Bucket=b, Key="three.bin", UploadId=up3, MultipartUpload=parts,
+          IfMatch='"0123456789abcdef0123456789abcdef"')) == "PreconditionFailed", "completion with a wrong If-Match -> PreconditionFailed")
+    check(s3.get_object(Bucket=b, Key="three.bin")["Body"].read() == whole, "refused completions changed nothing")
+    check(len(s3.list_parts(Bucket=b, Key="three.bin", UploadId=up3)["Parts"]) == 1, "the refused upload is still there")
+    print("MPREF %s %s %d %s %s" % (b, up, len(whole), up3, want))
+    print("MULTIPART REF CHECKS PASSED")
+    sys.exit(0)
+
+if mode == "multipart-ref-replace":
+    up3, want = sys.argv[5], sys.argv[6]
+    parts = {"Parts": [{"PartNumber": 1, "ETag": '"%s"' % hashlib.md5(b"replacement").hexdigest()}]}
+    s3.complete_multipart_upload(Bucket="mp-ref", Key="three.bin", UploadId=up3, MultipartUpload=parts, IfMatch='"%s"' % want)
+    check(s3.get_object(Bucket="mp-ref", Key="three.bin")["Body"].read() == b"replacement",
+          "completion with the matching If-Match replaces the object")
+    print("MULTIPART REPLACE CHECKS PASSED")
     sys.exit(0)
 
 if mode == "grants-full":

@@ -587,7 +587,56 @@ fn boto3_real_client() {
     let stdout = boto3_script(&sm, &[], "ALL BOTO3 CHECKS PASSED");
     eprintln!("{stdout}");
     aws_cli_copy(&sm);
+    multipart_by_reference(&sm, sm_dir.path());
     drop(km);
+}
+
+/// A three-part upload (encrypted) completed by reference, checked by boto3
+/// (`multipart-ref`: body, ETag, ranges across part boundaries, copies,
+/// refused conditional completions), then on disk: the upload directory
+/// is gone, its parts are the object's data (`data/<upload id>/`, the
+/// object's size plus tags and trailers: no second copy), nothing is left
+/// in `tmp/`; after a completion with a matching `If-Match` replaces the
+/// object, its parts are removed.
+fn multipart_by_reference(sm: &Proc, data_dir: &Path) {
+    let out = boto3_script(sm, &["multipart-ref"], "MULTIPART REF CHECKS PASSED");
+    eprintln!("{out}");
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("MPREF "))
+        .expect("MPREF line");
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (bucket, up, size, up3, etag) = (f[0], f[1], f[2].parse::<u64>().unwrap(), f[3], f[4]);
+    let bdir = data_dir.join("buckets").join(bucket);
+    assert!(
+        !bdir.join("uploads").join(up).exists(),
+        "the upload directory is gone"
+    );
+    let parts = bdir.join("data").join(up);
+    let mut names: Vec<String> = std::fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["part-00001", "part-00002", "part-00003"]);
+    let on_disk = tree_bytes(&parts);
+    // 16-byte tags per 64 KiB chunk and three trailers.
+    assert!(
+        on_disk > size && on_disk < size + size / 4000 + 3 * 4096,
+        "{on_disk} bytes on disk for a {size}-byte object"
+    );
+    assert_eq!(std::fs::read_dir(data_dir.join("tmp")).unwrap().count(), 0);
+    let objects = tree_bytes(&bdir.join("objects"));
+    // three.bin is a manifest; copy.bin (a whole copy) and pc.bin are data.
+    assert!(objects < size + (11 << 20), "{objects}");
+    let out = boto3_script(
+        sm,
+        &["multipart-ref-replace", up3, etag],
+        "MULTIPART REPLACE CHECKS PASSED",
+    );
+    eprintln!("{out}");
+    assert!(!parts.exists(), "the replaced object's parts are removed");
+    assert!(bdir.join("data").join(up3).join("part-00001").exists());
 }
 
 /// Per-bucket grants (issue 18): `access_keys` in its JSON form with an

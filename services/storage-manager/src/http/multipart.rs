@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use s3::{timefmt, xml};
 
 use super::error::{s3err, S3Err};
-use super::objects::{copy_source, copy_source_preconditions, SourceReader};
+use super::objects::{copy_source, copy_source_preconditions, write_condition, SourceReader};
 use super::request::Ctx;
 use super::{Reply, MAX_KEYS, NS};
 use crate::sigv4;
@@ -230,11 +230,15 @@ pub(super) fn create_upload(ctx: &Ctx<'_>, bucket: &str, key: &str) -> Result<Re
     )))
 }
 
-/// CompleteMultipartUpload: `POST /b/key?uploadId=U` with the parts in XML.
+/// CompleteMultipartUpload: `POST /b/key?uploadId=U` with the parts in
+/// XML; conditional as a PUT (`If-None-Match: *`: 412 when the key exists;
+/// `If-Match: "<etag>"`: 412 when the object's ETag differs, 404 when there
+/// is none), decided at the commit, the upload left intact when refused.
 pub(super) fn complete_upload(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Reply, S3Err> {
     let svc = ctx.svc;
     let store = &svc.store;
     let id = ctx.q("uploadId").unwrap_or("").to_string();
+    let cond = write_condition(ctx)?;
     let doc = ctx.xml_body()?;
     let mut parts = Vec::new();
     for p in xml::elements(&doc, "Part") {
@@ -248,7 +252,7 @@ pub(super) fn complete_upload(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Res
     if parts.is_empty() {
         return Err(s3err(400, "MalformedXML", "the body lists no parts"));
     }
-    let e = store.complete_upload(bucket, key, &id, &parts)?;
+    let e = store.complete_upload_if(bucket, key, &id, &parts, &cond)?;
     svc.stats.puts.fetch_add(1, Ordering::Relaxed);
     Ok(Reply::xml(format!(
         "<CompleteMultipartUploadResult xmlns=\"{NS}\"><Location>/{}/{}</Location><Bucket>{}</Bucket><Key>{}</Key><ETag>&quot;{}&quot;</ETag></CompleteMultipartUploadResult>",

@@ -68,8 +68,9 @@ fn read_preconditions(ctx: &Ctx<'_>, t: &Trailer) -> Result<bool, S3Err> {
     })
 }
 
-/// A PUT's condition (`If-None-Match: *`, `If-Match`).
-fn write_condition(ctx: &Ctx<'_>) -> Result<PutIf, S3Err> {
+/// A PUT's or CompleteMultipartUpload's condition (`If-None-Match: *`,
+/// `If-Match`).
+pub(super) fn write_condition(ctx: &Ctx<'_>) -> Result<PutIf, S3Err> {
     match (ctx.header("if-none-match"), ctx.header("if-match")) {
         (None, None) => Ok(PutIf::Always),
         (Some(h), None) if h.trim() == "*" => Ok(PutIf::Absent),

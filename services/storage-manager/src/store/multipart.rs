@@ -1,9 +1,23 @@
-//! Multipart uploads: each part is an object file in the upload's
-//! directory (its own data key); completing streams the parts, decrypting
-//! and re-encrypting, into one new object file, commits it, then removes
-//! the upload directory. A crash between the two leaves a stale upload
-//! directory (the object is complete); aborting it is harmless, and so is
-//! its expiry.
+//! Multipart uploads: CreateMultipartUpload fetches the object's data key
+//! from key-manager and keeps it wrapped in `upload.json`; each part is an
+//! object file in the upload's directory, sealed once under that key with a
+//! random nonce prefix of its own ([`crate::crypt`]). Completion assembles
+//! the object by reference, without reading the data: it writes a manifest
+//! (an `SMO2` object file listing the parts, see `object_file`), and under
+//! the index lock, once a condition (`If-None-Match: *`, `If-Match`) holds,
+//! renames `uploads/<id>/` to `data/<id>/` (fsyncing both parents), then
+//! renames the manifest over `objects/<hash>` (the commit point) and
+//! fsyncs; `upload.json` and the parts the completion did not list are
+//! removed after. A crash before the manifest's rename is durable leaves
+//! `data/<id>/` with its `upload.json` and no object naming it: the next
+//! start moves it back to `uploads/`, so the upload is intact; after it, the
+//! object is complete. Deleting or overwriting the object removes its
+//! `data/<id>/` once the change is durable (a directory no object names and
+//! without `upload.json` is removed at start).
+//!
+//! Uploads created before this format (no data key in `upload.json`, each
+//! part under its own key) complete the old way: the parts are decrypted
+//! and re-encrypted into one `SMO1` object file.
 //!
 //! Listings: [`Store::list_uploads`] (ListMultipartUploads) reads the
 //! in-memory upload table, ordered by key and then upload id (S3 orders an
@@ -28,10 +42,13 @@ use s3::sigv4::hex;
 use s3::timefmt;
 use serde::{Deserialize, Serialize};
 
-use super::object_file::{hex_decode, open_object};
+use super::object_file::Trailer;
+use super::object_file::{hex_decode, open_object, EncInfo, ObjectFile, Segment, Segments};
 use super::{io_err, random, sync_dir, write_file_synced};
 use super::{IndexEntry, PutIf, Store, StoreError, MAX_PARTS};
 use crate::crypt::CHUNK;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 
 /// An in-progress multipart upload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +66,10 @@ pub struct UploadInfo {
     /// User metadata for the final object.
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+    /// The object's data key (wrapped), which seals every part; `None` in
+    /// plaintext and in uploads created before parts shared a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enc: Option<EncInfo>,
 }
 
 /// One upload of a [`Store::list_uploads`] page.
@@ -151,13 +172,28 @@ impl Store {
         Self::check_key(key)?;
         Self::check_meta(&meta)?;
         self.check_bucket(bucket)?;
-        let id = hex(&random::<16>()?);
+        let raw_id = random::<16>()?;
+        let id = hex(&raw_id);
+        // The object's data key, bound to the upload id (its object id).
+        let enc = match &self.kms {
+            None => None,
+            Some(kms) => {
+                let dk = kms.datakey(&raw_id)?;
+                Some(EncInfo {
+                    id: id.clone(),
+                    wrapped: B64.encode(&dk.wrapped),
+                    kms_key: kms.key_name().to_string(),
+                    key_id: None,
+                })
+            }
+        };
         let info = UploadInfo {
             bucket: bucket.into(),
             key: key.into(),
             created: timefmt::now(),
             content_type,
             meta,
+            enc,
         };
         let staging = self.root.join("tmp").join(format!("upload-{id}"));
         fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
@@ -192,19 +228,29 @@ impl Store {
             return Err(StoreError::InvalidPartNumber);
         }
         self.check_bucket(bucket)?;
-        self.upload(bucket, key, id)?;
-        let mut st = self.stage_body(body, len, self.limits.max_part_size)?;
+        let info = self.upload(bucket, key, id)?;
+        let mut st = self.stage_body(body, len, self.limits.max_part_size, info.enc.as_ref())?;
         let etag = hex(&std::mem::take(&mut st.md5).finalize());
         let (tmp, entry) = st.finish_as(format!("{key}#part{n}"), etag, None, BTreeMap::new())?;
         let dir = self.upload_dir(bucket, id);
         let dest = dir.join(format!("part-{n:05}"));
-        if let Err(e) = fs::rename(&tmp, &dest) {
-            let _ = fs::remove_file(&tmp);
-            // The upload was aborted or completed meanwhile.
-            if !dir.exists() {
+        {
+            // Under the upload table's lock, and only while the upload is
+            // in it: a completion (which takes it out first) sees no part
+            // change under it.
+            let table = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+            if !table.contains_key(id) {
+                let _ = fs::remove_file(&tmp);
                 return Err(StoreError::NoSuchUpload(id.into()));
             }
-            return Err(io_err("renaming into", &dest)(e));
+            if let Err(e) = fs::rename(&tmp, &dest) {
+                let _ = fs::remove_file(&tmp);
+                // The upload was aborted or completed meanwhile.
+                if !dir.exists() {
+                    return Err(StoreError::NoSuchUpload(id.into()));
+                }
+                return Err(io_err("renaming into", &dest)(e));
+            }
         }
         sync_dir(&dir)?;
         Ok(entry)
@@ -218,8 +264,24 @@ impl Store {
         id: &str,
         parts: &[(u32, String)],
     ) -> Result<IndexEntry, StoreError> {
+        self.complete_upload_if(bucket, key, id, parts, &PutIf::Always)
+    }
+
+    /// [`Store::complete_upload`] if `cond` holds when the object is
+    /// committed (`If-None-Match: *`, `If-Match`); if it does not
+    /// ([`StoreError::PreconditionFailed`], or `NoSuchKey` for an
+    /// `If-Match` on a missing key), nothing changed and the upload is
+    /// still there, as after any other refused completion.
+    pub fn complete_upload_if(
+        &self,
+        bucket: &str,
+        key: &str,
+        id: &str,
+        parts: &[(u32, String)],
+        cond: &PutIf,
+    ) -> Result<IndexEntry, StoreError> {
         self.check_bucket(bucket)?;
-        let info = self.upload(bucket, key, id)?;
+        self.upload(bucket, key, id)?;
         if parts.is_empty() || parts.len() > MAX_PARTS as usize {
             return Err(StoreError::InvalidPart(format!(
                 "a completion lists 1 to {MAX_PARTS} parts"
@@ -228,6 +290,42 @@ impl Store {
         if parts.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err(StoreError::InvalidPartOrder);
         }
+        // Claim the upload: a concurrent completion, abort or expiry finds
+        // it gone, and no part can be replaced while it is assembled.
+        let info = {
+            let mut table = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+            match table.remove(id) {
+                Some(u) if u.bucket == bucket && u.key == key => u,
+                Some(u) => {
+                    table.insert(id.to_string(), u);
+                    return Err(StoreError::NoSuchUpload(id.into()));
+                }
+                None => return Err(StoreError::NoSuchUpload(id.into())),
+            }
+        };
+        let result = self.assemble(bucket, key, id, parts, &info, cond);
+        if result.is_err() {
+            // Refused or failed before the commit: the upload stays.
+            if self.upload_dir(bucket, id).is_dir() {
+                if let Ok(mut table) = self.uploads.lock() {
+                    table.insert(id.to_string(), info);
+                }
+            }
+        }
+        result
+    }
+
+    /// Checks the listed parts and commits the object (by reference when
+    /// the parts are sealed under the upload's key, else by copying).
+    fn assemble(
+        &self,
+        bucket: &str,
+        key: &str,
+        id: &str,
+        parts: &[(u32, String)],
+        info: &UploadInfo,
+        cond: &PutIf,
+    ) -> Result<IndexEntry, StoreError> {
         let dir = self.upload_dir(bucket, id);
         let mut files = Vec::with_capacity(parts.len());
         let mut total = 0u64;
@@ -257,15 +355,111 @@ impl Store {
             }
             total += obj.trailer.size;
             md5s.extend(hex_decode(&obj.trailer.etag).unwrap_or_default());
-            files.push(obj);
+            files.push((*n, obj));
         }
         if total > self.limits.max_object_size {
             return Err(StoreError::EntityTooLarge(self.limits.max_object_size));
         }
+        let etag = format!("{}-{}", hex(&Md5::digest(&md5s)), parts.len());
+        let by_reference = files.iter().all(|(_, o)| {
+            o.trailer.segments.is_none()
+                && match (&info.enc, &o.trailer.enc) {
+                    (None, None) => true,
+                    (Some(u), Some(p)) => {
+                        p.key_id.as_deref() == Some(u.id.as_str()) && p.wrapped == u.wrapped
+                    }
+                    _ => false,
+                }
+        });
+        if !by_reference {
+            return self.assemble_by_copy(bucket, key, id, files, total, etag, info, cond);
+        }
+        let entry = IndexEntry {
+            size: total,
+            etag: etag.clone(),
+            modified: timefmt::now(),
+        };
+        let trailer = Trailer {
+            key: key.into(),
+            size: total,
+            etag,
+            modified: entry.modified,
+            content_type: info.content_type.clone(),
+            meta: info.meta.clone(),
+            enc: info.enc.clone(),
+            segments: Some(Segments {
+                dir: id.to_string(),
+                parts: files
+                    .iter()
+                    .map(|(n, o)| Segment {
+                        n: *n,
+                        size: o.trailer.size,
+                        id: o.trailer.enc.as_ref().map(|e| e.id.clone()),
+                    })
+                    .collect(),
+            }),
+        };
+        drop(files);
+        let tmp = self.write_manifest(&trailer)?;
+        let data = self.data_dir(bucket, id);
+        let data_parent = data.parent().unwrap_or(&self.root).to_path_buf();
+        let up_parent = dir.parent().unwrap_or(&self.root).to_path_buf();
+        let mut moved = false;
+        let committed = self.commit_with(bucket, key, &tmp, entry.clone(), cond, &mut || {
+            fs::create_dir_all(&data_parent).map_err(io_err("creating", &data_parent))?;
+            fs::rename(&dir, &data).map_err(io_err("renaming into", &data))?;
+            moved = true;
+            sync_dir(&up_parent)?;
+            sync_dir(&data_parent)
+        });
+        if let Err(e) = committed {
+            let landed = self
+                .data_dir_of(bucket, &self.object_path(bucket, key))
+                .is_some_and(|d| d == data);
+            if moved && !landed {
+                // The manifest never landed: the upload goes back.
+                let _ = fs::rename(&data, &dir);
+                let _ = sync_dir(&up_parent);
+            }
+            return Err(e);
+        }
+        // The object is committed: what is no longer the upload goes.
+        let listed: std::collections::HashSet<u32> = parts.iter().map(|p| p.0).collect();
+        let _ = fs::remove_file(data.join("upload.json"));
+        if let Ok(rd) = fs::read_dir(&data) {
+            for e in rd.flatten() {
+                if part_number(&e.file_name().to_string_lossy())
+                    .is_none_or(|n| !listed.contains(&n))
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let _ = sync_dir(&data);
+        Ok(entry)
+    }
+
+    /// The first format's completion: streams the parts (decrypting each
+    /// under its own key, re-encrypting under a new one) into one object
+    /// file, commits it, then removes the upload directory. Used for
+    /// uploads whose parts were not sealed under the upload's key.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble_by_copy(
+        &self,
+        bucket: &str,
+        key: &str,
+        id: &str,
+        files: Vec<(u32, ObjectFile)>,
+        total: u64,
+        etag: String,
+        info: &UploadInfo,
+        cond: &PutIf,
+    ) -> Result<IndexEntry, StoreError> {
+        let dir = self.upload_dir(bucket, id);
         let mut st = self.stager()?;
         let copy = (|| {
             let mut buf = vec![0u8; CHUNK];
-            for obj in files {
+            for (_, obj) in files {
                 let size = obj.trailer.size;
                 let mut r = self.reader(obj, 0, size)?;
                 loop {
@@ -285,15 +479,14 @@ impl Store {
             let _ = fs::remove_file(&st.path);
             return Err(e);
         }
-        let etag = format!("{}-{}", hex(&Md5::digest(&md5s)), parts.len());
-        let (tmp, entry) = st.finish_as(key.into(), etag, info.content_type, info.meta)?;
-        // Claim the upload so a concurrent completion or abort cannot race.
-        let claimed = self.uploads.lock().ok().and_then(|mut m| m.remove(id));
-        if claimed.is_none() {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::NoSuchUpload(id.into()));
-        }
-        self.commit(bucket, key, &tmp, entry.clone(), &PutIf::Always)?;
+        debug_assert_eq!(st.size, total);
+        let (tmp, entry) = st.finish_as(
+            key.into(),
+            etag,
+            info.content_type.clone(),
+            info.meta.clone(),
+        )?;
+        self.commit(bucket, key, &tmp, entry.clone(), cond)?;
         let _ = fs::remove_dir_all(&dir);
         let _ = sync_dir(dir.parent().unwrap_or(&self.root));
         Ok(entry)
@@ -635,6 +828,437 @@ mod tests {
         drop(s);
         let s = Store::open(dir.path(), Limits::default(), None).unwrap();
         assert_eq!(s.usage().uploads, 0);
+    }
+
+    fn small_parts() -> Limits {
+        Limits {
+            min_part_size: 1,
+            ..Limits::default()
+        }
+    }
+
+    fn read_all(s: &Store, b: &str, k: &str, start: u64, end: u64) -> Vec<u8> {
+        let o = s.open_object(b, k).unwrap();
+        let mut out = Vec::new();
+        s.reader(o, start, end)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    fn tree_bytes(dir: &std::path::Path) -> u64 {
+        let Ok(rd) = fs::read_dir(dir) else { return 0 };
+        rd.flatten()
+            .map(|e| {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    tree_bytes(&e.path())
+                } else {
+                    m.len()
+                }
+            })
+            .sum()
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| u8::try_from((i * 31 + i / 977 + usize::from(seed)) % 251).unwrap())
+            .collect()
+    }
+
+    /// An upload of three parts (one more sent and left out): returns its
+    /// id, the parts' ETags as a completion lists them, and the object's bytes.
+    fn three_parts(s: &Store, b: &str, k: &str) -> (String, Vec<(u32, String)>, Vec<u8>) {
+        let id = s.create_upload(b, k, None, BTreeMap::new()).unwrap();
+        let sizes = [(1u32, 100_000usize), (2, 70_001), (4, 5_003)];
+        let mut listed = Vec::new();
+        let mut whole = Vec::new();
+        for (n, size) in sizes {
+            let data = pattern(size, u8::try_from(n).unwrap());
+            listed.push((n, format!("\"{}\"", part(s, b, k, &id, n, &data).etag)));
+            whole.extend_from_slice(&data);
+        }
+        part(s, b, k, &id, 3, &[9u8; 4000]); // uploaded, not listed
+        (id, listed, whole)
+    }
+
+    #[test]
+    fn completion_assembles_the_parts_by_reference_without_a_second_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("mpb").unwrap();
+        let (id, listed, whole) = three_parts(&s, "mpb", "obj");
+        let md5s: Vec<u8> = listed
+            .iter()
+            .flat_map(|(_, e)| hex_decode(e.trim_matches('"')).unwrap())
+            .collect();
+        let e = s.complete_upload("mpb", "obj", &id, &listed).unwrap();
+        assert_eq!(e.etag, format!("{}-3", hex(&Md5::digest(&md5s))));
+        assert_eq!(e.size, whole.len() as u64);
+        // The upload is gone, its listed parts are the object's data, the
+        // part that was not listed and upload.json are removed: the bucket
+        // holds the object's bytes once (plus trailers).
+        assert!(!s.upload_dir("mpb", &id).exists());
+        let data = s.data_dir("mpb", &id);
+        let mut names: Vec<String> = fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["part-00001", "part-00002", "part-00004"]);
+        let bytes = tree_bytes(&s.bucket_dir("mpb"));
+        assert!(
+            bytes >= whole.len() as u64 && bytes < whole.len() as u64 + 4096,
+            "{bytes} bytes on disk for {} bytes of object",
+            whole.len()
+        );
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(read_all(&s, "mpb", "obj", 0, u64::MAX), whole);
+        // Ranges within a part, across one boundary, across two, at the end.
+        for (a, b) in [
+            (5usize, 17usize),
+            (99_990, 100_010),
+            (99_999, 170_002),
+            (100_000, 170_001),
+            (170_000, 175_004),
+            (0, 175_004),
+            (175_003, 175_004),
+        ] {
+            assert_eq!(
+                read_all(&s, "mpb", "obj", a as u64, b as u64),
+                whole[a..b],
+                "{a}..{b}"
+            );
+        }
+        assert!(matches!(
+            s.complete_upload("mpb", "obj", &id, &listed),
+            Err(StoreError::NoSuchUpload(_))
+        ));
+        // Still there after a restart; deleting frees the parts.
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert_eq!(s.usage().uploads, 0);
+        assert_eq!(
+            read_all(&s, "mpb", "obj", 99_999, 100_001),
+            whole[99_999..100_001]
+        );
+        s.delete_object("mpb", "obj").unwrap();
+        assert!(!data.exists());
+        assert!(tree_bytes(&s.bucket_dir("mpb")) < 1024);
+        // Overwriting one frees them too.
+        let (id, listed, _) = three_parts(&s, "mpb", "obj");
+        s.complete_upload("mpb", "obj", &id, &listed).unwrap();
+        let data = s.data_dir("mpb", &id);
+        assert!(data.is_dir());
+        s.put_object("mpb", "obj", &mut &b"small"[..], 5, None, BTreeMap::new())
+            .unwrap();
+        assert!(!data.exists());
+        assert_eq!(read_all(&s, "mpb", "obj", 0, 100), b"small");
+    }
+
+    #[test]
+    fn completion_conditions_refuse_and_keep_the_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("mpb").unwrap();
+        // If-Match on a missing key: NoSuchKey, the upload stays.
+        let (id, listed, whole) = three_parts(&s, "mpb", "k");
+        assert!(matches!(
+            s.complete_upload_if("mpb", "k", &id, &listed, &PutIf::Matches("abc".into())),
+            Err(StoreError::NoSuchKey(_))
+        ));
+        // If-None-Match: * on a free key succeeds.
+        let first = s
+            .complete_upload_if("mpb", "k", &id, &listed, &PutIf::Absent)
+            .unwrap();
+        // ... and on an existing key is refused, leaving the upload whole.
+        let (id2, listed2, whole2) = three_parts(&s, "mpb", "k");
+        assert!(matches!(
+            s.complete_upload_if("mpb", "k", &id2, &listed2, &PutIf::Absent),
+            Err(StoreError::PreconditionFailed(_))
+        ));
+        assert_eq!(s.list_parts("mpb", "k", &id2, 0, 10).unwrap().0.len(), 4);
+        assert!(!s.data_dir("mpb", &id2).exists());
+        assert_eq!(read_all(&s, "mpb", "k", 0, u64::MAX), whole);
+        // If-Match with another ETag: refused; with the object's: done.
+        assert!(matches!(
+            s.complete_upload_if("mpb", "k", &id2, &listed2, &PutIf::Matches("0123".into())),
+            Err(StoreError::PreconditionFailed(_))
+        ));
+        s.complete_upload_if(
+            "mpb",
+            "k",
+            &id2,
+            &listed2,
+            &PutIf::Matches(first.etag.clone()),
+        )
+        .unwrap();
+        assert_eq!(read_all(&s, "mpb", "k", 0, u64::MAX), whole2);
+        // The replaced object's parts are gone.
+        assert!(!s.data_dir("mpb", &id).exists());
+        assert_eq!(s.usage().uploads, 0);
+    }
+
+    #[test]
+    fn a_completion_cut_short_leaves_the_upload_and_a_finished_one_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("mpb").unwrap();
+        let (id, listed, whole) = three_parts(&s, "mpb", "cut");
+        // Killed after the parts moved to data/, before the manifest's
+        // rename: no object names the directory.
+        fs::create_dir_all(s.bucket_dir("mpb").join("data")).unwrap();
+        fs::rename(s.upload_dir("mpb", &id), s.data_dir("mpb", &id)).unwrap();
+        // Parts of an object deleted by a process killed before removing them.
+        let orphan = s.data_dir("mpb", &"ab".repeat(16));
+        fs::create_dir_all(&orphan).unwrap();
+        fs::write(orphan.join("part-00001"), b"old").unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert!(!orphan.exists());
+        assert!(matches!(
+            s.open_object("mpb", "cut"),
+            Err(StoreError::NoSuchKey(_))
+        ));
+        assert_eq!(s.usage().uploads, 1);
+        assert_eq!(s.list_parts("mpb", "cut", &id, 0, 10).unwrap().0.len(), 4);
+        s.complete_upload("mpb", "cut", &id, &listed).unwrap();
+        // Killed after the commit, before upload.json went: the object
+        // stands and the upload does not come back.
+        fs::write(s.data_dir("mpb", &id).join("upload.json"), b"{}").unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert_eq!(s.usage().uploads, 0);
+        assert!(!s.data_dir("mpb", &id).join("upload.json").exists());
+        assert_eq!(read_all(&s, "mpb", "cut", 0, u64::MAX), whole);
+    }
+
+    #[test]
+    fn objects_of_the_first_format_still_read() {
+        // A multipart object as the first format stored it (one `SMO1`
+        // file, the parts copied into its payload), built byte by byte.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("old").unwrap();
+        let body = pattern(200_000, 3);
+        let trailer = br#"{"key":"legacy/mp.bin","size":200000,"etag":"0123456789abcdef0123456789abcdef-2","modified":1764000000,"content_type":"application/x-old"}"#;
+        let mut file = body.clone();
+        file.extend_from_slice(trailer);
+        file.extend_from_slice(&u32::try_from(trailer.len()).unwrap().to_le_bytes());
+        file.extend_from_slice(b"SMO1");
+        let path = s.object_path("old", "legacy/mp.bin");
+        drop(s);
+        fs::write(&path, &file).unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        let o = s.open_object("old", "legacy/mp.bin").unwrap();
+        assert_eq!(o.trailer.etag, "0123456789abcdef0123456789abcdef-2");
+        assert_eq!(o.trailer.content_type.as_deref(), Some("application/x-old"));
+        assert!(o.trailer.segments.is_none());
+        assert_eq!(read_all(&s, "old", "legacy/mp.bin", 0, u64::MAX), body);
+        assert_eq!(
+            read_all(&s, "old", "legacy/mp.bin", 65_000, 140_000),
+            body[65_000..140_000]
+        );
+        // The magic must agree with the trailer: an SMO1 file naming
+        // segments (or an SMO2 without) is refused, not misread.
+        let n = file.len();
+        file[n - 4..].copy_from_slice(b"SMO2");
+        fs::write(&path, &file).unwrap();
+        assert!(matches!(
+            s.open_object("old", "legacy/mp.bin"),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    /// A stand-in for key-manager over loopback: a data key's "wrapped"
+    /// form is its aad followed by the key, and unwrapping checks the aad.
+    fn fake_key_manager() -> std::sync::Arc<crate::kms::KeyManager> {
+        use base64::Engine as _;
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+        std::thread::spawn(move || {
+            for mut req in server.incoming_requests() {
+                let mut body = String::new();
+                req.as_reader().read_to_string(&mut body).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let b64 = |f: &str| B64.decode(v[f].as_str().unwrap_or("")).unwrap();
+                let (status, answer) = if req.url().ends_with("/datakey") {
+                    let key = random::<32>().unwrap();
+                    let mut wrapped = b64("aad");
+                    wrapped.extend_from_slice(&key);
+                    (
+                        200,
+                        serde_json::json!({"plaintext": B64.encode(key), "ciphertext": B64.encode(wrapped)}),
+                    )
+                } else {
+                    let (wrapped, aad) = (b64("ciphertext"), b64("aad"));
+                    if wrapped.len() == aad.len() + 32 && wrapped.starts_with(&aad) {
+                        (
+                            200,
+                            serde_json::json!({"plaintext": B64.encode(&wrapped[aad.len()..])}),
+                        )
+                    } else {
+                        (400, serde_json::json!({"error": "wrong aad"}))
+                    }
+                };
+                let _ = req.respond(
+                    tiny_http::Response::from_string(answer.to_string()).with_status_code(status),
+                );
+            }
+        });
+        std::sync::Arc::new(crate::kms::KeyManager::new(&url, "test", "token"))
+    }
+
+    fn trailer_of(path: &std::path::Path) -> crate::store::Trailer {
+        open_object(path).unwrap().trailer
+    }
+
+    #[test]
+    fn encrypted_parts_are_sealed_once_under_the_upload_key_each_with_its_own_nonce_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = fake_key_manager();
+        let s = Store::open(dir.path(), small_parts(), Some(kms.clone())).unwrap();
+        s.create_bucket("enc").unwrap();
+        let (id, listed, whole) = three_parts(&s, "enc", "obj");
+        let up = s.uploads.lock().unwrap()[&id].enc.clone().unwrap();
+        assert_eq!(up.id, id, "the data key is bound to the upload id");
+        let p2 = s.upload_dir("enc", &id).join("part-00002");
+        let first = trailer_of(&p2).enc.unwrap();
+        assert_eq!(first.key_id.as_deref(), Some(id.as_str()));
+        assert_eq!(first.wrapped, up.wrapped, "sealed under the upload's key");
+        // Part 2 sent again with the same bytes: same key, a new nonce
+        // prefix, so different ciphertext.
+        let before = fs::read(&p2).unwrap();
+        part(&s, "enc", "obj", &id, 2, &whole[100_000..170_001]);
+        let again = trailer_of(&p2).enc.unwrap();
+        assert_ne!(again.id, first.id);
+        assert_ne!(fs::read(&p2).unwrap()[..1000], before[..1000]);
+        let prefixes: std::collections::HashSet<String> = [1u32, 2, 3, 4]
+            .iter()
+            .map(|n| {
+                let p = s.upload_dir("enc", &id).join(format!("part-{n:05}"));
+                trailer_of(&p).enc.unwrap().id
+            })
+            .collect();
+        assert_eq!(prefixes.len(), 4, "every part has its own nonce prefix");
+        s.complete_upload("enc", "obj", &id, &listed).unwrap();
+        let o = s.open_object("enc", "obj").unwrap();
+        let segs = o.trailer.segments.clone().unwrap();
+        assert_eq!(segs.parts.len(), 3);
+        assert_eq!(o.trailer.enc.as_ref().unwrap().wrapped, up.wrapped);
+        drop(o);
+        assert_eq!(read_all(&s, "enc", "obj", 0, u64::MAX), whole);
+        for (a, b) in [
+            (99_000usize, 101_000usize),
+            (99_999, 170_002),
+            (65_530, 65_540),
+        ] {
+            assert_eq!(
+                read_all(&s, "enc", "obj", a as u64, b as u64),
+                whole[a..b],
+                "{a}..{b}"
+            );
+        }
+        // No plaintext on disk.
+        let data = s.data_dir("enc", &id);
+        for n in [1, 2, 4] {
+            let f = fs::read(data.join(format!("part-{n:05}"))).unwrap();
+            assert!(!f.windows(64).any(|w| w == &whole[120_000..120_064]));
+        }
+        // A key from the cache or from key-manager reads it after a restart.
+        kms.clear_cache();
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), Some(kms)).unwrap();
+        assert_eq!(
+            read_all(&s, "enc", "obj", 169_990, 170_010),
+            whole[169_990..170_010]
+        );
+        // A damaged part fails authentication; the others still read.
+        let p2 = data.join("part-00002");
+        let mut f = fs::read(&p2).unwrap();
+        f[10] ^= 1;
+        fs::write(&p2, &f).unwrap();
+        let o = s.open_object("enc", "obj").unwrap();
+        let mut out = Vec::new();
+        assert!(s
+            .reader(o, 99_000, 101_000)
+            .unwrap()
+            .read_to_end(&mut out)
+            .is_err());
+        assert_eq!(read_all(&s, "enc", "obj", 0, 1000), whole[..1000]);
+        assert_eq!(
+            read_all(&s, "enc", "obj", 170_001, 175_004),
+            whole[170_001..]
+        );
+    }
+
+    #[test]
+    fn an_encrypted_object_of_many_parts_has_a_large_manifest_and_reads_past_the_eagerly_opened_parts(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), Some(fake_key_manager())).unwrap();
+        s.create_bucket("enc").unwrap();
+        let id = s
+            .create_upload("enc", "many", None, BTreeMap::new())
+            .unwrap();
+        let mut listed = Vec::new();
+        let mut whole = Vec::new();
+        for n in 1..=1200u32 {
+            let data = [u8::try_from(n % 251).unwrap(); 7];
+            listed.push((n, part(&s, "enc", "many", &id, n, &data).etag));
+            whole.extend_from_slice(&data);
+        }
+        s.complete_upload("enc", "many", &id, &listed).unwrap();
+        let path = s.object_path("enc", "many");
+        let trailer_len = fs::metadata(&path).unwrap().len();
+        assert!(
+            trailer_len > u64::from(crate::store::MAX_TRAILER),
+            "{trailer_len}"
+        );
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), Some(fake_key_manager())).unwrap();
+        assert_eq!(s.usage().objects, 1);
+        assert_eq!(read_all(&s, "enc", "many", 0, u64::MAX), whole);
+        assert_eq!(
+            read_all(&s, "enc", "many", 7 * 1100 - 3, 7 * 1101 + 2),
+            whole[7 * 1100 - 3..7 * 1101 + 2]
+        );
+    }
+
+    #[test]
+    fn uploads_from_before_the_shared_key_complete_by_copying_into_the_first_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), Some(fake_key_manager())).unwrap();
+        s.create_bucket("enc").unwrap();
+        let id = s
+            .create_upload("enc", "legacy", None, BTreeMap::new())
+            .unwrap();
+        // As an upload.json written before this format: no data key.
+        s.uploads.lock().unwrap().get_mut(&id).unwrap().enc = None;
+        let (a, b) = (pattern(90_000, 1), pattern(30_000, 2));
+        let ea = part(&s, "enc", "legacy", &id, 1, &a);
+        let eb = part(&s, "enc", "legacy", &id, 2, &b);
+        let pa = trailer_of(&s.upload_dir("enc", &id).join("part-00001"))
+            .enc
+            .unwrap();
+        assert!(pa.key_id.is_none(), "a part under its own key, as before");
+        let e = s
+            .complete_upload("enc", "legacy", &id, &[(1, ea.etag), (2, eb.etag)])
+            .unwrap();
+        assert!(e.etag.ends_with("-2"));
+        let o = s.open_object("enc", "legacy").unwrap();
+        assert!(o.trailer.segments.is_none(), "one SMO1 object file");
+        drop(o);
+        assert!(!s.upload_dir("enc", &id).exists());
+        assert!(!s.data_dir("enc", &id).exists());
+        let mut whole = a.clone();
+        whole.extend_from_slice(&b);
+        assert_eq!(read_all(&s, "enc", "legacy", 0, u64::MAX), whole);
+        assert_eq!(
+            read_all(&s, "enc", "legacy", 89_990, 90_010),
+            whole[89_990..90_010]
+        );
     }
 
     #[test]

@@ -5,8 +5,21 @@
 //! |---|---|---|
 //! | 0 | p | payload: the plaintext, or the encrypted chunks of [`crate::crypt`] |
 //! | p | m | trailer: JSON [`Trailer`] (key, size, ETag, time, content type, user metadata, wrapped data key) |
-//! | p+m | 4 | `m`, u32 little-endian (at most [`MAX_TRAILER`]) |
-//! | p+m+4 | 4 | magic `"SMO1"` |
+//! | p+m | 4 | `m`, u32 little-endian (at most [`MAX_TRAILER`]; [`MAX_MANIFEST`] for `SMO2`) |
+//! | p+m+4 | 4 | magic `"SMO1"`, or `"SMO2"` for a multipart manifest |
+//!
+//! **Multipart objects (`SMO2`)** are stored by reference: the object file
+//! has no payload (`p` = 0) and its trailer lists the parts
+//! ([`Segments`]: the directory `data/<upload id>/` of the bucket and each
+//! part's number, plaintext size and nonce prefix). The part files are the
+//! object files their UploadPart wrote (payload, then the part's own
+//! trailer), sealed once under the upload's data key (fetched at
+//! CreateMultipartUpload, wrapped in `upload.json`) with a random
+//! per-part nonce prefix ([`crate::crypt`]); completion moves the upload
+//! directory to `data/` and commits the manifest, so no byte of data is
+//! read or written again. Files of the first format (`SMO1`, every object
+//! before this and every single PUT) are read as before: the magic tells
+//! the two apart.
 //!
 //! Written by a `Stager` (a temp file in `tmp/`: the payload in 64 KiB
 //! chunks, sealed under a fresh data key from key-manager when encryption
@@ -33,7 +46,16 @@ use crate::kms::KmsError;
 
 /// Largest object trailer, bytes.
 pub const MAX_TRAILER: u32 = 64 * 1024;
+/// Largest multipart manifest trailer, bytes: 10 000 parts of ~70 bytes each
+/// (number, size, nonce prefix) and the object's metadata.
+pub const MAX_MANIFEST: u32 = 2 * 1024 * 1024;
 const MAGIC: &[u8; 4] = b"SMO1";
+/// The magic of a multipart manifest (a trailer with [`Segments`], no payload).
+const MAGIC_MANIFEST: &[u8; 4] = b"SMO2";
+/// Segment files opened when a read starts (more are opened as the read
+/// reaches them): a delete or overwrite during a read of an object of at
+/// most this many parts never cuts the read short.
+const EAGER_SEGMENTS: usize = 256;
 
 /// Encryption details of a stored payload.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -45,6 +67,38 @@ pub struct EncInfo {
     pub wrapped: String,
     /// key-manager key name.
     pub kms_key: String,
+    /// The data key's aad (hex) when it is not `id`: a multipart part sealed
+    /// under its upload's data key, `id` being the part's own nonce prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+}
+
+/// One part of a multipart object stored by reference.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    /// Part number (file `part-NNNNN` of the data directory).
+    pub n: u32,
+    /// Plaintext size.
+    pub size: u64,
+    /// Nonce prefix (hex) of the part's chunks; `None` in plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Where the data of a multipart object is: `buckets/<b>/data/<dir>/part-NNNNN`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Segments {
+    /// The directory under the bucket's `data/` (the upload id).
+    pub dir: String,
+    /// The parts, in object order.
+    pub parts: Vec<Segment>,
+}
+
+/// Is `dir` an upload id (32 hex digits), so a safe directory name?
+pub(super) fn valid_data_dir(dir: &str) -> bool {
+    dir.len() == 32 && dir.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The trailer of an object file.
@@ -68,6 +122,9 @@ pub struct Trailer {
     /// Encryption, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enc: Option<EncInfo>,
+    /// A multipart object stored by reference (magic `SMO2`): its parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Segments>,
 }
 
 /// A payload being written to a temp file.
@@ -133,6 +190,7 @@ impl Stager {
             content_type,
             meta,
             enc: self.enc.clone(),
+            segments: None,
         };
         let path = self.path.clone();
         let tmp = self.finish(&trailer).inspect_err(|_| {
@@ -144,17 +202,7 @@ impl Stager {
     /// Writes the trailer and fsyncs; returns the temp path.
     fn finish(mut self, trailer: &Trailer) -> Result<PathBuf, StoreError> {
         self.flush_chunk(true)?;
-        let json = serde_json::to_vec(trailer).map_err(|e| StoreError::Corrupt {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
-        let len = u32::try_from(json.len())
-            .ok()
-            .filter(|l| *l <= MAX_TRAILER)
-            .ok_or(StoreError::MetadataTooLarge)?;
-        let mut tail = json;
-        tail.extend_from_slice(&len.to_le_bytes());
-        tail.extend_from_slice(MAGIC);
+        let tail = encode_trailer(trailer, &self.path)?;
         self.file
             .write_all(&tail)
             .map_err(io_err("writing", &self.path))?;
@@ -163,6 +211,32 @@ impl Stager {
             .map_err(io_err("syncing", &self.path))?;
         Ok(self.path)
     }
+}
+
+/// The trailer, its length and the magic, as they end an object file.
+fn encode_trailer(trailer: &Trailer, path: &Path) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec(trailer).map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let len = u32::try_from(json.len())
+        .ok()
+        .filter(|l| {
+            *l <= if trailer.segments.is_some() {
+                MAX_MANIFEST
+            } else {
+                MAX_TRAILER
+            }
+        })
+        .ok_or(StoreError::MetadataTooLarge)?;
+    let mut tail = json;
+    tail.extend_from_slice(&len.to_le_bytes());
+    tail.extend_from_slice(if trailer.segments.is_some() {
+        MAGIC_MANIFEST
+    } else {
+        MAGIC
+    });
+    Ok(tail)
 }
 
 /// An object file opened for reading.
@@ -187,11 +261,14 @@ pub(super) fn read_trailer(file: &File, path: &Path) -> Result<Trailer, StoreErr
     let mut foot = [0u8; 8];
     file.read_exact_at(&mut foot, len - 8)
         .map_err(io_err("reading", path))?;
-    if &foot[4..] != MAGIC {
-        return Err(corrupt("no SMO1 magic"));
-    }
+    let manifest = match &foot[4..] {
+        m if m == MAGIC => false,
+        m if m == MAGIC_MANIFEST => true,
+        _ => return Err(corrupt("no SMO1 or SMO2 magic")),
+    };
     let m = u32::from_le_bytes([foot[0], foot[1], foot[2], foot[3]]);
-    if m > MAX_TRAILER || u64::from(m) > len - 8 {
+    let max = if manifest { MAX_MANIFEST } else { MAX_TRAILER };
+    if m > max || u64::from(m) > len - 8 {
         return Err(corrupt("trailer length out of range"));
     }
     let mut json = vec![0u8; m as usize];
@@ -200,6 +277,22 @@ pub(super) fn read_trailer(file: &File, path: &Path) -> Result<Trailer, StoreErr
     let t: Trailer =
         serde_json::from_slice(&json).map_err(|e| corrupt(&format!("trailer: {e}")))?;
     let payload = len - 8 - u64::from(m);
+    if manifest != t.segments.is_some() {
+        return Err(corrupt("the magic and the trailer disagree on the format"));
+    }
+    if let Some(s) = &t.segments {
+        let sum = s.parts.iter().try_fold(0u64, |a, p| a.checked_add(p.size));
+        if !valid_data_dir(&s.dir) || sum != Some(t.size) || payload != 0 {
+            return Err(corrupt("bad multipart manifest"));
+        }
+        let sealed = t.enc.is_some();
+        if s.parts.iter().any(|p| p.id.is_some() != sealed) {
+            return Err(corrupt(
+                "multipart manifest: nonce prefixes do not match the encryption",
+            ));
+        }
+        return Ok(t);
+    }
     let expect = if t.enc.is_some() {
         crypt::encrypted_len(t.size)
     } else {
@@ -303,41 +396,141 @@ pub(super) fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// One part of a multipart object being read.
+struct SegmentSource {
+    path: PathBuf,
+    file: Option<File>,
+    /// Plaintext offset of the part in the object.
+    start: u64,
+    size: u64,
+    cipher: Option<ChunkCipher>,
+}
+
+impl SegmentSource {
+    fn open(&mut self) -> std::io::Result<File> {
+        match self.file.take() {
+            Some(f) => Ok(f),
+            None => File::open(&self.path),
+        }
+    }
+}
+
+/// Reads plaintext bytes `pos..end` of a multipart object across its
+/// parts, each through a [`PlainReader`] or [`DecryptReader`].
+struct SegmentsReader {
+    segs: Vec<SegmentSource>,
+    next: usize,
+    cur: Option<Box<dyn Read + Send>>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for SegmentsReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.pos >= self.end || out.is_empty() {
+                return Ok(0);
+            }
+            if let Some(r) = &mut self.cur {
+                let n = r.read(out)?;
+                if n > 0 {
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+                self.cur = None;
+            }
+            let seg = loop {
+                let Some(s) = self.segs.get_mut(self.next) else {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "multipart object shorter than its manifest says",
+                    ));
+                };
+                self.next += 1;
+                if s.start + s.size > self.pos {
+                    break s;
+                }
+            };
+            let (from, to) = (self.pos - seg.start, (self.end - seg.start).min(seg.size));
+            let file = seg.open()?;
+            self.cur = Some(match seg.cipher.take() {
+                None => Box::new(PlainReader {
+                    file,
+                    pos: from,
+                    end: to,
+                }),
+                Some(cipher) => Box::new(DecryptReader {
+                    file,
+                    path: seg.path.clone(),
+                    cipher,
+                    size: seg.size,
+                    pos: from,
+                    end: to,
+                    buf: Vec::with_capacity(CHUNK + TAG),
+                    off: 0,
+                    valid: 0,
+                }),
+            });
+        }
+    }
+}
+
+/// Hex to a 16-byte id.
+fn id16(hex_id: &str) -> Option<[u8; OBJECT_ID_LEN]> {
+    hex_decode(hex_id).and_then(|v| v.try_into().ok())
+}
+
 impl Store {
     /// A new temp file in `tmp/` for a payload, sealed under a fresh data
     /// key when encryption is on.
     pub(super) fn stager(&self) -> Result<Stager, StoreError> {
+        self.stager_under(None)
+    }
+
+    /// [`Store::stager`], or with `upload` (a multipart upload's key): a
+    /// part sealed under that data key with a fresh random nonce prefix.
+    pub(super) fn stager_under(&self, upload: Option<&EncInfo>) -> Result<Stager, StoreError> {
         let path = self
             .root
             .join("tmp")
             .join(format!("{}.tmp", hex(&random::<12>()?)));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("creating", &path))?;
-        let (cipher, enc) = match &self.kms {
-            None => (None, None),
-            Some(kms) => {
+        let (cipher, enc) = match (&self.kms, upload) {
+            (None, _) => (None, None),
+            (Some(kms), None) => {
                 let id = random::<OBJECT_ID_LEN>()?;
-                let dk = match kms.datakey(&id) {
-                    Ok(dk) => dk,
-                    Err(e) => {
-                        let _ = fs::remove_file(&path);
-                        return Err(e.into());
-                    }
-                };
+                let dk = kms.datakey(&id)?;
                 (
                     Some(ChunkCipher::new(&dk.plain, id)),
                     Some(EncInfo {
                         id: hex(&id),
                         wrapped: B64.encode(&dk.wrapped),
                         kms_key: kms.key_name().to_string(),
+                        key_id: None,
+                    }),
+                )
+            }
+            (Some(_), Some(up)) => {
+                let prefix = random::<OBJECT_ID_LEN>()?;
+                let mut key = self.data_key(up, &path)?;
+                let cipher = ChunkCipher::new(&key, prefix);
+                key.fill(0);
+                (
+                    Some(cipher),
+                    Some(EncInfo {
+                        id: hex(&prefix),
+                        wrapped: up.wrapped.clone(),
+                        kms_key: up.kms_key.clone(),
+                        key_id: Some(up.key_id.clone().unwrap_or_else(|| up.id.clone())),
                     }),
                 )
             }
         };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("creating", &path))?;
         Ok(Stager {
             path,
             file,
@@ -350,6 +543,50 @@ impl Store {
         })
     }
 
+    /// The plaintext data key of `enc` (from the cache or key-manager);
+    /// the caller zeroes it.
+    fn data_key(&self, enc: &EncInfo, path: &Path) -> Result<[u8; 32], StoreError> {
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        };
+        let aad =
+            id16(enc.key_id.as_deref().unwrap_or(&enc.id)).ok_or_else(|| corrupt("bad key id"))?;
+        let wrapped = B64
+            .decode(&enc.wrapped)
+            .map_err(|_| corrupt("bad wrapped key"))?;
+        let kms = self.kms.as_ref().ok_or_else(|| {
+            StoreError::Kms(KmsError::Answer(
+                "the object is encrypted but encryption is off".into(),
+            ))
+        })?;
+        Ok(kms.unwrap_key(&wrapped, &aad)?)
+    }
+
+    /// Writes a multipart manifest (no payload, `trailer` with segments)
+    /// to a temp file, fsynced; returns its path.
+    pub(super) fn write_manifest(&self, trailer: &Trailer) -> Result<PathBuf, StoreError> {
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}.tmp", hex(&random::<12>()?)));
+        let tail = encode_trailer(trailer, &path)?;
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all(&tail)?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&path);
+            return Err(io_err("writing", &path)(e));
+        }
+        Ok(path)
+    }
+
     /// A reader of plaintext bytes `start..end` of `obj`.
     pub fn reader(
         &self,
@@ -359,6 +596,9 @@ impl Store {
     ) -> Result<Box<dyn Read + Send>, StoreError> {
         let end = end.min(obj.trailer.size);
         let start = start.min(end);
+        if let Some(segs) = &obj.trailer.segments {
+            return self.segments_reader(&obj, segs, start, end);
+        }
         match &obj.trailer.enc {
             None => Ok(Box::new(PlainReader {
                 file: obj.file,
@@ -366,22 +606,11 @@ impl Store {
                 end,
             })),
             Some(enc) => {
-                let corrupt = |reason: &str| StoreError::Corrupt {
+                let id = id16(&enc.id).ok_or_else(|| StoreError::Corrupt {
                     path: obj.path.clone(),
-                    reason: reason.into(),
-                };
-                let id: [u8; OBJECT_ID_LEN] = hex_decode(&enc.id)
-                    .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| corrupt("bad object id"))?;
-                let wrapped = B64
-                    .decode(&enc.wrapped)
-                    .map_err(|_| corrupt("bad wrapped key"))?;
-                let kms = self.kms.as_ref().ok_or_else(|| {
-                    StoreError::Kms(KmsError::Answer(
-                        "the object is encrypted but encryption is off".into(),
-                    ))
+                    reason: "bad object id".into(),
                 })?;
-                let mut key = kms.unwrap_key(&wrapped, &id)?;
+                let mut key = self.data_key(enc, &obj.path)?;
                 let cipher = ChunkCipher::new(&key, id);
                 key.fill(0);
                 Ok(Box::new(DecryptReader {
@@ -397,5 +626,84 @@ impl Store {
                 }))
             }
         }
+    }
+
+    /// The reader of a multipart object stored by reference: the parts
+    /// overlapping `start..end`, each opened (the first [`EAGER_SEGMENTS`]
+    /// at once) and decrypted with its nonce prefix under the object's key.
+    fn segments_reader(
+        &self,
+        obj: &ObjectFile,
+        segs: &Segments,
+        start: u64,
+        end: u64,
+    ) -> Result<Box<dyn Read + Send>, StoreError> {
+        // objects/<hash> -> the bucket directory.
+        let bucket_dir =
+            obj.path
+                .parent()
+                .and_then(Path::parent)
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: obj.path.clone(),
+                    reason: "not in a bucket".into(),
+                })?;
+        let dir = bucket_dir.join("data").join(&segs.dir);
+        let mut key = match &obj.trailer.enc {
+            Some(enc) => Some(self.data_key(enc, &obj.path)?),
+            None => None,
+        };
+        let mut out = Vec::new();
+        let mut offset = 0u64;
+        let mut failed = None;
+        for p in &segs.parts {
+            let (s, e) = (offset, offset + p.size);
+            offset = e;
+            if e <= start || s >= end || p.size == 0 {
+                continue;
+            }
+            let path = dir.join(format!("part-{:05}", p.n));
+            let cipher = match (&key, p.id.as_deref().and_then(id16)) {
+                (Some(k), Some(prefix)) => Some(ChunkCipher::new(k, prefix)),
+                (None, None) => None,
+                _ => {
+                    failed = Some(StoreError::Corrupt {
+                        path: obj.path.clone(),
+                        reason: format!("part {} has no valid nonce prefix", p.n),
+                    });
+                    break;
+                }
+            };
+            let file = if out.len() < EAGER_SEGMENTS {
+                match File::open(&path) {
+                    Ok(f) => Some(f),
+                    Err(err) => {
+                        failed = Some(io_err("opening", &path)(err));
+                        break;
+                    }
+                }
+            } else {
+                None
+            };
+            out.push(SegmentSource {
+                path,
+                file,
+                start: s,
+                size: p.size,
+                cipher,
+            });
+        }
+        if let Some(k) = &mut key {
+            k.fill(0);
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(Box::new(SegmentsReader {
+            segs: out,
+            next: 0,
+            cur: None,
+            pos: start,
+            end,
+        }))
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use md5::Digest as _;
 use s3::sigv4::hex;
 
-use super::object_file::{open_object, ObjectFile, Stager};
+use super::object_file::{open_object, read_trailer, valid_data_dir, EncInfo, ObjectFile, Stager};
 use super::{io_err, sync_dir, IndexEntry, PutIf, Store, StoreError};
 use crate::crypt::CHUNK;
 
@@ -46,11 +46,12 @@ impl Store {
         body: &mut dyn Read,
         len: u64,
         limit: u64,
+        under: Option<&EncInfo>,
     ) -> Result<Stager, StoreError> {
         if len > limit {
             return Err(StoreError::EntityTooLarge(limit));
         }
-        let mut st = self.stager()?;
+        let mut st = self.stager_under(under)?;
         let result = (|| {
             let mut buf = vec![0u8; CHUNK];
             loop {
@@ -92,7 +93,33 @@ impl Store {
         entry: IndexEntry,
         cond: &PutIf,
     ) -> Result<(), StoreError> {
+        self.commit_with(bucket, key, tmp, entry, cond, &mut || Ok(()))
+    }
+
+    /// The data directory of the multipart object (stored by reference)
+    /// at `path`, if it is one.
+    pub(super) fn data_dir_of(&self, bucket: &str, path: &Path) -> Option<std::path::PathBuf> {
+        let f = fs::File::open(path).ok()?;
+        let dir = read_trailer(&f, path).ok()?.segments?.dir;
+        valid_data_dir(&dir).then(|| self.data_dir(bucket, &dir))
+    }
+
+    /// [`Store::commit`], running `prepare` under the index lock once the
+    /// condition holds, just before the rename (a completion moves its
+    /// parts there; if `prepare` fails nothing is committed). The data
+    /// directory of a multipart object replaced is removed once the rename
+    /// is durable.
+    pub(super) fn commit_with(
+        &self,
+        bucket: &str,
+        key: &str,
+        tmp: &Path,
+        entry: IndexEntry,
+        cond: &PutIf,
+        prepare: &mut dyn FnMut() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let dest = self.object_path(bucket, key);
+        let replaced;
         {
             let mut idx = self.write_index();
             let Some(b) = idx.buckets.get_mut(bucket) else {
@@ -120,13 +147,37 @@ impl Store {
                 let _ = fs::remove_file(tmp);
                 return Err(StoreError::PreconditionFailed(why));
             }
+            replaced = now
+                .is_some()
+                .then(|| self.data_dir_of(bucket, &dest))
+                .flatten();
+            if let Err(e) = prepare() {
+                let _ = fs::remove_file(tmp);
+                return Err(e);
+            }
             if let Err(e) = fs::rename(tmp, &dest) {
                 let _ = fs::remove_file(tmp);
                 return Err(io_err("renaming into", &dest)(e));
             }
             b.objects.insert(key.to_string(), entry);
         }
-        sync_dir(dest.parent().unwrap_or(&self.root))
+        sync_dir(dest.parent().unwrap_or(&self.root))?;
+        if let Some(old) = replaced {
+            self.remove_data_dir(&old);
+        }
+        Ok(())
+    }
+
+    /// Removes the parts of a multipart object that is gone (logged if it
+    /// fails: the next start removes a directory no object names).
+    fn remove_data_dir(&self, dir: &Path) {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => {
+                let _ = sync_dir(dir.parent().unwrap_or(&self.root));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("storage-manager: removing {}: {e}", dir.display()),
+        }
     }
 
     /// Stores an object from `len` bytes of `body`; durable on return.
@@ -159,7 +210,7 @@ impl Store {
         Self::check_key(key)?;
         Self::check_meta(&meta)?;
         self.check_bucket(bucket)?;
-        let mut st = self.stage_body(body, len, self.limits.max_object_size)?;
+        let mut st = self.stage_body(body, len, self.limits.max_object_size, None)?;
         let etag = hex(&std::mem::take(&mut st.md5).finalize());
         let (tmp, entry) = st.finish_as(key.into(), etag, content_type, meta)?;
         self.commit(bucket, key, &tmp, entry.clone(), cond)?;
@@ -187,6 +238,7 @@ impl Store {
     pub fn delete_object(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
         Self::check_key(key)?;
         let path = self.object_path(bucket, key);
+        let data;
         {
             let mut idx = self.write_index();
             let b = idx
@@ -196,13 +248,18 @@ impl Store {
             if b.objects.remove(key).is_none() {
                 return Ok(());
             }
+            data = self.data_dir_of(bucket, &path);
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("removing", &path)(e)),
             }
         }
-        sync_dir(path.parent().unwrap_or(&self.root))
+        sync_dir(path.parent().unwrap_or(&self.root))?;
+        if let Some(d) = data {
+            self.remove_data_dir(&d);
+        }
+        Ok(())
     }
 
     /// One listing page.

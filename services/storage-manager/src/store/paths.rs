@@ -37,6 +37,12 @@ impl Store {
         self.bucket_dir(bucket).join("uploads").join(id)
     }
 
+    /// `buckets/<bucket>/data/<upload id>`: the parts of a completed
+    /// multipart object.
+    pub(super) fn data_dir(&self, bucket: &str, id: &str) -> PathBuf {
+        self.bucket_dir(bucket).join("data").join(id)
+    }
+
     /// Keys are 1..=[`MAX_KEY_LEN`] bytes.
     pub(super) fn check_key(key: &str) -> Result<(), StoreError> {
         if key.is_empty() || key.len() > MAX_KEY_LEN {
