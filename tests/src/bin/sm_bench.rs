@@ -13,21 +13,13 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
-use key_manager::crypto::{MasterKey, MasterSource, SecretKey};
-use storage_manager::http::{AccessKeys, S3Service};
-use storage_manager::kms::KeyManager;
-use storage_manager::{Credentials, Limits, S3Client, Store};
+use storage_manager::{Credentials, S3Client};
 
-const AKID: &str = "AKIDBENCH";
-const SECRET: &str = "bench-secret-0123456789";
-const KM_TOKEN: &str = "bench-token-0123456789abcdef";
-
-fn mbps(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / secs.max(1e-9)
-}
+#[path = "../sm_harness.rs"]
+mod sm_harness;
+use sm_harness::{mbps, start_key_manager, start_storage_manager, AKID, SECRET};
 
 /// Baseline: write+fsync+rename+dir fsync `count` files of `data`, then read them back.
 fn baseline(dir: &Path, data: &[u8], count: usize) -> std::io::Result<(f64, f64)> {
@@ -104,20 +96,7 @@ fn bench() -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
 
     // key-manager in process, served over loopback HTTP like in production.
-    let master = MasterKey::new(
-        SecretKey::random().map_err(|x| e(&x))?,
-        MasterSource::Explicit,
-    );
-    let km_store = key_manager::Store::open(&root.join("km"), master).map_err(|x| e(&x))?;
-    let kms = Arc::new(key_manager::Kms::new(
-        km_store,
-        key_manager::Clients::from_pairs([("storage", KM_TOKEN)]),
-        key_manager::Audit::stderr_only("key-manager"),
-    ));
-    let km_server = key_manager::SPEC
-        .serve("127.0.0.1:0", 2, key_manager::http::handler(kms))
-        .map_err(|x| e(&x))?;
-    let km_url = format!("http://{}", km_server.addr());
+    let (km_server, km_url) = start_key_manager(&root.join("km"))?;
 
     println!(
         "storage-manager bench: {mib} MiB per cell, loopback, {} cores, data in {}",
@@ -145,16 +124,7 @@ fn bench() -> Result<(), String> {
         let total = (size * count) as u64;
         for encrypted in [false, true] {
             let dir = root.join(if encrypted { "enc" } else { "plain" });
-            let km = encrypted.then(|| Arc::new(KeyManager::new(&km_url, "bench", KM_TOKEN)));
-            let store = Store::open(&dir, Limits::default(), km).map_err(|x| e(&x))?;
-            let svc = Arc::new(S3Service::new(
-                store,
-                AccessKeys::from_pairs([(AKID, SECRET)]),
-                Arc::new(|_| {}),
-            ));
-            let server = storage_manager::SPEC
-                .serve("127.0.0.1:0", 4, storage_manager::http::handler(svc))
-                .map_err(|x| e(&x))?;
+            let server = start_storage_manager(&dir, encrypted.then_some(km_url.as_str()), 4)?;
             let client = S3Client::new(
                 &format!("http://{}", server.addr()),
                 Credentials::new(AKID, SECRET),
