@@ -246,4 +246,10 @@ fn an_active_conductor_cut_off_from_the_bus_steps_down() {
         "C, cut off itself, must stand by"
     );
     w.proc.kill9();
+    // C never leads, so no `Conductor` handle owns its process: kill it
+    // by its data dir (its spawning thread then gives up, unjoined).
+    let c_dir = dir.path().join("c");
+    let _ = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", &format!("data-dir {} ", c_dir.display())])
+        .status();
 }
