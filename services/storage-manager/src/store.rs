@@ -36,6 +36,7 @@ mod multipart;
 mod object_file;
 mod objects;
 mod paths;
+mod pins;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -254,25 +255,65 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     f.sync_all().map_err(io_err("syncing", path))
 }
 
-/// Start-up clean-up of `bucket_dir/data/`: a directory an object names
-/// loses what its completion would have removed (`upload.json`); one no
-/// object names is a completion cut short before its commit (it still has
-/// `upload.json`: moved back to `uploads/`, the upload intact) or the
-/// parts of a deleted or replaced object (removed).
-fn recover_data_dirs(
-    bucket_dir: &Path,
-    udir: &Path,
-    referenced: &std::collections::HashSet<String>,
-) {
+/// What the object files of a bucket name under its `data/`, read at start.
+#[derive(Debug, Default)]
+struct DataRefs {
+    /// Each directory a manifest names, with the part numbers it lists.
+    dirs: std::collections::HashMap<String, std::collections::HashSet<u32>>,
+    /// Some object file could not be read (it may name a directory): no
+    /// directory that might be its parts is removed.
+    unreadable: bool,
+}
+
+/// Is `name` the file of a part listed in `listed`?
+fn is_listed_part(name: &str, listed: &std::collections::HashSet<u32>) -> bool {
+    multipart::part_number(name).is_some_and(|n| listed.contains(&n))
+}
+
+/// Start-up clean-up of `bucket_dir/data/`, the sweep that completes
+/// whatever a crash cut short:
+///
+/// * a directory a committed manifest names keeps exactly the parts that
+///   manifest lists: `upload.json` and the parts the completion did not
+///   list (what the completion removes after its commit) go;
+/// * one no manifest names that still has `upload.json` (and no upload of
+///   its id exists) is a completion cut short before its commit: it moves
+///   back to `uploads/`, the upload intact;
+/// * any other is the parts of a deleted or replaced object: removed,
+///   unless an object file of the bucket could not be read
+///   ([`DataRefs::unreadable`]), when it is kept (and logged).
+///
+/// Never removed: a part a committed manifest lists, anything under
+/// `uploads/` with its `upload.json` (a live upload).
+fn recover_data_dirs(bucket_dir: &Path, udir: &Path, refs: &DataRefs) {
     let ddir = bucket_dir.join("data");
     let Ok(rd) = fs::read_dir(&ddir) else { return };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let path = e.path();
         let upload_json = path.join("upload.json");
-        if referenced.contains(&name) {
-            if upload_json.exists() {
-                let _ = fs::remove_file(&upload_json);
+        if let Some(listed) = refs.dirs.get(&name) {
+            let Ok(files) = fs::read_dir(&path) else {
+                continue;
+            };
+            let mut removed = 0usize;
+            for f in files.flatten() {
+                let fname = f.file_name().to_string_lossy().to_string();
+                if is_listed_part(&fname, listed) {
+                    continue;
+                }
+                let p = f.path();
+                let r = if f.file_type().is_ok_and(|t| t.is_dir()) {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                match r {
+                    Ok(()) => removed += 1,
+                    Err(e) => eprintln!("storage-manager: removing {}: {e}", p.display()),
+                }
+            }
+            if removed > 0 {
                 let _ = sync_dir(&path);
             }
         } else if upload_json.exists() && !udir.join(&name).exists() {
@@ -283,6 +324,11 @@ fn recover_data_dirs(
                 ),
                 Err(e) => eprintln!("storage-manager: restoring {}: {e}", path.display()),
             }
+        } else if refs.unreadable {
+            eprintln!(
+                "storage-manager: keeping {}: no object names it, but an object file of the bucket could not be read",
+                path.display()
+            );
         } else if let Err(e) = fs::remove_dir_all(&path) {
             eprintln!("storage-manager: removing {}: {e}", path.display());
         }
@@ -299,6 +345,8 @@ pub struct Store {
     uploads: Mutex<HashMap<String, UploadInfo>>,
     limits: Limits,
     kms: Option<Arc<KeyManager>>,
+    /// The part directories being read ([`pins`]).
+    pins: pins::Pins,
 }
 
 impl Store {
@@ -342,7 +390,7 @@ impl Store {
                 objects: BTreeMap::new(),
             };
             let odir = dir.join("objects");
-            let mut referenced = std::collections::HashSet::new();
+            let mut refs = DataRefs::default();
             for o in fs::read_dir(&odir).map_err(io_err("listing", &odir))? {
                 let p = o.map_err(io_err("listing", &odir))?.path();
                 match File::open(&p)
@@ -351,7 +399,10 @@ impl Store {
                 {
                     Ok(t) => {
                         if let Some(s) = &t.segments {
-                            referenced.insert(s.dir.clone());
+                            refs.dirs
+                                .entry(s.dir.clone())
+                                .or_default()
+                                .extend(s.parts.iter().map(|p| p.n));
                         }
                         entry.objects.insert(
                             t.key.clone(),
@@ -362,11 +413,14 @@ impl Store {
                             },
                         );
                     }
-                    Err(e) => eprintln!("storage-manager: skipping {}: {e}", p.display()),
+                    Err(e) => {
+                        refs.unreadable = true;
+                        eprintln!("storage-manager: skipping {}: {e}", p.display());
+                    }
                 }
             }
             let udir = dir.join("uploads");
-            recover_data_dirs(&dir, &udir, &referenced);
+            recover_data_dirs(&dir, &udir, &refs);
             if let Ok(rd) = fs::read_dir(&udir) {
                 for u in rd.flatten() {
                     let id = u.file_name().to_string_lossy().to_string();
@@ -391,6 +445,7 @@ impl Store {
             uploads: Mutex::new(uploads),
             limits,
             kms,
+            pins: pins::Pins::default(),
         })
     }
 

@@ -11,9 +11,15 @@
 //! removed after. A crash before the manifest's rename is durable leaves
 //! `data/<id>/` with its `upload.json` and no object naming it: the next
 //! start moves it back to `uploads/`, so the upload is intact; after it, the
-//! object is complete. Deleting or overwriting the object removes its
-//! `data/<id>/` once the change is durable (a directory no object names and
-//! without `upload.json` is removed at start).
+//! object is complete, and the next start removes from `data/<id>/` what
+//! the manifest does not list (`upload.json`, unlisted parts) if the crash
+//! came before that clean-up. Deleting or overwriting the object discards
+//! its `data/<id>/` once the change is durable: moved into `tmp/` at once,
+//! removed when no read holds it (`pins`; a directory no object names and
+//! without `upload.json` is removed at start). A delete or overwrite that
+//! finds `upload.json` still there (the completion's clean-up has not run
+//! yet) first makes the completion durable and removes it, so a crash
+//! cannot make the deleted object's parts an upload again.
 //!
 //! Uploads created before this format (no data key in `upload.json`, each
 //! part under its own key) complete the old way: the parts are decrypted
@@ -140,7 +146,7 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 }
 
 /// `part-00042` → 42.
-fn part_number(file_name: &str) -> Option<u32> {
+pub(super) fn part_number(file_name: &str) -> Option<u32> {
     file_name
         .strip_prefix("part-")
         .filter(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))?
@@ -1035,6 +1041,231 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_after_the_commit_leaves_no_unlisted_part_behind_once_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("mpb").unwrap();
+        let (id, listed, whole) = three_parts(&s, "mpb", "obj");
+        // What the completion removes after its commit: upload.json and
+        // part 3 (uploaded, not listed).
+        let up = s.upload_dir("mpb", &id);
+        let upload_json = fs::read(up.join("upload.json")).unwrap();
+        let unlisted = fs::read(up.join("part-00003")).unwrap();
+        s.complete_upload("mpb", "obj", &id, &listed).unwrap();
+        // Killed after the manifest's rename, before that clean-up: the
+        // directory as the commit left it (plus a stray file).
+        let data = s.data_dir("mpb", &id);
+        fs::write(data.join("upload.json"), &upload_json).unwrap();
+        fs::write(data.join("part-00003"), &unlisted).unwrap();
+        fs::write(data.join("part-00003.tmp"), b"junk").unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        let mut names: Vec<String> = fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["part-00001", "part-00002", "part-00004"]);
+        assert_eq!(s.usage().uploads, 0, "the upload does not come back");
+        assert_eq!(read_all(&s, "mpb", "obj", 0, u64::MAX), whole);
+        assert_eq!(
+            read_all(&s, "mpb", "obj", 99_990, 100_010),
+            whole[99_990..100_010]
+        );
+        // Everything on disk is the object's: its parts and its manifest.
+        let part_bytes: u64 = ["part-00001", "part-00002", "part-00004"]
+            .iter()
+            .map(|n| fs::metadata(data.join(n)).unwrap().len())
+            .sum();
+        let manifest = fs::metadata(s.object_path("mpb", "obj")).unwrap().len();
+        assert_eq!(
+            tree_bytes(&s.bucket_dir("mpb")),
+            part_bytes
+                + manifest
+                + fs::metadata(s.bucket_dir("mpb").join("bucket.json"))
+                    .unwrap()
+                    .len()
+        );
+        // Restarting again changes nothing.
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert_eq!(read_all(&s, "mpb", "obj", 0, u64::MAX), whole);
+    }
+
+    #[test]
+    fn a_delete_racing_the_end_of_a_completion_cannot_make_the_parts_an_upload_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("mpb").unwrap();
+        let (id, listed, _) = three_parts(&s, "mpb", "obj");
+        let upload_json = fs::read(s.upload_dir("mpb", &id).join("upload.json")).unwrap();
+        s.complete_upload("mpb", "obj", &id, &listed).unwrap();
+        // The completion committed but has not removed upload.json yet
+        // when a DELETE comes: the delete settles the completion first ...
+        let data = s.data_dir("mpb", &id);
+        let manifest = s.object_path("mpb", "obj");
+        fs::write(data.join("upload.json"), &upload_json).unwrap();
+        s.settle_completion(&data, &manifest).unwrap();
+        assert!(!data.join("upload.json").exists());
+        // ... so a crash after the delete's unlink, before its parts went,
+        // leaves a directory that start-up removes, not an upload.
+        fs::remove_file(&manifest).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert_eq!(s.usage().uploads, 0);
+        assert_eq!(s.usage().objects, 0);
+        assert!(!data.exists());
+        assert!(!s.upload_dir("mpb", &id).exists());
+    }
+
+    #[test]
+    fn unnamed_part_directories_are_kept_while_an_object_file_of_the_bucket_is_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("mpb").unwrap();
+        let (id, listed, whole) = three_parts(&s, "mpb", "obj");
+        s.complete_upload("mpb", "obj", &id, &listed).unwrap();
+        let manifest = s.object_path("mpb", "obj");
+        let good = fs::read(&manifest).unwrap();
+        drop(s);
+        // The manifest unreadable (damaged, or a read error): its parts are
+        // not taken for an orphan.
+        fs::write(&manifest, b"damaged").unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert!(s.data_dir("mpb", &id).join("part-00001").exists());
+        drop(s);
+        fs::write(&manifest, &good).unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert_eq!(read_all(&s, "mpb", "obj", 0, u64::MAX), whole);
+    }
+
+    /// An upload of `n` parts of 1000 bytes, completed; returns its id and
+    /// the object's bytes.
+    fn many_parts(s: &Store, b: &str, k: &str, n: u32, seed: u8) -> (String, Vec<u8>) {
+        let id = s.create_upload(b, k, None, BTreeMap::new()).unwrap();
+        let mut listed = Vec::new();
+        let mut whole = Vec::new();
+        for i in 1..=n {
+            let data = pattern(1000, seed.wrapping_add(u8::try_from(i % 251).unwrap()));
+            listed.push((i, part(s, b, k, &id, i, &data).etag));
+            whole.extend_from_slice(&data);
+        }
+        s.complete_upload(b, k, &id, &listed).unwrap();
+        (id, whole)
+    }
+
+    /// Reads `r` to its end in 4 KiB pieces.
+    fn drain(r: &mut dyn Read, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf)? {
+                0 => return Ok(()),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    fn tmp_entries(s: &Store) -> usize {
+        fs::read_dir(s.root().join("tmp")).unwrap().count()
+    }
+
+    #[test]
+    fn a_read_of_an_object_of_many_parts_outlives_a_delete_or_an_overwrite_begun_mid_body() {
+        for kms in [None, Some(fake_key_manager())] {
+            let encrypted = kms.is_some();
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(dir.path(), small_parts(), kms).unwrap();
+            s.create_bucket("race").unwrap();
+            // 600 parts: more than were ever opened at a read's start.
+            let (id, whole) = many_parts(&s, "race", "obj", 600, 1);
+            let data = s.data_dir("race", &id);
+            let obj = s.open_object("race", "obj").unwrap();
+            let mut r = s.reader(obj, 0, u64::MAX).unwrap();
+            let mut got = vec![0u8; 1500];
+            r.read_exact(&mut got).unwrap();
+            // A second read of the same object, from the middle.
+            let obj = s.open_object("race", "obj").unwrap();
+            let mut r2 = s.reader(obj, 299_500, 600_000).unwrap();
+            // An ObjectFile opened before the delete, read after it.
+            let late = s.open_object("race", "obj").unwrap();
+            assert_eq!(s.pins.pinned(), 1);
+            s.delete_object("race", "obj").unwrap();
+            assert!(!data.exists(), "{encrypted}: the parts left data/ at once");
+            assert!(matches!(
+                s.open_object("race", "obj"),
+                Err(StoreError::NoSuchKey(_))
+            ));
+            // A read that had not started fails cleanly, before any byte.
+            assert!(matches!(
+                s.reader(late, 0, u64::MAX),
+                Err(StoreError::NoSuchKey(_))
+            ));
+            drain(&mut r, &mut got).unwrap();
+            assert!(got == whole, "{encrypted}: the read in flight is whole");
+            drop(r);
+            assert_eq!(tmp_entries(&s), 1, "{encrypted}: held by the other read");
+            let mut rest = Vec::new();
+            drain(&mut r2, &mut rest).unwrap();
+            assert!(rest == whole[299_500..], "{encrypted}");
+            drop(r2);
+            assert_eq!(s.pins.pinned(), 0);
+            assert_eq!(tmp_entries(&s), 0, "{encrypted}: removed by the last read");
+            assert!(tree_bytes(&s.bucket_dir("race")) < 1024);
+
+            // An overwrite (by a PUT, then by another completion).
+            let (id, whole) = many_parts(&s, "race", "obj", 300, 2);
+            let obj = s.open_object("race", "obj").unwrap();
+            let mut r = s.reader(obj, 0, u64::MAX).unwrap();
+            let mut got = vec![0u8; 10];
+            r.read_exact(&mut got).unwrap();
+            s.put_object("race", "obj", &mut &b"new"[..], 3, None, BTreeMap::new())
+                .unwrap();
+            assert!(!s.data_dir("race", &id).exists());
+            drain(&mut r, &mut got).unwrap();
+            assert!(
+                got == whole,
+                "{encrypted}: the overwritten object reads whole"
+            );
+            drop(r);
+            assert_eq!(read_all(&s, "race", "obj", 0, 100), b"new");
+            let (id, whole) = many_parts(&s, "race", "obj", 300, 3);
+            let obj = s.open_object("race", "obj").unwrap();
+            let mut r = s.reader(obj, 0, u64::MAX).unwrap();
+            let mut got = vec![0u8; 10];
+            r.read_exact(&mut got).unwrap();
+            let (id2, whole2) = many_parts(&s, "race", "obj", 3, 4);
+            drain(&mut r, &mut got).unwrap();
+            assert!(got == whole, "{encrypted}: replaced by a completion");
+            drop(r);
+            assert!(!s.data_dir("race", &id).exists());
+            assert_eq!(tmp_entries(&s), 0);
+            assert!(s.data_dir("race", &id2).is_dir());
+            assert_eq!(read_all(&s, "race", "obj", 0, u64::MAX), whole2);
+        }
+    }
+
+    #[test]
+    fn a_crash_while_a_read_holds_deleted_parts_leaves_nothing_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        s.create_bucket("race").unwrap();
+        let (_, whole) = many_parts(&s, "race", "gone", 300, 5);
+        let (_, kept) = many_parts(&s, "race", "kept", 2, 6);
+        let obj = s.open_object("race", "gone").unwrap();
+        let r = s.reader(obj, 0, u64::MAX).unwrap();
+        s.delete_object("race", "gone").unwrap();
+        assert_eq!(tmp_entries(&s), 1);
+        assert!(tree_bytes(&s.root().join("tmp")) >= whole.len() as u64);
+        // Killed with the read in flight: the discarded parts wait in tmp/.
+        std::mem::forget(r);
+        drop(s);
+        let s = Store::open(dir.path(), small_parts(), None).unwrap();
+        assert_eq!(tmp_entries(&s), 0);
+        assert_eq!(read_all(&s, "race", "kept", 0, u64::MAX), kept);
+        assert_eq!(s.usage().objects, 1);
+    }
+
+    #[test]
     fn objects_of_the_first_format_still_read() {
         // A multipart object as the first format stored it (one `SMO1`
         // file, the parts copied into its payload), built byte by byte.
@@ -1194,8 +1425,7 @@ mod tests {
     }
 
     #[test]
-    fn an_encrypted_object_of_many_parts_has_a_large_manifest_and_reads_past_the_eagerly_opened_parts(
-    ) {
+    fn an_encrypted_object_of_many_parts_has_a_large_manifest_and_reads_whole_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), small_parts(), Some(fake_key_manager())).unwrap();
         s.create_bucket("enc").unwrap();

@@ -17,7 +17,11 @@
 //! CreateMultipartUpload, wrapped in `upload.json`) with a random
 //! per-part nonce prefix ([`crate::crypt`]); completion moves the upload
 //! directory to `data/` and commits the manifest, so no byte of data is
-//! read or written again. Files of the first format (`SMO1`, every object
+//! read or written again. A read pins the part directory and opens each
+//! part as it reaches it (`super::pins`): however many parts (up to
+//! [`super::MAX_PARTS`]), it holds two file descriptors, and a delete or
+//! overwrite meanwhile does not cut it short (the parts are removed when
+//! the last read ends). Files of the first format (`SMO1`, every object
 //! before this and every single PUT) are read as before: the magic tells
 //! the two apart.
 //!
@@ -40,6 +44,7 @@ use s3::sigv4::hex;
 use s3::timefmt;
 use serde::{Deserialize, Serialize};
 
+use super::pins::DirPin;
 use super::{io_err, random, IndexEntry, Store, StoreError};
 use crate::crypt::{self, ChunkCipher, CHUNK, OBJECT_ID_LEN, TAG};
 use crate::kms::KmsError;
@@ -52,10 +57,6 @@ pub const MAX_MANIFEST: u32 = 2 * 1024 * 1024;
 const MAGIC: &[u8; 4] = b"SMO1";
 /// The magic of a multipart manifest (a trailer with [`Segments`], no payload).
 const MAGIC_MANIFEST: &[u8; 4] = b"SMO2";
-/// Segment files opened when a read starts (more are opened as the read
-/// reaches them): a delete or overwrite during a read of an object of at
-/// most this many parts never cuts the read short.
-const EAGER_SEGMENTS: usize = 256;
 
 /// Encryption details of a stored payload.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -398,7 +399,11 @@ pub(super) fn hex_decode(s: &str) -> Option<Vec<u8>> {
 
 /// One part of a multipart object being read.
 struct SegmentSource {
+    /// Its file name in the part directory (`part-NNNNN`).
+    name: String,
+    /// Its path when the read started (for messages).
     path: PathBuf,
+    /// Opened ahead (the first part), else opened when the read reaches it.
     file: Option<File>,
     /// Plaintext offset of the part in the object.
     start: u64,
@@ -406,23 +411,20 @@ struct SegmentSource {
     cipher: Option<ChunkCipher>,
 }
 
-impl SegmentSource {
-    fn open(&mut self) -> std::io::Result<File> {
-        match self.file.take() {
-            Some(f) => Ok(f),
-            None => File::open(&self.path),
-        }
-    }
-}
-
 /// Reads plaintext bytes `pos..end` of a multipart object across its
-/// parts, each through a [`PlainReader`] or [`DecryptReader`].
+/// parts, each through a [`PlainReader`] or [`DecryptReader`]. It holds
+/// the part directory pinned ([`super::pins`]) until it is dropped, so a
+/// delete or overwrite meanwhile cannot remove a part it has yet to read;
+/// parts are opened relative to the pinned directory as the read reaches
+/// them (two descriptors at most, whatever the number of parts).
 struct SegmentsReader {
     segs: Vec<SegmentSource>,
     next: usize,
     cur: Option<Box<dyn Read + Send>>,
     pos: u64,
     end: u64,
+    /// Declared last: released after the part files are closed.
+    pin: DirPin,
 }
 
 impl Read for SegmentsReader {
@@ -452,7 +454,12 @@ impl Read for SegmentsReader {
                 }
             };
             let (from, to) = (self.pos - seg.start, (self.end - seg.start).min(seg.size));
-            let file = seg.open()?;
+            let file = match seg.file.take() {
+                Some(f) => f,
+                None => self.pin.open(&seg.name).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("opening {}: {e}", seg.path.display()))
+                })?,
+            };
             self.cur = Some(match seg.cipher.take() {
                 None => Box::new(PlainReader {
                     file,
@@ -629,8 +636,13 @@ impl Store {
     }
 
     /// The reader of a multipart object stored by reference: the parts
-    /// overlapping `start..end`, each opened (the first [`EAGER_SEGMENTS`]
-    /// at once) and decrypted with its nonce prefix under the object's key.
+    /// overlapping `start..end`, decrypted each with its nonce prefix under
+    /// the object's key. The part directory is pinned first
+    /// ([`super::pins`]): if it is gone (the object was deleted or replaced
+    /// since `obj` was opened) this fails with `NoSuchKey`, before any byte
+    /// is read; once pinned, every part stays readable until the reader is
+    /// dropped. The first part is opened here, the others as the read
+    /// reaches them.
     fn segments_reader(
         &self,
         obj: &ObjectFile,
@@ -648,11 +660,18 @@ impl Store {
                     reason: "not in a bucket".into(),
                 })?;
         let dir = bucket_dir.join("data").join(&segs.dir);
+        let pin = match self.pins.pin(&dir) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchKey(obj.trailer.key.clone()))
+            }
+            Err(e) => return Err(io_err("opening", &dir)(e)),
+        };
         let mut key = match &obj.trailer.enc {
             Some(enc) => Some(self.data_key(enc, &obj.path)?),
             None => None,
         };
-        let mut out = Vec::new();
+        let mut out: Vec<SegmentSource> = Vec::new();
         let mut offset = 0u64;
         let mut failed = None;
         for p in &segs.parts {
@@ -661,7 +680,8 @@ impl Store {
             if e <= start || s >= end || p.size == 0 {
                 continue;
             }
-            let path = dir.join(format!("part-{:05}", p.n));
+            let name = format!("part-{:05}", p.n);
+            let path = dir.join(&name);
             let cipher = match (&key, p.id.as_deref().and_then(id16)) {
                 (Some(k), Some(prefix)) => Some(ChunkCipher::new(k, prefix)),
                 (None, None) => None,
@@ -673,8 +693,8 @@ impl Store {
                     break;
                 }
             };
-            let file = if out.len() < EAGER_SEGMENTS {
-                match File::open(&path) {
+            let file = if out.is_empty() {
+                match pin.open(&name) {
                     Ok(f) => Some(f),
                     Err(err) => {
                         failed = Some(io_err("opening", &path)(err));
@@ -685,6 +705,7 @@ impl Store {
                 None
             };
             out.push(SegmentSource {
+                name,
                 path,
                 file,
                 start: s,
@@ -704,6 +725,7 @@ impl Store {
             cur: None,
             pos: start,
             end,
+            pin,
         }))
     }
 }

@@ -10,7 +10,7 @@ use md5::Digest as _;
 use s3::sigv4::hex;
 
 use super::object_file::{open_object, read_trailer, valid_data_dir, EncInfo, ObjectFile, Stager};
-use super::{io_err, sync_dir, IndexEntry, PutIf, Store, StoreError};
+use super::{io_err, random, sync_dir, IndexEntry, PutIf, Store, StoreError};
 use crate::crypt::CHUNK;
 
 /// Listing parameters.
@@ -151,6 +151,12 @@ impl Store {
                 .is_some()
                 .then(|| self.data_dir_of(bucket, &dest))
                 .flatten();
+            if let Some(old) = &replaced {
+                if let Err(e) = self.settle_completion(old, &dest) {
+                    let _ = fs::remove_file(tmp);
+                    return Err(e);
+                }
+            }
             if let Err(e) = prepare() {
                 let _ = fs::remove_file(tmp);
                 return Err(e);
@@ -163,21 +169,49 @@ impl Store {
         }
         sync_dir(dest.parent().unwrap_or(&self.root))?;
         if let Some(old) = replaced {
-            self.remove_data_dir(&old);
+            self.discard_data_dir(&old);
         }
         Ok(())
     }
 
-    /// Removes the parts of a multipart object that is gone (logged if it
-    /// fails: the next start removes a directory no object names).
-    fn remove_data_dir(&self, dir: &Path) {
-        match fs::remove_dir_all(dir) {
-            Ok(()) => {
-                let _ = sync_dir(dir.parent().unwrap_or(&self.root));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => eprintln!("storage-manager: removing {}: {e}", dir.display()),
+    /// Before the manifest at `manifest` (naming the part directory
+    /// `data`) is replaced or deleted, under the index lock: if the
+    /// completion that committed it has not yet removed `upload.json` (it
+    /// does so just after its commit), makes its commit durable (fsync of
+    /// `objects/`) and removes `upload.json` durably (fsync of `data`).
+    /// Without this, a crash after the delete and before the parts go
+    /// would leave a directory no object names *with* `upload.json`, which
+    /// the start-up recovery takes for a completion cut short and makes an
+    /// upload again. Costs nothing (one `stat`) in the usual case.
+    pub(super) fn settle_completion(&self, data: &Path, manifest: &Path) -> Result<(), StoreError> {
+        let upload_json = data.join("upload.json");
+        if !upload_json.exists() {
+            return Ok(());
         }
+        sync_dir(manifest.parent().unwrap_or(&self.root))?;
+        match fs::remove_file(&upload_json) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("removing", &upload_json)(e)),
+        }
+        sync_dir(data)
+    }
+
+    /// Discards the parts of a multipart object that is gone, its change
+    /// durable ([`super::pins`]): the directory moves into `tmp/` now and
+    /// is removed once no read holds it (logged if that fails: `tmp/` is
+    /// emptied at start, and a directory no object names is removed then).
+    fn discard_data_dir(&self, dir: &Path) {
+        let name = dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().to_string());
+        let tag = random::<8>().map_or_else(|_| "0".repeat(16), |r| hex(&r));
+        let trash = self
+            .root
+            .join("tmp")
+            .join(format!("discarded-{name}-{tag}"));
+        self.pins.discard(dir, &trash);
+        let _ = sync_dir(dir.parent().unwrap_or(&self.root));
     }
 
     /// Stores an object from `len` bytes of `body`; durable on return.
@@ -245,10 +279,15 @@ impl Store {
                 .buckets
                 .get_mut(bucket)
                 .ok_or_else(|| StoreError::NoSuchBucket(bucket.into()))?;
-            if b.objects.remove(key).is_none() {
+            if !b.objects.contains_key(key) {
                 return Ok(());
             }
             data = self.data_dir_of(bucket, &path);
+            if let Some(d) = &data {
+                // Fails before anything changed: the object stays.
+                self.settle_completion(d, &path)?;
+            }
+            b.objects.remove(key);
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -257,7 +296,7 @@ impl Store {
         }
         sync_dir(path.parent().unwrap_or(&self.root))?;
         if let Some(d) = data {
-            self.remove_data_dir(&d);
+            self.discard_data_dir(&d);
         }
         Ok(())
     }
