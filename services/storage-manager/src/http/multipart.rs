@@ -56,8 +56,8 @@ pub(super) fn upload_part(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<
     let store = &svc.store;
     let id = ctx.q("uploadId").unwrap_or("").to_string();
     let n = part_number(ctx)?;
-    let (mut body, len) = ctx.checked_body()?;
-    let part = store.upload_part(bucket, key, &id, n, &mut body, len)?;
+    let (mut body, len, md5) = ctx.checked_body()?;
+    let part = store.upload_part_md5(bucket, key, &id, n, &mut body, len, md5.as_ref())?;
     svc.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
     Ok(Reply::empty(200).header("ETag", format!("\"{}\"", part.etag)))
 }

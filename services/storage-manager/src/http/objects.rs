@@ -304,8 +304,9 @@ pub(super) fn object_op(ctx: &mut Ctx<'_>, bucket: &str, key: &str) -> Result<Re
         "PUT" => {
             let (ct, meta) = (ctx.content_type(), ctx.user_meta());
             let cond = write_condition(ctx)?;
-            let (mut body, len) = ctx.checked_body()?;
-            let e = store.put_object_if(bucket, key, &mut body, len, ct, meta, &cond)?;
+            let (mut body, len, md5) = ctx.checked_body()?;
+            let e =
+                store.put_object_md5(bucket, key, &mut body, len, ct, meta, &cond, md5.as_ref())?;
             svc.stats.puts.fetch_add(1, Ordering::Relaxed);
             svc.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
             Ok(Reply::empty(200).header("ETag", format!("\"{}\"", e.etag)))

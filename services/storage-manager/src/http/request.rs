@@ -154,8 +154,11 @@ impl Ctx<'_> {
     }
 
     /// The body with its payload checks and, if a `x-amz-checksum-crc32[c]`
-    /// header came with it, that checksum verified too.
-    pub(super) fn checked_body(&mut self) -> Result<(Box<dyn Read + '_>, u64), S3Err> {
+    /// header came with it, that checksum verified too; and the
+    /// `Content-MD5` digest, if one came, for the store to check against
+    /// the MD5 it computes for the ETag ([`crate::store::Store::put_object_md5`]),
+    /// so that the body is hashed with MD5 once.
+    pub(super) fn checked_body(&mut self) -> Result<CheckedBody<'_>, S3Err> {
         let header = self.headers.iter().find_map(|(k, v)| {
             k.strip_prefix("x-amz-checksum-")
                 .filter(|a| *a != "mode" && *a != "algorithm" && *a != "type")
@@ -173,13 +176,7 @@ impl Ctx<'_> {
             },
             None => r,
         };
-        Ok(match md5 {
-            Some(v) => match ChecksumCheck::new(r, "Content-MD5", &v) {
-                Ok(c) => (Box::new(c), len),
-                Err(r) => (r, len),
-            },
-            None => (r, len),
-        })
+        Ok((r, len, md5))
     }
 
     /// A small XML body, fully read and checked.
@@ -215,13 +212,21 @@ impl Ctx<'_> {
     }
 }
 
-/// A `Content-MD5` value (base64 of the 16 digest bytes), normalised;
+/// A request body with its checks, its decoded length and its
+/// `Content-MD5` digest ([`Ctx::checked_body`]).
+pub(super) type CheckedBody<'a> = (Box<dyn Read + 'a>, u64, Option<[u8; 16]>);
+
+/// The digest of a `Content-MD5` value (base64 of the 16 digest bytes);
 /// S3's `InvalidDigest` when it is not one.
-fn content_md5(v: &str) -> Result<String, S3Err> {
+fn content_md5(v: &str) -> Result<[u8; 16], S3Err> {
     use base64::Engine as _;
-    match base64::engine::general_purpose::STANDARD.decode(v) {
-        Ok(b) if b.len() == 16 => Ok(base64::engine::general_purpose::STANDARD.encode(b)),
-        _ => Err(s3err(
+    match base64::engine::general_purpose::STANDARD
+        .decode(v)
+        .ok()
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+    {
+        Some(d) => Ok(d),
+        None => Err(s3err(
             400,
             "InvalidDigest",
             "the Content-MD5 you specified is not valid (base64 of a 16-byte MD5)",

@@ -230,13 +230,30 @@ impl Store {
         body: &mut dyn Read,
         len: u64,
     ) -> Result<IndexEntry, StoreError> {
+        self.upload_part_md5(bucket, key, id, n, body, len, None)
+    }
+
+    /// [`Store::upload_part`], and with `content_md5` (the request's
+    /// `Content-MD5`) the part must have that MD5, as
+    /// [`Store::put_object_md5`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload_part_md5(
+        &self,
+        bucket: &str,
+        key: &str,
+        id: &str,
+        n: u32,
+        body: &mut dyn Read,
+        len: u64,
+        content_md5: Option<&[u8; 16]>,
+    ) -> Result<IndexEntry, StoreError> {
         if !(1..=MAX_PARTS).contains(&n) {
             return Err(StoreError::InvalidPartNumber);
         }
         self.check_bucket(bucket)?;
         let info = self.upload(bucket, key, id)?;
         let mut st = self.stage_body(body, len, self.limits.max_part_size, info.enc.as_ref())?;
-        let etag = hex(&std::mem::take(&mut st.md5).finalize());
+        let etag = st.md5_hex(content_md5)?;
         let (tmp, entry) = st.finish_as(format!("{key}#part{n}"), etag, None, BTreeMap::new())?;
         let dir = self.upload_dir(bucket, id);
         let dest = dir.join(format!("part-{n:05}"));

@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pins::DirPin;
 use super::{io_err, random, IndexEntry, Store, StoreError};
+use crate::chunked::ChecksumMismatch;
 use crate::crypt::{self, ChunkCipher, CHUNK, OBJECT_ID_LEN, TAG};
 use crate::kms::KmsError;
 
@@ -137,10 +138,27 @@ pub(super) struct Stager {
     buf: Vec<u8>,
     chunk: u64,
     pub(super) size: u64,
-    pub(super) md5: Md5,
+    md5: Md5,
 }
 
 impl Stager {
+    /// The hex MD5 of the payload written so far (the ETag of a single PUT
+    /// or a part). With `expected` (a request's `Content-MD5`), a payload
+    /// whose MD5 differs is a [`ChecksumMismatch`] (S3's `BadDigest`): one
+    /// MD5 both checks the body and makes its ETag. The temp file is
+    /// removed on failure.
+    pub(super) fn md5_hex(&mut self, expected: Option<&[u8; 16]>) -> Result<String, StoreError> {
+        let d: [u8; 16] = std::mem::take(&mut self.md5).finalize().into();
+        if expected.is_some_and(|e| *e != d) {
+            let _ = fs::remove_file(&self.path);
+            return Err(StoreError::Body(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                ChecksumMismatch("Content-MD5".into()),
+            )));
+        }
+        Ok(hex(&d))
+    }
+
     pub(super) fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
         self.md5.update(data);
         self.size += data.len() as u64;
@@ -157,7 +175,9 @@ impl Stager {
 
     fn flush_chunk(&mut self, last: bool) -> Result<(), StoreError> {
         if let Some(c) = &self.cipher {
-            let tag = c.seal(self.chunk, last, &mut self.buf);
+            let tag = c
+                .seal(self.chunk, last, &mut self.buf)
+                .map_err(|e| io_err("encrypting", &self.path)(e.into()))?;
             self.buf.extend_from_slice(&tag);
             self.chunk += 1;
         }
@@ -507,7 +527,10 @@ impl Store {
                 let id = random::<OBJECT_ID_LEN>()?;
                 let dk = kms.datakey(&id)?;
                 (
-                    Some(ChunkCipher::new(&dk.plain, id)),
+                    Some(
+                        ChunkCipher::new(&dk.plain, id)
+                            .map_err(|e| io_err("keying", &path)(e.into()))?,
+                    ),
                     Some(EncInfo {
                         id: hex(&id),
                         wrapped: B64.encode(&dk.wrapped),
@@ -522,7 +545,7 @@ impl Store {
                 let cipher = ChunkCipher::new(&key, prefix);
                 key.fill(0);
                 (
-                    Some(cipher),
+                    Some(cipher.map_err(|e| io_err("keying", &path)(e.into()))?),
                     Some(EncInfo {
                         id: hex(&prefix),
                         wrapped: up.wrapped.clone(),
@@ -620,6 +643,7 @@ impl Store {
                 let mut key = self.data_key(enc, &obj.path)?;
                 let cipher = ChunkCipher::new(&key, id);
                 key.fill(0);
+                let cipher = cipher.map_err(|e| io_err("keying", &obj.path)(e.into()))?;
                 Ok(Box::new(DecryptReader {
                     file: obj.file,
                     path: obj.path,
@@ -683,7 +707,13 @@ impl Store {
             let name = format!("part-{:05}", p.n);
             let path = dir.join(&name);
             let cipher = match (&key, p.id.as_deref().and_then(id16)) {
-                (Some(k), Some(prefix)) => Some(ChunkCipher::new(k, prefix)),
+                (Some(k), Some(prefix)) => match ChunkCipher::new(k, prefix) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        failed = Some(io_err("keying", &path)(e.into()));
+                        break;
+                    }
+                },
                 (None, None) => None,
                 _ => {
                     failed = Some(StoreError::Corrupt {

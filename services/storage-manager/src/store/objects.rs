@@ -6,7 +6,6 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use md5::Digest as _;
 use s3::sigv4::hex;
 
 use super::object_file::{open_object, read_trailer, valid_data_dir, EncInfo, ObjectFile, Stager};
@@ -241,11 +240,30 @@ impl Store {
         meta: BTreeMap<String, String>,
         cond: &PutIf,
     ) -> Result<IndexEntry, StoreError> {
+        self.put_object_md5(bucket, key, body, len, content_type, meta, cond, None)
+    }
+
+    /// [`Store::put_object_if`], and with `content_md5` (a request's
+    /// `Content-MD5`) the body must have that MD5: otherwise a
+    /// [`crate::chunked::ChecksumMismatch`] (`BadDigest`) and nothing is
+    /// stored. The MD5 computed for the ETag is the one checked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_object_md5(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: &mut dyn Read,
+        len: u64,
+        content_type: Option<String>,
+        meta: BTreeMap<String, String>,
+        cond: &PutIf,
+        content_md5: Option<&[u8; 16]>,
+    ) -> Result<IndexEntry, StoreError> {
         Self::check_key(key)?;
         Self::check_meta(&meta)?;
         self.check_bucket(bucket)?;
         let mut st = self.stage_body(body, len, self.limits.max_object_size, None)?;
-        let etag = hex(&std::mem::take(&mut st.md5).finalize());
+        let etag = st.md5_hex(content_md5)?;
         let (tmp, entry) = st.finish_as(key.into(), etag, content_type, meta)?;
         self.commit(bucket, key, &tmp, entry.clone(), cond)?;
         Ok(entry)
@@ -437,6 +455,60 @@ mod tests {
         ));
         assert_eq!(get(&s, "locks", "cas", 0, 3), b"two");
         assert_eq!(swap(&second.etag, b"four").unwrap().size, 4);
+    }
+
+    /// A `Content-MD5` is checked against the MD5 that makes the ETag,
+    /// inline (small) and on the MD5 thread (over a MiB): a wrong one
+    /// stores nothing and leaves no temp file; a right one stores the
+    /// object with that ETag. Parts likewise.
+    #[test]
+    fn content_md5_is_checked_by_the_etag_md5() {
+        use md5::Digest as _;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Limits::default(), None).unwrap();
+        s.create_bucket("bkt").unwrap();
+        for len in [5usize, 3 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 249).unwrap()).collect();
+            let good: [u8; 16] = md5::Md5::digest(&data).into();
+            let mut bad = good;
+            bad[15] ^= 1;
+            let (k, m) = (format!("k{len}"), format!("m{len}"));
+            let put_md5 = |k: &str, md5: &[u8; 16]| {
+                s.put_object_md5(
+                    "bkt",
+                    k,
+                    &mut &data[..],
+                    len as u64,
+                    None,
+                    BTreeMap::new(),
+                    &PutIf::Always,
+                    Some(md5),
+                )
+            };
+            match put_md5(&k, &bad) {
+                Err(StoreError::Body(e)) => assert!(e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<crate::chunked::ChecksumMismatch>())
+                    .is_some()),
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(
+                s.open_object("bkt", &k),
+                Err(StoreError::NoSuchKey(_))
+            ));
+            assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+            let e = put_md5(&k, &good).unwrap();
+            assert_eq!(e.etag, hex(&good));
+            assert_eq!(get(&s, "bkt", &k, 0, u64::MAX), data);
+
+            let id = s.create_upload("bkt", &m, None, BTreeMap::new()).unwrap();
+            let part = |md5: &[u8; 16]| {
+                s.upload_part_md5("bkt", &m, &id, 1, &mut &data[..], len as u64, Some(md5))
+            };
+            assert!(matches!(part(&bad), Err(StoreError::Body(_))));
+            assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+            assert_eq!(part(&good).unwrap().etag, hex(&good));
+        }
     }
 
     #[test]
