@@ -202,7 +202,8 @@ async function pollWorker() {
   const gen = w.gen;
   let detail;
   try {
-    detail = await api('GET', `/workers/${enc(w.id)}`);
+    // live=1: someone is looking, so a batching worker sends every sample.
+    detail = await api('GET', `/workers/${enc(w.id)}?live=1`);
   } catch (e) {
     if (e.status !== 404 || st.worker !== w) throw e;
     stopPolling();
@@ -249,6 +250,13 @@ async function pollWorker() {
   }
 }
 
+// A batching worker sends its samples every `interval_ms` in one frame;
+// this page asks it for live samples while it is open (GET /workers/{id}?live=1).
+function batchNote(d) {
+  if (!d.batching) return '';
+  return d.live_until_ms && d.live_until_ms > d.now_ms ? ' batches, live now' : ' batches';
+}
+
 function renderWorkerInfo(w, d) {
   const inv = d.inventory || {};
   const m = d.metrics ? d.metrics.metrics : null;
@@ -266,7 +274,7 @@ function renderWorkerInfo(w, d) {
     ['Load', m ? m.load.map((l) => (l / 100).toFixed(2)).join(' ') : dash],
     ['Processes', m ? m.processes : dash],
     ['Swap', m && m.swap_total ? `${fmt.bytes(m.swap_used)} of ${fmt.bytes(m.swap_total)}` : dash],
-    ['Agent', inv.agent_version], ['Interval', d.interval_ms ? d.interval_ms / 1000 + ' s' : dash],
+    ['Agent', inv.agent_version], ['Interval', d.interval_ms ? d.interval_ms / 1000 + ' s' + batchNote(d) : dash],
     ['Enrolled', fmt.time(d.enrolled_at_ms)], ['Last seen', fmt.time(d.last_seen_ms)],
     ['Last IP', d.last_ip || dash],
     ['Frames', d.counters ? `${d.counters.accepted} accepted, ${d.counters.rejected} rejected` : dash],

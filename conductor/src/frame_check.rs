@@ -11,10 +11,13 @@
 //! secrets (the current one, a rotated one it switched to, the previous one
 //! within its grace); the body kind is the topic's; the replay window says
 //! the seq is fresh (a replay while the worker re-sends after a reconnect
-//! is a `duplicate`, not an attack).
+//! is a `duplicate`, not an attack); then a fresh `MetricsBatch` must be
+//! readable (every sample decodes, and its `count` seqs, ending at the
+//! envelope's, are all ≥ 1), else it is `malformed` ([`body_readable`]), so
+//! the caller never applies half a batch.
 
 use protocol::topic::TopicKind;
-use protocol::{DecodeError, Envelope, ReplayWindow, Secret, SeqVerdict, MAX_FRAME_LEN};
+use protocol::{Body, DecodeError, Envelope, ReplayWindow, Secret, SeqVerdict, MAX_FRAME_LEN};
 
 /// Why a frame was refused; each is a counter
 /// (`aerekos_frames_rejected_total{reason}`). **Append only** (the order is
@@ -27,7 +30,8 @@ pub enum Reject {
     Truncated,
     /// A format version this conductor does not read.
     Version,
-    /// Not a frame (postcard, trailing bytes, …).
+    /// Not a frame (postcard, trailing bytes, …), or a `MetricsBatch`
+    /// whose samples cannot be read ([`body_readable`]).
     Malformed,
     /// No worker with the topic's id.
     UnknownWorker,
@@ -136,14 +140,33 @@ pub fn check(
     let (env, which) = opened
         .verify_any(w.secrets)
         .map_err(|e| Reject::from_decode(&e))?;
-    if Some(env.body.kind()) != kind.expected_body() {
+    if !kind.accepts(env.body.kind()) {
         return Err(Reject::TopicMismatch);
     }
     match w.replay.check(env.seq) {
-        SeqVerdict::Fresh => Ok((env, which)),
+        SeqVerdict::Fresh => {
+            body_readable(&env)?;
+            Ok((env, which))
+        }
         SeqVerdict::Replayed | SeqVerdict::TooOld if w.resending => Err(Reject::Duplicate),
         SeqVerdict::Replayed => Err(Reject::Replayed),
         SeqVerdict::TooOld => Err(Reject::TooOld),
+    }
+}
+
+/// The checks a body needs beyond postcard: a `MetricsBatch`'s sample
+/// stream decodes in full (`MetricsBatch::decode`) and its samples' seqs
+/// (`seq - count + 1 ..= seq`, `protocol::batch`) do not go below 1.
+/// `Malformed` otherwise. Every other body passes.
+pub fn body_readable(env: &Envelope) -> Result<(), Reject> {
+    match &env.body {
+        Body::MetricsBatch(b) => {
+            if u64::from(b.count) > env.seq {
+                return Err(Reject::Malformed);
+            }
+            b.decode().map(|_| ()).map_err(|_| Reject::Malformed)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -151,6 +174,7 @@ pub fn check(
 mod tests {
     use super::*;
     use protocol::examples;
+    use protocol::BodyKind;
 
     #[test]
     fn labels_are_unique_and_indices_follow_all() {
@@ -159,6 +183,62 @@ mod tests {
         for (i, r) in Reject::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
         }
+    }
+
+    #[test]
+    fn a_batch_is_accepted_on_the_metrics_topic_only_and_only_when_readable() {
+        let secret = examples::secret();
+        let id = examples::WORKER_ID;
+        let keys = [&secret];
+        let window = ReplayWindow::default();
+        let w = Sender {
+            secrets: &keys,
+            revoked: false,
+            replay: &window,
+            resending: false,
+        };
+        let frame = |seq, batch| {
+            let env = examples::envelope(seq, Body::MetricsBatch(batch));
+            protocol::seal(&secret, &env).map(|f| (env, f))
+        };
+        let good = examples::metrics_batch();
+        let Ok((env, sealed)) = frame(7, good.clone()) else {
+            panic!("the example batch seals");
+        };
+        assert_eq!(
+            check(&sealed, id, TopicKind::Metrics, Some(&w)),
+            Ok((env, 0))
+        );
+        assert_eq!(
+            check(&sealed, id, TopicKind::Birth, Some(&w)),
+            Err(Reject::TopicMismatch)
+        );
+        // The sample stream cut short, sealed properly: malformed.
+        let mut cut = good.clone();
+        cut.samples.truncate(cut.samples.len() - 5);
+        let Ok((_, sealed)) = frame(8, cut) else {
+            panic!("seals");
+        };
+        assert_eq!(
+            check(&sealed, id, TopicKind::Metrics, Some(&w)),
+            Err(Reject::Malformed)
+        );
+        // Three samples cannot end at seq 2 (their seqs would reach 0).
+        let Ok((_, sealed)) = frame(2, good.clone()) else {
+            panic!("seals");
+        };
+        assert_eq!(
+            check(&sealed, id, TopicKind::Metrics, Some(&w)),
+            Err(Reject::Malformed)
+        );
+        let Ok((_, sealed)) = frame(3, good) else {
+            panic!("seals");
+        };
+        assert!(check(&sealed, id, TopicKind::Metrics, Some(&w)).is_ok());
+        assert!(TopicKind::Metrics.accepts(BodyKind::Metrics));
+        assert!(TopicKind::Metrics.accepts(BodyKind::MetricsBatch));
+        assert!(!TopicKind::Birth.accepts(BodyKind::MetricsBatch));
+        assert!(!TopicKind::Status.accepts(BodyKind::MetricsBatch));
     }
 
     #[test]

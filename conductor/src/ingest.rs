@@ -26,7 +26,10 @@
 //! events) were handled before their window was queued. [`run_acks`] sends
 //! each worker with a raised mark at most one `Stored` per [`ACK_INTERVAL`]
 //! (on its own phase, checked every [`ACK_TICK`]), QoS 0,
-//! on its `cmd/stored` topic; revoked workers get none. Frames accepted but
+//! on its `cmd/stored` topic; revoked workers get none. Its `Command::id`
+//! is [`protocol::STORED_ACCEPTS_BATCH`] (it was 0 before batches; older
+//! agents ignore it): this conductor reads `MetricsBatch` frames, so a
+//! worker that sees it may send them. Frames accepted but
 //! not committed by a crash are not acknowledged: the worker publishes them
 //! again after it reconnects, and the restarted conductor (whose window is
 //! the committed one) accepts them. Re-sent frames it had committed are
@@ -37,6 +40,18 @@
 //! PubAcked to nobody at start-up. Not covered: a broker that loses what it
 //! queued for the conductor (an external broker killed without
 //! persistence) while the conductor goes on acknowledging later frames.
+//!
+//! A `MetricsBatch` (the samples of a batch period in one frame,
+//! [`protocol::batch`]) is stored as its samples would have been one
+//! `Metrics` frame each: a raw row and a minute rollup per sample, under
+//! seqs `seq - n + 1 ..= seq` and dated back from the receive time by its
+//! `age_ms` and `interval_ms`; the newest sample is the worker's latest
+//! (API, alerts, `/metrics`) and its `json/metrics` mirror (so Home
+//! Assistant's). Its `period_ms` becomes the worker's liveness interval and
+//! the worker is marked batching, so it is sent `Action::Live` while someone
+//! looks at it ([`crate::live`]); a plain `Metrics` frame outside a live
+//! period clears that and puts its Birth's interval back. An unreadable
+//! batch is refused as `malformed` before anything changes.
 //!
 //! Accepted `ServiceStatus` frames update [`crate::state::Shared::service_status`]
 //! and are persisted by the writer (`Removed` deletes the row); an accepted
@@ -185,6 +200,18 @@ fn ingest_frame(
             return Err(reason);
         }
     };
+    // A batch's samples, oldest first (`check` has read them already: this
+    // cannot fail, but if it did, nothing has changed yet).
+    let samples = match &env.body {
+        Body::MetricsBatch(b) => match b.decode() {
+            Ok(samples) if !samples.is_empty() => Some(samples),
+            _ => {
+                w.rejected += 1;
+                return Err(Reject::Malformed);
+            }
+        },
+        _ => None,
+    };
 
     // Accept.
     if used == Some(crate::state::SecretUsed::Pending) {
@@ -213,7 +240,16 @@ fn ingest_frame(
         });
     }
     let worker_id = w.id.clone();
-    let mirror = crate::mirror::payload(&worker_id, env.seq, received_at_ms, &env.body);
+    let mirror = match (&env.body, samples.as_deref()) {
+        // A batch mirrors its newest sample, dated as stored.
+        (Body::MetricsBatch(b), Some([.., newest])) => crate::mirror::payload(
+            &worker_id,
+            env.seq,
+            received_at_ms.saturating_sub(u64::from(b.age_ms)),
+            &Body::Metrics(newest.clone()),
+        ),
+        (body, _) => crate::mirror::payload(&worker_id, env.seq, received_at_ms, body),
+    };
     let mut reconcile_now = false;
     let mut announce = false;
     match env.body {
@@ -251,6 +287,27 @@ fn ingest_frame(
                 seq: env.seq,
                 metrics: m,
             });
+            if w.batching && !crate::live::in_live(w, received_at_ms) {
+                // Plain metrics outside a live period: it stopped batching.
+                info!(worker_id = %worker_id, "worker no longer batches its metrics");
+                w.batching = false;
+                w.interval_ms = w
+                    .inventory
+                    .as_ref()
+                    .map(|b| b.interval_ms)
+                    .filter(|i| *i >= 50)
+                    .unwrap_or(shared.config.default_interval_ms);
+            }
+        }
+        Body::MetricsBatch(b) => {
+            store_batch(
+                shared,
+                w,
+                env.seq,
+                received_at_ms,
+                &b,
+                samples.unwrap_or_default(),
+            );
         }
         Body::Event(ev) => {
             info!(worker_id = %worker_id, kind = ?ev.kind, detail = %ev.detail, "worker event");
@@ -370,6 +427,55 @@ fn ingest_frame(
     }
     crate::homeassistant::publish(shared, client, discovery);
     Ok(())
+}
+
+/// Stores the `samples` of batch `b` (sealed with seq `seq`, received at
+/// `received_at_ms`) as that many metrics frames would be: one
+/// [`WriteOp::Metrics`] per sample, oldest first, sample `i` of `n` under
+/// seq `seq - (n-1-i)` dated `received_at_ms - age_ms - (n-1-i) *
+/// interval_ms` ([`protocol::batch`]); the newest becomes `w.latest`. The
+/// worker is marked [`crate::state::WorkerEntry::batching`] and its
+/// liveness clock becomes the batch period.
+fn store_batch(
+    shared: &Shared,
+    w: &mut crate::state::WorkerEntry,
+    seq: u64,
+    received_at_ms: u64,
+    b: &protocol::MetricsBatch,
+    samples: Vec<Metrics>,
+) {
+    let newest_at = received_at_ms.saturating_sub(u64::from(b.age_ms));
+    let n = u64::try_from(samples.len()).unwrap_or(u64::MAX);
+    let mut newest = None;
+    for (i, m) in (0u64..).zip(samples) {
+        let back = n - 1 - i;
+        let at = newest_at.saturating_sub(back.saturating_mul(u64::from(b.interval_ms)));
+        if let Ok(blob) = postcard::to_stdvec(&m) {
+            let _ = shared.writer.send(WriteOp::Metrics {
+                worker_id: w.id.clone(),
+                received_at_ms: at,
+                seq: seq.saturating_sub(back),
+                blob,
+                rollup: rollup(&m),
+            });
+        }
+        newest = Some(m);
+    }
+    if let Some(metrics) = newest {
+        w.latest = Some(Latest {
+            received_at_ms: newest_at,
+            seq,
+            metrics,
+        });
+    }
+    if !w.batching {
+        info!(worker_id = %w.id, period_ms = b.period_ms, "worker batches its metrics");
+    }
+    w.batching = true;
+    if b.period_ms >= 50 {
+        w.interval_ms = b.period_ms;
+    }
+    debug!(worker_id = %w.id, samples = n, period_ms = b.period_ms, "metrics batch");
 }
 
 /// Rollup input for one sample.
@@ -696,7 +802,9 @@ fn seal_acks(shared: &Shared, marks: HashMap<String, u64>) -> Vec<(String, Vec<u
             seq: w.cmd_seq,
             sent_at_ms: now_ms(),
             body: Body::Command(protocol::Command {
-                id: 0,
+                // This conductor reads metrics batches (older agents
+                // ignore the id).
+                id: protocol::STORED_ACCEPTS_BATCH,
                 action: protocol::Action::Stored(stored),
             }),
         };

@@ -31,6 +31,7 @@ pub mod frame_check;
 pub mod homeassistant;
 pub mod http;
 pub mod ingest;
+pub mod live;
 pub mod liveness;
 pub mod mirror;
 pub mod mqtt;

@@ -5,7 +5,11 @@
 //! intervals or on its last-will `offline` status. Only a good frame moves
 //! it back to `online`; the ticker only ever degrades a status. The interval
 //! is the worker's last Birth `interval_ms` (the configured default before
-//! that). The ticker runs at a quarter of the shortest interval, at most
+//! that), or, while it batches its metrics, its last `MetricsBatch`'s
+//! `period_ms` (the longest it waits between two metrics frames: a worker
+//! batching 5 minutes is stale after 6¼ minutes without a frame, offline
+//! after 15); a plain `Metrics` frame outside a live period puts the
+//! Birth's back ([`crate::ingest`]). The ticker runs at a quarter of the shortest interval, at most
 //! every 250 ms and at least every 25 ms. Status changes are persisted.
 
 use std::sync::Arc;

@@ -257,6 +257,9 @@ fn serve(config: Config, local_worker: bool) -> Result<()> {
             // The HTTP listener may be 0.0.0.0: the local worker uses loopback.
             wc.conductor_url = Some(format!("http://127.0.0.1:{}", started.http_addr.port()));
             wc.token = Some(started.local_enroll_token);
+            // On the conductor's own host the link costs nothing: every
+            // sample goes at once, and the dashboard is live without `Live`.
+            wc.batch = std::time::Duration::ZERO;
             let mut stop = stop_rx;
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;

@@ -9,7 +9,9 @@
 //! Each payload is one flat object: the envelope's `worker_id`, `seq` and the
 //! conductor's `received_at_ms`, then the frame's fields.
 //!
-//! Only births (`json/birth`), metrics (`json/metrics`) and a Pi's board
+//! Only births (`json/birth`), metrics (`json/metrics`: a metrics frame, or
+//! the newest sample of a metrics batch, with the batch's seq and that
+//! sample's date) and a Pi's board
 //! (`json/board`, also the API's `board`: [`board`]) are mirrored. The
 //! JSON Schemas in `docs/mirror/<kind>.schema.json` describe every field with
 //! its unit; `conductor/tests/mirror_schema.rs` checks that the payloads built
@@ -29,9 +31,17 @@ pub fn payload(
     received_at_ms: u64,
     body: &Body,
 ) -> Option<(TopicKind, Value)> {
+    let mut received_at_ms = received_at_ms;
     let (kind, mut fields) = match body {
         Body::Birth(b) => (TopicKind::JsonBirth, birth(b)),
         Body::Metrics(m) => (TopicKind::JsonMetrics, metrics(m)),
+        // Its newest sample, as a metrics frame, dated as it is stored
+        // (`age_ms` before receipt); nothing for an unreadable batch.
+        Body::MetricsBatch(b) => {
+            let newest = b.decode().ok()?.pop()?;
+            received_at_ms = received_at_ms.saturating_sub(u64::from(b.age_ms));
+            (TopicKind::JsonMetrics, metrics(&newest))
+        }
         Body::Board(b) => (TopicKind::JsonBoard, board(b)),
         Body::Event(_)
         | Body::Command(_)
@@ -206,6 +216,29 @@ mod tests {
         ] {
             assert!(!text.contains(raw), "{raw} in {text}");
         }
+    }
+
+    #[test]
+    fn a_batch_mirrors_its_newest_sample_like_a_metrics_frame() {
+        let batch = protocol::examples::metrics_batch();
+        let Ok(samples) = batch.decode() else {
+            panic!("the example batch decodes");
+        };
+        let Some(newest) = samples.last() else {
+            panic!("the example batch has samples");
+        };
+        let from_batch = payload("w-1", 9, 10_000, &Body::MetricsBatch(batch.clone()));
+        let as_frame = payload(
+            "w-1",
+            9,
+            10_000 - u64::from(batch.age_ms),
+            &Body::Metrics(newest.clone()),
+        );
+        assert!(from_batch.is_some());
+        assert_eq!(from_batch, as_frame);
+        let mut broken = batch;
+        broken.count += 1;
+        assert!(payload("w-1", 9, 1, &Body::MetricsBatch(broken)).is_none());
     }
 
     #[test]

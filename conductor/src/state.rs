@@ -124,7 +124,9 @@ pub struct WorkerEntry {
     pub revoked: bool,
     /// Replay window (persisted by the writer after every accepted frame).
     pub replay: ReplayWindow,
-    /// Liveness interval from the last Birth (or the default).
+    /// Liveness interval: the last Birth's `interval_ms` (or the default),
+    /// or, while [`WorkerEntry::batching`], the last batch's `period_ms`
+    /// (the longest it waits between two metrics frames).
     pub interval_ms: u32,
     /// Liveness status.
     pub status: Status,
@@ -160,6 +162,20 @@ pub struct WorkerEntry {
     /// conductor takes it, and an older worker only ever sends format 1
     /// (which is all it can read). Format 1 until a frame says otherwise.
     pub format: u8,
+    /// The worker sends its metrics in `MetricsBatch` frames: set by each
+    /// accepted batch, cleared by a plain `Metrics` frame that is not part
+    /// of a live period ([`crate::live::in_live`]), which is what a
+    /// batching agent sends once it stops batching (its acknowledgements
+    /// stopped, `--batch 0`, or an older agent took its place). Only
+    /// while set is it sent `Action::Live` ([`crate::live`]): an agent that
+    /// never batched does not know that action. In memory only: false after
+    /// a restart until its next batch.
+    pub batching: bool,
+    /// Conductor clock (ms): when the last `Action::Live` sent to it runs
+    /// out (sent at + [`crate::live::LIVE_FOR_S`]); `None` when none was
+    /// sent by this process. The worker counts from when it got the
+    /// command, so its live period ends a little later than this.
+    pub live_until_ms: Option<u64>,
 }
 
 /// Which of a worker's secrets a frame or request verified with.
@@ -247,6 +263,8 @@ impl WorkerEntry {
             rejected: 0,
             resending: false,
             format: protocol::FORMAT_VERSION,
+            batching: false,
+            live_until_ms: None,
         })
     }
 }
@@ -678,30 +696,38 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A worker entry for tests (offline, never seen), here and in other
+/// modules' tests.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a fixed, valid row
+pub(crate) fn test_entry() -> WorkerEntry {
+    let row = WorkerRow {
+        id: "w-1".into(),
+        machine_id: String::new(),
+        hostname: "pi".into(),
+        secret_hex: Secret::from_bytes([1; 32]).to_hex(),
+        mqtt_password_sha256: String::new(),
+        labels_json: "{}".into(),
+        inventory_json: None,
+        board_json: None,
+        enrolled_at_ms: 0,
+        last_seen_ms: None,
+        last_ip: None,
+        revoked: false,
+        replay_highest: 0,
+        replay_bitmap: 0,
+        cmd_seq: 0,
+        status: "offline".into(),
+    };
+    WorkerEntry::from_row(&row, 10_000).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn entry() -> WorkerEntry {
-        let row = WorkerRow {
-            id: "w-1".into(),
-            machine_id: String::new(),
-            hostname: "pi".into(),
-            secret_hex: Secret::from_bytes([1; 32]).to_hex(),
-            mqtt_password_sha256: String::new(),
-            labels_json: "{}".into(),
-            inventory_json: None,
-            board_json: None,
-            enrolled_at_ms: 0,
-            last_seen_ms: None,
-            last_ip: None,
-            revoked: false,
-            replay_highest: 0,
-            replay_bitmap: 0,
-            cmd_seq: 0,
-            status: "offline".into(),
-        };
-        WorkerEntry::from_row(&row, 10_000).unwrap()
+        test_entry()
     }
 
     #[test]

@@ -31,6 +31,9 @@ OPTIONS (each also from the environment variable shown):
     --state-dir DIR         identity and queue [/var/lib/aerekos   AEREKOS_STATE_DIR
                             if writable, else ./aerekos-worker]
     --interval D            metrics interval [10s]                 AEREKOS_INTERVAL
+    --batch D               send the samples of D in one frame     AEREKOS_BATCH
+                            (to a conductor that reads batches;
+                            0: every sample at once) [5m]
     --label K=V             label, repeatable                      AEREKOS_LABELS (k=v,k2=v2)
     --queue-capacity N      frames kept while offline [720]        AEREKOS_QUEUE_CAPACITY
     --flush-interval D      queued frames written to disk after [30s]  AEREKOS_FLUSH_INTERVAL
@@ -185,6 +188,7 @@ pub fn parse(
             "--token",
             "--state-dir",
             "--interval",
+            "--batch",
             "--label",
             "--queue-capacity",
             "--flush-interval",
@@ -291,6 +295,9 @@ pub fn parse(
             return Err(invalid("--interval", "0", "must be positive"));
         }
         config.interval = d;
+    }
+    if let Some(d) = duration("--batch", "AEREKOS_BATCH")? {
+        config.batch = d;
     }
     if let Some(d) = duration("--flush-interval", "AEREKOS_FLUSH_INTERVAL")? {
         config.flush_interval = d;
@@ -565,6 +572,7 @@ mod tests {
             }
         );
         assert_eq!(c.interval, Duration::from_secs(10));
+        assert_eq!(c.batch, Duration::from_secs(300));
         assert_eq!(c.queue_capacity, 720);
         assert_eq!(c.flush_interval, Duration::from_secs(30));
     }
@@ -574,9 +582,11 @@ mod tests {
         let c = run_cfg(
             "--conductor http://c:3000 --token T --state-dir /s --interval 500ms \
              --label a=1 --label=b=2 --queue-capacity 10 --flush-interval=5s \
-             --hostname h --machine-id m --mqtt-url mqtt://b:1884 --host-root /host",
+             --hostname h --machine-id m --mqtt-url mqtt://b:1884 --host-root /host \
+             --batch 0",
             no_env,
         );
+        assert_eq!(c.batch, Duration::ZERO);
         assert_eq!(c.conductor_url.as_deref(), Some("http://c:3000"));
         assert_eq!(c.token.as_deref(), Some("T"));
         assert_eq!(c.state_dir, PathBuf::from("/s"));

@@ -58,6 +58,9 @@ pub const VERSION: &str = match option_env!("AEREKOS_AGENT_VERSION") {
 
 /// Default metrics interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default metrics batch period (`--batch`): 30 samples a frame at the
+/// default interval.
+pub const DEFAULT_BATCH: Duration = Duration::from_secs(300);
 /// Default outbox capacity: 2 h of metrics at the default interval.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 720;
 /// Default time queued frames may wait before they are written to disk.
@@ -79,6 +82,10 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// Metrics interval; at least [`session::MIN_INTERVAL`] (smaller is raised).
     pub interval: Duration,
+    /// Metrics batch period: the samples of this long go in one frame, to
+    /// a conductor that reads batches; zero: every sample at once
+    /// (`session/batching.rs`).
+    pub batch: Duration,
     /// `key=value` labels sent at enrolment and in the birth frame.
     pub labels: Vec<(String, String)>,
     /// Outbox capacity in frames (≥ 1); the oldest are dropped beyond it.
@@ -149,6 +156,7 @@ impl WorkerConfig {
             reenroll: false,
             state_dir: state_dir.into(),
             interval: DEFAULT_INTERVAL,
+            batch: DEFAULT_BATCH,
             labels: Vec::new(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
@@ -567,6 +575,7 @@ pub async fn run_until(
         collector,
         labels,
         interval: config.interval,
+        batch: config.batch,
         flush_interval: config.flush_interval,
         services,
         local: session::LocalParts {

@@ -48,7 +48,9 @@
 //! once removed).
 //!
 //! Limits: [`WINDOW`] frames in flight; keep-alive `max(5 s, 2 × interval)`
-//! capped at 30 s; reconnect backoff 0.5 s doubling to 30 s with jitter,
+//! capped at 30 s, or 1.25 × the batch period with `--batch`
+//! ([`keep_alive`]; pings only on a link that has not carried packets both
+//! ways for that long); reconnect backoff 0.5 s doubling to 30 s with jitter,
 //! reset after [`STABLE_AFTER`] connected; a refused login is logged once
 //! and retried at the cap. Metrics sampling runs on a blocking thread and
 //! is skipped for a tick if the previous sample is still running.
@@ -85,10 +87,12 @@ use crate::state::StateStore;
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::WorkerError;
 
+mod batching;
 mod container_logs;
 mod deploy;
 mod publish;
 
+use batching::Batcher;
 use deploy::{DeployJob, Deployments};
 use publish::Publisher;
 
@@ -190,11 +194,22 @@ impl std::fmt::Display for MqttUrl {
 /// directory.
 pub const MAX_BROKERS: usize = 16;
 
-/// Keep-alive for a metrics interval: `max(5 s, 2 × interval)`, at most 30 s.
-pub fn keep_alive(interval: Duration) -> Duration {
-    (interval * 2)
+/// Longest keep-alive: with batches, the broker sees a dead worker (and
+/// publishes its last will) within 1.5 × this.
+pub const MAX_KEEP_ALIVE: Duration = Duration::from_secs(900);
+
+/// Keep-alive for a metrics interval and batch period (zero: no batches):
+/// `max(5 s, 2 × interval)` capped at 30 s, as without batches; with them
+/// 1.25 × the batch period, at most [`MAX_KEEP_ALIVE`]. The MQTT client
+/// (`vendor/rumqttc`, patched) pings only a keep-alive after the link last
+/// carried packets both ways, so batches acknowledged every period keep the
+/// link free of pings, and a worker that dies is offline within 1.5 ×
+/// this (its last will): 9.4 min at the default 5 min batches.
+pub fn keep_alive(interval: Duration, batch_period: Duration) -> Duration {
+    let plain = (interval * 2)
         .max(Duration::from_secs(5))
-        .min(Duration::from_secs(30))
+        .min(Duration::from_secs(30));
+    plain.max((batch_period + batch_period / 4).min(MAX_KEEP_ALIVE))
 }
 
 /// Everything the session needs, prepared by [`crate::run`].
@@ -210,6 +225,8 @@ pub(crate) struct SessionParams {
     pub collector: Collector,
     pub labels: Vec<(String, String)>,
     pub interval: Duration,
+    /// `--batch`: the metrics batch period; zero = every sample at once.
+    pub batch: Duration,
     pub flush_interval: Duration,
     pub services: Supervisor,
     pub local: LocalParts,
@@ -276,7 +293,7 @@ impl Topics {
     fn for_kind(&self, kind: BodyKind) -> Option<&str> {
         match kind {
             BodyKind::Birth => Some(&self.birth),
-            BodyKind::Metrics => Some(&self.metrics),
+            BodyKind::Metrics | BodyKind::MetricsBatch => Some(&self.metrics),
             BodyKind::Event => Some(&self.events),
             BodyKind::Reply => Some(&self.reply),
             BodyKind::ServiceStatus => Some(&self.services),
@@ -359,8 +376,14 @@ struct Session {
     /// The metrics interval (the birth carries it: the conductor's
     /// liveness depends on it).
     interval: Duration,
-    /// Set by `SetInterval`; the run loop rebuilds its ticker.
+    /// Set by `SetInterval` and `Live`; the run loop rebuilds its ticker.
     interval_changed: bool,
+    /// The batch being filled and the live period.
+    batcher: Batcher,
+    /// What the last birth told the conductor: batches go (its
+    /// `interval_ms` is the batch period). A birth is queued again when
+    /// that changes, so the conductor's liveness clock follows.
+    birth_batching: bool,
     /// Reconnect delays.
     backoff: Backoff,
     /// The broker's last SubAck refused the command subscription.
@@ -463,16 +486,19 @@ pub(crate) async fn run(
             // fits: WINDOW is 10.
             #[allow(clippy::cast_possible_truncation)]
             let inflight = 2 * WINDOW as u16;
-            opts.set_keep_alive(keep_alive(p.interval))
-                .set_clean_session(true)
-                .set_inflight(inflight)
-                .set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024)
-                .set_last_will(LastWill::new(
-                    topics.status.clone(),
-                    protocol::topic::STATUS_OFFLINE,
-                    QoS::AtLeastOnce,
-                    true,
-                ));
+            opts.set_keep_alive(keep_alive(
+                p.interval,
+                Batcher::new(p.batch).period(p.interval),
+            ))
+            .set_clean_session(true)
+            .set_inflight(inflight)
+            .set_max_packet_size(MAX_FRAME_LEN + 1024, MAX_FRAME_LEN + 1024)
+            .set_last_will(LastWill::new(
+                topics.status.clone(),
+                protocol::topic::STATUS_OFFLINE,
+                QoS::AtLeastOnce,
+                true,
+            ));
             if !st.mqtt_username.is_empty() {
                 opts.set_credentials(st.mqtt_username.clone(), st.mqtt_password.clone());
             }
@@ -520,6 +546,8 @@ pub(crate) async fn run(
         labels: p.labels,
         interval: p.interval,
         interval_changed: false,
+        batcher: Batcher::new(p.batch),
+        birth_batching: false,
         backoff: Backoff::new(RECONNECT_BASE, RECONNECT_CAP),
         failed_attempts: 0,
         subscription_refused: false,
@@ -653,9 +681,16 @@ pub(crate) async fn run(
             }
         }
         s.enqueue_service_changes();
+        if s.out.accepts_batch() != s.birth_batching && s.out.is_connected() {
+            // The liveness clock the birth carries changed.
+            s.enqueue_picture();
+        }
         if s.interval_changed {
             s.interval_changed = false;
-            tick = ticker(s.interval);
+            tick = ticker(
+                s.batcher
+                    .tick_interval(s.interval, std::time::Instant::now()),
+            );
         }
         s.out.pump(&s.client, &s.topics);
         s.out.persist_if_drained();
@@ -677,7 +712,9 @@ pub(crate) async fn run(
 
 impl Session {
     fn enqueue_birth(&mut self) {
-        let interval_ms = u32::try_from(self.interval.as_millis()).unwrap_or(u32::MAX);
+        self.birth_batching = self.out.accepts_batch();
+        let liveness = self.batcher.liveness(self.interval, self.birth_batching);
+        let interval_ms = u32::try_from(liveness.as_millis()).unwrap_or(u32::MAX);
         let birth = self
             .inventory
             .birth(&self.last_disks, &self.labels, interval_ms);
@@ -702,7 +739,22 @@ impl Session {
     fn on_metrics(&mut self, mut m: Metrics) {
         m.dropped = self.out.take_dropped();
         self.last_disks = m.disks.clone();
-        self.out.enqueue(Body::Metrics(m));
+        let now = std::time::Instant::now();
+        let batching = self.out.accepts_batch();
+        for body in self.batcher.on_sample(m, self.interval, batching, now) {
+            self.out.enqueue(body);
+        }
+        if self.batcher.end_live_if_over(now) {
+            self.interval_changed = true;
+        }
+    }
+
+    /// Queues the batch being filled (before an interval change, a live
+    /// period or a shutdown).
+    fn flush_batch(&mut self) {
+        if let Some(body) = self.batcher.flush(self.interval, std::time::Instant::now()) {
+            self.out.enqueue(body);
+        }
     }
 
     /// Handles one event-loop result; returns how long to wait before the
@@ -755,9 +807,15 @@ impl Session {
         self.subscribe();
         // One event per outage.
         self.out.report_outage();
+        self.enqueue_picture();
+    }
+
+    /// The birth, the board and every service's status: the conductor
+    /// takes a birth as a new session and forgets the services reported
+    /// before it, so the statuses always follow a birth.
+    fn enqueue_picture(&mut self) {
         self.enqueue_birth();
         self.enqueue_board();
-        // The conductor converges on the full picture after every connect.
         for status in self.services.statuses() {
             self.out.enqueue(Body::ServiceStatus(status));
         }
@@ -928,7 +986,7 @@ impl Session {
                 self.trial_seq = None;
                 crate::update::confirm(self.services.state_dir());
             }
-            return self.out.on_stored(upto);
+            return self.out.on_stored(upto, cmd.id);
         }
         if stored_topic {
             let detail = format!("command {} on the acknowledgement topic", cmd.id);
@@ -964,6 +1022,8 @@ impl Session {
         let (status, detail, rebirth) = match cmd.action {
             Action::Ping => (ReplyStatus::Ok, "pong".to_string(), false),
             Action::SetInterval(ms) => {
+                // Its samples were taken at the old interval.
+                self.flush_batch();
                 let requested = Duration::from_millis(u64::from(ms));
                 self.interval = requested.max(MIN_INTERVAL);
                 self.interval_changed = true;
@@ -976,8 +1036,17 @@ impl Session {
                 )
             }
             Action::Rebirth => {
-                self.enqueue_birth();
+                self.enqueue_picture();
                 (ReplyStatus::Ok, "birth queued".to_string(), false)
+            }
+            // No reply: renewed every minute or two while someone looks.
+            Action::Live(req) => {
+                let now = std::time::Instant::now();
+                if let Some(body) = self.batcher.start_live(&req, self.interval, now) {
+                    self.out.enqueue(body);
+                }
+                self.interval_changed = true;
+                return;
             }
             Action::Deploy(spec) => service_reply(self.services.deploy(spec)),
             Action::Start(name) => service_reply(self.services.start(&name)),
@@ -1033,7 +1102,7 @@ impl Session {
         };
         self.reply(cmd.id, status, &detail);
         if rebirth {
-            self.enqueue_birth();
+            self.enqueue_picture();
         }
     }
 
@@ -1147,6 +1216,7 @@ impl Session {
     /// still queued.
     async fn shutdown(&mut self, mut poll: PollFuture) {
         tracing::info!(queued = self.out.queued(), "shutting down");
+        self.flush_batch();
         self.out.enqueue(Body::Event(WorkerEvent {
             kind: EventKind::AgentStopping,
             detail: bounded("clean shutdown"),
@@ -1266,11 +1336,29 @@ mod tests {
 
     #[test]
     fn keep_alive_bounds() {
+        let none = Duration::ZERO;
         assert_eq!(
-            keep_alive(Duration::from_millis(200)),
+            keep_alive(Duration::from_millis(200), none),
             Duration::from_secs(5)
         );
-        assert_eq!(keep_alive(Duration::from_secs(10)), Duration::from_secs(20));
-        assert_eq!(keep_alive(Duration::from_secs(60)), Duration::from_secs(30));
+        assert_eq!(
+            keep_alive(Duration::from_secs(10), none),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            keep_alive(Duration::from_secs(60), none),
+            Duration::from_secs(30)
+        );
+        // With batches: 1.25 × the batch period, at most MAX_KEEP_ALIVE.
+        let ten = Duration::from_secs(10);
+        assert_eq!(
+            keep_alive(ten, Duration::from_secs(300)),
+            Duration::from_secs(375)
+        );
+        assert_eq!(keep_alive(ten, Duration::from_secs(800)), MAX_KEEP_ALIVE);
+        assert_eq!(
+            keep_alive(Duration::from_millis(200), Duration::from_secs(2)),
+            Duration::from_secs(5)
+        );
     }
 }

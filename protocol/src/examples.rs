@@ -342,3 +342,41 @@ pub fn service_metrics() -> ServiceMetrics {
         ]),
     }
 }
+
+/// A Pi 4 batch of three samples 10 s apart: [`metrics`], then two deltas
+/// (CPU, memory, disk, network, temperature and uptime moved).
+pub fn metrics_batch() -> crate::MetricsBatch {
+    let first = metrics();
+    let mut second = first.clone();
+    second.cpu_total = 1410;
+    second.cpu_per_core = push_all([1200, 1500, 1000, 1900]);
+    second.memory_used += 4096;
+    second.memory_available -= 4096;
+    second.disks[0].used += 12_288;
+    second.net[0].rx_bps = 1_600;
+    second.temperatures[0].millicelsius = 47_723;
+    second.uptime_s += 10;
+    let mut third = second.clone();
+    third.cpu_total = 1180;
+    third.load = [41, 35, 30];
+    third.uptime_s += 10;
+    third.processes = 143;
+    let mut w = crate::batch::BatchWriter::new();
+    for m in [&first, &second, &third] {
+        // Three small samples fit (tested in `batch`).
+        let _ = w.push(m);
+    }
+    w.finish(10_000, 300_000, 250)
+}
+
+/// The largest batch frame the limits allow: the stream full of bytes
+/// (the limits test does not decode it).
+pub fn largest_metrics_batch() -> crate::MetricsBatch {
+    crate::MetricsBatch {
+        interval_ms: u32::MAX,
+        period_ms: u32::MAX,
+        age_ms: u32::MAX,
+        count: u16::MAX,
+        samples: push_all(core::iter::repeat_n(0xff, crate::batch::MAX_BATCH_BYTES)),
+    }
+}

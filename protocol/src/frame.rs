@@ -81,6 +81,10 @@ pub enum Body {
     /// firmware health flags, after each connect and whenever the flags
     /// change. Never sent by a machine that is not a Pi.
     Board(Board),
+    /// Worker → conductor, on the metrics topic: the samples of a batch
+    /// period in one frame ([`crate::batch`]), sent only to a conductor
+    /// that acknowledges with [`crate::batch::STORED_ACCEPTS_BATCH`].
+    MetricsBatch(crate::batch::MetricsBatch),
 }
 
 /// Discriminant of [`Body`], for topic checks and counters.
@@ -104,6 +108,8 @@ pub enum BodyKind {
     ServiceMetrics,
     /// [`Body::Board`]
     Board,
+    /// [`Body::MetricsBatch`]
+    MetricsBatch,
 }
 
 impl Body {
@@ -119,6 +125,7 @@ impl Body {
             Body::LogChunk(_) => BodyKind::LogChunk,
             Body::ServiceMetrics(_) => BodyKind::ServiceMetrics,
             Body::Board(_) => BodyKind::Board,
+            Body::MetricsBatch(_) => BodyKind::MetricsBatch,
         }
     }
 }
@@ -376,6 +383,26 @@ pub enum Action {
     /// resizes and the hang-up from `GET /api/v1/agent/shell/{session
     /// hex}/input` ([`crate::shell`]).
     Shell(ShellRequest),
+    /// Someone is looking (a dashboard page, an API client): sample every
+    /// `interval_ms` and send each sample at once as a `Metrics` frame for
+    /// `for_s` seconds, then go back to the configured interval and
+    /// batching. No reply. A later `Live` replaces the earlier one (so a
+    /// viewer renews it before it runs out). Sent only to workers that sent
+    /// a [`Body::MetricsBatch`]; workers clamp the interval to their
+    /// minimum and `for_s` to [`MAX_LIVE_S`].
+    Live(LiveRequest),
+}
+
+/// Longest an [`Action::Live`] lasts, in seconds.
+pub const MAX_LIVE_S: u32 = 600;
+
+/// What [`Action::Live`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveRequest {
+    /// Sample (and send) every this many milliseconds.
+    pub interval_ms: u32,
+    /// For this many seconds from when the worker gets the command.
+    pub for_s: u32,
 }
 
 /// Most argv elements (the program and its arguments) of an

@@ -4,6 +4,7 @@
 //!
 //! * [`topic`]: the topic tree `aerekos/v1/<worker_id>/…`.
 //! * [`frame`]: the frame types (envelope, body enum, metrics, birth, …).
+//! * [`batch`]: the samples of a batch period in one frame, delta-encoded.
 //! * [`codec`]: postcard encoding plus a truncated HMAC-SHA256 tag.
 //! * [`replay`]: the sequence-number window that rejects replayed frames.
 //! * [`manifest`]: full service manifests, fetched over HTTP by digest, and
@@ -28,6 +29,7 @@
 //! panics. The byte layout is documented in `protocol/README.md` and pinned
 //! by the golden tests in `tests/golden.rs`.
 
+pub mod batch;
 pub mod board;
 pub mod codec;
 pub mod examples;
@@ -42,6 +44,7 @@ pub mod sealed;
 pub mod shell;
 pub mod topic;
 
+pub use batch::{MetricsBatch, STORED_ACCEPTS_BATCH};
 pub use codec::{
     hex_string, open, open_captured, reenroll_proof, seal, DecodeError, EncodeError, Opened,
     Secret, TAG_LEN,

@@ -3,7 +3,7 @@
 //! ```text
 //! aerekos/v1/<worker_id>/status        retained text "online" | "offline" (LWT)
 //! aerekos/v1/<worker_id>/birth         retained Birth frame (postcard)
-//! aerekos/v1/<worker_id>/metrics       Metrics frames
+//! aerekos/v1/<worker_id>/metrics       Metrics and MetricsBatch frames
 //! aerekos/v1/<worker_id>/events        Event frames
 //! aerekos/v1/<worker_id>/cmd           Command frames, conductor -> worker, QoS 1
 //! aerekos/v1/<worker_id>/cmd/stored    Stored acknowledgements (Command frames), conductor -> worker, QoS 0
@@ -159,6 +159,14 @@ impl TopicKind {
             | TopicKind::JsonMetrics
             | TopicKind::JsonBoard => None,
         }
+    }
+
+    /// May a frame on this topic carry `body`? The body
+    /// [`Self::expected_body`] names, and on the metrics topic a
+    /// [`crate::Body::MetricsBatch`] too ([`crate::batch`]).
+    pub fn accepts(self, body: crate::BodyKind) -> bool {
+        self.expected_body() == Some(body)
+            || (self == TopicKind::Metrics && body == crate::BodyKind::MetricsBatch)
     }
 }
 

@@ -164,6 +164,45 @@ fn golden_stored_command() {
 }
 
 #[test]
+fn golden_stored_command_of_a_batch_reading_conductor() {
+    // The same acknowledgement with `STORED_ACCEPTS_BATCH` in the id (`01`):
+    // the worker may send `MetricsBatch` frames.
+    assert_golden(
+        Body::Command(Command {
+            id: STORED_ACCEPTS_BATCH,
+            action: Action::Stored(300),
+        }),
+        GOLDEN_CMD_STORED_BATCH,
+    );
+}
+
+#[test]
+fn golden_metrics_batch() {
+    let batch = examples::metrics_batch();
+    assert_golden(Body::MetricsBatch(batch.clone()), GOLDEN_METRICS_BATCH);
+    // Three samples (one whole, two deltas of 22 and 8 bytes with their
+    // tags) in 144 bytes of format 2, against 104 for a lone sample.
+    let whole = sealed_v2(1, Body::Metrics(examples::metrics())).len();
+    let v2 = sealed_v2(1, Body::MetricsBatch(batch)).len();
+    assert_eq!((whole, v2), (104, 144));
+}
+
+#[test]
+fn golden_live_command() {
+    // Action index 16 (`10`): interval_ms 1000 (`e8 07`), for_s 300 (`ac 02`).
+    assert_golden(
+        Body::Command(Command {
+            id: 6,
+            action: Action::Live(LiveRequest {
+                interval_ms: 1000,
+                for_s: 300,
+            }),
+        }),
+        GOLDEN_CMD_LIVE,
+    );
+}
+
+#[test]
 fn golden_rotate_secret_command() {
     // Action index 12 (`0c`), then the sealed secret as a byte list: its
     // length (61 = `3d`) and the `sealed` layout (`01`, nonce, ciphertext,
@@ -442,6 +481,11 @@ const GOLDEN_CMD_DEPLOY_MANIFEST: &str = "010e772d3031323334353637383961620180a8
 const GOLDEN_CMD_ROTATE_SECRET: &str = "010e772d3031323334353637383961620180a8f094ac3303090c3d01070707070707070707070707754eab822ec22e19d66d1738bb6c0cb7d33f8c803e6701a1ad05f92e15a017b1051963686db3ea94961821cd0b73222247593906f0be0ffed78a1297fe4f6ab5";
 const GOLDEN_CMD_STORED: &str =
     "010e772d3031323334353637383961620180a8f094ac3303000bac023b6a9c46247ea3f2efd45c525243fb73";
+const GOLDEN_CMD_STORED_BATCH: &str =
+    "010e772d3031323334353637383961620180a8f094ac3303010bac022c2430eb33c665e8b09f726fdcdef226";
+const GOLDEN_METRICS_BATCH: &str = "010e772d3031323334353637383961620180a8f094ac3309904ee0a712fa01036e00e20904e807dc0b8407c00c2a231e80c698830380fe98c60bc0faa4ea0e0080e0ff3101012f80b6abfd1580d4df816f010465746830f00bf006010b6370752d746865726d616c88e20580a3058e0100011bd900c0029003c801d804804080c001a001ce071401210001cb03010276ec0a712dbb88845149bea84bbd9024";
+const GOLDEN_CMD_LIVE: &str =
+    "010e772d3031323334353637383961620180a8f094ac33030610e807ac0272de7e74630e0692795e78927cc4c8f6";
 const GOLDEN_CMD_INSTALL_MANIFEST: &str = "010e772d3031323334353637383961620180a8f094ac3303050a0c73656e736f722d72656c6179045a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a0ab47cc0db84b54e5eaa1e359638e8f7";
 const GOLDEN_CMD_EXEC: &str = "010e772d3031323334353637383961620180a8f094ac3303050d111111111111111111111111111111110205756e616d65022d613c808040b76f8c6e57cb48d825990896681aab23";
 const GOLDEN_CMD_LOGS: &str = "010e772d3031323334353637383961620180a8f094ac330305090c73656e736f722d72656c617980201e49c4035deba47ec6bfbd339d65f260b1";

@@ -12,6 +12,14 @@ fn largest_bodies() -> Vec<Body> {
         Body::Birth(examples::largest_birth()),
         Body::Board(examples::largest_board()),
         Body::Metrics(examples::largest_metrics()),
+        Body::MetricsBatch(examples::largest_metrics_batch()),
+        Body::Command(Command {
+            id: u32::MAX,
+            action: Action::Live(LiveRequest {
+                interval_ms: u32::MAX,
+                for_s: u32::MAX,
+            }),
+        }),
         Body::Event(Event {
             kind: EventKind::CommandRejected,
             detail: frame::bounded(&"é".repeat(200)),

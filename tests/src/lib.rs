@@ -688,6 +688,10 @@ pub fn pi_throttled_file(root: &Path) -> PathBuf {
 pub struct WorkerOpts {
     /// Metrics interval, ms.
     pub interval_ms: u64,
+    /// Metrics batch period (`--batch`), ms; `None`: the interval, so every
+    /// sample goes at once (as a one-sample `MetricsBatch` to a conductor
+    /// that reads batches, which exercises that path in every test).
+    pub batch_ms: Option<u64>,
     /// Hostname override.
     pub hostname: String,
     /// Machine id override.
@@ -701,6 +705,7 @@ impl WorkerOpts {
     pub fn named(hostname: &str) -> WorkerOpts {
         WorkerOpts {
             interval_ms: 300,
+            batch_ms: None,
             hostname: hostname.to_string(),
             machine_id: format!("machine-{hostname}-{}", std::process::id()),
             extra: Vec::new(),
@@ -1429,6 +1434,10 @@ fn worker_command(
         .arg("--state-dir")
         .arg(state_dir)
         .args(["--interval", &format!("{}ms", opts.interval_ms)])
+        .args([
+            "--batch",
+            &format!("{}ms", opts.batch_ms.unwrap_or(opts.interval_ms)),
+        ])
         .args(["--hostname", &opts.hostname])
         .args(["--machine-id", &opts.machine_id])
         // Several workers share this machine: each gets its own local API port.

@@ -291,7 +291,9 @@ fn broker_restart_loses_no_queued_frame_and_keeps_the_service_running_once() {
     let during = seen
         .values()
         .filter(|(sent, b)| {
-            matches!(b, Body::Metrics(_)) && *sent > stopped_at && *sent < restarted_at
+            matches!(b, Body::Metrics(_) | Body::MetricsBatch(_))
+                && *sent > stopped_at
+                && *sent < restarted_at
         })
         .count();
     eprintln!(
@@ -303,7 +305,7 @@ fn broker_restart_loses_no_queued_frame_and_keeps_the_service_running_once() {
     // Every metrics frame reached the conductor's history; nothing dropped.
     let metrics: Vec<u64> = seen
         .iter()
-        .filter(|(_, (_, b))| matches!(b, Body::Metrics(_)))
+        .filter(|(_, (_, b))| matches!(b, Body::Metrics(_) | Body::MetricsBatch(_)))
         .map(|(seq, _)| *seq)
         .collect();
     let last_metrics = *metrics.last().unwrap();
@@ -458,7 +460,7 @@ fn conductor_kill9_mid_ingest_loses_no_acknowledged_state() {
             .unwrap()
             .verify(&secrets[i])
             .unwrap();
-        let metrics = matches!(env.body, Body::Metrics(_));
+        let metrics = matches!(env.body, Body::Metrics(_) | Body::MetricsBatch(_));
         published[i].insert(env.seq, metrics);
         metrics.then_some((i, env.seq))
     };

@@ -281,6 +281,7 @@ fn conductor_and_two_workers_from_compose_files() {
             ("AEREKOS_CONDUCTOR", format!("http://127.0.0.1:{http_port}")),
             ("AEREKOS_REGISTRATION_TOKEN", token.clone()),
             ("AEREKOS_INTERVAL", "1s".into()),
+            ("AEREKOS_BATCH", "1s".into()),
             ("AEREKOS_HOSTNAME", format!("pi-{n}")),
             ("AEREKOS_MACHINE_ID", machine(n)),
             ("AEREKOS_LABELS", format!("via=compose,n={n}")),
@@ -742,6 +743,7 @@ fn pi_worker_images_run_from_compose_on_their_own_arch() {
                 ("AEREKOS_CONDUCTOR", c.url()),
                 ("AEREKOS_REGISTRATION_TOKEN", token.clone()),
                 ("AEREKOS_INTERVAL", "1s".into()),
+                ("AEREKOS_BATCH", "1s".into()),
                 ("AEREKOS_HOSTNAME", hostname.clone()),
                 ("AEREKOS_MACHINE_ID", machine_id.clone()),
                 (

@@ -317,6 +317,7 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
             ),
             ("AEREKOS_REGISTRATION_TOKEN", token),
             ("AEREKOS_INTERVAL", "1s".into()),
+            ("AEREKOS_BATCH", "1s".into()),
             ("AEREKOS_HOSTNAME", "cluster-pi".into()),
             ("AEREKOS_MACHINE_ID", format!("compose-cluster-{suffix}")),
             ("AEREKOS_LABELS", "via=compose-cluster".into()),

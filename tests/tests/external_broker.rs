@@ -208,7 +208,9 @@ fn broker_outage_delivers_every_frame_in_order() {
     let during: Vec<u64> = seen
         .iter()
         .filter(|(_, (sent, body))| {
-            matches!(body, Body::Metrics(_)) && *sent > stopped_at && *sent < restarted_at
+            matches!(body, Body::Metrics(_) | Body::MetricsBatch(_))
+                && *sent > stopped_at
+                && *sent < restarted_at
         })
         .map(|(seq, _)| *seq)
         .collect();
@@ -219,7 +221,7 @@ fn broker_outage_delivers_every_frame_in_order() {
     // And every metrics frame reached the conductor's history.
     let last_metrics = seen
         .iter()
-        .filter(|(_, (_, b))| matches!(b, Body::Metrics(_)))
+        .filter(|(_, (_, b))| matches!(b, Body::Metrics(_) | Body::MetricsBatch(_)))
         .map(|(seq, _)| *seq)
         .max()
         .unwrap();
@@ -243,7 +245,7 @@ fn broker_outage_delivers_every_frame_in_order() {
         .map(|p| p["seq"].as_u64().unwrap())
         .collect();
     for (seq, (_, body)) in &seen {
-        if matches!(body, Body::Metrics(_)) {
+        if matches!(body, Body::Metrics(_) | Body::MetricsBatch(_)) {
             assert!(
                 stored.contains(seq),
                 "metrics seq {seq} lost by the conductor"

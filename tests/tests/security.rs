@@ -131,7 +131,10 @@ fn a_replayed_frame_is_rejected_and_changes_nothing_even_after_a_conductor_resta
         .unwrap()
         .verify(&secret)
         .unwrap();
-    assert!(matches!(genuine_env.body, Body::Metrics(_)));
+    assert!(matches!(
+        genuine_env.body,
+        Body::Metrics(_) | Body::MetricsBatch(_)
+    ));
     let seq = genuine_env.seq;
     wait_for("the genuine frame stored", SECS(10), || {
         stored_seqs(&c, &id).contains(&seq).then_some(())
@@ -159,9 +162,13 @@ fn a_replayed_frame_is_rejected_and_changes_nothing_even_after_a_conductor_resta
     // 2. A new body under the worker's real secret, reusing the seq: the
     //    tag is good, the seq is not.
     let mut forged = genuine_env.clone();
-    if let Body::Metrics(m) = &mut forged.body {
-        m.cpu_total = 9_999;
-        m.processes = 123_456;
+    match &mut forged.body {
+        Body::Metrics(m) => {
+            m.cpu_total = 9_999;
+            m.processes = 123_456;
+        }
+        Body::MetricsBatch(b) => b.age_ms += 1,
+        _ => {}
     }
     replayer.publish(&metrics_topic, protocol::seal(&secret, &forged).unwrap());
     wait_for("resealed old seq counted", SECS(10), || {

@@ -18,6 +18,7 @@ use super::message::{ApiError, Ctx, Req, Resp};
 use super::{enroll, prom, ui};
 use crate::auth;
 use crate::crypto::sha256_hex;
+use crate::live::LiveError;
 use crate::state::{now_ms, Status, WorkerEntry};
 use crate::store::{MinuteRow, TokenRow, MAX_QUERY_ROWS};
 
@@ -54,12 +55,13 @@ pub(crate) fn route(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         (Method::Post, ["registration-token", "rotate"]) => rotate_registration(ctx),
         (Method::Get, ["mqtt"]) => mqtt_info(ctx, req),
         (Method::Get, ["workers"]) => list_workers(ctx),
-        (Method::Get, ["workers", id]) => get_worker(ctx, id),
+        (Method::Get, ["workers", id]) => get_worker(ctx, req, id),
         (Method::Delete, ["workers", id]) => delete_worker(ctx, id),
         (Method::Put, ["workers", id, "labels"]) => set_labels(ctx, req, id),
         (Method::Post, ["workers", id, "revoke"]) => revoke(ctx, id),
         (Method::Post, ["workers", id, "rotate-secret"]) => rotate_secret(ctx, id),
         (Method::Get, ["workers", id, "metrics"]) => metrics_history(ctx, req, id),
+        (Method::Post, ["workers", id, "live"]) => live(ctx, id),
         (Method::Post, ["workers", id, "commands"]) => command(ctx, req, id),
         (Method::Get, ["workers", id, "services"]) => super::services::worker_services(ctx, id),
         (Method::Post, ["workers", id, "services", name, op]) => {
@@ -395,6 +397,8 @@ fn list_workers(ctx: &Ctx) -> Result<Resp, ApiError> {
                 "revoked": w.revoked,
                 "last_seen_ms": w.last_seen_ms,
                 "interval_ms": w.interval_ms,
+                "batching": w.batching,
+                "live_until_ms": w.live_until_ms,
                 "device_model": w.inventory.as_ref().map(|b| b.device_model.as_str()),
                 "arch": w.inventory.as_ref().map(|b| b.arch.as_str()),
                 "agent_version": w.inventory.as_ref().map(|b| b.agent_version.as_str()),
@@ -406,7 +410,30 @@ fn list_workers(ctx: &Ctx) -> Result<Resp, ApiError> {
     Ok(Resp::ok(json!({ "workers": out, "now_ms": now_ms() })))
 }
 
-fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
+/// `GET /workers/{id}[?live=1]`: the worker; with `live=1` (what the
+/// dashboard's worker page polls) someone is looking at it, and a batching
+/// worker is asked for live metrics ([`crate::live::look`]). Without it a
+/// script polling its workers leaves their batches alone.
+fn get_worker(ctx: &Ctx, req: &Req, id: &str) -> Result<Resp, ApiError> {
+    let looking = req
+        .query
+        .get("live")
+        .is_some_and(|v| v == "1" || v == "true");
+    let look = if looking {
+        crate::live::look(&ctx.shared, &ctx.client, id)
+    } else {
+        Err(LiveError::NotBatching)
+    };
+    match look {
+        // Not batching, offline, … (or unknown: 404 below): nothing to do.
+        Ok(_)
+        | Err(
+            LiveError::NotFound | LiveError::Revoked | LiveError::NotBatching | LiveError::Offline,
+        ) => {}
+        Err(e @ (LiveError::Seal(_) | LiveError::Queue(_))) => {
+            tracing::debug!(worker_id = id, "no live metrics: {e}");
+        }
+    }
     let workers = ctx.shared.workers();
     let w = workers
         .get(id)
@@ -427,6 +454,8 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
         "last_seen_ms": w.last_seen_ms,
         "last_ip": w.last_ip,
         "interval_ms": w.interval_ms,
+        "batching": w.batching,
+        "live_until_ms": w.live_until_ms,
         "inventory": w.inventory,
         "board": w.board.as_ref().map(crate::mirror::board),
         "agent_version": w.inventory.as_ref().map(|b| b.agent_version.as_str()),
@@ -440,6 +469,25 @@ fn get_worker(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
         "previous_secret_accepted_until_ms": w.previous_secret.as_ref().map(|(_, until)| *until),
         "now_ms": now_ms(),
     })))
+}
+
+/// `POST /workers/{id}/live`: asks a batching worker for live metrics
+/// ([`crate::live::look`]): 202 `{worker_id, live_until_ms, sent}` (`sent`
+/// false when the running live period has more than half left), 404 for an
+/// unknown worker, 409 when it is revoked, offline or does not batch.
+fn live(ctx: &Ctx, id: &str) -> Result<Resp, ApiError> {
+    match crate::live::look(&ctx.shared, &ctx.client, id) {
+        Ok(state) => Ok(Resp::json(
+            202,
+            &json!({"worker_id": id, "live_until_ms": state.live_until_ms, "sent": state.sent}),
+        )),
+        Err(LiveError::NotFound) => Err(ApiError::not_found("worker")),
+        Err(e @ (LiveError::Revoked | LiveError::NotBatching | LiveError::Offline)) => {
+            Err(ApiError::new(409, e.to_string()))
+        }
+        Err(e @ LiveError::Queue(_)) => Err(ApiError::new(503, e.to_string())),
+        Err(e @ LiveError::Seal(_)) => Err(ApiError::internal(e)),
+    }
 }
 
 /// Validates a label map against the wire limits.

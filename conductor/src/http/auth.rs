@@ -8,7 +8,7 @@
 //! | needs | requests |
 //! |---|---|
 //! | `admin` | `/tokens…` (any method), `/registration-token…`, `POST /password`, `POST /workers/{id}/exec`, `POST /workers/{id}/shell`, `/shell-sessions…`, `GET /exec-sessions`, `POST /agent-releases`, `DELETE /agent-releases/…` |
-//! | `viewer` | every other `GET` or `HEAD` (log streaming included) |
+//! | `viewer` | every other `GET` or `HEAD` (log streaming included), `POST /workers/{id}/live` (asks for what a `GET` of the worker asks for too: live metrics, [`crate::live`]) |
 //! | `operator` | everything else (every other write) |
 //!
 //! An `admin` token may do everything, an `operator` everything that does
@@ -101,9 +101,11 @@ pub(crate) fn needed_role(method: &Method, segs: &[&str]) -> Role {
         ["agent-releases", ..] => !is_read(method),
         _ => false,
     };
+    // Looking at a worker (a `GET` of it) asks for live metrics too.
+    let viewing = matches!((method, segs), (Method::Post, ["workers", _, "live"]));
     if admin_only {
         Role::Admin
-    } else if is_read(method) {
+    } else if is_read(method) || viewing {
         Role::Viewer
     } else {
         Role::Operator
@@ -229,6 +231,8 @@ mod tests {
         ("GET", "workers", Role::Viewer),
         ("GET", "workers/*", Role::Viewer),
         ("GET", "workers/*/metrics", Role::Viewer),
+        // A write, but what a `GET` of the worker does too (live metrics).
+        ("POST", "workers/*/live", Role::Viewer),
         ("GET", "workers/*/services", Role::Viewer),
         ("GET", "workers/*/services/*/logs", Role::Viewer),
         ("GET", "artifacts", Role::Viewer),

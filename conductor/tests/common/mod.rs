@@ -382,7 +382,7 @@ impl FakeWorker {
     pub fn send(&self, body: Body) -> Vec<u8> {
         let kind = match body {
             Body::Birth(_) => TopicKind::Birth,
-            Body::Metrics(_) => TopicKind::Metrics,
+            Body::Metrics(_) | Body::MetricsBatch(_) => TopicKind::Metrics,
             Body::Event(_) => TopicKind::Events,
             Body::Reply(_) => TopicKind::Reply,
             Body::Command(_) => TopicKind::Cmd,

@@ -62,6 +62,11 @@ pub(super) struct Publisher {
     /// conductor, or none processing): a PubAck frees a frame at once, as
     /// before `Stored` existed, until the next `Stored` arrives.
     pub_ack_final: bool,
+    /// The last `Stored` carried [`protocol::STORED_ACCEPTS_BATCH`]: the
+    /// conductor reads `MetricsBatch` frames. Cleared with the
+    /// acknowledgements (`pub_ack_final`), so an older conductor that
+    /// takes over is sent plain `Metrics` again.
+    accepts_batch: bool,
 }
 
 // fits: u64 milliseconds last 584 million years after 1970.
@@ -94,6 +99,7 @@ impl Publisher {
             overflow_reported: false,
             stored_seen: false,
             pub_ack_final: false,
+            accepts_batch: false,
         }
     }
 
@@ -133,6 +139,11 @@ impl Publisher {
         self.stored_seen && !self.pub_ack_final
     }
 
+    /// Does the conductor read `MetricsBatch` frames (and `Live`)?
+    pub(super) fn accepts_batch(&self) -> bool {
+        self.accepts_batch && self.conductor_acks()
+    }
+
     /// The wire format for the next frame: [`FORMAT_V2`] (no worker id in
     /// the frame) while the conductor sends `Stored` — only conductors that
     /// accept format 2 do — else format 1, which every conductor takes.
@@ -146,9 +157,16 @@ impl Publisher {
         }
     }
 
-    /// Seals `body` with the next seq and queues it; returns the seq.
+    /// Seals `body` with the next seq and queues it; returns the seq. A
+    /// batch of n samples takes n seqs, its own the last
+    /// ([`protocol::batch`]: each sample is stored under one).
     pub(super) fn enqueue(&mut self, body: Body) -> u64 {
         let kind = body.kind();
+        if let Body::MetricsBatch(b) = &body {
+            for _ in 1..b.count {
+                self.store.next_seq();
+            }
+        }
         let seq = self.store.next_seq();
         let env = Envelope {
             version: self.format(),
@@ -319,11 +337,21 @@ impl Publisher {
     }
 
     /// The conductor's acknowledgement: frames with seq ≤ `upto` are
-    /// durably processed and leave the outbox.
-    pub(super) fn on_stored(&mut self, upto: u64) {
+    /// durably processed and leave the outbox; `flags` is the `Stored`
+    /// command's id ([`protocol::STORED_ACCEPTS_BATCH`]).
+    pub(super) fn on_stored(&mut self, upto: u64, flags: u32) {
         let n = self.outbox.stored(upto);
         tracing::debug!(upto, removed = n, queued = self.outbox.len(), "stored");
         self.stored_seen = true;
+        let batches = flags & protocol::STORED_ACCEPTS_BATCH != 0;
+        if batches != self.accepts_batch {
+            tracing::info!(
+                batches,
+                "the conductor {} metrics batches",
+                if batches { "reads" } else { "does not read" }
+            );
+            self.accepts_batch = batches;
+        }
         if self.pub_ack_final {
             tracing::info!("the conductor acknowledges again: frames stay queued until Stored");
             self.pub_ack_final = false;

@@ -70,6 +70,9 @@ fn mib(bytes: u64) -> String {
 
 /// Rounds of the RSS and CPU measurements; the medians are the figures.
 const ROUNDS: usize = 3;
+/// The agent's default `--batch` (`edge_worker::DEFAULT_BATCH`), given to
+/// the idle workers, which run at the default settings.
+const DEFAULT_BATCH_MS: u64 = 300_000;
 
 /// The median of `v` (`None` when empty).
 fn median(v: &[f64]) -> Option<f64> {
@@ -276,6 +279,7 @@ fn main() {
     let accounting = write_accounting_works(wear_dir.path());
     let mut wear_idle_opts = WorkerOpts::named("wear-idle");
     wear_idle_opts.interval_ms = 10_000;
+    wear_idle_opts.batch_ms = Some(DEFAULT_BATCH_MS);
     let mut wear_idle = Worker::start(
         &wear_dir.path().join("wear-idle"),
         &c.url(),
@@ -285,6 +289,7 @@ fn main() {
     wear_idle.wait_id();
     let mut wear_svc_opts = WorkerOpts::named("wear-service");
     wear_svc_opts.interval_ms = 10_000;
+    wear_svc_opts.batch_ms = Some(DEFAULT_BATCH_MS);
     let mut wear_svc = Worker::start(
         &wear_dir.path().join("wear-service"),
         &c.url(),
@@ -362,6 +367,7 @@ fn main() {
     for round in 1..=ROUNDS {
         let mut idle_opts = WorkerOpts::named(&format!("idle-{round}"));
         idle_opts.interval_ms = 10_000;
+        idle_opts.batch_ms = Some(DEFAULT_BATCH_MS);
         let mut idle = Worker::start(
             &dir.path().join(format!("idle-{round}")),
             &c.url(),
@@ -372,6 +378,7 @@ fn main() {
         let mut plain = native_plain.as_ref().map(|bin| {
             let mut opts = WorkerOpts::named(&format!("idle-plain-{round}"));
             opts.interval_ms = 10_000;
+            opts.batch_ms = Some(DEFAULT_BATCH_MS);
             let secret_only = token.split('.').next().unwrap_or_default().to_string();
             let program = bin.display().to_string();
             let mut w = Worker::start_with_program(

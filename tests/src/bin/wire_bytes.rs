@@ -4,8 +4,18 @@
 //! the same interval the way Prometheus scrapes it, in the same run.
 //!
 //! ```sh
-//! cargo run --release -p aerekos-e2e --bin wire_bytes -- [--interval-s 10] [--samples 12]
+//! cargo run --release -p aerekos-e2e --bin wire_bytes -- [--interval-s 10] [--batch-s 300] [--samples 60]
+//! cargo run --release -p aerekos-e2e --bin wire_bytes -- --interval-s 1 --batch-s 30 --samples 90
 //! ```
+//!
+//! `--batch-s` is the agents' `--batch` (0: every sample at once, as
+//! before batches; default 30 intervals, the agent's default shape). The
+//! second line is the first scaled down ten times: the same 30 samples per
+//! batch, one ping per batch (the keep-alive is the batch period) and one
+//! `Stored` per batch, so the bytes per sample are the defaults' in 2 min
+//! instead of 15. The monthly figure is always for the default 10 s
+//! interval (`--month-interval-s` changes it): bytes per sample × samples
+//! a month.
 //!
 //! One conductor (embedded broker, TLS on as by default) and two real
 //! workers at `--interval-s`: one enrolled over plain HTTP with the token's
@@ -49,13 +59,19 @@ const MONTH_S: f64 = 30.0 * 86_400.0;
 
 struct Args {
     interval_s: u64,
+    /// The agents' `--batch`, seconds (0: off).
+    batch_s: u64,
     samples: u64,
+    /// The interval the monthly figure is for.
+    month_interval_s: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         interval_s: 10,
-        samples: 12,
+        batch_s: u64::MAX,
+        samples: 60,
+        month_interval_s: 10,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -71,15 +87,20 @@ fn parse_args() -> Result<Args, String> {
                 .and_then(|v| {
                     v.parse::<u64>()
                         .ok()
-                        .filter(|n| *n > 0)
+                        .filter(|n| *n > 0 || what == "--batch-s")
                         .ok_or_else(|| format!("{what}: {v:?} is not a positive whole number"))
                 })
         };
         match name.as_str() {
             "--interval-s" => args.interval_s = value("--interval-s")?,
             "--samples" => args.samples = value("--samples")?,
+            "--batch-s" => args.batch_s = value("--batch-s")?,
+            "--month-interval-s" => args.month_interval_s = value("--month-interval-s")?,
             "-h" | "--help" => {
-                println!("usage: wire_bytes [--interval-s 10] [--samples 12]");
+                println!(
+                    "usage: wire_bytes [--interval-s 10] [--batch-s 30 × interval] [--samples 60] \
+                     [--month-interval-s 10]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -87,6 +108,12 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.interval_s > 3_600 || args.samples > 10_000 {
         return Err("--interval-s at most 3600, --samples at most 10000".into());
+    }
+    if args.batch_s == u64::MAX {
+        args.batch_s = 30 * args.interval_s;
+    }
+    if args.batch_s > 86_400 {
+        return Err("--batch-s at most 86400".into());
     }
     Ok(args)
 }
@@ -660,6 +687,7 @@ fn run(args: &Args) -> Result<(), String> {
     let start_worker = |name: &str, token: &str| {
         let mut opts = WorkerOpts::named(name);
         opts.interval_ms = args.interval_s * 1_000;
+        opts.batch_ms = Some(args.batch_s * 1_000);
         let mut w = Worker::start(&dir.path().join(name), &c.url(), Some(token), opts);
         let id = w.wait_id();
         (w, id)
@@ -683,14 +711,16 @@ fn run(args: &Args) -> Result<(), String> {
     }
     println!(
         "conductor: embedded broker, plain MQTT on port {}, MQTT over TLS on port {}; \
-         workers at a {} s interval: {plain_id} (plain), {tls_id} (TLS)",
+         workers at a {} s interval, batches of {} s: {plain_id} (plain), {tls_id} (TLS)",
         c.mqtt.port(),
         mqtts.port(),
-        args.interval_s
+        args.interval_s,
+        args.batch_s
     );
     // Online with metrics stored, twice: enrolment, birth and the switch
     // to frame format 2 (after the first `Stored`) are behind them.
-    let timeout = interval * 4 + Duration::from_secs(30);
+    let batch = Duration::from_secs(args.batch_s);
+    let timeout = interval * 4 + batch + Duration::from_secs(30);
     for id in [&plain_id, &tls_id] {
         wait_until(
             &format!("worker {id} online with stored metrics"),
@@ -730,9 +760,12 @@ fn run(args: &Args) -> Result<(), String> {
     );
     let (mut dump, cap) = start_tcpdump(tcpdump, dir.path(), "wire", &filter)?;
     let capture_start = ns(SystemTime::now());
-    let capture_for = interval * u32::try_from(args.samples + 1).unwrap_or(u32::MAX);
+    // A flow's window starts at its first metrics frame, up to one batch
+    // period after the capture does.
+    let capture_for =
+        interval * u32::try_from(args.samples + 1).unwrap_or(u32::MAX) + batch.max(interval);
     println!(
-        "capturing {filter} on lo for {:.0} s ({} samples of {} s, plus one interval to align each flow's window)…",
+        "capturing {filter} on lo for {:.0} s ({} samples of {} s, plus a batch period and an interval to align each flow's window)…",
         capture_for.as_secs_f64() + 1.0,
         args.samples,
         args.interval_s
@@ -884,7 +917,7 @@ fn run(args: &Args) -> Result<(), String> {
     }
 
     // ---- report ----
-    let per_month = MONTH_S / args.interval_s as f64;
+    let per_month = MONTH_S / args.month_interval_s as f64;
     let ne_per_sample = flows.last().map_or(1.0, Flow::per_sample);
     println!(
         "\n== bytes on the wire per sample at a {} s interval (IP level: IP+TCP headers and payload, both directions; \
@@ -892,7 +925,8 @@ fn run(args: &Args) -> Result<(), String> {
         args.interval_s, args.samples, window_s
     );
     println!(
-        "| link | bytes/sample | packets/sample | B/s | MB/month (30 d, 10^6 B) | ratio to node_exporter |"
+        "| link | bytes/sample | packets/sample | B/s | MB/month at {} s (30 d, 10^6 B) | ratio to node_exporter |",
+        args.month_interval_s
     );
     println!("|---|---|---|---|---|---|");
     for f in &flows {
@@ -953,7 +987,13 @@ fn run(args: &Args) -> Result<(), String> {
     println!(
         "plain worker: its connection {plain_end} -> {broker} (found by its process' socket, the same after the capture); \
          topics it published: {:?}, all under aerekos/v1/{plain_id}/; metrics PUBLISHes in the window: {} (expected {})",
-        breakdown.topics_up, breakdown.metrics_publishes, args.samples
+        breakdown.topics_up,
+        breakdown.metrics_publishes,
+        if args.batch_s == 0 {
+            args.samples
+        } else {
+            args.samples / (args.batch_s / args.interval_s).clamp(1, 64)
+        }
     );
     println!(
         "excluded on the plain broker port in that window: {} packets, {} B on {} other connection(s) (the conductor's own MQTT client)",
