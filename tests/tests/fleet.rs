@@ -284,7 +284,10 @@ fn forged_replayed_and_malformed_frames_are_rejected_and_counted() {
     let (status, _) = c.get("/api/v1/health");
     assert_eq!(status, 200, "conductor still healthy");
     assert!(w.proc.alive());
-    assert!(matches!(genuine_env.body, Body::Metrics(_)));
+    assert!(matches!(
+        genuine_env.body,
+        Body::Metrics(_) | Body::MetricsBatch(_)
+    ));
 }
 
 #[test]
