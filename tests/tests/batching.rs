@@ -66,9 +66,13 @@ fn start(dir: &std::path::Path, name: &str, batch_ms: u64) -> (Conductor, Worker
     opts.batch_ms = Some(batch_ms);
     let mut w = Worker::start(&dir.join(name), &c.url(), Some(&token), opts);
     let id = w.wait_id();
-    wait_for("worker online with metrics", SECS(30), || {
+    // Until the worker reads the conductor's first `Stored` (which says the
+    // conductor takes batches) its samples go one by one; `batching` turns
+    // true with its first batch.
+    wait_for("worker online and batching", SECS(30), || {
         let d = c.worker(&id);
-        (d["status"] == "online" && !d["metrics"].is_null()).then_some(())
+        (d["status"] == "online" && !d["metrics"].is_null() && d["batching"] == json!(true))
+            .then_some(())
     });
     (c, w, id)
 }
