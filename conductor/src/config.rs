@@ -54,6 +54,11 @@ pub struct Config {
     pub store: Option<String>,
     /// HTTP listen address (`127.0.0.1:0` picks a free port).
     pub http_listen: String,
+    /// The URL other conductors on the shared store reach this one's API
+    /// by (a standby forwards requests there): `http://` or `https://`,
+    /// a host and a port, no path. `None`: [`Config::advertise_url`]'s
+    /// default from `tls` and `http_listen`.
+    pub advertise_url: Option<String>,
     /// Embedded broker listen address (port 0 picks a free port). Unused with `mqtt_url`.
     pub mqtt_listen: String,
     /// External broker `mqtt://user:pass@host:port`, or the nodes of a
@@ -148,6 +153,7 @@ impl Default for Config {
             data_dir: "aerekos-data".into(),
             store: None,
             http_listen: "0.0.0.0:3000".into(),
+            advertise_url: None,
             mqtt_listen: "0.0.0.0:1883".into(),
             mqtt_url: None,
             mqtt_public_url: None,
@@ -189,6 +195,8 @@ pub struct Overrides {
     pub store: Option<String>,
     /// `--http-listen`
     pub http_listen: Option<String>,
+    /// `--advertise-url`
+    pub advertise_url: Option<String>,
     /// `--mqtt-listen`
     pub mqtt_listen: Option<String>,
     /// `--mqtt-url`
@@ -412,6 +420,7 @@ impl Config {
         env_str!(data_dir, "AEREKOS_DATA_DIR");
         env_opt!(store, "AEREKOS_STORE");
         env_str!(http_listen, "AEREKOS_HTTP_LISTEN");
+        env_opt!(advertise_url, "AEREKOS_ADVERTISE_URL");
         env_str!(mqtt_listen, "AEREKOS_MQTT_LISTEN");
         env_opt!(mqtt_url, "AEREKOS_MQTT_URL");
         env_opt!(mqtt_public_url, "AEREKOS_MQTT_PUBLIC_URL");
@@ -488,6 +497,9 @@ impl Config {
         if let Some(v) = f.http_listen {
             c.http_listen = v;
         }
+        if let Some(v) = f.advertise_url {
+            c.advertise_url = Some(v);
+        }
         if let Some(v) = f.mqtt_listen {
             c.mqtt_listen = v;
         }
@@ -563,6 +575,9 @@ impl Config {
             self.mqtt_listen
                 .parse::<SocketAddr>()
                 .map_err(|e| bad("mqtt_listen", e.to_string()))?;
+        }
+        if let Some(u) = &self.advertise_url {
+            check_advertise_url(u).map_err(|m| bad("advertise_url", format!("{u:?}: {m}")))?;
         }
         if let Some(u) = &self.mqtt_url {
             BrokerUrl::parse_list(u)?;
@@ -648,6 +663,46 @@ impl Config {
         Ok(())
     }
 
+    /// The URL other conductors reach this one's API by: `advertise_url`,
+    /// else `https://` (`http://` without TLS), the HTTP listen address's
+    /// IP when it is a specific one, else this machine's hostname (in
+    /// Docker the container's short id, a network alias there), and the
+    /// listen port (0 until bound: the caller puts the bound one in).
+    pub fn advertise_url(&self) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim().trim_end_matches('/').to_string();
+        }
+        let scheme = if self.tls { "https" } else { "http" };
+        let listen = self.http_listen.parse::<SocketAddr>().ok();
+        let port = listen.map_or(0, |a| a.port());
+        let host = match listen.map(|a| a.ip()) {
+            Some(std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => ip.to_string(),
+            Some(std::net::IpAddr::V6(ip)) if !ip.is_unspecified() => format!("[{ip}]"),
+            _ => crate::net::hostname().unwrap_or_else(|| "localhost".into()),
+        };
+        format!("{scheme}://{host}:{port}")
+    }
+
+    /// [`Config::advertise_url`] with `bound_port` in place of a listen
+    /// port 0.
+    pub fn advertise_url_at(&self, bound_port: u16) -> String {
+        let url = self.advertise_url();
+        match url.strip_suffix(":0") {
+            Some(base) if self.advertise_port_unknown() => format!("{base}:{bound_port}"),
+            _ => url,
+        }
+    }
+
+    /// Whether [`Config::advertise_url`] is the default with a listen port
+    /// 0, to be completed with the bound port.
+    pub fn advertise_port_unknown(&self) -> bool {
+        self.advertise_url.is_none()
+            && self
+                .http_listen
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a.port() == 0)
+    }
+
     /// [`Config::bus_stepdown`] in ms (validated in [`Config::validate`]).
     pub fn bus_stepdown_ms(&self) -> u64 {
         parse_duration_ms(&self.bus_stepdown).unwrap_or(20_000)
@@ -698,6 +753,44 @@ impl Config {
         c.admin_password = None;
         Ok(toml::to_string(&c)?)
     }
+}
+
+/// Why `u` is not a usable `--advertise-url`: an `http://` or `https://`
+/// URL with a host, no login, no path (beyond `/`), no query.
+fn check_advertise_url(u: &str) -> Result<(), String> {
+    let u = u.trim();
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"))
+        .ok_or("not an http:// or https:// URL")?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() {
+        return Err("no host".into());
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Err("no path, query or fragment: the conductor's own paths are appended".into());
+    }
+    if authority.contains('@') {
+        return Err("no login in it".into());
+    }
+    if authority.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err("a space or control character in it".into());
+    }
+    let uri: ureq::http::Uri = u.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("no host".into());
+    }
+    // What follows the host: nothing, or `:<port>`.
+    let after_host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+        None => authority.find(':').map_or("", |i| &authority[i..]),
+    };
+    match after_host.strip_prefix(':') {
+        Some(p) if p.parse::<u16>().is_err() => return Err(format!("not a port number: {p:?}")),
+        None if !after_host.is_empty() => return Err(format!("{after_host:?} after the host")),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Replaces the password in `scheme://user:pass@host` with `<redacted>`,
@@ -884,5 +977,65 @@ mod tests {
             .to_string();
         assert!(e.contains("release_key") && e.contains("64 hex"), "{e}");
         assert_eq!(Config::default().release_key_bytes(), None);
+    }
+
+    #[test]
+    fn the_advertise_url_defaults_from_tls_and_the_listen_address_and_is_checked() {
+        let c = |listen: &str, tls: bool| Config {
+            http_listen: listen.into(),
+            tls,
+            ..Config::default()
+        };
+        assert_eq!(
+            c("10.0.0.5:3000", true).advertise_url(),
+            "https://10.0.0.5:3000"
+        );
+        assert_eq!(
+            c("[fd00::5]:3000", false).advertise_url(),
+            "http://[fd00::5]:3000"
+        );
+        let host = crate::net::hostname().unwrap_or_else(|| "localhost".into());
+        assert_eq!(
+            c("0.0.0.0:3000", true).advertise_url(),
+            format!("https://{host}:3000")
+        );
+        let zero = c("127.0.0.1:0", true);
+        assert!(zero.advertise_port_unknown());
+        assert_eq!(zero.advertise_url_at(4321), "https://127.0.0.1:4321");
+        let env = HashMap::from([(
+            "AEREKOS_ADVERTISE_URL".to_string(),
+            "https://conductor-a.lan:3000/".to_string(),
+        )]);
+        let given = Config::resolve(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(given.advertise_url_at(4321), "https://conductor-a.lan:3000");
+        assert!(!given.advertise_port_unknown());
+        let flag = Overrides {
+            advertise_url: Some("http://b:3001".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::resolve(None, &env, &flag).unwrap().advertise_url(),
+            "http://b:3001",
+            "a flag over the environment"
+        );
+        for bad in [
+            "conductor-a:3000",
+            "ftp://a:3000",
+            "https://",
+            "https://a:3000/api",
+            "https://a:3000?x=1",
+            "https://user:pw@a:3000",
+            "https://a:port",
+            "https://a:",
+        ] {
+            let flags = Overrides {
+                advertise_url: Some(bad.into()),
+                ..Overrides::default()
+            };
+            let e = Config::resolve(None, &HashMap::new(), &flags)
+                .expect_err(bad)
+                .to_string();
+            assert!(e.starts_with("advertise_url:"), "{bad}: {e}");
+        }
     }
 }

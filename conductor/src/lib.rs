@@ -223,7 +223,7 @@ pub fn registration_token_text(config: &Config, secret: &str) -> Result<String, 
 /// `Lease::wait`).
 async fn hold_lease(
     mut held: store::lease::Lease,
-    url: &str,
+    (url, api_url): (&str, &str),
     fence: &store::lease::Fence,
     mut bus: Option<(watch::Receiver<bool>, Duration)>,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -253,7 +253,7 @@ async fn hold_lease(
         fence.suspend();
         warn!("store lease lost ({lost}): writes held, taking it again");
         loop {
-            match Lease::try_take_async(url).await {
+            match Lease::try_take_async(url, api_url).await {
                 Ok(Some(l)) => {
                     fence.hold(l.epoch());
                     info!(epoch = l.epoch(), "store lease taken again");
@@ -316,7 +316,9 @@ pub async fn run(
     // Opened (and migrated) first: the lease's epoch lives in the store.
     let mut store = Store::open_at(&store_at)?;
     // On a shared PostgreSQL store one conductor is active at a time: wait
-    // for the lease before anything else (a standby opens no port).
+    // for the lease before anything else. Meanwhile a standby forwards its
+    // HTTP port's requests to the active one (`http::forward`), and closes
+    // that listener before it starts as the active one.
     // With an external broker, the lease is taken only while some broker
     // node accepts connections from here: a conductor cut off from the bus
     // stands by (and the active one steps down: `hold_lease`).
@@ -331,7 +333,24 @@ pub async fn run(
     let bus_stepdown = Duration::from_millis(config.bus_stepdown_ms());
     let lease = match &store_at {
         store::StoreLocation::Postgres(url) => {
-            match store::lease::Lease::wait(url, bus_reachable, shutdown.as_mut()).await? {
+            let active = store::lease::ActiveUrl::default();
+            let standby = http::forward::Standby::start(&config, active.clone())
+                .map_err(io_err("start the standby's forwarding thread"))?;
+            let waited = store::lease::Lease::wait(
+                url,
+                &config.advertise_url(),
+                &active,
+                bus_reachable,
+                shutdown.as_mut(),
+            )
+            .await;
+            tokio::task::spawn_blocking(move || standby.stop())
+                .await
+                .map_err(|e| ConductorError::Io {
+                    what: "stop the standby's forwarding".into(),
+                    source: std::io::Error::other(e),
+                })?;
+            match waited? {
                 Some(l) => Some(l),
                 None => return Ok(()),
             }
@@ -682,6 +701,11 @@ pub async fn run(
             let server = http::HttpServer::start(shared.clone(), client.clone())?;
             let http_addr = server.addr();
             *http_holder.lock().unwrap_or_else(PoisonError::into_inner) = Some(server);
+            let api_url = shared.config.advertise_url_at(http_addr.port());
+            if let (Some(l), true) = (&lease, shared.config.advertise_port_unknown()) {
+                // Taken with port 0 in the URL: the standbys forward to the bound one.
+                l.record_url(&api_url)?;
+            }
             let started = Started {
                 http_addr,
                 mqtt_addr: advertised(mqtt_addr),
@@ -692,15 +716,15 @@ pub async fn run(
             write_runtime(&data_dir, &started)?;
             info!(%http_addr, mqtt_addr = %advertised(mqtt_addr), mqtts_addr = ?started.mqtts_addr, "conductor ready");
             let _ = ready.send(started);
-            Ok::<(), ConductorError>(())
+            Ok::<String, ConductorError>(api_url)
         }
         .await;
         let result = match (result, lease, &store_at) {
-            (Ok(()), Some(held), store::StoreLocation::Postgres(url)) => {
+            (Ok(api_url), Some(held), store::StoreLocation::Postgres(url)) => {
                 let bus = (!bus_nodes.is_empty()).then(|| (bus_rx.clone(), bus_stepdown));
-                hold_lease(held, url, &fence, bus, shutdown.as_mut()).await
+                hold_lease(held, (url, &api_url), &fence, bus, shutdown.as_mut()).await
             }
-            (Ok(()), _, _) => {
+            (Ok(_), _, _) => {
                 shutdown.as_mut().await;
                 info!("shutting down");
                 Ok(())

@@ -40,6 +40,12 @@ struct Flags {
     /// HTTP listen address.
     #[arg(long, global = true)]
     http_listen: Option<String>,
+    /// The URL other conductors on a shared store reach this one's API by
+    /// (a standby forwards requests there), e.g. https://conductor-a.lan:3000.
+    /// Default: https:// (http:// with --no-tls), the listen IP or else
+    /// this machine's hostname, the listen port.
+    #[arg(long, global = true)]
+    advertise_url: Option<String>,
     /// Embedded MQTT broker listen address.
     #[arg(long, global = true)]
     mqtt_listen: Option<String>,
@@ -180,6 +186,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
         data_dir: f.data_dir.clone(),
         store: f.store.clone(),
         http_listen: f.http_listen.clone(),
+        advertise_url: f.advertise_url.clone(),
         mqtt_listen: f.mqtt_listen.clone(),
         mqtt_url: f.mqtt_url.clone(),
         mqtt_public_url: f.mqtt_public_url.clone(),

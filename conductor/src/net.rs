@@ -48,6 +48,21 @@ pub fn is_loopback(ip: std::net::IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 
+/// Whether a plain (non-TLS, `secure` false) HTTP request from `ip` is
+/// refused: plain HTTP is served to loopback peers only, unless
+/// `insecure_plain`. The one rule for every HTTP listener of the conductor
+/// (the API's, a standby's forwarding one).
+pub fn plain_refused(secure: bool, insecure_plain: bool, ip: std::net::IpAddr) -> bool {
+    !secure && !insecure_plain && !is_loopback(ip)
+}
+
+/// This machine's hostname (`/proc/sys/kernel/hostname`), if it has one.
+pub fn hostname() -> Option<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let h = h.trim();
+    (!h.is_empty()).then(|| h.to_string())
+}
+
 /// The address to advertise for a bound socket (0.0.0.0 → 127.0.0.1).
 pub fn advertised(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {

@@ -554,6 +554,12 @@ impl Store {
                  SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM aerekos_lease)",
                 params![],
             )?;
+            // Since issue 19: the API URL the holder advertises
+            // (`--advertise-url`), which standbys forward requests to. The
+            // lease table is PostgreSQL's alone, so its columns are added
+            // here, idempotently under the migration lock, not in the shared
+            // `MIGRATIONS`.
+            tx.batch("ALTER TABLE aerekos_lease ADD COLUMN IF NOT EXISTS api_url TEXT")?;
             tx.commit()?;
         }
         for (idx, step) in MIGRATIONS.iter().enumerate() {

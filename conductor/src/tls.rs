@@ -25,6 +25,13 @@
 //! modification time changes (certbot renewals). The fingerprint a token
 //! carries is then the one of the last certificate in that chain.
 //!
+//! **Read-only** ([`Tls::load_existing`]): a standby on a shared store
+//! that shares the data directory with the active conductor must never
+//! create TLS material (two conductors making a CA at once would split the
+//! fleet). It loads the server chain and key the active one made (or the
+//! operator's pair), creates nothing, and re-reads the files when they
+//! change ([`Tls::refresh`]); until they exist it has none.
+//!
 //! Limits: keys are ECDSA P-256 (fleet) or whatever rustls's `ring` provider
 //! loads (operator: RSA, ECDSA, Ed25519); files are written atomically
 //! (temp, fsync, rename); a damaged `ca.pem`/`ca.key` stops the start with
@@ -147,6 +154,9 @@ enum Source {
     },
     /// The operator's files, re-read when they change.
     Operator { cert: PathBuf, key: PathBuf },
+    /// Another conductor's fleet server chain and key, loaded read-only:
+    /// re-read when they change, never written.
+    ReadOnly { cert: PathBuf, key: PathBuf },
 }
 
 /// One generation of the server certificate.
@@ -210,6 +220,41 @@ impl Tls {
         })
     }
 
+    /// Loads the TLS material that exists, creating nothing: the
+    /// operator's pair, or the fleet server chain (`server.pem`, whose
+    /// last certificate is the fleet CA) and key under `<data_dir>/tls/`.
+    /// `Ok(None)` while the fleet files are not there yet (no conductor
+    /// has created them). An error for files that are there but unusable
+    /// (also a chain and a key from two generations, read mid-renewal).
+    pub fn load_existing(data_dir: &Path, settings: TlsSettings) -> Result<Option<Tls>, TlsError> {
+        let (source, current) = match (&settings.cert, &settings.key) {
+            (Some(cert), Some(key)) => (
+                Source::Operator {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                load_operator(cert, key)?,
+            ),
+            (None, None) => {
+                let dir = data_dir.join(TLS_DIR);
+                let (cert, key) = (dir.join(SERVER_CERT_FILE), dir.join(SERVER_KEY_FILE));
+                if !cert.exists() || !key.exists() || !dir.join(CA_CERT_FILE).exists() {
+                    return Ok(None);
+                }
+                let current = load_operator(&cert, &key)?;
+                (Source::ReadOnly { cert, key }, current)
+            }
+            _ => return Err(TlsError::HalfOperatorPair),
+        };
+        Ok(Some(Tls {
+            inner: Arc::new(Inner {
+                source,
+                settings,
+                current: RwLock::new(Arc::new(current)),
+            }),
+        }))
+    }
+
     /// The generation in use.
     pub fn current(&self) -> Arc<Current> {
         self.inner
@@ -228,13 +273,16 @@ impl Tls {
     pub fn ca_pem(&self) -> String {
         match &self.inner.source {
             Source::Fleet { ca_pem, .. } => ca_pem.clone(),
-            Source::Operator { .. } => to_pem(&self.current().ca_der),
+            Source::Operator { .. } | Source::ReadOnly { .. } => to_pem(&self.current().ca_der),
         }
     }
 
     /// Whether the certificate is the conductor's own (fleet CA).
     pub fn is_fleet_ca(&self) -> bool {
-        matches!(self.inner.source, Source::Fleet { .. })
+        matches!(
+            self.inner.source,
+            Source::Fleet { .. } | Source::ReadOnly { .. }
+        )
     }
 
     /// A rustls server configuration whose certificate follows renewals.
@@ -278,7 +326,7 @@ impl Tls {
                 };
                 (issue_server(dir, ca_pem, ca_key_pem, &names)?, why)
             }
-            Source::Operator { cert, key } => {
+            Source::Operator { cert, key } | Source::ReadOnly { cert, key } => {
                 let modified = (mtime(cert)?, mtime(key)?);
                 if old.modified == Some(modified) {
                     return Ok(None);
@@ -703,6 +751,48 @@ mod tests {
         assert_eq!(renamed.ca_fingerprint(), c.ca_fingerprint);
         assert_ne!(renamed.current().key.cert[0], c.key.cert[0]);
         assert!(renamed.current().names.contains(&"pi.example".to_string()));
+    }
+
+    #[test]
+    fn a_read_only_load_creates_nothing_and_follows_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Tls::load_existing(dir.path(), settings())
+            .unwrap()
+            .is_none());
+        assert!(
+            !dir.path().join(TLS_DIR).exists(),
+            "nothing created by a read-only load"
+        );
+        let made = Tls::load_or_create(dir.path(), settings()).unwrap();
+        let loaded = Tls::load_existing(dir.path(), settings()).unwrap().unwrap();
+        assert_eq!(loaded.ca_fingerprint(), made.ca_fingerprint());
+        let pem = |t: &Tls| t.ca_pem().replace('\r', "").trim().to_string();
+        assert_eq!(pem(&loaded), pem(&made));
+        let files = || {
+            let mut f: Vec<_> = std::fs::read_dir(dir.path().join(TLS_DIR))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            f.sort();
+            f
+        };
+        let before = files();
+        // The active one renews: the read-only copy follows, writing nothing.
+        made.refresh_at(now_s() + (SERVER_VALIDITY_DAYS - 1) * 86_400)
+            .unwrap()
+            .unwrap();
+        let bumped = SystemTime::now() + Duration::from_secs(5);
+        for f in [SERVER_CERT_FILE, SERVER_KEY_FILE] {
+            std::fs::File::options()
+                .write(true)
+                .open(dir.path().join(TLS_DIR).join(f))
+                .unwrap()
+                .set_modified(bumped)
+                .unwrap();
+        }
+        assert!(loaded.refresh().unwrap().is_some());
+        assert_eq!(loaded.current().not_after, made.current().not_after);
+        assert_eq!(files(), before);
     }
 
     #[test]

@@ -192,14 +192,30 @@ fn one_lease_per_database_released_with_its_session() {
     let url = pg.create_database("lease");
     // The lease's epoch is in the store's schema.
     drop(conductor::store::Store::open_postgres(&url).unwrap());
-    let first = Lease::try_take(&url).unwrap().expect("a free lease");
+    let first = Lease::try_take(&url, "https://a.test:3000")
+        .unwrap()
+        .expect("a free lease");
     first.check().unwrap();
+    assert_eq!(
+        pg.psql("lease", "SELECT api_url FROM aerekos_lease"),
+        "https://a.test:3000",
+        "the holder's API URL is in the lease row, for the standbys"
+    );
+    first.record_url("https://a.test:3443").unwrap();
+    assert_eq!(
+        pg.psql("lease", "SELECT api_url FROM aerekos_lease"),
+        "https://a.test:3443"
+    );
     assert!(
-        Lease::try_take(&url).unwrap().is_none(),
+        Lease::try_take(&url, "https://a.test:3000")
+            .unwrap()
+            .is_none(),
         "a second conductor stands by"
     );
     drop(first);
-    let second = wait_for("the lease free again", T, || Lease::try_take(&url).unwrap());
+    let second = wait_for("the lease free again", T, || {
+        Lease::try_take(&url, "https://a.test:3000").unwrap()
+    });
     second.check().unwrap();
     // The server goes away: the holder finds out at its next check and
     // does not take a new session (which would not hold the lock).
@@ -211,7 +227,9 @@ fn one_lease_per_database_released_with_its_session() {
     );
     pg.start_again();
     assert!(second.check().is_err(), "a lost lease stays lost");
-    assert!(Lease::try_take(&url).unwrap().is_some());
+    assert!(Lease::try_take(&url, "https://a.test:3000")
+        .unwrap()
+        .is_some());
 }
 
 #[test]
@@ -257,12 +275,16 @@ fn a_batch_fenced_with_an_old_epoch_writes_nothing() {
         matches!(store.apply_batch(&seen(1)), Err(StoreError::Fenced)),
         "no lease, no write"
     );
-    let first = Lease::try_take(&url).unwrap().unwrap();
+    let first = Lease::try_take(&url, "https://a.test:3000")
+        .unwrap()
+        .unwrap();
     fence.hold(first.epoch());
     store.apply_batch(&seen(2)).unwrap();
     // Another conductor takes the lease; this one has not noticed yet.
     drop(first);
-    let second = wait_for("the lease taken over", T, || Lease::try_take(&url).unwrap());
+    let second = wait_for("the lease taken over", T, || {
+        Lease::try_take(&url, "https://a.test:3000").unwrap()
+    });
     assert_eq!(second.epoch(), 2);
     assert!(matches!(
         store.apply_batch(&seen(3)),
@@ -445,7 +467,9 @@ fn the_api_connections_writes_are_fenced_too() {
     ));
     assert_eq!(store.setting("k").unwrap().as_deref(), Some("before"));
 
-    let first = Lease::try_take(&url).unwrap().unwrap();
+    let first = Lease::try_take(&url, "https://a.test:3000")
+        .unwrap()
+        .unwrap();
     fence.hold(first.epoch());
     store.set_settings(&[("k", "held")]).unwrap();
     store.set_all_status("offline").unwrap();
@@ -453,7 +477,9 @@ fn the_api_connections_writes_are_fenced_too() {
 
     // Another conductor takes the lease; this one has not noticed yet.
     drop(first);
-    let second = wait_for("the lease taken over", T, || Lease::try_take(&url).unwrap());
+    let second = wait_for("the lease taken over", T, || {
+        Lease::try_take(&url, "https://a.test:3000").unwrap()
+    });
     assert_eq!(second.epoch(), 2);
     assert!(matches!(
         store.set_settings(&[("k", "stale")]),

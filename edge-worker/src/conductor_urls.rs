@@ -5,8 +5,10 @@
 //! agent updates and remote exec/shell all go to the conductor that is
 //! serving.
 //!
-//! A standby opens no port until it takes over, so "serving" is "accepts a
-//! TCP connection": before a request [`ConductorUrls::reachable`] connects to
+//! "Serving" is "accepts a TCP connection": a standby either opens no port
+//! (older conductors, or before the active one's TLS material exists) or
+//! forwards each request to the active one, so any that accepts serves.
+//! Before a request [`ConductorUrls::reachable`] connects to
 //! the URL that answered last, then to the others in list order, each with a
 //! [`PROBE_TIMEOUT`], and remembers the first that accepts. With one URL
 //! nothing is probed: the request itself says whether the conductor is there.

@@ -362,6 +362,25 @@ impl HostApi {
         self.call("GET", "/api/v1/health", None).0 == 200
     }
 
+    /// Who answers `/api/v1/health` with 200 here: `Some(false)` this
+    /// conductor itself (the active one), `Some(true)` a standby forwarding
+    /// to the active one (its answer carries `X-Aerekos-Forwarded-By`),
+    /// `None` nobody.
+    pub fn health_forwarded(&self) -> Option<bool> {
+        let r = self
+            .agent
+            .get(format!("{}/api/v1/health", self.url))
+            .call()
+            .ok()?;
+        (r.status().as_u16() == 200).then(|| r.headers().contains_key("x-aerekos-forwarded-by"))
+    }
+
+    /// This conductor itself serves (it is the active one, not a standby
+    /// forwarding to it).
+    pub fn serves_itself(&self) -> bool {
+        self.health_forwarded() == Some(false)
+    }
+
     /// Logs in as `admin` with `password`.
     pub fn login(&mut self, password: &str) {
         let (status, body) = self.call(

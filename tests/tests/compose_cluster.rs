@@ -276,20 +276,25 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
     let services = ["conductor1", "conductor2"];
     let ca = fleet_ca_pem(&cluster.container(services[0]), dir.path());
 
-    // One of the two takes the lease and serves; the other stands by with
-    // no listener behind its published port.
+    // One of the two takes the lease and serves; the other stands by,
+    // forwarding its published port's requests to the active one (over
+    // the compose network, to the address the active one recorded).
     let apis: Vec<HostApi> = http
         .iter()
         .map(|p| HostApi::new(format!("https://127.0.0.1:{p}"), &ca))
         .collect();
     let active = wait_for("one conductor serving", SECS(120), || {
-        apis.iter().position(HostApi::healthy)
+        apis.iter().position(HostApi::serves_itself)
     });
     let standby = 1 - active;
     eprintln!("{} active at {:?}", services[active], started.elapsed());
-    std::thread::sleep(SECS(2));
+    wait_for(
+        &format!("{} forwarding to the active one", services[standby]),
+        SECS(30),
+        || (apis[standby].health_forwarded() == Some(true)).then_some(()),
+    );
     assert!(
-        !apis[standby].healthy(),
+        apis[active].serves_itself() && !apis[standby].serves_itself(),
         "both conductors serve: the lease did not keep {} standing by",
         services[standby]
     );
@@ -363,7 +368,7 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
     wait_for(
         &format!("{} serving after the kill", services[standby]),
         SECS(90),
-        || api.healthy().then_some(()),
+        || api.serves_itself().then_some(()),
     );
     let takeover = killed.elapsed();
     api.login(ADMIN_PASSWORD);

@@ -47,6 +47,7 @@ mod auth;
 mod commands;
 mod enroll;
 mod exec;
+pub mod forward;
 mod labels;
 mod logs;
 mod message;
@@ -253,8 +254,8 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let url = raw.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    if !raw.secure() && !ctx.shared.config.insecure_plain && !crate::net::is_loopback(ip) {
-        refuse_plain(ctx, raw, ip);
+    if crate::net::plain_refused(raw.secure(), ctx.shared.config.insecure_plain, ip) {
+        refuse_plain(&ctx.shared.plain_refused, ctx.shared.tls.as_ref(), raw, ip);
         return;
     }
     let content_length = header(&raw, "Content-Length").and_then(|v| v.trim().parse::<u64>().ok());
@@ -315,16 +316,21 @@ fn serve(ctx: &Ctx, mut raw: tiny_http::Request) {
 /// Answers a plain HTTP request from another host with 403 and how to
 /// connect instead: its password, token or cookie crossed the network in
 /// clear text already, but nothing is done with it.
-fn refuse_plain(ctx: &Ctx, raw: tiny_http::Request, ip: IpAddr) {
+fn refuse_plain(
+    refusals: &crate::net::PlainRefusals,
+    tls: Option<&crate::tls::Tls>,
+    raw: tiny_http::Request,
+    ip: IpAddr,
+) {
     let host = header(&raw, "Host").unwrap_or("<conductor>").to_string();
-    if ctx.shared.plain_refused.refuse("http", ip) {
+    if refusals.refuse("http", ip) {
         warn!(
             peer = %ip,
             "plain HTTP refused from another host (HTTPS on the same port, or --insecure-plain \
              on a trusted network)"
         );
     }
-    let message = match &ctx.shared.tls {
+    let message = match tls {
         Some(t) => format!(
             "plain HTTP is refused from {ip}: use https://{host}/ (CA fingerprint sha256:{}; \
              edge-workers given a token that carries it switch to HTTPS by themselves)",

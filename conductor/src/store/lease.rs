@@ -5,9 +5,15 @@
 //! (on different hosts, with a broker they all reach: `--mqtt-url`). The
 //! first to take the lease is active: it loads the fleet, serves the API
 //! and the dashboard, ingests and runs every loop. The others wait
-//! ([`Lease::wait`]) without opening a port, and the first of them to get
-//! the lease when the active one goes takes over (loading the fleet from
-//! the store as at any start).
+//! ([`Lease::wait`]), forwarding API requests to the active one meanwhile
+//! (`http::forward`), and the first of them to get the lease when the
+//! active one goes takes over (loading the fleet from the store as at any
+//! start).
+//!
+//! The lease row also carries the holder's API URL (`api_url`, its
+//! `--advertise-url`): written when the lease is taken
+//! ([`Lease::record_url`] again once a listen port 0 is bound), read by the
+//! waiting standbys on every poll ([`ActiveUrl`]).
 //!
 //! The lease is a session-level advisory lock (`pg_try_advisory_lock`)
 //! held by a connection of its own that never reconnects
@@ -31,8 +37,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::sql::{PgConn, Value};
@@ -64,6 +70,36 @@ pub struct Lease {
 /// bumps the epoch under the same row lock, so a transaction that ran this
 /// and saw one row changed commits before any takeover.
 pub const FENCE_SQL: &str = "UPDATE aerekos_lease SET epoch = epoch WHERE epoch = ?1";
+
+/// The active conductor's API URL as the lease row last said, shared
+/// between [`Lease::wait`] (which reads the row on every poll) and the
+/// standby's forwarding threads. `None`: no holder has recorded one.
+#[derive(Debug, Clone, Default)]
+pub struct ActiveUrl {
+    url: Arc<RwLock<Option<String>>>,
+    /// Set once [`Lease::wait`] read the row without taking the lease
+    /// (another held it, or no broker node was reachable from here; never
+    /// cleared): from then on this conductor is a standby until it returns.
+    standing_by: Arc<AtomicBool>,
+}
+
+impl ActiveUrl {
+    /// The URL last read.
+    pub fn get(&self) -> Option<String> {
+        self.url.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the URL (and marks this conductor a standby).
+    pub fn set(&self, url: Option<String>) {
+        *self.url.write().unwrap_or_else(|p| p.into_inner()) = url;
+        self.standing_by.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Lease::wait`] has stood by (see the field).
+    pub fn standing_by(&self) -> bool {
+        self.standing_by.load(Ordering::SeqCst)
+    }
+}
 
 /// The epoch the ingest writer fences its batches with, shared between
 /// the conductor's lease handling and the writer's store. Positive: the
@@ -108,8 +144,14 @@ impl Lease {
     /// The lease is only taken while `ready()` (the bus reachable from
     /// here): a conductor cut off from the broker would lead a fleet it
     /// cannot hear.
+    ///
+    /// `api_url` goes into the lease row when it is taken; while this one
+    /// stands by (another holds the lease, or the bus is unreachable), the
+    /// recorded URL is read into `active` on every poll.
     pub async fn wait(
         url: &str,
+        api_url: &str,
+        active: &ActiveUrl,
         ready: impl Fn() -> bool,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Result<Option<Lease>, StoreError> {
@@ -126,6 +168,19 @@ impl Lease {
                     );
                     said_cut_off = true;
                 }
+                // Standing by all the same: the API is forwarded to the
+                // active one, if any.
+                let c = match conn.take() {
+                    Some(c) => Ok(c),
+                    None => Lease::session(url),
+                };
+                match c.and_then(|c| active_url(&c).map(|u| (c, u))) {
+                    Ok((c, u)) => {
+                        active.set(u);
+                        conn = Some(c);
+                    }
+                    Err(e) => tracing::debug!("reading the active conductor's URL: {e}"),
+                }
                 tokio::select! {
                     () = shutdown.as_mut() => return Ok(None),
                     () = tokio::time::sleep(WAIT_POLL) => {}
@@ -140,7 +195,7 @@ impl Lease {
                 Some(c) => Ok(c),
                 None => Lease::session(url),
             }
-            .and_then(Lease::take);
+            .and_then(|c| Lease::take(c, api_url));
             match attempt {
                 Ok(Ok(lease)) => {
                     if said_standby {
@@ -149,7 +204,14 @@ impl Lease {
                     return Ok(Some(lease));
                 }
                 Ok(Err(c)) => {
-                    conn = Some(c);
+                    match active_url(&c) {
+                        Ok(u) => {
+                            active.set(u);
+                            conn = Some(c);
+                        }
+                        // The connection is made again on the next poll.
+                        Err(e) => tracing::debug!("reading the active conductor's URL: {e}"),
+                    }
                     if !said_standby {
                         tracing::info!(
                             "standby: another conductor holds this store's lease; \
@@ -177,9 +239,10 @@ impl Lease {
     }
 
     /// One attempt on a new connection: the lease, or `None` when another
-    /// session holds it.
-    pub fn try_take(url: &str) -> Result<Option<Lease>, StoreError> {
-        Ok(Lease::take(Lease::session(url)?)?.ok())
+    /// session holds it. `api_url` is recorded in the lease row as the
+    /// holder's.
+    pub fn try_take(url: &str, api_url: &str) -> Result<Option<Lease>, StoreError> {
+        Ok(Lease::take(Lease::session(url)?, api_url)?.ok())
     }
 
     /// A pinned connection with the lease's keepalives.
@@ -202,7 +265,7 @@ impl Lease {
 
     /// The lock on `conn`: the lease, or the connection back when another
     /// session holds it.
-    fn take(conn: PgConn) -> Result<Result<Lease, PgConn>, StoreError> {
+    fn take(conn: PgConn, api_url: &str) -> Result<Result<Lease, PgConn>, StoreError> {
         let got = conn.query_one_within::<bool>(
             "SELECT pg_try_advisory_lock(?1)",
             vec![Value::Int(LEASE_LOCK)],
@@ -212,11 +275,22 @@ impl Lease {
             return Ok(Err(conn));
         }
         let epoch = conn.query_one_within::<i64>(
-            "UPDATE aerekos_lease SET epoch = epoch + 1 RETURNING epoch",
-            Vec::new(),
+            "UPDATE aerekos_lease SET epoch = epoch + 1, api_url = ?1 RETURNING epoch",
+            vec![Value::Text(api_url.to_owned())],
             CHECK_WITHIN,
         )?;
         Ok(Ok(Lease { conn, epoch }))
+    }
+
+    /// Records `api_url` as the holder's in the lease row (the URL taken
+    /// with a listen port 0, once the port is bound). Blocks the caller.
+    pub fn record_url(&self, api_url: &str) -> Result<(), StoreError> {
+        self.conn.query_one_within::<i64>(
+            "UPDATE aerekos_lease SET api_url = ?1 WHERE epoch = ?2 RETURNING epoch",
+            vec![Value::Text(api_url.to_owned()), Value::Int(self.epoch)],
+            CHECK_WITHIN,
+        )?;
+        Ok(())
     }
 
     /// The epoch this holder writes under.
@@ -247,12 +321,22 @@ impl Lease {
     }
 
     /// [`Lease::try_take`] on the blocking pool.
-    pub async fn try_take_async(url: &str) -> Result<Option<Lease>, StoreError> {
-        let url = url.to_owned();
-        tokio::task::spawn_blocking(move || Lease::try_take(&url))
+    pub async fn try_take_async(url: &str, api_url: &str) -> Result<Option<Lease>, StoreError> {
+        let (url, api_url) = (url.to_owned(), api_url.to_owned());
+        tokio::task::spawn_blocking(move || Lease::try_take(&url, &api_url))
             .await
             .unwrap_or(Err(StoreError::PgThreadGone))
     }
+}
+
+/// The API URL the lease row records (`None`: none, or empty).
+fn active_url(conn: &PgConn) -> Result<Option<String>, StoreError> {
+    let u = conn.query_one_within::<String>(
+        "SELECT COALESCE(api_url, '') FROM aerekos_lease",
+        Vec::new(),
+        CHECK_WITHIN,
+    )?;
+    Ok(Some(u).filter(|u| !u.is_empty()))
 }
 
 /// The session of `conn` holds the lease lock.
