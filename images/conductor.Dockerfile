@@ -14,6 +14,10 @@ COPY ${BIN_DIR}/conductor /usr/local/bin/conductor
 # Named volumes start as a copy of this directory, owner included, so the
 # unprivileged user can write its SQLite store there.
 COPY --chown=65532:65532 state/ /data/
+# Where `conductor nats-auth` writes the NATS nodes' configuration in
+# compose/cluster.yml (a named volume the nodes mount read-only): empty and
+# owned by the same user, for the same reason.
+COPY --chown=65532:65532 state/ /nats-auth/
 
 # Every setting is also a flag; these are the container defaults: store in
 # the volume, listen on all interfaces of the container.

@@ -125,6 +125,10 @@ pub struct Config {
     /// worker its own login and ACLs there, and removes them on revocation
     /// (`conductor mosquitto-config` prints the broker config).
     pub mqtt_dynsec: bool,
+    /// The external broker is a NATS cluster in operator mode (`conductor
+    /// nats-auth`): the fleet account's seed file. The conductor signs its
+    /// own login and one per worker with it ([`crate::nats_auth`]).
+    pub nats_account_seed: Option<String>,
     /// How often the alert rules are evaluated (`5s`, `500ms`).
     pub alert_interval: String,
     /// The Ed25519 public key (64 hex digits) agent releases are signed
@@ -177,6 +181,7 @@ impl Default for Config {
             mqtt_ca: None,
             metrics_token: None,
             mqtt_dynsec: false,
+            nats_account_seed: None,
             secret_grace: "24h".into(),
             alert_interval: "5s".into(),
             release_key: None,
@@ -229,6 +234,8 @@ pub struct Overrides {
     pub metrics_token: Option<String>,
     /// `--mqtt-dynsec`
     pub mqtt_dynsec: bool,
+    /// `--nats-account-seed`
+    pub nats_account_seed: Option<String>,
     /// `--release-key`
     pub release_key: Option<String>,
     /// `--homeassistant-discovery`
@@ -481,6 +488,7 @@ impl Config {
         env_str!(secret_grace, "AEREKOS_SECRET_GRACE");
         env_str!(alert_interval, "AEREKOS_ALERT_INTERVAL");
         env_opt!(release_key, "AEREKOS_RELEASE_KEY");
+        env_opt!(nats_account_seed, "AEREKOS_NATS_ACCOUNT_SEED");
         if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
             c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "AEREKOS_MAX_ARTIFACT_BYTES".into(),
@@ -549,6 +557,9 @@ impl Config {
         if let Some(v) = f.release_key {
             c.release_key = Some(v);
         }
+        if let Some(v) = f.nats_account_seed {
+            c.nats_account_seed = Some(v);
+        }
         if f.homeassistant_discovery {
             c.homeassistant_discovery = true;
         }
@@ -592,6 +603,12 @@ impl Config {
                 "mqtt_dynsec",
                 "needs an external broker (mqtt_url); the embedded one enforces the same rules itself"
                     .into(),
+            ));
+        }
+        if self.nats_account_seed.is_some() && (self.mqtt_url.is_none() || self.mqtt_dynsec) {
+            return Err(bad(
+                "nats_account_seed",
+                "needs an external NATS broker (mqtt_url) and no mqtt_dynsec".into(),
             ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
@@ -977,6 +994,26 @@ mod tests {
             .to_string();
         assert!(e.contains("release_key") && e.contains("64 hex"), "{e}");
         assert_eq!(Config::default().release_key_bytes(), None);
+    }
+
+    #[test]
+    fn the_nats_account_seed_comes_from_env_or_flag_and_needs_an_external_broker() {
+        let mut env = HashMap::new();
+        env.insert("AEREKOS_NATS_ACCOUNT_SEED".to_string(), "/s/env.nk".into());
+        env.insert("AEREKOS_MQTT_URL".to_string(), "mqtt://n1:1883,n2:1883".into());
+        let c = Config::resolve(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(c.nats_account_seed.as_deref(), Some("/s/env.nk"));
+        let flags = Overrides {
+            nats_account_seed: Some("/s/flag.nk".into()),
+            ..Overrides::default()
+        };
+        let c = Config::resolve(None, &env, &flags).unwrap();
+        assert_eq!(c.nats_account_seed.as_deref(), Some("/s/flag.nk"));
+        env.remove("AEREKOS_MQTT_URL");
+        let e = Config::resolve(None, &env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats_account_seed"), "{e}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod live;
 pub mod liveness;
 pub mod mirror;
 pub mod mqtt;
+pub mod nats_auth;
 pub mod net;
 pub mod rollout;
 pub mod rotation;
@@ -109,6 +110,9 @@ pub enum ConductorError {
     /// Mosquitto's dynamic-security plugin could not be set up.
     #[error("Mosquitto dynamic security: {0}")]
     DynSec(#[from] dynsec::DynSecError),
+    /// NATS operator mode's keys.
+    #[error("NATS operator mode: {0}")]
+    NatsAuth(#[from] nats_auth::NatsAuthError),
     /// HTTP server failure.
     #[error("http: {0}")]
     Http(String),
@@ -466,7 +470,7 @@ pub async fn run(
     let mut mqtts_addr = None;
     let mut mqtt_ca_pem = None;
     let mut external_tls = false;
-    let (mqtt_settings, mqtt_addr, embedded) = match &config.mqtt_url {
+    let (mut mqtt_settings, mqtt_addr, embedded) = match &config.mqtt_url {
         None => {
             let listen: SocketAddr =
                 config
@@ -513,6 +517,7 @@ pub async fn run(
                     more: Vec::new(),
                     username: Some(broker::CONDUCTOR_USER.into()),
                     password: Some(conductor_pw),
+                    client_id: mqtt::CLIENT_ID.into(),
                     tls: None,
                 },
                 listen,
@@ -559,12 +564,27 @@ pub async fn run(
                         .collect(),
                     username: u.username.clone(),
                     password: u.password.clone(),
+                    client_id: mqtt::CLIENT_ID.into(),
                     tls: client_tls,
                 },
                 addr,
                 false,
             )
         }
+    };
+
+    // NATS in operator mode: the conductor's login and client id are made
+    // with the fleet account's key, and so is every worker's login.
+    let nats_account = match &config.nats_account_seed {
+        Some(path) => {
+            let account = nats_auth::FleetAccount::load(Path::new(path))?;
+            mqtt_settings.username = Some("aerekos-conductor".into());
+            mqtt_settings.password = Some(account.conductor_jwt()?);
+            mqtt_settings.client_id = account.client_id(mqtt::CLIENT_ID);
+            info!(account = %account.public(), "NATS operator mode: a login per worker");
+            Some(Arc::new(account))
+        }
+        None => None,
     };
 
     // Mosquitto's dynamic-security plugin, before the conductor's own
@@ -644,7 +664,11 @@ pub async fn run(
         embedded_broker: embedded,
         store_engine,
         lease: lease_fence,
-        observer_password: (embedded || dynsec_handle.is_some()).then_some(observer_pw),
+        observer_password: match &nats_account {
+            Some(a) => Some(a.observer_jwt()?),
+            None => (embedded || dynsec_handle.is_some()).then_some(observer_pw),
+        },
+        nats_account,
         tls: tls.clone(),
         mqtts_port: mqtts_addr.map(|a| a.port()),
         mqtt_ca_pem,

@@ -100,6 +100,11 @@ struct Flags {
     /// manage a login and ACLs per worker there (see `mosquitto-config`).
     #[arg(long, global = true)]
     mqtt_dynsec: bool,
+    /// The external broker is a NATS cluster in operator mode: the fleet
+    /// account's seed file (`nats-auth` writes it). Every worker gets a
+    /// login of its own, signed with it, allowed only its own topics.
+    #[arg(long, global = true)]
+    nats_account_seed: Option<String>,
     /// Public key (64 hex digits) that agent releases must be signed with
     /// (`aerekos release-key generate` prints it); handed to workers at
     /// enrolment, which pin it.
@@ -149,6 +154,17 @@ enum Cmd {
         /// The admin login the conductor uses.
         #[arg(long, default_value = "conductor")]
         admin: String,
+    },
+    /// Make the keys of NATS operator mode: the server configuration every
+    /// NATS node includes, and the fleet account's seed for
+    /// `--nats-account-seed`. Does nothing when they exist.
+    NatsAuth {
+        /// The server configuration to write (public: JWTs and public keys).
+        #[arg(long)]
+        conf: PathBuf,
+        /// Where the seeds go (secret: fleet-account.nk, operator.nk).
+        #[arg(long)]
+        keys: PathBuf,
     },
     /// Admin user management (offline).
     Admin {
@@ -203,6 +219,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
         mqtt_ca: f.mqtt_ca.clone(),
         metrics_token: f.metrics_token.clone(),
         mqtt_dynsec: f.mqtt_dynsec,
+        nats_account_seed: f.nats_account_seed.clone(),
         release_key: f.release_key.clone(),
         homeassistant_discovery: f.homeassistant_discovery,
         homeassistant_prefix: f.homeassistant_prefix.clone(),
@@ -368,6 +385,19 @@ fn main() -> Result<()> {
                 "{}",
                 conductor::dynsec::mosquitto_config(listener, &plugin, dynsec_file, admin)
             );
+            Ok(())
+        }
+        Some(Cmd::NatsAuth { conf, keys }) => {
+            match conductor::nats_auth::generate(conf, keys)? {
+                conductor::nats_auth::Generated::Created => println!(
+                    "wrote {} (include it in every NATS node's configuration) and {}",
+                    conf.display(),
+                    keys.join(conductor::nats_auth::ACCOUNT_SEED).display()
+                ),
+                conductor::nats_auth::Generated::Existed => {
+                    println!("{} and the keys exist: nothing changed", conf.display())
+                }
+            }
             Ok(())
         }
         Some(Cmd::Admin {

@@ -28,6 +28,11 @@ pub struct MqttSettings {
     pub username: Option<String>,
     /// Password.
     pub password: Option<String>,
+    /// The conductor session's client id: [`CLIENT_ID`], or on NATS in
+    /// operator mode one derived from the account seed
+    /// ([`crate::nats_auth::FleetAccount::client_id`]), which workers cannot
+    /// guess and so cannot take over.
+    pub client_id: String,
     /// MQTT over TLS (an external `mqtts://` broker).
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -98,7 +103,7 @@ pub fn client(s: &MqttSettings, manual_acks: bool) -> (AsyncClient, EventLoop, V
                     port,
                     ..s.clone()
                 },
-                CLIENT_ID,
+                &s.client_id,
             );
             opts.set_clean_session(false);
             opts.set_manual_acks(manual_acks);

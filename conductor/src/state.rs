@@ -500,6 +500,9 @@ pub struct Shared {
     pub plain_refused: Arc<crate::net::PlainRefusals>,
     /// Publishes and subscribes the embedded broker refused.
     pub mqtt_denied: crate::broker::DeniedCounters,
+    /// NATS in operator mode (`--nats-account-seed`): the key every
+    /// worker's login is signed with at enrolment.
+    pub nats_account: Option<Arc<crate::nats_auth::FleetAccount>>,
     /// Per-worker logins and ACLs on an external Mosquitto (`--mqtt-dynsec`).
     pub dynsec: Option<crate::dynsec::DynSecHandle>,
     /// Enrolment rate limiter (per IP).

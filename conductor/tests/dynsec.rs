@@ -114,6 +114,7 @@ impl Broker {
 
     fn settings(&self, username: &str, password: &str) -> MqttSettings {
         MqttSettings {
+            client_id: conductor::mqtt::CLIENT_ID.into(),
             host: "127.0.0.1".into(),
             port: self.port,
             more: Vec::new(),

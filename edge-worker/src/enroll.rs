@@ -53,6 +53,11 @@ pub struct EnrollResponse {
     /// MQTT password.
     #[serde(default)]
     pub mqtt_password: String,
+    /// The MQTT client id to use instead of the worker id (on NATS, where
+    /// any login may connect with any client id: one other workers cannot
+    /// guess).
+    #[serde(default)]
+    pub mqtt_client_id: Option<String>,
     /// Metrics interval the conductor suggests, ms.
     #[serde(default)]
     pub interval_ms: Option<u32>,

@@ -413,6 +413,7 @@ pub async fn run_until(
                 mqtt_url: resp.mqtt_url,
                 mqtt_username: resp.mqtt_username,
                 mqtt_password: resp.mqtt_password,
+                mqtt_client_id: resp.mqtt_client_id,
                 seq_reserved,
                 cmd_highest,
                 cmd_bitmap,

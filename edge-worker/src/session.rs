@@ -479,7 +479,8 @@ pub(crate) async fn run(
     let brokers = urls
         .iter()
         .map(|url| {
-            let mut opts = MqttOptions::new(id.clone(), url.host.clone(), url.port);
+            let client_id = st.mqtt_client_id.clone().unwrap_or_else(|| id.clone());
+            let mut opts = MqttOptions::new(client_id, url.host.clone(), url.port);
             if url.tls {
                 opts.set_transport(mqtt_tls(p.trust.as_ref(), &url.to_string())?);
             }

@@ -86,6 +86,9 @@ pub struct State {
     pub mqtt_username: String,
     /// MQTT password.
     pub mqtt_password: String,
+    /// The MQTT client id the conductor handed out; `None`: the worker id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_client_id: Option<String>,
     /// Invariant: every frame seq ever sent is `< seq_reserved`; a restarted
     /// worker starts at `seq_reserved` (see the module docs).
     #[serde(default = "one")]
@@ -373,6 +376,7 @@ mod tests {
             mqtt_url: "mqtt://127.0.0.1:1883".into(),
             mqtt_username: "w-abc".into(),
             mqtt_password: "hunter2".into(),
+            mqtt_client_id: None,
             seq_reserved: 1,
             cmd_highest: 0,
             cmd_bitmap: 0,

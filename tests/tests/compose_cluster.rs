@@ -20,6 +20,9 @@
 //!   user, password and database of the compose file's environment baked in,
 //!   instead of the official `postgres:15` (`AEREKOS_POSTGRES_IMAGE`).
 //!
+//! NATS runs in operator mode: the `nats-auth` one-shot service writes the
+//! keys first, and the worker gets a login of its own.
+//!
 //! Workers reach the NATS nodes through their published host ports
 //! (`AEREKOS_MQTT_PUBLIC_URL=mqtt://127.0.0.1:a,mqtt://127.0.0.1:b,…`), the
 //! conductors through the compose network (`nats1:1883,…`).
@@ -45,8 +48,6 @@ const ADMIN_PASSWORD: &str = "cluster-admin-password-Qe7";
 const POSTGRES_USER: &str = "aerekos";
 const POSTGRES_PASSWORD: &str = "cluster-pg-password-Zt4";
 const POSTGRES_DB: &str = "aerekos";
-const NATS_CONDUCTOR_PASSWORD: &str = "cluster-nats-conductor-Hs2";
-const WORKER_MQTT_PASSWORD: &str = "cluster-nats-worker-Lm9";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 /// `AEREKOS_REQUIRE_<what>=1` turns a skip into a failure.
@@ -257,11 +258,6 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
             ("AEREKOS_POSTGRES_USER", POSTGRES_USER.into()),
             ("AEREKOS_POSTGRES_PASSWORD", POSTGRES_PASSWORD.into()),
             ("AEREKOS_POSTGRES_DB", POSTGRES_DB.into()),
-            (
-                "AEREKOS_NATS_CONDUCTOR_PASSWORD",
-                NATS_CONDUCTOR_PASSWORD.into(),
-            ),
-            ("AEREKOS_WORKER_MQTT_PASSWORD", WORKER_MQTT_PASSWORD.into()),
             ("AEREKOS_MQTT_PUBLIC_URL", public_url.join(",")),
             ("AEREKOS_TLS_SAN", "127.0.0.1".into()),
             ("AEREKOS_HTTP_PORT", format!("127.0.0.1:{}", http[0])),
@@ -358,6 +354,22 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
             "NATS node on port {p} missing from the worker's broker list: {state}"
         );
     }
+    // A NATS login of its own (operator mode, signed by the conductor with
+    // the seed the nats-auth service wrote), and a client id not its id.
+    let st: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(st["mqtt_username"], id.as_str(), "{st}");
+    assert!(
+        st["mqtt_password"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("eyJ")),
+        "a JWT: {st}"
+    );
+    assert!(
+        st["mqtt_client_id"]
+            .as_str()
+            .is_some_and(|c| c.starts_with(&format!("{id}-"))),
+        "{st}"
+    );
 
     // The active conductor dies: the standby takes the lease and serves the
     // same fleet, under the same CA, and the worker's frames reach it.

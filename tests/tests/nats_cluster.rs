@@ -1,6 +1,7 @@
 //! The scale-out bus: a three-node NATS cluster (JetStream, the MQTT
 //! gateway on every node), PostgreSQL, an active and a standby conductor
-//! and a real agent, all real processes. Both conductors and the agent are
+//! and a real agent, all real processes, NATS in operator mode (a login per
+//! worker, signed by the conductors). Both conductors and the agent are
 //! given every node (`--mqtt-url mqtt://…@a,b,c`; the agent gets the list
 //! at enrolment). A NATS node is killed under everyone, then the active
 //! conductor, then another node after the first is back, then PostgreSQL
@@ -12,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::nats::{NatsCluster, WORKER_LOGIN};
+use e2e::nats::NatsCluster;
 use e2e::services::{create_service, deploy, pid_of, state_of};
 use e2e::*;
 use serde_json::json;
@@ -44,16 +45,23 @@ fn the_fleet_rides_out_a_nats_node_and_the_active_conductor_dying() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut nats) = NatsCluster::start(&dir.path().join("nats"), 3) else {
+    // Operator mode: every worker gets a NATS login of its own, which
+    // every node accepts (nats_logins.rs tests what it allows).
+    let Some((mut nats, seed)) = NatsCluster::start_operator(&dir.path().join("nats"), 3) else {
         return;
     };
     let store = pg.create_database("fleet");
     let bus = nats.conductor_url();
-    let args = ["--mqtt-url", &bus, "--store", &store];
-    let env = [
-        ("AEREKOS_WORKER_MQTT_USERNAME", WORKER_LOGIN.0),
-        ("AEREKOS_WORKER_MQTT_PASSWORD", WORKER_LOGIN.1),
+    let seed = seed.display().to_string();
+    let args = [
+        "--mqtt-url",
+        &bus,
+        "--store",
+        &store,
+        "--nats-account-seed",
+        &seed,
     ];
+    let env: [(&str, &str); 0] = [];
     let mut a = Conductor::start_with_env(&dir.path().join("a"), &args, &env);
     let token = a.registration_token();
     let mut w = Worker::start(

@@ -90,6 +90,16 @@ fn broker_login(s: &Shared, id: &str, password: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The MQTT password worker `id` gets: on NATS in operator mode a login
+/// of its own signed with the fleet account's key, else `shared` (a fresh
+/// random one, or the configured shared login's).
+fn worker_password(s: &Shared, id: &str, shared: &str) -> Result<String, ApiError> {
+    match &s.nats_account {
+        Some(a) => a.worker_jwt(id).map_err(ApiError::internal),
+        None => Ok(shared.to_string()),
+    }
+}
+
 fn token_ok(ctx: &Ctx, token: &str) -> Result<bool, ApiError> {
     // A worker sends the secret part; a full token with the CA fingerprint
     // (pasted by hand into a script) is accepted too.
@@ -127,8 +137,10 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         Some(b) => Some(serde_json::to_string(b).map_err(ApiError::internal)?),
         None => None,
     };
-    let (mqtt_username, mqtt_password) = if s.embedded_broker || s.dynsec.is_some() {
+    let (mqtt_username, shared_password) = if s.embedded_broker || s.dynsec.is_some() {
         (None, random_hex::<24>()?)
+    } else if s.nats_account.is_some() {
+        (None, String::new())
     } else {
         (
             s.config.worker_mqtt_username.clone(),
@@ -138,7 +150,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
     let now = now_ms();
     let ip = req.ip.to_string();
 
-    let (worker_id, secret) = match (&body.worker_id, &body.proof) {
+    let (worker_id, secret, mqtt_password) = match (&body.worker_id, &body.proof) {
         (Some(id), Some(proof)) => {
             // The proof is under the worker's current secret, or under the
             // rotated one it already switched to.
@@ -160,6 +172,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 Ok(with_pending)
             };
             check(&s.workers())?;
+            let mqtt_password = worker_password(s, id, &shared_password)?;
             // Outside the lock: a round trip to an external broker.
             broker_login(s, id, &mqtt_password)?;
             let mut workers = s.workers();
@@ -202,7 +215,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 w.inventory = Some(b);
             }
             info!(worker_id = %id, "worker re-enrolled");
-            (id.clone(), w.secret.clone())
+            (id.clone(), w.secret.clone(), mqtt_password)
         }
         _ => {
             if !token_ok(ctx, &body.token)? {
@@ -219,6 +232,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 }
             };
             let id = fresh(&s.workers())?;
+            let mqtt_password = worker_password(s, &id, &shared_password)?;
             // Outside the lock: a round trip to an external broker.
             broker_login(s, &id, &mqtt_password)?;
             let mut workers = s.workers();
@@ -256,7 +270,7 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
                 None => return Err(ApiError::internal("fresh secret did not round-trip")),
             }
             info!(worker_id = %id, hostname = %row.hostname, "worker enrolled");
-            (id, secret)
+            (id, secret, mqtt_password)
         }
     };
     let mut answer = json!({
@@ -268,6 +282,11 @@ pub(crate) fn enroll(ctx: &Ctx, req: &Req) -> Result<Resp, ApiError> {
         "mqtt_password": mqtt_password,
         "interval_ms": s.config.default_interval_ms,
     });
+    // On NATS a client id other workers cannot guess (an old agent ignores
+    // it and uses its worker id).
+    if let Some(a) = &s.nats_account {
+        answer["mqtt_client_id"] = json!(a.client_id(&worker_id));
+    }
     // The agent pins the release key (agent self-update); absent when none
     // is configured.
     if let Some(k) = &s.config.release_key {
