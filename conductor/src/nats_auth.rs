@@ -208,7 +208,10 @@ impl Nkey {
         let jti = BASE32_NOPAD.encode(&crate::crypto::random_bytes::<20>()?);
         let claims = json!({
             "jti": jti,
-            "iat": crate::state::now_ms() / 1000,
+            // Before 1970 only on a broken clock: 0 (the servers ignore `iat`).
+            "iat": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             "iss": self.public(),
             "name": name,
             "sub": subject,
