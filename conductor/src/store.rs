@@ -9,9 +9,13 @@
 //! PostgreSQL ([`Store::open_postgres`]): the same migrations, their column
 //! types mapped by [`sql::pg_ddl`], the version in table `aerekos_schema`,
 //! each step under an advisory lock so conductors starting together migrate
-//! once. Every statement is written once for both engines ([`sql`] states
-//! the shared dialect); the store tests run on both (`each_engine`) and
-//! so does the conductor's integration suite (`AEREKOS_TEST_STORE=postgres`).
+//! once. A few steps are PostgreSQL's alone (`PG_STEPS`, counted in
+//! `aerekos_schema.pg_steps`): since the one after v9 the metrics tables
+//! are partitioned by UTC day there, and retention drops whole partitions
+//! ([`partitions`]). Every statement is written once for both engines
+//! ([`sql`] states the shared dialect); the store tests run on both
+//! (`each_engine`) and so does the conductor's integration suite
+//! (`AEREKOS_TEST_STORE=postgres`).
 //!
 //! Two kinds of connection exist at run time: the ingest writer thread owns
 //! one (batched metrics / replay-window / status writes, see
@@ -37,8 +41,9 @@
 //! migrations and the shared helpers; each table family has its own
 //! `impl Store` under `store/`: `settings.rs` (settings, users, tokens),
 //! `workers.rs` (workers, secret rotation), `metrics.rs` (raw and per-minute
-//! metrics, retention), `services.rs` (specs, deployments, overrides,
-//! status), `artifacts.rs`, `rollouts.rs`, `alerts.rs` (rules, alerts,
+//! metrics, retention), `partitions.rs` (PostgreSQL: the metrics tables'
+//! day partitions and their retention), `services.rs` (specs, deployments,
+//! overrides, status), `artifacts.rs`, `rollouts.rs`, `alerts.rs` (rules, alerts,
 //! receivers, the notification outbox), `exec.rs` (the remote exec audit,
 //! schema v6), `agent_updates.rs` (agent releases and agent rollouts,
 //! schema v7) and `batch.rs` (the ingest writer's [`WriteOp`] batches).
@@ -61,6 +66,7 @@ mod batch;
 mod exec;
 pub mod lease;
 mod metrics;
+pub mod partitions;
 pub mod pg_tls;
 mod rollouts;
 mod services;
@@ -83,6 +89,11 @@ pub use workers::{SecretRotationRow, WorkerRow};
 pub const MAX_QUERY_ROWS: usize = 10_000;
 
 /// Schema steps; index + 1 is the `user_version` after the step. Append only.
+///
+/// On PostgreSQL the metrics tables are partitioned by day after v9
+/// (`PG_STEPS`, [`partitions`]): a later step on them must be one a
+/// partitioned table takes (columns and indexes are; a unique index must
+/// include the time column).
 pub const MIGRATIONS: &[&str] = &[
     // v1
     "CREATE TABLE settings (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -296,6 +307,26 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE workers ADD COLUMN board TEXT;",
 ];
 
+/// A PostgreSQL-only schema step ([`PG_STEPS`]).
+struct PgStep {
+    /// Runs right after shared step `after` (the version it leaves).
+    after: usize,
+    /// Applies it, inside the step's transaction.
+    run: fn(&sql::Db) -> Result<(), StoreError>,
+}
+
+/// Schema steps PostgreSQL alone takes, in order, each after the shared
+/// step its `after` names: index + 1 is `aerekos_schema.pg_steps` after the
+/// step. Append only, `after` never decreasing. SQLite's schema and its
+/// numbering are [`MIGRATIONS`]' alone.
+const PG_STEPS: &[PgStep] = &[
+    // After v9: the metrics tables partitioned by UTC day (`partitions`).
+    PgStep {
+        after: 9,
+        run: partitions::convert,
+    },
+];
+
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -316,6 +347,10 @@ pub enum StoreError {
     /// The database was written by a newer conductor.
     #[error("database schema version {0} is newer than this conductor understands")]
     TooNew(i64),
+    /// The PostgreSQL database has taken more PostgreSQL-only schema steps
+    /// than this conductor knows (a newer one migrated it).
+    #[error("database PostgreSQL schema step {0} is newer than this conductor understands")]
+    TooNewPg(i64),
     /// A query that must return a row returned none.
     #[error("the query returned no row")]
     NoRow,
@@ -530,9 +565,11 @@ impl Store {
     /// Connects to a PostgreSQL server and migrates its schema. Several
     /// conductors may do this at once: each step runs under a transaction
     /// -scoped advisory lock, and a step another conductor applied first is
-    /// skipped.
+    /// skipped. The PostgreSQL-only steps (`PG_STEPS`) run the same way,
+    /// counted in `aerekos_schema.pg_steps`. Then the metrics tables' day
+    /// partitions of today and the next days are made ([`partitions`]).
     pub fn open_postgres(url: &str) -> Result<Store, StoreError> {
-        let store = Store {
+        let mut store = Store {
             conn: Db::Postgres(sql::PgConn::connect(url)?),
             fence: None,
         };
@@ -560,31 +597,74 @@ impl Store {
             // here, idempotently under the migration lock, not in the shared
             // `MIGRATIONS`.
             tx.batch("ALTER TABLE aerekos_lease ADD COLUMN IF NOT EXISTS api_url TEXT")?;
+            // The PostgreSQL-only steps taken (`PG_STEPS`).
+            tx.batch(
+                "ALTER TABLE aerekos_schema ADD COLUMN IF NOT EXISTS pg_steps BIGINT NOT NULL DEFAULT 0",
+            )?;
             tx.commit()?;
         }
+        store.pg_steps_after(0)?;
         for (idx, step) in MIGRATIONS.iter().enumerate() {
-            let tx = store.conn.begin()?;
+            store.migrate_postgres_step(idx, step)?;
+            store.pg_steps_after(idx + 1)?;
+        }
+        store.prepare_partitions_ahead()?;
+        Ok(store)
+    }
+
+    /// Shared step `idx` on PostgreSQL, unless taken already.
+    fn migrate_postgres_step(&self, idx: usize, step: &str) -> Result<(), StoreError> {
+        let tx = self.conn.begin()?;
+        tx.batch(&format!(
+            "SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})"
+        ))?;
+        let version: i64 = tx.query_row("SELECT version FROM aerekos_schema", params![], |r| {
+            r.get(0)
+        })?;
+        if version > int(MIGRATIONS.len()) {
+            return Err(StoreError::TooNew(version));
+        }
+        if version > int(idx) {
+            return Ok(());
+        }
+        tx.batch(&sql::pg_ddl(step))?;
+        tx.execute(
+            "UPDATE aerekos_schema SET version = ?1",
+            params![int(idx + 1)],
+        )?;
+        tx.commit()
+    }
+
+    /// The PostgreSQL-only steps that follow shared version `version`,
+    /// each in its own transaction under the migration lock, unless taken
+    /// already.
+    fn pg_steps_after(&self, version: usize) -> Result<(), StoreError> {
+        for (idx, step) in PG_STEPS.iter().enumerate() {
+            if step.after != version {
+                continue;
+            }
+            let tx = self.conn.begin()?;
             tx.batch(&format!(
                 "SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})"
             ))?;
-            let version: i64 =
-                tx.query_row("SELECT version FROM aerekos_schema", params![], |r| {
+            let done: i64 =
+                tx.query_row("SELECT pg_steps FROM aerekos_schema", params![], |r| {
                     r.get(0)
                 })?;
-            if version > int(MIGRATIONS.len()) {
-                return Err(StoreError::TooNew(version));
+            if done > int(PG_STEPS.len()) {
+                return Err(StoreError::TooNewPg(done));
             }
-            if version > int(idx) {
+            if done > int(idx) {
                 continue;
             }
-            tx.batch(&sql::pg_ddl(step))?;
+            (step.run)(&tx)?;
             tx.execute(
-                "UPDATE aerekos_schema SET version = ?1",
+                "UPDATE aerekos_schema SET pg_steps = ?1",
                 params![int(idx + 1)],
             )?;
             tx.commit()?;
         }
-        Ok(store)
+        Ok(())
     }
 
     fn migrate_sqlite(&mut self) -> Result<(), StoreError> {
@@ -753,6 +833,16 @@ mod tests {
             ),
             ("s1", "exec", "exited")
         );
+    }
+
+    #[test]
+    fn postgres_only_steps_follow_shared_steps_in_order() {
+        let mut after = 0;
+        for step in PG_STEPS {
+            assert!(step.after >= after, "PG_STEPS out of order");
+            assert!(step.after <= MIGRATIONS.len());
+            after = step.after;
+        }
     }
 
     #[test]

@@ -501,3 +501,566 @@ fn the_api_connections_writes_are_fenced_too() {
     store.set_settings(&[("k", "second")]).unwrap();
     assert_eq!(store.setting("k").unwrap().as_deref(), Some("second"));
 }
+
+// Time-partitioned metrics tables (store::partitions).
+
+const DAY: u64 = 86_400_000;
+const HOUR: u64 = 3_600_000;
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// The UTC day of `ms`.
+fn day(ms: u64) -> i64 {
+    i64::try_from(ms / DAY).unwrap()
+}
+
+fn part(table: &str, day: i64) -> String {
+    conductor::store::partitions::partition_name(table, day).unwrap()
+}
+
+/// A metrics frame received at `at` (one raw row, one minute row).
+fn sample(worker: &str, at: u64, seq: u64) -> conductor::store::WriteOp {
+    conductor::store::WriteOp::Metrics {
+        worker_id: worker.into(),
+        received_at_ms: at,
+        seq,
+        blob: seq.to_be_bytes().to_vec(),
+        rollup: conductor::store::Rollup {
+            cpu: 100 * seq,
+            ..conductor::store::Rollup::default()
+        },
+    }
+}
+
+/// `table`'s partitions, by name.
+fn partitions(pg: &test_support::postgres::Postgres, db: &str, table: &str) -> Vec<String> {
+    let out = pg.psql(
+        db,
+        &format!(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = '{table}'::regclass ORDER BY 1"
+        ),
+    );
+    out.lines().map(str::to_owned).collect()
+}
+
+fn count(pg: &test_support::postgres::Postgres, db: &str, sql: &str) -> u64 {
+    pg.psql(db, sql).parse().unwrap()
+}
+
+fn test_worker(id: &str) -> conductor::store::WorkerRow {
+    conductor::store::WorkerRow {
+        id: id.into(),
+        machine_id: "m".into(),
+        hostname: "h".into(),
+        secret_hex: "00".repeat(32),
+        mqtt_password_sha256: "x".into(),
+        labels_json: "{}".into(),
+        inventory_json: None,
+        board_json: None,
+        enrolled_at_ms: 1,
+        last_seen_ms: None,
+        last_ip: None,
+        revoked: false,
+        replay_highest: 0,
+        replay_bitmap: 0,
+        cmd_seq: 0,
+        status: "online".into(),
+    }
+}
+
+#[test]
+fn a_fresh_postgres_store_writes_metrics_into_todays_partition() {
+    use conductor::store::Store;
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("fresh");
+    let mut store = Store::open_postgres(&url).unwrap();
+    let now = now_ms();
+    let today = day(now);
+    for table in ["metrics_raw", "metrics_minute"] {
+        assert_eq!(
+            pg.psql(
+                "fresh",
+                &format!("SELECT relkind FROM pg_class WHERE relname = '{table}'")
+            ),
+            "p",
+            "{table} is partitioned"
+        );
+        let mut want: Vec<String> = (today..=today + 2).map(|d| part(table, d)).collect();
+        want.push(format!("{table}_default"));
+        want.sort();
+        assert_eq!(partitions(&pg, "fresh", table), want);
+    }
+    store.insert_worker(&test_worker("w-1")).unwrap();
+    store
+        .apply_batch(&[sample("w-1", now, 1), sample("w-1", now + 1, 2)])
+        .unwrap();
+    assert_eq!(
+        pg.psql(
+            "fresh",
+            "SELECT DISTINCT tableoid::regclass FROM metrics_raw"
+        ),
+        part("metrics_raw", today)
+    );
+    assert_eq!(
+        pg.psql(
+            "fresh",
+            "SELECT DISTINCT tableoid::regclass FROM metrics_minute"
+        ),
+        part("metrics_minute", today)
+    );
+    // The history queries read them; the minute upsert summed the two.
+    assert_eq!(
+        store
+            .raw_metrics("w-1", now - HOUR, now + HOUR)
+            .unwrap()
+            .len(),
+        2
+    );
+    let minutes = store.minute_metrics("w-1", now - HOUR, now + HOUR).unwrap();
+    assert_eq!(minutes.iter().map(|m| m.n).sum::<u64>(), 2);
+    // A second open takes no step again and makes the missing partitions
+    // ahead (one is gone here), leaving the others.
+    pg.psql(
+        "fresh",
+        &format!("DROP TABLE {}", part("metrics_raw", today + 2)),
+    );
+    drop(Store::open_postgres(&url).unwrap());
+    assert_eq!(
+        pg.psql("fresh", "SELECT version, pg_steps FROM aerekos_schema"),
+        format!("{}|1", conductor::store::MIGRATIONS.len())
+    );
+    assert_eq!(partitions(&pg, "fresh", "metrics_raw").len(), 4);
+    // Deleting the worker deletes its history in every partition.
+    assert!(store.delete_worker("w-1").unwrap());
+    assert_eq!(count(&pg, "fresh", "SELECT count(*) FROM metrics_raw"), 0);
+    assert_eq!(
+        count(&pg, "fresh", "SELECT count(*) FROM metrics_minute"),
+        0
+    );
+}
+
+#[test]
+fn a_v9_postgres_database_is_converted_keeping_every_row() {
+    use conductor::store::{sql::pg_ddl, Store, MIGRATIONS};
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.create_database("old");
+    // The database as a conductor from before partitioning left it: v9,
+    // plain metrics tables.
+    let mut schema = String::from(
+        "CREATE TABLE aerekos_schema (version BIGINT NOT NULL);
+         INSERT INTO aerekos_schema VALUES (9);
+         CREATE TABLE aerekos_lease (epoch BIGINT NOT NULL, api_url TEXT);
+         INSERT INTO aerekos_lease VALUES (0, NULL);",
+    );
+    for step in &MIGRATIONS[..9] {
+        schema.push_str(&pg_ddl(step));
+        schema.push(';');
+    }
+    pg.psql("old", &schema);
+    assert_eq!(
+        pg.psql(
+            "old",
+            "SELECT relkind FROM pg_class WHERE relname = 'metrics_raw'"
+        ),
+        "r"
+    );
+    // Rows over the last 6 days and tomorrow, several workers.
+    let now = now_ms();
+    let mut times = Vec::new();
+    for k in 0..6 {
+        for j in 0..4 {
+            times.push(now - k * DAY - j * 5 * HOUR);
+        }
+    }
+    times.push(now + DAY);
+    let raw: Vec<String> = times
+        .iter()
+        .enumerate()
+        .map(|(n, t)| format!("('w-{}', {t}, {n}, '\\x{n:04x}'::bytea)", n % 3))
+        .collect();
+    pg.psql(
+        "old",
+        &format!("INSERT INTO metrics_raw VALUES {}", raw.join(", ")),
+    );
+    let minute: Vec<String> = times
+        .iter()
+        .enumerate()
+        .map(|(n, t)| {
+            format!(
+                "('w-{}', {}, 1, {n}, {n}, 5, 10, 7, NULL, 1, 2, 3, 4)",
+                n % 3,
+                t - t % 60_000
+            )
+        })
+        .collect();
+    pg.psql(
+        "old",
+        &format!(
+            "INSERT INTO metrics_minute (worker_id, minute_ms, n, cpu_sum, cpu_max,
+                mem_used_sum, mem_total, load1_sum, temp_max, disk_used, disk_total,
+                rx_bps_sum, tx_bps_sum) VALUES {}",
+            minute.join(", ")
+        ),
+    );
+    let per_day = |table: &str, col: &str| {
+        pg.psql(
+            "old",
+            &format!("SELECT {col} / 86400000, count(*) FROM {table} GROUP BY 1 ORDER BY 1"),
+        )
+    };
+    let checksum = |table: &str| {
+        pg.psql(
+            "old",
+            &format!("SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t"),
+        )
+    };
+    let raw_days = per_day("metrics_raw", "received_at_ms");
+    let minute_days = per_day("metrics_minute", "minute_ms");
+    assert_eq!(raw_days.lines().count(), 7, "{raw_days}");
+    let (raw_sum, minute_sum) = (checksum("metrics_raw"), checksum("metrics_minute"));
+
+    // Two conductors start at once: one converts, the other waits and
+    // finds it done.
+    let opened: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || Store::open_postgres(&url))
+        })
+        .collect();
+    let mut stores: Vec<Store> = opened
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap())
+        .collect();
+
+    assert_eq!(
+        pg.psql("old", "SELECT version, pg_steps FROM aerekos_schema"),
+        format!("{}|1", MIGRATIONS.len())
+    );
+    for (table, col) in [
+        ("metrics_raw", "received_at_ms"),
+        ("metrics_minute", "minute_ms"),
+    ] {
+        assert_eq!(
+            pg.psql(
+                "old",
+                &format!("SELECT relkind FROM pg_class WHERE relname = '{table}'")
+            ),
+            "p"
+        );
+        assert_eq!(
+            pg.psql(
+                "old",
+                &format!("SELECT to_regclass('{table}_unpartitioned') IS NULL")
+            ),
+            "t"
+        );
+        assert_eq!(
+            count(&pg, "old", &format!("SELECT count(*) FROM {table}_default")),
+            0,
+            "{table}: nothing in DEFAULT"
+        );
+        // Each row in the partition of its day.
+        assert_eq!(
+            count(
+                &pg,
+                "old",
+                &format!(
+                    "SELECT count(*) FROM {table} WHERE tableoid::regclass::text <> '{table}_p'
+                     || to_char(timezone('UTC', to_timestamp({col} / 1000)), 'YYYYMMDD')"
+                )
+            ),
+            0,
+            "{table}: rows outside their day's partition"
+        );
+        // Today's and the next 2 days' partitions exist too.
+        for d in day(now)..=day(now) + 2 {
+            assert!(partitions(&pg, "old", table).contains(&part(table, d)));
+        }
+    }
+    assert_eq!(per_day("metrics_raw", "received_at_ms"), raw_days);
+    assert_eq!(per_day("metrics_minute", "minute_ms"), minute_days);
+    assert_eq!(checksum("metrics_raw"), raw_sum);
+    assert_eq!(checksum("metrics_minute"), minute_sum);
+    // The store reads and writes the converted tables: the primary key
+    // still makes a second sample in a minute an update.
+    let store = &mut stores[0];
+    let from = now - 7 * DAY;
+    let total: usize = (0..3)
+        .map(|w| {
+            store
+                .raw_metrics(&format!("w-{w}"), from, now + 2 * DAY)
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(total, times.len());
+    store.apply_batch(&[sample("w-0", times[0], 1000)]).unwrap();
+    assert_eq!(
+        pg.psql(
+            "old",
+            &format!(
+                "SELECT n FROM metrics_minute WHERE worker_id = 'w-0' AND minute_ms = {}",
+                times[0] - times[0] % 60_000
+            )
+        ),
+        "2"
+    );
+}
+
+/// A fresh store at `db` with 4 samples a day over the last 5 days (and
+/// their day partitions, made after the rows went to DEFAULT: moved), a
+/// sample in DEFAULT 10 days old and one 20 days ahead. The samples' times.
+fn store_with_five_days(
+    pg: &test_support::postgres::Postgres,
+    db: &str,
+    now: u64,
+) -> (conductor::store::Store, Vec<u64>) {
+    let mut store = conductor::store::Store::open_postgres(&pg.create_database(db)).unwrap();
+    let mut times = Vec::new();
+    for k in 0..5 {
+        for j in 0..4 {
+            times.push(now - k * DAY - j * 5 * HOUR);
+        }
+    }
+    let ops: Vec<_> = times
+        .iter()
+        .zip(1..)
+        .map(|(t, seq)| sample("w-1", *t, seq))
+        .collect();
+    store.apply_batch(&ops).unwrap();
+    assert!(count(pg, db, "SELECT count(*) FROM metrics_raw_default") > 0);
+    // The past days' partitions, made while DEFAULT holds their rows.
+    let made = store.prepare_metric_partitions(now - 5 * DAY, now).unwrap();
+    assert_eq!(made, 2 * 5, "5 past days, 2 tables");
+    assert_eq!(
+        count(pg, db, "SELECT count(*) FROM metrics_raw_default"),
+        0,
+        "moved out of DEFAULT"
+    );
+    assert_eq!(
+        count(pg, db, "SELECT count(*) FROM metrics_minute_default"),
+        0
+    );
+    assert_eq!(
+        count(pg, db, "SELECT count(*) FROM metrics_raw"),
+        u64::try_from(times.len()).unwrap()
+    );
+    // Making them again is a no-op.
+    assert_eq!(
+        store.prepare_metric_partitions(now - 5 * DAY, now).unwrap(),
+        0
+    );
+    let (old, ahead) = (now - 10 * DAY, now + 20 * DAY);
+    store
+        .apply_batch(&[sample("w-1", old, 900), sample("w-1", ahead, 901)])
+        .unwrap();
+    times.extend([old, ahead]);
+    assert_eq!(count(pg, db, "SELECT count(*) FROM metrics_raw_default"), 2);
+    (store, times)
+}
+
+/// The partitions `table` has for the days from 6 days back to 2 ahead.
+fn days_present(
+    pg: &test_support::postgres::Postgres,
+    db: &str,
+    table: &str,
+    now: u64,
+) -> Vec<i64> {
+    let have = partitions(pg, db, table);
+    (day(now) - 6..=day(now) + 2)
+        .filter(|d| have.contains(&part(table, *d)))
+        .collect()
+}
+
+#[test]
+fn retention_drops_the_partitions_before_the_cutoff_and_deletes_older_rows() {
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let now = now_ms();
+    let (mut store, times) = store_with_five_days(&pg, "ret", now);
+
+    // A one-hour history query reads one partition, with the query's
+    // literal values (planned for them) and as the store prepares it (a
+    // generic plan, pruned when it starts).
+    let from = (now / DAY - 1) * DAY + HOUR;
+    let to = from + HOUR;
+    let want = part("metrics_raw", day(from));
+    let query = "SELECT received_at_ms, seq, frame FROM metrics_raw
+         WHERE worker_id = $1 AND received_at_ms >= $2 AND received_at_ms <= $3
+         ORDER BY received_at_ms, seq LIMIT $4";
+    let scanned = |plan: &str| -> Vec<String> {
+        let mut names: Vec<String> = plan
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| {
+                *w == "metrics_raw_default"
+                    || w.strip_prefix("metrics_raw_p")
+                        .is_some_and(|d| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    let custom = pg.psql(
+        "ret",
+        &format!(
+            "EXPLAIN (COSTS OFF) {}",
+            query
+                .replace("$1", "'w-1'")
+                .replace("$2", &from.to_string())
+                .replace("$3", &to.to_string())
+                .replace("$4", "10000")
+        ),
+    );
+    assert_eq!(scanned(&custom), vec![want.clone()], "{custom}");
+    let generic = pg.psql(
+        "ret",
+        &format!(
+            "SET plan_cache_mode = force_generic_plan;
+             PREPARE q (text, bigint, bigint, bigint) AS {query};
+             EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
+                EXECUTE q ('w-1', {from}, {to}, 10000)"
+        ),
+    );
+    assert_eq!(scanned(&generic), vec![want], "{generic}");
+    assert!(generic.contains("Subplans Removed"), "{generic}");
+
+    let cutoff = now - 5 * DAY / 2;
+    store.sweep(cutoff, cutoff).unwrap();
+    let cut_day = day(cutoff);
+    let kept: Vec<i64> = (day(now) - 6..=day(now) + 2)
+        .filter(|d| *d >= day(now) - 5 && *d >= cut_day)
+        .collect();
+    for (table, col) in [
+        ("metrics_raw", "received_at_ms"),
+        ("metrics_minute", "minute_ms"),
+    ] {
+        assert_eq!(days_present(&pg, "ret", table, now), kept, "{table}");
+        // The dropped ones are gone, not detached.
+        for d in day(now) - 5..cut_day {
+            assert_eq!(
+                pg.psql(
+                    "ret",
+                    &format!("SELECT to_regclass('{}') IS NULL", part(table, d))
+                ),
+                "t"
+            );
+        }
+        assert_eq!(
+            count(
+                &pg,
+                "ret",
+                &format!("SELECT count(*) FROM {table} WHERE {col} < {cutoff}")
+            ),
+            0,
+            "{table}: rows older than the cut-off"
+        );
+        // Every newer one is there (the one 20 days ahead in DEFAULT too).
+        let newer = times.iter().filter(|t| **t >= cutoff).count();
+        assert_eq!(
+            count(&pg, "ret", &format!("SELECT count(*) FROM {table}")),
+            u64::try_from(newer).unwrap(),
+            "{table}"
+        );
+        assert_eq!(
+            count(&pg, "ret", &format!("SELECT count(*) FROM {table}_default")),
+            1,
+            "{table}: the old row in DEFAULT deleted, the future one kept"
+        );
+    }
+    // At least the days 4 and 5 back were dropped.
+    assert!(kept.first().is_some_and(|d| *d >= day(now) - 3), "{kept:?}");
+}
+
+#[test]
+fn a_fenced_store_drops_nothing_on_retention() {
+    use conductor::store::lease::{Fence, Lease};
+    use conductor::store::{Store, StoreError};
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let now = now_ms();
+    let (mut store, times) = store_with_five_days(&pg, "fenced_ret", now);
+    let url = pg.database("fenced_ret");
+    let all = u64::try_from(times.len()).unwrap();
+    let before = (
+        days_present(&pg, "fenced_ret", "metrics_raw", now),
+        days_present(&pg, "fenced_ret", "metrics_minute", now),
+    );
+    let unchanged = |why: &str| {
+        assert_eq!(
+            (
+                days_present(&pg, "fenced_ret", "metrics_raw", now),
+                days_present(&pg, "fenced_ret", "metrics_minute", now),
+            ),
+            before,
+            "{why}: partitions dropped"
+        );
+        assert_eq!(
+            count(&pg, "fenced_ret", "SELECT count(*) FROM metrics_raw"),
+            all,
+            "{why}: rows deleted"
+        );
+        assert_eq!(
+            count(&pg, "fenced_ret", "SELECT count(*) FROM metrics_minute"),
+            all,
+            "{why}"
+        );
+    };
+    let cutoff = now - 5 * DAY / 2;
+
+    // The ingest writer's fence (the connection retention runs on).
+    let fence = Fence::default();
+    store.set_fence(fence.clone());
+    assert!(matches!(
+        store.sweep(cutoff, cutoff),
+        Err(StoreError::Fenced)
+    ));
+    unchanged("no lease");
+    let first = Lease::try_take(&url, "https://a.test:3000")
+        .unwrap()
+        .unwrap();
+    fence.hold(first.epoch());
+    // Another conductor takes the lease; this one has not noticed yet.
+    drop(first);
+    let second = wait_for("the lease taken over", T, || {
+        Lease::try_take(&url, "https://a.test:3000").unwrap()
+    });
+    assert_eq!(second.epoch(), 2);
+    assert!(matches!(
+        store.sweep(cutoff, cutoff),
+        Err(StoreError::Fenced)
+    ));
+    unchanged("lost lease, writer's fence");
+
+    // The API connection's fence (`fence_writes`).
+    let mut api = Store::open_postgres(&url).unwrap();
+    let api_fence = Fence::default();
+    api_fence.hold(1);
+    api.fence_writes(api_fence.clone());
+    assert!(matches!(api.sweep(cutoff, cutoff), Err(StoreError::Fenced)));
+    unchanged("lost lease, connection's fence");
+
+    // Under the current epoch, the same sweep drops.
+    fence.hold(second.epoch());
+    store.sweep(cutoff, cutoff).unwrap();
+    assert_ne!(
+        days_present(&pg, "fenced_ret", "metrics_raw", now),
+        before.0
+    );
+}

@@ -27,9 +27,11 @@
 //! stops (`ConductorError::LeaseLost`; a supervisor restarts it, as a
 //! standby). A holder cut off from the database therefore stops within
 //! `CHECK_EVERY + CHECK_WITHIN` (4 s), before the server gives the lease
-//! to another (≥ 11 s). This relies on those timings, not on a fencing
-//! token checked by every write: a holder whose process is frozen longer
-//! than that (a VM paused) would write after its successor started.
+//! to another (≥ 11 s). Every write also checks the lease's epoch in its
+//! own transaction ([`FENCE_SQL`], through [`Fence`]: the ingest writer's
+//! batches and its retention sweeps, the main connection's writes), so a
+//! holder whose process was frozen longer than that (a VM paused) writes
+//! nothing after its successor took the lease.
 //!
 //! Limits: one active conductor per database (this is failover, not load
 //! sharing); standbys poll every [`WAIT_POLL`], so a takeover takes up to

@@ -111,11 +111,20 @@ impl Store {
     }
 
     /// Deletes history older than the cut-offs; returns rows removed.
+    ///
+    /// On PostgreSQL ([`super::partitions`]): drops the day partitions
+    /// wholly older than a cut-off (their rows are not counted), deletes the
+    /// older rows left (the cut-off's day, DEFAULT) and makes the partitions
+    /// of today and the next days; fenced, so a conductor that lost the
+    /// lease drops and deletes nothing ([`StoreError::Fenced`]).
     pub fn sweep(
         &mut self,
         raw_before_ms: u64,
         minute_before_ms: u64,
     ) -> Result<usize, StoreError> {
+        if matches!(self.conn, super::sql::Db::Postgres(_)) {
+            return self.sweep_postgres(raw_before_ms, minute_before_ms);
+        }
         let tx = self.conn.begin()?;
         let a = tx.execute(
             "DELETE FROM metrics_raw WHERE received_at_ms < ?1",

@@ -376,6 +376,19 @@ impl Db {
         }
     }
 
+    /// The connection's write fence ([`PgConn::fence_writes`]) checked now:
+    /// inside a transaction the lease row stays locked until it ends, so no
+    /// takeover happens before the commit. [`StoreError::Fenced`] when this
+    /// conductor no longer holds the lease; nothing without a fence (and on
+    /// SQLite). For writes the connection does not see as such (DDL sent
+    /// with [`Db::batch`]).
+    pub fn check_write_fence(&self) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(_) => Ok(()),
+            Db::Postgres(p) => p.check_write_fence(),
+        }
+    }
+
     /// Starts a transaction; it rolls back when dropped uncommitted.
     pub fn begin(&self) -> Result<Tx<'_>, StoreError> {
         match self {
@@ -1044,6 +1057,18 @@ impl PgConn {
             st.fence = Some(fence);
             Ok(())
         });
+    }
+
+    fn check_write_fence(&self) -> Result<(), StoreError> {
+        self.call(|st| {
+            if st.fence.is_none() {
+                return Ok(());
+            }
+            if st.in_tx {
+                st.tx_wrote = true;
+            }
+            st.fence_check()
+        })
     }
 
     fn execute(&self, sql: &str, params: Vec<Value>) -> Result<usize, StoreError> {
