@@ -383,6 +383,14 @@ fn cluster_from_compose_survives_the_active_conductor_and_a_nats_node_dying() {
         || api.serves_itself().then_some(()),
     );
     let takeover = killed.elapsed();
+    // About a second here. The request the standby had queued when it
+    // closed its listener to take over used to be left unanswered: this
+    // client waited for its own 15 s timeout, in six runs of seven.
+    assert!(
+        takeover < SECS(10),
+        "{} served only {takeover:?} after the kill",
+        services[standby]
+    );
     api.login(ADMIN_PASSWORD);
     let seq = frames_flow(&api, "metrics stored by the standby", &id, seq, 3);
     eprintln!(

@@ -30,7 +30,8 @@
 //! fleet CA, or the operator's) and checks the active one's certificate,
 //! its name included, against it.
 //!
-//! **Timeouts**: a connection within [`CONNECT_TIMEOUT`]; the answer's
+//! **Timeouts**: the active one's name resolved within [`RESOLVE_TIMEOUT`],
+//! a connection within [`CONNECT_TIMEOUT`]; the answer's
 //! head within [`HEAD_TIMEOUT`] (the longest route waits 5 s before its
 //! head: a command's reply, an exec's start, a log's first chunk); bodies
 //! either way within [`LONGEST_STREAM`] (an exec or a shell may last
@@ -73,6 +74,12 @@ use crate::net::{plain_refused, PlainRefusals};
 use crate::store::lease::ActiveUrl;
 use crate::tls::{Tls, TlsSettings};
 
+/// How long the forwarding client waits for the active one's name to
+/// resolve. Without a bound a lookup waits for the resolver's own timeouts
+/// (seconds per server when the name's DNS does not answer), and the client
+/// with it; a name that does not resolve at once is as good as an active
+/// one that cannot be reached.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the forwarding client waits for a connection to the active one.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long it waits for the head of the active one's answer after the
@@ -118,6 +125,11 @@ pub enum ForwardError {
         /// Why.
         source: ureq::Error,
     },
+    /// The standby is closing its listener to take over: the request came
+    /// after the last one its threads took (the next one is served by this
+    /// conductor as the active one).
+    #[error("this conductor is taking over as the active one: try again")]
+    TakingOver,
     /// The request could not be rebuilt for the client (a header or a
     /// method it cannot carry).
     #[error("this conductor is a standby and cannot forward this request: {0}")]
@@ -300,7 +312,7 @@ fn run(listen: &Listen, active: &ActiveUrl, stop: &AtomicBool) {
         }
     }
     fwd.closing.store(true, Ordering::SeqCst);
-    close(server, addr);
+    close(server, addr, &fwd);
 }
 
 /// Loads the TLS material read-only, every [`TLS_RETRY`] until it is
@@ -339,10 +351,16 @@ fn wait_for_tls(listen: &Listen, settings: &TlsSettings, stop: &AtomicBool) -> O
 /// Drops the server once no request thread holds it (they hold it only
 /// while they wait for a request, and take none once `closing` is set),
 /// which closes the listener, and waits
-/// until `addr` can be bound again.
-fn close(mut server: Arc<tiny_http::Server>, addr: SocketAddr) {
+/// until `addr` can be bound again. Requests queued meanwhile are answered
+/// 503 ([`ForwardError::TakingOver`], `Retry-After: 1`); any queued after
+/// that get tiny_http's 500 as the server drops (vendor/README.md): none is
+/// left waiting for an answer.
+fn close(mut server: Arc<tiny_http::Server>, addr: SocketAddr, fwd: &Forwarder) {
     server.unblock();
     loop {
+        while let Ok(Some(rq)) = server.try_recv() {
+            unavailable(fwd, rq, &ForwardError::TakingOver);
+        }
         match Arc::try_unwrap(server) {
             Ok(s) => {
                 drop(s);
@@ -394,6 +412,7 @@ fn agent(tls: Option<&Tls>) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
+        .timeout_resolve(Some(RESOLVE_TIMEOUT))
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_recv_response(Some(HEAD_TIMEOUT))
         .timeout_send_body(Some(LONGEST_STREAM))

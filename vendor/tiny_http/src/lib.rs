@@ -353,6 +353,7 @@ impl Server {
                             match tls.prepare(sock, ms) {
                                 Ok(pending) => {
                                     let messages = inside_messages.clone();
+                                    let closed = inside_close_trigger.clone();
                                     let mut pending = Some(pending);
                                     tasks_pool.spawn(Box::new(move || {
                                         if let Some(client) =
@@ -363,6 +364,7 @@ impl Server {
                                             // below: see `crate::tls`.
                                             for rq in client {
                                                 messages.push(rq.into());
+                                                drain_if_closed(&closed, &messages);
                                             }
                                         }
                                     }));
@@ -410,6 +412,7 @@ impl Server {
                 match new_client {
                     Ok(client) => {
                         let messages = inside_messages.clone();
+                        let closed = inside_close_trigger.clone();
                         let mut client = Some(client);
                         tasks_pool.spawn(Box::new(move || {
                             if let Some(client) = client.take() {
@@ -418,11 +421,13 @@ impl Server {
                                     let (sender, receiver) = mpsc::channel();
                                     for rq in client {
                                         messages.push(rq.with_notify_sender(sender.clone()).into());
+                                        drain_if_closed(&closed, &messages);
                                         receiver.recv().unwrap();
                                     }
                                 } else {
                                     for rq in client {
                                         messages.push(rq.into());
+                                        drain_if_closed(&closed, &messages);
                                     }
                                 }
                             }
@@ -528,9 +533,28 @@ impl Iterator for IncomingRequests<'_> {
     }
 }
 
+/// aerekos patch: once the server is closed nobody takes requests from the
+/// queue, and upstream left those queued there: each one's connection
+/// thread waited for the next request on a connection whose client waited
+/// for this answer, until the client gave up (a standby conductor's
+/// listener closed under a request: 15 s). Dropping a queued request
+/// answers it (500, `Request`'s `Drop`) and closes its connection. The
+/// server's `Drop` drains after setting `close`; a connection thread that
+/// queues a request checks `close` after the push, so a request is either
+/// taken by `recv` before the close or answered by one of the two.
+fn drain_if_closed(closed: &AtomicBool, messages: &MessagesQueue<Message>) {
+    if closed.load(Relaxed) {
+        while let Some(m) = messages.try_pop() {
+            drop(m);
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
+        // aerekos patch: see `drain_if_closed`.
+        drain_if_closed(&self.close, &self.messages);
         // Connect briefly to ourselves to unblock the accept thread
         let maybe_stream = match &self.listening_addr {
             ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),

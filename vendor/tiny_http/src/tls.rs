@@ -449,6 +449,27 @@ mod plain_tests {
         assert!(out.starts_with("HTTP/1.1 200"), "{}", out);
         assert!(out.ends_with("plain"), "{}", out);
     }
+
+    /// aerekos patch: `drain_if_closed`. Upstream left the request queued
+    /// and the client waiting until its own timeout.
+    #[test]
+    fn a_request_queued_when_the_server_is_dropped_is_answered() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = crate::Server::from_listener(listener, None).unwrap();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        // Read and queued by its connection thread, never taken by `recv`.
+        thread::sleep(std::time::Duration::from_millis(300));
+        drop(server);
+        let mut out = [0u8; 64];
+        let n = s.read(&mut out).expect("an answer, not the client's timeout");
+        let head = String::from_utf8_lossy(&out[..n]);
+        assert!(head.starts_with("HTTP/1.1 500"), "{}", head);
+    }
 }
 
 /// aerekos patch: `Server::from_listener_tls`.
