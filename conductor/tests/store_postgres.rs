@@ -235,32 +235,13 @@ fn one_lease_per_database_released_with_its_session() {
 #[test]
 fn a_batch_fenced_with_an_old_epoch_writes_nothing() {
     use conductor::store::lease::{Fence, Lease};
-    use conductor::store::{Store, StoreError, WorkerRow, WriteOp};
+    use conductor::store::{Store, StoreError, WriteOp};
     let Some(pg) = test_support::postgres::Postgres::start() else {
         return;
     };
     let url = pg.create_database("fence");
     let mut store = Store::open_postgres(&url).unwrap();
-    store
-        .insert_worker(&WorkerRow {
-            id: "w-000000000001".into(),
-            machine_id: "m".into(),
-            hostname: "h".into(),
-            secret_hex: "00".repeat(32),
-            mqtt_password_sha256: "x".into(),
-            labels_json: "{}".into(),
-            inventory_json: None,
-            board_json: None,
-            enrolled_at_ms: 1,
-            last_seen_ms: None,
-            last_ip: None,
-            revoked: false,
-            replay_highest: 0,
-            replay_bitmap: 0,
-            cmd_seq: 0,
-            status: "online".into(),
-        })
-        .unwrap();
+    store.insert_worker(&test_worker("w-000000000001")).unwrap();
     let seen = |seq: u64| {
         vec![WriteOp::Seen {
             worker_id: "w-000000000001".into(),
