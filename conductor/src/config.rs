@@ -129,6 +129,10 @@ pub struct Config {
     /// nats-auth`): the fleet account's seed file. The conductor signs its
     /// own login and one per worker with it ([`crate::nats_auth`]).
     pub nats_account_seed: Option<String>,
+    /// How long a worker's NATS login is valid (`24h`, `10m`, at least
+    /// 10 s): the agent asks for a fresh one when the broker refuses it, so
+    /// this is also how long a revoked worker can still connect.
+    pub nats_login_ttl: String,
     /// How often the alert rules are evaluated (`5s`, `500ms`).
     pub alert_interval: String,
     /// The Ed25519 public key (64 hex digits) agent releases are signed
@@ -182,6 +186,7 @@ impl Default for Config {
             metrics_token: None,
             mqtt_dynsec: false,
             nats_account_seed: None,
+            nats_login_ttl: "24h".into(),
             secret_grace: "24h".into(),
             alert_interval: "5s".into(),
             release_key: None,
@@ -236,6 +241,8 @@ pub struct Overrides {
     pub mqtt_dynsec: bool,
     /// `--nats-account-seed`
     pub nats_account_seed: Option<String>,
+    /// `--nats-login-ttl`
+    pub nats_login_ttl: Option<String>,
     /// `--release-key`
     pub release_key: Option<String>,
     /// `--homeassistant-discovery`
@@ -489,6 +496,9 @@ impl Config {
         env_str!(alert_interval, "AEREKOS_ALERT_INTERVAL");
         env_opt!(release_key, "AEREKOS_RELEASE_KEY");
         env_opt!(nats_account_seed, "AEREKOS_NATS_ACCOUNT_SEED");
+        if let Some(v) = get("AEREKOS_NATS_LOGIN_TTL") {
+            c.nats_login_ttl = v.to_string();
+        }
         if let Some(v) = get("AEREKOS_MAX_ARTIFACT_BYTES") {
             c.max_artifact_bytes = v.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "AEREKOS_MAX_ARTIFACT_BYTES".into(),
@@ -560,6 +570,9 @@ impl Config {
         if let Some(v) = f.nats_account_seed {
             c.nats_account_seed = Some(v);
         }
+        if let Some(v) = f.nats_login_ttl {
+            c.nats_login_ttl = v;
+        }
         if f.homeassistant_discovery {
             c.homeassistant_discovery = true;
         }
@@ -603,6 +616,12 @@ impl Config {
                 "mqtt_dynsec",
                 "needs an external broker (mqtt_url); the embedded one enforces the same rules itself"
                     .into(),
+            ));
+        }
+        if parse_duration_ms(&self.nats_login_ttl).is_none_or(|ms| ms < 10_000) {
+            return Err(bad(
+                "nats_login_ttl",
+                format!("{:?}: a duration of at least 10s", self.nats_login_ttl),
             ));
         }
         if self.nats_account_seed.is_some() && (self.mqtt_url.is_none() || self.mqtt_dynsec) {
@@ -733,6 +752,11 @@ impl Config {
     /// The previous secret's grace after a rotation, ms.
     pub fn secret_grace_ms(&self) -> u64 {
         parse_duration_ms(&self.secret_grace).unwrap_or(SECRET_GRACE_MS)
+    }
+
+    /// How long a worker's NATS login is valid, ms.
+    pub fn nats_login_ttl_ms(&self) -> u64 {
+        parse_duration_ms(&self.nats_login_ttl).unwrap_or(24 * 3_600_000)
     }
 
     /// How often the alert rules are evaluated, ms.
@@ -1000,7 +1024,10 @@ mod tests {
     fn the_nats_account_seed_comes_from_env_or_flag_and_needs_an_external_broker() {
         let mut env = HashMap::new();
         env.insert("AEREKOS_NATS_ACCOUNT_SEED".to_string(), "/s/env.nk".into());
-        env.insert("AEREKOS_MQTT_URL".to_string(), "mqtt://n1:1883,n2:1883".into());
+        env.insert(
+            "AEREKOS_MQTT_URL".to_string(),
+            "mqtt://n1:1883,n2:1883".into(),
+        );
         let c = Config::resolve(None, &env, &Overrides::default()).unwrap();
         assert_eq!(c.nats_account_seed.as_deref(), Some("/s/env.nk"));
         let flags = Overrides {
@@ -1009,6 +1036,16 @@ mod tests {
         };
         let c = Config::resolve(None, &env, &flags).unwrap();
         assert_eq!(c.nats_account_seed.as_deref(), Some("/s/flag.nk"));
+        assert_eq!(c.nats_login_ttl_ms(), 24 * 3_600_000);
+        env.insert("AEREKOS_NATS_LOGIN_TTL".to_string(), "90s".into());
+        let c = Config::resolve(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(c.nats_login_ttl_ms(), 90_000);
+        env.insert("AEREKOS_NATS_LOGIN_TTL".to_string(), "5s".into());
+        let e = Config::resolve(None, &env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats_login_ttl"), "{e}");
+        env.remove("AEREKOS_NATS_LOGIN_TTL");
         env.remove("AEREKOS_MQTT_URL");
         let e = Config::resolve(None, &env, &Overrides::default())
             .unwrap_err()

@@ -105,6 +105,10 @@ struct Flags {
     /// login of its own, signed with it, allowed only its own topics.
     #[arg(long, global = true)]
     nats_account_seed: Option<String>,
+    /// How long a worker's NATS login is valid (default 24h): agents ask
+    /// for a fresh one when it expires; a revoked worker gets none.
+    #[arg(long, global = true)]
+    nats_login_ttl: Option<String>,
     /// Public key (64 hex digits) that agent releases must be signed with
     /// (`aerekos release-key generate` prints it); handed to workers at
     /// enrolment, which pin it.
@@ -220,6 +224,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
         metrics_token: f.metrics_token.clone(),
         mqtt_dynsec: f.mqtt_dynsec,
         nats_account_seed: f.nats_account_seed.clone(),
+        nats_login_ttl: f.nats_login_ttl.clone(),
         release_key: f.release_key.clone(),
         homeassistant_discovery: f.homeassistant_discovery,
         homeassistant_prefix: f.homeassistant_prefix.clone(),

@@ -37,10 +37,13 @@
 //!
 //! # Limits
 //!
-//! * Logins have no expiry and there is no revocation list: a removed
-//!   worker's login still connects, but may only publish on its own
-//!   topics, whose frames the conductor drops (unknown worker), and read
-//!   its own commands, of which there are none.
+//! * A worker's login expires after `--nats-login-ttl` (24 h by default);
+//!   NATS then closes its connection and refuses the login, and the agent
+//!   re-enrols with the proof of its secret for a fresh one
+//!   (`edge-worker/src/session/login.rs`). A revoked or removed worker gets
+//!   none: that is the revocation, within the TTL. There is no revocation
+//!   list (it would mean re-signing the account and reloading every node).
+//!   The conductor's own login does not expire.
 //! * The account's JetStream use is unlimited (the MQTT gateway keeps
 //!   sessions and QoS 1 messages in JetStream); the nodes' own `jetstream`
 //!   limits apply.
@@ -48,6 +51,7 @@
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
@@ -204,24 +208,42 @@ impl Nkey {
 
     /// A JWT for `subject` with `nats` claims, signed by this key.
     fn sign_jwt(&self, subject: &str, name: &str, nats: Value) -> Result<String, NatsAuthError> {
+        self.sign_jwt_expiring(subject, name, nats, None)
+    }
+
+    /// [`Nkey::sign_jwt`], valid until `exp` (seconds since the epoch).
+    fn sign_jwt_expiring(
+        &self,
+        subject: &str,
+        name: &str,
+        nats: Value,
+        exp: Option<u64>,
+    ) -> Result<String, NatsAuthError> {
         let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
         let jti = BASE32_NOPAD.encode(&crate::crypto::random_bytes::<20>()?);
-        let claims = json!({
+        let mut claims = json!({
             "jti": jti,
-            // Before 1970 only on a broken clock: 0 (the servers ignore `iat`).
-            "iat": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            "iat": unix_now(),
             "iss": self.public(),
             "name": name,
             "sub": subject,
             "nats": nats,
         });
+        if let Some(exp) = exp {
+            claims["exp"] = json!(exp);
+        }
         let payload = BASE64URL_NOPAD.encode(claims.to_string().as_bytes());
         let signed = format!("{header}.{payload}");
         let sig = BASE64URL_NOPAD.encode(self.pair.sign(signed.as_bytes()).as_ref());
         Ok(format!("{signed}.{sig}"))
     }
+}
+
+/// Seconds since the epoch (0 before 1970: a broken clock).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// `aerekos/v1/w/metrics` → `aerekos.v1.w.metrics`, NATS's subject for an MQTT topic.
@@ -296,9 +318,11 @@ impl FleetAccount {
         format!("{who}-{hex}")
     }
 
-    /// A login for worker `worker_id`: publish its own worker-side topics,
-    /// subscribe to its own commands and `Stored` acknowledgements.
-    pub fn worker_jwt(&self, worker_id: &str) -> Result<String, NatsAuthError> {
+    /// A login for worker `worker_id`, valid for `ttl` (NATS refuses it
+    /// after, and closes a connection made with it): publish its own
+    /// worker-side topics, subscribe to its own commands and `Stored`
+    /// acknowledgements.
+    pub fn worker_jwt(&self, worker_id: &str, ttl: Duration) -> Result<String, NatsAuthError> {
         let publish = TopicKind::ALL
             .iter()
             .filter(|k| k.publisher() == Publisher::Worker)
@@ -310,10 +334,12 @@ impl FleetAccount {
             .chain(["$MQTT.sub.>".to_string()])
             .collect();
         let user = Nkey::generate(Role::User)?;
-        self.key.sign_jwt(
+        let exp = unix_now().saturating_add(ttl.as_secs().max(1));
+        self.key.sign_jwt_expiring(
             &user.public(),
             worker_id,
             user_claims(Some(publish), Some(subscribe)),
+            Some(exp),
         )
     }
 
@@ -515,12 +541,19 @@ mod tests {
             );
         }
 
-        let jwt = account.worker_jwt("w-1").unwrap();
+        let jwt = account
+            .worker_jwt("w-1", Duration::from_secs(3600))
+            .unwrap();
         let parts: Vec<&str> = jwt.split('.').collect();
         assert_eq!(parts.len(), 3);
         let claims: Value =
             serde_json::from_slice(&BASE64URL_NOPAD.decode(parts[1].as_bytes()).unwrap()).unwrap();
         assert_eq!(claims["iss"], account.public());
+        let (iat, exp) = (
+            claims["iat"].as_u64().unwrap(),
+            claims["exp"].as_u64().unwrap(),
+        );
+        assert_eq!(exp - iat, 3600, "valid for the ttl");
         assert!(claims["sub"].as_str().unwrap().starts_with('U'));
         let nats = &claims["nats"];
         assert_eq!(nats["bearer_token"], true);

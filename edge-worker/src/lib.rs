@@ -565,7 +565,22 @@ pub async fn run_until(
             registry.set_state(&st.name, local_api::state_str(st.state));
         }
     }
+    // For a fresh MQTT login when the broker refuses this one.
+    let login_template = enroll::EnrollRequest {
+        token: String::new(),
+        hostname: inventory.hostname.to_string(),
+        machine_id: state::machine_id(config.machine_id.as_deref(), &config.state_dir)?,
+        labels: labels.iter().cloned().collect(),
+        inventory: inventory.birth(
+            &disks,
+            &labels,
+            u32::try_from(config.interval.as_millis()).unwrap_or(u32::MAX),
+        ),
+        worker_id: None,
+        proof: None,
+    };
     let params = session::SessionParams {
+        login_template,
         store,
         secret,
         mqtt_url,

@@ -62,6 +62,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use heapless::Vec as HVec;
@@ -90,6 +91,7 @@ use crate::WorkerError;
 mod batching;
 mod container_logs;
 mod deploy;
+mod login;
 mod publish;
 
 use batching::Batcher;
@@ -234,6 +236,9 @@ pub(crate) struct SessionParams {
     pub allow_exec: bool,
     /// Self-update.
     pub update: UpdateParts,
+    /// The re-enrolment request for a fresh MQTT login (no id, no proof:
+    /// set when one is asked for; [`login`]).
+    pub login_template: crate::enroll::EnrollRequest,
 }
 
 /// The session's side of self-update ([`crate::update`]).
@@ -309,10 +314,22 @@ type PollFuture = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, Connecti
 
 /// Polls the event loop once, after `delay`; the future owns the loop and
 /// hands it back, so it is never dropped mid-poll.
-fn poll_after(mut eventloop: EventLoop, delay: Duration) -> PollFuture {
+/// Polls `eventloop` after `delay`, cut short when a fresh login is
+/// handed over (taken before the connect).
+fn poll_after(
+    mut eventloop: EventLoop,
+    delay: Duration,
+    handoff: Arc<login::Handoff>,
+) -> PollFuture {
     Box::pin(async move {
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = handoff.handed() => {}
+            }
+        }
+        if let Some((username, password)) = handoff.take() {
+            eventloop.mqtt_options.set_credentials(username, password);
         }
         let result = eventloop.poll().await;
         (eventloop, result)
@@ -396,6 +413,8 @@ struct Session {
     commands_rejected: u64,
     /// Every frame the worker sends, from sealing to acknowledgement.
     out: Publisher,
+    /// A fresh MQTT login when the broker refuses this one ([`login`]).
+    login: login::LoginRefresh,
     /// The downloads of `DeployManifest` and `InstallManifest` commands.
     deploys: Deployments,
     /// The hosted services; independent of the connection.
@@ -555,6 +574,7 @@ pub(crate) async fn run(
         auth_error_logged: false,
         commands_rejected: 0,
         out: Publisher::new(id, p.secret, p.store, p.outbox, p.flush_interval),
+        login: login::LoginRefresh::new(conductor.clone(), p.login_template),
         deploys: Deployments::new(conductor),
         services: p.services,
         registry,
@@ -608,7 +628,7 @@ pub(crate) async fn run(
         }
     }
 
-    let mut poll = poll_after(eventloop, Duration::ZERO);
+    let mut poll = poll_after(eventloop, Duration::ZERO, s.login.handoff.clone());
     let mut tick = ticker(s.interval);
     let mut collector = Some(p.collector);
     let mut sample: Option<SampleTask> = None;
@@ -627,13 +647,14 @@ pub(crate) async fn run(
         );
         tokio::select! {
             () = &mut shutdown => break,
+            r = s.login.done() => s.on_login(r),
             (eventloop, result) = &mut poll => {
                 let delay = s.on_poll(result);
                 let mut eventloop = eventloop;
                 if let Some(opts) = s.next_broker() {
                     eventloop.mqtt_options = opts;
                 }
-                poll = poll_after(eventloop, delay);
+                poll = poll_after(eventloop, delay, s.login.handoff.clone());
             }
             _ = tick.tick() => {
                 s.retry_subscription();
@@ -792,6 +813,7 @@ impl Session {
     }
 
     fn on_connected(&mut self) {
+        self.login.connected();
         if self.auth_error_logged {
             tracing::info!("the broker accepted the MQTT login again");
         }
@@ -892,6 +914,36 @@ impl Session {
         self.reply(a.cmd_id, a.status, &a.detail);
     }
 
+    /// A re-enrolment for a fresh login ended ([`login`]).
+    fn on_login(&mut self, r: Result<crate::enroll::EnrollResponse, crate::enroll::EnrollError>) {
+        match r {
+            Ok(resp) if resp.worker_id == self.out.worker_id() => {
+                let (user, pass) = (resp.mqtt_username, resp.mqtt_password);
+                if let Err(e) = self.out.state_store().set_mqtt_login(
+                    user.clone(),
+                    pass.clone(),
+                    resp.mqtt_client_id,
+                ) {
+                    tracing::warn!("the fresh MQTT login is used but not saved: {e}");
+                }
+                for (_, opts) in &mut self.brokers {
+                    opts.set_credentials(user.clone(), pass.clone());
+                }
+                self.login.hand_over(user, pass);
+                tracing::info!("the conductor gave a fresh MQTT login: connecting with it");
+            }
+            Ok(resp) => tracing::warn!(
+                answered = %resp.worker_id,
+                "the re-enrolment answered for another worker id: login unchanged"
+            ),
+            Err(e) => tracing::warn!(
+                "no fresh MQTT login: {e} (revoked or removed, if the conductor says so); \
+                 asked again at most every {}s while the broker refuses the login",
+                login::REFRESH_EVERY.as_secs()
+            ),
+        }
+    }
+
     /// After a connection error with more than one broker: the next
     /// broker's options, for the event loop's next connect.
     fn next_broker(&mut self) -> Option<MqttOptions> {
@@ -920,11 +972,14 @@ impl Session {
                 self.auth_error_logged = true;
                 tracing::error!(
                     broker = %self.mqtt_url,
-                    "the broker refused the MQTT login ({code:?}): the worker may have been \
-                     revoked, or its credentials are stale (restart with --reenroll to enrol again); \
-                     retrying every ~{}s",
+                    "the broker refused the MQTT login ({code:?}): the login expired or is \
+                     stale, or the worker was revoked; retrying every ~{}s",
                     RECONNECT_CAP.as_secs()
                 );
+            }
+            let (id, secret) = (self.out.worker_id().to_string(), self.out.secret().clone());
+            if self.login.start(&id, &secret) {
+                tracing::info!("asking the conductor for a fresh MQTT login (re-enrolment)");
             }
             return self.backoff.at_cap();
         }
@@ -1229,7 +1284,7 @@ impl Session {
             tokio::select! {
                 (eventloop, result) = &mut poll => {
                     let _ = self.on_poll(result);
-                    poll = poll_after(eventloop, Duration::ZERO);
+                    poll = poll_after(eventloop, Duration::ZERO, self.login.handoff.clone());
                 }
                 () = tokio::time::sleep_until(deadline) => break,
             }
@@ -1248,7 +1303,13 @@ impl Session {
                         (eventloop, result) = &mut poll => {
                             match result {
                                 Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                                Ok(_) => poll = poll_after(eventloop, Duration::ZERO),
+                                Ok(_) => {
+                                    poll = poll_after(
+                                        eventloop,
+                                        Duration::ZERO,
+                                        self.login.handoff.clone(),
+                                    )
+                                }
                             }
                         }
                         () = tokio::time::sleep_until(deadline) => break,

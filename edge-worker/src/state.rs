@@ -355,6 +355,25 @@ impl StateStore {
         Ok(())
     }
 
+    /// Persists a fresh MQTT login from the conductor (the broker refused
+    /// the stored one: [`crate::session`]'s login refresh).
+    pub fn set_mqtt_login(
+        &mut self,
+        username: String,
+        password: String,
+        client_id: Option<String>,
+    ) -> Result<(), StateError> {
+        let mut state = self.state.clone();
+        state.mqtt_username = username;
+        state.mqtt_password = password;
+        if client_id.is_some() {
+            state.mqtt_client_id = client_id;
+        }
+        save(&self.dir, &state)?;
+        self.state = state;
+        Ok(())
+    }
+
     /// Persists an updated command replay window.
     pub fn save_cmd_window(&mut self, window: ReplayWindow) -> Result<(), StateError> {
         self.state.cmd_highest = window.highest;

@@ -4,7 +4,9 @@
 //! workers cannot guess; with that login a worker reaches its own topics
 //! only: it cannot read another's commands, subscribe to everything or to
 //! the gateway's internal subjects, or publish on another's topics; a login
-//! not signed by the fleet account is refused.
+//! not signed by the fleet account is refused. Logins expire
+//! (`AEREKOS_NATS_LOGIN_TTL`): a worker renews its own, a revoked one gets
+//! none and stays off the bus.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
@@ -117,7 +119,7 @@ fn each_worker_gets_a_nats_login_of_its_own_that_reaches_only_its_topics() {
         &other.path().join(conductor::nats_auth::ACCOUNT_SEED),
     )
     .unwrap()
-    .worker_jwt(&ia)
+    .worker_jwt(&ia, std::time::Duration::from_secs(3600))
     .unwrap();
     assert!(
         MqttClient::connect(node, "x-2", Some((&ia, &foreign))).is_none(),
@@ -198,4 +200,84 @@ fn each_worker_gets_a_nats_login_of_its_own_that_reaches_only_its_topics() {
     obs.publish(&topic(&ib, TopicKind::Metrics), vec![9, 9, 9]);
     std::thread::sleep(SECS(2));
     assert_eq!(rejected(), before, "the observer published");
+}
+
+/// `--nats-login-ttl`: NATS closes a worker's connection when its login
+/// expires and refuses the login; the agent re-enrols with its proof for a
+/// fresh one and goes on. A revoked worker is refused at that re-enrolment
+/// and stays off the bus: the expiry is the revocation.
+#[test]
+fn an_expired_nats_login_is_renewed_and_a_revoked_worker_gets_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((nats, seed)) = NatsCluster::start_operator(&dir.path().join("nats"), 1) else {
+        return;
+    };
+    let bus = nats.conductor_url();
+    let seed = seed.display().to_string();
+    let c = Conductor::start_with_env(
+        &dir.path().join("c"),
+        &["--mqtt-url", &bus, "--nats-account-seed", &seed],
+        &[("AEREKOS_NATS_LOGIN_TTL", "10s")],
+    );
+    let token = c.registration_token();
+    let mut a = Worker::start(
+        &dir.path().join("a"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("a"),
+    );
+    let mut b = Worker::start(
+        &dir.path().join("b"),
+        &c.url(),
+        Some(&token),
+        WorkerOpts::named("b"),
+    );
+    let (ia, ib) = (a.wait_id(), b.wait_id());
+    let seq = |id: &str| {
+        let (_, v) = c.get(&format!("/api/v1/workers/{id}"));
+        v["metrics"]["seq"].as_u64().unwrap_or(0)
+    };
+    for id in [&ia, &ib] {
+        wait_for("the worker storing metrics", SECS(60), || {
+            (seq(id) > 0).then_some(())
+        });
+    }
+    let first = state_of(&a)["mqtt_password"].as_str().unwrap().to_string();
+    let cid_b = state_of(&b)["mqtt_client_id"].as_str().unwrap().to_string();
+
+    // B is revoked; its connection lasts until its login expires.
+    let (status, body) = c.post(&format!("/api/v1/workers/{ib}/revoke"), &json!({}));
+    assert_eq!(status, 200, "{body}");
+
+    // A's login expires (10 s): a fresh one is saved, and frames go on.
+    wait_for("A renewing its NATS login", SECS(60), || {
+        let now = state_of(&a)["mqtt_password"].as_str()?.to_string();
+        (now != first).then_some(())
+    });
+    let after = seq(&ia);
+    wait_for("A's frames after the renewal", SECS(30), || {
+        (seq(&ia) > after + 5).then_some(())
+    });
+    assert!(
+        a.proc.output().contains("fresh MQTT login"),
+        "{}",
+        a.proc.output()
+    );
+
+    // B: off the bus once its login expired, and kept off.
+    wait_for("B's connection closed by NATS", SECS(40), || {
+        (!client_ids(&nats).contains(&cid_b)).then_some(())
+    });
+    std::thread::sleep(SECS(12));
+    assert!(
+        !client_ids(&nats).contains(&cid_b),
+        "the revoked worker is back on the bus"
+    );
+    let log = b.proc.output();
+    assert!(log.contains("no fresh MQTT login"), "{log}");
+    // A twice over its TTL: still connected, still storing.
+    let now = seq(&ia);
+    wait_for("A still storing", SECS(30), || {
+        (seq(&ia) > now + 5).then_some(())
+    });
 }

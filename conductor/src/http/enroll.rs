@@ -18,6 +18,7 @@
 //! Rate-limited per client IP (429). A failed request writes nothing.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use protocol::{Birth, Secret};
 use serde::Deserialize;
@@ -95,7 +96,9 @@ fn broker_login(s: &Shared, id: &str, password: &str) -> Result<(), ApiError> {
 /// random one, or the configured shared login's).
 fn worker_password(s: &Shared, id: &str, shared: &str) -> Result<String, ApiError> {
     match &s.nats_account {
-        Some(a) => a.worker_jwt(id).map_err(ApiError::internal),
+        Some(a) => a
+            .worker_jwt(id, Duration::from_millis(s.config.nats_login_ttl_ms()))
+            .map_err(ApiError::internal),
         None => Ok(shared.to_string()),
     }
 }
