@@ -51,31 +51,52 @@ fn client_ids(nats: &NatsCluster) -> Vec<String> {
         .collect()
 }
 
+/// One NATS node in operator mode, a conductor holding the fleet
+/// account's seed (with `env`), and workers `a` and `b` enrolled with it.
+struct Fleet {
+    nats: NatsCluster,
+    c: Conductor,
+    a: Worker,
+    b: Worker,
+}
+
+impl Fleet {
+    /// `None`: nats-server is missing (skipped, see `e2e::nats`).
+    fn start(dir: &std::path::Path, env: &[(&str, &str)]) -> Option<Fleet> {
+        let (nats, seed) = NatsCluster::start_operator(&dir.join("nats"), 1)?;
+        let bus = nats.conductor_url();
+        let seed = seed.display().to_string();
+        let c = Conductor::start_with_env(
+            &dir.join("c"),
+            &["--mqtt-url", &bus, "--nats-account-seed", &seed],
+            env,
+        );
+        let token = c.registration_token();
+        let worker = |name: &str| {
+            Worker::start(
+                &dir.join(name),
+                &c.url(),
+                Some(&token),
+                WorkerOpts::named(name),
+            )
+        };
+        let (a, b) = (worker("a"), worker("b"));
+        Some(Fleet { nats, c, a, b })
+    }
+}
+
 #[test]
 fn each_worker_gets_a_nats_login_of_its_own_that_reaches_only_its_topics() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((nats, seed)) = NatsCluster::start_operator(&dir.path().join("nats"), 1) else {
+    let Some(Fleet {
+        nats,
+        c,
+        mut a,
+        mut b,
+    }) = Fleet::start(dir.path(), &[])
+    else {
         return;
     };
-    let bus = nats.conductor_url();
-    let seed = seed.display().to_string();
-    let c = Conductor::start_with(
-        &dir.path().join("c"),
-        &["--mqtt-url", &bus, "--nats-account-seed", &seed],
-    );
-    let token = c.registration_token();
-    let mut a = Worker::start(
-        &dir.path().join("a"),
-        &c.url(),
-        Some(&token),
-        WorkerOpts::named("a"),
-    );
-    let mut b = Worker::start(
-        &dir.path().join("b"),
-        &c.url(),
-        Some(&token),
-        WorkerOpts::named("b"),
-    );
     let (ia, ib) = (a.wait_id(), b.wait_id());
     for id in [&ia, &ib] {
         wait_for("the worker online with metrics", SECS(60), || {
@@ -209,29 +230,16 @@ fn each_worker_gets_a_nats_login_of_its_own_that_reaches_only_its_topics() {
 #[test]
 fn an_expired_nats_login_is_renewed_and_a_revoked_worker_gets_none() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((nats, seed)) = NatsCluster::start_operator(&dir.path().join("nats"), 1) else {
+    let env = [("AEREKOS_NATS_LOGIN_TTL", "10s")];
+    let Some(Fleet {
+        nats,
+        c,
+        mut a,
+        mut b,
+    }) = Fleet::start(dir.path(), &env)
+    else {
         return;
     };
-    let bus = nats.conductor_url();
-    let seed = seed.display().to_string();
-    let c = Conductor::start_with_env(
-        &dir.path().join("c"),
-        &["--mqtt-url", &bus, "--nats-account-seed", &seed],
-        &[("AEREKOS_NATS_LOGIN_TTL", "10s")],
-    );
-    let token = c.registration_token();
-    let mut a = Worker::start(
-        &dir.path().join("a"),
-        &c.url(),
-        Some(&token),
-        WorkerOpts::named("a"),
-    );
-    let mut b = Worker::start(
-        &dir.path().join("b"),
-        &c.url(),
-        Some(&token),
-        WorkerOpts::named("b"),
-    );
     let (ia, ib) = (a.wait_id(), b.wait_id());
     let seq = |id: &str| {
         let (_, v) = c.get(&format!("/api/v1/workers/{id}"));
