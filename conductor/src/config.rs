@@ -73,12 +73,15 @@ pub struct Config {
     /// Password handed to workers when an external broker is used.
     pub worker_mqtt_password: Option<String>,
     /// How long raw metrics samples are kept (`24h`, `90m`, `7d`, `30s`).
+    /// On PostgreSQL up to an hour longer (a day past 2 days): retention
+    /// drops whole partitions (`store::partitions`).
     pub raw_retention: String,
     /// With a shared store and an external broker: how long the active
     /// conductor stays cut off from every broker node before it releases
     /// the store lease (and stops) for a conductor that reaches the bus.
     pub bus_stepdown: String,
-    /// How long one-minute rollups are kept.
+    /// How long one-minute rollups are kept (on PostgreSQL up to a day
+    /// longer, as `raw_retention`).
     pub minute_retention: String,
     /// Liveness interval assumed until a worker's Birth says otherwise; also
     /// the interval handed out at enrolment.

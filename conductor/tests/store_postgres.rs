@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use conductor::store::partitions::{partition_name, Width};
 use protocol::topic::{topic, TopicKind};
 use protocol::{Action, Body};
 use rumqttc::QoS;
@@ -503,8 +504,57 @@ fn day(ms: u64) -> i64 {
     i64::try_from(ms / DAY).unwrap()
 }
 
+/// `table`'s partition for a UTC day.
 fn part(table: &str, day: i64) -> String {
-    conductor::store::partitions::partition_name(table, day).unwrap()
+    let lo = day * i64::try_from(DAY).unwrap();
+    partition_name(table, lo, Width::Day).unwrap()
+}
+
+/// `table`'s partition for the UTC hour holding `ms`.
+fn part_hour(table: &str, ms: u64) -> String {
+    let lo = i64::try_from(ms - ms % HOUR).unwrap();
+    partition_name(table, lo, Width::Hour).unwrap()
+}
+
+/// `table`'s partitions but DEFAULT, as PostgreSQL has their bounds:
+/// (from, to, name), by `from`.
+fn bounds(pg: &test_support::postgres::Postgres, db: &str, table: &str) -> Vec<(u64, u64, String)> {
+    let out = pg.psql(
+        db,
+        &format!(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = '{table}'::regclass"
+        ),
+    );
+    let mut parts: Vec<(u64, u64, String)> = out
+        .lines()
+        .filter(|l| !l.ends_with("|DEFAULT"))
+        .map(|l| {
+            // name|FOR VALUES FROM ('1') TO ('2')
+            let (name, bound) = l.split_once('|').unwrap();
+            let nums: Vec<u64> = bound
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|n| !n.is_empty())
+                .map(|n| n.parse().unwrap())
+                .collect();
+            assert_eq!(nums.len(), 2, "{l}");
+            (nums[0], nums[1], name.to_owned())
+        })
+        .collect();
+    parts.sort();
+    parts
+}
+
+/// Whether `[lo, hi)` is wholly covered by the partitions in `parts`.
+fn covered(parts: &[(u64, u64, String)], lo: u64, hi: u64) -> bool {
+    let mut at = lo;
+    for (a, b, _) in parts {
+        if *a <= at && at < *b {
+            at = *b;
+        }
+    }
+    at >= hi
 }
 
 /// A metrics frame received at `at` (one raw row, one minute row).
@@ -577,7 +627,16 @@ fn a_fresh_postgres_store_writes_metrics_into_todays_partition() {
             "p",
             "{table} is partitioned"
         );
-        let mut want: Vec<String> = (today..=today + 2).map(|d| part(table, d)).collect();
+        let mut want: Vec<String> = if table == "metrics_raw" {
+            // By hour (the default retention's width), from this one.
+            let end = u64::try_from(today + 3).unwrap() * DAY;
+            (now - now % HOUR..end)
+                .step_by(usize::try_from(HOUR).unwrap())
+                .map(|h| part_hour(table, h))
+                .collect()
+        } else {
+            (today..=today + 2).map(|d| part(table, d)).collect()
+        };
         want.push(format!("{table}_default"));
         want.sort();
         assert_eq!(partitions(&pg, "fresh", table), want);
@@ -591,7 +650,7 @@ fn a_fresh_postgres_store_writes_metrics_into_todays_partition() {
             "fresh",
             "SELECT DISTINCT tableoid::regclass FROM metrics_raw"
         ),
-        part("metrics_raw", today)
+        part_hour("metrics_raw", now)
     );
     assert_eq!(
         pg.psql(
@@ -612,16 +671,18 @@ fn a_fresh_postgres_store_writes_metrics_into_todays_partition() {
     assert_eq!(minutes.iter().map(|m| m.n).sum::<u64>(), 2);
     // A second open takes no step again and makes the missing partitions
     // ahead (one is gone here), leaving the others.
+    let had = partitions(&pg, "fresh", "metrics_raw");
+    let last = u64::try_from(today + 3).unwrap() * DAY - HOUR;
     pg.psql(
         "fresh",
-        &format!("DROP TABLE {}", part("metrics_raw", today + 2)),
+        &format!("DROP TABLE {}", part_hour("metrics_raw", last)),
     );
     drop(Store::open_postgres(&url).unwrap());
     assert_eq!(
         pg.psql("fresh", "SELECT version, pg_steps FROM aerekos_schema"),
         format!("{}|1", conductor::store::MIGRATIONS.len())
     );
-    assert_eq!(partitions(&pg, "fresh", "metrics_raw").len(), 4);
+    assert_eq!(partitions(&pg, "fresh", "metrics_raw"), had);
     // Deleting the worker deletes its history in every partition.
     assert!(store.delete_worker("w-1").unwrap());
     assert_eq!(count(&pg, "fresh", "SELECT count(*) FROM metrics_raw"), 0);
@@ -766,10 +827,9 @@ fn a_v9_postgres_database_is_converted_keeping_every_row() {
             0,
             "{table}: rows outside their day's partition"
         );
-        // Today's and the next 2 days' partitions exist too.
-        for d in day(now)..=day(now) + 2 {
-            assert!(partitions(&pg, "old", table).contains(&part(table, d)));
-        }
+        // From now to the end of the second day ahead is covered too.
+        let end = u64::try_from(day(now) + 3).unwrap() * DAY;
+        assert!(covered(&bounds(&pg, "old", table), now, end), "{table}");
     }
     assert_eq!(per_day("metrics_raw", "received_at_ms"), raw_days);
     assert_eq!(per_day("metrics_minute", "minute_ms"), minute_days);
@@ -824,8 +884,23 @@ fn store_with_five_days(
     store.apply_batch(&ops).unwrap();
     assert!(count(pg, db, "SELECT count(*) FROM metrics_raw_default") > 0);
     // The past days' partitions, made while DEFAULT holds their rows.
-    let made = store.prepare_metric_partitions(now - 5 * DAY, now).unwrap();
-    assert_eq!(made, 2 * 5, "5 past days, 2 tables");
+    // By day, but today's raw hours before this one (the open made the
+    // rest of today's by hour).
+    let made = store
+        .prepare_metric_partitions(now - 5 * DAY, now, Width::Day)
+        .unwrap();
+    assert!(made >= 2 * 5, "5 past days, 2 tables: {made}");
+    for k in 1..=5 {
+        let d = day(now) - k;
+        for table in ["metrics_raw", "metrics_minute"] {
+            assert!(
+                partitions(pg, db, table).contains(&part(table, d)),
+                "{table} {d}"
+            );
+        }
+    }
+    let today = now - now % DAY;
+    assert!(covered(&bounds(pg, db, "metrics_raw"), today, now));
     assert_eq!(
         count(pg, db, "SELECT count(*) FROM metrics_raw_default"),
         0,
@@ -841,7 +916,9 @@ fn store_with_five_days(
     );
     // Making them again is a no-op.
     assert_eq!(
-        store.prepare_metric_partitions(now - 5 * DAY, now).unwrap(),
+        store
+            .prepare_metric_partitions(now - 5 * DAY, now, Width::Day)
+            .unwrap(),
         0
     );
     let (old, ahead) = (now - 10 * DAY, now + 20 * DAY);
@@ -853,21 +930,25 @@ fn store_with_five_days(
     (store, times)
 }
 
-/// The partitions `table` has for the days from 6 days back to 2 ahead.
+/// The days from 6 back to 2 ahead that `table`'s partitions (of a day
+/// or of hours) wholly cover.
 fn days_present(
     pg: &test_support::postgres::Postgres,
     db: &str,
     table: &str,
     now: u64,
 ) -> Vec<i64> {
-    let have = partitions(pg, db, table);
+    let have = bounds(pg, db, table);
     (day(now) - 6..=day(now) + 2)
-        .filter(|d| have.contains(&part(table, *d)))
+        .filter(|d| {
+            let lo = u64::try_from(*d).unwrap() * DAY;
+            covered(&have, lo, lo + DAY)
+        })
         .collect()
 }
 
 #[test]
-fn retention_drops_the_partitions_before_the_cutoff_and_deletes_older_rows() {
+fn retention_drops_whole_partitions_before_the_cutoff() {
     let Some(pg) = test_support::postgres::Postgres::start() else {
         return;
     };
@@ -888,8 +969,9 @@ fn retention_drops_the_partitions_before_the_cutoff_and_deletes_older_rows() {
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .filter(|w| {
                 *w == "metrics_raw_default"
-                    || w.strip_prefix("metrics_raw_p")
-                        .is_some_and(|d| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()))
+                    || w.strip_prefix("metrics_raw_p").is_some_and(|d| {
+                        (d.len() == 8 || d.len() == 10) && d.bytes().all(|b| b.is_ascii_digit())
+                    })
             })
             .map(str::to_owned)
             .collect();
@@ -922,8 +1004,10 @@ fn retention_drops_the_partitions_before_the_cutoff_and_deletes_older_rows() {
     assert!(generic.contains("Subplans Removed"), "{generic}");
 
     let cutoff = now - 5 * DAY / 2;
-    store.sweep(cutoff, cutoff).unwrap();
+    // Only DEFAULT's old row (one per table) is deleted one by one.
+    assert_eq!(store.sweep(cutoff, cutoff).unwrap(), 2);
     let cut_day = day(cutoff);
+    let cut_day_from = cutoff - cutoff % DAY;
     let kept: Vec<i64> = (day(now) - 6..=day(now) + 2)
         .filter(|d| *d >= day(now) - 5 && *d >= cut_day)
         .collect();
@@ -942,17 +1026,32 @@ fn retention_drops_the_partitions_before_the_cutoff_and_deletes_older_rows() {
                 "t"
             );
         }
+        // Older rows are left in the cut-off's own partition only (kept
+        // whole), none before it.
+        assert_eq!(
+            count(
+                &pg,
+                "ret",
+                &format!("SELECT count(*) FROM {table} WHERE {col} < {cut_day_from}")
+            ),
+            0,
+            "{table}: rows older than the cut-off's day"
+        );
+        let in_cut_day = times
+            .iter()
+            .filter(|t| (cut_day_from..cutoff).contains(*t))
+            .count();
         assert_eq!(
             count(
                 &pg,
                 "ret",
                 &format!("SELECT count(*) FROM {table} WHERE {col} < {cutoff}")
             ),
-            0,
-            "{table}: rows older than the cut-off"
+            u64::try_from(in_cut_day).unwrap(),
+            "{table}: the cut-off's day kept whole"
         );
         // Every newer one is there (the one 20 days ahead in DEFAULT too).
-        let newer = times.iter().filter(|t| **t >= cutoff).count();
+        let newer = times.iter().filter(|t| **t >= cut_day_from).count();
         assert_eq!(
             count(&pg, "ret", &format!("SELECT count(*) FROM {table}")),
             u64::try_from(newer).unwrap(),
@@ -1043,5 +1142,119 @@ fn a_fenced_store_drops_nothing_on_retention() {
     assert_ne!(
         days_present(&pg, "fenced_ret", "metrics_raw", now),
         before.0
+    );
+}
+
+#[test]
+fn raw_partitions_are_hours_dropped_whole_and_their_width_follows_the_retention() {
+    let Some(pg) = test_support::postgres::Postgres::start() else {
+        return;
+    };
+    let db = "hourly";
+    let mut store = conductor::store::Store::open_postgres(&pg.create_database(db)).unwrap();
+    let now = now_ms();
+    // A sample every 20 minutes over the last 30 hours, in hour partitions.
+    store
+        .prepare_metric_partitions(now - 30 * HOUR, now, Width::Hour)
+        .unwrap();
+    let times: Vec<u64> = (0..90).map(|k| now - k * 20 * 60_000).collect();
+    let ops: Vec<_> = times
+        .iter()
+        .zip(1..)
+        .map(|(t, seq)| sample("w-1", *t, seq))
+        .collect();
+    store.apply_batch(&ops).unwrap();
+    assert_eq!(
+        count(&pg, db, "SELECT count(*) FROM metrics_raw_default"),
+        0
+    );
+    let hours_before = bounds(&pg, db, "metrics_raw");
+    assert!(
+        hours_before.iter().all(|(a, b, _)| b - a == HOUR),
+        "raw partitions are hours: {hours_before:?}"
+    );
+
+    // The default raw retention, 24 h; the minute rows stay.
+    let cutoff = now - 24 * HOUR;
+    let deleted = store.sweep(cutoff, now - 7 * DAY).unwrap();
+    let raw = bounds(&pg, db, "metrics_raw");
+    assert!(
+        raw.iter().all(|(_, b, _)| *b > cutoff),
+        "a partition wholly older than the cut-off is left: {raw:?}"
+    );
+    assert!(covered(&raw, cutoff, now), "{raw:?}");
+    // The dropped ones are gone, not detached.
+    for (a, b, name) in hours_before.iter().filter(|(_, b, _)| *b <= cutoff) {
+        assert_eq!(
+            pg.psql(db, &format!("SELECT to_regclass('{name}') IS NULL")),
+            "t",
+            "{name} [{a}, {b})"
+        );
+    }
+    // Nothing was deleted row by row: the ~6 hours before the cut-off's
+    // went with their partitions, the cut-off's own hour is kept whole.
+    assert_eq!(deleted, 0, "rows deleted one by one");
+    let cut_hour_from = cutoff - cutoff % HOUR;
+    let in_cut_hour = times
+        .iter()
+        .filter(|t| (cut_hour_from..cutoff).contains(*t))
+        .count();
+    assert_eq!(
+        count(
+            &pg,
+            db,
+            &format!("SELECT count(*) FROM metrics_raw WHERE received_at_ms < {cutoff}")
+        ),
+        u64::try_from(in_cut_hour).unwrap()
+    );
+    let kept = times.iter().filter(|t| **t >= cut_hour_from).count();
+    assert_eq!(
+        count(&pg, db, "SELECT count(*) FROM metrics_raw"),
+        u64::try_from(kept).unwrap()
+    );
+    assert!(times.len() - kept >= 15, "most older rows went by drop");
+    assert_eq!(
+        count(&pg, db, "SELECT count(*) FROM metrics_minute"),
+        u64::try_from(times.len()).unwrap(),
+        "minute rows kept"
+    );
+
+    // A retention past 2 days: the partitions made from now on are days.
+    let ahead = u64::try_from(day(now) + 2).unwrap() * DAY;
+    let drop_day = |pg: &test_support::postgres::Postgres| {
+        for (_, _, name) in bounds(pg, db, "metrics_raw")
+            .into_iter()
+            .filter(|(a, _, _)| *a >= ahead)
+        {
+            pg.psql(db, &format!("DROP TABLE {name}"));
+        }
+    };
+    drop_day(&pg);
+    store.sweep(now - 30 * DAY, now - 30 * DAY).unwrap();
+    let day_wide: Vec<_> = bounds(&pg, db, "metrics_raw")
+        .into_iter()
+        .filter(|(a, _, _)| *a >= ahead)
+        .collect();
+    assert_eq!(
+        day_wide,
+        vec![(ahead, ahead + DAY, part("metrics_raw", day(ahead)))]
+    );
+    // And back to 24 h: hours again.
+    drop_day(&pg);
+    store.sweep(cutoff, now - 7 * DAY).unwrap();
+    let hourly: Vec<_> = bounds(&pg, db, "metrics_raw")
+        .into_iter()
+        .filter(|(a, _, _)| *a >= ahead)
+        .collect();
+    assert_eq!(hourly.len(), 24, "{hourly:?}");
+    assert_eq!(hourly[0].2, part_hour("metrics_raw", ahead));
+    // The minute table (7 days) is made by day.
+    let minute_ahead: Vec<_> = bounds(&pg, db, "metrics_minute")
+        .into_iter()
+        .filter(|(a, _, _)| *a >= ahead)
+        .collect();
+    assert_eq!(
+        minute_ahead,
+        vec![(ahead, ahead + DAY, part("metrics_minute", day(ahead)))]
     );
 }

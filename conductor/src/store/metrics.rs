@@ -112,11 +112,12 @@ impl Store {
 
     /// Deletes history older than the cut-offs; returns rows removed.
     ///
-    /// On PostgreSQL ([`super::partitions`]): drops the day partitions
-    /// wholly older than a cut-off (their rows are not counted), deletes the
-    /// older rows left (the cut-off's day, DEFAULT) and makes the partitions
-    /// of today and the next days; fenced, so a conductor that lost the
-    /// lease drops and deletes nothing ([`StoreError::Fenced`]).
+    /// On PostgreSQL ([`super::partitions`]): drops the partitions wholly
+    /// older than a cut-off (their rows are not counted; the cut-off's own
+    /// partition is kept whole, so a row may outlive its cut-off by up to a
+    /// partition's width), deletes DEFAULT's older rows and makes the
+    /// partitions ahead; fenced, so a conductor that lost the lease drops
+    /// and deletes nothing ([`StoreError::Fenced`]).
     pub fn sweep(
         &mut self,
         raw_before_ms: u64,
