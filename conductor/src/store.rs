@@ -72,6 +72,7 @@ mod rollouts;
 mod services;
 mod settings;
 pub mod sql;
+pub mod worker_partitions;
 mod workers;
 
 pub use agent_updates::{AgentReleaseRow, AgentRolloutRow};
@@ -399,6 +400,18 @@ pub enum StoreError {
     /// The `--store` URL's TLS settings (or the URL itself) cannot be used.
     #[error("postgres: {0}")]
     PgSettings(String),
+    /// The store's workers are split into another number of partitions than
+    /// this conductor was given ([`worker_partitions`]).
+    #[error(
+        "the store's workers are split into {stored} partitions, this conductor was given \
+         {given}: every conductor of a fleet must use the same number"
+    )]
+    PartitionCount {
+        /// The number the store was set up with.
+        stored: u16,
+        /// This conductor's.
+        given: u16,
+    },
 }
 
 /// The server's own words for a database error (`tokio_postgres::Error`'s
@@ -597,6 +610,15 @@ impl Store {
             // here, idempotently under the migration lock, not in the shared
             // `MIGRATIONS`.
             tx.batch("ALTER TABLE aerekos_lease ADD COLUMN IF NOT EXISTS api_url TEXT")?;
+            // Since issue 19: which conductor owns each partition of the
+            // workers, and its fencing epoch (`worker_partitions`); rows
+            // are made by the first conductor that joins.
+            tx.batch(
+                "CREATE TABLE IF NOT EXISTS aerekos_partition (
+                    partition BIGINT PRIMARY KEY,
+                    epoch BIGINT NOT NULL DEFAULT 0,
+                    owner TEXT)",
+            )?;
             // The PostgreSQL-only steps taken (`PG_STEPS`).
             tx.batch(
                 "ALTER TABLE aerekos_schema ADD COLUMN IF NOT EXISTS pg_steps BIGINT NOT NULL DEFAULT 0",

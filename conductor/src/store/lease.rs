@@ -247,8 +247,9 @@ impl Lease {
         Ok(Lease::take(Lease::session(url)?, api_url)?.ok())
     }
 
-    /// A pinned connection with the lease's keepalives.
-    fn session(url: &str) -> Result<PgConn, StoreError> {
+    /// A pinned connection with the lease's keepalives (a partition
+    /// owner's too: `worker_partitions`).
+    pub(super) fn session(url: &str) -> Result<PgConn, StoreError> {
         let conn = PgConn::connect_pinned(url)?;
         let (idle, interval, count) = KEEPALIVE;
         conn.query_one_within::<bool>(

@@ -1049,6 +1049,24 @@ impl PgConn {
         )
     }
 
+    /// A query's first column of every row, within `limit`.
+    pub fn query_column_within<T: FromValue + Send + 'static>(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        limit: std::time::Duration,
+    ) -> Result<Vec<T>, StoreError> {
+        self.call_within(
+            move |st| {
+                st.query(sql, &params)?
+                    .iter()
+                    .map(|r| r.get::<T>(0))
+                    .collect()
+            },
+            Some(limit),
+        )
+    }
+
     /// Fences every write from now on ([`super::Store::fence_writes`]).
     pub fn fence_writes(&self, fence: super::lease::Fence) {
         // Only fails when the connection thread is gone, which every later
