@@ -628,9 +628,10 @@ fn a_fresh_postgres_store_writes_metrics_into_todays_partition() {
             "{table} is partitioned"
         );
         let mut want: Vec<String> = if table == "metrics_raw" {
-            // By hour (the default retention's width), from this one.
-            let end = u64::try_from(today + 3).unwrap() * DAY;
-            (now - now % HOUR..end)
+            // By hour (the default retention's width), from this one to
+            // 24 hours after it.
+            let this_hour = now - now % HOUR;
+            (this_hour..=this_hour + 24 * HOUR)
                 .step_by(usize::try_from(HOUR).unwrap())
                 .map(|h| part_hour(table, h))
                 .collect()
@@ -672,7 +673,7 @@ fn a_fresh_postgres_store_writes_metrics_into_todays_partition() {
     // A second open takes no step again and makes the missing partitions
     // ahead (one is gone here), leaving the others.
     let had = partitions(&pg, "fresh", "metrics_raw");
-    let last = u64::try_from(today + 3).unwrap() * DAY - HOUR;
+    let last = now - now % HOUR + 24 * HOUR;
     pg.psql(
         "fresh",
         &format!("DROP TABLE {}", part_hour("metrics_raw", last)),
@@ -827,8 +828,13 @@ fn a_v9_postgres_database_is_converted_keeping_every_row() {
             0,
             "{table}: rows outside their day's partition"
         );
-        // From now to the end of the second day ahead is covered too.
-        let end = u64::try_from(day(now) + 3).unwrap() * DAY;
+        // From now to the end of the window ahead is covered too: a day
+        // past the hour for raw (by hour), the second day ahead for minute.
+        let end = if table == "metrics_raw" {
+            now - now % HOUR + 25 * HOUR
+        } else {
+            u64::try_from(day(now) + 3).unwrap() * DAY
+        };
         assert!(covered(&bounds(&pg, "old", table), now, end), "{table}");
     }
     assert_eq!(per_day("metrics_raw", "received_at_ms"), raw_days);
@@ -1239,15 +1245,23 @@ fn raw_partitions_are_hours_dropped_whole_and_their_width_follows_the_retention(
         day_wide,
         vec![(ahead, ahead + DAY, part("metrics_raw", day(ahead)))]
     );
-    // And back to 24 h: hours again.
-    drop_day(&pg);
+    // And back to 24 h: hours again, for the next 24.
+    let later = now - now % HOUR + 12 * HOUR;
+    for (_, _, name) in bounds(&pg, db, "metrics_raw")
+        .into_iter()
+        .filter(|(a, _, _)| *a >= later)
+    {
+        pg.psql(db, &format!("DROP TABLE {name}"));
+    }
     store.sweep(cutoff, now - 7 * DAY).unwrap();
     let hourly: Vec<_> = bounds(&pg, db, "metrics_raw")
         .into_iter()
-        .filter(|(a, _, _)| *a >= ahead)
+        .filter(|(a, _, _)| *a >= later)
         .collect();
-    assert_eq!(hourly.len(), 24, "{hourly:?}");
-    assert_eq!(hourly[0].2, part_hour("metrics_raw", ahead));
+    assert_eq!(hourly.len(), 13, "{hourly:?}");
+    assert!(hourly.iter().all(|(a, b, _)| b - a == HOUR), "{hourly:?}");
+    assert!(covered(&hourly, later, now - now % HOUR + 25 * HOUR));
+    assert_eq!(hourly[0].2, part_hour("metrics_raw", later));
     // The minute table (7 days) is made by day.
     let minute_ahead: Vec<_> = bounds(&pg, db, "metrics_minute")
         .into_iter()

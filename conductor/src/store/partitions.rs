@@ -33,8 +33,9 @@
 //!   days holding rows (from [`CONVERT_DAYS_BACK`] back to
 //!   [`AHEAD_DAYS`] ahead) are made before the copy; rows outside that
 //!   window go to DEFAULT.
-//! - `ensure`: the partitions from now to the end of the [`AHEAD_DAYS`]th
-//!   day after today are made at open ([`Store::open_postgres`]) and by
+//! - `ensure`: the partitions ahead — day partitions to the end of the
+//!   [`AHEAD_DAYS`]th day after today, hour partitions for the next
+//!   [`AHEAD_HOURS`] — are made at open ([`Store::open_postgres`]) and by
 //!   every retention sweep. A time already covered is skipped. When
 //!   DEFAULT already holds rows of a new partition's range (which
 //!   PostgreSQL refuses for a new partition), they are moved into it in
@@ -73,9 +74,12 @@ use super::{i, lease, Store, StoreError, PG_MIGRATION_LOCK};
 pub const DAY_MS: i64 = 86_400_000;
 /// One hour in ms.
 pub const HOUR_MS: i64 = 3_600_000;
-/// Partitions exist from now to the end of the day this many days after
-/// today.
+/// Day partitions exist from today to the end of the day this many days
+/// after it.
 pub const AHEAD_DAYS: i64 = 2;
+/// Hour partitions exist from this hour to this many hours after it (each
+/// sweep adds the next; a fresh store makes 25, not 72: ~9 ms each).
+pub const AHEAD_HOURS: i64 = 24;
 /// The conversion makes day partitions for rows at most this many days old.
 pub const CONVERT_DAYS_BACK: i64 = 1_000;
 /// The longest retention whose table is partitioned by hour (module docs,
@@ -296,11 +300,15 @@ fn make(db: &Db, table: &str, col: &str, name: &str, lo: i64, hi: i64) -> Result
     Ok(())
 }
 
-/// Makes both tables' partitions from now to the end of the
-/// [`AHEAD_DAYS`]th day after today, of `widths` (in [`TABLES`]' order).
+/// Makes both tables' partitions ahead, of `widths` (in [`TABLES`]'
+/// order): by day, to the end of the [`AHEAD_DAYS`]th day after today; by
+/// hour, to [`AHEAD_HOURS`] after this hour.
 fn ensure_ahead(db: &Db, now_ms: i64, widths: [Width; 2]) -> Result<(), StoreError> {
-    let end = (day_of(now_ms) + AHEAD_DAYS + 1) * DAY_MS - 1;
     for ((table, col, _), width) in TABLES.into_iter().zip(widths) {
+        let end = match width {
+            Width::Day => (day_of(now_ms) + AHEAD_DAYS + 1) * DAY_MS - 1,
+            Width::Hour => now_ms + AHEAD_HOURS * HOUR_MS,
+        };
         ensure(db, table, col, now_ms, end, width)?;
     }
     Ok(())
