@@ -441,6 +441,23 @@ pub async fn run(
             .and_then(|h| protocol::Secret::from_hex(h).ok())
             .map(|s| (s, r.previous_until_ms));
     }
+    // Each worker's latest metrics, as before the restart (or takeover):
+    // the API, the dashboard and /metrics show them until its next frame
+    // (a batching worker's may be minutes away).
+    let since = state::now_ms().saturating_sub(config.raw_retention_ms());
+    for l in store.latest_metrics(since)? {
+        let (Some(w), Ok(metrics)) = (
+            workers.get_mut(&l.worker_id),
+            postcard::from_bytes(&l.frame),
+        ) else {
+            continue;
+        };
+        w.latest = Some(state::Latest {
+            received_at_ms: l.received_at_ms,
+            seq: l.seq,
+            metrics,
+        });
+    }
     info!(workers = workers.len(), "store loaded");
     // A rollout in progress resumes: its current wave starts its clock again
     // (the time the conductor was down counts neither for nor against it).

@@ -80,7 +80,7 @@ pub use alerts::{AlertRow, AlertRuleRow, NotificationRow, ReceiverRow};
 pub use artifacts::ArtifactRow;
 pub use batch::WriteOp;
 pub use exec::ExecSessionRow;
-pub use metrics::{MinuteRow, Rollup};
+pub use metrics::{LatestSample, MinuteRow, Rollup};
 pub use rollouts::RolloutRow;
 pub use services::{DeploymentRow, ServiceRow, ServiceStatusRow};
 pub use settings::TokenRow;

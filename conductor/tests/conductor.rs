@@ -442,6 +442,7 @@ fn restart_keeps_workers_tokens_history_and_replay_window() {
     wait_for("accepted", T, || {
         (c.worker(&e.id)["metrics"]["seq"] == 3).then_some(())
     });
+    let m3_shown = c.worker(&e.id)["metrics"]["metrics"].clone();
     drop(w);
     c.stop();
 
@@ -454,6 +455,18 @@ fn restart_keeps_workers_tokens_history_and_replay_window() {
     );
     assert_eq!(v["status"], "offline");
     assert_eq!(v["counters"]["replay_highest"], 3);
+    // The latest metrics are shown before the worker's next frame.
+    assert_eq!(v["metrics"]["seq"], 3, "{v}");
+    assert_eq!(v["metrics"]["metrics"], m3_shown, "{v}");
+    let listed = c.get("/api/v1/workers");
+    let row = listed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == e.id.as_str())
+        .unwrap()
+        .clone();
+    assert!(row["summary"]["cpu_percent"].is_number(), "{row}");
     let hist = c.get(&format!("/api/v1/workers/{}/metrics?from=0", e.id));
     assert_eq!(hist["points"].as_array().unwrap().len(), 2);
     // The registration token hash survived.

@@ -58,6 +58,19 @@ pub struct MinuteRow {
     pub tx_bps_avg: u64,
 }
 
+/// A worker's newest raw sample ([`Store::latest_metrics`]).
+#[derive(Debug, Clone)]
+pub struct LatestSample {
+    /// The worker.
+    pub worker_id: String,
+    /// When the conductor received it (for a batch, the sample's own time).
+    pub received_at_ms: u64,
+    /// Its frame's seq.
+    pub seq: u64,
+    /// The sample, postcard (`protocol::Metrics`), as stored.
+    pub frame: Vec<u8>,
+}
+
 impl Store {
     /// Raw samples `(received_at_ms, seq, postcard)` in `[from, to]`, oldest first.
     pub fn raw_metrics(
@@ -73,6 +86,40 @@ impl Store {
             params![worker_id, i(from_ms), i(to_ms), int(MAX_QUERY_ROWS)],
             |r| Ok((u(r.get(0)?), u(r.get(1)?), r.get(2)?)),
         )
+    }
+
+    /// Each worker's newest raw sample received at or after `since_ms`:
+    /// (worker, received at, seq, frame), one row per worker (its highest
+    /// seq when several share that time). One index probe per worker (the
+    /// `max` subquery on `(worker_id, received_at_ms)`), not a scan of the
+    /// samples: what a conductor shows as each worker's latest metrics
+    /// when it starts or takes over, before the worker's next frame.
+    pub fn latest_metrics(&self, since_ms: u64) -> Result<Vec<LatestSample>, StoreError> {
+        let rows = self.conn.query_map(
+            "SELECT m.worker_id, m.received_at_ms, m.seq, m.frame
+             FROM workers w JOIN metrics_raw m ON m.worker_id = w.id
+              AND m.received_at_ms = (SELECT max(x.received_at_ms) FROM metrics_raw x
+                                      WHERE x.worker_id = w.id AND x.received_at_ms >= ?1)
+             ORDER BY m.worker_id, m.seq",
+            params![i(since_ms)],
+            |r| {
+                Ok(LatestSample {
+                    worker_id: r.get(0)?,
+                    received_at_ms: u(r.get(1)?),
+                    seq: u(r.get(2)?),
+                    frame: r.get(3)?,
+                })
+            },
+        )?;
+        // Ordered by seq within a worker: the last row of each is kept.
+        let mut latest: Vec<LatestSample> = Vec::with_capacity(rows.len());
+        for row in rows {
+            match latest.last_mut() {
+                Some(last) if last.worker_id == row.worker_id => *last = row,
+                _ => latest.push(row),
+            }
+        }
+        Ok(latest)
     }
 
     /// Minute aggregates in `[from, to]`, oldest first.
