@@ -169,6 +169,12 @@ enum Cmd {
         /// Where the seeds go (secret: fleet-account.nk, operator.nk).
         #[arg(long)]
         keys: PathBuf,
+        /// Several active conductors: the fleet account maps each worker's
+        /// frames to `aerekos/v1/part/<n>/<id>/<leaf>`, n the NATS
+        /// partition of the worker id among N (1 to 1024; 64 is the usual
+        /// choice). Fixed once the files exist. Absent: no mappings.
+        #[arg(long, value_name = "N")]
+        partitions: Option<u16>,
     },
     /// Admin user management (offline).
     Admin {
@@ -392,11 +398,18 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Some(Cmd::NatsAuth { conf, keys }) => {
-            match conductor::nats_auth::generate(conf, keys)? {
+        Some(Cmd::NatsAuth {
+            conf,
+            keys,
+            partitions,
+        }) => {
+            match conductor::nats_auth::generate_with(conf, keys, *partitions)? {
                 conductor::nats_auth::Generated::Created => println!(
-                    "wrote {} (include it in every NATS node's configuration) and {}",
+                    "wrote {} (include it in every NATS node's configuration{}) and {}",
                     conf.display(),
+                    partitions.map_or(String::new(), |n| format!(
+                        "; worker frames mapped to {n} partitions"
+                    )),
                     keys.join(conductor::nats_auth::ACCOUNT_SEED).display()
                 ),
                 conductor::nats_auth::Generated::Existed => {

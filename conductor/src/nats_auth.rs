@@ -35,6 +35,33 @@
 //! ([`FleetAccount::client_id`]): stable for a worker (its persistent
 //! session survives re-enrolment), and unguessable by other workers.
 //!
+//! # Partitions (several active conductors)
+//!
+//! With `--partitions N` ([`generate_with`]) the fleet account carries NATS
+//! *subject mappings* ([`mappings`]), one per kind of frame a worker
+//! publishes ([`TopicKind::partitioned`]: all but `status`):
+//! `aerekos.v1.*.<leaf>` → `aerekos.v1.part.{{partition(N,1)}}.{{wildcard(1)}}.<leaf>`,
+//! so the servers move each frame to `aerekos/v1/part/<n>/<id>/<leaf>`
+//! ([`topic::partitioned_topic`], `n` = [`protocol::partition::partition_of`])
+//! and a conductor reads only the partitions it owns
+//! ([`topic::partition_filter`]). Agents publish as before. In the account
+//! JWT that is `"mappings": {"<from>": [{"subject": "<to>", "weight": 100}]}`
+//! (nats-io/jwt v2 `Account.Mappings`, a map of subject to weighted
+//! mappings).
+//!
+//! NATS checks a publish permission on the subject *after* the mapping
+//! (the original is not checked; tried against nats-server 2.15.1). So a
+//! worker's login also allows its own mapped subjects,
+//! `aerekos.v1.part.*.<id>.<leaf>` for the partitioned kinds, and nothing
+//! wider: another worker's frames, mapped or published straight into the
+//! partitioned tree, are refused (`tests/tests/nats_partitions.rs`). The
+//! `*` is the partition, so the login does not depend on `N`; the price is
+//! that a worker may publish its own frames straight into a partition not
+//! its own, where another conductor would read them (still only its own
+//! id's frames, checked with its own secret). The conductor's login (every
+//! subject) and the observer's (`aerekos.v1.>`) read the partitioned tree
+//! as they read the rest.
+//!
 //! # Limits
 //!
 //! * A worker's login expires after `--nats-login-ttl` (24 h by default);
@@ -44,6 +71,11 @@
 //!   none: that is the revocation, within the TTL. There is no revocation
 //!   list (it would mean re-signing the account and reloading every node).
 //!   The conductor's own login does not expire.
+//! * The partition count is fixed when the files are made: re-running
+//!   with another one (or with one when they were made without, or the
+//!   reverse) is refused, naming both. Changing it means re-signing the
+//!   fleet account with the operator's key and moving every conductor's
+//!   partitions at once (not done here).
 //! * The account's JetStream use is unlimited (the MQTT gateway keeps
 //!   sessions and QoS 1 messages in JetStream); the nodes' own `jetstream`
 //!   limits apply.
@@ -57,6 +89,7 @@ use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use serde_json::{json, Value};
 
+use protocol::partition::MAX_PARTITIONS;
 use protocol::topic::{self, Publisher, TopicKind};
 
 /// The server configuration file [`generate`] writes: include it in every
@@ -87,6 +120,9 @@ pub enum NatsAuthError {
     /// Some of [`generate`]'s files exist and others do not.
     #[error("{0}")]
     Partial(String),
+    /// A partition count out of range, or other than the existing files'.
+    #[error("{0}")]
+    Partitions(String),
 }
 
 /// An nkey's role, its first letter: the prefix byte of its encodings.
@@ -251,6 +287,86 @@ fn subject(mqtt_topic: &str) -> String {
     mqtt_topic.replace('/', ".")
 }
 
+/// The fleet account's subject mappings for `partitions` partitions: for
+/// every [`TopicKind::partitioned`] kind, its topic under any worker
+/// (`aerekos.v1.*.<leaf>`) to the partitioned topic NATS computes
+/// (`aerekos.v1.part.{{partition(N,1)}}.{{wildcard(1)}}.<leaf>`), as the
+/// account JWT's `mappings` claim: `{from: [{"subject": to, "weight": 100}]}`.
+pub fn mappings(partitions: u16) -> Value {
+    let mut out = serde_json::Map::new();
+    for kind in TopicKind::ALL.into_iter().filter(|k| k.partitioned()) {
+        let from = subject(&topic::topic("*", kind));
+        let to = format!(
+            "{}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{}",
+            subject(topic::PARTITION_ROOT),
+            subject(kind.leaf()),
+        );
+        out.insert(from, json!([{ "subject": to, "weight": 100 }]));
+    }
+    Value::Object(out)
+}
+
+/// The partition count of [`mappings`] (`None`: no mappings); an error
+/// for mappings [`mappings`] did not make.
+fn partitions_of_mappings(found: Option<&Value>) -> Result<Option<u16>, String> {
+    let Some(found) = found.filter(|m| m.as_object().is_some_and(|o| !o.is_empty())) else {
+        return Ok(None);
+    };
+    let to = found
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .flat_map(|v| v.as_array().into_iter().flatten())
+        .find_map(|m| m["subject"].as_str())
+        .ok_or("a mapping without a subject")?;
+    let n = to
+        .split_once("{{partition(")
+        .and_then(|(_, rest)| rest.split_once(','))
+        .and_then(|(n, _)| n.trim().parse::<u16>().ok())
+        .ok_or_else(|| format!("a mapping to {to}, not to a partition"))?;
+    if *found != mappings(n) {
+        return Err(format!(
+            "mappings other than those of `--partitions {n}` (edited by hand?)"
+        ));
+    }
+    Ok(Some(n))
+}
+
+/// The claims of a JWT, without checking its signature (our own files).
+fn jwt_claims(jwt: &str) -> Option<Value> {
+    let payload = jwt.split('.').nth(1)?;
+    let raw = BASE64URL_NOPAD.decode(payload.as_bytes()).ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+/// The partition count the server configuration `conf` was made with:
+/// that of the mappings in the account JWT whose subject is `account`.
+fn partitions_in_conf(conf: &Path, account: &str) -> Result<Option<u16>, NatsAuthError> {
+    let text = std::fs::read_to_string(conf).map_err(|source| NatsAuthError::Io {
+        path: conf.to_path_buf(),
+        source,
+    })?;
+    let claims = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(account)?.strip_prefix(':'))
+        .find_map(|jwt| jwt_claims(jwt.trim()))
+        .ok_or_else(|| {
+            NatsAuthError::Partitions(format!(
+                "{}: no JWT for the fleet account {account}",
+                conf.display()
+            ))
+        })?;
+    partitions_of_mappings(claims["nats"].get("mappings"))
+        .map_err(|why| NatsAuthError::Partitions(format!("{}: {why}", conf.display())))
+}
+
+/// `--partitions 8`, or `no --partitions`.
+fn describe(partitions: Option<u16>) -> String {
+    partitions.map_or("no --partitions".to_string(), |n| {
+        format!("--partitions {n}")
+    })
+}
+
 /// A user JWT's claims: a bearer login for MQTT connections with these
 /// publish and subscribe allowances (none: everything).
 fn user_claims(publish: Option<Vec<String>>, subscribe: Option<Vec<String>>) -> Value {
@@ -320,14 +436,26 @@ impl FleetAccount {
 
     /// A login for worker `worker_id`, valid for `ttl` (NATS refuses it
     /// after, and closes a connection made with it): publish its own
-    /// worker-side topics, subscribe to its own commands and `Stored`
+    /// worker-side topics (and, for an account with partitions, the
+    /// subjects NATS maps its frames to, in any partition: the module docs
+    /// say why), subscribe to its own commands and `Stored`
     /// acknowledgements.
     pub fn worker_jwt(&self, worker_id: &str, ttl: Duration) -> Result<String, NatsAuthError> {
-        let publish = TopicKind::ALL
-            .iter()
+        let own = TopicKind::ALL
+            .into_iter()
             .filter(|k| k.publisher() == Publisher::Worker)
-            .map(|k| subject(&topic::topic(worker_id, *k)))
-            .collect();
+            .map(|k| subject(&topic::topic(worker_id, k)));
+        let mapped = TopicKind::ALL
+            .into_iter()
+            .filter(|k| k.partitioned())
+            .map(|k| {
+                format!(
+                    "{}.*.{worker_id}.{}",
+                    subject(topic::PARTITION_ROOT),
+                    subject(k.leaf())
+                )
+            });
+        let publish = own.chain(mapped).collect();
         let subscribe = [TopicKind::Cmd, TopicKind::Stored]
             .iter()
             .map(|k| subject(&topic::topic(worker_id, *k)))
@@ -344,7 +472,7 @@ impl FleetAccount {
     }
 
     /// The observer's login (MQTT Explorer, Home Assistant): read the
-    /// aerekos tree, publish nothing.
+    /// aerekos tree (the partitioned tree too), publish nothing.
     pub fn observer_jwt(&self) -> Result<String, NatsAuthError> {
         let user = Nkey::generate(Role::User)?;
         let mut claims = user_claims(
@@ -362,7 +490,8 @@ impl FleetAccount {
             .sign_jwt(&user.public(), "aerekos-observer", claims)
     }
 
-    /// The conductors' login: anything, over MQTT.
+    /// The conductors' login: anything, over MQTT (the partitioned tree
+    /// included).
     pub fn conductor_jwt(&self) -> Result<String, NatsAuthError> {
         let user = Nkey::generate(Role::User)?;
         self.key
@@ -403,7 +532,25 @@ fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), NatsAuthError
 /// `keys` (created if missing). Idempotent: when every file exists it
 /// changes nothing; when only some do it fails (delete them all to start
 /// over: every worker then needs new logins, i.e. to enrol again).
+/// [`generate_with`] without partitions.
 pub fn generate(conf: &Path, keys: &Path) -> Result<Generated, NatsAuthError> {
+    generate_with(conf, keys, None)
+}
+
+/// [`generate`], the fleet account carrying the subject mappings of
+/// `partitions` partitions (`1..=`[`MAX_PARTITIONS`]; `None`: none). When
+/// every file exists, the count they were made with must be `partitions`
+/// (nothing changes), else it is refused, naming both.
+pub fn generate_with(
+    conf: &Path,
+    keys: &Path,
+    partitions: Option<u16>,
+) -> Result<Generated, NatsAuthError> {
+    if let Some(n) = partitions.filter(|n| !(1..=MAX_PARTITIONS).contains(n)) {
+        return Err(NatsAuthError::Partitions(format!(
+            "--partitions {n}: a partition count is 1 to {MAX_PARTITIONS}"
+        )));
+    }
     let files = [
         conf.to_path_buf(),
         keys.join(ACCOUNT_SEED),
@@ -411,6 +558,17 @@ pub fn generate(conf: &Path, keys: &Path) -> Result<Generated, NatsAuthError> {
     ];
     let present: Vec<&PathBuf> = files.iter().filter(|p| p.exists()).collect();
     if present.len() == files.len() {
+        let account = FleetAccount::load(&keys.join(ACCOUNT_SEED))?.public();
+        let made = partitions_in_conf(conf, &account)?;
+        if made != partitions {
+            return Err(NatsAuthError::Partitions(format!(
+                "{} was made with {}; this run gives {}: the partition count cannot change \
+                 (remove the files to start over; every worker then enrols again)",
+                conf.display(),
+                describe(made),
+                describe(partitions),
+            )));
+        }
         return Ok(Generated::Existed);
     }
     if !present.is_empty() {
@@ -453,11 +611,11 @@ pub fn generate(conf: &Path, keys: &Path) -> Result<Generated, NatsAuthError> {
         "SYS",
         json!({ "limits": limits(false), "type": "account", "version": 2 }),
     )?;
-    let fleet_jwt = operator.sign_jwt(
-        &fleet.public(),
-        "aerekos-fleet",
-        json!({ "limits": limits(true), "type": "account", "version": 2 }),
-    )?;
+    let mut fleet_claims = json!({ "limits": limits(true), "type": "account", "version": 2 });
+    if let Some(n) = partitions {
+        fleet_claims["mappings"] = mappings(n);
+    }
+    let fleet_jwt = operator.sign_jwt(&fleet.public(), "aerekos-fleet", fleet_claims)?;
     let text = format!(
         "# NATS operator mode for an aerekos fleet (conductor nats-auth): include\n\
          # this file in every node's configuration, with no `authorization` or\n\
@@ -566,7 +724,15 @@ mod tests {
             .collect();
         assert!(publish.contains(&"aerekos.v1.w-1.metrics"));
         assert!(!publish.iter().any(|s| s.ends_with(".cmd")));
-        assert!(publish.iter().all(|s| s.starts_with("aerekos.v1.w-1.")));
+        // Its own topics, and its own mapped ones in any partition.
+        assert!(
+            publish.iter().all(
+                |s| s.starts_with("aerekos.v1.w-1.") || s.starts_with("aerekos.v1.part.*.w-1.")
+            ),
+            "{publish:?}"
+        );
+        assert!(publish.contains(&"aerekos.v1.part.*.w-1.metrics"));
+        assert!(!publish.contains(&"aerekos.v1.part.*.w-1.status"));
         assert_eq!(
             nats["sub"]["allow"],
             json!([
@@ -600,5 +766,103 @@ mod tests {
             generate(&conf, &dir.path().join("keys")),
             Err(NatsAuthError::Partial(_))
         ));
+    }
+
+    #[test]
+    fn the_mappings_move_every_partitioned_kind_where_protocol_says() {
+        use protocol::partition::partition_of;
+        let m = mappings(8);
+        let map = m.as_object().unwrap();
+        let partitioned: Vec<TopicKind> = TopicKind::ALL
+            .into_iter()
+            .filter(|k| k.partitioned())
+            .collect();
+        assert_eq!(map.len(), partitioned.len(), "{m}");
+        assert_eq!(
+            m["aerekos.v1.*.metrics"],
+            json!([{
+                "subject": "aerekos.v1.part.{{partition(8,1)}}.{{wildcard(1)}}.metrics",
+                "weight": 100
+            }])
+        );
+        assert!(m.get("aerekos.v1.*.status").is_none(), "status stays");
+        for kind in partitioned {
+            let from = format!("aerekos.v1.*.{}", kind.leaf());
+            let to = m[&from][0]["subject"].as_str().unwrap();
+            // What NATS computes for two workers is the protocol's topic.
+            for id in ["w-1", "w-2", "w-0123456789ab"] {
+                let n = partition_of(id, 8);
+                let mapped = to
+                    .replace("{{partition(8,1)}}", &n.to_string())
+                    .replace("{{wildcard(1)}}", id);
+                assert_eq!(mapped, subject(&topic::partitioned_topic(n, id, kind)));
+            }
+        }
+        assert_eq!(partitions_of_mappings(Some(&m)), Ok(Some(8)));
+        assert_eq!(partitions_of_mappings(None), Ok(None));
+        assert_eq!(partitions_of_mappings(Some(&json!({}))), Ok(None));
+        let mut edited = m.clone();
+        edited["aerekos.v1.*.metrics"][0]["weight"] = json!(50);
+        assert!(partitions_of_mappings(Some(&edited)).is_err());
+    }
+
+    #[test]
+    fn the_partition_count_is_fixed_when_the_files_are_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, keys) = (dir.path().join("p.conf"), dir.path().join("p-keys"));
+        for bad in [0, MAX_PARTITIONS + 1] {
+            let e = generate_with(&conf, &keys, Some(bad)).unwrap_err();
+            assert!(matches!(e, NatsAuthError::Partitions(_)), "{e}");
+            assert!(!conf.exists());
+        }
+        assert_eq!(
+            generate_with(&conf, &keys, Some(8)).unwrap(),
+            Generated::Created
+        );
+        let text = std::fs::read_to_string(&conf).unwrap();
+        let account = FleetAccount::load(&keys.join(ACCOUNT_SEED)).unwrap();
+        let claims = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(&account.public()))
+            .find_map(|l| jwt_claims(l.trim_start_matches(':').trim()))
+            .unwrap();
+        assert_eq!(claims["name"], "aerekos-fleet");
+        assert_eq!(claims["nats"]["mappings"], mappings(8));
+        // The system account carries none.
+        assert_eq!(text.matches("partition(").count(), 0, "JWTs are base64");
+
+        // Same count: nothing changes.
+        assert_eq!(
+            generate_with(&conf, &keys, Some(8)).unwrap(),
+            Generated::Existed
+        );
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), text);
+        // Another count, or none: refused, naming both.
+        for (asked, words) in [
+            (Some(16), ["with --partitions 8;", "gives --partitions 16"]),
+            (None, ["with --partitions 8;", "gives no --partitions"]),
+        ] {
+            let e = generate_with(&conf, &keys, asked).unwrap_err().to_string();
+            for w in words {
+                assert!(e.contains(w), "{e}");
+            }
+        }
+        assert!(generate(&conf, &keys).is_err());
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), text);
+
+        // Made without: asking for partitions is refused too.
+        let (plain, plain_keys) = (dir.path().join("n.conf"), dir.path().join("n-keys"));
+        generate(&plain, &plain_keys).unwrap();
+        let e = generate_with(&plain, &plain_keys, Some(8))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("with no --partitions;") && e.contains("gives --partitions 8"),
+            "{e}"
+        );
+        assert_eq!(
+            generate_with(&plain, &plain_keys, None).unwrap(),
+            Generated::Existed
+        );
     }
 }

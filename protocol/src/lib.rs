@@ -2,7 +2,11 @@
 //! layouts and bytes. The conductor, the edge-worker, the tools and the tests
 //! all depend on it, so the two ends can never drift apart.
 //!
-//! * [`topic`]: the topic tree `aerekos/v1/<worker_id>/…`.
+//! * [`topic`]: the topic tree `aerekos/v1/<worker_id>/…` (and the
+//!   partitioned tree NATS moves worker frames into for several active
+//!   conductors).
+//! * [`partition`]: which partition a worker's frames belong to (NATS's
+//!   `partition()` subject-mapping function).
 //! * [`frame`]: the frame types (envelope, body enum, metrics, birth, …).
 //! * [`batch`]: the samples of a batch period in one frame, delta-encoded.
 //! * [`codec`]: postcard encoding plus a truncated HMAC-SHA256 tag.
@@ -37,6 +41,7 @@ pub mod exec;
 pub mod frame;
 pub mod local_api;
 pub mod manifest;
+pub mod partition;
 pub mod registration;
 pub mod release;
 pub mod replay;

@@ -19,6 +19,21 @@
 //!
 //! Worker ids are restricted to `[a-z0-9-]` so they can never contain MQTT
 //! wildcards or separators.
+//!
+//! On a NATS cluster with several active conductors (`conductor nats-auth
+//! --partitions N`), the servers move every worker-published frame topic
+//! ([`TopicKind::partitioned`]: all but `status`) into a partitioned tree;
+//! agents publish as above and never see it:
+//!
+//! ```text
+//! aerekos/v1/part/<n>/<worker_id>/<leaf>  the frame of aerekos/v1/<worker_id>/<leaf>, n = partition_of(worker_id, N)
+//! ```
+//!
+//! Limits: `<n>` is decimal without leading zeros, below
+//! [`crate::partition::MAX_PARTITIONS`] ([`crate::partition::partition_of`]);
+//! `part` is not a worker id a conductor issues (`w-` + 12 hex digits), and
+//! [`Topic::parse`] reads `aerekos/v1/part/<n>/…` as nothing (it has too
+//! many levels for any leaf), so the two trees never overlap.
 
 /// Root of every aerekos topic; the `v1` segment versions the tree itself.
 pub const ROOT: &str = "aerekos/v1";
@@ -30,6 +45,9 @@ pub const CONDUCTOR_FILTER: &str = "aerekos/v1/+/+";
 
 /// Every worker's JSON mirror topics (`json/birth`, `json/metrics`, `json/board`).
 pub const MIRROR_FILTER: &str = "aerekos/v1/+/json/+";
+
+/// Root of the partitioned tree ([`partitioned_topic`]).
+pub const PARTITION_ROOT: &str = "aerekos/v1/part";
 
 /// Payload of the retained `status` topic while the worker is connected.
 pub const STATUS_ONLINE: &str = "online";
@@ -141,6 +159,15 @@ impl TopicKind {
         }
     }
 
+    /// Whether a NATS fleet with partitions moves this kind into the
+    /// partitioned tree ([`partitioned_topic`]): every kind a worker
+    /// publishes except [`TopicKind::Status`], which stays where it is (it
+    /// is plain text, and Home Assistant reads it as the availability topic
+    /// at `aerekos/v1/<id>/status`).
+    pub fn partitioned(self) -> bool {
+        self.publisher() == Publisher::Worker && self != TopicKind::Status
+    }
+
     /// Which body a frame on this topic must carry (`None` for non-frame topics).
     pub fn expected_body(self) -> Option<crate::BodyKind> {
         use crate::BodyKind as B;
@@ -211,6 +238,47 @@ impl<'a> Topic<'a> {
 /// Builds the topic string for `kind` under `worker_id`.
 pub fn topic(worker_id: &str, kind: TopicKind) -> String {
     format!("{ROOT}/{worker_id}/{}", kind.leaf())
+}
+
+/// `aerekos/v1/part/<partition>/<worker_id>/<leaf>`: where NATS's subject
+/// mapping puts the frames a worker publishes on
+/// `topic(worker_id, kind)` when [`TopicKind::partitioned`].
+pub fn partitioned_topic(partition: u16, worker_id: &str, kind: TopicKind) -> String {
+    format!("{PARTITION_ROOT}/{partition}/{worker_id}/{}", kind.leaf())
+}
+
+/// `aerekos/v1/part/<partition>/+/+`: the filter a conductor owning
+/// `partition` subscribes to (every partitioned kind is one level deep,
+/// like [`CONDUCTOR_FILTER`]).
+pub fn partition_filter(partition: u16) -> String {
+    format!("{PARTITION_ROOT}/{partition}/+/+")
+}
+
+/// Parses `aerekos/v1/part/<n>/<id>/<leaf>` into the partition and the
+/// topic the worker published on; `None` for anything else: another
+/// tree, a partition with leading zeros or not below
+/// [`crate::partition::MAX_PARTITIONS`], an invalid id, or a kind that is
+/// not [`TopicKind::partitioned`].
+pub fn parse_partitioned(topic: &str) -> Option<(u16, Topic<'_>)> {
+    let rest = topic.strip_prefix(PARTITION_ROOT)?.strip_prefix('/')?;
+    let (n, rest) = rest.split_once('/')?;
+    // Decimal as NATS writes it: digits only, no leading zero.
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0'))
+    {
+        return None;
+    }
+    let partition: u16 = n.parse().ok()?;
+    if partition >= crate::partition::MAX_PARTITIONS {
+        return None;
+    }
+    let (worker_id, leaf) = rest.split_once('/')?;
+    if !is_valid_worker_id(worker_id) {
+        return None;
+    }
+    let kind = *TopicKind::ALL
+        .iter()
+        .find(|k| k.leaf() == leaf && k.partitioned())?;
+    Some((partition, Topic { worker_id, kind }))
 }
 
 /// Whether worker `worker_id` may publish on `topic`: only its own topics
@@ -284,6 +352,91 @@ mod tests {
             me,
             "aerekos/v1/w-000000000001/cmd/stored"
         ));
+    }
+
+    #[test]
+    fn the_partitioned_kinds_are_the_worker_published_ones_but_status() {
+        let partitioned: Vec<TopicKind> = TopicKind::ALL
+            .into_iter()
+            .filter(|k| k.partitioned())
+            .collect();
+        let expected: Vec<TopicKind> = TopicKind::ALL
+            .into_iter()
+            .filter(|k| k.publisher() == Publisher::Worker && *k != TopicKind::Status)
+            .collect();
+        assert_eq!(partitioned, expected);
+        assert_eq!(
+            partitioned,
+            [
+                TopicKind::Birth,
+                TopicKind::Metrics,
+                TopicKind::Events,
+                TopicKind::Reply,
+                TopicKind::Services,
+                TopicKind::Logs,
+                TopicKind::ServiceMetrics,
+                TopicKind::Board,
+            ]
+        );
+        // One level deep: `partition_filter`'s `+/+` matches them all.
+        assert!(partitioned.iter().all(|k| !k.leaf().contains('/')));
+    }
+
+    #[test]
+    fn partitioned_topics_and_filters_are_pinned_and_parse_back() {
+        assert_eq!(PARTITION_ROOT, "aerekos/v1/part");
+        assert_eq!(
+            partitioned_topic(16, "w-1", TopicKind::Metrics),
+            "aerekos/v1/part/16/w-1/metrics"
+        );
+        assert_eq!(
+            partitioned_topic(0, "w-0123456789ab", TopicKind::ServiceMetrics),
+            "aerekos/v1/part/0/w-0123456789ab/service-metrics"
+        );
+        assert_eq!(partition_filter(7), "aerekos/v1/part/7/+/+");
+        assert_eq!(partition_filter(1023), "aerekos/v1/part/1023/+/+");
+        for kind in TopicKind::ALL.into_iter().filter(|k| k.partitioned()) {
+            let t = partitioned_topic(43, "alpha", kind);
+            assert_eq!(
+                parse_partitioned(&t),
+                Some((
+                    43,
+                    Topic {
+                        worker_id: "alpha",
+                        kind
+                    }
+                )),
+                "{t}"
+            );
+            // The ordinary parser (the fuzzer's, the frame checks') reads
+            // none of the partitioned tree.
+            assert!(Topic::parse(&t).is_none(), "{t}");
+        }
+        for other in [
+            "aerekos/v1/part/16/w-1/status",
+            "aerekos/v1/part/16/w-1/cmd",
+            "aerekos/v1/part/16/w-1/json/metrics",
+            "aerekos/v1/part/016/w-1/metrics",
+            "aerekos/v1/part/-1/w-1/metrics",
+            "aerekos/v1/part/+1/w-1/metrics",
+            "aerekos/v1/part/1024/w-1/metrics",
+            "aerekos/v1/part/99999/w-1/metrics",
+            "aerekos/v1/part//w-1/metrics",
+            "aerekos/v1/part/+/w-1/metrics",
+            "aerekos/v1/part/16/+/metrics",
+            "aerekos/v1/part/16/W-1/metrics",
+            "aerekos/v1/part/16/w-1",
+            "aerekos/v1/part/16/w-1/metrics/extra",
+            "aerekos/v1/w-1/metrics",
+            "aerekos/v2/part/16/w-1/metrics",
+            "",
+        ] {
+            assert!(parse_partitioned(other).is_none(), "{other}");
+        }
+        assert_eq!(
+            parse_partitioned("aerekos/v1/part/0/w-1/metrics").map(|(n, _)| n),
+            Some(0)
+        );
     }
 
     #[test]

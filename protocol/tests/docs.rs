@@ -82,6 +82,22 @@ fn the_protocol_readme_lists_every_topic_with_its_direction() {
 }
 
 #[test]
+fn the_protocol_readme_lists_the_partitioned_kinds() {
+    let leaves: Vec<String> = include_str!("../README.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `aerekos/v1/part/<n>/<id>/"))
+        .filter_map(|rest| rest.split_once('`'))
+        .flat_map(|(leaf, _)| expand(leaf))
+        .collect();
+    let expected: Vec<String> = TopicKind::ALL
+        .iter()
+        .filter(|k| k.partitioned())
+        .map(|k| k.leaf().to_string())
+        .collect();
+    assert_eq!(leaves, expected, "protocol/README.md's partitioned row");
+}
+
+#[test]
 fn the_topic_module_docs_list_every_topic() {
     let src = include_str!("../src/topic.rs");
     let leaves: BTreeSet<String> = src

@@ -80,16 +80,29 @@ impl NatsCluster {
     /// so a login is any JWT signed with the fleet account's key. Returns
     /// the cluster and the account seed for `--nats-account-seed`.
     pub fn start_operator(dir: &Path, n: usize) -> Option<(NatsCluster, PathBuf)> {
+        NatsCluster::start_operator_partitioned(dir, n, None)
+    }
+
+    /// [`NatsCluster::start_operator`] with `conductor nats-auth
+    /// --partitions <partitions>` (`None`: without): the fleet account maps
+    /// worker frames into `aerekos/v1/part/<n>/…`.
+    pub fn start_operator_partitioned(
+        dir: &Path,
+        n: usize,
+        partitions: Option<u16>,
+    ) -> Option<(NatsCluster, PathBuf)> {
         let conf = dir.join("auth").join("nats-auth.conf");
         let keys = dir.join("keys");
-        let out = Command::new(crate::bin("conductor"))
-            .arg("nats-auth")
+        let mut cmd = Command::new(crate::bin("conductor"));
+        cmd.arg("nats-auth")
             .arg("--conf")
             .arg(&conf)
             .arg("--keys")
-            .arg(&keys)
-            .output()
-            .unwrap();
+            .arg(&keys);
+        if let Some(p) = partitions {
+            cmd.arg("--partitions").arg(p.to_string());
+        }
+        let out = cmd.output().unwrap();
         assert!(out.status.success(), "conductor nats-auth: {out:?}");
         let c = NatsCluster::start_with(dir, n, Some(conf))?;
         Some((c, keys.join("fleet-account.nk")))
