@@ -65,7 +65,8 @@ use crate::commands::seal_command;
 use crate::deployment::{labels_match, Policy, ServiceError};
 use crate::rollout::{plan_waves, Wave, IN_PROGRESS, REVERTED, SUCCEEDED};
 use crate::state::{now_ms, AgentNote, Shared, Status};
-use crate::store::{AgentReleaseRow, AgentRolloutRow};
+use crate::store::notes::{NoteKind, NoteRow};
+use crate::store::{AgentReleaseRow, AgentRolloutRow, WriteOp};
 
 /// Agent rollouts `GET /agent-rollouts` returns.
 pub const HISTORY: usize = 50;
@@ -762,8 +763,7 @@ pub fn evaluate(shared: &Shared, client: &AsyncClient) -> Result<usize, ServiceE
             })
             .collect()
     };
-    let noting_since_ms = now_ms()
-        .saturating_sub(u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    let noting_since_ms = shared.notes_since_ms;
     {
         let mut notes = shared.agent_updates();
         // Replies to commands sent before a conductor restart still match.
@@ -886,15 +886,14 @@ pub fn note_reply(shared: &Shared, worker_id: &str, reply: &protocol::Reply) -> 
     if !ok {
         warn!(worker_id, version = %version, detail = %detail, "agent update refused by the worker");
     }
-    notes.replies.insert(
-        worker_id.to_string(),
-        AgentNote {
-            version,
-            ok,
-            detail,
-            at_ms: now_ms(),
-        },
-    );
+    let note = AgentNote {
+        version,
+        ok,
+        detail,
+        at_ms: now_ms(),
+    };
+    persist(shared, worker_id, NoteKind::AgentReply, &note);
+    notes.replies.insert(worker_id.to_string(), note);
     drop(notes);
     shared.reconcile.notify_one();
     true
@@ -912,15 +911,17 @@ pub fn note_event(shared: &Shared, worker_id: &str, ev: &protocol::Event) -> boo
                 .map_or(ev.detail.as_str(), |(_, to)| to)
                 .trim()
                 .to_string();
-            shared.agent_updates().switched.insert(
-                worker_id.to_string(),
-                AgentNote {
-                    version,
-                    ok: true,
-                    detail: ev.detail.to_string(),
-                    at_ms: now_ms(),
-                },
-            );
+            let note = AgentNote {
+                version,
+                ok: true,
+                detail: ev.detail.to_string(),
+                at_ms: now_ms(),
+            };
+            persist(shared, worker_id, NoteKind::AgentSwitched, &note);
+            shared
+                .agent_updates()
+                .switched
+                .insert(worker_id.to_string(), note);
             true
         }
         protocol::EventKind::AgentUpdateFailed => {
@@ -930,18 +931,71 @@ pub fn note_event(shared: &Shared, worker_id: &str, ev: &protocol::Event) -> boo
                 .map_or(ev.detail.as_str(), |(v, _)| v)
                 .trim()
                 .to_string();
-            shared.agent_updates().failures.insert(
-                worker_id.to_string(),
-                AgentNote {
-                    version,
-                    ok: false,
-                    detail: ev.detail.to_string(),
-                    at_ms: now_ms(),
-                },
-            );
+            let note = AgentNote {
+                version,
+                ok: false,
+                detail: ev.detail.to_string(),
+                at_ms: now_ms(),
+            };
+            persist(shared, worker_id, NoteKind::AgentFailure, &note);
+            shared
+                .agent_updates()
+                .failures
+                .insert(worker_id.to_string(), note);
             true
         }
         _ => false,
+    }
+}
+
+/// Queues `note` for the store (`store::notes`), so a restart or a
+/// takeover keeps it.
+fn persist(shared: &Shared, worker_id: &str, kind: NoteKind, note: &AgentNote) {
+    let _ = shared.writer.send(WriteOp::Note(NoteRow {
+        worker_id: worker_id.to_string(),
+        kind,
+        subject: String::new(),
+        version: Some(note.version.clone()),
+        ok: note.ok,
+        what: note.detail.clone(),
+        at_ms: note.at_ms,
+    }));
+}
+
+/// Puts the stored notes (`store::notes`) back where the rollouts read
+/// them: service failures and agent update notes. At start.
+pub fn restore_notes(shared: &Shared, rows: Vec<NoteRow>) {
+    // One leaf lock at a time (`state::lock_order`).
+    let (services, agent): (Vec<NoteRow>, Vec<NoteRow>) = rows
+        .into_iter()
+        .partition(|n| n.kind == NoteKind::ServiceFailure);
+    shared
+        .service_failures()
+        .extend(services.into_iter().map(|n| {
+            (
+                (n.worker_id, n.subject),
+                crate::state::FailMark {
+                    version: n.version.and_then(|v| v.parse().ok()),
+                    what: n.what,
+                    at_ms: n.at_ms,
+                },
+            )
+        }));
+    let mut notes = shared.agent_updates();
+    for n in agent {
+        let note = AgentNote {
+            version: n.version.unwrap_or_default(),
+            ok: n.ok,
+            detail: n.what,
+            at_ms: n.at_ms,
+        };
+        match n.kind {
+            NoteKind::AgentReply => notes.replies.insert(n.worker_id, note),
+            NoteKind::AgentFailure => notes.failures.insert(n.worker_id, note),
+            NoteKind::AgentSwitched => notes.switched.insert(n.worker_id, note),
+            // Partitioned out above.
+            NoteKind::ServiceFailure => None,
+        };
     }
 }
 

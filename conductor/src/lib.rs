@@ -467,6 +467,9 @@ pub async fn run(
         info!(rollouts = resumed, "resuming rollouts in progress");
     }
     artifacts::clean_temp(&data_dir);
+    // What workers said that the rollouts read (`store::notes`).
+    let notes = store.worker_notes()?;
+    let notes_since_ms = store.notes_since_ms(state::now_ms())?;
     let mut service_status: HashMap<String, std::collections::BTreeMap<String, _>> = HashMap::new();
     for row in store.service_statuses()? {
         service_status
@@ -694,8 +697,10 @@ pub async fn run(
         mqtt_denied: denied,
         dynsec: dynsec_handle,
         started: Instant::now(),
+        notes_since_ms,
         reconcile: tokio::sync::Notify::new(),
     });
+    agent_rollout::restore_notes(&shared, notes);
 
     let (client, eventloop, nodes) = mqtt::client(&mqtt_settings, !embedded);
     let (sub_tx, mut sub_rx) = watch::channel(false);

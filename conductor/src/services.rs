@@ -75,6 +75,7 @@ use crate::deployment::{is_active_state, manifest, state_name, Deployment, Servi
 use crate::rollout::{self, Rollout};
 use crate::spec::BuiltManifest;
 use crate::state::{now_ms, DeployCmd, FailMark, Intent, SentMark, Shared, Status};
+use crate::store::notes::{NoteKind, NoteRow};
 use crate::store::ServiceStatusRow;
 
 /// Reconciliation period.
@@ -170,12 +171,23 @@ pub fn record_failure(
     version: Option<u32>,
     what: String,
 ) {
+    let at_ms = now_ms();
+    // Kept across a restart or takeover (`store::notes`).
+    let _ = shared.writer.send(crate::store::WriteOp::Note(NoteRow {
+        worker_id: worker_id.to_string(),
+        kind: NoteKind::ServiceFailure,
+        subject: name.to_string(),
+        version: version.map(|v| v.to_string()),
+        ok: false,
+        what: what.clone(),
+        at_ms,
+    }));
     shared.service_failures().insert(
         (worker_id.to_string(), name.to_string()),
         FailMark {
             version,
             what,
-            at_ms: now_ms(),
+            at_ms,
         },
     );
 }

@@ -511,6 +511,11 @@ pub struct Shared {
     pub login_limiter: RateLimiter,
     /// Start time.
     pub started: Instant,
+    /// Since when the workers' notes (service failures, agent update
+    /// notes) are complete: the store keeps them since then
+    /// (`store::notes`), so a rollout member sent earlier was noted only by
+    /// a conductor that may be gone.
+    pub notes_since_ms: u64,
     /// Wakes the reconciliation loop at once.
     pub reconcile: tokio::sync::Notify,
 }

@@ -42,15 +42,19 @@
 //! `impl Store` under `store/`: `settings.rs` (settings, users, tokens),
 //! `workers.rs` (workers, secret rotation), `metrics.rs` (raw and per-minute
 //! metrics, retention), `partitions.rs` (PostgreSQL: the metrics tables'
-//! day partitions and their retention), `services.rs` (specs, deployments,
+//! hour and day partitions and their retention), `notes.rs` (what workers
+//! said that the rollouts read later, schema v10), `worker_partitions.rs`
+//! (PostgreSQL: which active conductor owns which workers),
+//! `services.rs` (specs, deployments,
 //! overrides, status), `artifacts.rs`, `rollouts.rs`, `alerts.rs` (rules, alerts,
 //! receivers, the notification outbox), `exec.rs` (the remote exec audit,
 //! schema v6), `agent_updates.rs` (agent releases and agent rollouts,
 //! schema v7) and `batch.rs` (the ingest writer's [`WriteOp`] batches).
 //!
-//! Schema v8 (the current one): `api_tokens.role` (`admin`, `operator` or
-//! `viewer`; tokens from before v8 are `admin`) and `exec_sessions.kind`
-//! (`exec` or `shell`; rows from before v8 are `exec`).
+//! Schema v8: `api_tokens.role` (`admin`, `operator` or `viewer`; tokens
+//! from before v8 are `admin`) and `exec_sessions.kind` (`exec` or
+//! `shell`; rows from before v8 are `exec`). v9: `workers.board`. v10 (the
+//! current one): `worker_notes` (`notes.rs`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -66,6 +70,7 @@ mod batch;
 mod exec;
 pub mod lease;
 mod metrics;
+pub mod notes;
 pub mod partitions;
 pub mod pg_tls;
 mod rollouts;
@@ -306,6 +311,18 @@ pub const MIGRATIONS: &[&str] = &[
     // v9: a Raspberry Pi's last board frame (revision, serial, SD card,
     // throttling bits) as JSON; NULL for any other machine.
     "ALTER TABLE workers ADD COLUMN board TEXT;",
+    // v10: what a worker said that a fleet-wide loop reads later (service
+    // failures for rollouts, agent update notes), kept across restarts and
+    // takeovers (`notes`).
+    "CREATE TABLE worker_notes (
+        worker_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        version TEXT,
+        ok INTEGER NOT NULL,
+        what TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (worker_id, kind, subject));",
 ];
 
 /// A PostgreSQL-only schema step ([`PG_STEPS`]).

@@ -459,3 +459,70 @@ fn a_rolled_back_canary_stops_the_agent_rollout_and_alerts() {
     let (code, _) = call(&c, "GET", "/api/v1/agent-rollouts/999", None);
     assert_eq!(code, 404);
 }
+
+#[test]
+fn a_restart_keeps_what_the_agents_said_and_the_trial_holds() {
+    let key = keypair();
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut cfg = test_config(dir.path());
+        cfg.release_key = Some(protocol::hex_string(key.public_key().as_ref()));
+        cfg
+    };
+    let c = Conductor::start_with(config());
+    let sha = upload(&c, "aarch64", b"\x7fELF agent 0.2.0");
+    let (code, v) = call(
+        &c,
+        "POST",
+        "/api/v1/agent-releases",
+        Some(release_body(&key, "0.2.0", "aarch64", &sha)),
+    );
+    assert_eq!(code, 201, "{v}");
+    let e = enroll_labels(&c, "pi-0", json!({"site": "shop"}));
+    let w = SvcWorker::connect(&c, &e, "pi-0");
+    wait_status(&c, &e.id, "online", T);
+    let (code, r) = call(
+        &c,
+        "POST",
+        "/api/v1/agent-rollouts",
+        Some(json!({"version": "0.2.0", "canary": 1, "settle_s": 1, "trial_s": 30})),
+    );
+    assert_eq!(code, 201, "{r}");
+    let id = r["id"].clone();
+    // It replies Ok (SvcWorker does), restarts on the new binary, on trial:
+    // 0.2.0 reported, no `AgentUpdated`.
+    w.wait_action("UpdateAgent", |a| is_update(a, "0.2.0"));
+    w.send(birth_at("pi-0", "0.2.0"), TopicKind::Birth);
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        member(&rollout(&c, &id), &e.id)["state"],
+        "sent",
+        "on trial"
+    );
+    let seq = w.seq.load(std::sync::atomic::Ordering::SeqCst);
+    drop(w);
+    c.stop();
+
+    // The conductor restarts (or a standby takes over) while the agent is on
+    // trial: the trial still holds, as the notes came back from the store.
+    // Before they were kept, a member sent before the start passed on its
+    // version alone.
+    let c = Conductor::start_with(config());
+    let w = SvcWorker::connect_from(&c, &e, "pi-0", seq);
+    w.send(birth_at("pi-0", "0.2.0"), TopicKind::Birth);
+    wait_status(&c, &e.id, "online", T);
+    std::thread::sleep(Duration::from_millis(2_500));
+    let r = rollout(&c, &id);
+    assert_eq!(member(&r, &e.id)["state"], "sent", "still on trial: {r}");
+    assert_eq!(r["state"], "in_progress", "{r}");
+    // The switched agent says so: it passes.
+    w.send(
+        Body::Event(protocol::Event {
+            kind: protocol::EventKind::AgentUpdated,
+            detail: protocol::bounded("0.1.0 -> 0.2.0"),
+        }),
+        TopicKind::Events,
+    );
+    let r = wait_state(&c, &id, "succeeded");
+    assert_eq!(r["counts"]["updated"], 1, "{r}");
+}

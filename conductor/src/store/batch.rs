@@ -79,6 +79,8 @@ pub enum WriteOp {
         /// Service name.
         name: String,
     },
+    /// A note for the fleet-wide loops (`notes`), upserted.
+    Note(super::notes::NoteRow),
     /// Not a write: the MQTT loop's mark after the ops of its `n`th
     /// received publish (with an external broker). Once a batch holding it
     /// is committed, the loop may PubAck publishes 1..=n to the broker
@@ -231,6 +233,9 @@ impl Store {
                             "DELETE FROM service_status WHERE worker_id = ?1",
                             owned(params![worker_id]),
                         ));
+                    }
+                    WriteOp::Note(n) => {
+                        writes.push((super::notes::UPSERT, super::notes::upsert_params(n)));
                     }
                     WriteOp::Received(_) => {}
                     WriteOp::SecretPromoted {

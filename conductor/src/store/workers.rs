@@ -177,6 +177,7 @@ impl Store {
             "DELETE FROM worker_secrets WHERE worker_id = ?1",
             params![id],
         )?;
+        tx.execute("DELETE FROM worker_notes WHERE worker_id = ?1", params![id])?;
         let n = tx.execute("DELETE FROM workers WHERE id = ?1", params![id])?;
         tx.commit()?;
         Ok(n > 0)
