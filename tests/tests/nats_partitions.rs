@@ -10,6 +10,12 @@
 //! on `aerekos/v1/<A>/status`; A can put nothing on B's topics, neither
 //! B's own nor B's partitioned ones; the observer's login reads the
 //! partitioned tree.
+//!
+//! And the bus design for the partitions' owners (docs/scale-out.md): one
+//! persistent MQTT session per partition, PubAcked after the owner's
+//! commit; the partition's next owner connects with the same client id and
+//! the session delivers what the last owner left unacknowledged (after the
+//! gateway's `ack_wait`), never what it acknowledged.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure report
 
@@ -220,4 +226,136 @@ fn each_workers_frames_reach_its_partition_only_and_nobody_writes_into_anothers(
             .is_some(),
         "B's metrics after A's forgeries"
     );
+}
+
+/// A conductor's session for one partition: persistent (clean session
+/// off), PubAcks by hand, as an owner acknowledges only what it committed.
+fn partition_session(
+    nats: &NatsCluster,
+    client_id: &str,
+    jwt: &str,
+) -> (rumqttc::Client, rumqttc::Connection) {
+    let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", nats.mqtt_port(0));
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_credentials(client_id, jwt);
+    o.set_keep_alive(SECS(5));
+    rumqttc::Client::new(o, 16)
+}
+
+/// The publishes `conn` receives, PubAcking those whose payload `ack`
+/// accepts, until `done` says it has what it waits for or `within` ends.
+fn take(
+    client: &rumqttc::Client,
+    conn: &mut rumqttc::Connection,
+    within: Duration,
+    ack: impl Fn(&str) -> bool,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let end = std::time::Instant::now() + within;
+    let mut got = Vec::new();
+    while !done(&got) {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match conn.recv_timeout(left) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                if ack(&payload) {
+                    client.ack(&p).unwrap();
+                }
+                got.push(payload);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("session: {e}"),
+            Err(_) => {}
+        }
+    }
+    got
+}
+
+#[test]
+fn a_partitions_next_owner_takes_its_session_over_and_gets_what_the_last_left_unacknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((nats, seed)) = NatsCluster::start_operator_with(
+        &dir.path().join("nats"),
+        1,
+        Some(PARTITIONS),
+        Some(SECS(2)),
+    ) else {
+        return;
+    };
+    let account = FleetAccount::load(&seed).unwrap();
+    let id = "w-1";
+    let p = partition_of(id, PARTITIONS);
+    let jwt = account.conductor_jwt().unwrap();
+    // One session per partition, whichever conductor owns it.
+    let session = format!("aerekos-p{p}");
+
+    let (first, mut conn) = partition_session(&nats, &session, &jwt);
+    first
+        .subscribe(partition_filter(p), rumqttc::QoS::AtLeastOnce)
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", nats.mqtt_port(0)).parse().unwrap();
+    let wjwt = account.worker_jwt(id, SECS(3600)).unwrap();
+    let w = MqttClient::connect(addr, &account.client_id(id), Some((id, &wjwt))).unwrap();
+    // Until the subscription is in place, then three frames: the owner
+    // commits (acknowledges) the first and dies before the other two.
+    wait_for("the partition session subscribed", SECS(30), || {
+        w.publish(&topic(id, TopicKind::Metrics), b"warm-up".to_vec());
+        let got = take(&first, &mut conn, SECS(1), |_| true, |g| !g.is_empty());
+        got.contains(&"warm-up".to_string()).then_some(())
+    });
+    for f in ["f1", "f2", "f3"] {
+        w.publish(&topic(id, TopicKind::Metrics), f.as_bytes().to_vec());
+    }
+    let all_three = |g: &[String]| ["f1", "f2", "f3"].iter().all(|f| g.iter().any(|x| x == f));
+    let got = take(&first, &mut conn, SECS(10), |p| p == "f1", all_three);
+    assert!(all_three(&got), "{got:?}");
+    // Its event loop runs a little longer: the PubAck it queued goes out.
+    take(
+        &first,
+        &mut conn,
+        Duration::from_millis(500),
+        |_| false,
+        |_| false,
+    );
+    // Killed: its socket closes without a DISCONNECT.
+    drop(first);
+    drop(conn);
+
+    // The next owner connects with the partition's client id and no
+    // subscription of its own: the session's brings f2 and f3 again (after
+    // the gateway's ack_wait, 2 s here), never f1.
+    let started = std::time::Instant::now();
+    let (next, mut conn) = partition_session(&nats, &session, &jwt);
+    let both = |g: &[String]| ["f2", "f3"].iter().all(|f| g.iter().any(|x| x == f));
+    let got = take(&next, &mut conn, SECS(20), |_| true, both);
+    assert!(both(&got), "the unacknowledged frames never came: {got:?}");
+    let took = started.elapsed();
+    // A little longer, for a redelivered f1 to show.
+    let more = take(
+        &next,
+        &mut conn,
+        SECS(4),
+        |_| true,
+        |_| started.elapsed() > took + SECS(3),
+    );
+    let all: Vec<&String> = got.iter().chain(&more).collect();
+    assert!(
+        !all.iter().any(|p| *p == "f1"),
+        "f1 was acknowledged: {all:?}"
+    );
+    eprintln!("the next owner had f2 and f3 {took:?} after connecting");
+    // New frames reach the next owner too.
+    w.publish(&topic(id, TopicKind::Metrics), b"f4".to_vec());
+    let got = take(
+        &next,
+        &mut conn,
+        SECS(10),
+        |_| true,
+        |g| g.iter().any(|x| x == "f4"),
+    );
+    assert!(got.iter().any(|x| x == "f4"), "{got:?}");
 }
