@@ -64,7 +64,7 @@ use tracing::{info, warn};
 use crate::commands::seal_command;
 use crate::deployment::{labels_match, Policy, ServiceError};
 use crate::rollout::{plan_waves, Wave, IN_PROGRESS, REVERTED, SUCCEEDED};
-use crate::state::{now_ms, AgentNote, Shared, Status};
+use crate::state::{now_ms, AgentNote, AgentUpdates, Shared, Status};
 use crate::store::notes::{NoteKind, NoteRow};
 use crate::store::{AgentReleaseRow, AgentRolloutRow, WriteOp};
 
@@ -886,14 +886,15 @@ pub fn note_reply(shared: &Shared, worker_id: &str, reply: &protocol::Reply) -> 
     if !ok {
         warn!(worker_id, version = %version, detail = %detail, "agent update refused by the worker");
     }
-    let note = AgentNote {
+    remember(
+        shared,
+        &mut notes,
+        worker_id,
+        NoteKind::AgentReply,
         version,
         ok,
         detail,
-        at_ms: now_ms(),
-    };
-    persist(shared, worker_id, NoteKind::AgentReply, &note);
-    notes.replies.insert(worker_id.to_string(), note);
+    );
     drop(notes);
     shared.reconcile.notify_one();
     true
@@ -911,17 +912,17 @@ pub fn note_event(shared: &Shared, worker_id: &str, ev: &protocol::Event) -> boo
                 .map_or(ev.detail.as_str(), |(_, to)| to)
                 .trim()
                 .to_string();
-            let note = AgentNote {
+            let detail = ev.detail.to_string();
+            let mut notes = shared.agent_updates();
+            remember(
+                shared,
+                &mut notes,
+                worker_id,
+                NoteKind::AgentSwitched,
                 version,
-                ok: true,
-                detail: ev.detail.to_string(),
-                at_ms: now_ms(),
-            };
-            persist(shared, worker_id, NoteKind::AgentSwitched, &note);
-            shared
-                .agent_updates()
-                .switched
-                .insert(worker_id.to_string(), note);
+                true,
+                detail,
+            );
             true
         }
         protocol::EventKind::AgentUpdateFailed => {
@@ -931,26 +932,41 @@ pub fn note_event(shared: &Shared, worker_id: &str, ev: &protocol::Event) -> boo
                 .map_or(ev.detail.as_str(), |(v, _)| v)
                 .trim()
                 .to_string();
-            let note = AgentNote {
+            let detail = ev.detail.to_string();
+            let mut notes = shared.agent_updates();
+            remember(
+                shared,
+                &mut notes,
+                worker_id,
+                NoteKind::AgentFailure,
                 version,
-                ok: false,
-                detail: ev.detail.to_string(),
-                at_ms: now_ms(),
-            };
-            persist(shared, worker_id, NoteKind::AgentFailure, &note);
-            shared
-                .agent_updates()
-                .failures
-                .insert(worker_id.to_string(), note);
+                false,
+                detail,
+            );
             true
         }
         _ => false,
     }
 }
 
-/// Queues `note` for the store (`store::notes`), so a restart or a
-/// takeover keeps it.
-fn persist(shared: &Shared, worker_id: &str, kind: NoteKind, note: &AgentNote) {
+/// Notes what `worker_id` said about its agent update (`kind`: a reply,
+/// a failure or a switch) where the rollout reads it, and queues it for
+/// the store (`store::notes`), so a restart or a takeover keeps it.
+fn remember(
+    shared: &Shared,
+    notes: &mut AgentUpdates,
+    worker_id: &str,
+    kind: NoteKind,
+    version: String,
+    ok: bool,
+    detail: String,
+) {
+    let note = AgentNote {
+        version,
+        ok,
+        detail,
+        at_ms: now_ms(),
+    };
     let _ = shared.writer.send(WriteOp::Note(NoteRow {
         worker_id: worker_id.to_string(),
         kind,
@@ -960,6 +976,14 @@ fn persist(shared: &Shared, worker_id: &str, kind: NoteKind, note: &AgentNote) {
         what: note.detail.clone(),
         at_ms: note.at_ms,
     }));
+    let by_worker = match kind {
+        NoteKind::AgentReply => &mut notes.replies,
+        NoteKind::AgentFailure => &mut notes.failures,
+        NoteKind::AgentSwitched => &mut notes.switched,
+        // Not an agent note (services.rs keeps those).
+        NoteKind::ServiceFailure => return,
+    };
+    by_worker.insert(worker_id.to_string(), note);
 }
 
 /// Puts the stored notes (`store::notes`) back where the rollouts read

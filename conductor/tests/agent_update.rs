@@ -56,6 +56,20 @@ fn release_body(key: &Ed25519KeyPair, version: &str, arch: &str, sha_hex: &str) 
            "signature": protocol::hex_string(sig.as_ref())})
 }
 
+/// Uploads an aarch64 agent binary for `version` and publishes its
+/// release signed with `key`; the binary's SHA-256 (hex).
+fn publish_release(c: &Conductor, key: &Ed25519KeyPair, version: &str) -> String {
+    let sha = upload(c, "aarch64", format!("\x7fELF agent {version}").as_bytes());
+    let (code, v) = call(
+        c,
+        "POST",
+        "/api/v1/agent-releases",
+        Some(release_body(key, version, "aarch64", &sha)),
+    );
+    assert_eq!(code, 201, "{v}");
+    sha
+}
+
 /// A Birth reporting agent `version` (aarch64).
 fn birth_at(hostname: &str, version: &str) -> Body {
     let mut b = birth(hostname, 60_000);
@@ -226,14 +240,7 @@ fn releases_are_checked_against_the_release_key() {
 fn an_agent_rollout_updates_the_canary_then_the_rest() {
     let key = keypair();
     let (_dir, c) = start(&key);
-    let sha = upload(&c, "aarch64", b"\x7fELF agent 0.2.0");
-    let (code, v) = call(
-        &c,
-        "POST",
-        "/api/v1/agent-releases",
-        Some(release_body(&key, "0.2.0", "aarch64", &sha)),
-    );
-    assert_eq!(code, 201, "{v}");
+    let sha = publish_release(&c, &key, "0.2.0");
     let ws: Vec<(Enrolled, SvcWorker)> = (0..3)
         .map(|i| {
             let e = enroll_labels(&c, &format!("pi-{i}"), json!({"site": "shop"}));
@@ -373,14 +380,7 @@ fn a_rolled_back_canary_stops_the_agent_rollout_and_alerts() {
         Some(json!({"name": "agent", "kind": "agent_update_failed"})),
     );
     assert_eq!(code, 201, "{v}");
-    let sha = upload(&c, "aarch64", b"\x7fELF agent 0.99.0");
-    let (code, v) = call(
-        &c,
-        "POST",
-        "/api/v1/agent-releases",
-        Some(release_body(&key, "0.99.0", "aarch64", &sha)),
-    );
-    assert_eq!(code, 201, "{v}");
+    publish_release(&c, &key, "0.99.0");
     let ws: Vec<SvcWorker> = (0..2)
         .map(|i| {
             let e = enroll_labels(&c, &format!("pi-{i}"), json!({}));
@@ -470,14 +470,7 @@ fn a_restart_keeps_what_the_agents_said_and_the_trial_holds() {
         cfg
     };
     let c = Conductor::start_with(config());
-    let sha = upload(&c, "aarch64", b"\x7fELF agent 0.2.0");
-    let (code, v) = call(
-        &c,
-        "POST",
-        "/api/v1/agent-releases",
-        Some(release_body(&key, "0.2.0", "aarch64", &sha)),
-    );
-    assert_eq!(code, 201, "{v}");
+    publish_release(&c, &key, "0.2.0");
     let e = enroll_labels(&c, "pi-0", json!({"site": "shop"}));
     let w = SvcWorker::connect(&c, &e, "pi-0");
     wait_status(&c, &e.id, "online", T);

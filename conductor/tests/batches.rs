@@ -113,16 +113,6 @@ fn batch(samples: &[Metrics]) -> MetricsBatch {
 
 /// The worker's entry in `GET /workers` (which, unlike `GET /workers/{id}`,
 /// is not someone looking at it: no `Live`).
-fn listed(c: &Conductor, id: &str) -> Value {
-    c.get("/api/v1/workers")["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("{id} not listed"))
-}
-
 /// Raw rows `(received_at_ms, seq, sample)` of `id`, read from the store.
 fn rows(c: &Conductor, id: &str) -> Vec<(u64, u64, Metrics)> {
     let store = conductor::store::Store::open_at(&c.store_at).unwrap();
@@ -137,7 +127,7 @@ fn rows(c: &Conductor, id: &str) -> Vec<(u64, u64, Metrics)> {
 fn online_with_birth(c: &Conductor, w: &BatchWorker) {
     w.send(TopicKind::Birth, 1, birth("pi-batch", INTERVAL_MS));
     wait_for("online", T, || {
-        (listed(c, &w.id)["status"] == "online").then_some(())
+        (c.listed(&w.id)["status"] == "online").then_some(())
     });
 }
 
@@ -174,7 +164,7 @@ fn a_batch_is_stored_as_its_samples_and_acknowledged_with_the_batch_bit() {
     assert_eq!(stored[0].0, newest - 2 * u64::from(INTERVAL_MS));
 
     // The newest is the latest; the period is the liveness interval.
-    let v = listed(&c, &e.id);
+    let v = c.listed(&e.id);
     assert_eq!(v["summary"]["received_at_ms"], newest, "{v}");
     assert_eq!(v["summary"]["cpu_percent"], 3.0, "{v}");
     assert_eq!(v["interval_ms"], PERIOD_MS, "{v}");
@@ -212,7 +202,7 @@ fn a_batch_is_stored_as_its_samples_and_acknowledged_with_the_batch_bit() {
     // birth's interval back.
     w.send(TopicKind::Metrics, 5, metrics(500));
     wait_for("not batching", T, || {
-        let v = listed(&c, &e.id);
+        let v = c.listed(&e.id);
         (v["batching"] == false && v["interval_ms"] == INTERVAL_MS).then_some(())
     });
     wait_for("4 rows", T, || (rows(&c, &e.id).len() == 4).then_some(()));
@@ -223,7 +213,7 @@ fn a_batch_is_stored_as_its_samples_and_acknowledged_with_the_batch_bit() {
         Body::MetricsBatch(batch(&[sample(600), sample(700), sample(800)])),
     );
     wait_for("batching", T, || {
-        let v = listed(&c, &e.id);
+        let v = c.listed(&e.id);
         (v["batching"] == true && v["interval_ms"] == PERIOD_MS).then_some(())
     });
     let v = c.worker(&e.id);
@@ -261,7 +251,7 @@ fn an_unreadable_batch_is_refused_as_malformed_and_changes_nothing() {
     std::thread::sleep(Duration::from_millis(300)); // a commit, had there been one
     assert!(rows(&c, &e.id).is_empty());
     assert_eq!(c.accepted(), accepted);
-    let v = listed(&c, &e.id);
+    let v = c.listed(&e.id);
     assert_eq!(v["batching"], false, "{v}");
     assert_eq!(v["interval_ms"], INTERVAL_MS, "{v}");
     assert!(v["summary"].is_null(), "{v}");
@@ -306,7 +296,7 @@ fn looking_at_a_batching_worker_makes_it_live_once_per_half_period() {
     );
     wb.send(TopicKind::Metrics, 2, metrics(30));
     wait_for("a batching, b reporting", T, || {
-        (listed(&c, &a.id)["batching"] == true && listed(&c, &b.id)["summary"].is_object())
+        (c.listed(&a.id)["batching"] == true && c.listed(&b.id)["summary"].is_object())
             .then_some(())
     });
     assert!(wa.lives().is_empty(), "no one looked yet");
@@ -360,9 +350,9 @@ fn looking_at_a_batching_worker_makes_it_live_once_per_half_period() {
     // Plain metrics while live keep it batching.
     wa.send(TopicKind::Metrics, 4, metrics(40));
     wait_for("live sample", T, || {
-        (listed(&c, &a.id)["summary"]["cpu_percent"] == 0.4).then_some(())
+        (c.listed(&a.id)["summary"]["cpu_percent"] == 0.4).then_some(())
     });
-    assert_eq!(listed(&c, &a.id)["batching"], true);
+    assert_eq!(c.listed(&a.id)["batching"], true);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(wa.lives().len(), 1, "{:?}", wa.lives());
 

@@ -93,14 +93,7 @@ fn enrol_frames_online_metrics_and_commands() {
     assert_eq!(v["inventory"]["arch"], "aarch64");
     assert_eq!(v["labels"]["site"], "lab");
     assert_eq!(v["summary"]["cpu_percent"], 12.34);
-    let list = c.get("/api/v1/workers");
-    let row = list["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == e.id.as_str())
-        .unwrap()
-        .clone();
+    let row = c.listed(&e.id);
     assert_eq!(row["device_model"], "Raspberry Pi 5 Model B Rev 1.0");
     assert_eq!(row["summary"]["temp_max_celsius"], 51.5);
     assert!(c.accepted() >= 2);
@@ -458,14 +451,7 @@ fn restart_keeps_workers_tokens_history_and_replay_window() {
     // The latest metrics are shown before the worker's next frame.
     assert_eq!(v["metrics"]["seq"], 3, "{v}");
     assert_eq!(v["metrics"]["metrics"], m3_shown, "{v}");
-    let listed = c.get("/api/v1/workers");
-    let row = listed["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == e.id.as_str())
-        .unwrap()
-        .clone();
+    let row = c.listed(&e.id);
     assert!(row["summary"]["cpu_percent"].is_number(), "{row}");
     let hist = c.get(&format!("/api/v1/workers/{}/metrics?from=0", e.id));
     assert_eq!(hist["points"].as_array().unwrap().len(), 2);

@@ -1227,37 +1227,28 @@ fn raw_partitions_are_hours_dropped_whole_and_their_width_follows_the_retention(
 
     // A retention past 2 days: the partitions made from now on are days.
     let ahead = u64::try_from(day(now) + 2).unwrap() * DAY;
-    let drop_day = |pg: &test_support::postgres::Postgres| {
-        for (_, _, name) in bounds(pg, db, "metrics_raw")
+    let raw_from = |from: u64| -> Vec<(u64, u64, String)> {
+        bounds(&pg, db, "metrics_raw")
             .into_iter()
-            .filter(|(a, _, _)| *a >= ahead)
-        {
+            .filter(|(a, _, _)| *a >= from)
+            .collect()
+    };
+    let drop_raw_from = |from: u64| {
+        for (_, _, name) in raw_from(from) {
             pg.psql(db, &format!("DROP TABLE {name}"));
         }
     };
-    drop_day(&pg);
+    drop_raw_from(ahead);
     store.sweep(now - 30 * DAY, now - 30 * DAY).unwrap();
-    let day_wide: Vec<_> = bounds(&pg, db, "metrics_raw")
-        .into_iter()
-        .filter(|(a, _, _)| *a >= ahead)
-        .collect();
     assert_eq!(
-        day_wide,
+        raw_from(ahead),
         vec![(ahead, ahead + DAY, part("metrics_raw", day(ahead)))]
     );
     // And back to 24 h: hours again, for the next 24.
     let later = now - now % HOUR + 12 * HOUR;
-    for (_, _, name) in bounds(&pg, db, "metrics_raw")
-        .into_iter()
-        .filter(|(a, _, _)| *a >= later)
-    {
-        pg.psql(db, &format!("DROP TABLE {name}"));
-    }
+    drop_raw_from(later);
     store.sweep(cutoff, now - 7 * DAY).unwrap();
-    let hourly: Vec<_> = bounds(&pg, db, "metrics_raw")
-        .into_iter()
-        .filter(|(a, _, _)| *a >= later)
-        .collect();
+    let hourly = raw_from(later);
     assert_eq!(hourly.len(), 13, "{hourly:?}");
     assert!(hourly.iter().all(|(a, b, _)| b - a == HOUR), "{hourly:?}");
     assert!(covered(&hourly, later, now - now % HOUR + 25 * HOUR));

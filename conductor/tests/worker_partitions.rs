@@ -58,14 +58,21 @@ fn fence(pg: &test_support::postgres::Postgres, db: &str, p: u16, epoch: i64) ->
     )
 }
 
-#[test]
-fn shares_even_out_and_a_conductor_that_goes_leaves_its_partitions_with_new_epochs() {
-    let Some(pg) = test_support::postgres::Postgres::start() else {
-        return;
-    };
-    let db = "shares";
+/// A PostgreSQL server with a migrated store in database `db` (`None`:
+/// PostgreSQL is not installed), and the store's URL.
+fn store(db: &str) -> Option<(test_support::postgres::Postgres, String)> {
+    let pg = test_support::postgres::Postgres::start()?;
     let url = pg.create_database(db);
     drop(Store::open_postgres(&url).unwrap());
+    Some((pg, url))
+}
+
+#[test]
+fn shares_even_out_and_a_conductor_that_goes_leaves_its_partitions_with_new_epochs() {
+    let db = "shares";
+    let Some((pg, url)) = store(db) else {
+        return;
+    };
 
     let mut a = WorkerPartitions::join(&url, P, "https://a.test:3000").unwrap();
     assert_eq!(a.count(), P);
@@ -144,11 +151,9 @@ fn shares_even_out_and_a_conductor_that_goes_leaves_its_partitions_with_new_epoc
 
 #[test]
 fn conductors_joining_at_once_share_every_partition_once() {
-    let Some(pg) = test_support::postgres::Postgres::start() else {
+    let Some((_pg, url)) = store("together") else {
         return;
     };
-    let url = pg.create_database("together");
-    drop(Store::open_postgres(&url).unwrap());
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
     let threads: Vec<_> = (0..4)
         .map(|k| {
@@ -186,11 +191,9 @@ fn conductors_joining_at_once_share_every_partition_once() {
 
 #[test]
 fn a_conductor_given_another_partition_count_is_refused() {
-    let Some(pg) = test_support::postgres::Postgres::start() else {
+    let Some((_pg, url)) = store("count") else {
         return;
     };
-    let url = pg.create_database("count");
-    drop(Store::open_postgres(&url).unwrap());
     let _first = WorkerPartitions::join(&url, P, "https://a.test").unwrap();
     let err = WorkerPartitions::join(&url, 8, "https://b.test").unwrap_err();
     assert!(

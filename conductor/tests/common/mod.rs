@@ -176,6 +176,17 @@ impl Conductor {
         self.get(&format!("/api/v1/workers/{id}"))
     }
 
+    /// `id`'s row in the worker list (`GET /api/v1/workers`).
+    pub fn listed(&self, id: &str) -> Value {
+        self.get("/api/v1/workers")["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not listed"))
+    }
+
     pub fn prometheus(&self) -> String {
         let agent = agent();
         let mut r = agent.get(self.url("/metrics")).call().unwrap();
