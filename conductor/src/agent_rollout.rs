@@ -904,49 +904,33 @@ pub fn note_reply(shared: &Shared, worker_id: &str, reply: &protocol::Reply) -> 
 /// for the rollout. Returns `true` for the agent update events (the
 /// rollout is worth evaluating now).
 pub fn note_event(shared: &Shared, worker_id: &str, ev: &protocol::Event) -> bool {
-    match ev.kind {
-        protocol::EventKind::AgentUpdated => {
-            let version = ev
-                .detail
-                .rsplit_once("->")
-                .map_or(ev.detail.as_str(), |(_, to)| to)
-                .trim()
-                .to_string();
-            let detail = ev.detail.to_string();
-            let mut notes = shared.agent_updates();
-            remember(
-                shared,
-                &mut notes,
-                worker_id,
-                NoteKind::AgentSwitched,
-                version,
-                true,
-                detail,
-            );
-            true
-        }
-        protocol::EventKind::AgentUpdateFailed => {
-            let version = ev
-                .detail
-                .split_once(':')
-                .map_or(ev.detail.as_str(), |(v, _)| v)
-                .trim()
-                .to_string();
-            let detail = ev.detail.to_string();
-            let mut notes = shared.agent_updates();
-            remember(
-                shared,
-                &mut notes,
-                worker_id,
-                NoteKind::AgentFailure,
-                version,
-                false,
-                detail,
-            );
-            true
-        }
-        _ => false,
-    }
+    let detail = ev.detail.as_str();
+    let (kind, version, ok) = match ev.kind {
+        // `<from> -> <to>`, noted as `<to>`.
+        protocol::EventKind::AgentUpdated => (
+            NoteKind::AgentSwitched,
+            detail.rsplit_once("->").map_or(detail, |(_, to)| to),
+            true,
+        ),
+        // `<version>: <why>`.
+        protocol::EventKind::AgentUpdateFailed => (
+            NoteKind::AgentFailure,
+            detail.split_once(':').map_or(detail, |(v, _)| v),
+            false,
+        ),
+        _ => return false,
+    };
+    let mut notes = shared.agent_updates();
+    remember(
+        shared,
+        &mut notes,
+        worker_id,
+        kind,
+        version.trim().to_string(),
+        ok,
+        detail.to_string(),
+    );
+    true
 }
 
 /// Notes what `worker_id` said about its agent update (`kind`: a reply,
