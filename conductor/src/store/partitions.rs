@@ -228,7 +228,8 @@ fn attached(db: &Db, table: &str) -> Result<Vec<Partition>, StoreError> {
 
 /// Makes `table`'s partitions covering `[from_ms, to_ms]` where none
 /// exists: slots of `width` from the one holding `from_ms`, a slot partly
-/// covered already filled by the hours it lacks. Rows of a new partition's
+/// covered already filled by the hours it lacks (and the hours up to the
+/// next slot's start, so every partition is aligned to its width). Rows of a new partition's
 /// range are moved out of DEFAULT (module docs). The names made. Run under
 /// the migration lock.
 fn ensure(
@@ -249,7 +250,9 @@ fn ensure(
     let (from_ms, to_ms) = (from_ms.max(NAMED_FROM_MS), to_ms.min(NAMED_TO_MS - 1));
     let mut at = from_ms.div_euclid(width.ms()) * width.ms();
     while at <= to_ms {
-        let slot = if free(&have, at, at + width.ms()) {
+        // A slot of the width only where one starts (after hours that
+        // filled a gap, `at` may be mid-day): a day partition is a UTC day.
+        let slot = if at.rem_euclid(width.ms()) == 0 && free(&have, at, at + width.ms()) {
             width
         } else if free(&have, at, at + HOUR_MS) {
             Width::Hour
